@@ -1,0 +1,187 @@
+//! The command line, as close to ktctl v0.3.7's as clap allows: camelCase long flags, the
+//! same short forms and defaults, global flags accepted before or after a subcommand, and
+//! cobra's boolean syntax (`--debug`, `--debug=true`, `--debug=false`).
+
+use clap::{Args, CommandFactory as _, Parser};
+
+/// The v0.3.7 shadow image: its OpenSSH contract is what ktctl speaks to by default.
+pub const DEFAULT_SHADOW_IMAGE: &str =
+    "registry.cn-hangzhou.aliyuncs.com/rdc-incubator/kt-connect-shadow:v0.3.7";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ktctl",
+    about = "A utility tool to help you work with Kubernetes dev environment more efficiently",
+    disable_version_flag = true,
+    disable_help_subcommand = true
+)]
+pub struct Cli {
+    /// Print the version number of ktctl
+    #[arg(short = 'v', long = "version")]
+    pub version: bool,
+
+    #[command(flatten)]
+    pub global: GlobalOptions,
+}
+
+/// The root's persistent flags (ktctl v0.3.7 `options/global.go`), in its order.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalOptions {
+    /// Specify target namespace (otherwise follow kubeconfig current context)
+    #[arg(short = 'n', long = "namespace", global = true)]
+    pub namespace: Option<String>,
+
+    /// Specify path of KubeConfig file
+    #[arg(short = 'c', long = "kubeconfig", global = true, default_value = "")]
+    pub kubeconfig: String,
+
+    /// Specify current context of kubeconfig
+    #[arg(long = "context", global = true, default_value = "")]
+    pub context: String,
+
+    /// Customize shadow image
+    #[arg(short = 'i', long = "image", global = true, default_value = DEFAULT_SHADOW_IMAGE)]
+    pub image: String,
+
+    /// Custom image pull secret
+    #[arg(long = "imagePullSecret", global = true, default_value = "")]
+    pub image_pull_secret: String,
+
+    /// Specify ServiceAccount name for shadow pod
+    #[arg(long = "serviceAccount", global = true, default_value = "default")]
+    pub service_account: String,
+
+    /// Specify node selector for shadow pod, e.g. 'k1=v1,k2=v2'
+    #[arg(long = "nodeSelector", global = true, default_value = "")]
+    pub node_selector: String,
+
+    /// Print debug log
+    #[arg(short = 'd', long = "debug", global = true, value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub debug: bool,
+
+    /// Extra labels on shadow pod e.g. 'label1=val1,label2=val2'
+    #[arg(short = 'l', long = "withLabel", global = true, default_value = "")]
+    pub with_label: String,
+
+    /// Extra annotation on shadow pod e.g. 'annotation1=val1,annotation2=val2'
+    #[arg(long = "withAnnotation", global = true, default_value = "")]
+    pub with_annotation: String,
+
+    /// Seconds to wait before port-forward connection timeout
+    #[arg(long = "portForwardTimeout", global = true, default_value_t = 10)]
+    pub port_forward_timeout: u32,
+
+    /// Seconds to wait before shadow or router pod creation timeout
+    #[arg(long = "podCreationTimeout", global = true, default_value_t = 60)]
+    pub pod_creation_timeout: u32,
+
+    /// Deploy shadow container as deployment
+    #[arg(long = "useShadowDeployment", global = true, value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub use_shadow_deployment: bool,
+
+    /// Use local time (instead of cluster time) for resource heartbeat timestamp
+    #[arg(long = "useLocalTime", global = true, value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub use_local_time: bool,
+
+    /// Always update shadow image
+    #[arg(short = 'f', long = "forceUpdate", global = true, value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub force_update: bool,
+
+    /// Hidden and unused, accepted for compatibility with v0.3.7 scripts
+    #[arg(long = "asWorker", global = true, hide = true, value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub as_worker: bool,
+
+    /// Specify resource limit for shadow and router pod, e.g. '0.5c,512m'
+    #[arg(long = "podQuota", global = true, default_value = "")]
+    pub pod_quota: String,
+}
+
+/// The clap command, for help rendering.
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
+/// Booleans as Go's `strconv.ParseBool` (what cobra uses) accepts them.
+fn parse_bool(value: &str) -> Result<bool, String> {
+    match value {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        other => Err(format!("invalid boolean value '{other}'")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ktctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_match_v0_3_7() {
+        let g = parse(&[]).unwrap().global;
+        assert_eq!(g.namespace, None);
+        assert_eq!(g.image, DEFAULT_SHADOW_IMAGE);
+        assert_eq!(g.service_account, "default");
+        assert_eq!((g.port_forward_timeout, g.pod_creation_timeout), (10, 60));
+        assert!(!g.debug && !g.use_shadow_deployment && !g.use_local_time && !g.force_update);
+    }
+
+    #[test]
+    fn short_forms_and_values() {
+        let g = parse(&[
+            "-n", "dev", "-c", "/k", "-i", "img", "-d", "-l", "a=b", "-f",
+        ])
+        .unwrap()
+        .global;
+        assert_eq!(g.namespace.as_deref(), Some("dev"));
+        assert_eq!(
+            (
+                g.kubeconfig.as_str(),
+                g.image.as_str(),
+                g.with_label.as_str()
+            ),
+            ("/k", "img", "a=b")
+        );
+        assert!(g.debug && g.force_update);
+    }
+
+    #[test]
+    fn booleans_take_cobra_syntax() {
+        assert!(parse(&["--debug=true"]).unwrap().global.debug);
+        assert!(!parse(&["--debug=false"]).unwrap().global.debug);
+        assert!(!parse(&["--useLocalTime=F"]).unwrap().global.use_local_time);
+        assert!(parse(&["--useLocalTime=1"]).unwrap().global.use_local_time);
+        let err = parse(&["--debug=maybe"]).unwrap_err();
+        assert!(err.to_string().contains("maybe"), "{err}");
+    }
+
+    #[test]
+    fn camel_case_long_flags_with_values() {
+        let g = parse(&[
+            "--podCreationTimeout",
+            "5",
+            "--portForwardTimeout=3",
+            "--nodeSelector=a=b",
+        ])
+        .unwrap()
+        .global;
+        assert_eq!((g.pod_creation_timeout, g.port_forward_timeout), (5, 3));
+        assert_eq!(g.node_selector, "a=b");
+        assert!(parse(&["--podCreationTimeout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn version_has_v_short_form() {
+        assert!(parse(&["-v"]).unwrap().version);
+        assert!(parse(&["--version"]).unwrap().version);
+    }
+}

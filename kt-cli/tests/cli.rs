@@ -1,0 +1,75 @@
+//! Black-box tests of the ktctl binary: output, exit codes and message texts that users and
+//! scripts of v0.3.7 rely on.
+
+use std::process::{Command, Output};
+
+fn ktctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ktctl"))
+        .args(args)
+        .env_remove("KT_LOG")
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn version_prints_ktctl_version() {
+    for flag in ["-v", "--version"] {
+        let out = ktctl(&[flag]);
+        assert!(out.status.success());
+        assert_eq!(
+            text(&out.stdout),
+            format!("ktctl version {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    }
+}
+
+#[test]
+fn bare_ktctl_prints_help() {
+    let out = ktctl(&[]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    assert!(help.contains("A utility tool to help you work with Kubernetes dev environment"));
+    for flag in [
+        "--namespace",
+        "--kubeconfig",
+        "--podCreationTimeout",
+        "--useShadowDeployment",
+    ] {
+        assert!(help.contains(flag), "help lacks {flag}:\n{help}");
+    }
+    assert!(!help.contains("--asWorker"), "hidden flag shown:\n{help}");
+}
+
+#[test]
+fn bad_input_is_err_exit_with_code_1() {
+    for (args, names) in [
+        (&["--nosuchflag"][..], "--nosuchflag"),
+        (&["--podCreationTimeout", "soon"][..], "soon"),
+        (&["--debug=maybe"][..], "maybe"),
+    ] {
+        let out = ktctl(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = text(&out.stderr);
+        let line = err.lines().next().unwrap_or_default();
+        // `3:04PM ERR Exit: ...`
+        let mut parts = line.splitn(3, ' ');
+        let time = parts.next().unwrap();
+        assert!(time.ends_with("AM") || time.ends_with("PM"), "{line}");
+        assert_eq!(parts.next(), Some("ERR"), "{line}");
+        let message = parts.next().unwrap();
+        assert!(
+            message.starts_with("Exit: ") && message.contains(names),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn global_flags_accept_false() {
+    let out = ktctl(&["--debug=false", "-v"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

@@ -1,0 +1,20 @@
+//! Builds the eBPF object (`kt-ebpf`, target bpfel-unknown-none) with the nightly toolchain
+//! and bpf-linker, into OUT_DIR, where `src/ebpf.rs` embeds it.
+
+use std::path::Path;
+
+fn main() -> anyhow::Result<()> {
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
+    let root = Path::new(&manifest_dir).join("../kt-ebpf");
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {root:?}"))?;
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "kt-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
+        aya_build::Toolchain::default(),
+    )
+}

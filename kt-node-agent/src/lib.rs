@@ -1,0 +1,8 @@
+//! The kt node agent: runs on every node (DaemonSet) and redirects exchanged Service
+//! traffic in the kernel with the programs of `kt-ebpf`.
+//!
+//! Modules: [`ebpf`] loads, attaches and programs the eBPF object; [`cgroup`] finds the
+//! cgroup2 hierarchy and cgroup ids.
+
+pub mod cgroup;
+pub mod ebpf;

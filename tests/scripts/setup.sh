@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Installs everything the build, the tests, the benchmarks and the demo need on a fresh
+# Debian 12 machine. Idempotent: a second run checks and changes nothing, in seconds.
+set -euo pipefail
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+need_root() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup needs root (apt packages, eBPF, network namespaces): run it with sudo" >&2
+        exit 1
+    fi
+}
+
+apt_packages=(
+    iproute2        # ip netns / veth / routes in the test namespaces
+    nftables        # kube-proxy of the testbed
+    iptables        # coexistence checks
+    openssh-server  # sshd: the v0.3.7 shadow contract and the benchmark baseline
+    openssh-client  # ssh -L / -R interop and baseline
+    util-linux      # unshare, nsenter
+    procps          # ps, pgrep in diagnostics
+    curl            # demo clients
+    ca-certificates
+    pkg-config
+    build-essential
+    libssl-dev
+    zlib1g-dev      # bpf-linker links LLVM, which needs zlib
+    libzstd-dev
+)
+
+install_apt() {
+    local missing=()
+    for p in "${apt_packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        log "apt packages present"
+        return
+    fi
+    log "installing apt packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The package starts sshd on the host; the tests run their own sshd in namespaces.
+    if command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now ssh >/dev/null 2>&1 || true
+    fi
+}
+
+install_rust_src() {
+    if rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+        log "nightly rust-src present"
+    else
+        log "adding rust-src to the nightly toolchain"
+        rustup component add rust-src --toolchain nightly
+    fi
+}
+
+# bpf-linker 0.13 cannot use Debian's LLVM 14: link it against the nightly's own libLLVM
+# (shared/reference/ebpf-notes.md §2.1). The LLVM major comes from `rustc +nightly -vV`.
+install_bpf_linker() {
+    local want="0.13.0"
+    if command -v bpf-linker >/dev/null 2>&1 \
+        && rustup run nightly bpf-linker --version 2>/dev/null | grep -q "$want"; then
+        log "bpf-linker $want present"
+        return
+    fi
+    local sysroot major libllvm prefix
+    sysroot=$(rustc +nightly --print sysroot)
+    major=$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+    libllvm=$(find "$sysroot/lib" -maxdepth 1 -name 'libLLVM.so.*' | head -n 1)
+    if [ -z "$major" ] || [ -z "$libllvm" ]; then
+        echo "cannot find the nightly's libLLVM under $sysroot/lib" >&2
+        exit 1
+    fi
+    prefix="${CARGO_HOME:-$HOME/.cargo}/kt-llvm-$major"
+    mkdir -p "$prefix/lib"
+    ln -sf "$libllvm" "$prefix/lib/libLLVM.so"
+    log "building bpf-linker $want against $(basename "$libllvm") (LLVM $major), takes a few minutes"
+    LLVM_PREFIX="$prefix" LD_LIBRARY_PATH="$sysroot/lib" \
+        cargo install bpf-linker --locked --version "$want" \
+        --no-default-features --features "llvm-$major"
+}
+
+need_root
+install_apt
+install_rust_src
+install_bpf_linker
+log "done"
