@@ -191,7 +191,7 @@ impl Redirector {
         };
         match result {
             Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) if is_missing_key(&e) => Ok(false),
             Err(source) => Err(EbpfError::Map {
                 name: service_map(service),
                 source,
@@ -207,7 +207,7 @@ impl Redirector {
         };
         match result {
             Ok(r) => Ok(Some(r)),
-            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) if is_missing_key(&e) => Ok(None),
             Err(source) => Err(EbpfError::Map {
                 name: service_map(service),
                 source,
@@ -318,6 +318,25 @@ impl Drop for Redirector {
     }
 }
 
+/// Ids of kt's programs loaded in the kernel right now, by any process. An agent that is
+/// not running should leave none: links are never pinned, so nothing outlives it.
+pub fn loaded_kt_programs() -> Result<Vec<u32>, EbpfError> {
+    let mut ids = Vec::new();
+    for info in aya::programs::loaded_programs() {
+        let info = info.map_err(|source| EbpfError::ProgramLoad {
+            program: "(listing)",
+            source,
+        })?;
+        if info
+            .name_as_str()
+            .is_some_and(|name| PROGRAMS.contains(&name))
+        {
+            ids.push(info.id());
+        }
+    }
+    Ok(ids)
+}
+
 fn program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
@@ -337,6 +356,16 @@ where
 {
     let map = ebpf.take_map(name).ok_or(EbpfError::MissingMap { name })?;
     T::try_from(map).map_err(|source| EbpfError::Map { name, source })
+}
+
+/// aya reports a missing key as `KeyNotFound` on lookup but as the raw `ENOENT` of
+/// `bpf_map_delete_elem` on removal.
+fn is_missing_key(error: &MapError) -> bool {
+    match error {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
 }
 
 /// `::ffff:a.b.c.d` is the IPv4 service a.b.c.d to the programs.

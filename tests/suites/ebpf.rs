@@ -1,1 +1,215 @@
-fn main() {}
+//! Privileged tests of the eBPF redirect (root). Each test gets its own network namespace
+//! with a fake ClusterIP on a dummy interface, a server on it ("original"), a redirect
+//! target ("target"), and a child cgroup that the programs are attached to. Clients are
+//! `kt-probe` processes, so each one's cgroup is its own.
+
+use std::net::SocketAddr;
+
+use kt_ebpf_common::{Counter, Mode, Redirect};
+use kt_node_agent::ebpf::Redirector;
+use kt_tests::harness::{
+    self, cgroup::TestCgroup, netns::NetNs, probe, server::TagServer, unique_name,
+};
+
+const SERVICE: &str = "10.96.0.10:80";
+const SVC_ID: u32 = 1;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Fields drop in order: detach first, then servers, then the cgroup and the namespace.
+struct Fixture {
+    redirector: Redirector,
+    target: TagServer,
+    _original: TagServer,
+    cgroup: TestCgroup,
+    netns: NetNs,
+}
+
+impl Fixture {
+    /// `None` (after printing why) when the kernel cannot run the programs.
+    fn new() -> Option<Self> {
+        if let Some(reason) = harness::ebpf_unsupported_reason() {
+            eprintln!("skipping: {reason}");
+            return None;
+        }
+        harness::require_root();
+        let netns = NetNs::new(unique_name("ns")).unwrap();
+        netns.add_local_addrs(&["10.96.0.10/32"]).unwrap();
+        let original = TagServer::start(&netns, addr(SERVICE), "original").unwrap();
+        let target = TagServer::start(&netns, addr("127.0.0.1:0"), "target").unwrap();
+        let cgroup = TestCgroup::new(&unique_name("cg")).unwrap();
+        let mut redirector = Redirector::load().unwrap();
+        redirector.attach(cgroup.path()).unwrap();
+        redirector
+            .insert(
+                addr(SERVICE),
+                Redirect::to(target.addr(), SVC_ID, Mode::Exchange),
+            )
+            .unwrap();
+        Some(Self {
+            redirector,
+            target,
+            _original: original,
+            cgroup,
+            netns,
+        })
+    }
+
+    fn probe_in_cgroup(&self, to: &str) -> probe::Seen {
+        probe::connect(&self.netns, Some(self.cgroup.path()), addr(to)).unwrap()
+    }
+}
+
+#[test]
+fn connect_in_cgroup_reaches_target_and_peer_name_is_the_cluster_ip() {
+    let Some(f) = Fixture::new() else { return };
+    let seen = f.probe_in_cgroup(SERVICE);
+    assert_eq!(seen.server, "target", "{seen:?}");
+    assert_eq!(
+        seen.peer,
+        addr(SERVICE),
+        "getpeername must report the ClusterIP:port"
+    );
+
+    let counters = f.redirector.counters().unwrap();
+    assert_eq!(counters.get(Counter::ConnectRedirected), 1);
+    assert!(counters.get(Counter::PeernameRestored) >= 1);
+    let stats = f.redirector.service_stats(SVC_ID).unwrap();
+    assert_eq!(stats.connects_redirected, 1);
+    assert_eq!(stats.errors, 0);
+}
+
+#[test]
+fn process_outside_the_cgroup_is_not_redirected() {
+    let Some(f) = Fixture::new() else { return };
+    let seen = probe::connect(&f.netns, None, addr(SERVICE)).unwrap();
+    assert_eq!(seen.server, "original", "{seen:?}");
+    assert_eq!(
+        f.redirector.counters().unwrap().get(Counter::ConnectSeen),
+        0
+    );
+}
+
+#[test]
+fn cgroup_in_the_skip_map_is_not_redirected() {
+    let Some(mut f) = Fixture::new() else { return };
+    // Both are below the attach point, so both run the programs; only one is skipped.
+    let agent = f.cgroup.child("agent").unwrap();
+    let app = f.cgroup.child("app").unwrap();
+    f.redirector.skip_cgroup(agent.path()).unwrap();
+
+    let from_agent = probe::connect(&f.netns, Some(agent.path()), addr(SERVICE)).unwrap();
+    assert_eq!(from_agent.server, "original", "{from_agent:?}");
+    let from_app = probe::connect(&f.netns, Some(app.path()), addr(SERVICE)).unwrap();
+    assert_eq!(from_app.server, "target", "{from_app:?}");
+
+    assert_eq!(f.redirector.service_stats(SVC_ID).unwrap().skipped_self, 1);
+    assert_eq!(
+        f.redirector
+            .counters()
+            .unwrap()
+            .get(Counter::ConnectSkipped),
+        1
+    );
+}
+
+#[test]
+fn removing_the_entry_restores_the_original_destination() {
+    let Some(mut f) = Fixture::new() else { return };
+    assert_eq!(f.probe_in_cgroup(SERVICE).server, "target");
+    assert!(f.redirector.remove(addr(SERVICE)).unwrap());
+    assert!(
+        !f.redirector.remove(addr(SERVICE)).unwrap(),
+        "second removal finds nothing"
+    );
+    assert_eq!(f.redirector.get(addr(SERVICE)).unwrap(), None);
+    let seen = f.probe_in_cgroup(SERVICE);
+    assert_eq!(seen.server, "original", "{seen:?}");
+    assert_eq!(seen.peer, addr(SERVICE));
+}
+
+#[test]
+fn ipv6_socket_to_a_v4_mapped_address_is_redirected() {
+    let Some(f) = Fixture::new() else { return };
+    let mapped = "[::ffff:10.96.0.10]:80";
+    let seen = f.probe_in_cgroup(mapped);
+    assert_eq!(seen.server, "target", "{seen:?}");
+    assert_eq!(
+        seen.peer,
+        addr(mapped),
+        "getpeername6 must report the v4-mapped original"
+    );
+    assert_eq!(
+        f.redirector
+            .counters()
+            .unwrap()
+            .get(Counter::V4MappedRedirected),
+        1
+    );
+}
+
+#[test]
+fn native_ipv6_service_is_redirected_to_an_ipv6_target() {
+    let Some(mut f) = Fixture::new() else { return };
+    let target6 = TagServer::start(&f.netns, addr("[::1]:0"), "target6").unwrap();
+    let service6 = "[fd00:96::10]:8080";
+    f.redirector
+        .insert(addr(service6), Redirect::to(target6.addr(), 2, Mode::Mesh))
+        .unwrap();
+    let seen = f.probe_in_cgroup(service6);
+    assert_eq!(seen.server, "target6", "{seen:?}");
+    assert_eq!(seen.peer, addr(service6));
+    assert_eq!(
+        f.redirector.service_stats(2).unwrap().connects_redirected,
+        1
+    );
+}
+
+#[test]
+fn ten_thousand_entries_still_redirect_correctly() {
+    let Some(mut f) = Fixture::new() else { return };
+    let targets: Vec<TagServer> = (0..10)
+        .map(|i| TagServer::start(&f.netns, addr("127.0.0.1:0"), &format!("t{i}")).unwrap())
+        .collect();
+    let service = |i: u32| SocketAddr::from(([10, 100, (i >> 8) as u8, i as u8], 80));
+    for i in 0..10_000 {
+        let target = targets[i as usize % targets.len()].addr();
+        f.redirector
+            .insert(service(i), Redirect::to(target, 100 + i, Mode::Exchange))
+            .unwrap();
+    }
+    assert_eq!(f.redirector.entries().unwrap().len(), 10_001);
+    for i in [0, 1, 4_999, 7_777, 9_998, 9_999] {
+        let seen = f.probe_in_cgroup(&service(i).to_string());
+        assert_eq!(seen.server, format!("t{}", i % 10), "entry {i}: {seen:?}");
+        assert_eq!(seen.peer, service(i));
+        assert_eq!(
+            f.redirector
+                .service_stats(100 + i)
+                .unwrap()
+                .connects_redirected,
+            1
+        );
+    }
+    // The first entry still works with the map full of others.
+    assert_eq!(f.probe_in_cgroup(SERVICE).server, "target");
+}
+
+#[test]
+fn dropping_the_redirector_detaches_the_programs() {
+    let Some(f) = Fixture::new() else { return };
+    assert_eq!(f.probe_in_cgroup(SERVICE).server, "target");
+    let Fixture {
+        redirector,
+        target,
+        _original,
+        cgroup,
+        netns,
+    } = f;
+    drop(redirector);
+    let seen = probe::connect(&netns, Some(cgroup.path()), addr(SERVICE)).unwrap();
+    assert_eq!(seen.server, "original", "fail-open after detach: {seen:?}");
+    drop((target, _original));
+}

@@ -39,14 +39,13 @@ impl NetNs {
         run_checked(Command::new("ip").arg("-n").arg(&self.name).args(args))
     }
 
-    /// Adds a dummy interface carrying `addrs` (for example a fake ClusterIP/32), so that a
-    /// server can listen on them and unredirected connects have somewhere to go.
-    pub fn add_dummy(&self, ifname: &str, addrs: &[&str]) -> io::Result<()> {
-        self.ip(&["link", "add", ifname, "type", "dummy"])?;
+    /// Adds addresses to the namespace's loopback (for example a fake ClusterIP/32), so that
+    /// a server can listen on them and unredirected connects have somewhere to go. Loopback
+    /// rather than a dummy device: not every kernel has the dummy driver.
+    pub fn add_local_addrs(&self, addrs: &[&str]) -> io::Result<()> {
         for addr in addrs {
-            self.ip(&["addr", "add", addr, "dev", ifname])?;
+            self.ip(&["addr", "add", addr, "dev", "lo"])?;
         }
-        self.ip(&["link", "set", ifname, "up"])?;
         Ok(())
     }
 

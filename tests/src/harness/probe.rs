@@ -22,14 +22,15 @@ pub struct Seen {
     pub client: SocketAddr,
 }
 
-/// Where the probe binary is. Integration tests and benches get it from cargo; the demo
-/// binary finds it next to itself.
+/// Where the probe binary is: next to the running executable (the demo) or one directory
+/// up (test and bench executables live in `target/<profile>/deps`).
 pub fn probe_binary() -> PathBuf {
-    if let Some(path) = option_env!("CARGO_BIN_EXE_kt-probe") {
-        return PathBuf::from(path);
-    }
     let exe = std::env::current_exe().unwrap_or_default();
-    exe.with_file_name("kt-probe")
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    [dir.join("kt-probe"), dir.join("../kt-probe")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("kt-probe"))
 }
 
 /// Connects to `addr` from a new process in `netns` (and `cgroup`, if given).
