@@ -57,7 +57,7 @@ fn kt_connect4(ctx: SockAddrContext) -> i32 {
         _pad: 0,
     };
     // SAFETY: the value is copied out at once; userspace updates replace whole entries.
-    let Some(redirect) = (unsafe { KT_SVC4.get(&key) }).copied() else {
+    let Some(redirect) = (unsafe { KT_SVC4.get(key) }).copied() else {
         count(Counter::ConnectNoMatch);
         return ALLOW;
     };
@@ -99,7 +99,7 @@ fn kt_connect6(ctx: SockAddrContext) -> i32 {
             _pad: 0,
         };
         // SAFETY: copied out at once, as in kt_connect4.
-        unsafe { KT_SVC4.get(&key) }.copied()
+        unsafe { KT_SVC4.get(key) }.copied()
     } else {
         let key = SvcKey6 {
             addr: ip6,
@@ -108,7 +108,7 @@ fn kt_connect6(ctx: SockAddrContext) -> i32 {
             _pad: 0,
         };
         // SAFETY: copied out at once, as in kt_connect4.
-        unsafe { KT_SVC6.get(&key) }.copied()
+        unsafe { KT_SVC6.get(key) }.copied()
     };
     let Some(redirect) = redirect else {
         count(Counter::ConnectNoMatch);
@@ -175,7 +175,7 @@ fn is_skipped(redirect: &Redirect) -> bool {
     // SAFETY: helper without arguments.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: only presence is checked.
-    if unsafe { KT_SKIP_CGROUP.get(&cgroup) }.is_none() {
+    if unsafe { KT_SKIP_CGROUP.get(cgroup) }.is_none() {
         return false;
     }
     count(Counter::ConnectSkipped);

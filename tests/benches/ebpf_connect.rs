@@ -1,1 +1,171 @@
-fn main() {}
+//! connect() latency through kt's eBPF redirect, as ratios against no program, in one run.
+//!
+//! Three sibling cgroups in one network namespace: `plain` (nothing attached), `small`
+//! (programs attached, 10 redirects) and `large` (programs attached, 10 000 redirects).
+//! This process moves itself between them between rounds, so the cases interleave and
+//! share the machine's state. Only the connect() call is timed (socket creation is not);
+//! sockets close with SO_LINGER 0 so that TIME_WAIT cannot exhaust ports. Percentiles, not
+//! means: a rare scheduler stall of the 2-core machine would dominate a mean.
+//!
+//! Run as root: `cargo bench -p kt-tests --bench ebpf_connect` (README: tests/run bench).
+//! `KT_BENCH_ROUNDS` (default 40) and `KT_BENCH_CONNECTS` (per round and case, default
+//! 500) size it.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    thread,
+    time::{Duration, Instant},
+};
+
+use kt_ebpf_common::{Mode, Redirect};
+use kt_node_agent::{cgroup, ebpf::Redirector};
+use kt_tests::harness::{self, cgroup::TestCgroup, netns::NetNs, unique_name};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+struct Case {
+    name: &'static str,
+    cgroup: usize,
+    dst: SocketAddr,
+    samples_ns: Vec<u64>,
+}
+
+fn main() {
+    if let Some(reason) = harness::ebpf_unsupported_reason() {
+        println!("skipping ebpf_connect benchmark: {reason}");
+        return;
+    }
+    harness::require_root();
+    let rounds = env_usize("KT_BENCH_ROUNDS", 40);
+    let per_round = env_usize("KT_BENCH_CONNECTS", 500);
+
+    let netns = NetNs::new(unique_name("bench")).expect("netns");
+    netns.enter_current_thread().expect("enter netns");
+    // A deep backlog: with the default 128 the acceptor falls behind, SYNs are dropped and
+    // the client waits a second for the retransmit, which measures nothing of interest.
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    listener
+        .bind(&SockAddr::from(SocketAddr::from(([127, 0, 0, 1], 0))))
+        .expect("bind");
+    listener.listen(4096).expect("listen");
+    let listener = TcpListener::from(listener);
+    let target = listener.local_addr().unwrap();
+    // Accept and drop; runs until the process exits.
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+
+    let cgroups: Vec<TestCgroup> = ["plain", "small", "large"]
+        .iter()
+        .map(|kind| TestCgroup::new(&unique_name(kind)).expect("cgroup"))
+        .collect();
+    let service = |i: u32| SocketAddr::from(([10, 100, (i >> 8) as u8, i as u8], 80));
+    let redirectors: Vec<Redirector> = [(1usize, 10u32), (2, 10_000)]
+        .iter()
+        .map(|&(cg, entries)| {
+            let mut r = Redirector::load().expect("load");
+            r.attach(cgroups[cg].path()).expect("attach");
+            for i in 0..entries {
+                r.insert(service(i), Redirect::to(target, i, Mode::Exchange))
+                    .expect("insert");
+            }
+            r
+        })
+        .collect();
+
+    let mut cases = vec![
+        Case {
+            name: "no program (baseline)",
+            cgroup: 0,
+            dst: target,
+            samples_ns: vec![],
+        },
+        Case {
+            name: "redirected, 10 entries",
+            cgroup: 1,
+            dst: service(7),
+            samples_ns: vec![],
+        },
+        Case {
+            name: "redirected, 10 000 entries",
+            cgroup: 2,
+            dst: service(7_777),
+            samples_ns: vec![],
+        },
+        Case {
+            name: "not matching, 10 000 entries",
+            cgroup: 2,
+            dst: target,
+            samples_ns: vec![],
+        },
+    ];
+    let home = cgroup::cgroup_of_pid(&cgroup::cgroup2_mount().unwrap(), std::process::id())
+        .expect("own cgroup");
+    let pid = std::process::id();
+    let case_count = cases.len();
+    for round in 0..rounds {
+        // Rotate the order so that every case runs in every position equally often.
+        for i in 0..case_count {
+            let case = &mut cases[(round + i) % case_count];
+            cgroups[case.cgroup].add_pid(pid).expect("join cgroup");
+            for _ in 0..per_round {
+                case.samples_ns.push(time_connect(case.dst));
+            }
+        }
+    }
+    std::fs::write(home.join("cgroup.procs"), pid.to_string()).expect("leave cgroups");
+
+    report(&mut cases, rounds * per_round);
+    for r in &redirectors {
+        let stats = r.service_stats(7).unwrap().connects_redirected
+            + r.service_stats(7_777).unwrap().connects_redirected;
+        assert!(stats > 0, "the redirected cases were not redirected");
+    }
+    drop(redirectors);
+    drop(cgroups);
+}
+
+/// Nanoseconds spent in connect() to `dst` (loopback three-way handshake included).
+fn time_connect(dst: SocketAddr) -> u64 {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    let dst = SockAddr::from(dst);
+    let start = Instant::now();
+    socket.connect(&dst).expect("connect");
+    let elapsed = start.elapsed();
+    socket.set_linger(Some(Duration::ZERO)).expect("linger");
+    elapsed.as_nanos() as u64
+}
+
+fn report(cases: &mut [Case], n: usize) {
+    println!("connect() latency, {n} connects per case, loopback in a test netns");
+    println!(
+        "{:<30} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
+        "case", "p50 ns", "p90 ns", "p99 ns", "p50 x", "p90 x", "p99 x"
+    );
+    let mut base = None;
+    for case in cases.iter_mut() {
+        case.samples_ns.sort_unstable();
+        let pct = |p: f64| case.samples_ns[((case.samples_ns.len() - 1) as f64 * p) as usize];
+        let now = [pct(0.50), pct(0.90), pct(0.99)];
+        let base = *base.get_or_insert(now);
+        let ratio = |i: usize| now[i] as f64 / base[i] as f64;
+        println!(
+            "{:<30} {:>9} {:>9} {:>9} {:>8.3} {:>8.3} {:>8.3}",
+            case.name,
+            now[0],
+            now[1],
+            now[2],
+            ratio(0),
+            ratio(1),
+            ratio(2)
+        );
+    }
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
