@@ -57,6 +57,10 @@ impl Fixture {
         })
     }
 
+    fn counter(&self, counter: Counter) -> u64 {
+        self.redirector.counters().unwrap().get(counter)
+    }
+
     fn probe_in_cgroup(&self, to: &str) -> probe::Seen {
         probe::connect(&self.netns, Some(self.cgroup.path()), addr(to)).unwrap()
     }
@@ -73,9 +77,8 @@ fn connect_in_cgroup_reaches_target_and_peer_name_is_the_cluster_ip() {
         "getpeername must report the ClusterIP:port"
     );
 
-    let counters = f.redirector.counters().unwrap();
-    assert_eq!(counters.get(Counter::ConnectRedirected), 1);
-    assert!(counters.get(Counter::PeernameRestored) >= 1);
+    assert_eq!(f.counter(Counter::ConnectRedirected), 1);
+    assert!(f.counter(Counter::PeernameRestored) >= 1);
     let stats = f.redirector.service_stats(SVC_ID).unwrap();
     assert_eq!(stats.connects_redirected, 1);
     assert_eq!(stats.errors, 0);
@@ -86,10 +89,7 @@ fn process_outside_the_cgroup_is_not_redirected() {
     let Some(f) = Fixture::new() else { return };
     let seen = probe::connect(&f.netns, None, addr(SERVICE)).unwrap();
     assert_eq!(seen.server, "original", "{seen:?}");
-    assert_eq!(
-        f.redirector.counters().unwrap().get(Counter::ConnectSeen),
-        0
-    );
+    assert_eq!(f.counter(Counter::ConnectSeen), 0);
 }
 
 #[test]
@@ -106,13 +106,7 @@ fn cgroup_in_the_skip_map_is_not_redirected() {
     assert_eq!(from_app.server, "target", "{from_app:?}");
 
     assert_eq!(f.redirector.service_stats(SVC_ID).unwrap().skipped_self, 1);
-    assert_eq!(
-        f.redirector
-            .counters()
-            .unwrap()
-            .get(Counter::ConnectSkipped),
-        1
-    );
+    assert_eq!(f.counter(Counter::ConnectSkipped), 1);
 }
 
 #[test]
@@ -141,13 +135,7 @@ fn ipv6_socket_to_a_v4_mapped_address_is_redirected() {
         addr(mapped),
         "getpeername6 must report the v4-mapped original"
     );
-    assert_eq!(
-        f.redirector
-            .counters()
-            .unwrap()
-            .get(Counter::V4MappedRedirected),
-        1
-    );
+    assert_eq!(f.counter(Counter::V4MappedRedirected), 1);
 }
 
 #[test]
