@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod netns;
 pub mod probe;
 pub mod server;
+pub mod tempdir;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

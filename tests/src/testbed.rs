@@ -1,0 +1,14 @@
+//! The testbed: a simulated Kubernetes cluster faithful enough for kube-rs and kubectl.
+//! See `tests/README.md` for what it is and what it knowingly is not.
+
+pub mod admission;
+pub mod api;
+pub mod apitier;
+pub mod auth;
+pub mod kubeconfig;
+pub mod patch;
+pub mod resources;
+pub mod selector;
+pub mod status;
+pub mod store;
+pub mod streams;

@@ -1,0 +1,114 @@
+//! The API stand-in alone (no kubelets, no network): what unprivileged conformance tests
+//! run against. Listens on 127.0.0.1 with plain HTTP.
+
+use std::{io, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    api::{ApiServer, bootstrap},
+    auth::{Tokens, UserInfo},
+    kubeconfig,
+    store::Store,
+};
+use crate::harness::tempdir::TempDir;
+
+#[derive(Clone, Debug)]
+pub struct ApiOptions {
+    /// Events kept for watch resumption; small values force the 410 → relist path.
+    pub history: usize,
+    pub bookmark_interval: Duration,
+}
+
+impl Default for ApiOptions {
+    fn default() -> Self {
+        Self {
+            history: 10_000,
+            bookmark_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A running API stand-in; stops on drop.
+pub struct ApiTier {
+    pub api: Arc<ApiServer>,
+    pub addr: SocketAddr,
+    pub admin_token: String,
+    pub kubeconfig: PathBuf,
+    dir: TempDir,
+    shutdown: CancellationToken,
+}
+
+impl ApiTier {
+    /// Starts serving on 127.0.0.1:<free port>; call inside a tokio runtime.
+    pub async fn start(options: ApiOptions) -> io::Result<Self> {
+        let shutdown = CancellationToken::new();
+        let store = Store::new(options.history);
+        bootstrap(&store);
+        let tokens = Arc::new(Tokens::default());
+        let admin_token = tokens.issue(UserInfo::admin());
+        let api = ApiServer::new(store, tokens, shutdown.clone(), options.bookmark_interval);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let router = api.router();
+        let stop = shutdown.clone();
+        api.tasks.spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        });
+        let dir = TempDir::new("api")?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        kubeconfig::write(
+            &kubeconfig,
+            &format!("http://{addr}"),
+            "admin",
+            &admin_token,
+            "default",
+            None,
+        )?;
+        Ok(Self {
+            api,
+            addr,
+            admin_token,
+            kubeconfig,
+            dir,
+            shutdown,
+        })
+    }
+
+    /// A kubeconfig for a new user `name` (authorised only by what RBAC grants it).
+    pub fn user_kubeconfig(&self, name: &str, namespace: &str) -> io::Result<PathBuf> {
+        let token = self.api.tokens.issue(UserInfo::user(name));
+        let path = self.dir.path().join(format!("kubeconfig-{name}"));
+        kubeconfig::write(
+            &path,
+            &format!("http://{}", self.addr),
+            name,
+            &token,
+            namespace,
+            None,
+        )?;
+        Ok(path)
+    }
+
+    /// A kube-rs client for the admin.
+    pub async fn client(&self) -> kube::Client {
+        client_for(&self.kubeconfig).await
+    }
+}
+
+/// A kube-rs client from a kubeconfig file.
+pub async fn client_for(path: &std::path::Path) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("config");
+    kube::Client::try_from(config).expect("client")
+}
+
+impl Drop for ApiTier {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

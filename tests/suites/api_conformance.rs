@@ -1,0 +1,409 @@
+//! The API stand-in driven by kube-rs: CRUD and exact Status reasons, watch semantics
+//! (410 → relist, bookmarks, selector transitions), paging, every patch type, graceful
+//! deletion and finalizers. Unprivileged: no kubelets, no network namespaces.
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{ConfigMap, Pod, Secret},
+};
+use kt_tests::testbed::apitier::{ApiOptions, ApiTier};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams},
+    runtime::{WatchStreamExt as _, reflector, watcher},
+};
+use serde_json::json;
+
+fn cm(name: &str, labels: serde_json::Value) -> ConfigMap {
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": labels}, "data": {"k": "v"}}),
+    )
+    .unwrap()
+}
+
+fn reason(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => s.reason.clone(),
+        other => panic!("not an API error: {other:?}"),
+    }
+}
+
+/// Polls `f` until it returns true or 10 s pass.
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn start(options: ApiOptions) -> (ApiTier, Client) {
+    let tier = ApiTier::start(options).await.unwrap();
+    let client = tier.client().await;
+    (tier, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crud_answers_with_the_api_servers_status_reasons() {
+    let (_tier, client) = start(ApiOptions::default()).await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let created = cms
+        .create(&PostParams::default(), &cm("a", json!({})))
+        .await
+        .unwrap();
+    let meta = &created.metadata;
+    assert!(
+        meta.uid.is_some() && meta.creation_timestamp.is_some() && meta.resource_version.is_some()
+    );
+
+    let err = cms
+        .create(&PostParams::default(), &cm("a", json!({})))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "AlreadyExists");
+    assert!(cms.get_opt("missing").await.unwrap().is_none());
+    assert_eq!(reason(&cms.get("missing").await.unwrap_err()), "NotFound");
+
+    let mut stale = created.clone();
+    let mut fresh = created.clone();
+    fresh.data = Some([("k".to_string(), "2".to_string())].into());
+    cms.replace("a", &PostParams::default(), &fresh)
+        .await
+        .unwrap();
+    stale.data = Some([("k".to_string(), "3".to_string())].into());
+    assert_eq!(
+        reason(
+            &cms.replace("a", &PostParams::default(), &stale)
+                .await
+                .unwrap_err()
+        ),
+        "Conflict"
+    );
+
+    assert_eq!(
+        reason(
+            &cms.create(&PostParams::default(), &cm("Bad_Name", json!({})))
+                .await
+                .unwrap_err()
+        ),
+        "Invalid"
+    );
+    let elsewhere: Api<ConfigMap> = Api::namespaced(client.clone(), "nope");
+    let err = elsewhere
+        .create(&PostParams::default(), &cm("a", json!({})))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "NotFound");
+
+    let mut generated = cm("", json!({}));
+    generated.metadata.generate_name = Some("gen-".into());
+    let name = cms
+        .create(&PostParams::default(), &generated)
+        .await
+        .unwrap()
+        .metadata
+        .name
+        .unwrap();
+    assert!(name.starts_with("gen-") && name.len() == 9, "{name}");
+
+    let err = Api::<Pod>::namespaced(client, "default")
+        .list(&ListParams::default().fields("spec.bogus=1"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "BadRequest");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watcher_relists_after_410_and_stays_consistent() {
+    let (tier, client) = start(ApiOptions {
+        history: 5,
+        ..Default::default()
+    })
+    .await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    cms.create(&PostParams::default(), &cm("first", json!({})))
+        .await
+        .unwrap();
+
+    let (reader, writer) = reflector::store();
+    let stream = reflector(
+        writer,
+        watcher(cms.clone(), watcher::Config::default().disable_bookmarks()),
+    )
+    .applied_objects()
+    .boxed();
+    let driver = tokio::spawn(stream.for_each(|_| async {}));
+    reader.wait_until_ready().await.unwrap();
+    assert_eq!(reader.state().len(), 1);
+
+    // The watcher's last revision falls out of the 5-event history.
+    for i in 0..20 {
+        let s: Secret =
+            serde_json::from_value(json!({"metadata": {"name": format!("s{i}")}})).unwrap();
+        secrets.create(&PostParams::default(), &s).await.unwrap();
+    }
+    tier.api.restart_watches();
+    eventually("a 410 answer", async || {
+        tier.api.expired_watches.load(Ordering::Relaxed) > 0
+    })
+    .await;
+
+    // After the relist, the reflector follows changes again.
+    cms.create(&PostParams::default(), &cm("second", json!({})))
+        .await
+        .unwrap();
+    cms.delete("first", &DeleteParams::default()).await.unwrap();
+    eventually("reflector to see the changes", async || {
+        let names: Vec<String> = reader
+            .state()
+            .iter()
+            .filter_map(|c| c.metadata.name.clone())
+            .collect();
+        names == ["second"]
+    })
+    .await;
+    driver.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sends_bookmarks_and_selector_transitions() {
+    let (_tier, client) = start(ApiOptions {
+        bookmark_interval: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let rv = cms
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut events = cms
+        .watch(&WatchParams::default().labels("app=a").timeout(10), &rv)
+        .await
+        .unwrap()
+        .boxed();
+
+    cms.create(&PostParams::default(), &cm("x", json!({"app": "a"})))
+        .await
+        .unwrap();
+    let relabel = |app: &str| Patch::Merge(json!({"metadata": {"labels": {"app": app}}}));
+    cms.patch("x", &PatchParams::default(), &relabel("b"))
+        .await
+        .unwrap();
+    cms.patch("x", &PatchParams::default(), &relabel("a"))
+        .await
+        .unwrap();
+    cms.create(&PostParams::default(), &cm("other", json!({"app": "c"})))
+        .await
+        .unwrap();
+    cms.delete("x", &DeleteParams::default()).await.unwrap();
+
+    let mut seen = Vec::new();
+    let mut bookmark = None;
+    while seen.len() < 4 || bookmark.is_none() {
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match ev {
+            WatchEvent::Added(c) => seen.push(format!("ADDED {}", c.metadata.name.unwrap())),
+            WatchEvent::Modified(c) => seen.push(format!("MODIFIED {}", c.metadata.name.unwrap())),
+            WatchEvent::Deleted(c) => seen.push(format!("DELETED {}", c.metadata.name.unwrap())),
+            WatchEvent::Bookmark(b) => bookmark = Some(b.metadata.resource_version),
+            WatchEvent::Error(e) => panic!("{e:?}"),
+        }
+    }
+    // Relabelling out of the selector is a DELETED, back in an ADDED; "other" never shows.
+    assert_eq!(seen, ["ADDED x", "DELETED x", "ADDED x", "DELETED x"]);
+    assert!(!bookmark.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_from_a_compacted_revision_is_an_error_event_with_410() {
+    let (_tier, client) = start(ApiOptions {
+        history: 3,
+        ..Default::default()
+    })
+    .await;
+    let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+    for i in 0..10 {
+        cms.create(&PostParams::default(), &cm(&format!("c{i}"), json!({})))
+            .await
+            .unwrap();
+    }
+    let mut events = cms
+        .watch(&WatchParams::default(), "2")
+        .await
+        .unwrap()
+        .boxed();
+    match events.try_next().await.unwrap().unwrap() {
+        WatchEvent::Error(e) => assert_eq!((e.code, e.reason.as_str()), (410, "Expired")),
+        other => panic!("expected a 410 ERROR event, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_with_limit_and_continue() {
+    let (_tier, client) = start(ApiOptions::default()).await;
+    let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+    for i in 0..25 {
+        cms.create(
+            &PostParams::default(),
+            &cm(&format!("p{i:02}"), json!({"page": "yes"})),
+        )
+        .await
+        .unwrap();
+    }
+    let mut names = Vec::new();
+    let mut token: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut params = ListParams::default().labels("page=yes").limit(10);
+        if let Some(t) = &token {
+            params = params.continue_token(t);
+        }
+        let page = cms.list(&params).await.unwrap();
+        pages += 1;
+        names.extend(page.items.into_iter().map(|c| c.metadata.name.unwrap()));
+        token = page.metadata.continue_.filter(|t| !t.is_empty());
+        if token.is_none() {
+            break;
+        }
+    }
+    assert_eq!(pages, 3);
+    let expected: Vec<String> = (0..25).map(|i| format!("p{i:02}")).collect();
+    assert_eq!(names, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_patch_type_applies() {
+    let (_tier, client) = start(ApiOptions::default()).await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    cms.create(&PostParams::default(), &cm("p", json!({"a": "1"})))
+        .await
+        .unwrap();
+    let pp = PatchParams::default();
+
+    let merged = cms
+        .patch(
+            "p",
+            &pp,
+            &Patch::Merge(json!({"data": {"k": null, "n": "1"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        merged.data.unwrap(),
+        [("n".to_string(), "1".to_string())].into()
+    );
+
+    let ops: json_patch::Patch = serde_json::from_value(json!([{"op": "add", "path": "/metadata/annotations", "value": {"kt-last-heart-beat": "1"}}])).unwrap();
+    let patched = cms.patch("p", &pp, &Patch::<()>::Json(ops)).await.unwrap();
+    assert_eq!(
+        patched.metadata.annotations.unwrap()["kt-last-heart-beat"],
+        "1"
+    );
+    let bad: json_patch::Patch =
+        serde_json::from_value(json!([{"op": "replace", "path": "/nope/x", "value": 1}])).unwrap();
+    assert!(cms.patch("p", &pp, &Patch::<()>::Json(bad)).await.is_err());
+
+    let applied = cms
+        .patch("applied", &PatchParams::apply("kt-test"), &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "applied"}, "data": {"x": "1"}})))
+        .await
+        .unwrap();
+    assert_eq!(applied.data.unwrap()["x"], "1");
+
+    let deploys: Api<Deployment> = Api::namespaced(client, "default");
+    let d: Deployment = serde_json::from_value(json!({"metadata": {"name": "web"}, "spec": {
+        "selector": {"matchLabels": {"app": "web"}},
+        "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [
+            {"name": "app", "image": "echo:1"}, {"name": "side", "image": "side:1"}]}}}}))
+    .unwrap();
+    let created = deploys.create(&PostParams::default(), &d).await.unwrap();
+    assert_eq!(created.metadata.generation, Some(1));
+    let smp = json!({"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "echo:2"}]}}}});
+    let updated = deploys
+        .patch("web", &pp, &Patch::Strategic(smp))
+        .await
+        .unwrap();
+    let containers = updated.spec.unwrap().template.spec.unwrap().containers;
+    assert_eq!(
+        containers.len(),
+        2,
+        "strategic merge keeps the other container"
+    );
+    assert_eq!(containers[0].image.as_deref(), Some("echo:2"));
+    assert_eq!(updated.metadata.generation, Some(2));
+
+    let scaled = deploys
+        .patch_scale("web", &pp, &Patch::Merge(json!({"spec": {"replicas": 3}})))
+        .await
+        .unwrap();
+    assert_eq!(scaled.spec.unwrap().replicas, Some(3));
+    assert_eq!(
+        deploys.get("web").await.unwrap().spec.unwrap().replicas,
+        Some(3)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_deletion_and_finalizers() {
+    let (_tier, client) = start(ApiOptions::default()).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "x"}]}})).unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    pods.delete("p", &DeleteParams::default()).await.unwrap();
+    let terminating = pods.get("p").await.unwrap();
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    assert_eq!(terminating.metadata.deletion_grace_period_seconds, Some(30));
+    // A same-name create during termination is refused, as in a cluster.
+    assert_eq!(
+        reason(&pods.create(&PostParams::default(), &pod).await.unwrap_err()),
+        "AlreadyExists"
+    );
+    pods.delete(
+        "p",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(pods.get_opt("p").await.unwrap().is_none());
+
+    let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+    let mut held = cm("held", json!({}));
+    held.metadata.finalizers = Some(vec!["kt.dev/test".into()]);
+    cms.create(&PostParams::default(), &held).await.unwrap();
+    cms.delete("held", &DeleteParams::default()).await.unwrap();
+    let pending = cms.get("held").await.unwrap();
+    assert!(pending.metadata.deletion_timestamp.is_some());
+    let add = Patch::Merge(json!({"metadata": {"finalizers": ["kt.dev/test", "kt.dev/new"]}}));
+    assert_eq!(
+        reason(
+            &cms.patch("held", &PatchParams::default(), &add)
+                .await
+                .unwrap_err()
+        ),
+        "Invalid"
+    );
+    cms.patch(
+        "held",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    assert!(cms.get_opt("held").await.unwrap().is_none());
+}
