@@ -155,6 +155,8 @@ impl Query {
 
 enum Route {
     Version,
+    OpenApiIndex,
+    OpenApi(String, String),
     CoreVersions,
     Groups,
     Group(String),
@@ -203,6 +205,9 @@ fn route(api: &ApiServer, path: &str) -> Result<Route, ApiError> {
         .collect();
     let (group, version, rest) = match parts.as_slice() {
         ["version"] => return Ok(Route::Version),
+        ["openapi", "v3"] => return Ok(Route::OpenApiIndex),
+        ["openapi", "v3", "api", v] => return Ok(Route::OpenApi(String::new(), (*v).into())),
+        ["openapi", "v3", "apis", g, v] => return Ok(Route::OpenApi((*g).into(), (*v).into())),
         ["healthz" | "livez" | "readyz", ..] => return Ok(Route::Health),
         ["api"] => return Ok(Route::CoreVersions),
         ["apis"] => return Ok(Route::Groups),
@@ -273,6 +278,10 @@ async fn serve(api: Arc<ApiServer>, req: Request) -> Result<Response, ApiError> 
     let q = Query::parse(req.uri().query());
     let (rt, ns, name, sub) = match route {
         Route::Version => return Ok(json_response(200, &version())),
+        Route::OpenApiIndex => return Ok(json_response(200, &openapi_index(&api.store))),
+        Route::OpenApi(g, v) => {
+            return openapi_document(&api.store, &g, &v).map(|d| json_response(200, &d));
+        }
         Route::Health => return Ok((StatusCode::OK, "ok").into_response()),
         Route::CoreVersions => {
             return Ok(json_response(
@@ -579,7 +588,15 @@ async fn read_body(req: Request) -> Result<Bytes, ApiError> {
 }
 
 async fn read_json(req: Request) -> Result<Value, ApiError> {
+    let content_type = content_type(req.headers());
     let body = read_body(req).await?;
+    if content_type == "application/vnd.kubernetes.protobuf" {
+        return super::protobuf::decode(&body).map_err(|m| {
+            let mut e = ApiError::unsupported_media_type(&content_type);
+            e.message = m;
+            e
+        });
+    }
     serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "the body of the request could not be decoded as JSON: {e}"
@@ -848,6 +865,78 @@ fn version() -> Value {
         "gitCommit": "0000000000000000000000000000000000000000", "gitTreeState": "clean",
         "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24.0", "compiler": "gc",
         "platform": "linux/amd64",
+    })
+}
+
+/// `/openapi/v3`: one document per group/version, with a hash that changes when the set of
+/// types does (kubectl caches documents by it).
+fn openapi_index(store: &Store) -> Value {
+    let mut paths = serde_json::Map::new();
+    for (group, versions) in store.registry.groups() {
+        for version in versions {
+            let path = if group.is_empty() {
+                format!("api/{version}")
+            } else {
+                format!("apis/{group}/{version}")
+            };
+            let doc = openapi_document(store, &group, &version).unwrap_or_default();
+            let hash = format!("{:016X}", fnv1a(doc.to_string().as_bytes()));
+            paths.insert(
+                path.clone(),
+                json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash={hash}")}),
+            );
+        }
+    }
+    json!({"paths": paths})
+}
+
+/// An OpenAPI v3 document for one group/version: each resource's item path with a PATCH
+/// operation tagged with its group/version/kind and the query parameters the server
+/// honours. Enough for kubectl to see that the server validates fields itself
+/// (`fieldValidation`); no schemas, so kubectl builds strategic patches from its own types.
+fn openapi_document(store: &Store, group: &str, version: &str) -> Result<Value, ApiError> {
+    let types: Vec<ResourceType> = store
+        .registry
+        .all()
+        .into_iter()
+        .filter(|t| t.group == group && t.version == version && !t.review)
+        .collect();
+    if types.is_empty() {
+        return Err(ApiError::no_route());
+    }
+    let prefix = if group.is_empty() {
+        format!("/api/{version}")
+    } else {
+        format!("/apis/{group}/{version}")
+    };
+    let query = |name: &str| json!({"name": name, "in": "query", "schema": {"type": "string", "uniqueItems": true}});
+    let mut paths = serde_json::Map::new();
+    for t in types {
+        let item = if t.namespaced {
+            format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", t.plural)
+        } else {
+            format!("{prefix}/{}/{{name}}", t.plural)
+        };
+        let gvk = json!({"group": t.group, "version": t.version, "kind": t.kind});
+        let op = |action: &str| {
+            json!({
+                "operationId": format!("{action}{}", t.kind),
+                "x-kubernetes-action": action,
+                "x-kubernetes-group-version-kind": gvk,
+                "parameters": [query("dryRun"), query("fieldManager"), query("fieldValidation")],
+                "responses": {"200": {"description": "OK"}},
+            })
+        };
+        paths.insert(item, json!({"patch": op("patch"), "put": op("put")}));
+    }
+    Ok(
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.33.0"}, "paths": paths, "components": {"schemas": {}}}),
+    )
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
     })
 }
 

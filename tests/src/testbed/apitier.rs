@@ -1,5 +1,5 @@
 //! The API stand-in alone (no kubelets, no network): what unprivileged conformance tests
-//! run against. Listens on 127.0.0.1 with plain HTTP.
+//! run against. Listens on 127.0.0.1 over HTTPS with its own CA.
 
 use std::{io, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -10,6 +10,7 @@ use super::{
     auth::{Tokens, UserInfo},
     kubeconfig,
     store::Store,
+    tls,
 };
 use crate::harness::tempdir::TempDir;
 
@@ -35,6 +36,7 @@ pub struct ApiTier {
     pub addr: SocketAddr,
     pub admin_token: String,
     pub kubeconfig: PathBuf,
+    pub ca_pem: String,
     dir: TempDir,
     shutdown: CancellationToken,
 }
@@ -50,28 +52,32 @@ impl ApiTier {
         let api = ApiServer::new(store, tokens, shutdown.clone(), options.bookmark_interval);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let router = api.router();
-        let stop = shutdown.clone();
-        api.tasks.spawn(async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-        });
+        let pki = tls::generate(&[addr.ip()], &["localhost"]).map_err(io::Error::other)?;
+        let serve = tls::serve(
+            listener,
+            api.router(),
+            pki.server.clone(),
+            shutdown.clone(),
+            api.tasks.clone(),
+        );
+        api.tasks.spawn(serve);
         let dir = TempDir::new("api")?;
         let kubeconfig = dir.path().join("kubeconfig");
+        let server = format!("https://{addr}");
         kubeconfig::write(
             &kubeconfig,
-            &format!("http://{addr}"),
+            &server,
             "admin",
             &admin_token,
             "default",
-            None,
+            Some(&pki.ca_pem),
         )?;
         Ok(Self {
             api,
             addr,
             admin_token,
             kubeconfig,
+            ca_pem: pki.ca_pem,
             dir,
             shutdown,
         })
@@ -83,11 +89,11 @@ impl ApiTier {
         let path = self.dir.path().join(format!("kubeconfig-{name}"));
         kubeconfig::write(
             &path,
-            &format!("http://{}", self.addr),
+            &format!("https://{}", self.addr),
             name,
             &token,
             namespace,
-            None,
+            Some(&self.ca_pem),
         )?;
         Ok(path)
     }

@@ -122,13 +122,46 @@ pub async fn run_watch(
     }
 }
 
+/// An object's age as kubectl shows it (`45s`, `3m20s`, `5h`, `2d3h`), from its RFC 3339
+/// creation time.
+fn human_age(created: &str) -> String {
+    let Ok(created) = chrono::DateTime::parse_from_rfc3339(created) else {
+        return "<unknown>".into();
+    };
+    let secs = (chrono::Utc::now() - created.with_timezone(&chrono::Utc))
+        .num_seconds()
+        .max(0);
+    human_duration(secs)
+}
+
+/// kubectl's `HumanDuration`.
+fn human_duration(secs: i64) -> String {
+    let (m, h, d) = (secs / 60, secs / 3600, secs / 86_400);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        _ if m < 10 && secs % 60 != 0 => format!("{m}m{}s", secs % 60),
+        _ if m < 180 => format!("{m}m"),
+        _ if h < 8 && m % 60 != 0 => format!("{h}h{}m", m % 60),
+        _ if h < 48 => format!("{h}h"),
+        _ if h < 192 && h % 24 != 0 => format!("{d}d{}h", h % 24),
+        _ if d < 730 => format!("{d}d"),
+        _ => format!("{}y", d / 365),
+    }
+}
+
 /// Renders the cells of one table row.
 type CellsFn = Box<dyn Fn(&Value) -> Vec<Value>>;
 
 /// A `meta.k8s.io/v1` Table for kubectl's server-side printing.
 pub fn table(rt: &ResourceType, items: &[Value], metadata: Value) -> Value {
     let col = |name: &str, kind: &str, priority: u8| json!({"name": name, "type": kind, "format": if name == "Name" {"name"} else {""}, "description": name, "priority": priority});
-    let age = |o: &Value| o["metadata"]["creationTimestamp"].clone();
+    let age = |o: &Value| {
+        json!(human_age(
+            o["metadata"]["creationTimestamp"]
+                .as_str()
+                .unwrap_or_default()
+        ))
+    };
     let (columns, cells): (Vec<Value>, CellsFn) = match (rt.group.as_str(), rt.plural.as_str()) {
         ("", "pods") => (
             vec![
@@ -470,4 +503,26 @@ async fn run_exec(
     frame.extend_from_slice(status.to_string().as_bytes());
     let _ = ws_tx.send(Message::Binary(Bytes::from(frame))).await;
     let _ = ws_tx.send(Message::Close(None)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_duration;
+
+    #[test]
+    fn ages_read_like_kubectl() {
+        let cases = [
+            (5, "5s"),
+            (119, "119s"),
+            (200, "3m20s"),
+            (600, "10m"),
+            (3 * 3600 + 60, "3h1m"),
+            (30 * 3600, "30h"),
+            (50 * 3600, "2d2h"),
+            (10 * 86_400, "10d"),
+        ];
+        for (secs, text) in cases {
+            assert_eq!(human_duration(secs), text, "{secs}");
+        }
+    }
 }

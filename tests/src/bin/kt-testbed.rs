@@ -1,0 +1,3 @@
+//! `kt-testbed`: the simulated cluster as a command (placeholder while it is built up).
+
+fn main() {}
