@@ -5,6 +5,7 @@ pub mod admission;
 pub mod api;
 pub mod apitier;
 pub mod auth;
+pub mod controllers;
 pub mod kubeconfig;
 pub mod patch;
 pub mod protobuf;

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     api::{ApiServer, bootstrap},
     auth::{Tokens, UserInfo},
-    kubeconfig,
+    controllers, kubeconfig,
     store::Store,
     tls,
 };
@@ -19,6 +19,8 @@ pub struct ApiOptions {
     /// Events kept for watch resumption; small values force the 410 → relist path.
     pub history: usize,
     pub bookmark_interval: Duration,
+    /// Run the controllers (workloads, scheduler, endpoints, GC, namespaces).
+    pub controllers: bool,
 }
 
 impl Default for ApiOptions {
@@ -26,6 +28,7 @@ impl Default for ApiOptions {
         Self {
             history: 10_000,
             bookmark_interval: Duration::from_secs(60),
+            controllers: false,
         }
     }
 }
@@ -49,7 +52,15 @@ impl ApiTier {
         bootstrap(&store);
         let tokens = Arc::new(Tokens::default());
         let admin_token = tokens.issue(UserInfo::admin());
-        let api = ApiServer::new(store, tokens, shutdown.clone(), options.bookmark_interval);
+        let api = ApiServer::new(
+            store.clone(),
+            tokens,
+            shutdown.clone(),
+            options.bookmark_interval,
+        );
+        if options.controllers {
+            controllers::spawn_all(&store, &api.tasks, &shutdown);
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let pki = tls::generate(&[addr.ip()], &["localhost"]).map_err(io::Error::other)?;

@@ -74,6 +74,8 @@ pub struct Store {
 pub enum Part {
     Main,
     Status,
+    /// Controllers' writes of fields clients may not change (a pod's binding to a node).
+    System,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -631,7 +633,7 @@ impl Store {
                     new.as_object_mut().map(|m| m.remove("status"));
                 }
             },
-            Part::Main => {}
+            Part::Main | Part::System => {}
         }
         for field in [
             "uid",
@@ -823,6 +825,25 @@ impl Store {
             EventKind::Deleted,
             &key,
             Self::present(rt, obj),
+            Some(old),
+        ))
+    }
+
+    /// Removes an object at once, whatever its finalizers (namespace finalisation, a
+    /// kubelet's final delete of a pod).
+    pub fn purge(&self, rt: &ResourceType, ns: &str, name: &str) -> Result<Value> {
+        let mut inner = self.lock();
+        let key = Self::key(rt, ns, name);
+        let old = inner
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(rt, name))?;
+        Ok(self.commit(
+            &mut inner,
+            EventKind::Deleted,
+            &key,
+            Self::present(rt, old.clone()),
             Some(old),
         ))
     }
