@@ -1,3 +1,305 @@
-//! `kt-testbed`: the simulated cluster as a command (placeholder while it is built up).
+//! `kt-testbed`: the simulated Kubernetes cluster as a command.
+//!
+//! ```text
+//! kt-testbed up [--nodes N] [--dir D]     start in the background; prints how to use it
+//! kt-testbed down [--dir D]               stop and remove everything
+//! kt-testbed exec [--dir D] -- CMD...     run CMD in the workstation namespace
+//! kt-testbed serve [--nodes N] [--dir D]  run in the foreground (what `up` starts)
+//! ```
+//! Internal: `run-in-pod SPEC` (the kubelet's pod runner), `image NAME` (test images),
+//! `dig NAME [TYPE]` and `port-forward NS POD PORT` (tools the suites run inside the
+//! cluster).
 
-fn main() {}
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use kt_tests::testbed::{
+    cluster::{self, Options, Testbed},
+    runner::{BindMount, RunSpec},
+};
+
+const DEFAULT_DIR: &str = "/tmp/kt-testbed";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run-in-pod") => return fail(cluster::run_in_pod(Path::new(args.get(1).map(String::as_str).unwrap_or_default()))),
+        Some("image") => runtime(image(args.get(1).map(String::as_str).unwrap_or_default())),
+        Some("dig") => runtime(dig(args.get(1).cloned().unwrap_or_default(), args.get(2).cloned().unwrap_or_else(|| "A".into()))),
+        Some("port-forward") => runtime(port_forward(&args[1..])),
+        Some("serve") => runtime(serve(flag(&args, "--dir"), nodes(&args))),
+        Some("up") => up(flag(&args, "--dir"), nodes(&args)),
+        Some("down") => down(&flag(&args, "--dir")),
+        Some("exec") => return exec(&flag(&args, "--dir"), args.iter().skip_while(|a| *a != "--").skip(1).cloned().collect()),
+        _ => Err("usage: kt-testbed up|down|exec|serve [--nodes N] [--dir D] (see --help in the source header)".into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kt-testbed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T = (), E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
+
+fn fail(e: std::io::Error) -> ExitCode {
+    eprintln!("kt-testbed run-in-pod: {e}");
+    ExitCode::from(127)
+}
+
+fn flag(args: &[String], name: &str) -> PathBuf {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| DEFAULT_DIR.into())
+}
+
+fn nodes(args: &[String]) -> u8 {
+    args.iter()
+        .position(|a| a == "--nodes")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2)
+}
+
+fn runtime(f: impl Future<Output = Result>) -> Result {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+async fn image(name: &str) -> Result {
+    use kt_tests::testbed::{dns, servers};
+    match name {
+        "http-echo" => servers::http_echo().await?,
+        "tcp-echo" => servers::tcp_echo().await?,
+        "udp-echo" => servers::udp_echo().await?,
+        "sleep" => servers::sleep().await?,
+        "dns" => dns::serve().await?,
+        other => return Err(format!("unknown image {other}").into()),
+    }
+    Ok(())
+}
+
+/// Asks the nameserver of /etc/resolv.conf over UDP; prints the rcode and the answers.
+async fn dig(name: String, kind: String) -> Result {
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{Name, RecordType},
+    };
+    let resolv = std::fs::read_to_string("/etc/resolv.conf")?;
+    let server = resolv
+        .lines()
+        .find_map(|l| l.strip_prefix("nameserver "))
+        .ok_or("no nameserver")?
+        .trim()
+        .to_owned();
+    let mut query = Message::query();
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(
+        Name::from_ascii(&name)?,
+        kind.parse::<RecordType>()?,
+    ));
+    let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+    socket
+        .send_to(&query.to_vec()?, format!("{server}:53"))
+        .await?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), socket.recv(&mut buf)).await??;
+    let reply = Message::from_vec(&buf[..n])?;
+    println!("rcode={}", reply.metadata.response_code);
+    for answer in &reply.answers {
+        println!("{}", answer.data);
+    }
+    Ok(())
+}
+
+/// Port-forwards to POD:PORT with kube-rs (kubeconfig from $KUBECONFIG), sends a line and
+/// prints what comes back: a check that port-forward works from where it runs.
+async fn port_forward(args: &[String]) -> Result {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let [ns, pod, port] = args else {
+        return Err("usage: port-forward NS POD PORT".into());
+    };
+    let port: u16 = port.parse()?;
+    let client = kube::Client::try_default().await?;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, ns);
+    let mut pf = pods.portforward(pod, &[port]).await?;
+    let mut stream = pf.take_stream(port).ok_or("no stream")?;
+    stream.write_all(b"ping through port-forward\n").await?;
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
+    print!("{}", String::from_utf8_lossy(&buf[..n]));
+    Ok(())
+}
+
+async fn serve(dir: PathBuf, nodes: u8) -> Result {
+    let exe = std::env::current_exe()?;
+    let agent = exe.with_file_name("kt-node-agent");
+    let started = Instant::now();
+    let testbed = Testbed::start(Options {
+        nodes,
+        testbed_bin: exe,
+        agent_bin: agent.exists().then_some(agent),
+        dir: Some(dir.clone()),
+    })
+    .await?;
+    let env = format!(
+        "KUBECONFIG={}\nKT_TESTBED_WORKSTATION_NETNS={}\nKT_TESTBED_WORKSTATION_KUBECONFIG={}\nKT_TESTBED_PID={}\n",
+        testbed.kubeconfig.display(),
+        testbed.workstation_netns().display(),
+        testbed.workstation_kubeconfig.display(),
+        std::process::id()
+    );
+    std::fs::write(dir.join("env"), env)?;
+    std::fs::write(
+        dir.join("ready"),
+        format!("{}\n", started.elapsed().as_millis()),
+    )?;
+    eprintln!("kt-testbed: ready in {:?}", started.elapsed());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    testbed.stop().await;
+    let _ = std::fs::remove_file(dir.join("ready"));
+    let _ = std::fs::remove_file(dir.join("env"));
+    Ok(())
+}
+
+fn up(dir: PathBuf, nodes: u8) -> Result {
+    if dir.join("pid").exists() {
+        return Err(format!(
+            "a testbed already runs from {} (kt-testbed down --dir {0})",
+            dir.display()
+        )
+        .into());
+    }
+    std::fs::create_dir_all(&dir)?;
+    let log = std::fs::File::create(dir.join("testbed.log"))?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["serve", "--dir"])
+        .arg(&dir)
+        .args(["--nodes", &nodes.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // Its own session, so that it outlives this command and its terminal.
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::setsid();
+            Ok(())
+        })
+    };
+    let mut child = cmd.spawn()?;
+    std::fs::write(dir.join("pid"), child.id().to_string())?;
+    let started = Instant::now();
+    while !dir.join("ready").exists() {
+        if started.elapsed() > Duration::from_secs(60) || child.try_wait()?.is_some() {
+            let _ = std::fs::remove_file(dir.join("pid"));
+            return Err(format!(
+                "testbed did not start; see {}",
+                dir.join("testbed.log").display()
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("{}", std::fs::read_to_string(dir.join("env"))?.trim_end());
+    println!(
+        "# ready in {} ms; run a command in the workstation: kt-testbed exec --dir {} -- CMD",
+        started.elapsed().as_millis(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn down(dir: &Path) -> Result {
+    let Ok(pid) = std::fs::read_to_string(dir.join("pid")) else {
+        return Err(format!("no testbed runs from {}", dir.display()).into());
+    };
+    let pid: i32 = pid.trim().parse()?;
+    // SAFETY: signalling the testbed process this tool started (its pid file).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let started = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() && started.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(format!("testbed {pid} did not stop").into());
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+/// Runs a command in the workstation namespace with a private mount namespace: its own
+/// /etc/resolv.conf and /etc/hosts (copies ktctl may edit), $HOME and $KUBECONFIG.
+fn exec(dir: &Path, argv: Vec<String>) -> ExitCode {
+    let env = std::fs::read_to_string(dir.join("env")).unwrap_or_default();
+    let get = |key: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(String::from)
+    };
+    let (Some(netns), Some(kubeconfig)) = (
+        get("KT_TESTBED_WORKSTATION_NETNS"),
+        get("KT_TESTBED_WORKSTATION_KUBECONFIG"),
+    ) else {
+        eprintln!("kt-testbed: no testbed runs from {}", dir.display());
+        return ExitCode::FAILURE;
+    };
+    if argv.is_empty() {
+        eprintln!("usage: kt-testbed exec [--dir D] -- CMD...");
+        return ExitCode::FAILURE;
+    }
+    let ws = dir.join("workstation");
+    let home = ws.join("home");
+    for (name, content) in [
+        ("resolv.conf", "nameserver 127.0.0.53\n"),
+        ("hosts", "127.0.0.1\tlocalhost\n"),
+    ] {
+        if !ws.join(name).exists() {
+            let _ = std::fs::create_dir_all(&home);
+            let _ = std::fs::write(ws.join(name), content);
+        }
+    }
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k != "KUBECONFIG" && k != "HOME")
+        .collect();
+    env.push(("KUBECONFIG".into(), kubeconfig));
+    env.push(("HOME".into(), home.display().to_string()));
+    let spec = RunSpec {
+        cgroup: None,
+        netns: Some(netns.into()),
+        join_pid: None,
+        hostname: "workstation".into(),
+        mounts: vec![
+            BindMount {
+                source: ws.join("resolv.conf"),
+                target: "/etc/resolv.conf".into(),
+                read_only: false,
+            },
+            BindMount {
+                source: ws.join("hosts"),
+                target: "/etc/hosts".into(),
+                read_only: false,
+            },
+        ],
+        scratch: ws.join("scratch"),
+        env,
+        argv,
+        cwd: std::env::current_dir().ok(),
+    };
+    fail(kt_tests::testbed::runner::exec(&spec))
+}

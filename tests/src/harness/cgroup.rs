@@ -30,7 +30,8 @@ impl TestCgroup {
         Self::create(self.path.join(name), self.parent.clone())
     }
 
-    fn create(path: PathBuf, parent: PathBuf) -> io::Result<Self> {
+    /// Creates the cgroup at `path`; processes left in it at drop move to `parent`.
+    pub fn create(path: PathBuf, parent: PathBuf) -> io::Result<Self> {
         fs::create_dir(&path)?;
         Ok(Self { path, parent })
     }

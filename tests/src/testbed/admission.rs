@@ -24,6 +24,19 @@ pub struct Allocated {
 
 /// DNS-1123 subdomain (most names) or label (namespaces, services: also ≤ 63).
 pub fn validate_name(rt: &ResourceType, name: &str) -> Option<String> {
+    // RBAC names are path segments (`system:kube-dns`).
+    if rt.group == "rbac.authorization.k8s.io" {
+        let bad = name.is_empty()
+            || name == "."
+            || name == ".."
+            || name.contains('/')
+            || name.contains('%');
+        return bad.then(|| {
+            format!(
+                "Invalid value: \"{name}\": may not contain '/' or '%' and may not be '.' or '..'"
+            )
+        });
+    }
     let label = matches!(rt.plural.as_str(), "namespaces" | "services");
     let max = if label { 63 } else { 253 };
     let chars_ok = name

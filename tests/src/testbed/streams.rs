@@ -397,8 +397,17 @@ async fn forward_ports(
             },
         }
     }
-    let _ = ws_tx.send(Message::Close(None)).await;
+    let _ = ws_tx.send(normal_close()).await;
     readers.abort_all();
+}
+
+/// A close frame with status 1000, as the kubelet sends; clients report a bare close as
+/// an error.
+fn normal_close() -> Message {
+    Message::Close(Some(axum::extract::ws::CloseFrame {
+        code: axum::extract::ws::close_code::NORMAL,
+        reason: "".into(),
+    }))
 }
 
 /// `pods/exec` over WebSocket: stdout on channel 1, stderr on 2, the final Status on 3.
@@ -502,7 +511,7 @@ async fn run_exec(
     let mut frame = vec![3u8];
     frame.extend_from_slice(status.to_string().as_bytes());
     let _ = ws_tx.send(Message::Binary(Bytes::from(frame))).await;
-    let _ = ws_tx.send(Message::Close(None)).await;
+    let _ = ws_tx.send(normal_close()).await;
 }
 
 #[cfg(test)]
