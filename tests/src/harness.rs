@@ -2,6 +2,7 @@
 //! servers and probes that clean up after themselves.
 
 pub mod cgroup;
+pub mod kubectl;
 pub mod netns;
 pub mod probe;
 pub mod server;

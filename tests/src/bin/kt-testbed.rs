@@ -152,14 +152,6 @@ async fn serve(dir: PathBuf, nodes: u8) -> Result {
         dir: Some(dir.clone()),
     })
     .await?;
-    let env = format!(
-        "KUBECONFIG={}\nKT_TESTBED_WORKSTATION_NETNS={}\nKT_TESTBED_WORKSTATION_KUBECONFIG={}\nKT_TESTBED_PID={}\n",
-        testbed.kubeconfig.display(),
-        testbed.workstation_netns().display(),
-        testbed.workstation_kubeconfig.display(),
-        std::process::id()
-    );
-    std::fs::write(dir.join("env"), env)?;
     std::fs::write(
         dir.join("ready"),
         format!("{}\n", started.elapsed().as_millis()),

@@ -193,6 +193,14 @@ impl Testbed {
             topology: Some(topology),
             _tempdir: tempdir,
         };
+        let env = format!(
+            "KUBECONFIG={}\nKT_TESTBED_WORKSTATION_NETNS={}\nKT_TESTBED_WORKSTATION_KUBECONFIG={}\nKT_TESTBED_PID={}\n",
+            testbed.kubeconfig.display(),
+            testbed.workstation_netns().display(),
+            testbed.workstation_kubeconfig.display(),
+            std::process::id()
+        );
+        std::fs::write(testbed.dir.join("env"), env)?;
         let ready = match testbed.deploy_dns() {
             Ok(()) => {
                 testbed

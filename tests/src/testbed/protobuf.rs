@@ -1,6 +1,6 @@
 //! Reads the Kubernetes protobuf encoding (`application/vnd.kubernetes.protobuf`) of the few
 //! types that kubectl's typed clients send (`kubectl create configmap|secret|namespace|
-//! serviceaccount`, `kubectl auth can-i`), into the JSON the store keeps. Other kinds are
+//! serviceaccount|role|rolebinding|clusterrole|clusterrolebinding`, `kubectl auth can-i`), into the JSON the store keeps. Other kinds are
 //! answered 415, as an API without protobuf support would.
 //!
 //! Wire format: the magic `k8s\0`, then a `runtime.Unknown` message {1: TypeMeta{1:
@@ -113,6 +113,34 @@ const SSRR: &[Field] = &[
     Field(2, "spec", Kind::Msg(SSRR_SPEC)),
 ];
 
+const POLICY_RULE: &[Field] = &[
+    Field(1, "verbs", Kind::RepStr),
+    Field(2, "apiGroups", Kind::RepStr),
+    Field(3, "resources", Kind::RepStr),
+    Field(4, "resourceNames", Kind::RepStr),
+    Field(5, "nonResourceURLs", Kind::RepStr),
+];
+const ROLE: &[Field] = &[
+    Field(1, "metadata", Kind::Msg(OBJECT_META)),
+    Field(2, "rules", Kind::RepMsg(POLICY_RULE)),
+];
+const SUBJECT: &[Field] = &[
+    Field(1, "kind", Kind::Str),
+    Field(2, "apiGroup", Kind::Str),
+    Field(3, "name", Kind::Str),
+    Field(4, "namespace", Kind::Str),
+];
+const ROLE_REF: &[Field] = &[
+    Field(1, "apiGroup", Kind::Str),
+    Field(2, "kind", Kind::Str),
+    Field(3, "name", Kind::Str),
+];
+const ROLE_BINDING: &[Field] = &[
+    Field(1, "metadata", Kind::Msg(OBJECT_META)),
+    Field(2, "subjects", Kind::RepMsg(SUBJECT)),
+    Field(3, "roleRef", Kind::Msg(ROLE_REF)),
+];
+
 fn schema(kind: &str) -> Option<&'static [Field]> {
     Some(match kind {
         "ConfigMap" => CONFIG_MAP,
@@ -121,6 +149,8 @@ fn schema(kind: &str) -> Option<&'static [Field]> {
         "ServiceAccount" => SERVICE_ACCOUNT,
         "SelfSubjectAccessReview" => SSAR,
         "SelfSubjectRulesReview" => SSRR,
+        "Role" | "ClusterRole" => ROLE,
+        "RoleBinding" | "ClusterRoleBinding" => ROLE_BINDING,
         _ => return None,
     })
 }

@@ -1,0 +1,648 @@
+//! The whole simulated cluster (root): data plane (Services across nodes, cluster DNS,
+//! scaling, port-forward from the workstation, in-cluster clients and RBAC), kubectl
+//! conformance, and `kt-testbed up`/`down` leaving nothing behind.
+
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use kt_tests::{
+    harness::{
+        self,
+        kubectl::{kubectl, kubectl_ok},
+    },
+    testbed::cluster::{Options, Testbed},
+};
+
+const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
+
+async fn testbed() -> Testbed {
+    harness::require_root();
+    Testbed::start(Options {
+        nodes: 2,
+        testbed_bin: TESTBED.into(),
+        agent_bin: None,
+        dir: None,
+    })
+    .await
+    .expect("testbed starts")
+}
+
+const WEB: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: app
+        image: kt-testbed/http-echo:1
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client}
+spec:
+  nodeSelector: {kubernetes.io/hostname: node-1}
+  containers: [{name: c, image: kt-testbed/sleep}]
+"#;
+
+fn apply(kubeconfig: &Path, manifest: &str) {
+    let file = kubeconfig.with_file_name(format!("manifest-{}.yaml", rand_suffix()));
+    std::fs::write(&file, manifest).unwrap();
+    kubectl_ok(kubeconfig, &["apply", "-f", file.to_str().unwrap()]);
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+}
+
+fn deploy_web(tb: &Testbed) {
+    apply(&tb.kubeconfig, WEB);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["rollout", "status", "deploy/web", "--timeout=60s"],
+    );
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "pod/client",
+            "--timeout=60s",
+        ],
+    );
+}
+
+/// Runs a command in the client pod (node-1); returns (exit ok, stdout).
+fn in_client(tb: &Testbed, cmd: &[&str]) -> (bool, String) {
+    let mut args = vec!["exec", "client", "--"];
+    args.extend_from_slice(cmd);
+    let out = kubectl(&tb.kubeconfig, &args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Which pod answered an HTTP GET from the client pod.
+fn who_answers(tb: &Testbed, url: &str) -> Option<String> {
+    let (ok, out) = in_client(tb, &["curl", "-s", "--max-time", "3", url]);
+    ok.then(|| {
+        out.lines()
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("pod=")
+            .to_owned()
+    })
+}
+
+fn web_pods(tb: &Testbed) -> HashSet<String> {
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ],
+    )
+    .split_whitespace()
+    .map(String::from)
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_reach_a_service_by_short_name_and_fqdn_served_from_both_nodes() {
+    let tb = testbed().await;
+    deploy_web(&tb);
+    let nodes = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={.items[*].spec.nodeName}",
+        ],
+    );
+    assert_eq!(
+        nodes.split_whitespace().collect::<HashSet<_>>().len(),
+        2,
+        "replicas spread over both nodes: {nodes}"
+    );
+    let expected = web_pods(&tb);
+    let mut seen = HashSet::new();
+    for i in 0..40 {
+        let url = if i % 2 == 0 {
+            "http://web/"
+        } else {
+            "http://web.default.svc.cluster.local/"
+        };
+        let pod = who_answers(&tb, url).unwrap_or_else(|| panic!("{url} did not answer"));
+        assert!(expected.contains(&pod), "{pod} is not a web pod");
+        seen.insert(pod);
+        if seen.len() == expected.len() {
+            break;
+        }
+    }
+    assert_eq!(
+        seen, expected,
+        "both pods (one per node) answered through the Service"
+    );
+    tb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_dns_answers_like_a_cluster() {
+    let tb = testbed().await;
+    deploy_web(&tb);
+    apply(
+        &tb.kubeconfig,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: headless}\nspec:\n  clusterIP: None\n  selector: {app: web}\n  ports: [{name: http, port: 80}]\n",
+    );
+    let dig = |name: &str, kind: &str| in_client(&tb, &[TESTBED, "dig", name, kind]).1;
+    let cluster_ip = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
+    );
+    let a = dig("web.default.svc.cluster.local.", "A");
+    assert!(
+        a.starts_with("rcode=No Error") && a.contains(&cluster_ip),
+        "{a}"
+    );
+    let pod_ips: HashSet<String> = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={.items[*].status.podIP}",
+        ],
+    )
+    .split_whitespace()
+    .map(String::from)
+    .collect();
+    let headless: HashSet<String> = dig("headless.default.svc.cluster.local.", "A")
+        .lines()
+        .skip(1)
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        headless, pod_ips,
+        "a headless Service resolves to its ready pods"
+    );
+    let srv = dig("_http._tcp.web.default.svc.cluster.local.", "SRV");
+    assert!(srv.contains("80 web.default.svc.cluster.local."), "{srv}");
+    assert!(dig("nope.default.svc.cluster.local.", "A").starts_with("rcode=Non-Existent Domain"));
+    assert!(dig("web.other.svc.cluster.local.", "A").starts_with("rcode=Non-Existent Domain"));
+    let pod = dig("10-244-9-9.default.pod.cluster.local.", "A");
+    assert!(pod.contains("10.244.9.9"), "{pod}");
+    // The search path of a pod: `web` alone resolves (what curl did above) through getaddrinfo.
+    let (ok, hosts) = in_client(&tb, &["getent", "hosts", "web"]);
+    assert!(ok && hosts.contains(&cluster_ip), "{hosts}");
+    tb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_to_zero_and_back_changes_endpoints_and_traffic() {
+    let tb = testbed().await;
+    deploy_web(&tb);
+    assert!(who_answers(&tb, "http://web/").is_some());
+    kubectl_ok(&tb.kubeconfig, &["scale", "deploy/web", "--replicas=0"]);
+    let mut empty = false;
+    for _ in 0..100 {
+        let addrs = kubectl_ok(
+            &tb.kubeconfig,
+            &[
+                "get",
+                "endpoints",
+                "web",
+                "-o",
+                "jsonpath={.subsets[*].addresses[*].ip}",
+            ],
+        );
+        if addrs.trim().is_empty() {
+            empty = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(empty, "endpoints emptied");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        who_answers(&tb, "http://web/"),
+        None,
+        "no endpoints: the Service refuses"
+    );
+    kubectl_ok(&tb.kubeconfig, &["scale", "deploy/web", "--replicas=2"]);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["rollout", "status", "deploy/web", "--timeout=60s"],
+    );
+    let mut back = None;
+    for _ in 0..50 {
+        back = who_answers(&tb, "http://web/");
+        if back.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        back.is_some_and(|p| web_pods(&tb).contains(&p)),
+        "traffic back on the new pods"
+    );
+    tb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_rs_port_forward_from_the_workstation_reaches_a_pod() {
+    let tb = testbed().await;
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["run", "echo", "--image=kt-testbed/tcp-echo"],
+    );
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["wait", "--for=condition=Ready", "pod/echo", "--timeout=60s"],
+    );
+    // The client runs in the workstation namespace and talks to https://172.30.0.1:6443.
+    let out = Command::new(TESTBED)
+        .args([
+            "exec",
+            "--dir",
+            tb.dir.to_str().unwrap(),
+            "--",
+            TESTBED,
+            "port-forward",
+            "default",
+            "echo",
+            "9000",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ping through port-forward\n"
+    );
+    // The workstation reaches nodes but not pod IPs directly.
+    let pod_ip = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "pod", "echo", "-o", "jsonpath={.status.podIP}"],
+    );
+    let direct = Command::new(TESTBED)
+        .args([
+            "exec",
+            "--dir",
+            tb.dir.to_str().unwrap(),
+            "--",
+            "curl",
+            "-s",
+            "--max-time",
+            "2",
+            &format!("http://{pod_ip}:9000/"),
+        ])
+        .status()
+        .unwrap();
+    assert!(!direct.success());
+    tb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_clients_use_service_account_tokens_and_rbac() {
+    let tb = testbed().await;
+    deploy_web(&tb);
+    // The client pod's default ServiceAccount has no rights: the API (reached by its
+    // in-cluster name, verified against the mounted CA) answers 403.
+    let (ok, body) = in_client(
+        &tb,
+        &[
+            "sh",
+            "-c",
+            "curl -s --cacert /var/run/secrets/kubernetes.io/serviceaccount/ca.crt -H \"Authorization: Bearer $(cat /var/run/secrets/kubernetes.io/serviceaccount/token)\" https://kubernetes.default.svc/api/v1/namespaces/default/pods",
+        ],
+    );
+    assert!(ok, "{body}");
+    assert!(
+        body.contains("\"reason\":\"Forbidden\"")
+            && body.contains("system:serviceaccount:default:default"),
+        "{body}"
+    );
+    apply(
+        &tb.kubeconfig,
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: view}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}\nsubjects: [{kind: ServiceAccount, name: default, namespace: default}]\n",
+    );
+    let (_, body) = in_client(
+        &tb,
+        &[
+            "sh",
+            "-c",
+            "curl -s --cacert /var/run/secrets/kubernetes.io/serviceaccount/ca.crt -H \"Authorization: Bearer $(cat /var/run/secrets/kubernetes.io/serviceaccount/token)\" https://kubernetes.default.svc/api/v1/namespaces/default/pods",
+        ],
+    );
+    assert!(body.contains("\"kind\":\"PodList\""), "{body}");
+    tb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_verbs_work_against_the_testbed() {
+    let tb = testbed().await;
+    let kc = tb.kubeconfig.clone();
+    let watch = tokio::process::Command::new("kubectl")
+        .args([
+            "get",
+            "configmaps",
+            "-w",
+            "--output-watch-events",
+            "--request-timeout=20s",
+        ])
+        .env("KUBECONFIG", &kc)
+        .env("HOME", &tb.dir)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let file = tb.dir.join("web.yaml");
+    std::fs::write(&file, WEB).unwrap();
+    let created = kubectl_ok(&kc, &["create", "-f", file.to_str().unwrap()]);
+    assert!(
+        created.contains("deployment.apps/web created") && created.contains("service/web created"),
+        "{created}"
+    );
+    kubectl_ok(&kc, &["delete", "-f", file.to_str().unwrap()]);
+    let applied = kubectl_ok(&kc, &["apply", "-f", file.to_str().unwrap()]);
+    assert!(applied.contains("deployment.apps/web created"), "{applied}");
+    std::fs::write(&file, WEB.replace("replicas: 2", "replicas: 3")).unwrap();
+    let applied = kubectl_ok(&kc, &["apply", "-f", file.to_str().unwrap()]);
+    assert!(
+        applied.contains("deployment.apps/web configured")
+            && applied.contains("service/web unchanged"),
+        "{applied}"
+    );
+    kubectl_ok(&kc, &["rollout", "status", "deploy/web", "--timeout=60s"]);
+    assert_eq!(
+        kubectl_ok(
+            &kc,
+            &[
+                "get",
+                "deploy",
+                "web",
+                "-o",
+                "jsonpath={.status.readyReplicas}"
+            ]
+        ),
+        "3"
+    );
+    kubectl_ok(&kc, &["scale", "deploy/web", "--replicas=1"]);
+    kubectl_ok(
+        &kc,
+        &[
+            "wait",
+            "--for=jsonpath={.status.replicas}=1",
+            "deploy/web",
+            "--timeout=60s",
+        ],
+    );
+    kubectl_ok(
+        &kc,
+        &[
+            "wait",
+            "--for=condition=Available",
+            "deploy/web",
+            "--timeout=60s",
+        ],
+    );
+
+    kubectl_ok(
+        &kc,
+        &["create", "configmap", "settings", "--from-literal=a=1"],
+    );
+    kubectl_ok(&kc, &["label", "configmap", "settings", "tier=db"]);
+    kubectl_ok(&kc, &["annotate", "configmap", "settings", "note=hello"]);
+    assert_eq!(
+        kubectl_ok(
+            &kc,
+            &[
+                "get",
+                "cm",
+                "settings",
+                "-o",
+                "jsonpath={.metadata.labels.tier} {.metadata.annotations.note}"
+            ]
+        ),
+        "db hello"
+    );
+    kubectl_ok(&kc, &["delete", "configmap", "settings"]);
+
+    kubectl_ok(
+        &kc,
+        &[
+            "run",
+            "talker",
+            "--image=busybox",
+            "--command",
+            "--",
+            "sh",
+            "-c",
+            "echo hello from the pod; sleep 1000",
+        ],
+    );
+    kubectl_ok(
+        &kc,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "pod/talker",
+            "--timeout=60s",
+        ],
+    );
+    let mut logs = String::new();
+    for _ in 0..50 {
+        logs = kubectl_ok(&kc, &["logs", "talker"]);
+        if !logs.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(logs, "hello from the pod\n");
+    assert_eq!(
+        kubectl_ok(&kc, &["auth", "can-i", "delete", "nodes"]).trim(),
+        "yes"
+    );
+
+    let out = watch.wait_with_output().await.unwrap();
+    let events = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        events.contains("ADDED") && events.contains("settings") && events.contains("DELETED"),
+        "{events}"
+    );
+    tb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_bound_to_a_role_is_forbidden_elsewhere_and_can_i_agrees() {
+    let tb = testbed().await;
+    let admin = tb.kubeconfig.clone();
+    kubectl_ok(&admin, &["create", "namespace", "dev"]);
+    kubectl_ok(
+        &admin,
+        &[
+            "create",
+            "role",
+            "pod-reader",
+            "-n",
+            "dev",
+            "--verb=get,list,watch",
+            "--resource=pods",
+        ],
+    );
+    kubectl_ok(
+        &admin,
+        &[
+            "create",
+            "rolebinding",
+            "alice-reads",
+            "-n",
+            "dev",
+            "--role=pod-reader",
+            "--user=alice",
+        ],
+    );
+    let alice = tb.user_kubeconfig("alice", "dev").unwrap();
+    assert_eq!(
+        kubectl_ok(&alice, &["auth", "can-i", "list", "pods", "-n", "dev"]).trim(),
+        "yes"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(
+            &kubectl(&alice, &["auth", "can-i", "delete", "pods", "-n", "dev"]).stdout
+        )
+        .trim(),
+        "no"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(
+            &kubectl(&alice, &["auth", "can-i", "list", "pods", "-n", "default"]).stdout
+        )
+        .trim(),
+        "no"
+    );
+    kubectl_ok(&alice, &["get", "pods", "-n", "dev"]);
+    let denied = kubectl(&alice, &["get", "pods", "-n", "default"]);
+    assert!(!denied.status.success());
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(
+        err.contains("Forbidden") && err.contains("User \"alice\" cannot list resource \"pods\""),
+        "{err}"
+    );
+    tb.stop().await;
+}
+
+#[test]
+fn up_and_down_leave_nothing_behind() {
+    harness::require_root();
+    let dir: PathBuf = std::env::temp_dir().join(harness::unique_name("updown"));
+    let up = Command::new(TESTBED)
+        .args(["up", "--dir", dir.to_str().unwrap(), "--nodes", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let env = std::fs::read_to_string(dir.join("env")).unwrap();
+    let netns = env
+        .lines()
+        .find_map(|l| l.strip_prefix("KT_TESTBED_WORKSTATION_NETNS=/run/netns/"))
+        .unwrap()
+        .to_owned();
+    let prefix = netns.trim_end_matches("ws").to_owned();
+    let pid: u32 = env
+        .lines()
+        .find_map(|l| l.strip_prefix("KT_TESTBED_PID="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ours = |list: &str| list.lines().filter(|l| l.starts_with(&prefix)).count();
+    let netns_list = || {
+        String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["netns", "list"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .into_owned()
+    };
+    assert!(
+        ours(&netns_list()) >= 5,
+        "control plane, 2 nodes, workstation and the DNS pod: {}",
+        netns_list()
+    );
+    let cgroup = kt_node_agent::cgroup::cgroup2_mount()
+        .unwrap()
+        .join(prefix.trim_end_matches('-'));
+    assert!(cgroup.exists());
+
+    let down = Command::new(TESTBED)
+        .args(["down", "--dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert_eq!(ours(&netns_list()), 0, "namespaces left: {}", netns_list());
+    assert!(!cgroup.exists(), "cgroup left: {}", cgroup.display());
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "testbed process left"
+    );
+    assert!(!dir.exists(), "state directory left");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&prefix), "mounts left");
+    let rules = String::from_utf8_lossy(
+        &Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        !rules.contains("kt_proxy"),
+        "nftables table leaked into the host: {rules}"
+    );
+}
