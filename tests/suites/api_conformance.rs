@@ -407,3 +407,81 @@ async fn graceful_deletion_and_finalizers() {
     .unwrap();
     assert!(cms.get_opt("held").await.unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_created_crd_serves_its_resources() {
+    use kube::{
+        api::{ApiResource, DynamicObject},
+        discovery::Discovery,
+    };
+    let (_tier, client) = start(ApiOptions::default()).await;
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> = Api::all(client.clone());
+    let crd = serde_json::from_value(json!({"metadata": {"name": "sessions.kt.example"},
+        "spec": {"group": "kt.example", "scope": "Namespaced",
+                 "names": {"plural": "sessions", "singular": "session", "kind": "Session", "shortNames": ["kts"]},
+                 "versions": [{"name": "v1alpha1", "served": true, "storage": true,
+                               "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}},
+                               "subresources": {"status": {}}}]}})).unwrap();
+    let created = crds.create(&PostParams::default(), &crd).await.unwrap();
+    let established = created.status.unwrap().conditions.unwrap();
+    assert!(
+        established
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+    );
+
+    let discovery = Discovery::new(client.clone()).run().await.unwrap();
+    let (resource, caps) = discovery
+        .groups()
+        .flat_map(|g| g.recommended_resources())
+        .find(|(r, _)| r.kind == "Session")
+        .expect("discovered");
+    assert_eq!(resource.plural, "sessions");
+    assert!(caps.subresources.iter().any(|(r, _)| r.plural == "status"));
+
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "default",
+        &ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "kt.example",
+            "v1alpha1",
+            "Session",
+        )),
+    );
+    let obj: DynamicObject = serde_json::from_value(
+        json!({"apiVersion": "kt.example/v1alpha1", "kind": "Session",
+        "metadata": {"name": "s1"}, "spec": {"service": "web"}}),
+    )
+    .unwrap();
+    api.create(&PostParams::default(), &obj).await.unwrap();
+    let status = api
+        .patch_status(
+            "s1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"node": "node-1"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status.data["status"]["node"], "node-1");
+    assert_eq!(
+        status.data["spec"]["service"], "web",
+        "status writes keep the spec"
+    );
+    // Strategic merge is for built-in types only, as on a real API server.
+    let smp = api
+        .patch(
+            "s1",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"x": 1}})),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&smp), "UnsupportedMediaType");
+    crds.delete("sessions.kt.example", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(
+        api.get("s1").await.is_err(),
+        "resources stop being served with their CRD"
+    );
+}

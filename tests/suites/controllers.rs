@@ -373,3 +373,55 @@ async fn deleting_owners_collects_dependents_and_namespaces_empty_themselves() {
                 .is_empty()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemonset_runs_one_pod_per_node() {
+    let (_tier, client) = start().await;
+    let ds: k8s_openapi::api::apps::v1::DaemonSet = serde_json::from_value(json!({"metadata": {"name": "agent"}, "spec": {
+        "selector": {"matchLabels": {"app": "agent"}},
+        "template": {"metadata": {"labels": {"app": "agent"}}, "spec": {"hostNetwork": true, "containers": [{"name": "a", "image": "kt-node-agent"}]}}}})).unwrap();
+    Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &ds)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let nodes = eventually("one pod per node", async || {
+        let items = pods
+            .list(&ListParams::default().labels("app=agent"))
+            .await
+            .unwrap()
+            .items;
+        let nodes: std::collections::BTreeSet<String> = items
+            .iter()
+            .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+            .collect();
+        (items.len() == 2 && nodes.len() == 2).then_some(nodes)
+    })
+    .await;
+    assert_eq!(nodes.into_iter().collect::<Vec<_>>(), ["node-1", "node-2"]);
+    // A pod deleted (and finished by its kubelet) is replaced on the same node.
+    let victim = pods
+        .list(&ListParams::default().labels("app=agent"))
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    pods.delete(
+        &victim.name_any(),
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    eventually("a replacement", async || {
+        let items = pods
+            .list(&ListParams::default().labels("app=agent"))
+            .await
+            .unwrap()
+            .items;
+        (items.len() == 2 && items.iter().all(|p| p.name_any() != victim.name_any())).then_some(())
+    })
+    .await;
+}

@@ -568,6 +568,66 @@ async fn a_user_bound_to_a_role_is_forbidden_elsewhere_and_can_i_agrees() {
     tb.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_images_back_off_and_node_ports_reach_pods_from_the_workstation() {
+    let tb = testbed().await;
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["run", "ghost", "--image=registry.example/nothing:1"],
+    );
+    let mut reason = String::new();
+    for _ in 0..50 {
+        reason = kubectl_ok(
+            &tb.kubeconfig,
+            &[
+                "get",
+                "pod",
+                "ghost",
+                "-o",
+                "jsonpath={.status.containerStatuses[0].state.waiting.reason}",
+            ],
+        );
+        if !reason.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(reason, "ImagePullBackOff");
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["delete", "pod", "ghost", "--wait=true", "--timeout=30s"],
+    );
+
+    deploy_web(&tb);
+    apply(
+        &tb.kubeconfig,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web-np}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports: [{port: 80, targetPort: http, nodePort: 30080}]\n",
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for node_ip in ["172.30.0.11", "172.30.0.12"] {
+        let out = Command::new(TESTBED)
+            .args([
+                "exec",
+                "--dir",
+                tb.dir.to_str().unwrap(),
+                "--",
+                "curl",
+                "-s",
+                "--max-time",
+                "3",
+                &format!("http://{node_ip}:30080/"),
+            ])
+            .output()
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            body.starts_with("pod=web-"),
+            "NodePort on {node_ip}: {body}"
+        );
+    }
+    tb.stop().await;
+}
+
 #[test]
 fn up_and_down_leave_nothing_behind() {
     harness::require_root();
