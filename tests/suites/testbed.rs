@@ -628,6 +628,114 @@ async fn unknown_images_back_off_and_node_ports_reach_pods_from_the_workstation(
     tb.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_v0_3_7_shadow_image_is_openssh_under_the_shadow_contract() {
+    let tb = testbed().await;
+    deploy_web(&tb);
+    let key = tb.dir.join("shadow-key");
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f", key.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(keygen.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    std::fs::write(tb.dir.join("authorized"), public.trim()).unwrap();
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "create",
+            "configmap",
+            "kt-connect-shadow-abcde",
+            &format!(
+                "--from-file=authorized={}",
+                tb.dir.join("authorized").display()
+            ),
+        ],
+    );
+    apply(
+        &tb.kubeconfig,
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: kt-connect-shadow-abcde, labels: {control-by: kt, kt-role: shadow-connect}}
+spec:
+  containers:
+  - name: standalone
+    image: registry.cn-hangzhou.aliyuncs.com/rdc-incubator/kt-connect-shadow:v0.3.7
+    volumeMounts: [{name: ssh-public-key, mountPath: /root/authorized}]
+    readinessProbe: {tcpSocket: {port: 22}, periodSeconds: 1}
+  volumes:
+  - name: ssh-public-key
+    configMap: {name: kt-connect-shadow-abcde, items: [{key: authorized, path: authorized_keys}]}
+"#,
+    );
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "pod/kt-connect-shadow-abcde",
+            "--timeout=60s",
+        ],
+    );
+    let ip = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pod",
+            "kt-connect-shadow-abcde",
+            "-o",
+            "jsonpath={.status.podIP}",
+        ],
+    );
+    let ssh = |extra: &[&str]| {
+        let mut cmd = vec![
+            "ssh",
+            "-i",
+            key.to_str().unwrap(),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ];
+        cmd.extend_from_slice(extra);
+        in_client(&tb, &cmd)
+    };
+    let target = format!("root@{ip}");
+    // Root logs in with the key from the ConfigMap; the session runs in the shadow pod.
+    let (ok, out) = ssh(&[&target, "hostname"]);
+    assert!(ok && out.trim() == "kt-connect-shadow-abcde", "{out}");
+    // Without the key: refused.
+    let (ok, _) = in_client(
+        &tb,
+        &[
+            "ssh",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "IdentityFile=/dev/null",
+            &target,
+            "true",
+        ],
+    );
+    assert!(!ok, "a client without the key logged in");
+    tb.stop().await;
+    assert!(
+        !Path::new("/run/sshd.pid").exists() && !Path::new("/run/kt-ssh").exists(),
+        "the shadow wrote to the host's /run"
+    );
+}
+
 #[test]
 fn up_and_down_leave_nothing_behind() {
     harness::require_root();

@@ -26,6 +26,9 @@ const DEFAULT_DIR: &str = "/tmp/kt-testbed";
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        Some("image") if args.get(1).map(String::as_str) == Some("openssh-shadow") => {
+            return fail(kt_tests::testbed::servers::openssh_shadow().unwrap_err());
+        }
         Some("run-in-pod") => return fail(cluster::run_in_pod(Path::new(args.get(1).map(String::as_str).unwrap_or_default()))),
         Some("image") => runtime(image(args.get(1).map(String::as_str).unwrap_or_default())),
         Some("dig") => runtime(dig(args.get(1).cloned().unwrap_or_default(), args.get(2).cloned().unwrap_or_else(|| "A".into()))),

@@ -47,6 +47,8 @@ impl Catalog {
             "kt-testbed/udp-echo" => testbed("udp-echo"),
             "kt-testbed/dns" => testbed("dns"),
             "kt-testbed/sleep" | "busybox" | "library/busybox" | "pause" => testbed("sleep"),
+            // The ktctl v0.3.7 shadow image: OpenSSH under the shadow contract.
+            r if r.ends_with("kt-connect-shadow") => testbed("openssh-shadow"),
             r if r.ends_with("kt-node-agent") => self
                 .agent_bin
                 .as_ref()
@@ -110,6 +112,11 @@ mod tests {
             ["tail", "-f", "/dev/null"]
         );
         assert!(c.argv(&json!({"image": "nginx:1.21"})).is_none());
+        let shadow = json!({"image": "registry.cn-hangzhou.aliyuncs.com/rdc-incubator/kt-connect-shadow:v0.3.7"});
+        assert_eq!(
+            c.argv(&shadow).unwrap(),
+            ["/bin/kt-testbed", "image", "openssh-shadow"]
+        );
         assert!(
             c.argv(&json!({"image": "kt-node-agent:dev"})).is_none(),
             "no agent binary configured"

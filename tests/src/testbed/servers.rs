@@ -94,3 +94,72 @@ pub async fn sleep() -> std::io::Result<()> {
     until_sigterm().await;
     Ok(())
 }
+
+/// `kt-testbed image openssh-shadow`: the ktctl v0.3.7 shadow image contract on OpenSSH.
+/// The authorized key comes from `/root/authorized/authorized_keys` (the ConfigMap volume
+/// ktctl mounts), `$privateKey` (base64) becomes root's identity, and sshd runs in the
+/// foreground on :22 with root login, public keys only and `GatewayPorts yes`. `/root` and
+/// `/run` are tmpfs in this pod's private mount namespace, so the host's stay untouched.
+pub fn openssh_shadow() -> std::io::Result<Infallible> {
+    use std::{ffi::CString, os::unix::process::CommandExt as _, process::Command};
+    let authorized = std::fs::read("/root/authorized/authorized_keys").unwrap_or_default();
+    for dir in ["/root", "/run"] {
+        let (src, target, fstype) = (
+            CString::new("tmpfs")?,
+            CString::new(dir)?,
+            CString::new("tmpfs")?,
+        );
+        // SAFETY: valid C strings; this process has its own mount namespace (the runner's).
+        if unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        } != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    std::fs::create_dir_all("/root/.ssh")?;
+    std::fs::write("/root/.ssh/authorized_keys", authorized)?;
+    if let Ok(key) = std::env::var("privateKey") {
+        use base64::Engine as _;
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(key.trim())
+            .map_err(std::io::Error::other)?;
+        std::fs::write("/root/.ssh/id_rsa", pem)?;
+        std::fs::set_permissions(
+            "/root/.ssh/id_rsa",
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )?;
+    }
+    std::fs::create_dir_all("/run/sshd")?;
+    std::fs::create_dir_all("/run/kt-ssh")?;
+    let keygen = Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            "/run/kt-ssh/host_ed25519",
+        ])
+        .status()?;
+    if !keygen.success() {
+        return Err(std::io::Error::other("ssh-keygen failed"));
+    }
+    std::fs::write(
+        "/run/kt-ssh/sshd_config",
+        "Port 22\nListenAddress 0.0.0.0\nHostKey /run/kt-ssh/host_ed25519\nPermitRootLogin yes\n\
+         PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+         AuthorizedKeysFile /root/.ssh/authorized_keys\nStrictModes no\nGatewayPorts yes\n\
+         AllowTcpForwarding yes\nUsePAM no\nPidFile /run/sshd.pid\nSubsystem sftp internal-sftp\n",
+    )?;
+    Err(Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f", "/run/kt-ssh/sshd_config"])
+        .exec())
+}
