@@ -24,7 +24,7 @@ use super::{
     netio, proxy,
     store::Store,
     tls,
-    topology::{self, API_IP, API_PORT, Topology},
+    topology::{API_IP, API_PORT, Topology},
 };
 use crate::harness::tempdir::TempDir;
 
@@ -219,14 +219,7 @@ impl Testbed {
     }
 
     fn kubernetes_service(store: &Store) {
-        let find = |g: &str, p: &str| {
-            store
-                .registry
-                .all()
-                .into_iter()
-                .find(|t| t.group == g && t.plural == p)
-                .expect("built-in")
-        };
+        let find = |g: &str, p: &str| store.registry.find_plural(g, p).expect("built-in");
         let _ = store.create(&find("", "services"), "default", json!({
             "metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
             "spec": {"clusterIP": KUBERNETES_SERVICE.to_string(), "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": API_PORT}]},
@@ -246,14 +239,7 @@ impl Testbed {
     /// `kt-testbed/dns` image and the `kube-dns` Service at 10.96.0.10.
     fn deploy_dns(&self) -> io::Result<()> {
         let store = &self.api.store;
-        let find = |g: &str, p: &str| {
-            store
-                .registry
-                .all()
-                .into_iter()
-                .find(|t| t.group == g && t.plural == p)
-                .expect("built-in")
-        };
+        let find = |g: &str, p: &str| store.registry.find_plural(g, p).expect("built-in");
         let objects = [
             (
                 find("", "serviceaccounts"),
@@ -407,5 +393,3 @@ pub fn run_in_pod(spec_path: &Path) -> io::Error {
         Err(e) => e,
     }
 }
-
-pub use topology::netns_path;

@@ -93,9 +93,7 @@ impl Ctl {
     pub fn rt(&self, group: &str, plural: &str) -> ResourceType {
         self.store
             .registry
-            .all()
-            .into_iter()
-            .find(|t| t.group == group && t.plural == plural)
+            .find_plural(group, plural)
             .expect("built-in type")
     }
 

@@ -293,6 +293,14 @@ impl Registry {
             .cloned()
     }
 
+    /// The type stored as `group/plural`, whatever version serves it (built-ins have one).
+    pub fn find_plural(&self, group: &str, plural: &str) -> Option<ResourceType> {
+        self.read()
+            .iter()
+            .find(|t| t.group == group && t.plural == plural)
+            .cloned()
+    }
+
     /// The type of a `kind` in an `apiVersion` (for ownerReferences, RBAC subjects).
     pub fn find_kind(&self, api_version: &str, kind: &str) -> Option<ResourceType> {
         let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));

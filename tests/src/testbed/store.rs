@@ -721,31 +721,18 @@ impl Store {
             .get(&key)
             .cloned()
             .ok_or_else(|| ApiError::not_found(rt, name))?;
-        if opts
-            .precondition_uid
-            .as_ref()
-            .is_some_and(|u| *u != meta(&old, "uid"))
-        {
-            let mut e = ApiError::conflict(rt, name);
-            e.message = format!(
-                "Precondition failed: UID in precondition: {}, UID in object meta: {}",
-                opts.precondition_uid.as_deref().unwrap_or_default(),
-                meta(&old, "uid")
-            );
-            return Err(e);
-        }
-        if opts
-            .precondition_rv
-            .as_ref()
-            .is_some_and(|r| *r != meta(&old, "resourceVersion"))
-        {
-            let mut e = ApiError::conflict(rt, name);
-            e.message = format!(
-                "Precondition failed: ResourceVersion in precondition: {}, ResourceVersion in object meta: {}",
-                opts.precondition_rv.as_deref().unwrap_or_default(),
-                meta(&old, "resourceVersion")
-            );
-            return Err(e);
+        for (what, wanted, field) in [
+            ("UID", &opts.precondition_uid, "uid"),
+            ("ResourceVersion", &opts.precondition_rv, "resourceVersion"),
+        ] {
+            if let Some(wanted) = wanted.as_ref().filter(|w| **w != meta(&old, field)) {
+                let mut e = ApiError::conflict(rt, name);
+                e.message = format!(
+                    "Precondition failed: {what} in precondition: {wanted}, {what} in object meta: {}",
+                    meta(&old, field)
+                );
+                return Err(e);
+            }
         }
         let mut obj = old.clone();
         let now = chrono::Utc::now();
