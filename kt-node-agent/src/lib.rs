@@ -2,7 +2,8 @@
 //! traffic in the kernel with the programs of `kt-ebpf`.
 //!
 //! Modules: [`ebpf`] loads, attaches and programs the eBPF object; [`cgroup`] finds the
-//! cgroup2 hierarchy and cgroup ids.
+//! cgroup2 hierarchy and cgroup ids; [`shadow`] is the SSH endpoint of role `shadow`.
 
 pub mod cgroup;
 pub mod ebpf;
+pub mod shadow;

@@ -1,12 +1,14 @@
 //! `kt-node-agent`: the cluster side of kt.
 //!
-//! The roles (`agent`, `shadow`, `router`) arrive with their issues; today the binary offers
-//! `check`, which tells an admin whether a node can run kt's eBPF redirect.
+//! Roles: `shadow` (the per-session SSH endpoint ktctl uses when no agent is installed).
+//! `check` tells an admin whether a node can run kt's eBPF redirect. The `agent` and
+//! `router` roles arrive with their issues.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use kt_node_agent::{cgroup, ebpf};
+use kt_node_agent::{cgroup, ebpf, shadow};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(name = "kt-node-agent", version = kt_proto::VERSION, about = "kt node agent")]
@@ -24,6 +26,19 @@ enum Command {
         /// A cgroup2 directory to test-attach to (for example the kubepods cgroup).
         #[arg(long)]
         cgroup: Option<PathBuf>,
+    },
+    /// Run the shadow role: an SSH server for one ktctl session (ktctl v0.3.7 contract).
+    Shadow {
+        /// Address to listen on.
+        #[arg(long, env = "KT_SHADOW_LISTEN", default_value = "0.0.0.0:22")]
+        listen: SocketAddr,
+        /// Authorized public keys (the ConfigMap key `authorized` that ktctl mounts).
+        #[arg(
+            long,
+            env = "KT_SHADOW_AUTHORIZED_KEYS",
+            default_value = "/root/authorized/authorized_keys"
+        )]
+        authorized_keys: Vec<PathBuf>,
     },
 }
 
@@ -43,6 +58,58 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Shadow {
+            listen,
+            authorized_keys,
+        } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(error) => {
+                    tracing::error!(%error, "failed to start the runtime");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                let _guard = shutdown.clone().drop_guard();
+                let signals = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    signals.cancel();
+                });
+                shadow::run(
+                    shadow::ShadowConfig {
+                        listen,
+                        authorized_keys,
+                    },
+                    shutdown,
+                )
+                .await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!(error = %kt_proto::error_chain(&error), "shadow failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM (how Kubernetes stops a pod) or SIGINT.
+async fn wait_for_signal() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

@@ -1,6 +1,7 @@
 //! Building blocks of the privileged tests, benchmarks and the demo: namespaces, cgroups,
 //! servers and probes that clean up after themselves.
 
+pub mod apps;
 pub mod cgroup;
 pub mod kubectl;
 pub mod netns;

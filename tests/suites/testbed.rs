@@ -12,6 +12,7 @@ use std::{
 use kt_tests::{
     harness::{
         self,
+        apps::{WEB, apply, deploy_web, in_client, who_answers},
         kubectl::{kubectl, kubectl_ok},
     },
     testbed::cluster::{Options, Testbed},
@@ -29,90 +30,6 @@ async fn testbed() -> Testbed {
     })
     .await
     .expect("testbed starts")
-}
-
-const WEB: &str = r#"
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: web}
-spec:
-  replicas: 2
-  selector: {matchLabels: {app: web}}
-  template:
-    metadata: {labels: {app: web}}
-    spec:
-      containers:
-      - name: app
-        image: kt-testbed/http-echo:1
-        ports: [{name: http, containerPort: 8080}]
-        readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web}
-spec:
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: http}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client}
-spec:
-  nodeSelector: {kubernetes.io/hostname: node-1}
-  containers: [{name: c, image: kt-testbed/sleep}]
-"#;
-
-fn apply(kubeconfig: &Path, manifest: &str) {
-    let file = kubeconfig.with_file_name(format!("manifest-{}.yaml", rand_suffix()));
-    std::fs::write(&file, manifest).unwrap();
-    kubectl_ok(kubeconfig, &["apply", "-f", file.to_str().unwrap()]);
-}
-
-fn rand_suffix() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos()
-}
-
-fn deploy_web(tb: &Testbed) {
-    apply(&tb.kubeconfig, WEB);
-    kubectl_ok(
-        &tb.kubeconfig,
-        &["rollout", "status", "deploy/web", "--timeout=60s"],
-    );
-    kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "pod/client",
-            "--timeout=60s",
-        ],
-    );
-}
-
-/// Runs a command in the client pod (node-1); returns (exit ok, stdout).
-fn in_client(tb: &Testbed, cmd: &[&str]) -> (bool, String) {
-    let mut args = vec!["exec", "client", "--"];
-    args.extend_from_slice(cmd);
-    let out = kubectl(&tb.kubeconfig, &args);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
-/// Which pod answered an HTTP GET from the client pod.
-fn who_answers(tb: &Testbed, url: &str) -> Option<String> {
-    let (ok, out) = in_client(tb, &["curl", "-s", "--max-time", "3", url]);
-    ok.then(|| {
-        out.lines()
-            .next()
-            .unwrap_or_default()
-            .trim_start_matches("pod=")
-            .to_owned()
-    })
 }
 
 fn web_pods(tb: &Testbed) -> HashSet<String> {

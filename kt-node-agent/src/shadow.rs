@@ -1,0 +1,311 @@
+//! Role `shadow`: the per-session SSH endpoint ktctl talks to when no agent is installed,
+//! under the ktctl v0.3.7 shadow contract (`../shared/reference/ktctl-v0.3.7.md` §2–§4):
+//! root logs in with a key from the authorized-keys file ktctl mounts from its ConfigMap
+//! (`/root/authorized/authorized_keys`); `direct-tcpip` dials the target from the pod (by
+//! IP or cluster DNS name); `tcpip-forward` listens on all addresses of the pod, as OpenSSH
+//! does with `GatewayPorts yes`, and sends each connection back as `forwarded-tcpip`.
+//! Plain OpenSSH clients work against it (`ssh -L`, `ssh -R`, `ssh -W`).
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use russh::{
+    Channel, ChannelOpenFailure, MethodKind, MethodSet,
+    keys::{PrivateKey, PublicKey, ssh_key::private::Ed25519Keypair},
+    server::{Auth, ChannelOpenHandle, Handle, Handler, Msg, Session},
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Per-channel copy buffers: with the SSH window below they bound a channel's memory.
+const COPY_BUFFER: usize = 256 * 1024;
+/// The SSH channel window: large enough that one stream is not window-limited on a LAN.
+const WINDOW: u32 = 8 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShadowError {
+    #[error("failed to listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("SSH protocol error")]
+    Ssh(#[from] russh::Error),
+}
+
+#[derive(Clone, Debug)]
+pub struct ShadowConfig {
+    pub listen: SocketAddr,
+    /// Files of authorized public keys, read at every login attempt (a ConfigMap volume
+    /// changes under a running pod).
+    pub authorized_keys: Vec<PathBuf>,
+}
+
+/// Serves SSH until `shutdown`; every session and forward is a tracked task.
+pub async fn run(config: ShadowConfig, shutdown: CancellationToken) -> Result<(), ShadowError> {
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ShadowError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+    tracing::info!(addr = %config.listen, "shadow SSH server listening");
+    let ssh = Arc::new(ssh_config());
+    let authorized = Arc::new(config.authorized_keys);
+    let tasks = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = Connection {
+            peer,
+            authorized: authorized.clone(),
+            forwards: HashMap::new(),
+            tasks: tasks.clone(),
+            cancel: shutdown.child_token(),
+        };
+        let (ssh, cancel) = (ssh.clone(), handler.cancel.clone());
+        tasks.spawn(async move {
+            match russh::server::run_stream(ssh, stream, handler).await {
+                Ok(session) => {
+                    tokio::select! {
+                        result = session => if let Err(error) = result {
+                            tracing::debug!(%peer, %error, "SSH session ended with an error");
+                        },
+                        () = cancel.cancelled() => {}
+                    }
+                }
+                Err(error) => tracing::debug!(%peer, %error, "SSH handshake failed"),
+            }
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
+
+fn ssh_config() -> russh::server::Config {
+    let seed: [u8; 32] = rand::random();
+    let host_key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
+    russh::server::Config {
+        keys: vec![host_key],
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        auth_rejection_time: Duration::from_millis(200),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keepalive_interval: Some(Duration::from_secs(15)),
+        keepalive_max: 4,
+        window_size: WINDOW,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// One client connection.
+struct Connection {
+    peer: SocketAddr,
+    authorized: Arc<Vec<PathBuf>>,
+    /// Active `tcpip-forward`s: (address, port) → their listener's stop switch.
+    forwards: HashMap<(String, u32), CancellationToken>,
+    tasks: TaskTracker,
+    /// Cancelled when the connection ends: stops its listeners and channels.
+    cancel: CancellationToken,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Connection {
+    fn is_authorized(&self, key: &PublicKey) -> bool {
+        self.authorized.iter().any(|path| {
+            std::fs::read_to_string(path)
+                .map(|text| {
+                    text.lines()
+                        .filter_map(|line| PublicKey::from_openssh(line.trim()).ok())
+                        .any(|k| k.key_data() == key.key_data())
+                })
+                .unwrap_or(false)
+        })
+    }
+}
+
+/// The address `tcpip-forward` binds: OpenSSH with `GatewayPorts yes` binds all addresses
+/// for an empty or wildcard address, loopback for `localhost`.
+fn bind_address(address: &str, port: u32) -> String {
+    match address {
+        "" | "*" | "0.0.0.0" => format!("0.0.0.0:{port}"),
+        "localhost" => format!("127.0.0.1:{port}"),
+        other if other.contains(':') => format!("[{other}]:{port}"),
+        other => format!("{other}:{port}"),
+    }
+}
+
+impl Handler for Connection {
+    type Error = ShadowError;
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: russh::server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if user == "root" && self.is_authorized(key.public_key) {
+            tracing::info!(peer = %self.peer, "client authenticated");
+            Ok(Auth::Accept)
+        } else {
+            tracing::warn!(peer = %self.peer, user, "public key refused");
+            Ok(Auth::reject())
+        }
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let target = format!("{host_to_connect}:{port_to_connect}");
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            match TcpStream::connect(&target).await {
+                Ok(tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    reply.accept().await;
+                    pump(channel, tcp, cancel).await;
+                }
+                Err(error) => {
+                    tracing::debug!(%target, %error, "direct-tcpip target unreachable");
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let bind = bind_address(address, *port);
+        let listener = match TcpListener::bind(&bind).await {
+            Ok(l) => l,
+            Err(error) => {
+                tracing::warn!(%bind, %error, "tcpip-forward refused");
+                return Ok(false);
+            }
+        };
+        if *port == 0 {
+            *port = listener
+                .local_addr()
+                .map(|a| u32::from(a.port()))
+                .unwrap_or(0);
+        }
+        let stop = self.cancel.child_token();
+        self.forwards
+            .insert((address.to_owned(), *port), stop.clone());
+        tracing::info!(%bind, port = *port, "remote forward listening");
+        let (handle, address, port, tasks) = (
+            session.handle(),
+            address.to_owned(),
+            *port,
+            self.tasks.clone(),
+        );
+        self.tasks
+            .spawn(forward_back(listener, handle, address, port, stop, tasks));
+        Ok(true)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        match self.forwards.remove(&(address.to_owned(), port)) {
+            Some(stop) => {
+                stop.cancel();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+/// Accepts on a remote-forward listener and hands each connection to the client.
+async fn forward_back(
+    listener: TcpListener,
+    handle: Handle,
+    address: String,
+    port: u32,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let (handle, address, stop) = (handle.clone(), address.clone(), stop.clone());
+        tasks.spawn(async move {
+            let opened = handle
+                .channel_open_forwarded_tcpip(
+                    address,
+                    port,
+                    peer.ip().to_string(),
+                    u32::from(peer.port()),
+                )
+                .await;
+            match opened {
+                Ok(channel) => pump(channel, tcp, stop).await,
+                Err(error) => tracing::debug!(%error, "client refused forwarded-tcpip"),
+            }
+        });
+    }
+}
+
+/// Copies both ways until either side closes (half-close passed on) or `cancel`.
+async fn pump(channel: Channel<Msg>, mut tcp: TcpStream, cancel: CancellationToken) {
+    let mut stream = channel.into_stream();
+    tokio::select! {
+        result = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, COPY_BUFFER, COPY_BUFFER) => {
+            if let Err(error) = result {
+                tracing::debug!(%error, "tunnelled connection ended with an error");
+            }
+        }
+        () = cancel.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bind_address;
+
+    #[test]
+    fn gateway_ports_bind_addresses() {
+        assert_eq!(bind_address("", 80), "0.0.0.0:80");
+        assert_eq!(bind_address("*", 80), "0.0.0.0:80");
+        assert_eq!(bind_address("localhost", 80), "127.0.0.1:80");
+        assert_eq!(bind_address("10.0.0.1", 80), "10.0.0.1:80");
+        assert_eq!(bind_address("::1", 80), "[::1]:80");
+    }
+}
