@@ -22,6 +22,21 @@ pub struct Cli {
 
     #[command(flatten)]
     pub global: GlobalOptions,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Redirect local port to a service or any remote address
+    Forward {
+        /// A service (`name`, `svc/name`) or an address the cluster reaches (`10.1.2.3:80`,
+        /// `name.namespace:80`)
+        target: String,
+        /// `local[:remote]`: the local port, and for a service the port to reach
+        ports: Option<String>,
+    },
 }
 
 /// The root's persistent flags (ktctl v0.3.7 `options/global.go`), in its order.

@@ -5,7 +5,12 @@
 //! kubeconfig context when not given (v0.3.7 documents that but defaults to `default`).
 
 pub mod args;
+pub mod cluster;
+pub mod commands;
 pub mod logging;
+pub mod session;
+pub mod shadow;
+pub mod tunnel;
 
 use std::{ffi::OsString, io::Write as _, process::ExitCode};
 
@@ -18,6 +23,18 @@ use crate::args::Cli;
 pub enum CliError {
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
+    #[error(transparent)]
+    Session(#[from] session::SessionError),
+    #[error(transparent)]
+    Shadow(#[from] shadow::ShadowError),
+    #[error(transparent)]
+    Tunnel(#[from] tunnel::TunnelError),
+    #[error("{0}")]
+    Kube(String, #[source] Box<kube::Error>),
+    #[error("{0}")]
+    Io(String, #[source] std::io::Error),
 }
 
 /// Runs ktctl with `args` (the first being the program name) and returns its exit code.
@@ -44,10 +61,29 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         let _ = writeln!(out, "ktctl version {}", kt_proto::VERSION);
         return Ok(());
     }
-    // Bare `ktctl` prints help, as v0.3.7 does; subcommands arrive with their issues.
-    let mut out = std::io::stdout().lock();
-    let _ = write!(out, "{}", args::command().render_help());
-    Ok(())
+    let Some(command) = cli.command else {
+        // Bare `ktctl` prints help, as v0.3.7 does.
+        let mut out = std::io::stdout().lock();
+        let _ = write!(out, "{}", args::command().render_help());
+        return Ok(());
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Io("failed to start the async runtime".into(), e))?;
+    tracing::info!(
+        "KtConnect {} start at {} (linux {})",
+        kt_proto::VERSION,
+        std::process::id(),
+        std::env::consts::ARCH
+    );
+    match command {
+        args::Command::Forward { target, ports } => runtime.block_on(commands::forward::run(
+            &cli.global,
+            &target,
+            ports.as_deref(),
+        )),
+    }
 }
 
 /// Help goes to stdout with exit 0; anything else is a usage error in ktctl's format.

@@ -202,3 +202,350 @@ async fn the_shadow_refuses_other_keys_and_users() {
     assert!(!ok, "a user other than root got in");
     tb.stop().await;
 }
+
+/// `ktctl` built next to kt-testbed.
+fn ktctl_bin() -> PathBuf {
+    let path = PathBuf::from(TESTBED).with_file_name("ktctl");
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins`",
+        path.display()
+    );
+    path
+}
+
+/// A ktctl process in the workstation namespace, its log in a file.
+struct Ktctl {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Ktctl {
+    fn spawn(tb: &Testbed, args: &[&str]) -> Self {
+        let log = tb
+            .dir
+            .join(format!("ktctl-{}.log", harness::unique_name("run")));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(TESTBED)
+            .args(["exec", "--dir", tb.dir.to_str().unwrap(), "--"])
+            .arg(ktctl_bin())
+            .args(args)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the banner; panics with the log if ktctl exits or 60 s pass.
+    async fn ready(&mut self) {
+        for _ in 0..600 {
+            if self.log().contains("Now you can access") {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("ktctl exited with {status}: {}", self.log());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("ktctl not ready: {}", self.log());
+    }
+
+    /// Stops it like Ctrl-C and waits for it (the runner exec'd ktctl: same pid).
+    fn interrupt(mut self) -> (std::process::ExitStatus, String) {
+        // SAFETY: signalling the process this test started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().unwrap();
+        (status, self.log())
+    }
+}
+
+impl Drop for Ktctl {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A command in the workstation namespace; (exit ok, stdout).
+fn on_workstation(tb: &Testbed, cmd: &[&str]) -> (bool, String) {
+    let out = Command::new(TESTBED)
+        .args(["exec", "--dir", tb.dir.to_str().unwrap(), "--"])
+        .args(cmd)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn first_line(body: &str) -> &str {
+    body.lines().next().unwrap_or_default()
+}
+
+/// Names of everything kt could have created in `default`.
+fn kt_objects(tb: &Testbed) -> String {
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "pods,configmaps,services", "-o", "name"],
+    )
+}
+
+const ECHO: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      containers: [{name: e, image: kt-testbed/tcp-echo, ports: [{containerPort: 9000}], readinessProbe: {tcpSocket: {port: 9000}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo}
+spec:
+  selector: {app: echo}
+  ports: [{port: 9000}]
+"#;
+
+async fn plain_testbed() -> Testbed {
+    harness::require_root();
+    let tb = Testbed::start(Options {
+        nodes: 2,
+        testbed_bin: TESTBED.into(),
+        agent_bin: Some(agent_bin()),
+        dir: None,
+    })
+    .await
+    .expect("testbed starts");
+    deploy_web(&tb);
+    tb
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ktctl_forward_through_the_openssh_shadow_survives_pod_replacement() {
+    let tb = plain_testbed().await;
+    // The default image is the v0.3.7 shadow (OpenSSH in the testbed): interop.
+    let mut by_service = Ktctl::spawn(&tb, &["forward", "web", "18080:80"]);
+    let mut by_address = Ktctl::spawn(&tb, &["forward", "web.default:80", "18081"]);
+    by_service.ready().await;
+    by_address.ready().await;
+    assert!(
+        by_service
+            .log()
+            .contains(" Now you can access port 80 of service 'web' via 'localhost:18080'")
+    );
+    for port in [18080, 18081] {
+        let (ok, body) = on_workstation(
+            &tb,
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "5",
+                &format!("http://127.0.0.1:{port}/"),
+            ],
+        );
+        assert!(
+            ok && first_line(&body).starts_with("pod=web-"),
+            "{port}: {body}"
+        );
+    }
+    let before = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "pods", "-l", "app=web", "-o", "name"],
+    );
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["delete", "pods", "-l", "app=web", "--wait=false"],
+    );
+    let mut replaced = false;
+    for _ in 0..100 {
+        let now = kubectl_ok(
+            &tb.kubeconfig,
+            &["get", "pods", "-l", "app=web", "-o", "name"],
+        );
+        if !now.lines().any(|p| before.contains(p)) && now.lines().count() == 2 {
+            replaced = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(replaced, "pods replaced");
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["rollout", "status", "deploy/web", "--timeout=60s"],
+    );
+    let new_pods = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ],
+    );
+    for port in [18080, 18081] {
+        let mut answered = None;
+        for _ in 0..20 {
+            let (ok, body) = on_workstation(
+                &tb,
+                &[
+                    "curl",
+                    "-s",
+                    "--max-time",
+                    "5",
+                    &format!("http://127.0.0.1:{port}/"),
+                ],
+            );
+            let pod = first_line(&body).trim_start_matches("pod=").to_owned();
+            if ok && new_pods.contains(&pod) && !pod.is_empty() {
+                answered = Some(pod);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+        assert!(answered.is_some(), "port {port} reaches the new pods");
+    }
+    let (status, _) = by_service.interrupt();
+    assert!(status.success());
+    by_address.interrupt();
+    tb.stop().await;
+}
+
+/// Issue #4 asks for 100 parallel connections: today they stall (through our shadow beyond
+/// ~10 parallel mebibyte streams, through the OpenSSH shadow beyond ~30); this test holds
+/// what works until that is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ktctl_forward_through_our_shadow_carries_parallel_mebibytes_and_reconnects() {
+    let tb = plain_testbed().await;
+    apply(&tb.kubeconfig, ECHO);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["rollout", "status", "deploy/echo", "--timeout=60s"],
+    );
+    let mut ktctl = Ktctl::spawn(
+        &tb,
+        &["forward", "echo", "19000", "--image", "kt-shadow:dev"],
+    );
+    ktctl.ready().await;
+    let (ok, out) = on_workstation(&tb, &[TESTBED, "load", "127.0.0.1:19000", "10", "1048576"]);
+    assert!(ok && out.trim() == "ok 10", "{out}");
+    // The API server drops every port-forward stream: the tunnel comes back by itself.
+    tb.api.drop_streams();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (ok, out) = on_workstation(&tb, &[TESTBED, "load", "127.0.0.1:19000", "4", "65536"]);
+    assert!(
+        ok && out.trim() == "ok 4",
+        "after the port-forward dropped: {out} {}",
+        ktctl.log()
+    );
+    let (status, _) = ktctl.interrupt();
+    assert!(status.success());
+    tb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_and_the_pid_file_kill_switch_leave_nothing_behind() {
+    let tb = plain_testbed().await;
+    let before = kt_objects(&tb);
+    let home = tb.dir.join("workstation/home/.kt");
+    let mut first = Ktctl::spawn(
+        &tb,
+        &["forward", "web", "18080:80", "--image", "kt-shadow:dev"],
+    );
+    first.ready().await;
+    assert_ne!(
+        kt_objects(&tb),
+        before,
+        "a shadow pod and ConfigMap exist while forwarding"
+    );
+    let (status, log) = first.interrupt();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("Removed pid file") && log.contains("Removed key file"),
+        "{log}"
+    );
+
+    let mut second = Ktctl::spawn(&tb, &["forward", "web", "18080:80"]);
+    second.ready().await;
+    for pid_file in std::fs::read_dir(home.join("pid")).unwrap() {
+        std::fs::remove_file(pid_file.unwrap().path()).unwrap();
+    }
+    let status = second.child.wait().unwrap();
+    assert!(status.success(), "{}", second.log());
+    assert!(second.log().contains("Pid file was removed"));
+    // Shadow pods terminate gracefully; wait for them to go.
+    for _ in 0..100 {
+        if kt_objects(&tb) == before {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(kt_objects(&tb), before, "no shadow pod or ConfigMap left");
+    for dir in ["pid", "key"] {
+        let left: Vec<_> = std::fs::read_dir(home.join(dir))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{dir} files left: {left:?}");
+    }
+    tb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_exits_1_naming_the_problem_and_creates_nothing() {
+    let tb = plain_testbed().await;
+    apply(
+        &tb.kubeconfig,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: two}\nspec:\n  selector: {app: web}\n  ports: [{name: a, port: 80}, {name: b, port: 81}]\n",
+    );
+    let mut holder = Ktctl::spawn(&tb, &["forward", "web", "18080:80"]);
+    holder.ready().await;
+    let before = kt_objects(&tb);
+    for (args, needle) in [
+        (&["forward", "nosuch"][..], "service 'nosuch' not found"),
+        (
+            &["forward", "web", "18082:81"][..],
+            "port 81 not exists in service 'web'",
+        ),
+        (
+            &["forward", "two"][..],
+            "service 'two' has multiple ports, must specify one",
+        ),
+        (
+            &["forward", "web", "18080:80"][..],
+            "local port 18080 is not available",
+        ),
+        (
+            &["forward", "10.96.0.1"][..],
+            "address '10.96.0.1' needs a port",
+        ),
+        (&["forward", "web", "x:80"][..], "invalid local port 'x'"),
+    ] {
+        let out = Command::new(TESTBED)
+            .args(["exec", "--dir", tb.dir.to_str().unwrap(), "--"])
+            .arg(ktctl_bin())
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("ERR Exit: ") && err.contains(needle),
+            "{args:?}: {err}"
+        );
+        assert_eq!(kt_objects(&tb), before, "{args:?} created something");
+    }
+    holder.interrupt();
+    tb.stop().await;
+}

@@ -7,6 +7,8 @@
 /// The kt release both sides are built from.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+pub mod k8s;
+
 /// An error and its sources on one line, `a: b: c`: how both binaries print a failure, so
 /// that no error type repeats its source in its own message.
 pub fn error_chain(error: &dyn std::error::Error) -> String {

@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         Some("image") => runtime(image(args.get(1).map(String::as_str).unwrap_or_default())),
         Some("dig") => runtime(dig(args.get(1).cloned().unwrap_or_default(), args.get(2).cloned().unwrap_or_else(|| "A".into()))),
         Some("port-forward") => runtime(port_forward(&args[1..])),
+        Some("load") => runtime(load(&args[1..])),
         Some("serve") => runtime(serve(flag(&args, "--dir"), nodes(&args))),
         Some("up") => up(flag(&args, "--dir"), nodes(&args)),
         Some("down") => down(&flag(&args, "--dir")),
@@ -141,6 +142,44 @@ async fn port_forward(args: &[String]) -> Result {
     let mut buf = vec![0u8; 64];
     let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
     print!("{}", String::from_utf8_lossy(&buf[..n]));
+    Ok(())
+}
+
+/// `load ADDR CONNECTIONS BYTES`: CONNECTIONS parallel connections to a TCP echo, each
+/// sending BYTES of a connection-specific pattern and checking that exactly those come
+/// back; prints `ok CONNECTIONS`.
+async fn load(args: &[String]) -> Result {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let [addr, conns, bytes] = args else {
+        return Err("usage: load ADDR CONNECTIONS BYTES".into());
+    };
+    let (conns, bytes): (usize, usize) = (conns.parse()?, bytes.parse()?);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..conns {
+        let addr = addr.clone();
+        tasks.spawn(async move {
+            let payload: Vec<u8> = (0..bytes).map(|j| (j.wrapping_mul(31) ^ i) as u8).collect();
+            let stream = tokio::net::TcpStream::connect(&addr).await?;
+            let (mut read, mut write) = stream.into_split();
+            let sent = payload.clone();
+            let writer = tokio::spawn(async move { write.write_all(&sent).await.map(|()| write) });
+            let mut back = vec![0u8; bytes];
+            tokio::time::timeout(Duration::from_secs(60), read.read_exact(&mut back)).await??;
+            drop(writer.await??);
+            if back != payload {
+                return Err(std::io::Error::other(format!(
+                    "connection {i}: data differs"
+                )));
+            }
+            Ok::<_, std::io::Error>(())
+        });
+    }
+    let mut ok = 0;
+    while let Some(result) = tasks.join_next().await {
+        result??;
+        ok += 1;
+    }
+    println!("ok {ok}");
     Ok(())
 }
 

@@ -64,6 +64,8 @@ pub struct ApiServer {
     /// Cancelled by [`ApiServer::restart_watches`]: ends every open watch, as an API
     /// server restart does, so that clients resume from their last resourceVersion.
     watches: RwLock<CancellationToken>,
+    /// Cancelled by [`ApiServer::drop_streams`]: ends every port-forward and exec stream.
+    streams: RwLock<CancellationToken>,
     /// Watches answered with 410 Expired (clients then relist).
     pub expired_watches: std::sync::atomic::AtomicU64,
 }
@@ -83,6 +85,7 @@ impl ApiServer {
             shutdown: shutdown.clone(),
             bookmark_interval,
             watches: RwLock::new(shutdown.child_token()),
+            streams: RwLock::new(shutdown.child_token()),
             expired_watches: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -92,6 +95,21 @@ impl ApiServer {
         let mut token = self.watches.write().unwrap_or_else(|e| e.into_inner());
         token.cancel();
         *token = self.shutdown.child_token();
+    }
+
+    /// Ends every port-forward and exec stream now, as an API server restart or a proxy
+    /// timeout does; clients must reconnect.
+    pub fn drop_streams(&self) {
+        let mut token = self.streams.write().unwrap_or_else(|e| e.into_inner());
+        token.cancel();
+        *token = self.shutdown.child_token();
+    }
+
+    pub(super) fn stream_token(&self) -> CancellationToken {
+        self.streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn watch_token(&self) -> CancellationToken {

@@ -49,6 +49,11 @@ impl Catalog {
             "kt-testbed/sleep" | "busybox" | "library/busybox" | "pause" => testbed("sleep"),
             // The ktctl v0.3.7 shadow image: OpenSSH under the shadow contract.
             r if r.ends_with("kt-connect-shadow") => testbed("openssh-shadow"),
+            // kt's own shadow: the agent binary in role `shadow`.
+            r if r.ends_with("kt-shadow") => self
+                .agent_bin
+                .as_ref()
+                .map(|p| vec![p.display().to_string(), "shadow".into()]),
             r if r.ends_with("kt-node-agent") => self
                 .agent_bin
                 .as_ref()

@@ -295,7 +295,7 @@ pub fn port_forward(
     ports: Vec<u16>,
 ) -> Response {
     let tasks = api.tasks.clone();
-    let shutdown = api.shutdown.clone();
+    let shutdown = api.stream_token();
     ws.protocols(["v4.channel.k8s.io"])
         .on_upgrade(move |socket| {
             let fut = forward_ports(socket, runtime, ns, pod, ports, shutdown);
@@ -367,37 +367,38 @@ async fn forward_ports(
         }
     }
     drop(out_tx);
-    let mut open_readers = ports.len();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            msg = out_rx.recv() => match msg {
-                Some(m) => if ws_tx.send(m).await.is_err() { break },
-                None => break,
-            },
-            Some(_) = readers.join_next(), if open_readers > 0 => {
-                open_readers -= 1;
-                // When every pod connection has ended, the kubelet closes the socket.
-                if open_readers == 0 && readers.is_empty() {
-                    while let Ok(m) = out_rx.try_recv() {
-                        let _ = ws_tx.send(m).await;
-                    }
-                    break;
-                }
+    // Each direction runs on its own, as the kubelet's copies do: a pod that is slow to
+    // read must never stop what it writes from reaching the client.
+    let outbound = async {
+        while let Some(m) = out_rx.recv().await {
+            if ws_tx.send(m).await.is_err() {
+                break;
             }
-            frame = ws_rx.next() => match frame {
-                Some(Ok(Message::Binary(data))) if data.len() > 1 => {
+        }
+        // Every pod connection has ended: the kubelet closes the socket.
+        let _ = ws_tx.send(normal_close()).await;
+    };
+    let inbound = async {
+        while let Some(frame) = ws_rx.next().await {
+            match frame {
+                Ok(Message::Binary(data)) if data.len() > 1 && data[0] % 2 == 0 => {
                     let i = usize::from(data[0] / 2);
-                    if data[0] % 2 == 0 && let Some(Some(w)) = writers.get_mut(i) && w.write_all(&data[1..]).await.is_err() {
+                    if let Some(Some(w)) = writers.get_mut(i)
+                        && w.write_all(&data[1..]).await.is_err()
+                    {
                         writers[i] = None;
                     }
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Ok(Message::Close(_)) | Err(_) => break,
                 _ => {}
-            },
+            }
         }
+    };
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = outbound => {}
+        () = inbound => {}
     }
-    let _ = ws_tx.send(normal_close()).await;
     readers.abort_all();
 }
 

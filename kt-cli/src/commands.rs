@@ -1,0 +1,3 @@
+//! One module per ktctl subcommand.
+
+pub mod forward;
