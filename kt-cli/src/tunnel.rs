@@ -15,6 +15,9 @@ use russh::{
 use tokio::sync::Mutex;
 
 const WINDOW: u32 = 8 * 1024 * 1024;
+/// Packets queued per channel: at least a window of full-size (32 KiB) packets, or the
+/// session loop blocks on a full queue and every channel of the connection stalls.
+const CHANNEL_QUEUE: usize = 2 * (WINDOW as usize / 32_768);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -116,6 +119,8 @@ impl Tunnel {
             keepalive_interval: Some(Duration::from_secs(15)),
             keepalive_max: 4,
             window_size: WINDOW,
+            maximum_packet_size: 32_768,
+            channel_buffer_size: CHANNEL_QUEUE,
             nodelay: true,
             ..Default::default()
         });
@@ -141,9 +146,22 @@ impl Tunnel {
         Ok(handle)
     }
 
-    /// Establishes the first connection (failing fast on a bad setup).
-    pub async fn start(&self) -> Result<(), TunnelError> {
-        let handle = self.connect().await?;
+    /// Establishes the first connection. A pod is Running before its SSH server listens,
+    /// so this retries with back-off for up to `timeout` (`--portForwardTimeout`).
+    pub async fn start(&self, timeout: Duration) -> Result<(), TunnelError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut delay = Duration::from_millis(100);
+        let handle = loop {
+            match self.connect().await {
+                Ok(h) => break h,
+                Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                    tracing::debug!(error = %kt_proto::error_chain(&e), "shadow not reachable yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         tracing::info!(
             "Port forward to pod {}:{} established",
             self.pod,

@@ -12,7 +12,7 @@ use std::{
 use kt_tests::{
     harness::{
         self,
-        apps::{WEB, apply, deploy_web, in_client, who_answers},
+        apps::{WEB, apply, deploy_shadow, deploy_web, in_client, who_answers},
         kubectl::{kubectl, kubectl_ok},
     },
     testbed::cluster::{Options, Testbed},
@@ -549,61 +549,11 @@ async fn unknown_images_back_off_and_node_ports_reach_pods_from_the_workstation(
 async fn the_v0_3_7_shadow_image_is_openssh_under_the_shadow_contract() {
     let tb = testbed().await;
     deploy_web(&tb);
-    let key = tb.dir.join("shadow-key");
-    let keygen = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f", key.to_str().unwrap()])
-        .status()
-        .unwrap();
-    assert!(keygen.success());
-    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
-    std::fs::write(tb.dir.join("authorized"), public.trim()).unwrap();
-    kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "create",
-            "configmap",
-            "kt-connect-shadow-abcde",
-            &format!(
-                "--from-file=authorized={}",
-                tb.dir.join("authorized").display()
-            ),
-        ],
-    );
-    apply(
-        &tb.kubeconfig,
-        r#"
-apiVersion: v1
-kind: Pod
-metadata: {name: kt-connect-shadow-abcde, labels: {control-by: kt, kt-role: shadow-connect}}
-spec:
-  containers:
-  - name: standalone
-    image: registry.cn-hangzhou.aliyuncs.com/rdc-incubator/kt-connect-shadow:v0.3.7
-    volumeMounts: [{name: ssh-public-key, mountPath: /root/authorized}]
-    readinessProbe: {tcpSocket: {port: 22}, periodSeconds: 1}
-  volumes:
-  - name: ssh-public-key
-    configMap: {name: kt-connect-shadow-abcde, items: [{key: authorized, path: authorized_keys}]}
-"#,
-    );
-    kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "pod/kt-connect-shadow-abcde",
-            "--timeout=60s",
-        ],
-    );
-    let ip = kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "get",
-            "pod",
-            "kt-connect-shadow-abcde",
-            "-o",
-            "jsonpath={.status.podIP}",
-        ],
+    let (key, ip) = deploy_shadow(
+        &tb,
+        "registry.cn-hangzhou.aliyuncs.com/rdc-incubator/kt-connect-shadow:v0.3.7",
+        &[],
+        "ed25519",
     );
     let ssh = |extra: &[&str]| {
         let mut cmd = vec![

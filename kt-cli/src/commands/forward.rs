@@ -193,7 +193,11 @@ async fn forward(
         &name,
         key.private.clone(),
     ));
-    tunnel.start().await?;
+    tunnel
+        .start(std::time::Duration::from_secs(u64::from(
+            global.port_forward_timeout,
+        )))
+        .await?;
     banner(&format!(
         " Now you can access {} via 'localhost:{}'",
         plan.describe, plan.local_port

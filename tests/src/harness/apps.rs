@@ -95,3 +95,84 @@ pub fn who_answers(tb: &Testbed, url: &str) -> Option<String> {
             .to_owned()
     })
 }
+
+/// A shadow pod `kt-connect-shadow-abcde` of `image` (with container `args`) in `default`,
+/// under the v0.3.7 contract: a fresh key pair, its public half in the ConfigMap key
+/// `authorized` mounted at `/root/authorized`. Returns the private key file and the pod IP.
+pub fn deploy_shadow(
+    tb: &Testbed,
+    image: &str,
+    args: &[&str],
+    key_type: &str,
+) -> (std::path::PathBuf, String) {
+    let key = tb
+        .dir
+        .join(format!("shadow-key-{}", super::unique_name("k")));
+    let status = std::process::Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            key_type,
+            "-N",
+            "",
+            "-f",
+            key.to_str().expect("UTF-8 path"),
+        ])
+        .status()
+        .expect("ssh-keygen runs");
+    assert!(status.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
+    let authorized = tb.dir.join("authorized");
+    std::fs::write(&authorized, public.trim()).expect("write key");
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "create",
+            "configmap",
+            "kt-connect-shadow-abcde",
+            &format!("--from-file=authorized={}", authorized.display()),
+        ],
+    );
+    let args = serde_json::to_string(args).expect("strings serialise");
+    apply(
+        &tb.kubeconfig,
+        &format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: kt-connect-shadow-abcde, labels: {{control-by: kt, kt-role: shadow-connect}}}}
+spec:
+  nodeSelector: {{kubernetes.io/hostname: node-2}}
+  containers:
+  - name: standalone
+    image: {image}
+    args: {args}
+    volumeMounts: [{{name: ssh-public-key, mountPath: /root/authorized}}]
+    readinessProbe: {{tcpSocket: {{port: 22}}, periodSeconds: 1}}
+  volumes:
+  - name: ssh-public-key
+    configMap: {{name: kt-connect-shadow-abcde, items: [{{key: authorized, path: authorized_keys}}]}}
+"#
+        ),
+    );
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "pod/kt-connect-shadow-abcde",
+            "--timeout=60s",
+        ],
+    );
+    let ip = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pod",
+            "kt-connect-shadow-abcde",
+            "-o",
+            "jsonpath={.status.podIP}",
+        ],
+    );
+    (key, ip)
+}
