@@ -40,8 +40,14 @@ pub(super) fn collect(ctl: &Ctl) {
     let live: HashSet<&str> = all.iter().map(|(_, _, o)| uid(o)).collect();
     for (group, plural, obj) in &all {
         let owners = owner_uids(obj);
-        // Background: a dependent whose owners are all gone goes too.
-        if !owners.is_empty() && owners.iter().all(|u| !live.contains(u)) && !terminating(obj) {
+        // Background: a dependent whose owners are all gone goes too. The listing above is
+        // one type at a time, so an owner created meanwhile looks absent: confirm each owner
+        // by a direct lookup first, as the real collector does.
+        if !owners.is_empty()
+            && owners.iter().all(|u| !live.contains(u))
+            && !terminating(obj)
+            && !any_owner_exists(ctl, obj)
+        {
             ctl.delete(group, plural, obj, Some("Background"));
         }
         if !terminating(obj) {
@@ -78,6 +84,30 @@ pub(super) fn collect(ctl: &Ctl) {
             }
         }
     }
+}
+
+/// Whether any owner named in `obj`'s ownerReferences exists now, with the same uid.
+fn any_owner_exists(ctl: &Ctl, obj: &Value) -> bool {
+    let ns = ns_name(obj).0;
+    obj["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|r| {
+            let (Some(api_version), Some(kind), Some(name)) = (
+                r["apiVersion"].as_str(),
+                r["kind"].as_str(),
+                r["name"].as_str(),
+            ) else {
+                return false;
+            };
+            let Some(rt) = ctl.store.registry.find_kind(api_version, kind) else {
+                return false;
+            };
+            ctl.store
+                .get(&rt, ns, name)
+                .is_ok_and(|owner| owner["metadata"]["uid"] == r["uid"])
+        })
 }
 
 fn remove_finalizer(ctl: &Ctl, group: &str, plural: &str, obj: &Value, name: &str) {
