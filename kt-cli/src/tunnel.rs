@@ -14,11 +14,6 @@ use russh::{
 };
 use tokio::sync::Mutex;
 
-const WINDOW: u32 = 8 * 1024 * 1024;
-/// Packets queued per channel: at least a window of full-size (32 KiB) packets, or the
-/// session loop blocks on a full queue and every channel of the connection stalls.
-const CHANNEL_QUEUE: usize = 2 * (WINDOW as usize / 32_768);
-
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
     #[error("port-forward to pod {pod} failed")]
@@ -118,9 +113,9 @@ impl Tunnel {
         let config = Arc::new(client::Config {
             keepalive_interval: Some(Duration::from_secs(15)),
             keepalive_max: 4,
-            window_size: WINDOW,
-            maximum_packet_size: 32_768,
-            channel_buffer_size: CHANNEL_QUEUE,
+            window_size: kt_proto::ssh::WINDOW,
+            maximum_packet_size: kt_proto::ssh::MAX_PACKET,
+            channel_buffer_size: kt_proto::ssh::CHANNEL_QUEUE,
             nodelay: true,
             ..Default::default()
         });

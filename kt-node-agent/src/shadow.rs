@@ -16,15 +16,8 @@ use russh::{
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-/// Per-channel copy buffers: with the SSH window below they bound a channel's memory.
+/// Per-channel copy buffers: with the SSH window they bound a channel's memory.
 const COPY_BUFFER: usize = 256 * 1024;
-/// The SSH channel window: large enough that one stream is not window-limited on a LAN.
-const WINDOW: u32 = 8 * 1024 * 1024;
-/// Packets russh queues per channel before its session loop waits: at least a window of
-/// full-size (32 KiB) packets, or a peer sending its whole window blocks the session loop
-/// and stalls every channel of the connection. (Many parallel streams can still wedge a
-/// connection — an open problem of issue #4.)
-const CHANNEL_QUEUE: usize = 2 * (WINDOW as usize / 32_768);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShadowError {
@@ -108,9 +101,9 @@ fn ssh_config() -> russh::server::Config {
         auth_rejection_time_initial: Some(Duration::ZERO),
         keepalive_interval: Some(Duration::from_secs(15)),
         keepalive_max: 4,
-        window_size: WINDOW,
-        maximum_packet_size: 32_768,
-        channel_buffer_size: CHANNEL_QUEUE,
+        window_size: kt_proto::ssh::WINDOW,
+        maximum_packet_size: kt_proto::ssh::MAX_PACKET,
+        channel_buffer_size: kt_proto::ssh::CHANNEL_QUEUE,
         nodelay: true,
         ..Default::default()
     }

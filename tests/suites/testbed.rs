@@ -12,24 +12,16 @@ use std::{
 use kt_tests::{
     harness::{
         self,
-        apps::{WEB, apply, deploy_shadow, deploy_web, in_client, who_answers},
+        apps::{WEB, apply, deploy_shadow, deploy_web, in_client, start_testbed, who_answers},
         kubectl::{kubectl, kubectl_ok},
     },
-    testbed::cluster::{Options, Testbed},
+    testbed::cluster::Testbed,
 };
 
 const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
 
 async fn testbed() -> Testbed {
-    harness::require_root();
-    Testbed::start(Options {
-        nodes: 2,
-        testbed_bin: TESTBED.into(),
-        agent_bin: None,
-        dir: None,
-    })
-    .await
-    .expect("testbed starts")
+    start_testbed(TESTBED, false).await
 }
 
 fn web_pods(tb: &Testbed) -> HashSet<String> {

@@ -6,24 +6,13 @@ use std::{path::PathBuf, process::Command};
 use kt_tests::{
     harness::{
         self,
-        apps::{apply, deploy_shadow, deploy_web, in_client},
+        apps::{apply, deploy_shadow, deploy_web, in_client, start_testbed},
         kubectl::kubectl_ok,
     },
-    testbed::cluster::{Options, Testbed},
+    testbed::cluster::Testbed,
 };
 
 const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
-
-/// kt-node-agent, built next to kt-testbed (`tests/run test` builds every binary first).
-fn agent_bin() -> PathBuf {
-    let path = PathBuf::from(TESTBED).with_file_name("kt-node-agent");
-    assert!(
-        path.exists(),
-        "{} is not built: run `cargo build --workspace --bins`",
-        path.display()
-    );
-    path
-}
 
 /// A testbed with `web`, a client pod, and our shadow pod `kt-connect-shadow-abcde`
 /// whose authorized key is a fresh one; returns the testbed, the private key and the
@@ -245,15 +234,7 @@ spec:
 "#;
 
 async fn plain_testbed() -> Testbed {
-    harness::require_root();
-    let tb = Testbed::start(Options {
-        nodes: 2,
-        testbed_bin: TESTBED.into(),
-        agent_bin: Some(agent_bin()),
-        dir: None,
-    })
-    .await
-    .expect("testbed starts");
+    let tb = start_testbed(TESTBED, true).await;
     deploy_web(&tb);
     tb
 }

@@ -41,6 +41,28 @@ spec:
   containers: [{name: c, image: kt-testbed/sleep}]
 "#;
 
+/// A two-node testbed for a suite: `testbed_bin` is the suite's `CARGO_BIN_EXE_kt-testbed`;
+/// kt-node-agent, when wanted, is the one built next to it.
+pub async fn start_testbed(testbed_bin: &str, with_agent: bool) -> Testbed {
+    super::require_root();
+    let agent_bin = with_agent.then(|| {
+        let path = std::path::PathBuf::from(testbed_bin).with_file_name("kt-node-agent");
+        assert!(
+            path.exists(),
+            "{} is not built: run `cargo build --workspace --bins`",
+            path.display()
+        );
+        path
+    });
+    let options = crate::testbed::cluster::Options {
+        nodes: 2,
+        testbed_bin: testbed_bin.into(),
+        agent_bin,
+        dir: None,
+    };
+    Testbed::start(options).await.expect("testbed starts")
+}
+
 /// `kubectl apply` of a manifest given as text.
 pub fn apply(kubeconfig: &Path, manifest: &str) {
     static NEXT: AtomicU32 = AtomicU32::new(0);
