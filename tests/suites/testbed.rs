@@ -12,7 +12,9 @@ use std::{
 use kt_tests::{
     harness::{
         self,
-        apps::{WEB, apply, deploy_shadow, deploy_web, in_client, start_testbed, who_answers},
+        apps::{
+            WEB, apply, deploy_shadow, deploy_web, in_client, start_testbed, web_pods, who_answers,
+        },
         kubectl::{kubectl, kubectl_ok},
     },
     testbed::cluster::Testbed,
@@ -22,23 +24,6 @@ const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
 
 async fn testbed() -> Testbed {
     start_testbed(TESTBED, false).await
-}
-
-fn web_pods(tb: &Testbed) -> HashSet<String> {
-    kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "get",
-            "pods",
-            "-l",
-            "app=web",
-            "-o",
-            "jsonpath={.items[*].metadata.name}",
-        ],
-    )
-    .split_whitespace()
-    .map(String::from)
-    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,20 +230,19 @@ async fn kube_rs_port_forward_from_the_workstation_reaches_a_pod() {
     tb.stop().await;
 }
 
+/// Lists pods in `default` with the pod's own service-account token, verifying the API by
+/// the mounted CA and reaching it by its in-cluster name.
+const LIST_PODS_AS_THE_POD: &str = "curl -s --cacert /var/run/secrets/kubernetes.io/serviceaccount/ca.crt \
+     -H \"Authorization: Bearer $(cat /var/run/secrets/kubernetes.io/serviceaccount/token)\" \
+     https://kubernetes.default.svc/api/v1/namespaces/default/pods";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_cluster_clients_use_service_account_tokens_and_rbac() {
     let tb = testbed().await;
     deploy_web(&tb);
     // The client pod's default ServiceAccount has no rights: the API (reached by its
     // in-cluster name, verified against the mounted CA) answers 403.
-    let (ok, body) = in_client(
-        &tb,
-        &[
-            "sh",
-            "-c",
-            "curl -s --cacert /var/run/secrets/kubernetes.io/serviceaccount/ca.crt -H \"Authorization: Bearer $(cat /var/run/secrets/kubernetes.io/serviceaccount/token)\" https://kubernetes.default.svc/api/v1/namespaces/default/pods",
-        ],
-    );
+    let (ok, body) = in_client(&tb, &["sh", "-c", LIST_PODS_AS_THE_POD]);
     assert!(ok, "{body}");
     assert!(
         body.contains("\"reason\":\"Forbidden\"")
@@ -269,14 +253,7 @@ async fn in_cluster_clients_use_service_account_tokens_and_rbac() {
         &tb.kubeconfig,
         "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: view}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}\nsubjects: [{kind: ServiceAccount, name: default, namespace: default}]\n",
     );
-    let (_, body) = in_client(
-        &tb,
-        &[
-            "sh",
-            "-c",
-            "curl -s --cacert /var/run/secrets/kubernetes.io/serviceaccount/ca.crt -H \"Authorization: Bearer $(cat /var/run/secrets/kubernetes.io/serviceaccount/token)\" https://kubernetes.default.svc/api/v1/namespaces/default/pods",
-        ],
-    );
+    let (_, body) = in_client(&tb, &["sh", "-c", LIST_PODS_AS_THE_POD]);
     assert!(body.contains("\"kind\":\"PodList\""), "{body}");
     tb.stop().await;
 }

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::Command};
 use kt_tests::{
     harness::{
         self,
-        apps::{apply, deploy_shadow, deploy_web, in_client, start_testbed},
+        apps::{apply, deploy_shadow, deploy_web, in_client, start_testbed, web_pods},
         kubectl::kubectl_ok,
     },
     testbed::cluster::Testbed,
@@ -268,21 +268,15 @@ async fn ktctl_forward_through_the_openssh_shadow_survives_pod_replacement() {
             "{port}: {body}"
         );
     }
-    let before = kubectl_ok(
-        &tb.kubeconfig,
-        &["get", "pods", "-l", "app=web", "-o", "name"],
-    );
+    let before = web_pods(&tb);
     kubectl_ok(
         &tb.kubeconfig,
         &["delete", "pods", "-l", "app=web", "--wait=false"],
     );
     let mut replaced = false;
     for _ in 0..100 {
-        let now = kubectl_ok(
-            &tb.kubeconfig,
-            &["get", "pods", "-l", "app=web", "-o", "name"],
-        );
-        if !now.lines().any(|p| before.contains(p)) && now.lines().count() == 2 {
+        let now = web_pods(&tb);
+        if now.is_disjoint(&before) && now.len() == 2 {
             replaced = true;
             break;
         }
@@ -293,17 +287,7 @@ async fn ktctl_forward_through_the_openssh_shadow_survives_pod_replacement() {
         &tb.kubeconfig,
         &["rollout", "status", "deploy/web", "--timeout=60s"],
     );
-    let new_pods = kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "get",
-            "pods",
-            "-l",
-            "app=web",
-            "-o",
-            "jsonpath={.items[*].metadata.name}",
-        ],
-    );
+    let new_pods = web_pods(&tb);
     for port in [18080, 18081] {
         let mut answered = None;
         for _ in 0..20 {

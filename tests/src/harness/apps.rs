@@ -106,6 +106,24 @@ pub fn in_client(tb: &Testbed, cmd: &[&str]) -> (bool, String) {
     )
 }
 
+/// Names of the `web` pods now.
+pub fn web_pods(tb: &Testbed) -> std::collections::HashSet<String> {
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ],
+    )
+    .split_whitespace()
+    .map(String::from)
+    .collect()
+}
+
 /// Which pod answered an HTTP GET from the client pod (the echo's `pod=` line).
 pub fn who_answers(tb: &Testbed, url: &str) -> Option<String> {
     let (ok, out) = in_client(tb, &["curl", "-s", "--max-time", "3", url]);

@@ -594,7 +594,7 @@ impl Kubelets {
         dir: &Path,
         pod_ip: Ipv4Addr,
     ) -> std::io::Result<HashMap<String, PathBuf>> {
-        let (ns, name) = super::controllers::ns_name(pod);
+        let (ns, _) = super::controllers::ns_name(pod);
         let mut out = HashMap::new();
         let get = |plural: &str, obj_name: &str| -> Value {
             self.store
@@ -643,21 +643,22 @@ impl Kubelets {
         for v in pod["spec"]["volumes"].as_array().into_iter().flatten() {
             let vname = v["name"].as_str().unwrap_or_default();
             let target = dir.join("volumes").join(vname);
-            if let Some(cm) = v["configMap"]["name"].as_str() {
-                let obj = get("configmaps", cm);
+            // configMap and secret volumes: keys (or the listed items) as files.
+            let source = match (
+                v["configMap"]["name"].as_str(),
+                v["secret"]["secretName"].as_str(),
+            ) {
+                (Some(cm), _) => Some(("configmaps", cm, &v["configMap"]["items"], false)),
+                (_, Some(secret)) => Some(("secrets", secret, &v["secret"]["items"], true)),
+                _ => None,
+            };
+            if let Some((plural, name, items, decode)) = source {
+                let obj = get(plural, name);
                 write_items(
                     &target,
                     obj["data"].as_object().unwrap_or(&Default::default()),
-                    &v["configMap"]["items"],
-                    false,
-                )?;
-            } else if let Some(secret) = v["secret"]["secretName"].as_str() {
-                let obj = get("secrets", secret);
-                write_items(
-                    &target,
-                    obj["data"].as_object().unwrap_or(&Default::default()),
-                    &v["secret"]["items"],
-                    true,
+                    items,
+                    decode,
                 )?;
             } else if let Some(items) = v["downwardAPI"]["items"].as_array() {
                 std::fs::create_dir_all(&target)?;
@@ -689,7 +690,6 @@ impl Kubelets {
             std::fs::write(target.join("namespace"), ns)?;
             out.insert("__serviceaccount".into(), target);
         }
-        let _ = name;
         Ok(out)
     }
 

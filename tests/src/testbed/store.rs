@@ -759,15 +759,14 @@ impl Store {
             if !already {
                 obj["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
                 obj["status"]["phase"] = json!("Terminating");
-                if opts.dry_run {
-                    return Ok(Self::present(rt, obj));
-                }
-                return Ok(self.commit(
+                return Ok(self.finish_delete(
                     &mut inner,
-                    EventKind::Modified,
+                    rt,
                     &key,
-                    Self::present(rt, obj),
-                    Some(old),
+                    obj,
+                    old,
+                    EventKind::Modified,
+                    opts.dry_run,
                 ));
             }
             return Ok(Self::present(rt, obj));
@@ -790,30 +789,53 @@ impl Store {
                     .as_object_mut()
                     .map(|m| m.remove("finalizers"));
             }
-            if opts.dry_run {
-                return Ok(Self::present(rt, obj));
-            }
-            return Ok(self.commit(
+            return Ok(self.finish_delete(
                 &mut inner,
-                EventKind::Modified,
+                rt,
                 &key,
-                Self::present(rt, obj),
-                Some(old),
+                obj,
+                old,
+                EventKind::Modified,
+                opts.dry_run,
             ));
         }
-        if opts.dry_run {
-            return Ok(Self::present(rt, obj));
-        }
-        if rt.group == "apiextensions.k8s.io" && rt.plural == "customresourcedefinitions" {
+        if rt.group == "apiextensions.k8s.io"
+            && rt.plural == "customresourcedefinitions"
+            && !opts.dry_run
+        {
             self.registry.remove_crd(&obj);
         }
-        Ok(self.commit(
+        Ok(self.finish_delete(
             &mut inner,
-            EventKind::Deleted,
+            rt,
             &key,
-            Self::present(rt, obj),
-            Some(old),
+            obj,
+            old,
+            EventKind::Deleted,
+            opts.dry_run,
         ))
+    }
+
+    /// The end of a delete: a dry run returns what would be, anything else commits `kind`
+    /// (MODIFIED for a deletion that waits, DELETED for one that is done).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the state of one delete, handed over once"
+    )]
+    fn finish_delete(
+        &self,
+        inner: &mut Inner,
+        rt: &ResourceType,
+        key: &Key,
+        obj: Value,
+        old: Value,
+        kind: EventKind,
+        dry_run: bool,
+    ) -> Value {
+        if dry_run {
+            return Self::present(rt, obj);
+        }
+        self.commit(inner, kind, key, Self::present(rt, obj), Some(old))
     }
 
     /// Removes an object at once, whatever its finalizers (namespace finalisation, a
