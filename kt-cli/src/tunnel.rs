@@ -106,19 +106,13 @@ impl Tunnel {
         let stream = forwarder
             .take_stream(k8s::SSH_PORT)
             .expect("the port was requested");
-        // The forwarder's own task ends with the stream.
+        // The forwarder's task and the read-ahead both end with the stream.
         tokio::spawn(async move {
             let _ = forwarder.join().await;
         });
-        let config = Arc::new(client::Config {
-            keepalive_interval: Some(Duration::from_secs(15)),
-            keepalive_max: 4,
-            window_size: kt_proto::ssh::WINDOW,
-            maximum_packet_size: kt_proto::ssh::MAX_PACKET,
-            channel_buffer_size: kt_proto::ssh::CHANNEL_QUEUE,
-            nodelay: true,
-            ..Default::default()
-        });
+        let (stream, reader) = kt_tunnel::transport::read_ahead(stream);
+        tokio::spawn(reader);
+        let config = kt_tunnel::config::client();
         let ssh_err = |source| TunnelError::Ssh {
             pod: self.pod.clone(),
             source,
@@ -172,7 +166,7 @@ impl Tunnel {
         &self,
         host: &str,
         port: u16,
-    ) -> Result<russh::ChannelStream<client::Msg>, TunnelError> {
+    ) -> Result<russh::Channel<client::Msg>, TunnelError> {
         let target = format!("{host}:{port}");
         let mut delay = Duration::from_millis(200);
         for attempt in 0..6 {
@@ -198,7 +192,7 @@ impl Tunnel {
                 .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
                 .await
             {
-                Ok(channel) => return Ok(channel.into_stream()),
+                Ok(channel) => return Ok(channel),
                 // A dead connection shows here first: drop it and go round again.
                 Err(russh::Error::ChannelOpenFailure(reason)) => {
                     return Err(TunnelError::Channel {

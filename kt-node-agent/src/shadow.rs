@@ -6,18 +6,15 @@
 //! does with `GatewayPorts yes`, and sends each connection back as `forwarded-tcpip`.
 //! Plain OpenSSH clients work against it (`ssh -L`, `ssh -R`, `ssh -W`).
 
-use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use russh::{
-    Channel, ChannelOpenFailure, MethodKind, MethodSet,
+    Channel, ChannelOpenFailure,
     keys::{PrivateKey, PublicKey, ssh_key::private::Ed25519Keypair},
     server::{Auth, ChannelOpenHandle, Handle, Handler, Msg, Session},
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-
-/// Per-channel copy buffers: with the SSH window they bound a channel's memory.
-const COPY_BUFFER: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShadowError {
@@ -39,7 +36,7 @@ pub struct ShadowConfig {
     pub authorized_keys: Vec<PathBuf>,
 }
 
-/// Serves SSH until `shutdown`; every session and forward is a tracked task.
+/// Listens on `config.listen` and serves SSH until `shutdown`.
 pub async fn run(config: ShadowConfig, shutdown: CancellationToken) -> Result<(), ShadowError> {
     let listener =
         TcpListener::bind(config.listen)
@@ -49,8 +46,18 @@ pub async fn run(config: ShadowConfig, shutdown: CancellationToken) -> Result<()
                 source,
             })?;
     tracing::info!(addr = %config.listen, "shadow SSH server listening");
-    let ssh = Arc::new(ssh_config());
-    let authorized = Arc::new(config.authorized_keys);
+    serve(listener, config.authorized_keys, shutdown).await;
+    Ok(())
+}
+
+/// Serves SSH on `listener` until `shutdown`; every session and forward is a tracked task.
+pub async fn serve(
+    listener: TcpListener,
+    authorized_keys: Vec<PathBuf>,
+    shutdown: CancellationToken,
+) {
+    let ssh = kt_tunnel::config::server(host_key());
+    let authorized = Arc::new(authorized_keys);
     let tasks = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -72,6 +79,14 @@ pub async fn run(config: ShadowConfig, shutdown: CancellationToken) -> Result<()
             cancel: shutdown.child_token(),
         };
         let (ssh, cancel) = (ssh.clone(), handler.cancel.clone());
+        let (stream, reader) = kt_tunnel::transport::read_ahead(stream);
+        let reader_stop = cancel.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = reader => {}
+                () = reader_stop.cancelled() => {}
+            }
+        });
         tasks.spawn(async move {
             match russh::server::run_stream(ssh, stream, handler).await {
                 Ok(session) => {
@@ -88,25 +103,13 @@ pub async fn run(config: ShadowConfig, shutdown: CancellationToken) -> Result<()
     }
     tasks.close();
     tasks.wait().await;
-    Ok(())
 }
 
-fn ssh_config() -> russh::server::Config {
+/// A fresh host key per start: clients do not pin it (v0.3.7 does not either); the API
+/// server's authenticated TLS or the session key is what they trust.
+fn host_key() -> PrivateKey {
     let seed: [u8; 32] = rand::random();
-    let host_key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
-    russh::server::Config {
-        keys: vec![host_key],
-        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
-        auth_rejection_time: Duration::from_millis(200),
-        auth_rejection_time_initial: Some(Duration::ZERO),
-        keepalive_interval: Some(Duration::from_secs(15)),
-        keepalive_max: 4,
-        window_size: kt_proto::ssh::WINDOW,
-        maximum_packet_size: kt_proto::ssh::MAX_PACKET,
-        channel_buffer_size: kt_proto::ssh::CHANNEL_QUEUE,
-        nodelay: true,
-        ..Default::default()
-    }
+    PrivateKey::from(Ed25519Keypair::from_seed(&seed))
 }
 
 /// One client connection.
@@ -283,15 +286,13 @@ async fn forward_back(
     }
 }
 
-/// Copies both ways until either side closes (half-close passed on) or `cancel`.
-async fn pump(channel: Channel<Msg>, mut tcp: TcpStream, cancel: CancellationToken) {
-    let mut stream = channel.into_stream();
+/// Copies both ways until both sides are done or `cancel`.
+async fn pump(channel: Channel<Msg>, tcp: TcpStream, cancel: CancellationToken) {
     tokio::select! {
-        result = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, COPY_BUFFER, COPY_BUFFER) => {
-            if let Err(error) = result {
-                tracing::debug!(%error, "tunnelled connection ended with an error");
-            }
-        }
+        result = kt_tunnel::bridge(channel, tcp) => match result {
+            Ok(moved) => tracing::trace!(?moved, "tunnelled connection done"),
+            Err(error) => tracing::debug!(%error, "tunnelled connection ended with an error"),
+        },
         () = cancel.cancelled() => {}
     }
 }

@@ -204,7 +204,7 @@ async fn forward(
     ));
     let connections = tokio_util::task::TaskTracker::new();
     loop {
-        let (mut local, peer) = tokio::select! {
+        let (local, peer) = tokio::select! {
             () = session.stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -220,9 +220,11 @@ async fn forward(
         );
         connections.spawn(async move {
             match tunnel.open(&host, port).await {
-                Ok(mut remote) => {
+                Ok(channel) => {
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional_with_sizes(&mut local, &mut remote, 256 * 1024, 256 * 1024) => {}
+                        result = kt_tunnel::bridge(channel, local) => if let Err(error) = result {
+                            tracing::debug!(%peer, %error, "forwarded connection ended with an error");
+                        },
                         () = stop.cancelled() => {}
                     }
                 }

@@ -8,7 +8,6 @@
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub mod k8s;
-pub mod ssh;
 
 /// An error and its sources on one line, `a: b: c`: how both binaries print a failure, so
 /// that no error type repeats its source in its own message.

@@ -1,0 +1,52 @@
+//! The russh settings both ends of a kt tunnel use (ktctl's client, the shadow and agent
+//! servers), so that each end's window and packet size match what the other expects.
+//! Both grant window on consumption: every channel must go through [`crate::bridge`] (or
+//! report consumption itself), or its peer stops after one window.
+
+use std::{sync::Arc, time::Duration};
+
+use russh::{MethodKind, MethodSet, keys::PrivateKey};
+
+/// The SSH channel window: large enough that one stream is not window-limited on a LAN.
+pub const WINDOW: u32 = 8 * 1024 * 1024;
+
+/// The largest SSH packet payload kt sends or accepts.
+pub const MAX_PACKET: u32 = 32_768;
+
+/// Messages russh queues per channel before its session loop waits. The bridge drains the
+/// queue as data arrives (the window bounds the bytes), so it only absorbs a burst.
+pub const CHANNEL_QUEUE: usize = 256;
+
+const KEEPALIVE: Duration = Duration::from_secs(15);
+const KEEPALIVE_MAX: usize = 4;
+
+pub fn client() -> Arc<russh::client::Config> {
+    Arc::new(russh::client::Config {
+        keepalive_interval: Some(KEEPALIVE),
+        keepalive_max: KEEPALIVE_MAX,
+        window_size: WINDOW,
+        maximum_packet_size: MAX_PACKET,
+        channel_buffer_size: CHANNEL_QUEUE,
+        nodelay: true,
+        window_on_consumption: true,
+        ..Default::default()
+    })
+}
+
+/// Public-key authentication only; a refused key is answered at once the first time.
+pub fn server(host_key: PrivateKey) -> Arc<russh::server::Config> {
+    Arc::new(russh::server::Config {
+        keys: vec![host_key],
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        auth_rejection_time: Duration::from_millis(200),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keepalive_interval: Some(KEEPALIVE),
+        keepalive_max: KEEPALIVE_MAX,
+        window_size: WINDOW,
+        maximum_packet_size: MAX_PACKET,
+        channel_buffer_size: CHANNEL_QUEUE,
+        nodelay: true,
+        window_on_consumption: true,
+        ..Default::default()
+    })
+}

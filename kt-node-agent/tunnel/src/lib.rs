@@ -1,0 +1,8 @@
+//! The SSH data path shared by both ends of a kt tunnel: ktctl's client and the node
+//! agent's servers (roles `shadow` and `agent`).
+
+pub mod bridge;
+pub mod config;
+pub mod transport;
+
+pub use bridge::bridge;
