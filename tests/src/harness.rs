@@ -8,6 +8,7 @@ pub mod netns;
 pub mod probe;
 pub mod server;
 pub mod tempdir;
+pub mod workstation;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

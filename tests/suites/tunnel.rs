@@ -1,13 +1,13 @@
 //! The SSH tunnel (root, on the testbed): kt's shadow role under the ktctl v0.3.7 contract,
 //! driven by OpenSSH's client (`ssh -W`, `ssh -L`, `ssh -R`).
 
-use std::{path::PathBuf, process::Command};
+use std::path::{Path, PathBuf};
 
 use kt_tests::{
     harness::{
-        self,
         apps::{apply, deploy_shadow, deploy_web, in_client, start_testbed, web_pods},
         kubectl::kubectl_ok,
+        workstation::{self, Background, ECHO},
     },
     testbed::cluster::Testbed,
 };
@@ -24,7 +24,7 @@ async fn with_shadow() -> (Testbed, PathBuf, String) {
 }
 
 /// `ssh` options for a throwaway session with `key`.
-fn ssh(key: &std::path::Path) -> String {
+fn ssh(key: &Path) -> String {
     format!(
         "ssh -i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR -o ExitOnForwardFailure=yes",
         key.display()
@@ -85,7 +85,7 @@ async fn the_shadow_refuses_other_keys_and_users() {
     let (tb, key, ip) = with_shadow().await;
     let other = tb.dir.join("other-key");
     assert!(
-        Command::new("ssh-keygen")
+        std::process::Command::new("ssh-keygen")
             .args([
                 "-q",
                 "-t",
@@ -120,85 +120,18 @@ async fn the_shadow_refuses_other_keys_and_users() {
     tb.stop().await;
 }
 
-/// `ktctl` built next to kt-testbed.
-fn ktctl_bin() -> PathBuf {
-    let path = PathBuf::from(TESTBED).with_file_name("ktctl");
-    assert!(
-        path.exists(),
-        "{} is not built: run `cargo build --workspace --bins`",
-        path.display()
-    );
-    path
-}
-
-/// A ktctl process in the workstation namespace, its log in a file.
-struct Ktctl {
-    child: std::process::Child,
-    log: PathBuf,
-}
+/// ktctl in the workstation namespace.
+struct Ktctl;
 
 impl Ktctl {
-    fn spawn(tb: &Testbed, args: &[&str]) -> Self {
-        let log = tb
-            .dir
-            .join(format!("ktctl-{}.log", harness::unique_name("run")));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(TESTBED)
-            .args(["exec", "--dir", tb.dir.to_str().unwrap(), "--"])
-            .arg(ktctl_bin())
-            .args(args)
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        Self { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits for the banner; panics with the log if ktctl exits or 60 s pass.
-    async fn ready(&mut self) {
-        for _ in 0..600 {
-            if self.log().contains("Now you can access") {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("ktctl exited with {status}: {}", self.log());
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        panic!("ktctl not ready: {}", self.log());
-    }
-
-    /// Stops it like Ctrl-C and waits for it (the runner exec'd ktctl: same pid).
-    fn interrupt(mut self) -> (std::process::ExitStatus, String) {
-        // SAFETY: signalling the process this test started.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = self.child.wait().unwrap();
-        (status, self.log())
-    }
-}
-
-impl Drop for Ktctl {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn spawn(tb: &Testbed, args: &[&str]) -> Background {
+        Background::ktctl(Path::new(TESTBED), tb, args)
     }
 }
 
 /// A command in the workstation namespace; (exit ok, stdout).
 fn on_workstation(tb: &Testbed, cmd: &[&str]) -> (bool, String) {
-    let out = Command::new(TESTBED)
-        .args(["exec", "--dir", tb.dir.to_str().unwrap(), "--"])
-        .args(cmd)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    workstation::run(Path::new(TESTBED), tb, cmd)
 }
 
 fn first_line(body: &str) -> &str {
@@ -212,26 +145,6 @@ fn kt_objects(tb: &Testbed) -> String {
         &["get", "pods,configmaps,services", "-o", "name"],
     )
 }
-
-const ECHO: &str = r#"
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: echo}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: echo}}
-  template:
-    metadata: {labels: {app: echo}}
-    spec:
-      containers: [{name: e, image: kt-testbed/tcp-echo, ports: [{containerPort: 9000}], readinessProbe: {tcpSocket: {port: 9000}}}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: echo}
-spec:
-  selector: {app: echo}
-  ports: [{port: 9000}]
-"#;
 
 async fn plain_testbed() -> Testbed {
     let tb = start_testbed(TESTBED, true).await;
@@ -331,10 +244,7 @@ async fn ktctl_forward_through_our_shadow_carries_100_parallel_mebibytes_and_rec
         &["forward", "echo", "19000", "--image", "kt-shadow:dev"],
     );
     ktctl.ready().await;
-    let (ok, out) = on_workstation(
-        &tb,
-        &[TESTBED, "load", "127.0.0.1:19000", "100", "1048576"],
-    );
+    let (ok, out) = on_workstation(&tb, &[TESTBED, "load", "127.0.0.1:19000", "100", "1048576"]);
     assert!(ok && out.trim() == "ok 100", "{out} {}", ktctl.log());
     // The API server drops every port-forward stream: the tunnel comes back by itself.
     tb.api.drop_streams();
@@ -377,7 +287,7 @@ async fn ctrl_c_and_the_pid_file_kill_switch_leave_nothing_behind() {
     for pid_file in std::fs::read_dir(home.join("pid")).unwrap() {
         std::fs::remove_file(pid_file.unwrap().path()).unwrap();
     }
-    let status = second.child.wait().unwrap();
+    let status = second.wait();
     assert!(status.success(), "{}", second.log());
     assert!(second.log().contains("Pid file was removed"));
     // Shadow pods terminate gracefully; wait for them to go.
@@ -427,9 +337,8 @@ async fn bad_input_exits_1_naming_the_problem_and_creates_nothing() {
         ),
         (&["forward", "web", "x:80"][..], "invalid local port 'x'"),
     ] {
-        let out = Command::new(TESTBED)
-            .args(["exec", "--dir", tb.dir.to_str().unwrap(), "--"])
-            .arg(ktctl_bin())
+        let out = workstation::exec(Path::new(TESTBED), &tb)
+            .arg(workstation::ktctl_bin(Path::new(TESTBED)))
             .args(args)
             .output()
             .unwrap();

@@ -8,7 +8,9 @@
 //! ```
 //! Internal: `run-in-pod SPEC` (the kubelet's pod runner), `image NAME` (test images),
 //! `dig NAME [TYPE]` and `port-forward NS POD PORT` (tools the suites run inside the
-//! cluster).
+//! cluster); `load`, `bulk`, `rr` (TCP echo clients) and `forward NS POD LOCAL REMOTE` (a
+//! port-forward through the API server per connection, as `kubectl port-forward` does),
+//! which the suites and benchmarks run on the workstation.
 
 use std::{
     path::{Path, PathBuf},
@@ -34,6 +36,9 @@ fn main() -> ExitCode {
         Some("dig") => runtime(dig(args.get(1).cloned().unwrap_or_default(), args.get(2).cloned().unwrap_or_else(|| "A".into()))),
         Some("port-forward") => runtime(port_forward(&args[1..])),
         Some("load") => runtime(load(&args[1..])),
+        Some("forward") => runtime(forward(&args[1..])),
+        Some("bulk") => runtime(bulk(&args[1..])),
+        Some("rr") => runtime(request_response(&args[1..])),
         Some("serve") => runtime(serve(flag(&args, "--dir"), nodes(&args))),
         Some("up") => up(flag(&args, "--dir"), nodes(&args)),
         Some("down") => down(&flag(&args, "--dir")),
@@ -180,6 +185,106 @@ async fn load(args: &[String]) -> Result {
         ok += 1;
     }
     println!("ok {ok}");
+    Ok(())
+}
+
+/// `forward NS POD LOCAL_PORT REMOTE_PORT`: listens on 127.0.0.1:LOCAL_PORT and carries each
+/// connection over its own API-server port-forward to the pod (what `kubectl port-forward`
+/// does; the stand-in speaks only the WebSocket protocol kubectl 1.33 does not use here).
+async fn forward(args: &[String]) -> Result {
+    let [ns, pod, local, remote] = args else {
+        return Err("usage: forward NS POD LOCAL_PORT REMOTE_PORT".into());
+    };
+    let (local, remote): (u16, u16) = (local.parse()?, remote.parse()?);
+    let client = kube::Client::try_default().await?;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, ns);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", local)).await?;
+    println!("forwarding 127.0.0.1:{local} -> {pod}:{remote}");
+    loop {
+        let (mut socket, _) = listener.accept().await?;
+        let _ = socket.set_nodelay(true);
+        let (pods, pod) = (pods.clone(), pod.clone());
+        tokio::spawn(async move {
+            let Ok(mut pf) = pods.portforward(&pod, &[remote]).await else {
+                return;
+            };
+            if let Some(mut stream) = pf.take_stream(remote) {
+                let _ = tokio::io::copy_bidirectional(&mut socket, &mut stream).await;
+            }
+        });
+    }
+}
+
+/// `bulk ADDR STREAMS BYTES`: STREAMS parallel connections to a TCP echo, each sending BYTES
+/// while reading the echo back; prints the seconds until every echo is complete.
+async fn bulk(args: &[String]) -> Result {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let [addr, streams, bytes] = args else {
+        return Err("usage: bulk ADDR STREAMS BYTES".into());
+    };
+    let (streams, bytes): (usize, usize) = (streams.parse()?, bytes.parse()?);
+    let mut connections = Vec::new();
+    for _ in 0..streams {
+        let stream = tokio::net::TcpStream::connect(addr.as_str()).await?;
+        stream.set_nodelay(true)?;
+        connections.push(stream);
+    }
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for stream in connections {
+        tasks.spawn(async move {
+            let (mut read, mut write) = stream.into_split();
+            let writer = tokio::spawn(async move {
+                let chunk = vec![0x5au8; 128 * 1024];
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    write.write_all(&chunk[..n]).await?;
+                    left -= n;
+                }
+                Ok::<_, std::io::Error>(write)
+            });
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut got = 0;
+            while got < bytes {
+                match read.read(&mut buf).await? {
+                    0 => return Err(std::io::Error::other("echo closed early")),
+                    n => got += n,
+                }
+            }
+            drop(writer.await??);
+            Ok::<_, std::io::Error>(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    println!("{:.6}", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `rr ADDR COUNT SIZE`: COUNT sequential round trips of SIZE bytes on one connection to a
+/// TCP echo; prints the p50 and p99 round-trip time in microseconds.
+async fn request_response(args: &[String]) -> Result {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let [addr, count, size] = args else {
+        return Err("usage: rr ADDR COUNT SIZE".into());
+    };
+    let (count, size): (usize, usize) = (count.parse()?, size.parse()?);
+    let mut stream = tokio::net::TcpStream::connect(addr.as_str()).await?;
+    stream.set_nodelay(true)?;
+    let request = vec![0x42u8; size];
+    let mut reply = vec![0u8; size];
+    let mut times = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = Instant::now();
+        stream.write_all(&request).await?;
+        stream.read_exact(&mut reply).await?;
+        times.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(f64::total_cmp);
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    println!("{:.1} {:.1}", at(0.50), at(0.99));
     Ok(())
 }
 

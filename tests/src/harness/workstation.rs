@@ -1,0 +1,132 @@
+//! Processes on the testbed's workstation (`kt-testbed exec`): one-shot commands, and
+//! ktctl runs with their logs in the testbed directory.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus},
+    time::Duration,
+};
+
+use crate::testbed::cluster::Testbed;
+
+/// The TCP echo Deployment and Service (`echo:9000`).
+pub const ECHO: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      containers: [{name: e, image: kt-testbed/tcp-echo, ports: [{containerPort: 9000}], readinessProbe: {tcpSocket: {port: 9000}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo}
+spec:
+  selector: {app: echo}
+  ports: [{port: 9000}]
+"#;
+
+/// A command in the workstation namespace; (exit ok, stdout).
+pub fn run(testbed_bin: &Path, tb: &Testbed, cmd: &[&str]) -> (bool, String) {
+    let out = exec(testbed_bin, tb)
+        .args(cmd)
+        .output()
+        .expect("kt-testbed exec runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `kt-testbed exec` for the workstation, to add the command to.
+pub fn exec(testbed_bin: &Path, tb: &Testbed) -> Command {
+    let mut command = Command::new(testbed_bin);
+    command.args(["exec", "--dir", tb.dir.to_str().expect("UTF-8 path"), "--"]);
+    command
+}
+
+/// `ktctl` built next to kt-testbed.
+pub fn ktctl_bin(testbed_bin: &Path) -> PathBuf {
+    let path = testbed_bin.with_file_name("ktctl");
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins`",
+        path.display()
+    );
+    path
+}
+
+/// A long-running process in the workstation namespace (ktctl, a port-forward, ssh), its
+/// output in a log file; killed when dropped.
+pub struct Background {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Background {
+    pub fn spawn(testbed_bin: &Path, tb: &Testbed, program: &Path, args: &[&str]) -> Self {
+        let log = tb.dir.join(format!("ws-{}.log", super::unique_name("run")));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = exec(testbed_bin, tb)
+            .arg(program)
+            .args(args)
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("kt-testbed exec runs");
+        Self { child, log }
+    }
+
+    /// ktctl with `args`.
+    pub fn ktctl(testbed_bin: &Path, tb: &Testbed, args: &[&str]) -> Self {
+        Self::spawn(testbed_bin, tb, &ktctl_bin(testbed_bin), args)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`; panics with the log if the process exits or
+    /// 60 s pass.
+    pub async fn wait_for(&mut self, needle: &str) {
+        for _ in 0..600 {
+            if self.log().contains(needle) {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                panic!("exited with {status}: {}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("not ready: {}", self.log());
+    }
+
+    /// Waits for ktctl's banner.
+    pub async fn ready(&mut self) {
+        self.wait_for("Now you can access").await;
+    }
+
+    /// Waits for it to exit by itself.
+    pub fn wait(&mut self) -> ExitStatus {
+        self.child.wait().expect("wait")
+    }
+
+    /// Stops it like Ctrl-C and waits for it (the runner exec'd the program: same pid).
+    pub fn interrupt(mut self) -> (ExitStatus, String) {
+        // SAFETY: signalling the process this harness started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().expect("wait");
+        (status, self.log())
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
