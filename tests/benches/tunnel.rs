@@ -126,7 +126,10 @@ async fn run() {
             "root@127.0.0.1",
         ],
     );
-    wait_until_echoes(&tb, 17001, &[&ssh, &to_sshd]).await;
+    if let Err(logs) = wait_until_echoes(&tb, 17001, &[&ssh, &to_sshd]).await {
+        let sshd = kubectl_ok(&tb.kubeconfig, &["logs", "kt-connect-shadow-abcde"]);
+        panic!("ssh -L does not echo: {logs:?}; sshd: {sshd}");
+    }
 
     let mut ktctl_openssh = Background::ktctl(testbed, &tb, &["forward", "echo", "17002:9000"]);
     let mut ktctl_kt = Background::ktctl(
@@ -246,14 +249,17 @@ fn latency(tb: &Testbed, addr: &str) -> (f64, f64) {
     (numbers.next().expect("p50"), numbers.next().expect("p99"))
 }
 
-async fn wait_until_echoes(tb: &Testbed, port: u16, behind: &[&Background]) {
+async fn wait_until_echoes(
+    tb: &Testbed,
+    port: u16,
+    behind: &[&Background],
+) -> Result<(), Vec<String>> {
     let addr = format!("127.0.0.1:{port}");
     for _ in 0..100 {
         if workstation::run(Path::new(TESTBED), tb, &["rr", &addr, "1", "8"]).0 {
-            return;
+            return Ok(());
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    let logs: Vec<String> = behind.iter().map(|b| b.log()).collect();
-    panic!("nothing echoes on {addr}: {logs:?}");
+    Err(behind.iter().map(|b| b.log()).collect())
 }
