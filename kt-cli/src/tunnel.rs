@@ -7,6 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::api::core::v1::Pod;
 use kt_proto::k8s;
+use kt_tunnel::config::AcceptAnyHostKey;
 use kube::Api;
 use russh::{
     client::{self, Handle},
@@ -64,24 +65,11 @@ impl SessionKey {
     }
 }
 
-struct Accept;
-
-impl client::Handler for Accept {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        _key: &russh::keys::PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        Ok(true)
-    }
-}
-
 pub struct Tunnel {
     pods: Api<Pod>,
     pod: String,
     key: Arc<PrivateKey>,
-    ssh: Mutex<Option<Handle<Accept>>>,
+    ssh: Mutex<Option<Handle<AcceptAnyHostKey>>>,
 }
 
 impl Tunnel {
@@ -94,7 +82,7 @@ impl Tunnel {
         }
     }
 
-    async fn connect(&self) -> Result<Handle<Accept>, TunnelError> {
+    async fn connect(&self) -> Result<Handle<AcceptAnyHostKey>, TunnelError> {
         let mut forwarder = self
             .pods
             .portforward(&self.pod, &[k8s::SSH_PORT])
@@ -117,7 +105,7 @@ impl Tunnel {
             pod: self.pod.clone(),
             source,
         };
-        let mut handle = client::connect_stream(config, stream, Accept)
+        let mut handle = client::connect_stream(config, stream, AcceptAnyHostKey)
             .await
             .map_err(ssh_err)?;
         let auth = handle

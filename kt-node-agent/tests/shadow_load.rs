@@ -15,6 +15,7 @@ use std::{
 };
 
 use kt_node_agent::shadow;
+use kt_tunnel::config::AcceptAnyHostKey;
 use russh::{
     client,
     keys::{PrivateKey, PrivateKeyWithHashAlg, ssh_key::private::Ed25519Keypair},
@@ -24,19 +25,6 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-
-struct AcceptAnyHostKey;
-
-impl client::Handler for AcceptAnyHostKey {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        _key: &russh::keys::PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        Ok(true)
-    }
-}
 
 /// An echo server, a shadow, and a local listener forwarding each connection to the echo
 /// server through one SSH connection: what `ktctl forward` sets up.

@@ -28,7 +28,8 @@ const OPENSSH_SHADOW: &str =
     "registry.cn-hangzhou.aliyuncs.com/rdc-incubator/kt-connect-shadow:v0.3.7";
 const MIB: usize = 1 << 20;
 
-struct Path_ {
+/// One way from the workstation to the echo service: a local port.
+struct Route {
     name: &'static str,
     port: u16,
 }
@@ -141,19 +142,19 @@ async fn run() {
     ktctl_kt.ready().await;
 
     let paths = [
-        Path_ {
+        Route {
             name: "plain",
             port: 17000,
         },
-        Path_ {
+        Route {
             name: "ssh -L",
             port: 17001,
         },
-        Path_ {
+        Route {
             name: "ktctl/openssh",
             port: 17002,
         },
-        Path_ {
+        Route {
             name: "ktctl/kt",
             port: 17003,
         },
@@ -227,10 +228,6 @@ async fn run() {
     ktctl_kt.interrupt();
     ktctl_openssh.interrupt();
     drop((plain, to_sshd, ssh));
-    stop(tb).await;
-}
-
-async fn stop(tb: Testbed) {
     tb.stop().await;
 }
 

@@ -121,12 +121,8 @@ async fn the_shadow_refuses_other_keys_and_users() {
 }
 
 /// ktctl in the workstation namespace.
-struct Ktctl;
-
-impl Ktctl {
-    fn spawn(tb: &Testbed, args: &[&str]) -> Background {
-        Background::ktctl(Path::new(TESTBED), tb, args)
-    }
+fn ktctl(tb: &Testbed, args: &[&str]) -> Background {
+    Background::ktctl(Path::new(TESTBED), tb, args)
 }
 
 /// A command in the workstation namespace; (exit ok, stdout).
@@ -156,8 +152,8 @@ async fn plain_testbed() -> Testbed {
 async fn ktctl_forward_through_the_openssh_shadow_survives_pod_replacement() {
     let tb = plain_testbed().await;
     // The default image is the v0.3.7 shadow (OpenSSH in the testbed): interop.
-    let mut by_service = Ktctl::spawn(&tb, &["forward", "web", "18080:80"]);
-    let mut by_address = Ktctl::spawn(&tb, &["forward", "web.default:80", "18081"]);
+    let mut by_service = ktctl(&tb, &["forward", "web", "18080:80"]);
+    let mut by_address = ktctl(&tb, &["forward", "web.default:80", "18081"]);
     by_service.ready().await;
     by_address.ready().await;
     assert!(
@@ -239,7 +235,7 @@ async fn ktctl_forward_through_our_shadow_carries_100_parallel_mebibytes_and_rec
         &tb.kubeconfig,
         &["rollout", "status", "deploy/echo", "--timeout=60s"],
     );
-    let mut ktctl = Ktctl::spawn(
+    let mut ktctl = ktctl(
         &tb,
         &["forward", "echo", "19000", "--image", "kt-shadow:dev"],
     );
@@ -265,7 +261,7 @@ async fn ctrl_c_and_the_pid_file_kill_switch_leave_nothing_behind() {
     let tb = plain_testbed().await;
     let before = kt_objects(&tb);
     let home = tb.dir.join("workstation/home/.kt");
-    let mut first = Ktctl::spawn(
+    let mut first = ktctl(
         &tb,
         &["forward", "web", "18080:80", "--image", "kt-shadow:dev"],
     );
@@ -282,7 +278,7 @@ async fn ctrl_c_and_the_pid_file_kill_switch_leave_nothing_behind() {
         "{log}"
     );
 
-    let mut second = Ktctl::spawn(&tb, &["forward", "web", "18080:80"]);
+    let mut second = ktctl(&tb, &["forward", "web", "18080:80"]);
     second.ready().await;
     for pid_file in std::fs::read_dir(home.join("pid")).unwrap() {
         std::fs::remove_file(pid_file.unwrap().path()).unwrap();
@@ -314,7 +310,7 @@ async fn bad_input_exits_1_naming_the_problem_and_creates_nothing() {
         &tb.kubeconfig,
         "apiVersion: v1\nkind: Service\nmetadata: {name: two}\nspec:\n  selector: {app: web}\n  ports: [{name: a, port: 80}, {name: b, port: 81}]\n",
     );
-    let mut holder = Ktctl::spawn(&tb, &["forward", "web", "18080:80"]);
+    let mut holder = ktctl(&tb, &["forward", "web", "18080:80"]);
     holder.ready().await;
     let before = kt_objects(&tb);
     for (args, needle) in [

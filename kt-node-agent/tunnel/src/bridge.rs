@@ -112,7 +112,7 @@ where
             message = channel.wait(), if end.is_none() => match message {
                 Some(ChannelMsg::Data { data }) => pending.push_back(data),
                 // Nothing to put it on, but the peer's window must come back all the same.
-                Some(ChannelMsg::ExtendedData { data, .. }) => consumed(window, data.len())?,
+                Some(ChannelMsg::ExtendedData { data, .. }) => consumed(window, data.len()),
                 Some(ChannelMsg::Eof) => end = Some(InboundEnd::Eof),
                 Some(ChannelMsg::Close) | None => end = Some(InboundEnd::Closed),
                 Some(_) => {}
@@ -120,7 +120,7 @@ where
             written = write_some(socket, &pending), if !pending.is_empty() => {
                 let mut written = written?;
                 *moved += written as u64;
-                consumed(window, written)?;
+                consumed(window, written);
                 while written > 0 {
                     let front = pending.front_mut().expect("wrote from pending data");
                     if written >= front.len() {
@@ -136,7 +136,7 @@ where
     }
 }
 
-fn consumed<S>(window: &ChannelWriteHalf<S>, bytes: usize) -> io::Result<()>
+fn consumed<S>(window: &ChannelWriteHalf<S>, bytes: usize)
 where
     S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
 {
@@ -144,7 +144,6 @@ where
     let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
     // Fails only when the session is gone; the read side sees that next.
     let _ = window.consumed(bytes);
-    Ok(())
 }
 
 async fn write_some(socket: &mut OwnedWriteHalf, pending: &VecDeque<Bytes>) -> io::Result<usize> {
