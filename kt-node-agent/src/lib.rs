@@ -2,8 +2,10 @@
 //! traffic in the kernel with the programs of `kt-ebpf`.
 //!
 //! Modules: [`ebpf`] loads, attaches and programs the eBPF object; [`cgroup`] finds the
-//! cgroup2 hierarchy and cgroup ids; [`shadow`] is the SSH endpoint of role `shadow`.
+//! cgroup2 hierarchy and cgroup ids; [`shadow`] is the SSH endpoint of role `shadow`, and
+//! [`dns_relay`] its cluster DNS relay.
 
 pub mod cgroup;
+pub mod dns_relay;
 pub mod ebpf;
 pub mod shadow;

@@ -7,7 +7,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use kt_node_agent::{cgroup, ebpf, shadow};
+use kt_node_agent::{cgroup, dns_relay, ebpf, shadow};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -39,6 +39,20 @@ enum Command {
             default_value = "/root/authorized/authorized_keys"
         )]
         authorized_keys: Vec<PathBuf>,
+        /// Also relay cluster DNS on --dns-listen over this protocol (ktctl v0.3.7 sets
+        /// `KT_DNS_PROTOCOL` for `connect`: `tcp` in localDNS mode, else `udp`).
+        #[arg(long, env = "KT_DNS_PROTOCOL", value_enum)]
+        dns_protocol: Option<dns_relay::Protocol>,
+        /// Address of the DNS relay.
+        #[arg(long, env = "KT_DNS_LISTEN", default_value = "0.0.0.0:53")]
+        dns_listen: SocketAddr,
+        /// The workstation's own search domains (comma-separated), stripped from names
+        /// before they are expanded with the pod's search list.
+        #[arg(long, env = "KT_LOCAL_DOMAIN", value_delimiter = ',')]
+        local_domain: Vec<String>,
+        /// The pod's resolver configuration the relay follows.
+        #[arg(long, default_value = "/etc/resolv.conf")]
+        resolv_conf: PathBuf,
     },
 }
 
@@ -61,6 +75,10 @@ fn main() -> ExitCode {
         Command::Shadow {
             listen,
             authorized_keys,
+            dns_protocol,
+            dns_listen,
+            local_domain,
+            resolv_conf,
         } => {
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -84,6 +102,12 @@ fn main() -> ExitCode {
                     shadow::ShadowConfig {
                         listen,
                         authorized_keys,
+                        dns: dns_protocol.map(|protocol| dns_relay::DnsConfig {
+                            protocol,
+                            listen: dns_listen,
+                            resolv_conf,
+                            local_domains: local_domain,
+                        }),
                     },
                     shutdown,
                 )

@@ -26,6 +26,8 @@ pub enum ShadowError {
     },
     #[error("SSH protocol error")]
     Ssh(#[from] russh::Error),
+    #[error("DNS relay failed")]
+    Dns(#[from] crate::dns_relay::DnsRelayError),
 }
 
 #[derive(Clone, Debug)]
@@ -34,10 +36,35 @@ pub struct ShadowConfig {
     /// Files of authorized public keys, read at every login attempt (a ConfigMap volume
     /// changes under a running pod).
     pub authorized_keys: Vec<PathBuf>,
+    /// The DNS relay, when ktctl asked for one (`KT_DNS_PROTOCOL`).
+    pub dns: Option<crate::dns_relay::DnsConfig>,
 }
 
-/// Listens on `config.listen` and serves SSH until `shutdown`.
+/// Listens on `config.listen` and serves SSH (and the DNS relay, if configured) until
+/// `shutdown`.
 pub async fn run(config: ShadowConfig, shutdown: CancellationToken) -> Result<(), ShadowError> {
+    // Whichever half fails first stops the other: ktctl relies on both.
+    let stop_on_error = |result: Result<(), ShadowError>| {
+        if result.is_err() {
+            shutdown.cancel();
+        }
+        result
+    };
+    let ssh = async { stop_on_error(run_ssh(&config, shutdown.clone()).await) };
+    let dns = async {
+        let result = match config.dns.clone() {
+            Some(dns) => crate::dns_relay::run(dns, shutdown.clone())
+                .await
+                .map_err(ShadowError::from),
+            None => Ok(()),
+        };
+        stop_on_error(result)
+    };
+    let (ssh, dns) = tokio::join!(ssh, dns);
+    ssh.and(dns)
+}
+
+async fn run_ssh(config: &ShadowConfig, shutdown: CancellationToken) -> Result<(), ShadowError> {
     let listener =
         TcpListener::bind(config.listen)
             .await
@@ -46,7 +73,7 @@ pub async fn run(config: ShadowConfig, shutdown: CancellationToken) -> Result<()
                 source,
             })?;
     tracing::info!(addr = %config.listen, "shadow SSH server listening");
-    serve(listener, config.authorized_keys, shutdown).await;
+    serve(listener, config.authorized_keys.clone(), shutdown).await;
     Ok(())
 }
 

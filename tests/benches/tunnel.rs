@@ -87,7 +87,7 @@ async fn run() {
     );
     plain.wait_for("forwarding").await;
 
-    let (key, _) = deploy_shadow(&tb, OPENSSH_SHADOW, &[], "ed25519");
+    let (key, _) = deploy_shadow(&tb, OPENSSH_SHADOW, &[], &[], "ed25519");
     let mut to_sshd = Background::spawn(
         testbed,
         &tb,
@@ -231,15 +231,28 @@ async fn run() {
     tb.stop().await;
 }
 
+/// Runs a kt-testbed echo client on the workstation; its output.
+fn client(tb: &Testbed, args: &[&str]) -> String {
+    let out = workstation::exec(Path::new(TESTBED), tb)
+        .arg(TESTBED)
+        .args(args)
+        .output()
+        .expect("kt-testbed exec runs");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn seconds(tb: &Testbed, args: &[&str]) -> f64 {
-    let (ok, out) = workstation::run(Path::new(TESTBED), tb, args);
-    assert!(ok, "{args:?}: {out}");
+    let out = client(tb, args);
     out.trim().parse().expect("seconds")
 }
 
 fn latency(tb: &Testbed, addr: &str) -> (f64, f64) {
-    let (ok, out) = workstation::run(Path::new(TESTBED), tb, &["rr", addr, "2000", "64"]);
-    assert!(ok, "rr {addr}: {out}");
+    let out = client(tb, &["rr", addr, "2000", "64"]);
     let mut numbers = out
         .split_whitespace()
         .map(|n| n.parse::<f64>().expect("µs"));
@@ -252,11 +265,19 @@ async fn wait_until_echoes(
     behind: &[&Background],
 ) -> Result<(), Vec<String>> {
     let addr = format!("127.0.0.1:{port}");
+    let mut last_error = String::new();
     for _ in 0..100 {
-        if workstation::run(Path::new(TESTBED), tb, &["rr", &addr, "1", "8"]).0 {
+        let out = workstation::exec(Path::new(TESTBED), tb)
+            .args([TESTBED, "rr", &addr, "1", "8"])
+            .output()
+            .expect("kt-testbed exec runs");
+        if out.status.success() {
             return Ok(());
         }
+        last_error = String::from_utf8_lossy(&out.stderr).into_owned();
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    Err(behind.iter().map(|b| b.log()).collect())
+    let mut logs = vec![format!("last attempt: {last_error}")];
+    logs.extend(behind.iter().map(|b| b.log()));
+    Err(logs)
 }

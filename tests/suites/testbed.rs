@@ -103,7 +103,7 @@ async fn cluster_dns_answers_like_a_cluster() {
     let headless: HashSet<String> = dig("headless.default.svc.cluster.local.", "A")
         .lines()
         .skip(1)
-        .map(String::from)
+        .filter_map(|answer| answer.split_whitespace().last().map(String::from))
         .collect();
     assert_eq!(
         headless, pod_ips,
@@ -521,6 +521,7 @@ async fn the_v0_3_7_shadow_image_is_openssh_under_the_shadow_contract() {
     let (key, ip) = deploy_shadow(
         &tb,
         "registry.cn-hangzhou.aliyuncs.com/rdc-incubator/kt-connect-shadow:v0.3.7",
+        &[],
         &[],
         "ed25519",
     );

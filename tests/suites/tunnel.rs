@@ -19,7 +19,7 @@ const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
 /// shadow's pod IP.
 async fn with_shadow() -> (Testbed, PathBuf, String) {
     let tb = plain_testbed().await;
-    let (key, ip) = deploy_shadow(&tb, "kt-node-agent:dev", &["shadow"], "rsa");
+    let (key, ip) = deploy_shadow(&tb, "kt-node-agent:dev", &["shadow"], &[], "rsa");
     (tb, key, ip)
 }
 
@@ -117,6 +117,90 @@ async fn the_shadow_refuses_other_keys_and_users() {
         ],
     );
     assert!(!ok, "a user other than root got in");
+    tb.stop().await;
+}
+
+/// Our shadow with the DNS relay ktctl v0.3.7's `connect` asks for (`KT_DNS_PROTOCOL`), and
+/// the ClusterIP of `web`.
+async fn with_dns_relay(protocol: &str) -> (Testbed, String, String) {
+    let tb = plain_testbed().await;
+    let env = [
+        ("KT_DNS_PROTOCOL", protocol),
+        ("KT_LOCAL_DOMAIN", "corp.example,lab.example"),
+    ];
+    let (_, ip) = deploy_shadow(&tb, "kt-node-agent:dev", &["shadow"], &env, "rsa");
+    let cluster_ip = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
+    );
+    (tb, ip, cluster_ip)
+}
+
+/// localDNS mode: the workstation asks over TCP through a port-forward to the shadow's port
+/// 53, with names as the workstation has them; answers come back under those names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_shadow_relays_cluster_dns_over_tcp_through_a_port_forward() {
+    let (tb, _, cluster_ip) = with_dns_relay("tcp").await;
+    let testbed = Path::new(TESTBED);
+    let mut forward = Background::spawn(
+        testbed,
+        &tb,
+        testbed,
+        &[
+            "forward",
+            "default",
+            "kt-connect-shadow-abcde",
+            "17053",
+            "53",
+        ],
+    );
+    forward.wait_for("forwarding").await;
+    let dig = |name: &str| {
+        on_workstation(
+            &tb,
+            &[
+                TESTBED,
+                "dig",
+                name,
+                "A",
+                "--server",
+                "127.0.0.1:17053",
+                "--tcp",
+            ],
+        )
+    };
+    for name in [
+        "web.",
+        "WEB.corp.example.",
+        "web.default.lab.example.",
+        "web.default.svc.cluster.local.",
+    ] {
+        let (ok, out) = dig(name);
+        assert!(ok, "{name}: {out}");
+        assert_eq!(out, format!("rcode=No Error\n{name} {cluster_ip}\n"));
+    }
+    let (ok, out) = dig("nope.default.corp.example.");
+    assert!(ok && out.starts_with("rcode=Non-Existent Domain"), "{out}");
+    drop(forward);
+    tb.stop().await;
+}
+
+/// podDNS mode: a resolver sends UDP straight to the shadow pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_shadow_relays_cluster_dns_over_udp_to_the_pod() {
+    let (tb, ip, cluster_ip) = with_dns_relay("udp").await;
+    let server = format!("{ip}:53");
+    let (ok, out) = in_client(&tb, &[TESTBED, "dig", "web.", "A", "--server", &server]);
+    assert!(ok, "{out}");
+    assert_eq!(out, format!("rcode=No Error\nweb. {cluster_ip}\n"));
+    let (_, out) = in_client(
+        &tb,
+        &[TESTBED, "dig", "web.", "A", "--server", &server, "--tcp"],
+    );
+    assert!(
+        !out.starts_with("rcode="),
+        "only the protocol ktctl asked for is served: {out}"
+    );
     tb.stop().await;
 }
 

@@ -7,10 +7,10 @@
 //! kt-testbed serve [--nodes N] [--dir D]  run in the foreground (what `up` starts)
 //! ```
 //! Internal: `run-in-pod SPEC` (the kubelet's pod runner), `image NAME` (test images),
-//! `dig NAME [TYPE]` and `port-forward NS POD PORT` (tools the suites run inside the
-//! cluster); `load`, `bulk`, `rr` (TCP echo clients) and `forward NS POD LOCAL REMOTE` (a
-//! port-forward through the API server per connection, as `kubectl port-forward` does),
-//! which the suites and benchmarks run on the workstation.
+//! `dig NAME [TYPE] [--server ADDR] [--tcp]` and `port-forward NS POD PORT` (tools the
+//! suites run inside the cluster); `load`, `bulk`, `rr` (TCP echo clients) and
+//! `forward NS POD LOCAL REMOTE` (a port-forward through the API server per connection, as
+//! `kubectl port-forward` does), which the suites and benchmarks run on the workstation.
 
 use std::{
     path::{Path, PathBuf},
@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         }
         Some("run-in-pod") => return fail(cluster::run_in_pod(Path::new(args.get(1).map(String::as_str).unwrap_or_default()))),
         Some("image") => runtime(image(args.get(1).map(String::as_str).unwrap_or_default())),
-        Some("dig") => runtime(dig(args.get(1).cloned().unwrap_or_default(), args.get(2).cloned().unwrap_or_else(|| "A".into()))),
+        Some("dig") => runtime(dig(&args[1..])),
         Some("port-forward") => runtime(port_forward(&args[1..])),
         Some("load") => runtime(load(&args[1..])),
         Some("forward") => runtime(forward(&args[1..])),
@@ -98,35 +98,63 @@ async fn image(name: &str) -> Result {
     Ok(())
 }
 
-/// Asks the nameserver of /etc/resolv.conf over UDP; prints the rcode and the answers.
-async fn dig(name: String, kind: String) -> Result {
+/// `dig NAME [TYPE] [--server ADDR] [--tcp]`: asks the nameserver of /etc/resolv.conf (or
+/// ADDR, `ip:port`) over UDP (or TCP); prints the rcode, then `NAME DATA` per answer.
+async fn dig(args: &[String]) -> Result {
     use hickory_proto::{
         op::{Message, Query},
         rr::{Name, RecordType},
     };
-    let resolv = std::fs::read_to_string("/etc/resolv.conf")?;
-    let server = resolv
-        .lines()
-        .find_map(|l| l.strip_prefix("nameserver "))
-        .ok_or("no nameserver")?
-        .trim()
-        .to_owned();
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut positional = args.iter().filter(|a| !a.starts_with("--"));
+    let name = positional
+        .next()
+        .ok_or("usage: dig NAME [TYPE] [--server ADDR] [--tcp]")?;
+    let kind = positional.next().map_or("A", String::as_str);
+    let server = match args.iter().position(|a| a == "--server") {
+        Some(i) => args.get(i + 1).ok_or("--server needs ip:port")?.clone(),
+        None => {
+            let resolv = std::fs::read_to_string("/etc/resolv.conf")?;
+            let ip = resolv
+                .lines()
+                .find_map(|l| l.strip_prefix("nameserver "))
+                .ok_or("no nameserver")?;
+            format!("{}:53", ip.trim())
+        }
+    };
     let mut query = Message::query();
+    query.metadata.id = rand::random();
     query.metadata.recursion_desired = true;
     query.add_query(Query::query(
-        Name::from_ascii(&name)?,
+        Name::from_ascii(name)?,
         kind.parse::<RecordType>()?,
     ));
-    let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
-    socket
-        .send_to(&query.to_vec()?, format!("{server}:53"))
-        .await?;
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(3), socket.recv(&mut buf)).await??;
-    let reply = Message::from_vec(&buf[..n])?;
+    let bytes = query.to_vec()?;
+    let reply = if args.iter().any(|a| a == "--tcp") {
+        let mut stream = tokio::net::TcpStream::connect(&server).await?;
+        stream.write_u16(u16::try_from(bytes.len())?).await?;
+        stream.write_all(&bytes).await?;
+        let read = async {
+            let mut reply = vec![0u8; usize::from(stream.read_u16().await?)];
+            stream.read_exact(&mut reply).await?;
+            Ok::<_, std::io::Error>(reply)
+        };
+        tokio::time::timeout(Duration::from_secs(5), read).await??
+    } else {
+        let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+        socket.send_to(&bytes, &server).await?;
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf)).await??;
+        buf.truncate(n);
+        buf
+    };
+    let reply = Message::from_vec(&reply)?;
+    if reply.metadata.id != query.metadata.id {
+        return Err("reply to another query".into());
+    }
     println!("rcode={}", reply.metadata.response_code);
     for answer in &reply.answers {
-        println!("{}", answer.data);
+        println!("{} {}", answer.name, answer.data);
     }
     Ok(())
 }

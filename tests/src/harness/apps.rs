@@ -136,13 +136,14 @@ pub fn who_answers(tb: &Testbed, url: &str) -> Option<String> {
     })
 }
 
-/// A shadow pod `kt-connect-shadow-abcde` of `image` (with container `args`) in `default`,
-/// under the v0.3.7 contract: a fresh key pair, its public half in the ConfigMap key
-/// `authorized` mounted at `/root/authorized`. Returns the private key file and the pod IP.
+/// A shadow pod `kt-connect-shadow-abcde` of `image` (with container `args` and `env`) in
+/// `default`, under the v0.3.7 contract: a fresh key pair, its public half in the ConfigMap
+/// key `authorized` mounted at `/root/authorized`. Returns the private key file and the pod IP.
 pub fn deploy_shadow(
     tb: &Testbed,
     image: &str,
     args: &[&str],
+    env: &[(&str, &str)],
     key_type: &str,
 ) -> (std::path::PathBuf, String) {
     let key = tb
@@ -174,6 +175,11 @@ pub fn deploy_shadow(
         ],
     );
     let args = serde_json::to_string(args).expect("strings serialise");
+    let env: Vec<serde_json::Value> = env
+        .iter()
+        .map(|(name, value)| serde_json::json!({"name": name, "value": value}))
+        .collect();
+    let env = serde_json::Value::from(env);
     apply(
         &tb.kubeconfig,
         &format!(
@@ -187,6 +193,7 @@ spec:
   - name: standalone
     image: {image}
     args: {args}
+    env: {env}
     volumeMounts: [{{name: ssh-public-key, mountPath: /root/authorized}}]
     readinessProbe: {{tcpSocket: {{port: 22}}, periodSeconds: 1}}
   volumes:

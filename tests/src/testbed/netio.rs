@@ -53,6 +53,8 @@ pub async fn dial(netns: &Path, addr: SocketAddr) -> io::Result<tokio::net::TcpS
     let stream = tokio::task::spawn_blocking(move || {
         in_netns(&netns, move || {
             let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            // The kubelet and API server are Go programs: their connections are NODELAY.
+            s.set_nodelay(true)?;
             s.set_nonblocking(true)?;
             Ok(s)
         })

@@ -80,6 +80,8 @@ pub async fn serve(
                 Err(_) => continue,
             },
         };
+        // Go's net package sets TCP_NODELAY on every connection; kube-apiserver's do too.
+        let _ = stream.set_nodelay(true);
         let (acceptor, router, shutdown) = (acceptor.clone(), router.clone(), shutdown.clone());
         tasks.spawn(async move {
             let Ok(tls) = acceptor.accept(stream).await else {
