@@ -114,6 +114,26 @@ pub struct GlobalOptions {
     /// Specify resource limit for shadow and router pod, e.g. '0.5c,512m'
     #[arg(long = "podQuota", global = true, default_value = "")]
     pub pod_quota: String,
+
+    // kt's own flags, after v0.3.7's.
+    /// How to reach the shadow's SSH port: 'auto' (straight to the pod when its address is
+    /// reachable from here, else through the API server), 'direct' or 'portForward'
+    #[arg(long = "transport", global = true, value_enum, default_value = "auto")]
+    pub transport: Transport,
+
+    /// SSH connections per session; parallel connections are spread over them
+    #[arg(long = "sshConnections", global = true, default_value_t = 2,
+          value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub ssh_connections: u8,
+}
+
+/// `--transport`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    Auto,
+    Direct,
+    #[value(name = "portForward")]
+    PortForward,
 }
 
 /// The clap command, for help rendering.
@@ -148,6 +168,21 @@ mod tests {
         assert_eq!(g.service_account, "default");
         assert_eq!((g.port_forward_timeout, g.pod_creation_timeout), (10, 60));
         assert!(!g.debug && !g.use_shadow_deployment && !g.use_local_time && !g.force_update);
+        assert_eq!((g.transport, g.ssh_connections), (Transport::Auto, 2));
+    }
+
+    #[test]
+    fn kt_transport_flags() {
+        let g = parse(&["--transport", "portForward", "--sshConnections=4"])
+            .unwrap()
+            .global;
+        assert_eq!(
+            (g.transport, g.ssh_connections),
+            (Transport::PortForward, 4)
+        );
+        assert!(parse(&["--sshConnections=0"]).is_err());
+        let err = parse(&["--transport", "carrier-pigeon"]).unwrap_err();
+        assert!(err.to_string().contains("carrier-pigeon"), "{err}");
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub async fn connect(global: &GlobalOptions) -> Result<Cluster, ClusterError> {
         .clone()
         .unwrap_or_else(|| config.default_namespace.clone());
     tracing::info!("Using cluster context {current} ({})", config.cluster_url);
-    let client = kube::Client::try_from(config).map_err(|e| ClusterError::Client(Box::new(e)))?;
+    // NODELAY on the API connections: the tunnel's port-forward carries small SSH packets.
+    let client =
+        kt_tunnel::transport::kube_client(config).map_err(|e| ClusterError::Client(Box::new(e)))?;
     Ok(Cluster { client, namespace })
 }

@@ -2,6 +2,9 @@
 //! (removing it stops ktctl: the v0.3.7 kill switch), the signals that stop it (SIGINT,
 //! SIGTERM, SIGHUP, SIGQUIT), and the teardown steps registered while setting up, run in
 //! reverse order on the way out — after a signal, an error or a normal end alike.
+//!
+//! Files under `~/.kt` written by a ktctl run under `sudo` belong to the user who ran sudo
+//! (`SUDO_UID`/`SUDO_GID`), as in v0.3.7, so that user's later non-root commands can manage them.
 
 use std::{
     future::Future,
@@ -38,21 +41,55 @@ pub fn kt_home() -> PathBuf {
     PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".kt")
 }
 
+/// The user who ran `sudo ktctl`, when ktctl runs as root under sudo.
+fn sudo_owner() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no failure mode.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let id = |name: &str| std::env::var(name).ok()?.parse::<u32>().ok();
+    Some((id("SUDO_UID")?, id("SUDO_GID")?))
+}
+
+/// Writes `content` to `path` under `~/.kt` with `mode` (set at creation and kept), creating
+/// the directories on the way; under sudo, the file and those directories are chowned to the
+/// sudo user.
+pub fn write_file(path: &Path, content: &[u8], mode: u32) -> Result<(), SessionError> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let fail = |source| SessionError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(fail)?;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(fail)?;
+    std::io::Write::write_all(&mut file, content).map_err(fail)?;
+    if let Some((uid, gid)) = sudo_owner() {
+        let home = kt_home();
+        let owned =
+            std::iter::once(path).chain(dir.ancestors().take_while(|d| d.starts_with(&home)));
+        for entry in owned {
+            std::os::unix::fs::chown(entry, Some(uid), Some(gid)).map_err(fail)?;
+        }
+    }
+    Ok(())
+}
+
 impl Session {
     /// Writes the pid file and starts watching signals and the pid file.
     pub fn start(component: &str) -> Result<std::sync::Arc<Self>, SessionError> {
         let home = kt_home();
         let pid = std::process::id();
         let pid_file = home.join("pid").join(format!("{component}-{pid}.pid"));
-        let write = |path: &Path, content: &str| {
-            std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
-                .and_then(|()| std::fs::write(path, content))
-                .map_err(|source| SessionError::Write {
-                    path: path.to_owned(),
-                    source,
-                })
-        };
-        write(&pid_file, &pid.to_string())?;
+        write_file(&pid_file, pid.to_string().as_bytes(), 0o644)?;
         let session = std::sync::Arc::new(Self {
             home,
             pid_file,

@@ -1,19 +1,40 @@
-//! SSH to the shadow over the API server's pod port-forward (always available): one SSH
-//! connection, re-established with back-off when it drops, carrying one `direct-tcpip`
-//! channel per forwarded connection. The session key authenticates; the host key is not
-//! checked, as in v0.3.7 — the transport is the API server's authenticated TLS.
+//! SSH to the shadow: a few SSH connections per session (`--sshConnections`), each carrying
+//! `direct-tcpip` channels, one per forwarded connection, handed out in turn so that
+//! parallel connections spread over several SSH session loops. Every SSH connection goes
+//! straight to the pod's address when that is reachable from the workstation (`--transport
+//! auto`, the default), else over the API server's pod port-forward, which is always
+//! available. A dropped connection is re-established with back-off when next used. The
+//! session key authenticates the client. The shadow's host key is learned over the
+//! port-forward (the API server's authenticated TLS); a direct connection must show that
+//! key (v0.3.7 checks no host key at all).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use k8s_openapi::api::core::v1::Pod;
 use kt_proto::k8s;
-use kt_tunnel::config::AcceptAnyHostKey;
+use kt_tunnel::config::HostKeyPin;
 use kube::Api;
 use russh::{
     client::{self, Handle},
     keys::{PrivateKey, PrivateKeyWithHashAlg, ssh_key::private::Ed25519Keypair},
 };
-use tokio::sync::Mutex;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::Mutex,
+};
+
+use crate::args::Transport;
+
+/// How long a direct connection attempt may take before the pod counts as unreachable.
+const DIRECT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -23,6 +44,14 @@ pub enum TunnelError {
         #[source]
         source: kube::Error,
     },
+    #[error("failed to connect to shadow pod at {addr}")]
+    Direct {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shadow pod {pod} has no address to connect to directly (--transport direct)")]
+    NoPodAddress { pod: String },
     #[error("SSH to shadow pod {pod} failed")]
     Ssh {
         pod: String,
@@ -37,6 +66,13 @@ pub enum TunnelError {
         #[source]
         source: russh::Error,
     },
+}
+
+/// The way to the shadow's SSH port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Direct(SocketAddr),
+    PortForward,
 }
 
 /// A session key pair.
@@ -69,43 +105,89 @@ pub struct Tunnel {
     pods: Api<Pod>,
     pod: String,
     key: Arc<PrivateKey>,
-    ssh: Mutex<Option<Handle<AcceptAnyHostKey>>>,
+    transport: Transport,
+    host_key: HostKeyPin,
+    /// Chosen by [`Tunnel::start`].
+    route: OnceLock<Route>,
+    connections: Vec<Mutex<Option<Handle<HostKeyPin>>>>,
+    next: AtomicUsize,
 }
 
 impl Tunnel {
-    pub fn new(client: kube::Client, namespace: &str, pod: &str, key: Arc<PrivateKey>) -> Self {
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        pod: &str,
+        key: Arc<PrivateKey>,
+        transport: Transport,
+        connections: usize,
+    ) -> Self {
         Self {
             pods: Api::namespaced(client, namespace),
             pod: pod.into(),
             key,
-            ssh: Mutex::new(None),
+            transport,
+            host_key: HostKeyPin::default(),
+            route: OnceLock::new(),
+            connections: (0..connections.max(1)).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
         }
     }
 
-    async fn connect(&self) -> Result<Handle<AcceptAnyHostKey>, TunnelError> {
-        let mut forwarder = self
-            .pods
-            .portforward(&self.pod, &[k8s::SSH_PORT])
-            .await
-            .map_err(|source| TunnelError::PortForward {
-                pod: self.pod.clone(),
-                source,
-            })?;
-        let stream = forwarder
-            .take_stream(k8s::SSH_PORT)
-            .expect("the port was requested");
-        // The forwarder's task and the read-ahead both end with the stream.
-        tokio::spawn(async move {
-            let _ = forwarder.join().await;
-        });
+    async fn connect(&self, route: Route) -> Result<Handle<HostKeyPin>, TunnelError> {
+        match route {
+            Route::Direct(addr) => {
+                let tcp = tokio::time::timeout(DIRECT_CONNECT_TIMEOUT, TcpStream::connect(addr))
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+                    .map_err(|source| TunnelError::Direct { addr, source })?;
+                let _ = tcp.set_nodelay(true);
+                // Under `auto` the key was learned over the port-forward and must match;
+                // `--transport direct` trusts the path the user chose.
+                let host_key = match self.transport {
+                    Transport::Auto => self.host_key.required(),
+                    _ => self.host_key.clone(),
+                };
+                self.handshake(tcp, host_key).await
+            }
+            Route::PortForward => {
+                let mut forwarder = self
+                    .pods
+                    .portforward(&self.pod, &[k8s::SSH_PORT])
+                    .await
+                    .map_err(|source| TunnelError::PortForward {
+                        pod: self.pod.clone(),
+                        source,
+                    })?;
+                let stream = forwarder
+                    .take_stream(k8s::SSH_PORT)
+                    .expect("the port was requested");
+                // The forwarder's task ends with the stream.
+                tokio::spawn(async move {
+                    let _ = forwarder.join().await;
+                });
+                self.handshake(stream, self.host_key.clone()).await
+            }
+        }
+    }
+
+    /// SSH over `stream`, authenticated with the session key.
+    async fn handshake<S>(
+        &self,
+        stream: S,
+        host_key: HostKeyPin,
+    ) -> Result<Handle<HostKeyPin>, TunnelError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        // The read-ahead ends with the stream.
         let (stream, reader) = kt_tunnel::transport::read_ahead(stream);
         tokio::spawn(reader);
-        let config = kt_tunnel::config::client();
         let ssh_err = |source| TunnelError::Ssh {
             pod: self.pod.clone(),
             source,
         };
-        let mut handle = client::connect_stream(config, stream, AcceptAnyHostKey)
+        let mut handle = client::connect_stream(kt_tunnel::config::client(), stream, host_key)
             .await
             .map_err(ssh_err)?;
         let auth = handle
@@ -123,14 +205,27 @@ impl Tunnel {
         Ok(handle)
     }
 
-    /// Establishes the first connection. A pod is Running before its SSH server listens,
-    /// so this retries with back-off for up to `timeout` (`--portForwardTimeout`).
-    pub async fn start(&self, timeout: Duration) -> Result<(), TunnelError> {
-        let deadline = tokio::time::Instant::now() + timeout;
+    /// The pod's SSH address, unless `--transport portForward`.
+    async fn pod_address(&self) -> Option<SocketAddr> {
+        if self.transport == Transport::PortForward {
+            return None;
+        }
+        let pod = self.pods.get(&self.pod).await.ok()?;
+        let ip: IpAddr = pod.status?.pod_ip?.parse().ok()?;
+        Some(SocketAddr::new(ip, k8s::SSH_PORT))
+    }
+
+    /// Connects over `route`, retrying with back-off until `deadline`: a pod is Running
+    /// before its SSH server listens.
+    async fn connect_until(
+        &self,
+        route: Route,
+        deadline: tokio::time::Instant,
+    ) -> Result<Handle<HostKeyPin>, TunnelError> {
         let mut delay = Duration::from_millis(100);
-        let handle = loop {
-            match self.connect().await {
-                Ok(h) => break h,
+        loop {
+            match self.connect(route).await {
+                Ok(handle) => return Ok(handle),
                 Err(e) if tokio::time::Instant::now() + delay < deadline => {
                     tracing::debug!(error = %kt_proto::error_chain(&e), "shadow not reachable yet");
                     tokio::time::sleep(delay).await;
@@ -138,32 +233,103 @@ impl Tunnel {
                 }
                 Err(e) => return Err(e),
             }
-        };
-        tracing::info!(
-            "Port forward to pod {}:{} established",
-            self.pod,
-            k8s::SSH_PORT
-        );
-        *self.ssh.lock().await = Some(handle);
-        Ok(())
+        }
     }
 
-    /// A `direct-tcpip` channel to `host:port`, reconnecting (with back-off) if the SSH
-    /// connection has gone.
+    /// Chooses the route and establishes the connections, retrying for up to `timeout`
+    /// (`--portForwardTimeout`). Under `auto` the first connection goes over the
+    /// port-forward (it learns the host key and proves the shadow is up); then the pod's
+    /// address is tried once, and used if it answers with that key.
+    pub async fn start(&self, timeout: Duration) -> Result<Route, TunnelError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (route, first) = match self.transport {
+            Transport::Direct => {
+                let addr = self
+                    .pod_address()
+                    .await
+                    .ok_or_else(|| TunnelError::NoPodAddress {
+                        pod: self.pod.clone(),
+                    })?;
+                let route = Route::Direct(addr);
+                (route, self.connect_until(route, deadline).await?)
+            }
+            Transport::PortForward => (
+                Route::PortForward,
+                self.connect_until(Route::PortForward, deadline).await?,
+            ),
+            Transport::Auto => {
+                let forwarded = self.connect_until(Route::PortForward, deadline).await?;
+                match self.pod_address().await {
+                    Some(addr) => match self.connect(Route::Direct(addr)).await {
+                        Ok(direct) => (Route::Direct(addr), direct),
+                        Err(e) => {
+                            tracing::debug!(error = %kt_proto::error_chain(&e), "pod address not usable, staying on the port-forward");
+                            (Route::PortForward, forwarded)
+                        }
+                    },
+                    None => (Route::PortForward, forwarded),
+                }
+            }
+        };
+        match route {
+            Route::Direct(addr) => {
+                tracing::info!("Connected to pod {} at {addr} directly", self.pod);
+            }
+            Route::PortForward => tracing::info!(
+                "Port forward to pod {}:{} established",
+                self.pod,
+                k8s::SSH_PORT
+            ),
+        }
+        let route = *self.route.get_or_init(|| route);
+        *self.connections[0].lock().await = Some(first);
+        // The others in parallel; one that fails is retried when it is next used.
+        futures::future::join_all(self.connections[1..].iter().map(|slot| async move {
+            match self.connect(route).await {
+                Ok(handle) => *slot.lock().await = Some(handle),
+                Err(e) => tracing::debug!(error = %kt_proto::error_chain(&e), "extra SSH connection failed"),
+            }
+        }))
+        .await;
+        tracing::debug!(connections = self.connections.len(), ?route, "tunnel ready");
+        Ok(route)
+    }
+
+    /// A new connection for a pool slot. Under `auto` a direct route that stops working (the
+    /// pod restarted with a new host key, the network changed) falls back to the
+    /// port-forward, which also learns the new key.
+    async fn reconnect(&self, route: Route) -> Result<Handle<HostKeyPin>, TunnelError> {
+        match (self.transport, route) {
+            (Transport::Auto, Route::Direct(_)) => match self.connect(route).await {
+                Ok(handle) => Ok(handle),
+                Err(e) => {
+                    tracing::debug!(error = %kt_proto::error_chain(&e), "direct reconnect failed, using the port-forward");
+                    self.connect(Route::PortForward).await
+                }
+            },
+            _ => self.connect(route).await,
+        }
+    }
+
+    /// A `direct-tcpip` channel to `host:port` on the next SSH connection in turn,
+    /// reconnecting it (with back-off) if it has gone.
     pub async fn open(
         &self,
         host: &str,
         port: u16,
     ) -> Result<russh::Channel<client::Msg>, TunnelError> {
         let target = format!("{host}:{port}");
+        let route = self.route.get().copied().unwrap_or(Route::PortForward);
+        let slot =
+            &self.connections[self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len()];
         let mut delay = Duration::from_millis(200);
         for attempt in 0..6 {
-            let mut guard = self.ssh.lock().await;
+            let mut guard = slot.lock().await;
             if guard.as_ref().is_none_or(Handle::is_closed) {
                 if attempt == 0 && guard.is_some() {
                     tracing::warn!("Connection to shadow pod {} lost, reconnecting", self.pod);
                 }
-                match self.connect().await {
+                match self.reconnect(route).await {
                     Ok(h) => *guard = Some(h),
                     Err(e) if attempt == 5 => return Err(e),
                     Err(e) => {

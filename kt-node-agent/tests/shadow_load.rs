@@ -15,7 +15,7 @@ use std::{
 };
 
 use kt_node_agent::shadow;
-use kt_tunnel::config::AcceptAnyHostKey;
+use kt_tunnel::config::HostKeyPin;
 use russh::{
     client,
     keys::{PrivateKey, PrivateKeyWithHashAlg, ssh_key::private::Ed25519Keypair},
@@ -62,10 +62,13 @@ impl Rig {
                 () = reader_stop.cancelled() => {}
             }
         });
-        let mut ssh =
-            client::connect_stream(kt_tunnel::config::client(), transport, AcceptAnyHostKey)
-                .await
-                .unwrap();
+        let mut ssh = client::connect_stream(
+            kt_tunnel::config::client(),
+            transport,
+            HostKeyPin::default(),
+        )
+        .await
+        .unwrap();
         let auth = ssh
             .authenticate_publickey("root", PrivateKeyWithHashAlg::new(Arc::new(key), None))
             .await

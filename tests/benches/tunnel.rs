@@ -5,7 +5,8 @@
 //! - `ssh -L`: OpenSSH's client through the v0.3.7 shadow (OpenSSH `sshd`), itself reached
 //!   over a port-forward to its port 22 — what ktctl v0.3.7 does;
 //! - `ktctl/openssh`: `ktctl forward` through the v0.3.7 shadow image;
-//! - `ktctl/kt`: `ktctl forward` through kt's shadow (`--image kt-shadow:dev`).
+//! - `ktctl/kt`: `ktctl forward` through kt's shadow (`--image kt-shadow:dev`), with its
+//!   default two SSH connections, and `ktctl/kt 1 SSH` with one (`--sshConnections 1`).
 //!
 //! Each measures bulk echo throughput (1 stream × 64 MiB and 8 streams × 8 MiB, data each
 //! way at once) and request/response latency (2 000 sequential 64-byte round trips, p50 and
@@ -138,8 +139,22 @@ async fn run() {
         &tb,
         &["forward", "echo", "17003:9000", "--image", "kt-shadow:dev"],
     );
+    let mut ktctl_kt_one = Background::ktctl(
+        testbed,
+        &tb,
+        &[
+            "forward",
+            "echo",
+            "17004:9000",
+            "--image",
+            "kt-shadow:dev",
+            "--sshConnections",
+            "1",
+        ],
+    );
     ktctl_openssh.ready().await;
     ktctl_kt.ready().await;
+    ktctl_kt_one.ready().await;
 
     let paths = [
         Route {
@@ -157,6 +172,10 @@ async fn run() {
         Route {
             name: "ktctl/kt",
             port: 17003,
+        },
+        Route {
+            name: "ktctl/kt 1 SSH",
+            port: 17004,
         },
     ];
     let mut samples: Vec<Samples> = paths.iter().map(|_| Samples::default()).collect();
@@ -225,6 +244,14 @@ async fn run() {
         kt[3] / plain[3]
     );
 
+    let one = &rows[4];
+    println!(
+        "ktctl/kt with 2 SSH connections (default) vs 1: throughput ×{:.2} (1 stream), ×{:.2} (8 streams)",
+        kt[0] / one[0],
+        kt[1] / one[1]
+    );
+
+    ktctl_kt_one.interrupt();
     ktctl_kt.interrupt();
     ktctl_openssh.interrupt();
     drop((plain, to_sshd, ssh));

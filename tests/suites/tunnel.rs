@@ -9,7 +9,7 @@ use kt_tests::{
         kubectl::kubectl_ok,
         workstation::{self, Background, ECHO},
     },
-    testbed::cluster::Testbed,
+    testbed::{cluster::Testbed, topology::pod_cidr},
 };
 
 const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
@@ -309,6 +309,69 @@ async fn ktctl_forward_through_the_openssh_shadow_survives_pod_replacement() {
     tb.stop().await;
 }
 
+/// With the pod network routed to the workstation (a flat network, a VPN), ktctl goes straight
+/// to the shadow pod once the port-forward has shown it the pod's host key; `--transport
+/// portForward` keeps it on the API server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ktctl_goes_straight_to_a_reachable_shadow_pod() {
+    let tb = plain_testbed().await;
+    let topology = tb.topology();
+    for node in &topology.nodes {
+        let via = node.ip().to_string();
+        let out = topology
+            .workstation
+            .ip(&["route", "add", &pod_cidr(node.index), "via", &via])
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let mut direct = ktctl(
+        &tb,
+        &["forward", "web", "18080:80", "--sshConnections", "3", "-d"],
+    );
+    let mut forwarded = ktctl(
+        &tb,
+        &[
+            "forward",
+            "web",
+            "18081:80",
+            "--transport",
+            "portForward",
+            "--image",
+            "kt-shadow:dev",
+        ],
+    );
+    direct.ready().await;
+    forwarded.ready().await;
+    assert!(direct.log().contains(":22 directly"), "{}", direct.log());
+    assert!(
+        forwarded.log().contains("Port forward to pod") && !forwarded.log().contains("directly"),
+        "{}",
+        forwarded.log()
+    );
+    for port in [18080, 18081] {
+        // Several requests: they go over different SSH connections in turn.
+        for _ in 0..4 {
+            let (ok, body) = on_workstation(
+                &tb,
+                &[
+                    "curl",
+                    "-s",
+                    "--max-time",
+                    "5",
+                    &format!("http://127.0.0.1:{port}/"),
+                ],
+            );
+            assert!(
+                ok && first_line(&body).starts_with("pod=web-"),
+                "{port}: {body}"
+            );
+        }
+    }
+    direct.interrupt();
+    forwarded.interrupt();
+    tb.stop().await;
+}
+
 /// 100 parallel connections of 1 MiB each way (echoed and compared by `kt-testbed load`),
 /// then a killed port-forward, then new connections again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,11 +408,53 @@ async fn ctrl_c_and_the_pid_file_kill_switch_leave_nothing_behind() {
     let tb = plain_testbed().await;
     let before = kt_objects(&tb);
     let home = tb.dir.join("workstation/home/.kt");
-    let mut first = ktctl(
+    // As `sudo ktctl` by user 4321: its ~/.kt files belong to that user (v0.3.7 chowns them).
+    let ktctl_bin = workstation::ktctl_bin(Path::new(TESTBED));
+    let mut first = Background::spawn(
+        Path::new(TESTBED),
         &tb,
-        &["forward", "web", "18080:80", "--image", "kt-shadow:dev"],
+        Path::new("env"),
+        &[
+            "SUDO_UID=4321",
+            "SUDO_GID=4322",
+            ktctl_bin.to_str().unwrap(),
+            "forward",
+            "web",
+            "18080:80",
+            "--image",
+            "kt-shadow:dev",
+        ],
     );
     first.ready().await;
+    let owners: Vec<(PathBuf, u32, u32)> = ["", "pid", "key"]
+        .iter()
+        .flat_map(|dir| {
+            let dir = home.join(dir);
+            let files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect();
+            std::iter::once(dir).chain(files)
+        })
+        .map(|path| {
+            use std::os::unix::fs::MetadataExt as _;
+            let meta = std::fs::metadata(&path).unwrap();
+            (path, meta.uid(), meta.gid())
+        })
+        .collect();
+    assert_eq!(
+        owners.len(),
+        5,
+        "~/.kt, pid/, key/, a pid file, a key file: {owners:?}"
+    );
+    assert!(
+        owners
+            .iter()
+            .all(|(_, uid, gid)| (*uid, *gid) == (4321, 4322)),
+        "{owners:?}"
+    );
     assert_ne!(
         kt_objects(&tb),
         before,

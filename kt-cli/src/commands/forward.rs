@@ -170,7 +170,8 @@ async fn forward(
     let name = k8s::connect_shadow_name(&k8s::random_lower(5, rand::random));
     let key = SessionKey::generate();
     let key_file = session.home.join("key").join(format!("{name}.key"));
-    write_key(&key_file, &key.private_pem)?;
+    // The session's private key at `~/.kt/key/<shadow>.key`, mode 0400 (v0.3.7).
+    crate::session::write_file(&key_file, key.private_pem.as_bytes(), 0o400)?;
     session.defer("remove key file", async move {
         if std::fs::remove_file(&key_file).is_ok() {
             tracing::info!("Removed key file {}", key_file.display());
@@ -192,6 +193,8 @@ async fn forward(
         &cluster.namespace,
         &name,
         key.private.clone(),
+        global.transport,
+        usize::from(global.ssh_connections),
     ));
     tunnel
         .start(std::time::Duration::from_secs(u64::from(
@@ -235,21 +238,6 @@ async fn forward(
     connections.close();
     connections.wait().await;
     Ok(())
-}
-
-/// The session's private key at `~/.kt/key/<shadow>.key`, mode 0400.
-fn write_key(path: &std::path::Path, pem: &str) -> Result<(), CliError> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let io =
-        |e: std::io::Error| CliError::Io(format!("failed to write key file {}", path.display()), e);
-    std::fs::create_dir_all(path.parent().unwrap_or(std::path::Path::new("."))).map_err(io)?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o400)
-        .open(path)
-        .map_err(io)?;
-    std::io::Write::write_all(&mut file, pem.as_bytes()).map_err(io)
 }
 
 /// ktctl's banner: the message between two lines of 63 dashes.

@@ -3,9 +3,15 @@
 //! Both grant window on consumption: every channel must go through [`crate::bridge`] (or
 //! report consumption itself), or its peer stops after one window.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use russh::{MethodKind, MethodSet, keys::PrivateKey};
+use russh::{
+    MethodKind, MethodSet,
+    keys::{PrivateKey, ssh_key::public::KeyData},
+};
 
 /// The SSH channel window: large enough that one stream is not window-limited on a LAN.
 pub const WINDOW: u32 = 8 * 1024 * 1024;
@@ -28,18 +34,43 @@ const CIPHERS: &[russh::cipher::Name] = &[
     russh::cipher::CHACHA20_POLY1305,
 ];
 
-/// The client handler of kt's tunnels: the shadow's host key is fresh per start and not
-/// pinned (v0.3.7 does not either); the transport is the API server's authenticated TLS
-/// and the session key authenticates the client.
-pub struct AcceptAnyHostKey;
+/// The client handler of ktctl's tunnels. A shadow's host key is fresh per start and not
+/// known in advance (v0.3.7 does not check it at all). Over the API server's port-forward —
+/// authenticated TLS to the right pod — any key is accepted and remembered; a handler from
+/// [`HostKeyPin::required`], used for a direct connection to the pod's address, accepts only
+/// the key remembered last, so another host answering at that address cannot stand in.
+#[derive(Clone, Default)]
+pub struct HostKeyPin {
+    learned: Arc<Mutex<Option<KeyData>>>,
+    required: bool,
+}
 
-impl russh::client::Handler for AcceptAnyHostKey {
+impl HostKeyPin {
+    /// A handler that accepts only the key this pin learned (none yet: no key).
+    pub fn required(&self) -> Self {
+        Self {
+            learned: self.learned.clone(),
+            required: true,
+        }
+    }
+}
+
+impl russh::client::Handler for HostKeyPin {
     type Error = russh::Error;
 
     async fn check_server_key(
         &mut self,
-        _key: &russh::keys::PublicKeyOrCertificate,
+        key: &russh::keys::PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
+        let presented = match key {
+            russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => key.key_data(),
+            russh::keys::PublicKeyOrCertificate::Certificate(cert) => cert.public_key(),
+        };
+        let mut learned = self.learned.lock().unwrap_or_else(|e| e.into_inner());
+        if self.required {
+            return Ok(learned.as_ref() == Some(presented));
+        }
+        *learned = Some(presented.clone());
         Ok(true)
     }
 }
@@ -77,4 +108,42 @@ pub fn server(host_key: PrivateKey) -> Arc<russh::server::Config> {
         window_on_consumption: true,
         ..Default::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use russh::{
+        client::Handler as _,
+        keys::{PrivateKey, PublicKeyOrCertificate, ssh_key::private::Ed25519Keypair},
+    };
+
+    use super::HostKeyPin;
+
+    fn host_key(seed: u8) -> PublicKeyOrCertificate {
+        let key = PrivateKey::from(Ed25519Keypair::from_seed(&[seed; 32]));
+        PublicKeyOrCertificate::PublicKey {
+            key: key.public_key().clone(),
+            hash_alg: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_direct_connection_must_show_the_key_the_port_forward_saw() {
+        let mut learn = HostKeyPin::default();
+        let mut direct = learn.required();
+        assert!(
+            !direct.check_server_key(&host_key(1)).await.unwrap(),
+            "nothing learned yet"
+        );
+        assert!(learn.check_server_key(&host_key(1)).await.unwrap());
+        assert!(direct.check_server_key(&host_key(1)).await.unwrap());
+        assert!(
+            !direct.check_server_key(&host_key(2)).await.unwrap(),
+            "an impostor"
+        );
+        // The pod restarted with a new key: the port-forward learns it, direct follows.
+        assert!(learn.check_server_key(&host_key(2)).await.unwrap());
+        assert!(direct.check_server_key(&host_key(2)).await.unwrap());
+        assert!(!direct.check_server_key(&host_key(1)).await.unwrap());
+    }
 }

@@ -224,7 +224,8 @@ async fn forward(args: &[String]) -> Result {
         return Err("usage: forward NS POD LOCAL_PORT REMOTE_PORT".into());
     };
     let (local, remote): (u16, u16) = (local.parse()?, remote.parse()?);
-    let client = kube::Client::try_default().await?;
+    // kubectl is a Go program: its connection to the API server is NODELAY.
+    let client = kt_tunnel::transport::kube_client(kube::Config::infer().await?)?;
     let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, ns);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", local)).await?;
     println!("forwarding 127.0.0.1:{local} -> {pod}:{remote}");

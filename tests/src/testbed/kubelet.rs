@@ -353,6 +353,13 @@ impl Kubelets {
                 &format!("net.ipv4.conf.{veth}.proxy_arp"),
                 "1",
             )?;
+            // Answer the pod's ARP for its gateway at once, as Calico configures its veths;
+            // the kernel's default delays proxy replies by up to 0.8 s.
+            topology::sysctl(
+                &node.netns_name,
+                &format!("net.ipv4.neigh.{veth}.proxy_delay"),
+                "0",
+            )?;
             topology::ip_batch(
                 netns.name(),
                 &[
