@@ -62,9 +62,39 @@ pub fn cgroup_of_pid(mount: &Path, pid: u32) -> io::Result<PathBuf> {
     Ok(mount.join(relative.trim_start_matches('/')))
 }
 
+/// The pods' cgroup (what the redirect attaches to), from the agent's own cgroup path
+/// relative to the cgroup2 mount: the topmost `kubepods*` directory (`kubepods.slice` with the
+/// systemd driver, `kubepods` with cgroupfs); failing that, the parent of the agent's pod
+/// directory (`pod<uid>`, `…-pod<uid>.slice`). `None` when neither is found.
+pub fn pods_root(own: &str) -> Option<PathBuf> {
+    let parts: Vec<&str> = own.split('/').filter(|p| !p.is_empty()).collect();
+    if let Some(i) = parts.iter().position(|p| p.starts_with("kubepods")) {
+        return Some(parts[..=i].iter().collect());
+    }
+    let is_pod = |p: &&str| {
+        let name = p.trim_end_matches(".slice");
+        name.starts_with("pod") || name.contains("-pod")
+    };
+    let i = parts.iter().rposition(is_pod)?;
+    Some(parts[..i].iter().collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pods_cgroup_is_found_from_the_agents_own() {
+        let systemd = "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1a2b.slice/cri-containerd-9f.scope";
+        assert_eq!(pods_root(systemd), Some(PathBuf::from("kubepods.slice")));
+        let cgroupfs = "/kubepods/burstable/pod1a2b/9f";
+        assert_eq!(pods_root(cgroupfs), Some(PathBuf::from("kubepods")));
+        // The testbed: <test cgroup>/<node>/pod<uid>.
+        let testbed = "/ktt-ab12/node-1/pod5c8e";
+        assert_eq!(pods_root(testbed), Some(PathBuf::from("ktt-ab12/node-1")));
+        assert_eq!(pods_root("/system.slice/kt.service"), None);
+        assert_eq!(pods_root("/"), None);
+    }
 
     #[test]
     fn finds_cgroup2_on_hybrid_and_pure_hosts() {

@@ -1,10 +1,12 @@
 //! The kt node agent: runs on every node (DaemonSet) and redirects exchanged Service
 //! traffic in the kernel with the programs of `kt-ebpf`.
 //!
-//! Modules: [`ebpf`] loads, attaches and programs the eBPF object; [`cgroup`] finds the
+//! Modules: [`agent`] is role `agent` (the DaemonSet: redirects from session objects);
+//! [`ebpf`] loads, attaches and programs the eBPF object; [`cgroup`] finds the
 //! cgroup2 hierarchy and cgroup ids; [`shadow`] is the SSH endpoint of role `shadow`, and
 //! [`dns_relay`] its cluster DNS relay.
 
+pub mod agent;
 pub mod cgroup;
 pub mod dns_relay;
 pub mod ebpf;

@@ -1,13 +1,13 @@
 //! `kt-node-agent`: the cluster side of kt.
 //!
-//! Roles: `shadow` (the per-session SSH endpoint ktctl uses when no agent is installed).
-//! `check` tells an admin whether a node can run kt's eBPF redirect. The `agent` and
-//! `router` roles arrive with their issues.
+//! Roles: `agent` (the DaemonSet: eBPF redirects from session objects), `shadow` (the
+//! per-session SSH endpoint ktctl uses when no agent is installed). `check` tells an admin
+//! whether a node can run kt's eBPF redirect. The `router` role arrives with its issue.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use kt_node_agent::{cgroup, dns_relay, ebpf, shadow};
+use kt_node_agent::{agent, cgroup, dns_relay, ebpf, shadow};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -26,6 +26,23 @@ enum Command {
         /// A cgroup2 directory to test-attach to (for example the kubepods cgroup).
         #[arg(long)]
         cgroup: Option<PathBuf>,
+    },
+    /// Run the agent role (DaemonSet, host network): attach the eBPF redirect to the pods'
+    /// cgroup and program it from the session objects.
+    Agent {
+        /// This node's name (downward API `spec.nodeName`).
+        #[arg(long, env = "KT_NODE_NAME", default_value = "")]
+        node_name: String,
+        /// The pods' cgroup2 directory; detected from the agent's own cgroup when not given
+        /// (the topmost `kubepods*` directory).
+        #[arg(long, env = "KT_AGENT_CGROUP")]
+        cgroup: Option<PathBuf>,
+        /// Address of `/healthz`, `/readyz` and `/metrics`.
+        #[arg(long, env = "KT_AGENT_HTTP", default_value = "0.0.0.0:9966")]
+        http_listen: SocketAddr,
+        /// Seconds between lease checks when nothing changes.
+        #[arg(long, default_value_t = 1)]
+        lease_check_seconds: u64,
     },
     /// Run the shadow role: an SSH server for one ktctl session (ktctl v0.3.7 contract).
     Shadow {
@@ -72,6 +89,22 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Agent {
+            node_name,
+            cgroup,
+            http_listen,
+            lease_check_seconds,
+        } => serve("agent", |shutdown| {
+            agent::run(
+                agent::AgentConfig {
+                    node_name,
+                    cgroup,
+                    http_listen,
+                    lease_check: std::time::Duration::from_secs(lease_check_seconds.max(1)),
+                },
+                shutdown,
+            )
+        }),
         Command::Shadow {
             listen,
             authorized_keys,
@@ -79,47 +112,55 @@ fn main() -> ExitCode {
             dns_listen,
             local_domain,
             resolv_conf,
-        } => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(error) => {
-                    tracing::error!(%error, "failed to start the runtime");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let result = runtime.block_on(async {
-                let shutdown = CancellationToken::new();
-                let _guard = shutdown.clone().drop_guard();
-                let signals = shutdown.clone();
-                tokio::spawn(async move {
-                    wait_for_signal().await;
-                    signals.cancel();
-                });
-                shadow::run(
-                    shadow::ShadowConfig {
-                        listen,
-                        authorized_keys,
-                        dns: dns_protocol.map(|protocol| dns_relay::DnsConfig {
-                            protocol,
-                            listen: dns_listen,
-                            resolv_conf,
-                            local_domains: local_domain,
-                        }),
-                    },
-                    shutdown,
-                )
-                .await
-            });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    tracing::error!(error = %kt_proto::error_chain(&error), "shadow failed");
-                    ExitCode::FAILURE
-                }
-            }
+        } => serve("shadow", |shutdown| {
+            shadow::run(
+                shadow::ShadowConfig {
+                    listen,
+                    authorized_keys,
+                    dns: dns_protocol.map(|protocol| dns_relay::DnsConfig {
+                        protocol,
+                        listen: dns_listen,
+                        resolv_conf,
+                        local_domains: local_domain,
+                    }),
+                },
+                shutdown,
+            )
+        }),
+    }
+}
+
+/// Runs a long-lived role on a multi-threaded runtime until SIGTERM or SIGINT.
+fn serve<F, E>(role: &str, run: impl FnOnce(CancellationToken) -> F) -> ExitCode
+where
+    F: Future<Output = Result<(), E>>,
+    E: std::error::Error,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(error) => {
+            tracing::error!(%error, "failed to start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let _guard = shutdown.clone().drop_guard();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            signals.cancel();
+        });
+        run(shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %kt_proto::error_chain(&error), "{role} failed");
+            ExitCode::FAILURE
         }
     }
 }

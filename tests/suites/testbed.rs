@@ -13,7 +13,8 @@ use kt_tests::{
     harness::{
         self,
         apps::{
-            WEB, apply, deploy_shadow, deploy_web, in_client, start_testbed, web_pods, who_answers,
+            WEB, apply, deploy_shadow, deploy_web, in_client, start_testbed, web_pods,
+            web_pods_field, who_answers,
         },
         kubectl::{kubectl, kubectl_ok},
     },
@@ -30,22 +31,8 @@ async fn testbed() -> Testbed {
 async fn pods_reach_a_service_by_short_name_and_fqdn_served_from_both_nodes() {
     let tb = testbed().await;
     deploy_web(&tb);
-    let nodes = kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "get",
-            "pods",
-            "-l",
-            "app=web",
-            "-o",
-            "jsonpath={.items[*].spec.nodeName}",
-        ],
-    );
-    assert_eq!(
-        nodes.split_whitespace().collect::<HashSet<_>>().len(),
-        2,
-        "replicas spread over both nodes: {nodes}"
-    );
+    let nodes = web_pods_field(&tb, "spec.nodeName");
+    assert_eq!(nodes.len(), 2, "replicas spread over both nodes: {nodes:?}");
     let expected = web_pods(&tb);
     let mut seen = HashSet::new();
     for i in 0..40 {
@@ -86,20 +73,7 @@ async fn cluster_dns_answers_like_a_cluster() {
         a.starts_with("rcode=No Error") && a.contains(&cluster_ip),
         "{a}"
     );
-    let pod_ips: HashSet<String> = kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "get",
-            "pods",
-            "-l",
-            "app=web",
-            "-o",
-            "jsonpath={.items[*].status.podIP}",
-        ],
-    )
-    .split_whitespace()
-    .map(String::from)
-    .collect();
+    let pod_ips = web_pods_field(&tb, "status.podIP");
     let headless: HashSet<String> = dig("headless.default.svc.cluster.local.", "A")
         .lines()
         .skip(1)

@@ -1,13 +1,15 @@
 //! The contract between `ktctl` (workstation) and `kt-node-agent` (cluster).
 //!
 //! Both binaries depend on this crate and on nothing of each other. It holds data and
-//! rules only, no I/O. Compatibility rule: a constant that a released ktctl or agent
+//! rules only, no I/O: names and labels ([`k8s`]) and the agent-mode session object
+//! ([`session`]). Compatibility rule: a constant that a released ktctl or agent
 //! reads is never renamed or re-valued; add a new one instead.
 
 /// The kt release both sides are built from.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub mod k8s;
+pub mod session;
 
 /// An error and its sources on one line, `a: b: c`: how both binaries print a failure, so
 /// that no error type repeats its source in its own message.

@@ -97,7 +97,12 @@ pub fn deploy_web(tb: &Testbed) {
 
 /// Runs a command in the `client` pod; returns (exit ok, stdout).
 pub fn in_client(tb: &Testbed, cmd: &[&str]) -> (bool, String) {
-    let mut args = vec!["exec", "client", "--"];
+    in_pod(tb, "client", cmd)
+}
+
+/// Runs a command in `pod` (namespace `default`); returns (exit ok, stdout).
+pub fn in_pod(tb: &Testbed, pod: &str, cmd: &[&str]) -> (bool, String) {
+    let mut args = vec!["exec", pod, "--"];
     args.extend_from_slice(cmd);
     let out = kubectl(&tb.kubeconfig, &args);
     (
@@ -108,6 +113,11 @@ pub fn in_client(tb: &Testbed, cmd: &[&str]) -> (bool, String) {
 
 /// Names of the `web` pods now.
 pub fn web_pods(tb: &Testbed) -> std::collections::HashSet<String> {
+    web_pods_field(tb, "metadata.name")
+}
+
+/// One field of every `web` pod now (`status.podIP`, `spec.nodeName`, …), as a set.
+pub fn web_pods_field(tb: &Testbed, field: &str) -> std::collections::HashSet<String> {
     kubectl_ok(
         &tb.kubeconfig,
         &[
@@ -116,7 +126,7 @@ pub fn web_pods(tb: &Testbed) -> std::collections::HashSet<String> {
             "-l",
             "app=web",
             "-o",
-            "jsonpath={.items[*].metadata.name}",
+            &format!("jsonpath={{.items[*].{field}}}"),
         ],
     )
     .split_whitespace()

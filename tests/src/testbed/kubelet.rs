@@ -677,6 +677,10 @@ impl Kubelets {
                     );
                     std::fs::write(target.join(item["path"].as_str().unwrap_or("value")), value)?;
                 }
+            } else if let Some(path) = v["hostPath"]["path"].as_str() {
+                // The node's own directory: pods share this machine's file system.
+                out.insert(vname.to_owned(), PathBuf::from(path));
+                continue;
             } else {
                 // emptyDir and anything else: an empty directory.
                 std::fs::create_dir_all(&target)?;
@@ -756,7 +760,8 @@ impl Kubelets {
         }
         let spec = RunSpec {
             cgroup: Some(running.cgroup.clone()),
-            netns: (pod["spec"]["hostNetwork"] != true).then(|| running.netns.clone()),
+            // hostNetwork pods join their node's namespace (never the host's).
+            netns: Some(running.netns.clone()),
             join_pid: None,
             hostname: hostname.to_owned(),
             mounts,

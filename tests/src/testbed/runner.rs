@@ -26,7 +26,8 @@ pub struct BindMount {
 pub struct RunSpec {
     /// cgroup2 directory to join, if any.
     pub cgroup: Option<PathBuf>,
-    /// Network namespace to join; `None` stays in the caller's (hostNetwork pods).
+    /// Network namespace to join (the node's for hostNetwork pods); `None` stays in the
+    /// caller's.
     pub netns: Option<PathBuf>,
     /// Join the mount and UTS namespaces of this process (exec into a running container)
     /// instead of making new ones.

@@ -1,0 +1,321 @@
+//! What every agent's service map should hold, from the cluster's state alone (no I/O):
+//! for each session whose lease is in force, the Service's ClusterIP:port **and every ready
+//! endpoint IP:port behind it** → the holding agent's listener (`status.address`:
+//! `listenerPort`). Clients that dial endpoints directly (ingress controllers, headless
+//! clients) are redirected as well as those that go through the ClusterIP.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+};
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kt_proto::session::{KtSession, SessionMode, lease_live};
+
+/// The label an EndpointSlice carries naming its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Where connects to one address go, and which session that is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub to: SocketAddr,
+    /// `namespace/name` of the session.
+    pub session: String,
+}
+
+/// The cluster objects the map is computed from.
+pub struct ClusterState<'a> {
+    pub sessions: &'a [&'a KtSession],
+    pub services: &'a [&'a Service],
+    pub slices: &'a [&'a EndpointSlice],
+}
+
+/// The redirects in force at `now`. When two live sessions claim one Service, the older
+/// one wins everywhere (ktctl refuses the second; this only settles races).
+pub fn desired(state: &ClusterState<'_>, now: DateTime<Utc>) -> BTreeMap<SocketAddr, Target> {
+    let services: HashMap<(&str, &str), &Service> = state
+        .services
+        .iter()
+        .filter_map(|s| {
+            Some((
+                (
+                    s.metadata.namespace.as_deref()?,
+                    s.metadata.name.as_deref()?,
+                ),
+                *s,
+            ))
+        })
+        .collect();
+    let mut live: Vec<&KtSession> = state
+        .sessions
+        .iter()
+        .copied()
+        .filter(|s| s.spec.mode == SessionMode::Exchange)
+        .filter(|s| s.metadata.deletion_timestamp.is_none())
+        .filter(|s| lease_live(&s.spec, s.status.as_ref(), now))
+        .collect();
+    live.sort_by(|a, b| {
+        (
+            &a.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            &a.metadata.name,
+        )
+            .cmp(&(
+                &b.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                &b.metadata.name,
+            ))
+    });
+    let mut out = BTreeMap::new();
+    for session in live.iter().rev() {
+        // Reverse order with overwrite: the oldest session's entries are written last.
+        let (Some(ns), Some(name)) = (
+            session.metadata.namespace.as_deref(),
+            session.metadata.name.as_deref(),
+        ) else {
+            continue;
+        };
+        let Some(service) = services.get(&(ns, session.spec.service.as_str())) else {
+            continue;
+        };
+        let Some(status) = &session.status else {
+            continue;
+        };
+        let Ok(holder) = status.address.parse::<IpAddr>() else {
+            continue;
+        };
+        let key = format!("{ns}/{name}");
+        let slices: Vec<&EndpointSlice> = state
+            .slices
+            .iter()
+            .copied()
+            .filter(|s| {
+                s.metadata.namespace.as_deref() == Some(ns)
+                    && s.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                        .map(String::as_str)
+                        == Some(session.spec.service.as_str())
+            })
+            .collect();
+        for (service_addr, to) in redirects_of(service, &slices, status, holder) {
+            out.insert(
+                service_addr,
+                Target {
+                    to,
+                    session: key.clone(),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// One session's entries: (ClusterIP or endpoint address) → listener.
+fn redirects_of(
+    service: &Service,
+    slices: &[&EndpointSlice],
+    status: &kt_proto::session::SessionStatus,
+    holder: IpAddr,
+) -> Vec<(SocketAddr, SocketAddr)> {
+    let spec = service.spec.as_ref();
+    let cluster_ips: Vec<IpAddr> = spec
+        .and_then(|s| {
+            s.cluster_ips
+                .clone()
+                .or_else(|| s.cluster_ip.clone().map(|ip| vec![ip]))
+        })
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    let ports = spec
+        .and_then(|s| s.ports.as_ref())
+        .cloned()
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for listener in &status.listeners {
+        let to = SocketAddr::new(holder, listener.listener_port);
+        let Some(port) = ports.iter().find(|p| p.port == i32::from(listener.port)) else {
+            continue;
+        };
+        if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+            continue;
+        }
+        for ip in &cluster_ips {
+            out.push((SocketAddr::new(*ip, listener.port), to));
+        }
+        // The endpoint port of this Service port: the slice port with the same name.
+        for slice in slices {
+            let Some(endpoint_port) = slice
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name == port.name)
+                .and_then(|p| p.port)
+                .and_then(|p| u16::try_from(p).ok())
+            else {
+                continue;
+            };
+            let ready = slice
+                .endpoints
+                .iter()
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true));
+            for endpoint in ready {
+                for address in &endpoint.addresses {
+                    if let Ok(ip) = address.parse::<IpAddr>() {
+                        out.push((SocketAddr::new(ip, endpoint_port), to));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use kt_proto::session::renew_time;
+    use serde_json::json;
+
+    use super::*;
+
+    fn service() -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "dev"},
+            "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"],
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http"},
+                               {"name": "admin", "port": 81, "targetPort": 9001}]}
+        }))
+        .unwrap()
+    }
+
+    fn slice() -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web-x", "namespace": "dev",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                      {"name": "admin", "port": 9001, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["10.244.1.5"], "conditions": {"ready": true}},
+                {"addresses": ["10.244.2.7"], "conditions": {"ready": true}},
+                {"addresses": ["10.244.2.9"], "conditions": {"ready": false}}
+            ]
+        }))
+        .unwrap()
+    }
+
+    fn session(name: &str, created: &str, renewed: DateTime<Utc>) -> KtSession {
+        serde_json::from_value(json!({
+            "apiVersion": "kt.dev/v1alpha1", "kind": "KtSession",
+            "metadata": {"name": name, "namespace": "dev", "creationTimestamp": created},
+            "spec": {"owner": name, "mode": "exchange", "service": "web",
+                     "ports": [{"port": 80, "localPort": 8080}], "publicKey": "k"},
+            "status": {"node": "node-1", "address": "172.30.0.11",
+                       "listeners": [{"port": 80, "listenerPort": 40001}],
+                       "renewTime": renew_time(renewed)}
+        }))
+        .unwrap()
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn cluster_ip_and_ready_endpoints_go_to_the_holders_listener() {
+        let now = Utc::now();
+        let (svc, slice, s) = (
+            service(),
+            slice(),
+            session("alice", "2026-01-01T00:00:00Z", now),
+        );
+        let state = ClusterState {
+            sessions: &[&s],
+            services: &[&svc],
+            slices: &[&slice],
+        };
+        let map = desired(&state, now);
+        let listener = addr("172.30.0.11:40001");
+        let keys: Vec<SocketAddr> = map.keys().copied().collect();
+        assert_eq!(
+            keys,
+            [
+                addr("10.96.0.20:80"),
+                addr("10.244.1.5:8080"),
+                addr("10.244.2.7:8080")
+            ],
+            "port 81 is not exchanged; the unready endpoint is left alone"
+        );
+        assert!(
+            map.values()
+                .all(|t| t.to == listener && t.session == "dev/alice")
+        );
+    }
+
+    #[test]
+    fn an_expired_lease_leaves_nothing() {
+        let now = Utc::now();
+        let stale = session(
+            "alice",
+            "2026-01-01T00:00:00Z",
+            now - chrono::TimeDelta::seconds(11),
+        );
+        let (svc, slice) = (service(), slice());
+        let state = ClusterState {
+            sessions: &[&stale],
+            services: &[&svc],
+            slices: &[&slice],
+        };
+        assert!(desired(&state, now).is_empty());
+    }
+
+    #[test]
+    fn the_older_of_two_sessions_wins() {
+        let now = Utc::now();
+        let old = session("alice", "2026-01-01T00:00:00Z", now);
+        let mut new = session("bob", "2026-01-02T00:00:00Z", now);
+        new.status.as_mut().unwrap().listeners[0].listener_port = 40002;
+        let (svc, slice) = (service(), slice());
+        let state = ClusterState {
+            sessions: &[&new, &old],
+            services: &[&svc],
+            slices: &[&slice],
+        };
+        let map = desired(&state, now);
+        assert!(map.values().all(|t| t.session == "dev/alice"), "{map:?}");
+    }
+
+    #[test]
+    fn a_missing_service_or_unheld_session_leaves_nothing() {
+        let now = Utc::now();
+        let mut unheld = session("alice", "2026-01-01T00:00:00Z", now);
+        unheld.status = None;
+        let slice = slice();
+        let svc = service();
+        assert!(
+            desired(
+                &ClusterState {
+                    sessions: &[&unheld],
+                    services: &[&svc],
+                    slices: &[&slice]
+                },
+                now
+            )
+            .is_empty()
+        );
+        let held = session("alice", "2026-01-01T00:00:00Z", now);
+        assert!(
+            desired(
+                &ClusterState {
+                    sessions: &[&held],
+                    services: &[],
+                    slices: &[&slice]
+                },
+                now
+            )
+            .is_empty()
+        );
+    }
+}

@@ -1,0 +1,295 @@
+//! The node agent (root, on the testbed): `deploy/` applied with kubectl, unmodified; then
+//! each node's agent redirects a live session's Service — its name, FQDN, ClusterIP and
+//! endpoint addresses — from pods on both nodes, and stops when the lease runs out.
+//!
+//! The session's holder is played by the test: it writes `status` as a holding agent would,
+//! pointing at a host-network HTTP server on node-1 (the tunnel listener's stand-in).
+
+use std::time::Duration;
+
+use kt_proto::session::{KtSession, api_resource, renew_time};
+use kt_tests::{
+    harness::{
+        apps::{apply, deploy_web, in_pod, start_testbed, web_pods, web_pods_field},
+        kubectl::kubectl_ok,
+    },
+    testbed::{cluster::Testbed, topology::node_ip},
+};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+const LISTENER_PORT: u16 = 40001;
+
+/// A client pod on node-2 (`client` from WEB is on node-1), and the listener stand-in.
+const EXTRA: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: client-2}
+spec:
+  nodeSelector: {kubernetes.io/hostname: node-2}
+  containers: [{name: c, image: kt-testbed/sleep}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tunnel-listener}
+spec:
+  hostNetwork: true
+  nodeSelector: {kubernetes.io/hostname: node-1}
+  containers:
+  - name: l
+    image: kt-testbed/http-echo
+    env: [{name: PORT, value: "40001"}]
+    readinessProbe: {httpGet: {path: /, port: 40001}}
+"#;
+
+/// Who answers `url` from `pod` (the echo's `pod=` line), if anyone.
+fn answered_by(tb: &Testbed, pod: &str, url: &str) -> Option<String> {
+    let (ok, out) = in_pod(tb, pod, &["curl", "-s", "--max-time", "3", url]);
+    ok.then(|| {
+        out.lines()
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("pod=")
+            .to_owned()
+    })
+}
+
+/// Every way a pod reaches `web`: short name, FQDN, ClusterIP, one endpoint pod IP.
+fn web_urls(tb: &Testbed) -> Vec<String> {
+    let cluster_ip = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
+    );
+    let endpoint = web_pods_field(tb, "status.podIP")
+        .into_iter()
+        .next()
+        .expect("a web pod");
+    vec![
+        "http://web/".into(),
+        "http://web.default.svc.cluster.local/".into(),
+        format!("http://{cluster_ip}/"),
+        format!("http://{endpoint}:8080/"),
+    ]
+}
+
+/// Polls until every URL from both client pods is answered by a pod `expected` accepts.
+async fn until_all_answered_by(
+    tb: &Testbed,
+    urls: &[String],
+    expected: impl Fn(&str) -> bool,
+    within: Duration,
+) -> Result<Duration, String> {
+    let started = std::time::Instant::now();
+    loop {
+        let mut wrong = Vec::new();
+        for pod in ["client", "client-2"] {
+            for url in urls {
+                let who = answered_by(tb, pod, url).unwrap_or_default();
+                if !expected(&who) {
+                    wrong.push(format!("{pod} → {url}: {who:?}"));
+                }
+            }
+        }
+        if wrong.is_empty() {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > within {
+            return Err(wrong.join("; "));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn session() -> KtSession {
+    serde_json::from_value(json!({
+        "apiVersion": "kt.dev/v1alpha1",
+        "kind": "KtSession",
+        "metadata": {"name": "web-alice", "namespace": "default"},
+        "spec": {
+            "owner": "alice@laptop",
+            "mode": "exchange",
+            "service": "web",
+            "ports": [{"port": 80, "localPort": 8080}],
+            "publicKey": "ssh-ed25519 AAAA alice"
+        }
+    }))
+    .expect("session parses")
+}
+
+/// Writes the status a holding agent on node-1 would write, renewed now.
+async fn renew(sessions: &Api<KtSession>) {
+    let status = json!({"status": {
+        "node": "node-1",
+        "address": node_ip(1).to_string(),
+        "listeners": [{"port": 80, "listenerPort": LISTENER_PORT}],
+        "renewTime": renew_time(chrono::Utc::now()),
+    }});
+    sessions
+        .patch_status("web-alice", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("status written");
+}
+
+/// Renews every 2 s (well within the 10 s lease) until aborted.
+fn keep_renewing(sessions: Api<KtSession>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            renew(&sessions).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_open() {
+    let tb = start_testbed(TESTBED, true).await;
+    deploy_web(&tb);
+    apply(&tb.kubeconfig, EXTRA);
+    kubectl_ok(&tb.kubeconfig, &["apply", "-k", DEPLOY]);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "rollout",
+            "status",
+            "daemonset/kt-node-agent",
+            "-n",
+            "kt-system",
+            "--timeout=60s",
+        ],
+    );
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "pod/client-2",
+            "pod/tunnel-listener",
+            "--timeout=60s",
+        ],
+    );
+    // Each node's agent serves health on its node address.
+    for node in [1, 2] {
+        let base = format!("http://{}:9966", node_ip(node));
+        let (ok, health) = in_pod(&tb, "client", &["curl", "-s", &format!("{base}/healthz")]);
+        assert!(ok && health == "ok", "node-{node}: {health}");
+        let (ok, ready) = in_pod(&tb, "client", &["curl", "-s", &format!("{base}/readyz")]);
+        assert!(ok && ready == "ready", "node-{node}: {ready}");
+    }
+    let urls = web_urls(&tb);
+    let web = web_pods(&tb);
+    until_all_answered_by(&tb, &urls, |who| web.contains(who), Duration::from_secs(5))
+        .await
+        .expect("before the session, web answers");
+    let before = kubectl_ok(&tb.kubeconfig, &["get", "svc,deploy", "web", "-o", "yaml"]);
+
+    // The session: from now on every way to web leads to the listener, from both nodes.
+    let sessions: Api<KtSession> =
+        Api::namespaced_with(tb.client().await, "default", &api_resource());
+    sessions
+        .create(&PostParams::default(), &session())
+        .await
+        .expect("session created");
+    renew(&sessions).await;
+    let renewer = keep_renewing(sessions.clone());
+    let took = until_all_answered_by(
+        &tb,
+        &urls,
+        |who| who == "tunnel-listener",
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the session redirects every way to web");
+    eprintln!("redirected everywhere within {took:?}");
+    for node in [1, 2] {
+        let (_, metrics) = in_pod(
+            &tb,
+            "client",
+            &[
+                "curl",
+                "-s",
+                &format!("http://{}:9966/metrics", node_ip(node)),
+            ],
+        );
+        assert!(
+            metrics.contains("kt_agent_sessions 1"),
+            "node-{node}: {metrics}"
+        );
+        let redirected: u64 = metrics
+            .lines()
+            .find(|l| l.starts_with("kt_agent_connects_redirected_total{namespace=\"default\",session=\"web-alice\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            redirected >= 4,
+            "node-{node} counted {redirected}: {metrics}"
+        );
+    }
+    assert_eq!(
+        kubectl_ok(&tb.kubeconfig, &["get", "svc,deploy", "web", "-o", "yaml"]),
+        before,
+        "the Service and the Deployment are untouched"
+    );
+
+    // The holder stops renewing (a killed ktctl, a dead agent): the lease runs out and the
+    // pods answer again, with nothing run.
+    renewer.abort();
+    let took = until_all_answered_by(&tb, &urls, |who| web.contains(who), Duration::from_secs(15))
+        .await
+        .expect("after the lease, web answers again");
+    eprintln!("failed open {took:?} after the last renewal stopped");
+
+    // Renewed again: redirected again. Then the agents are deleted and the DaemonSet's new
+    // ones program the live session again; once the session is gone, nothing stays behind.
+    renew(&sessions).await;
+    let renewer = keep_renewing(sessions.clone());
+    until_all_answered_by(
+        &tb,
+        &urls,
+        |who| who == "tunnel-listener",
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("redirected again");
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "delete",
+            "pods",
+            "-n",
+            "kt-system",
+            "-l",
+            "app.kubernetes.io/name=kt-node-agent",
+        ],
+    );
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "rollout",
+            "status",
+            "daemonset/kt-node-agent",
+            "-n",
+            "kt-system",
+            "--timeout=60s",
+        ],
+    );
+    until_all_answered_by(
+        &tb,
+        &urls,
+        |who| who == "tunnel-listener",
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the new agents program the live session");
+    renewer.abort();
+    sessions
+        .delete("web-alice", &Default::default())
+        .await
+        .expect("session deleted");
+    until_all_answered_by(&tb, &urls, |who| web.contains(who), Duration::from_secs(5))
+        .await
+        .expect("a deleted session leaves no redirect");
+    tb.stop().await;
+}
