@@ -11,7 +11,7 @@ use kt_proto::session::{KtSession, api_resource, renew_time};
 use kt_tests::{
     harness::{
         apps::{apply, deploy_web, in_pod, start_testbed, web_pods, web_pods_field},
-        kubectl::kubectl_ok,
+        kubectl::{kubectl, kubectl_ok},
     },
     testbed::{cluster::Testbed, topology::node_ip},
 };
@@ -169,6 +169,27 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
             "--timeout=60s",
         ],
     );
+    // deploy/'s developer role, bound in one namespace, allows sessions there only.
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "create",
+            "rolebinding",
+            "kt-developer",
+            "--clusterrole=kt-developer",
+            "--user=alice",
+            "-n",
+            "default",
+        ],
+    );
+    let alice = tb.user_kubeconfig("alice", "default").unwrap();
+    for (ns, allowed) in [("default", "yes"), ("kube-system", "no")] {
+        let out = kubectl(
+            &alice,
+            &["auth", "can-i", "create", "ktsessions.kt.dev", "-n", ns],
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), allowed, "{ns}");
+    }
     // Each node's agent serves health on its node address.
     for node in [1, 2] {
         let base = format!("http://{}:9966", node_ip(node));
