@@ -37,6 +37,33 @@ pub enum Command {
         /// `local[:remote]`: the local port, and for a service the port to reach
         ports: Option<String>,
     },
+    /// Redirect all requests of specified kubernetes service to local
+    Exchange {
+        /// The service (`name`, `svc/name`)
+        service: String,
+        /// Ports to expose, `port` or `local:remote` (comma separated); `remote` is the
+        /// service's targetPort or, when no targetPort matches, its port
+        #[arg(long, required = true)]
+        expose: String,
+        /// Exchange method: 'selector' (the Service selects a shadow pod, v0.3.7's default)
+        /// or 'auto' (today the same as 'selector')
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: ExchangeMode,
+        /// Do not check whether a local application listens on the exposed ports
+        #[arg(long = "skipPortChecking", value_name = "bool", value_parser = parse_bool,
+              num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+        skip_port_checking: bool,
+        /// (scale mode) Seconds to wait for the original pods to come back
+        #[arg(long = "recoverWaitTime", default_value_t = 120)]
+        recover_wait_time: u32,
+    },
+}
+
+/// `exchange --mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExchangeMode {
+    Auto,
+    Selector,
 }
 
 /// The root's persistent flags (ktctl v0.3.7 `options/global.go`), in its order.

@@ -83,6 +83,19 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             &target,
             ports.as_deref(),
         )),
+        args::Command::Exchange {
+            service,
+            expose,
+            mode,
+            skip_port_checking,
+            recover_wait_time: _,
+        } => runtime.block_on(commands::exchange::run(
+            &cli.global,
+            &service,
+            &expose,
+            mode,
+            skip_port_checking,
+        )),
     }
 }
 
@@ -96,15 +109,39 @@ fn clap_error(error: clap::Error) -> ExitCode {
         }
         _ => {
             logging::init(false);
-            let rendered = error.render().to_string();
-            let message = rendered
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim_start_matches("error: ")
-                .to_owned();
+            let message = missing_flags(&error).unwrap_or_else(|| {
+                error
+                    .render()
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start_matches("error: ")
+                    .to_owned()
+            });
             tracing::error!("Exit: {}", kt_proto::error_chain(&CliError::Usage(message)));
             ExitCode::FAILURE
         }
     }
+}
+
+/// cobra's wording for missing required flags (`required flag(s) "expose" not set`), which
+/// scripts written for v0.3.7 may look for.
+fn missing_flags(error: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if error.kind() != ErrorKind::MissingRequiredArgument {
+        return None;
+    }
+    let Some(ContextValue::Strings(args)) = error.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let names: Vec<String> = args
+        .iter()
+        .filter(|a| a.starts_with("--"))
+        .map(|a| {
+            let flag = a.trim_start_matches('-');
+            format!("\"{}\"", flag.split([' ', '=']).next().unwrap_or(flag))
+        })
+        .collect();
+    (!names.is_empty()).then(|| format!("required flag(s) {} not set", names.join(", ")))
 }

@@ -54,6 +54,9 @@ pub struct ShadowSpec {
     pub annotations: BTreeMap<String, String>,
     pub env: Vec<(String, String)>,
     pub image_pull_secret: String,
+    /// Container ports besides SSH (name, port): an exchange shadow declares the Service's
+    /// target ports, so that a named targetPort resolves to it.
+    pub ports: Vec<(String, u16)>,
 }
 
 /// `k1=v1,k2=v2` (ktctl's map flags); malformed pairs are named in the error.
@@ -93,6 +96,7 @@ impl ShadowSpec {
             annotations,
             env: Vec::new(),
             image_pull_secret: global.image_pull_secret.clone(),
+            ports: Vec::new(),
         })
     }
 
@@ -105,13 +109,17 @@ impl ShadowSpec {
     }
 
     pub fn pod(&self) -> Value {
+        let ports: Vec<Value> = std::iter::once(("ssh", k8s::SSH_PORT))
+            .chain(self.ports.iter().map(|(name, port)| (name.as_str(), *port)))
+            .map(|(name, port)| json!({"name": name, "containerPort": port, "protocol": "TCP"}))
+            .collect();
         let mut spec = json!({
             "containers": [{
                 "name": k8s::CONTAINER,
                 "image": self.image,
                 "imagePullPolicy": if self.force_update { "Always" } else { "IfNotPresent" },
                 "env": self.env.iter().map(|(k, v)| json!({"name": k, "value": v})).collect::<Vec<_>>(),
-                "ports": [{"name": "ssh", "containerPort": k8s::SSH_PORT, "protocol": "TCP"}],
+                "ports": ports,
                 "securityContext": {"capabilities": {"add": ["AUDIT_WRITE"]}},
                 "volumeMounts": [{"name": k8s::SSH_VOLUME, "mountPath": k8s::SSH_MOUNT}],
             }],

@@ -9,6 +9,7 @@
 //! key (v0.3.7 checks no host key at all).
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, OnceLock,
@@ -22,7 +23,8 @@ use kt_proto::k8s;
 use kt_tunnel::config::HostKeyPin;
 use kube::Api;
 use russh::{
-    client::{self, Handle},
+    ChannelOpenFailure,
+    client::{self, ChannelOpenHandle, Handle},
     keys::{PrivateKey, PrivateKeyWithHashAlg, ssh_key::private::Ed25519Keypair},
 };
 use tokio::{
@@ -30,6 +32,8 @@ use tokio::{
     net::TcpStream,
     sync::Mutex,
 };
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::args::Transport;
 
@@ -60,6 +64,13 @@ pub enum TunnelError {
     },
     #[error("shadow pod {pod} refused the session key")]
     AuthRefused { pod: String },
+    #[error("shadow pod {pod} refused to listen on port {port}")]
+    RemoteForward {
+        pod: String,
+        port: u16,
+        #[source]
+        source: russh::Error,
+    },
     #[error("failed to open a channel to {target}")]
     Channel {
         target: String,
@@ -101,15 +112,92 @@ impl SessionKey {
     }
 }
 
+/// Where connections the shadow accepts for this session's `tcpip-forward`s go.
+#[derive(Default)]
+struct Reverse {
+    /// Remote (pod) port → local address.
+    targets: std::sync::Mutex<HashMap<u32, SocketAddr>>,
+    /// One bridge per forwarded connection.
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+/// ktctl's SSH client handler: the host-key pin, and `forwarded-tcpip` channels (from
+/// remote forwards) bridged to their local address.
+pub struct Client {
+    host_key: HostKeyPin,
+    reverse: Arc<Reverse>,
+}
+
+impl client::Handler for Client {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        self.host_key.check_server_key(key).await
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        _connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let target = self
+            .reverse
+            .targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&connected_port)
+            .copied();
+        let Some(local) = target else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let (peer, stop) = (
+            format!("{originator_address}:{originator_port}"),
+            self.reverse.stop.clone(),
+        );
+        self.reverse.tasks.spawn(async move {
+            match TcpStream::connect(local).await {
+                Ok(tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    reply.accept().await;
+                    tokio::select! {
+                        result = kt_tunnel::bridge(channel, tcp) => if let Err(error) = result {
+                            tracing::debug!(%peer, %error, "reverse connection ended with an error");
+                        },
+                        () = stop.cancelled() => {}
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!("Failed to reach local port {} for {peer}: {error}", local.port());
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
 pub struct Tunnel {
     pods: Api<Pod>,
     pod: String,
     key: Arc<PrivateKey>,
     transport: Transport,
     host_key: HostKeyPin,
+    reverse: Arc<Reverse>,
     /// Chosen by [`Tunnel::start`].
     route: OnceLock<Route>,
-    connections: Vec<Mutex<Option<Handle<HostKeyPin>>>>,
+    connections: Vec<Mutex<Option<Handle<Client>>>>,
     next: AtomicUsize,
 }
 
@@ -128,13 +216,14 @@ impl Tunnel {
             key,
             transport,
             host_key: HostKeyPin::default(),
+            reverse: Arc::default(),
             route: OnceLock::new(),
             connections: (0..connections.max(1)).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
         }
     }
 
-    async fn connect(&self, route: Route) -> Result<Handle<HostKeyPin>, TunnelError> {
+    async fn connect(&self, route: Route) -> Result<Handle<Client>, TunnelError> {
         match route {
             Route::Direct(addr) => {
                 let tcp = tokio::time::timeout(DIRECT_CONNECT_TIMEOUT, TcpStream::connect(addr))
@@ -176,7 +265,7 @@ impl Tunnel {
         &self,
         stream: S,
         host_key: HostKeyPin,
-    ) -> Result<Handle<HostKeyPin>, TunnelError>
+    ) -> Result<Handle<Client>, TunnelError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -187,7 +276,11 @@ impl Tunnel {
             pod: self.pod.clone(),
             source,
         };
-        let mut handle = client::connect_stream(kt_tunnel::config::client(), stream, host_key)
+        let handler = Client {
+            host_key,
+            reverse: self.reverse.clone(),
+        };
+        let mut handle = client::connect_stream(kt_tunnel::config::client(), stream, handler)
             .await
             .map_err(ssh_err)?;
         let auth = handle
@@ -221,7 +314,7 @@ impl Tunnel {
         &self,
         route: Route,
         deadline: tokio::time::Instant,
-    ) -> Result<Handle<HostKeyPin>, TunnelError> {
+    ) -> Result<Handle<Client>, TunnelError> {
         let mut delay = Duration::from_millis(100);
         loop {
             match self.connect(route).await {
@@ -298,7 +391,7 @@ impl Tunnel {
     /// A new connection for a pool slot. Under `auto` a direct route that stops working (the
     /// pod restarted with a new host key, the network changed) falls back to the
     /// port-forward, which also learns the new key.
-    async fn reconnect(&self, route: Route) -> Result<Handle<HostKeyPin>, TunnelError> {
+    async fn reconnect(&self, route: Route) -> Result<Handle<Client>, TunnelError> {
         match (self.transport, route) {
             (Transport::Auto, Route::Direct(_)) => match self.connect(route).await {
                 Ok(handle) => Ok(handle),
@@ -359,5 +452,100 @@ impl Tunnel {
             }
         }
         unreachable!("the last attempt returns")
+    }
+
+    /// Asks the shadow to listen on each `(pod port, local address)` pair's port on all its
+    /// addresses (v0.3.7's reverse tunnels) and to send the connections back here, over the
+    /// first SSH connection.
+    pub async fn open_remote_forwards(
+        &self,
+        forwards: &[(u16, SocketAddr)],
+    ) -> Result<(), TunnelError> {
+        self.reverse
+            .targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(
+                forwards
+                    .iter()
+                    .map(|(port, local)| (u32::from(*port), *local)),
+            );
+        let mut guard = self.connections[0].lock().await;
+        if guard.as_ref().is_none_or(Handle::is_closed) {
+            let route = self.route.get().copied().unwrap_or(Route::PortForward);
+            *guard = Some(self.reconnect(route).await?);
+        }
+        let handle = guard.as_ref().expect("set above");
+        self.request_remote_forwards(handle, forwards).await
+    }
+
+    async fn request_remote_forwards(
+        &self,
+        handle: &Handle<Client>,
+        forwards: &[(u16, SocketAddr)],
+    ) -> Result<(), TunnelError> {
+        for (port, local) in forwards {
+            handle
+                .tcpip_forward("0.0.0.0", u32::from(*port))
+                .await
+                .map_err(|source| TunnelError::RemoteForward {
+                    pod: self.pod.clone(),
+                    port: *port,
+                    source,
+                })?;
+            tracing::info!("Reverse tunnel 0.0.0.0:{port} -> {local} established");
+        }
+        Ok(())
+    }
+
+    /// Keeps the remote forwards of [`Tunnel::open_remote_forwards`] up until `stop`:
+    /// when their SSH connection drops, reconnects with back-off and asks again.
+    pub async fn keep_remote_forwards(
+        &self,
+        forwards: &[(u16, SocketAddr)],
+        stop: &CancellationToken,
+    ) {
+        let route = self.route.get().copied().unwrap_or(Route::PortForward);
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let alive = self.connections[0]
+                .lock()
+                .await
+                .as_ref()
+                .is_some_and(|h| !h.is_closed());
+            if alive {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(300)) => continue,
+                }
+            }
+            tracing::warn!("Connection to shadow pod {} lost, reconnecting", self.pod);
+            let restored = match self.reconnect(route).await {
+                Ok(handle) => {
+                    let result = self.request_remote_forwards(&handle, forwards).await;
+                    *self.connections[0].lock().await = Some(handle);
+                    result
+                }
+                Err(e) => Err(e),
+            };
+            match restored {
+                Ok(()) => delay = Duration::from_millis(200),
+                Err(e) => {
+                    tracing::debug!(error = %kt_proto::error_chain(&e), "reverse tunnels not restored yet");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Ends the bridges of forwarded connections and waits for them.
+    pub async fn close(&self) {
+        self.reverse.stop.cancel();
+        self.reverse.tasks.close();
+        self.reverse.tasks.wait().await;
     }
 }

@@ -10,7 +10,10 @@ use std::time::Duration;
 use kt_proto::session::{KtSession, api_resource, renew_time};
 use kt_tests::{
     harness::{
-        apps::{apply, deploy_web, in_pod, start_testbed, web_pods, web_pods_field},
+        apps::{
+            CLIENT_2, apply, deploy_web, in_pod, start_testbed, until_all_answered_by, web_pods,
+            web_pods_field,
+        },
         kubectl::{kubectl, kubectl_ok},
     },
     testbed::{cluster::Testbed, topology::node_ip},
@@ -22,15 +25,8 @@ const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 const LISTENER_PORT: u16 = 40001;
 
-/// A client pod on node-2 (`client` from WEB is on node-1), and the listener stand-in.
-const EXTRA: &str = r#"
-apiVersion: v1
-kind: Pod
-metadata: {name: client-2}
-spec:
-  nodeSelector: {kubernetes.io/hostname: node-2}
-  containers: [{name: c, image: kt-testbed/sleep}]
----
+/// The listener stand-in: host network on node-1.
+const LISTENER: &str = r#"
 apiVersion: v1
 kind: Pod
 metadata: {name: tunnel-listener}
@@ -44,17 +40,7 @@ spec:
     readinessProbe: {httpGet: {path: /, port: 40001}}
 "#;
 
-/// Who answers `url` from `pod` (the echo's `pod=` line), if anyone.
-fn answered_by(tb: &Testbed, pod: &str, url: &str) -> Option<String> {
-    let (ok, out) = in_pod(tb, pod, &["curl", "-s", "--max-time", "3", url]);
-    ok.then(|| {
-        out.lines()
-            .next()
-            .unwrap_or_default()
-            .trim_start_matches("pod=")
-            .to_owned()
-    })
-}
+const CLIENTS: [&str; 2] = ["client", "client-2"];
 
 /// Every way a pod reaches `web`: short name, FQDN, ClusterIP, one endpoint pod IP.
 fn web_urls(tb: &Testbed) -> Vec<String> {
@@ -72,34 +58,6 @@ fn web_urls(tb: &Testbed) -> Vec<String> {
         format!("http://{cluster_ip}/"),
         format!("http://{endpoint}:8080/"),
     ]
-}
-
-/// Polls until every URL from both client pods is answered by a pod `expected` accepts.
-async fn until_all_answered_by(
-    tb: &Testbed,
-    urls: &[String],
-    expected: impl Fn(&str) -> bool,
-    within: Duration,
-) -> Result<Duration, String> {
-    let started = std::time::Instant::now();
-    loop {
-        let mut wrong = Vec::new();
-        for pod in ["client", "client-2"] {
-            for url in urls {
-                let who = answered_by(tb, pod, url).unwrap_or_default();
-                if !expected(&who) {
-                    wrong.push(format!("{pod} → {url}: {who:?}"));
-                }
-            }
-        }
-        if wrong.is_empty() {
-            return Ok(started.elapsed());
-        }
-        if started.elapsed() > within {
-            return Err(wrong.join("; "));
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
 }
 
 fn session() -> KtSession {
@@ -132,6 +90,21 @@ async fn renew(sessions: &Api<KtSession>) {
         .expect("status written");
 }
 
+/// Waits until the DaemonSet's agent runs on every node.
+fn wait_for_agents(tb: &Testbed) {
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "rollout",
+            "status",
+            "daemonset/kt-node-agent",
+            "-n",
+            "kt-system",
+            "--timeout=60s",
+        ],
+    );
+}
+
 /// Renews every 2 s (well within the 10 s lease) until aborted.
 fn keep_renewing(sessions: Api<KtSession>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -146,19 +119,10 @@ fn keep_renewing(sessions: Api<KtSession>) -> tokio::task::JoinHandle<()> {
 async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_open() {
     let tb = start_testbed(TESTBED, true).await;
     deploy_web(&tb);
-    apply(&tb.kubeconfig, EXTRA);
+    apply(&tb.kubeconfig, CLIENT_2);
+    apply(&tb.kubeconfig, LISTENER);
     kubectl_ok(&tb.kubeconfig, &["apply", "-k", DEPLOY]);
-    kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "rollout",
-            "status",
-            "daemonset/kt-node-agent",
-            "-n",
-            "kt-system",
-            "--timeout=60s",
-        ],
-    );
+    wait_for_agents(&tb);
     kubectl_ok(
         &tb.kubeconfig,
         &[
@@ -200,9 +164,15 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
     }
     let urls = web_urls(&tb);
     let web = web_pods(&tb);
-    until_all_answered_by(&tb, &urls, |who| web.contains(who), Duration::from_secs(5))
-        .await
-        .expect("before the session, web answers");
+    until_all_answered_by(
+        &tb,
+        &CLIENTS,
+        &urls,
+        |who| web.contains(who),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("before the session, web answers");
     let before = kubectl_ok(&tb.kubeconfig, &["get", "svc,deploy", "web", "-o", "yaml"]);
 
     // The session: from now on every way to web leads to the listener, from both nodes.
@@ -216,6 +186,7 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
     let renewer = keep_renewing(sessions.clone());
     let took = until_all_answered_by(
         &tb,
+        &CLIENTS,
         &urls,
         |who| who == "tunnel-listener",
         Duration::from_secs(10),
@@ -257,9 +228,15 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
     // The holder stops renewing (a killed ktctl, a dead agent): the lease runs out and the
     // pods answer again, with nothing run.
     renewer.abort();
-    let took = until_all_answered_by(&tb, &urls, |who| web.contains(who), Duration::from_secs(15))
-        .await
-        .expect("after the lease, web answers again");
+    let took = until_all_answered_by(
+        &tb,
+        &CLIENTS,
+        &urls,
+        |who| web.contains(who),
+        Duration::from_secs(15),
+    )
+    .await
+    .expect("after the lease, web answers again");
     eprintln!("failed open {took:?} after the last renewal stopped");
 
     // Renewed again: redirected again. Then the agents are deleted and the DaemonSet's new
@@ -268,6 +245,7 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
     let renewer = keep_renewing(sessions.clone());
     until_all_answered_by(
         &tb,
+        &CLIENTS,
         &urls,
         |who| who == "tunnel-listener",
         Duration::from_secs(10),
@@ -285,19 +263,10 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
             "app.kubernetes.io/name=kt-node-agent",
         ],
     );
-    kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "rollout",
-            "status",
-            "daemonset/kt-node-agent",
-            "-n",
-            "kt-system",
-            "--timeout=60s",
-        ],
-    );
+    wait_for_agents(&tb);
     until_all_answered_by(
         &tb,
+        &CLIENTS,
         &urls,
         |who| who == "tunnel-listener",
         Duration::from_secs(10),
@@ -309,8 +278,14 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
         .delete("web-alice", &Default::default())
         .await
         .expect("session deleted");
-    until_all_answered_by(&tb, &urls, |who| web.contains(who), Duration::from_secs(5))
-        .await
-        .expect("a deleted session leaves no redirect");
+    until_all_answered_by(
+        &tb,
+        &CLIENTS,
+        &urls,
+        |who| web.contains(who),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("a deleted session leaves no redirect");
     tb.stop().await;
 }

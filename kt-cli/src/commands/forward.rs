@@ -11,14 +11,7 @@ use kt_proto::k8s;
 use kube::Api;
 use tokio::net::TcpListener;
 
-use crate::{
-    CliError,
-    args::GlobalOptions,
-    cluster,
-    session::Session,
-    shadow,
-    tunnel::{SessionKey, Tunnel},
-};
+use crate::{CliError, args::GlobalOptions, cluster, session::Session, shadow};
 
 /// Where forwarded connections go.
 #[derive(Debug, PartialEq, Eq)]
@@ -168,40 +161,19 @@ async fn forward(
     listener: TcpListener,
 ) -> Result<(), CliError> {
     let name = k8s::connect_shadow_name(&k8s::random_lower(5, rand::random));
-    let key = SessionKey::generate();
-    let key_file = session.home.join("key").join(format!("{name}.key"));
-    // The session's private key at `~/.kt/key/<shadow>.key`, mode 0400 (v0.3.7).
-    crate::session::write_file(&key_file, key.private_pem.as_bytes(), 0o400)?;
-    session.defer("remove key file", async move {
-        if std::fs::remove_file(&key_file).is_ok() {
-            tracing::info!("Removed key file {}", key_file.display());
-        }
-    });
     let spec = shadow::ShadowSpec::new(
         global,
-        name.clone(),
+        name,
         cluster.namespace.clone(),
         k8s::ROLE_SHADOW_CONNECT,
     )
     .map_err(CliError::Usage)?;
-    tokio::select! {
-        () = session.stop.cancelled() => return Ok(()),
-        deployed = shadow::deploy(&cluster.client, session, &spec, &key.public_line, &key.private_pem, global.pod_creation_timeout) => deployed?,
-    }
-    let tunnel = Arc::new(Tunnel::new(
-        cluster.client.clone(),
-        &cluster.namespace,
-        &name,
-        key.private.clone(),
-        global.transport,
-        usize::from(global.ssh_connections),
-    ));
-    tunnel
-        .start(std::time::Duration::from_secs(u64::from(
-            global.port_forward_timeout,
-        )))
-        .await?;
-    banner(&format!(
+    let connections = usize::from(global.ssh_connections);
+    let Some(tunnel) = super::shadow_tunnel(global, cluster, session, &spec, connections).await?
+    else {
+        return Ok(());
+    };
+    super::banner(&format!(
         " Now you can access {} via 'localhost:{}'",
         plan.describe, plan.local_port
     ));
@@ -238,14 +210,6 @@ async fn forward(
     connections.close();
     connections.wait().await;
     Ok(())
-}
-
-/// ktctl's banner: the message between two lines of 63 dashes.
-pub fn banner(message: &str) {
-    let line = "-".repeat(63);
-    tracing::info!("{line}");
-    tracing::info!("{message}");
-    tracing::info!("{line}");
 }
 
 #[cfg(test)]

@@ -136,7 +136,12 @@ pub fn web_pods_field(tb: &Testbed, field: &str) -> std::collections::HashSet<St
 
 /// Which pod answered an HTTP GET from the client pod (the echo's `pod=` line).
 pub fn who_answers(tb: &Testbed, url: &str) -> Option<String> {
-    let (ok, out) = in_client(tb, &["curl", "-s", "--max-time", "3", url]);
+    answered_by(tb, "client", url)
+}
+
+/// Which pod answered an HTTP GET from `pod` (the echo's `pod=` line), if anyone.
+pub fn answered_by(tb: &Testbed, pod: &str, url: &str) -> Option<String> {
+    let (ok, out) = in_pod(tb, pod, &["curl", "-s", "--max-time", "3", url]);
     ok.then(|| {
         out.lines()
             .next()
@@ -144,6 +149,46 @@ pub fn who_answers(tb: &Testbed, url: &str) -> Option<String> {
             .trim_start_matches("pod=")
             .to_owned()
     })
+}
+
+/// A second client pod, on node-2 (`client` is on node-1).
+pub const CLIENT_2: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: client-2}
+spec:
+  nodeSelector: {kubernetes.io/hostname: node-2}
+  containers: [{name: c, image: kt-testbed/sleep}]
+"#;
+
+/// Polls until every URL, asked from each of `pods`, is answered by a pod `expected`
+/// accepts; how long that took, or what was answered wrongly when `within` ran out.
+pub async fn until_all_answered_by(
+    tb: &Testbed,
+    pods: &[&str],
+    urls: &[String],
+    expected: impl Fn(&str) -> bool,
+    within: std::time::Duration,
+) -> Result<std::time::Duration, String> {
+    let started = std::time::Instant::now();
+    loop {
+        let mut wrong = Vec::new();
+        for pod in pods {
+            for url in urls {
+                let who = answered_by(tb, pod, url).unwrap_or_default();
+                if !expected(&who) {
+                    wrong.push(format!("{pod} → {url}: {who:?}"));
+                }
+            }
+        }
+        if wrong.is_empty() {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > within {
+            return Err(wrong.join("; "));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
 }
 
 /// A shadow pod `kt-connect-shadow-abcde` of `image` (with container `args` and `env`) in

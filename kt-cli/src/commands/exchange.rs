@@ -1,0 +1,494 @@
+//! `ktctl exchange <svc> --expose local[:remote][,...]` in `selector` mode, as ktctl v0.3.7
+//! does it (`../shared/reference/ktctl-v0.3.7.md` §3.3) and with the same annotations, so
+//! that the Go ktctl's `recover`/`clean` understand what kt did and the other way round:
+//! lock the Service (`kt-lock`), start a shadow pod labelled `kt-role: shadow-exchange`
+//! and a random `kt-target`, have it listen on the Service's target ports and send each
+//! connection back through SSH reverse tunnels to the local ports, point the Service's
+//! selector at the shadow (the old one saved in `kt-selector`), unlock. On exit the
+//! selector comes back and the shadow goes.
+//!
+//! `--expose`'s remote part names a target port (v0.3.7); kt also accepts the Service's
+//! `port` when no target port has that number — a target port match wins when both exist.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use k8s_openapi::{
+    api::core::v1::{Pod, Service},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use kt_proto::k8s;
+use kube::{
+    Api,
+    api::{ListParams, Patch, PatchParams},
+};
+use serde_json::json;
+
+use crate::{
+    CliError,
+    args::{ExchangeMode, GlobalOptions},
+    cluster,
+    session::Session,
+    shadow,
+};
+
+/// v0.3.7's lock: a `kt-lock` older than this is abandoned.
+const LOCK_TIMEOUT_SECS: i64 = 180;
+const LOCK_RETRIES: u32 = 10;
+const LOCK_RETRY_DELAY: Duration = Duration::from_secs(3);
+
+/// One exposed port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exposed {
+    /// The workstation port connections go to.
+    pub local: u16,
+    /// The Service's `port`.
+    pub service_port: u16,
+    /// Where the shadow listens: the numeric target port, or the Service port when the
+    /// target port is a name (the shadow declares that name on this port).
+    pub listen_port: u16,
+    /// The container port name the shadow declares.
+    pub port_name: String,
+}
+
+/// A Service port as exchange sees it.
+#[derive(Clone, Debug)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target: Option<IntOrString>,
+}
+
+/// `--expose`: `port` or `local:remote`, comma separated.
+pub fn parse_expose(text: &str) -> Result<Vec<(u16, Option<u16>)>, CliError> {
+    let port = |p: &str| p.trim().parse::<u16>().ok().filter(|p| *p > 0);
+    let pairs: Vec<&str> = text.split(',').filter(|p| !p.trim().is_empty()).collect();
+    if pairs.is_empty() {
+        return Err(CliError::Usage(format!(
+            "invalid --expose '{text}': no port"
+        )));
+    }
+    pairs
+        .into_iter()
+        .map(|pair| {
+            let parsed = match pair.split_once(':') {
+                Some((l, r)) => port(l).zip(port(r)).map(|(l, r)| (l, Some(r))),
+                None => port(pair).map(|p| (p, None)),
+            };
+            parsed.ok_or_else(|| {
+                CliError::Usage(format!(
+                    "invalid --expose '{pair}', should be 'port' or 'local:remote'"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Matches each exposed pair to a Service port: the remote part (or the local port alone)
+/// is a numeric target port, or else the Service's port.
+pub fn plan(
+    service: &str,
+    ports: &[ServicePort],
+    expose: &[(u16, Option<u16>)],
+) -> Result<Vec<Exposed>, CliError> {
+    expose
+        .iter()
+        .map(|(local, remote)| {
+            let wanted = remote.unwrap_or(*local);
+            let by_target = ports.iter().find(|p| {
+                p.target.as_ref().map_or(p.port == wanted, |t| {
+                    *t == IntOrString::Int(i32::from(wanted))
+                })
+            });
+            let found = by_target
+                .or_else(|| ports.iter().find(|p| p.port == wanted))
+                .ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "target port {wanted} not exists in service '{service}'"
+                    ))
+                })?;
+            let (listen_port, port_name) = match &found.target {
+                Some(IntOrString::String(name)) => (found.port, name.clone()),
+                Some(IntOrString::Int(port)) => {
+                    let port = u16::try_from(*port).unwrap_or(found.port);
+                    (port, format!("kt-{port}"))
+                }
+                None => (found.port, format!("kt-{}", found.port)),
+            };
+            Ok(Exposed {
+                local: *local,
+                service_port: found.port,
+                listen_port,
+                port_name,
+            })
+        })
+        .collect()
+}
+
+pub async fn run(
+    global: &GlobalOptions,
+    service: &str,
+    expose: &str,
+    mode: ExchangeMode,
+    skip_port_checking: bool,
+) -> Result<(), CliError> {
+    let name = service
+        .strip_prefix("svc/")
+        .or_else(|| service.strip_prefix("service/"))
+        .unwrap_or(service);
+    let expose = parse_expose(expose)?;
+    let cluster = cluster::connect(global).await?;
+    let services: Api<Service> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let svc = get_service(&services, name, &cluster.namespace).await?;
+    let ports: Vec<ServicePort> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| ServicePort {
+            name: p.name,
+            port: u16::try_from(p.port).unwrap_or_default(),
+            target: p.target_port,
+        })
+        .collect();
+    let exposed = plan(name, &ports, &expose)?;
+    if !skip_port_checking {
+        for port in exposed.iter().map(|e| e.local) {
+            check_local_port(port).await?;
+        }
+    }
+    if svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .is_none_or(BTreeMap::is_empty)
+    {
+        return Err(CliError::Usage(format!(
+            "service '{name}' has no selector, it cannot be exchanged"
+        )));
+    }
+    refuse_if_taken(&cluster, &svc, name).await?;
+    match mode {
+        ExchangeMode::Auto | ExchangeMode::Selector => tracing::info!("Using selector mode"),
+    }
+
+    let session = Session::start("exchange")?;
+    let result = exchange_by_selector(global, &cluster, &session, &services, name, &exposed).await;
+    session.finish().await;
+    result
+}
+
+async fn get_service(services: &Api<Service>, name: &str, ns: &str) -> Result<Service, CliError> {
+    services
+        .get_opt(name)
+        .await
+        .map_err(|e| CliError::Kube(format!("failed to get service '{name}'"), Box::new(e)))?
+        .ok_or_else(|| CliError::Usage(format!("service '{name}' not found in namespace '{ns}'")))
+}
+
+async fn check_local_port(port: u16) -> Result<(), CliError> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(CliError::Usage(format!(
+            "no application is running on port {port}"
+        ))),
+    }
+}
+
+/// v0.3.7's conflict messages: a Service already pointed at a kt pod (by kt or the Go
+/// ktctl) is refused, naming the holder when its shadow says who it is.
+async fn refuse_if_taken(
+    cluster: &cluster::Cluster,
+    svc: &Service,
+    name: &str,
+) -> Result<(), CliError> {
+    let annotations = svc.metadata.annotations.clone().unwrap_or_default();
+    if !annotations.contains_key(k8s::SELECTOR) {
+        return Ok(());
+    }
+    let selector = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.clone())
+        .unwrap_or_default();
+    if selector.get(k8s::ROLE).map(String::as_str) == Some(k8s::ROLE_ROUTER) {
+        return Err(CliError::Usage(format!(
+            "another user is meshing service '{name}', cannot apply exchange"
+        )));
+    }
+    let labels: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let holder = pods
+        .list(&ListParams::default().labels(&labels.join(",")))
+        .await
+        .ok()
+        .and_then(|list| {
+            list.items
+                .into_iter()
+                .find_map(|p| p.metadata.annotations?.get(k8s::USER).cloned())
+        })
+        .unwrap_or_else(|| "unknown user".into());
+    Err(CliError::Usage(format!(
+        "service '{name}' is already exchanging by another user ({holder}), cannot apply exchange"
+    )))
+}
+
+fn now_seconds() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Takes `kt-lock` on the Service (v0.3.7: retried every 3 s, ten times; a lock older
+/// than 180 s is abandoned and taken over). The write carries the read's resourceVersion,
+/// so two ktctls cannot both take it.
+async fn lock(services: &Api<Service>, name: &str) -> Result<(), CliError> {
+    for attempt in 0..=LOCK_RETRIES {
+        let svc = services
+            .get(name)
+            .await
+            .map_err(|e| CliError::Kube(format!("failed to get service '{name}'"), Box::new(e)))?;
+        let held = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(k8s::LOCK))
+            .and_then(|t| t.parse::<i64>().ok())
+            .is_some_and(|t| now_seconds() - t < LOCK_TIMEOUT_SECS);
+        if !held {
+            let patch = json!({"metadata": {
+                "resourceVersion": svc.metadata.resource_version,
+                "annotations": {k8s::LOCK: now_seconds().to_string()},
+            }});
+            match services
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!("Service {name} locked");
+                    return Ok(());
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => {}
+                Err(e) => {
+                    return Err(CliError::Kube(
+                        format!("failed to lock service '{name}'"),
+                        Box::new(e),
+                    ));
+                }
+            }
+        }
+        if attempt < LOCK_RETRIES {
+            tracing::info!("Service {name} is locked by another ktctl, retrying");
+            tokio::time::sleep(LOCK_RETRY_DELAY).await;
+        }
+    }
+    Err(CliError::Usage(format!(
+        "service '{name}' is locked by another ktctl, try again later"
+    )))
+}
+
+async fn unlock(services: &Api<Service>, name: &str) {
+    let patch = json!({"metadata": {"annotations": {k8s::LOCK: null}}});
+    if services
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .is_ok()
+    {
+        tracing::info!("Service {name} unlocked");
+    }
+}
+
+/// The merge patch that points `selector`'s Service at the shadow `target`, keeping the
+/// old selector in `kt-selector`; and the one that undoes it.
+pub fn selector_patches(
+    old: &BTreeMap<String, String>,
+    target: &str,
+) -> (serde_json::Value, serde_json::Value) {
+    let mut to_shadow: serde_json::Map<String, serde_json::Value> = old
+        .keys()
+        .map(|k| (k.clone(), serde_json::Value::Null))
+        .collect();
+    to_shadow.insert(k8s::ROLE.into(), json!(k8s::ROLE_SHADOW_EXCHANGE));
+    to_shadow.insert(k8s::TARGET.into(), json!(target));
+    let mut back: serde_json::Map<String, serde_json::Value> = [k8s::ROLE, k8s::TARGET]
+        .into_iter()
+        .map(|k| (k.to_owned(), serde_json::Value::Null))
+        .collect();
+    back.extend(old.iter().map(|(k, v)| (k.clone(), json!(v))));
+    let saved = serde_json::to_string(old).expect("a map serialises");
+    (
+        json!({"metadata": {"annotations": {k8s::SELECTOR: saved}}, "spec": {"selector": to_shadow}}),
+        json!({"metadata": {"annotations": {k8s::SELECTOR: null}}, "spec": {"selector": back}}),
+    )
+}
+
+async fn exchange_by_selector(
+    global: &GlobalOptions,
+    cluster: &cluster::Cluster,
+    session: &Arc<Session>,
+    services: &Api<Service>,
+    name: &str,
+    exposed: &[Exposed],
+) -> Result<(), CliError> {
+    lock(services, name).await?;
+    {
+        let (services, name) = (services.clone(), name.to_owned());
+        session.defer(
+            "unlock service",
+            async move { unlock(&services, &name).await },
+        );
+    }
+    let target = k8s::random_target(rand::random);
+    let shadow_name = format!("{name}-kt-exchange-{}", k8s::random_lower(5, rand::random));
+    let mut spec = shadow::ShadowSpec::new(
+        global,
+        shadow_name,
+        cluster.namespace.clone(),
+        k8s::ROLE_SHADOW_EXCHANGE,
+    )
+    .map_err(CliError::Usage)?;
+    spec.labels.insert(k8s::TARGET.into(), target.clone());
+    spec.annotations
+        .insert(k8s::CONFIG.into(), format!("service={name}"));
+    spec.ports = exposed
+        .iter()
+        .map(|e| (e.port_name.clone(), e.listen_port))
+        .collect();
+    // One SSH connection: it carries the reverse tunnels.
+    let Some(tunnel) = super::shadow_tunnel(global, cluster, session, &spec, 1).await? else {
+        return Ok(());
+    };
+    let forwards: Vec<(u16, SocketAddr)> = exposed
+        .iter()
+        .map(|e| {
+            (
+                e.listen_port,
+                SocketAddr::from((Ipv4Addr::LOCALHOST, e.local)),
+            )
+        })
+        .collect();
+    tunnel.open_remote_forwards(&forwards).await?;
+
+    let svc = get_service(services, name, &cluster.namespace).await?;
+    let old = svc.spec.and_then(|s| s.selector).unwrap_or_default();
+    let (to_shadow, back) = selector_patches(&old, &target);
+    services
+        .patch(name, &PatchParams::default(), &Patch::Merge(&to_shadow))
+        .await
+        .map_err(|e| {
+            CliError::Kube(
+                format!("failed to change the selector of service '{name}'"),
+                Box::new(e),
+            )
+        })?;
+    {
+        let (services, name) = (services.clone(), name.to_owned());
+        session.defer("restore service selector", async move {
+            match services
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&back))
+                .await
+            {
+                Ok(_) => tracing::info!("Service {name} recovered"),
+                Err(e) => tracing::error!(
+                    "Failed to recover service {name}: {}",
+                    kt_proto::error_chain(&e)
+                ),
+            }
+        });
+    }
+    unlock(services, name).await;
+    super::banner(&format!(
+        " Now all request to service '{name}' will be redirected to local"
+    ));
+    tunnel.keep_remote_forwards(&forwards, &session.stop).await;
+    tunnel.close().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn web() -> Vec<ServicePort> {
+        vec![
+            ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target: Some(IntOrString::String("http".into())),
+            },
+            ServicePort {
+                name: Some("admin".into()),
+                port: 81,
+                target: Some(IntOrString::Int(9001)),
+            },
+            ServicePort {
+                name: Some("odd".into()),
+                port: 9001,
+                target: Some(IntOrString::Int(7000)),
+            },
+        ]
+    }
+
+    #[test]
+    fn expose_forms_and_errors() {
+        assert_eq!(
+            parse_expose("8080,9000:81").unwrap(),
+            [(8080, None), (9000, Some(81))]
+        );
+        for bad in ["", "x", "8080:", "0", "1:2:3", "70000"] {
+            let err = parse_expose(bad).unwrap_err().to_string();
+            assert!(err.contains("--expose"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn remote_is_a_target_port_or_else_a_service_port() {
+        // 9001 is both admin's target port and odd's service port: the target port wins.
+        let planned = plan("web", &web(), &[(6000, Some(9001)), (6001, Some(80))]).unwrap();
+        assert_eq!(
+            planned,
+            [
+                Exposed {
+                    local: 6000,
+                    service_port: 81,
+                    listen_port: 9001,
+                    port_name: "kt-9001".into()
+                },
+                // A named target port: the shadow declares the name on the service port.
+                Exposed {
+                    local: 6001,
+                    service_port: 80,
+                    listen_port: 80,
+                    port_name: "http".into()
+                },
+            ]
+        );
+        let err = plan("web", &web(), &[(6000, Some(5))])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "target port 5 not exists in service 'web'");
+    }
+
+    #[test]
+    fn the_selector_moves_to_the_shadow_and_back() {
+        let old: BTreeMap<String, String> = [("app".to_owned(), "web".to_owned())].into();
+        let (to, back) = selector_patches(&old, "AbC");
+        assert_eq!(
+            to["spec"]["selector"],
+            json!({"app": null, "kt-role": "shadow-exchange", "kt-target": "AbC"})
+        );
+        assert_eq!(
+            to["metadata"]["annotations"]["kt-selector"],
+            r#"{"app":"web"}"#
+        );
+        assert_eq!(
+            back["spec"]["selector"],
+            json!({"app": "web", "kt-role": null, "kt-target": null})
+        );
+        assert_eq!(back["metadata"]["annotations"]["kt-selector"], json!(null));
+    }
+}

@@ -1,0 +1,236 @@
+//! `ktctl exchange` in selector mode (root, on the testbed): a Service's traffic from pods
+//! on both nodes reaches a server on the workstation through the v0.3.7 shadow (OpenSSH,
+//! reverse tunnels), a second exchange is refused naming the first, and Ctrl-C puts the
+//! Service back exactly as it was.
+
+use std::{path::Path, time::Duration};
+
+use kt_tests::{
+    harness::{
+        apps::{CLIENT_2, apply, deploy_web, start_testbed, until_all_answered_by, web_pods},
+        kubectl::kubectl_ok,
+        workstation::{self, Background},
+    },
+    testbed::cluster::Testbed,
+};
+
+const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
+const CLIENTS: [&str; 2] = ["client", "client-2"];
+
+/// An HTTP echo on the workstation at 127.0.0.1:`port` answering `pod=workstation`.
+async fn local_app(tb: &Testbed, port: u16) -> Background {
+    let testbed = Path::new(TESTBED);
+    let app = Background::spawn(
+        testbed,
+        tb,
+        Path::new("env"),
+        &[
+            &format!("PORT={port}"),
+            "HOSTNAME=workstation",
+            TESTBED,
+            "image",
+            "http-echo",
+        ],
+    );
+    for _ in 0..50 {
+        let (ok, _) = workstation::run(
+            testbed,
+            tb,
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "1",
+                &format!("http://127.0.0.1:{port}/"),
+            ],
+        );
+        if ok {
+            return app;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the local app did not start: {}", app.log());
+}
+
+/// The Service as the user sees it: selector and annotations.
+fn service_state(tb: &Testbed) -> String {
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "svc",
+            "web",
+            "-o",
+            "jsonpath={.spec.selector} {.metadata.annotations}",
+        ],
+    )
+}
+
+/// Names of everything kt could have created in `default`.
+fn kt_objects(tb: &Testbed) -> String {
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "pods,configmaps,services", "-o", "name"],
+    )
+}
+
+/// `ktctl ARGS` run to its end on the workstation: (exit code, stderr).
+fn ktctl_once(tb: &Testbed, env: &[&str], args: &[&str]) -> (Option<i32>, String) {
+    let out = workstation::exec(Path::new(TESTBED), tb)
+        .arg("env")
+        .args(env)
+        .arg(workstation::ktctl_bin(Path::new(TESTBED)))
+        .args(args)
+        .output()
+        .expect("ktctl runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selector_exchange_sends_the_service_to_the_workstation_and_ctrl_c_restores_it() {
+    let tb = start_testbed(TESTBED, true).await;
+    deploy_web(&tb);
+    apply(&tb.kubeconfig, CLIENT_2);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "pod/client-2",
+            "--timeout=60s",
+        ],
+    );
+    let before_service = service_state(&tb);
+    let before_objects = kt_objects(&tb);
+    let cluster_ip = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
+    );
+    let urls = vec![
+        "http://web/".to_owned(),
+        "http://web.default.svc.cluster.local/".to_owned(),
+        format!("http://{cluster_ip}/"),
+    ];
+    let app = local_app(&tb, 18090).await;
+
+    let ktctl = workstation::ktctl_bin(Path::new(TESTBED));
+    let mut exchange = Background::spawn(
+        Path::new(TESTBED),
+        &tb,
+        Path::new("env"),
+        &[
+            "USER=alice",
+            ktctl.to_str().unwrap(),
+            "exchange",
+            "web",
+            "--expose",
+            "18090:80",
+        ],
+    );
+    exchange
+        .wait_for(" Now all request to service 'web' will be redirected to local")
+        .await;
+    until_all_answered_by(
+        &tb,
+        &CLIENTS,
+        &urls,
+        |who| who == "workstation",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|wrong| panic!("{wrong}\n{}", exchange.log()));
+    let during = service_state(&tb);
+    assert!(
+        during.contains(r#""kt-role":"shadow-exchange""#) && during.contains("kt-selector"),
+        "v0.3.7's selector and annotation: {during}"
+    );
+
+    // A second developer is refused, named after the first, and nothing changes.
+    let (code, err) = ktctl_once(
+        &tb,
+        &["USER=bob"],
+        &["exchange", "web", "--expose", "18090:80"],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("service 'web' is already exchanging by another user (alice)"),
+        "{err}"
+    );
+    assert_eq!(service_state(&tb), during);
+
+    let (status, log) = exchange.interrupt();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("Service web recovered"), "{log}");
+    assert_eq!(
+        service_state(&tb),
+        before_service,
+        "the Service is as it was"
+    );
+    let web = web_pods(&tb);
+    until_all_answered_by(
+        &tb,
+        &CLIENTS,
+        &urls,
+        |who| web.contains(who),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the pods answer again");
+    for _ in 0..100 {
+        if kt_objects(&tb) == before_objects {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        kt_objects(&tb),
+        before_objects,
+        "no shadow pod or ConfigMap left"
+    );
+    drop(app);
+    tb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchange_bad_input_exits_1_naming_the_problem_and_changes_nothing() {
+    let tb = start_testbed(TESTBED, true).await;
+    deploy_web(&tb);
+    let app = local_app(&tb, 18091).await;
+    let (objects, service) = (kt_objects(&tb), service_state(&tb));
+    for (args, needle) in [
+        (
+            &["exchange", "nosuch", "--expose", "18091"][..],
+            "service 'nosuch' not found",
+        ),
+        (
+            &["exchange", "web", "--expose", "18091:x"][..],
+            "invalid --expose '18091:x'",
+        ),
+        (
+            &["exchange", "web", "--expose", "18091:81"][..],
+            "target port 81 not exists in service 'web'",
+        ),
+        (
+            &["exchange", "web", "--expose", "18092:80"][..],
+            "no application is running on port 18092",
+        ),
+        (
+            &["exchange", "web"][..],
+            r#"required flag(s) "expose" not set"#,
+        ),
+    ] {
+        let (code, err) = ktctl_once(&tb, &[], args);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("ERR Exit: ") && err.contains(needle),
+            "{args:?}: {err}"
+        );
+        assert_eq!(kt_objects(&tb), objects, "{args:?} created something");
+        assert_eq!(service_state(&tb), service, "{args:?} changed the Service");
+    }
+    drop(app);
+    tb.stop().await;
+}
