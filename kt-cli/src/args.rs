@@ -45,7 +45,8 @@ pub enum Command {
         /// service's targetPort or, when no targetPort matches, its port
         #[arg(long, required = true)]
         expose: String,
-        /// Exchange method: 'selector' (the Service selects a shadow pod, v0.3.7's default)
+        /// Exchange method: 'selector' (the Service selects a shadow pod, v0.3.7's default),
+        /// 'scale' (the Deployment is scaled to zero while a shadow stands in for its pods),
         /// or 'auto' (today the same as 'selector')
         #[arg(long, value_enum, default_value = "auto")]
         mode: ExchangeMode,
@@ -64,6 +65,7 @@ pub enum Command {
 pub enum ExchangeMode {
     Auto,
     Selector,
+    Scale,
 }
 
 /// The root's persistent flags (ktctl v0.3.7 `options/global.go`), in its order.

@@ -88,13 +88,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             expose,
             mode,
             skip_port_checking,
-            recover_wait_time: _,
+            recover_wait_time,
         } => runtime.block_on(commands::exchange::run(
             &cli.global,
             &service,
             &expose,
             mode,
             skip_port_checking,
+            recover_wait_time,
         )),
     }
 }

@@ -66,12 +66,17 @@ fn service_state(tb: &Testbed) -> String {
     )
 }
 
-/// Names of everything kt could have created in `default`.
+/// Names of every pod, ConfigMap and Service in `default`, except the `web` pods, which
+/// scale mode replaces.
 fn kt_objects(tb: &Testbed) -> String {
     kubectl_ok(
         &tb.kubeconfig,
         &["get", "pods,configmaps,services", "-o", "name"],
     )
+    .lines()
+    .filter(|name| !name.starts_with("pod/web-"))
+    .collect::<Vec<_>>()
+    .join("\n")
 }
 
 /// `ktctl ARGS` run to its end on the workstation: (exit code, stderr).
@@ -89,8 +94,11 @@ fn ktctl_once(tb: &Testbed, env: &[&str], args: &[&str]) -> (Option<i32>, String
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn selector_exchange_sends_the_service_to_the_workstation_and_ctrl_c_restores_it() {
+/// Exchanges `web` with `extra` arguments as user alice, checks that pods on both nodes
+/// reach the workstation by name, FQDN and ClusterIP, that `during` holds, that bob's
+/// exchange is refused naming alice, and that Ctrl-C restores the Service, its pods and
+/// the objects in the namespace.
+async fn exchange_and_restore(extra: &[&str], banner: &str, during: impl Fn(&Testbed)) {
     let tb = start_testbed(TESTBED, true).await;
     deploy_web(&tb);
     apply(&tb.kubeconfig, CLIENT_2);
@@ -117,22 +125,17 @@ async fn selector_exchange_sends_the_service_to_the_workstation_and_ctrl_c_resto
     let app = local_app(&tb, 18090).await;
 
     let ktctl = workstation::ktctl_bin(Path::new(TESTBED));
-    let mut exchange = Background::spawn(
-        Path::new(TESTBED),
-        &tb,
-        Path::new("env"),
-        &[
-            "USER=alice",
-            ktctl.to_str().unwrap(),
-            "exchange",
-            "web",
-            "--expose",
-            "18090:80",
-        ],
-    );
-    exchange
-        .wait_for(" Now all request to service 'web' will be redirected to local")
-        .await;
+    let mut args = vec![
+        "USER=alice",
+        ktctl.to_str().unwrap(),
+        "exchange",
+        "web",
+        "--expose",
+        "18090:80",
+    ];
+    args.extend_from_slice(extra);
+    let mut exchange = Background::spawn(Path::new(TESTBED), &tb, Path::new("env"), &args);
+    exchange.wait_for(banner).await;
     until_all_answered_by(
         &tb,
         &CLIENTS,
@@ -142,13 +145,10 @@ async fn selector_exchange_sends_the_service_to_the_workstation_and_ctrl_c_resto
     )
     .await
     .unwrap_or_else(|wrong| panic!("{wrong}\n{}", exchange.log()));
-    let during = service_state(&tb);
-    assert!(
-        during.contains(r#""kt-role":"shadow-exchange""#) && during.contains("kt-selector"),
-        "v0.3.7's selector and annotation: {during}"
-    );
+    during(&tb);
 
     // A second developer is refused, named after the first, and nothing changes.
+    let snapshot = (service_state(&tb), kt_objects(&tb));
     let (code, err) = ktctl_once(
         &tb,
         &["USER=bob"],
@@ -159,17 +159,21 @@ async fn selector_exchange_sends_the_service_to_the_workstation_and_ctrl_c_resto
         err.contains("service 'web' is already exchanging by another user (alice)"),
         "{err}"
     );
-    assert_eq!(service_state(&tb), during);
+    assert_eq!((service_state(&tb), kt_objects(&tb)), snapshot);
 
     let (status, log) = exchange.interrupt();
     assert!(status.success(), "{log}");
-    assert!(log.contains("Service web recovered"), "{log}");
     assert_eq!(
         service_state(&tb),
         before_service,
         "the Service is as it was"
     );
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["rollout", "status", "deploy/web", "--timeout=60s"],
+    );
     let web = web_pods(&tb);
+    assert_eq!(web.len(), 2, "both replicas are back");
     until_all_answered_by(
         &tb,
         &CLIENTS,
@@ -192,6 +196,39 @@ async fn selector_exchange_sends_the_service_to_the_workstation_and_ctrl_c_resto
     );
     drop(app);
     tb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selector_exchange_sends_the_service_to_the_workstation_and_ctrl_c_restores_it() {
+    exchange_and_restore(
+        &[],
+        " Now all request to service 'web' will be redirected to local",
+        |tb| {
+            let during = service_state(tb);
+            assert!(
+                during.contains(r#""kt-role":"shadow-exchange""#) && during.contains("kt-selector"),
+                "v0.3.7's selector and annotation: {during}"
+            );
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_exchange_stands_in_for_the_scaled_down_deployment_and_scales_it_back() {
+    exchange_and_restore(
+        &["--mode", "scale", "--recoverWaitTime", "30"],
+        " Now all request to deployment 'web' will be redirected to local",
+        |tb| {
+            let replicas = kubectl_ok(
+                &tb.kubeconfig,
+                &["get", "deploy", "web", "-o", "jsonpath={.spec.replicas}"],
+            );
+            assert_eq!(replicas, "0", "the deployment is scaled to zero");
+            assert!(web_pods(tb).is_empty(), "only the shadow serves");
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

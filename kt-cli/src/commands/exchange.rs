@@ -7,6 +7,10 @@
 //! selector at the shadow (the old one saved in `kt-selector`), unlock. On exit the
 //! selector comes back and the shadow goes.
 //!
+//! `scale` mode instead scales the Service's Deployment to zero while a shadow carrying its
+//! pod labels takes the traffic (`kt-config: app=<deploy>,replicas=<n>`), and scales it back
+//! on exit, waiting up to `--recoverWaitTime` for its pods.
+//!
 //! `--expose`'s remote part names a target port (v0.3.7); kt also accepts the Service's
 //! `port` when no target port has that number — a target port match wins when both exist.
 
@@ -18,7 +22,10 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::{Pod, Service},
+    api::{
+        apps::v1::Deployment,
+        core::v1::{Pod, Service},
+    },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use kt_proto::k8s;
@@ -135,6 +142,7 @@ pub async fn run(
     expose: &str,
     mode: ExchangeMode,
     skip_port_checking: bool,
+    recover_wait_secs: u32,
 ) -> Result<(), CliError> {
     let name = service
         .strip_prefix("svc/")
@@ -173,14 +181,69 @@ pub async fn run(
         )));
     }
     refuse_if_taken(&cluster, &svc, name).await?;
-    match mode {
-        ExchangeMode::Auto | ExchangeMode::Selector => tracing::info!("Using selector mode"),
-    }
+    let selector = svc.spec.and_then(|s| s.selector).unwrap_or_default();
+    let scale = match mode {
+        ExchangeMode::Auto | ExchangeMode::Selector => {
+            tracing::info!("Using selector mode");
+            None
+        }
+        ExchangeMode::Scale => {
+            let deployments: Api<Deployment> =
+                Api::namespaced(cluster.client.clone(), &cluster.namespace);
+            let deployment = deployment_of(&deployments, name, &selector).await?;
+            Some((deployments, deployment))
+        }
+    };
 
     let session = Session::start("exchange")?;
-    let result = exchange_by_selector(global, &cluster, &session, &services, name, &exposed).await;
+    let result = match scale {
+        None => exchange_by_selector(global, &cluster, &session, &services, name, &exposed).await,
+        Some((deployments, deployment)) => {
+            let recover_wait = Duration::from_secs(u64::from(recover_wait_secs));
+            exchange_by_scale(
+                global,
+                &cluster,
+                &session,
+                &deployments,
+                deployment,
+                &exposed,
+                recover_wait,
+            )
+            .await
+        }
+    };
     session.finish().await;
     result
+}
+
+/// Scale mode's Deployment: the first one whose pod template the Service selects.
+async fn deployment_of(
+    deployments: &Api<Deployment>,
+    service: &str,
+    selector: &BTreeMap<String, String>,
+) -> Result<Deployment, CliError> {
+    let list = deployments
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| CliError::Kube("failed to list deployments".into(), Box::new(e)))?;
+    let found = list.items.into_iter().find(|d| {
+        let labels = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.labels.as_ref());
+        labels.is_some_and(|l| selector.iter().all(|(k, v)| l.get(k) == Some(v)))
+    });
+    let deployment = found.ok_or_else(|| {
+        CliError::Usage(format!(
+            "no deployment's pods are selected by service '{service}'"
+        ))
+    })?;
+    tracing::info!(
+        "Using first matched deployment '{}'",
+        deployment.metadata.name.as_deref().unwrap_or_default()
+    );
+    Ok(deployment)
 }
 
 async fn get_service(services: &Api<Service>, name: &str, ns: &str) -> Result<Service, CliError> {
@@ -208,10 +271,6 @@ async fn refuse_if_taken(
     svc: &Service,
     name: &str,
 ) -> Result<(), CliError> {
-    let annotations = svc.metadata.annotations.clone().unwrap_or_default();
-    if !annotations.contains_key(k8s::SELECTOR) {
-        return Ok(());
-    }
     let selector = svc
         .spec
         .as_ref()
@@ -222,17 +281,34 @@ async fn refuse_if_taken(
             "another user is meshing service '{name}', cannot apply exchange"
         )));
     }
-    let labels: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    // Selector mode leaves `kt-selector` on the Service; scale mode leaves an exchange
+    // shadow among the pods the Service selects.
+    let mut labels: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let by_selector = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(k8s::SELECTOR));
+    if !by_selector {
+        labels.push(format!("{}={}", k8s::ROLE, k8s::ROLE_SHADOW_EXCHANGE));
+    }
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    let holder = pods
+    let shadows = pods
         .list(&ListParams::default().labels(&labels.join(",")))
         .await
-        .ok()
-        .and_then(|list| {
-            list.items
-                .into_iter()
-                .find_map(|p| p.metadata.annotations?.get(k8s::USER).cloned())
-        })
+        .map_err(|e| {
+            CliError::Kube(
+                format!("failed to list pods of service '{name}'"),
+                Box::new(e),
+            )
+        })?
+        .items;
+    if !by_selector && shadows.is_empty() {
+        return Ok(());
+    }
+    let holder = shadows
+        .into_iter()
+        .find_map(|p| p.metadata.annotations?.get(k8s::USER).cloned())
         .unwrap_or_else(|| "unknown user".into());
     Err(CliError::Usage(format!(
         "service '{name}' is already exchanging by another user ({holder}), cannot apply exchange"
@@ -362,15 +438,7 @@ async fn exchange_by_selector(
     let Some(tunnel) = super::shadow_tunnel(global, cluster, session, &spec, 1).await? else {
         return Ok(());
     };
-    let forwards: Vec<(u16, SocketAddr)> = exposed
-        .iter()
-        .map(|e| {
-            (
-                e.listen_port,
-                SocketAddr::from((Ipv4Addr::LOCALHOST, e.local)),
-            )
-        })
-        .collect();
+    let forwards = local_forwards(exposed);
     tunnel.open_remote_forwards(&forwards).await?;
 
     let svc = get_service(services, name, &cluster.namespace).await?;
@@ -407,6 +475,119 @@ async fn exchange_by_selector(
     tunnel.keep_remote_forwards(&forwards, &session.stop).await;
     tunnel.close().await;
     Ok(())
+}
+
+/// Scale mode (v0.3.7): a shadow carrying the Deployment's pod labels takes the
+/// Service's traffic while the Deployment is scaled to zero; on exit the Deployment is
+/// scaled back and waited for (up to `--recoverWaitTime`) before the shadow goes.
+async fn exchange_by_scale(
+    global: &GlobalOptions,
+    cluster: &cluster::Cluster,
+    session: &Arc<Session>,
+    deployments: &Api<Deployment>,
+    deployment: Deployment,
+    exposed: &[Exposed],
+    recover_wait: Duration,
+) -> Result<(), CliError> {
+    let deploy = deployment.metadata.name.clone().unwrap_or_default();
+    let spec = deployment.spec.unwrap_or_default();
+    let replicas = spec.replicas.unwrap_or(1);
+    let mut shadow_spec = shadow::ShadowSpec::new(
+        global,
+        format!(
+            "{deploy}-kt-exchange-{}",
+            k8s::random_lower(5, rand::random)
+        ),
+        cluster.namespace.clone(),
+        k8s::ROLE_SHADOW_EXCHANGE,
+    )
+    .map_err(CliError::Usage)?;
+    shadow_spec
+        .labels
+        .extend(spec.selector.match_labels.unwrap_or_default());
+    shadow_spec.annotations.insert(
+        k8s::CONFIG.into(),
+        format!("app={deploy},replicas={replicas}"),
+    );
+    shadow_spec.ports = exposed
+        .iter()
+        .map(|e| (e.port_name.clone(), e.listen_port))
+        .collect();
+    let Some(tunnel) = super::shadow_tunnel(global, cluster, session, &shadow_spec, 1).await?
+    else {
+        return Ok(());
+    };
+    let forwards = local_forwards(exposed);
+    tunnel.open_remote_forwards(&forwards).await?;
+
+    tracing::info!("Scaling deployment {deploy} from {replicas} to 0");
+    scale(deployments, &deploy, 0).await?;
+    {
+        let (deployments, deploy) = (deployments.clone(), deploy.clone());
+        session.defer("scale the deployment back", async move {
+            tracing::info!("Scaling deployment {deploy} back to {replicas}");
+            if let Err(e) = scale(&deployments, &deploy, replicas).await {
+                tracing::error!("{}", kt_proto::error_chain(&e));
+                return;
+            }
+            wait_recovered(&deployments, &deploy, replicas, recover_wait).await;
+        });
+    }
+    super::banner(&format!(
+        " Now all request to deployment '{deploy}' will be redirected to local"
+    ));
+    tunnel.keep_remote_forwards(&forwards, &session.stop).await;
+    tunnel.close().await;
+    Ok(())
+}
+
+async fn scale(deployments: &Api<Deployment>, name: &str, replicas: i32) -> Result<(), CliError> {
+    let patch = json!({"spec": {"replicas": replicas}});
+    deployments
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(drop)
+        .map_err(|e| CliError::Kube(format!("failed to scale deployment '{name}'"), Box::new(e)))
+}
+
+/// Polls every 5 s (v0.3.7) until `replicas` pods are ready or `wait` passes.
+async fn wait_recovered(deployments: &Api<Deployment>, name: &str, replicas: i32, wait: Duration) {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let ready = deployments
+            .get(name)
+            .await
+            .ok()
+            .and_then(|d| d.status?.ready_replicas)
+            .unwrap_or(0);
+        if ready >= replicas {
+            tracing::info!("Deployment {name} recovered");
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            tracing::warn!(
+                "Deployment {name} has {ready} of {replicas} pods ready after {} s, not waiting longer",
+                wait.as_secs()
+            );
+            return;
+        }
+        tracing::info!("Wait for deployment {name} recover ...");
+        tokio::time::sleep(Duration::from_secs(5).min(deadline - now)).await;
+    }
+}
+
+/// The reverse tunnels of `exposed`: shadow port → the local port.
+fn local_forwards(exposed: &[Exposed]) -> Vec<(u16, SocketAddr)> {
+    exposed
+        .iter()
+        .map(|e| {
+            (
+                e.listen_port,
+                SocketAddr::from((Ipv4Addr::LOCALHOST, e.local)),
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

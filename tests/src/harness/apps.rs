@@ -116,7 +116,8 @@ pub fn web_pods(tb: &Testbed) -> std::collections::HashSet<String> {
     web_pods_field(tb, "metadata.name")
 }
 
-/// One field of every `web` pod now (`status.podIP`, `spec.nodeName`, …), as a set.
+/// One field of every `web` pod now (`status.podIP`, `spec.nodeName`, …), as a set. A kt
+/// shadow standing in for them (scale mode carries their labels) is not one of them.
 pub fn web_pods_field(tb: &Testbed, field: &str) -> std::collections::HashSet<String> {
     kubectl_ok(
         &tb.kubeconfig,
@@ -124,7 +125,7 @@ pub fn web_pods_field(tb: &Testbed, field: &str) -> std::collections::HashSet<St
             "get",
             "pods",
             "-l",
-            "app=web",
+            "app=web,!kt-role",
             "-o",
             &format!("jsonpath={{.items[*].{field}}}"),
         ],
