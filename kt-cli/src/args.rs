@@ -45,9 +45,10 @@ pub enum Command {
         /// service's targetPort or, when no targetPort matches, its port
         #[arg(long, required = true)]
         expose: String,
-        /// Exchange method: 'selector' (the Service selects a shadow pod, v0.3.7's default),
-        /// 'scale' (the Deployment is scaled to zero while a shadow stands in for its pods),
-        /// or 'auto' (today the same as 'selector')
+        /// Exchange method: 'agent' (kt's node agent redirects the Service in the kernel;
+        /// nothing in the cluster is changed), 'selector' (the Service selects a shadow pod,
+        /// v0.3.7's default), 'scale' (the Deployment is scaled to zero while a shadow stands
+        /// in for its pods), or 'auto' (agent when the agent is installed, else selector)
         #[arg(long, value_enum, default_value = "auto")]
         mode: ExchangeMode,
         /// Do not check whether a local application listens on the exposed ports
@@ -64,6 +65,7 @@ pub enum Command {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExchangeMode {
     Auto,
+    Agent,
     Selector,
     Scale,
 }

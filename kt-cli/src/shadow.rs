@@ -146,7 +146,7 @@ fn now_seconds() -> i64 {
 }
 
 /// `kt-user`: the user who ran ktctl (`SUDO_USER` when run with sudo).
-fn local_user() -> String {
+pub fn local_user() -> String {
     std::env::var("SUDO_USER")
         .or_else(|_| std::env::var("USER"))
         .unwrap_or_else(|_| "unknown".into())

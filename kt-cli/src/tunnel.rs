@@ -191,6 +191,10 @@ impl client::Handler for Client {
 pub struct Tunnel {
     pods: Api<Pod>,
     pod: String,
+    /// The SSH port in the pod and the login (the shadow's `root@…:22` unless
+    /// [`Tunnel::login`] says otherwise).
+    port: u16,
+    user: String,
     key: Arc<PrivateKey>,
     transport: Transport,
     host_key: HostKeyPin,
@@ -213,6 +217,8 @@ impl Tunnel {
         Self {
             pods: Api::namespaced(client, namespace),
             pod: pod.into(),
+            port: k8s::SSH_PORT,
+            user: k8s::SSH_USER.into(),
             key,
             transport,
             host_key: HostKeyPin::default(),
@@ -221,6 +227,13 @@ impl Tunnel {
             connections: (0..connections.max(1)).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// Logs in as `user` on `port` (the agent's hold server) instead of the shadow's.
+    pub fn login(mut self, port: u16, user: String) -> Self {
+        self.port = port;
+        self.user = user;
+        self
     }
 
     async fn connect(&self, route: Route) -> Result<Handle<Client>, TunnelError> {
@@ -242,14 +255,14 @@ impl Tunnel {
             Route::PortForward => {
                 let mut forwarder = self
                     .pods
-                    .portforward(&self.pod, &[k8s::SSH_PORT])
+                    .portforward(&self.pod, &[self.port])
                     .await
                     .map_err(|source| TunnelError::PortForward {
                         pod: self.pod.clone(),
                         source,
                     })?;
                 let stream = forwarder
-                    .take_stream(k8s::SSH_PORT)
+                    .take_stream(self.port)
                     .expect("the port was requested");
                 // The forwarder's task ends with the stream.
                 tokio::spawn(async move {
@@ -285,7 +298,7 @@ impl Tunnel {
             .map_err(ssh_err)?;
         let auth = handle
             .authenticate_publickey(
-                k8s::SSH_USER,
+                &self.user,
                 PrivateKeyWithHashAlg::new(self.key.clone(), None),
             )
             .await
@@ -305,7 +318,7 @@ impl Tunnel {
         }
         let pod = self.pods.get(&self.pod).await.ok()?;
         let ip: IpAddr = pod.status?.pod_ip?.parse().ok()?;
-        Some(SocketAddr::new(ip, k8s::SSH_PORT))
+        Some(SocketAddr::new(ip, self.port))
     }
 
     /// Connects over `route`, retrying with back-off until `deadline`: a pod is Running
@@ -368,11 +381,9 @@ impl Tunnel {
             Route::Direct(addr) => {
                 tracing::info!("Connected to pod {} at {addr} directly", self.pod);
             }
-            Route::PortForward => tracing::info!(
-                "Port forward to pod {}:{} established",
-                self.pod,
-                k8s::SSH_PORT
-            ),
+            Route::PortForward => {
+                tracing::info!("Port forward to pod {}:{} established", self.pod, self.port)
+            }
         }
         let route = *self.route.get_or_init(|| route);
         *self.connections[0].lock().await = Some(first);

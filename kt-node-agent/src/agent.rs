@@ -5,9 +5,11 @@
 //! (fail-open), and all of them go with the agent (links are not pinned). Serves
 //! `/healthz`, `/readyz` and `/metrics` (Prometheus text).
 //!
-//! Holding sessions (the SSH server on a node port and the tunnel listeners that write
-//! `status`) is not part of this role yet.
+//! It also holds sessions ([`hold`]): ktctl's SSH connections arrive on the node's
+//! [`kt_proto::session::AGENT_SSH_PORT`], and their tunnel listeners are what the redirects
+//! point at.
 
+pub mod hold;
 pub mod redirects;
 
 use std::{
@@ -58,11 +60,16 @@ pub enum AgentError {
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub node_name: String,
+    /// This node's address (the tunnel listeners'); without it the agent holds no sessions.
+    pub node_ip: Option<std::net::IpAddr>,
+    /// The hold server's SSH address.
+    pub ssh_listen: SocketAddr,
     /// The pods' cgroup; detected from the agent's own cgroup when `None`.
     pub cgroup: Option<PathBuf>,
     /// `/healthz`, `/readyz`, `/metrics`.
     pub http_listen: SocketAddr,
-    /// How often leases are checked even when nothing changes.
+    /// The longest wait between recomputations when nothing changes; a lease running out
+    /// wakes the agent at that moment.
     pub lease_check: Duration,
 }
 
@@ -117,7 +124,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         &tasks,
         &shutdown,
         &changed,
-        Api::<EndpointSlice>::all(client),
+        Api::<EndpointSlice>::all(client.clone()),
         reflector::store::Writer::default(),
     );
 
@@ -136,6 +143,24 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             source,
         })?;
     tasks.spawn(serve_http(listener, shared.clone(), shutdown.clone()));
+    match config.node_ip {
+        Some(node_ip) => {
+            let ssh = tokio::net::TcpListener::bind(config.ssh_listen)
+                .await
+                .map_err(|source| AgentError::Listen {
+                    addr: config.ssh_listen,
+                    source,
+                })?;
+            let context = hold::HoldContext {
+                node_name: config.node_name.clone(),
+                node_ip,
+                sessions: sessions.clone(),
+                client: client.clone(),
+            };
+            tasks.spawn(hold::serve(ssh, context, shutdown.clone()));
+        }
+        None => tracing::warn!("no node address (KT_NODE_IP): holding no sessions"),
+    }
     tracing::info!(node = %config.node_name, pods_cgroup = %pods.display(), http = %config.http_listen, "agent running");
 
     let synced = async {
@@ -148,7 +173,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     tokio::select! {
         () = shutdown.cancelled() => {}
         () = synced => {
-            let mut tick = tokio::time::interval(config.lease_check);
             loop {
                 let (all_sessions, all_services, all_slices) =
                     (sessions.state(), services.state(), slices.state());
@@ -157,7 +181,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                     services: &all_services.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
                     slices: &all_slices.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
                 };
-                let desired = redirects::desired(&state, chrono::Utc::now());
+                let now = chrono::Utc::now();
+                let desired = redirects::desired(&state, now);
+                // Wake when the next lease runs out, or after the check interval.
+                let wake = redirects::next_expiry(state.sessions, now)
+                    .and_then(|end| (end - now).to_std().ok())
+                    .map_or(config.lease_check, |left| {
+                        (left + Duration::from_millis(1)).min(config.lease_check)
+                    });
                 let applied = shared.programmed().apply(desired);
                 if let Err(error) = &applied {
                     tracing::error!(error = %kt_proto::error_chain(error), "failed to program redirects");
@@ -166,7 +197,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = changed.notified() => {}
-                    _ = tick.tick() => {}
+                    () = tokio::time::sleep(wake) => {}
                 }
             }
         }

@@ -11,3 +11,4 @@ pub mod cgroup;
 pub mod dns_relay;
 pub mod ebpf;
 pub mod shadow;
+mod ssh_server;

@@ -33,6 +33,13 @@ enum Command {
         /// This node's name (downward API `spec.nodeName`).
         #[arg(long, env = "KT_NODE_NAME", default_value = "")]
         node_name: String,
+        /// This node's address (downward API `status.hostIP`): where the tunnel listeners
+        /// of the sessions this agent holds are reached.
+        #[arg(long, env = "KT_NODE_IP")]
+        node_ip: Option<std::net::IpAddr>,
+        /// Address of the SSH server that holds sessions.
+        #[arg(long, env = "KT_AGENT_SSH", default_value = "0.0.0.0:9922")]
+        ssh_listen: SocketAddr,
         /// The pods' cgroup2 directory; detected from the agent's own cgroup when not given
         /// (the topmost `kubepods*` directory).
         #[arg(long, env = "KT_AGENT_CGROUP")]
@@ -91,6 +98,8 @@ fn main() -> ExitCode {
         },
         Command::Agent {
             node_name,
+            node_ip,
+            ssh_listen,
             cgroup,
             http_listen,
             lease_check_seconds,
@@ -98,6 +107,8 @@ fn main() -> ExitCode {
             agent::run(
                 agent::AgentConfig {
                     node_name,
+                    node_ip,
+                    ssh_listen,
                     cgroup,
                     http_listen,
                     lease_check: std::time::Duration::from_secs(lease_check_seconds.max(1)),

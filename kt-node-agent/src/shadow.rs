@@ -10,11 +10,13 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use russh::{
     Channel, ChannelOpenFailure,
-    keys::{PrivateKey, PublicKey, ssh_key::private::Ed25519Keypair},
-    server::{Auth, ChannelOpenHandle, Handle, Handler, Msg, Session},
+    keys::PublicKey,
+    server::{Auth, ChannelOpenHandle, Handler, Msg, Session},
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::ssh_server::{forward_back, pump};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShadowError {
@@ -83,60 +85,15 @@ pub async fn serve(
     authorized_keys: Vec<PathBuf>,
     shutdown: CancellationToken,
 ) {
-    let ssh = kt_tunnel::config::server(host_key());
     let authorized = Arc::new(authorized_keys);
-    let tasks = TaskTracker::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = Connection {
-            peer,
-            authorized: authorized.clone(),
-            forwards: HashMap::new(),
-            tasks: tasks.clone(),
-            cancel: shutdown.child_token(),
-        };
-        let (ssh, cancel) = (ssh.clone(), handler.cancel.clone());
-        let (stream, reader) = kt_tunnel::transport::read_ahead(stream);
-        let reader_stop = cancel.clone();
-        tasks.spawn(async move {
-            tokio::select! {
-                () = reader => {}
-                () = reader_stop.cancelled() => {}
-            }
-        });
-        tasks.spawn(async move {
-            match russh::server::run_stream(ssh, stream, handler).await {
-                Ok(session) => {
-                    tokio::select! {
-                        result = session => if let Err(error) = result {
-                            tracing::debug!(%peer, %error, "SSH session ended with an error");
-                        },
-                        () = cancel.cancelled() => {}
-                    }
-                }
-                Err(error) => tracing::debug!(%peer, %error, "SSH handshake failed"),
-            }
-        });
-    }
-    tasks.close();
-    tasks.wait().await;
-}
-
-/// A fresh host key per start: clients do not pin it (v0.3.7 does not either); the API
-/// server's authenticated TLS or the session key is what they trust.
-fn host_key() -> PrivateKey {
-    let seed: [u8; 32] = rand::random();
-    PrivateKey::from(Ed25519Keypair::from_seed(&seed))
+    crate::ssh_server::serve(listener, shutdown, |peer, tasks, cancel| Connection {
+        peer,
+        authorized: authorized.clone(),
+        forwards: HashMap::new(),
+        tasks,
+        cancel,
+    })
+    .await;
 }
 
 /// One client connection.
@@ -274,53 +231,6 @@ impl Handler for Connection {
             }
             None => Ok(false),
         }
-    }
-}
-
-/// Accepts on a remote-forward listener and hands each connection to the client.
-async fn forward_back(
-    listener: TcpListener,
-    handle: Handle,
-    address: String,
-    port: u32,
-    stop: CancellationToken,
-    tasks: TaskTracker,
-) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(_) => continue,
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let (handle, address, stop) = (handle.clone(), address.clone(), stop.clone());
-        tasks.spawn(async move {
-            let opened = handle
-                .channel_open_forwarded_tcpip(
-                    address,
-                    port,
-                    peer.ip().to_string(),
-                    u32::from(peer.port()),
-                )
-                .await;
-            match opened {
-                Ok(channel) => pump(channel, tcp, stop).await,
-                Err(error) => tracing::debug!(%error, "client refused forwarded-tcpip"),
-            }
-        });
-    }
-}
-
-/// Copies both ways until both sides are done or `cancel`.
-async fn pump(channel: Channel<Msg>, tcp: TcpStream, cancel: CancellationToken) {
-    tokio::select! {
-        result = kt_tunnel::bridge(channel, tcp) => match result {
-            Ok(moved) => tracing::trace!(?moved, "tunnelled connection done"),
-            Err(error) => tracing::debug!(%error, "tunnelled connection ended with an error"),
-        },
-        () = cancel.cancelled() => {}
     }
 }
 

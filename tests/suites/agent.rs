@@ -5,7 +5,7 @@
 //! The session's holder is played by the test: it writes `status` as a holding agent would,
 //! pointing at a host-network HTTP server on node-1 (the tunnel listener's stand-in).
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use kt_proto::session::{KtSession, api_resource, renew_time};
 use kt_tests::{
@@ -15,6 +15,7 @@ use kt_tests::{
             web_pods_field,
         },
         kubectl::{kubectl, kubectl_ok},
+        workstation::{self, Background},
     },
     testbed::{cluster::Testbed, topology::node_ip},
 };
@@ -287,5 +288,110 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
     )
     .await
     .expect("a deleted session leaves no redirect");
+    tb.stop().await;
+}
+
+/// `ktctl exchange` with the agent installed (`--mode auto` picks agent mode): pods on both
+/// nodes reach the workstation by name, FQDN, ClusterIP and endpoint IP, the Service and the
+/// Deployment are never touched, a second developer is refused naming the first, and the
+/// redirect ends with ktctl — after Ctrl-C, and after `kill -9` with no command run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ktctl_exchange_in_agent_mode_touches_nothing_and_ends_with_ktctl() {
+    let tb = start_testbed(TESTBED, true).await;
+    deploy_web(&tb);
+    apply(&tb.kubeconfig, CLIENT_2);
+    kubectl_ok(&tb.kubeconfig, &["apply", "-k", DEPLOY]);
+    wait_for_agents(&tb);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "pod/client-2",
+            "--timeout=60s",
+        ],
+    );
+    let testbed = Path::new(TESTBED);
+    let _app = workstation::http_echo(testbed, &tb, 18090).await;
+    let urls = web_urls(&tb);
+    let web = web_pods(&tb);
+    let workload = || kubectl_ok(&tb.kubeconfig, &["get", "svc,deploy", "web", "-o", "yaml"]);
+    let before = workload();
+    let ktctl = workstation::ktctl_bin(testbed);
+    let exchange = || {
+        Background::spawn(
+            testbed,
+            &tb,
+            Path::new("env"),
+            &[
+                "USER=alice",
+                ktctl.to_str().unwrap(),
+                "exchange",
+                "web",
+                "--expose",
+                "18090:80",
+            ],
+        )
+    };
+
+    for ending in ["ctrl-c", "kill -9"] {
+        let mut running = exchange();
+        running
+            .wait_for(" Now all request to service 'web' will be redirected to local")
+            .await;
+        assert!(
+            running.log().contains("Using agent mode"),
+            "{}",
+            running.log()
+        );
+        let took = until_all_answered_by(
+            &tb,
+            &CLIENTS,
+            &urls,
+            |who| who == "workstation",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|wrong| panic!("{wrong}\n{}", running.log()));
+        eprintln!("{ending}: every way to web answered locally {took:?} after the banner");
+        assert_eq!(
+            workload(),
+            before,
+            "agent mode changes nothing in the workload"
+        );
+
+        let refused = workstation::exec(testbed, &tb)
+            .args(["env", "USER=bob"])
+            .arg(&ktctl)
+            .args(["exchange", "web", "--expose", "18090:80"])
+            .output()
+            .expect("ktctl runs");
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("service 'web' is already exchanging by another user (alice@"),
+            "{err}"
+        );
+
+        if ending == "ctrl-c" {
+            let (status, log) = running.interrupt();
+            assert!(
+                status.success() && log.contains("Cleaning session"),
+                "{log}"
+            );
+        } else {
+            running.kill();
+        }
+        let took = until_all_answered_by(
+            &tb,
+            &CLIENTS,
+            &urls,
+            |who| web.contains(who),
+            Duration::from_secs(12),
+        )
+        .await
+        .unwrap_or_else(|wrong| panic!("after {ending}: {wrong}"));
+        eprintln!("{ending}: the pods answer again {took:?} later");
+    }
     tb.stop().await;
 }

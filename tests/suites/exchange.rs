@@ -17,41 +17,6 @@ use kt_tests::{
 const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
 const CLIENTS: [&str; 2] = ["client", "client-2"];
 
-/// An HTTP echo on the workstation at 127.0.0.1:`port` answering `pod=workstation`.
-async fn local_app(tb: &Testbed, port: u16) -> Background {
-    let testbed = Path::new(TESTBED);
-    let app = Background::spawn(
-        testbed,
-        tb,
-        Path::new("env"),
-        &[
-            &format!("PORT={port}"),
-            "HOSTNAME=workstation",
-            TESTBED,
-            "image",
-            "http-echo",
-        ],
-    );
-    for _ in 0..50 {
-        let (ok, _) = workstation::run(
-            testbed,
-            tb,
-            &[
-                "curl",
-                "-s",
-                "--max-time",
-                "1",
-                &format!("http://127.0.0.1:{port}/"),
-            ],
-        );
-        if ok {
-            return app;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the local app did not start: {}", app.log());
-}
-
 /// The Service as the user sees it: selector and annotations.
 fn service_state(tb: &Testbed) -> String {
     kubectl_ok(
@@ -122,7 +87,7 @@ async fn exchange_and_restore(extra: &[&str], banner: &str, during: impl Fn(&Tes
         "http://web.default.svc.cluster.local/".to_owned(),
         format!("http://{cluster_ip}/"),
     ];
-    let app = local_app(&tb, 18090).await;
+    let app = workstation::http_echo(Path::new(TESTBED), &tb, 18090).await;
 
     let ktctl = workstation::ktctl_bin(Path::new(TESTBED));
     let mut args = vec![
@@ -235,7 +200,7 @@ async fn scale_exchange_stands_in_for_the_scaled_down_deployment_and_scales_it_b
 async fn exchange_bad_input_exits_1_naming_the_problem_and_changes_nothing() {
     let tb = start_testbed(TESTBED, true).await;
     deploy_web(&tb);
-    let app = local_app(&tb, 18091).await;
+    let app = workstation::http_echo(Path::new(TESTBED), &tb, 18091).await;
     let (objects, service) = (kt_objects(&tb), service_state(&tb));
     for (args, needle) in [
         (

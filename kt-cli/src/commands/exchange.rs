@@ -28,10 +28,13 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use kt_proto::k8s;
+use kt_proto::{
+    k8s,
+    session::{self as session_types, KtSession, PortMapping, SessionMode, SessionSpec},
+};
 use kube::{
     Api,
-    api::{ListParams, Patch, PatchParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
 
@@ -41,6 +44,7 @@ use crate::{
     cluster,
     session::Session,
     shadow,
+    tunnel::{SessionKey, Tunnel},
 };
 
 /// v0.3.7's lock: a `kt-lock` older than this is abandoned.
@@ -182,34 +186,45 @@ pub async fn run(
     }
     refuse_if_taken(&cluster, &svc, name).await?;
     let selector = svc.spec.and_then(|s| s.selector).unwrap_or_default();
-    let scale = match mode {
-        ExchangeMode::Auto | ExchangeMode::Selector => {
-            tracing::info!("Using selector mode");
-            None
-        }
-        ExchangeMode::Scale => {
-            let deployments: Api<Deployment> =
-                Api::namespaced(cluster.client.clone(), &cluster.namespace);
-            let deployment = deployment_of(&deployments, name, &selector).await?;
-            Some((deployments, deployment))
-        }
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let method = match mode {
+        ExchangeMode::Agent => Method::Agent(agent_pod(&cluster).await?.ok_or_else(|| {
+            CliError::Usage(format!(
+                "no kt agent is ready in namespace '{}' (install it from deploy/)",
+                session_types::AGENT_NAMESPACE
+            ))
+        })?),
+        ExchangeMode::Auto => match agent_pod(&cluster).await? {
+            Some(pod) => Method::Agent(pod),
+            None => Method::Selector,
+        },
+        ExchangeMode::Selector => Method::Selector,
+        ExchangeMode::Scale => Method::Scale(Box::new(
+            deployment_of(&deployments, name, &selector).await?,
+        )),
     };
+    tracing::info!("Using {} mode", method.name());
 
     let session = Session::start("exchange")?;
-    let result = match scale {
-        None => exchange_by_selector(global, &cluster, &session, &services, name, &exposed).await,
-        Some((deployments, deployment)) => {
+    let result = match method {
+        Method::Selector => {
+            exchange_by_selector(global, &cluster, &session, &services, name, &exposed).await
+        }
+        Method::Scale(deployment) => {
             let recover_wait = Duration::from_secs(u64::from(recover_wait_secs));
             exchange_by_scale(
                 global,
                 &cluster,
                 &session,
                 &deployments,
-                deployment,
+                *deployment,
                 &exposed,
                 recover_wait,
             )
             .await
+        }
+        Method::Agent(pod) => {
+            exchange_by_agent(global, &cluster, &session, name, &exposed, &pod).await
         }
     };
     session.finish().await;
@@ -246,6 +261,151 @@ async fn deployment_of(
     Ok(deployment)
 }
 
+/// How the exchange is done, once `--mode` is resolved.
+enum Method {
+    /// The agent holds the session; `String` is the agent pod ktctl connects to.
+    Agent(String),
+    Selector,
+    Scale(Box<Deployment>),
+}
+
+impl Method {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Agent(_) => "agent",
+            Self::Selector => "selector",
+            Self::Scale(_) => "scale",
+        }
+    }
+}
+
+/// A ready agent pod from `deploy/`, if the agent is installed (the first by name).
+async fn agent_pod(cluster: &cluster::Cluster) -> Result<Option<String>, CliError> {
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), session_types::AGENT_NAMESPACE);
+    let list = match pods
+        .list(&ListParams::default().labels(session_types::AGENT_LABEL))
+        .await
+    {
+        Ok(list) => list,
+        // Not installed, or not visible to this user: no agent mode.
+        Err(kube::Error::Api(status)) if matches!(status.code, 403 | 404) => return Ok(None),
+        Err(e) => {
+            return Err(CliError::Kube(
+                "failed to look for the kt agent".into(),
+                Box::new(e),
+            ));
+        }
+    };
+    let mut ready: Vec<String> = list
+        .items
+        .into_iter()
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    ready.sort();
+    Ok(ready.into_iter().next())
+}
+
+/// Agent mode: a `KtSession` names the Service and the session key; an agent holds it
+/// (its listeners become the redirect target on every node) while this SSH connection
+/// lives. The Service and its workload are never touched.
+async fn exchange_by_agent(
+    global: &GlobalOptions,
+    cluster: &cluster::Cluster,
+    session: &Arc<Session>,
+    service: &str,
+    exposed: &[Exposed],
+    agent: &str,
+) -> Result<(), CliError> {
+    let key = SessionKey::generate();
+    let name = format!("{service}-kt-{}", k8s::random_lower(5, rand::random));
+    let object: KtSession = serde_json::from_value(json!({
+        "apiVersion": format!("{}/{}", session_types::GROUP, session_types::API_VERSION),
+        "kind": session_types::KIND,
+        "metadata": {"name": name, "namespace": cluster.namespace,
+                     "labels": {k8s::CONTROL_BY: k8s::CONTROL_BY_KT}},
+        "spec": SessionSpec {
+            owner: owner(),
+            mode: SessionMode::Exchange,
+            service: service.to_owned(),
+            ports: exposed
+                .iter()
+                .map(|e| PortMapping { port: e.service_port, local_port: e.local })
+                .collect(),
+            public_key: key.public_line.clone(),
+            lease_seconds: session_types::DEFAULT_LEASE_SECONDS,
+        },
+    }))
+    .expect("a session object");
+    let sessions: Api<KtSession> = Api::namespaced_with(
+        cluster.client.clone(),
+        &cluster.namespace,
+        &session_types::api_resource(),
+    );
+    sessions
+        .create(&PostParams::default(), &object)
+        .await
+        .map_err(|e| CliError::Kube(format!("failed to create session {name}"), Box::new(e)))?;
+    tracing::info!("Created session {name}");
+    {
+        let (sessions, name) = (sessions.clone(), name.clone());
+        session.defer(format!("delete session {name}"), async move {
+            if sessions
+                .delete(&name, &DeleteParams::default())
+                .await
+                .is_ok()
+            {
+                tracing::info!("Cleaning session {name}");
+            }
+        });
+    }
+    let tunnel = Tunnel::new(
+        cluster.client.clone(),
+        session_types::AGENT_NAMESPACE,
+        agent,
+        key.private.clone(),
+        global.transport,
+        1,
+    )
+    .login(
+        session_types::AGENT_SSH_PORT,
+        format!("{}/{name}", cluster.namespace),
+    );
+    let timeout = Duration::from_secs(u64::from(global.port_forward_timeout));
+    tokio::select! {
+        () = session.stop.cancelled() => return Ok(()),
+        started = tunnel.start(timeout) => { started?; }
+    }
+    // The agent names each forward by the Service port it stands for.
+    let forwards: Vec<(u16, SocketAddr)> = exposed
+        .iter()
+        .map(|e| {
+            (
+                e.service_port,
+                SocketAddr::from((Ipv4Addr::LOCALHOST, e.local)),
+            )
+        })
+        .collect();
+    tunnel.open_remote_forwards(&forwards).await?;
+    super::banner(&format!(
+        " Now all request to service '{service}' will be redirected to local"
+    ));
+    tunnel.keep_remote_forwards(&forwards, &session.stop).await;
+    tunnel.close().await;
+    Ok(())
+}
+
+/// `user@host`: who holds a session, named in conflict errors.
+fn owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}@{}", shadow::local_user(), host.trim())
+}
+
 async fn get_service(services: &Api<Service>, name: &str, ns: &str) -> Result<Service, CliError> {
     services
         .get_opt(name)
@@ -280,6 +440,24 @@ async fn refuse_if_taken(
         return Err(CliError::Usage(format!(
             "another user is meshing service '{name}', cannot apply exchange"
         )));
+    }
+    // Agent mode leaves a live session object (also refused when the CRD is missing).
+    let sessions: Api<KtSession> = Api::namespaced_with(
+        cluster.client.clone(),
+        &cluster.namespace,
+        &session_types::api_resource(),
+    );
+    if let Ok(list) = sessions.list(&ListParams::default()).await {
+        let now = chrono::Utc::now();
+        let holder = list.items.into_iter().find(|s| {
+            s.spec.service == name && session_types::lease_live(&s.spec, s.status.as_ref(), now)
+        });
+        if let Some(holder) = holder {
+            return Err(CliError::Usage(format!(
+                "service '{name}' is already exchanging by another user ({}), cannot apply exchange",
+                holder.spec.owner
+            )));
+        }
     }
     // Selector mode leaves `kt-selector` on the Service; scale mode leaves an exchange
     // shadow among the pods the Service selects.

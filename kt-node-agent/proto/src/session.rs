@@ -14,6 +14,11 @@ pub const KIND: &str = "KtSession";
 pub const PLURAL: &str = "ktsessions";
 /// How long a session's redirect outlives its last renewal unless the spec says otherwise.
 pub const DEFAULT_LEASE_SECONDS: u32 = 10;
+/// The agent's SSH port on its node (host network), where ktctl brings its sessions.
+pub const AGENT_SSH_PORT: u16 = 9922;
+/// Namespace and pod label of the agent DaemonSet in `deploy/`.
+pub const AGENT_NAMESPACE: &str = "kt-system";
+pub const AGENT_LABEL: &str = "app.kubernetes.io/name=kt-node-agent";
 
 /// A session object as kube-rs reads and writes it.
 pub type KtSession = kube_core::object::Object<SessionSpec, SessionStatus>;
@@ -92,15 +97,17 @@ pub struct Listener {
     pub listener_port: u16,
 }
 
-/// Whether a session's redirect is in force at `now`: held (a status with a parseable
-/// renewal) and renewed within its lease. Anything else is expired — fail open.
+/// When a session's lease runs out: its last renewal plus its lease. `None` when it was
+/// never held (no status, or a renewal that does not parse).
+pub fn lease_end(spec: &SessionSpec, status: Option<&SessionStatus>) -> Option<DateTime<Utc>> {
+    let renewed = DateTime::parse_from_rfc3339(&status?.renew_time).ok()?;
+    Some(renewed.with_timezone(&Utc) + chrono::TimeDelta::seconds(i64::from(spec.lease_seconds)))
+}
+
+/// Whether a session's redirect is in force at `now`: held and renewed within its lease.
+/// Anything else is expired — fail open.
 pub fn lease_live(spec: &SessionSpec, status: Option<&SessionStatus>, now: DateTime<Utc>) -> bool {
-    let Some(renewed) = status.and_then(|s| DateTime::parse_from_rfc3339(&s.renew_time).ok())
-    else {
-        return false;
-    };
-    let age = now.signed_duration_since(renewed.with_timezone(&Utc));
-    age <= chrono::TimeDelta::seconds(i64::from(spec.lease_seconds))
+    lease_end(spec, status).is_some_and(|end| now <= end)
 }
 
 /// A renewal time as [`SessionStatus::renew_time`] holds it.

@@ -11,7 +11,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kt_proto::session::{KtSession, SessionMode, lease_live};
+use kt_proto::session::{KtSession, SessionMode, lease_end, lease_live};
 
 /// The label an EndpointSlice carries naming its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -109,6 +109,16 @@ pub fn desired(state: &ClusterState<'_>, now: DateTime<Utc>) -> BTreeMap<SocketA
         }
     }
     out
+}
+
+/// The first moment after `now` at which a live session's lease runs out: the map must be
+/// recomputed then, not a check interval later.
+pub fn next_expiry(sessions: &[&KtSession], now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    sessions
+        .iter()
+        .filter_map(|s| lease_end(&s.spec, s.status.as_ref()))
+        .filter(|end| *end >= now)
+        .min()
 }
 
 /// One session's entries: (ClusterIP or endpoint address) → listener.
@@ -285,6 +295,33 @@ mod tests {
         };
         let map = desired(&state, now);
         assert!(map.values().all(|t| t.session == "dev/alice"), "{map:?}");
+    }
+
+    #[test]
+    fn the_next_expiry_is_the_earliest_lease_end_to_come() {
+        let now = Utc::now();
+        let soon = session(
+            "a",
+            "2026-01-01T00:00:00Z",
+            now - chrono::TimeDelta::seconds(7),
+        );
+        let later = session(
+            "b",
+            "2026-01-01T00:00:00Z",
+            now - chrono::TimeDelta::seconds(2),
+        );
+        let gone = session(
+            "c",
+            "2026-01-01T00:00:00Z",
+            now - chrono::TimeDelta::seconds(30),
+        );
+        let end = next_expiry(&[&later, &gone, &soon], now).unwrap();
+        let in_three = now + chrono::TimeDelta::seconds(3);
+        assert!(
+            (end - in_three).num_milliseconds().abs() <= 1,
+            "{end} vs {in_three}"
+        );
+        assert_eq!(next_expiry(&[&gone], now), None);
     }
 
     #[test]

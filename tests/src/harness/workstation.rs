@@ -115,6 +115,13 @@ impl Background {
         self.child.wait().expect("wait")
     }
 
+    /// Kills it with SIGKILL (no cleanup can run) and waits for it.
+    pub fn kill(mut self) -> ExitStatus {
+        // SAFETY: signalling the process this harness started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        self.child.wait().expect("wait")
+    }
+
     /// Stops it like Ctrl-C and waits for it (the runner exec'd the program: same pid).
     pub fn interrupt(mut self) -> (ExitStatus, String) {
         // SAFETY: signalling the process this harness started.
@@ -129,4 +136,30 @@ impl Drop for Background {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An HTTP echo on the workstation at 127.0.0.1:`port` (all addresses) answering
+/// `pod=workstation`; returns once it answers.
+pub async fn http_echo(testbed_bin: &Path, tb: &Testbed, port: u16) -> Background {
+    let testbed = testbed_bin.to_str().expect("UTF-8 path");
+    let app = Background::spawn(
+        testbed_bin,
+        tb,
+        Path::new("env"),
+        &[
+            &format!("PORT={port}"),
+            "HOSTNAME=workstation",
+            testbed,
+            "image",
+            "http-echo",
+        ],
+    );
+    for _ in 0..50 {
+        let url = format!("http://127.0.0.1:{port}/");
+        if run(testbed_bin, tb, &["curl", "-s", "--max-time", "1", &url]).0 {
+            return app;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the local app did not start: {}", app.log());
 }
