@@ -1,13 +1,16 @@
-//! `ktctl exchange` (selector and scale modes), in one run on the testbed:
+//! `ktctl exchange` in agent, selector and scale modes, in one run on the testbed with the
+//! agent installed from `deploy/`:
 //!
 //! - **ready time**: command start → first request from a pod answered by the workstation,
-//!   selector mode vs scale mode (agent mode is not in ktctl yet);
+//!   per mode;
 //! - **pod → workstation data path**: bulk echo (1 × 64 MiB, 8 × 8 MiB) and 2 000 × 64 B
 //!   round trips from a pod on node-1 to an echo server on the workstation, through
 //!   `plain` TCP (the workstation routes the pod ranges via the nodes: the testbed's
 //!   physical limit), OpenSSH `ssh -R` through the v0.3.7 shadow (what v0.3.7 does),
-//!   `ktctl exchange` through the v0.3.7 shadow and through kt's shadow. The SSH paths go
-//!   over the API server's port-forward (`--transport portForward` for ktctl).
+//!   `ktctl exchange` through the v0.3.7 shadow, through kt's shadow, and in agent mode
+//!   (eBPF redirect to the agent's listener, SSH to ktctl). These SSH paths go over the API
+//!   server's port-forward (`--transport portForward`); `ktctl/agent direct` reaches the
+//!   agent's node port straight (the workstation reaches the nodes).
 //!
 //! Medians over `KT_BENCH_RUNS` rounds (default 3). Run as root: `tests/run bench`.
 
@@ -16,7 +19,7 @@ use std::{path::Path, time::Instant};
 use kt_tests::{
     harness::{
         apps::{answered_by, apply, deploy_shadow, deploy_web, in_pod, start_testbed},
-        kubectl::kubectl_ok,
+        kubectl::{kubectl, kubectl_ok},
         workstation::{Background, ECHO},
     },
     testbed::{
@@ -32,11 +35,27 @@ const MIB: usize = 1 << 20;
 const LOCAL_ECHO: u16 = 19000;
 const LOCAL_HTTP: u16 = 18090;
 
-/// A second Service in front of the echo pods, so that two exchanges can run at once.
-const ECHO_KT: &str = r#"
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+
+/// More Services in front of the echo pods, so that several exchanges can run at once.
+const ECHO_MORE: &str = r#"
 apiVersion: v1
 kind: Service
 metadata: {name: echo-kt}
+spec:
+  selector: {app: echo}
+  ports: [{port: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-agent}
+spec:
+  selector: {app: echo}
+  ports: [{port: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-direct}
 spec:
   selector: {app: echo}
   ports: [{port: 9000}]
@@ -70,7 +89,19 @@ async fn run() {
     let tb = start_testbed(TESTBED, true).await;
     deploy_web(&tb);
     apply(&tb.kubeconfig, ECHO);
-    apply(&tb.kubeconfig, ECHO_KT);
+    apply(&tb.kubeconfig, ECHO_MORE);
+    kubectl_ok(&tb.kubeconfig, &["apply", "-k", DEPLOY]);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "rollout",
+            "status",
+            "daemonset/kt-node-agent",
+            "-n",
+            "kt-system",
+            "--timeout=60s",
+        ],
+    );
     kubectl_ok(
         &tb.kubeconfig,
         &["rollout", "status", "deploy/echo", "--timeout=60s"],
@@ -79,10 +110,16 @@ async fn run() {
     let _echo = local_server(&tb, "tcp-echo", LOCAL_ECHO);
 
     // Ready time, alternating modes.
-    let (mut selector, mut scale) = (Vec::new(), Vec::new());
+    let modes: [(&str, &[&str]); 3] = [
+        ("agent", &["--mode", "agent"]),
+        ("selector", &["--mode", "selector"]),
+        ("scale", &["--mode", "scale", "--recoverWaitTime", "30"]),
+    ];
+    let mut ready = vec![Vec::new(); modes.len()];
     for _ in 0..rounds {
-        selector.push(ready_time(&tb, &[]).await);
-        scale.push(ready_time(&tb, &["--mode", "scale", "--recoverWaitTime", "30"]).await);
+        for ((_, args), times) in modes.iter().zip(&mut ready) {
+            times.push(ready_time(&tb, args).await);
+        }
     }
 
     // The data paths.
@@ -134,42 +171,45 @@ async fn run() {
         ],
     );
     let expose = format!("{LOCAL_ECHO}:9000");
+    let exchange = |service: &str, extra: &[&str]| {
+        let mut args = vec!["exchange", service, "--expose", &expose];
+        args.extend_from_slice(extra);
+        Background::ktctl(testbed, &tb, &args)
+    };
     let via_port_forward = ["--transport", "portForward"];
-    let mut ktctl_openssh = Background::ktctl(
-        testbed,
-        &tb,
-        &[
-            &["exchange", "echo", "--expose", &expose][..],
-            &via_port_forward,
-        ]
-        .concat(),
-    );
-    let mut ktctl_kt = Background::ktctl(
-        testbed,
-        &tb,
-        &[
+    let mut exchanges = [
+        exchange(
+            "echo",
+            &[&["--mode", "selector"][..], &via_port_forward].concat(),
+        ),
+        exchange(
+            "echo-kt",
             &[
-                "exchange",
-                "echo-kt",
-                "--expose",
-                &expose,
-                "--image",
-                "kt-shadow:dev",
-            ][..],
-            &via_port_forward,
-        ]
-        .concat(),
-    );
-    ktctl_openssh.wait_for("will be redirected to local").await;
-    ktctl_kt.wait_for("will be redirected to local").await;
+                &["--mode", "selector", "--image", "kt-shadow:dev"][..],
+                &via_port_forward,
+            ]
+            .concat(),
+        ),
+        exchange(
+            "echo-agent",
+            &[&["--mode", "agent"][..], &via_port_forward].concat(),
+        ),
+        exchange("echo-direct", &["--mode", "agent"]),
+    ];
+    for running in &mut exchanges {
+        running.wait_for("will be redirected to local").await;
+    }
     let paths = [
         ("plain", format!("{WORKSTATION_IP}:{LOCAL_ECHO}")),
         ("ssh -R", format!("{shadow_ip}:9100")),
         ("ktctl/openssh", "echo:9000".to_owned()),
         ("ktctl/kt", "echo-kt:9000".to_owned()),
+        ("ktctl/agent", "echo-agent:9000".to_owned()),
+        ("agent direct", "echo-direct:9000".to_owned()),
     ];
+    let behind: Vec<&Background> = std::iter::once(&ssh_r).chain(&exchanges).collect();
     for (name, addr) in &paths {
-        wait_until_echoes(&tb, addr, &[&ssh_r, &ktctl_openssh, &ktctl_kt]).await;
+        wait_until_echoes(&tb, addr, &behind).await;
         eprintln!("{name} ready at {addr}");
     }
     let mut samples = vec![[Vec::new(), Vec::new(), Vec::new(), Vec::new()]; paths.len()];
@@ -192,10 +232,14 @@ async fn run() {
     }
 
     println!("exchange benchmark, medians of {rounds} rounds");
-    let (sel, sc) = (median(&selector), median(&scale));
+    let ready: Vec<f64> = ready.iter().map(|t| median(t)).collect();
     println!(
-        "ready time: selector {sel:.2} s, scale {sc:.2} s (scale/selector ×{:.2})",
-        sc / sel
+        "ready time: agent {:.2} s, selector {:.2} s, scale {:.2} s (agent/selector ×{:.2}, scale/selector ×{:.2})",
+        ready[0],
+        ready[1],
+        ready[2],
+        ready[0] / ready[1],
+        ready[2] / ready[1]
     );
     println!(
         "pod → workstation (echo: MiB/s each way; round trip of 64 B)\n{:<14} {:>10} {:>10} {:>10} {:>10}",
@@ -211,23 +255,26 @@ async fn run() {
             row[0], row[1], row[2], row[3]
         );
     }
-    let (ssh, kt, plain) = (&rows[1], &rows[3], &rows[0]);
-    println!(
-        "ktctl/kt vs ssh -R: throughput ×{:.2} (1 stream), ×{:.2} (8 streams); latency p50 ×{:.2}, p99 ×{:.2}",
-        kt[0] / ssh[0],
-        kt[1] / ssh[1],
-        kt[2] / ssh[2],
-        kt[3] / ssh[3]
-    );
-    println!(
-        "ktctl/kt vs plain: throughput ×{:.2} (1 stream), ×{:.2} (8 streams); latency p50 ×{:.2}, p99 ×{:.2}",
-        kt[0] / plain[0],
-        kt[1] / plain[1],
-        kt[2] / plain[2],
-        kt[3] / plain[3]
-    );
-    ktctl_kt.interrupt();
-    ktctl_openssh.interrupt();
+    let (plain, ssh) = (&rows[0], &rows[1]);
+    for (name, row) in [
+        ("ktctl/kt", &rows[3]),
+        ("ktctl/agent", &rows[4]),
+        ("agent direct", &rows[5]),
+    ] {
+        println!(
+            "{name} vs ssh -R: throughput ×{:.2} (1 stream), ×{:.2} (8 streams); latency p50 ×{:.2}, p99 ×{:.2}; vs plain: ×{:.2}, ×{:.2}; p50 ×{:.2}",
+            row[0] / ssh[0],
+            row[1] / ssh[1],
+            row[2] / ssh[2],
+            row[3] / ssh[3],
+            row[0] / plain[0],
+            row[1] / plain[1],
+            row[2] / plain[2]
+        );
+    }
+    for running in exchanges {
+        running.interrupt();
+    }
     drop((ssh_r, to_sshd));
     tb.stop().await;
 }
@@ -271,10 +318,20 @@ async fn ready_time(tb: &Testbed, extra: &[&str]) -> f64 {
     let seconds = started.elapsed().as_secs_f64();
     let (status, log) = exchange.interrupt();
     assert!(status.success(), "{log}");
-    kubectl_ok(
+    let rollout = kubectl(
         &tb.kubeconfig,
         &["rollout", "status", "deploy/web", "--timeout=60s"],
     );
+    if !rollout.status.success() {
+        let pods = kubectl(&tb.kubeconfig, &["get", "pods", "-A", "-o", "wide"]);
+        let describe = kubectl(&tb.kubeconfig, &["describe", "pods", "-l", "app=web"]);
+        panic!(
+            "web did not come back after {extra:?}: {}\n{}\n{}\nktctl: {log}",
+            String::from_utf8_lossy(&rollout.stdout),
+            String::from_utf8_lossy(&pods.stdout),
+            String::from_utf8_lossy(&describe.stdout)
+        );
+    }
     while answered_by(tb, "client", "http://web/").is_none_or(|who| who == "workstation") {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
