@@ -1,4 +1,11 @@
-//! `ktctl exchange <svc> --expose local[:remote][,...]` in `selector` mode, as ktctl v0.3.7
+//! `ktctl exchange <svc> --expose local[:remote][,...]`.
+//!
+//! `agent` mode (what `auto` picks when kt's agent is installed): a `KtSession` names the
+//! Service, its ports and the session key; an agent holds it over SSH and every agent
+//! redirects the Service to that agent's listeners in the kernel. Nothing in the workload
+//! changes, and the redirect ends with the SSH connection.
+//!
+//! `selector` mode (without the agent), as ktctl v0.3.7
 //! does it (`../shared/reference/ktctl-v0.3.7.md` §3.3) and with the same annotations, so
 //! that the Go ktctl's `recover`/`clean` understand what kt did and the other way round:
 //! lock the Service (`kt-lock`), start a shadow pod labelled `kt-role: shadow-exchange`
