@@ -1,17 +1,25 @@
-//! The README demo (root): kt's eBPF redirect in a throwaway network namespace.
+//! The README demo (root): `ktctl exchange` in agent mode on the simulated cluster.
 //!
-//! A fake Service 10.96.0.10:80 is served by an "app pod"; a client in a pod cgroup calls
-//! it; kt's programs are attached to that cgroup and the Service is redirected to a
-//! "workstation tunnel" listener, then the redirect is removed. Everything is created in
-//! namespaces and cgroups named `ktt-demo-*` and removed at the end, also on failure.
+//! Brings up a two-node testbed, installs kt's agent from `deploy/` with kubectl, runs `web`
+//! (two replicas, one per node) and a client pod on each node, exchanges `web` to a server
+//! on the workstation, shows both clients answered locally, ends the exchange, shows the pods
+//! answering again, and tears everything down (namespaces and cgroups named `ktt-*`).
 
-use std::{net::SocketAddr, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use kt_ebpf_common::{Counter, Mode, Redirect};
-use kt_node_agent::ebpf::Redirector;
-use kt_tests::harness::{
-    self, cgroup::TestCgroup, netns::NetNs, probe, server::TagServer, unique_name,
+use kt_tests::{
+    harness::{
+        self,
+        apps::{CLIENT_2, answered_by, apply, deploy_web, start_testbed, until_all_answered_by},
+        kubectl::kubectl_ok,
+        workstation::{self, Background},
+    },
+    testbed::cluster::Testbed,
 };
+
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+const LOCAL_PORT: u16 = 18090;
+const CLIENTS: [&str; 2] = ["client", "client-2"];
 
 fn main() -> ExitCode {
     if let Some(reason) = harness::ebpf_unsupported_reason() {
@@ -23,62 +31,118 @@ fn main() -> ExitCode {
         eprintln!("the demo needs root (network namespaces, cgroups, eBPF)");
         return ExitCode::FAILURE;
     }
-    match demo() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("demo failed: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(demo());
+    ExitCode::SUCCESS
 }
 
-fn demo() -> Result<(), Box<dyn std::error::Error>> {
-    let service: SocketAddr = "10.96.0.10:80".parse()?;
-    let netns = NetNs::new(unique_name("demo"))?;
-    netns.add_local_addrs(&["10.96.0.10/32"])?;
-    let _app = TagServer::start(&netns, service, "app-pod")?;
-    let tunnel = TagServer::start(&netns, "127.0.0.1:0".parse()?, "workstation")?;
-    let pods = TestCgroup::new(&unique_name("demo-pods"))?;
-    println!(
-        "== a simulated node: netns {}, pods in cgroup {}",
-        netns.name(),
-        pods.path().display()
+/// Who answers `http://web/` from each client pod, one line.
+fn show(tb: &Testbed, when: &str) {
+    let answers: Vec<String> = CLIENTS
+        .iter()
+        .map(|pod| {
+            let who = answered_by(tb, pod, "http://web/").unwrap_or_else(|| "(no answer)".into());
+            format!("{pod} → web: {who}")
+        })
+        .collect();
+    println!("   {when}: {}", answers.join(", "));
+}
+
+async fn demo() {
+    let testbed_bin: PathBuf = std::env::current_exe()
+        .expect("own path")
+        .with_file_name("kt-testbed");
+    println!("== a two-node cluster (kt-testbed)");
+    let tb = start_testbed(testbed_bin.to_str().expect("UTF-8 path"), true).await;
+
+    println!("== kt's node agent from deploy/: kubectl apply -k deploy/");
+    kubectl_ok(&tb.kubeconfig, &["apply", "-k", DEPLOY]);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "rollout",
+            "status",
+            "daemonset/kt-node-agent",
+            "-n",
+            "kt-system",
+            "--timeout=60s",
+        ],
     );
-    println!("   Service {service} is served by an app pod");
-
-    let call = |what: &str| -> Result<(), Box<dyn std::error::Error>> {
-        let seen = probe::connect(&netns, Some(pods.path()), service)?;
-        println!(
-            "   {what}: client -> {service} answered by '{}' (client's getpeername: {})",
-            seen.server, seen.peer
-        );
-        Ok(())
-    };
-    call("before")?;
-
-    println!("== kt-node-agent loads its eBPF programs and attaches them to the pods' cgroup");
-    let mut redirector = Redirector::load()?;
-    redirector.attach(pods.path())?;
-    println!(
-        "== exchange: {service} -> workstation tunnel listener {}",
-        tunnel.addr()
+    println!("== web: two replicas, one per node; a client pod on each node");
+    deploy_web(&tb);
+    apply(&tb.kubeconfig, CLIENT_2);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "pod/client-2",
+            "--timeout=60s",
+        ],
     );
-    redirector.insert(service, Redirect::to(tunnel.addr(), 1, Mode::Exchange))?;
-    call("exchanged")?;
-    call("exchanged")?;
-
-    println!("== exchange ends: the map entry is removed");
-    redirector.remove(service)?;
-    call("after")?;
-
-    let counters = redirector.counters()?;
-    println!(
-        "== counters: {} connects seen, {} redirected, {} getpeername restored",
-        counters.get(Counter::ConnectSeen),
-        counters.get(Counter::ConnectRedirected),
-        counters.get(Counter::PeernameRestored)
+    print!(
+        "{}",
+        kubectl_ok(&tb.kubeconfig, &["get", "pods", "-o", "wide"])
     );
-    drop(redirector);
-    println!("== programs detached; namespace and cgroup are removed on exit");
-    Ok(())
+    show(&tb, "before");
+
+    println!("== on the workstation: a local web server on port {LOCAL_PORT}");
+    let _local = workstation::http_echo(&testbed_bin, &tb, LOCAL_PORT).await;
+    println!("== ktctl exchange web --expose {LOCAL_PORT}:80");
+    let expose = format!("{LOCAL_PORT}:80");
+    let mut exchange =
+        Background::ktctl(&testbed_bin, &tb, &["exchange", "web", "--expose", &expose]);
+    exchange.wait_for("will be redirected to local").await;
+    for line in exchange.log().lines() {
+        println!("   | {line}");
+    }
+    let urls = ["http://web/".to_owned()];
+    if let Err(wrong) = until_all_answered_by(
+        &tb,
+        &CLIENTS,
+        &urls,
+        |who| who == "workstation",
+        Duration::from_secs(10),
+    )
+    .await
+    {
+        println!("   not redirected: {wrong}");
+    }
+    show(&tb, "exchanged");
+    println!(
+        "   the Service's selector is untouched: {}",
+        kubectl_ok(
+            &tb.kubeconfig,
+            &["get", "svc", "web", "-o", "jsonpath={.spec.selector}"]
+        )
+    );
+
+    println!("== Ctrl-C ends the exchange");
+    let (_, log) = exchange.interrupt();
+    for line in log
+        .lines()
+        .rev()
+        .take(3)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
+        println!("   | {line}");
+    }
+    let _ = until_all_answered_by(
+        &tb,
+        &CLIENTS,
+        &urls,
+        |who| who.starts_with("web-"),
+        Duration::from_secs(10),
+    )
+    .await;
+    show(&tb, "after");
+
+    println!("== tearing the cluster down");
+    tb.stop().await;
+    println!("== done");
 }
