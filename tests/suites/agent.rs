@@ -395,3 +395,89 @@ async fn ktctl_exchange_in_agent_mode_touches_nothing_and_ends_with_ktctl() {
     }
     tb.stop().await;
 }
+
+/// A developer bound to deploy/'s `kt-developer` in one namespace exchanges there in agent
+/// mode, and gets a clear error, with nothing created, in a namespace where they are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_developer_exchanges_in_their_namespace_and_is_refused_elsewhere() {
+    let tb = start_testbed(TESTBED, true).await;
+    deploy_web(&tb);
+    kubectl_ok(&tb.kubeconfig, &["apply", "-k", DEPLOY]);
+    wait_for_agents(&tb);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "create",
+            "rolebinding",
+            "kt-developer",
+            "--clusterrole=kt-developer",
+            "--user=alice",
+            "-n",
+            "default",
+        ],
+    );
+    kubectl_ok(&tb.kubeconfig, &["create", "namespace", "other"]);
+    apply(
+        &tb.kubeconfig,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: other}\nspec:\n  ports: [{port: 80}]\n",
+    );
+    let alice = tb.workstation_user_kubeconfig("alice", "default").unwrap();
+    let alice = alice.to_str().unwrap();
+    let testbed = Path::new(TESTBED);
+    let _app = workstation::http_echo(testbed, &tb, 18090).await;
+
+    let mut exchange = Background::ktctl(
+        testbed,
+        &tb,
+        &["-c", alice, "exchange", "web", "--expose", "18090:80"],
+    );
+    exchange
+        .wait_for(" Now all request to service 'web' will be redirected to local")
+        .await;
+    assert!(
+        exchange.log().contains("Using agent mode"),
+        "{}",
+        exchange.log()
+    );
+    until_all_answered_by(
+        &tb,
+        &["client"],
+        &["http://web/".to_owned()],
+        |who| who == "workstation",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|wrong| panic!("{wrong}\n{}", exchange.log()));
+    let (status, log) = exchange.interrupt();
+    assert!(status.success(), "{log}");
+
+    let objects = || {
+        kubectl_ok(
+            &tb.kubeconfig,
+            &[
+                "get",
+                "pods,configmaps,services,ktsessions",
+                "-n",
+                "other",
+                "-o",
+                "name",
+            ],
+        )
+    };
+    let before = objects();
+    let refused = workstation::exec(testbed, &tb)
+        .arg(workstation::ktctl_bin(testbed))
+        .args([
+            "-c", alice, "-n", "other", "exchange", "web", "--expose", "18090:80",
+        ])
+        .output()
+        .expect("ktctl runs");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("ERR Exit: ") && err.contains("forbidden") && err.contains("\"other\""),
+        "{err}"
+    );
+    assert_eq!(objects(), before, "nothing created in the other namespace");
+    tb.stop().await;
+}

@@ -343,16 +343,25 @@ impl Testbed {
 
     /// A kubeconfig for user `name` on the host, authorised only by RBAC.
     pub fn user_kubeconfig(&self, name: &str, namespace: &str) -> io::Result<PathBuf> {
+        self.user_kubeconfig_at(name, namespace, &self.host_url, "")
+    }
+
+    /// The same for the workstation namespace (the API at its cluster address).
+    pub fn workstation_user_kubeconfig(&self, name: &str, namespace: &str) -> io::Result<PathBuf> {
+        let url = format!("https://{API_IP}:{API_PORT}");
+        self.user_kubeconfig_at(name, namespace, &url, "-workstation")
+    }
+
+    fn user_kubeconfig_at(
+        &self,
+        name: &str,
+        namespace: &str,
+        url: &str,
+        suffix: &str,
+    ) -> io::Result<PathBuf> {
         let token = self.api.tokens.issue(UserInfo::user(name));
-        let path = self.dir.join(format!("kubeconfig-{name}"));
-        kubeconfig::write(
-            &path,
-            &self.host_url,
-            name,
-            &token,
-            namespace,
-            Some(&self.ca_pem),
-        )?;
+        let path = self.dir.join(format!("kubeconfig-{name}{suffix}"));
+        kubeconfig::write(&path, url, name, &token, namespace, Some(&self.ca_pem))?;
         Ok(path)
     }
 
