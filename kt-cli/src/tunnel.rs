@@ -79,6 +79,15 @@ pub enum TunnelError {
     },
 }
 
+/// How [`Tunnel::keep_remote_forwards`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Kept {
+    /// The session was stopped.
+    Stopped,
+    /// The pod could not be reached again.
+    GaveUp,
+}
+
 /// The way to the shadow's SSH port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
@@ -510,14 +519,18 @@ impl Tunnel {
     }
 
     /// Keeps the remote forwards of [`Tunnel::open_remote_forwards`] up until `stop`:
-    /// when their SSH connection drops, reconnects with back-off and asks again.
+    /// when their SSH connection drops, reconnects with back-off and asks again — for ever
+    /// (a shadow pod stays where it is), or until `give_up_after` attempts in a row failed
+    /// (an agent pod may be gone for good; the caller moves to another).
     pub async fn keep_remote_forwards(
         &self,
         forwards: &[(u16, SocketAddr)],
         stop: &CancellationToken,
-    ) {
+        give_up_after: Option<u32>,
+    ) -> Kept {
         let route = self.route.get().copied().unwrap_or(Route::PortForward);
         let mut delay = Duration::from_millis(200);
+        let mut failures = 0;
         loop {
             let alive = self.connections[0]
                 .lock()
@@ -526,11 +539,13 @@ impl Tunnel {
                 .is_some_and(|h| !h.is_closed());
             if alive {
                 tokio::select! {
-                    () = stop.cancelled() => return,
+                    () = stop.cancelled() => return Kept::Stopped,
                     () = tokio::time::sleep(Duration::from_millis(300)) => continue,
                 }
             }
-            tracing::warn!("Connection to shadow pod {} lost, reconnecting", self.pod);
+            if failures == 0 {
+                tracing::warn!("Connection to pod {} lost, reconnecting", self.pod);
+            }
             let restored = match self.reconnect(route).await {
                 Ok(handle) => {
                     let result = self.request_remote_forwards(&handle, forwards).await;
@@ -540,11 +555,18 @@ impl Tunnel {
                 Err(e) => Err(e),
             };
             match restored {
-                Ok(()) => delay = Duration::from_millis(200),
+                Ok(()) => {
+                    delay = Duration::from_millis(200);
+                    failures = 0;
+                }
                 Err(e) => {
+                    failures += 1;
                     tracing::debug!(error = %kt_proto::error_chain(&e), "reverse tunnels not restored yet");
+                    if give_up_after.is_some_and(|limit| failures >= limit) {
+                        return Kept::GaveUp;
+                    }
                     tokio::select! {
-                        () = stop.cancelled() => return,
+                        () = stop.cancelled() => return Kept::Stopped,
                         () = tokio::time::sleep(delay) => {}
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));

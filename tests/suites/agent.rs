@@ -374,6 +374,34 @@ async fn ktctl_exchange_in_agent_mode_touches_nothing_and_ends_with_ktctl() {
         );
 
         if ending == "ctrl-c" {
+            // The agents are replaced under the running exchange: ktctl moves the session to
+            // a new one, and the Service comes back to the workstation by itself.
+            kubectl_ok(
+                &tb.kubeconfig,
+                &[
+                    "delete",
+                    "pods",
+                    "-n",
+                    "kt-system",
+                    "-l",
+                    "app.kubernetes.io/name=kt-node-agent",
+                ],
+            );
+            wait_for_agents(&tb);
+            let took = until_all_answered_by(
+                &tb,
+                &CLIENTS,
+                &urls,
+                |who| who == "workstation",
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap_or_else(|wrong| {
+                panic!("after the agents were replaced: {wrong}\n{}", running.log())
+            });
+            eprintln!("agents replaced: answered locally again {took:?} after their rollout");
+            // (ktctl logs the move right after the new agent has taken the forwards.)
+            running.wait_for("is held by agent").await;
             let (status, log) = running.interrupt();
             assert!(
                 status.success() && log.contains("Cleaning session"),

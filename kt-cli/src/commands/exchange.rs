@@ -51,7 +51,7 @@ use crate::{
     cluster,
     session::Session,
     shadow,
-    tunnel::{SessionKey, Tunnel},
+    tunnel::{Kept, SessionKey, Tunnel},
 };
 
 /// v0.3.7's lock: a `kt-lock` older than this is abandoned.
@@ -371,23 +371,6 @@ async fn exchange_by_agent(
             }
         });
     }
-    let tunnel = Tunnel::new(
-        cluster.client.clone(),
-        session_types::AGENT_NAMESPACE,
-        agent,
-        key.private.clone(),
-        global.transport,
-        1,
-    )
-    .login(
-        session_types::AGENT_SSH_PORT,
-        format!("{}/{name}", cluster.namespace),
-    );
-    let timeout = Duration::from_secs(u64::from(global.port_forward_timeout));
-    tokio::select! {
-        () = session.stop.cancelled() => return Ok(()),
-        started = tunnel.start(timeout) => { started?; }
-    }
     // The agent names each forward by the Service port it stands for.
     let forwards: Vec<(u16, SocketAddr)> = exposed
         .iter()
@@ -398,13 +381,56 @@ async fn exchange_by_agent(
             )
         })
         .collect();
-    tunnel.open_remote_forwards(&forwards).await?;
-    super::banner(&format!(
-        " Now all request to service '{service}' will be redirected to local"
-    ));
-    tunnel.keep_remote_forwards(&forwards, &session.stop).await;
-    tunnel.close().await;
-    Ok(())
+    let login = format!("{}/{name}", cluster.namespace);
+    let mut agent = agent.to_owned();
+    let mut announced = false;
+    loop {
+        let tunnel = Tunnel::new(
+            cluster.client.clone(),
+            session_types::AGENT_NAMESPACE,
+            &agent,
+            key.private.clone(),
+            global.transport,
+            1,
+        )
+        .login(session_types::AGENT_SSH_PORT, login.clone());
+        let timeout = Duration::from_secs(u64::from(global.port_forward_timeout));
+        tokio::select! {
+            () = session.stop.cancelled() => return Ok(()),
+            started = tunnel.start(timeout) => { started?; }
+        }
+        tunnel.open_remote_forwards(&forwards).await?;
+        if !announced {
+            super::banner(&format!(
+                " Now all request to service '{service}' will be redirected to local"
+            ));
+            announced = true;
+        } else {
+            tracing::info!("Session {name} is held by agent {agent} now");
+        }
+        let kept = tunnel
+            .keep_remote_forwards(&forwards, &session.stop, Some(3))
+            .await;
+        tunnel.close().await;
+        if kept == Kept::Stopped {
+            return Ok(());
+        }
+        // The agent is gone (deleted, its node down): the DaemonSet's next one, or another
+        // node's, holds the session from here.
+        tracing::warn!("Agent {agent} is gone, moving session {name} to another agent");
+        let mut waited = 0;
+        agent = loop {
+            // Another agent if one comes within 10 s; after that whichever is ready (the
+            // same one may have been only out of reach).
+            match agent_pod(cluster).await? {
+                Some(next) if next != agent || waited >= 10 => break next,
+                _ => tokio::select! {
+                    () = session.stop.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => waited += 1,
+                },
+            }
+        };
+    }
 }
 
 /// `user@host`: who holds a session, named in conflict errors.
@@ -657,7 +683,9 @@ async fn exchange_by_selector(
     super::banner(&format!(
         " Now all request to service '{name}' will be redirected to local"
     ));
-    tunnel.keep_remote_forwards(&forwards, &session.stop).await;
+    tunnel
+        .keep_remote_forwards(&forwards, &session.stop, None)
+        .await;
     tunnel.close().await;
     Ok(())
 }
@@ -721,7 +749,9 @@ async fn exchange_by_scale(
     super::banner(&format!(
         " Now all request to deployment '{deploy}' will be redirected to local"
     ));
-    tunnel.keep_remote_forwards(&forwards, &session.stop).await;
+    tunnel
+        .keep_remote_forwards(&forwards, &session.stop, None)
+        .await;
     tunnel.close().await;
     Ok(())
 }
