@@ -191,6 +191,10 @@ fn apply(netns: &str, script: &str) -> std::io::Result<()> {
     }
 }
 
+/// The shortest time between two table rebuilds (kube-proxy's default is 1 s; the tests
+/// want changes to show sooner).
+const MIN_SYNC_PERIOD: Duration = Duration::from_millis(200);
+
 /// Keeps one node's table in step with the store until `shutdown`.
 pub async fn run(store: Arc<Store>, netns: String, node_ip: Ipv4Addr, shutdown: CancellationToken) {
     let mut rx = store.subscribe();
@@ -218,6 +222,12 @@ pub async fn run(store: Arc<Store>, netns: String, node_ip: Ipv4Addr, shutdown: 
                 Ok(Ok(())) => last = script,
                 Ok(Err(e)) => eprintln!("kube-proxy: {e}"),
                 Err(_) => {}
+            }
+            // Like kube-proxy's minSyncPeriod: changes arriving meanwhile are applied
+            // together, so a burst of Services costs a few rebuilds, not one each.
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(MIN_SYNC_PERIOD) => {}
             }
         }
     }

@@ -1,0 +1,166 @@
+//! The agent's memory at scale: resident set size of each node's `kt-node-agent agent` with
+//! the agent just installed (the baseline, same run), then with 1 000 Services and 100 live
+//! sessions programmed (each session's ClusterIP redirected on every node).
+//! Run as root: `tests/run bench`.
+
+use std::time::Duration;
+
+use futures::{StreamExt as _, stream};
+use k8s_openapi::api::core::v1::Service;
+use kt_proto::session::{KtSession, api_resource, renew_time};
+use kt_tests::{
+    harness::{
+        apps::{deploy_web, in_pod, start_testbed},
+        kubectl::kubectl_ok,
+    },
+    testbed::{cluster::Testbed, topology::node_ip},
+};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+const SERVICES: usize = 1000;
+const SESSIONS: usize = 100;
+
+fn main() {
+    // SAFETY: getuid has no failure mode.
+    if unsafe { libc::getuid() } != 0 {
+        println!("skipping agent RSS benchmark: needs root");
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(run());
+}
+
+/// VmRSS in KiB of every agent process of this testbed.
+fn agent_rss(tb: &Testbed) -> Vec<u64> {
+    let prefix = &tb.topology().prefix;
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let path = entry.path();
+        let cmdline = std::fs::read(path.join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_agent = args.first().is_some_and(|a| a.ends_with(b"kt-node-agent"))
+            && args.get(1) == Some(&&b"agent"[..]);
+        let ours = std::fs::read_to_string(path.join("cgroup"))
+            .is_ok_and(|c| c.contains(&format!("/{}", prefix.trim_end_matches('-'))));
+        if is_agent && ours {
+            let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+            if let Some(kib) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            {
+                out.push(kib);
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Waits until both agents report `entries` redirect entries.
+async fn until_programmed(tb: &Testbed, entries: usize) {
+    let want = format!("kt_agent_redirect_entries {entries}");
+    for _ in 0..600 {
+        let done = [1, 2].iter().all(|node| {
+            let url = format!("http://{}:9966/metrics", node_ip(*node));
+            in_pod(tb, "client", &["curl", "-s", &url])
+                .1
+                .contains(&want)
+        });
+        if done {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("the agents did not program {entries} entries");
+}
+
+async fn run() {
+    let tb = start_testbed(TESTBED, true).await;
+    deploy_web(&tb);
+    kubectl_ok(&tb.kubeconfig, &["apply", "-k", DEPLOY]);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "rollout",
+            "status",
+            "daemonset/kt-node-agent",
+            "-n",
+            "kt-system",
+            "--timeout=60s",
+        ],
+    );
+    until_programmed(&tb, 0).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let baseline = agent_rss(&tb);
+
+    let client = tb.client().await;
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let sessions: Api<KtSession> = Api::namespaced_with(client, "default", &api_resource());
+    let started = std::time::Instant::now();
+    stream::iter(0..SERVICES)
+        .for_each_concurrent(16, |i| {
+            let services = services.clone();
+            async move {
+                let svc: Service = serde_json::from_value(json!({
+                    "metadata": {"name": format!("s{i}")},
+                    "spec": {"selector": {"app": format!("s{i}")}, "ports": [{"port": 80}]}
+                }))
+                .expect("service");
+                services
+                    .create(&PostParams::default(), &svc)
+                    .await
+                    .expect("created");
+            }
+        })
+        .await;
+    stream::iter(0..SESSIONS)
+        .for_each_concurrent(16, |i| {
+            let sessions = sessions.clone();
+            async move {
+                let name = format!("s{i}-bench");
+                let session: KtSession = serde_json::from_value(json!({
+                    "apiVersion": "kt.dev/v1alpha1", "kind": "KtSession",
+                    "metadata": {"name": name},
+                    "spec": {"owner": "bench", "mode": "exchange", "service": format!("s{i}"),
+                             "ports": [{"port": 80, "localPort": 8080}],
+                             "publicKey": "ssh-ed25519 AAAA bench", "leaseSeconds": 3600}
+                }))
+                .expect("session");
+                sessions
+                    .create(&PostParams::default(), &session)
+                    .await
+                    .expect("created");
+                let status = json!({"status": {
+                    "node": "node-1", "address": node_ip(1).to_string(),
+                    "listeners": [{"port": 80, "listenerPort": 40000 + i}],
+                    "renewTime": renew_time(chrono::Utc::now()),
+                }});
+                sessions
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                    .await
+                    .expect("status");
+            }
+        })
+        .await;
+    until_programmed(&tb, SESSIONS).await;
+    let setup = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let loaded = agent_rss(&tb);
+
+    println!(
+        "agent RSS benchmark ({SERVICES} Services, {SESSIONS} live sessions; set up in {setup:.1?})"
+    );
+    println!("agent RSS baseline (installed, idle): {baseline:?} KiB");
+    println!("agent RSS loaded: {loaded:?} KiB");
+    let ratio =
+        |l: &[u64], b: &[u64]| l.iter().sum::<u64>() as f64 / b.iter().sum::<u64>().max(1) as f64;
+    println!("loaded / baseline: ×{:.2}", ratio(&loaded, &baseline));
+    tb.stop().await;
+}
