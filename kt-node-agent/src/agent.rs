@@ -76,6 +76,7 @@ pub struct AgentConfig {
 /// What the reconcile loop and the HTTP endpoints share.
 struct Shared {
     ready: AtomicBool,
+    tunnel_bytes: Arc<crate::ssh_server::TunnelBytes>,
     /// Locked briefly: map updates and counter reads are single syscalls each.
     programmed: Mutex<Programmed>,
 }
@@ -130,6 +131,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 
     let shared = Arc::new(Shared {
         ready: AtomicBool::new(false),
+        tunnel_bytes: Arc::default(),
         programmed: Mutex::new(Programmed {
             redirector,
             desired: BTreeMap::new(),
@@ -156,6 +158,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 node_ip,
                 sessions: sessions.clone(),
                 client: client.clone(),
+                tunnel_bytes: shared.tunnel_bytes.clone(),
             };
             tasks.spawn(hold::serve(ssh, context, shutdown.clone()));
         }
@@ -394,7 +397,17 @@ async fn serve_http(
         )
         .route(
             "/metrics",
-            get(move || async move { metrics.programmed().metrics() }),
+            get(move || async move {
+                let mut text = metrics.programmed().metrics();
+                let bytes = &metrics.tunnel_bytes;
+                let _ = writeln!(
+                    text,
+                    "# HELP kt_agent_tunnel_bytes_total Bytes through this agent's tunnel listeners (counted when a connection ends).\n# TYPE kt_agent_tunnel_bytes_total counter\nkt_agent_tunnel_bytes_total{{direction=\"to_workstation\"}} {}\nkt_agent_tunnel_bytes_total{{direction=\"from_workstation\"}} {}",
+                    bytes.to_workstation.load(Ordering::Relaxed),
+                    bytes.from_workstation.load(Ordering::Relaxed)
+                );
+                text
+            }),
         );
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())

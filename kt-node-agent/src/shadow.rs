@@ -213,8 +213,14 @@ impl Handler for Connection {
             *port,
             self.tasks.clone(),
         );
-        self.tasks
-            .spawn(forward_back(listener, handle, address, port, stop, tasks));
+        self.tasks.spawn(forward_back(
+            listener,
+            handle,
+            (address, port),
+            stop,
+            tasks,
+            None,
+        ));
         Ok(true)
     }
 

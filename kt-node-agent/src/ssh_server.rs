@@ -3,7 +3,13 @@
 //! every connection and forwarded stream a tracked task; and the remote-forward plumbing
 //! they share (a listener whose connections go back to the client as `forwarded-tcpip`).
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use russh::{
     Channel,
@@ -73,15 +79,24 @@ fn host_key() -> PrivateKey {
     PrivateKey::from(Ed25519Keypair::from_seed(&seed))
 }
 
+/// Bytes carried by tunnelled connections, counted as each one ends.
+#[derive(Debug, Default)]
+pub struct TunnelBytes {
+    /// From cluster clients to the workstation.
+    pub to_workstation: AtomicU64,
+    /// From the workstation back to cluster clients.
+    pub from_workstation: AtomicU64,
+}
+
 /// Accepts on a remote-forward listener and hands each connection to the client as
-/// `forwarded-tcpip` for (`address`, `port`).
+/// `forwarded-tcpip` for (`address`, `port`); adds what they carried to `bytes`.
 pub(crate) async fn forward_back(
     listener: TcpListener,
     handle: Handle,
-    address: String,
-    port: u32,
+    (address, port): (String, u32),
     stop: CancellationToken,
     tasks: TaskTracker,
+    bytes: Option<Arc<TunnelBytes>>,
 ) {
     loop {
         let (tcp, peer) = tokio::select! {
@@ -92,7 +107,8 @@ pub(crate) async fn forward_back(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let (handle, address, stop) = (handle.clone(), address.clone(), stop.clone());
+        let (handle, address, stop, bytes) =
+            (handle.clone(), address.clone(), stop.clone(), bytes.clone());
         tasks.spawn(async move {
             let opened = handle
                 .channel_open_forwarded_tcpip(
@@ -103,20 +119,41 @@ pub(crate) async fn forward_back(
                 )
                 .await;
             match opened {
-                Ok(channel) => pump(channel, tcp, stop).await,
+                Ok(channel) => {
+                    let moved = pump(channel, tcp, stop).await;
+                    if let (Some(bytes), Some(moved)) = (bytes, moved) {
+                        // Into the channel is towards the SSH client, the workstation.
+                        bytes
+                            .to_workstation
+                            .fetch_add(moved.to_channel, Ordering::Relaxed);
+                        bytes
+                            .from_workstation
+                            .fetch_add(moved.to_socket, Ordering::Relaxed);
+                    }
+                }
                 Err(error) => tracing::debug!(%error, "client refused forwarded-tcpip"),
             }
         });
     }
 }
 
-/// Copies both ways until both sides are done or `cancel`.
-pub(crate) async fn pump(channel: Channel<Msg>, tcp: TcpStream, cancel: CancellationToken) {
+/// Copies both ways until both sides are done or `cancel`; what moved, when it finished.
+pub(crate) async fn pump(
+    channel: Channel<Msg>,
+    tcp: TcpStream,
+    cancel: CancellationToken,
+) -> Option<kt_tunnel::bridge::Transferred> {
     tokio::select! {
         result = kt_tunnel::bridge(channel, tcp) => match result {
-            Ok(moved) => tracing::trace!(?moved, "tunnelled connection done"),
-            Err(error) => tracing::debug!(%error, "tunnelled connection ended with an error"),
+            Ok(moved) => {
+                tracing::trace!(?moved, "tunnelled connection done");
+                Some(moved)
+            }
+            Err(error) => {
+                tracing::debug!(%error, "tunnelled connection ended with an error");
+                None
+            }
         },
-        () = cancel.cancelled() => {}
+        () = cancel.cancelled() => None,
     }
 }

@@ -399,14 +399,29 @@ async fn ktctl_exchange_in_agent_mode_touches_nothing_and_ends_with_ktctl() {
             .unwrap_or_else(|wrong| {
                 panic!("after the agents were replaced: {wrong}\n{}", running.log())
             });
+            // The old agents are gone once the new ones run (they bind the same node port),
+            // so the redirect now comes from a new agent holding the session: ktctl moved it
+            // there (or reached the same pod name again).
             eprintln!("agents replaced: answered locally again {took:?} after their rollout");
-            // (ktctl logs the move right after the new agent has taken the forwards.)
-            running.wait_for("is held by agent").await;
             let (status, log) = running.interrupt();
             assert!(
                 status.success() && log.contains("Cleaning session"),
                 "{log}"
             );
+            // The holding agents counted what their listeners carried.
+            let carried: u64 = [1, 2]
+                .iter()
+                .map(|node| {
+                    let url = format!("http://{}:9966/metrics", node_ip(*node));
+                    let (_, metrics) = in_pod(&tb, "client", &["curl", "-s", &url]);
+                    metrics
+                        .lines()
+                        .filter(|l| l.starts_with("kt_agent_tunnel_bytes_total"))
+                        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                        .sum::<u64>()
+                })
+                .sum();
+            assert!(carried > 0, "no tunnel bytes counted");
         } else {
             running.kill();
         }

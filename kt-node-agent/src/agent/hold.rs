@@ -27,7 +27,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::ssh_server::forward_back;
+use crate::ssh_server::{TunnelBytes, forward_back};
 
 /// What every connection of the hold server needs.
 #[derive(Clone)]
@@ -36,6 +36,7 @@ pub struct HoldContext {
     pub node_ip: IpAddr,
     pub sessions: Store<KtSession>,
     pub client: kube::Client,
+    pub tunnel_bytes: Arc<TunnelBytes>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,10 +164,10 @@ impl Handler for Holder {
         self.tasks.spawn(forward_back(
             listener,
             session.handle(),
-            address.to_owned(),
-            *port,
+            (address.to_owned(), *port),
             self.cancel.child_token(),
             self.tasks.clone(),
+            Some(self.context.tunnel_bytes.clone()),
         ));
         let status = Status {
             context: self.context.clone(),
