@@ -61,9 +61,14 @@ fn ktctl_once(tb: &Testbed, env: &[&str], args: &[&str]) -> (Option<i32>, String
 
 /// Exchanges `web` with `extra` arguments as user alice, checks that pods on both nodes
 /// reach the workstation by name, FQDN and ClusterIP, that `during` holds, that bob's
-/// exchange is refused naming alice, and that Ctrl-C restores the Service, its pods and
-/// the objects in the namespace.
-async fn exchange_and_restore(extra: &[&str], banner: &str, during: impl Fn(&Testbed)) {
+/// exchange is refused naming alice, and that `stop_with` (Ctrl-C's SIGINT, or SIGTERM)
+/// restores the Service, its pods and the objects in the namespace.
+async fn exchange_and_restore(
+    extra: &[&str],
+    banner: &str,
+    during: impl Fn(&Testbed),
+    stop_with: libc::c_int,
+) {
     let tb = start_testbed(TESTBED, true).await;
     deploy_web(&tb);
     apply(&tb.kubeconfig, CLIENT_2);
@@ -126,7 +131,7 @@ async fn exchange_and_restore(extra: &[&str], banner: &str, during: impl Fn(&Tes
     );
     assert_eq!((service_state(&tb), kt_objects(&tb)), snapshot);
 
-    let (status, log) = exchange.interrupt();
+    let (status, log) = exchange.signal(stop_with);
     assert!(status.success(), "{log}");
     assert_eq!(
         service_state(&tb),
@@ -175,12 +180,13 @@ async fn selector_exchange_sends_the_service_to_the_workstation_and_ctrl_c_resto
                 "v0.3.7's selector and annotation: {during}"
             );
         },
+        libc::SIGINT,
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scale_exchange_stands_in_for_the_scaled_down_deployment_and_scales_it_back() {
+async fn scale_exchange_stands_in_for_the_scaled_down_deployment_and_sigterm_scales_it_back() {
     exchange_and_restore(
         &["--mode", "scale", "--recoverWaitTime", "30"],
         " Now all request to deployment 'web' will be redirected to local",
@@ -192,6 +198,8 @@ async fn scale_exchange_stands_in_for_the_scaled_down_deployment_and_scales_it_b
             assert_eq!(replicas, "0", "the deployment is scaled to zero");
             assert!(web_pods(tb).is_empty(), "only the shadow serves");
         },
+        // `kill` (SIGTERM, what supervisors and shells send) restores too.
+        libc::SIGTERM,
     )
     .await;
 }
@@ -201,6 +209,19 @@ async fn exchange_bad_input_exits_1_naming_the_problem_and_changes_nothing() {
     let tb = start_testbed(TESTBED, true).await;
     deploy_web(&tb);
     let app = workstation::http_echo(Path::new(TESTBED), &tb, 18091).await;
+    apply(
+        &tb.kubeconfig,
+        r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: meshed
+  annotations: {kt-selector: '{"app":"web"}'}
+spec:
+  selector: {kt-role: router, kt-target: aBcDeFgHiJkLmNoPqRsT}
+  ports: [{port: 80}]
+"#,
+    );
     let (objects, service) = (kt_objects(&tb), service_state(&tb));
     for (args, needle) in [
         (
@@ -222,6 +243,11 @@ async fn exchange_bad_input_exits_1_naming_the_problem_and_changes_nothing() {
         (
             &["exchange", "web"][..],
             r#"required flag(s) "expose" not set"#,
+        ),
+        // The Go ktctl's auto mesh points the Service at its router pod.
+        (
+            &["exchange", "meshed", "--expose", "18091:80"][..],
+            "another user is meshing service 'meshed', cannot apply exchange",
         ),
     ] {
         let (code, err) = ktctl_once(&tb, &[], args);

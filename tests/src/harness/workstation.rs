@@ -123,9 +123,14 @@ impl Background {
     }
 
     /// Stops it like Ctrl-C and waits for it (the runner exec'd the program: same pid).
-    pub fn interrupt(mut self) -> (ExitStatus, String) {
+    pub fn interrupt(self) -> (ExitStatus, String) {
+        self.signal(libc::SIGINT)
+    }
+
+    /// Sends `signal` (SIGINT, SIGTERM, …) and waits for it to exit.
+    pub fn signal(mut self, signal: libc::c_int) -> (ExitStatus, String) {
         // SAFETY: signalling the process this harness started.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        unsafe { libc::kill(self.child.id() as i32, signal) };
         let status = self.child.wait().expect("wait");
         (status, self.log())
     }
