@@ -259,6 +259,21 @@ spec:
         assert_eq!(kt_objects(&tb), objects, "{args:?} created something");
         assert_eq!(service_state(&tb), service, "{args:?} changed the Service");
     }
+    // --skipPortChecking: the exchange starts although nothing listens locally yet.
+    let mut skipped = Background::ktctl(
+        Path::new(TESTBED),
+        &tb,
+        &[
+            "exchange",
+            "web",
+            "--expose",
+            "18092:80",
+            "--skipPortChecking",
+        ],
+    );
+    skipped.wait_for("will be redirected to local").await;
+    let (status, log) = skipped.interrupt();
+    assert!(status.success(), "{log}");
     drop(app);
     tb.stop().await;
 }
