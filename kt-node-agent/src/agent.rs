@@ -85,6 +85,9 @@ struct Shared {
 struct Programmed {
     redirector: ebpf::Redirector,
     desired: BTreeMap<SocketAddr, redirects::Target>,
+    /// What the service map holds, as last written; `None` after a failed write, when only
+    /// reading the map tells.
+    written: Option<HashMap<SocketAddr, Redirect>>,
     ids: SvcIds,
 }
 
@@ -135,6 +138,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         programmed: Mutex::new(Programmed {
             redirector,
             desired: BTreeMap::new(),
+            // Freshly loaded: the map is empty.
+            written: Some(HashMap::new()),
             ids: SvcIds::default(),
         }),
     });
@@ -216,6 +221,19 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 impl Shared {
     fn programmed(&self) -> std::sync::MutexGuard<'_, Programmed> {
         self.programmed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The Prometheus text of `/metrics`.
+    fn metrics(&self) -> String {
+        let mut text = self.programmed().metrics();
+        let bytes = &self.tunnel_bytes;
+        let _ = writeln!(
+            text,
+            "# HELP kt_agent_tunnel_bytes_total Bytes through this agent's tunnel listeners (counted when a connection ends).\n# TYPE kt_agent_tunnel_bytes_total counter\nkt_agent_tunnel_bytes_total{{direction=\"to_workstation\"}} {}\nkt_agent_tunnel_bytes_total{{direction=\"from_workstation\"}} {}",
+            bytes.to_workstation.load(Ordering::Relaxed),
+            bytes.from_workstation.load(Ordering::Relaxed)
+        );
+        text
     }
 }
 
@@ -301,32 +319,38 @@ impl SvcIds {
 }
 
 impl Programmed {
-    /// Makes the service map equal to `desired`: writes what differs, removes what is not
-    /// wanted. Connections already redirected stay where they are.
+    /// Makes the service map equal to `desired`: writes what differs from what it holds,
+    /// removes what is not wanted. Connections already redirected stay where they are.
     fn apply(
         &mut self,
         desired: BTreeMap<SocketAddr, redirects::Target>,
     ) -> Result<(), ebpf::EbpfError> {
-        let current: HashMap<SocketAddr, Redirect> =
-            self.redirector.entries()?.into_iter().collect();
+        let current = match self.written.take() {
+            Some(written) => written,
+            None => self.redirector.entries()?.into_iter().collect(),
+        };
+        let mut written = HashMap::with_capacity(desired.len());
         for (service, target) in &desired {
             let redirect = Redirect::to(target.to, self.ids.id(&target.session), Mode::Exchange);
             if current.get(service) != Some(&redirect) {
                 tracing::info!(%service, to = %target.to, session = %target.session, "redirect");
                 self.redirector.insert(*service, redirect)?;
             }
+            written.insert(*service, redirect);
         }
         for service in current.keys().filter(|s| !desired.contains_key(s)) {
             tracing::info!(%service, "redirect removed");
             self.redirector.remove(*service)?;
         }
-        self.ids
-            .retain(|session| desired.values().any(|t| t.session == session));
+        let live: std::collections::HashSet<&str> =
+            desired.values().map(|t| t.session.as_str()).collect();
+        self.ids.retain(|session| live.contains(session));
+        self.written = Some(written);
         self.desired = desired;
         Ok(())
     }
 
-    /// The Prometheus text of `/metrics`, with the counters as they are now.
+    /// The map's part of `/metrics`, with the eBPF counters as they are now.
     fn metrics(&self) -> String {
         let (redirector, desired, ids) = (&self.redirector, &self.desired, &self.ids);
         let mut out = String::new();
@@ -395,20 +419,7 @@ async fn serve_http(
                 }
             }),
         )
-        .route(
-            "/metrics",
-            get(move || async move {
-                let mut text = metrics.programmed().metrics();
-                let bytes = &metrics.tunnel_bytes;
-                let _ = writeln!(
-                    text,
-                    "# HELP kt_agent_tunnel_bytes_total Bytes through this agent's tunnel listeners (counted when a connection ends).\n# TYPE kt_agent_tunnel_bytes_total counter\nkt_agent_tunnel_bytes_total{{direction=\"to_workstation\"}} {}\nkt_agent_tunnel_bytes_total{{direction=\"from_workstation\"}} {}",
-                    bytes.to_workstation.load(Ordering::Relaxed),
-                    bytes.from_workstation.load(Ordering::Relaxed)
-                );
-                text
-            }),
-        );
+        .route("/metrics", get(move || async move { metrics.metrics() }));
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -107,12 +107,6 @@ struct Connection {
     cancel: CancellationToken,
 }
 
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
-}
-
 impl Connection {
     fn is_authorized(&self, key: &PublicKey) -> bool {
         self.authorized.iter().any(|path| {

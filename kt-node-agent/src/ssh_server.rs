@@ -20,7 +20,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// Serves SSH on `listener` until `shutdown`, with a handler from `connection(peer, tasks,
-/// cancel)` per client; `cancel` ends that client's listeners and channels.
+/// cancel)` per client; `cancel` is cancelled when that client's connection ends, which ends
+/// its listeners and channels.
 pub(crate) async fn serve<H>(
     listener: TcpListener,
     shutdown: CancellationToken,
@@ -66,6 +67,8 @@ pub(crate) async fn serve<H>(
                 }
                 Err(error) => tracing::debug!(%peer, %error, "SSH handshake failed"),
             }
+            // However the connection ended: its listeners, channels and renewals end too.
+            cancel.cancel();
         });
     }
     tasks.close();

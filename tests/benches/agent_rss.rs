@@ -10,8 +10,8 @@ use k8s_openapi::api::core::v1::Service;
 use kt_proto::session::{KtSession, api_resource, renew_time};
 use kt_tests::{
     harness::{
-        apps::{deploy_web, in_pod, start_testbed},
-        kubectl::kubectl_ok,
+        apps::{deploy_web, in_pod, install_agent, start_testbed},
+        run_bench,
     },
     testbed::{cluster::Testbed, topology::node_ip},
 };
@@ -19,21 +19,11 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
-const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 const SERVICES: usize = 1000;
 const SESSIONS: usize = 100;
 
 fn main() {
-    // SAFETY: getuid has no failure mode.
-    if unsafe { libc::getuid() } != 0 {
-        println!("skipping agent RSS benchmark: needs root");
-        return;
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(run());
+    run_bench("agent RSS", run());
 }
 
 /// VmRSS in KiB of every agent process of this testbed.
@@ -84,18 +74,7 @@ async fn until_programmed(tb: &Testbed, entries: usize) {
 async fn run() {
     let tb = start_testbed(TESTBED, true).await;
     deploy_web(&tb);
-    kubectl_ok(&tb.kubeconfig, &["apply", "-k", DEPLOY]);
-    kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "rollout",
-            "status",
-            "daemonset/kt-node-agent",
-            "-n",
-            "kt-system",
-            "--timeout=60s",
-        ],
-    );
+    install_agent(&tb);
     until_programmed(&tb, 0).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let baseline = agent_rss(&tb);

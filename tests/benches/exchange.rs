@@ -18,24 +18,19 @@ use std::{path::Path, time::Instant};
 
 use kt_tests::{
     harness::{
-        apps::{answered_by, apply, deploy_shadow, deploy_web, in_pod, start_testbed},
+        apps::{answered_by, apply, deploy_web, in_pod, install_agent, start_testbed},
+        bench_rounds,
+        echo_bench::{self, median, wait_until_echoes},
         kubectl::{kubectl, kubectl_ok},
-        workstation::{Background, ECHO},
+        run_bench,
+        workstation::{self, Background, ECHO, OpensshPath},
     },
-    testbed::{
-        cluster::Testbed,
-        topology::{WORKSTATION_IP, pod_cidr},
-    },
+    testbed::{cluster::Testbed, topology::WORKSTATION_IP},
 };
 
 const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
-const OPENSSH_SHADOW: &str =
-    "registry.cn-hangzhou.aliyuncs.com/rdc-incubator/kt-connect-shadow:v0.3.7";
-const MIB: usize = 1 << 20;
 const LOCAL_ECHO: u16 = 19000;
 const LOCAL_HTTP: u16 = 18090;
-
-const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 
 /// More Services in front of the echo pods, so that several exchanges can run at once.
 const ECHO_MORE: &str = r#"
@@ -62,52 +57,23 @@ spec:
 "#;
 
 fn main() {
-    // SAFETY: getuid has no failure mode.
-    if unsafe { libc::getuid() } != 0 {
-        println!("skipping exchange benchmark: needs root");
-        return;
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(run());
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    run_bench("exchange", run());
 }
 
 async fn run() {
-    let rounds: usize = std::env::var("KT_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let rounds = bench_rounds(3);
     let testbed = Path::new(TESTBED);
     let tb = start_testbed(TESTBED, true).await;
     deploy_web(&tb);
     apply(&tb.kubeconfig, ECHO);
     apply(&tb.kubeconfig, ECHO_MORE);
-    kubectl_ok(&tb.kubeconfig, &["apply", "-k", DEPLOY]);
-    kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "rollout",
-            "status",
-            "daemonset/kt-node-agent",
-            "-n",
-            "kt-system",
-            "--timeout=60s",
-        ],
-    );
+    install_agent(&tb);
     kubectl_ok(
         &tb.kubeconfig,
         &["rollout", "status", "deploy/echo", "--timeout=60s"],
     );
-    let _http = local_server(&tb, "http-echo", LOCAL_HTTP);
-    let _echo = local_server(&tb, "tcp-echo", LOCAL_ECHO);
+    let _http = workstation::test_server(testbed, &tb, "http-echo", LOCAL_HTTP);
+    let _echo = workstation::test_server(testbed, &tb, "tcp-echo", LOCAL_ECHO);
 
     // Ready time, alternating modes.
     let modes: [(&str, &[&str]); 3] = [
@@ -122,54 +88,10 @@ async fn run() {
         }
     }
 
-    // The data paths.
-    let topology = tb.topology();
-    for node in &topology.nodes {
-        let via = node.ip().to_string();
-        let out = topology
-            .workstation
-            .ip(&["route", "add", &pod_cidr(node.index), "via", &via])
-            .expect("ip runs");
-        assert!(out.status.success(), "{out:?}");
-    }
-    let (key, shadow_ip) = deploy_shadow(&tb, OPENSSH_SHADOW, &[], &[], "ed25519");
-    let mut to_sshd = Background::spawn(
-        testbed,
-        &tb,
-        testbed,
-        &[
-            "forward",
-            "default",
-            "kt-connect-shadow-abcde",
-            "17022",
-            "22",
-        ],
-    );
-    to_sshd.wait_for("forwarding").await;
+    // The data paths, measured from the client pod.
+    workstation::route_pods_via_nodes(&tb);
     let remote = format!("0.0.0.0:9100:127.0.0.1:{LOCAL_ECHO}");
-    let ssh_r = Background::spawn(
-        testbed,
-        &tb,
-        Path::new("ssh"),
-        &[
-            "-N",
-            "-p",
-            "17022",
-            "-i",
-            key.to_str().expect("UTF-8 path"),
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ExitOnForwardFailure=yes",
-            "-R",
-            &remote,
-            "root@127.0.0.1",
-        ],
-    );
+    let openssh = OpensshPath::start(testbed, &tb, ["-R", &remote]).await;
     let expose = format!("{LOCAL_ECHO}:9000");
     let exchange = |service: &str, extra: &[&str]| {
         let mut args = vec!["exchange", service, "--expose", &expose];
@@ -201,35 +123,29 @@ async fn run() {
     }
     let paths = [
         ("plain", format!("{WORKSTATION_IP}:{LOCAL_ECHO}")),
-        ("ssh -R", format!("{shadow_ip}:9100")),
+        ("ssh -R", format!("{}:9100", openssh.shadow_ip)),
         ("ktctl/openssh", "echo:9000".to_owned()),
         ("ktctl/kt", "echo-kt:9000".to_owned()),
         ("ktctl/agent", "echo-agent:9000".to_owned()),
         ("agent direct", "echo-direct:9000".to_owned()),
     ];
-    let behind: Vec<&Background> = std::iter::once(&ssh_r).chain(&exchanges).collect();
-    for (name, addr) in &paths {
-        wait_until_echoes(&tb, addr, &behind).await;
-        eprintln!("{name} ready at {addr}");
-    }
-    let mut samples = vec![[Vec::new(), Vec::new(), Vec::new(), Vec::new()]; paths.len()];
-    for round in 0..rounds {
-        for ((name, addr), s) in paths.iter().zip(&mut samples) {
-            let one = 64.0 / seconds(&tb, &["bulk", addr, "1", &(64 * MIB).to_string()]);
-            let eight = 64.0 / seconds(&tb, &["bulk", addr, "8", &(8 * MIB).to_string()]);
-            let out = client(&tb, &["rr", addr, "2000", "64"]);
-            let mut rr = out
-                .split_whitespace()
-                .map(|n| n.parse::<f64>().expect("µs"));
-            let (p50, p99) = (rr.next().expect("p50"), rr.next().expect("p99"));
-            eprintln!(
-                "round {round} {name}: {one:.0} / {eight:.0} MiB/s, p50 {p50:.0} µs, p99 {p99:.0} µs"
-            );
-            for (v, x) in s.iter_mut().zip([one, eight, p50, p99]) {
-                v.push(x);
-            }
+    let client = |args: &[&str]| {
+        let cmd: Vec<&str> = std::iter::once(TESTBED)
+            .chain(args.iter().copied())
+            .collect();
+        match in_pod(&tb, "client", &cmd) {
+            (true, out) => Ok(out),
+            (false, out) => Err(out),
         }
+    };
+    let behind: Vec<&Background> = [&openssh.ssh, &openssh.port_forward]
+        .into_iter()
+        .chain(&exchanges)
+        .collect();
+    for (_, addr) in &paths {
+        wait_until_echoes(&client, addr, &behind).await;
     }
+    let rows = echo_bench::measure(&paths, rounds, &client);
 
     println!("exchange benchmark, medians of {rounds} rounds");
     let ready: Vec<f64> = ready.iter().map(|t| median(t)).collect();
@@ -241,58 +157,21 @@ async fn run() {
         ready[0] / ready[1],
         ready[2] / ready[1]
     );
-    println!(
-        "pod → workstation (echo: MiB/s each way; round trip of 64 B)\n{:<14} {:>10} {:>10} {:>10} {:>10}",
-        "path", "1 stream", "8 streams", "p50 µs", "p99 µs"
-    );
-    let rows: Vec<[f64; 4]> = samples
-        .iter()
-        .map(|s| std::array::from_fn(|i| median(&s[i])))
-        .collect();
-    for ((name, _), row) in paths.iter().zip(&rows) {
-        println!(
-            "{name:<14} {:>10.1} {:>10.1} {:>10.0} {:>10.0}",
-            row[0], row[1], row[2], row[3]
-        );
-    }
+    echo_bench::print_table("pod → workstation", &paths, &rows);
     let (plain, ssh) = (&rows[0], &rows[1]);
     for (name, row) in [
         ("ktctl/kt", &rows[3]),
         ("ktctl/agent", &rows[4]),
         ("agent direct", &rows[5]),
     ] {
-        println!(
-            "{name} vs ssh -R: throughput ×{:.2} (1 stream), ×{:.2} (8 streams); latency p50 ×{:.2}, p99 ×{:.2}; vs plain: ×{:.2}, ×{:.2}; p50 ×{:.2}",
-            row[0] / ssh[0],
-            row[1] / ssh[1],
-            row[2] / ssh[2],
-            row[3] / ssh[3],
-            row[0] / plain[0],
-            row[1] / plain[1],
-            row[2] / plain[2]
-        );
+        echo_bench::print_ratio(name, row, "ssh -R", ssh);
+        echo_bench::print_ratio(name, row, "plain", plain);
     }
     for running in exchanges {
         running.interrupt();
     }
-    drop((ssh_r, to_sshd));
+    drop(openssh);
     tb.stop().await;
-}
-
-/// A test server on the workstation (`kt-testbed image NAME` on `port`).
-fn local_server(tb: &Testbed, image: &str, port: u16) -> Background {
-    Background::spawn(
-        Path::new(TESTBED),
-        tb,
-        Path::new("env"),
-        &[
-            &format!("PORT={port}"),
-            "HOSTNAME=workstation",
-            TESTBED,
-            "image",
-            image,
-        ],
-    )
 }
 
 /// Seconds from `ktctl exchange web` to the first request from the client pod that the
@@ -336,28 +215,4 @@ async fn ready_time(tb: &Testbed, extra: &[&str]) -> f64 {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     seconds
-}
-
-/// A kt-testbed echo client in the client pod; its output.
-fn client(tb: &Testbed, args: &[&str]) -> String {
-    let mut cmd = vec![TESTBED];
-    cmd.extend_from_slice(args);
-    let (ok, out) = in_pod(tb, "client", &cmd);
-    assert!(ok, "{args:?}: {out}");
-    out
-}
-
-fn seconds(tb: &Testbed, args: &[&str]) -> f64 {
-    client(tb, args).trim().parse().expect("seconds")
-}
-
-async fn wait_until_echoes(tb: &Testbed, addr: &str, behind: &[&Background]) {
-    for _ in 0..100 {
-        if in_pod(tb, "client", &[TESTBED, "rr", addr, "1", "8"]).0 {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    let logs: Vec<String> = behind.iter().map(|b| b.log()).collect();
-    panic!("{addr} does not echo: {logs:?}");
 }

@@ -21,10 +21,7 @@ fn main() {
         println!("skipping testbed_up benchmark: needs root");
         return;
     }
-    let runs: usize = std::env::var("KT_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let runs = kt_tests::harness::bench_rounds(5);
     let mut up = Vec::new();
     let mut down = Vec::new();
     let mut bare = Vec::new();

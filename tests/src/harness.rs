@@ -3,6 +3,7 @@
 
 pub mod apps;
 pub mod cgroup;
+pub mod echo_bench;
 pub mod kubectl;
 pub mod netns;
 pub mod probe;
@@ -10,7 +11,10 @@ pub mod server;
 pub mod tempdir;
 pub mod workstation;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::{
+    future::Future,
+    sync::atomic::{AtomicU32, Ordering},
+};
 
 /// Every namespace, cgroup or device the tests create starts with this, so leftovers are
 /// easy to find (`ip netns | grep ktt-`).
@@ -45,4 +49,38 @@ pub fn require_root() {
         uid, 0,
         "privileged tests need root: run them as README.md says"
     );
+}
+
+/// OpenSSH client options for a throwaway session: no host key checked or remembered, no
+/// prompts.
+pub const SSH_THROWAWAY: [&str; 6] = [
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "BatchMode=yes",
+];
+
+/// Runs the async benchmark `name` on a multi-threaded runtime, or says that it is skipped:
+/// benchmarks need root.
+pub fn run_bench(name: &str, bench: impl Future<Output = ()>) {
+    // SAFETY: getuid has no failure mode.
+    if unsafe { libc::getuid() } != 0 {
+        println!("skipping {name} benchmark: needs root");
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(bench);
+}
+
+/// How many rounds a benchmark measures: `KT_BENCH_RUNS`, else `default`.
+pub fn bench_rounds(default: usize) -> usize {
+    std::env::var("KT_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

@@ -11,8 +11,8 @@ use kt_proto::session::{KtSession, api_resource, renew_time};
 use kt_tests::{
     harness::{
         apps::{
-            CLIENT_2, apply, deploy_web, in_pod, start_testbed, until_all_answered_by, web_pods,
-            web_pods_field,
+            apply, deploy_client_2, deploy_web, in_pod, install_agent, start_testbed,
+            until_all_answered_by, wait_for_agents, web_pods, web_pods_field,
         },
         kubectl::{kubectl, kubectl_ok},
         workstation::{self, Background},
@@ -23,7 +23,6 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
-const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 const LISTENER_PORT: u16 = 40001;
 
 /// The listener stand-in: host network on node-1.
@@ -91,19 +90,26 @@ async fn renew(sessions: &Api<KtSession>) {
         .expect("status written");
 }
 
-/// Waits until the DaemonSet's agent runs on every node.
-fn wait_for_agents(tb: &Testbed) {
+/// Deletes every agent pod and waits for the DaemonSet's replacements.
+fn replace_agents(tb: &Testbed) {
     kubectl_ok(
         &tb.kubeconfig,
         &[
-            "rollout",
-            "status",
-            "daemonset/kt-node-agent",
+            "delete",
+            "pods",
             "-n",
             "kt-system",
-            "--timeout=60s",
+            "-l",
+            "app.kubernetes.io/name=kt-node-agent",
         ],
     );
+    wait_for_agents(tb);
+}
+
+/// `/metrics` of the agent on node `node`, read from the client pod.
+fn agent_metrics(tb: &Testbed, node: u8) -> String {
+    let url = format!("http://{}:9966/metrics", node_ip(node));
+    in_pod(tb, "client", &["curl", "-s", &url]).1
 }
 
 /// Renews every 2 s (well within the 10 s lease) until aborted.
@@ -120,16 +126,14 @@ fn keep_renewing(sessions: Api<KtSession>) -> tokio::task::JoinHandle<()> {
 async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_open() {
     let tb = start_testbed(TESTBED, true).await;
     deploy_web(&tb);
-    apply(&tb.kubeconfig, CLIENT_2);
+    deploy_client_2(&tb);
     apply(&tb.kubeconfig, LISTENER);
-    kubectl_ok(&tb.kubeconfig, &["apply", "-k", DEPLOY]);
-    wait_for_agents(&tb);
+    install_agent(&tb);
     kubectl_ok(
         &tb.kubeconfig,
         &[
             "wait",
             "--for=condition=Ready",
-            "pod/client-2",
             "pod/tunnel-listener",
             "--timeout=60s",
         ],
@@ -196,15 +200,7 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
     .expect("the session redirects every way to web");
     eprintln!("redirected everywhere within {took:?}");
     for node in [1, 2] {
-        let (_, metrics) = in_pod(
-            &tb,
-            "client",
-            &[
-                "curl",
-                "-s",
-                &format!("http://{}:9966/metrics", node_ip(node)),
-            ],
-        );
+        let metrics = agent_metrics(&tb, node);
         assert!(
             metrics.contains("kt_agent_sessions 1"),
             "node-{node}: {metrics}"
@@ -253,18 +249,7 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
     )
     .await
     .expect("redirected again");
-    kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "delete",
-            "pods",
-            "-n",
-            "kt-system",
-            "-l",
-            "app.kubernetes.io/name=kt-node-agent",
-        ],
-    );
-    wait_for_agents(&tb);
+    replace_agents(&tb);
     until_all_answered_by(
         &tb,
         &CLIENTS,
@@ -299,18 +284,8 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
 async fn ktctl_exchange_in_agent_mode_touches_nothing_and_ends_with_ktctl() {
     let tb = start_testbed(TESTBED, true).await;
     deploy_web(&tb);
-    apply(&tb.kubeconfig, CLIENT_2);
-    kubectl_ok(&tb.kubeconfig, &["apply", "-k", DEPLOY]);
-    wait_for_agents(&tb);
-    kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "pod/client-2",
-            "--timeout=60s",
-        ],
-    );
+    deploy_client_2(&tb);
+    install_agent(&tb);
     let testbed = Path::new(TESTBED);
     let _app = workstation::http_echo(testbed, &tb, 18090).await;
     let urls = web_urls(&tb);
@@ -376,18 +351,7 @@ async fn ktctl_exchange_in_agent_mode_touches_nothing_and_ends_with_ktctl() {
         if ending == "ctrl-c" {
             // The agents are replaced under the running exchange: ktctl moves the session to
             // a new one, and the Service comes back to the workstation by itself.
-            kubectl_ok(
-                &tb.kubeconfig,
-                &[
-                    "delete",
-                    "pods",
-                    "-n",
-                    "kt-system",
-                    "-l",
-                    "app.kubernetes.io/name=kt-node-agent",
-                ],
-            );
-            wait_for_agents(&tb);
+            replace_agents(&tb);
             let took = until_all_answered_by(
                 &tb,
                 &CLIENTS,
@@ -410,11 +374,9 @@ async fn ktctl_exchange_in_agent_mode_touches_nothing_and_ends_with_ktctl() {
             );
             // The holding agents counted what their listeners carried.
             let carried: u64 = [1, 2]
-                .iter()
+                .into_iter()
                 .map(|node| {
-                    let url = format!("http://{}:9966/metrics", node_ip(*node));
-                    let (_, metrics) = in_pod(&tb, "client", &["curl", "-s", &url]);
-                    metrics
+                    agent_metrics(&tb, node)
                         .lines()
                         .filter(|l| l.starts_with("kt_agent_tunnel_bytes_total"))
                         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
@@ -445,8 +407,7 @@ async fn ktctl_exchange_in_agent_mode_touches_nothing_and_ends_with_ktctl() {
 async fn a_developer_exchanges_in_their_namespace_and_is_refused_elsewhere() {
     let tb = start_testbed(TESTBED, true).await;
     deploy_web(&tb);
-    kubectl_ok(&tb.kubeconfig, &["apply", "-k", DEPLOY]);
-    wait_for_agents(&tb);
+    install_agent(&tb);
     kubectl_ok(
         &tb.kubeconfig,
         &[

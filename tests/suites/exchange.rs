@@ -7,7 +7,9 @@ use std::{path::Path, time::Duration};
 
 use kt_tests::{
     harness::{
-        apps::{CLIENT_2, apply, deploy_web, start_testbed, until_all_answered_by, web_pods},
+        apps::{
+            apply, deploy_client_2, deploy_web, start_testbed, until_all_answered_by, web_pods,
+        },
         kubectl::kubectl_ok,
         workstation::{self, Background},
     },
@@ -71,16 +73,7 @@ async fn exchange_and_restore(
 ) {
     let tb = start_testbed(TESTBED, true).await;
     deploy_web(&tb);
-    apply(&tb.kubeconfig, CLIENT_2);
-    kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "pod/client-2",
-            "--timeout=60s",
-        ],
-    );
+    deploy_client_2(&tb);
     let before_service = service_state(&tb);
     let before_objects = kt_objects(&tb);
     let cluster_ip = kubectl_ok(

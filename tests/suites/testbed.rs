@@ -11,12 +11,13 @@ use std::{
 
 use kt_tests::{
     harness::{
-        self,
+        self, SSH_THROWAWAY,
         apps::{
             WEB, apply, deploy_shadow, deploy_web, in_client, start_testbed, web_pods,
             web_pods_field, who_answers,
         },
         kubectl::{kubectl, kubectl_ok},
+        workstation::OPENSSH_SHADOW,
     },
     testbed::cluster::Testbed,
 };
@@ -492,27 +493,11 @@ async fn unknown_images_back_off_and_node_ports_reach_pods_from_the_workstation(
 async fn the_v0_3_7_shadow_image_is_openssh_under_the_shadow_contract() {
     let tb = testbed().await;
     deploy_web(&tb);
-    let (key, ip) = deploy_shadow(
-        &tb,
-        "registry.cn-hangzhou.aliyuncs.com/rdc-incubator/kt-connect-shadow:v0.3.7",
-        &[],
-        &[],
-        "ed25519",
-    );
+    let (key, ip) = deploy_shadow(&tb, OPENSSH_SHADOW, &[], &[], "ed25519");
     let ssh = |extra: &[&str]| {
-        let mut cmd = vec![
-            "ssh",
-            "-i",
-            key.to_str().unwrap(),
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "LogLevel=ERROR",
-        ];
+        let mut cmd = vec!["ssh", "-i", key.to_str().unwrap()];
+        cmd.extend(SSH_THROWAWAY);
+        cmd.extend(["-o", "LogLevel=ERROR"]);
         cmd.extend_from_slice(extra);
         in_client(&tb, &cmd)
     };
@@ -521,24 +506,17 @@ async fn the_v0_3_7_shadow_image_is_openssh_under_the_shadow_contract() {
     let (ok, out) = ssh(&[&target, "hostname"]);
     assert!(ok && out.trim() == "kt-connect-shadow-abcde", "{out}");
     // Without the key: refused.
-    let (ok, _) = in_client(
-        &tb,
-        &[
-            "ssh",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "IdentityFile=/dev/null",
-            &target,
-            "true",
-        ],
-    );
+    let mut keyless = vec!["ssh"];
+    keyless.extend(SSH_THROWAWAY);
+    keyless.extend([
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "IdentityFile=/dev/null",
+        &target,
+        "true",
+    ]);
+    let (ok, _) = in_client(&tb, &keyless);
     assert!(!ok, "a client without the key logged in");
     tb.stop().await;
     assert!(

@@ -9,7 +9,7 @@ use kt_tests::{
         kubectl::kubectl_ok,
         workstation::{self, Background, ECHO},
     },
-    testbed::{cluster::Testbed, topology::pod_cidr},
+    testbed::cluster::Testbed,
 };
 
 const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
@@ -141,20 +141,14 @@ async fn with_dns_relay(protocol: &str) -> (Testbed, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_shadow_relays_cluster_dns_over_tcp_through_a_port_forward() {
     let (tb, _, cluster_ip) = with_dns_relay("tcp").await;
-    let testbed = Path::new(TESTBED);
-    let mut forward = Background::spawn(
-        testbed,
+    let forward = workstation::forward_to_pod(
+        Path::new(TESTBED),
         &tb,
-        testbed,
-        &[
-            "forward",
-            "default",
-            "kt-connect-shadow-abcde",
-            "17053",
-            "53",
-        ],
-    );
-    forward.wait_for("forwarding").await;
+        "kt-connect-shadow-abcde",
+        17053,
+        53,
+    )
+    .await;
     let dig = |name: &str| {
         on_workstation(
             &tb,
@@ -315,15 +309,7 @@ async fn ktctl_forward_through_the_openssh_shadow_survives_pod_replacement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ktctl_goes_straight_to_a_reachable_shadow_pod() {
     let tb = plain_testbed().await;
-    let topology = tb.topology();
-    for node in &topology.nodes {
-        let via = node.ip().to_string();
-        let out = topology
-            .workstation
-            .ip(&["route", "add", &pod_cidr(node.index), "via", &via])
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-    }
+    workstation::route_pods_via_nodes(&tb);
     let mut direct = ktctl(
         &tb,
         &["forward", "web", "18080:80", "--sshConnections", "3", "-d"],

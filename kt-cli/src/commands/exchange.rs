@@ -630,27 +630,18 @@ async fn exchange_by_selector(
         );
     }
     let target = k8s::random_target(rand::random);
-    let shadow_name = format!("{name}-kt-exchange-{}", k8s::random_lower(5, rand::random));
-    let mut spec = shadow::ShadowSpec::new(
-        global,
-        shadow_name,
-        cluster.namespace.clone(),
-        k8s::ROLE_SHADOW_EXCHANGE,
+    let labels = BTreeMap::from([(k8s::TARGET.to_owned(), target.clone())]);
+    let Some((tunnel, forwards)) = exchange_shadow(
+        (global, cluster, session),
+        name,
+        labels,
+        format!("service={name}"),
+        exposed,
     )
-    .map_err(CliError::Usage)?;
-    spec.labels.insert(k8s::TARGET.into(), target.clone());
-    spec.annotations
-        .insert(k8s::CONFIG.into(), format!("service={name}"));
-    spec.ports = exposed
-        .iter()
-        .map(|e| (e.port_name.clone(), e.listen_port))
-        .collect();
-    // One SSH connection: it carries the reverse tunnels.
-    let Some(tunnel) = super::shadow_tunnel(global, cluster, session, &spec, 1).await? else {
+    .await?
+    else {
         return Ok(());
     };
-    let forwards = local_forwards(exposed);
-    tunnel.open_remote_forwards(&forwards).await?;
 
     let svc = get_service(services, name, &cluster.namespace).await?;
     let old = svc.spec.and_then(|s| s.selector).unwrap_or_default();
@@ -680,14 +671,52 @@ async fn exchange_by_selector(
         });
     }
     unlock(services, name).await;
+    hold(&tunnel, &forwards, session, &format!("service '{name}'")).await;
+    Ok(())
+}
+
+/// The exchange shadow `<owner>-kt-exchange-xxxxx`: `labels` besides kt's, `kt-config:
+/// <config>`, the Service's target ports declared; then its SSH tunnel (one connection,
+/// which carries the reverse tunnels) with the reverse tunnels to the local ports up.
+/// `None` when the session was stopped meanwhile.
+async fn exchange_shadow(
+    (global, cluster, session): (&GlobalOptions, &cluster::Cluster, &Arc<Session>),
+    owner: &str,
+    labels: BTreeMap<String, String>,
+    config: String,
+    exposed: &[Exposed],
+) -> Result<Option<(Arc<Tunnel>, Vec<(u16, SocketAddr)>)>, CliError> {
+    let name = format!("{owner}-kt-exchange-{}", k8s::random_lower(5, rand::random));
+    let mut spec = shadow::ShadowSpec::new(
+        global,
+        name,
+        cluster.namespace.clone(),
+        k8s::ROLE_SHADOW_EXCHANGE,
+    )
+    .map_err(CliError::Usage)?;
+    spec.labels.extend(labels);
+    spec.annotations.insert(k8s::CONFIG.into(), config);
+    spec.ports = exposed
+        .iter()
+        .map(|e| (e.port_name.clone(), e.listen_port))
+        .collect();
+    let Some(tunnel) = super::shadow_tunnel(global, cluster, session, &spec, 1).await? else {
+        return Ok(None);
+    };
+    let forwards = local_forwards(exposed);
+    tunnel.open_remote_forwards(&forwards).await?;
+    Ok(Some((tunnel, forwards)))
+}
+
+/// The v0.3.7 banner for `what`, then the reverse tunnels kept up until the session stops.
+async fn hold(tunnel: &Tunnel, forwards: &[(u16, SocketAddr)], session: &Session, what: &str) {
     super::banner(&format!(
-        " Now all request to service '{name}' will be redirected to local"
+        " Now all request to {what} will be redirected to local"
     ));
     tunnel
-        .keep_remote_forwards(&forwards, &session.stop, None)
+        .keep_remote_forwards(forwards, &session.stop, None)
         .await;
     tunnel.close().await;
-    Ok(())
 }
 
 /// Scale mode (v0.3.7): a shadow carrying the Deployment's pod labels takes the
@@ -705,33 +734,17 @@ async fn exchange_by_scale(
     let deploy = deployment.metadata.name.clone().unwrap_or_default();
     let spec = deployment.spec.unwrap_or_default();
     let replicas = spec.replicas.unwrap_or(1);
-    let mut shadow_spec = shadow::ShadowSpec::new(
-        global,
-        format!(
-            "{deploy}-kt-exchange-{}",
-            k8s::random_lower(5, rand::random)
-        ),
-        cluster.namespace.clone(),
-        k8s::ROLE_SHADOW_EXCHANGE,
-    )
-    .map_err(CliError::Usage)?;
-    shadow_spec
-        .labels
-        .extend(spec.selector.match_labels.unwrap_or_default());
-    shadow_spec.annotations.insert(
-        k8s::CONFIG.into(),
+    let Some((tunnel, forwards)) = exchange_shadow(
+        (global, cluster, session),
+        &deploy,
+        spec.selector.match_labels.unwrap_or_default(),
         format!("app={deploy},replicas={replicas}"),
-    );
-    shadow_spec.ports = exposed
-        .iter()
-        .map(|e| (e.port_name.clone(), e.listen_port))
-        .collect();
-    let Some(tunnel) = super::shadow_tunnel(global, cluster, session, &shadow_spec, 1).await?
+        exposed,
+    )
+    .await?
     else {
         return Ok(());
     };
-    let forwards = local_forwards(exposed);
-    tunnel.open_remote_forwards(&forwards).await?;
 
     tracing::info!("Scaling deployment {deploy} from {replicas} to 0");
     scale(deployments, &deploy, 0).await?;
@@ -746,13 +759,13 @@ async fn exchange_by_scale(
             wait_recovered(&deployments, &deploy, replicas, recover_wait).await;
         });
     }
-    super::banner(&format!(
-        " Now all request to deployment '{deploy}' will be redirected to local"
-    ));
-    tunnel
-        .keep_remote_forwards(&forwards, &session.stop, None)
-        .await;
-    tunnel.close().await;
+    hold(
+        &tunnel,
+        &forwards,
+        session,
+        &format!("deployment '{deploy}'"),
+    )
+    .await;
     Ok(())
 }
 

@@ -76,12 +76,6 @@ struct Held {
     renewing: bool,
 }
 
-impl Drop for Holder {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
-}
-
 /// `<namespace>/<session>`, the login name ktctl uses.
 fn session_of(user: &str) -> Option<(&str, &str)> {
     user.split_once('/')

@@ -10,14 +10,16 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use kt_tests::{
     harness::{
         self,
-        apps::{CLIENT_2, answered_by, apply, deploy_web, start_testbed, until_all_answered_by},
+        apps::{
+            answered_by, deploy_client_2, deploy_web, install_agent, start_testbed,
+            until_all_answered_by,
+        },
         kubectl::kubectl_ok,
         workstation::{self, Background},
     },
     testbed::cluster::Testbed,
 };
 
-const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 const LOCAL_PORT: u16 = 18090;
 const CLIENTS: [&str; 2] = ["client", "client-2"];
 
@@ -59,30 +61,10 @@ async fn demo() {
     let tb = start_testbed(testbed_bin.to_str().expect("UTF-8 path"), true).await;
 
     println!("== kt's node agent from deploy/: kubectl apply -k deploy/");
-    kubectl_ok(&tb.kubeconfig, &["apply", "-k", DEPLOY]);
-    kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "rollout",
-            "status",
-            "daemonset/kt-node-agent",
-            "-n",
-            "kt-system",
-            "--timeout=60s",
-        ],
-    );
+    install_agent(&tb);
     println!("== web: two replicas, one per node; a client pod on each node");
     deploy_web(&tb);
-    apply(&tb.kubeconfig, CLIENT_2);
-    kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "pod/client-2",
-            "--timeout=60s",
-        ],
-    );
+    deploy_client_2(&tb);
     print!(
         "{}",
         kubectl_ok(&tb.kubeconfig, &["get", "pods", "-o", "wide"])

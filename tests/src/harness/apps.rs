@@ -153,7 +153,7 @@ pub fn answered_by(tb: &Testbed, pod: &str, url: &str) -> Option<String> {
 }
 
 /// A second client pod, on node-2 (`client` is on node-1).
-pub const CLIENT_2: &str = r#"
+const CLIENT_2: &str = r#"
 apiVersion: v1
 kind: Pod
 metadata: {name: client-2}
@@ -161,6 +161,45 @@ spec:
   nodeSelector: {kubernetes.io/hostname: node-2}
   containers: [{name: c, image: kt-testbed/sleep}]
 "#;
+
+/// Deploys the client pod `client-2` on node-2 and waits until it is ready.
+pub fn deploy_client_2(tb: &Testbed) {
+    apply(&tb.kubeconfig, CLIENT_2);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "pod/client-2",
+            "--timeout=60s",
+        ],
+    );
+}
+
+/// The project's `deploy/` folder.
+pub const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+
+/// Installs kt's agent as an admin would (`kubectl apply -k deploy/`, unmodified) and waits
+/// until it runs on every node.
+pub fn install_agent(tb: &Testbed) {
+    kubectl_ok(&tb.kubeconfig, &["apply", "-k", DEPLOY]);
+    wait_for_agents(tb);
+}
+
+/// Waits until the agent DaemonSet's pods are up on every node.
+pub fn wait_for_agents(tb: &Testbed) {
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "rollout",
+            "status",
+            "daemonset/kt-node-agent",
+            "-n",
+            "kt-system",
+            "--timeout=60s",
+        ],
+    );
+}
 
 /// Polls until every URL, asked from each of `pods`, is answered by a pod `expected`
 /// accepts; how long that took, or what was answered wrongly when `within` ran out.

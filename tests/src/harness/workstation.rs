@@ -143,11 +143,11 @@ impl Drop for Background {
     }
 }
 
-/// An HTTP echo on the workstation at 127.0.0.1:`port` (all addresses) answering
-/// `pod=workstation`; returns once it answers.
-pub async fn http_echo(testbed_bin: &Path, tb: &Testbed, port: u16) -> Background {
+/// A test server on the workstation (`kt-testbed image IMAGE` on `port`, all addresses),
+/// named `workstation` in its answers.
+pub fn test_server(testbed_bin: &Path, tb: &Testbed, image: &str, port: u16) -> Background {
     let testbed = testbed_bin.to_str().expect("UTF-8 path");
-    let app = Background::spawn(
+    Background::spawn(
         testbed_bin,
         tb,
         Path::new("env"),
@@ -156,15 +156,111 @@ pub async fn http_echo(testbed_bin: &Path, tb: &Testbed, port: u16) -> Backgroun
             "HOSTNAME=workstation",
             testbed,
             "image",
-            "http-echo",
+            image,
         ],
-    );
+    )
+}
+
+/// An HTTP echo on the workstation at `port` answering `pod=workstation`; returns once it
+/// answers.
+pub async fn http_echo(testbed_bin: &Path, tb: &Testbed, port: u16) -> Background {
+    let app = test_server(testbed_bin, tb, "http-echo", port);
+    let url = format!("http://127.0.0.1:{port}/");
     for _ in 0..50 {
-        let url = format!("http://127.0.0.1:{port}/");
         if run(testbed_bin, tb, &["curl", "-s", "--max-time", "1", &url]).0 {
             return app;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("the local app did not start: {}", app.log());
+}
+
+/// `kt-testbed forward`: 127.0.0.1:`local` on the workstation to `pod`:`remote` (namespace
+/// `default`) through the API server, a port-forward per connection; returns once it listens.
+pub async fn forward_to_pod(
+    testbed_bin: &Path,
+    tb: &Testbed,
+    pod: &str,
+    local: u16,
+    remote: u16,
+) -> Background {
+    let (local, remote) = (local.to_string(), remote.to_string());
+    let mut forward = Background::spawn(
+        testbed_bin,
+        tb,
+        testbed_bin,
+        &["forward", "default", pod, &local, &remote],
+    );
+    forward.wait_for("forwarding").await;
+    forward
+}
+
+/// Routes the pod ranges via their nodes inside the workstation namespace, as a flat network
+/// or a VPN would make them reachable (nothing changes on the host).
+pub fn route_pods_via_nodes(tb: &Testbed) {
+    let topology = tb.topology();
+    for node in &topology.nodes {
+        let (cidr, via) = (
+            crate::testbed::topology::pod_cidr(node.index),
+            node.ip().to_string(),
+        );
+        let out = topology
+            .workstation
+            .ip(&["route", "add", &cidr, "via", &via])
+            .expect("ip runs");
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
+/// The image ktctl v0.3.7 runs as its shadow (OpenSSH `sshd` in the testbed).
+pub const OPENSSH_SHADOW: &str =
+    "registry.cn-hangzhou.aliyuncs.com/rdc-incubator/kt-connect-shadow:v0.3.7";
+
+/// OpenSSH's `ssh -N` on the workstation through the v0.3.7 shadow, itself reached over a
+/// port-forward to its port 22 (local port 17022): how v0.3.7 carries traffic. `forward` is
+/// `["-L", spec]` or `["-R", spec]`.
+pub struct OpensshPath {
+    pub ssh: Background,
+    pub port_forward: Background,
+    pub shadow_ip: String,
+}
+
+impl OpensshPath {
+    pub async fn start(testbed_bin: &Path, tb: &Testbed, forward: [&str; 2]) -> Self {
+        let (key, shadow_ip) = super::apps::deploy_shadow(tb, OPENSSH_SHADOW, &[], &[], "ed25519");
+        let port_forward =
+            forward_to_pod(testbed_bin, tb, "kt-connect-shadow-abcde", 17022, 22).await;
+        let key = key.to_str().expect("UTF-8 path");
+        let mut args = vec!["-N", "-p", "17022", "-i", key];
+        args.extend(super::SSH_THROWAWAY);
+        args.extend(["-o", "LogLevel=VERBOSE", "-o", "ExitOnForwardFailure=yes"]);
+        args.extend(forward);
+        args.push("root@127.0.0.1");
+        let ssh = Background::spawn(testbed_bin, tb, Path::new("ssh"), &args);
+        Self {
+            ssh,
+            port_forward,
+            shadow_ip,
+        }
+    }
+}
+
+/// Runs `kt-testbed ARGS` on the workstation: stdout, or stderr if it failed (an
+/// [`super::echo_bench::EchoClient`]).
+pub fn testbed_command(
+    testbed_bin: &Path,
+    tb: &Testbed,
+) -> impl Fn(&[&str]) -> Result<String, String> {
+    move |args: &[&str]| {
+        let out = exec(testbed_bin, tb)
+            .arg(testbed_bin)
+            .args(args)
+            .output()
+            .expect("kt-testbed exec runs");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
 }
