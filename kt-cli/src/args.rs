@@ -30,35 +30,43 @@ pub struct Cli {
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Redirect local port to a service or any remote address
-    Forward {
-        /// A service (`name`, `svc/name`) or an address the cluster reaches (`10.1.2.3:80`,
-        /// `name.namespace:80`)
-        target: String,
-        /// `local[:remote]`: the local port, and for a service the port to reach
-        ports: Option<String>,
-    },
+    Forward(ForwardArgs),
     /// Redirect all requests of specified kubernetes service to local
-    Exchange {
-        /// The service (`name`, `svc/name`)
-        service: String,
-        /// Ports to expose, `port` or `local:remote` (comma separated); `remote` is the
-        /// service's targetPort or, when no targetPort matches, its port
-        #[arg(long, required = true)]
-        expose: String,
-        /// Exchange method: 'agent' (kt's node agent redirects the Service in the kernel;
-        /// nothing in the cluster is changed), 'selector' (the Service selects a shadow pod,
-        /// v0.3.7's default), 'scale' (the Deployment is scaled to zero while a shadow stands
-        /// in for its pods), or 'auto' (agent when the agent is installed, else selector)
-        #[arg(long, value_enum, default_value = "auto")]
-        mode: ExchangeMode,
-        /// Do not check whether a local application listens on the exposed ports
-        #[arg(long = "skipPortChecking", value_name = "bool", value_parser = parse_bool,
-              num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
-        skip_port_checking: bool,
-        /// (scale mode) Seconds to wait for the original pods to come back
-        #[arg(long = "recoverWaitTime", default_value_t = 120)]
-        recover_wait_time: u32,
-    },
+    Exchange(ExchangeArgs),
+}
+
+/// `ktctl forward <svc|address> [local[:remote]]`.
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    /// A service (`name`, `svc/name`) or an address the cluster reaches (`10.1.2.3:80`,
+    /// `name.namespace:80`)
+    pub target: String,
+    /// `local[:remote]`: the local port, and for a service the port to reach
+    pub ports: Option<String>,
+}
+
+/// `ktctl exchange <svc> --expose local[:remote][,...]`.
+#[derive(Debug, Args)]
+pub struct ExchangeArgs {
+    /// The service (`name`, `svc/name`)
+    pub service: String,
+    /// Ports to expose, `port` or `local:remote` (comma separated); `remote` is the
+    /// service's targetPort or, when no targetPort matches, its port
+    #[arg(long, required = true)]
+    pub expose: String,
+    /// Exchange method: 'agent' (kt's node agent redirects the Service in the kernel;
+    /// nothing in the cluster is changed), 'selector' (the Service selects a shadow pod,
+    /// v0.3.7's default), 'scale' (the Deployment is scaled to zero while a shadow stands
+    /// in for its pods), or 'auto' (agent when the agent is installed, else selector)
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: ExchangeMode,
+    /// Do not check whether a local application listens on the exposed ports
+    #[arg(long = "skipPortChecking", value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub skip_port_checking: bool,
+    /// (scale mode) Seconds to wait for the original pods to come back
+    #[arg(long = "recoverWaitTime", default_value_t = 120)]
+    pub recover_wait_time: u32,
 }
 
 /// `exchange --mode`.
@@ -147,20 +155,22 @@ pub struct GlobalOptions {
     pub pod_quota: String,
 
     // kt's own flags, after v0.3.7's.
-    /// How to reach the shadow's SSH port: 'auto' (straight to the pod when its address is
-    /// reachable from here, else through the API server), 'direct' or 'portForward'
+    /// How to reach the shadow's or agent's SSH port: 'auto' (straight to the pod when its
+    /// address is reachable from here, else through the API server), 'direct' or
+    /// 'portForward'
     #[arg(long = "transport", global = true, value_enum, default_value = "auto")]
-    pub transport: Transport,
+    pub transport: TransportArg,
 
-    /// SSH connections per session; parallel connections are spread over them
-    #[arg(long = "sshConnections", global = true, default_value_t = 2,
+    /// SSH connections per session for `forward`; parallel connections are spread over them
+    /// [default: 2] (`exchange` carries its reverse tunnels on one)
+    #[arg(long = "sshConnections", global = true,
           value_parser = clap::value_parser!(u8).range(1..=16))]
-    pub ssh_connections: u8,
+    pub ssh_connections: Option<u8>,
 }
 
 /// `--transport`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Transport {
+pub enum TransportArg {
     Auto,
     Direct,
     #[value(name = "portForward")]
@@ -173,7 +183,7 @@ pub fn command() -> clap::Command {
 }
 
 /// Booleans as Go's `strconv.ParseBool` (what cobra uses) accepts them.
-fn parse_bool(value: &str) -> Result<bool, String> {
+pub(crate) fn parse_bool(value: &str) -> Result<bool, String> {
     match value {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
@@ -199,17 +209,17 @@ mod tests {
         assert_eq!(g.service_account, "default");
         assert_eq!((g.port_forward_timeout, g.pod_creation_timeout), (10, 60));
         assert!(!g.debug && !g.use_shadow_deployment && !g.use_local_time && !g.force_update);
-        assert_eq!((g.transport, g.ssh_connections), (Transport::Auto, 2));
+        assert_eq!((g.transport, g.ssh_connections), (TransportArg::Auto, None));
     }
 
     #[test]
-    fn kt_transport_flags() {
+    fn kt_transport_flags_take_their_values_and_refuse_others() {
         let g = parse(&["--transport", "portForward", "--sshConnections=4"])
             .unwrap()
             .global;
         assert_eq!(
             (g.transport, g.ssh_connections),
-            (Transport::PortForward, 4)
+            (TransportArg::PortForward, Some(4))
         );
         assert!(parse(&["--sshConnections=0"]).is_err());
         let err = parse(&["--transport", "carrier-pigeon"]).unwrap_err();

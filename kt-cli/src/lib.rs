@@ -7,34 +7,33 @@
 pub mod args;
 pub mod cluster;
 pub mod commands;
+pub mod lifecycle;
 pub mod logging;
-pub mod session;
+pub mod settings;
 pub mod shadow;
-pub mod tunnel;
+pub mod ssh_client;
 
 use std::{ffi::OsString, io::Write as _, process::ExitCode};
 
 use clap::Parser as _;
 
-use crate::args::Cli;
+use crate::{args::Cli, settings::Settings};
 
 /// Errors that end a ktctl run; printed as `ERR Exit: <message>`.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    /// The command line does not parse (clap's message, or cobra's wording for a missing
+    /// required flag).
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
-    Cluster(#[from] cluster::ClusterError),
+    Settings(#[from] settings::SettingsError),
     #[error(transparent)]
-    Session(#[from] session::SessionError),
+    Exchange(#[from] commands::exchange::ExchangeError),
     #[error(transparent)]
-    Shadow(#[from] shadow::ShadowError),
-    #[error(transparent)]
-    Tunnel(#[from] tunnel::TunnelError),
-    #[error("{0}")]
-    Kube(String, #[source] Box<kube::Error>),
-    #[error("{0}")]
-    Io(String, #[source] std::io::Error),
+    Forward(#[from] commands::forward::ForwardError),
+    #[error("failed to start the async runtime")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// Runs ktctl with `args` (the first being the program name) and returns its exit code.
@@ -53,7 +52,8 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     }
 }
 
-/// Runs a parsed command line.
+/// Runs a parsed command line: settings first (no cluster call before they are valid),
+/// then the command.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     if cli.version {
         let mut out = std::io::stdout().lock();
@@ -67,10 +67,11 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         let _ = write!(out, "{}", args::command().render_help());
         return Ok(());
     };
+    let settings = Settings::from_args(&cli.global)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| CliError::Io("failed to start the async runtime".into(), e))?;
+        .map_err(CliError::Runtime)?;
     tracing::info!(
         "KtConnect {} start at {} (linux {})",
         kt_proto::VERSION,
@@ -78,26 +79,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         std::env::consts::ARCH
     );
     match command {
-        args::Command::Forward { target, ports } => runtime.block_on(commands::forward::run(
-            &cli.global,
-            &target,
-            ports.as_deref(),
-        )),
-        args::Command::Exchange {
-            service,
-            expose,
-            mode,
-            skip_port_checking,
-            recover_wait_time,
-        } => runtime.block_on(commands::exchange::run(
-            &cli.global,
-            &service,
-            &expose,
-            mode,
-            skip_port_checking,
-            recover_wait_time,
-        )),
+        args::Command::Forward(args) => {
+            runtime.block_on(commands::forward::run(&settings, &args))?;
+        }
+        args::Command::Exchange(args) => {
+            runtime.block_on(commands::exchange::run(&settings, &args))?;
+        }
     }
+    Ok(())
 }
 
 /// Help goes to stdout with exit 0; anything else is a usage error in ktctl's format.

@@ -1,20 +1,28 @@
-//! The shadow pod a session talks to, as ktctl v0.3.7 makes it: a ConfigMap named after
-//! the pod with the session's public key (`authorized`) and private key (`privateKey`), and
-//! the pod `standalone` mounting the key at `/root/authorized`, labelled `control-by: kt`,
-//! `kt-role`, annotated with the heartbeat and the local user. Deleted when the session
-//! ends; while it lives, its heartbeat is renewed every two minutes.
+//! The shadow pod a session talks to when no agent does the work, as ktctl v0.3.7 makes it
+//! (`../shared/reference/ktctl-v0.3.7.md` §2.3): a ConfigMap named after the pod with the
+//! session's public key (`authorized`) and private key (`privateKey`), and the pod with one
+//! container `standalone` mounting the key at `/root/authorized`, labelled `control-by: kt`
+//! and `kt-role`, annotated with the heartbeat and the local user. Deleted when the run ends;
+//! while it lives, its heartbeat is renewed every two minutes.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kt_proto::k8s;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, KeyToPath,
+    LocalObjectReference, Pod, PodSpec, SecurityContext, Capabilities, Volume, VolumeMount,
+};
+use kt_proto::compat;
 use kube::{
     Api,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
+    runtime::wait::await_condition,
 };
-use serde_json::{Value, json};
 
-use crate::{args::GlobalOptions, session::Session};
+use crate::{lifecycle::Lifecycle, settings::ShadowSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShadowError {
@@ -29,115 +37,153 @@ pub enum ShadowError {
     #[error("shadow pod {name} is not running after {seconds} s ({reason})")]
     NotReady {
         name: String,
-        seconds: u32,
+        seconds: u64,
         reason: String,
     },
-    #[error("failed to read shadow pod {name}")]
-    Read {
+    #[error("failed to watch shadow pod {name}")]
+    Watch {
         name: String,
         #[source]
-        source: Box<kube::Error>,
+        source: kube::runtime::wait::Error,
     },
 }
 
-/// What goes into a shadow pod.
+/// What goes into one shadow pod.
 #[derive(Clone, Debug)]
 pub struct ShadowSpec {
     pub name: String,
     pub namespace: String,
     pub role: &'static str,
-    pub image: String,
-    pub force_update: bool,
-    pub service_account: String,
-    pub node_selector: BTreeMap<String, String>,
+    pub settings: ShadowSettings,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub env: Vec<(String, String)>,
-    pub image_pull_secret: String,
     /// Container ports besides SSH (name, port): an exchange shadow declares the Service's
     /// target ports, so that a named targetPort resolves to it.
     pub ports: Vec<(String, u16)>,
 }
 
-/// `k1=v1,k2=v2` (ktctl's map flags); malformed pairs are named in the error.
-pub fn parse_pairs(flag: &str, text: &str) -> Result<BTreeMap<String, String>, String> {
-    text.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|pair| match pair.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-            _ => Err(format!("invalid {flag} '{pair}', should be key=value")),
-        })
-        .collect()
-}
-
 impl ShadowSpec {
+    /// A shadow of `role` with v0.3.7's labels and annotations, `-l`/`--withAnnotation`
+    /// added; `user` goes into `kt-user`.
     pub fn new(
-        global: &GlobalOptions,
+        settings: &ShadowSettings,
         name: String,
         namespace: String,
         role: &'static str,
-    ) -> Result<Self, String> {
-        let mut labels = parse_pairs("--withLabel", &global.with_label)?;
-        labels.insert(k8s::CONTROL_BY.into(), k8s::CONTROL_BY_KT.into());
-        labels.insert(k8s::ROLE.into(), role.into());
-        let mut annotations = parse_pairs("--withAnnotation", &global.with_annotation)?;
-        annotations.insert(k8s::LAST_HEARTBEAT.into(), now_seconds().to_string());
-        annotations.insert(k8s::USER.into(), local_user());
-        Ok(Self {
+        user: &str,
+    ) -> Self {
+        let mut labels = settings.labels.clone();
+        labels.insert(compat::CONTROL_BY.into(), compat::CONTROL_BY_KT.into());
+        labels.insert(compat::ROLE.into(), role.into());
+        let mut annotations = settings.annotations.clone();
+        annotations.insert(compat::LAST_HEARTBEAT.into(), now_seconds().to_string());
+        annotations.insert(compat::USER.into(), user.to_owned());
+        Self {
             name,
             namespace,
             role,
-            image: global.image.clone(),
-            force_update: global.force_update,
-            service_account: global.service_account.clone(),
-            node_selector: parse_pairs("--nodeSelector", &global.node_selector)?,
+            settings: settings.clone(),
             labels,
             annotations,
             env: Vec::new(),
-            image_pull_secret: global.image_pull_secret.clone(),
             ports: Vec::new(),
-        })
+        }
     }
 
-    pub fn config_map(&self, public_key: &str, private_key: &str) -> Value {
-        json!({
-            "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": self.name, "namespace": self.namespace, "labels": self.labels, "annotations": self.annotations},
-            "data": {k8s::AUTHORIZED_KEY: public_key, k8s::PRIVATE_KEY: private_key},
-        })
+    fn metadata(&self) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(self.name.clone()),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(self.labels.clone()),
+            annotations: Some(self.annotations.clone()),
+            ..ObjectMeta::default()
+        }
     }
 
-    pub fn pod(&self) -> Value {
-        let ports: Vec<Value> = std::iter::once(("ssh", k8s::SSH_PORT))
+    /// The ConfigMap with the session's key pair.
+    pub fn config_map(&self, public_key: &str, private_key: &str) -> ConfigMap {
+        ConfigMap {
+            metadata: self.metadata(),
+            data: Some(BTreeMap::from([
+                (compat::AUTHORIZED_KEY.to_owned(), public_key.to_owned()),
+                (compat::PRIVATE_KEY.to_owned(), private_key.to_owned()),
+            ])),
+            ..ConfigMap::default()
+        }
+    }
+
+    /// The pod.
+    pub fn pod(&self) -> Pod {
+        let ports = std::iter::once(("ssh", compat::SSH_PORT))
             .chain(self.ports.iter().map(|(name, port)| (name.as_str(), *port)))
-            .map(|(name, port)| json!({"name": name, "containerPort": port, "protocol": "TCP"}))
+            .map(|(name, port)| ContainerPort {
+                name: Some(name.to_owned()),
+                container_port: i32::from(port),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            })
             .collect();
-        let mut spec = json!({
-            "containers": [{
-                "name": k8s::CONTAINER,
-                "image": self.image,
-                "imagePullPolicy": if self.force_update { "Always" } else { "IfNotPresent" },
-                "env": self.env.iter().map(|(k, v)| json!({"name": k, "value": v})).collect::<Vec<_>>(),
-                "ports": ports,
-                "securityContext": {"capabilities": {"add": ["AUDIT_WRITE"]}},
-                "volumeMounts": [{"name": k8s::SSH_VOLUME, "mountPath": k8s::SSH_MOUNT}],
-            }],
-            "volumes": [{"name": k8s::SSH_VOLUME, "configMap": {"name": self.name,
-                         "items": [{"key": k8s::AUTHORIZED_KEY, "path": k8s::SSH_AUTHORIZED_FILE}]}}],
-            "serviceAccountName": self.service_account,
-        });
-        if !self.node_selector.is_empty() {
-            spec["nodeSelector"] = json!(self.node_selector);
+        let settings = &self.settings;
+        let container = Container {
+            name: compat::CONTAINER.into(),
+            image: Some(settings.image.clone()),
+            image_pull_policy: Some(
+                if settings.always_pull { "Always" } else { "IfNotPresent" }.into(),
+            ),
+            env: Some(
+                self.env
+                    .iter()
+                    .map(|(name, value)| EnvVar {
+                        name: name.clone(),
+                        value: Some(value.clone()),
+                        ..EnvVar::default()
+                    })
+                    .collect(),
+            ),
+            ports: Some(ports),
+            security_context: Some(SecurityContext {
+                capabilities: Some(Capabilities {
+                    add: Some(vec!["AUDIT_WRITE".into()]),
+                    ..Capabilities::default()
+                }),
+                ..SecurityContext::default()
+            }),
+            volume_mounts: Some(vec![VolumeMount {
+                name: compat::SSH_VOLUME.into(),
+                mount_path: compat::SSH_MOUNT.into(),
+                ..VolumeMount::default()
+            }]),
+            ..Container::default()
+        };
+        let spec = PodSpec {
+            containers: vec![container],
+            volumes: Some(vec![Volume {
+                name: compat::SSH_VOLUME.into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: self.name.clone(),
+                    items: Some(vec![KeyToPath {
+                        key: compat::AUTHORIZED_KEY.into(),
+                        path: compat::SSH_AUTHORIZED_FILE.into(),
+                        ..KeyToPath::default()
+                    }]),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            }]),
+            service_account_name: Some(settings.service_account.clone()),
+            node_selector: (!settings.node_selector.is_empty())
+                .then(|| settings.node_selector.clone()),
+            image_pull_secrets: settings.image_pull_secret.as_ref().map(|name| {
+                vec![LocalObjectReference { name: name.clone() }]
+            }),
+            ..PodSpec::default()
+        };
+        Pod {
+            metadata: self.metadata(),
+            spec: Some(spec),
+            ..Pod::default()
         }
-        if !self.image_pull_secret.is_empty() {
-            spec["imagePullSecrets"] = json!([{"name": self.image_pull_secret}]);
-        }
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": self.name, "namespace": self.namespace, "labels": self.labels, "annotations": self.annotations},
-            "spec": spec,
-        })
     }
 }
 
@@ -145,98 +191,106 @@ fn now_seconds() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-/// `kt-user`: the user who ran ktctl (`SUDO_USER` when run with sudo).
-pub fn local_user() -> String {
-    std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-/// Creates the ConfigMap and the pod, registers their deletion, waits for Running.
+/// Creates the ConfigMap and the pod, registers their deletion, waits until the pod runs
+/// (up to `--podCreationTimeout`), and keeps its heartbeat until the run ends.
 pub async fn deploy(
     client: &kube::Client,
-    session: &Arc<Session>,
+    lifecycle: &Arc<Lifecycle>,
     spec: &ShadowSpec,
     public_key: &str,
     private_key: &str,
-    timeout_secs: u32,
 ) -> Result<(), ShadowError> {
     let (ns, name) = (spec.namespace.clone(), spec.name.clone());
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let cm: ConfigMap =
-        serde_json::from_value(spec.config_map(public_key, private_key)).expect("valid ConfigMap");
-    cms.create(&PostParams::default(), &cm)
-        .await
-        .map_err(|source| ShadowError::Create {
-            kind: "configmap",
-            name: name.clone(),
-            namespace: ns.clone(),
+    let created = |kind| {
+        let (name, namespace) = (name.clone(), ns.clone());
+        move |source| ShadowError::Create {
+            kind,
+            name,
+            namespace,
             source: Box::new(source),
-        })?;
+        }
+    };
+    cms.create(&PostParams::default(), &spec.config_map(public_key, private_key))
+        .await
+        .map_err(created("configmap"))?;
     tracing::info!("Successful create config map {name}");
     {
         let (cms, name) = (cms.clone(), name.clone());
-        session.defer(format!("delete configmap {name}"), async move {
-            if cms.delete(&name, &DeleteParams::default()).await.is_ok() {
-                tracing::info!("Cleaning configmap {name}");
-            }
+        lifecycle.defer(format!("configmap {name}"), async move {
+            cms.delete(&name, &DeleteParams::default()).await?;
+            tracing::info!("Cleaning configmap {name}");
+            Ok::<(), kube::Error>(())
         });
     }
     tracing::info!("Deploying shadow pod {name} in namespace {ns}");
-    let pod: Pod = serde_json::from_value(spec.pod()).expect("valid Pod");
-    pods.create(&PostParams::default(), &pod)
+    pods.create(&PostParams::default(), &spec.pod())
         .await
-        .map_err(|source| ShadowError::Create {
-            kind: "pod",
-            name: name.clone(),
-            namespace: ns.clone(),
-            source: Box::new(source),
-        })?;
+        .map_err(created("pod"))?;
     {
         let (pods, name) = (pods.clone(), name.clone());
-        session.defer(format!("delete shadow pod {name}"), async move {
-            if pods.delete(&name, &DeleteParams::default()).await.is_ok() {
-                tracing::info!("Cleaning shadow pod {name}");
-            }
+        lifecycle.defer(format!("shadow pod {name}"), async move {
+            pods.delete(&name, &DeleteParams::default()).await?;
+            tracing::info!("Cleaning shadow pod {name}");
+            Ok::<(), kube::Error>(())
         });
     }
-    wait_running(&pods, &name, timeout_secs).await?;
-    tokio::spawn(heartbeat(pods, cms, name, session.stop.clone()));
+    wait_running(&pods, &name, spec.settings.creation_timeout).await?;
+    lifecycle.tasks.spawn(heartbeat(pods, cms, name, lifecycle.done.clone()));
     Ok(())
 }
 
-async fn wait_running(pods: &Api<Pod>, name: &str, timeout_secs: u32) -> Result<(), ShadowError> {
-    let started = tokio::time::Instant::now();
-    let mut next_progress = started;
+/// Why a pod is not running yet, as its status says (`ContainerCreating`, `ImagePullBackOff`,
+/// or its phase).
+fn waiting_reason(pod: &Pod) -> String {
+    let status = pod.status.clone().unwrap_or_default();
+    status
+        .container_statuses
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|c| c.state?.waiting?.reason)
+        .unwrap_or_else(|| status.phase.unwrap_or_else(|| "Pending".into()))
+}
+
+/// Waits until the pod is Running with an address (v0.3.7 takes that as ready), logging
+/// what it waits for every 6 s (v0.3.7's poll interval).
+async fn wait_running(pods: &Api<Pod>, name: &str, timeout: Duration) -> Result<(), ShadowError> {
+    let last_seen = Arc::new(Mutex::new("Pending".to_owned()));
+    let seen = last_seen.clone();
+    let running = await_condition(pods.clone(), name, move |pod: Option<&Pod>| {
+        let Some(pod) = pod else {
+            return false;
+        };
+        *seen.lock().unwrap_or_else(|e| e.into_inner()) = waiting_reason(pod);
+        pod.status.as_ref().is_some_and(|s| {
+            s.phase.as_deref() == Some("Running") && s.pod_ip.is_some()
+        })
+    });
+    let mut running = std::pin::pin!(tokio::time::timeout(timeout, running));
+    let mut progress = tokio::time::interval(Duration::from_secs(6));
+    progress.tick().await;
     loop {
-        let pod = pods.get(name).await.map_err(|source| ShadowError::Read {
-            name: name.into(),
-            source: Box::new(source),
-        })?;
-        let status = pod.status.unwrap_or_default();
-        if status.phase.as_deref() == Some("Running") && status.pod_ip.is_some() {
-            tracing::info!("Pod {name} is ready");
-            return Ok(());
+        tokio::select! {
+            done = &mut running => {
+                return match done {
+                    Ok(Ok(_)) => {
+                        tracing::info!("Pod {name} is ready");
+                        Ok(())
+                    }
+                    Ok(Err(source)) => Err(ShadowError::Watch { name: name.into(), source }),
+                    Err(_) => Err(ShadowError::NotReady {
+                        name: name.into(),
+                        seconds: timeout.as_secs(),
+                        reason: last_seen.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                    }),
+                };
+            }
+            _ = progress.tick() => {
+                let reason = last_seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                tracing::info!("Waiting for pod {name} ... ({reason})");
+            }
         }
-        let waiting = status
-            .container_statuses
-            .unwrap_or_default()
-            .into_iter()
-            .find_map(|c| c.state?.waiting?.reason)
-            .unwrap_or_else(|| status.phase.unwrap_or_else(|| "Pending".into()));
-        if started.elapsed() >= Duration::from_secs(u64::from(timeout_secs)) {
-            return Err(ShadowError::NotReady {
-                name: name.into(),
-                seconds: timeout_secs,
-                reason: waiting,
-            });
-        }
-        if tokio::time::Instant::now() >= next_progress {
-            tracing::info!("Waiting for pod {name} ... ({waiting})");
-            next_progress += Duration::from_secs(6);
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
@@ -250,21 +304,24 @@ async fn heartbeat(
 ) {
     let mut failed_once = false;
     loop {
+        let every = Duration::from_secs(120) - Duration::from_millis(rand::random_range(0..10_000));
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(120) - Duration::from_millis(rand::random_range(0..10_000))) => {}
+            () = tokio::time::sleep(every) => {}
         }
-        let ops: json_patch::Patch = serde_json::from_value(json!([{"op": "replace", "path": format!("/metadata/annotations/{}", k8s::LAST_HEARTBEAT), "value": now_seconds().to_string()}])).expect("valid patch");
-        let pod = pods
-            .patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::<()>::Json(ops.clone()),
-            )
-            .await;
-        let cm = cms
-            .patch(&name, &PatchParams::default(), &Patch::<()>::Json(ops))
-            .await;
+        let beat = json_patch::Patch(vec![json_patch::PatchOperation::Replace(
+            json_patch::ReplaceOperation {
+                path: json_patch::jsonptr::PointerBuf::from_tokens([
+                    "metadata",
+                    "annotations",
+                    compat::LAST_HEARTBEAT,
+                ]),
+                value: now_seconds().to_string().into(),
+            },
+        )]);
+        let params = PatchParams::default();
+        let pod = pods.patch(&name, &params, &Patch::<()>::Json(beat.clone())).await;
+        let cm = cms.patch(&name, &params, &Patch::<()>::Json(beat)).await;
         if (pod.is_err() || cm.is_err()) && !failed_once {
             failed_once = true;
             tracing::warn!("Failed to update heart beat of pod {name}");
@@ -275,6 +332,7 @@ async fn heartbeat(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::Settings;
 
     fn spec() -> ShadowSpec {
         let global = <crate::args::Cli as clap::Parser>::try_parse_from([
@@ -283,25 +341,30 @@ mod tests {
             "team=a",
             "--nodeSelector",
             "zone=b",
+            "--imagePullSecret",
+            "regcred",
         ])
         .unwrap()
         .global;
+        let settings = Settings::from_args(&global).unwrap();
         ShadowSpec::new(
-            &global,
+            &settings.shadow,
             "kt-connect-shadow-abcde".into(),
             "dev".into(),
-            k8s::ROLE_SHADOW_CONNECT,
+            compat::ROLE_SHADOW_CONNECT,
+            "alice",
         )
-        .unwrap()
     }
 
     #[test]
-    fn shadow_pod_follows_the_v0_3_7_contract() {
-        let pod = spec().pod();
+    fn the_shadow_pod_follows_the_v0_3_7_contract() {
+        // Checked on the JSON sent to the API server: a misspelt field would be dropped.
+        let pod = serde_json::to_value(spec().pod()).unwrap();
         assert_eq!(
             pod["metadata"]["labels"],
-            json!({"control-by": "kt", "kt-role": "shadow-connect", "team": "a"})
+            serde_json::json!({"control-by": "kt", "kt-role": "shadow-connect", "team": "a"})
         );
+        assert_eq!(pod["metadata"]["annotations"]["kt-user"], "alice");
         assert!(
             pod["metadata"]["annotations"]["kt-last-heart-beat"]
                 .as_str()
@@ -313,24 +376,28 @@ mod tests {
         assert_eq!(c["name"], "standalone");
         assert_eq!(
             c["volumeMounts"][0],
-            json!({"name": "ssh-public-key", "mountPath": "/root/authorized"})
+            serde_json::json!({"name": "ssh-public-key", "mountPath": "/root/authorized"})
         );
+        assert_eq!(
+            c["securityContext"]["capabilities"]["add"],
+            serde_json::json!(["AUDIT_WRITE"])
+        );
+        assert_eq!(c["ports"][0]["containerPort"], 22);
         assert_eq!(
             pod["spec"]["volumes"][0]["configMap"]["items"][0],
-            json!({"key": "authorized", "path": "authorized_keys"})
+            serde_json::json!({"key": "authorized", "path": "authorized_keys"})
         );
-        assert_eq!(pod["spec"]["nodeSelector"], json!({"zone": "b"}));
+        assert_eq!(pod["spec"]["nodeSelector"], serde_json::json!({"zone": "b"}));
+        assert_eq!(
+            pod["spec"]["imagePullSecrets"],
+            serde_json::json!([{"name": "regcred"}])
+        );
+        assert_eq!(pod["spec"]["serviceAccountName"], "default");
         assert_eq!(c["imagePullPolicy"], "IfNotPresent");
-        let cm = spec().config_map("ssh-ed25519 AAAA", "PEM");
+        let cm = serde_json::to_value(spec().config_map("ssh-ed25519 AAAA", "PEM")).unwrap();
         assert_eq!(
             cm["data"],
-            json!({"authorized": "ssh-ed25519 AAAA", "privateKey": "PEM"})
+            serde_json::json!({"authorized": "ssh-ed25519 AAAA", "privateKey": "PEM"})
         );
-    }
-
-    #[test]
-    fn pair_flags() {
-        assert_eq!(parse_pairs("-l", "a=1, b=2").unwrap().len(), 2);
-        assert!(parse_pairs("-l", "a").unwrap_err().contains("'a'"));
     }
 }

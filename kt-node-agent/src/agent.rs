@@ -2,20 +2,28 @@
 //! of its node and keeps the service map equal to what the session objects say
 //! ([`redirects::desired`]): every agent programs every live session, so a client on any
 //! node is redirected to the holding agent's listener; entries go when a lease expires
-//! (fail-open), and all of them go with the agent (links are not pinned). Serves
-//! `/healthz`, `/readyz` and `/metrics` (Prometheus text).
+//! (fail-open), and all of them go with the agent (links are not pinned).
 //!
 //! It also holds sessions ([`hold`]): ktctl's SSH connections arrive on the node's
-//! [`kt_proto::session::AGENT_SSH_PORT`], and their tunnel listeners are what the redirects
-//! point at.
+//! [`kt_proto::agent::SSH_PORT`], and their tunnel listeners are what the redirects point
+//! at. [`admin`] serves `/healthz`, `/readyz` and `/metrics` ([`metrics`]).
+//!
+//! Its work runs as named tasks ([`crate::tasks`]): log forwarding, three watches, the
+//! reconcile loop, the HTTP and SSH servers. The first that fails stops the agent with an
+//! error, so Kubernetes restarts it instead of keeping a half-dead agent Ready.
+//!
+//! Design notes: the holder writes `status`, then reads it back through its own watch before
+//! it programs its own map — that round trip is the floor of agent mode's ready time. ktctl
+//! picks the agent that holds its session (see `kt-cli`'s agent mode).
 
+pub mod admin;
 pub mod hold;
+mod map;
+mod metrics;
 pub mod redirects;
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    fmt::Write as _,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -26,16 +34,20 @@ use std::{
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kt_ebpf_common::{Mode, Redirect};
-use kt_proto::session::{KtSession, api_resource};
+use kt_proto::session::KtSession;
 use kube::{
     Api,
     runtime::{WatchStreamExt as _, reflector, watcher},
 };
 use tokio::sync::Notify;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
-use crate::{cgroup, ebpf};
+use self::{map::RedirectMap, metrics::Metrics};
+use crate::{cgroup, ebpf, tasks::Tasks};
+
+/// How long the agent's tasks get to end after a signal or a failure (the DaemonSet gives
+/// the pod 10 s before SIGKILL).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -47,7 +59,7 @@ pub enum AgentError {
     NoPodsCgroup { own: PathBuf },
     #[error("eBPF")]
     Ebpf(#[from] ebpf::EbpfError),
-    #[error("no Kubernetes configuration (in-cluster or kubeconfig)")]
+    #[error("failed to create a Kubernetes client (in-cluster configuration or kubeconfig)")]
     Kube(#[source] kube::Error),
     #[error("failed to listen on {addr}")]
     Listen {
@@ -55,13 +67,16 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Task(#[from] crate::tasks::TaskFailure),
 }
 
+/// The agent's validated configuration (see `kt-node-agent agent --help`).
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub node_name: String,
-    /// This node's address (the tunnel listeners'); without it the agent holds no sessions.
-    pub node_ip: Option<std::net::IpAddr>,
+    /// This node's address: where the tunnel listeners of the sessions it holds are reached.
+    pub node_ip: IpAddr,
     /// The hold server's SSH address.
     pub ssh_listen: SocketAddr,
     /// The pods' cgroup; detected from the agent's own cgroup when `None`.
@@ -73,25 +88,8 @@ pub struct AgentConfig {
     pub lease_check: Duration,
 }
 
-/// What the reconcile loop and the HTTP endpoints share.
-struct Shared {
-    ready: AtomicBool,
-    tunnel_bytes: Arc<crate::ssh_server::TunnelBytes>,
-    /// Locked briefly: map updates and counter reads are single syscalls each.
-    programmed: Mutex<Programmed>,
-}
-
-/// The eBPF side and what was last written to it.
-struct Programmed {
-    redirector: ebpf::Redirector,
-    desired: BTreeMap<SocketAddr, redirects::Target>,
-    /// What the service map holds, as last written; `None` after a failed write, when only
-    /// reading the map tells.
-    written: Option<HashMap<SocketAddr, Redirect>>,
-    ids: SvcIds,
-}
-
-/// Runs the agent until `shutdown`; the programs are detached on the way out.
+/// Runs the agent until `shutdown` or until one of its tasks fails; the programs are
+/// detached on the way out.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let mount = cgroup::cgroup2_mount().ok_or(AgentError::NoCgroup2)?;
     let own = cgroup::cgroup_of_pid(&mount, std::process::id()).map_err(AgentError::OwnCgroup)?;
@@ -103,138 +101,71 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     redirector.attach(&pods)?;
     // The agent dials real endpoints; its own sockets are never redirected.
     redirector.skip_cgroup(&own)?;
-    let tasks = TaskTracker::new();
-    tasks.spawn(redirector.log_forwarder(shutdown.clone())?);
+    let tasks = Tasks::new(shutdown);
+    let logs = redirector.log_forwarder(tasks.shutdown().clone())?;
+    let stop = tasks.shutdown().clone();
+    tasks.spawn("ebpf-log", async move {
+        logs.await;
+        // Losing the programs' logs is no reason to stop redirecting.
+        if !stop.is_cancelled() {
+            tracing::warn!("eBPF log forwarding stopped");
+            stop.cancelled().await;
+        }
+        Ok::<(), std::convert::Infallible>(())
+    });
 
     let client = kube::Client::try_default()
         .await
         .map_err(AgentError::Kube)?;
     let changed = Arc::new(Notify::new());
-    let sessions = watch(
-        &tasks,
-        &shutdown,
-        &changed,
-        Api::<KtSession>::all_with(client.clone(), &api_resource()),
-        reflector::store::Writer::new(api_resource()),
-    );
-    let services = watch(
-        &tasks,
-        &shutdown,
-        &changed,
-        Api::<Service>::all(client.clone()),
-        reflector::store::Writer::default(),
-    );
-    let slices = watch(
-        &tasks,
-        &shutdown,
-        &changed,
-        Api::<EndpointSlice>::all(client.clone()),
-        reflector::store::Writer::default(),
-    );
+    let sessions = watch(&tasks, "watch-sessions", &changed, Api::all(client.clone()));
+    let services = watch(&tasks, "watch-services", &changed, Api::all(client.clone()));
+    let slices = watch(&tasks, "watch-endpointslices", &changed, Api::all(client.clone()));
 
-    let shared = Arc::new(Shared {
-        ready: AtomicBool::new(false),
-        tunnel_bytes: Arc::default(),
-        programmed: Mutex::new(Programmed {
-            redirector,
-            desired: BTreeMap::new(),
-            // Freshly loaded: the map is empty.
-            written: Some(HashMap::new()),
-            ids: SvcIds::default(),
-        }),
-    });
-    let listener = tokio::net::TcpListener::bind(config.http_listen)
-        .await
-        .map_err(|source| AgentError::Listen {
-            addr: config.http_listen,
-            source,
-        })?;
-    tasks.spawn(serve_http(listener, shared.clone(), shutdown.clone()));
-    match config.node_ip {
-        Some(node_ip) => {
-            let ssh = tokio::net::TcpListener::bind(config.ssh_listen)
-                .await
-                .map_err(|source| AgentError::Listen {
-                    addr: config.ssh_listen,
-                    source,
-                })?;
-            let context = hold::HoldContext {
-                node_name: config.node_name.clone(),
-                node_ip,
-                sessions: sessions.clone(),
-                client: client.clone(),
-                tunnel_bytes: shared.tunnel_bytes.clone(),
-            };
-            tasks.spawn(hold::serve(ssh, context, shutdown.clone()));
-        }
-        None => tracing::warn!("no node address (KT_NODE_IP): holding no sessions"),
-    }
-    tracing::info!(node = %config.node_name, pods_cgroup = %pods.display(), http = %config.http_listen, "agent running");
-
-    let synced = async {
-        let _ = tokio::join!(
-            sessions.wait_until_ready(),
-            services.wait_until_ready(),
-            slices.wait_until_ready()
-        );
+    let map = Arc::new(Mutex::new(RedirectMap::new(redirector)));
+    let tunnel_bytes = metrics::TunnelBytes::default();
+    let metrics = Arc::new(Metrics::new(map.clone(), &tunnel_bytes));
+    let ready = Arc::new(AtomicBool::new(false));
+    let http = bind(config.http_listen).await?;
+    tasks.spawn(
+        "http-server",
+        admin::serve(http, ready.clone(), metrics, tasks.shutdown().clone()),
+    );
+    let ssh = bind(config.ssh_listen).await?;
+    let context = hold::HoldContext {
+        node_name: config.node_name.clone(),
+        node_ip: config.node_ip,
+        sessions: sessions.clone(),
+        client,
+        tunnel_bytes,
     };
-    tokio::select! {
-        () = shutdown.cancelled() => {}
-        () = synced => {
-            loop {
-                let (all_sessions, all_services, all_slices) =
-                    (sessions.state(), services.state(), slices.state());
-                let state = redirects::ClusterState {
-                    sessions: &all_sessions.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
-                    services: &all_services.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
-                    slices: &all_slices.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
-                };
-                let now = chrono::Utc::now();
-                let desired = redirects::desired(&state, now);
-                // Wake when the next lease runs out, or after the check interval.
-                let wake = redirects::next_expiry(state.sessions, now)
-                    .and_then(|end| (end - now).to_std().ok())
-                    .map_or(config.lease_check, |left| {
-                        (left + Duration::from_millis(1)).min(config.lease_check)
-                    });
-                let applied = shared.programmed().apply(desired);
-                if let Err(error) = &applied {
-                    tracing::error!(error = %kt_proto::error_chain(error), "failed to program redirects");
-                }
-                shared.ready.store(applied.is_ok(), Ordering::Relaxed);
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = changed.notified() => {}
-                    () = tokio::time::sleep(wake) => {}
-                }
-            }
-        }
-    }
-    shared.ready.store(false, Ordering::Relaxed);
-    tasks.close();
-    tasks.wait().await;
-    // The last holder of `shared` (the HTTP server has stopped): the programs detach here.
-    drop(shared);
-    Ok(())
+    tasks.spawn(
+        "ssh-server",
+        hold::serve(ssh, context, tasks.shutdown().clone()),
+    );
+    tracing::info!(node = %config.node_name, pods_cgroup = %pods.display(), http = %config.http_listen, ssh = %config.ssh_listen, "agent running");
+
+    let reconciler = Reconciler {
+        sessions,
+        services,
+        slices,
+        changed,
+        map: map.clone(),
+        ready: ready.clone(),
+        lease_check: config.lease_check,
+    };
+    tasks.spawn("reconcile", reconciler.run(tasks.shutdown().clone()));
+    let result = tasks.run_until_shutdown(SHUTDOWN_GRACE).await;
+    ready.store(false, Ordering::Relaxed);
+    // The redirector is dropped with the last holder of `map`: the programs detach.
+    drop(map);
+    result.map_err(AgentError::from)
 }
 
-impl Shared {
-    fn programmed(&self) -> std::sync::MutexGuard<'_, Programmed> {
-        self.programmed.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The Prometheus text of `/metrics`.
-    fn metrics(&self) -> String {
-        let mut text = self.programmed().metrics();
-        let bytes = &self.tunnel_bytes;
-        let _ = writeln!(
-            text,
-            "# HELP kt_agent_tunnel_bytes_total Bytes through this agent's tunnel listeners (counted when a connection ends).\n# TYPE kt_agent_tunnel_bytes_total counter\nkt_agent_tunnel_bytes_total{{direction=\"to_workstation\"}} {}\nkt_agent_tunnel_bytes_total{{direction=\"from_workstation\"}} {}",
-            bytes.to_workstation.load(Ordering::Relaxed),
-            bytes.from_workstation.load(Ordering::Relaxed)
-        );
-        text
-    }
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, AgentError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Listen { addr, source })
 }
 
 fn pods_cgroup(mount: &Path, own: &Path) -> Result<PathBuf, AgentError> {
@@ -246,38 +177,39 @@ fn pods_cgroup(mount: &Path, own: &Path) -> Result<PathBuf, AgentError> {
         })
 }
 
-/// A reflector for `api` kept current by a tracked task; every event wakes `changed`.
+/// A reflector for `api`, kept current by task `name`; every event wakes `changed`.
+/// Watch errors are retried with back-off (kube's default) and logged.
 fn watch<K>(
-    tasks: &TaskTracker,
-    shutdown: &CancellationToken,
+    tasks: &Tasks,
+    name: &'static str,
     changed: &Arc<Notify>,
     api: Api<K>,
-    writer: reflector::store::Writer<K>,
 ) -> reflector::Store<K>
 where
-    K: kube::Resource
+    K: kube::Resource<DynamicType = ()>
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
         + Send
         + Sync
         + 'static,
-    K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
 {
+    let writer = reflector::store::Writer::default();
     let store = writer.as_reader();
     let events = watcher(api, watcher::Config::default())
         .default_backoff()
         .reflect(writer);
-    let (changed, stop) = (changed.clone(), shutdown.clone());
-    tasks.spawn(async move {
+    let (changed, stop) = (changed.clone(), tasks.shutdown().clone());
+    tasks.spawn(name, async move {
         let mut events = std::pin::pin!(events);
         loop {
             tokio::select! {
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => return Ok(()),
                 event = events.next() => match event {
                     Some(Ok(_)) => changed.notify_one(),
                     Some(Err(error)) => tracing::warn!(%error, "watch failed, retrying"),
-                    None => return,
+                    // A watcher never ends by itself; if it does, the cache is frozen.
+                    None => return Err(WatchEnded),
                 },
             }
         }
@@ -285,162 +217,75 @@ where
     store
 }
 
-/// Stable per-session ids for the per-service counters, reused after a session goes.
-#[derive(Default)]
-struct SvcIds {
-    ids: HashMap<String, u32>,
-    free: Vec<u32>,
-    next: u32,
+/// A watch stream that ended: its cache no longer follows the cluster.
+#[derive(Debug, thiserror::Error)]
+#[error("the watch stream ended")]
+struct WatchEnded;
+
+/// Recomputes the redirects whenever a watched object changes or a lease runs out, and
+/// writes the difference to the eBPF map.
+struct Reconciler {
+    sessions: reflector::Store<KtSession>,
+    services: reflector::Store<Service>,
+    slices: reflector::Store<EndpointSlice>,
+    changed: Arc<Notify>,
+    map: Arc<Mutex<RedirectMap>>,
+    ready: Arc<AtomicBool>,
+    lease_check: Duration,
 }
 
-impl SvcIds {
-    fn id(&mut self, session: &str) -> u32 {
-        if let Some(id) = self.ids.get(session) {
-            return *id;
-        }
-        let id = self.free.pop().unwrap_or_else(|| {
-            self.next += 1;
-            self.next
-        });
-        self.ids.insert(session.to_owned(), id);
-        id
-    }
-
-    fn retain(&mut self, live: impl Fn(&str) -> bool) {
-        let free = &mut self.free;
-        self.ids.retain(|session, id| {
-            let keep = live(session);
-            if !keep {
-                free.push(*id);
-            }
-            keep
-        });
-    }
-}
-
-impl Programmed {
-    /// Makes the service map equal to `desired`: writes what differs from what it holds,
-    /// removes what is not wanted. Connections already redirected stay where they are.
-    fn apply(
-        &mut self,
-        desired: BTreeMap<SocketAddr, redirects::Target>,
-    ) -> Result<(), ebpf::EbpfError> {
-        let current = match self.written.take() {
-            Some(written) => written,
-            None => self.redirector.entries()?.into_iter().collect(),
-        };
-        let mut written = HashMap::with_capacity(desired.len());
-        for (service, target) in &desired {
-            let redirect = Redirect::to(target.to, self.ids.id(&target.session), Mode::Exchange);
-            if current.get(service) != Some(&redirect) {
-                tracing::info!(%service, to = %target.to, session = %target.session, "redirect");
-                self.redirector.insert(*service, redirect)?;
-            }
-            written.insert(*service, redirect);
-        }
-        for service in current.keys().filter(|s| !desired.contains_key(s)) {
-            tracing::info!(%service, "redirect removed");
-            self.redirector.remove(*service)?;
-        }
-        let live: std::collections::HashSet<&str> =
-            desired.values().map(|t| t.session.as_str()).collect();
-        self.ids.retain(|session| live.contains(session));
-        self.written = Some(written);
-        self.desired = desired;
-        Ok(())
-    }
-
-    /// The map's part of `/metrics`, with the eBPF counters as they are now.
-    fn metrics(&self) -> String {
-        let (redirector, desired, ids) = (&self.redirector, &self.desired, &self.ids);
-        let mut out = String::new();
-        let sessions: std::collections::BTreeSet<&str> =
-            desired.values().map(|t| t.session.as_str()).collect();
-        let _ = writeln!(
-            out,
-            "# HELP kt_agent_sessions Sessions whose redirect is in force.\n# TYPE kt_agent_sessions gauge\nkt_agent_sessions {}",
-            sessions.len()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP kt_agent_redirect_entries Entries in the eBPF service map.\n# TYPE kt_agent_redirect_entries gauge\nkt_agent_redirect_entries {}",
-            desired.len()
-        );
-        if let Ok(counters) = redirector.counters() {
-            let _ = writeln!(
-                out,
-                "# HELP kt_agent_ebpf_events_total Events of the eBPF programs on this node.\n# TYPE kt_agent_ebpf_events_total counter"
+impl Reconciler {
+    async fn run(self, shutdown: CancellationToken) -> Result<(), std::convert::Infallible> {
+        let synced = async {
+            let _ = tokio::join!(
+                self.sessions.wait_until_ready(),
+                self.services.wait_until_ready(),
+                self.slices.wait_until_ready()
             );
-            for (name, value) in counters.iter() {
-                let _ = writeln!(
-                    out,
-                    "kt_agent_ebpf_events_total{{event=\"{name}\"}} {value}"
-                );
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = synced => {}
+        }
+        loop {
+            let wake = self.reconcile();
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = self.changed.notified() => {}
+                () = tokio::time::sleep(wake) => {}
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP kt_agent_connects_redirected_total Connects redirected on this node, per session.\n# TYPE kt_agent_connects_redirected_total counter"
+    }
+
+    /// One pass; returns how long to sleep at most before the next.
+    fn reconcile(&self) -> Duration {
+        let (all_sessions, all_services, all_slices) = (
+            self.sessions.state(),
+            self.services.state(),
+            self.slices.state(),
         );
-        for session in sessions {
-            let Some(id) = ids.ids.get(session) else {
-                continue;
-            };
-            if let Ok(stats) = redirector.service_stats(*id) {
-                let (namespace, name) = session.split_once('/').unwrap_or(("", session));
-                let _ = writeln!(
-                    out,
-                    "kt_agent_connects_redirected_total{{namespace=\"{namespace}\",session=\"{name}\"}} {}",
-                    stats.connects_redirected
-                );
-            }
+        let state = redirects::ClusterState {
+            sessions: &all_sessions.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
+            services: &all_services.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
+            slices: &all_slices.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
+        };
+        let now = chrono::Utc::now();
+        let desired = redirects::desired(&state, now);
+        // Wake when the next lease runs out, or after the check interval.
+        let wake = redirects::next_expiry(state.sessions, now)
+            .and_then(|end| (end - now).to_std().ok())
+            .map_or(self.lease_check, |left| {
+                (left + Duration::from_millis(1)).min(self.lease_check)
+            });
+        let applied = self
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(desired);
+        if let Err(error) = &applied {
+            tracing::error!(error = %kt_proto::error_chain(error), "failed to program redirects");
         }
-        out
-    }
-}
-
-async fn serve_http(
-    listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) {
-    use axum::{Router, http::StatusCode, routing::get};
-    let ready = shared.clone();
-    let metrics = shared;
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || async move {
-                if ready.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-                }
-            }),
-        )
-        .route("/metrics", get(move || async move { metrics.metrics() }));
-    if let Err(error) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        tracing::warn!(%error, "HTTP server stopped");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::SvcIds;
-
-    #[test]
-    fn service_ids_are_stable_and_reused() {
-        let mut ids = SvcIds::default();
-        let a = ids.id("dev/a");
-        let b = ids.id("dev/b");
-        assert_ne!(a, b);
-        assert_eq!(ids.id("dev/a"), a);
-        ids.retain(|s| s == "dev/b");
-        assert_eq!(ids.id("dev/c"), a, "a's id is free again");
-        assert_eq!(ids.id("dev/b"), b);
+        self.ready.store(applied.is_ok(), Ordering::Relaxed);
+        wake
     }
 }

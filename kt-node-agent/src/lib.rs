@@ -1,10 +1,11 @@
 //! The kt node agent: runs on every node (DaemonSet) and redirects exchanged Service
 //! traffic in the kernel with the programs of `kt-ebpf`.
 //!
-//! Modules: [`agent`] is role `agent` (the DaemonSet: redirects from session objects);
-//! [`ebpf`] loads, attaches and programs the eBPF object; [`cgroup`] finds the
-//! cgroup2 hierarchy and cgroup ids; [`shadow`] is the SSH endpoint of role `shadow`, and
-//! [`dns_relay`] its cluster DNS relay.
+//! Modules: [`agent`] is role `agent` (the DaemonSet: redirects from session objects, the
+//! SSH server holding sessions, health and metrics); [`shadow`] is the SSH endpoint of role
+//! `shadow`, and [`dns_relay`] its cluster DNS relay; [`ebpf`] loads, attaches and programs
+//! the eBPF object; [`cgroup`] finds the cgroup2 hierarchy and cgroup ids; [`tasks`] runs a
+//! role's named tasks, stopping all of them at the first failure.
 
 pub mod agent;
 pub mod cgroup;
@@ -12,3 +13,4 @@ pub mod dns_relay;
 pub mod ebpf;
 pub mod shadow;
 mod ssh_server;
+pub mod tasks;

@@ -8,6 +8,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use kt_node_agent::{agent, cgroup, dns_relay, ebpf, shadow};
+use kt_proto::{agent as contract, env};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -30,49 +31,50 @@ enum Command {
     /// Run the agent role (DaemonSet, host network): attach the eBPF redirect to the pods'
     /// cgroup and program it from the session objects.
     Agent {
-        /// This node's name (downward API `spec.nodeName`).
-        #[arg(long, env = "KT_NODE_NAME", default_value = "")]
-        node_name: String,
+        /// This node's name (downward API `spec.nodeName`). Required.
+        #[arg(long, env = env::NODE_NAME)]
+        node_name: Option<String>,
         /// This node's address (downward API `status.hostIP`): where the tunnel listeners
-        /// of the sessions this agent holds are reached.
-        #[arg(long, env = "KT_NODE_IP")]
+        /// of the sessions this agent holds are reached. Required.
+        #[arg(long, env = env::NODE_IP)]
         node_ip: Option<std::net::IpAddr>,
         /// Address of the SSH server that holds sessions.
-        #[arg(long, env = "KT_AGENT_SSH", default_value = "0.0.0.0:9922")]
+        #[arg(long, env = env::AGENT_SSH, default_value_t = SocketAddr::from(([0, 0, 0, 0], contract::SSH_PORT)))]
         ssh_listen: SocketAddr,
         /// The pods' cgroup2 directory; detected from the agent's own cgroup when not given
         /// (the topmost `kubepods*` directory).
-        #[arg(long, env = "KT_AGENT_CGROUP")]
+        #[arg(long, env = env::AGENT_CGROUP)]
         cgroup: Option<PathBuf>,
         /// Address of `/healthz`, `/readyz` and `/metrics`.
-        #[arg(long, env = "KT_AGENT_HTTP", default_value = "0.0.0.0:9966")]
+        #[arg(long, env = env::AGENT_HTTP, default_value_t = SocketAddr::from(([0, 0, 0, 0], contract::HTTP_PORT)))]
         http_listen: SocketAddr,
-        /// Seconds between lease checks when nothing changes.
-        #[arg(long, default_value_t = 1)]
+        /// Seconds between lease checks when nothing changes (a lease running out wakes the
+        /// agent at that moment anyway).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
         lease_check_seconds: u64,
     },
     /// Run the shadow role: an SSH server for one ktctl session (ktctl v0.3.7 contract).
     Shadow {
         /// Address to listen on.
-        #[arg(long, env = "KT_SHADOW_LISTEN", default_value = "0.0.0.0:22")]
+        #[arg(long, env = env::SHADOW_LISTEN, default_value = "0.0.0.0:22")]
         listen: SocketAddr,
         /// Authorized public keys (the ConfigMap key `authorized` that ktctl mounts).
         #[arg(
             long,
-            env = "KT_SHADOW_AUTHORIZED_KEYS",
+            env = env::SHADOW_AUTHORIZED_KEYS,
             default_value = "/root/authorized/authorized_keys"
         )]
         authorized_keys: Vec<PathBuf>,
         /// Also relay cluster DNS on --dns-listen over this protocol (ktctl v0.3.7 sets
         /// `KT_DNS_PROTOCOL` for `connect`: `tcp` in localDNS mode, else `udp`).
-        #[arg(long, env = "KT_DNS_PROTOCOL", value_enum)]
+        #[arg(long, env = env::DNS_PROTOCOL, value_enum)]
         dns_protocol: Option<dns_relay::Protocol>,
         /// Address of the DNS relay.
-        #[arg(long, env = "KT_DNS_LISTEN", default_value = "0.0.0.0:53")]
+        #[arg(long, env = env::DNS_LISTEN, default_value = "0.0.0.0:53")]
         dns_listen: SocketAddr,
         /// The workstation's own search domains (comma-separated), stripped from names
         /// before they are expanded with the pod's search list.
-        #[arg(long, env = "KT_LOCAL_DOMAIN", value_delimiter = ',')]
+        #[arg(long, env = env::LOCAL_DOMAIN, value_delimiter = ',')]
         local_domain: Vec<String>,
         /// The pod's resolver configuration the relay follows.
         #[arg(long, default_value = "/etc/resolv.conf")]
@@ -80,15 +82,23 @@ enum Command {
     },
 }
 
+/// `EX_USAGE` (sysexits.h): a configuration the role cannot run with.
+const EX_USAGE: u8 = 64;
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KT_AGENT_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Args::parse().command {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(error) if !error.use_stderr() => {
+            let _ = error.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            let _ = error.print();
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    init_logging(&args.command);
+    match args.command {
         Command::Check { cgroup } => match check(cgroup) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
@@ -103,19 +113,35 @@ fn main() -> ExitCode {
             cgroup,
             http_listen,
             lease_check_seconds,
-        } => serve("agent", |shutdown| {
-            agent::run(
-                agent::AgentConfig {
-                    node_name,
-                    node_ip,
-                    ssh_listen,
-                    cgroup,
-                    http_listen,
-                    lease_check: std::time::Duration::from_secs(lease_check_seconds.max(1)),
-                },
-                shutdown,
-            )
-        }),
+        } => {
+            // Without its node's name and address the agent cannot hold sessions: refuse to
+            // start (and say what is missing) rather than run Ready and useless.
+            let missing: Vec<&str> = [
+                (node_name.as_deref().is_none_or(str::is_empty), env::NODE_NAME),
+                (node_ip.is_none(), env::NODE_IP),
+            ]
+            .into_iter()
+            .filter_map(|(missing, name)| missing.then_some(name))
+            .collect();
+            let (Some(node_name), Some(node_ip)) = (node_name.filter(|n| !n.is_empty()), node_ip)
+            else {
+                tracing::error!(?missing, "the agent needs its node's name and address (downward API; see deploy/daemonset.yaml)");
+                return ExitCode::from(EX_USAGE);
+            };
+            serve("agent", |shutdown| {
+                agent::run(
+                    agent::AgentConfig {
+                        node_name,
+                        node_ip,
+                        ssh_listen,
+                        cgroup,
+                        http_listen,
+                        lease_check: std::time::Duration::from_secs(lease_check_seconds),
+                    },
+                    shutdown,
+                )
+            })
+        }
         Command::Shadow {
             listen,
             authorized_keys,
@@ -138,6 +164,25 @@ fn main() -> ExitCode {
                 shutdown,
             )
         }),
+    }
+}
+
+/// Logs to stderr, as text or (`KT_LOG_FORMAT=json`) one JSON object per line. The filter is
+/// `KT_AGENT_LOG`; the shadow also follows v0.3.7's `KT_LOG_LEVEL` (`debug`/`info`).
+fn init_logging(command: &Command) {
+    let fallback = match command {
+        Command::Shadow { .. } => std::env::var(env::LOG_LEVEL).unwrap_or_else(|_| "info".into()),
+        _ => "info".into(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env(env::LOG)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(fallback));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var(env::LOG_FORMAT).is_ok_and(|f| f == "json") {
+        builder.json().with_current_span(true).init();
+    } else {
+        builder.init();
     }
 }
 

@@ -16,7 +16,15 @@ use russh::{
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::ssh_server::{forward_back, pump};
+use tracing::Instrument as _;
+
+use crate::{
+    ssh_server::{forward_back, pump},
+    tasks::Tasks,
+};
+
+/// How long the shadow's tasks get to end after a signal.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShadowError {
@@ -28,8 +36,8 @@ pub enum ShadowError {
     },
     #[error("SSH protocol error")]
     Ssh(#[from] russh::Error),
-    #[error("DNS relay failed")]
-    Dns(#[from] crate::dns_relay::DnsRelayError),
+    #[error(transparent)]
+    Task(#[from] crate::tasks::TaskFailure),
 }
 
 #[derive(Clone, Debug)]
@@ -43,57 +51,48 @@ pub struct ShadowConfig {
 }
 
 /// Listens on `config.listen` and serves SSH (and the DNS relay, if configured) until
-/// `shutdown`.
+/// `shutdown`; whichever fails first stops the other (ktctl relies on both).
 pub async fn run(config: ShadowConfig, shutdown: CancellationToken) -> Result<(), ShadowError> {
-    // Whichever half fails first stops the other: ktctl relies on both.
-    let stop_on_error = |result: Result<(), ShadowError>| {
-        if result.is_err() {
-            shutdown.cancel();
-        }
-        result
-    };
-    let ssh = async { stop_on_error(run_ssh(&config, shutdown.clone()).await) };
-    let dns = async {
-        let result = match config.dns.clone() {
-            Some(dns) => crate::dns_relay::run(dns, shutdown.clone())
-                .await
-                .map_err(ShadowError::from),
-            None => Ok(()),
-        };
-        stop_on_error(result)
-    };
-    let (ssh, dns) = tokio::join!(ssh, dns);
-    ssh.and(dns)
-}
-
-async fn run_ssh(config: &ShadowConfig, shutdown: CancellationToken) -> Result<(), ShadowError> {
-    let listener =
-        TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ShadowError::Listen {
-                addr: config.listen,
-                source,
-            })?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ShadowError::Listen {
+            addr: config.listen,
+            source,
+        })?;
     tracing::info!(addr = %config.listen, "shadow SSH server listening");
-    serve(listener, config.authorized_keys.clone(), shutdown).await;
+    let tasks = Tasks::new(shutdown);
+    tasks.spawn(
+        "ssh-server",
+        serve(listener, config.authorized_keys.clone(), tasks.shutdown().clone()),
+    );
+    if let Some(dns) = config.dns.clone() {
+        tasks.spawn("dns-relay", crate::dns_relay::run(dns, tasks.shutdown().clone()));
+    }
+    tasks.run_until_shutdown(SHUTDOWN_GRACE).await?;
     Ok(())
 }
 
 /// Serves SSH on `listener` until `shutdown`; every session and forward is a tracked task.
+/// Fails when the listening socket does.
 pub async fn serve(
     listener: TcpListener,
     authorized_keys: Vec<PathBuf>,
     shutdown: CancellationToken,
-) {
+) -> Result<(), crate::ssh_server::AcceptError> {
     let authorized = Arc::new(authorized_keys);
-    crate::ssh_server::serve(listener, shutdown, |peer, tasks, cancel| Connection {
-        peer,
-        authorized: authorized.clone(),
-        forwards: HashMap::new(),
-        tasks,
-        cancel,
-    })
-    .await;
+    crate::ssh_server::serve(
+        listener,
+        shutdown,
+        |peer, tasks, cancel| Connection {
+            peer,
+            authorized: authorized.clone(),
+            forwards: HashMap::new(),
+            tasks,
+            cancel,
+        },
+        |peer| tracing::info_span!("ssh", %peer),
+    )
+    .await
 }
 
 /// One client connection.
@@ -173,7 +172,7 @@ impl Handler for Connection {
                     reply.reject(ChannelOpenFailure::ConnectFailed).await;
                 }
             }
-        });
+        }.in_current_span());
         Ok(())
     }
 
@@ -207,14 +206,9 @@ impl Handler for Connection {
             *port,
             self.tasks.clone(),
         );
-        self.tasks.spawn(forward_back(
-            listener,
-            handle,
-            (address, port),
-            stop,
-            tasks,
-            None,
-        ));
+        self.tasks.spawn(
+            forward_back(listener, handle, (address, port), stop, tasks, |_| {}).in_current_span(),
+        );
         Ok(true)
     }
 

@@ -3,14 +3,9 @@
 //! every connection and forwarded stream a tracked task; and the remote-forward plumbing
 //! they share (a listener whose connections go back to the client as `forwarded-tcpip`).
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-};
+use std::{io, net::SocketAddr, time::Duration};
 
+use kt_tunnel::bridge::Transferred;
 use russh::{
     Channel,
     keys::{PrivateKey, ssh_key::private::Ed25519Keypair},
@@ -18,33 +13,74 @@ use russh::{
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument as _;
+
+/// A listening socket that stopped working: the server cannot go on.
+#[derive(Debug, thiserror::Error)]
+#[error("accepting connections on {addr} failed")]
+pub struct AcceptError {
+    pub addr: String,
+    #[source]
+    pub source: io::Error,
+}
+
+/// How long to wait before accepting again when the process is out of file descriptors or
+/// memory: a loop without a pause would spin on the error.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// Accepts the next connection on `listener`. Errors that concern one connection (it was
+/// aborted) or pass (no file descriptors or memory for now) are retried, the latter after a
+/// pause; any other error means the listening socket itself is gone and is returned.
+pub(crate) async fn accept(listener: &TcpListener) -> Result<(TcpStream, SocketAddr), AcceptError> {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return Ok(accepted),
+            Err(error) => match error.raw_os_error() {
+                Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM) => {}
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                    tracing::warn!(%error, "accept failed, pausing");
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                }
+                _ => {
+                    return Err(AcceptError {
+                        addr: listener
+                            .local_addr()
+                            .map_or_else(|_| "?".into(), |a| a.to_string()),
+                        source: error,
+                    });
+                }
+            },
+        }
+    }
+}
 
 /// Serves SSH on `listener` until `shutdown`, with a handler from `connection(peer, tasks,
 /// cancel)` per client; `cancel` is cancelled when that client's connection ends, which ends
-/// its listeners and channels.
+/// its listeners and channels. Each connection runs in `span(peer)`. Returns an error when
+/// the listening socket fails (its connections are ended first).
 pub(crate) async fn serve<H>(
     listener: TcpListener,
     shutdown: CancellationToken,
     mut connection: impl FnMut(SocketAddr, TaskTracker, CancellationToken) -> H,
-) where
+    span: impl Fn(SocketAddr) -> tracing::Span,
+) -> Result<(), AcceptError>
+where
     H: Handler + Send + 'static,
     H::Error: std::fmt::Display,
 {
     let ssh = kt_tunnel::config::server(host_key());
     let tasks = TaskTracker::new();
-    loop {
+    let stop = shutdown.child_token();
+    let result = loop {
         let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            () = stop.cancelled() => break Ok(()),
+            accepted = accept(&listener) => match accepted {
                 Ok(a) => a,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    continue;
-                }
+                Err(error) => break Err(error),
             },
         };
         let _ = stream.set_nodelay(true);
-        let cancel = shutdown.child_token();
+        let cancel = stop.child_token();
         let handler = connection(peer, tasks.clone(), cancel.clone());
         let ssh = ssh.clone();
         let (stream, reader) = kt_tunnel::transport::read_ahead(stream);
@@ -55,24 +91,30 @@ pub(crate) async fn serve<H>(
                 () = reader_stop.cancelled() => {}
             }
         });
-        tasks.spawn(async move {
-            match russh::server::run_stream(ssh, stream, handler).await {
-                Ok(session) => {
-                    tokio::select! {
-                        result = session => if let Err(error) = result {
-                            tracing::debug!(%peer, %error, "SSH session ended with an error");
-                        },
-                        () = cancel.cancelled() => {}
+        tasks.spawn(
+            async move {
+                match russh::server::run_stream(ssh, stream, handler).await {
+                    Ok(session) => {
+                        tokio::select! {
+                            result = session => if let Err(error) = result {
+                                tracing::debug!(%error, "SSH session ended with an error");
+                            },
+                            () = cancel.cancelled() => {}
+                        }
                     }
+                    Err(error) => tracing::debug!(%error, "SSH handshake failed"),
                 }
-                Err(error) => tracing::debug!(%peer, %error, "SSH handshake failed"),
+                tracing::debug!("SSH connection closed");
+                // However the connection ended: its listeners, channels and renewals end too.
+                cancel.cancel();
             }
-            // However the connection ended: its listeners, channels and renewals end too.
-            cancel.cancel();
-        });
-    }
+            .instrument(span(peer)),
+        );
+    };
+    stop.cancel();
     tasks.close();
     tasks.wait().await;
+    result
 }
 
 /// A fresh host key per start. ktctl learns it over the API server's port-forward (an
@@ -82,61 +124,51 @@ fn host_key() -> PrivateKey {
     PrivateKey::from(Ed25519Keypair::from_seed(&seed))
 }
 
-/// Bytes carried by tunnelled connections, counted as each one ends.
-#[derive(Debug, Default)]
-pub struct TunnelBytes {
-    /// From cluster clients to the workstation.
-    pub to_workstation: AtomicU64,
-    /// From the workstation back to cluster clients.
-    pub from_workstation: AtomicU64,
-}
-
 /// Accepts on a remote-forward listener and hands each connection to the client as
-/// `forwarded-tcpip` for (`address`, `port`); adds what they carried to `bytes`.
+/// `forwarded-tcpip` for (`address`, `port`); `done` learns what each one carried.
 pub(crate) async fn forward_back(
     listener: TcpListener,
     handle: Handle,
     (address, port): (String, u32),
     stop: CancellationToken,
     tasks: TaskTracker,
-    bytes: Option<Arc<TunnelBytes>>,
+    done: impl Fn(Transferred) + Clone + Send + 'static,
 ) {
     loop {
         let (tcp, peer) = tokio::select! {
             () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
+            accepted = accept(&listener) => match accepted {
                 Ok(a) => a,
-                Err(_) => continue,
+                Err(error) => {
+                    tracing::warn!(error = %kt_proto::error_chain(&error), "tunnel listener failed");
+                    return;
+                }
             },
         };
         let _ = tcp.set_nodelay(true);
-        let (handle, address, stop, bytes) =
-            (handle.clone(), address.clone(), stop.clone(), bytes.clone());
-        tasks.spawn(async move {
-            let opened = handle
-                .channel_open_forwarded_tcpip(
-                    address,
-                    port,
-                    peer.ip().to_string(),
-                    u32::from(peer.port()),
-                )
-                .await;
-            match opened {
-                Ok(channel) => {
-                    let moved = pump(channel, tcp, stop).await;
-                    if let (Some(bytes), Some(moved)) = (bytes, moved) {
-                        // Into the channel is towards the SSH client, the workstation.
-                        bytes
-                            .to_workstation
-                            .fetch_add(moved.to_channel, Ordering::Relaxed);
-                        bytes
-                            .from_workstation
-                            .fetch_add(moved.to_socket, Ordering::Relaxed);
+        let (handle, address, stop, done) =
+            (handle.clone(), address.clone(), stop.clone(), done.clone());
+        tasks.spawn(
+            async move {
+                let opened = handle
+                    .channel_open_forwarded_tcpip(
+                        address,
+                        port,
+                        peer.ip().to_string(),
+                        u32::from(peer.port()),
+                    )
+                    .await;
+                match opened {
+                    Ok(channel) => {
+                        if let Some(moved) = pump(channel, tcp, stop).await {
+                            done(moved);
+                        }
                     }
+                    Err(error) => tracing::debug!(%error, "client refused forwarded-tcpip"),
                 }
-                Err(error) => tracing::debug!(%error, "client refused forwarded-tcpip"),
             }
-        });
+            .in_current_span(),
+        );
     }
 }
 
@@ -145,7 +177,7 @@ pub(crate) async fn pump(
     channel: Channel<Msg>,
     tcp: TcpStream,
     cancel: CancellationToken,
-) -> Option<kt_tunnel::bridge::Transferred> {
+) -> Option<Transferred> {
     tokio::select! {
         result = kt_tunnel::bridge(channel, tcp) => match result {
             Ok(moved) => {

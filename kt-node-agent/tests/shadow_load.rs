@@ -50,7 +50,8 @@ impl Rig {
 
         let ssh_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ssh_addr = ssh_listener.local_addr().unwrap();
-        tasks.spawn(shadow::serve(ssh_listener, vec![authorized], stop.clone()));
+        let server = shadow::serve(ssh_listener, vec![authorized], stop.clone());
+        tasks.spawn(async move { server.await.expect("the SSH server serves until stopped") });
 
         let transport = TcpStream::connect(ssh_addr).await.unwrap();
         transport.set_nodelay(true).unwrap();

@@ -6,12 +6,45 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
-use kt_proto::k8s;
-use kube::Api;
+use kt_proto::compat;
 use tokio::net::TcpListener;
 
-use crate::{CliError, args::GlobalOptions, cluster, session::Session, shadow};
+use crate::{
+    args::ForwardArgs,
+    cluster::{self, ClusterError},
+    lifecycle::{Lifecycle, LifecycleError},
+    settings::Settings,
+    shadow::ShadowSpec,
+    ssh_client::SshPool,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("invalid {what} '{text}'")]
+    Port { what: &'static str, text: String },
+    #[error("address '{0}' needs a port, e.g. '{0}:80'")]
+    AddressNeedsPort(String),
+    #[error("address '{0}' already names its port; give only a local port")]
+    AddressHasPort(String),
+    #[error("port {port} not exists in service '{service}'")]
+    PortNotInService { port: u16, service: String },
+    #[error("service '{0}' has no port")]
+    NoPort(String),
+    #[error("service '{0}' has multiple ports, must specify one")]
+    MultiplePorts(String),
+    #[error("local port {port} is not available")]
+    LocalPortBusy {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
+    #[error(transparent)]
+    Shadow(#[from] super::ShadowTunnelError),
+}
 
 /// Where forwarded connections go.
 #[derive(Debug, PartialEq, Eq)]
@@ -23,15 +56,18 @@ pub struct Plan {
     pub describe: String,
 }
 
-fn parse_port(text: &str, what: &str) -> Result<u16, CliError> {
+fn parse_port(text: &str, what: &'static str) -> Result<u16, ForwardError> {
     text.parse::<u16>()
         .ok()
         .filter(|p| *p > 0)
-        .ok_or_else(|| CliError::Usage(format!("invalid {what} '{text}'")))
+        .ok_or_else(|| ForwardError::Port {
+            what,
+            text: text.to_owned(),
+        })
 }
 
 /// `local[:remote]` → (local, remote).
-fn parse_ports(spec: Option<&str>) -> Result<(Option<u16>, Option<u16>), CliError> {
+fn parse_ports(spec: Option<&str>) -> Result<(Option<u16>, Option<u16>), ForwardError> {
     match spec {
         None => Ok((None, None)),
         Some(s) => match s.split_once(':') {
@@ -45,18 +81,14 @@ fn parse_ports(spec: Option<&str>) -> Result<(Option<u16>, Option<u16>), CliErro
 }
 
 /// The plan for the address form: `host:port` (a first argument with a dot).
-pub fn plan_address(target: &str, ports: Option<&str>) -> Result<Plan, CliError> {
-    let (host, port) = target.rsplit_once(':').ok_or_else(|| {
-        CliError::Usage(format!(
-            "address '{target}' needs a port, e.g. '{target}:80'"
-        ))
-    })?;
+pub fn plan_address(target: &str, ports: Option<&str>) -> Result<Plan, ForwardError> {
+    let (host, port) = target
+        .rsplit_once(':')
+        .ok_or_else(|| ForwardError::AddressNeedsPort(target.to_owned()))?;
     let remote_port = parse_port(port, "port")?;
     let (local, remote) = parse_ports(ports)?;
     if remote.is_some() {
-        return Err(CliError::Usage(format!(
-            "address '{target}' already names its port; give only a local port"
-        )));
+        return Err(ForwardError::AddressHasPort(target.to_owned()));
     }
     Ok(Plan {
         host: host.into(),
@@ -70,26 +102,21 @@ pub fn plan_address(target: &str, ports: Option<&str>) -> Result<Plan, CliError>
 pub fn plan_service(
     name: &str,
     namespace: &str,
-    service_ports: &[(Option<String>, u16)],
+    service_ports: &[u16],
     ports: Option<&str>,
-) -> Result<Plan, CliError> {
+) -> Result<Plan, ForwardError> {
     let (local, remote) = parse_ports(ports)?;
-    let port = match remote {
-        Some(r) if service_ports.iter().any(|(_, p)| *p == r) => r,
-        Some(r) => {
-            return Err(CliError::Usage(format!(
-                "port {r} not exists in service '{name}'"
-            )));
+    let port = match (remote, service_ports) {
+        (Some(r), _) if service_ports.contains(&r) => r,
+        (Some(port), _) => {
+            return Err(ForwardError::PortNotInService {
+                port,
+                service: name.to_owned(),
+            });
         }
-        None => match service_ports {
-            [(_, only)] => *only,
-            [] => return Err(CliError::Usage(format!("service '{name}' has no port"))),
-            _ => {
-                return Err(CliError::Usage(format!(
-                    "service '{name}' has multiple ports, must specify one"
-                )));
-            }
-        },
+        (None, [only]) => *only,
+        (None, []) => return Err(ForwardError::NoPort(name.to_owned())),
+        (None, _) => return Err(ForwardError::MultiplePorts(name.to_owned())),
     };
     let describe = if remote.is_some() {
         format!("port {port} of service '{name}'")
@@ -104,72 +131,62 @@ pub fn plan_service(
     })
 }
 
-pub async fn run(
-    global: &GlobalOptions,
-    target: &str,
-    ports: Option<&str>,
-) -> Result<(), CliError> {
-    let cluster = cluster::connect(global).await?;
-    let plan = if target.contains('.') {
-        plan_address(target, ports)?
+pub async fn run(settings: &Settings, args: &ForwardArgs) -> Result<(), ForwardError> {
+    let ports = args.ports.as_deref();
+    // The address form needs no cluster to be checked.
+    let address = if args.target.contains('.') {
+        Some(plan_address(&args.target, ports)?)
     } else {
-        let name = target
-            .strip_prefix("svc/")
-            .or_else(|| target.strip_prefix("service/"))
-            .unwrap_or(target);
-        let services: Api<Service> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-        let service = services
-            .get_opt(name)
-            .await
-            .map_err(|e| CliError::Kube(format!("failed to get service '{name}'"), Box::new(e)))?
-            .ok_or_else(|| {
-                CliError::Usage(format!(
-                    "service '{name}' not found in namespace '{}'",
-                    cluster.namespace
-                ))
-            })?;
-        let service_ports: Vec<(Option<String>, u16)> = service
-            .spec
-            .and_then(|s| s.ports)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|p| (p.name, p.port as u16))
-            .collect();
-        plan_service(name, &cluster.namespace, &service_ports, ports)?
+        parse_ports(ports)?;
+        None
+    };
+    let cluster = cluster::connect(&settings.cluster).await?;
+    let plan = match address {
+        Some(plan) => plan,
+        None => {
+            let name = cluster::service_name(&args.target);
+            let service = cluster.service(name).await?;
+            let service_ports: Vec<u16> = service
+                .spec
+                .and_then(|s| s.ports)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|p| u16::try_from(p.port).ok())
+                .collect();
+            plan_service(name, &cluster.namespace, &service_ports, ports)?
+        }
     };
     // The local port first: a busy port fails before anything is created in the cluster.
     let listener = TcpListener::bind(("127.0.0.1", plan.local_port))
         .await
-        .map_err(|e| {
-            CliError::Usage(format!(
-                "local port {} is not available: {e}",
-                plan.local_port
-            ))
+        .map_err(|source| ForwardError::LocalPortBusy {
+            port: plan.local_port,
+            source,
         })?;
 
-    let session = Session::start("forward")?;
-    let result = forward(global, &cluster, &session, &plan, listener).await;
-    session.finish().await;
+    let lifecycle = Lifecycle::start("forward")?;
+    let result = forward(settings, &cluster, &lifecycle, &plan, listener).await;
+    lifecycle.finish().await;
     result
 }
 
 async fn forward(
-    global: &GlobalOptions,
+    settings: &Settings,
     cluster: &cluster::Cluster,
-    session: &Arc<Session>,
+    lifecycle: &Arc<Lifecycle>,
     plan: &Plan,
     listener: TcpListener,
-) -> Result<(), CliError> {
-    let name = k8s::connect_shadow_name(&k8s::random_lower(5, rand::random));
-    let spec = shadow::ShadowSpec::new(
-        global,
+) -> Result<(), ForwardError> {
+    let name = compat::connect_shadow_name(&compat::random_lower(5, rand::random));
+    let spec = ShadowSpec::new(
+        &settings.shadow,
         name,
         cluster.namespace.clone(),
-        k8s::ROLE_SHADOW_CONNECT,
-    )
-    .map_err(CliError::Usage)?;
-    let connections = usize::from(global.ssh_connections);
-    let Some(tunnel) = super::shadow_tunnel(global, cluster, session, &spec, connections).await?
+        compat::ROLE_SHADOW_CONNECT,
+        &settings.identity.user,
+    );
+    let Some(pool) =
+        super::shadow_tunnel(settings, cluster, lifecycle, &spec, settings.ssh.connections).await?
     else {
         return Ok(());
     };
@@ -177,24 +194,36 @@ async fn forward(
         " Now you can access {} via 'localhost:{}'",
         plan.describe, plan.local_port
     ));
+    serve(&pool, plan, listener, lifecycle).await;
+    pool.close().await;
+    Ok(())
+}
+
+/// Carries every local connection as a channel until the run stops.
+async fn serve(pool: &Arc<SshPool>, plan: &Plan, listener: TcpListener, lifecycle: &Lifecycle) {
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         let (local, peer) = tokio::select! {
-            () = session.stop.cancelled() => break,
+            () = lifecycle.stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
-                Err(_) => continue,
+                Err(error) => {
+                    // Out of descriptors or an aborted connection: pause rather than spin.
+                    tracing::debug!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             },
         };
         let _ = local.set_nodelay(true);
-        let (tunnel, host, port, stop) = (
-            tunnel.clone(),
+        let (pool, host, port, stop) = (
+            pool.clone(),
             plan.host.clone(),
             plan.remote_port,
-            session.stop.clone(),
+            lifecycle.stop.clone(),
         );
         connections.spawn(async move {
-            match tunnel.open(&host, port).await {
+            match pool.open(&host, port).await {
                 Ok(channel) => {
                     tokio::select! {
                         result = kt_tunnel::bridge(channel, local) => if let Err(error) = result {
@@ -209,7 +238,6 @@ async fn forward(
     }
     connections.close();
     connections.wait().await;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -217,7 +245,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn address_form() {
+    fn the_address_form_names_host_and_port() {
         let p = plan_address("10.1.2.3:80", Some("8080")).unwrap();
         assert_eq!(
             (p.host.as_str(), p.remote_port, p.local_port),
@@ -231,33 +259,35 @@ mod tests {
                 .contains("needs a port")
         );
         assert!(plan_address("db.prod:x", None).is_err());
+        assert!(matches!(
+            plan_address("db.prod:5432", Some("1:2")),
+            Err(ForwardError::AddressHasPort(_))
+        ));
     }
 
     #[test]
     fn service_form_infers_or_checks_the_port() {
-        let one = [(Some("http".to_owned()), 80)];
-        let p = plan_service("web", "dev", &one, None).unwrap();
+        let p = plan_service("web", "dev", &[80], None).unwrap();
         assert_eq!(
             (p.host.as_str(), p.remote_port, p.local_port),
             ("web.dev", 80, 80)
         );
         assert_eq!(p.describe, "service 'web'");
-        let p = plan_service("web", "dev", &one, Some("6060:80")).unwrap();
+        let p = plan_service("web", "dev", &[80], Some("6060:80")).unwrap();
         assert_eq!(p.describe, "port 80 of service 'web'");
         assert_eq!(p.local_port, 6060);
-        let two = [(None, 80), (None, 443)];
         assert!(
-            plan_service("web", "dev", &two, None)
+            plan_service("web", "dev", &[80, 443], None)
                 .unwrap_err()
                 .to_string()
                 .contains("multiple ports")
         );
         assert!(
-            plan_service("web", "dev", &two, Some("1:81"))
+            plan_service("web", "dev", &[80, 443], Some("1:81"))
                 .unwrap_err()
                 .to_string()
                 .contains("81")
         );
-        assert!(plan_service("web", "dev", &one, Some("0")).is_err());
+        assert!(plan_service("web", "dev", &[80], Some("0")).is_err());
     }
 }

@@ -2,48 +2,43 @@
 //! one namespaced custom resource per redirected Service, written by ktctl, renewed by the
 //! agent that holds the session's tunnel, and read by every agent to program its redirects.
 //! RBAC on it is the permission model: who may create one in namespace N may redirect
-//! Services in N, nothing else. `deploy/crd.yaml` declares it; the agent suite creates
-//! sessions through these names against that CRD.
+//! Services in N, nothing else.
+//!
+//! The type is derived ([`kube::CustomResource`]); `deploy/crd.yaml` is what
+//! [`KtSession::crd()`] generates (a test in `tests/deploy.rs` keeps the two equal).
+//!
+//! Reading is lenient where a bad value must not stop an agent: every agent watches every
+//! session, and one object it cannot parse would stall its watch for all of them. So an
+//! unknown `mode` reads as [`SessionMode::Unknown`] and a `status` field that does not parse
+//! reads as absent — such a session is simply not held (fail-open).
+
+use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize, de::DeserializeOwned};
 
-pub const GROUP: &str = "kt.dev";
-pub const API_VERSION: &str = "v1alpha1";
-pub const KIND: &str = "KtSession";
-pub const PLURAL: &str = "ktsessions";
 /// How long a session's redirect outlives its last renewal unless the spec says otherwise.
 pub const DEFAULT_LEASE_SECONDS: u32 = 10;
-/// The agent's SSH port on its node (host network), where ktctl brings its sessions.
-pub const AGENT_SSH_PORT: u16 = 9922;
-/// Namespace and pod label of the agent DaemonSet in `deploy/`.
-pub const AGENT_NAMESPACE: &str = "kt-system";
-pub const AGENT_LABEL: &str = "app.kubernetes.io/name=kt-node-agent";
 
-/// A session object as kube-rs reads and writes it.
-pub type KtSession = kube_core::object::Object<SessionSpec, SessionStatus>;
-
-/// The API resource of [`KtSession`], for `kube::Api::namespaced_with`.
-pub fn api_resource() -> kube_core::ApiResource {
-    kube_core::ApiResource {
-        group: GROUP.into(),
-        version: API_VERSION.into(),
-        api_version: format!("{GROUP}/{API_VERSION}"),
-        kind: KIND.into(),
-        plural: PLURAL.into(),
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum SessionMode {
-    /// All traffic of the Service goes to the workstation.
-    Exchange,
-    /// Only requests whose header matches go to the workstation.
-    Mesh,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A session: the Service, which of its ports go to which workstation ports, who holds it
+/// and the key its SSH connection must show. The spec of a `KtSession` (`kt.dev/v1alpha1`).
+#[derive(CustomResource, Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "kt.dev",
+    version = "v1alpha1",
+    kind = "KtSession",
+    plural = "ktsessions",
+    shortname = "kts",
+    namespaced,
+    status = "SessionStatus",
+    printcolumn = r#"{"name": "Service", "type": "string", "jsonPath": ".spec.service"}"#,
+    printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".spec.mode"}"#,
+    printcolumn = r#"{"name": "Owner", "type": "string", "jsonPath": ".spec.owner"}"#,
+    printcolumn = r#"{"name": "Node", "type": "string", "jsonPath": ".status.node"}"#,
+    printcolumn = r#"{"name": "Renewed", "type": "string", "jsonPath": ".status.renewTime"}"#
+)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionSpec {
     /// Who holds the session (`user@host`), named in conflict errors.
@@ -52,12 +47,14 @@ pub struct SessionSpec {
     /// The Service, in the object's namespace.
     pub service: String,
     /// Which Service ports go to which workstation ports.
+    #[schemars(length(min = 1))]
     pub ports: Vec<PortMapping>,
-    /// The session's SSH public key (authorized_keys line): the holding agent lets in only
+    /// The session's SSH public key (an authorized_keys line): the holding agent lets in only
     /// this key for this session.
     pub public_key: String,
     /// Seconds the redirect outlives the last renewal.
     #[serde(default = "default_lease_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
     pub lease_seconds: u32,
 }
 
@@ -65,30 +62,60 @@ fn default_lease_seconds() -> u32 {
     DEFAULT_LEASE_SECONDS
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What the session redirects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SessionMode {
+    /// All traffic of the Service goes to the workstation.
+    Exchange,
+    /// Only requests whose header matches go to the workstation.
+    Mesh,
+    /// A mode this build does not know (written by a newer ktctl): never programmed.
+    #[serde(other)]
+    #[schemars(skip)]
+    Unknown,
+}
+
+/// One exposed Service port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PortMapping {
     /// The Service's `port`.
+    #[schemars(range(min = 1))]
     pub port: u16,
     /// The workstation port ktctl forwards it to.
+    #[schemars(range(min = 1))]
     pub local_port: u16,
 }
 
-/// Written by the agent that holds the session's tunnel.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Written by the agent that holds the session's tunnel (the `status` subresource).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionStatus {
     /// The holding agent's node.
+    #[serde(default, deserialize_with = "lenient")]
     pub node: String,
     /// The address its tunnel listeners are bound to (the node IP).
-    pub address: String,
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub address: Option<IpAddr>,
     /// One listener per Service port.
+    #[serde(default, deserialize_with = "lenient")]
     pub listeners: Vec<Listener>,
-    /// Last renewal, RFC 3339.
-    pub renew_time: String,
+    /// The last renewal.
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub renew_time: Option<DateTime<Utc>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A tunnel listener of the holding agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Listener {
     /// The Service's `port` this listener stands for.
@@ -97,76 +124,118 @@ pub struct Listener {
     pub listener_port: u16,
 }
 
-/// When a session's lease runs out: its last renewal plus its lease. `None` when it was
-/// never held (no status, or a renewal that does not parse).
-pub fn lease_end(spec: &SessionSpec, status: Option<&SessionStatus>) -> Option<DateTime<Utc>> {
-    let renewed = DateTime::parse_from_rfc3339(&status?.renew_time).ok()?;
-    Some(renewed.with_timezone(&Utc) + chrono::TimeDelta::seconds(i64::from(spec.lease_seconds)))
+/// A value that does not parse reads as the type's default (see the module doc).
+fn lenient<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned + Default,
+{
+    let value = serde_json::Value::deserialize(deserializer)?;
+    Ok(serde_json::from_value(value).unwrap_or_default())
 }
 
-/// Whether a session's redirect is in force at `now`: held and renewed within its lease.
-/// Anything else is expired — fail open.
-pub fn lease_live(spec: &SessionSpec, status: Option<&SessionStatus>, now: DateTime<Utc>) -> bool {
-    lease_end(spec, status).is_some_and(|end| now <= end)
-}
+impl KtSession {
+    /// A session object named `name` in `namespace`, labelled as everything kt creates.
+    pub fn create(name: &str, namespace: &str, spec: SessionSpec) -> Self {
+        let mut session = Self::new(name, spec);
+        session.metadata.namespace = Some(namespace.to_owned());
+        session.metadata.labels = Some(
+            [(
+                crate::compat::CONTROL_BY.to_owned(),
+                crate::compat::CONTROL_BY_KT.to_owned(),
+            )]
+            .into(),
+        );
+        session
+    }
 
-/// A renewal time as [`SessionStatus::renew_time`] holds it.
-pub fn renew_time(now: DateTime<Utc>) -> String {
-    now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    /// `namespace/name`: how agents and metrics name a session.
+    pub fn key(&self) -> String {
+        format!(
+            "{}/{}",
+            self.metadata.namespace.as_deref().unwrap_or_default(),
+            self.metadata.name.as_deref().unwrap_or_default()
+        )
+    }
+
+    /// When the lease runs out: the last renewal plus the lease. `None` when it was never
+    /// held.
+    pub fn lease_end(&self) -> Option<DateTime<Utc>> {
+        let renewed = self.status.as_ref()?.renew_time?;
+        Some(renewed + chrono::TimeDelta::seconds(i64::from(self.spec.lease_seconds)))
+    }
+
+    /// Whether the redirect is in force at `now`: held and renewed within its lease.
+    /// Anything else is expired — fail open.
+    pub fn lease_live(&self, now: DateTime<Utc>) -> bool {
+        self.lease_end().is_some_and(|end| now <= end)
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
-    fn spec() -> SessionSpec {
-        serde_json::from_value(serde_json::json!({
-            "owner": "dev@laptop",
-            "mode": "exchange",
-            "service": "web",
-            "ports": [{"port": 80, "localPort": 8080}],
-            "publicKey": "ssh-ed25519 AAAA kt",
+    fn session(status: serde_json::Value) -> KtSession {
+        serde_json::from_value(json!({
+            "apiVersion": "kt.dev/v1alpha1", "kind": "KtSession",
+            "metadata": {"name": "web-a", "namespace": "dev"},
+            "spec": {"owner": "dev@laptop", "mode": "exchange", "service": "web",
+                     "ports": [{"port": 80, "localPort": 8080}], "publicKey": "ssh-ed25519 AAAA kt"},
+            "status": status,
         }))
-        .expect("spec parses")
+        .expect("session parses")
     }
 
     #[test]
     fn the_lease_defaults_and_serialises_in_camel_case() {
-        let spec = spec();
-        assert_eq!(spec.lease_seconds, DEFAULT_LEASE_SECONDS);
-        let json = serde_json::to_value(&spec).unwrap();
+        let session = session(json!(null));
+        assert_eq!(session.spec.lease_seconds, DEFAULT_LEASE_SECONDS);
+        let json = serde_json::to_value(&session.spec).unwrap();
         assert_eq!(json["ports"][0]["localPort"], 8080);
         assert_eq!(json["leaseSeconds"], 10);
+        assert_eq!(session.key(), "dev/web-a");
     }
 
     #[test]
     fn a_lease_lives_until_its_seconds_pass_and_fails_open() {
-        let spec = spec();
         let now = Utc::now();
-        let status = |at: DateTime<Utc>| SessionStatus {
-            renew_time: renew_time(at),
-            ..SessionStatus::default()
-        };
-        assert!(lease_live(&spec, Some(&status(now)), now));
-        let nine = now - chrono::TimeDelta::seconds(9);
-        assert!(lease_live(&spec, Some(&status(nine)), now));
-        let eleven = now - chrono::TimeDelta::seconds(11);
-        assert!(!lease_live(&spec, Some(&status(eleven)), now));
-        assert!(!lease_live(&spec, None, now), "never held");
-        let garbage = SessionStatus {
-            renew_time: "yesterday".into(),
-            ..SessionStatus::default()
-        };
-        assert!(!lease_live(&spec, Some(&garbage), now));
+        let renewed = |at: DateTime<Utc>| session(json!({"renewTime": at}));
+        assert!(renewed(now).lease_live(now));
+        assert!(renewed(now - chrono::TimeDelta::seconds(9)).lease_live(now));
+        assert!(!renewed(now - chrono::TimeDelta::seconds(11)).lease_live(now));
+        assert!(!session(json!(null)).lease_live(now), "never held");
+        assert!(!session(json!({"renewTime": "yesterday"})).lease_live(now));
     }
 
     #[test]
-    fn api_resource_names_the_crd() {
-        let ar = api_resource();
-        assert_eq!(ar.api_version, "kt.dev/v1alpha1");
+    fn bad_status_values_read_as_absent_and_unknown_modes_as_unknown() {
+        let s = session(json!({"node": 7, "address": "not an address",
+                               "listeners": "none", "renewTime": 12}));
+        assert_eq!(s.status, Some(SessionStatus::default()));
+        let held = session(json!({"node": "node-1", "address": "172.30.0.11",
+                                  "listeners": [{"port": 80, "listenerPort": 40001}]}));
+        let status = held.status.unwrap();
+        assert_eq!(status.address, Some(IpAddr::from([172, 30, 0, 11])));
+        assert_eq!(status.listeners[0].listener_port, 40001);
+        let mut future: serde_json::Value = serde_json::to_value(session(json!(null))).unwrap();
+        future["spec"]["mode"] = json!("teleport");
+        let future: KtSession = serde_json::from_value(future).unwrap();
+        assert_eq!(future.spec.mode, SessionMode::Unknown);
+    }
+
+    #[test]
+    fn a_created_session_is_labelled_and_namespaced() {
+        let s = KtSession::create("web-a", "dev", session(json!(null)).spec);
+        assert_eq!(s.metadata.namespace.as_deref(), Some("dev"));
         assert_eq!(
-            (ar.kind.as_str(), ar.plural.as_str()),
-            ("KtSession", "ktsessions")
+            s.metadata.labels.unwrap().get("control-by").map(String::as_str),
+            Some("kt")
         );
+        let json = serde_json::to_value(KtSession::new("x", s.spec)).unwrap();
+        assert_eq!(json["apiVersion"], "kt.dev/v1alpha1");
+        assert_eq!(json["kind"], "KtSession");
     }
 }

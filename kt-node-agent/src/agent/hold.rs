@@ -1,11 +1,11 @@
-//! Holding sessions: the agent's SSH server on its node. ktctl logs in as
-//! `<namespace>/<session>` with the session's key (the one its `KtSession` names); each
-//! `tcpip-forward` names one of the session's Service ports. The agent listens on a free
-//! port of its node for it, sends the connections it accepts back as `forwarded-tcpip` for
-//! that Service port, and writes the session's `status` (this node, its address, the
-//! listeners, the renewal time): renewed while the SSH connection lives, cleared when it
-//! ends. So every agent redirects the Service only while ktctl is connected, and at most a
-//! lease longer if this agent dies.
+//! Holding sessions: the agent's SSH server on its node, under the protocol of
+//! [`kt_proto::agent`]. ktctl logs in as a [`Login`] with the session's key (the one its
+//! `KtSession` names); each `tcpip-forward` names one of the session's Service ports. The
+//! agent listens on a free port of its node for it, sends the connections it accepts back as
+//! `forwarded-tcpip` for that Service port, and writes the session's `status` (this node,
+//! its address, the listeners, the renewal time): renewed while the SSH connection lives,
+//! cleared when it ends. So every agent redirects the Service only while ktctl is connected,
+//! and at most a lease longer if this agent dies.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -13,7 +13,10 @@ use std::{
     time::Duration,
 };
 
-use kt_proto::session::{KtSession, Listener, SessionSpec, api_resource, renew_time};
+use kt_proto::{
+    agent::{Login, service_port_of},
+    session::{KtSession, Listener, SessionSpec, SessionStatus},
+};
 use kube::{
     Api,
     api::{Patch, PatchParams},
@@ -26,8 +29,14 @@ use russh::{
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument as _;
 
-use crate::ssh_server::{TunnelBytes, forward_back};
+use super::metrics::TunnelBytes;
+use crate::ssh_server::{AcceptError, forward_back};
+
+/// How long one status write (renewal or release) may take: a renewal that hangs must not
+/// hold up the next one, and a release must not hold up shutdown.
+const STATUS_WRITE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What every connection of the hold server needs.
 #[derive(Clone)]
@@ -36,7 +45,7 @@ pub struct HoldContext {
     pub node_ip: IpAddr,
     pub sessions: Store<KtSession>,
     pub client: kube::Client,
-    pub tunnel_bytes: Arc<TunnelBytes>,
+    pub(crate) tunnel_bytes: TunnelBytes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,17 +54,34 @@ pub enum HoldError {
     Ssh(#[from] russh::Error),
 }
 
-/// Serves the hold server on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, context: HoldContext, shutdown: CancellationToken) {
+/// Serves the hold server on `listener` until `shutdown`; fails when the listening socket
+/// does (the agent then stops: a node that cannot hold sessions must not look ready).
+pub async fn serve(
+    listener: TcpListener,
+    context: HoldContext,
+    shutdown: CancellationToken,
+) -> Result<(), AcceptError> {
     let context = Arc::new(context);
-    crate::ssh_server::serve(listener, shutdown, |peer, tasks, cancel| Holder {
-        peer,
-        context: context.clone(),
-        held: None,
-        tasks,
-        cancel,
-    })
-    .await;
+    crate::ssh_server::serve(
+        listener,
+        shutdown,
+        |peer, tasks, cancel| Holder {
+            peer,
+            context: context.clone(),
+            held: None,
+            tasks,
+            cancel,
+        },
+        |peer| {
+            tracing::info_span!(
+                "session",
+                %peer,
+                namespace = tracing::field::Empty,
+                session = tracing::field::Empty
+            )
+        },
+    )
+    .await
 }
 
 /// One ktctl connection, holding at most one session.
@@ -69,17 +95,29 @@ struct Holder {
 }
 
 struct Held {
-    namespace: String,
-    name: String,
+    login: Login,
     spec: SessionSpec,
     listeners: Arc<Mutex<Vec<Listener>>>,
     renewing: bool,
 }
 
-/// `<namespace>/<session>`, the login name ktctl uses.
-fn session_of(user: &str) -> Option<(&str, &str)> {
-    user.split_once('/')
-        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+impl Holder {
+    /// The session `login` names, from the watch cache or — when the cache has not seen it
+    /// yet (ktctl dials right after creating it) — from the API server.
+    async fn session(&self, login: &Login) -> Option<Arc<KtSession>> {
+        let reference = ObjectRef::<KtSession>::new(&login.session).within(&login.namespace);
+        if let Some(cached) = self.context.sessions.get(&reference) {
+            return Some(cached);
+        }
+        let api: Api<KtSession> = Api::namespaced(self.context.client.clone(), &login.namespace);
+        match api.get_opt(&login.session).await {
+            Ok(found) => found.map(Arc::new),
+            Err(error) => {
+                tracing::warn!(%error, "session lookup failed");
+                None
+            }
+        }
+    }
 }
 
 impl Handler for Holder {
@@ -90,32 +128,29 @@ impl Handler for Holder {
         user: &str,
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        let found = session_of(user).and_then(|(ns, name)| {
-            let object = self
-                .context
-                .sessions
-                .get(&ObjectRef::new_with(name, api_resource()).within(ns))?;
+        let Ok(login) = user.parse::<Login>() else {
+            tracing::warn!(user, "not a session login");
+            return Ok(Auth::reject());
+        };
+        let authorized = self.session(&login).await.and_then(|object| {
             let authorized = PublicKey::from_openssh(object.spec.public_key.trim()).ok()?;
-            (authorized.key_data() == key.public_key.key_data())
-                .then(|| (ns.to_owned(), name.to_owned(), object.spec.clone()))
+            (authorized.key_data() == key.public_key.key_data()).then(|| object.spec.clone())
         });
-        match found {
-            Some((namespace, name, spec)) => {
-                tracing::info!(peer = %self.peer, %namespace, session = %name, "session connected");
-                self.held = Some(Held {
-                    namespace,
-                    name,
-                    spec,
-                    listeners: Arc::default(),
-                    renewing: false,
-                });
-                Ok(Auth::Accept)
-            }
-            None => {
-                tracing::warn!(peer = %self.peer, user, "no session for this login and key");
-                Ok(Auth::reject())
-            }
-        }
+        let Some(spec) = authorized else {
+            tracing::warn!(%login, "no session for this login and key");
+            return Ok(Auth::reject());
+        };
+        let span = tracing::Span::current();
+        span.record("namespace", login.namespace.as_str());
+        span.record("session", login.session.as_str());
+        tracing::info!("session connected");
+        self.held = Some(Held {
+            login,
+            spec,
+            listeners: Arc::default(),
+            renewing: false,
+        });
+        Ok(Auth::Accept)
     }
 
     async fn tcpip_forward(
@@ -127,14 +162,8 @@ impl Handler for Holder {
         let Some(held) = &mut self.held else {
             return Ok(false);
         };
-        let Some(service_port) = held
-            .spec
-            .ports
-            .iter()
-            .map(|p| p.port)
-            .find(|p| u32::from(*p) == *port)
-        else {
-            tracing::warn!(session = %held.name, port = *port, "not a port of the session");
+        let Some(service_port) = service_port_of(&held.spec, *port) else {
+            tracing::warn!(port = *port, "not a port of the session");
             return Ok(false);
         };
         let listener = match TcpListener::bind((IpAddr::from([0, 0, 0, 0]), 0)).await {
@@ -154,49 +183,57 @@ impl Handler for Holder {
                 port: service_port,
                 listener_port,
             });
-        tracing::info!(session = %held.name, service_port, listener_port, "tunnel listener");
-        self.tasks.spawn(forward_back(
-            listener,
-            session.handle(),
-            (address.to_owned(), *port),
-            self.cancel.child_token(),
-            self.tasks.clone(),
-            Some(self.context.tunnel_bytes.clone()),
-        ));
+        tracing::info!(service_port, listener_port, peer = %self.peer, "tunnel listener");
+        let bytes = self.context.tunnel_bytes.clone();
+        self.tasks.spawn(
+            forward_back(
+                listener,
+                session.handle(),
+                (address.to_owned(), *port),
+                self.cancel.child_token(),
+                self.tasks.clone(),
+                move |moved| bytes.add(&moved),
+            )
+            .in_current_span(),
+        );
         let status = Status {
             context: self.context.clone(),
-            namespace: held.namespace.clone(),
-            name: held.name.clone(),
+            login: held.login.clone(),
             listeners: held.listeners.clone(),
         };
         if let Err(error) = status.write().await {
-            tracing::warn!(session = %held.name, %error, "failed to write session status");
+            tracing::warn!(%error, "failed to write session status");
             return Ok(false);
         }
         if !held.renewing {
             held.renewing = true;
             let every = Duration::from_secs(u64::from(held.spec.lease_seconds.max(3)) / 3);
-            self.tasks.spawn(status.renew(every, self.cancel.clone()));
+            self.tasks
+                .spawn(status.renew(every, self.cancel.clone()).in_current_span());
         }
         Ok(true)
     }
 }
 
+/// A status write that failed or took too long.
+#[derive(Debug, thiserror::Error)]
+enum StatusError {
+    #[error("the API server did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+}
+
 /// A held session's status, as this agent writes it.
 struct Status {
     context: Arc<HoldContext>,
-    namespace: String,
-    name: String,
+    login: Login,
     listeners: Arc<Mutex<Vec<Listener>>>,
 }
 
 impl Status {
     fn api(&self) -> Api<KtSession> {
-        Api::namespaced_with(
-            self.context.client.clone(),
-            &self.namespace,
-            &api_resource(),
-        )
+        Api::namespaced(self.context.client.clone(), &self.login.namespace)
     }
 
     fn listeners(&self) -> Vec<Listener> {
@@ -206,17 +243,23 @@ impl Status {
             .clone()
     }
 
-    async fn write(&self) -> Result<(), kube::Error> {
-        let status = json!({"status": {
-            "node": self.context.node_name,
-            "address": self.context.node_ip.to_string(),
-            "listeners": self.listeners(),
-            "renewTime": renew_time(chrono::Utc::now()),
-        }});
-        self.api()
-            .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&status))
-            .await
-            .map(drop)
+    async fn patch(&self, status: serde_json::Value) -> Result<(), StatusError> {
+        let (api, params, patch) = (self.api(), PatchParams::default(), Patch::Merge(&status));
+        let write = api.patch_status(&self.login.session, &params, &patch);
+        match tokio::time::timeout(STATUS_WRITE_TIMEOUT, write).await {
+            Ok(result) => result.map(drop).map_err(StatusError::from),
+            Err(_) => Err(StatusError::Timeout(STATUS_WRITE_TIMEOUT)),
+        }
+    }
+
+    async fn write(&self) -> Result<(), StatusError> {
+        let status = SessionStatus {
+            node: self.context.node_name.clone(),
+            address: Some(self.context.node_ip),
+            listeners: self.listeners(),
+            renew_time: Some(chrono::Utc::now()),
+        };
+        self.patch(json!({ "status": status })).await
     }
 
     /// Renews every `every` until `stop`, then clears the status if it is still ours (a
@@ -227,47 +270,24 @@ impl Status {
                 () = stop.cancelled() => break,
                 () = tokio::time::sleep(every) => {
                     if let Err(error) = self.write().await {
-                        tracing::warn!(session = %self.name, %error, "failed to renew session");
+                        tracing::warn!(error = %kt_proto::error_chain(&error), "failed to renew session");
                     }
                 }
             }
         }
-        let ours = self
-            .api()
-            .get_opt(&self.name)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|s| {
-                s.status.is_some_and(|st| {
-                    st.node == self.context.node_name && st.listeners == self.listeners()
-                })
-            });
+        let api = self.api();
+        let current =
+            tokio::time::timeout(STATUS_WRITE_TIMEOUT, api.get_opt(&self.login.session)).await;
+        let ours = matches!(&current, Ok(Ok(Some(s))) if s.status.as_ref().is_some_and(|st| {
+            st.node == self.context.node_name && st.listeners == self.listeners()
+        }));
         if ours {
-            let cleared = json!({"status": null});
-            match self
-                .api()
-                .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&cleared))
-                .await
-            {
-                Ok(_) => tracing::info!(session = %self.name, "session released"),
+            match self.patch(json!({"status": null})).await {
+                Ok(()) => tracing::info!("session released"),
                 Err(error) => {
-                    tracing::warn!(session = %self.name, %error, "failed to release session")
+                    tracing::warn!(error = %kt_proto::error_chain(&error), "failed to release session; its lease ends it")
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::session_of;
-
-    #[test]
-    fn login_names_a_namespace_and_a_session() {
-        assert_eq!(session_of("dev/web-alice"), Some(("dev", "web-alice")));
-        assert_eq!(session_of("root"), None);
-        assert_eq!(session_of("/x"), None);
-        assert_eq!(session_of("dev/"), None);
     }
 }

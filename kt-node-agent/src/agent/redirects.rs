@@ -11,7 +11,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kt_proto::session::{KtSession, SessionMode, lease_end, lease_live};
+use kt_proto::session::{KtSession, SessionMode, SessionStatus};
 
 /// The label an EndpointSlice carries naming its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -53,7 +53,7 @@ pub fn desired(state: &ClusterState<'_>, now: DateTime<Utc>) -> BTreeMap<SocketA
         .copied()
         .filter(|s| s.spec.mode == SessionMode::Exchange)
         .filter(|s| s.metadata.deletion_timestamp.is_none())
-        .filter(|s| lease_live(&s.spec, s.status.as_ref(), now))
+        .filter(|s| s.lease_live(now))
         .collect();
     live.sort_by(|a, b| {
         (
@@ -80,7 +80,7 @@ pub fn desired(state: &ClusterState<'_>, now: DateTime<Utc>) -> BTreeMap<SocketA
         let Some(status) = &session.status else {
             continue;
         };
-        let Ok(holder) = status.address.parse::<IpAddr>() else {
+        let Some(holder) = status.address else {
             continue;
         };
         let key = format!("{ns}/{name}");
@@ -116,7 +116,7 @@ pub fn desired(state: &ClusterState<'_>, now: DateTime<Utc>) -> BTreeMap<SocketA
 pub fn next_expiry(sessions: &[&KtSession], now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     sessions
         .iter()
-        .filter_map(|s| lease_end(&s.spec, s.status.as_ref()))
+        .filter_map(|s| s.lease_end())
         .filter(|end| *end >= now)
         .min()
 }
@@ -125,7 +125,7 @@ pub fn next_expiry(sessions: &[&KtSession], now: DateTime<Utc>) -> Option<DateTi
 fn redirects_of(
     service: &Service,
     slices: &[&EndpointSlice],
-    status: &kt_proto::session::SessionStatus,
+    status: &SessionStatus,
     holder: IpAddr,
 ) -> Vec<(SocketAddr, SocketAddr)> {
     let spec = service.spec.as_ref();
@@ -185,7 +185,6 @@ fn redirects_of(
 
 #[cfg(test)]
 mod tests {
-    use kt_proto::session::renew_time;
     use serde_json::json;
 
     use super::*;
@@ -224,7 +223,7 @@ mod tests {
                      "ports": [{"port": 80, "localPort": 8080}], "publicKey": "k"},
             "status": {"node": "node-1", "address": "172.30.0.11",
                        "listeners": [{"port": 80, "listenerPort": 40001}],
-                       "renewTime": renew_time(renewed)}
+                       "renewTime": renewed}
         }))
         .unwrap()
     }

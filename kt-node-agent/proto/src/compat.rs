@@ -40,10 +40,6 @@ pub const SSH_AUTHORIZED_FILE: &str = "authorized_keys";
 /// The shadow's SSH port and its user.
 pub const SSH_PORT: u16 = 22;
 pub const SSH_USER: &str = "root";
-/// Env of the v0.3.7 shadow: DNS relay protocol, log level, local search domains.
-pub const ENV_DNS_PROTOCOL: &str = "KT_DNS_PROTOCOL";
-pub const ENV_LOG_LEVEL: &str = "KT_LOG_LEVEL";
-pub const ENV_LOCAL_DOMAIN: &str = "KT_LOCAL_DOMAIN";
 
 /// `kt-connect-shadow-<5 lowercase letters>`: a connect shadow (and its ConfigMap).
 pub fn connect_shadow_name(random: &str) -> String {

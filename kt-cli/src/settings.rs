@@ -1,0 +1,268 @@
+//! The settings step between parsing and doing (ripgrep's low-level → high-level
+//! arguments): the parsed command line becomes validated settings *before any cluster call*.
+//! Map flags (`--withLabel`, `--nodeSelector`, …) are parsed here, durations become
+//! [`Duration`]s, the transport a kt type, and every flag that is accepted but does nothing
+//! yet is named in a warning, so that no flag is silently ignored.
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use crate::{
+    args::{GlobalOptions, TransportArg},
+    ssh_client::Transport,
+};
+
+/// A command line that parses but cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// ktctl v0.3.7's map flags take `k1=v1,k2=v2`.
+    #[error("invalid {flag} '{pair}', should be key=value")]
+    Pair { flag: &'static str, pair: String },
+}
+
+/// Everything a command needs from the global flags, validated.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub cluster: ClusterSettings,
+    pub shadow: ShadowSettings,
+    pub ssh: SshSettings,
+    pub identity: Identity,
+}
+
+/// Which cluster and namespace (`-c`, `--context`, `-n`).
+#[derive(Clone, Debug, Default)]
+pub struct ClusterSettings {
+    /// `-c`; the default kubeconfig (`$KUBECONFIG`, `~/.kube/config`) when `None`.
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+    /// `-n`; the context's namespace when `None`.
+    pub namespace: Option<String>,
+}
+
+/// What goes into the shadow pods kt starts when no agent does the work.
+#[derive(Clone, Debug)]
+pub struct ShadowSettings {
+    pub image: String,
+    /// `-f`: `imagePullPolicy: Always` instead of `IfNotPresent`.
+    pub always_pull: bool,
+    pub image_pull_secret: Option<String>,
+    pub service_account: String,
+    pub node_selector: BTreeMap<String, String>,
+    /// `-l`: extra labels.
+    pub labels: BTreeMap<String, String>,
+    /// `--withAnnotation`: extra annotations.
+    pub annotations: BTreeMap<String, String>,
+    /// `--podCreationTimeout`.
+    pub creation_timeout: Duration,
+    /// The shadow flags given with other than their default values (they do nothing in
+    /// agent mode, which starts no shadow).
+    pub customised: Vec<&'static str>,
+}
+
+/// How the SSH tunnel is made.
+#[derive(Clone, Copy, Debug)]
+pub struct SshSettings {
+    pub transport: Transport,
+    /// `--sshConnections` (default 2).
+    pub connections: usize,
+    /// Whether `--sshConnections` was given (only `forward` uses more than one).
+    pub connections_given: bool,
+    /// `--portForwardTimeout`: how long the first SSH connection may take to come up.
+    pub connect_timeout: Duration,
+}
+
+/// Who runs ktctl, as v0.3.7 records it (`kt-user`) and kt names session owners.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// `SUDO_USER` when run with sudo, else `USER`.
+    pub user: String,
+    /// The kernel's host name.
+    pub host: String,
+}
+
+impl Identity {
+    /// This process's user and host.
+    pub fn current() -> Self {
+        let user = std::env::var("SUDO_USER")
+            .or_else(|_| std::env::var("USER"))
+            .unwrap_or_else(|_| "unknown".into());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+        Self { user, host }
+    }
+
+    /// `user@host`: who holds an agent-mode session, named in conflict errors.
+    pub fn owner(&self) -> String {
+        format!("{}@{}", self.user, self.host)
+    }
+}
+
+/// The default SSH connections per session.
+const DEFAULT_SSH_CONNECTIONS: usize = 2;
+
+impl Settings {
+    /// Validates the global flags and warns about those that do nothing yet.
+    pub fn from_args(global: &GlobalOptions) -> Result<Self, SettingsError> {
+        for warning in unimplemented_flags(global) {
+            tracing::warn!("{warning}");
+        }
+        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        let defaults = <crate::args::Cli as clap::Parser>::parse_from(["ktctl"]).global;
+        let customised = [
+            ("--image", global.image != defaults.image),
+            ("--imagePullSecret", !global.image_pull_secret.is_empty()),
+            ("--serviceAccount", global.service_account != defaults.service_account),
+            ("--nodeSelector", !global.node_selector.is_empty()),
+            ("--withLabel", !global.with_label.is_empty()),
+            ("--withAnnotation", !global.with_annotation.is_empty()),
+            ("--forceUpdate", global.force_update),
+            (
+                "--podCreationTimeout",
+                global.pod_creation_timeout != defaults.pod_creation_timeout,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect();
+        Ok(Self {
+            cluster: ClusterSettings {
+                kubeconfig: non_empty(&global.kubeconfig).map(PathBuf::from),
+                context: non_empty(&global.context),
+                namespace: global.namespace.clone(),
+            },
+            shadow: ShadowSettings {
+                image: global.image.clone(),
+                always_pull: global.force_update,
+                image_pull_secret: non_empty(&global.image_pull_secret),
+                service_account: global.service_account.clone(),
+                node_selector: parse_pairs("--nodeSelector", &global.node_selector)?,
+                labels: parse_pairs("--withLabel", &global.with_label)?,
+                annotations: parse_pairs("--withAnnotation", &global.with_annotation)?,
+                creation_timeout: Duration::from_secs(u64::from(global.pod_creation_timeout)),
+                customised,
+            },
+            ssh: SshSettings {
+                transport: match global.transport {
+                    TransportArg::Auto => Transport::Auto,
+                    TransportArg::Direct => Transport::Direct,
+                    TransportArg::PortForward => Transport::PortForward,
+                },
+                connections: global
+                    .ssh_connections
+                    .map_or(DEFAULT_SSH_CONNECTIONS, usize::from),
+                connections_given: global.ssh_connections.is_some(),
+                connect_timeout: Duration::from_secs(u64::from(global.port_forward_timeout)),
+            },
+            identity: Identity::current(),
+        })
+    }
+}
+
+/// Warnings for the v0.3.7 flags kt accepts but does not act on yet.
+fn unimplemented_flags(global: &GlobalOptions) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if !global.pod_quota.is_empty() {
+        warnings.push(format!(
+            "--podQuota '{}' is not supported yet: shadow pods get no resource requests or limits",
+            global.pod_quota
+        ));
+    }
+    if global.use_shadow_deployment {
+        warnings.push(
+            "--useShadowDeployment is not supported yet: shadows are started as Pods".into(),
+        );
+    }
+    if global.use_local_time {
+        warnings.push(
+            "--useLocalTime has no effect yet: kt's heartbeats always use this machine's clock"
+                .into(),
+        );
+    }
+    if global.as_worker {
+        warnings.push("--asWorker has no effect (nor had it in v0.3.7)".into());
+    }
+    warnings
+}
+
+/// `k1=v1,k2=v2` (ktctl's map flags); a malformed pair is named in the error.
+pub fn parse_pairs(flag: &'static str, text: &str) -> Result<BTreeMap<String, String>, SettingsError> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => Err(SettingsError::Pair {
+                flag,
+                pair: pair.to_owned(),
+            }),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::args::Cli;
+
+    fn settings(args: &[&str]) -> Result<Settings, SettingsError> {
+        let cli = Cli::try_parse_from(std::iter::once("ktctl").chain(args.iter().copied())).unwrap();
+        Settings::from_args(&cli.global)
+    }
+
+    #[test]
+    fn map_flags_are_parsed_and_a_bad_pair_is_named() {
+        let s = settings(&["-l", "team=a, tier=b", "--nodeSelector", "zone=x"]).unwrap();
+        assert_eq!(s.shadow.labels.len(), 2);
+        assert_eq!(s.shadow.node_selector["zone"], "x");
+        let err = settings(&["--withAnnotation", "a=1,oops"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid --withAnnotation 'oops', should be key=value"
+        );
+        assert!(settings(&["-l", "=v"]).is_err(), "an empty key is refused");
+    }
+
+    #[test]
+    fn durations_transport_and_connections_are_kt_types() {
+        let s = settings(&["--portForwardTimeout=3", "--transport", "direct"]).unwrap();
+        assert_eq!(s.ssh.connect_timeout, Duration::from_secs(3));
+        assert_eq!(s.ssh.transport, Transport::Direct);
+        assert_eq!((s.ssh.connections, s.ssh.connections_given), (2, false));
+        let s = settings(&["--sshConnections=4"]).unwrap();
+        assert_eq!((s.ssh.connections, s.ssh.connections_given), (4, true));
+        assert_eq!(s.shadow.creation_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn customised_shadow_flags_are_known() {
+        assert!(settings(&[]).unwrap().shadow.customised.is_empty());
+        let s = settings(&["-i", "mine", "-f", "--serviceAccount", "sa"]).unwrap();
+        assert_eq!(
+            s.shadow.customised,
+            ["--image", "--serviceAccount", "--forceUpdate"]
+        );
+    }
+
+    #[test]
+    fn every_accepted_but_inert_flag_is_named_in_a_warning() {
+        let cli = Cli::try_parse_from([
+            "ktctl",
+            "--podQuota",
+            "0.5c,512m",
+            "--useShadowDeployment",
+            "--useLocalTime",
+        ])
+        .unwrap();
+        let warnings = unimplemented_flags(&cli.global);
+        for flag in ["--podQuota '0.5c,512m'", "--useShadowDeployment", "--useLocalTime"] {
+            assert!(
+                warnings.iter().any(|w| w.starts_with(flag)),
+                "{flag}: {warnings:?}"
+            );
+        }
+        let plain = Cli::try_parse_from(["ktctl"]).unwrap();
+        assert!(unimplemented_flags(&plain.global).is_empty());
+    }
+}

@@ -1,0 +1,124 @@
+//! How ktctl finds the node agent and holds a session there: where the agents run, their
+//! ports, the SSH login, and which `tcpip-forward` stands for which Service port.
+//!
+//! The protocol, in order: ktctl creates the [`KtSession`](crate::session::KtSession), then
+//! logs in to an agent's SSH server ([`SSH_PORT`] on the agent's node) as [`Login`] with the
+//! session's key; for every exposed Service port it asks for one `tcpip-forward` whose bind
+//! port is that Service port ([`forward_port`]). The agent opens a tunnel listener for each,
+//! writes the session's `status`, and sends every connection a listener accepts back as a
+//! `forwarded-tcpip` channel naming the same Service port, which ktctl maps to its local port.
+
+use std::{fmt, str::FromStr};
+
+use crate::session::SessionSpec;
+
+/// The namespace `deploy/` installs the agent in.
+pub const NAMESPACE: &str = "kt-system";
+/// The agent DaemonSet's name and its pods' `app.kubernetes.io/name` label.
+pub const NAME: &str = "kt-node-agent";
+/// The label selector of the agent's pods.
+pub const LABEL_SELECTOR: &str = "app.kubernetes.io/name=kt-node-agent";
+/// The agent's SSH port on its node (host network), where ktctl brings its sessions.
+pub const SSH_PORT: u16 = 9922;
+/// The agent's HTTP port on its node: `/healthz`, `/readyz`, `/metrics`.
+pub const HTTP_PORT: u16 = 9966;
+
+/// The SSH user name of a session: `<namespace>/<session>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Login {
+    pub namespace: String,
+    pub session: String,
+}
+
+/// A user name that is not `<namespace>/<session>`.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("login '{0}' is not <namespace>/<session>")]
+pub struct LoginError(String);
+
+impl fmt::Display for Login {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.session)
+    }
+}
+
+impl FromStr for Login {
+    type Err = LoginError;
+
+    fn from_str(user: &str) -> Result<Self, Self::Err> {
+        match user.split_once('/') {
+            Some((namespace, session))
+                if !namespace.is_empty() && !session.is_empty() && !session.contains('/') =>
+            {
+                Ok(Self {
+                    namespace: namespace.to_owned(),
+                    session: session.to_owned(),
+                })
+            }
+            _ => Err(LoginError(user.to_owned())),
+        }
+    }
+}
+
+/// The `tcpip-forward` bind port ktctl asks for to expose `service_port`: the Service port
+/// itself. The agent chooses the real listener port and reports it in the session's status.
+pub fn forward_port(service_port: u16) -> u32 {
+    u32::from(service_port)
+}
+
+/// The Service port a `tcpip-forward` (or a `forwarded-tcpip` channel) with `bind_port`
+/// stands for, if it is one of the session's; the inverse of [`forward_port`].
+pub fn service_port_of(spec: &SessionSpec, bind_port: u32) -> Option<u16> {
+    spec.ports
+        .iter()
+        .map(|p| p.port)
+        .find(|p| forward_port(*p) == bind_port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{PortMapping, SessionMode};
+
+    #[test]
+    fn a_login_names_a_namespace_and_a_session() {
+        let login: Login = "dev/web-alice".parse().unwrap();
+        assert_eq!(
+            login,
+            Login {
+                namespace: "dev".into(),
+                session: "web-alice".into()
+            }
+        );
+        assert_eq!(login.to_string(), "dev/web-alice");
+        for bad in ["root", "/x", "dev/", "a/b/c", ""] {
+            assert_eq!(
+                bad.parse::<Login>(),
+                Err(LoginError(bad.into())),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_forward_stands_for_the_service_port_of_the_same_number() {
+        let spec = SessionSpec {
+            owner: "a@b".into(),
+            mode: SessionMode::Exchange,
+            service: "web".into(),
+            ports: vec![
+                PortMapping {
+                    port: 80,
+                    local_port: 8080,
+                },
+                PortMapping {
+                    port: 9090,
+                    local_port: 19090,
+                },
+            ],
+            public_key: "k".into(),
+            lease_seconds: 10,
+        };
+        assert_eq!(service_port_of(&spec, forward_port(9090)), Some(9090));
+        assert_eq!(service_port_of(&spec, 8080), None, "a local port is not one");
+    }
+}
