@@ -27,6 +27,7 @@ apt_packages=(
     libssl-dev
     zlib1g-dev      # bpf-linker links LLVM, which needs zlib
     libzstd-dev
+    patch           # kt-tunnel/vendor/verify-russh.sh applies kt.patch
 )
 
 install_apt() {

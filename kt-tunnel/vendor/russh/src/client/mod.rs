@@ -760,7 +760,7 @@ impl<H: Handler> Handle<H> {
                             sender: self.sender.clone(),
                             max_packet_size,
                             window_size: window_size_ref,
-                            consumed_sender: Some(self.priority_sender.clone()),
+                            consumed_sender: Some(self.priority_sender.clone()), // kt patch
                         },
                         read_half: ChannelReadHalf { receiver },
                     });
@@ -1260,7 +1260,7 @@ where
         session_sender,
     );
     session.begin_rekey()?;
-    let priority_sender = session.priority_sender.clone();
+    let priority_sender = session.priority_sender.clone(); // kt patch: for `Handle`
     let (kex_done_signal, kex_done_signal_rx) = oneshot::channel();
     let join = russh_util::runtime::spawn(session.run(stream, handler, Some(kex_done_signal)));
 
@@ -1277,7 +1277,7 @@ where
 
     Ok(Handle {
         sender: handle_sender,
-        priority_sender,
+        priority_sender, // kt patch
         receiver: handle_receiver,
         join,
         channel_buffer_size,
@@ -1705,6 +1705,7 @@ impl Session {
                 language_tag,
             } => self.disconnect(reason, &description, &language_tag)?,
             Msg::Channel(id, ChannelMsg::Data { data }) => self.data(id, data)?,
+            // kt patch: the application consumed data; grant it back as window (batched).
             Msg::Channel(id, ChannelMsg::Consumed { bytes }) => {
                 if self.common.config.window_on_consumption {
                     let target = self.common.config.window_size;
@@ -2785,7 +2786,7 @@ impl Default for Config {
             anonymous: false,
             gex: Default::default(),
             nodelay: false,
-            window_on_consumption: false,
+            window_on_consumption: false, // kt patch
         }
     }
 }

@@ -1488,6 +1488,8 @@ impl Session {
                 let data = map_err!(Bytes::decode(r))?;
                 map_err!(ensure_end(r))?;
                 let target = self.target_window_size;
+                // kt patch: with `window_on_consumption` arrival only debits the window;
+                // `replenish_window` grants it back as the application consumes.
                 let on_consumption = self.common.config.window_on_consumption;
 
                 #[allow(clippy::collapsible_if)]
@@ -2054,7 +2056,7 @@ impl Session {
             pending_data: std::collections::VecDeque::new(),
             pending_eof: false,
             pending_close: false,
-            consumed_unadjusted: 0,
+            consumed_unadjusted: 0, // kt patch
         };
 
         let (channel, channel_ref) = Channel::new(
@@ -2063,7 +2065,7 @@ impl Session {
             channel_params.recipient_maximum_packet_size,
             channel_params.recipient_window_size,
             self.common.config.channel_buffer_size,
-            Some(self.sender.priority_sender.clone()),
+            Some(self.sender.priority_sender.clone()), // kt patch: consumption reports
         );
 
         let pending = PendingChannelOpen {

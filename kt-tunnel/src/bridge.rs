@@ -1,7 +1,7 @@
 //! Joins an SSH channel to a TCP connection, both ways, with half-close passed on.
 //!
 //! Flow control is SSH's own: both kt ends run russh with `window_on_consumption` (kt's
-//! patch, `russh/KT-PATCH.md`), and the bridge reports each write to the socket as consumed,
+//! patch, `vendor/KT-PATCH.md`), and the bridge reports each write to the socket as consumed,
 //! so a peer never has more than one window (`config::WINDOW`) in flight on a channel and a
 //! channel's memory is bounded by it. The bridge takes every message off russh's queue as
 //! it arrives, so russh's session loop never waits on one slow channel: a stalled consumer

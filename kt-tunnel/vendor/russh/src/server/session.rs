@@ -413,7 +413,7 @@ impl Handle {
                             sender: self.sender.clone(),
                             max_packet_size,
                             window_size: window_size_ref,
-                            consumed_sender: Some(self.priority_sender.clone()),
+                            consumed_sender: Some(self.priority_sender.clone()), // kt patch
                         },
                         read_half: ChannelReadHalf { receiver },
                     });
@@ -536,6 +536,7 @@ impl Session {
             Msg::Channel(id, ChannelMsg::WindowAdjusted { new_size }) => {
                 debug!("window adjusted to {new_size:?} for channel {id:?}");
             }
+            // kt patch: the application consumed data; grant it back as window (batched).
             Msg::Channel(id, ChannelMsg::Consumed { bytes }) => {
                 if self.common.config.window_on_consumption {
                     let target = self.target_window_size;

@@ -487,6 +487,7 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Channel<S> {
         max_packet_size: u32,
         window_size: u32,
         channel_buffer_size: usize,
+        // kt patch: where `consumed` reports go (the session's priority queue).
         consumed_sender: Option<tokio::sync::mpsc::UnboundedSender<S>>,
     ) -> (Self, ChannelRef) {
         let (tx, rx) = tokio::sync::mpsc::channel(channel_buffer_size);
@@ -497,7 +498,7 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Channel<S> {
             sender,
             max_packet_size,
             window_size: window_size.clone(),
-            consumed_sender,
+            consumed_sender, // kt patch
         };
 
         (
@@ -741,7 +742,7 @@ mod tests {
                 sender,
                 max_packet_size,
                 window_size,
-                consumed_sender: None,
+                consumed_sender: None, // kt patch: no session to report to
             },
             receiver,
         )
@@ -853,8 +854,9 @@ mod tests {
     #[tokio::test]
     async fn channel_data_bytes_forwards_to_write_half() {
         let (sender, mut receiver) = mpsc::channel(8);
+        // kt patch: `Channel::new` takes the consumption-report sender; none here.
         let (channel, _reference) =
-            Channel::<(ChannelId, ChannelMsg)>::new(ChannelId(9), sender, 1024, 1024, 8);
+            Channel::<(ChannelId, ChannelMsg)>::new(ChannelId(9), sender, 1024, 1024, 8, None);
 
         channel.data_bytes(Bytes::from_static(b"channel")).await.unwrap();
 

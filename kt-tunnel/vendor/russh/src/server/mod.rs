@@ -130,7 +130,7 @@ impl Default for Config {
             keepalive_interval: None,
             keepalive_max: 3,
             nodelay: false,
-            window_on_consumption: false,
+            window_on_consumption: false, // kt patch
         }
     }
 }

@@ -596,6 +596,8 @@ impl Session {
                     return Ok(());
                 }
                 let target = self.common.config.window_size;
+                // kt patch: with `window_on_consumption` arrival only debits the window;
+                // `replenish_window` grants it back as the application consumes.
                 let on_consumption = self.common.config.window_on_consumption;
                 #[allow(clippy::collapsible_if)]
                 if let Some(ref mut enc) = self.common.encrypted {
@@ -626,6 +628,8 @@ impl Session {
                     return Ok(());
                 }
                 let target = self.common.config.window_size;
+                // kt patch: with `window_on_consumption` arrival only debits the window;
+                // `replenish_window` grants it back as the application consumes.
                 let on_consumption = self.common.config.window_on_consumption;
                 #[allow(clippy::collapsible_if)]
                 if let Some(ref mut enc) = self.common.encrypted {
@@ -861,7 +865,7 @@ impl Session {
                     pending_data: std::collections::VecDeque::new(),
                     pending_eof: false,
                     pending_close: false,
-                    consumed_unadjusted: 0,
+                    consumed_unadjusted: 0, // kt patch
                 };
 
                 let (channel, channel_ref) = Channel::new(
@@ -870,7 +874,7 @@ impl Session {
                     channel_params.recipient_maximum_packet_size,
                     channel_params.recipient_window_size,
                     self.common.config.channel_buffer_size,
-                    Some(self.priority_sender.clone()),
+                    Some(self.priority_sender.clone()), // kt patch: consumption reports
                 );
 
                 let pending = crate::PendingChannelOpen {

@@ -819,7 +819,7 @@ impl Encrypted {
                     pending_data: std::collections::VecDeque::new(),
                     pending_eof: false,
                     pending_close: false,
-                    consumed_unadjusted: 0,
+                    consumed_unadjusted: 0, // kt patch
                 });
                 return ChannelId(self.last_channel_id.0);
             }
@@ -949,7 +949,7 @@ mod tests {
             pending_data: VecDeque::from([(Bytes::from_static(b"hello"), None, 0)]),
             pending_eof,
             pending_close,
-            consumed_unadjusted: 0,
+            consumed_unadjusted: 0, // kt patch
         }
     }
 
@@ -1004,7 +1004,7 @@ mod tests {
             pending_data: VecDeque::from([(Bytes::from_static(b"hello"), None, 0)]),
             pending_eof,
             pending_close,
-            consumed_unadjusted: 0,
+            consumed_unadjusted: 0, // kt patch
         }
     }
 
@@ -1597,5 +1597,105 @@ mod tests {
         assert_eq!(channel.pending_data.back().unwrap().0.as_ref(), b"new");
         assert!(encrypted.write.is_empty());
         assert!(writer.buffer().buffer.is_empty());
+    }
+
+    // kt patch: `window_on_consumption` grants (`record_received_data`, `replenish_window`).
+
+    /// The `(recipient channel, bytes)` of every CHANNEL_WINDOW_ADJUST in `buf`.
+    fn window_adjusts(buf: &[u8]) -> Vec<(u32, u32)> {
+        let mut adjusts = Vec::new();
+        let mut cursor = 0;
+        while cursor < buf.len() {
+            let packet_len = BigEndian::read_u32(&buf[cursor..cursor + 4]) as usize;
+            let payload = &buf[cursor + 4..cursor + 4 + packet_len];
+            if payload[0] == msg::CHANNEL_WINDOW_ADJUST {
+                adjusts.push((
+                    BigEndian::read_u32(&payload[1..5]),
+                    BigEndian::read_u32(&payload[5..9]),
+                ));
+            }
+            cursor += 4 + packet_len;
+        }
+        adjusts
+    }
+
+    #[test]
+    fn replenish_window_grants_consumed_bytes_in_quarter_window_batches() {
+        const TARGET: u32 = 1024;
+        let channel_id = ChannelId(30);
+        let mut encrypted = test_encrypted();
+        encrypted
+            .channels
+            .insert(channel_id, test_ready_channel(channel_id, 50));
+
+        // The peer uses up its whole window; arrival alone grants nothing.
+        encrypted.record_received_data(channel_id, TARGET as usize);
+        assert_eq!(encrypted.sender_window_size(channel_id), 0);
+        assert!(encrypted.write.is_empty());
+
+        // Consumed in eighths: every second report completes a quarter window and is granted.
+        let mut granted = Vec::new();
+        for step in 1..=8u32 {
+            encrypted
+                .replenish_window(channel_id, TARGET / 8, TARGET)
+                .unwrap();
+            if step % 2 == 1 {
+                assert_eq!(
+                    window_adjusts(&encrypted.write),
+                    granted,
+                    "an eighth of a window alone is not granted (step {step})"
+                );
+            } else {
+                granted.push((50, TARGET / 4));
+                assert_eq!(window_adjusts(&encrypted.write), granted, "step {step}");
+            }
+            assert_eq!(
+                encrypted.sender_window_size(channel_id) as u32,
+                TARGET / 4 * (step / 2)
+            );
+        }
+
+        // Everything received is consumed: the peer has its whole window again.
+        assert_eq!(encrypted.sender_window_size(channel_id) as u32, TARGET);
+        assert_eq!(encrypted.channels[&channel_id].consumed_unadjusted, 0);
+    }
+
+    #[test]
+    fn replenish_window_grants_a_whole_window_once_everything_received_is_consumed() {
+        const TARGET: u32 = 1024;
+        let channel_id = ChannelId(31);
+        let mut encrypted = test_encrypted();
+        encrypted
+            .channels
+            .insert(channel_id, test_ready_channel(channel_id, 51));
+
+        // Data arrives in uneven pieces until the peer's window is exhausted.
+        for len in [500, 300, 224] {
+            encrypted.record_received_data(channel_id, len);
+        }
+        assert_eq!(encrypted.sender_window_size(channel_id), 0);
+
+        // Less than a quarter consumed: nothing is due yet and the peer stays held back.
+        encrypted.replenish_window(channel_id, 255, TARGET).unwrap();
+        assert!(window_adjusts(&encrypted.write).is_empty());
+        assert_eq!(encrypted.sender_window_size(channel_id), 0);
+
+        // The rest is consumed in one report: the whole window is granted in one adjust.
+        encrypted
+            .replenish_window(channel_id, TARGET - 255, TARGET)
+            .unwrap();
+        assert_eq!(window_adjusts(&encrypted.write), vec![(51, TARGET)]);
+        assert_eq!(encrypted.sender_window_size(channel_id) as u32, TARGET);
+
+        // Receiving and consuming less than a quarter again leaves the remainder owed, never
+        // lost: the peer's window plus what is owed is always the whole window.
+        encrypted.record_received_data(channel_id, 100);
+        encrypted.replenish_window(channel_id, 100, TARGET).unwrap();
+        assert_eq!(window_adjusts(&encrypted.write).len(), 1);
+        let channel = &encrypted.channels[&channel_id];
+        assert_eq!(
+            channel.sender_window_size + channel.consumed_unadjusted,
+            TARGET
+        );
     }
 }
