@@ -37,7 +37,10 @@ pub async fn shadow_tunnel(
     connections: usize,
 ) -> Result<Option<Arc<SshPool>>, ShadowTunnelError> {
     let key = SessionKey::generate();
-    let key_file = lifecycle.home.join("key").join(format!("{}.key", spec.name));
+    let key_file = lifecycle
+        .home
+        .join("key")
+        .join(format!("{}.key", spec.name));
     crate::lifecycle::write_file(&key_file, key.private_pem.as_bytes(), 0o400)?;
     lifecycle.defer(format!("key file {}", key_file.display()), async move {
         std::fs::remove_file(&key_file)?;

@@ -192,7 +192,9 @@ impl Lifecycle {
             };
             match tokio::time::timeout(timeout, step).await {
                 Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::warn!("Failed to clean up, left behind: {leftover}: {error}"),
+                Ok(Err(error)) => {
+                    tracing::warn!("Failed to clean up, left behind: {leftover}: {error}")
+                }
                 Err(_) => tracing::warn!(
                     "Cleaning up took more than {} s, left behind: {leftover}",
                     timeout.as_secs()

@@ -111,7 +111,10 @@ impl Settings {
         let customised = [
             ("--image", global.image != defaults.image),
             ("--imagePullSecret", !global.image_pull_secret.is_empty()),
-            ("--serviceAccount", global.service_account != defaults.service_account),
+            (
+                "--serviceAccount",
+                global.service_account != defaults.service_account,
+            ),
             ("--nodeSelector", !global.node_selector.is_empty()),
             ("--withLabel", !global.with_label.is_empty()),
             ("--withAnnotation", !global.with_annotation.is_empty()),
@@ -168,9 +171,8 @@ fn unimplemented_flags(global: &GlobalOptions) -> Vec<String> {
         ));
     }
     if global.use_shadow_deployment {
-        warnings.push(
-            "--useShadowDeployment is not supported yet: shadows are started as Pods".into(),
-        );
+        warnings
+            .push("--useShadowDeployment is not supported yet: shadows are started as Pods".into());
     }
     if global.use_local_time {
         warnings.push(
@@ -185,7 +187,10 @@ fn unimplemented_flags(global: &GlobalOptions) -> Vec<String> {
 }
 
 /// `k1=v1,k2=v2` (ktctl's map flags); a malformed pair is named in the error.
-pub fn parse_pairs(flag: &'static str, text: &str) -> Result<BTreeMap<String, String>, SettingsError> {
+pub fn parse_pairs(
+    flag: &'static str,
+    text: &str,
+) -> Result<BTreeMap<String, String>, SettingsError> {
     text.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
@@ -207,7 +212,8 @@ mod tests {
     use crate::args::Cli;
 
     fn settings(args: &[&str]) -> Result<Settings, SettingsError> {
-        let cli = Cli::try_parse_from(std::iter::once("ktctl").chain(args.iter().copied())).unwrap();
+        let cli =
+            Cli::try_parse_from(std::iter::once("ktctl").chain(args.iter().copied())).unwrap();
         Settings::from_args(&cli.global)
     }
 
@@ -256,7 +262,11 @@ mod tests {
         ])
         .unwrap();
         let warnings = unimplemented_flags(&cli.global);
-        for flag in ["--podQuota '0.5c,512m'", "--useShadowDeployment", "--useLocalTime"] {
+        for flag in [
+            "--podQuota '0.5c,512m'",
+            "--useShadowDeployment",
+            "--useLocalTime",
+        ] {
             assert!(
                 warnings.iter().any(|w| w.starts_with(flag)),
                 "{flag}: {warnings:?}"

@@ -12,8 +12,8 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, KeyToPath,
-    LocalObjectReference, Pod, PodSpec, SecurityContext, Capabilities, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, KeyToPath,
+    LocalObjectReference, Pod, PodSpec, SecurityContext, Volume, VolumeMount,
 };
 use kt_proto::compat;
 use kube::{
@@ -44,7 +44,7 @@ pub enum ShadowError {
     Watch {
         name: String,
         #[source]
-        source: kube::runtime::wait::Error,
+        source: Box<kube::runtime::wait::Error>,
     },
 }
 
@@ -129,7 +129,12 @@ impl ShadowSpec {
             name: compat::CONTAINER.into(),
             image: Some(settings.image.clone()),
             image_pull_policy: Some(
-                if settings.always_pull { "Always" } else { "IfNotPresent" }.into(),
+                if settings.always_pull {
+                    "Always"
+                } else {
+                    "IfNotPresent"
+                }
+                .into(),
             ),
             env: Some(
                 self.env
@@ -174,9 +179,10 @@ impl ShadowSpec {
             service_account_name: Some(settings.service_account.clone()),
             node_selector: (!settings.node_selector.is_empty())
                 .then(|| settings.node_selector.clone()),
-            image_pull_secrets: settings.image_pull_secret.as_ref().map(|name| {
-                vec![LocalObjectReference { name: name.clone() }]
-            }),
+            image_pull_secrets: settings
+                .image_pull_secret
+                .as_ref()
+                .map(|name| vec![LocalObjectReference { name: name.clone() }]),
             ..PodSpec::default()
         };
         Pod {
@@ -212,9 +218,12 @@ pub async fn deploy(
             source: Box::new(source),
         }
     };
-    cms.create(&PostParams::default(), &spec.config_map(public_key, private_key))
-        .await
-        .map_err(created("configmap"))?;
+    cms.create(
+        &PostParams::default(),
+        &spec.config_map(public_key, private_key),
+    )
+    .await
+    .map_err(created("configmap"))?;
     tracing::info!("Successful create config map {name}");
     {
         let (cms, name) = (cms.clone(), name.clone());
@@ -237,7 +246,9 @@ pub async fn deploy(
         });
     }
     wait_running(&pods, &name, spec.settings.creation_timeout).await?;
-    lifecycle.tasks.spawn(heartbeat(pods, cms, name, lifecycle.done.clone()));
+    lifecycle
+        .tasks
+        .spawn(heartbeat(pods, cms, name, lifecycle.done.clone()));
     Ok(())
 }
 
@@ -263,9 +274,9 @@ async fn wait_running(pods: &Api<Pod>, name: &str, timeout: Duration) -> Result<
             return false;
         };
         *seen.lock().unwrap_or_else(|e| e.into_inner()) = waiting_reason(pod);
-        pod.status.as_ref().is_some_and(|s| {
-            s.phase.as_deref() == Some("Running") && s.pod_ip.is_some()
-        })
+        pod.status
+            .as_ref()
+            .is_some_and(|s| s.phase.as_deref() == Some("Running") && s.pod_ip.is_some())
     });
     let mut running = std::pin::pin!(tokio::time::timeout(timeout, running));
     let mut progress = tokio::time::interval(Duration::from_secs(6));
@@ -278,7 +289,7 @@ async fn wait_running(pods: &Api<Pod>, name: &str, timeout: Duration) -> Result<
                         tracing::info!("Pod {name} is ready");
                         Ok(())
                     }
-                    Ok(Err(source)) => Err(ShadowError::Watch { name: name.into(), source }),
+                    Ok(Err(source)) => Err(ShadowError::Watch { name: name.into(), source: Box::new(source) }),
                     Err(_) => Err(ShadowError::NotReady {
                         name: name.into(),
                         seconds: timeout.as_secs(),
@@ -320,7 +331,9 @@ async fn heartbeat(
             },
         )]);
         let params = PatchParams::default();
-        let pod = pods.patch(&name, &params, &Patch::<()>::Json(beat.clone())).await;
+        let pod = pods
+            .patch(&name, &params, &Patch::<()>::Json(beat.clone()))
+            .await;
         let cm = cms.patch(&name, &params, &Patch::<()>::Json(beat)).await;
         if (pod.is_err() || cm.is_err()) && !failed_once {
             failed_once = true;
@@ -387,7 +400,10 @@ mod tests {
             pod["spec"]["volumes"][0]["configMap"]["items"][0],
             serde_json::json!({"key": "authorized", "path": "authorized_keys"})
         );
-        assert_eq!(pod["spec"]["nodeSelector"], serde_json::json!({"zone": "b"}));
+        assert_eq!(
+            pod["spec"]["nodeSelector"],
+            serde_json::json!({"zone": "b"})
+        );
         assert_eq!(
             pod["spec"]["imagePullSecrets"],
             serde_json::json!([{"name": "regcred"}])

@@ -11,8 +11,10 @@
 //! is learned over the port-forward (the API server's authenticated TLS), and a direct
 //! connection must show that key (v0.3.7 checks no host key at all).
 
+mod key;
+mod reverse;
+
 use std::{
-    collections::HashMap,
     fmt,
     net::{IpAddr, SocketAddr},
     sync::{
@@ -27,16 +29,21 @@ use k8s_openapi::api::core::v1::Pod;
 use kt_tunnel::config::HostKeyPin;
 use kube::Api;
 use russh::{
-    ChannelOpenFailure,
-    client::{self, ChannelOpenHandle, Handle},
-    keys::{PrivateKey, PrivateKeyWithHashAlg, ssh_key::private::Ed25519Keypair},
+    client::{self, Handle},
+    keys::{PrivateKey, PrivateKeyWithHashAlg},
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
     sync::Mutex,
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::task::TaskTracker;
+
+use self::reverse::{Client, ReverseForwards};
+pub use self::{
+    key::SessionKey,
+    reverse::{ForwardsEnded, RemoteForward},
+};
 
 /// How long a direct connection attempt may take before the pod counts as unreachable.
 const DIRECT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -109,7 +116,7 @@ pub enum SshError {
     PortForward {
         target: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     #[error("failed to connect to {target} at {addr}")]
     Direct {
@@ -124,7 +131,7 @@ pub enum SshError {
     Ssh {
         target: String,
         #[source]
-        source: russh::Error,
+        source: Box<russh::Error>,
     },
     #[error("{target} refused the session key")]
     AuthRefused { target: String },
@@ -133,50 +140,15 @@ pub enum SshError {
         target: String,
         port: u32,
         #[source]
-        source: russh::Error,
+        source: Box<russh::Error>,
     },
     #[error("failed to open a channel to {destination} through {target}")]
     Channel {
         target: String,
         destination: String,
         #[source]
-        source: russh::Error,
+        source: Box<russh::Error>,
     },
-}
-
-/// One reverse tunnel: the port the server is asked to forward (`tcpip-forward`'s bind
-/// port, as that server understands it) and the local address its connections go to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RemoteForward {
-    pub bind_port: u32,
-    pub local: SocketAddr,
-}
-
-impl RemoteForward {
-    /// A shadow listening on its pod port `port` (v0.3.7's reverse tunnels).
-    pub fn on_pod_port(port: u16, local: SocketAddr) -> Self {
-        Self {
-            bind_port: u32::from(port),
-            local,
-        }
-    }
-
-    /// An agent holding the Service port `service_port` ([`kt_proto::agent::forward_port`]).
-    pub fn for_service_port(service_port: u16, local: SocketAddr) -> Self {
-        Self {
-            bind_port: kt_proto::agent::forward_port(service_port),
-            local,
-        }
-    }
-}
-
-/// How [`SshPool::keep_remote_forwards`] ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum ForwardsEnded {
-    /// The session was stopped.
-    Stopped,
-    /// The server could not be reached again.
-    GaveUp,
 }
 
 /// The way to the SSH port.
@@ -184,108 +156,6 @@ pub enum ForwardsEnded {
 pub enum Route {
     Direct(SocketAddr),
     PortForward,
-}
-
-/// A session key pair.
-pub struct SessionKey {
-    pub private: Arc<PrivateKey>,
-    /// `ssh-ed25519 AAAA… kt` for authorized_keys.
-    pub public_line: String,
-    /// OpenSSH PEM of the private key (the ConfigMap's `privateKey`, the key file).
-    pub private_pem: String,
-}
-
-impl SessionKey {
-    pub fn generate() -> Self {
-        let seed: [u8; 32] = rand::random();
-        let private = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
-        let public_line = private.public_key().to_openssh().expect("ed25519 encodes");
-        let private_pem = private
-            .to_openssh(russh::keys::ssh_key::LineEnding::LF)
-            .expect("ed25519 encodes")
-            .to_string();
-        Self {
-            private: Arc::new(private),
-            public_line: format!("{public_line} kt"),
-            private_pem,
-        }
-    }
-}
-
-/// Where the connections that the server accepts for this session's `tcpip-forward`s go.
-#[derive(Default)]
-struct ReverseForwards {
-    /// Forwarded (remote) port → local address.
-    targets: std::sync::Mutex<HashMap<u32, SocketAddr>>,
-    /// One bridge per forwarded connection.
-    tasks: TaskTracker,
-    stop: CancellationToken,
-}
-
-/// ktctl's SSH client handler: the host-key pin, and `forwarded-tcpip` channels (from
-/// remote forwards) bridged to their local address.
-pub struct Client {
-    host_key: HostKeyPin,
-    reverse: Arc<ReverseForwards>,
-}
-
-impl client::Handler for Client {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        key: &russh::keys::PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        self.host_key.check_server_key(key).await
-    }
-
-    async fn server_channel_open_forwarded_tcpip(
-        &mut self,
-        channel: russh::Channel<client::Msg>,
-        _connected_address: &str,
-        connected_port: u32,
-        originator_address: &str,
-        originator_port: u32,
-        reply: ChannelOpenHandle,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        let target = self
-            .reverse
-            .targets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&connected_port)
-            .copied();
-        let Some(local) = target else {
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            return Ok(());
-        };
-        let (peer, stop) = (
-            format!("{originator_address}:{originator_port}"),
-            self.reverse.stop.clone(),
-        );
-        self.reverse.tasks.spawn(async move {
-            match TcpStream::connect(local).await {
-                Ok(tcp) => {
-                    let _ = tcp.set_nodelay(true);
-                    reply.accept().await;
-                    tokio::select! {
-                        result = kt_tunnel::bridge(channel, tcp) => if let Err(error) = result {
-                            tracing::debug!(%peer, %error, "reverse connection ended with an error");
-                        },
-                        () = stop.cancelled() => {}
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!("Failed to reach local port {} for {peer}: {error}", local.port());
-                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
-                }
-            }
-        });
-        Ok(())
-    }
 }
 
 /// A failed attempt to open a channel: refused by the server (final), or a broken
@@ -370,7 +240,7 @@ impl SshPool {
                     .await
                     .map_err(|source| SshError::PortForward {
                         target: self.name(),
-                        source,
+                        source: Box::new(source),
                     })?;
                 let stream = forwarder.take_stream(port).expect("the port was requested");
                 self.streams.spawn(async move {
@@ -382,7 +252,11 @@ impl SshPool {
     }
 
     /// SSH over `stream`, authenticated with the session key.
-    async fn handshake<S>(&self, stream: S, host_key: HostKeyPin) -> Result<Handle<Client>, SshError>
+    async fn handshake<S>(
+        &self,
+        stream: S,
+        host_key: HostKeyPin,
+    ) -> Result<Handle<Client>, SshError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -390,7 +264,7 @@ impl SshPool {
         self.streams.spawn(reader);
         let ssh_err = |source| SshError::Ssh {
             target: self.name(),
-            source,
+            source: Box::new(source),
         };
         let handler = Client {
             host_key,
@@ -426,7 +300,11 @@ impl SshPool {
 
     /// Connects over `route`, retrying with back-off for up to `timeout`: a pod is Running
     /// before its SSH server listens.
-    async fn connect_within(&self, route: Route, timeout: Duration) -> Result<Handle<Client>, SshError> {
+    async fn connect_within(
+        &self,
+        route: Route,
+        timeout: Duration,
+    ) -> Result<Handle<Client>, SshError> {
         (|| self.connect(route))
             .retry(
                 ExponentialBuilder::default()
@@ -451,7 +329,9 @@ impl SshPool {
                 let addr = self
                     .pod_address()
                     .await
-                    .ok_or_else(|| SshError::NoPodAddress { target: self.name() })?;
+                    .ok_or_else(|| SshError::NoPodAddress {
+                        target: self.name(),
+                    })?;
                 let route = Route::Direct(addr);
                 (route, self.connect_within(route, timeout).await?)
             }
@@ -498,7 +378,11 @@ impl SshPool {
             }
         }))
         .await;
-        tracing::debug!(connections = self.connections.len(), ?route, "SSH connections ready");
+        tracing::debug!(
+            connections = self.connections.len(),
+            ?route,
+            "SSH connections ready"
+        );
         Ok(route)
     }
 
@@ -525,8 +409,13 @@ impl SshPool {
 
     /// A `direct-tcpip` channel to `host:port` on the next SSH connection in turn,
     /// reconnecting it (with back-off, five more attempts) if it has gone.
-    pub async fn open(&self, host: &str, port: u16) -> Result<russh::Channel<client::Msg>, SshError> {
-        let slot = &self.connections[self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len()];
+    pub async fn open(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<russh::Channel<client::Msg>, SshError> {
+        let slot =
+            &self.connections[self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len()];
         let attempt = || async {
             let mut guard = slot.lock().await;
             if guard.as_ref().is_none_or(Handle::is_closed) {
@@ -543,14 +432,16 @@ impl SshPool {
             {
                 Ok(channel) => Ok(channel),
                 // The server could not reach the destination: no point in retrying.
-                Err(refused @ russh::Error::ChannelOpenFailure(_)) => Err(OpenAttempt::Refused(refused)),
+                Err(refused @ russh::Error::ChannelOpenFailure(_)) => {
+                    Err(OpenAttempt::Refused(refused))
+                }
                 // A dead connection shows here first: drop it and go round again.
                 Err(source) => {
                     *guard = None;
                     Err(OpenAttempt::Broken(SshError::Channel {
                         target: self.name(),
                         destination: format!("{host}:{port}"),
-                        source,
+                        source: Box::new(source),
                     }))
                 }
             }
@@ -574,98 +465,9 @@ impl SshPool {
                 OpenAttempt::Refused(source) => SshError::Channel {
                     target: self.name(),
                     destination: format!("{host}:{port}"),
-                    source,
+                    source: Box::new(source),
                 },
             })
-    }
-
-    /// Asks the server to listen for each of `forwards` on all its addresses and to send the
-    /// connections back here, over the first SSH connection.
-    pub async fn open_remote_forwards(&self, forwards: &[RemoteForward]) -> Result<(), SshError> {
-        self.reverse
-            .targets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(forwards.iter().map(|f| (f.bind_port, f.local)));
-        let mut guard = self.connections[0].lock().await;
-        if guard.as_ref().is_none_or(Handle::is_closed) {
-            *guard = Some(self.reconnect().await?);
-        }
-        let handle = guard.as_ref().expect("set above");
-        self.request_remote_forwards(handle, forwards).await
-    }
-
-    async fn request_remote_forwards(
-        &self,
-        handle: &Handle<Client>,
-        forwards: &[RemoteForward],
-    ) -> Result<(), SshError> {
-        for RemoteForward { bind_port: port, local } in forwards {
-            handle
-                .tcpip_forward("0.0.0.0", *port)
-                .await
-                .map_err(|source| SshError::RemoteForward {
-                    target: self.name(),
-                    port: *port,
-                    source,
-                })?;
-            match self.target.role {
-                Role::Shadow => tracing::info!("Reverse tunnel 0.0.0.0:{port} -> {local} established"),
-                Role::Agent => tracing::info!(
-                    "Service port {port} -> {local} held by {}",
-                    self.target
-                ),
-            }
-        }
-        Ok(())
-    }
-
-    /// Keeps the remote forwards of [`SshPool::open_remote_forwards`] up until `stop`:
-    /// when their SSH connection drops, reconnects with back-off and asks again — for ever
-    /// (a shadow pod stays where it is), or until `give_up_after` attempts in a row failed
-    /// (an agent pod may be gone for good; the caller moves to another).
-    pub async fn keep_remote_forwards(
-        &self,
-        forwards: &[RemoteForward],
-        stop: &CancellationToken,
-        give_up_after: Option<usize>,
-    ) -> ForwardsEnded {
-        loop {
-            let alive = self.connections[0]
-                .lock()
-                .await
-                .as_ref()
-                .is_some_and(|h| !h.is_closed());
-            if alive {
-                tokio::select! {
-                    () = stop.cancelled() => return ForwardsEnded::Stopped,
-                    () = tokio::time::sleep(Duration::from_millis(300)) => continue,
-                }
-            }
-            tracing::warn!("Connection to {} lost, reconnecting", self.target);
-            let restore = || async {
-                let handle = self.reconnect().await?;
-                let result = self.request_remote_forwards(&handle, forwards).await;
-                *self.connections[0].lock().await = Some(handle);
-                result
-            };
-            let backoff = ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(5));
-            let backoff = match give_up_after {
-                Some(attempts) => backoff.with_max_times(attempts.saturating_sub(1)),
-                None => backoff.without_max_times(),
-            };
-            let restored = restore.retry(backoff).notify(|e, _| {
-                tracing::debug!(error = %kt_proto::error_chain(e), "reverse tunnels not restored yet");
-            });
-            tokio::select! {
-                () = stop.cancelled() => return ForwardsEnded::Stopped,
-                restored = restored => if restored.is_err() {
-                    return ForwardsEnded::GaveUp;
-                },
-            }
-        }
     }
 
     /// Ends the bridges of forwarded connections and the SSH connections, and waits for

@@ -120,7 +120,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let changed = Arc::new(Notify::new());
     let sessions = watch(&tasks, "watch-sessions", &changed, Api::all(client.clone()));
     let services = watch(&tasks, "watch-services", &changed, Api::all(client.clone()));
-    let slices = watch(&tasks, "watch-endpointslices", &changed, Api::all(client.clone()));
+    let slices = watch(
+        &tasks,
+        "watch-endpointslices",
+        &changed,
+        Api::all(client.clone()),
+    );
 
     let map = Arc::new(Mutex::new(RedirectMap::new(redirector)));
     let tunnel_bytes = metrics::TunnelBytes::default();

@@ -117,7 +117,10 @@ fn main() -> ExitCode {
             // Without its node's name and address the agent cannot hold sessions: refuse to
             // start (and say what is missing) rather than run Ready and useless.
             let missing: Vec<&str> = [
-                (node_name.as_deref().is_none_or(str::is_empty), env::NODE_NAME),
+                (
+                    node_name.as_deref().is_none_or(str::is_empty),
+                    env::NODE_NAME,
+                ),
                 (node_ip.is_none(), env::NODE_IP),
             ]
             .into_iter()
@@ -125,7 +128,10 @@ fn main() -> ExitCode {
             .collect();
             let (Some(node_name), Some(node_ip)) = (node_name.filter(|n| !n.is_empty()), node_ip)
             else {
-                tracing::error!(?missing, "the agent needs its node's name and address (downward API; see deploy/daemonset.yaml)");
+                tracing::error!(
+                    ?missing,
+                    "the agent needs its node's name and address (downward API; see deploy/daemonset.yaml)"
+                );
                 return ExitCode::from(EX_USAGE);
             };
             serve("agent", |shutdown| {

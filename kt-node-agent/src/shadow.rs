@@ -53,20 +53,28 @@ pub struct ShadowConfig {
 /// Listens on `config.listen` and serves SSH (and the DNS relay, if configured) until
 /// `shutdown`; whichever fails first stops the other (ktctl relies on both).
 pub async fn run(config: ShadowConfig, shutdown: CancellationToken) -> Result<(), ShadowError> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ShadowError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ShadowError::Listen {
+                addr: config.listen,
+                source,
+            })?;
     tracing::info!(addr = %config.listen, "shadow SSH server listening");
     let tasks = Tasks::new(shutdown);
     tasks.spawn(
         "ssh-server",
-        serve(listener, config.authorized_keys.clone(), tasks.shutdown().clone()),
+        serve(
+            listener,
+            config.authorized_keys.clone(),
+            tasks.shutdown().clone(),
+        ),
     );
     if let Some(dns) = config.dns.clone() {
-        tasks.spawn("dns-relay", crate::dns_relay::run(dns, tasks.shutdown().clone()));
+        tasks.spawn(
+            "dns-relay",
+            crate::dns_relay::run(dns, tasks.shutdown().clone()),
+        );
     }
     tasks.run_until_shutdown(SHUTDOWN_GRACE).await?;
     Ok(())
@@ -160,19 +168,22 @@ impl Handler for Connection {
     ) -> Result<(), Self::Error> {
         let target = format!("{host_to_connect}:{port_to_connect}");
         let cancel = self.cancel.clone();
-        self.tasks.spawn(async move {
-            match TcpStream::connect(&target).await {
-                Ok(tcp) => {
-                    let _ = tcp.set_nodelay(true);
-                    reply.accept().await;
-                    pump(channel, tcp, cancel).await;
-                }
-                Err(error) => {
-                    tracing::debug!(%target, %error, "direct-tcpip target unreachable");
-                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+        self.tasks.spawn(
+            async move {
+                match TcpStream::connect(&target).await {
+                    Ok(tcp) => {
+                        let _ = tcp.set_nodelay(true);
+                        reply.accept().await;
+                        pump(channel, tcp, cancel).await;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%target, %error, "direct-tcpip target unreachable");
+                        reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                    }
                 }
             }
-        }.in_current_span());
+            .in_current_span(),
+        );
         Ok(())
     }
 

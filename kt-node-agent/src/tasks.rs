@@ -51,8 +51,11 @@ impl Tasks {
 
     /// Runs `task` as `name` in a span of that name. It is expected to run until shutdown:
     /// an error, or an end before shutdown, stops every task.
-    pub fn spawn<E>(&self, name: &'static str, task: impl Future<Output = Result<(), E>> + Send + 'static)
-    where
+    pub fn spawn<E>(
+        &self,
+        name: &'static str,
+        task: impl Future<Output = Result<(), E>> + Send + 'static,
+    ) where
         E: Error + Send + Sync + 'static,
     {
         let (shutdown, failure) = (self.shutdown.clone(), self.failure.clone());
@@ -84,14 +87,22 @@ impl Tasks {
     pub async fn run_until_shutdown(self, grace: Duration) -> Result<(), TaskFailure> {
         self.shutdown.cancelled().await;
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 grace_ms = grace.as_millis(),
                 tasks = self.tracker.len(),
                 "tasks still running after the shutdown grace period, leaving them"
             );
         }
-        match self.failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        match self
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             Some(failure) => Err(failure),
             None => Ok(()),
         }
@@ -119,7 +130,13 @@ mod tests {
             .run_until_shutdown(Duration::from_secs(5))
             .await
             .unwrap_err();
-        assert!(matches!(failure, TaskFailure::Failed { task: "ssh-server", .. }));
+        assert!(matches!(
+            failure,
+            TaskFailure::Failed {
+                task: "ssh-server",
+                ..
+            }
+        ));
         assert_eq!(
             kt_proto::error_chain(&failure),
             "task 'ssh-server' failed: listener gone"

@@ -51,7 +51,11 @@ async fn try_lock(services: &Api<Service>, name: &str) -> Result<(), LockError> 
     };
     let svc = services.get(name).await.map_err(api("get"))?;
     let now = chrono::Utc::now().timestamp();
-    let current = svc.metadata.annotations.as_ref().and_then(|a| a.get(compat::LOCK));
+    let current = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(compat::LOCK));
     if lock_held(current.map(String::as_str), now) {
         return Err(LockError::Held(name.to_owned()));
     }
@@ -64,7 +68,9 @@ async fn try_lock(services: &Api<Service>, name: &str) -> Result<(), LockError> 
         .await
     {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 409 => Err(LockError::Held(name.to_owned())),
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            Err(LockError::Held(name.to_owned()))
+        }
         Err(e) => Err(api("lock")(e)),
     }
 }

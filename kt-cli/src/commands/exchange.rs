@@ -121,9 +121,9 @@ pub async fn run(settings: &Settings, args: &ExchangeArgs) -> Result<(), Exchang
             None => Method::Selector,
         },
         ExchangeMode::Selector => Method::Selector,
-        ExchangeMode::Scale => {
-            Method::Scale(Box::new(scale::deployment_of(&cluster, name, &selector).await?))
-        }
+        ExchangeMode::Scale => Method::Scale(Box::new(
+            scale::deployment_of(&cluster, name, &selector).await?,
+        )),
     };
     tracing::info!("Using {} mode", method.name());
     warn_inert_flags(settings, &method);
@@ -157,13 +157,19 @@ fn warn_inert_flags(settings: &Settings, method: &Method) {
         );
     }
     if settings.ssh.connections_given {
-        tracing::warn!("exchange carries its reverse tunnels on one SSH connection: --sshConnections has no effect");
+        tracing::warn!(
+            "exchange carries its reverse tunnels on one SSH connection: --sshConnections has no effect"
+        );
     }
 }
 
 /// Refuses a Service that someone else holds ([`plan::conflict`]), after reading the
 /// sessions of agent mode and the pods the Service selects.
-async fn check_conflict(cluster: &Cluster, service: &Service, name: &str) -> Result<(), ExchangeError> {
+async fn check_conflict(
+    cluster: &Cluster,
+    service: &Service,
+    name: &str,
+) -> Result<(), ExchangeError> {
     let sessions: Api<KtSession> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     let sessions = match sessions.list(&ListParams::default()).await {
         Ok(list) => list.items,
@@ -224,7 +230,10 @@ async fn exchange_shadow(
     config: String,
     exposed: &[Exposed],
 ) -> Result<Option<(Arc<SshPool>, Vec<RemoteForward>)>, ExchangeError> {
-    let name = format!("{owner}-kt-exchange-{}", compat::random_lower(5, rand::random));
+    let name = format!(
+        "{owner}-kt-exchange-{}",
+        compat::random_lower(5, rand::random)
+    );
     let mut spec = ShadowSpec::new(
         &ctx.settings.shadow,
         name,

@@ -185,8 +185,14 @@ async fn forward(
         compat::ROLE_SHADOW_CONNECT,
         &settings.identity.user,
     );
-    let Some(pool) =
-        super::shadow_tunnel(settings, cluster, lifecycle, &spec, settings.ssh.connections).await?
+    let Some(pool) = super::shadow_tunnel(
+        settings,
+        cluster,
+        lifecycle,
+        &spec,
+        settings.ssh.connections,
+    )
+    .await?
     else {
         return Ok(());
     };

@@ -91,11 +91,7 @@ mod tests {
         );
         assert_eq!(login.to_string(), "dev/web-alice");
         for bad in ["root", "/x", "dev/", "a/b/c", ""] {
-            assert_eq!(
-                bad.parse::<Login>(),
-                Err(LoginError(bad.into())),
-                "{bad}"
-            );
+            assert_eq!(bad.parse::<Login>(), Err(LoginError(bad.into())), "{bad}");
         }
     }
 
@@ -119,6 +115,10 @@ mod tests {
             lease_seconds: 10,
         };
         assert_eq!(service_port_of(&spec, forward_port(9090)), Some(9090));
-        assert_eq!(service_port_of(&spec, 8080), None, "a local port is not one");
+        assert_eq!(
+            service_port_of(&spec, 8080),
+            None,
+            "a local port is not one"
+        );
     }
 }

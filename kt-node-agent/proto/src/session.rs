@@ -231,7 +231,11 @@ mod tests {
         let s = KtSession::create("web-a", "dev", session(json!(null)).spec);
         assert_eq!(s.metadata.namespace.as_deref(), Some("dev"));
         assert_eq!(
-            s.metadata.labels.unwrap().get("control-by").map(String::as_str),
+            s.metadata
+                .labels
+                .unwrap()
+                .get("control-by")
+                .map(String::as_str),
             Some("kt")
         );
         let json = serde_json::to_value(KtSession::new("x", s.spec)).unwrap();

@@ -73,7 +73,10 @@ fn the_crd_keeps_its_status_subresource_and_columns() {
     assert_eq!(columns, ["Service", "Mode", "Owner", "Node", "Renewed"]);
     let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
     assert_eq!(spec["properties"]["leaseSeconds"]["default"], 10);
-    assert_eq!(spec["properties"]["mode"]["enum"], json!(["exchange", "mesh"]));
+    assert_eq!(
+        spec["properties"]["mode"]["enum"],
+        json!(["exchange", "mesh"])
+    );
 }
 
 #[test]
@@ -100,13 +103,21 @@ fn the_daemonset_runs_where_and_how_the_contract_says() {
         assert!(env::ALL.contains(name), "{name} is not in kt_proto::env");
     }
     for required in [env::NODE_NAME, env::NODE_IP] {
-        assert!(names.contains(&required), "the DaemonSet does not set {required}");
+        assert!(
+            names.contains(&required),
+            "the DaemonSet does not set {required}"
+        );
     }
     let ports: Vec<(&str, u64)> = container["ports"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["name"].as_str().unwrap(), p["containerPort"].as_u64().unwrap()))
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap(),
+                p["containerPort"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         ports,

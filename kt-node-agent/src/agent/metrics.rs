@@ -130,9 +130,8 @@ impl Collector for MapCollector {
                 continue;
             };
             let (namespace, name) = session.split_once('/').unwrap_or(("", session));
-            ConstCounter::new(stats.connects_redirected).encode(
-                family.encode_family(&[("namespace", namespace), ("session", name)])?,
-            )?;
+            ConstCounter::new(stats.connects_redirected)
+                .encode(family.encode_family(&[("namespace", namespace), ("session", name)])?)?;
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kt_proto::{
     agent::{LABEL_SELECTOR, Login, NAMESPACE},
     compat,
-    session::{KtSession, PortMapping, SessionMode, SessionSpec, DEFAULT_LEASE_SECONDS},
+    session::{DEFAULT_LEASE_SECONDS, KtSession, PortMapping, SessionMode, SessionSpec},
 };
 use kube::{
     Api,
@@ -34,7 +34,10 @@ const WAIT_FOR_ANOTHER_AGENT: Duration = Duration::from_secs(10);
 /// (the first by name).
 pub(super) async fn ready_agent(cluster: &Cluster) -> Result<Option<String>, ExchangeError> {
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), NAMESPACE);
-    let list = match pods.list(&ListParams::default().labels(LABEL_SELECTOR)).await {
+    let list = match pods
+        .list(&ListParams::default().labels(LABEL_SELECTOR))
+        .await
+    {
         Ok(list) => list,
         // Not installed, or not visible to this user: no agent mode.
         Err(kube::Error::Api(status)) if matches!(status.code, 403 | 404) => return Ok(None),
@@ -127,7 +130,11 @@ pub(super) async fn exchange(
             announced = true;
         }
         let ended = pool
-            .keep_remote_forwards(&forwards, &ctx.lifecycle.stop, Some(RECONNECTS_BEFORE_MOVING))
+            .keep_remote_forwards(
+                &forwards,
+                &ctx.lifecycle.stop,
+                Some(RECONNECTS_BEFORE_MOVING),
+            )
             .await;
         pool.close().await;
         if ended == ForwardsEnded::Stopped {

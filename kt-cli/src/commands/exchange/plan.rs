@@ -158,7 +158,9 @@ pub enum Conflict {
     Meshed { service: String },
     /// v0.3.7's text, with the holder kt knows (an agent-mode session's owner, or a
     /// shadow's `kt-user`).
-    #[error("service '{service}' is already exchanging by another user ({holder}), cannot apply exchange")]
+    #[error(
+        "service '{service}' is already exchanging by another user ({holder}), cannot apply exchange"
+    )]
     Exchanged { service: String, holder: String },
 }
 
@@ -347,7 +349,9 @@ mod tests {
     fn a_router_selector_is_a_mesh() {
         let svc = service(json!({"kt-role": "router", "kt-target": "x"}), json!({}));
         assert_eq!(
-            conflict("web", &svc, &[], &[], Utc::now()).unwrap().to_string(),
+            conflict("web", &svc, &[], &[], Utc::now())
+                .unwrap()
+                .to_string(),
             "another user is meshing service 'web', cannot apply exchange"
         );
     }
@@ -356,7 +360,13 @@ mod tests {
     fn a_live_agent_session_names_its_owner() {
         let now = Utc::now();
         let svc = service(json!({"app": "web"}), json!({}));
-        let held = conflict("web", &svc, &[session("web", "alice@laptop", now)], &[], now);
+        let held = conflict(
+            "web",
+            &svc,
+            &[session("web", "alice@laptop", now)],
+            &[],
+            now,
+        );
         assert_eq!(
             held.unwrap().to_string(),
             "service 'web' is already exchanging by another user (alice@laptop), cannot apply exchange"
@@ -392,7 +402,10 @@ mod tests {
     fn scale_mode_is_told_by_an_exchange_shadow_among_the_selected_pods() {
         let now = Utc::now();
         let svc = service(json!({"app": "web"}), json!({}));
-        let shadow = pod(json!({"app": "web", "kt-role": "shadow-exchange"}), Some("dave"));
+        let shadow = pod(
+            json!({"app": "web", "kt-role": "shadow-exchange"}),
+            Some("dave"),
+        );
         let app = pod(json!({"app": "web"}), Some("not a shadow"));
         assert_eq!(
             conflict("web", &svc, &[], &[app, shadow], now),

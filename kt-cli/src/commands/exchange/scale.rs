@@ -87,12 +87,21 @@ pub(super) async fn exchange(
             },
         );
     }
-    super::keep_reverse_tunnels(&pool, &forwards, ctx.lifecycle, &format!("deployment '{deploy}'"))
-        .await;
+    super::keep_reverse_tunnels(
+        &pool,
+        &forwards,
+        ctx.lifecycle,
+        &format!("deployment '{deploy}'"),
+    )
+    .await;
     Ok(())
 }
 
-async fn scale(deployments: &Api<Deployment>, name: &str, replicas: i32) -> Result<(), ClusterError> {
+async fn scale(
+    deployments: &Api<Deployment>,
+    name: &str,
+    replicas: i32,
+) -> Result<(), ClusterError> {
     let patch = json!({"spec": {"replicas": replicas}});
     deployments
         .patch(name, &PatchParams::default(), &Patch::Merge(&patch))

@@ -21,13 +21,15 @@ pub(super) async fn exchange(
     name: &str,
     exposed: &[plan::Exposed],
 ) -> Result<(), ExchangeError> {
-    let services: Api<Service> = Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
+    let services: Api<Service> =
+        Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
     lock::lock(&services, name).await?;
     {
         let (services, name) = (services.clone(), name.to_owned());
-        ctx.lifecycle.defer(format!("kt-lock on service {name}"), async move {
-            lock::unlock(&services, &name).await
-        });
+        ctx.lifecycle
+            .defer(format!("kt-lock on service {name}"), async move {
+                lock::unlock(&services, &name).await
+            });
     }
     let target = compat::random_target(rand::random);
     let labels = BTreeMap::from([(compat::TARGET.to_owned(), target.clone())]);
@@ -43,7 +45,9 @@ pub(super) async fn exchange(
     services
         .patch(name, &PatchParams::default(), &Patch::Merge(&to_shadow))
         .await
-        .map_err(ClusterError::api(format!("change the selector of service '{name}'")))?;
+        .map_err(ClusterError::api(format!(
+            "change the selector of service '{name}'"
+        )))?;
     {
         let (services, name) = (services.clone(), name.to_owned());
         ctx.lifecycle.defer(
@@ -60,6 +64,12 @@ pub(super) async fn exchange(
     if let Err(error) = lock::unlock(&services, name).await {
         tracing::warn!("{}", kt_proto::error_chain(&error));
     }
-    super::keep_reverse_tunnels(&pool, &forwards, ctx.lifecycle, &format!("service '{name}'")).await;
+    super::keep_reverse_tunnels(
+        &pool,
+        &forwards,
+        ctx.lifecycle,
+        &format!("service '{name}'"),
+    )
+    .await;
     Ok(())
 }
