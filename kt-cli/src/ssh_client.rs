@@ -360,10 +360,10 @@ impl SshPool {
         };
         match route {
             Route::Direct(addr) => {
-                tracing::info!("Connected to {} at {addr} directly", self.target);
+                tracing::info!("Connected to pod {} at {addr} directly", self.target.pod);
             }
             Route::PortForward => tracing::info!(
-                "Port forward to {}:{} established",
+                "Port forward to pod {}:{} established",
                 self.target.pod,
                 self.target.port
             ),

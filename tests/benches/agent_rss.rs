@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::{StreamExt as _, stream};
 use k8s_openapi::api::core::v1::Service;
-use kt_proto::session::{KtSession, api_resource, renew_time};
+use kt_proto::session::KtSession;
 use kt_tests::{
     harness::{
         apps::{deploy_web, in_pod, install_agent, start_testbed},
@@ -81,7 +81,7 @@ async fn run() {
 
     let client = tb.client().await;
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
-    let sessions: Api<KtSession> = Api::namespaced_with(client, "default", &api_resource());
+    let sessions: Api<KtSession> = Api::namespaced(client, "default");
     let started = std::time::Instant::now();
     stream::iter(0..SERVICES)
         .for_each_concurrent(16, |i| {
@@ -119,7 +119,7 @@ async fn run() {
                 let status = json!({"status": {
                     "node": "node-1", "address": node_ip(1).to_string(),
                     "listeners": [{"port": 80, "listenerPort": 40000 + i}],
-                    "renewTime": renew_time(chrono::Utc::now()),
+                    "renewTime": chrono::Utc::now(),
                 }});
                 sessions
                     .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))

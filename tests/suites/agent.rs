@@ -7,7 +7,7 @@
 
 use std::{path::Path, time::Duration};
 
-use kt_proto::session::{KtSession, api_resource, renew_time};
+use kt_proto::session::KtSession;
 use kt_tests::{
     harness::{
         apps::{
@@ -82,7 +82,7 @@ async fn renew(sessions: &Api<KtSession>) {
         "node": "node-1",
         "address": node_ip(1).to_string(),
         "listeners": [{"port": 80, "listenerPort": LISTENER_PORT}],
-        "renewTime": renew_time(chrono::Utc::now()),
+        "renewTime": chrono::Utc::now(),
     }});
     sessions
         .patch_status("web-alice", &PatchParams::default(), &Patch::Merge(&status))
@@ -182,7 +182,7 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
 
     // The session: from now on every way to web leads to the listener, from both nodes.
     let sessions: Api<KtSession> =
-        Api::namespaced_with(tb.client().await, "default", &api_resource());
+        Api::namespaced(tb.client().await, "default");
     sessions
         .create(&PostParams::default(), &session())
         .await

@@ -33,6 +33,7 @@ pub const DEFAULT_LEASE_SECONDS: u32 = 10;
     shortname = "kts",
     namespaced,
     status = "SessionStatus",
+    doc = "A developer's redirect of one Service in agent mode: written by ktctl, held and renewed by a node agent, programmed by every agent while its lease lives.",
     printcolumn = r#"{"name": "Service", "type": "string", "jsonPath": ".spec.service"}"#,
     printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".spec.mode"}"#,
     printcolumn = r#"{"name": "Owner", "type": "string", "jsonPath": ".spec.owner"}"#,
