@@ -67,6 +67,11 @@ pub struct ExchangeArgs {
     /// (scale mode) Seconds to wait for the original pods to come back
     #[arg(long = "recoverWaitTime", default_value_t = 120)]
     pub recover_wait_time: u32,
+    /// (selector and scale modes) Go ahead although Service ports that are not exposed will
+    /// stop answering while the exchange lasts (the shadow serves only the exposed ports)
+    #[arg(long = "allowUnservedPorts", value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub allow_unserved_ports: bool,
 }
 
 /// `exchange --mode`.

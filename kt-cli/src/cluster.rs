@@ -28,6 +28,12 @@ pub enum ClusterError {
     Client(#[source] Box<kube::Error>),
     #[error("service '{name}' not found in namespace '{namespace}'")]
     ServiceNotFound { name: String, namespace: String },
+    #[error("failed to watch {what}")]
+    Watch {
+        what: String,
+        #[source]
+        source: Box<kube::runtime::wait::Error>,
+    },
     /// A request that failed: `what` says which ("get service 'web'").
     #[error("failed to {what}")]
     Api {

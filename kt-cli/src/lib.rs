@@ -47,7 +47,18 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("Exit: {}", kt_proto::error_chain(&error));
-            ExitCode::FAILURE
+            error.exit_code()
+        }
+    }
+}
+
+impl CliError {
+    /// 130 (128 + SIGINT, the shell's convention) when a signal stopped the command before
+    /// it did what it was asked; 1 for every other failure (v0.3.7 always exits 0).
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Self::Exchange(commands::exchange::ExchangeError::Interrupted) => ExitCode::from(130),
+            _ => ExitCode::FAILURE,
         }
     }
 }

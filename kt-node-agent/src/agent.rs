@@ -23,6 +23,7 @@ mod metrics;
 pub mod redirects;
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
@@ -34,7 +35,7 @@ use std::{
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kt_proto::session::KtSession;
+use kt_proto::session::{KtSession, Programmed};
 use kube::{
     Api,
     runtime::{WatchStreamExt as _, reflector, watcher},
@@ -141,25 +142,38 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         node_name: config.node_name.clone(),
         node_ip: config.node_ip,
         sessions: sessions.clone(),
-        client,
+        client: client.clone(),
         tunnel_bytes,
     };
+    let context_client = client;
     tasks.spawn(
         "ssh-server",
         hold::serve(ssh, context, tasks.shutdown().clone()),
     );
     tracing::info!(node = %config.node_name, pods_cgroup = %pods.display(), http = %config.http_listen, ssh = %config.ssh_listen, "agent running");
 
+    let (acks, pending_acks) = tokio::sync::watch::channel(Acks::new());
     let reconciler = Reconciler {
+        node: config.node_name.clone(),
         sessions,
         services,
         slices,
         changed,
         map: map.clone(),
         ready: ready.clone(),
+        acks,
         lease_check: config.lease_check,
     };
     tasks.spawn("reconcile", reconciler.run(tasks.shutdown().clone()));
+    tasks.spawn(
+        "acknowledge",
+        acknowledge(
+            context_client,
+            config.node_name.clone(),
+            pending_acks,
+            tasks.shutdown().clone(),
+        ),
+    );
     let result = tasks.run_until_shutdown(SHUTDOWN_GRACE).await;
     ready.store(false, Ordering::Relaxed);
     // The redirector is dropped with the last holder of `map`: the programs detach.
@@ -227,15 +241,25 @@ where
 #[error("the watch stream ended")]
 struct WatchEnded;
 
-/// Recomputes the redirects whenever a watched object changes or a lease runs out, and
-/// writes the difference to the eBPF map.
+/// What this node acknowledges per held session (namespace, name), and whether the object
+/// already shows it.
+type Acks = BTreeMap<(String, String), (Programmed, bool)>;
+
+/// How long one acknowledgement write may take, and how often failed ones are retried.
+const ACK_TIMEOUT: Duration = Duration::from_secs(3);
+const ACK_RETRY: Duration = Duration::from_secs(2);
+
+/// Recomputes the redirects whenever a watched object changes or a lease runs out, writes
+/// the difference to the eBPF map, and tells [`acknowledge`] what this node now redirects.
 struct Reconciler {
+    node: String,
     sessions: reflector::Store<KtSession>,
     services: reflector::Store<Service>,
     slices: reflector::Store<EndpointSlice>,
     changed: Arc<Notify>,
     map: Arc<Mutex<RedirectMap>>,
     ready: Arc<AtomicBool>,
+    acks: tokio::sync::watch::Sender<Acks>,
     lease_check: Duration,
 }
 
@@ -276,6 +300,7 @@ impl Reconciler {
         };
         let now = chrono::Utc::now();
         let desired = redirects::desired(&state, now);
+        let acks = self.acks_for(state.sessions, &redirects::programmed_ports(&desired), now);
         // Wake when the next lease runs out, or after the check interval.
         let wake = redirects::next_expiry(state.sessions, now)
             .and_then(|end| (end - now).to_std().ok())
@@ -287,10 +312,99 @@ impl Reconciler {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .apply(desired);
-        if let Err(error) = &applied {
-            tracing::error!(error = %kt_proto::error_chain(error), "failed to program redirects");
+        match &applied {
+            Ok(()) => {
+                self.acks.send_if_modified(|current| {
+                    let changed = *current != acks;
+                    *current = acks;
+                    changed
+                });
+            }
+            Err(error) => {
+                tracing::error!(error = %kt_proto::error_chain(error), "failed to program redirects");
+            }
         }
         self.ready.store(applied.is_ok(), Ordering::Relaxed);
         wake
+    }
+
+    /// This node's acknowledgement of every held, live session: the holder it redirects to
+    /// and the Service ports with entries in its map.
+    fn acks_for(
+        &self,
+        sessions: &[&KtSession],
+        ports: &BTreeMap<&str, std::collections::BTreeSet<u16>>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Acks {
+        sessions
+            .iter()
+            .filter(|s| s.lease_live(now))
+            .filter_map(|s| {
+                let status = s.status.as_ref()?;
+                status.address?;
+                let key = s.key();
+                let ack = Programmed {
+                    address: status.address,
+                    listeners: status.listeners.clone(),
+                    ports: ports
+                        .get(key.as_str())
+                        .map(|p| p.iter().copied().collect())
+                        .unwrap_or_default(),
+                };
+                let shown = status.programmed.get(&self.node) == Some(&ack);
+                let id = (s.metadata.namespace.clone()?, s.metadata.name.clone()?);
+                Some((id, (ack, shown)))
+            })
+            .collect()
+    }
+}
+
+/// Writes this node's acknowledgements into the sessions' status (`status.programmed.<node>`)
+/// when they change, retrying failed writes; ktctl waits for them before its banner.
+async fn acknowledge(
+    client: kube::Client,
+    node: String,
+    mut pending: tokio::sync::watch::Receiver<Acks>,
+    shutdown: CancellationToken,
+) -> Result<(), std::convert::Infallible> {
+    let mut written: BTreeMap<(String, String), Programmed> = BTreeMap::new();
+    let mut retry = tokio::time::interval(ACK_RETRY);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            changed = pending.changed() => if changed.is_err() {
+                return Ok(());
+            },
+            _ = retry.tick() => {}
+        }
+        let acks = pending.borrow_and_update().clone();
+        written.retain(|id, _| acks.contains_key(id));
+        for (id, (ack, shown)) in acks {
+            if shown || written.get(&id) == Some(&ack) {
+                written.insert(id, ack);
+                continue;
+            }
+            let (namespace, name) = &id;
+            let api: Api<KtSession> = Api::namespaced(client.clone(), namespace);
+            let patch = serde_json::json!({"status": {"programmed": {node.as_str(): &ack}}});
+            let (params, patch) = (
+                kube::api::PatchParams::default(),
+                kube::api::Patch::Merge(&patch),
+            );
+            let write = api.patch_status(name, &params, &patch);
+            match tokio::time::timeout(ACK_TIMEOUT, write).await {
+                Ok(Ok(_)) => {
+                    tracing::debug!(%namespace, session = %name, ports = ?ack.ports, "programmed");
+                    written.insert(id, ack);
+                }
+                Ok(Err(kube::Error::Api(status))) if status.code == 404 => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%namespace, session = %name, %error, "failed to acknowledge the session")
+                }
+                Err(_) => {
+                    tracing::warn!(%namespace, session = %name, "acknowledging the session timed out")
+                }
+            }
+        }
     }
 }

@@ -181,8 +181,7 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
     let before = kubectl_ok(&tb.kubeconfig, &["get", "svc,deploy", "web", "-o", "yaml"]);
 
     // The session: from now on every way to web leads to the listener, from both nodes.
-    let sessions: Api<KtSession> =
-        Api::namespaced(tb.client().await, "default");
+    let sessions: Api<KtSession> = Api::namespaced(tb.client().await, "default");
     sessions
         .create(&PostParams::default(), &session())
         .await

@@ -8,10 +8,12 @@
 //! - [`selector`] mode (without the agent), as ktctl v0.3.7 does it
 //!   (`../shared/reference/ktctl-v0.3.7.md` §3.3) and with the same annotations, so that the
 //!   Go ktctl's `recover`/`clean` understand what kt did and the other way round.
-//! - [`scale`] mode scales the Service's Deployment to zero while a shadow carrying its pod
-//!   labels takes the traffic, and scales it back on exit.
+//! - [`scale`] mode scales the Service's Deployments to zero while a shadow carrying the
+//!   Service's labels takes the traffic, and scales each back on exit.
 //!
 //! [`plan`] is the pure part: `--expose`, the port plan, the selector patches, conflicts.
+//! Everything that needs only the cluster is checked before the local ports, and nothing is
+//! created before every check has passed.
 
 mod agent;
 pub mod plan;
@@ -21,15 +23,21 @@ mod selector;
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment, StatefulSet},
+    core::v1::{Pod, PodSpec, Service},
+};
 use kt_proto::{compat, session::KtSession};
 use kube::{Api, api::ListParams};
 
-use self::plan::{Conflict, Exposed, PlanError, ServicePort};
+use self::plan::{Conflict, NamedPorts, PlanError, PortPlan, ServicePort};
 use crate::{
     args::{ExchangeArgs, ExchangeMode},
     cluster::{self, Cluster, ClusterError, lock::LockError},
@@ -53,6 +61,16 @@ pub enum ExchangeError {
     NoAgent { namespace: &'static str },
     #[error("no deployment's pods are selected by service '{0}'")]
     NoDeployment(String),
+    #[error(
+        "in {mode} mode a shadow takes the place of the pods of service '{service}' and serves only the exposed ports, so {ports} would stop answering; expose them too, use --mode agent, or pass --allowUnservedPorts"
+    )]
+    Unserved {
+        mode: &'static str,
+        service: String,
+        ports: String,
+    },
+    #[error("stopped before the exchange was established; nothing was exchanged")]
+    Interrupted,
     #[error(transparent)]
     Lock(#[from] LockError),
     #[error(transparent)]
@@ -70,6 +88,18 @@ pub(crate) struct Context<'a> {
     pub settings: &'a Settings,
     pub cluster: &'a Cluster,
     pub lifecycle: &'a Arc<Lifecycle>,
+    /// Set once the banner has told the user that the exchange is on.
+    announced: AtomicBool,
+}
+
+impl Context<'_> {
+    /// v0.3.7's banner: the exchange is on.
+    fn announce(&self, what: &str) {
+        super::banner(&format!(
+            " Now all request to {what} will be redirected to local"
+        ));
+        self.announced.store(true, Ordering::Relaxed);
+    }
 }
 
 /// How the exchange is done, once `--mode` is resolved.
@@ -77,7 +107,7 @@ enum Method {
     /// The agent holds the session; the agent pod ktctl connects to.
     Agent(String),
     Selector,
-    Scale(Box<k8s_openapi::api::apps::v1::Deployment>),
+    Scale(Vec<Deployment>),
 }
 
 impl Method {
@@ -90,26 +120,26 @@ impl Method {
     }
 }
 
+/// The Service as read, with the pods it selects now.
+struct Subject {
+    name: String,
+    service: Service,
+    selector: BTreeMap<String, String>,
+    pods: Vec<Pod>,
+}
+
 pub async fn run(settings: &Settings, args: &ExchangeArgs) -> Result<(), ExchangeError> {
     let name = cluster::service_name(&args.service);
     let expose = plan::parse_expose(&args.expose)?;
     let cluster = cluster::connect(&settings.cluster).await?;
-    let service = cluster.service(name).await?;
-    let exposed = plan::plan(name, &ServicePort::of(&service), &expose)?;
-    let selector = service
-        .spec
-        .as_ref()
-        .and_then(|s| s.selector.clone())
-        .unwrap_or_default();
-    if selector.is_empty() {
-        return Err(ExchangeError::NoSelector(name.to_owned()));
+    let subject = read_subject(&cluster, name).await?;
+    let ports = ServicePort::of(&subject.service);
+    let named = named_ports(&cluster, &subject, &ports).await?;
+    let port_plan = plan::plan(name, &ports, &named, &expose)?;
+    for warning in &port_plan.warnings {
+        tracing::warn!("{warning}");
     }
-    check_conflict(&cluster, &service, name).await?;
-    if !args.skip_port_checking {
-        for port in exposed.iter().map(|e| e.local) {
-            check_local_port(port).await?;
-        }
-    }
+    check_conflict(&cluster, &subject).await?;
     let method = match args.mode {
         ExchangeMode::Agent => Method::Agent(agent::ready_agent(&cluster).await?.ok_or(
             ExchangeError::NoAgent {
@@ -121,10 +151,16 @@ pub async fn run(settings: &Settings, args: &ExchangeArgs) -> Result<(), Exchang
             None => Method::Selector,
         },
         ExchangeMode::Selector => Method::Selector,
-        ExchangeMode::Scale => Method::Scale(Box::new(
-            scale::deployment_of(&cluster, name, &selector).await?,
-        )),
+        ExchangeMode::Scale => {
+            Method::Scale(scale::deployments_of(&cluster, name, &subject.selector).await?)
+        }
     };
+    check_ports_served(&method, name, &port_plan, args.allow_unserved_ports)?;
+    if !args.skip_port_checking {
+        for port in port_plan.exposed.iter().map(|e| e.local) {
+            check_local_port(port).await?;
+        }
+    }
     tracing::info!("Using {} mode", method.name());
     warn_inert_flags(settings, &method);
 
@@ -133,17 +169,183 @@ pub async fn run(settings: &Settings, args: &ExchangeArgs) -> Result<(), Exchang
         settings,
         cluster: &cluster,
         lifecycle: &lifecycle,
+        announced: AtomicBool::new(false),
     };
     let result = match method {
-        Method::Agent(pod) => agent::exchange(&ctx, name, &exposed, pod).await,
-        Method::Selector => selector::exchange(&ctx, name, &exposed).await,
-        Method::Scale(deployment) => {
+        Method::Agent(pod) => agent::exchange(&ctx, name, &port_plan, pod).await,
+        Method::Selector => selector::exchange(&ctx, name, &port_plan).await,
+        Method::Scale(deployments) => {
             let recover_wait = Duration::from_secs(u64::from(args.recover_wait_time));
-            scale::exchange(&ctx, *deployment, &exposed, recover_wait).await
+            scale::exchange(
+                &ctx,
+                &subject.selector,
+                deployments,
+                &port_plan,
+                recover_wait,
+            )
+            .await
         }
     };
     lifecycle.finish().await;
-    result
+    match result {
+        Ok(()) if !ctx.announced.load(Ordering::Relaxed) && lifecycle.stopped_by().is_some() => {
+            Err(ExchangeError::Interrupted)
+        }
+        other => other,
+    }
+}
+
+async fn read_subject(cluster: &Cluster, name: &str) -> Result<Subject, ExchangeError> {
+    let service = cluster.service(name).await?;
+    let selector = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.clone())
+        .unwrap_or_default();
+    if selector.is_empty() {
+        return Err(ExchangeError::NoSelector(name.to_owned()));
+    }
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let pods = pods
+        .list(&ListParams::default().labels(&label_selector(&selector)))
+        .await
+        .map_err(ClusterError::api(format!("list pods of service '{name}'")))?
+        .items;
+    Ok(Subject {
+        name: name.to_owned(),
+        service,
+        selector,
+        pods,
+    })
+}
+
+/// `k1=v1,k2=v2`.
+fn label_selector(selector: &BTreeMap<String, String>) -> String {
+    selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// How the Service's named target ports resolve: from the pods it selects (kt's own shadows
+/// left out), or — with none running — from the pod templates of the workloads it selects.
+async fn named_ports(
+    cluster: &Cluster,
+    subject: &Subject,
+    ports: &[ServicePort],
+) -> Result<NamedPorts, ExchangeError> {
+    let is_kt = |p: &&Pod| {
+        p.metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(compat::ROLE))
+    };
+    let pods: Vec<Pod> = subject.pods.iter().filter(|p| !is_kt(p)).cloned().collect();
+    let named = NamedPorts::from_pods(&pods);
+    let any_named = ports.iter().any(|p| {
+        matches!(
+            p.target,
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(_))
+        )
+    });
+    if !named.is_empty() || !any_named {
+        return Ok(named);
+    }
+    let api = |kind: &str| ClusterError::api(format!("list {kind}"));
+    let ns = &cluster.namespace;
+    let client = &cluster.client;
+    let selects = |labels: Option<&BTreeMap<String, String>>| {
+        labels.is_some_and(|l| subject.selector.iter().all(|(k, v)| l.get(k) == Some(v)))
+    };
+    let mut specs: Vec<(String, PodSpec)> = Vec::new();
+    for d in Api::<Deployment>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(api("deployments"))?
+        .items
+    {
+        let template = d.spec.map(|s| s.template).unwrap_or_default();
+        if selects(template.metadata.as_ref().and_then(|m| m.labels.as_ref())) {
+            specs.push((
+                format!("deployment {}", d.metadata.name.unwrap_or_default()),
+                template.spec.unwrap_or_default(),
+            ));
+        }
+    }
+    for s in Api::<StatefulSet>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(api("statefulsets"))?
+        .items
+    {
+        let template = s.spec.map(|s| s.template).unwrap_or_default();
+        if selects(template.metadata.as_ref().and_then(|m| m.labels.as_ref())) {
+            specs.push((
+                format!("statefulset {}", s.metadata.name.unwrap_or_default()),
+                template.spec.unwrap_or_default(),
+            ));
+        }
+    }
+    for d in Api::<DaemonSet>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(api("daemonsets"))?
+        .items
+    {
+        let template = d.spec.map(|s| s.template).unwrap_or_default();
+        if selects(template.metadata.as_ref().and_then(|m| m.labels.as_ref())) {
+            specs.push((
+                format!("daemonset {}", d.metadata.name.unwrap_or_default()),
+                template.spec.unwrap_or_default(),
+            ));
+        }
+    }
+    Ok(NamedPorts::from_specs(
+        specs.iter().map(|(who, spec)| (who.clone(), spec)),
+    ))
+}
+
+/// In selector and scale modes a shadow takes the pods' place: refuse (unless allowed) when
+/// ports that are not exposed would stop answering, naming them. Every mode says when UDP
+/// ports are not carried.
+fn check_ports_served(
+    method: &Method,
+    service: &str,
+    plan: &PortPlan,
+    allowed: bool,
+) -> Result<(), ExchangeError> {
+    let list = |ports: &[ServicePort]| {
+        ports
+            .iter()
+            .map(|p| format!("port {p}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match method {
+        Method::Agent(_) => {
+            if !plan.not_carried.is_empty() {
+                tracing::warn!(
+                    "UDP is not carried yet: {} of service '{service}' stays with its pods",
+                    list(&plan.not_carried)
+                );
+            }
+            Ok(())
+        }
+        Method::Selector | Method::Scale(_) if plan.unexposed.is_empty() => Ok(()),
+        Method::Selector | Method::Scale(_) if allowed => {
+            tracing::warn!(
+                "While the exchange lasts {} of service '{service}' will not answer (--allowUnservedPorts)",
+                list(&plan.unexposed)
+            );
+            Ok(())
+        }
+        Method::Selector | Method::Scale(_) => Err(ExchangeError::Unserved {
+            mode: method.name(),
+            service: service.to_owned(),
+            ports: list(&plan.unexposed),
+        }),
+    }
 }
 
 /// Names the flags that do nothing in the chosen mode.
@@ -164,12 +366,9 @@ fn warn_inert_flags(settings: &Settings, method: &Method) {
 }
 
 /// Refuses a Service that someone else holds ([`plan::conflict`]), after reading the
-/// sessions of agent mode and the pods the Service selects.
-async fn check_conflict(
-    cluster: &Cluster,
-    service: &Service,
-    name: &str,
-) -> Result<(), ExchangeError> {
+/// sessions of agent mode.
+async fn check_conflict(cluster: &Cluster, subject: &Subject) -> Result<(), ExchangeError> {
+    let name = &subject.name;
     let sessions: Api<KtSession> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     let sessions = match sessions.list(&ListParams::default()).await {
         Ok(list) => list.items,
@@ -184,32 +383,25 @@ async fn check_conflict(
         }
         Err(e) => return Err(ClusterError::api("list sessions")(e).into()),
     };
-    let selector = service
-        .spec
-        .as_ref()
-        .and_then(|s| s.selector.as_ref())
-        .map(|s| {
-            s.iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    let selected = pods
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(ClusterError::api(format!("list pods of service '{name}'")))?
-        .items;
-    match plan::conflict(name, service, &sessions, &selected, chrono::Utc::now()) {
+    match plan::conflict(
+        name,
+        &subject.service,
+        &sessions,
+        &subject.pods,
+        chrono::Utc::now(),
+    ) {
         Some(conflict) => Err(conflict.into()),
         None => Ok(()),
     }
 }
 
 async fn check_local_port(port: u16) -> Result<(), ExchangeError> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await {
+    match tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::net::TcpStream::connect(local(port)),
+    )
+    .await
+    {
         Ok(Ok(_)) => Ok(()),
         _ => Err(ExchangeError::NoLocalApp(port)),
     }
@@ -220,7 +412,7 @@ fn local(port: u16) -> SocketAddr {
 }
 
 /// The exchange shadow `<owner>-kt-exchange-xxxxx` of selector and scale modes: `labels`
-/// besides kt's, `kt-config: <config>`, the Service's target ports declared; then its SSH
+/// besides kt's, `kt-config: <config>`, the exposed target ports declared; then its SSH
 /// connection with the reverse tunnels to the local ports up. `None` when the run was
 /// stopped meanwhile.
 async fn exchange_shadow(
@@ -228,7 +420,7 @@ async fn exchange_shadow(
     owner: &str,
     labels: BTreeMap<String, String>,
     config: String,
-    exposed: &[Exposed],
+    plan: &PortPlan,
 ) -> Result<Option<(Arc<SshPool>, Vec<RemoteForward>)>, ExchangeError> {
     let name = format!(
         "{owner}-kt-exchange-{}",
@@ -243,18 +435,16 @@ async fn exchange_shadow(
     );
     spec.labels.extend(labels);
     spec.annotations.insert(compat::CONFIG.into(), config);
-    spec.ports = exposed
-        .iter()
-        .map(|e| (e.port_name.clone(), e.listen_port))
-        .collect();
+    spec.ports = plan.exposed.iter().flat_map(|e| e.shadow_ports()).collect();
     let Some(pool) =
         super::shadow_tunnel(ctx.settings, ctx.cluster, ctx.lifecycle, &spec, 1).await?
     else {
         return Ok(None);
     };
-    let forwards: Vec<RemoteForward> = exposed
+    let forwards: Vec<RemoteForward> = plan
+        .exposed
         .iter()
-        .map(|e| RemoteForward::on_pod_port(e.listen_port, local(e.local)))
+        .map(|e| RemoteForward::on_pod_port(e.target, local(e.local)))
         .collect();
     pool.open_remote_forwards(&forwards).await?;
     Ok(Some((pool, forwards)))
@@ -262,15 +452,13 @@ async fn exchange_shadow(
 
 /// The v0.3.7 banner for `what`, then the reverse tunnels kept up until the run stops.
 async fn keep_reverse_tunnels(
+    ctx: &Context<'_>,
     pool: &SshPool,
     forwards: &[RemoteForward],
-    lifecycle: &Lifecycle,
     what: &str,
 ) {
-    super::banner(&format!(
-        " Now all request to {what} will be redirected to local"
-    ));
-    pool.keep_remote_forwards(forwards, &lifecycle.stop, None)
+    ctx.announce(what);
+    pool.keep_remote_forwards(forwards, &ctx.lifecycle.stop, None)
         .await;
     pool.close().await;
 }

@@ -26,15 +26,21 @@ pub enum ForwardError {
     AddressNeedsPort(String),
     #[error("address '{0}' already names its port; give only a local port")]
     AddressHasPort(String),
-    #[error("port {port} not exists in service '{service}'")]
-    PortNotInService { port: u16, service: String },
+    #[error("port {port} not exists in service '{service}' (its ports: {ports})")]
+    PortNotInService {
+        port: u16,
+        service: String,
+        ports: String,
+    },
     #[error("service '{0}' has no port")]
     NoPort(String),
     #[error("service '{0}' has multiple ports, must specify one")]
     MultiplePorts(String),
-    #[error("local port {port} is not available")]
+    #[error("local port {port} is not available{hint}")]
     LocalPortBusy {
         port: u16,
+        /// How to get round it, when there is a way.
+        hint: String,
         #[source]
         source: std::io::Error,
     },
@@ -109,9 +115,11 @@ pub fn plan_service(
     let port = match (remote, service_ports) {
         (Some(r), _) if service_ports.contains(&r) => r,
         (Some(port), _) => {
+            let ports: Vec<String> = service_ports.iter().map(u16::to_string).collect();
             return Err(ForwardError::PortNotInService {
                 port,
                 service: name.to_owned(),
+                ports: ports.join(", "),
             });
         }
         (None, [only]) => *only,
@@ -161,6 +169,7 @@ pub async fn run(settings: &Settings, args: &ForwardArgs) -> Result<(), ForwardE
         .await
         .map_err(|source| ForwardError::LocalPortBusy {
             port: plan.local_port,
+            hint: busy_port_hint(&args.target, &plan, &source),
             source,
         })?;
 
@@ -168,6 +177,24 @@ pub async fn run(settings: &Settings, args: &ForwardArgs) -> Result<(), ForwardE
     let result = forward(settings, &cluster, &lifecycle, &plan, listener).await;
     lifecycle.finish().await;
     result
+}
+
+/// A privileged port that was taken by default (no local port given) needs root: suggest
+/// giving one.
+fn busy_port_hint(target: &str, plan: &Plan, error: &std::io::Error) -> String {
+    if error.kind() == std::io::ErrorKind::PermissionDenied && plan.local_port < 1024 {
+        let example = if target.contains('.') {
+            format!("ktctl forward {target} 8{:03}", plan.local_port)
+        } else {
+            format!(
+                "ktctl forward {target} 8{:03}:{}",
+                plan.local_port, plan.remote_port
+            )
+        };
+        format!(" (ports below 1024 need root; choose a local port, e.g. '{example}')")
+    } else {
+        String::new()
+    }
 }
 
 async fn forward(
@@ -251,6 +278,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_privileged_default_port_suggests_a_local_one() {
+        let plan = plan_service("web", "dev", &[80], None).unwrap();
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert_eq!(
+            busy_port_hint("web", &plan, &denied),
+            " (ports below 1024 need root; choose a local port, e.g. 'ktctl forward web 8080:80')"
+        );
+        let in_use = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        assert_eq!(busy_port_hint("web", &plan, &in_use), "");
+    }
+
+    #[test]
     fn the_address_form_names_host_and_port() {
         let p = plan_address("10.1.2.3:80", Some("8080")).unwrap();
         assert_eq!(
@@ -288,11 +327,11 @@ mod tests {
                 .to_string()
                 .contains("multiple ports")
         );
-        assert!(
+        assert_eq!(
             plan_service("web", "dev", &[80, 443], Some("1:81"))
                 .unwrap_err()
-                .to_string()
-                .contains("81")
+                .to_string(),
+            "port 81 not exists in service 'web' (its ports: 80, 443)"
         );
         assert!(plan_service("web", "dev", &[80], Some("0")).is_err());
     }

@@ -12,7 +12,7 @@
 //! unknown `mode` reads as [`SessionMode::Unknown`] and a `status` field that does not parse
 //! reads as absent — such a session is simply not held (fail-open).
 
-use std::net::IpAddr;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use chrono::{DateTime, Utc};
 use kube::CustomResource;
@@ -113,6 +113,29 @@ pub struct SessionStatus {
         skip_serializing_if = "Option::is_none"
     )]
     pub renew_time: Option<DateTime<Utc>>,
+    /// What each node's agent has programmed for the session (node name → what): written by
+    /// every agent once its map holds the session's entries, so that ktctl announces the
+    /// redirect only when it is in force everywhere.
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub programmed: BTreeMap<String, Programmed>,
+}
+
+/// One node's redirect of a session.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Programmed {
+    /// The holder the entries point at, as the status named it then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<IpAddr>,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    /// The Service ports with at least one entry (its ClusterIP or an endpoint) in the map.
+    #[serde(default)]
+    pub ports: Vec<u16>,
 }
 
 /// A tunnel listener of the holding agent.
@@ -164,6 +187,32 @@ impl KtSession {
     pub fn lease_end(&self) -> Option<DateTime<Utc>> {
         let renewed = self.status.as_ref()?.renew_time?;
         Some(renewed + chrono::TimeDelta::seconds(i64::from(self.spec.lease_seconds)))
+    }
+
+    /// Which of `ports` each of `nodes` has not programmed for the current holder (an
+    /// acknowledgement for an earlier holder does not count); empty when the redirect is in
+    /// force on every node.
+    pub fn unprogrammed(&self, nodes: &[String], ports: &[u16]) -> Vec<(String, Vec<u16>)> {
+        let Some(status) = &self.status else {
+            return nodes.iter().map(|n| (n.clone(), ports.to_vec())).collect();
+        };
+        nodes
+            .iter()
+            .filter_map(|node| {
+                let done: &[u16] = match status.programmed.get(node) {
+                    Some(p) if p.address == status.address && p.listeners == status.listeners => {
+                        &p.ports
+                    }
+                    _ => &[],
+                };
+                let missing: Vec<u16> = ports
+                    .iter()
+                    .copied()
+                    .filter(|p| !done.contains(p))
+                    .collect();
+                (!missing.is_empty()).then(|| (node.clone(), missing))
+            })
+            .collect()
     }
 
     /// Whether the redirect is in force at `now`: held and renewed within its lease.
@@ -225,6 +274,40 @@ mod tests {
         future["spec"]["mode"] = json!("teleport");
         let future: KtSession = serde_json::from_value(future).unwrap();
         assert_eq!(future.spec.mode, SessionMode::Unknown);
+    }
+
+    #[test]
+    fn a_port_counts_as_programmed_on_a_node_only_for_the_current_holder() {
+        let holder =
+            json!({"address": "172.30.0.11", "listeners": [{"port": 80, "listenerPort": 40001}]});
+        let mut status = holder.clone();
+        status["programmed"] = json!({
+            "node-1": {"address": "172.30.0.11", "listeners": [{"port": 80, "listenerPort": 40001}], "ports": [80]},
+            "node-2": {"address": "172.30.0.12", "listeners": [{"port": 80, "listenerPort": 40009}], "ports": [80]},
+        });
+        let s = session(status);
+        let nodes = [
+            "node-1".to_owned(),
+            "node-2".to_owned(),
+            "node-3".to_owned(),
+        ];
+        assert_eq!(
+            s.unprogrammed(&nodes, &[80]),
+            [
+                ("node-2".to_owned(), vec![80]),
+                ("node-3".to_owned(), vec![80])
+            ],
+            "node-2 programmed an earlier holder, node-3 nothing yet"
+        );
+        assert!(s.unprogrammed(&nodes[..1], &[80]).is_empty());
+        assert_eq!(
+            s.unprogrammed(&nodes[..1], &[80, 81]),
+            [("node-1".to_owned(), vec![81])]
+        );
+        assert_eq!(
+            session(json!(null)).unprogrammed(&nodes[..1], &[80]).len(),
+            1
+        );
     }
 
     #[test]

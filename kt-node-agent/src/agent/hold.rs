@@ -258,6 +258,8 @@ impl Status {
             address: Some(self.context.node_ip),
             listeners: self.listeners(),
             renew_time: Some(chrono::Utc::now()),
+            // Left to every node's agent: a merge patch keeps what they wrote.
+            programmed: Default::default(),
         };
         self.patch(json!({ "status": status })).await
     }

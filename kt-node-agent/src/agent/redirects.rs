@@ -5,7 +5,7 @@
 //! clients) are redirected as well as those that go through the ClusterIP.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
 };
 
@@ -16,12 +16,14 @@ use kt_proto::session::{KtSession, SessionMode, SessionStatus};
 /// The label an EndpointSlice carries naming its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// Where connects to one address go, and which session that is for.
+/// Where connects to one address go, and which session and Service port that is for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     pub to: SocketAddr,
     /// `namespace/name` of the session.
     pub session: String,
+    /// The Service port the entry stands for.
+    pub port: u16,
 }
 
 /// The cluster objects the map is computed from.
@@ -98,12 +100,13 @@ pub fn desired(state: &ClusterState<'_>, now: DateTime<Utc>) -> BTreeMap<SocketA
                         == Some(session.spec.service.as_str())
             })
             .collect();
-        for (service_addr, to) in redirects_of(service, &slices, status, holder) {
+        for (service_addr, to, port) in redirects_of(service, &slices, status, holder) {
             out.insert(
                 service_addr,
                 Target {
                     to,
                     session: key.clone(),
+                    port,
                 },
             );
         }
@@ -121,13 +124,32 @@ pub fn next_expiry(sessions: &[&KtSession], now: DateTime<Utc>) -> Option<DateTi
         .min()
 }
 
-/// One session's entries: (ClusterIP or endpoint address) → listener.
+/// Per session (`namespace/name`), the Service ports that have at least one entry in `map`.
+pub fn programmed_ports(map: &BTreeMap<SocketAddr, Target>) -> BTreeMap<&str, BTreeSet<u16>> {
+    let mut out: BTreeMap<&str, BTreeSet<u16>> = BTreeMap::new();
+    for target in map.values() {
+        out.entry(target.session.as_str())
+            .or_default()
+            .insert(target.port);
+    }
+    out
+}
+
+/// Kubernetes' default protocol: a port without one is TCP.
+fn is_tcp(protocol: Option<&String>) -> bool {
+    protocol.is_none_or(|p| p == "TCP")
+}
+
+/// One session's entries: (ClusterIP or endpoint address) → listener, with the Service port.
+/// A session port is a TCP Service port (kt-proto's contract); its endpoints are the
+/// EndpointSlice ports of the same name and protocol, an unnamed Service port matching the
+/// slice port named `""` (what the EndpointSlice controller writes for it).
 fn redirects_of(
     service: &Service,
     slices: &[&EndpointSlice],
     status: &SessionStatus,
     holder: IpAddr,
-) -> Vec<(SocketAddr, SocketAddr)> {
+) -> Vec<(SocketAddr, SocketAddr, u16)> {
     let spec = service.spec.as_ref();
     let cluster_ips: Vec<IpAddr> = spec
         .and_then(|s| {
@@ -146,22 +168,24 @@ fn redirects_of(
     let mut out = Vec::new();
     for listener in &status.listeners {
         let to = SocketAddr::new(holder, listener.listener_port);
-        let Some(port) = ports.iter().find(|p| p.port == i32::from(listener.port)) else {
+        let Some(port) = ports
+            .iter()
+            .find(|p| p.port == i32::from(listener.port) && is_tcp(p.protocol.as_ref()))
+        else {
             continue;
         };
-        if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
-            continue;
-        }
+        let name = port.name.as_deref().unwrap_or_default();
         for ip in &cluster_ips {
-            out.push((SocketAddr::new(*ip, listener.port), to));
+            out.push((SocketAddr::new(*ip, listener.port), to, listener.port));
         }
-        // The endpoint port of this Service port: the slice port with the same name.
         for slice in slices {
             let Some(endpoint_port) = slice
                 .ports
                 .iter()
                 .flatten()
-                .find(|p| p.name == port.name)
+                .find(|p| {
+                    p.name.as_deref().unwrap_or_default() == name && is_tcp(p.protocol.as_ref())
+                })
                 .and_then(|p| p.port)
                 .and_then(|p| u16::try_from(p).ok())
             else {
@@ -174,7 +198,7 @@ fn redirects_of(
             for endpoint in ready {
                 for address in &endpoint.addresses {
                     if let Ok(ip) = address.parse::<IpAddr>() {
-                        out.push((SocketAddr::new(ip, endpoint_port), to));
+                        out.push((SocketAddr::new(ip, endpoint_port), to, listener.port));
                     }
                 }
             }
@@ -261,6 +285,137 @@ mod tests {
             map.values()
                 .all(|t| t.to == listener && t.session == "dev/alice")
         );
+    }
+
+    /// `session` of `service` held with one listener per (Service port, listener port).
+    fn holding(service: &str, listeners: &[(u16, u16)], now: DateTime<Utc>) -> KtSession {
+        let listeners: Vec<serde_json::Value> = listeners
+            .iter()
+            .map(|(port, listener)| json!({"port": port, "listenerPort": listener}))
+            .collect();
+        let ports: Vec<serde_json::Value> = listeners
+            .iter()
+            .map(|l| json!({"port": l["port"], "localPort": 18080}))
+            .collect();
+        serde_json::from_value(json!({
+            "apiVersion": "kt.dev/v1alpha1", "kind": "KtSession",
+            "metadata": {"name": "s", "namespace": "dev", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"owner": "a@b", "mode": "exchange", "service": service,
+                     "ports": ports, "publicKey": "k"},
+            "status": {"node": "node-1", "address": "172.30.0.11",
+                       "listeners": listeners, "renewTime": now}
+        }))
+        .unwrap()
+    }
+
+    fn object<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn an_unnamed_port_matches_the_slice_port_named_empty() {
+        let now = Utc::now();
+        let svc: Service = object(json!({
+            "metadata": {"name": "web", "namespace": "dev"},
+            "spec": {"clusterIP": "10.96.0.20", "ports": [{"port": 80, "targetPort": 8080}]}
+        }));
+        // The EndpointSlice controller writes `name: ""` for an unnamed Service port.
+        let slice: EndpointSlice = object(json!({
+            "metadata": {"name": "web-x", "namespace": "dev",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": true}}]
+        }));
+        let s = holding("web", &[(80, 40001)], now);
+        let map = desired(
+            &ClusterState {
+                sessions: &[&s],
+                services: &[&svc],
+                slices: &[&slice],
+            },
+            now,
+        );
+        assert_eq!(
+            map.keys().copied().collect::<Vec<_>>(),
+            [addr("10.96.0.20:80"), addr("10.244.1.5:8080")]
+        );
+        assert_eq!(
+            programmed_ports(&map),
+            BTreeMap::from([("dev/s", BTreeSet::from([80]))])
+        );
+    }
+
+    #[test]
+    fn a_session_port_is_the_tcp_port_of_that_number() {
+        let now = Utc::now();
+        let svc: Service = object(json!({
+            "metadata": {"name": "mixed", "namespace": "dev"},
+            "spec": {"clusterIP": "10.96.0.30", "ports": [
+                {"name": "dns-udp", "port": 53, "targetPort": 5353, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": 53, "targetPort": 5353, "protocol": "TCP"}]}
+        }));
+        let slice: EndpointSlice = object(json!({
+            "metadata": {"name": "mixed-x", "namespace": "dev",
+                         "labels": {"kubernetes.io/service-name": "mixed"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "dns-udp", "port": 5353, "protocol": "UDP"},
+                      {"name": "dns-tcp", "port": 5353, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.244.1.9"]}]
+        }));
+        let s = holding("mixed", &[(53, 40001)], now);
+        let map = desired(
+            &ClusterState {
+                sessions: &[&s],
+                services: &[&svc],
+                slices: &[&slice],
+            },
+            now,
+        );
+        assert_eq!(
+            map.keys().copied().collect::<Vec<_>>(),
+            [addr("10.96.0.30:53"), addr("10.244.1.9:5353")],
+            "the TCP port is redirected although the UDP one is listed first"
+        );
+    }
+
+    #[test]
+    fn two_service_ports_on_one_target_port_share_the_endpoint_entry() {
+        let now = Utc::now();
+        let svc: Service = object(json!({
+            "metadata": {"name": "api", "namespace": "dev"},
+            "spec": {"clusterIP": "10.96.0.40", "ports": [
+                {"name": "http", "port": 80, "targetPort": 8080},
+                {"name": "http-alt", "port": 8080, "targetPort": 8080},
+                {"name": "admin", "port": 9090}]}
+        }));
+        let slice: EndpointSlice = object(json!({
+            "metadata": {"name": "api-x", "namespace": "dev",
+                         "labels": {"kubernetes.io/service-name": "api"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}, {"name": "http-alt", "port": 8080},
+                      {"name": "admin", "port": 9090}],
+            "endpoints": [{"addresses": ["10.244.2.3"]}]
+        }));
+        let s = holding("api", &[(80, 40001), (8080, 40002)], now);
+        let map = desired(
+            &ClusterState {
+                sessions: &[&s],
+                services: &[&svc],
+                slices: &[&slice],
+            },
+            now,
+        );
+        assert_eq!(
+            map.keys().copied().collect::<Vec<_>>(),
+            [
+                addr("10.96.0.40:80"),
+                addr("10.96.0.40:8080"),
+                addr("10.244.2.3:8080")
+            ],
+            "admin (9090) is not exchanged"
+        );
+        assert_eq!(map[&addr("10.96.0.40:8080")].to, addr("172.30.0.11:40002"));
     }
 
     #[test]

@@ -1,10 +1,11 @@
-//! Agent mode: a `KtSession` names the Service, its ports and the session key; an agent
-//! holds it (its listeners become the redirect target on every node) while this SSH
-//! connection lives. The Service and its workload are never touched. When the holding agent
-//! goes away (deleted, its node down), the session moves to another ready agent.
+//! Agent mode: a `KtSession` names the Service, its exposed TCP ports and the session key;
+//! an agent holds it (its listeners become the redirect target on every node) while this SSH
+//! connection lives. The Service and its workload are never touched. The banner comes once
+//! every ready agent reports the session's ports programmed in its node's map; when the
+//! holding agent goes away (deleted, its node down), the session moves to another one.
 //!
-//! Which agent: the first ready one by name (every session lands on one node; see the scale
-//! issue for spreading them).
+//! Which agent holds it: the first ready one by name (so every session lands on one node;
+//! spreading them is the scale issue's).
 
 use std::time::Duration;
 
@@ -17,9 +18,10 @@ use kt_proto::{
 use kube::{
     Api,
     api::{DeleteParams, ListParams, PostParams},
+    runtime::wait::await_condition,
 };
 
-use super::{Context, ExchangeError, local, plan::Exposed};
+use super::{Context, ExchangeError, local, plan::PortPlan};
 use crate::{
     cluster::{Cluster, ClusterError},
     ssh_client::{ForwardsEnded, RemoteForward, SessionKey, SshPool, Target},
@@ -29,21 +31,22 @@ use crate::{
 const RECONNECTS_BEFORE_MOVING: usize = 3;
 /// How long to wait for a different agent before taking whichever is ready.
 const WAIT_FOR_ANOTHER_AGENT: Duration = Duration::from_secs(10);
+/// How long the agents get to program the session before ktctl says what is missing.
+const PROGRAMMED_WITHIN: Duration = Duration::from_secs(10);
 
-/// A ready agent pod from `deploy/`, if the agent is installed and visible to this user
-/// (the first by name).
-pub(super) async fn ready_agent(cluster: &Cluster) -> Result<Option<String>, ExchangeError> {
+/// The ready agent pods from `deploy/` with their nodes, sorted by pod name; none when the
+/// agent is not installed or not visible to this user.
+async fn ready_agents(cluster: &Cluster) -> Result<Vec<(String, String)>, ExchangeError> {
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), NAMESPACE);
     let list = match pods
         .list(&ListParams::default().labels(LABEL_SELECTOR))
         .await
     {
         Ok(list) => list,
-        // Not installed, or not visible to this user: no agent mode.
-        Err(kube::Error::Api(status)) if matches!(status.code, 403 | 404) => return Ok(None),
+        Err(kube::Error::Api(status)) if matches!(status.code, 403 | 404) => return Ok(Vec::new()),
         Err(e) => return Err(ClusterError::api("look for the kt agent")(e).into()),
     };
-    let mut ready: Vec<String> = list
+    let mut ready: Vec<(String, String)> = list
         .items
         .into_iter()
         .filter(|p| {
@@ -52,16 +55,26 @@ pub(super) async fn ready_agent(cluster: &Cluster) -> Result<Option<String>, Exc
                 .and_then(|s| s.conditions.as_ref())
                 .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
         })
-        .filter_map(|p| p.metadata.name)
+        .filter_map(|p| Some((p.metadata.name?, p.spec?.node_name?)))
         .collect();
     ready.sort();
-    Ok(ready.into_iter().next())
+    Ok(ready)
+}
+
+/// A ready agent pod, if the agent is installed and visible to this user (the first by
+/// name).
+pub(super) async fn ready_agent(cluster: &Cluster) -> Result<Option<String>, ExchangeError> {
+    Ok(ready_agents(cluster)
+        .await?
+        .into_iter()
+        .next()
+        .map(|(pod, _)| pod))
 }
 
 pub(super) async fn exchange(
     ctx: &Context<'_>,
     service: &str,
-    exposed: &[Exposed],
+    plan: &PortPlan,
     mut agent: String,
 ) -> Result<(), ExchangeError> {
     let key = SessionKey::generate();
@@ -74,11 +87,11 @@ pub(super) async fn exchange(
             owner: ctx.settings.identity.owner(),
             mode: SessionMode::Exchange,
             service: service.to_owned(),
-            ports: exposed
-                .iter()
-                .map(|e| PortMapping {
-                    port: e.service_port,
-                    local_port: e.local,
+            ports: plan
+                .service_ports()
+                .map(|(p, local)| PortMapping {
+                    port: p.port,
+                    local_port: local,
                 })
                 .collect(),
             public_key: key.public_line.clone(),
@@ -92,22 +105,22 @@ pub(super) async fn exchange(
         .map_err(ClusterError::api(format!("create session {name}")))?;
     tracing::info!("Created session {name}");
     {
-        let name = name.clone();
+        let (sessions, name) = (sessions.clone(), name.clone());
         ctx.lifecycle.defer(format!("session {name}"), async move {
             sessions.delete(&name, &DeleteParams::default()).await?;
             tracing::info!("Cleaning session {name}");
             Ok::<(), kube::Error>(())
         });
     }
-    let forwards: Vec<RemoteForward> = exposed
-        .iter()
-        .map(|e| RemoteForward::for_service_port(e.service_port, local(e.local)))
+    let forwards: Vec<RemoteForward> = plan
+        .service_ports()
+        .map(|(p, l)| RemoteForward::for_service_port(p.port, local(l)))
         .collect();
+    let ports: Vec<u16> = plan.service_ports().map(|(p, _)| p.port).collect();
     let login = Login {
         namespace,
         session: name.clone(),
     };
-    let mut announced = false;
     loop {
         let pool = SshPool::new(
             ctx.cluster.client.clone(),
@@ -121,13 +134,20 @@ pub(super) async fn exchange(
             started = pool.start(ctx.settings.ssh.connect_timeout) => { started?; }
         }
         pool.open_remote_forwards(&forwards).await?;
-        if announced {
+        log_listeners(&sessions, &name, &agent, plan).await;
+        if ctx.announced.load(std::sync::atomic::Ordering::Relaxed) {
             tracing::info!("Session {name} is held by agent {agent} now");
         } else {
-            super::super::banner(&format!(
-                " Now all request to service '{service}' will be redirected to local"
-            ));
-            announced = true;
+            tokio::select! {
+                () = ctx.lifecycle.stop.cancelled() => {
+                    pool.close().await;
+                    return Ok(());
+                }
+                programmed = wait_programmed(ctx, &sessions, &name, &ports) => {
+                    programmed?;
+                    ctx.announce(&format!("service '{service}'"));
+                }
+            }
         }
         let ended = pool
             .keep_remote_forwards(
@@ -146,6 +166,80 @@ pub(super) async fn exchange(
             None => return Ok(()),
         }
     }
+}
+
+/// Where each exposed Service port arrives: the holding agent's node and listener.
+async fn log_listeners(sessions: &Api<KtSession>, name: &str, agent: &str, plan: &PortPlan) {
+    let Ok(Some(session)) = sessions.get_opt(name).await else {
+        return;
+    };
+    let Some(status) = session.status else {
+        return;
+    };
+    let address = status.address.map(|a| a.to_string()).unwrap_or_default();
+    for (port, local) in plan.service_ports() {
+        if let Some(listener) = status.listeners.iter().find(|l| l.port == port.port) {
+            tracing::info!(
+                "Port {port} -> 127.0.0.1:{local}, held by agent {agent} on {} (listener {address}:{})",
+                status.node,
+                listener.listener_port
+            );
+        }
+    }
+}
+
+/// Waits until every ready agent reports the session's `ports` programmed for the current
+/// holder; after [`PROGRAMMED_WITHIN`] says which node lacks which port, and goes on waiting.
+async fn wait_programmed(
+    ctx: &Context<'_>,
+    sessions: &Api<KtSession>,
+    name: &str,
+    ports: &[u16],
+) -> Result<(), ExchangeError> {
+    let nodes: Vec<String> = ready_agents(ctx.cluster)
+        .await?
+        .into_iter()
+        .map(|(_, node)| node)
+        .collect();
+    let done = {
+        let nodes = nodes.clone();
+        let ports = ports.to_vec();
+        move |s: Option<&KtSession>| s.is_some_and(|s| s.unprogrammed(&nodes, &ports).is_empty())
+    };
+    let programmed = await_condition(sessions.clone(), name, done.clone());
+    match tokio::time::timeout(PROGRAMMED_WITHIN, programmed).await {
+        Ok(result) => {
+            result.map_err(|e| ClusterError::Watch {
+                what: format!("session {name}"),
+                source: Box::new(e),
+            })?;
+            return Ok(());
+        }
+        Err(_) => {
+            let missing = sessions
+                .get_opt(name)
+                .await
+                .ok()
+                .flatten()
+                .map(|s| s.unprogrammed(&nodes, ports))
+                .unwrap_or_default();
+            for (node, ports) in missing {
+                let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+                tracing::warn!(
+                    "Not redirected on node {node} yet: port {} (its agent has not programmed them within {} s; the Service may have no ClusterIP and no ready endpoint for them)",
+                    ports.join(", "),
+                    PROGRAMMED_WITHIN.as_secs()
+                );
+            }
+        }
+    }
+    await_condition(sessions.clone(), name, done)
+        .await
+        .map_err(|e| ClusterError::Watch {
+            what: format!("session {name}"),
+            source: Box::new(e),
+        })?;
+    Ok(())
 }
 
 /// Another ready agent if one comes within [`WAIT_FOR_ANOTHER_AGENT`]; after that

@@ -1,7 +1,6 @@
-//! Scale mode (ktctl v0.3.7): a shadow carrying the Deployment's pod labels
-//! (`kt-config: app=<deploy>,replicas=<n>`) takes the Service's traffic while the Deployment
-//! is scaled to zero; on exit the Deployment is scaled back and waited for (up to
-//! `--recoverWaitTime`) before the shadow goes.
+//! Scale mode (ktctl v0.3.7): a shadow carrying the Service's labels takes its traffic while
+//! every Deployment the Service selects is scaled to zero; on exit each is scaled back to its
+//! own count and waited for (up to `--recoverWaitTime`) before the shadow goes.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -13,27 +12,29 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{Context, ExchangeError, plan::Exposed};
+use super::{Context, ExchangeError, plan::PortPlan};
 use crate::cluster::{Cluster, ClusterError};
 
 /// v0.3.7's progress interval while the Deployment comes back.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
-/// The first Deployment whose pod template the Service's `selector` selects.
-pub(super) async fn deployment_of(
+/// Every Deployment whose pod template the Service's `selector` selects (a canary next to
+/// the main one, say): all of them are scaled to zero, or the Service would keep sending
+/// part of its traffic to them.
+pub(super) async fn deployments_of(
     cluster: &Cluster,
     service: &str,
     selector: &BTreeMap<String, String>,
-) -> Result<Deployment, ExchangeError> {
+) -> Result<Vec<Deployment>, ExchangeError> {
     let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     let list = deployments
         .list(&ListParams::default())
         .await
         .map_err(ClusterError::api("list deployments"))?;
-    let deployment = list
+    let selected: Vec<Deployment> = list
         .items
         .into_iter()
-        .find(|d| {
+        .filter(|d| {
             let labels = d
                 .spec
                 .as_ref()
@@ -41,59 +42,71 @@ pub(super) async fn deployment_of(
                 .and_then(|m| m.labels.as_ref());
             labels.is_some_and(|l| selector.iter().all(|(k, v)| l.get(k) == Some(v)))
         })
-        .ok_or_else(|| ExchangeError::NoDeployment(service.to_owned()))?;
-    tracing::info!(
-        "Using first matched deployment '{}'",
-        deployment.metadata.name.as_deref().unwrap_or_default()
-    );
-    Ok(deployment)
+        .collect();
+    if selected.is_empty() {
+        return Err(ExchangeError::NoDeployment(service.to_owned()));
+    }
+    let names: Vec<&str> = selected
+        .iter()
+        .filter_map(|d| d.metadata.name.as_deref())
+        .collect();
+    tracing::info!("Using deployment {}", names.join(", "));
+    Ok(selected)
 }
 
+/// The shadow carries the Service's selector, so that the Service sends it every
+/// connection; `kt-config` names the first Deployment as v0.3.7 does (`app=<name>,
+/// replicas=<n>`, what the Go ktctl's `recover` reads).
 pub(super) async fn exchange(
     ctx: &Context<'_>,
-    deployment: Deployment,
-    exposed: &[Exposed],
+    selector: &BTreeMap<String, String>,
+    deployments: Vec<Deployment>,
+    plan: &PortPlan,
     recover_wait: Duration,
 ) -> Result<(), ExchangeError> {
-    let deployments: Api<Deployment> =
-        Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
-    let deploy = deployment.metadata.name.clone().unwrap_or_default();
-    let spec = deployment.spec.unwrap_or_default();
-    let replicas = spec.replicas.unwrap_or(1);
+    let api: Api<Deployment> = Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
+    let scaled: Vec<(String, i32)> = deployments
+        .iter()
+        .map(|d| {
+            (
+                d.metadata.name.clone().unwrap_or_default(),
+                d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+            )
+        })
+        .collect();
+    let (first, first_replicas) = scaled[0].clone();
     let Some((pool, forwards)) = super::exchange_shadow(
         ctx,
-        &deploy,
-        spec.selector.match_labels.unwrap_or_default(),
-        format!("app={deploy},replicas={replicas}"),
-        exposed,
+        &first,
+        selector.clone(),
+        format!("app={first},replicas={first_replicas}"),
+        plan,
     )
     .await?
     else {
         return Ok(());
     };
 
-    tracing::info!("Scaling deployment {deploy} from {replicas} to 0");
-    scale(&deployments, &deploy, 0).await?;
-    {
-        let (deployments, deploy) = (deployments.clone(), deploy.clone());
+    for (deploy, replicas) in &scaled {
+        tracing::info!("Scaling deployment {deploy} from {replicas} to 0");
+        scale(&api, deploy, 0).await?;
+        let (api, deploy, replicas) = (api.clone(), deploy.clone(), *replicas);
         ctx.lifecycle.defer_within(
             format!("deployment {deploy} scaled to 0 (it had {replicas} replicas)"),
             recover_wait + crate::lifecycle::STEP_TIMEOUT,
             async move {
                 tracing::info!("Scaling deployment {deploy} back to {replicas}");
-                scale(&deployments, &deploy, replicas).await?;
-                wait_recovered(&deployments, &deploy, replicas, recover_wait).await;
+                scale(&api, &deploy, replicas).await?;
+                wait_recovered(&api, &deploy, replicas, recover_wait).await;
                 Ok::<(), ClusterError>(())
             },
         );
     }
-    super::keep_reverse_tunnels(
-        &pool,
-        &forwards,
-        ctx.lifecycle,
-        &format!("deployment '{deploy}'"),
-    )
-    .await;
+    let what: Vec<String> = scaled
+        .iter()
+        .map(|(d, _)| format!("deployment '{d}'"))
+        .collect();
+    super::keep_reverse_tunnels(ctx, &pool, &forwards, &what.join(", ")).await;
     Ok(())
 }
 

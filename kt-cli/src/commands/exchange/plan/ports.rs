@@ -1,0 +1,534 @@
+//! Which Service ports an `--expose` item stands for.
+//!
+//! An item names a **target port**: the port the Service's pods listen on (v0.3.7 — so a
+//! script's `--expose 9090:8080` means "what the pods serve on 8080"). Every Service port
+//! whose target is that port is exchanged: `api:80` and `api:8080` both target 8080, so both
+//! go local, as they do in selector mode where a shadow listens on 8080. A target given by
+//! name resolves through the pods' container ports (or, with no pod running, the workloads'
+//! pod templates), as Kubernetes resolves it. When no target port has the number, it may
+//! name a Service port instead (kt's addition), which stands for that port's target.
+//!
+//! Only TCP is carried; a UDP port sharing the target is reported, not exchanged.
+
+use std::{collections::BTreeMap, fmt};
+
+use k8s_openapi::{
+    api::core::v1::{Pod, PodSpec, Service},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use super::PlanError;
+
+/// One `--expose` item: the local port, and the remote port if given.
+pub type ExposeItem = (u16, Option<u16>);
+
+/// A Service port as exchange sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    /// `TCP` (Kubernetes' default), `UDP` or `SCTP`.
+    pub protocol: String,
+    pub target: Option<IntOrString>,
+}
+
+impl ServicePort {
+    /// The ports of `service`.
+    pub fn of(service: &Service) -> Vec<Self> {
+        service
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| Self {
+                name: p.name.filter(|n| !n.is_empty()),
+                port: u16::try_from(p.port).unwrap_or_default(),
+                protocol: p.protocol.unwrap_or_else(|| "TCP".into()),
+                target: p.target_port,
+            })
+            .collect()
+    }
+
+    pub fn is_tcp(&self) -> bool {
+        self.protocol == "TCP"
+    }
+}
+
+/// `http 80/TCP`, or `80/TCP` for an unnamed port.
+impl fmt::Display for ServicePort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.name {
+            Some(name) => write!(f, "{name} {}/{}", self.port, self.protocol),
+            None => write!(f, "{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+/// What the Service's pods call their ports: (name, protocol) → number → a pod (or
+/// workload) that says so.
+#[derive(Clone, Debug, Default)]
+pub struct NamedPorts(BTreeMap<(String, String), BTreeMap<u16, String>>);
+
+impl NamedPorts {
+    /// The container ports of `pods`.
+    pub fn from_pods(pods: &[Pod]) -> Self {
+        let specs = pods.iter().filter_map(|p| {
+            Some((
+                format!("pod {}", p.metadata.name.as_deref()?),
+                p.spec.as_ref()?,
+            ))
+        });
+        Self::from_specs(specs)
+    }
+
+    /// The container ports of pod templates, each with the workload that has it
+    /// (`deployment web`).
+    pub fn from_specs<'a>(specs: impl IntoIterator<Item = (String, &'a PodSpec)>) -> Self {
+        let mut named = Self::default();
+        for (owner, spec) in specs {
+            for port in spec
+                .containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+            {
+                let (Some(name), Ok(number)) = (&port.name, u16::try_from(port.container_port))
+                else {
+                    continue;
+                };
+                let protocol = port.protocol.clone().unwrap_or_else(|| "TCP".into());
+                named
+                    .0
+                    .entry((name.clone(), protocol))
+                    .or_default()
+                    .entry(number)
+                    .or_insert_with(|| owner.clone());
+            }
+        }
+        named
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The numbers `name` stands for, each with who says so.
+    fn numbers(&self, name: &str, protocol: &str) -> Option<&BTreeMap<u16, String>> {
+        self.0.get(&(name.to_owned(), protocol.to_owned()))
+    }
+}
+
+/// One exposed target port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exposed {
+    /// The workstation port connections go to.
+    pub local: u16,
+    /// The port the pods listen on; a shadow listens there too.
+    pub target: u16,
+    /// The TCP Service ports whose target it is.
+    pub service_ports: Vec<ServicePort>,
+}
+
+impl Exposed {
+    /// The container ports a shadow declares, so that the Service's targets resolve to it:
+    /// each target name on the target port, else `kt-<port>` (v0.3.7).
+    pub fn shadow_ports(&self) -> Vec<(String, u16)> {
+        let mut names: Vec<String> = self
+            .service_ports
+            .iter()
+            .filter_map(|p| match &p.target {
+                Some(IntOrString::String(name)) => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            names.push(format!("kt-{}", self.target));
+        }
+        names.into_iter().map(|n| (n, self.target)).collect()
+    }
+}
+
+/// What an exchange does with each port of the Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortPlan {
+    pub exposed: Vec<Exposed>,
+    /// The Service ports no exposed item covers: the pods keep them in agent mode; in
+    /// selector and scale modes, where a shadow takes the pods' place, they stop answering.
+    pub unexposed: Vec<ServicePort>,
+    /// UDP and SCTP ports that share an exposed target port: not carried (yet).
+    pub not_carried: Vec<ServicePort>,
+    /// Facts the user should hear (a port name with different numbers on different pods).
+    pub warnings: Vec<String>,
+}
+
+impl PortPlan {
+    /// The Service ports that go local.
+    pub fn service_ports(&self) -> impl Iterator<Item = (&ServicePort, u16)> {
+        self.exposed
+            .iter()
+            .flat_map(|e| e.service_ports.iter().map(|p| (p, e.local)))
+    }
+}
+
+/// `--expose`: `port` or `local:remote`, comma separated.
+pub fn parse_expose(text: &str) -> Result<Vec<ExposeItem>, PlanError> {
+    let port = |p: &str| p.trim().parse::<u16>().ok().filter(|p| *p > 0);
+    let pairs: Vec<&str> = text.split(',').filter(|p| !p.trim().is_empty()).collect();
+    if pairs.is_empty() {
+        return Err(PlanError::NoPort(text.to_owned()));
+    }
+    pairs
+        .into_iter()
+        .map(|pair| {
+            let parsed = match pair.split_once(':') {
+                Some((l, r)) => port(l).zip(port(r)).map(|(l, r)| (l, Some(r))),
+                None => port(pair).map(|p| (p, None)),
+            };
+            parsed.ok_or_else(|| PlanError::Malformed(pair.to_owned()))
+        })
+        .collect()
+}
+
+fn item_text((local, remote): ExposeItem) -> String {
+    remote.map_or_else(|| local.to_string(), |r| format!("{local}:{r}"))
+}
+
+/// The Service's ports with their target resolved to a number, where it resolves.
+fn resolve(
+    service: &str,
+    ports: &[ServicePort],
+    named: &NamedPorts,
+    warnings: &mut Vec<String>,
+) -> Vec<(ServicePort, Option<u16>)> {
+    ports
+        .iter()
+        .map(|p| {
+            let target = match &p.target {
+                None => Some(p.port),
+                Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                Some(IntOrString::String(name)) => {
+                    named.numbers(name, &p.protocol).and_then(|numbers| {
+                        if numbers.len() > 1 {
+                            let seen: Vec<String> =
+                                numbers.iter().map(|(n, who)| format!("{n} on {who}")).collect();
+                            let warning = format!(
+                                "port name '{name}' of service '{service}' stands for different ports: {}",
+                                seen.join(", ")
+                            );
+                            if !warnings.contains(&warning) {
+                                warnings.push(warning);
+                            }
+                        }
+                        numbers.keys().next().copied()
+                    })
+                }
+            };
+            (p.clone(), target)
+        })
+        .collect()
+}
+
+/// Decides, for each `--expose` item, the target port and the Service ports it stands for
+/// (see the module doc); `named` resolves named target ports.
+pub fn plan(
+    service: &str,
+    ports: &[ServicePort],
+    named: &NamedPorts,
+    expose: &[ExposeItem],
+) -> Result<PortPlan, PlanError> {
+    let mut plan = PortPlan::default();
+    let resolved = resolve(service, ports, named, &mut plan.warnings);
+    let mut claimed: BTreeMap<u16, ExposeItem> = BTreeMap::new();
+    for item in expose {
+        let (local, remote) = *item;
+        let wanted = remote.unwrap_or(local);
+        let target = if resolved.iter().any(|(_, t)| *t == Some(wanted)) {
+            wanted
+        } else {
+            let by_port = resolved
+                .iter()
+                .filter(|(p, _)| p.port == wanted)
+                .min_by_key(|(p, _)| !p.is_tcp());
+            match by_port {
+                Some((_, Some(target))) => *target,
+                Some((p, None)) => {
+                    return Err(PlanError::Unresolved {
+                        service: service.to_owned(),
+                        port: p.port,
+                        name: match &p.target {
+                            Some(IntOrString::String(name)) => name.clone(),
+                            _ => String::new(),
+                        },
+                    });
+                }
+                None => {
+                    return Err(PlanError::NoSuchPort {
+                        port: wanted,
+                        service: service.to_owned(),
+                    });
+                }
+            }
+        };
+        if let Some(earlier) = claimed.insert(target, *item) {
+            return Err(PlanError::SameTarget {
+                first: item_text(earlier),
+                second: item_text(*item),
+                target,
+            });
+        }
+        let (tcp, other): (Vec<ServicePort>, Vec<ServicePort>) = resolved
+            .iter()
+            .filter(|(_, t)| *t == Some(target))
+            .map(|(p, _)| p.clone())
+            .partition(ServicePort::is_tcp);
+        if tcp.is_empty() {
+            return Err(PlanError::NotTcp {
+                port: wanted,
+                service: service.to_owned(),
+            });
+        }
+        plan.not_carried.extend(other);
+        plan.exposed.push(Exposed {
+            local,
+            target,
+            service_ports: tcp,
+        });
+    }
+    plan.unexposed = ports
+        .iter()
+        .filter(|p| !plan.service_ports().any(|(e, _)| e == *p))
+        .cloned()
+        .collect();
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn port(
+        name: Option<&str>,
+        port: u16,
+        protocol: &str,
+        target: Option<IntOrString>,
+    ) -> ServicePort {
+        ServicePort {
+            name: name.map(str::to_owned),
+            port,
+            protocol: protocol.into(),
+            target,
+        }
+    }
+
+    fn int(n: i32) -> Option<IntOrString> {
+        Some(IntOrString::Int(n))
+    }
+
+    fn named(n: &str) -> Option<IntOrString> {
+        Some(IntOrString::String(n.into()))
+    }
+
+    fn pod(name: &str, ports: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"containers": [{"name": "app", "ports": ports}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn expose_forms_and_errors() {
+        assert_eq!(
+            parse_expose("8080,9000:81").unwrap(),
+            [(8080, None), (9000, Some(81))]
+        );
+        for bad in ["", "x", "8080:", "0", "1:2:3", "70000"] {
+            let err = parse_expose(bad).unwrap_err().to_string();
+            assert!(err.contains("--expose"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_unnamed_single_port_is_exposed_by_its_target_or_its_port() {
+        let ports = [port(None, 80, "TCP", int(8080))];
+        for remote in [8080, 80] {
+            let plan = plan(
+                "web",
+                &ports,
+                &NamedPorts::default(),
+                &[(18080, Some(remote))],
+            )
+            .unwrap();
+            assert_eq!(plan.exposed[0].target, 8080, "{remote}");
+            assert_eq!(plan.exposed[0].service_ports, ports);
+            assert!(plan.unexposed.is_empty());
+        }
+        assert_eq!(
+            plan("web", &ports, &NamedPorts::default(), &[(18080, Some(5))])
+                .unwrap_err()
+                .to_string(),
+            "target port 5 not exists in service 'web'"
+        );
+    }
+
+    #[test]
+    fn every_service_port_of_the_exposed_target_goes_local() {
+        let ports = [
+            port(Some("http"), 80, "TCP", int(8080)),
+            port(Some("http-alt"), 8080, "TCP", int(8080)),
+            port(Some("admin"), 9090, "TCP", None),
+        ];
+        let plan = plan(
+            "api",
+            &ports,
+            &NamedPorts::default(),
+            &[(18080, Some(8080)), (19090, Some(9090))],
+        )
+        .unwrap();
+        let local: Vec<(u16, u16)> = plan.service_ports().map(|(p, l)| (p.port, l)).collect();
+        assert_eq!(local, [(80, 18080), (8080, 18080), (9090, 19090)]);
+        assert!(plan.unexposed.is_empty());
+        // A Service port stands for its target: 80 means target 8080, so 8080 goes too.
+        let by_port =
+            super::plan("api", &ports, &NamedPorts::default(), &[(18080, Some(80))]).unwrap();
+        assert_eq!(by_port.exposed[0].service_ports.len(), 2);
+        assert_eq!(by_port.unexposed, [ports[2].clone()]);
+    }
+
+    #[test]
+    fn udp_sharing_the_target_is_reported_and_udp_alone_is_refused() {
+        let ports = [
+            port(Some("dns-udp"), 53, "UDP", int(5353)),
+            port(Some("dns-tcp"), 53, "TCP", int(5353)),
+            port(Some("http"), 80, "TCP", int(8080)),
+        ];
+        let dns = plan(
+            "mixed",
+            &ports,
+            &NamedPorts::default(),
+            &[(15353, Some(5353))],
+        )
+        .unwrap();
+        assert_eq!(dns.exposed[0].service_ports, [ports[1].clone()]);
+        assert_eq!(dns.not_carried, [ports[0].clone()]);
+        assert_eq!(dns.unexposed, [ports[0].clone(), ports[2].clone()]);
+        let by_port = plan(
+            "mixed",
+            &ports,
+            &NamedPorts::default(),
+            &[(15353, Some(53))],
+        )
+        .unwrap();
+        assert_eq!(by_port.exposed[0].target, 5353, "the TCP port 53 is meant");
+        let http = plan(
+            "mixed",
+            &ports,
+            &NamedPorts::default(),
+            &[(18080, Some(8080))],
+        )
+        .unwrap();
+        assert_eq!(
+            http.unexposed
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["dns-udp 53/UDP", "dns-tcp 53/TCP"]
+        );
+        let udp_only = [port(Some("syslog"), 514, "UDP", None)];
+        assert_eq!(
+            plan(
+                "logs",
+                &udp_only,
+                &NamedPorts::default(),
+                &[(1514, Some(514))]
+            )
+            .unwrap_err()
+            .to_string(),
+            "port 514 of service 'logs' is not TCP; exchange carries TCP only"
+        );
+    }
+
+    #[test]
+    fn a_named_target_resolves_through_the_pods_container_ports() {
+        let ports = [port(Some("http"), 80, "TCP", named("http"))];
+        let pods = [pod(
+            "web-1",
+            json!([{"name": "http", "containerPort": 8080}]),
+        )];
+        let plan = plan(
+            "web",
+            &ports,
+            &NamedPorts::from_pods(&pods),
+            &[(9090, Some(8080))],
+        )
+        .unwrap();
+        assert_eq!(plan.exposed[0].target, 8080);
+        assert_eq!(plan.exposed[0].shadow_ports(), [("http".to_owned(), 8080)]);
+        assert!(plan.warnings.is_empty());
+        // Without pods nothing resolves the name: by number it is not found, by Service
+        // port it cannot be resolved.
+        let none = NamedPorts::default();
+        assert!(matches!(
+            super::plan("web", &ports, &none, &[(9090, Some(8080))]),
+            Err(PlanError::NoSuchPort { port: 8080, .. })
+        ));
+        assert_eq!(
+            super::plan("web", &ports, &none, &[(9090, Some(80))])
+                .unwrap_err()
+                .to_string(),
+            "service port 80 of 'web' targets the port named 'http', which no pod or workload of the service declares"
+        );
+    }
+
+    #[test]
+    fn a_name_with_two_numbers_is_reported_naming_both() {
+        let ports = [port(Some("http"), 80, "TCP", named("http"))];
+        let pods = [
+            pod("web-a", json!([{"name": "http", "containerPort": 8080}])),
+            pod("web-b", json!([{"name": "http", "containerPort": 9000}])),
+        ];
+        let plan = plan(
+            "web",
+            &ports,
+            &NamedPorts::from_pods(&pods),
+            &[(18080, Some(80))],
+        )
+        .unwrap();
+        assert_eq!(
+            plan.warnings,
+            [
+                "port name 'http' of service 'web' stands for different ports: 8080 on pod web-a, 9000 on pod web-b"
+            ]
+        );
+    }
+
+    #[test]
+    fn two_items_for_one_target_are_refused() {
+        let ports = [port(None, 80, "TCP", int(8080))];
+        assert_eq!(
+            plan(
+                "web",
+                &ports,
+                &NamedPorts::default(),
+                &[(1, Some(80)), (2, Some(8080))]
+            )
+            .unwrap_err()
+            .to_string(),
+            "--expose items 1:80 and 2:8080 both stand for target port 8080"
+        );
+    }
+
+    #[test]
+    fn a_shadow_declares_numeric_targets_as_kt_ports() {
+        let e = Exposed {
+            local: 1,
+            target: 9001,
+            service_ports: vec![port(Some("admin"), 81, "TCP", int(9001))],
+        };
+        assert_eq!(e.shadow_ports(), [("kt-9001".to_owned(), 9001)]);
+    }
+}
