@@ -2,6 +2,18 @@
 //! discovery, watch streams, server-side tables for kubectl, subresources (`status`,
 //! `scale`, `log`, `exec`, `portforward`), authentication and RBAC.
 
+pub mod admission;
+pub mod api_only;
+pub mod auth;
+pub mod errors;
+pub mod patch;
+pub mod protobuf;
+pub mod resources;
+pub mod selector;
+pub mod store;
+pub mod streams;
+pub mod tls;
+
 use std::{
     convert::Infallible,
     sync::{Arc, RwLock},
@@ -20,14 +32,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{
-    auth::{self, Attributes, Tokens, UserInfo},
-    patch::{self, PatchError},
+use self::{
+    auth::{Attributes, Tokens, UserInfo},
+    errors::ApiError,
+    patch::PatchError,
     resources::ResourceType,
     selector::{FieldSelector, LabelSelector},
-    status::ApiError,
     store::{DeleteOptions, ListQuery, Part, Store, WatchFilter, WatchStart},
-    streams,
 };
 
 /// What the API needs from the kubelets: pod logs, a connection into a pod, a process in a
@@ -609,7 +620,7 @@ async fn read_json(req: Request) -> Result<Value, ApiError> {
     let content_type = content_type(req.headers());
     let body = read_body(req).await?;
     if content_type == "application/vnd.kubernetes.protobuf" {
-        return super::protobuf::decode(&body).map_err(|m| {
+        return protobuf::decode(&body).map_err(|m| {
             let mut e = ApiError::unsupported_media_type(&content_type);
             e.message = m;
             e
@@ -724,7 +735,7 @@ fn scale_of(obj: &Value) -> Value {
         .0
         .iter()
         .map(|r| match r {
-            super::selector::Requirement::Eq(k, v) => format!("{k}={v}"),
+            selector::Requirement::Eq(k, v) => format!("{k}={v}"),
             other => format!("{other:?}"),
         })
         .collect();

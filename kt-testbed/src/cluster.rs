@@ -14,19 +14,20 @@ use std::{
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::{
+use crate::sys::tempdir::TempDir;
+use crate::{
+    api::auth::{Tokens, UserInfo},
+    api::store::Store,
+    api::tls,
     api::{ApiServer, PodRuntime, bootstrap},
-    auth::{Tokens, UserInfo},
-    controllers,
-    images::Catalog,
-    kubeconfig,
-    kubelet::{CLUSTER_DNS, KUBERNETES_SERVICE, Kubelets, NodeInfo},
-    netio, proxy,
-    store::Store,
-    tls,
+    controllers, kubeconfig,
+    node::images::Catalog,
+    node::kubelet::{CLUSTER_DNS, KUBERNETES_SERVICE, Kubelets, NodeInfo},
+    node::netio,
+    node::proxy,
+    runtime::OwnRuntime,
     topology::{API_IP, API_PORT, Topology},
 };
-use crate::harness::tempdir::TempDir;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -53,14 +54,32 @@ pub struct Testbed {
     pub dir: PathBuf,
     shutdown: CancellationToken,
     topology: Option<Topology>,
+    /// Where everything above runs; `None` only while starting.
+    runtime: Option<OwnRuntime>,
     _tempdir: Option<TempDir>,
 }
 
+/// The keys of the testbed's `env` file (in its directory) that `kt-testbed exec` reads.
+pub const ENV_WORKSTATION_NETNS: &str = "KT_TESTBED_WORKSTATION_NETNS";
+pub const ENV_WORKSTATION_KUBECONFIG: &str = "KT_TESTBED_WORKSTATION_KUBECONFIG";
+/// The cgroup `kt-testbed exec` puts its command in: inside the testbed's tree, which
+/// stopping the testbed kills.
+pub const ENV_WORKSTATION_CGROUP: &str = "KT_TESTBED_WORKSTATION_CGROUP";
+
 impl Testbed {
-    /// Builds and starts the cluster; returns once the DNS pod is ready.
+    /// Builds and starts the cluster on a runtime of its own (see [`OwnRuntime`]); returns
+    /// once the DNS pod is ready.
     pub async fn start(options: Options) -> io::Result<Self> {
+        let runtime = OwnRuntime::new("kt-testbed")?;
+        let mut testbed = runtime.run(Self::start_here(options)).await?;
+        testbed.runtime = Some(runtime);
+        Ok(testbed)
+    }
+
+    /// Builds and starts the cluster on the caller's runtime.
+    async fn start_here(options: Options) -> io::Result<Self> {
         let id: u16 = rand::random();
-        let prefix = format!("{}{id:04x}-", crate::harness::PREFIX);
+        let prefix = format!("{}{id:04x}-", crate::sys::PREFIX);
         let (tempdir, dir) = match &options.dir {
             Some(d) => {
                 std::fs::create_dir_all(d)?;
@@ -191,13 +210,15 @@ impl Testbed {
             dir,
             shutdown,
             topology: Some(topology),
+            runtime: None,
             _tempdir: tempdir,
         };
         let env = format!(
-            "KUBECONFIG={}\nKT_TESTBED_WORKSTATION_NETNS={}\nKT_TESTBED_WORKSTATION_KUBECONFIG={}\nKT_TESTBED_PID={}\n",
+            "KUBECONFIG={}\n{ENV_WORKSTATION_NETNS}={}\n{ENV_WORKSTATION_KUBECONFIG}={}\n{ENV_WORKSTATION_CGROUP}={}\nKT_TESTBED_PID={}\n",
             testbed.kubeconfig.display(),
             testbed.workstation_netns().display(),
             testbed.workstation_kubeconfig.display(),
+            testbed.topology().workstation_cgroup.path().display(),
             std::process::id()
         );
         std::fs::write(testbed.dir.join("env"), env)?;
@@ -294,8 +315,9 @@ impl Testbed {
             .registry
             .find("", "v1", "pods")
             .expect("built-in");
-        let query = super::store::ListQuery {
-            label: super::selector::LabelSelector::parse(selector).map_err(io::Error::other)?,
+        let query = crate::api::store::ListQuery {
+            label: crate::api::selector::LabelSelector::parse(selector)
+                .map_err(io::Error::other)?,
             ..Default::default()
         };
         let deadline = tokio::time::Instant::now() + timeout;
@@ -338,7 +360,7 @@ impl Testbed {
 
     /// A kube-rs client for the admin on the host.
     pub async fn client(&self) -> kube::Client {
-        super::apitier::client_for(&self.kubeconfig).await
+        crate::api::api_only::client_for(&self.kubeconfig).await
     }
 
     /// A kubeconfig for user `name` on the host, authorised only by RBAC.
@@ -368,8 +390,15 @@ impl Testbed {
     /// Stops everything and removes every namespace, cgroup and file the testbed made.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        self.api.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(15), self.api.tasks.wait()).await;
+        let tasks = self.api.tasks.clone();
+        let drain = async move {
+            tasks.close();
+            let _ = tokio::time::timeout(Duration::from_secs(15), tasks.wait()).await;
+        };
+        match &self.runtime {
+            Some(runtime) => runtime.run(drain).await,
+            None => drain.await,
+        }
         self.teardown();
     }
 
@@ -398,7 +427,7 @@ pub fn run_in_pod(spec_path: &Path) -> io::Error {
     match std::fs::read(spec_path)
         .and_then(|b| serde_json::from_slice(&b).map_err(io::Error::other))
     {
-        Ok(spec) => super::runner::exec(&spec),
+        Ok(spec) => crate::node::runner::exec(&spec),
         Err(e) => e,
     }
 }

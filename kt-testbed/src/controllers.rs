@@ -14,10 +14,10 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{
-    resources::ResourceType,
-    status::ApiError,
-    store::{DeleteOptions, Part, Store},
+use crate::{
+    api::errors::ApiError,
+    api::resources::ResourceType,
+    api::store::{DeleteOptions, Part, Store},
 };
 
 /// Starts every controller as a tracked task.

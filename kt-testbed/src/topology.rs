@@ -17,7 +17,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use crate::harness::{cgroup::TestCgroup, netns::NetNs};
+use crate::sys::{cgroup::TestCgroup, netns::NetNs};
 
 pub const API_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
 pub const API_PORT: u16 = 6443;
@@ -57,7 +57,7 @@ pub fn ip_batch(netns: &str, commands: &[String]) -> io::Result<()> {
 
 /// A sysctl inside a namespace.
 pub fn sysctl(netns: &str, key: &str, value: &str) -> io::Result<()> {
-    crate::harness::netns::run_checked(Command::new("ip").args([
+    crate::sys::netns::run_checked(Command::new("ip").args([
         "netns",
         "exec",
         netns,
@@ -88,6 +88,9 @@ pub struct Topology {
     pub nodes: Vec<Node>,
     pub workstation: NetNs,
     pub control_plane: NetNs,
+    /// Where `kt-testbed exec` puts workstation commands, so that stopping the testbed ends
+    /// them with everything else.
+    pub workstation_cgroup: TestCgroup,
     pub cgroup: TestCgroup,
 }
 
@@ -168,11 +171,13 @@ impl Topology {
                 "link set eth0 up".into(),
             ],
         )?;
+        let workstation_cgroup = cgroup.child("workstation")?;
         Ok(Self {
             prefix: prefix.to_owned(),
             nodes: built,
             workstation,
             control_plane: cp,
+            workstation_cgroup,
             cgroup,
         })
     }

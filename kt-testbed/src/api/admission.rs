@@ -6,7 +6,7 @@ use std::{collections::HashSet, net::Ipv4Addr};
 
 use serde_json::{Value, json};
 
-use super::resources::ResourceType;
+use crate::api::resources::ResourceType;
 
 /// The Service range: 10.96.0.0/16 (kubernetes = .0.1, kube-dns = .0.10).
 pub const SERVICE_NET: [u8; 2] = [10, 96];
@@ -153,7 +153,7 @@ fn check_selector_matches_template(obj: &Value) -> Causes {
     if !selector.is_object() {
         return vec![("spec.selector".into(), "Required value".into())];
     }
-    let Ok(parsed) = super::selector::LabelSelector::from_object(selector) else {
+    let Ok(parsed) = crate::api::selector::LabelSelector::from_object(selector) else {
         return vec![(
             "spec.selector".into(),
             "Invalid value: invalid label selector".into(),
@@ -356,7 +356,7 @@ pub fn immutable_changes(rt: &ResourceType, old: &Value, new: &Value) -> Causes 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testbed::resources::Registry;
+    use crate::api::resources::Registry;
 
     fn rt(group: &str, plural: &str) -> ResourceType {
         Registry::default().find(group, "v1", plural).unwrap()

@@ -1,18 +1,19 @@
-//! The API stand-in alone (no kubelets, no network): what unprivileged conformance tests
-//! run against. Listens on 127.0.0.1 over HTTPS with its own CA.
+//! The API server stand-in alone, unprivileged: no kubelets, no namespaces, no cgroups (the
+//! controllers optional). What the unprivileged conformance tests run against. Listens on
+//! 127.0.0.1 over HTTPS with its own CA, and serves from a runtime of its own.
 
 use std::{io, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{
+use crate::{
+    api::auth::{Tokens, UserInfo},
+    api::store::Store,
+    api::tls,
     api::{ApiServer, bootstrap},
-    auth::{Tokens, UserInfo},
     controllers, kubeconfig,
-    store::Store,
-    tls,
 };
-use crate::harness::tempdir::TempDir;
+use crate::{runtime::OwnRuntime, sys::tempdir::TempDir};
 
 #[derive(Clone, Debug)]
 pub struct ApiOptions {
@@ -33,8 +34,8 @@ impl Default for ApiOptions {
     }
 }
 
-/// A running API stand-in; stops on drop.
-pub struct ApiTier {
+/// The API server alone, running as any user; stops on drop.
+pub struct UnprivilegedApi {
     pub api: Arc<ApiServer>,
     pub addr: SocketAddr,
     pub admin_token: String,
@@ -42,11 +43,21 @@ pub struct ApiTier {
     pub ca_pem: String,
     dir: TempDir,
     shutdown: CancellationToken,
+    /// Where the server runs (`None` only while starting); dropped, so shut down, after
+    /// `shutdown` is cancelled.
+    runtime: Option<OwnRuntime>,
 }
 
-impl ApiTier {
-    /// Starts serving on 127.0.0.1:<free port>; call inside a tokio runtime.
+impl UnprivilegedApi {
+    /// Starts serving on 127.0.0.1:<free port>, on a runtime of its own.
     pub async fn start(options: ApiOptions) -> io::Result<Self> {
+        let runtime = OwnRuntime::new("kt-testbed-api")?;
+        let mut api = runtime.run(Self::start_here(options)).await?;
+        api.runtime = Some(runtime);
+        Ok(api)
+    }
+
+    async fn start_here(options: ApiOptions) -> io::Result<Self> {
         let shutdown = CancellationToken::new();
         let store = Store::new(options.history);
         bootstrap(&store);
@@ -91,6 +102,7 @@ impl ApiTier {
             ca_pem: pki.ca_pem,
             dir,
             shutdown,
+            runtime: None,
         })
     }
 
@@ -124,7 +136,7 @@ pub async fn client_for(path: &std::path::Path) -> kube::Client {
     kube::Client::try_from(config).expect("client")
 }
 
-impl Drop for ApiTier {
+impl Drop for UnprivilegedApi {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }

@@ -5,7 +5,7 @@ use std::{collections::HashMap, sync::RwLock};
 
 use serde_json::{Value, json};
 
-use super::store::Store;
+use crate::api::store::Store;
 
 pub const ADMIN_USER: &str = "kubernetes-admin";
 pub const MASTERS: &str = "system:masters";
@@ -232,7 +232,7 @@ pub fn default_cluster_roles() -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testbed::resources::Registry;
+    use crate::api::resources::Registry;
 
     fn store_with(objects: &[(&str, Value)]) -> std::sync::Arc<Store> {
         let store = Store::new(100);

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use super::resources::ResourceType;
+use crate::api::resources::ResourceType;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ApiError {

@@ -12,11 +12,11 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use super::{
-    admission,
-    resources::{Registry, ResourceType},
-    selector::{FieldSelector, LabelSelector},
-    status::ApiError,
+use crate::{
+    api::admission,
+    api::errors::ApiError,
+    api::resources::{Registry, ResourceType},
+    api::selector::{FieldSelector, LabelSelector},
 };
 
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;
@@ -464,7 +464,7 @@ impl Store {
         ));
         if rt.group == "apiextensions.k8s.io"
             && rt.plural == "customresourcedefinitions"
-            && let Err(msg) = super::resources::crd_types(&obj)
+            && let Err(msg) = crate::api::resources::crd_types(&obj)
         {
             let (field, text) = msg.split_once(": ").unwrap_or(("spec", &msg));
             causes.push((field.to_owned(), text.to_owned()));

@@ -17,10 +17,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{
+use crate::{
+    api::resources::ResourceType,
+    api::store::{Event, EventKind, WatchFilter},
     api::{ApiServer, PodRuntime},
-    resources::ResourceType,
-    store::{Event, EventKind, WatchFilter},
 };
 
 pub struct WatchOptions {

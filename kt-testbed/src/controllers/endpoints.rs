@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use super::{Ctl, controller_ref, ns_name, pod_ready, terminating};
-use crate::testbed::selector::LabelSelector;
+use crate::api::selector::LabelSelector;
 
 const SERVICE_NAME: &str = "kubernetes.io/service-name";
 const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use serde_json::{Value, json};
 
 use super::{Ctl, ns_name, terminating, uid};
-use crate::testbed::store::finalizers;
+use crate::api::store::finalizers;
 
 /// Every stored object with its (group, plural).
 fn everything(ctl: &Ctl) -> Vec<(String, String, Value)> {

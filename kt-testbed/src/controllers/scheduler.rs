@@ -3,7 +3,7 @@
 use serde_json::json;
 
 use super::{Ctl, terminating};
-use crate::testbed::store::now_rfc3339;
+use crate::api::store::now_rfc3339;
 
 pub(super) fn schedule(ctl: &Ctl) {
     let pods = ctl.list("", "pods");

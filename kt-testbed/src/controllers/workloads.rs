@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use super::{
     Ctl, controller_ref, controller_uid, ns_name, omit_zeros, pod_ready, terminating, uid,
 };
-use crate::testbed::{selector::LabelSelector, store::now_rfc3339};
+use crate::{api::selector::LabelSelector, api::store::now_rfc3339};
 
 const HASH_LABEL: &str = "pod-template-hash";
 const REVISION: &str = "deployment.kubernetes.io/revision";

@@ -22,17 +22,17 @@ use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{
+use crate::sys::{cgroup::TestCgroup, netns::NetNs};
+use crate::{
     api::PodRuntime,
-    auth::{Tokens, UserInfo},
-    images::Catalog,
-    netio,
-    runner::{BindMount, RunSpec},
-    status::ApiError,
-    store::{Part, Store, now_rfc3339},
+    api::auth::{Tokens, UserInfo},
+    api::errors::ApiError,
+    api::store::{Part, Store, now_rfc3339},
+    node::images::Catalog,
+    node::netio,
+    node::runner::{BindMount, RunSpec},
     topology::{self, POD_GATEWAY},
 };
-use crate::harness::{cgroup::TestCgroup, netns::NetNs};
 
 pub const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const KUBERNETES_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
@@ -210,7 +210,7 @@ impl Kubelets {
                 Some(r) if terminating => r.terminate.cancel(),
                 Some(_) => {}
                 None if terminating => {
-                    let (ns, name) = super::controllers::ns_name(&pod);
+                    let (ns, name) = crate::controllers::ns_name(&pod);
                     let _ = self.store.purge(
                         &self
                             .store
@@ -601,7 +601,7 @@ impl Kubelets {
         dir: &Path,
         pod_ip: Ipv4Addr,
     ) -> std::io::Result<HashMap<String, PathBuf>> {
-        let (ns, _) = super::controllers::ns_name(pod);
+        let (ns, _) = crate::controllers::ns_name(pod);
         let mut out = HashMap::new();
         let get = |plural: &str, obj_name: &str| -> Value {
             self.store
@@ -803,7 +803,7 @@ impl Kubelets {
         pod_ip: Ipv4Addr,
         hostname: &str,
     ) -> Vec<(String, String)> {
-        let (ns, _) = super::controllers::ns_name(pod);
+        let (ns, _) = crate::controllers::ns_name(pod);
         let mut env = vec![
             (
                 "PATH".to_owned(),

@@ -15,7 +15,7 @@ use std::{
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::store::Store;
+use crate::api::store::Store;
 
 const TABLE: &str = "kt_proxy";
 /// Marks packets that need SNAT to the node (hairpin, NodePort from outside).
@@ -317,15 +317,14 @@ mod tests {
 mod nft {
     use serde_json::json;
 
-    /// The generated script loads in a real nftables (root; skipped otherwise), twice.
+    /// The generated script loads in a real nftables (root, in a namespace of its own), twice.
     #[test]
+    #[cfg_attr(
+        not(feature = "privileged"),
+        ignore = "needs root for a network namespace: tests/run test"
+    )]
     fn script_is_accepted_by_nft() {
-        // SAFETY: getuid has no failure mode.
-        if unsafe { libc::getuid() } != 0 {
-            eprintln!("skipping: needs root for a network namespace");
-            return;
-        }
-        let ns = crate::harness::netns::NetNs::new(crate::harness::unique_name("nft")).unwrap();
+        let ns = crate::sys::netns::NetNs::new(crate::sys::unique_name("nft")).unwrap();
         let services = [
             json!({"metadata": {"name": "web", "namespace": "d"}, "spec": {"clusterIP": "10.96.1.5", "ports": [{"name": "", "port": 80, "protocol": "TCP", "nodePort": 30080}]}}),
             json!({"metadata": {"name": "dns", "namespace": "d"}, "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}}),

@@ -9,6 +9,26 @@ use std::{
     time::Duration,
 };
 
+/// Where the cgroup2 hierarchy is mounted: `/sys/fs/cgroup` on pure v2 hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones. Asked of the file system (`statfs`) rather than
+/// of kt's agent, so that the testbed does not depend on the product it tests.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|dir| is_cgroup2(dir))
+}
+
+fn is_cgroup2(dir: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we pass; the path is a valid C string.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    let found = unsafe { libc::statfs(path.as_ptr(), &mut stat) } == 0;
+    found && stat.f_type == libc::CGROUP2_SUPER_MAGIC
+}
+
 /// A child cgroup, removed on drop (after moving out any process still in it).
 #[derive(Debug)]
 pub struct TestCgroup {
@@ -20,7 +40,7 @@ pub struct TestCgroup {
 impl TestCgroup {
     /// Creates `<cgroup2 mount>/<name>`.
     pub fn new(name: &str) -> io::Result<Self> {
-        let mount = kt_node_agent::cgroup::cgroup2_mount()
+        let mount = cgroup2_mount()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 mount"))?;
         Self::create(mount.join(name), mount)
     }

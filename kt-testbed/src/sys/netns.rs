@@ -1,6 +1,6 @@
 //! Network namespaces the tests create and always remove (also on panic, by `Drop`).
 //!
-//! Names start with [`crate::harness::PREFIX`] so leftovers are findable with `ip netns`.
+//! Names start with [`crate::sys::PREFIX`] so leftovers are findable with `ip netns`.
 
 use std::{
     fs::File,
