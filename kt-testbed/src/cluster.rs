@@ -70,8 +70,8 @@ impl Testbed {
     /// Builds and starts the cluster on a runtime of its own (see [`OwnRuntime`]); returns
     /// once the DNS pod is ready.
     pub async fn start(options: Options) -> io::Result<Self> {
-        let runtime = OwnRuntime::new("kt-testbed")?;
-        let mut testbed = runtime.run(Self::start_here(options)).await?;
+        let (runtime, mut testbed) =
+            OwnRuntime::start("kt-testbed", Self::start_here(options)).await?;
         testbed.runtime = Some(runtime);
         Ok(testbed)
     }

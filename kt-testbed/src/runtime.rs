@@ -22,6 +22,18 @@ impl OwnRuntime {
             .map(|runtime| Self(Some(runtime)))
     }
 
+    /// A new runtime, and what `start` returned when run on it: the way to start something
+    /// that serves from a runtime of its own.
+    pub async fn start<T, F>(thread_name: &str, start: F) -> io::Result<(Self, T)>
+    where
+        F: Future<Output = io::Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let runtime = Self::new(thread_name)?;
+        let started = runtime.run(start).await?;
+        Ok((runtime, started))
+    }
+
     /// Runs `work` on this runtime and waits for it from the caller's; a panic in `work`
     /// resumes in the caller.
     pub async fn run<F>(&self, work: F) -> F::Output

@@ -200,6 +200,13 @@ impl LiveSession {
         }
     }
 
+    /// Waits until every way to `web`, from both nodes, leads to the listener (10 s).
+    async fn redirected(&self, what: &str) {
+        self.answered_by(|who| who == "tunnel-listener", Duration::from_secs(10))
+            .await
+            .expect(what);
+    }
+
     /// Waits until every way to `web`, from both nodes, is answered as `expected` says.
     async fn answered_by(
         &self,
@@ -350,9 +357,7 @@ async fn a_session_renewed_after_failing_open_redirects_again() {
     live.stop_renewing_and_fail_open().await;
     renew(&live.sessions).await;
     live.renewer = keep_renewing(live.sessions.clone());
-    live.answered_by(|who| who == "tunnel-listener", Duration::from_secs(10))
-        .await
-        .expect("redirected again");
+    live.redirected("redirected again").await;
     live.stop().await;
 }
 
@@ -364,9 +369,8 @@ async fn a_session_renewed_after_failing_open_redirects_again() {
 async fn agents_replaced_by_their_daemonset_program_the_live_session_again() {
     let live = LiveSession::start().await;
     replace_agents(&live.tb);
-    live.answered_by(|who| who == "tunnel-listener", Duration::from_secs(10))
-        .await
-        .expect("the new agents program the live session");
+    live.redirected("the new agents program the live session")
+        .await;
     live.stop().await;
 }
 

@@ -553,15 +553,7 @@ async fn the_v0_3_7_shadow_image_is_openssh_under_the_shadow_contract() {
 fn up_and_down_leave_nothing_behind() {
     harness::require_root();
     let dir: PathBuf = std::env::temp_dir().join(harness::unique_name("updown"));
-    let up = Command::new(bins::kt_testbed())
-        .args(["up", "--dir", dir.to_str().unwrap(), "--nodes", "2"])
-        .output()
-        .unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    kt_testbed_ok(&["up", "--dir", utf8(&dir), "--nodes", "2"]);
     let env = std::fs::read_to_string(dir.join("env")).unwrap();
     let netns = env
         .lines()
@@ -596,15 +588,7 @@ fn up_and_down_leave_nothing_behind() {
         .join(prefix.trim_end_matches('-'));
     assert!(cgroup.exists());
 
-    let down = Command::new(bins::kt_testbed())
-        .args(["down", "--dir", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        down.status.success(),
-        "{}",
-        String::from_utf8_lossy(&down.stderr)
-    );
+    kt_testbed_ok(&["down", "--dir", utf8(&dir)]);
     assert_eq!(ours(&netns_list()), 0, "namespaces left: {}", netns_list());
     assert!(!cgroup.exists(), "cgroup left: {}", cgroup.display());
     assert!(
@@ -637,15 +621,7 @@ fn a_process_started_with_exec_ends_with_down() {
     harness::require_root();
     let dir: PathBuf = std::env::temp_dir().join(harness::unique_name("exec"));
     let dir_arg = utf8(&dir);
-    let up = Command::new(bins::kt_testbed())
-        .args(["up", "--dir", dir_arg, "--nodes", "1"])
-        .output()
-        .unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    kt_testbed_ok(&["up", "--dir", dir_arg, "--nodes", "1"]);
     // The runner execs the command: the child's pid becomes sleep's.
     let mut server = KilledOnDrop(
         Command::new(bins::kt_testbed())
@@ -660,15 +636,7 @@ fn a_process_started_with_exec_ends_with_down() {
         })
     });
 
-    let down = Command::new(bins::kt_testbed())
-        .args(["down", "--dir", dir_arg])
-        .output()
-        .unwrap();
-    assert!(
-        down.status.success(),
-        "{}",
-        String::from_utf8_lossy(&down.stderr)
-    );
+    kt_testbed_ok(&["down", "--dir", dir_arg]);
     let ended = eventually_blocking("the exec'd command ends with the testbed", || {
         server.0.try_wait().unwrap().ok_or("still running")
     });
@@ -676,6 +644,19 @@ fn a_process_started_with_exec_ends_with_down() {
         std::os::unix::process::ExitStatusExt::signal(&ended),
         Some(libc::SIGKILL),
         "{ended}"
+    );
+}
+
+/// `kt-testbed ARGS`, which must succeed.
+fn kt_testbed_ok(args: &[&str]) {
+    let out = Command::new(bins::kt_testbed())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kt-testbed {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

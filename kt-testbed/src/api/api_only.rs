@@ -51,8 +51,8 @@ pub struct UnprivilegedApi {
 impl UnprivilegedApi {
     /// Starts serving on 127.0.0.1:<free port>, on a runtime of its own.
     pub async fn start(options: ApiOptions) -> io::Result<Self> {
-        let runtime = OwnRuntime::new("kt-testbed-api")?;
-        let mut api = runtime.run(Self::start_here(options)).await?;
+        let (runtime, mut api) =
+            OwnRuntime::start("kt-testbed-api", Self::start_here(options)).await?;
         api.runtime = Some(runtime);
         Ok(api)
     }

@@ -24,14 +24,13 @@ use super::{
     read_body, read_json,
     resources::ResourceType,
     selector::{FieldSelector, LabelSelector},
-    store::{DeleteOptions, ListQuery, Part, Store, WatchFilter, WatchStart},
+    store::{DeleteOptions, ListQuery, ListResult, Part, Store, WatchFilter, WatchStart},
     streams,
 };
 
 /// `GET` a collection: a list, or a server-side table for kubectl.
 pub(super) fn list(api: &ApiServer, t: &Target) -> Result<Response, ApiError> {
-    let query = list_query(&t.rt, &t.q)?;
-    let list = api.store.list(&t.rt, t.ns.as_deref(), &query)?;
+    let list = selected(api, t)?;
     let mut meta = json!({"resourceVersion": list.rev.to_string()});
     if let Some(token) = list.continue_token {
         meta["continue"] = json!(token);
@@ -49,6 +48,12 @@ pub(super) fn list(api: &ApiServer, t: &Target) -> Result<Response, ApiError> {
     ))
 }
 
+/// The objects of a collection the request's selectors and paging select.
+fn selected(api: &ApiServer, t: &Target) -> Result<ListResult, ApiError> {
+    let query = list_query(&t.rt, &t.q)?;
+    api.store.list(&t.rt, t.ns.as_deref(), &query)
+}
+
 /// `POST` to a collection.
 pub(super) async fn create(
     api: &ApiServer,
@@ -64,8 +69,7 @@ pub(super) async fn create(
 
 /// `DELETE` a collection: every object the selectors match.
 pub(super) fn delete_collection(api: &ApiServer, t: &Target) -> Result<Response, ApiError> {
-    let query = list_query(&t.rt, &t.q)?;
-    let list = api.store.list(&t.rt, t.ns.as_deref(), &query)?;
+    let list = selected(api, t)?;
     let opts = delete_options(&t.q, None);
     let mut deleted = Vec::new();
     for item in list.items {
