@@ -1,5 +1,4 @@
-//! The byte stream under an SSH connection: read ahead of russh, and (for the API server's
-//! port-forward) carried by a kube client whose connections do not hold back small writes.
+//! The byte stream under an SSH connection, read ahead of russh.
 //!
 //! russh's session loop does not read while it writes: each round it writes out what it
 //! queued (up to 64 messages, about 2 MiB of channel data) and then handles one incoming
@@ -46,30 +45,4 @@ where
         let _ = buffer_tx.shutdown().await;
     };
     (io::join(buffer_rx, transport_tx), reader)
-}
-
-/// A kube client like `kube::Client::try_from(config)` (base URI, authentication, extra
-/// headers, rustls) whose API server connections set TCP_NODELAY. kube-rs keeps hyper's
-/// default, Nagle's algorithm on; SSH packets carried by a port-forward then wait for the
-/// server's delayed ACK now and then (≈40 ms at the 99th percentile of small round trips).
-/// Go clients (kubectl, ktctl v0.3.7) set NODELAY on every connection.
-pub fn kube_client(config: kube::Config) -> Result<kube::Client, kube::Error> {
-    use hyper_util::{
-        client::legacy::{Client, connect::HttpConnector},
-        rt::TokioExecutor,
-    };
-    use kube::client::ConfigExt as _;
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(config.connect_timeout);
-    let https = config.rustls_https_connector_with_connector(http)?;
-    let hyper = Client::builder(TokioExecutor::new()).build::<_, kube::client::Body>(https);
-    let service = tower::ServiceBuilder::new()
-        .layer(config.base_uri_layer())
-        .option_layer(config.auth_layer()?)
-        .layer(config.extra_headers_layer()?)
-        .map_err(tower::BoxError::from)
-        .service(hyper);
-    Ok(kube::Client::new(service, config.default_namespace))
 }

@@ -8,17 +8,15 @@ use std::time::Duration;
 use futures::{StreamExt as _, stream};
 use k8s_openapi::api::core::v1::Service;
 use kt_proto::session::KtSession;
-use kt_tests::{
-    harness::{
-        apps::{deploy_web, in_pod, install_agent, start_testbed},
-        run_bench,
-    },
-    testbed::{cluster::Testbed, topology::node_ip},
+use kt_testbed::{cluster::Testbed, topology::node_ip};
+use kt_tests::harness::{
+    apps::{deploy_web, in_pod, install_agent, start_testbed},
+    eventually::poll_within,
+    run_bench,
 };
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
 const SERVICES: usize = 1000;
 const SESSIONS: usize = 100;
 
@@ -56,26 +54,25 @@ fn agent_rss(tb: &Testbed) -> Vec<u64> {
 /// Waits until both agents report `entries` redirect entries.
 async fn until_programmed(tb: &Testbed, entries: usize) {
     let want = format!("kt_agent_redirect_entries {entries}");
-    for _ in 0..600 {
-        let done = [1, 2].iter().all(|node| {
+    // A thousand Services take the agents a while: a bound of its own, beyond test patience.
+    poll_within(Duration::from_secs(300), async || {
+        [1, 2].iter().all(|node| {
             let url = format!("http://{}:9966/metrics", node_ip(*node));
             in_pod(tb, "client", &["curl", "-s", &url])
                 .1
                 .contains(&want)
-        });
-        if done {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    panic!("the agents did not program {entries} entries");
+        })
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the agents did not program {entries} entries"));
 }
 
 async fn run() {
-    let tb = start_testbed(TESTBED, true).await;
+    let tb = start_testbed(true).await;
     deploy_web(&tb);
     install_agent(&tb);
     until_programmed(&tb, 0).await;
+    // Settling time before a memory reading, on purpose.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let baseline = agent_rss(&tb);
 
@@ -130,6 +127,7 @@ async fn run() {
         .await;
     until_programmed(&tb, SESSIONS).await;
     let setup = started.elapsed();
+    // Settling time before a memory reading, on purpose.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let loaded = agent_rss(&tb);
 

@@ -35,7 +35,7 @@ fn main() {
         return;
     }
     harness::require_root();
-    let rounds = env_usize("KT_BENCH_ROUNDS", 40);
+    let rounds = harness::bench_rounds(40);
     let per_round = env_usize("KT_BENCH_CONNECTS", 500);
 
     let netns = NetNs::new(unique_name("bench")).expect("netns");

@@ -12,23 +12,21 @@
 //!   server's port-forward (`--transport portForward`); `ktctl/agent direct` reaches the
 //!   agent's node port straight (the workstation reaches the nodes).
 //!
-//! Medians over `KT_BENCH_RUNS` rounds (default 3). Run as root: `tests/run bench`.
+//! Medians over `KT_BENCH_ROUNDS` rounds (default 3). Run as root: `tests/run bench`.
 
-use std::{path::Path, time::Instant};
+use std::time::Instant;
 
-use kt_tests::{
-    harness::{
-        apps::{answered_by, apply, deploy_web, in_pod, install_agent, start_testbed},
-        bench_rounds,
-        echo_bench::{self, median, wait_until_echoes},
-        kubectl::{kubectl, kubectl_ok},
-        run_bench,
-        workstation::{self, Background, ECHO, OpensshPath},
-    },
-    testbed::{cluster::Testbed, topology::WORKSTATION_IP},
+use kt_testbed::{cluster::Testbed, topology::WORKSTATION_IP};
+use kt_tests::harness::{
+    apps::{answered_by, apply, deploy_web, in_pod, install_agent, start_testbed},
+    bench_rounds,
+    bins::{self, utf8},
+    echo_bench::{self, median, wait_until_echoes},
+    eventually::eventually,
+    kubectl::{kubectl, kubectl_ok},
+    run_bench,
+    workstation::{self, Background, ECHO, OpensshPath},
 };
-
-const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
 const LOCAL_ECHO: u16 = 19000;
 const LOCAL_HTTP: u16 = 18090;
 
@@ -62,8 +60,7 @@ fn main() {
 
 async fn run() {
     let rounds = bench_rounds(3);
-    let testbed = Path::new(TESTBED);
-    let tb = start_testbed(TESTBED, true).await;
+    let tb = start_testbed(true).await;
     deploy_web(&tb);
     apply(&tb.kubeconfig, ECHO);
     apply(&tb.kubeconfig, ECHO_MORE);
@@ -72,8 +69,8 @@ async fn run() {
         &tb.kubeconfig,
         &["rollout", "status", "deploy/echo", "--timeout=60s"],
     );
-    let _http = workstation::test_server(testbed, &tb, "http-echo", LOCAL_HTTP);
-    let _echo = workstation::test_server(testbed, &tb, "tcp-echo", LOCAL_ECHO);
+    let _http = workstation::test_server(&tb, "http-echo", LOCAL_HTTP);
+    let _echo = workstation::test_server(&tb, "tcp-echo", LOCAL_ECHO);
 
     // Ready time, alternating modes.
     let modes: [(&str, &[&str]); 3] = [
@@ -91,12 +88,12 @@ async fn run() {
     // The data paths, measured from the client pod.
     workstation::route_pods_via_nodes(&tb);
     let remote = format!("0.0.0.0:9100:127.0.0.1:{LOCAL_ECHO}");
-    let openssh = OpensshPath::start(testbed, &tb, ["-R", &remote]).await;
+    let openssh = OpensshPath::start(&tb, ["-R", &remote]).await;
     let expose = format!("{LOCAL_ECHO}:9000");
     let exchange = |service: &str, extra: &[&str]| {
         let mut args = vec!["exchange", service, "--expose", &expose];
         args.extend_from_slice(extra);
-        Background::ktctl(testbed, &tb, &args)
+        Background::ktctl(&tb, &args)
     };
     let via_port_forward = ["--transport", "portForward"];
     let mut exchanges = [
@@ -129,8 +126,9 @@ async fn run() {
         ("ktctl/agent", "echo-agent:9000".to_owned()),
         ("agent direct", "echo-direct:9000".to_owned()),
     ];
+    let tools = bins::kt_tools();
     let client = |args: &[&str]| {
-        let cmd: Vec<&str> = std::iter::once(TESTBED)
+        let cmd: Vec<&str> = std::iter::once(utf8(&tools))
             .chain(args.iter().copied())
             .collect();
         match in_pod(&tb, "client", &cmd) {
@@ -180,7 +178,6 @@ async fn ready_time(tb: &Testbed, extra: &[&str]) -> f64 {
     let expose = format!("{LOCAL_HTTP}:80");
     let started = Instant::now();
     let exchange = Background::ktctl(
-        Path::new(TESTBED),
         tb,
         &[&["exchange", "web", "--expose", &expose][..], extra].concat(),
     );
@@ -211,8 +208,9 @@ async fn ready_time(tb: &Testbed, extra: &[&str]) -> f64 {
             String::from_utf8_lossy(&describe.stdout)
         );
     }
-    while answered_by(tb, "client", "http://web/").is_none_or(|who| who == "workstation") {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    eventually("the pods answer again", async || {
+        answered_by(tb, "client", "http://web/").filter(|who| who != "workstation")
+    })
+    .await;
     seconds
 }

@@ -3,16 +3,15 @@
 //! in the same run: creating and deleting the same number of bare network namespaces.
 //!
 //! Run as root: `cargo bench -p kt-tests --bench testbed_up` (README: tests/run bench).
-//! `KT_BENCH_RUNS` (default 5) sets the repetitions.
+//! `KT_BENCH_ROUNDS` (default 5) sets the repetitions.
 
 use std::{
     process::Command,
     time::{Duration, Instant},
 };
 
-use kt_tests::harness::{netns::NetNs, unique_name};
+use kt_tests::harness::{bins, netns::NetNs, unique_name};
 
-const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
 const GOAL: Duration = Duration::from_secs(5);
 
 fn main() {
@@ -28,7 +27,7 @@ fn main() {
     for _ in 0..runs {
         let dir = std::env::temp_dir().join(unique_name("bench-up"));
         let start = Instant::now();
-        let out = Command::new(TESTBED)
+        let out = Command::new(bins::kt_testbed())
             .args(["up", "--dir", dir.to_str().unwrap()])
             .output()
             .expect("kt-testbed runs");
@@ -39,7 +38,7 @@ fn main() {
         );
         up.push(start.elapsed());
         let start = Instant::now();
-        let out = Command::new(TESTBED)
+        let out = Command::new(bins::kt_testbed())
             .args(["down", "--dir", dir.to_str().unwrap()])
             .output()
             .expect("kt-testbed runs");

@@ -10,10 +10,8 @@
 //!
 //! Each measures bulk echo throughput (1 stream × 64 MiB and 8 streams × 8 MiB, data each
 //! way at once) and request/response latency (2 000 sequential 64-byte round trips, p50 and
-//! p99). Rounds interleave the paths; medians over `KT_BENCH_RUNS` rounds (default 3).
+//! p99). Rounds interleave the paths; medians over `KT_BENCH_ROUNDS` rounds (default 3).
 //! Run as root: `cargo bench -p kt-tests --bench tunnel` (README: `tests/run bench`).
-
-use std::path::Path;
 
 use kt_tests::harness::{
     apps::{apply, start_testbed},
@@ -24,16 +22,13 @@ use kt_tests::harness::{
     workstation::{self, Background, ECHO, OpensshPath},
 };
 
-const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
-
 fn main() {
     run_bench("tunnel", run());
 }
 
 async fn run() {
     let rounds = bench_rounds(3);
-    let testbed = Path::new(TESTBED);
-    let tb = start_testbed(TESTBED, true).await;
+    let tb = start_testbed(true).await;
     apply(&tb.kubeconfig, ECHO);
     kubectl_ok(
         &tb.kubeconfig,
@@ -50,15 +45,15 @@ async fn run() {
             "jsonpath={.items[0].metadata.name}",
         ],
     );
-    let client = workstation::testbed_command(testbed, &tb);
+    let client = workstation::tools_command(&tb);
 
-    let plain = workstation::forward_to_pod(testbed, &tb, &echo_pod, 17000, 9000).await;
-    let openssh = OpensshPath::start(testbed, &tb, ["-L", "127.0.0.1:17001:echo:9000"]).await;
+    let plain = workstation::forward_to_pod(&tb, &echo_pod, 17000, 9000).await;
+    let openssh = OpensshPath::start(&tb, ["-L", "127.0.0.1:17001:echo:9000"]).await;
     let ktctl = |port: u16, extra: &[&str]| {
         let forward = format!("{port}:9000");
         let mut args = vec!["forward", "echo", &forward];
         args.extend_from_slice(extra);
-        Background::ktctl(testbed, &tb, &args)
+        Background::ktctl(&tb, &args)
     };
     let mut forwards = [
         ktctl(17002, &[]),

@@ -2,36 +2,21 @@
 //! servers and probes that clean up after themselves.
 
 pub mod apps;
-pub mod cgroup;
+pub mod bins;
 pub mod echo_bench;
+pub mod eventually;
 pub mod kubectl;
-pub mod netns;
+pub mod own_programs;
 pub mod probe;
 pub mod server;
-pub mod tempdir;
 pub mod workstation;
 
-use std::{
-    future::Future,
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::future::Future;
 
-/// Every namespace, cgroup or device the tests create starts with this, so leftovers are
-/// easy to find (`ip netns | grep ktt-`).
-pub const PREFIX: &str = "ktt-";
+pub use kt_testbed::sys::{PREFIX, cgroup, netns, tempdir, unique_name};
 
-/// A name unique on this machine for the life of this process: `ktt-<kind>-<pid>-<n>`.
-pub fn unique_name(kind: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{PREFIX}{kind}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Why privileged tests cannot run here, if they cannot: not root, no cgroup2, or a kernel
-/// without the eBPF features. Tests print it and skip only for the kernel reasons.
+/// Why this machine cannot run kt's eBPF programs, if it cannot: no cgroup2 hierarchy, or a
+/// kernel without the features.
 pub fn ebpf_unsupported_reason() -> Option<String> {
     if kt_node_agent::cgroup::cgroup2_mount().is_none() {
         return Some("no cgroup2 hierarchy is mounted".into());
@@ -39,6 +24,15 @@ pub fn ebpf_unsupported_reason() -> Option<String> {
     kt_node_agent::ebpf::check_kernel()
         .err()
         .map(|e| e.to_string())
+}
+
+/// Panics unless this machine can run kt's eBPF programs: a privileged test fails, never
+/// passes silently, on a kernel that lacks them.
+pub fn require_ebpf() {
+    require_root();
+    if let Some(reason) = ebpf_unsupported_reason() {
+        panic!("this kernel cannot run kt's eBPF programs: {reason}");
+    }
 }
 
 /// Panics unless running as root: privileged tests must not silently pass without it.
@@ -77,9 +71,9 @@ pub fn run_bench(name: &str, bench: impl Future<Output = ()>) {
         .block_on(bench);
 }
 
-/// How many rounds a benchmark measures: `KT_BENCH_RUNS`, else `default`.
+/// How many rounds a benchmark measures: `KT_BENCH_ROUNDS`, else `default`.
 pub fn bench_rounds(default: usize) -> usize {
-    std::env::var("KT_BENCH_RUNS")
+    std::env::var("KT_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)

@@ -5,24 +5,23 @@
 //! The session's holder is played by the test: it writes `status` as a holding agent would,
 //! pointing at a host-network HTTP server on node-1 (the tunnel listener's stand-in).
 
-use std::{path::Path, time::Duration};
+use std::{collections::HashSet, path::Path, time::Duration};
 
 use kt_proto::session::KtSession;
-use kt_tests::{
-    harness::{
-        apps::{
-            apply, deploy_client_2, deploy_web, in_pod, install_agent, start_testbed,
-            until_all_answered_by, wait_for_agents, web_pods, web_pods_field,
-        },
-        kubectl::{kubectl, kubectl_ok},
-        workstation::{self, Background},
+use kt_testbed::{cluster::Testbed, topology::node_ip};
+use kt_tests::harness::{
+    apps::{
+        apply, deploy_client_2, deploy_web, in_pod, install_agent, start_testbed,
+        until_all_answered_by, wait_for_agents, web_pods, web_pods_field,
     },
-    testbed::{cluster::Testbed, topology::node_ip},
+    bins,
+    eventually::eventually,
+    kubectl::{kubectl, kubectl_ok},
+    workstation::{self, Background},
 };
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
 const LISTENER_PORT: u16 = 40001;
 
 /// The listener stand-in: host network on node-1.
@@ -112,7 +111,8 @@ fn agent_metrics(tb: &Testbed, node: u8) -> String {
     in_pod(tb, "client", &["curl", "-s", &url]).1
 }
 
-/// Renews every 2 s (well within the 10 s lease) until aborted.
+/// Renews every 2 s (well within the 10 s lease) until aborted: a holder's period, on
+/// purpose, not a wait for something.
 fn keep_renewing(sessions: Api<KtSession>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
@@ -122,9 +122,10 @@ fn keep_renewing(sessions: Api<KtSession>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_open() {
-    let tb = start_testbed(TESTBED, true).await;
+/// A testbed with `web`, a client pod on each node, the listener stand-in and kt's agent
+/// from `deploy/`.
+async fn with_agent() -> Testbed {
+    let tb = start_testbed(true).await;
     deploy_web(&tb);
     deploy_client_2(&tb);
     apply(&tb.kubeconfig, LISTENER);
@@ -138,7 +139,105 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
             "--timeout=60s",
         ],
     );
-    // deploy/'s developer role, bound in one namespace, allows sessions there only.
+    tb
+}
+
+/// A live session of `web`, renewed by the test, and what it redirected.
+struct LiveSession {
+    tb: Testbed,
+    sessions: Api<KtSession>,
+    renewer: tokio::task::JoinHandle<()>,
+    /// Every way to `web` (see [`web_urls`]).
+    urls: Vec<String>,
+    /// The `web` pods.
+    web: HashSet<String>,
+    /// `web`'s Service and Deployment before the session.
+    before: String,
+}
+
+impl LiveSession {
+    /// [`with_agent`], checks that `web` answers, then creates the session and waits until
+    /// every way to `web` leads to the listener, from both nodes.
+    async fn start() -> Self {
+        let tb = with_agent().await;
+        let urls = web_urls(&tb);
+        let web = web_pods(&tb);
+        until_all_answered_by(
+            &tb,
+            &CLIENTS,
+            &urls,
+            |who| web.contains(who),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("before the session, web answers");
+        let before = kubectl_ok(&tb.kubeconfig, &["get", "svc,deploy", "web", "-o", "yaml"]);
+
+        let sessions: Api<KtSession> = Api::namespaced(tb.client().await, "default");
+        sessions
+            .create(&PostParams::default(), &session())
+            .await
+            .expect("session created");
+        renew(&sessions).await;
+        let renewer = keep_renewing(sessions.clone());
+        let took = until_all_answered_by(
+            &tb,
+            &CLIENTS,
+            &urls,
+            |who| who == "tunnel-listener",
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the session redirects every way to web");
+        eprintln!("redirected everywhere within {took:?}");
+        Self {
+            tb,
+            sessions,
+            renewer,
+            urls,
+            web,
+            before,
+        }
+    }
+
+    /// Waits until every way to `web`, from both nodes, leads to the listener (10 s).
+    async fn redirected(&self, what: &str) {
+        self.answered_by(|who| who == "tunnel-listener", Duration::from_secs(10))
+            .await
+            .expect(what);
+    }
+
+    /// Waits until every way to `web`, from both nodes, is answered as `expected` says.
+    async fn answered_by(
+        &self,
+        expected: impl Fn(&str) -> bool,
+        within: Duration,
+    ) -> Result<Duration, String> {
+        until_all_answered_by(&self.tb, &CLIENTS, &self.urls, expected, within).await
+    }
+
+    /// The holder stops renewing (a killed ktctl, a dead agent): the lease runs out and the
+    /// pods answer again, with nothing run.
+    async fn stop_renewing_and_fail_open(&self) -> Duration {
+        self.renewer.abort();
+        self.answered_by(|who| self.web.contains(who), Duration::from_secs(15))
+            .await
+            .expect("after the lease, web answers again")
+    }
+
+    async fn stop(self) {
+        self.renewer.abort();
+        self.tb.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn deploys_developer_role_bound_in_one_namespace_allows_sessions_there_only() {
+    let tb = with_agent().await;
     kubectl_ok(
         &tb.kubeconfig,
         &[
@@ -159,7 +258,16 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
         );
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), allowed, "{ns}");
     }
-    // Each node's agent serves health on its node address.
+    tb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn each_nodes_agent_serves_health_on_its_node_address() {
+    let tb = with_agent().await;
     for node in [1, 2] {
         let base = format!("http://{}:9966", node_ip(node));
         let (ok, health) = in_pod(&tb, "client", &["curl", "-s", &format!("{base}/healthz")]);
@@ -167,39 +275,100 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
         let (ok, ready) = in_pod(&tb, "client", &["curl", "-s", &format!("{base}/readyz")]);
         assert!(ok && ready == "ready", "node-{node}: {ready}");
     }
-    let urls = web_urls(&tb);
-    let web = web_pods(&tb);
-    until_all_answered_by(
-        &tb,
-        &CLIENTS,
-        &urls,
-        |who| web.contains(who),
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("before the session, web answers");
-    let before = kubectl_ok(&tb.kubeconfig, &["get", "svc,deploy", "web", "-o", "yaml"]);
+    tb.stop().await;
+}
 
-    // The session: from now on every way to web leads to the listener, from both nodes.
-    let sessions: Api<KtSession> = Api::namespaced(tb.client().await, "default");
-    sessions
-        .create(&PostParams::default(), &session())
-        .await
-        .expect("session created");
-    renew(&sessions).await;
-    let renewer = keep_renewing(sessions.clone());
-    let took = until_all_answered_by(
-        &tb,
-        &CLIENTS,
-        &urls,
-        |who| who == "tunnel-listener",
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("the session redirects every way to web");
-    eprintln!("redirected everywhere within {took:?}");
+/// The agent's SSH server dies — its listening socket destroyed from outside (`ss -K`, as a
+/// kernel or network fault would) — so the agent cannot hold sessions any more: it stops with
+/// an error naming the task and exits non-zero, and its container is restarted, instead of
+/// staying Ready without an SSH server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn an_agent_whose_ssh_server_fails_exits_non_zero_and_is_restarted() {
+    let tb = start_testbed(true).await;
+    install_agent(&tb);
+    let pod = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pods",
+            "-n",
+            "kt-system",
+            "-l",
+            "app.kubernetes.io/name=kt-node-agent",
+            "--field-selector",
+            "spec.nodeName=node-1",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ],
+    );
+    let netns = tb.node_netns("node-1").expect("node-1's namespace");
+    let killed = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["ss", "-K", "-t", "-l", "sport = :9922"])
+        .output()
+        .expect("ss runs");
+    assert!(killed.status.success(), "{killed:?}");
+    let field = |path: &str| {
+        kubectl_ok(
+            &tb.kubeconfig,
+            &[
+                "get",
+                "pod",
+                "-n",
+                "kt-system",
+                &pod,
+                "-o",
+                &format!("jsonpath={{{path}}}"),
+            ],
+        )
+    };
+    let last_exit = eventually("the agent's container ends and is restarted", async || {
+        let restarts: u32 = field(".status.containerStatuses[0].restartCount")
+            .parse()
+            .unwrap_or(0);
+        (restarts >= 1).then(|| field(".status.containerStatuses[0].lastState.terminated.exitCode"))
+    })
+    .await;
+    assert_eq!(last_exit, "1", "the agent exits non-zero");
+    let log = kubectl_ok(
+        &tb.kubeconfig,
+        &["logs", "--previous", "-n", "kt-system", &pod],
+    );
+    assert!(
+        log.contains("task 'ssh-server' failed")
+            && log.contains("accepting connections on 0.0.0.0:9922 failed"),
+        "{log}"
+    );
+    // Restarted, it serves again.
+    wait_for_agents(&tb);
+    tb.stop().await;
+}
+
+/// The redirect itself is checked by [`LiveSession::start`]: from both nodes, by name, FQDN,
+/// ClusterIP and endpoint IP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn a_live_session_redirects_every_way_to_the_service_from_both_nodes() {
+    let live = LiveSession::start().await;
+    live.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn each_agent_counts_the_live_session_and_its_redirected_connects() {
+    let live = LiveSession::start().await;
     for node in [1, 2] {
-        let metrics = agent_metrics(&tb, node);
+        let metrics = agent_metrics(&live.tb, node);
         assert!(
             metrics.contains("kt_agent_sessions 1"),
             "node-{node}: {metrics}"
@@ -215,64 +384,82 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
             "node-{node} counted {redirected}: {metrics}"
         );
     }
+    live.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn a_live_session_leaves_the_service_and_the_deployment_untouched() {
+    let live = LiveSession::start().await;
     assert_eq!(
-        kubectl_ok(&tb.kubeconfig, &["get", "svc,deploy", "web", "-o", "yaml"]),
-        before,
+        kubectl_ok(
+            &live.tb.kubeconfig,
+            &["get", "svc,deploy", "web", "-o", "yaml"]
+        ),
+        live.before,
         "the Service and the Deployment are untouched"
     );
+    live.stop().await;
+}
 
-    // The holder stops renewing (a killed ktctl, a dead agent): the lease runs out and the
-    // pods answer again, with nothing run.
-    renewer.abort();
-    let took = until_all_answered_by(
-        &tb,
-        &CLIENTS,
-        &urls,
-        |who| web.contains(who),
-        Duration::from_secs(15),
-    )
-    .await
-    .expect("after the lease, web answers again");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn a_session_whose_lease_runs_out_fails_open() {
+    let live = LiveSession::start().await;
+    let took = live.stop_renewing_and_fail_open().await;
     eprintln!("failed open {took:?} after the last renewal stopped");
+    live.stop().await;
+}
 
-    // Renewed again: redirected again. Then the agents are deleted and the DaemonSet's new
-    // ones program the live session again; once the session is gone, nothing stays behind.
-    renew(&sessions).await;
-    let renewer = keep_renewing(sessions.clone());
-    until_all_answered_by(
-        &tb,
-        &CLIENTS,
-        &urls,
-        |who| who == "tunnel-listener",
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("redirected again");
-    replace_agents(&tb);
-    until_all_answered_by(
-        &tb,
-        &CLIENTS,
-        &urls,
-        |who| who == "tunnel-listener",
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("the new agents program the live session");
-    renewer.abort();
-    sessions
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn a_session_renewed_after_failing_open_redirects_again() {
+    let mut live = LiveSession::start().await;
+    live.stop_renewing_and_fail_open().await;
+    renew(&live.sessions).await;
+    live.renewer = keep_renewing(live.sessions.clone());
+    live.redirected("redirected again").await;
+    live.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn agents_replaced_by_their_daemonset_program_the_live_session_again() {
+    let live = LiveSession::start().await;
+    replace_agents(&live.tb);
+    live.redirected("the new agents program the live session")
+        .await;
+    live.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn a_deleted_session_leaves_no_redirect() {
+    let live = LiveSession::start().await;
+    live.renewer.abort();
+    live.sessions
         .delete("web-alice", &Default::default())
         .await
         .expect("session deleted");
-    until_all_answered_by(
-        &tb,
-        &CLIENTS,
-        &urls,
-        |who| web.contains(who),
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("a deleted session leaves no redirect");
-    tb.stop().await;
+    live.answered_by(|who| live.web.contains(who), Duration::from_secs(5))
+        .await
+        .expect("a deleted session leaves no redirect");
+    live.stop().await;
 }
 
 /// `ktctl exchange` with the agent installed (`--mode auto` picks agent mode): pods on both
@@ -280,21 +467,23 @@ async fn the_agent_from_deploy_redirects_a_live_session_on_every_node_and_fails_
 /// Deployment are never touched, a second developer is refused naming the first, and the
 /// redirect ends with ktctl — after Ctrl-C, and after `kill -9` with no command run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn ktctl_exchange_in_agent_mode_touches_nothing_and_ends_with_ktctl() {
-    let tb = start_testbed(TESTBED, true).await;
+    let tb = start_testbed(true).await;
     deploy_web(&tb);
     deploy_client_2(&tb);
     install_agent(&tb);
-    let testbed = Path::new(TESTBED);
-    let _app = workstation::http_echo(testbed, &tb, 18090).await;
+    let _app = workstation::http_echo(&tb, 18090).await;
     let urls = web_urls(&tb);
     let web = web_pods(&tb);
     let workload = || kubectl_ok(&tb.kubeconfig, &["get", "svc,deploy", "web", "-o", "yaml"]);
     let before = workload();
-    let ktctl = workstation::ktctl_bin(testbed);
+    let ktctl = bins::ktctl();
     let exchange = || {
         Background::spawn(
-            testbed,
             &tb,
             Path::new("env"),
             &[
@@ -334,7 +523,7 @@ async fn ktctl_exchange_in_agent_mode_touches_nothing_and_ends_with_ktctl() {
             "agent mode changes nothing in the workload"
         );
 
-        let refused = workstation::exec(testbed, &tb)
+        let refused = workstation::exec(&tb)
             .args(["env", "USER=bob"])
             .arg(&ktctl)
             .args(["exchange", "web", "--expose", "18090:80"])
@@ -403,8 +592,12 @@ async fn ktctl_exchange_in_agent_mode_touches_nothing_and_ends_with_ktctl() {
 /// A developer bound to deploy/'s `kt-developer` in one namespace exchanges there in agent
 /// mode, and gets a clear error, with nothing created, in a namespace where they are not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn a_developer_exchanges_in_their_namespace_and_is_refused_elsewhere() {
-    let tb = start_testbed(TESTBED, true).await;
+    let tb = start_testbed(true).await;
     deploy_web(&tb);
     install_agent(&tb);
     kubectl_ok(
@@ -426,11 +619,9 @@ async fn a_developer_exchanges_in_their_namespace_and_is_refused_elsewhere() {
     );
     let alice = tb.workstation_user_kubeconfig("alice", "default").unwrap();
     let alice = alice.to_str().unwrap();
-    let testbed = Path::new(TESTBED);
-    let _app = workstation::http_echo(testbed, &tb, 18090).await;
+    let _app = workstation::http_echo(&tb, 18090).await;
 
     let mut exchange = Background::ktctl(
-        testbed,
         &tb,
         &["-c", alice, "exchange", "web", "--expose", "18090:80"],
     );
@@ -468,8 +659,8 @@ async fn a_developer_exchanges_in_their_namespace_and_is_refused_elsewhere() {
         )
     };
     let before = objects();
-    let refused = workstation::exec(testbed, &tb)
-        .arg(workstation::ktctl_bin(testbed))
+    let refused = workstation::exec(&tb)
+        .arg(bins::ktctl())
         .args([
             "-c", alice, "-n", "other", "exchange", "web", "--expose", "18090:80",
         ])

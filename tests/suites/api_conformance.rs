@@ -9,7 +9,8 @@ use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{ConfigMap, Pod, Secret},
 };
-use kt_tests::testbed::apitier::{ApiOptions, ApiTier};
+use kt_testbed::api::api_only::{ApiOptions, UnprivilegedApi};
+use kt_tests::harness::eventually::eventually;
 use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams},
@@ -31,19 +32,8 @@ fn reason(e: &kube::Error) -> String {
     }
 }
 
-/// Polls `f` until it returns true or 10 s pass.
-async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    for _ in 0..200 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
-async fn start(options: ApiOptions) -> (ApiTier, Client) {
-    let tier = ApiTier::start(options).await.unwrap();
+async fn start(options: ApiOptions) -> (UnprivilegedApi, Client) {
+    let tier = UnprivilegedApi::start(options).await.unwrap();
     let client = tier.client().await;
     (tier, client)
 }

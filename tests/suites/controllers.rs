@@ -3,22 +3,21 @@
 //! controllers do not own, Endpoints/EndpointSlices with named ports, garbage collection,
 //! namespace deletion.
 
-use std::time::Duration;
-
 use k8s_openapi::api::{
     apps::v1::{Deployment, ReplicaSet},
     core::v1::{ConfigMap, Endpoints, Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
-use kt_tests::testbed::apitier::{ApiOptions, ApiTier};
+use kt_testbed::api::api_only::{ApiOptions, UnprivilegedApi};
+use kt_tests::harness::eventually::eventually;
 use kube::{
     Api, Client, ResourceExt as _,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
 
-async fn start() -> (ApiTier, Client) {
-    let tier = ApiTier::start(ApiOptions {
+async fn start() -> (UnprivilegedApi, Client) {
+    let tier = UnprivilegedApi::start(ApiOptions {
         controllers: true,
         ..Default::default()
     })
@@ -33,16 +32,6 @@ async fn start() -> (ApiTier, Client) {
             .unwrap();
     }
     (tier, client)
-}
-
-async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    for _ in 0..200 {
-        if let Some(v) = f().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn deployment(replicas: i32) -> Deployment {
@@ -201,7 +190,15 @@ async fn controllers_leave_foreign_pods_with_the_apps_labels_alone() {
         (n == 2).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A ReplicaSet pass that counted both of its pods has run with the shadow pod present:
+    // it would have adopted the shadow there, and the garbage collector runs as often.
+    let replicasets: Api<ReplicaSet> = Api::namespaced(client.clone(), "default");
+    eventually("a ReplicaSet pass that saw its 2 pods", async || {
+        let listed = replicasets.list(&ListParams::default()).await.unwrap();
+        let status = listed.items.first().and_then(|rs| rs.status.clone());
+        status.filter(|s| s.replicas == 2)
+    })
+    .await;
     let shadow = pods.get("web-kt-exchange-abcde").await.unwrap();
     assert!(
         shadow.metadata.owner_references.is_none(),

@@ -1,14 +1,22 @@
 //! Privileged tests of the eBPF redirect (root). Each test gets its own network namespace
 //! with a fake ClusterIP on a dummy interface, a server on it ("original"), a redirect
 //! target ("target"), and a child cgroup that the programs are attached to. Clients are
-//! `kt-probe` processes, so each one's cgroup is its own.
+//! `kt-probe` processes, so each one's cgroup is its own. Each test's teardown checks that
+//! the programs it loaded are unloaded (other tests of this binary load their own meanwhile).
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf};
 
 use kt_ebpf_common::{Counter, Mode, Redirect};
 use kt_node_agent::ebpf::Redirector;
 use kt_tests::harness::{
-    self, cgroup::TestCgroup, netns::NetNs, probe, server::TagServer, unique_name,
+    self,
+    cgroup::TestCgroup,
+    netns,
+    netns::NetNs,
+    own_programs::{UnloadedOnDrop, redirector_attached_to},
+    probe,
+    server::TagServer,
+    unique_name,
 };
 
 const SERVICE: &str = "10.96.0.10:80";
@@ -18,43 +26,42 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-/// Fields drop in order: detach first, then servers, then the cgroup and the namespace.
+/// Fields drop in order: detach first, then servers, then the cgroup and the namespace, and
+/// last the check that the programs are unloaded.
 struct Fixture {
     redirector: Redirector,
     target: TagServer,
     _original: TagServer,
     cgroup: TestCgroup,
     netns: NetNs,
+    _unloaded: UnloadedOnDrop,
 }
 
 impl Fixture {
-    /// `None` (after printing why) when the kernel cannot run the programs.
-    fn new() -> Option<Self> {
-        if let Some(reason) = harness::ebpf_unsupported_reason() {
-            eprintln!("skipping: {reason}");
-            return None;
-        }
-        harness::require_root();
+    /// Panics when the kernel cannot run the programs: a privileged test never passes
+    /// without them.
+    fn new() -> Self {
+        harness::require_ebpf();
         let netns = NetNs::new(unique_name("ns")).unwrap();
         netns.add_local_addrs(&["10.96.0.10/32"]).unwrap();
         let original = TagServer::start(&netns, addr(SERVICE), "original").unwrap();
         let target = TagServer::start(&netns, addr("127.0.0.1:0"), "target").unwrap();
         let cgroup = TestCgroup::new(&unique_name("cg")).unwrap();
-        let mut redirector = Redirector::load().unwrap();
-        redirector.attach(cgroup.path()).unwrap();
+        let (mut redirector, programs) = redirector_attached_to(cgroup.path());
         redirector
             .insert(
                 addr(SERVICE),
                 Redirect::to(target.addr(), SVC_ID, Mode::Exchange),
             )
             .unwrap();
-        Some(Self {
+        Self {
             redirector,
             target,
             _original: original,
             cgroup,
             netns,
-        })
+            _unloaded: UnloadedOnDrop(programs),
+        }
     }
 
     fn counter(&self, counter: Counter) -> u64 {
@@ -67,8 +74,12 @@ impl Fixture {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root, cgroup2 and eBPF: tests/run test"
+)]
 fn connect_in_cgroup_reaches_target_and_peer_name_is_the_cluster_ip() {
-    let Some(f) = Fixture::new() else { return };
+    let f = Fixture::new();
     let seen = f.probe_in_cgroup(SERVICE);
     assert_eq!(seen.server, "target", "{seen:?}");
     assert_eq!(
@@ -85,16 +96,24 @@ fn connect_in_cgroup_reaches_target_and_peer_name_is_the_cluster_ip() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root, cgroup2 and eBPF: tests/run test"
+)]
 fn process_outside_the_cgroup_is_not_redirected() {
-    let Some(f) = Fixture::new() else { return };
+    let f = Fixture::new();
     let seen = probe::connect(&f.netns, None, addr(SERVICE)).unwrap();
     assert_eq!(seen.server, "original", "{seen:?}");
     assert_eq!(f.counter(Counter::ConnectSeen), 0);
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root, cgroup2 and eBPF: tests/run test"
+)]
 fn cgroup_in_the_skip_map_is_not_redirected() {
-    let Some(mut f) = Fixture::new() else { return };
+    let mut f = Fixture::new();
     // Both are below the attach point, so both run the programs; only one is skipped.
     let agent = f.cgroup.child("agent").unwrap();
     let app = f.cgroup.child("app").unwrap();
@@ -110,8 +129,12 @@ fn cgroup_in_the_skip_map_is_not_redirected() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root, cgroup2 and eBPF: tests/run test"
+)]
 fn removing_the_entry_restores_the_original_destination() {
-    let Some(mut f) = Fixture::new() else { return };
+    let mut f = Fixture::new();
     assert_eq!(f.probe_in_cgroup(SERVICE).server, "target");
     assert!(f.redirector.remove(addr(SERVICE)).unwrap());
     assert!(
@@ -125,8 +148,12 @@ fn removing_the_entry_restores_the_original_destination() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root, cgroup2 and eBPF: tests/run test"
+)]
 fn ipv6_socket_to_a_v4_mapped_address_is_redirected() {
-    let Some(f) = Fixture::new() else { return };
+    let f = Fixture::new();
     let mapped = "[::ffff:10.96.0.10]:80";
     let seen = f.probe_in_cgroup(mapped);
     assert_eq!(seen.server, "target", "{seen:?}");
@@ -139,8 +166,12 @@ fn ipv6_socket_to_a_v4_mapped_address_is_redirected() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root, cgroup2 and eBPF: tests/run test"
+)]
 fn native_ipv6_service_is_redirected_to_an_ipv6_target() {
-    let Some(mut f) = Fixture::new() else { return };
+    let mut f = Fixture::new();
     let target6 = TagServer::start(&f.netns, addr("[::1]:0"), "target6").unwrap();
     let service6 = "[fd00:96::10]:8080";
     f.redirector
@@ -156,8 +187,12 @@ fn native_ipv6_service_is_redirected_to_an_ipv6_target() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root, cgroup2 and eBPF: tests/run test"
+)]
 fn ten_thousand_entries_still_redirect_correctly() {
-    let Some(mut f) = Fixture::new() else { return };
+    let mut f = Fixture::new();
     let targets: Vec<TagServer> = (0..10)
         .map(|i| TagServer::start(&f.netns, addr("127.0.0.1:0"), &format!("t{i}")).unwrap())
         .collect();
@@ -186,8 +221,12 @@ fn ten_thousand_entries_still_redirect_correctly() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root, cgroup2 and eBPF: tests/run test"
+)]
 fn dropping_the_redirector_detaches_the_programs() {
-    let Some(f) = Fixture::new() else { return };
+    let f = Fixture::new();
     assert_eq!(f.probe_in_cgroup(SERVICE).server, "target");
     let Fixture {
         redirector,
@@ -195,9 +234,64 @@ fn dropping_the_redirector_detaches_the_programs() {
         _original,
         cgroup,
         netns,
+        _unloaded,
     } = f;
     drop(redirector);
     let seen = probe::connect(&netns, Some(cgroup.path()), addr(SERVICE)).unwrap();
     assert_eq!(seen.server, "original", "fail-open after detach: {seen:?}");
     drop((target, _original));
+}
+
+/// After a full redirect lifecycle nothing is left behind: no namespace, cgroup, mount or
+/// loaded eBPF program of this test.
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root, cgroup2 and eBPF: tests/run test"
+)]
+fn a_redirect_lifecycle_leaves_nothing_behind() {
+    harness::require_ebpf();
+    let service: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let (ns_name, cgroup_path, programs): (String, PathBuf, _);
+    {
+        let ns = NetNs::new(unique_name("ns")).unwrap();
+        ns.add_local_addrs(&["10.96.0.10/32"]).unwrap();
+        let target = TagServer::start(&ns, "127.0.0.1:0".parse().unwrap(), "target").unwrap();
+        let cgroup = TestCgroup::new(&unique_name("cg")).unwrap();
+        let (mut redirector, loaded) = redirector_attached_to(cgroup.path());
+        redirector
+            .insert(service, Redirect::to(target.addr(), 1, Mode::Exchange))
+            .unwrap();
+        assert_eq!(
+            probe::connect(&ns, Some(cgroup.path()), service)
+                .unwrap()
+                .server,
+            "target"
+        );
+        assert!(!loaded.is_empty(), "programs are loaded while in use");
+        (ns_name, cgroup_path, programs) = (ns.name().to_owned(), cgroup.path().to_owned(), loaded);
+        drop((redirector, target, cgroup, ns));
+    }
+
+    assert!(!netns::exists(&ns_name), "netns {ns_name} left behind");
+    assert!(
+        !cgroup_path.exists(),
+        "cgroup {} left behind",
+        cgroup_path.display()
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&ns_name), "a mount of {ns_name} is left");
+    programs.assert_unloaded();
+
+    let leftovers = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let leftovers = String::from_utf8_lossy(&leftovers.stdout);
+    assert!(
+        !leftovers
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(ns_name.as_str())),
+        "namespace left: {leftovers}"
+    );
 }

@@ -5,18 +5,14 @@
 
 use std::{path::Path, time::Duration};
 
-use kt_tests::{
-    harness::{
-        apps::{
-            apply, deploy_client_2, deploy_web, start_testbed, until_all_answered_by, web_pods,
-        },
-        kubectl::kubectl_ok,
-        workstation::{self, Background},
-    },
-    testbed::cluster::Testbed,
+use kt_testbed::cluster::Testbed;
+use kt_tests::harness::{
+    apps::{apply, deploy_client_2, deploy_web, start_testbed, until_all_answered_by, web_pods},
+    bins,
+    eventually::{eventually, seen},
+    kubectl::kubectl_ok,
+    workstation::{self, Background},
 };
-
-const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
 const CLIENTS: [&str; 2] = ["client", "client-2"];
 
 /// The Service as the user sees it: selector and annotations.
@@ -48,10 +44,10 @@ fn kt_objects(tb: &Testbed) -> String {
 
 /// `ktctl ARGS` run to its end on the workstation: (exit code, stderr).
 fn ktctl_once(tb: &Testbed, env: &[&str], args: &[&str]) -> (Option<i32>, String) {
-    let out = workstation::exec(Path::new(TESTBED), tb)
+    let out = workstation::exec(tb)
         .arg("env")
         .args(env)
-        .arg(workstation::ktctl_bin(Path::new(TESTBED)))
+        .arg(bins::ktctl())
         .args(args)
         .output()
         .expect("ktctl runs");
@@ -71,7 +67,7 @@ async fn exchange_and_restore(
     during: impl Fn(&Testbed),
     stop_with: libc::c_int,
 ) {
-    let tb = start_testbed(TESTBED, true).await;
+    let tb = start_testbed(true).await;
     deploy_web(&tb);
     deploy_client_2(&tb);
     let before_service = service_state(&tb);
@@ -85,9 +81,9 @@ async fn exchange_and_restore(
         "http://web.default.svc.cluster.local/".to_owned(),
         format!("http://{cluster_ip}/"),
     ];
-    let app = workstation::http_echo(Path::new(TESTBED), &tb, 18090).await;
+    let app = workstation::http_echo(&tb, 18090).await;
 
-    let ktctl = workstation::ktctl_bin(Path::new(TESTBED));
+    let ktctl = bins::ktctl();
     let mut args = vec![
         "USER=alice",
         ktctl.to_str().unwrap(),
@@ -97,7 +93,7 @@ async fn exchange_and_restore(
         "18090:80",
     ];
     args.extend_from_slice(extra);
-    let mut exchange = Background::spawn(Path::new(TESTBED), &tb, Path::new("env"), &args);
+    let mut exchange = Background::spawn(&tb, Path::new("env"), &args);
     exchange.wait_for(banner).await;
     until_all_answered_by(
         &tb,
@@ -146,22 +142,19 @@ async fn exchange_and_restore(
     )
     .await
     .expect("the pods answer again");
-    for _ in 0..100 {
-        if kt_objects(&tb) == before_objects {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(
-        kt_objects(&tb),
-        before_objects,
-        "no shadow pod or ConfigMap left"
-    );
+    eventually("no shadow pod or ConfigMap left", async || {
+        seen(kt_objects(&tb), |now| *now == before_objects)
+    })
+    .await;
     drop(app);
     tb.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn selector_exchange_sends_the_service_to_the_workstation_and_ctrl_c_restores_it() {
     exchange_and_restore(
         &[],
@@ -179,6 +172,10 @@ async fn selector_exchange_sends_the_service_to_the_workstation_and_ctrl_c_resto
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn scale_exchange_stands_in_for_the_scaled_down_deployment_and_sigterm_scales_it_back() {
     exchange_and_restore(
         &["--mode", "scale", "--recoverWaitTime", "30"],
@@ -198,10 +195,14 @@ async fn scale_exchange_stands_in_for_the_scaled_down_deployment_and_sigterm_sca
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn exchange_bad_input_exits_1_naming_the_problem_and_changes_nothing() {
-    let tb = start_testbed(TESTBED, true).await;
+    let tb = start_testbed(true).await;
     deploy_web(&tb);
-    let app = workstation::http_echo(Path::new(TESTBED), &tb, 18091).await;
+    let app = workstation::http_echo(&tb, 18091).await;
     apply(
         &tb.kubeconfig,
         r#"
@@ -254,7 +255,6 @@ spec:
     }
     // --skipPortChecking: the exchange starts although nothing listens locally yet.
     let mut skipped = Background::ktctl(
-        Path::new(TESTBED),
         &tb,
         &[
             "exchange",

@@ -6,29 +6,32 @@ use std::{
     collections::HashSet,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
 };
 
-use kt_tests::{
-    harness::{
-        self, SSH_THROWAWAY,
-        apps::{
-            WEB, apply, deploy_shadow, deploy_web, in_client, start_testbed, web_pods,
-            web_pods_field, who_answers,
-        },
-        kubectl::{kubectl, kubectl_ok},
-        workstation::OPENSSH_SHADOW,
+use tokio::io::AsyncBufReadExt as _;
+
+use kt_testbed::cluster::Testbed;
+use kt_tests::harness::{
+    self, SSH_THROWAWAY,
+    apps::{
+        WEB, apply, deploy_shadow, deploy_web, in_client, start_testbed, web_pods, web_pods_field,
+        who_answers,
     },
-    testbed::cluster::Testbed,
+    bins::{self, utf8},
+    eventually::{eventually, eventually_blocking, patience, seen},
+    kubectl::{kubectl, kubectl_ok},
+    workstation::{self, OPENSSH_SHADOW},
 };
-
-const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
 
 async fn testbed() -> Testbed {
-    start_testbed(TESTBED, false).await
+    start_testbed(false).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn pods_reach_a_service_by_short_name_and_fqdn_served_from_both_nodes() {
     let tb = testbed().await;
     deploy_web(&tb);
@@ -57,6 +60,10 @@ async fn pods_reach_a_service_by_short_name_and_fqdn_served_from_both_nodes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn cluster_dns_answers_like_a_cluster() {
     let tb = testbed().await;
     deploy_web(&tb);
@@ -64,7 +71,8 @@ async fn cluster_dns_answers_like_a_cluster() {
         &tb.kubeconfig,
         "apiVersion: v1\nkind: Service\nmetadata: {name: headless}\nspec:\n  clusterIP: None\n  selector: {app: web}\n  ports: [{name: http, port: 80}]\n",
     );
-    let dig = |name: &str, kind: &str| in_client(&tb, &[TESTBED, "dig", name, kind]).1;
+    let tools = bins::kt_tools();
+    let dig = |name: &str, kind: &str| in_client(&tb, &[utf8(&tools), "dig", name, kind]).1;
     let cluster_ip = kubectl_ok(
         &tb.kubeconfig,
         &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
@@ -97,13 +105,16 @@ async fn cluster_dns_answers_like_a_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn scaling_to_zero_and_back_changes_endpoints_and_traffic() {
     let tb = testbed().await;
     deploy_web(&tb);
     assert!(who_answers(&tb, "http://web/").is_some());
     kubectl_ok(&tb.kubeconfig, &["scale", "deploy/web", "--replicas=0"]);
-    let mut empty = false;
-    for _ in 0..100 {
+    eventually("endpoints emptied", async || {
         let addrs = kubectl_ok(
             &tb.kubeconfig,
             &[
@@ -114,40 +125,35 @@ async fn scaling_to_zero_and_back_changes_endpoints_and_traffic() {
                 "jsonpath={.subsets[*].addresses[*].ip}",
             ],
         );
-        if addrs.trim().is_empty() {
-            empty = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(empty, "endpoints emptied");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        who_answers(&tb, "http://web/"),
-        None,
-        "no endpoints: the Service refuses"
-    );
+        seen(addrs, |addrs| addrs.trim().is_empty())
+    })
+    .await;
+    // The kube-proxy applies the change within its sync period.
+    eventually("no endpoints: the Service refuses", async || {
+        seen(who_answers(&tb, "http://web/"), Option::is_none)
+    })
+    .await;
     kubectl_ok(&tb.kubeconfig, &["scale", "deploy/web", "--replicas=2"]);
     kubectl_ok(
         &tb.kubeconfig,
         &["rollout", "status", "deploy/web", "--timeout=60s"],
     );
-    let mut back = None;
-    for _ in 0..50 {
-        back = who_answers(&tb, "http://web/");
-        if back.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let back = eventually("traffic back", async || {
+        who_answers(&tb, "http://web/").ok_or("no answer")
+    })
+    .await;
     assert!(
-        back.is_some_and(|p| web_pods(&tb).contains(&p)),
+        web_pods(&tb).contains(&back),
         "traffic back on the new pods"
     );
     tb.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn kube_rs_port_forward_from_the_workstation_reaches_a_pod() {
     let tb = testbed().await;
     kubectl_ok(
@@ -159,13 +165,9 @@ async fn kube_rs_port_forward_from_the_workstation_reaches_a_pod() {
         &["wait", "--for=condition=Ready", "pod/echo", "--timeout=60s"],
     );
     // The client runs in the workstation namespace and talks to https://172.30.0.1:6443.
-    let out = Command::new(TESTBED)
+    let out = workstation::exec(&tb)
         .args([
-            "exec",
-            "--dir",
-            tb.dir.to_str().unwrap(),
-            "--",
-            TESTBED,
+            utf8(&bins::kt_tools()),
             "port-forward",
             "default",
             "echo",
@@ -187,21 +189,17 @@ async fn kube_rs_port_forward_from_the_workstation_reaches_a_pod() {
         &tb.kubeconfig,
         &["get", "pod", "echo", "-o", "jsonpath={.status.podIP}"],
     );
-    let direct = Command::new(TESTBED)
-        .args([
-            "exec",
-            "--dir",
-            tb.dir.to_str().unwrap(),
-            "--",
+    let (direct, _) = workstation::run(
+        &tb,
+        &[
             "curl",
             "-s",
             "--max-time",
             "2",
             &format!("http://{pod_ip}:9000/"),
-        ])
-        .status()
-        .unwrap();
-    assert!(!direct.success());
+        ],
+    );
+    assert!(!direct);
     tb.stop().await;
 }
 
@@ -212,6 +210,10 @@ const LIST_PODS_AS_THE_POD: &str = "curl -s --cacert /var/run/secrets/kubernetes
      https://kubernetes.default.svc/api/v1/namespaces/default/pods";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn in_cluster_clients_use_service_account_tokens_and_rbac() {
     let tb = testbed().await;
     deploy_web(&tb);
@@ -234,10 +236,17 @@ async fn in_cluster_clients_use_service_account_tokens_and_rbac() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn kubectl_verbs_work_against_the_testbed() {
     let tb = testbed().await;
     let kc = tb.kubeconfig.clone();
-    let watch = tokio::process::Command::new("kubectl")
+    // kubectl lists before it watches, from the list's resourceVersion: once the listing of
+    // this ConfigMap is printed, no later event can be missed.
+    kubectl_ok(&kc, &["create", "configmap", "watch-start"]);
+    let mut watch = tokio::process::Command::new("kubectl")
         .args([
             "get",
             "configmaps",
@@ -251,7 +260,20 @@ async fn kubectl_verbs_work_against_the_testbed() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut watched = tokio::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    let listed = tokio::time::timeout(patience(), async {
+        while let Some(line) = watched.next_line().await.unwrap() {
+            if line.contains("watch-start") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(
+        matches!(listed, Ok(true)),
+        "kubectl get -w did not list the ConfigMaps"
+    );
 
     let file = tb.dir.join("web.yaml");
     std::fs::write(&file, WEB).unwrap();
@@ -347,22 +369,24 @@ async fn kubectl_verbs_work_against_the_testbed() {
             "--timeout=60s",
         ],
     );
-    let mut logs = String::new();
-    for _ in 0..50 {
-        logs = kubectl_ok(&kc, &["logs", "talker"]);
-        if !logs.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let logs = eventually("talker logged", async || {
+        seen(kubectl_ok(&kc, &["logs", "talker"]), |logs| {
+            !logs.is_empty()
+        })
+    })
+    .await;
     assert_eq!(logs, "hello from the pod\n");
     assert_eq!(
         kubectl_ok(&kc, &["auth", "can-i", "delete", "nodes"]).trim(),
         "yes"
     );
 
-    let out = watch.wait_with_output().await.unwrap();
-    let events = String::from_utf8_lossy(&out.stdout);
+    let mut events = String::new();
+    while let Some(line) = watched.next_line().await.unwrap() {
+        events.push_str(&line);
+        events.push('\n');
+    }
+    watch.wait().await.unwrap();
     assert!(
         events.contains("ADDED") && events.contains("settings") && events.contains("DELETED"),
         "{events}"
@@ -371,6 +395,10 @@ async fn kubectl_verbs_work_against_the_testbed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn a_user_bound_to_a_role_is_forbidden_elsewhere_and_can_i_agrees() {
     let tb = testbed().await;
     let admin = tb.kubeconfig.clone();
@@ -430,15 +458,18 @@ async fn a_user_bound_to_a_role_is_forbidden_elsewhere_and_can_i_agrees() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn unknown_images_back_off_and_node_ports_reach_pods_from_the_workstation() {
     let tb = testbed().await;
     kubectl_ok(
         &tb.kubeconfig,
         &["run", "ghost", "--image=registry.example/nothing:1"],
     );
-    let mut reason = String::new();
-    for _ in 0..50 {
-        reason = kubectl_ok(
+    let reason = eventually("ghost waits", async || {
+        let reason = kubectl_ok(
             &tb.kubeconfig,
             &[
                 "get",
@@ -448,11 +479,9 @@ async fn unknown_images_back_off_and_node_ports_reach_pods_from_the_workstation(
                 "jsonpath={.status.containerStatuses[0].state.waiting.reason}",
             ],
         );
-        if !reason.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        seen(reason, |reason| !reason.is_empty())
+    })
+    .await;
     assert_eq!(reason, "ImagePullBackOff");
     kubectl_ok(
         &tb.kubeconfig,
@@ -464,32 +493,23 @@ async fn unknown_images_back_off_and_node_ports_reach_pods_from_the_workstation(
         &tb.kubeconfig,
         "apiVersion: v1\nkind: Service\nmetadata: {name: web-np}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports: [{port: 80, targetPort: http, nodePort: 30080}]\n",
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The kube-proxies program the NodePort within their sync period.
     for node_ip in ["172.30.0.11", "172.30.0.12"] {
-        let out = Command::new(TESTBED)
-            .args([
-                "exec",
-                "--dir",
-                tb.dir.to_str().unwrap(),
-                "--",
-                "curl",
-                "-s",
-                "--max-time",
-                "3",
-                &format!("http://{node_ip}:30080/"),
-            ])
-            .output()
-            .unwrap();
-        let body = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            body.starts_with("pod=web-"),
-            "NodePort on {node_ip}: {body}"
-        );
+        let url = format!("http://{node_ip}:30080/");
+        eventually(format!("NodePort on {node_ip}"), async || {
+            let (_, body) = workstation::run(&tb, &["curl", "-s", "--max-time", "3", &url]);
+            seen(body, |body| body.starts_with("pod=web-"))
+        })
+        .await;
     }
     tb.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn the_v0_3_7_shadow_image_is_openssh_under_the_shadow_contract() {
     let tb = testbed().await;
     deploy_web(&tb);
@@ -526,18 +546,14 @@ async fn the_v0_3_7_shadow_image_is_openssh_under_the_shadow_contract() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 fn up_and_down_leave_nothing_behind() {
     harness::require_root();
     let dir: PathBuf = std::env::temp_dir().join(harness::unique_name("updown"));
-    let up = Command::new(TESTBED)
-        .args(["up", "--dir", dir.to_str().unwrap(), "--nodes", "2"])
-        .output()
-        .unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    kt_testbed_ok(&["up", "--dir", utf8(&dir), "--nodes", "2"]);
     let env = std::fs::read_to_string(dir.join("env")).unwrap();
     let netns = env
         .lines()
@@ -567,20 +583,12 @@ fn up_and_down_leave_nothing_behind() {
         "control plane, 2 nodes, workstation and the DNS pod: {}",
         netns_list()
     );
-    let cgroup = kt_node_agent::cgroup::cgroup2_mount()
+    let cgroup = kt_testbed::sys::cgroup::cgroup2_mount()
         .unwrap()
         .join(prefix.trim_end_matches('-'));
     assert!(cgroup.exists());
 
-    let down = Command::new(TESTBED)
-        .args(["down", "--dir", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        down.status.success(),
-        "{}",
-        String::from_utf8_lossy(&down.stderr)
-    );
+    kt_testbed_ok(&["down", "--dir", utf8(&dir)]);
     assert_eq!(ours(&netns_list()), 0, "namespaces left: {}", netns_list());
     assert!(!cgroup.exists(), "cgroup left: {}", cgroup.display());
     assert!(
@@ -602,4 +610,62 @@ fn up_and_down_leave_nothing_behind() {
         !rules.contains("kt_proxy"),
         "nftables table leaked into the host: {rules}"
     );
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+fn a_process_started_with_exec_ends_with_down() {
+    harness::require_root();
+    let dir: PathBuf = std::env::temp_dir().join(harness::unique_name("exec"));
+    let dir_arg = utf8(&dir);
+    kt_testbed_ok(&["up", "--dir", dir_arg, "--nodes", "1"]);
+    // The runner execs the command: the child's pid becomes sleep's.
+    let mut server = KilledOnDrop(
+        Command::new(bins::kt_testbed())
+            .args(["exec", "--dir", dir_arg, "--", "sleep", "1000"])
+            .spawn()
+            .unwrap(),
+    );
+    let comm = format!("/proc/{}/comm", server.0.id());
+    eventually_blocking("the command runs", || {
+        seen(std::fs::read_to_string(&comm).unwrap_or_default(), |c| {
+            c.trim() == "sleep"
+        })
+    });
+
+    kt_testbed_ok(&["down", "--dir", dir_arg]);
+    let ended = eventually_blocking("the exec'd command ends with the testbed", || {
+        server.0.try_wait().unwrap().ok_or("still running")
+    });
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&ended),
+        Some(libc::SIGKILL),
+        "{ended}"
+    );
+}
+
+/// `kt-testbed ARGS`, which must succeed.
+fn kt_testbed_ok(args: &[&str]) {
+    let out = Command::new(bins::kt_testbed())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kt-testbed {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A child process killed and reaped when dropped (a failing test leaves none behind).
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -3,16 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
-use kt_tests::{
-    harness::{
-        apps::{apply, deploy_shadow, deploy_web, in_client, start_testbed, web_pods},
-        kubectl::kubectl_ok,
-        workstation::{self, Background, ECHO},
-    },
-    testbed::cluster::Testbed,
+use kt_testbed::cluster::Testbed;
+use kt_tests::harness::{
+    apps::{apply, deploy_shadow, deploy_web, in_client, start_testbed, web_pods},
+    bins::{self, utf8},
+    eventually::{eventually, seen, shell_until},
+    kubectl::kubectl_ok,
+    workstation::{self, Background, ECHO},
 };
-
-const TESTBED: &str = env!("CARGO_BIN_EXE_kt-testbed");
 
 /// A testbed with `web`, a client pod, and our shadow pod `kt-connect-shadow-abcde`
 /// whose authorized key is a fresh one; returns the testbed, the private key and the
@@ -32,6 +30,10 @@ fn ssh(key: &Path) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn openssh_direct_tcpip_reaches_services_by_cluster_name() {
     let (tb, key, ip) = with_shadow().await;
     let ssh = ssh(&key);
@@ -50,8 +52,9 @@ async fn openssh_direct_tcpip_reaches_services_by_cluster_name() {
     );
     assert!(ok && out.contains("pod=web-"), "{out}");
     // ssh -L: a local port forwarded through the shadow; two requests on it.
+    let listening = shell_until("curl -s -o /dev/null http://127.0.0.1:18080/");
     let script = format!(
-        "{ssh} -N -L 127.0.0.1:18080:web:80 root@{ip} & pid=$!; sleep 1; curl -s http://127.0.0.1:18080/; curl -s http://127.0.0.1:18080/; kill $pid"
+        "{ssh} -N -L 127.0.0.1:18080:web:80 root@{ip} & pid=$!; {listening}; curl -s http://127.0.0.1:18080/; curl -s http://127.0.0.1:18080/; kill $pid"
     );
     let (_, out) = in_client(&tb, &["sh", "-c", &script]);
     assert_eq!(out.matches("pod=web-").count(), 2, "{out}");
@@ -59,14 +62,24 @@ async fn openssh_direct_tcpip_reaches_services_by_cluster_name() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn openssh_remote_forward_listens_on_the_shadow_and_stops_with_the_session() {
     let (tb, key, ip) = with_shadow().await;
     let ssh = ssh(&key);
     // The client pod serves HTTP on 8081 and asks the shadow to listen on all its
     // addresses (GatewayPorts) at 9999; a request to shadow:9999 lands in the client pod.
+    let testbed = bins::kt_testbed();
+    let testbed = utf8(&testbed);
+    let forwarded = shell_until(&format!("curl -s -o /dev/null http://{ip}:9999/"));
+    let closed = shell_until(&format!(
+        "! curl -s -o /dev/null --max-time 2 http://{ip}:9999/"
+    ));
     let script = format!(
-        "PORT=8081 HOSTNAME=$(cat /etc/hostname) {TESTBED} image http-echo & echo_pid=$!; {ssh} -N -R 0.0.0.0:9999:127.0.0.1:8081 root@{ip} & ssh_pid=$!; sleep 1.5; \
-         curl -s --max-time 3 http://{ip}:9999/; kill $ssh_pid; sleep 1; curl -s --max-time 2 http://{ip}:9999/ || echo refused-after-session; kill $echo_pid"
+        "PORT=8081 HOSTNAME=$(cat /etc/hostname) {testbed} image http-echo & echo_pid=$!; {ssh} -N -R 0.0.0.0:9999:127.0.0.1:8081 root@{ip} & ssh_pid=$!; {forwarded}; \
+         curl -s --max-time 3 http://{ip}:9999/; kill $ssh_pid; wait $ssh_pid; {closed} && echo refused-after-session; kill $echo_pid"
     );
     let (_, out) = in_client(&tb, &["sh", "-c", &script]);
     assert!(
@@ -81,6 +94,10 @@ async fn openssh_remote_forward_listens_on_the_shadow_and_stops_with_the_session
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn the_shadow_refuses_other_keys_and_users() {
     let (tb, key, ip) = with_shadow().await;
     let other = tb.dir.join("other-key");
@@ -139,21 +156,19 @@ async fn with_dns_relay(protocol: &str) -> (Testbed, String, String) {
 /// localDNS mode: the workstation asks over TCP through a port-forward to the shadow's port
 /// 53, with names as the workstation has them; answers come back under those names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn our_shadow_relays_cluster_dns_over_tcp_through_a_port_forward() {
     let (tb, _, cluster_ip) = with_dns_relay("tcp").await;
-    let forward = workstation::forward_to_pod(
-        Path::new(TESTBED),
-        &tb,
-        "kt-connect-shadow-abcde",
-        17053,
-        53,
-    )
-    .await;
+    let forward = workstation::forward_to_pod(&tb, "kt-connect-shadow-abcde", 17053, 53).await;
+    let tools = bins::kt_tools();
     let dig = |name: &str| {
         on_workstation(
             &tb,
             &[
-                TESTBED,
+                utf8(&tools),
                 "dig",
                 name,
                 "A",
@@ -181,15 +196,31 @@ async fn our_shadow_relays_cluster_dns_over_tcp_through_a_port_forward() {
 
 /// podDNS mode: a resolver sends UDP straight to the shadow pod.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn our_shadow_relays_cluster_dns_over_udp_to_the_pod() {
     let (tb, ip, cluster_ip) = with_dns_relay("udp").await;
     let server = format!("{ip}:53");
-    let (ok, out) = in_client(&tb, &[TESTBED, "dig", "web.", "A", "--server", &server]);
+    let tools = bins::kt_tools();
+    let (ok, out) = in_client(
+        &tb,
+        &[utf8(&tools), "dig", "web.", "A", "--server", &server],
+    );
     assert!(ok, "{out}");
     assert_eq!(out, format!("rcode=No Error\nweb. {cluster_ip}\n"));
     let (_, out) = in_client(
         &tb,
-        &[TESTBED, "dig", "web.", "A", "--server", &server, "--tcp"],
+        &[
+            utf8(&tools),
+            "dig",
+            "web.",
+            "A",
+            "--server",
+            &server,
+            "--tcp",
+        ],
     );
     assert!(
         !out.starts_with("rcode="),
@@ -200,12 +231,12 @@ async fn our_shadow_relays_cluster_dns_over_udp_to_the_pod() {
 
 /// ktctl in the workstation namespace.
 fn ktctl(tb: &Testbed, args: &[&str]) -> Background {
-    Background::ktctl(Path::new(TESTBED), tb, args)
+    Background::ktctl(tb, args)
 }
 
 /// A command in the workstation namespace; (exit ok, stdout).
 fn on_workstation(tb: &Testbed, cmd: &[&str]) -> (bool, String) {
-    workstation::run(Path::new(TESTBED), tb, cmd)
+    workstation::run(tb, cmd)
 }
 
 fn first_line(body: &str) -> &str {
@@ -221,12 +252,16 @@ fn kt_objects(tb: &Testbed) -> String {
 }
 
 async fn plain_testbed() -> Testbed {
-    let tb = start_testbed(TESTBED, true).await;
+    let tb = start_testbed(true).await;
     deploy_web(&tb);
     tb
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn ktctl_forward_through_the_openssh_shadow_survives_pod_replacement() {
     let tb = plain_testbed().await;
     // The default image is the v0.3.7 shadow (OpenSSH in the testbed): interop.
@@ -260,42 +295,25 @@ async fn ktctl_forward_through_the_openssh_shadow_survives_pod_replacement() {
         &tb.kubeconfig,
         &["delete", "pods", "-l", "app=web", "--wait=false"],
     );
-    let mut replaced = false;
-    for _ in 0..100 {
-        let now = web_pods(&tb);
-        if now.is_disjoint(&before) && now.len() == 2 {
-            replaced = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    assert!(replaced, "pods replaced");
+    eventually("pods replaced", async || {
+        seen(web_pods(&tb), |now| {
+            now.is_disjoint(&before) && now.len() == 2
+        })
+    })
+    .await;
     kubectl_ok(
         &tb.kubeconfig,
         &["rollout", "status", "deploy/web", "--timeout=60s"],
     );
     let new_pods = web_pods(&tb);
     for port in [18080, 18081] {
-        let mut answered = None;
-        for _ in 0..20 {
-            let (ok, body) = on_workstation(
-                &tb,
-                &[
-                    "curl",
-                    "-s",
-                    "--max-time",
-                    "5",
-                    &format!("http://127.0.0.1:{port}/"),
-                ],
-            );
+        let url = format!("http://127.0.0.1:{port}/");
+        eventually(format!("port {port} reaches the new pods"), async || {
+            let (ok, body) = on_workstation(&tb, &["curl", "-s", "--max-time", "5", &url]);
             let pod = first_line(&body).trim_start_matches("pod=").to_owned();
-            if ok && new_pods.contains(&pod) && !pod.is_empty() {
-                answered = Some(pod);
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        }
-        assert!(answered.is_some(), "port {port} reaches the new pods");
+            seen(pod, |pod| ok && new_pods.contains(pod) && !pod.is_empty())
+        })
+        .await;
     }
     let (status, _) = by_service.interrupt();
     assert!(status.success());
@@ -307,6 +325,10 @@ async fn ktctl_forward_through_the_openssh_shadow_survives_pod_replacement() {
 /// to the shadow pod once the port-forward has shown it the pod's host key; `--transport
 /// portForward` keeps it on the API server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn ktctl_goes_straight_to_a_reachable_shadow_pod() {
     let tb = plain_testbed().await;
     workstation::route_pods_via_nodes(&tb);
@@ -358,9 +380,13 @@ async fn ktctl_goes_straight_to_a_reachable_shadow_pod() {
     tb.stop().await;
 }
 
-/// 100 parallel connections of 1 MiB each way (echoed and compared by `kt-testbed load`),
+/// 100 parallel connections of 1 MiB each way (echoed and compared by `kt-tools load`),
 /// then a killed port-forward, then new connections again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn ktctl_forward_through_our_shadow_carries_100_parallel_mebibytes_and_reconnects() {
     let tb = plain_testbed().await;
     apply(&tb.kubeconfig, ECHO);
@@ -373,12 +399,19 @@ async fn ktctl_forward_through_our_shadow_carries_100_parallel_mebibytes_and_rec
         &["forward", "echo", "19000", "--image", "kt-shadow:dev"],
     );
     ktctl.ready().await;
-    let (ok, out) = on_workstation(&tb, &[TESTBED, "load", "127.0.0.1:19000", "100", "1048576"]);
+    let tools = bins::kt_tools();
+    let (ok, out) = on_workstation(
+        &tb,
+        &[utf8(&tools), "load", "127.0.0.1:19000", "100", "1048576"],
+    );
     assert!(ok && out.trim() == "ok 100", "{out} {}", ktctl.log());
-    // The API server drops every port-forward stream: the tunnel comes back by itself.
+    // The API server drops every port-forward stream: the tunnel comes back by itself (the
+    // next connection's tunnel open retries).
     tb.api.drop_streams();
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let (ok, out) = on_workstation(&tb, &[TESTBED, "load", "127.0.0.1:19000", "1", "65536"]);
+    let (ok, out) = on_workstation(
+        &tb,
+        &[utf8(&tools), "load", "127.0.0.1:19000", "1", "65536"],
+    );
     assert!(
         ok && out.trim() == "ok 1",
         "after the port-forward dropped: {out} {}",
@@ -390,14 +423,17 @@ async fn ktctl_forward_through_our_shadow_carries_100_parallel_mebibytes_and_rec
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn ctrl_c_and_the_pid_file_kill_switch_leave_nothing_behind() {
     let tb = plain_testbed().await;
     let before = kt_objects(&tb);
     let home = tb.dir.join("workstation/home/.kt");
     // As `sudo ktctl` by user 4321: its ~/.kt files belong to that user (v0.3.7 chowns them).
-    let ktctl_bin = workstation::ktctl_bin(Path::new(TESTBED));
+    let ktctl_bin = bins::ktctl();
     let mut first = Background::spawn(
-        Path::new(TESTBED),
         &tb,
         Path::new("env"),
         &[
@@ -462,13 +498,10 @@ async fn ctrl_c_and_the_pid_file_kill_switch_leave_nothing_behind() {
     assert!(status.success(), "{}", second.log());
     assert!(second.log().contains("Pid file was removed"));
     // Shadow pods terminate gracefully; wait for them to go.
-    for _ in 0..100 {
-        if kt_objects(&tb) == before {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    assert_eq!(kt_objects(&tb), before, "no shadow pod or ConfigMap left");
+    eventually("no shadow pod or ConfigMap left", async || {
+        seen(kt_objects(&tb), |now| *now == before)
+    })
+    .await;
     for dir in ["pid", "key"] {
         let left: Vec<_> = std::fs::read_dir(home.join(dir))
             .map(|d| d.flatten().map(|e| e.path()).collect())
@@ -479,6 +512,10 @@ async fn ctrl_c_and_the_pid_file_kill_switch_leave_nothing_behind() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn bad_input_exits_1_naming_the_problem_and_creates_nothing() {
     let tb = plain_testbed().await;
     apply(
@@ -508,8 +545,8 @@ async fn bad_input_exits_1_naming_the_problem_and_creates_nothing() {
         ),
         (&["forward", "web", "x:80"][..], "invalid local port 'x'"),
     ] {
-        let out = workstation::exec(Path::new(TESTBED), &tb)
-            .arg(workstation::ktctl_bin(Path::new(TESTBED)))
+        let out = workstation::exec(&tb)
+            .arg(bins::ktctl())
             .args(args)
             .output()
             .unwrap();

@@ -4,20 +4,19 @@
 //! (two replicas, one per node) and a client pod on each node, exchanges `web` to a server
 //! on the workstation, shows both clients answered locally, ends the exchange, shows the pods
 //! answering again, and tears everything down (namespaces and cgroups named `ktt-*`).
+//! Exits 1 when the exchange does not redirect both clients or does not give them back.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{process::ExitCode, time::Duration};
 
-use kt_tests::{
-    harness::{
-        self,
-        apps::{
-            answered_by, deploy_client_2, deploy_web, install_agent, start_testbed,
-            until_all_answered_by,
-        },
-        kubectl::kubectl_ok,
-        workstation::{self, Background},
+use kt_testbed::cluster::Testbed;
+use kt_tests::harness::{
+    self,
+    apps::{
+        answered_by, deploy_client_2, deploy_web, install_agent, start_testbed,
+        until_all_answered_by,
     },
-    testbed::cluster::Testbed,
+    kubectl::kubectl_ok,
+    workstation::{self, Background},
 };
 
 const LOCAL_PORT: u16 = 18090;
@@ -37,8 +36,15 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(demo());
-    ExitCode::SUCCESS
+    let failures = runtime.block_on(demo());
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        for failure in &failures {
+            eprintln!("demo failed: {failure}");
+        }
+        ExitCode::FAILURE
+    }
 }
 
 /// Who answers `http://web/` from each client pod, one line.
@@ -53,12 +59,11 @@ fn show(tb: &Testbed, when: &str) {
     println!("   {when}: {}", answers.join(", "));
 }
 
-async fn demo() {
-    let testbed_bin: PathBuf = std::env::current_exe()
-        .expect("own path")
-        .with_file_name("kt-testbed");
+/// Runs the demo; what went wrong, if anything.
+async fn demo() -> Vec<String> {
+    let mut failures = Vec::new();
     println!("== a two-node cluster (kt-testbed)");
-    let tb = start_testbed(testbed_bin.to_str().expect("UTF-8 path"), true).await;
+    let tb = start_testbed(true).await;
 
     println!("== kt's node agent from deploy/: kubectl apply -k deploy/");
     install_agent(&tb);
@@ -72,11 +77,10 @@ async fn demo() {
     show(&tb, "before");
 
     println!("== on the workstation: a local web server on port {LOCAL_PORT}");
-    let _local = workstation::http_echo(&testbed_bin, &tb, LOCAL_PORT).await;
+    let _local = workstation::http_echo(&tb, LOCAL_PORT).await;
     println!("== ktctl exchange web --expose {LOCAL_PORT}:80");
     let expose = format!("{LOCAL_PORT}:80");
-    let mut exchange =
-        Background::ktctl(&testbed_bin, &tb, &["exchange", "web", "--expose", &expose]);
+    let mut exchange = Background::ktctl(&tb, &["exchange", "web", "--expose", &expose]);
     exchange.wait_for("will be redirected to local").await;
     for line in exchange.log().lines() {
         println!("   | {line}");
@@ -92,6 +96,7 @@ async fn demo() {
     .await
     {
         println!("   not redirected: {wrong}");
+        failures.push(format!("not redirected: {wrong}"));
     }
     show(&tb, "exchanged");
     println!(
@@ -114,17 +119,22 @@ async fn demo() {
     {
         println!("   | {line}");
     }
-    let _ = until_all_answered_by(
+    if let Err(wrong) = until_all_answered_by(
         &tb,
         &CLIENTS,
         &urls,
         |who| who.starts_with("web-"),
         Duration::from_secs(10),
     )
-    .await;
+    .await
+    {
+        println!("   not restored: {wrong}");
+        failures.push(format!("not restored: {wrong}"));
+    }
     show(&tb, "after");
 
     println!("== tearing the cluster down");
     tb.stop().await;
     println!("== done");
+    failures
 }

@@ -5,8 +5,11 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use super::kubectl::{kubectl, kubectl_ok};
-use crate::testbed::cluster::Testbed;
+use super::{
+    eventually::poll_within,
+    kubectl::{kubectl, kubectl_ok},
+};
+use kt_testbed::cluster::Testbed;
 
 /// `web`: two HTTP echo replicas (spread over the nodes) behind a Service with a named
 /// targetPort, and a `client` pod on node-1 to call things from.
@@ -41,23 +44,14 @@ spec:
   containers: [{name: c, image: kt-testbed/sleep}]
 "#;
 
-/// A two-node testbed for a suite: `testbed_bin` is the suite's `CARGO_BIN_EXE_kt-testbed`;
-/// kt-node-agent, when wanted, is the one built next to it.
-pub async fn start_testbed(testbed_bin: &str, with_agent: bool) -> Testbed {
+/// A two-node testbed for a suite, with the workspace's kt-testbed and, when wanted, its
+/// kt-node-agent (for the agent and kt's shadow images).
+pub async fn start_testbed(with_agent: bool) -> Testbed {
     super::require_root();
-    let agent_bin = with_agent.then(|| {
-        let path = std::path::PathBuf::from(testbed_bin).with_file_name("kt-node-agent");
-        assert!(
-            path.exists(),
-            "{} is not built: run `cargo build --workspace --bins`",
-            path.display()
-        );
-        path
-    });
-    let options = crate::testbed::cluster::Options {
+    let options = kt_testbed::cluster::Options {
         nodes: 2,
-        testbed_bin: testbed_bin.into(),
-        agent_bin,
+        testbed_bin: super::bins::kt_testbed(),
+        agent_bin: with_agent.then(super::bins::kt_node_agent),
         dir: None,
     };
     Testbed::start(options).await.expect("testbed starts")
@@ -211,7 +205,7 @@ pub async fn until_all_answered_by(
     within: std::time::Duration,
 ) -> Result<std::time::Duration, String> {
     let started = std::time::Instant::now();
-    loop {
+    poll_within(within, async || {
         let mut wrong = Vec::new();
         for pod in pods {
             for url in urls {
@@ -222,13 +216,12 @@ pub async fn until_all_answered_by(
             }
         }
         if wrong.is_empty() {
-            return Ok(started.elapsed());
+            Ok(started.elapsed())
+        } else {
+            Err(wrong.join("; "))
         }
-        if started.elapsed() > within {
-            return Err(wrong.join("; "));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    }
+    })
+    .await
 }
 
 /// A shadow pod `kt-connect-shadow-abcde` of `image` (with container `args` and `env`) in

@@ -1,6 +1,6 @@
 //! The echo measurements the tunnel and exchange benchmarks share. Per path: bulk echo
 //! (1 × 64 MiB and 8 × 8 MiB, MiB/s each way) and 2 000 sequential 64-byte round trips
-//! (p50 and p99 in µs), taken by kt-testbed's `bulk` and `rr` clients wherever the caller
+//! (p50 and p99 in µs), taken by kt-tools' `bulk` and `rr` clients wherever the caller
 //! runs them. Rounds interleave the paths; a path's result is the median over the rounds.
 
 use std::time::Duration;
@@ -12,7 +12,7 @@ const MIB: usize = 1 << 20;
 /// A path's medians: 1-stream MiB/s, 8-stream MiB/s, p50 µs, p99 µs.
 pub type Row = [f64; 4];
 
-/// Runs `kt-testbed ARGS` where the benchmark measures from: its stdout, or its stderr if it
+/// Runs `kt-tools ARGS` where the benchmark measures from: its stdout, or its stderr if it
 /// failed.
 pub trait EchoClient: Fn(&[&str]) -> Result<String, String> {}
 impl<F: Fn(&[&str]) -> Result<String, String>> EchoClient for F {}

@@ -2,12 +2,7 @@
 //! and parses what it saw. A separate process, because cgroup membership is per process
 //! and the test harness runs tests as threads of one process.
 
-use std::{
-    io,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{io, net::SocketAddr, path::Path, process::Command};
 
 use super::netns::NetNs;
 
@@ -22,20 +17,9 @@ pub struct Seen {
     pub client: SocketAddr,
 }
 
-/// Where the probe binary is: next to the running executable (the demo) or one directory
-/// up (test and bench executables live in `target/<profile>/deps`).
-pub fn probe_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    let dir = exe.parent().unwrap_or(Path::new("."));
-    [dir.join("kt-probe"), dir.join("../kt-probe")]
-        .into_iter()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("kt-probe"))
-}
-
 /// Connects to `addr` from a new process in `netns` (and `cgroup`, if given).
 pub fn connect(netns: &NetNs, cgroup: Option<&Path>, addr: SocketAddr) -> io::Result<Seen> {
-    let mut cmd = Command::new(probe_binary());
+    let mut cmd = Command::new(super::bins::kt_probe());
     cmd.arg("--netns").arg(netns.path());
     if let Some(cgroup) = cgroup {
         cmd.arg("--cgroup").arg(cgroup);

@@ -7,7 +7,9 @@ use std::{
     time::Duration,
 };
 
-use crate::testbed::cluster::Testbed;
+use kt_testbed::cluster::Testbed;
+
+use super::bins;
 
 /// The TCP echo Deployment and Service (`echo:9000`).
 pub const ECHO: &str = r#"
@@ -31,11 +33,8 @@ spec:
 "#;
 
 /// A command in the workstation namespace; (exit ok, stdout).
-pub fn run(testbed_bin: &Path, tb: &Testbed, cmd: &[&str]) -> (bool, String) {
-    let out = exec(testbed_bin, tb)
-        .args(cmd)
-        .output()
-        .expect("kt-testbed exec runs");
+pub fn run(tb: &Testbed, cmd: &[&str]) -> (bool, String) {
+    let out = exec(tb).args(cmd).output().expect("kt-testbed exec runs");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -43,21 +42,10 @@ pub fn run(testbed_bin: &Path, tb: &Testbed, cmd: &[&str]) -> (bool, String) {
 }
 
 /// `kt-testbed exec` for the workstation, to add the command to.
-pub fn exec(testbed_bin: &Path, tb: &Testbed) -> Command {
-    let mut command = Command::new(testbed_bin);
+pub fn exec(tb: &Testbed) -> Command {
+    let mut command = Command::new(bins::kt_testbed());
     command.args(["exec", "--dir", tb.dir.to_str().expect("UTF-8 path"), "--"]);
     command
-}
-
-/// `ktctl` built next to kt-testbed.
-pub fn ktctl_bin(testbed_bin: &Path) -> PathBuf {
-    let path = testbed_bin.with_file_name("ktctl");
-    assert!(
-        path.exists(),
-        "{} is not built: run `cargo build --workspace --bins`",
-        path.display()
-    );
-    path
 }
 
 /// A long-running process in the workstation namespace (ktctl, a port-forward, ssh), its
@@ -68,10 +56,10 @@ pub struct Background {
 }
 
 impl Background {
-    pub fn spawn(testbed_bin: &Path, tb: &Testbed, program: &Path, args: &[&str]) -> Self {
+    pub fn spawn(tb: &Testbed, program: &Path, args: &[&str]) -> Self {
         let log = tb.dir.join(format!("ws-{}.log", super::unique_name("run")));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = exec(testbed_bin, tb)
+        let child = exec(tb)
             .arg(program)
             .args(args)
             .stdout(file.try_clone().expect("log file"))
@@ -82,8 +70,8 @@ impl Background {
     }
 
     /// ktctl with `args`.
-    pub fn ktctl(testbed_bin: &Path, tb: &Testbed, args: &[&str]) -> Self {
-        Self::spawn(testbed_bin, tb, &ktctl_bin(testbed_bin), args)
+    pub fn ktctl(tb: &Testbed, args: &[&str]) -> Self {
+        Self::spawn(tb, &bins::ktctl(), args)
     }
 
     pub fn log(&self) -> String {
@@ -145,16 +133,15 @@ impl Drop for Background {
 
 /// A test server on the workstation (`kt-testbed image IMAGE` on `port`, all addresses),
 /// named `workstation` in its answers.
-pub fn test_server(testbed_bin: &Path, tb: &Testbed, image: &str, port: u16) -> Background {
-    let testbed = testbed_bin.to_str().expect("UTF-8 path");
+pub fn test_server(tb: &Testbed, image: &str, port: u16) -> Background {
+    let testbed = bins::kt_testbed();
     Background::spawn(
-        testbed_bin,
         tb,
         Path::new("env"),
         &[
             &format!("PORT={port}"),
             "HOSTNAME=workstation",
-            testbed,
+            bins::utf8(&testbed),
             "image",
             image,
         ],
@@ -163,11 +150,11 @@ pub fn test_server(testbed_bin: &Path, tb: &Testbed, image: &str, port: u16) -> 
 
 /// An HTTP echo on the workstation at `port` answering `pod=workstation`; returns once it
 /// answers.
-pub async fn http_echo(testbed_bin: &Path, tb: &Testbed, port: u16) -> Background {
-    let app = test_server(testbed_bin, tb, "http-echo", port);
+pub async fn http_echo(tb: &Testbed, port: u16) -> Background {
+    let app = test_server(tb, "http-echo", port);
     let url = format!("http://127.0.0.1:{port}/");
     for _ in 0..50 {
-        if run(testbed_bin, tb, &["curl", "-s", "--max-time", "1", &url]).0 {
+        if run(tb, &["curl", "-s", "--max-time", "1", &url]).0 {
             return app;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -175,20 +162,13 @@ pub async fn http_echo(testbed_bin: &Path, tb: &Testbed, port: u16) -> Backgroun
     panic!("the local app did not start: {}", app.log());
 }
 
-/// `kt-testbed forward`: 127.0.0.1:`local` on the workstation to `pod`:`remote` (namespace
+/// `kt-tools forward`: 127.0.0.1:`local` on the workstation to `pod`:`remote` (namespace
 /// `default`) through the API server, a port-forward per connection; returns once it listens.
-pub async fn forward_to_pod(
-    testbed_bin: &Path,
-    tb: &Testbed,
-    pod: &str,
-    local: u16,
-    remote: u16,
-) -> Background {
+pub async fn forward_to_pod(tb: &Testbed, pod: &str, local: u16, remote: u16) -> Background {
     let (local, remote) = (local.to_string(), remote.to_string());
     let mut forward = Background::spawn(
-        testbed_bin,
         tb,
-        testbed_bin,
+        &bins::kt_tools(),
         &["forward", "default", pod, &local, &remote],
     );
     forward.wait_for("forwarding").await;
@@ -201,7 +181,7 @@ pub fn route_pods_via_nodes(tb: &Testbed) {
     let topology = tb.topology();
     for node in &topology.nodes {
         let (cidr, via) = (
-            crate::testbed::topology::pod_cidr(node.index),
+            kt_testbed::topology::pod_cidr(node.index),
             node.ip().to_string(),
         );
         let out = topology
@@ -226,17 +206,16 @@ pub struct OpensshPath {
 }
 
 impl OpensshPath {
-    pub async fn start(testbed_bin: &Path, tb: &Testbed, forward: [&str; 2]) -> Self {
+    pub async fn start(tb: &Testbed, forward: [&str; 2]) -> Self {
         let (key, shadow_ip) = super::apps::deploy_shadow(tb, OPENSSH_SHADOW, &[], &[], "ed25519");
-        let port_forward =
-            forward_to_pod(testbed_bin, tb, "kt-connect-shadow-abcde", 17022, 22).await;
+        let port_forward = forward_to_pod(tb, "kt-connect-shadow-abcde", 17022, 22).await;
         let key = key.to_str().expect("UTF-8 path");
         let mut args = vec!["-N", "-p", "17022", "-i", key];
         args.extend(super::SSH_THROWAWAY);
         args.extend(["-o", "LogLevel=VERBOSE", "-o", "ExitOnForwardFailure=yes"]);
         args.extend(forward);
         args.push("root@127.0.0.1");
-        let ssh = Background::spawn(testbed_bin, tb, Path::new("ssh"), &args);
+        let ssh = Background::spawn(tb, Path::new("ssh"), &args);
         Self {
             ssh,
             port_forward,
@@ -245,15 +224,13 @@ impl OpensshPath {
     }
 }
 
-/// Runs `kt-testbed ARGS` on the workstation: stdout, or stderr if it failed (an
+/// Runs `kt-tools ARGS` on the workstation: stdout, or stderr if it failed (an
 /// [`super::echo_bench::EchoClient`]).
-pub fn testbed_command(
-    testbed_bin: &Path,
-    tb: &Testbed,
-) -> impl Fn(&[&str]) -> Result<String, String> {
+pub fn tools_command(tb: &Testbed) -> impl Fn(&[&str]) -> Result<String, String> {
+    let tools = bins::kt_tools();
     move |args: &[&str]| {
-        let out = exec(testbed_bin, tb)
-            .arg(testbed_bin)
+        let out = exec(tb)
+            .arg(&tools)
             .args(args)
             .output()
             .expect("kt-testbed exec runs");

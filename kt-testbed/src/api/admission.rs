@@ -1,0 +1,438 @@
+//! Defaulting and validation the API server applies on writes: names, Service IP and
+//! node-port allocation, pod and workload defaults, immutable fields. Pure functions over
+//! JSON; the store supplies what is already allocated.
+
+use std::{collections::HashSet, net::Ipv4Addr};
+
+use serde_json::{Value, json};
+
+use crate::api::resources::ResourceType;
+
+/// The Service range: 10.96.0.0/16 (kubernetes = .0.1, kube-dns = .0.10).
+pub const SERVICE_NET: [u8; 2] = [10, 96];
+pub const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
+
+/// Field errors: `(field path, message)`.
+pub type Causes = Vec<(String, String)>;
+
+/// What is taken when a Service is created.
+#[derive(Default)]
+pub struct Allocated {
+    pub cluster_ips: HashSet<Ipv4Addr>,
+    pub node_ports: HashSet<u16>,
+}
+
+/// DNS-1123 subdomain (most names) or label (namespaces, services: also ≤ 63).
+pub fn validate_name(rt: &ResourceType, name: &str) -> Option<String> {
+    // RBAC names are path segments (`system:kube-dns`).
+    if rt.group == "rbac.authorization.k8s.io" {
+        let bad = name.is_empty()
+            || name == "."
+            || name == ".."
+            || name.contains('/')
+            || name.contains('%');
+        return bad.then(|| {
+            format!(
+                "Invalid value: \"{name}\": may not contain '/' or '%' and may not be '.' or '..'"
+            )
+        });
+    }
+    let label = matches!(rt.plural.as_str(), "namespaces" | "services");
+    let max = if label { 63 } else { 253 };
+    let chars_ok = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (!label && c == '.'));
+    let ends_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+    let service_ok =
+        rt.plural != "services" || name.chars().next().is_some_and(|c| c.is_ascii_lowercase());
+    if name.is_empty() || name.len() > max || !chars_ok || !ends_ok || !service_ok {
+        let what = if label {
+            "a lowercase RFC 1123 label"
+        } else {
+            "a lowercase RFC 1123 subdomain"
+        };
+        return Some(format!(
+            "Invalid value: \"{name}\": {what} must consist of lower case alphanumeric characters, '-'{} and must start and end with an alphanumeric character",
+            if label { "" } else { " or '.'" }
+        ));
+    }
+    None
+}
+
+/// Label keys and values: ≤ 63 characters of `[A-Za-z0-9._-]`, alphanumeric at both ends,
+/// keys with an optional DNS prefix.
+pub fn validate_labels(object: &Value) -> Causes {
+    let mut causes = Vec::new();
+    for (k, v) in object["metadata"]["labels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        let name = k.rsplit('/').next().unwrap_or(k);
+        let value = v.as_str().unwrap_or_default();
+        let ok = |s: &str, empty_ok: bool| {
+            (empty_ok && s.is_empty())
+                || (s.len() <= 63
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                    && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+                    && s.chars().last().is_some_and(|c| c.is_ascii_alphanumeric()))
+        };
+        if !ok(name, false) {
+            causes.push((format!("metadata.labels: Invalid value: \"{k}\""), "name part must be 63 characters or less and consist of alphanumeric characters, '-', '_' or '.'".into()));
+        }
+        if !v.is_string() || !ok(value, true) {
+            causes.push((format!("metadata.labels: Invalid value: \"{value}\""), "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character".into()));
+        }
+    }
+    causes
+}
+
+/// Defaults of a new object; errors for what a create may not carry.
+pub fn default_on_create(rt: &ResourceType, obj: &mut Value, taken: &Allocated) -> Causes {
+    match (rt.group.as_str(), rt.plural.as_str()) {
+        ("", "services") => default_service(obj, taken),
+        ("", "pods") => {
+            default_pod_spec(&mut obj["spec"]);
+            if obj["status"].get("phase").is_none() {
+                obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+            }
+            Vec::new()
+        }
+        ("", "namespaces") => {
+            obj["spec"] = json!({"finalizers": ["kubernetes"]});
+            obj["status"] = json!({"phase": "Active"});
+            Vec::new()
+        }
+        ("apps", "deployments") => {
+            default_workload(obj);
+            let strategy = &mut obj["spec"]["strategy"];
+            if strategy.get("type").is_none() {
+                *strategy = json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}});
+            }
+            set_default(&mut obj["spec"], "revisionHistoryLimit", json!(10));
+            set_default(&mut obj["spec"], "progressDeadlineSeconds", json!(600));
+            check_selector_matches_template(obj)
+        }
+        ("apps", "replicasets") => {
+            default_workload(obj);
+            check_selector_matches_template(obj)
+        }
+        ("apps", "daemonsets") => {
+            default_pod_spec(&mut obj["spec"]["template"]["spec"]);
+            if obj["spec"]["updateStrategy"].get("type").is_none() {
+                obj["spec"]["updateStrategy"] = json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}});
+            }
+            set_default(&mut obj["spec"], "revisionHistoryLimit", json!(10));
+            check_selector_matches_template(obj)
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn set_default(parent: &mut Value, key: &str, value: Value) {
+    if parent.get(key).is_none_or(Value::is_null) {
+        parent[key] = value;
+    }
+}
+
+fn default_workload(obj: &mut Value) {
+    set_default(&mut obj["spec"], "replicas", json!(1));
+    default_pod_spec(&mut obj["spec"]["template"]["spec"]);
+}
+
+fn check_selector_matches_template(obj: &Value) -> Causes {
+    let selector = &obj["spec"]["selector"];
+    if !selector.is_object() {
+        return vec![("spec.selector".into(), "Required value".into())];
+    }
+    let Ok(parsed) = crate::api::selector::LabelSelector::from_object(selector) else {
+        return vec![(
+            "spec.selector".into(),
+            "Invalid value: invalid label selector".into(),
+        )];
+    };
+    if parsed.is_empty() {
+        return vec![(
+            "spec.selector".into(),
+            "Invalid value: empty selector is invalid for deployment".into(),
+        )];
+    }
+    if !parsed.matches(&obj["spec"]["template"]) {
+        return vec![(
+            "spec.template.metadata.labels".into(),
+            "Invalid value: `selector` does not match template `labels`".into(),
+        )];
+    }
+    Vec::new()
+}
+
+/// The defaults `kubectl get -o yaml` shows on a pod spec.
+pub fn default_pod_spec(spec: &mut Value) {
+    if !spec.is_object() {
+        return;
+    }
+    set_default(spec, "restartPolicy", json!("Always"));
+    set_default(spec, "dnsPolicy", json!("ClusterFirst"));
+    set_default(spec, "terminationGracePeriodSeconds", json!(30));
+    set_default(spec, "schedulerName", json!("default-scheduler"));
+    set_default(spec, "securityContext", json!({}));
+    let sa = spec
+        .get("serviceAccountName")
+        .or_else(|| spec.get("serviceAccount"))
+        .cloned();
+    let sa = sa
+        .filter(|s| s.as_str().is_some_and(|s| !s.is_empty()))
+        .unwrap_or(json!("default"));
+    spec["serviceAccountName"] = sa.clone();
+    spec["serviceAccount"] = sa;
+    for list in ["containers", "initContainers"] {
+        for c in spec[list].as_array_mut().into_iter().flatten() {
+            let image = c["image"].as_str().unwrap_or_default();
+            let latest = !image.rsplit('/').next().unwrap_or(image).contains(':')
+                || image.ends_with(":latest");
+            set_default(
+                c,
+                "imagePullPolicy",
+                json!(if latest { "Always" } else { "IfNotPresent" }),
+            );
+            set_default(c, "terminationMessagePath", json!("/dev/termination-log"));
+            set_default(c, "terminationMessagePolicy", json!("File"));
+            set_default(c, "resources", json!({}));
+            for p in c["ports"].as_array_mut().into_iter().flatten() {
+                set_default(p, "protocol", json!("TCP"));
+            }
+        }
+    }
+}
+
+fn default_service(svc: &mut Value, taken: &Allocated) -> Causes {
+    let mut causes = Vec::new();
+    let spec = &mut svc["spec"];
+    set_default(spec, "type", json!("ClusterIP"));
+    set_default(spec, "sessionAffinity", json!("None"));
+    set_default(spec, "internalTrafficPolicy", json!("Cluster"));
+    let kind = spec["type"].as_str().unwrap_or("ClusterIP").to_owned();
+    if kind == "ExternalName" {
+        return causes;
+    }
+    match spec.get("clusterIP").and_then(Value::as_str) {
+        Some("None") => {}
+        Some(ip) if !ip.is_empty() => match ip.parse::<Ipv4Addr>() {
+            Ok(addr) if addr.octets()[..2] == SERVICE_NET && !taken.cluster_ips.contains(&addr) => {}
+            Ok(addr) if taken.cluster_ips.contains(&addr) => causes.push((
+                "spec.clusterIPs".into(),
+                format!("Invalid value: []string{{\"{ip}\"}}: failed to allocate IP {ip}: provided IP is already allocated"),
+            )),
+            _ => causes.push((
+                "spec.clusterIPs".into(),
+                format!("Invalid value: []string{{\"{ip}\"}}: failed to allocate IP {ip}: the provided IP ({ip}) is not in the valid range. The range of valid IPs is 10.96.0.0/16"),
+            )),
+        },
+        _ => match free_cluster_ip(taken) {
+            Some(ip) => spec["clusterIP"] = json!(ip.to_string()),
+            None => causes.push(("spec.clusterIPs".into(), "Internal error: range is full".into())),
+        },
+    }
+    let ip = spec["clusterIP"].clone();
+    spec["clusterIPs"] = json!([ip]);
+    if ip != json!("None") {
+        spec["ipFamilies"] = json!(["IPv4"]);
+        spec["ipFamilyPolicy"] = json!("SingleStack");
+    }
+    let mut used_ports = taken.node_ports.clone();
+    let mut seen = HashSet::new();
+    for (i, port) in spec["ports"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        set_default(port, "protocol", json!("TCP"));
+        let Some(number) = port["port"].as_u64().filter(|p| (1..=65535).contains(p)) else {
+            causes.push((
+                format!("spec.ports[{i}].port"),
+                "Invalid value: must be between 1 and 65535, inclusive".into(),
+            ));
+            continue;
+        };
+        if !seen.insert((number, port["protocol"].clone())) {
+            causes.push((format!("spec.ports[{i}]"), "Duplicate value".into()));
+        }
+        set_default(port, "targetPort", json!(number));
+        if (kind == "NodePort" || kind == "LoadBalancer")
+            && port.get("nodePort").is_none_or(Value::is_null)
+        {
+            match NODE_PORT_RANGE.clone().find(|p| !used_ports.contains(p)) {
+                Some(p) => {
+                    used_ports.insert(p);
+                    port["nodePort"] = json!(p);
+                }
+                None => causes.push((
+                    format!("spec.ports[{i}].nodePort"),
+                    "Internal error: range is full".into(),
+                )),
+            }
+        }
+    }
+    if kind == "LoadBalancer" {
+        set_default(spec, "allocateLoadBalancerNodePorts", json!(true));
+        set_default(spec, "externalTrafficPolicy", json!("Cluster"));
+        if svc["status"].get("loadBalancer").is_none() {
+            svc["status"] = json!({"loadBalancer": {}});
+        }
+    }
+    causes
+}
+
+fn free_cluster_ip(taken: &Allocated) -> Option<Ipv4Addr> {
+    // Low addresses stay for fixed ones (kubernetes .0.1, kube-dns .0.10).
+    (256u32..65_535)
+        .map(|n| Ipv4Addr::new(10, 96, (n >> 8) as u8, n as u8))
+        .find(|ip| !taken.cluster_ips.contains(ip))
+}
+
+/// What an update may not change; `old` and `new` are whole objects.
+pub fn immutable_changes(rt: &ResourceType, old: &Value, new: &Value) -> Causes {
+    let mut causes = Vec::new();
+    let mut same = |path: &str, a: &Value, b: &Value, msg: &str| {
+        if a != b {
+            causes.push((path.to_owned(), msg.to_owned()));
+        }
+    };
+    match (rt.group.as_str(), rt.plural.as_str()) {
+        ("", "services") => {
+            let (a, b) = (&old["spec"]["clusterIP"], &new["spec"]["clusterIP"]);
+            // An update without clusterIP (a freshly built object) is refused like any change.
+            same(
+                "spec.clusterIPs[0]",
+                a,
+                b,
+                "Invalid value: field is immutable",
+            );
+        }
+        ("apps", _) => {
+            same(
+                "spec.selector",
+                &old["spec"]["selector"],
+                &new["spec"]["selector"],
+                "Invalid value: field is immutable",
+            );
+        }
+        ("", "pods") => {
+            let strip = |v: &Value| {
+                let mut s = v["spec"].clone();
+                for c in s["containers"].as_array_mut().into_iter().flatten() {
+                    c.as_object_mut().map(|m| m.remove("image"));
+                }
+                for k in [
+                    "activeDeadlineSeconds",
+                    "tolerations",
+                    "terminationGracePeriodSeconds",
+                ] {
+                    s.as_object_mut().map(|m| m.remove(k));
+                }
+                s
+            };
+            same(
+                "spec",
+                &strip(old),
+                &strip(new),
+                "Forbidden: pod updates may not change fields other than `spec.containers[*].image`, `spec.initContainers[*].image`, `spec.activeDeadlineSeconds`, `spec.tolerations` (only additions to existing tolerations), `spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)",
+            );
+        }
+        _ => {}
+    }
+    causes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::resources::Registry;
+
+    fn rt(group: &str, plural: &str) -> ResourceType {
+        Registry::default().find(group, "v1", plural).unwrap()
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name(&rt("", "pods"), "web-1.x").is_none());
+        assert!(validate_name(&rt("", "pods"), "Web").is_some());
+        assert!(validate_name(&rt("", "services"), "a.b").is_some());
+        assert!(validate_name(&rt("", "services"), "1abc").is_some());
+        assert!(validate_name(&rt("", "namespaces"), &"a".repeat(64)).is_some());
+    }
+
+    #[test]
+    fn service_gets_ip_ports_and_refuses_taken_ip() {
+        let mut taken = Allocated::default();
+        let mut svc = json!({"spec": {"selector": {"app": "a"}, "ports": [{"port": 80}]}});
+        assert!(default_on_create(&rt("", "services"), &mut svc, &taken).is_empty());
+        let ip: Ipv4Addr = svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+        assert_eq!(ip.octets()[..2], SERVICE_NET);
+        assert_eq!(
+            svc["spec"]["ports"][0],
+            json!({"port": 80, "protocol": "TCP", "targetPort": 80})
+        );
+        taken.cluster_ips.insert(ip);
+        let mut clash = json!({"spec": {"clusterIP": ip.to_string(), "ports": [{"port": 1}]}});
+        let causes = default_on_create(&rt("", "services"), &mut clash, &taken);
+        assert!(causes[0].1.contains("already allocated"), "{causes:?}");
+        let mut lb = json!({"spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}});
+        default_on_create(&rt("", "services"), &mut lb, &taken);
+        assert_eq!(lb["spec"]["ports"][0]["nodePort"], 30000);
+    }
+
+    #[test]
+    fn deployment_defaults_and_selector_check() {
+        let mut d = json!({"spec": {"selector": {"matchLabels": {"app": "a"}},
+            "template": {"metadata": {"labels": {"app": "a"}}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}}}});
+        assert!(
+            default_on_create(&rt("apps", "deployments"), &mut d, &Allocated::default()).is_empty()
+        );
+        assert_eq!(d["spec"]["replicas"], 1);
+        assert_eq!(
+            d["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"],
+            "IfNotPresent"
+        );
+        d["spec"]["template"]["metadata"]["labels"]["app"] = json!("b");
+        let causes = default_on_create(&rt("apps", "deployments"), &mut d, &Allocated::default());
+        assert_eq!(causes[0].0, "spec.template.metadata.labels");
+    }
+
+    #[test]
+    fn immutable_cluster_ip_and_pod_spec() {
+        let old = json!({"spec": {"clusterIP": "10.96.1.1"}});
+        let new = json!({"spec": {}});
+        assert_eq!(immutable_changes(&rt("", "services"), &old, &new).len(), 1);
+        let pod = json!({"spec": {"containers": [{"name": "c", "image": "a"}], "nodeName": "n"}});
+        let mut img = pod.clone();
+        img["spec"]["containers"][0]["image"] = json!("b");
+        assert!(immutable_changes(&rt("", "pods"), &pod, &img).is_empty());
+        let mut moved = pod.clone();
+        moved["spec"]["nodeName"] = json!("m");
+        assert_eq!(immutable_changes(&rt("", "pods"), &pod, &moved).len(), 1);
+    }
+
+    #[test]
+    fn label_validation() {
+        assert!(
+            validate_labels(
+                &json!({"metadata": {"labels": {"app.kubernetes.io/name": "a-b", "x": ""}}})
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            validate_labels(&json!({"metadata": {"labels": {"bad key": "v", "k": "-v"}}})).len(),
+            2
+        );
+    }
+}

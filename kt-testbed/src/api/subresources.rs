@@ -1,0 +1,192 @@
+//! Subresources: `status` (read here; written by the verbs), `scale`, and for pods `log`,
+//! `exec` and `portforward` (WebSocket streams through the kubelets).
+
+use std::convert::Infallible;
+
+use axum::{
+    body::Body,
+    extract::{FromRequestParts as _, Request, ws::WebSocketUpgrade},
+    http::{HeaderValue, header},
+    response::Response,
+};
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+
+use super::{
+    ApiServer, Query, Target, content_type,
+    errors::ApiError,
+    json_response, read_json,
+    resources::ResourceType,
+    selector::{self, LabelSelector},
+    store::{Part, Store},
+    streams,
+    verbs::apply_patch,
+};
+
+/// `GET …/status`.
+pub(super) fn get_status(api: &ApiServer, t: &Target) -> Result<Response, ApiError> {
+    Ok(json_response(
+        200,
+        &api.store.get(&t.rt, t.namespace(), t.name())?,
+    ))
+}
+
+/// `GET`, `PUT` or `PATCH …/scale` of a Deployment, ReplicaSet or StatefulSet.
+pub(super) async fn scale(api: &ApiServer, t: &Target, req: Request) -> Result<Response, ApiError> {
+    let method = req.method().as_str().to_owned();
+    let content_type = content_type(req.headers());
+    let body = if method == "GET" {
+        Value::Null
+    } else {
+        read_json(req).await?
+    };
+    scale_object(
+        &api.store,
+        &t.rt,
+        t.namespace(),
+        t.name(),
+        &method,
+        &content_type,
+        body,
+        &t.q,
+    )
+}
+
+/// `GET …/log` of a pod, followed with `?follow=true`.
+pub(super) async fn log(api: &ApiServer, t: &Target) -> Result<Response, ApiError> {
+    let runtime = api
+        .runtime()
+        .ok_or_else(|| ApiError::bad_request("no kubelet is running"))?;
+    api.store.get(&t.rt, t.namespace(), t.name())?;
+    let stream = runtime
+        .logs(t.namespace(), t.name(), t.q.flag("follow"))
+        .await?;
+    let mut resp = Response::new(Body::from_stream(stream.map(Ok::<_, Infallible>)));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    Ok(resp)
+}
+
+/// `…/exec` and `…/portforward` of a running pod, over a WebSocket (SPDY is not served).
+pub(super) async fn stream(
+    api: &std::sync::Arc<ApiServer>,
+    t: &Target,
+    sub: &str,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (ns_str, name, q) = (t.namespace().to_owned(), t.name().to_owned(), &t.q);
+    let pod = api.store.get(&t.rt, &ns_str, &name)?;
+    if !pod["spec"]["nodeName"].is_string() {
+        return Err(ApiError::bad_request(format!(
+            "pod {name} does not have a host assigned"
+        )));
+    }
+    if pod["status"]["phase"] != "Running" {
+        let container = pod["spec"]["containers"][0]["name"]
+            .as_str()
+            .unwrap_or_default();
+        return Err(ApiError::bad_request(format!(
+            "container \"{container}\" in pod \"{name}\" is waiting to start: ContainerCreating"
+        )));
+    }
+    let runtime = api
+        .runtime()
+        .ok_or_else(|| ApiError::bad_request("no kubelet is running"))?;
+    let (mut parts, _body) = req.into_parts();
+    let ws = WebSocketUpgrade::from_request_parts(&mut parts, &())
+        .await
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "{sub} needs a WebSocket upgrade (SPDY is not supported): {e}"
+            ))
+        })?;
+    if sub == "portforward" {
+        let ports: Vec<u16> = q
+            .all("ports")
+            .iter()
+            .flat_map(|p| p.split(','))
+            .filter_map(|p| p.trim().parse().ok())
+            .collect();
+        if ports.is_empty() {
+            return Err(ApiError::bad_request("at least 1 port must be specified"));
+        }
+        Ok(streams::port_forward(api, ws, runtime, ns_str, name, ports))
+    } else {
+        let command: Vec<String> = q.all("command").iter().map(|s| s.to_string()).collect();
+        if command.is_empty() {
+            return Err(ApiError::bad_request("you must specify at least 1 command"));
+        }
+        Ok(streams::exec(
+            api,
+            ws,
+            runtime,
+            ns_str,
+            name,
+            command,
+            q.flag("stdin"),
+        ))
+    }
+}
+
+fn scale_of(obj: &Value) -> Value {
+    let m = &obj["metadata"];
+    let selector = LabelSelector::from_object(&obj["spec"]["selector"]).unwrap_or_default();
+    let selector: Vec<String> = selector
+        .0
+        .iter()
+        .map(|r| match r {
+            selector::Requirement::Eq(k, v) => format!("{k}={v}"),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    json!({
+        "kind": "Scale", "apiVersion": "autoscaling/v1",
+        "metadata": {"name": m["name"], "namespace": m["namespace"], "uid": m["uid"],
+                     "resourceVersion": m["resourceVersion"], "creationTimestamp": m["creationTimestamp"]},
+        "spec": {"replicas": obj["spec"]["replicas"].as_i64().unwrap_or(0)},
+        "status": {"replicas": obj["status"]["replicas"].as_i64().unwrap_or(0), "selector": selector.join(",")},
+    })
+}
+
+#[expect(clippy::too_many_arguments, reason = "the parts of one scale request")]
+fn scale_object(
+    store: &Store,
+    rt: &ResourceType,
+    ns: &str,
+    name: &str,
+    method: &str,
+    content_type: &str,
+    body: Value,
+    q: &Query,
+) -> Result<Response, ApiError> {
+    if method == "GET" {
+        return Ok(json_response(200, &scale_of(&store.get(rt, ns, name)?)));
+    }
+    let updated = store.modify(rt, ns, name, Part::Main, q.dry_run(), |mut parent| {
+        let mut scale = scale_of(&parent);
+        match method {
+            "PUT" => scale = body.clone(),
+            "PATCH" => apply_patch(
+                &ResourceType {
+                    builtin: true,
+                    ..rt.clone()
+                },
+                content_type,
+                &mut scale,
+                &body,
+            )?,
+            _ => return Err(ApiError::method_not_allowed(format!("{method} on scale"))),
+        }
+        let replicas = scale["spec"]["replicas"].as_i64().ok_or_else(|| {
+            ApiError::invalid(
+                rt,
+                name,
+                &[("spec.replicas".into(), "Required value".into())],
+            )
+        })?;
+        parent["spec"]["replicas"] = json!(replicas);
+        parent["metadata"]["resourceVersion"] = scale["metadata"]["resourceVersion"].clone();
+        Ok(parent)
+    })?;
+    Ok(json_response(200, &scale_of(&updated)))
+}

@@ -1,0 +1,213 @@
+//! The cluster's controllers, in-process over the store: workloads (Deployment →
+//! ReplicaSet → Pods, DaemonSet), the scheduler, Endpoints and EndpointSlices, garbage
+//! collection and namespaces. Each reconciles everything it owns when a change it cares
+//! about arrives, and on a periodic resync. They never touch what they do not own.
+
+mod endpoints;
+mod gc;
+mod scheduler;
+mod workloads;
+
+use std::{sync::Arc, time::Duration};
+
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    api::errors::ApiError,
+    api::resources::ResourceType,
+    api::store::{DeleteOptions, Part, Store},
+};
+
+/// Starts every controller as a tracked task.
+pub fn spawn_all(store: &Arc<Store>, tasks: &TaskTracker, shutdown: &CancellationToken) {
+    type Reconcile = fn(&Ctl);
+    let all: [(&'static [(&'static str, &'static str)], Reconcile); 6] = [
+        (
+            &[("apps", "deployments"), ("apps", "replicasets")],
+            workloads::deployments,
+        ),
+        (
+            &[("apps", "replicasets"), ("", "pods")],
+            workloads::replicasets,
+        ),
+        (
+            &[("apps", "daemonsets"), ("", "pods"), ("", "nodes")],
+            workloads::daemonsets,
+        ),
+        (&[("", "pods"), ("", "nodes")], scheduler::schedule),
+        (&[("", "services"), ("", "pods")], endpoints::reconcile),
+        (&[("", "namespaces")], gc::namespaces),
+    ];
+    for (interests, reconcile) in all {
+        let ctl = Ctl {
+            store: store.clone(),
+        };
+        tasks.spawn(run(ctl, interests, reconcile, shutdown.clone()));
+    }
+    // The garbage collector cares about every type.
+    tasks.spawn(run(
+        Ctl {
+            store: store.clone(),
+        },
+        &[],
+        gc::collect,
+        shutdown.clone(),
+    ));
+}
+
+/// Reconciles on start, on every relevant change (batched), and every second.
+async fn run(
+    ctl: Ctl,
+    interests: &'static [(&'static str, &'static str)],
+    reconcile: fn(&Ctl),
+    shutdown: CancellationToken,
+) {
+    let mut rx = ctl.store.subscribe();
+    reconcile(&ctl);
+    let mut resync = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let relevant = tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = resync.tick() => true,
+            ev = rx.recv() => match ev {
+                Ok(ev) => interests.is_empty() || interests.iter().any(|(g, p)| ev.group == *g && ev.plural == *p),
+                Err(RecvError::Lagged(_)) => true,
+                Err(RecvError::Closed) => return,
+            },
+        };
+        if relevant {
+            while rx.try_recv().is_ok() {}
+            reconcile(&ctl);
+        }
+    }
+}
+
+/// A controller's handle on the store.
+pub struct Ctl {
+    pub store: Arc<Store>,
+}
+
+impl Ctl {
+    pub fn rt(&self, group: &str, plural: &str) -> ResourceType {
+        self.store
+            .registry
+            .find_plural(group, plural)
+            .expect("built-in type")
+    }
+
+    pub fn list(&self, group: &str, plural: &str) -> Vec<Value> {
+        self.store.all(group, plural)
+    }
+
+    pub fn create(
+        &self,
+        group: &str,
+        plural: &str,
+        ns: &str,
+        obj: Value,
+    ) -> Result<Value, ApiError> {
+        self.store.create(&self.rt(group, plural), ns, obj, false)
+    }
+
+    /// Sets `status` unless it is already that (no event for a no-op).
+    pub fn set_status(&self, group: &str, plural: &str, obj: &Value, status: Value) {
+        if obj["status"] == status {
+            return;
+        }
+        let (ns, name) = ns_name(obj);
+        let _ = self.store.modify(
+            &self.rt(group, plural),
+            ns,
+            name,
+            Part::Status,
+            false,
+            |mut o| {
+                o["status"] = status;
+                Ok(o)
+            },
+        );
+    }
+
+    /// Read-modify-write of a whole object, bypassing client-facing immutability.
+    pub fn modify(
+        &self,
+        group: &str,
+        plural: &str,
+        obj: &Value,
+        f: impl FnOnce(&mut Value),
+    ) -> Result<Value, ApiError> {
+        let (ns, name) = ns_name(obj);
+        self.store.modify(
+            &self.rt(group, plural),
+            ns,
+            name,
+            Part::System,
+            false,
+            |mut o| {
+                f(&mut o);
+                Ok(o)
+            },
+        )
+    }
+
+    pub fn delete(&self, group: &str, plural: &str, obj: &Value, propagation: Option<&str>) {
+        let (ns, name) = ns_name(obj);
+        let opts = DeleteOptions {
+            propagation: propagation.map(String::from),
+            ..Default::default()
+        };
+        let _ = self.store.delete(&self.rt(group, plural), ns, name, &opts);
+    }
+}
+
+pub fn ns_name(obj: &Value) -> (&str, &str) {
+    (
+        obj["metadata"]["namespace"].as_str().unwrap_or_default(),
+        obj["metadata"]["name"].as_str().unwrap_or_default(),
+    )
+}
+
+pub fn uid(obj: &Value) -> &str {
+    obj["metadata"]["uid"].as_str().unwrap_or_default()
+}
+
+pub fn terminating(obj: &Value) -> bool {
+    obj["metadata"].get("deletionTimestamp").is_some()
+}
+
+/// The uid of the controlling owner, if any.
+pub fn controller_uid(obj: &Value) -> Option<&str> {
+    obj["metadata"]["ownerReferences"]
+        .as_array()?
+        .iter()
+        .find(|r| r["controller"] == true)
+        .and_then(|r| r["uid"].as_str())
+}
+
+/// An ownerReference making `owner` the controller of a dependent.
+pub fn controller_ref(owner: &Value) -> Value {
+    json!({
+        "apiVersion": owner["apiVersion"], "kind": owner["kind"],
+        "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"],
+        "controller": true, "blockOwnerDeletion": true,
+    })
+}
+
+/// Whether a pod counts as ready (its Ready condition is True).
+pub fn pod_ready(pod: &Value) -> bool {
+    pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+/// Drops zero counters, as Go's `omitempty` does for status integers.
+pub fn omit_zeros(mut status: Value) -> Value {
+    if let Some(map) = status.as_object_mut() {
+        map.retain(|_, v| v.as_i64() != Some(0));
+    }
+    status
+}

@@ -1,0 +1,163 @@
+//! Garbage collection by ownerReferences (background, foreground and orphan propagation),
+//! namespace finalisation, and each namespace's `default` ServiceAccount.
+
+use std::collections::HashSet;
+
+use serde_json::{Value, json};
+
+use super::{Ctl, ns_name, terminating, uid};
+use crate::api::store::finalizers;
+
+/// Every stored object with its (group, plural).
+fn everything(ctl: &Ctl) -> Vec<(String, String, Value)> {
+    ctl.store
+        .registry
+        .all()
+        .into_iter()
+        .filter(|t| !t.review)
+        .map(|t| (t.group, t.plural))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .flat_map(|(g, p)| {
+            ctl.list(&g, &p)
+                .into_iter()
+                .map(move |o| (g.clone(), p.clone(), o))
+        })
+        .collect()
+}
+
+fn owner_uids(obj: &Value) -> Vec<&str> {
+    obj["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["uid"].as_str())
+        .collect()
+}
+
+pub(super) fn collect(ctl: &Ctl) {
+    let all = everything(ctl);
+    let live: HashSet<&str> = all.iter().map(|(_, _, o)| uid(o)).collect();
+    for (group, plural, obj) in &all {
+        let owners = owner_uids(obj);
+        // Background: a dependent whose owners are all gone goes too. The listing above is
+        // one type at a time, so an owner created meanwhile looks absent: confirm each owner
+        // by a direct lookup first, as the real collector does.
+        if !owners.is_empty()
+            && owners.iter().all(|u| !live.contains(u))
+            && !terminating(obj)
+            && !any_owner_exists(ctl, obj)
+        {
+            ctl.delete(group, plural, obj, Some("Background"));
+        }
+        if !terminating(obj) {
+            continue;
+        }
+        let fins = finalizers(obj);
+        let dependents: Vec<&(String, String, Value)> = all
+            .iter()
+            .filter(|(_, _, d)| owner_uids(d).contains(&uid(obj)))
+            .collect();
+        if fins.contains(&"orphan") {
+            for (g, p, d) in &dependents {
+                let owner = uid(obj).to_owned();
+                let _ = ctl.modify(g, p, d, |o| {
+                    let refs: Vec<Value> = o["metadata"]["ownerReferences"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|r| r["uid"] != owner.as_str())
+                        .cloned()
+                        .collect();
+                    o["metadata"]["ownerReferences"] = json!(refs);
+                });
+            }
+            remove_finalizer(ctl, group, plural, obj, "orphan");
+        } else if fins.contains(&"foregroundDeletion") {
+            for (g, p, d) in &dependents {
+                if !terminating(d) {
+                    ctl.delete(g, p, d, Some("Foreground"));
+                }
+            }
+            if dependents.is_empty() {
+                remove_finalizer(ctl, group, plural, obj, "foregroundDeletion");
+            }
+        }
+    }
+}
+
+/// Whether any owner named in `obj`'s ownerReferences exists now, with the same uid.
+fn any_owner_exists(ctl: &Ctl, obj: &Value) -> bool {
+    let ns = ns_name(obj).0;
+    obj["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|r| {
+            let (Some(api_version), Some(kind), Some(name)) = (
+                r["apiVersion"].as_str(),
+                r["kind"].as_str(),
+                r["name"].as_str(),
+            ) else {
+                return false;
+            };
+            let Some(rt) = ctl.store.registry.find_kind(api_version, kind) else {
+                return false;
+            };
+            ctl.store
+                .get(&rt, ns, name)
+                .is_ok_and(|owner| owner["metadata"]["uid"] == r["uid"])
+        })
+}
+
+fn remove_finalizer(ctl: &Ctl, group: &str, plural: &str, obj: &Value, name: &str) {
+    let _ = ctl.modify(group, plural, obj, |o| {
+        let rest: Vec<Value> = finalizers(o)
+            .into_iter()
+            .filter(|f| *f != name)
+            .map(|f| json!(f))
+            .collect();
+        o["metadata"]["finalizers"] = json!(rest);
+    });
+}
+
+pub(super) fn namespaces(ctl: &Ctl) {
+    let accounts = ctl.list("", "serviceaccounts");
+    for ns in ctl.list("", "namespaces") {
+        let (_, name) = ns_name(&ns);
+        if !terminating(&ns) {
+            if !accounts.iter().any(|a| ns_name(a) == (name, "default")) {
+                let _ = ctl.create(
+                    "",
+                    "serviceaccounts",
+                    name,
+                    json!({"metadata": {"name": "default"}}),
+                );
+            }
+            continue;
+        }
+        // Finalise: delete everything in it; remove it once nothing is left.
+        let mut left = 0;
+        for t in ctl
+            .store
+            .registry
+            .all()
+            .into_iter()
+            .filter(|t| t.namespaced && !t.review)
+        {
+            for obj in ctl
+                .list(&t.group, &t.plural)
+                .into_iter()
+                .filter(|o| ns_name(o).0 == name)
+            {
+                left += 1;
+                if !terminating(&obj) {
+                    ctl.delete(&t.group, &t.plural, &obj, Some("Background"));
+                }
+            }
+        }
+        if left == 0 {
+            let _ = ctl.store.purge(&ctl.rt("", "namespaces"), "", name);
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! `kt-tools`: the test clients kt's suites and benchmarks run inside the testbed (in pods
+//! through `kubectl exec`, or on the workstation through `kt-testbed exec`). Not part of the
+//! simulated cluster: they stand in for `dig`, `kubectl port-forward` and load generators.
+
+use std::{
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// Test clients for kt's testbed suites and benchmarks.
+#[derive(Parser)]
+#[command(name = "kt-tools", version)]
+struct Cli {
+    #[command(subcommand)]
+    tool: Tool,
+}
+
+#[derive(Subcommand)]
+enum Tool {
+    /// Asks the nameserver of /etc/resolv.conf (or --server) over UDP (or TCP); prints the
+    /// rcode, then `NAME DATA` per answer.
+    Dig {
+        /// The name to look up.
+        name: String,
+        /// The record type.
+        #[arg(default_value = "A")]
+        kind: String,
+        /// `ip:port` of the nameserver to ask instead.
+        #[arg(long)]
+        server: Option<String>,
+        /// Ask over TCP.
+        #[arg(long)]
+        tcp: bool,
+    },
+    /// Port-forwards to POD:PORT with kube-rs (kubeconfig from $KUBECONFIG), sends a line
+    /// and prints what comes back: a check that port-forward works from where it runs.
+    PortForward {
+        namespace: String,
+        pod: String,
+        port: u16,
+    },
+    /// CONNECTIONS parallel connections to a TCP echo, each sending BYTES of a
+    /// connection-specific pattern and checking that exactly those come back; prints
+    /// `ok CONNECTIONS`.
+    Load {
+        addr: String,
+        connections: usize,
+        bytes: usize,
+    },
+    /// Listens on 127.0.0.1:LOCAL_PORT and carries each connection over its own API-server
+    /// port-forward to the pod, as `kubectl port-forward` does.
+    Forward {
+        namespace: String,
+        pod: String,
+        local_port: u16,
+        remote_port: u16,
+    },
+    /// STREAMS parallel connections to a TCP echo, each sending BYTES while reading the echo
+    /// back; prints the seconds until every echo is complete.
+    Bulk {
+        addr: String,
+        streams: usize,
+        bytes: usize,
+    },
+    /// COUNT sequential round trips of SIZE bytes on one connection to a TCP echo; prints the
+    /// p50 and p99 round-trip time in microseconds.
+    Rr {
+        addr: String,
+        count: usize,
+        size: usize,
+    },
+}
+
+type Result<T = (), E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
+
+fn main() -> ExitCode {
+    let work = async {
+        match Cli::parse().tool {
+            Tool::Dig {
+                name,
+                kind,
+                server,
+                tcp,
+            } => dig(&name, &kind, server, tcp).await,
+            Tool::PortForward {
+                namespace,
+                pod,
+                port,
+            } => port_forward(&namespace, &pod, port).await,
+            Tool::Load {
+                addr,
+                connections,
+                bytes,
+            } => load(&addr, connections, bytes).await,
+            Tool::Forward {
+                namespace,
+                pod,
+                local_port,
+                remote_port,
+            } => forward(&namespace, &pod, local_port, remote_port).await,
+            Tool::Bulk {
+                addr,
+                streams,
+                bytes,
+            } => bulk(&addr, streams, bytes).await,
+            Tool::Rr { addr, count, size } => request_response(&addr, count, size).await,
+        }
+    };
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(Into::into)
+        .and_then(|runtime| runtime.block_on(work));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kt-tools: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dig(name: &str, kind: &str, server: Option<String>, tcp: bool) -> Result {
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{Name, RecordType},
+    };
+    let server = match server {
+        Some(server) => server,
+        None => {
+            let resolv = std::fs::read_to_string("/etc/resolv.conf")?;
+            let ip = resolv
+                .lines()
+                .find_map(|l| l.strip_prefix("nameserver "))
+                .ok_or("no nameserver")?;
+            format!("{}:53", ip.trim())
+        }
+    };
+    let mut query = Message::query();
+    query.metadata.id = rand::random();
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(
+        Name::from_ascii(name)?,
+        kind.parse::<RecordType>()?,
+    ));
+    let bytes = query.to_vec()?;
+    let reply = if tcp {
+        let mut stream = tokio::net::TcpStream::connect(&server).await?;
+        stream.write_u16(u16::try_from(bytes.len())?).await?;
+        stream.write_all(&bytes).await?;
+        let read = async {
+            let mut reply = vec![0u8; usize::from(stream.read_u16().await?)];
+            stream.read_exact(&mut reply).await?;
+            Ok::<_, std::io::Error>(reply)
+        };
+        tokio::time::timeout(Duration::from_secs(5), read).await??
+    } else {
+        let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+        socket.send_to(&bytes, &server).await?;
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf)).await??;
+        buf.truncate(n);
+        buf
+    };
+    let reply = Message::from_vec(&reply)?;
+    if reply.metadata.id != query.metadata.id {
+        return Err("reply to another query".into());
+    }
+    println!("rcode={}", reply.metadata.response_code);
+    for answer in &reply.answers {
+        println!("{} {}", answer.name, answer.data);
+    }
+    Ok(())
+}
+
+async fn port_forward(ns: &str, pod: &str, port: u16) -> Result {
+    let client = kube::Client::try_default().await?;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, ns);
+    let mut pf = pods.portforward(pod, &[port]).await?;
+    let mut stream = pf.take_stream(port).ok_or("no stream")?;
+    stream.write_all(b"ping through port-forward\n").await?;
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
+    print!("{}", String::from_utf8_lossy(&buf[..n]));
+    Ok(())
+}
+
+async fn load(addr: &str, conns: usize, bytes: usize) -> Result {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..conns {
+        let addr = addr.to_owned();
+        tasks.spawn(async move {
+            let payload: Vec<u8> = (0..bytes).map(|j| (j.wrapping_mul(31) ^ i) as u8).collect();
+            let stream = tokio::net::TcpStream::connect(&addr).await?;
+            let (mut read, mut write) = stream.into_split();
+            let sent = payload.clone();
+            let writer = tokio::spawn(async move { write.write_all(&sent).await.map(|()| write) });
+            let mut back = vec![0u8; bytes];
+            tokio::time::timeout(Duration::from_secs(60), read.read_exact(&mut back)).await??;
+            drop(writer.await??);
+            if back != payload {
+                return Err(std::io::Error::other(format!(
+                    "connection {i}: data differs"
+                )));
+            }
+            Ok::<_, std::io::Error>(())
+        });
+    }
+    let mut ok = 0;
+    while let Some(result) = tasks.join_next().await {
+        result??;
+        ok += 1;
+    }
+    println!("ok {ok}");
+    Ok(())
+}
+
+/// The testbed's API server speaks only the WebSocket port-forward protocol, which kubectl
+/// 1.33 does not use here: this stands in for `kubectl port-forward`.
+async fn forward(ns: &str, pod: &str, local: u16, remote: u16) -> Result {
+    // kubectl is a Go program: its connection to the API server is NODELAY.
+    let client = kt_cli::cluster::kube_client(kube::Config::infer().await?)?;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, ns);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", local)).await?;
+    println!("forwarding 127.0.0.1:{local} -> {pod}:{remote}");
+    loop {
+        let (mut socket, _) = listener.accept().await?;
+        let _ = socket.set_nodelay(true);
+        let (pods, pod) = (pods.clone(), pod.to_owned());
+        tokio::spawn(async move {
+            let Ok(mut pf) = pods.portforward(&pod, &[remote]).await else {
+                return;
+            };
+            if let Some(mut stream) = pf.take_stream(remote) {
+                let _ = tokio::io::copy_bidirectional(&mut socket, &mut stream).await;
+            }
+        });
+    }
+}
+
+async fn bulk(addr: &str, streams: usize, bytes: usize) -> Result {
+    let mut connections = Vec::new();
+    for _ in 0..streams {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        connections.push(stream);
+    }
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for stream in connections {
+        tasks.spawn(async move {
+            let (mut read, mut write) = stream.into_split();
+            let writer = tokio::spawn(async move {
+                let chunk = vec![0x5au8; 128 * 1024];
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    write.write_all(&chunk[..n]).await?;
+                    left -= n;
+                }
+                Ok::<_, std::io::Error>(write)
+            });
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut got = 0;
+            while got < bytes {
+                match read.read(&mut buf).await? {
+                    0 => return Err(std::io::Error::other("echo closed early")),
+                    n => got += n,
+                }
+            }
+            drop(writer.await??);
+            Ok::<_, std::io::Error>(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    println!("{:.6}", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+async fn request_response(addr: &str, count: usize, size: usize) -> Result {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let request = vec![0x42u8; size];
+    let mut reply = vec![0u8; size];
+    let mut times = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = Instant::now();
+        stream.write_all(&request).await?;
+        stream.read_exact(&mut reply).await?;
+        times.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(f64::total_cmp);
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    println!("{:.1} {:.1}", at(0.50), at(0.99));
+    Ok(())
+}
