@@ -294,6 +294,48 @@ async fn endpoints_follow_ready_pods_with_named_ports() {
     .await;
 }
 
+/// A Service without a selector whose Endpoints someone wrote by hand gets an EndpointSlice
+/// mirroring them (Kubernetes' EndpointSlice mirroring controller), owned by the Endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_endpoints_of_a_selectorless_service_are_mirrored_into_a_slice() {
+    let (_tier, client) = start().await;
+    let svc: Service = serde_json::from_value(
+        json!({"metadata": {"name": "db"}, "spec": {"ports": [{"port": 5432}]}}),
+    )
+    .unwrap();
+    Api::<Service>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap();
+    let ep: Endpoints = serde_json::from_value(json!({"metadata": {"name": "db"},
+        "subsets": [{"addresses": [{"ip": "192.168.7.10"}], "ports": [{"port": 5432}]}]}))
+    .unwrap();
+    let endpoints: Api<Endpoints> = Api::namespaced(client.clone(), "default");
+    endpoints.create(&PostParams::default(), &ep).await.unwrap();
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+    let slice = eventually("a mirrored slice", async || {
+        slices
+            .list(&ListParams::default().labels("kubernetes.io/service-name=db"))
+            .await
+            .unwrap()
+            .items
+            .pop()
+    })
+    .await;
+    assert_eq!(
+        slice.labels()["endpointslice.kubernetes.io/managed-by"],
+        "endpointslicemirroring-controller.k8s.io"
+    );
+    assert_eq!(slice.endpoints[0].addresses, ["192.168.7.10"]);
+    let port = &slice.ports.as_ref().unwrap()[0];
+    assert_eq!((port.name.as_deref(), port.port), (Some(""), Some(5432)));
+    assert_eq!(
+        slice.owner_references()[0].kind,
+        "Endpoints",
+        "the slice goes with the Endpoints"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_owners_collects_dependents_and_namespaces_empty_themselves() {
     let (_tier, client) = start().await;

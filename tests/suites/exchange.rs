@@ -7,27 +7,16 @@ use std::{path::Path, time::Duration};
 
 use kt_testbed::cluster::Testbed;
 use kt_tests::harness::{
-    apps::{apply, deploy_client_2, deploy_web, start_testbed, until_all_answered_by, web_pods},
+    apps::{
+        apply, deploy_client_2, deploy_web, service_state, start_testbed, until_all_answered_by,
+        web_pods,
+    },
     bins,
     eventually::{eventually, seen},
     kubectl::kubectl_ok,
-    workstation::{self, Background},
+    workstation::{self, Background, ktctl_once},
 };
 const CLIENTS: [&str; 2] = ["client", "client-2"];
-
-/// The Service as the user sees it: selector and annotations.
-fn service_state(tb: &Testbed) -> String {
-    kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "get",
-            "svc",
-            "web",
-            "-o",
-            "jsonpath={.spec.selector} {.metadata.annotations}",
-        ],
-    )
-}
 
 /// Names of every pod, ConfigMap and Service in `default`, except the `web` pods, which
 /// scale mode replaces.
@@ -40,21 +29,6 @@ fn kt_objects(tb: &Testbed) -> String {
     .filter(|name| !name.starts_with("pod/web-"))
     .collect::<Vec<_>>()
     .join("\n")
-}
-
-/// `ktctl ARGS` run to its end on the workstation: (exit code, stderr).
-fn ktctl_once(tb: &Testbed, env: &[&str], args: &[&str]) -> (Option<i32>, String) {
-    let out = workstation::exec(tb)
-        .arg("env")
-        .args(env)
-        .arg(bins::ktctl())
-        .args(args)
-        .output()
-        .expect("ktctl runs");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// Exchanges `web` with `extra` arguments as user alice, checks that pods on both nodes
@@ -70,7 +44,7 @@ async fn exchange_and_restore(
     let tb = start_testbed(true).await;
     deploy_web(&tb);
     deploy_client_2(&tb);
-    let before_service = service_state(&tb);
+    let before_service = service_state(&tb, "web");
     let before_objects = kt_objects(&tb);
     let cluster_ip = kubectl_ok(
         &tb.kubeconfig,
@@ -107,7 +81,7 @@ async fn exchange_and_restore(
     during(&tb);
 
     // A second developer is refused, named after the first, and nothing changes.
-    let snapshot = (service_state(&tb), kt_objects(&tb));
+    let snapshot = (service_state(&tb, "web"), kt_objects(&tb));
     let (code, err) = ktctl_once(
         &tb,
         &["USER=bob"],
@@ -118,12 +92,12 @@ async fn exchange_and_restore(
         err.contains("service 'web' is already exchanging by another user (alice)"),
         "{err}"
     );
-    assert_eq!((service_state(&tb), kt_objects(&tb)), snapshot);
+    assert_eq!((service_state(&tb, "web"), kt_objects(&tb)), snapshot);
 
     let (status, log) = exchange.signal(stop_with);
     assert!(status.success(), "{log}");
     assert_eq!(
-        service_state(&tb),
+        service_state(&tb, "web"),
         before_service,
         "the Service is as it was"
     );
@@ -160,7 +134,7 @@ async fn selector_exchange_sends_the_service_to_the_workstation_and_ctrl_c_resto
         &[],
         " Now all request to service 'web' will be redirected to local",
         |tb| {
-            let during = service_state(tb);
+            let during = service_state(tb, "web");
             assert!(
                 during.contains(r#""kt-role":"shadow-exchange""#) && during.contains("kt-selector"),
                 "v0.3.7's selector and annotation: {during}"
@@ -216,7 +190,7 @@ spec:
   ports: [{port: 80}]
 "#,
     );
-    let (objects, service) = (kt_objects(&tb), service_state(&tb));
+    let (objects, service) = (kt_objects(&tb), service_state(&tb, "web"));
     for (args, needle) in [
         (
             &["exchange", "nosuch", "--expose", "18091"][..],
@@ -251,7 +225,11 @@ spec:
             "{args:?}: {err}"
         );
         assert_eq!(kt_objects(&tb), objects, "{args:?} created something");
-        assert_eq!(service_state(&tb), service, "{args:?} changed the Service");
+        assert_eq!(
+            service_state(&tb, "web"),
+            service,
+            "{args:?} changed the Service"
+        );
     }
     // --skipPortChecking: the exchange starts although nothing listens locally yet.
     let mut skipped = Background::ktctl(

@@ -5,7 +5,7 @@
 //!   alone, as any user);
 //! - privileged (`--features privileged`, root): `ebpf`;
 //! - end to end (`--features e2e`, root, a simulated cluster): `agent`, `exchange`,
-//!   `testbed`, `tunnel`.
+//!   `shapes`, `testbed`, `tunnel`.
 //!
 //! Without the features the others are listed as ignored, with the reason; `tests/run test`
 //! runs them all.
@@ -15,5 +15,6 @@ mod api_conformance;
 mod controllers;
 mod ebpf;
 mod exchange;
+mod shapes;
 mod testbed;
 mod tunnel;

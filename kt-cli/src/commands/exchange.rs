@@ -33,6 +33,7 @@ use std::{
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment, StatefulSet},
     core::v1::{Pod, PodSpec, Service},
+    discovery::v1::EndpointSlice,
 };
 use kt_proto::{compat, session::KtSession};
 use kube::{Api, api::ListParams};
@@ -178,6 +179,7 @@ pub async fn run(settings: &Settings, args: &ExchangeArgs) -> Result<(), Exchang
             let recover_wait = Duration::from_secs(u64::from(args.recover_wait_time));
             scale::exchange(
                 &ctx,
+                name,
                 &subject.selector,
                 deployments,
                 &port_plan,
@@ -450,14 +452,73 @@ async fn exchange_shadow(
     Ok(Some((pool, forwards)))
 }
 
-/// The v0.3.7 banner for `what`, then the reverse tunnels kept up until the run stops.
+/// How long the Service's endpoints may take to become the shadow alone.
+const ENDPOINTS_WITHIN: Duration = Duration::from_secs(30);
+
+/// Waits until `service`'s ready endpoints are the shadow's address and nothing else — the
+/// moment its traffic really goes to the workstation (selector and scale modes); says what
+/// is still there if that takes longer than [`ENDPOINTS_WITHIN`].
+async fn wait_for_shadow_endpoints(ctx: &Context<'_>, service: &str, shadow: &str) {
+    let pods: Api<Pod> = Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
+    let Some(shadow_ip) = pods
+        .get_opt(shadow)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|p| p.status?.pod_ip)
+    else {
+        return;
+    };
+    let slices: Api<EndpointSlice> =
+        Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
+    let params = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
+    let deadline = tokio::time::Instant::now() + ENDPOINTS_WITHIN;
+    loop {
+        let mut ready: Vec<String> = slices
+            .list(&params)
+            .await
+            .map(|list| list.items)
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|s| &s.endpoints)
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+            .flat_map(|e| e.addresses.clone())
+            .collect();
+        ready.sort();
+        ready.dedup();
+        if ready == [shadow_ip.clone()] {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                "Service {service}'s endpoints are {ready:?}, not only the shadow ({shadow_ip}), after {} s: some of its traffic may still go elsewhere",
+                ENDPOINTS_WITHIN.as_secs()
+            );
+            return;
+        }
+        tokio::select! {
+            () = ctx.lifecycle.stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+/// The v0.3.7 banner for `what` once `service`'s endpoints are the shadow, then the reverse
+/// tunnels kept up until the run stops.
 async fn keep_reverse_tunnels(
     ctx: &Context<'_>,
+    service: &str,
     pool: &SshPool,
     forwards: &[RemoteForward],
     what: &str,
 ) {
+    wait_for_shadow_endpoints(ctx, service, &pool.target().pod).await;
+    if ctx.lifecycle.stop.is_cancelled() {
+        pool.close().await;
+        return;
+    }
     ctx.announce(what);
+
     pool.keep_remote_forwards(forwards, &ctx.lifecycle.stop, None)
         .await;
     pool.close().await;

@@ -1,6 +1,9 @@
-//! Endpoints and EndpointSlices from Service selectors. Named targetPorts are resolved
-//! against each pod's container ports. Services without a selector are left alone (their
-//! endpoints are managed by whoever made them, e.g. kt's preview).
+//! Endpoints and EndpointSlices from Service selectors, as the endpoints and EndpointSlice
+//! controllers write them: named targetPorts resolved against each pod's container ports,
+//! one slice per distinct port mapping, `name: ""` for an unnamed port. Services without a
+//! selector keep the Endpoints whoever made them wrote, and get EndpointSlices mirroring
+//! them (the EndpointSlice mirroring controller); slices someone else manages (kt's
+//! preview) are left alone.
 
 use std::collections::BTreeMap;
 
@@ -12,6 +15,7 @@ use crate::api::selector::LabelSelector;
 const SERVICE_NAME: &str = "kubernetes.io/service-name";
 const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 const CONTROLLER: &str = "endpointslice-controller.k8s.io";
+const MIRRORING: &str = "endpointslicemirroring-controller.k8s.io";
 
 /// Addresses sharing one resolved port set.
 #[derive(Default)]
@@ -47,7 +51,7 @@ pub(super) fn reconcile(ctl: &Ctl) {
             ctl.delete("", "endpoints", ep, None);
         }
     }
-    for svc in services {
+    for svc in &services {
         let Some(selector) = svc["spec"]["selector"].as_object() else {
             continue;
         };
@@ -135,53 +139,163 @@ pub(super) fn reconcile(ctl: &Ctl) {
             Some(_) => {}
         }
 
-        // One EndpointSlice with every pod, terminating ones included with their conditions.
-        let slice_ports: Vec<Value> = ports
+        // EndpointSlices: one per distinct port mapping (pods that resolve a named port
+        // differently, or not at all, land in different slices), every pod in one,
+        // terminating ones included with their conditions.
+        let mut groups: BTreeMap<String, (Vec<Value>, Vec<Value>)> = BTreeMap::new();
+        for pod in &members {
+            let pod_ports = slice_ports(&ports, Some(pod));
+            let ready = pod_ready(pod) && !terminating(pod);
+            let endpoint = json!({
+                "addresses": [pod["status"]["podIP"]],
+                "conditions": {"ready": ready, "serving": pod_ready(pod), "terminating": terminating(pod)},
+                "nodeName": pod["spec"]["nodeName"],
+                "targetRef": {"kind": "Pod", "name": pod["metadata"]["name"], "namespace": ns, "uid": pod["metadata"]["uid"]},
+            });
+            groups
+                .entry(serde_json::to_string(&pod_ports).unwrap_or_default())
+                .or_insert_with(|| (pod_ports, Vec::new()))
+                .1
+                .push(endpoint);
+        }
+        if groups.is_empty() {
+            // No pod: one slice without endpoints, with the ports that need no pod to resolve.
+            groups.insert(String::new(), (slice_ports(&ports, None), Vec::new()));
+        }
+        let wanted: Vec<(Vec<Value>, Vec<Value>)> = groups.into_values().collect();
+        let owned: Vec<&Value> = slices
             .iter()
-            .map(|p| {
-                let port = members.iter().find_map(|pod| resolve(&p["targetPort"], pod)).or_else(|| p["targetPort"].as_u64());
-                json!({"name": p["name"].as_str().unwrap_or_default(), "port": port, "protocol": p["protocol"]})
+            .filter(|s| {
+                ns_name(s).0 == ns
+                    && s["metadata"]["labels"][SERVICE_NAME] == name
+                    && s["metadata"]["labels"][MANAGED_BY] == CONTROLLER
             })
             .collect();
-        let slice_endpoints: Vec<Value> = members
-            .iter()
-            .map(|pod| {
-                let ready = pod_ready(pod) && !terminating(pod);
-                json!({
-                    "addresses": [pod["status"]["podIP"]],
-                    "conditions": {"ready": ready, "serving": pod_ready(pod), "terminating": terminating(pod)},
-                    "nodeName": pod["spec"]["nodeName"],
-                    "targetRef": {"kind": "Pod", "name": pod["metadata"]["name"], "namespace": ns, "uid": pod["metadata"]["uid"]},
-                })
-            })
-            .collect();
-        let owned = slices.iter().find(|s| {
-            ns_name(s).0 == ns
-                && s["metadata"]["labels"][SERVICE_NAME] == name
-                && s["metadata"]["labels"][MANAGED_BY] == CONTROLLER
-        });
-        match owned {
+        sync_slices(
+            ctl,
+            ns,
+            name,
+            &owned,
+            &wanted,
+            CONTROLLER,
+            controller_ref(&svc),
+        );
+    }
+    mirror(ctl, &services, &endpoints, &slices);
+}
+
+/// The EndpointSlice ports of a Service's `ports` as `pod` resolves them (a named port the
+/// pod does not declare is left out); without a pod, only numeric target ports. An unnamed
+/// port is named `""`, as the EndpointSlice controller writes it.
+fn slice_ports(ports: &[Value], pod: Option<&Value>) -> Vec<Value> {
+    ports
+        .iter()
+        .filter_map(|p| {
+            let port = match pod {
+                Some(pod) => resolve(&p["targetPort"], pod)?,
+                None => p["targetPort"].as_u64()?,
+            };
+            Some(json!({"name": p["name"].as_str().unwrap_or_default(), "port": port, "protocol": p["protocol"]}))
+        })
+        .collect()
+}
+
+/// Makes the slices `managed_by` holds for Service `name` equal to `wanted` (ports and
+/// endpoints per slice): a slice with the same ports is updated, missing ones are created
+/// with `owner`, left-over ones deleted.
+fn sync_slices(
+    ctl: &Ctl,
+    ns: &str,
+    name: &str,
+    owned: &[&Value],
+    wanted: &[(Vec<Value>, Vec<Value>)],
+    managed_by: &str,
+    owner: Value,
+) {
+    let mut unused: Vec<&Value> = owned.to_vec();
+    for (ports, endpoints) in wanted {
+        let matching = unused.iter().position(|s| s["ports"] == json!(ports));
+        match matching.map(|i| unused.remove(i)) {
+            Some(current) if current["endpoints"] == json!(endpoints) => {}
+            Some(current) => {
+                let _ = ctl.modify("discovery.k8s.io", "endpointslices", current, |o| {
+                    o["endpoints"] = json!(endpoints);
+                });
+            }
             None => {
                 let slice = json!({
                     "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                     "metadata": {"generateName": format!("{name}-"), "namespace": ns,
-                                 "labels": {SERVICE_NAME: name, MANAGED_BY: CONTROLLER},
-                                 "ownerReferences": [controller_ref(&svc)]},
-                    "addressType": "IPv4", "endpoints": slice_endpoints, "ports": slice_ports,
+                                 "labels": {SERVICE_NAME: name, MANAGED_BY: managed_by},
+                                 "ownerReferences": [owner.clone()]},
+                    "addressType": "IPv4", "endpoints": endpoints, "ports": ports,
                 });
                 let _ = ctl.create("discovery.k8s.io", "endpointslices", ns, slice);
             }
-            Some(current)
-                if current["endpoints"] != json!(slice_endpoints)
-                    || current["ports"] != json!(slice_ports) =>
-            {
-                let _ = ctl.modify("discovery.k8s.io", "endpointslices", current, |o| {
-                    o["endpoints"] = json!(slice_endpoints);
-                    o["ports"] = json!(slice_ports);
-                });
-            }
-            Some(_) => {}
         }
+    }
+    for stale in unused {
+        ctl.delete("discovery.k8s.io", "endpointslices", stale, None);
+    }
+}
+
+/// The EndpointSlice mirroring controller: a Service without a selector whose Endpoints
+/// someone wrote by hand gets EndpointSlices mirroring them, one per subset, owned by the
+/// Endpoints (so they go with them).
+fn mirror(ctl: &Ctl, services: &[Value], endpoints: &[Value], slices: &[Value]) {
+    for ep in endpoints {
+        let (ns, name) = ns_name(ep);
+        let Some(svc) = services.iter().find(|s| ns_name(s) == (ns, name)) else {
+            continue;
+        };
+        let has_selector = svc["spec"]["selector"]
+            .as_object()
+            .is_some_and(|s| !s.is_empty());
+        let owned: Vec<&Value> = slices
+            .iter()
+            .filter(|s| {
+                ns_name(s).0 == ns
+                    && s["metadata"]["labels"][SERVICE_NAME] == name
+                    && s["metadata"]["labels"][MANAGED_BY] == MIRRORING
+            })
+            .collect();
+        let wanted: Vec<(Vec<Value>, Vec<Value>)> = if has_selector || terminating(svc) {
+            Vec::new()
+        } else {
+            ep["subsets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|subset| {
+                    let ports: Vec<Value> = subset["ports"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| json!({"name": p["name"].as_str().unwrap_or_default(), "port": p["port"], "protocol": p["protocol"].as_str().unwrap_or("TCP")}))
+                        .collect();
+                    let endpoint = |a: &Value, ready: bool| {
+                        json!({"addresses": [a["ip"]], "conditions": {"ready": ready}, "nodeName": a["nodeName"], "targetRef": a["targetRef"]})
+                    };
+                    let endpoints: Vec<Value> = subset["addresses"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|a| endpoint(a, true))
+                        .chain(subset["notReadyAddresses"].as_array().into_iter().flatten().map(|a| endpoint(a, false)))
+                        .collect();
+                    (ports, endpoints)
+                })
+                .collect()
+        };
+        sync_slices(
+            ctl,
+            ns,
+            name,
+            &owned,
+            &wanted,
+            MIRRORING,
+            controller_ref(ep),
+        );
     }
 }
 

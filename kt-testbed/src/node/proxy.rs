@@ -48,13 +48,18 @@ fn frontends(services: &[Value], slices: &[Value]) -> Vec<Frontend> {
             .collect();
         for port in svc["spec"]["ports"].as_array().into_iter().flatten() {
             let port_name = port["name"].as_str().unwrap_or_default();
+            let protocol = port["protocol"].as_str().unwrap_or("TCP");
             let mut endpoints = Vec::new();
             for slice in &svc_slices {
+                // A slice port stands for the Service port of the same name and protocol.
                 let Some(target) = slice["ports"]
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .find(|p| p["name"].as_str().unwrap_or_default() == port_name)
+                    .find(|p| {
+                        p["name"].as_str().unwrap_or_default() == port_name
+                            && p["protocol"].as_str().unwrap_or("TCP") == protocol
+                    })
                     .and_then(|p| p["port"].as_u64())
                 else {
                     continue;

@@ -105,6 +105,20 @@ pub fn in_pod(tb: &Testbed, pod: &str, cmd: &[&str]) -> (bool, String) {
     )
 }
 
+/// Service `name` as a user sees its routing: selector and annotations.
+pub fn service_state(tb: &Testbed, name: &str) -> String {
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "svc",
+            name,
+            "-o",
+            "jsonpath={.spec.selector} {.metadata.annotations}",
+        ],
+    )
+}
+
 /// Names of the `web` pods now.
 pub fn web_pods(tb: &Testbed) -> std::collections::HashSet<String> {
     web_pods_field(tb, "metadata.name")

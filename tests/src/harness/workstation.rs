@@ -131,16 +131,36 @@ impl Drop for Background {
     }
 }
 
+/// `env ENV… ktctl ARGS…` run to its end on the workstation: (exit code, stderr).
+pub fn ktctl_once(tb: &Testbed, env: &[&str], args: &[&str]) -> (Option<i32>, String) {
+    let out = exec(tb)
+        .arg("env")
+        .args(env)
+        .arg(bins::ktctl())
+        .args(args)
+        .output()
+        .expect("ktctl runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A test server on the workstation (`kt-testbed image IMAGE` on `port`, all addresses),
 /// named `workstation` in its answers.
 pub fn test_server(tb: &Testbed, image: &str, port: u16) -> Background {
+    named_test_server(tb, image, port, "workstation")
+}
+
+/// [`test_server`] named `name` in its answers (to tell two local apps apart).
+pub fn named_test_server(tb: &Testbed, image: &str, port: u16, name: &str) -> Background {
     let testbed = bins::kt_testbed();
     Background::spawn(
         tb,
         Path::new("env"),
         &[
             &format!("PORT={port}"),
-            "HOSTNAME=workstation",
+            &format!("HOSTNAME={name}"),
             bins::utf8(&testbed),
             "image",
             image,
@@ -151,7 +171,12 @@ pub fn test_server(tb: &Testbed, image: &str, port: u16) -> Background {
 /// An HTTP echo on the workstation at `port` answering `pod=workstation`; returns once it
 /// answers.
 pub async fn http_echo(tb: &Testbed, port: u16) -> Background {
-    let app = test_server(tb, "http-echo", port);
+    named_http_echo(tb, port, "workstation").await
+}
+
+/// An HTTP echo on the workstation at `port` answering `pod=<name>`; returns once it answers.
+pub async fn named_http_echo(tb: &Testbed, port: u16, name: &str) -> Background {
+    let app = named_test_server(tb, "http-echo", port, name);
     let url = format!("http://127.0.0.1:{port}/");
     for _ in 0..50 {
         if run(tb, &["curl", "-s", "--max-time", "1", &url]).0 {

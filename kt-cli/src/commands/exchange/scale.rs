@@ -59,6 +59,7 @@ pub(super) async fn deployments_of(
 /// replicas=<n>`, what the Go ktctl's `recover` reads).
 pub(super) async fn exchange(
     ctx: &Context<'_>,
+    service: &str,
     selector: &BTreeMap<String, String>,
     deployments: Vec<Deployment>,
     plan: &PortPlan,
@@ -106,7 +107,7 @@ pub(super) async fn exchange(
         .iter()
         .map(|(d, _)| format!("deployment '{d}'"))
         .collect();
-    super::keep_reverse_tunnels(ctx, &pool, &forwards, &what.join(", ")).await;
+    super::keep_reverse_tunnels(ctx, service, &pool, &forwards, &what.join(", ")).await;
     Ok(())
 }
 

@@ -78,7 +78,7 @@ pub(super) async fn exchange(
         to_shadow,
         ctx.lifecycle.stop.clone(),
     ));
-    super::keep_reverse_tunnels(ctx, &pool, &forwards, &format!("service '{name}'")).await;
+    super::keep_reverse_tunnels(ctx, name, &pool, &forwards, &format!("service '{name}'")).await;
     Ok(())
 }
 
