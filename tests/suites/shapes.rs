@@ -429,6 +429,13 @@ async fn a_named_target_port_is_exposed_by_its_container_port_in_every_mode() {
         let web = web_pods(&tb);
         answered_by_all(&tb, &urls, |who| web.contains(who), None).await;
     }
+    // With no pod running the name resolves through the Deployment's pod template.
+    kubectl_ok(&tb.kubeconfig, &["scale", "deploy/web", "--replicas=0"]);
+    eventually("no web pod", async || web_pods(&tb).is_empty()).await;
+    let running = exchange(&tb, &["web", "--expose", "9090:8080", "--mode", "agent"]).await;
+    answered_by_all(&tb, &urls, |who| who == "workstation", Some(&running)).await;
+    let (status, log) = running.interrupt();
+    assert!(status.success(), "{log}");
     tb.stop().await;
 }
 

@@ -32,7 +32,7 @@ use std::{
 
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment, StatefulSet},
-    core::v1::{Pod, PodSpec, Service},
+    core::v1::{Pod, PodSpec, PodTemplateSpec, Service},
     discovery::v1::EndpointSlice,
 };
 use kt_proto::{compat, session::KtSession};
@@ -134,13 +134,13 @@ pub async fn run(settings: &Settings, args: &ExchangeArgs) -> Result<(), Exchang
     let expose = plan::parse_expose(&args.expose)?;
     let cluster = cluster::connect(&settings.cluster).await?;
     let subject = read_subject(&cluster, name).await?;
+    check_conflict(&cluster, &subject).await?;
     let ports = ServicePort::of(&subject.service);
     let named = named_ports(&cluster, &subject, &ports).await?;
     let port_plan = plan::plan(name, &ports, &named, &expose)?;
     for warning in &port_plan.warnings {
         tracing::warn!("{warning}");
     }
-    check_conflict(&cluster, &subject).await?;
     let method = match args.mode {
         ExchangeMode::Agent => Method::Agent(agent::ready_agent(&cluster).await?.ok_or(
             ExchangeError::NoAgent {
@@ -254,58 +254,65 @@ async fn named_ports(
     if !named.is_empty() || !any_named {
         return Ok(named);
     }
-    let api = |kind: &str| ClusterError::api(format!("list {kind}"));
-    let ns = &cluster.namespace;
-    let client = &cluster.client;
-    let selects = |labels: Option<&BTreeMap<String, String>>| {
-        labels.is_some_and(|l| subject.selector.iter().all(|(k, v)| l.get(k) == Some(v)))
-    };
-    let mut specs: Vec<(String, PodSpec)> = Vec::new();
-    for d in Api::<Deployment>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await
-        .map_err(api("deployments"))?
-        .items
-    {
-        let template = d.spec.map(|s| s.template).unwrap_or_default();
-        if selects(template.metadata.as_ref().and_then(|m| m.labels.as_ref())) {
-            specs.push((
-                format!("deployment {}", d.metadata.name.unwrap_or_default()),
-                template.spec.unwrap_or_default(),
-            ));
-        }
-    }
-    for s in Api::<StatefulSet>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await
-        .map_err(api("statefulsets"))?
-        .items
-    {
-        let template = s.spec.map(|s| s.template).unwrap_or_default();
-        if selects(template.metadata.as_ref().and_then(|m| m.labels.as_ref())) {
-            specs.push((
-                format!("statefulset {}", s.metadata.name.unwrap_or_default()),
-                template.spec.unwrap_or_default(),
-            ));
-        }
-    }
-    for d in Api::<DaemonSet>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await
-        .map_err(api("daemonsets"))?
-        .items
-    {
-        let template = d.spec.map(|s| s.template).unwrap_or_default();
-        if selects(template.metadata.as_ref().and_then(|m| m.labels.as_ref())) {
-            specs.push((
-                format!("daemonset {}", d.metadata.name.unwrap_or_default()),
-                template.spec.unwrap_or_default(),
-            ));
-        }
-    }
+    let mut specs = templates::<Deployment>(cluster, subject, "deployment", |d| {
+        d.spec.as_ref().map(|s| &s.template)
+    })
+    .await?;
+    specs.extend(
+        templates::<StatefulSet>(cluster, subject, "statefulset", |s| {
+            s.spec.as_ref().map(|s| &s.template)
+        })
+        .await?,
+    );
+    specs.extend(
+        templates::<DaemonSet>(cluster, subject, "daemonset", |d| {
+            d.spec.as_ref().map(|s| &s.template)
+        })
+        .await?,
+    );
     Ok(NamedPorts::from_specs(
         specs.iter().map(|(who, spec)| (who.clone(), spec)),
     ))
+}
+
+/// The pod specs of the `kind`s (Deployments, …) whose pod template the Service selects, each
+/// named `<kind> <name>`. None when the cluster does not serve the kind or the user may not
+/// list it: the named ports are then resolved from what can be read.
+async fn templates<K>(
+    cluster: &Cluster,
+    subject: &Subject,
+    kind: &str,
+    template: impl Fn(&K) -> Option<&PodTemplateSpec>,
+) -> Result<Vec<(String, PodSpec)>, ExchangeError>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + k8s_openapi::serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let items = match api.list(&ListParams::default()).await {
+        Ok(list) => list.items,
+        Err(kube::Error::Api(status)) if matches!(status.code, 403 | 404) => return Ok(Vec::new()),
+        Err(e) => return Err(ClusterError::api(format!("list {kind}s"))(e).into()),
+    };
+    Ok(items
+        .iter()
+        .filter_map(|item| {
+            let template = template(item)?;
+            let labels = template.metadata.as_ref()?.labels.as_ref()?;
+            let selected = subject
+                .selector
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v));
+            selected.then(|| {
+                (
+                    format!("{kind} {}", item.meta().name.as_deref().unwrap_or_default()),
+                    template.spec.clone().unwrap_or_default(),
+                )
+            })
+        })
+        .collect())
 }
 
 /// In selector and scale modes a shadow takes the pods' place: refuse (unless allowed) when

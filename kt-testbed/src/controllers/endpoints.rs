@@ -55,10 +55,10 @@ pub(super) fn reconcile(ctl: &Ctl) {
         let Some(selector) = svc["spec"]["selector"].as_object() else {
             continue;
         };
-        if selector.is_empty() || terminating(&svc) {
+        if selector.is_empty() || terminating(svc) {
             continue;
         }
-        let (ns, name) = ns_name(&svc);
+        let (ns, name) = ns_name(svc);
         let selector = LabelSelector::from_map(selector);
         let members: Vec<&Value> = pods
             .iter()
@@ -178,7 +178,7 @@ pub(super) fn reconcile(ctl: &Ctl) {
             &owned,
             &wanted,
             CONTROLLER,
-            controller_ref(&svc),
+            controller_ref(svc),
         );
     }
     mirror(ctl, &services, &endpoints, &slices);

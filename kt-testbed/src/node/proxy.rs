@@ -248,9 +248,14 @@ mod tests {
         json!({"metadata": {"name": name, "namespace": "default"}, "spec": {"clusterIP": ip, "ports": ports}})
     }
 
-    fn slice(svc: &str, port_name: &str, port: u16, eps: &[(&str, bool)]) -> Value {
+    /// A slice of `svc` with one port (name, number, protocol: the API server always sets it).
+    fn slice(
+        svc: &str,
+        (port_name, port, protocol): (&str, u16, &str),
+        eps: &[(&str, bool)],
+    ) -> Value {
         json!({"metadata": {"namespace": "default", "labels": {"kubernetes.io/service-name": svc}},
-               "ports": [{"name": port_name, "port": port}],
+               "ports": [{"name": port_name, "port": port, "protocol": protocol}],
                "endpoints": eps.iter().map(|(ip, ready)| json!({"addresses": [ip], "conditions": {"ready": ready}})).collect::<Vec<_>>()})
     }
 
@@ -263,8 +268,7 @@ mod tests {
         )];
         let slices = [slice(
             "web",
-            "http",
-            8080,
+            ("http", 8080, "TCP"),
             &[
                 ("10.244.1.2", true),
                 ("10.244.2.3", true),
@@ -308,7 +312,7 @@ mod tests {
                 json!([{"port": 80, "protocol": "TCP"}]),
             ),
         ];
-        let slices = [slice("dns", "dns", 53, &[("10.244.1.4", true)])];
+        let slices = [slice("dns", ("dns", 53, "UDP"), &[("10.244.1.4", true)])];
         let s = script(&services, &slices, Ipv4Addr::new(172, 30, 0, 11));
         assert!(
             s.contains("ip daddr 10.96.0.10 udp dport 53 jump svc_0"),
@@ -338,7 +342,7 @@ mod nft {
         let slices = [
             json!({"metadata": {"namespace": "d", "labels": {"kubernetes.io/service-name": "web"}}, "ports": [{"name": "", "port": 8080}],
                              "endpoints": [{"addresses": ["10.244.1.2"]}, {"addresses": ["10.244.2.3"]}]}),
-            json!({"metadata": {"namespace": "d", "labels": {"kubernetes.io/service-name": "dns"}}, "ports": [{"name": "dns", "port": 53}],
+            json!({"metadata": {"namespace": "d", "labels": {"kubernetes.io/service-name": "dns"}}, "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}],
                              "endpoints": [{"addresses": ["10.244.1.4"], "conditions": {"ready": true}}]}),
         ];
         let script = super::script(&services, &slices, std::net::Ipv4Addr::new(172, 30, 0, 11));
