@@ -386,6 +386,15 @@ impl SshPool {
         Ok(route)
     }
 
+    /// Whether the first SSH connection (the one that carries the reverse tunnels) is up.
+    pub async fn is_connected(&self) -> bool {
+        self.connections[0]
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|h| !h.is_closed())
+    }
+
     fn route(&self) -> Route {
         self.route.get().copied().unwrap_or(Route::PortForward)
     }

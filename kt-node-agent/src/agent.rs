@@ -300,7 +300,7 @@ impl Reconciler {
         };
         let now = chrono::Utc::now();
         let desired = redirects::desired(&state, now);
-        let acks = self.acks_for(state.sessions, &redirects::programmed_ports(&desired), now);
+        let acks = self.acks_for(state.sessions, &desired.programmed_ports(), now);
         // Wake when the next lease runs out, or after the check interval.
         let wake = redirects::next_expiry(state.sessions, now)
             .and_then(|end| (end - now).to_std().ok())
@@ -311,7 +311,7 @@ impl Reconciler {
             .map
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .apply(desired);
+            .apply(desired.map);
         match &applied {
             Ok(()) => {
                 self.acks.send_if_modified(|current| {
@@ -328,8 +328,10 @@ impl Reconciler {
         wake
     }
 
-    /// This node's acknowledgement of every held, live session: the holder it redirects to
-    /// and the Service ports with entries in its map.
+    /// This node's acknowledgement of every live exchange session whose holder listens for
+    /// all its ports (a holder still opening its listeners is not acknowledged: ktctl waits
+    /// for the complete one, and every write wakes every agent): the holder and the Service
+    /// ports programmed for it.
     fn acks_for(
         &self,
         sessions: &[&KtSession],
@@ -338,14 +340,23 @@ impl Reconciler {
     ) -> Acks {
         sessions
             .iter()
-            .filter(|s| s.lease_live(now))
+            .filter(|s| {
+                s.spec.mode == kt_proto::session::SessionMode::Exchange && s.lease_live(now)
+            })
             .filter_map(|s| {
                 let status = s.status.as_ref()?;
                 status.address?;
+                let complete = s
+                    .spec
+                    .ports
+                    .iter()
+                    .all(|p| status.listeners.iter().any(|l| l.port == p.port));
+                if !complete {
+                    return None;
+                }
                 let key = s.key();
                 let ack = Programmed {
-                    address: status.address,
-                    listeners: status.listeners.clone(),
+                    holder: status.holder(),
                     ports: ports
                         .get(key.as_str())
                         .map(|p| p.iter().copied().collect())
@@ -359,15 +370,21 @@ impl Reconciler {
     }
 }
 
+/// At most this many acknowledgements are written at once.
+const ACK_WRITES_AT_ONCE: usize = 16;
+
 /// Writes this node's acknowledgements into the sessions' status (`status.programmed.<node>`)
-/// when they change, retrying failed writes; ktctl waits for them before its banner.
+/// when the object does not show them yet, a few at a time, retrying failed writes; ktctl
+/// waits for them before its banner.
 async fn acknowledge(
     client: kube::Client,
     node: String,
     mut pending: tokio::sync::watch::Receiver<Acks>,
     shutdown: CancellationToken,
 ) -> Result<(), std::convert::Infallible> {
-    let mut written: BTreeMap<(String, String), Programmed> = BTreeMap::new();
+    // What was written lately: not written again until the watch had time to show it.
+    let mut recent: BTreeMap<(String, String), (Programmed, tokio::time::Instant)> =
+        BTreeMap::new();
     let mut retry = tokio::time::interval(ACK_RETRY);
     loop {
         tokio::select! {
@@ -378,33 +395,59 @@ async fn acknowledge(
             _ = retry.tick() => {}
         }
         let acks = pending.borrow_and_update().clone();
-        written.retain(|id, _| acks.contains_key(id));
-        for (id, (ack, shown)) in acks {
-            if shown || written.get(&id) == Some(&ack) {
-                written.insert(id, ack);
-                continue;
+        recent.retain(|id, (_, at)| acks.contains_key(id) && at.elapsed() < ACK_RETRY * 2);
+        let due: Vec<((String, String), Programmed)> = acks
+            .into_iter()
+            .filter(|(id, (ack, shown))| {
+                !shown && recent.get(id).is_none_or(|(written, _)| written != ack)
+            })
+            .map(|(id, (ack, _))| (id, ack))
+            .collect();
+        let writes = futures::stream::iter(due.into_iter().map(|(id, ack)| {
+            let (client, node) = (client.clone(), node.as_str());
+            async move {
+                let written = write_ack(client, node, &id, &ack).await;
+                (id, ack, written)
             }
-            let (namespace, name) = &id;
-            let api: Api<KtSession> = Api::namespaced(client.clone(), namespace);
-            let patch = serde_json::json!({"status": {"programmed": {node.as_str(): &ack}}});
-            let (params, patch) = (
-                kube::api::PatchParams::default(),
-                kube::api::Patch::Merge(&patch),
-            );
-            let write = api.patch_status(name, &params, &patch);
-            match tokio::time::timeout(ACK_TIMEOUT, write).await {
-                Ok(Ok(_)) => {
-                    tracing::debug!(%namespace, session = %name, ports = ?ack.ports, "programmed");
-                    written.insert(id, ack);
-                }
-                Ok(Err(kube::Error::Api(status))) if status.code == 404 => {}
-                Ok(Err(error)) => {
-                    tracing::warn!(%namespace, session = %name, %error, "failed to acknowledge the session")
-                }
-                Err(_) => {
-                    tracing::warn!(%namespace, session = %name, "acknowledging the session timed out")
-                }
+        }))
+        .buffer_unordered(ACK_WRITES_AT_ONCE)
+        .collect::<Vec<_>>()
+        .await;
+        for (id, ack, written) in writes {
+            if written {
+                recent.insert(id, (ack, tokio::time::Instant::now()));
             }
+        }
+    }
+}
+
+/// One acknowledgement: a merge patch of `status.programmed.<node>`; whether it was written.
+async fn write_ack(
+    client: kube::Client,
+    node: &str,
+    (namespace, name): &(String, String),
+    ack: &Programmed,
+) -> bool {
+    let api: Api<KtSession> = Api::namespaced(client, namespace);
+    let patch = serde_json::json!({"status": {"programmed": {node: ack}}});
+    let (params, patch) = (
+        kube::api::PatchParams::default(),
+        kube::api::Patch::Merge(&patch),
+    );
+    match tokio::time::timeout(ACK_TIMEOUT, api.patch_status(name, &params, &patch)).await {
+        Ok(Ok(_)) => {
+            tracing::debug!(%namespace, session = %name, ports = ?ack.ports, "programmed");
+            true
+        }
+        // The session is gone: nothing to acknowledge.
+        Ok(Err(kube::Error::Api(status))) if status.code == 404 => true,
+        Ok(Err(error)) => {
+            tracing::warn!(%namespace, session = %name, %error, "failed to acknowledge the session");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(%namespace, session = %name, "acknowledging the session timed out");
+            false
         }
     }
 }

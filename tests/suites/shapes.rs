@@ -543,8 +543,31 @@ spec:
 async fn scale_mode_scales_every_deployment_the_service_selects_and_each_comes_back() {
     let tb = testbed_with(CANARY, &["web-main", "web-canary"]).await;
     let _app = workstation::http_echo(&tb, 18080).await;
+    // A pod no Deployment owns would keep answering: scale mode refuses, naming it.
+    apply(&tb.kubeconfig, BARE_WEB_POD);
+    let (code, err) = ktctl_once(
+        &tb,
+        &[],
+        &[
+            "exchange",
+            "web",
+            "--expose",
+            "18080:8080",
+            "--mode",
+            "scale",
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("scale mode scales Deployments, but service 'web' also selects pod web-extra (no owner), which would keep answering"),
+        "{err}"
+    );
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["delete", "pod", "web-extra", "--wait=true"],
+    );
     let urls: Vec<String> = (0..4).map(|i| format!("http://web/?{i}")).collect();
-    let running = exchange(
+    let mut running = exchange(
         &tb,
         &[
             "web",
@@ -568,6 +591,21 @@ async fn scale_mode_scales_every_deployment_the_service_selects_and_each_comes_b
         ("0".into(), "0".into())
     );
     answered_by_all(&tb, &urls, |who| who == "workstation", Some(&running)).await;
+    // Scaled up by someone else (a re-applied manifest) while exchanged: back to zero.
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["scale", "deploy/web-main", "--replicas=2"],
+    );
+    running
+        .wait_for(
+            "Deployment web-main was scaled to 2 while it is exchanged; scaling it to 0 again",
+        )
+        .await;
+    eventually("web-main back at 0", async || {
+        seen(replicas("web-main"), |r| r == "0")
+    })
+    .await;
+    answered_by_all(&tb, &urls, |who| who == "workstation", Some(&running)).await;
     let (status, log) = running.interrupt();
     assert!(status.success(), "{log}");
     assert_eq!(
@@ -588,6 +626,15 @@ async fn scale_mode_scales_every_deployment_the_service_selects_and_each_comes_b
     );
     tb.stop().await;
 }
+
+/// A pod with `web`'s label that no Deployment owns.
+const BARE_WEB_POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-extra, labels: {app: web}}
+spec:
+  containers: [{name: app, image: kt-testbed/http-echo}]
+"#;
 
 /// Just `web`'s Service, as its manifest says (what a GitOps tool re-applies).
 const WEB_SERVICE: &str = r#"
@@ -625,6 +672,27 @@ async fn selector_mode_points_a_reapplied_service_at_the_shadow_again() {
     let (status, log) = running.interrupt();
     assert!(status.success(), "{log}");
     assert_eq!(service_state(&tb, "web"), before, "{log}");
+
+    // A manifest that changed the selector (a chart upgrade): the shadow keeps the traffic,
+    // and on exit the Service gets the new selector.
+    let mut running = exchange(
+        &tb,
+        &["web", "--expose", "18080:8080", "--mode", "selector"],
+    )
+    .await;
+    let changed = WEB_SERVICE.replace("selector: {app: web}", "selector: {app: web, tier: fe}");
+    apply(&tb.kubeconfig, &changed);
+    running
+        .wait_for(r#"it gets {"app": "web", "tier": "fe"} back on exit"#)
+        .await;
+    answered_by_all(&tb, &urls, |who| who == "workstation", Some(&running)).await;
+    let (status, log) = running.interrupt();
+    assert!(status.success(), "{log}");
+    let selector = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "svc", "web", "-o", "jsonpath={.spec.selector}"],
+    );
+    assert_eq!(selector, r#"{"app":"web","tier":"fe"}"#, "{log}");
     tb.stop().await;
 }
 

@@ -63,13 +63,18 @@ pub enum ExchangeError {
     #[error("no deployment's pods are selected by service '{0}'")]
     NoDeployment(String),
     #[error(
-        "in {mode} mode a shadow takes the place of the pods of service '{service}' and serves only the exposed ports, so {ports} would stop answering; expose them too, use --mode agent, or pass --allowUnservedPorts"
+        "in {mode} mode a shadow takes the place of the pods of service '{service}' and serves only the exposed ports, so {ports} would stop answering; {advice}"
     )]
     Unserved {
         mode: &'static str,
         service: String,
         ports: String,
+        advice: String,
     },
+    #[error(
+        "scale mode scales Deployments, but service '{service}' also selects {pods}, which would keep answering; use --mode selector or --mode agent"
+    )]
+    NotFromDeployments { service: String, pods: String },
     #[error("stopped before the exchange was established; nothing was exchanged")]
     Interrupted,
     #[error(transparent)]
@@ -132,12 +137,43 @@ struct Subject {
 pub async fn run(settings: &Settings, args: &ExchangeArgs) -> Result<(), ExchangeError> {
     let name = cluster::service_name(&args.service);
     let expose = plan::parse_expose(&args.expose)?;
+    // Signals count from here: Ctrl-C while the cluster is being read exits 130 too.
+    let lifecycle = Lifecycle::start("exchange")?;
+    let prepared = tokio::select! {
+        () = lifecycle.stop.cancelled() => Err(ExchangeError::Interrupted),
+        prepared = prepare(settings, args, name, &expose) => prepared,
+    };
+    let result = match prepared {
+        Ok(prepared) => exchange(settings, args, name, prepared, &lifecycle).await,
+        Err(error) => Err(error),
+    };
+    lifecycle.finish().await;
+    result
+}
+
+/// What every check found, before anything is changed.
+struct Prepared {
+    cluster: Cluster,
+    subject: Subject,
+    plan: PortPlan,
+    method: Method,
+}
+
+/// Every check, in the order that makes the first error the true one: the Service, whether
+/// someone holds it, the port plan, the mode, the ports a mode would leave unserved, then
+/// the local ports.
+async fn prepare(
+    settings: &Settings,
+    args: &ExchangeArgs,
+    name: &str,
+    expose: &[plan::ExposeItem],
+) -> Result<Prepared, ExchangeError> {
     let cluster = cluster::connect(&settings.cluster).await?;
     let subject = read_subject(&cluster, name).await?;
     check_conflict(&cluster, &subject).await?;
     let ports = ServicePort::of(&subject.service);
     let named = named_ports(&cluster, &subject, &ports).await?;
-    let port_plan = plan::plan(name, &ports, &named, &expose)?;
+    let port_plan = plan::plan(name, &ports, &named, expose)?;
     for warning in &port_plan.warnings {
         tracing::warn!("{warning}");
     }
@@ -152,9 +188,7 @@ pub async fn run(settings: &Settings, args: &ExchangeArgs) -> Result<(), Exchang
             None => Method::Selector,
         },
         ExchangeMode::Selector => Method::Selector,
-        ExchangeMode::Scale => {
-            Method::Scale(scale::deployments_of(&cluster, name, &subject.selector).await?)
-        }
+        ExchangeMode::Scale => Method::Scale(scale::deployments_of(&cluster, &subject).await?),
     };
     check_ports_served(&method, name, &port_plan, args.allow_unserved_ports)?;
     if !args.skip_port_checking {
@@ -164,12 +198,32 @@ pub async fn run(settings: &Settings, args: &ExchangeArgs) -> Result<(), Exchang
     }
     tracing::info!("Using {} mode", method.name());
     warn_inert_flags(settings, &method);
+    Ok(Prepared {
+        cluster,
+        subject,
+        plan: port_plan,
+        method,
+    })
+}
 
-    let lifecycle = Lifecycle::start("exchange")?;
+/// The exchange itself, in the chosen mode.
+async fn exchange(
+    settings: &Settings,
+    args: &ExchangeArgs,
+    name: &str,
+    prepared: Prepared,
+    lifecycle: &Arc<Lifecycle>,
+) -> Result<(), ExchangeError> {
+    let Prepared {
+        cluster,
+        subject,
+        plan: port_plan,
+        method,
+    } = prepared;
     let ctx = Context {
         settings,
         cluster: &cluster,
-        lifecycle: &lifecycle,
+        lifecycle,
         announced: AtomicBool::new(false),
     };
     let result = match method {
@@ -188,7 +242,6 @@ pub async fn run(settings: &Settings, args: &ExchangeArgs) -> Result<(), Exchang
             .await
         }
     };
-    lifecycle.finish().await;
     match result {
         Ok(()) if !ctx.announced.load(Ordering::Relaxed) && lifecycle.stopped_by().is_some() => {
             Err(ExchangeError::Interrupted)
@@ -335,7 +388,8 @@ fn check_ports_served(
         Method::Agent(_) => {
             if !plan.not_carried.is_empty() {
                 tracing::warn!(
-                    "UDP is not carried yet: {} of service '{service}' stays with its pods",
+                    "{} not carried yet: {} of service '{service}' stays with its pods",
+                    not_tcp(&plan.not_carried),
                     list(&plan.not_carried)
                 );
             }
@@ -353,7 +407,31 @@ fn check_ports_served(
             mode: method.name(),
             service: service.to_owned(),
             ports: list(&plan.unexposed),
+            advice: if plan.unexposed.iter().all(ServicePort::is_tcp) {
+                "expose them too, use --mode agent, or pass --allowUnservedPorts".into()
+            } else {
+                format!(
+                    "{} not carried: use --mode agent, which leaves them with the pods, or pass --allowUnservedPorts",
+                    not_tcp(&plan.unexposed)
+                )
+            },
         }),
+    }
+}
+
+/// `UDP is`, `SCTP is` or `UDP and SCTP are`: the protocols among `ports` exchange does not
+/// carry.
+fn not_tcp(ports: &[ServicePort]) -> String {
+    let mut protocols: Vec<&str> = ports
+        .iter()
+        .filter(|p| !p.is_tcp())
+        .map(|p| p.protocol.as_str())
+        .collect();
+    protocols.sort_unstable();
+    protocols.dedup();
+    match protocols.as_slice() {
+        [one] => format!("{one} is"),
+        many => format!("{} are", many.join(" and ")),
     }
 }
 
@@ -459,52 +537,63 @@ async fn exchange_shadow(
     Ok(Some((pool, forwards)))
 }
 
-/// How long the Service's endpoints may take to become the shadow alone.
+/// How long the Service's endpoints may take to become the shadow alone before ktctl says
+/// what else is still there.
 const ENDPOINTS_WITHIN: Duration = Duration::from_secs(30);
 
-/// Waits until `service`'s ready endpoints are the shadow's address and nothing else — the
-/// moment its traffic really goes to the workstation (selector and scale modes); says what
-/// is still there if that takes longer than [`ENDPOINTS_WITHIN`].
-async fn wait_for_shadow_endpoints(ctx: &Context<'_>, service: &str, shadow: &str) {
+/// Waits until `service`'s ready endpoints are the shadow's addresses and nothing else — the
+/// moment its traffic really goes to the workstation (selector and scale modes). After
+/// [`ENDPOINTS_WITHIN`] it says what else is there and goes on waiting: the banner is not
+/// printed until it is true. `false` when the run was stopped first.
+async fn wait_for_shadow_endpoints(ctx: &Context<'_>, service: &str, shadow: &str) -> bool {
     let pods: Api<Pod> = Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
-    let Some(shadow_ip) = pods
-        .get_opt(shadow)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|p| p.status?.pod_ip)
-    else {
-        return;
-    };
     let slices: Api<EndpointSlice> =
         Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
     let params = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
     let deadline = tokio::time::Instant::now() + ENDPOINTS_WITHIN;
+    let mut said = false;
     loop {
-        let mut ready: Vec<String> = slices
-            .list(&params)
-            .await
-            .map(|list| list.items)
-            .unwrap_or_default()
-            .iter()
-            .flat_map(|s| &s.endpoints)
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-            .flat_map(|e| e.addresses.clone())
-            .collect();
-        ready.sort();
-        ready.dedup();
-        if ready == [shadow_ip.clone()] {
-            return;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(
-                "Service {service}'s endpoints are {ready:?}, not only the shadow ({shadow_ip}), after {} s: some of its traffic may still go elsewhere",
-                ENDPOINTS_WITHIN.as_secs()
-            );
-            return;
+        let shadow_ips = pods.get_opt(shadow).await.map(|pod| {
+            let mut ips: Vec<String> = pod
+                .and_then(|p| p.status?.pod_ips)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|ip| ip.ip)
+                .collect();
+            ips.sort();
+            ips
+        });
+        let ready = slices.list(&params).await.map(|list| {
+            let mut ready: Vec<String> = list
+                .items
+                .iter()
+                .flat_map(|s| &s.endpoints)
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                .flat_map(|e| e.addresses.clone())
+                .collect();
+            ready.sort();
+            ready.dedup();
+            ready
+        });
+        match (shadow_ips, ready) {
+            (Ok(shadow_ips), Ok(ready)) if !shadow_ips.is_empty() && ready == shadow_ips => {
+                return true;
+            }
+            (Ok(shadow_ips), Ok(ready)) if !said && tokio::time::Instant::now() >= deadline => {
+                said = true;
+                tracing::warn!(
+                    "Service {service}'s endpoints are {ready:?}, not only the shadow's {shadow_ips:?}, after {} s; waiting for them to be (its traffic does not all go to the workstation yet)",
+                    ENDPOINTS_WITHIN.as_secs()
+                );
+            }
+            (Err(error), _) | (_, Err(error)) if !said => {
+                said = true;
+                tracing::warn!("Cannot read where service {service}'s traffic goes yet: {error}");
+            }
+            _ => {}
         }
         tokio::select! {
-            () = ctx.lifecycle.stop.cancelled() => return,
+            () = ctx.lifecycle.stop.cancelled() => return false,
             () = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
@@ -519,14 +608,10 @@ async fn keep_reverse_tunnels(
     forwards: &[RemoteForward],
     what: &str,
 ) {
-    wait_for_shadow_endpoints(ctx, service, &pool.target().pod).await;
-    if ctx.lifecycle.stop.is_cancelled() {
-        pool.close().await;
-        return;
+    if wait_for_shadow_endpoints(ctx, service, &pool.target().pod).await {
+        ctx.announce(what);
+        pool.keep_remote_forwards(forwards, &ctx.lifecycle.stop, None)
+            .await;
     }
-    ctx.announce(what);
-
-    pool.keep_remote_forwards(forwards, &ctx.lifecycle.stop, None)
-        .await;
     pool.close().await;
 }

@@ -114,26 +114,41 @@ pub struct SessionStatus {
     )]
     pub renew_time: Option<DateTime<Utc>>,
     /// What each node's agent has programmed for the session (node name → what): written by
-    /// every agent once its map holds the session's entries, so that ktctl announces the
-    /// redirect only when it is in force everywhere.
+    /// every agent once its map holds the session's entries for a complete holder, so that
+    /// ktctl announces the redirect only when it is in force everywhere. An entry that does
+    /// not parse reads as absent.
     #[serde(
         default,
-        deserialize_with = "lenient",
+        deserialize_with = "lenient_entries",
         skip_serializing_if = "BTreeMap::is_empty"
     )]
     pub programmed: BTreeMap<String, Programmed>,
+}
+
+impl SessionStatus {
+    /// Who holds the session, in a few bytes: its address and listener ports
+    /// (`172.30.0.11 80/40001 8080/40002`). A node's acknowledgement names it, so that one
+    /// for an earlier holder does not count for a new one.
+    pub fn holder(&self) -> String {
+        let mut listeners: Vec<String> = self
+            .listeners
+            .iter()
+            .map(|l| format!("{}/{}", l.port, l.listener_port))
+            .collect();
+        listeners.sort();
+        let address = self.address.map(|a| a.to_string()).unwrap_or_default();
+        format!("{address} {}", listeners.join(" "))
+    }
 }
 
 /// One node's redirect of a session.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Programmed {
-    /// The holder the entries point at, as the status named it then.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub address: Option<IpAddr>,
-    #[serde(default)]
-    pub listeners: Vec<Listener>,
-    /// The Service ports with at least one entry (its ClusterIP or an endpoint) in the map.
+    /// The holder the entries point at ([`SessionStatus::holder`] when programmed).
+    pub holder: String,
+    /// The Service ports whose every address (ClusterIP and ready endpoints) in the map
+    /// goes to this session.
     #[serde(default)]
     pub ports: Vec<u16>,
 }
@@ -146,6 +161,22 @@ pub struct Listener {
     pub port: u16,
     /// The port the holding agent listens on.
     pub listener_port: u16,
+}
+
+/// Map entries that do not parse are left out (see the module doc).
+fn lenient_entries<'de, D, T>(deserializer: D) -> Result<BTreeMap<String, T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    let value = serde_json::Value::deserialize(deserializer)?;
+    let serde_json::Value::Object(entries) = value else {
+        return Ok(BTreeMap::new());
+    };
+    Ok(entries
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, serde_json::from_value(v).ok()?)))
+        .collect())
 }
 
 /// A value that does not parse reads as the type's default (see the module doc).
@@ -191,18 +222,15 @@ impl KtSession {
 
     /// Which of `ports` each of `nodes` has not programmed for the current holder (an
     /// acknowledgement for an earlier holder does not count); empty when the redirect is in
-    /// force on every node.
+    /// force on every node. No node at all is not "everywhere": `nodes` must not be empty.
     pub fn unprogrammed(&self, nodes: &[String], ports: &[u16]) -> Vec<(String, Vec<u16>)> {
-        let Some(status) = &self.status else {
-            return nodes.iter().map(|n| (n.clone(), ports.to_vec())).collect();
-        };
+        let holder = self.status.as_ref().map(SessionStatus::holder);
         nodes
             .iter()
             .filter_map(|node| {
-                let done: &[u16] = match status.programmed.get(node) {
-                    Some(p) if p.address == status.address && p.listeners == status.listeners => {
-                        &p.ports
-                    }
+                let acknowledged = self.status.as_ref().and_then(|s| s.programmed.get(node));
+                let done: &[u16] = match (acknowledged, &holder) {
+                    (Some(p), Some(holder)) if p.holder == *holder => &p.ports,
                     _ => &[],
                 };
                 let missing: Vec<u16> = ports
@@ -278,14 +306,21 @@ mod tests {
 
     #[test]
     fn a_port_counts_as_programmed_on_a_node_only_for_the_current_holder() {
-        let holder =
+        let mut status =
             json!({"address": "172.30.0.11", "listeners": [{"port": 80, "listenerPort": 40001}]});
-        let mut status = holder.clone();
+        let holder = "172.30.0.11 80/40001";
         status["programmed"] = json!({
-            "node-1": {"address": "172.30.0.11", "listeners": [{"port": 80, "listenerPort": 40001}], "ports": [80]},
-            "node-2": {"address": "172.30.0.12", "listeners": [{"port": 80, "listenerPort": 40009}], "ports": [80]},
+            "node-1": {"holder": holder, "ports": [80]},
+            "node-2": {"holder": "172.30.0.12 80/40009", "ports": [80]},
+            "node-4": "not an acknowledgement",
         });
         let s = session(status);
+        assert_eq!(s.status.as_ref().unwrap().holder(), holder);
+        assert_eq!(
+            s.status.as_ref().unwrap().programmed.len(),
+            2,
+            "the bad entry alone is dropped"
+        );
         let nodes = [
             "node-1".to_owned(),
             "node-2".to_owned(),

@@ -33,9 +33,43 @@ pub struct ClusterState<'a> {
     pub slices: &'a [&'a EndpointSlice],
 }
 
-/// The redirects in force at `now`. When two live sessions claim one Service, the older
-/// one wins everywhere (ktctl refuses the second; this only settles races).
-pub fn desired(state: &ClusterState<'_>, now: DateTime<Utc>) -> BTreeMap<SocketAddr, Target> {
+/// The redirects in force, and what each session asked for.
+#[derive(Debug, Default)]
+pub struct Desired {
+    /// What the service map should hold.
+    pub map: BTreeMap<SocketAddr, Target>,
+    /// Per session (`namespace/name`), the addresses each of its Service ports wanted.
+    claims: BTreeMap<String, BTreeMap<u16, Vec<SocketAddr>>>,
+}
+
+impl Desired {
+    /// Per session, the Service ports programmed for it: every address the port wanted goes
+    /// to this session (an address an older session holds — a second Service over the same
+    /// pods — does not count), and there is at least one.
+    pub fn programmed_ports(&self) -> BTreeMap<&str, BTreeSet<u16>> {
+        self.claims
+            .iter()
+            .map(|(session, ports)| {
+                let done = ports
+                    .iter()
+                    .filter(|(_, addrs)| {
+                        !addrs.is_empty()
+                            && addrs
+                                .iter()
+                                .all(|a| self.map.get(a).is_some_and(|t| t.session == *session))
+                    })
+                    .map(|(port, _)| *port)
+                    .collect();
+                (session.as_str(), done)
+            })
+            .collect()
+    }
+}
+
+/// The redirects in force at `now`. When two live sessions claim one address, the older
+/// one wins (ktctl refuses a second exchange of a Service; this only settles races and
+/// Services that share pods).
+pub fn desired(state: &ClusterState<'_>, now: DateTime<Utc>) -> Desired {
     let services: HashMap<(&str, &str), &Service> = state
         .services
         .iter()
@@ -67,7 +101,7 @@ pub fn desired(state: &ClusterState<'_>, now: DateTime<Utc>) -> BTreeMap<SocketA
                 &b.metadata.name,
             ))
     });
-    let mut out = BTreeMap::new();
+    let mut out = Desired::default();
     for session in live.iter().rev() {
         // Reverse order with overwrite: the oldest session's entries are written last.
         let (Some(ns), Some(name)) = (
@@ -100,8 +134,13 @@ pub fn desired(state: &ClusterState<'_>, now: DateTime<Utc>) -> BTreeMap<SocketA
                         == Some(session.spec.service.as_str())
             })
             .collect();
+        let claims = out.claims.entry(key.clone()).or_default();
+        for listener in &status.listeners {
+            claims.entry(listener.port).or_default();
+        }
         for (service_addr, to, port) in redirects_of(service, &slices, status, holder) {
-            out.insert(
+            claims.entry(port).or_default().push(service_addr);
+            out.map.insert(
                 service_addr,
                 Target {
                     to,
@@ -122,17 +161,6 @@ pub fn next_expiry(sessions: &[&KtSession], now: DateTime<Utc>) -> Option<DateTi
         .filter_map(|s| s.lease_end())
         .filter(|end| *end >= now)
         .min()
-}
-
-/// Per session (`namespace/name`), the Service ports that have at least one entry in `map`.
-pub fn programmed_ports(map: &BTreeMap<SocketAddr, Target>) -> BTreeMap<&str, BTreeSet<u16>> {
-    let mut out: BTreeMap<&str, BTreeSet<u16>> = BTreeMap::new();
-    for target in map.values() {
-        out.entry(target.session.as_str())
-            .or_default()
-            .insert(target.port);
-    }
-    out
 }
 
 /// Kubernetes' default protocol: a port without one is TCP.
@@ -269,7 +297,7 @@ mod tests {
             services: &[&svc],
             slices: &[&slice],
         };
-        let map = desired(&state, now);
+        let map = desired(&state, now).map;
         let listener = addr("172.30.0.11:40001");
         let keys: Vec<SocketAddr> = map.keys().copied().collect();
         assert_eq!(
@@ -328,7 +356,7 @@ mod tests {
             "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": true}}]
         }));
         let s = holding("web", &[(80, 40001)], now);
-        let map = desired(
+        let wanted = desired(
             &ClusterState {
                 sessions: &[&s],
                 services: &[&svc],
@@ -337,12 +365,57 @@ mod tests {
             now,
         );
         assert_eq!(
-            map.keys().copied().collect::<Vec<_>>(),
+            wanted.map.keys().copied().collect::<Vec<_>>(),
             [addr("10.96.0.20:80"), addr("10.244.1.5:8080")]
         );
         assert_eq!(
-            programmed_ports(&map),
+            wanted.programmed_ports(),
             BTreeMap::from([("dev/s", BTreeSet::from([80]))])
+        );
+    }
+
+    #[test]
+    fn a_port_whose_pods_an_older_session_holds_is_not_programmed_for_the_newer_one() {
+        let now = Utc::now();
+        // `web` and `web-internal` select the same pods; alice holds web, bob exchanges
+        // web-internal afterwards: the pod's address stays alice's.
+        let svc = |name: &str, ip: &str| -> Service {
+            object(json!({"metadata": {"name": name, "namespace": "dev"},
+                          "spec": {"clusterIP": ip, "ports": [{"port": 80, "targetPort": 8080}]}}))
+        };
+        let slice = |service: &str| -> EndpointSlice {
+            object(
+                json!({"metadata": {"name": format!("{service}-x"), "namespace": "dev",
+                                       "labels": {"kubernetes.io/service-name": service}},
+                          "addressType": "IPv4", "ports": [{"name": "", "port": 8080}],
+                          "endpoints": [{"addresses": ["10.244.1.5"]}]}),
+            )
+        };
+        let (web, internal) = (svc("web", "10.96.0.20"), svc("web-internal", "10.96.0.21"));
+        let (web_slice, internal_slice) = (slice("web"), slice("web-internal"));
+        let mut alice = holding("web", &[(80, 40001)], now);
+        alice.metadata.name = Some("alice".into());
+        let mut bob = holding("web-internal", &[(80, 40002)], now);
+        bob.metadata.name = Some("bob".into());
+        bob.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-01-02T00:00:00Z".parse().unwrap(),
+            ));
+        let wanted = desired(
+            &ClusterState {
+                sessions: &[&bob, &alice],
+                services: &[&web, &internal],
+                slices: &[&web_slice, &internal_slice],
+            },
+            now,
+        );
+        assert_eq!(wanted.map[&addr("10.244.1.5:8080")].session, "dev/alice");
+        assert_eq!(wanted.map[&addr("10.96.0.21:80")].session, "dev/bob");
+        let ports = wanted.programmed_ports();
+        assert_eq!(ports["dev/alice"], BTreeSet::from([80]));
+        assert!(
+            ports["dev/bob"].is_empty(),
+            "bob's pod address goes to alice"
         );
     }
 
@@ -371,7 +444,8 @@ mod tests {
                 slices: &[&slice],
             },
             now,
-        );
+        )
+        .map;
         assert_eq!(
             map.keys().copied().collect::<Vec<_>>(),
             [addr("10.96.0.30:53"), addr("10.244.1.9:5353")],
@@ -405,7 +479,8 @@ mod tests {
                 slices: &[&slice],
             },
             now,
-        );
+        )
+        .map;
         assert_eq!(
             map.keys().copied().collect::<Vec<_>>(),
             [
@@ -432,7 +507,7 @@ mod tests {
             services: &[&svc],
             slices: &[&slice],
         };
-        assert!(desired(&state, now).is_empty());
+        assert!(desired(&state, now).map.is_empty());
     }
 
     #[test]
@@ -447,7 +522,7 @@ mod tests {
             services: &[&svc],
             slices: &[&slice],
         };
-        let map = desired(&state, now);
+        let map = desired(&state, now).map;
         assert!(map.values().all(|t| t.session == "dev/alice"), "{map:?}");
     }
 
@@ -494,6 +569,7 @@ mod tests {
                 },
                 now
             )
+            .map
             .is_empty()
         );
         let held = session("alice", "2026-01-01T00:00:00Z", now);
@@ -506,6 +582,7 @@ mod tests {
                 },
                 now
             )
+            .map
             .is_empty()
         );
     }

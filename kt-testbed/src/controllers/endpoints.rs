@@ -25,15 +25,16 @@ struct Subset {
     not_ready: Vec<Value>,
 }
 
-/// The port a Service port reaches on `pod`: a number, or a named container port.
-fn resolve(target: &Value, pod: &Value) -> Option<u64> {
-    match target {
+/// The port a Service port (`targetPort`, `protocol`) reaches on `pod`: a number, or the
+/// container port of that name and protocol.
+fn resolve(port: &Value, pod: &Value) -> Option<u64> {
+    let protocol = port["protocol"].as_str().unwrap_or("TCP");
+    match &port["targetPort"] {
         Value::Number(n) => n.as_u64(),
         Value::String(name) => pod["spec"]["containers"].as_array()?.iter().find_map(|c| {
-            c["ports"]
-                .as_array()?
-                .iter()
-                .find(|p| p["name"] == name.as_str())?["containerPort"]
+            c["ports"].as_array()?.iter().find(|p| {
+                p["name"] == name.as_str() && p["protocol"].as_str().unwrap_or("TCP") == protocol
+            })?["containerPort"]
                 .as_u64()
         }),
         _ => None,
@@ -77,7 +78,7 @@ pub(super) fn reconcile(ctl: &Ctl) {
             let resolved: Vec<Value> = ports
                 .iter()
                 .filter_map(|p| {
-                    let port = resolve(&p["targetPort"], pod)?;
+                    let port = resolve(p, pod)?;
                     let mut out = json!({"port": port, "protocol": p["protocol"]});
                     if let Some(n) = p["name"].as_str().filter(|n| !n.is_empty()) {
                         out["name"] = json!(n);
@@ -144,7 +145,7 @@ pub(super) fn reconcile(ctl: &Ctl) {
         // terminating ones included with their conditions.
         let mut groups: BTreeMap<String, (Vec<Value>, Vec<Value>)> = BTreeMap::new();
         for pod in &members {
-            let pod_ports = slice_ports(&ports, Some(pod));
+            let pod_ports = slice_ports(&ports, pod);
             let ready = pod_ready(pod) && !terminating(pod);
             let endpoint = json!({
                 "addresses": [pod["status"]["podIP"]],
@@ -159,8 +160,8 @@ pub(super) fn reconcile(ctl: &Ctl) {
                 .push(endpoint);
         }
         if groups.is_empty() {
-            // No pod: one slice without endpoints, with the ports that need no pod to resolve.
-            groups.insert(String::new(), (slice_ports(&ports, None), Vec::new()));
+            // No pod: one placeholder slice, without endpoints or ports.
+            groups.insert(String::new(), (Vec::new(), Vec::new()));
         }
         let wanted: Vec<(Vec<Value>, Vec<Value>)> = groups.into_values().collect();
         let owned: Vec<&Value> = slices
@@ -185,16 +186,13 @@ pub(super) fn reconcile(ctl: &Ctl) {
 }
 
 /// The EndpointSlice ports of a Service's `ports` as `pod` resolves them (a named port the
-/// pod does not declare is left out); without a pod, only numeric target ports. An unnamed
-/// port is named `""`, as the EndpointSlice controller writes it.
-fn slice_ports(ports: &[Value], pod: Option<&Value>) -> Vec<Value> {
+/// pod does not declare is left out). An unnamed port is named `""`, as the EndpointSlice
+/// controller writes it.
+fn slice_ports(ports: &[Value], pod: &Value) -> Vec<Value> {
     ports
         .iter()
         .filter_map(|p| {
-            let port = match pod {
-                Some(pod) => resolve(&p["targetPort"], pod)?,
-                None => p["targetPort"].as_u64()?,
-            };
+            let port = resolve(p, pod)?;
             Some(json!({"name": p["name"].as_str().unwrap_or_default(), "port": port, "protocol": p["protocol"]}))
         })
         .collect()
@@ -259,7 +257,8 @@ fn mirror(ctl: &Ctl, services: &[Value], endpoints: &[Value], slices: &[Value]) 
                     && s["metadata"]["labels"][MANAGED_BY] == MIRRORING
             })
             .collect();
-        let wanted: Vec<(Vec<Value>, Vec<Value>)> = if has_selector || terminating(svc) {
+        let skip = ep["metadata"]["labels"]["endpointslice.kubernetes.io/skip-mirror"] == "true";
+        let wanted: Vec<(Vec<Value>, Vec<Value>)> = if has_selector || skip || terminating(svc) {
             Vec::new()
         } else {
             ep["subsets"]

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Pod};
 use kt_proto::{
     agent::{LABEL_SELECTOR, Login, NAMESPACE},
     compat,
@@ -18,7 +18,6 @@ use kt_proto::{
 use kube::{
     Api,
     api::{DeleteParams, ListParams, PostParams},
-    runtime::wait::await_condition,
 };
 
 use super::{Context, ExchangeError, local, plan::PortPlan};
@@ -138,14 +137,22 @@ pub(super) async fn exchange(
         if ctx.announced.load(std::sync::atomic::Ordering::Relaxed) {
             tracing::info!("Session {name} is held by agent {agent} now");
         } else {
-            tokio::select! {
-                () = ctx.lifecycle.stop.cancelled() => {
+            match wait_programmed(ctx, &pool, &sessions, &name, &ports).await? {
+                Wait::Programmed => ctx.announce(&format!("service '{service}'")),
+                Wait::Stopped => {
                     pool.close().await;
                     return Ok(());
                 }
-                programmed = wait_programmed(ctx, &sessions, &name, &ports) => {
-                    programmed?;
-                    ctx.announce(&format!("service '{service}'"));
+                // The holder went away before every node had the redirect: hold it again,
+                // at the agent the DaemonSet has now, and wait again.
+                Wait::HolderLost => {
+                    pool.close().await;
+                    tracing::warn!("Agent {agent} went away before the redirect was in force");
+                    match next_agent(ctx, &agent).await? {
+                        Some(next) => agent = next,
+                        None => return Ok(()),
+                    }
+                    continue;
                 }
             }
         }
@@ -188,58 +195,89 @@ async fn log_listeners(sessions: &Api<KtSession>, name: &str, agent: &str, plan:
     }
 }
 
+/// How waiting for the agents ended.
+enum Wait {
+    /// Every ready agent has the session's ports programmed for the current holder.
+    Programmed,
+    /// The holding agent's connection closed first.
+    HolderLost,
+    /// The run was stopped.
+    Stopped,
+}
+
 /// Waits until every ready agent reports the session's `ports` programmed for the current
-/// holder; after [`PROGRAMMED_WITHIN`] says which node lacks which port, and goes on waiting.
+/// holder (agents are re-read as they come and go; no ready agent is not "everywhere"). After
+/// [`PROGRAMMED_WITHIN`] says which node lacks which port, and goes on waiting. Polls: a
+/// session object and the agents' pods are small.
 async fn wait_programmed(
     ctx: &Context<'_>,
+    pool: &SshPool,
     sessions: &Api<KtSession>,
     name: &str,
     ports: &[u16],
-) -> Result<(), ExchangeError> {
-    let nodes: Vec<String> = ready_agents(ctx.cluster)
-        .await?
-        .into_iter()
-        .map(|(_, node)| node)
-        .collect();
-    let done = {
-        let nodes = nodes.clone();
-        let ports = ports.to_vec();
-        move |s: Option<&KtSession>| s.is_some_and(|s| s.unprogrammed(&nodes, &ports).is_empty())
-    };
-    let programmed = await_condition(sessions.clone(), name, done.clone());
-    match tokio::time::timeout(PROGRAMMED_WITHIN, programmed).await {
-        Ok(result) => {
-            result.map_err(|e| ClusterError::Watch {
-                what: format!("session {name}"),
-                source: Box::new(e),
-            })?;
-            return Ok(());
+) -> Result<Wait, ExchangeError> {
+    let started = tokio::time::Instant::now();
+    let mut said = false;
+    loop {
+        if !pool.is_connected().await {
+            return Ok(Wait::HolderLost);
         }
-        Err(_) => {
-            let missing = sessions
-                .get_opt(name)
-                .await
-                .ok()
-                .flatten()
-                .map(|s| s.unprogrammed(&nodes, ports))
-                .unwrap_or_default();
+        let nodes: Vec<String> = ready_agents(ctx.cluster)
+            .await?
+            .into_iter()
+            .map(|(_, node)| node)
+            .collect();
+        let session = sessions
+            .get_opt(name)
+            .await
+            .map_err(ClusterError::api(format!("get session {name}")))?;
+        let missing = match &session {
+            Some(session) if !nodes.is_empty() => session.unprogrammed(&nodes, ports),
+            _ => vec![("any node (no agent is ready)".to_owned(), ports.to_vec())],
+        };
+        if missing.is_empty() {
+            warn_uncovered_nodes(ctx, nodes.len()).await;
+            return Ok(Wait::Programmed);
+        }
+        if !said && started.elapsed() >= PROGRAMMED_WITHIN {
+            said = true;
             for (node, ports) in missing {
                 let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
                 tracing::warn!(
-                    "Not redirected on node {node} yet: port {} (its agent has not programmed them within {} s; the Service may have no ClusterIP and no ready endpoint for them)",
+                    "Not redirected on node {node} yet: port {} (its agent has not programmed them within {} s; the Service may have no ClusterIP and no ready endpoint for them, or another session holds its pods)",
                     ports.join(", "),
                     PROGRAMMED_WITHIN.as_secs()
                 );
             }
         }
+        // Quick at first (the agents answer within a second), then every half second.
+        let pause = if started.elapsed() < Duration::from_secs(3) {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(500)
+        };
+        tokio::select! {
+            () = ctx.lifecycle.stop.cancelled() => return Ok(Wait::Stopped),
+            () = tokio::time::sleep(pause) => {}
+        }
     }
-    await_condition(sessions.clone(), name, done)
-        .await
-        .map_err(|e| ClusterError::Watch {
-            what: format!("session {name}"),
-            source: Box::new(e),
-        })?;
-    Ok(())
+}
+
+/// Says so when the agent's DaemonSet wants more pods than `ready` are ready: clients on
+/// those nodes are not redirected. Silent when the DaemonSet cannot be read.
+async fn warn_uncovered_nodes(ctx: &Context<'_>, ready: usize) {
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(ctx.cluster.client.clone(), NAMESPACE);
+    let Ok(Some(daemon_set)) = daemon_sets.get_opt(kt_proto::agent::NAME).await else {
+        return;
+    };
+    let wanted = daemon_set.status.map_or(0, |s| {
+        usize::try_from(s.desired_number_scheduled).unwrap_or(0)
+    });
+    if wanted > ready {
+        tracing::warn!(
+            "Only {ready} of {wanted} nodes run a ready kt agent: clients on the other nodes still reach the pods"
+        );
+    }
 }
 
 /// Another ready agent if one comes within [`WAIT_FOR_ANOTHER_AGENT`]; after that

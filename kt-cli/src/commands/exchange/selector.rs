@@ -6,7 +6,10 @@
 //! its selector back (a GitOps tool re-applying the manifest every few minutes) has it put
 //! back on the shadow, as v0.3.7 does. On exit the selector comes back and the shadow goes.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Service;
@@ -46,24 +49,40 @@ pub(super) async fn exchange(
 
     let service = ctx.cluster.service(name).await?;
     let old = service.spec.and_then(|s| s.selector).unwrap_or_default();
-    let (to_shadow, back) = plan::selector_patches(&old, &target);
+    let (to_shadow, _) = plan::selector_patches(&old, &target);
     services
         .patch(name, &PatchParams::default(), &Patch::Merge(&to_shadow))
         .await
         .map_err(ClusterError::api(format!(
             "change the selector of service '{name}'"
         )))?;
+    // What the Service goes back to on exit: its selector before, or the one someone applied
+    // while it was exchanged.
+    let original = Arc::new(Mutex::new(old));
     {
-        let (services, name) = (services.clone(), name.to_owned());
+        let (services, name, original, target) = (
+            services.clone(),
+            name.to_owned(),
+            original.clone(),
+            target.clone(),
+        );
         ctx.lifecycle.defer(
             format!(
                 "the selector of service {name}, still pointing at the shadow (the original is in its kt-selector annotation)"
             ),
             async move {
-                services
+                let selector = original.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let (_, back) = plan::selector_patches(&selector, &target);
+                match services
                     .patch(&name, &PatchParams::default(), &Patch::Merge(&back))
-                    .await?;
-                tracing::info!("Service {name} recovered");
+                    .await
+                {
+                    Ok(_) => tracing::info!("Service {name} recovered"),
+                    Err(kube::Error::Api(status)) if status.code == 404 => {
+                        tracing::info!("Service {name} is gone, nothing to recover");
+                    }
+                    Err(error) => return Err(error),
+                }
                 Ok::<(), kube::Error>(())
             },
         );
@@ -74,23 +93,25 @@ pub(super) async fn exchange(
     ctx.lifecycle.tasks.spawn(keep_selector(
         services,
         name.to_owned(),
-        plan::shadow_selector(&target),
-        to_shadow,
+        target,
+        original,
         ctx.lifecycle.stop.clone(),
     ));
     super::keep_reverse_tunnels(ctx, name, &pool, &forwards, &format!("service '{name}'")).await;
     Ok(())
 }
 
-/// Watches the Service until `stop` and points its selector at the shadow again whenever
-/// someone changes it (`to_shadow` is the patch that does it).
+/// Watches the Service until `stop` and points its selector at the shadow `target` again
+/// whenever someone changes it. What they applied (without kt's keys) becomes the selector
+/// the Service gets back on exit (`original`), and its `kt-selector`.
 async fn keep_selector(
     services: Api<Service>,
     name: String,
-    wanted: BTreeMap<String, String>,
-    to_shadow: serde_json::Value,
+    target: String,
+    original: Arc<Mutex<BTreeMap<String, String>>>,
     stop: CancellationToken,
 ) {
+    let wanted = plan::shadow_selector(&target);
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut changes = std::pin::pin!(
         watcher(services.clone(), config)
@@ -113,9 +134,23 @@ async fn keep_selector(
         if selector == wanted {
             continue;
         }
+        let applied: BTreeMap<String, String> = selector
+            .iter()
+            .filter(|(k, _)| !wanted.contains_key(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !applied.is_empty() {
+            *original.lock().unwrap_or_else(|e| e.into_inner()) = applied.clone();
+        }
+        let restore = original.lock().unwrap_or_else(|e| e.into_inner()).clone();
         tracing::warn!(
-            "Service {name}'s selector was changed to {selector:?} while it is exchanged; pointing it at the shadow again"
+            "Service {name}'s selector was changed to {selector:?} while it is exchanged; pointing it at the shadow again (it gets {restore:?} back on exit)"
         );
+        // Null whatever keys are there now, keep kt's; `kt-selector` records what to restore.
+        let (to_shadow, _) = plan::selector_patches(&selector, &target);
+        let mut to_shadow = to_shadow;
+        to_shadow["metadata"]["annotations"][compat::SELECTOR] =
+            serde_json::json!(serde_json::to_string(&restore).unwrap_or_default());
         if let Err(error) = services
             .patch(&name, &PatchParams::default(), &Patch::Merge(&to_shadow))
             .await

@@ -83,15 +83,18 @@ impl NamedPorts {
     }
 
     /// The container ports of pod templates, each with the workload that has it
-    /// (`deployment web`).
+    /// (`deployment web`): the containers', and those of native sidecars (init containers
+    /// that keep running), as Kubernetes looks a port name up.
     pub fn from_specs<'a>(specs: impl IntoIterator<Item = (String, &'a PodSpec)>) -> Self {
         let mut named = Self::default();
         for (owner, spec) in specs {
-            for port in spec
-                .containers
+            let sidecars = spec
+                .init_containers
                 .iter()
-                .flat_map(|c| c.ports.iter().flatten())
-            {
+                .flatten()
+                .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+            let containers = spec.containers.iter().chain(sidecars);
+            for port in containers.flat_map(|c| c.ports.iter().flatten()) {
                 let (Some(name), Ok(number)) = (&port.name, u16::try_from(port.container_port))
                 else {
                     continue;
@@ -195,37 +198,38 @@ fn item_text((local, remote): ExposeItem) -> String {
     remote.map_or_else(|| local.to_string(), |r| format!("{local}:{r}"))
 }
 
-/// The Service's ports with their target resolved to a number, where it resolves.
+/// The Service's ports with the numbers their target resolves to: one for a number or the
+/// default, every number a name stands for on the pods (usually one; more when pods
+/// disagree, which is reported), none for a name nothing declares.
 fn resolve(
     service: &str,
     ports: &[ServicePort],
     named: &NamedPorts,
     warnings: &mut Vec<String>,
-) -> Vec<(ServicePort, Option<u16>)> {
+) -> Vec<(ServicePort, Vec<u16>)> {
     ports
         .iter()
         .map(|p| {
-            let target = match &p.target {
-                None => Some(p.port),
-                Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+            let targets = match &p.target {
+                None => vec![p.port],
+                Some(IntOrString::Int(n)) => u16::try_from(*n).into_iter().collect(),
                 Some(IntOrString::String(name)) => {
-                    named.numbers(name, &p.protocol).and_then(|numbers| {
-                        if numbers.len() > 1 {
-                            let seen: Vec<String> =
-                                numbers.iter().map(|(n, who)| format!("{n} on {who}")).collect();
-                            let warning = format!(
-                                "port name '{name}' of service '{service}' stands for different ports: {}",
-                                seen.join(", ")
-                            );
-                            if !warnings.contains(&warning) {
-                                warnings.push(warning);
-                            }
+                    let numbers = named.numbers(name, &p.protocol);
+                    if let Some(numbers) = numbers.filter(|n| n.len() > 1) {
+                        let seen: Vec<String> =
+                            numbers.iter().map(|(n, who)| format!("{n} on {who}")).collect();
+                        let warning = format!(
+                            "port name '{name}' of service '{service}' stands for different ports: {}",
+                            seen.join(", ")
+                        );
+                        if !warnings.contains(&warning) {
+                            warnings.push(warning);
                         }
-                        numbers.keys().next().copied()
-                    })
+                    }
+                    numbers.map(|n| n.keys().copied().collect()).unwrap_or_default()
                 }
             };
-            (p.clone(), target)
+            (p.clone(), targets)
         })
         .collect()
 }
@@ -240,20 +244,25 @@ pub fn plan(
 ) -> Result<PortPlan, PlanError> {
     let mut plan = PortPlan::default();
     let resolved = resolve(service, ports, named, &mut plan.warnings);
+    let targets_of = |p: &(ServicePort, Vec<u16>)| p.1.clone();
     let mut claimed: BTreeMap<u16, ExposeItem> = BTreeMap::new();
     for item in expose {
         let (local, remote) = *item;
         let wanted = remote.unwrap_or(local);
-        let target = if resolved.iter().any(|(_, t)| *t == Some(wanted)) {
+        let tcp_target = resolved
+            .iter()
+            .any(|(p, targets)| p.is_tcp() && targets.contains(&wanted));
+        let target = if tcp_target {
             wanted
         } else {
+            // A Service port instead: the TCP one when TCP and UDP share the number.
             let by_port = resolved
                 .iter()
                 .filter(|(p, _)| p.port == wanted)
                 .min_by_key(|(p, _)| !p.is_tcp());
             match by_port {
-                Some((_, Some(target))) => *target,
-                Some((p, None)) => {
+                Some(port) if !targets_of(port).is_empty() => targets_of(port)[0],
+                Some((p, _)) => {
                     return Err(PlanError::Unresolved {
                         service: service.to_owned(),
                         port: p.port,
@@ -261,6 +270,13 @@ pub fn plan(
                             Some(IntOrString::String(name)) => name.clone(),
                             _ => String::new(),
                         },
+                    });
+                }
+                // Only a UDP or SCTP port has that target.
+                None if resolved.iter().any(|(_, t)| t.contains(&wanted)) => {
+                    return Err(PlanError::NotTcp {
+                        port: wanted,
+                        service: service.to_owned(),
                     });
                 }
                 None => {
@@ -280,7 +296,7 @@ pub fn plan(
         }
         let (tcp, other): (Vec<ServicePort>, Vec<ServicePort>) = resolved
             .iter()
-            .filter(|(_, t)| *t == Some(target))
+            .filter(|(_, targets)| targets.contains(&target))
             .map(|(p, _)| p.clone())
             .partition(ServicePort::is_tcp);
         if tcp.is_empty() {
@@ -438,6 +454,19 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["dns-udp 53/UDP", "dns-tcp 53/TCP"]
         );
+        // A UDP port targeting 80 does not hide the TCP Service port 80.
+        let crossed = [
+            port(Some("web"), 80, "TCP", int(8080)),
+            port(Some("odd"), 9000, "UDP", int(80)),
+        ];
+        let by_port = plan(
+            "crossed",
+            &crossed,
+            &NamedPorts::default(),
+            &[(1, Some(80))],
+        )
+        .unwrap();
+        assert_eq!(by_port.exposed[0].target, 8080);
         let udp_only = [port(Some("syslog"), 514, "UDP", None)];
         assert_eq!(
             plan(
@@ -519,6 +548,24 @@ mod tests {
             .unwrap_err()
             .to_string(),
             "--expose items 1:80 and 2:8080 both stand for target port 8080"
+        );
+    }
+
+    #[test]
+    fn a_native_sidecar_declares_names_too() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "app"}],
+                     "initContainers": [
+                         {"name": "proxy", "restartPolicy": "Always", "ports": [{"name": "web", "containerPort": 15001}]},
+                         {"name": "setup", "ports": [{"name": "once", "containerPort": 1}]}]}
+        }))
+        .unwrap();
+        let named = NamedPorts::from_pods(&[pod]);
+        assert!(named.numbers("web", "TCP").is_some());
+        assert!(
+            named.numbers("once", "TCP").is_none(),
+            "a plain init container is gone"
         );
     }
 
