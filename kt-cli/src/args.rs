@@ -29,10 +29,80 @@ pub struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
+    /// Create a network tunnel to kubernetes cluster
+    Connect(ConnectArgs),
     /// Redirect local port to a service or any remote address
     Forward(ForwardArgs),
     /// Redirect all requests of specified kubernetes service to local
     Exchange(ExchangeArgs),
+}
+
+/// `ktctl connect` (v0.3.7's flags, in its order, then kt's).
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// Connect mode 'tun2socks' or 'sshuttle'
+    #[arg(long, default_value = "tun2socks")]
+    pub mode: String,
+    /// Specify how to resolve service domains, can be 'localDNS', 'podDNS', 'hosts' or
+    /// 'hosts:<namespaces>', for multiple namespaces use ',' separation
+    #[arg(long = "dnsMode", default_value = "localDNS")]
+    pub dns_mode: String,
+    /// Use shared shadow pod
+    #[arg(long = "shareShadow", value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub share_shadow: bool,
+    /// The cluster domain provided to kubernetes api-server
+    #[arg(long = "clusterDomain", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Disable access to pod IP address
+    #[arg(long = "disablePodIp", value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub disable_pod_ip: bool,
+    /// Do not auto cleanup residual resources in cluster
+    #[arg(long = "skipCleanup", value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub skip_cleanup: bool,
+    /// Specify extra IP ranges which should be route to cluster, e.g. '172.2.0.0/16', use ','
+    /// separated
+    #[arg(long = "includeIps", default_value = "")]
+    pub include_ips: String,
+    /// Do not route specified IPs to cluster, e.g. '192.168.64.2' or '192.168.64.0/24', use
+    /// ',' separated
+    #[arg(long = "excludeIps", default_value = "")]
+    pub exclude_ips: String,
+    /// Use specified ip for ingress access
+    #[arg(long = "ingressIp", default_value = "")]
+    pub ingress_ip: String,
+    /// (tun2socks mode only) Create socks5 proxy without tun device
+    #[arg(long = "disableTunDevice", value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub disable_tun_device: bool,
+    /// (tun2socks mode only) Do not auto setup tun device route
+    #[arg(long = "disableTunRoute", value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub disable_tun_route: bool,
+    /// (tun2socks mode only) Specify the local port which socks5 proxy should use
+    #[arg(long = "proxyPort", default_value_t = 2223)]
+    pub proxy_port: u16,
+    /// (tun2socks mode only) Specify the ip address to which socks5 proxy should bind
+    #[arg(long = "proxyAddr", default_value = "127.0.0.1")]
+    pub proxy_addr: String,
+    /// (localDNS mode only) DNS cache refresh interval in seconds
+    #[arg(long = "dnsCacheTtl", default_value_t = 60)]
+    pub dns_cache_ttl: u32,
+    // kt's own, after v0.3.7's.
+    /// Where connections leave in the cluster: 'agent' (kt's node agent dials them; no pod is
+    /// created), 'shadow' (a shadow pod, v0.3.7's way), or 'auto' (the agent when installed)
+    #[arg(long, value_enum, default_value = "auto")]
+    pub via: ConnectVia,
+}
+
+/// `connect --via`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConnectVia {
+    Auto,
+    Agent,
+    Shadow,
 }
 
 /// `ktctl forward <svc|address> [local[:remote]]`.

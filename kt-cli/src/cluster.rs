@@ -2,7 +2,9 @@
 //! (`-n`, else the context's, else `default`), and a kube client whose connections set
 //! TCP_NODELAY ([`kube_client`]).
 
+pub mod agents;
 pub mod lock;
+pub mod stale;
 
 use k8s_openapi::api::core::v1::Service;
 use kube::{
@@ -57,6 +59,9 @@ impl ClusterError {
 pub struct Cluster {
     pub client: kube::Client,
     pub namespace: String,
+    /// The API server's addresses (its URL's host, resolved): traffic to them must never be
+    /// routed into a tunnel that runs over them.
+    pub api_addresses: Vec<std::net::IpAddr>,
 }
 
 pub async fn connect(settings: &ClusterSettings) -> Result<Cluster, ClusterError> {
@@ -93,8 +98,31 @@ pub async fn connect(settings: &ClusterSettings) -> Result<Cluster, ClusterError
         .unwrap_or_else(|| config.default_namespace.clone());
     tracing::info!("Using cluster context {current} ({})", config.cluster_url);
     // NODELAY on the API connections: the tunnel's port-forward carries small SSH packets.
+    let api_addresses = api_addresses(&config).await;
     let client = kube_client(config).map_err(|e| ClusterError::Client(Box::new(e)))?;
-    Ok(Cluster { client, namespace })
+    Ok(Cluster {
+        client,
+        namespace,
+        api_addresses,
+    })
+}
+
+/// The addresses of the API server `config` names (none when its name does not resolve:
+/// the first request will say so).
+async fn api_addresses(config: &kube::Config) -> Vec<std::net::IpAddr> {
+    let url = &config.cluster_url;
+    let Some(host) = url.host() else {
+        return Vec::new();
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse() {
+        return vec![ip];
+    }
+    let port = url.port_u16().unwrap_or(443);
+    tokio::net::lookup_host((host, port))
+        .await
+        .map(|found| found.map(|a| a.ip()).collect())
+        .unwrap_or_default()
 }
 
 impl Cluster {

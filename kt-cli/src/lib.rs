@@ -29,6 +29,8 @@ pub enum CliError {
     #[error(transparent)]
     Settings(#[from] settings::SettingsError),
     #[error(transparent)]
+    Connect(#[from] commands::connect::ConnectError),
+    #[error(transparent)]
     Exchange(#[from] commands::exchange::ExchangeError),
     #[error(transparent)]
     Forward(#[from] commands::forward::ForwardError),
@@ -57,7 +59,8 @@ impl CliError {
     /// it did what it was asked; 1 for every other failure (v0.3.7 always exits 0).
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            Self::Exchange(commands::exchange::ExchangeError::Interrupted) => ExitCode::from(130),
+            Self::Exchange(commands::exchange::ExchangeError::Interrupted)
+            | Self::Connect(commands::connect::ConnectError::Interrupted) => ExitCode::from(130),
             _ => ExitCode::FAILURE,
         }
     }
@@ -90,6 +93,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         std::env::consts::ARCH
     );
     match command {
+        args::Command::Connect(args) => {
+            runtime.block_on(commands::connect::run(&settings, &args))?;
+        }
         args::Command::Forward(args) => {
             runtime.block_on(commands::forward::run(&settings, &args))?;
         }

@@ -14,7 +14,13 @@ use tracing_subscriber::{
 
 /// Installs the subscriber once; later calls are no-ops.
 pub fn init(debug: bool) {
-    let default = if debug { "debug" } else { "info" };
+    // hickory-server logs every DNS request at info: the local resolver's traffic is not
+    // ktctl's story. Library internals speak at debug only when asked for by KT_LOG.
+    let default = if debug {
+        "debug,hickory_server=info,hickory_proto=info,ipstack=info"
+    } else {
+        "info,hickory_server=warn"
+    };
     let filter = EnvFilter::try_from_env("KT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -26,6 +26,8 @@ pub struct Settings {
     pub shadow: ShadowSettings,
     pub ssh: SshSettings,
     pub identity: Identity,
+    /// `-d/--debug`: debug logs here and in the shadow (`KT_LOG_LEVEL`).
+    pub debug: bool,
 }
 
 /// Which cluster and namespace (`-c`, `--context`, `-n`).
@@ -157,6 +159,7 @@ impl Settings {
                 connect_timeout: Duration::from_secs(u64::from(global.port_forward_timeout)),
             },
             identity: Identity::current(),
+            debug: global.debug,
         })
     }
 }

@@ -2,8 +2,9 @@
 //! (`../shared/reference/ktctl-v0.3.7.md` §2.3): a ConfigMap named after the pod with the
 //! session's public key (`authorized`) and private key (`privateKey`), and the pod with one
 //! container `standalone` mounting the key at `/root/authorized`, labelled `control-by: kt`
-//! and `kt-role`, annotated with the heartbeat and the local user. Deleted when the run ends;
-//! while it lives, its heartbeat is renewed every two minutes.
+//! and `kt-role`, annotated with the heartbeat and the local user. Deleted when the run ends
+//! — a shared one (`connect --shareShadow`) when its last user leaves, counted by
+//! `kt-ref-count` — and while it lives, its heartbeat is renewed every two minutes.
 
 use std::{
     collections::BTreeMap,
@@ -18,7 +19,7 @@ use k8s_openapi::api::core::v1::{
 use kt_proto::compat;
 use kube::{
     Api,
-    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions},
     runtime::wait::await_condition,
 };
 
@@ -40,12 +41,29 @@ pub enum ShadowError {
         seconds: u64,
         reason: String,
     },
+    #[error("failed to {what}")]
+    Api {
+        what: String,
+        #[source]
+        source: Box<kube::Error>,
+    },
+    #[error("configmap {0} of the shared shadow holds no private key")]
+    NoKey(String),
     #[error("failed to watch shadow pod {name}")]
     Watch {
         name: String,
         #[source]
         source: Box<kube::runtime::wait::Error>,
     },
+}
+
+/// How a shadow goes when the run ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Teardown {
+    /// Deleted with its ConfigMap.
+    Delete,
+    /// Shared (`kt-ref-count`): this run's count taken off, deleted by the last one out.
+    RefCounted,
 }
 
 /// What goes into one shadow pod.
@@ -197,7 +215,7 @@ fn now_seconds() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-/// Creates the ConfigMap and the pod, registers their deletion, waits until the pod runs
+/// Creates the ConfigMap and the pod, registers their teardown, waits until the pod runs
 /// (up to `--podCreationTimeout`), and keeps its heartbeat until the run ends.
 pub async fn deploy(
     client: &kube::Client,
@@ -205,6 +223,7 @@ pub async fn deploy(
     spec: &ShadowSpec,
     public_key: &str,
     private_key: &str,
+    teardown: Teardown,
 ) -> Result<(), ShadowError> {
     let (ns, name) = (spec.namespace.clone(), spec.name.clone());
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
@@ -225,31 +244,167 @@ pub async fn deploy(
     .await
     .map_err(created("configmap"))?;
     tracing::info!("Successful create config map {name}");
-    {
-        let (cms, name) = (cms.clone(), name.clone());
-        lifecycle.defer(format!("configmap {name}"), async move {
-            cms.delete(&name, &DeleteParams::default()).await?;
-            tracing::info!("Cleaning configmap {name}");
-            Ok::<(), kube::Error>(())
-        });
+    match teardown {
+        Teardown::Delete => {
+            let (cms, name) = (cms.clone(), name.clone());
+            lifecycle.defer(format!("configmap {name}"), async move {
+                cms.delete(&name, &DeleteParams::default()).await?;
+                tracing::info!("Cleaning configmap {name}");
+                Ok::<(), kube::Error>(())
+            });
+        }
+        // The pod's release takes the ConfigMap with it; until the pod exists, this is it.
+        Teardown::RefCounted => {
+            let (cms, pods, name) = (cms.clone(), pods.clone(), name.clone());
+            lifecycle.defer(format!("configmap {name}"), async move {
+                if pods.get_opt(&name).await?.is_none() {
+                    cms.delete(&name, &DeleteParams::default()).await?;
+                    tracing::info!("Cleaning configmap {name}");
+                }
+                Ok::<(), kube::Error>(())
+            });
+        }
     }
     tracing::info!("Deploying shadow pod {name} in namespace {ns}");
     pods.create(&PostParams::default(), &spec.pod())
         .await
         .map_err(created("pod"))?;
-    {
-        let (pods, name) = (pods.clone(), name.clone());
-        lifecycle.defer(format!("shadow pod {name}"), async move {
-            pods.delete(&name, &DeleteParams::default()).await?;
-            tracing::info!("Cleaning shadow pod {name}");
-            Ok::<(), kube::Error>(())
-        });
+    match teardown {
+        Teardown::Delete => {
+            let (pods, name) = (pods.clone(), name.clone());
+            lifecycle.defer(format!("shadow pod {name}"), async move {
+                pods.delete(&name, &DeleteParams::default()).await?;
+                tracing::info!("Cleaning shadow pod {name}");
+                Ok::<(), kube::Error>(())
+            });
+        }
+        Teardown::RefCounted => defer_release(lifecycle, &pods, &cms, &name),
     }
     wait_running(&pods, &name, spec.settings.creation_timeout).await?;
     lifecycle
         .tasks
         .spawn(heartbeat(pods, cms, name, lifecycle.done.clone()));
     Ok(())
+}
+
+/// How many runs use a shared shadow (`kt-ref-count`; a shadow without one counts as one).
+fn ref_count(pod: &Pod) -> u32 {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(compat::REF_COUNT))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(1)
+}
+
+/// Sets `kt-ref-count` of `pod` to `count`, if the pod is still the version read (a merge
+/// patch carrying its resourceVersion: the API server refuses it with 409 otherwise).
+async fn set_ref_count(pods: &Api<Pod>, pod: &Pod, count: u32) -> Result<(), kube::Error> {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let patch = serde_json::json!({"metadata": {
+        "resourceVersion": pod.metadata.resource_version,
+        "annotations": {compat::REF_COUNT: count.to_string()},
+    }});
+    pods.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(drop)
+}
+
+/// Joins the shared shadow `name`: counts this run in, registers its release, waits until
+/// the pod runs, keeps its heartbeat, and returns the session's private key from its
+/// ConfigMap. `None` when the pod went away meanwhile (the caller creates it).
+pub async fn join_shared(
+    client: &kube::Client,
+    lifecycle: &Arc<Lifecycle>,
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<Option<String>, ShadowError> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let api = |what: &str| {
+        let what = format!("{what} {name}");
+        move |source| ShadowError::Api {
+            what,
+            source: Box::new(source),
+        }
+    };
+    loop {
+        let Some(pod) = pods.get_opt(name).await.map_err(api("get pod"))? else {
+            return Ok(None);
+        };
+        if pod.metadata.deletion_timestamp.is_some() {
+            // The last user is leaving: wait for it to go, then create a new one.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let count = ref_count(&pod);
+        match set_ref_count(&pods, &pod, count + 1).await {
+            Ok(()) => {
+                tracing::info!("Pod {name} has {count} refs, increase to {}", count + 1);
+                break;
+            }
+            Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => continue,
+            Err(source) => return Err(api("count a user of shadow pod")(source)),
+        }
+    }
+    defer_release(lifecycle, &pods, &cms, name);
+    wait_running(&pods, name, timeout).await?;
+    let key = cms
+        .get(name)
+        .await
+        .map_err(api("get configmap"))?
+        .data
+        .and_then(|mut d| d.remove(compat::PRIVATE_KEY))
+        .ok_or_else(|| ShadowError::NoKey(name.to_owned()))?;
+    lifecycle
+        .tasks
+        .spawn(heartbeat(pods, cms, name.to_owned(), lifecycle.done.clone()));
+    Ok(Some(key))
+}
+
+/// Registers the release of a shared shadow: this run's count taken off, or the pod and its
+/// ConfigMap deleted when this run is the last one.
+fn defer_release(lifecycle: &Lifecycle, pods: &Api<Pod>, cms: &Api<ConfigMap>, name: &str) {
+    let (pods, cms, name) = (pods.clone(), cms.clone(), name.to_owned());
+    lifecycle.defer(format!("shadow pod {name} (shared)"), async move {
+        loop {
+            let Some(pod) = pods.get_opt(&name).await? else {
+                return Ok(());
+            };
+            let count = ref_count(&pod);
+            if count <= 1 {
+                // Only the version read: a run that joined meanwhile keeps it alive.
+                let unchanged = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        resource_version: pod.metadata.resource_version.clone(),
+                        uid: None,
+                    }),
+                    ..DeleteParams::default()
+                };
+                match pods.delete(&name, &unchanged).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                    Err(e) => return Err(e),
+                }
+                tracing::info!("Cleaning shadow pod {name}");
+                match cms.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => tracing::info!("Cleaning configmap {name}"),
+                    Err(kube::Error::Api(status)) if status.code == 404 => {}
+                    Err(e) => return Err(e),
+                }
+                return Ok(());
+            }
+            match set_ref_count(&pods, &pod, count - 1).await {
+                Ok(()) => {
+                    tracing::info!("Pod {name} has {count} refs, decrease to {}", count - 1);
+                    return Ok::<(), kube::Error>(());
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    });
 }
 
 /// Why a pod is not running yet, as its status says (`ContainerCreating`, `ImagePullBackOff`,

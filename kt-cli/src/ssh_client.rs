@@ -151,11 +151,42 @@ pub enum SshError {
     },
 }
 
+impl SshError {
+    /// Why the server refused to open a channel, when it did (as opposed to the connection
+    /// failing).
+    pub fn open_failure(&self) -> Option<&russh::ChannelOpenFailure> {
+        match self {
+            Self::Channel { source, .. } => match &**source {
+                russh::Error::ChannelOpenFailure(reason) => Some(reason),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
 /// The way to the SSH port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
     Direct(SocketAddr),
     PortForward,
+}
+
+/// What a channel is opened to.
+#[derive(Clone, Copy)]
+enum Destination<'a> {
+    Tcp { host: &'a str, port: u16 },
+    /// A UDP relay path.
+    Udp(&'a str),
+}
+
+impl fmt::Display for Destination<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Self::Udp(path) => write!(f, "UDP relay {path}"),
+        }
+    }
 }
 
 /// A failed attempt to open a channel: refused by the server (final), or a broken
@@ -395,7 +426,8 @@ impl SshPool {
             .is_some_and(|h| !h.is_closed())
     }
 
-    fn route(&self) -> Route {
+    /// The route the connections take (port-forward until [`SshPool::start`] chose).
+    pub fn route(&self) -> Route {
         self.route.get().copied().unwrap_or(Route::PortForward)
     }
 
@@ -423,6 +455,24 @@ impl SshPool {
         host: &str,
         port: u16,
     ) -> Result<russh::Channel<client::Msg>, SshError> {
+        self.open_channel(Destination::Tcp { host, port }).await
+    }
+
+    /// A UDP relay to `destination` (kt's `direct-streamlocal` extension, see
+    /// `kt_proto::agent::udp_relay_path`), like [`SshPool::open`]. The v0.3.7 OpenSSH shadow
+    /// refuses it: [`SshError::Channel`] with a channel-open failure.
+    pub async fn open_udp(
+        &self,
+        destination: SocketAddr,
+    ) -> Result<russh::Channel<client::Msg>, SshError> {
+        let path = kt_proto::agent::udp_relay_path(destination);
+        self.open_channel(Destination::Udp(&path)).await
+    }
+
+    async fn open_channel(
+        &self,
+        destination: Destination<'_>,
+    ) -> Result<russh::Channel<client::Msg>, SshError> {
         let slot =
             &self.connections[self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len()];
         let attempt = || async {
@@ -435,10 +485,15 @@ impl SshPool {
                 *guard = Some(self.reconnect().await.map_err(OpenAttempt::Broken)?);
             }
             let handle = guard.as_ref().expect("set above");
-            match handle
-                .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
-                .await
-            {
+            let opened = match destination {
+                Destination::Tcp { host, port } => {
+                    handle
+                        .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
+                        .await
+                }
+                Destination::Udp(path) => handle.channel_open_direct_streamlocal(path).await,
+            };
+            match opened {
                 Ok(channel) => Ok(channel),
                 // The server could not reach the destination: no point in retrying.
                 Err(refused @ russh::Error::ChannelOpenFailure(_)) => {
@@ -449,7 +504,7 @@ impl SshPool {
                     *guard = None;
                     Err(OpenAttempt::Broken(SshError::Channel {
                         target: self.name(),
-                        destination: format!("{host}:{port}"),
+                        destination: destination.to_string(),
                         source: Box::new(source),
                     }))
                 }
@@ -473,7 +528,7 @@ impl SshPool {
                 OpenAttempt::Broken(e) => e,
                 OpenAttempt::Refused(source) => SshError::Channel {
                     target: self.name(),
-                    destination: format!("{host}:{port}"),
+                    destination: destination.to_string(),
                     source: Box::new(source),
                 },
             })

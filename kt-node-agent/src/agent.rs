@@ -17,9 +17,11 @@
 //! picks the agent that holds its session (see `kt-cli`'s agent mode).
 
 pub mod admin;
+pub mod egress;
 pub mod hold;
 mod map;
 mod metrics;
+pub mod network;
 pub mod redirects;
 
 use std::{
@@ -87,6 +89,8 @@ pub struct AgentConfig {
     /// The longest wait between recomputations when nothing changes; a lease running out
     /// wakes the agent at that moment.
     pub lease_check: Duration,
+    /// Ranges `connect` sessions may reach besides the cluster's pods and Services.
+    pub egress_allow: Vec<kt_proto::net::Cidr>,
 }
 
 /// Runs the agent until `shutdown` or until one of its tasks fails; the programs are
@@ -127,10 +131,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         &changed,
         Api::all(client.clone()),
     );
+    let nodes = watch(&tasks, "watch-nodes", &changed, Api::all(client.clone()));
+    let resolver = crate::dns_relay::ResolvConf::read(Path::new("/etc/resolv.conf"))
+        .map_err(|error| tracing::warn!(%error, "no resolver configuration: connect sessions get no cluster DNS"))
+        .ok();
 
     let map = Arc::new(Mutex::new(RedirectMap::new(redirector)));
     let tunnel_bytes = metrics::TunnelBytes::default();
-    let metrics = Arc::new(Metrics::new(map.clone(), &tunnel_bytes));
+    let connect_refused = prometheus_client::metrics::counter::Counter::default();
+    let metrics = Arc::new(Metrics::new(map.clone(), &tunnel_bytes, &connect_refused));
+    let network = Arc::new(std::sync::RwLock::new(network::Network::default()));
     let ready = Arc::new(AtomicBool::new(false));
     let http = bind(config.http_listen).await?;
     tasks.spawn(
@@ -144,6 +154,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         sessions: sessions.clone(),
         client: client.clone(),
         tunnel_bytes,
+        network: network.clone(),
+        connect_refused,
     };
     let context_client = client;
     tasks.spawn(
@@ -158,6 +170,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         sessions,
         services,
         slices,
+        nodes,
+        resolver,
+        egress_allow: config.egress_allow.clone(),
+        network,
         changed,
         map: map.clone(),
         ready: ready.clone(),
@@ -256,6 +272,12 @@ struct Reconciler {
     sessions: reflector::Store<KtSession>,
     services: reflector::Store<Service>,
     slices: reflector::Store<EndpointSlice>,
+    nodes: reflector::Store<k8s_openapi::api::core::v1::Node>,
+    /// The agent's resolver (the cluster DNS, for connect sessions).
+    resolver: Option<crate::dns_relay::ResolvConf>,
+    egress_allow: Vec<kt_proto::net::Cidr>,
+    /// What connect sessions may reach and are told; recomputed with the redirects.
+    network: Arc<std::sync::RwLock<network::Network>>,
     changed: Arc<Notify>,
     map: Arc<Mutex<RedirectMap>>,
     ready: Arc<AtomicBool>,
@@ -269,7 +291,8 @@ impl Reconciler {
             let _ = tokio::join!(
                 self.sessions.wait_until_ready(),
                 self.services.wait_until_ready(),
-                self.slices.wait_until_ready()
+                self.slices.wait_until_ready(),
+                self.nodes.wait_until_ready()
             );
         };
         tokio::select! {
@@ -298,6 +321,13 @@ impl Reconciler {
             services: &all_services.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
             slices: &all_slices.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
         };
+        let all_nodes = self.nodes.state();
+        *self.network.write().unwrap_or_else(|e| e.into_inner()) = network::network(
+            &all_nodes.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
+            state.services,
+            self.resolver.as_ref(),
+            &self.egress_allow,
+        );
         let now = chrono::Utc::now();
         let desired = redirects::desired(&state, now);
         let acks = self.acks_for(state.sessions, &desired.programmed_ports(), now);

@@ -48,6 +48,10 @@ enum Command {
         /// Address of `/healthz`, `/readyz` and `/metrics`.
         #[arg(long, env = env::AGENT_HTTP, default_value_t = SocketAddr::from(([0, 0, 0, 0], contract::HTTP_PORT)))]
         http_listen: SocketAddr,
+        /// Address ranges `connect` sessions may reach besides the cluster's pods and
+        /// Services (comma separated, `192.168.50.0/24`).
+        #[arg(long, env = env::EGRESS_ALLOW, value_delimiter = ',')]
+        egress_allow: Vec<kt_proto::net::Cidr>,
         /// Seconds between lease checks when nothing changes (a lease running out wakes the
         /// agent at that moment anyway).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
@@ -65,21 +69,46 @@ enum Command {
             default_value = "/root/authorized/authorized_keys"
         )]
         authorized_keys: Vec<PathBuf>,
-        /// Also relay cluster DNS on --dns-listen over this protocol (ktctl v0.3.7 sets
-        /// `KT_DNS_PROTOCOL` for `connect`: `tcp` in localDNS mode, else `udp`).
-        #[arg(long, env = env::DNS_PROTOCOL, value_enum)]
-        dns_protocol: Option<dns_relay::Protocol>,
-        /// Address of the DNS relay.
-        #[arg(long, env = env::DNS_LISTEN, default_value = "0.0.0.0:53")]
-        dns_listen: SocketAddr,
-        /// The workstation's own search domains (comma-separated), stripped from names
-        /// before they are expanded with the pod's search list.
-        #[arg(long, env = env::LOCAL_DOMAIN, value_delimiter = ',')]
-        local_domain: Vec<String>,
-        /// The pod's resolver configuration the relay follows.
-        #[arg(long, default_value = "/etc/resolv.conf")]
-        resolv_conf: PathBuf,
+        #[command(flatten)]
+        dns: DnsRelayArgs,
     },
+    /// Run only the shadow's DNS relay: what ktctl v0.3.7's shadow image runs beside sshd
+    /// (`/usr/sbin/shadow`) when `KT_DNS_PROTOCOL` is set, for images built on OpenSSH.
+    DnsRelay {
+        #[command(flatten)]
+        dns: DnsRelayArgs,
+    },
+}
+
+/// The DNS relay's settings (ktctl v0.3.7's shadow environment).
+#[derive(clap::Args)]
+struct DnsRelayArgs {
+    /// Relay cluster DNS on --dns-listen over this protocol (ktctl v0.3.7 sets
+    /// `KT_DNS_PROTOCOL` for `connect`: `tcp` in localDNS mode, else `udp`). The shadow role
+    /// runs no relay without it; `dns-relay` defaults to `udp`.
+    #[arg(long, env = env::DNS_PROTOCOL, value_enum)]
+    dns_protocol: Option<dns_relay::Protocol>,
+    /// Address of the DNS relay.
+    #[arg(long, env = env::DNS_LISTEN, default_value = "0.0.0.0:53")]
+    dns_listen: SocketAddr,
+    /// The workstation's own search domains (comma-separated), stripped from names before
+    /// they are expanded with the pod's search list.
+    #[arg(long, env = env::LOCAL_DOMAIN, value_delimiter = ',')]
+    local_domain: Vec<String>,
+    /// The pod's resolver configuration the relay follows.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
+}
+
+impl DnsRelayArgs {
+    fn config(self, default_protocol: Option<dns_relay::Protocol>) -> Option<dns_relay::DnsConfig> {
+        Some(dns_relay::DnsConfig {
+            protocol: self.dns_protocol.or(default_protocol)?,
+            listen: self.dns_listen,
+            resolv_conf: self.resolv_conf,
+            local_domains: self.local_domain,
+        })
+    }
 }
 
 /// `EX_USAGE` (sysexits.h): a configuration the role cannot run with.
@@ -112,6 +141,7 @@ fn main() -> ExitCode {
             ssh_listen,
             cgroup,
             http_listen,
+            egress_allow,
             lease_check_seconds,
         } => {
             // Without its node's name and address the agent cannot hold sessions: refuse to
@@ -143,6 +173,7 @@ fn main() -> ExitCode {
                         cgroup,
                         http_listen,
                         lease_check: std::time::Duration::from_secs(lease_check_seconds),
+                        egress_allow,
                     },
                     shutdown,
                 )
@@ -151,25 +182,21 @@ fn main() -> ExitCode {
         Command::Shadow {
             listen,
             authorized_keys,
-            dns_protocol,
-            dns_listen,
-            local_domain,
-            resolv_conf,
+            dns,
         } => serve("shadow", |shutdown| {
             shadow::run(
                 shadow::ShadowConfig {
                     listen,
                     authorized_keys,
-                    dns: dns_protocol.map(|protocol| dns_relay::DnsConfig {
-                        protocol,
-                        listen: dns_listen,
-                        resolv_conf,
-                        local_domains: local_domain,
-                    }),
+                    dns: dns.config(None),
                 },
                 shutdown,
             )
         }),
+        Command::DnsRelay { dns } => {
+            let config = dns.config(Some(dns_relay::Protocol::Udp)).expect("a default protocol");
+            serve("dns-relay", |shutdown| dns_relay::run(config, shutdown))
+        }
     }
 }
 
@@ -177,7 +204,7 @@ fn main() -> ExitCode {
 /// `KT_AGENT_LOG`; the shadow also follows v0.3.7's `KT_LOG_LEVEL` (`debug`/`info`).
 fn init_logging(command: &Command) {
     let fallback = match command {
-        Command::Shadow { .. } => std::env::var(env::LOG_LEVEL).unwrap_or_else(|_| "info".into()),
+        Command::Shadow { .. } | Command::DnsRelay { .. } => std::env::var(env::LOG_LEVEL).unwrap_or_else(|_| "info".into()),
         _ => "info".into(),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env(env::LOG)

@@ -3,7 +3,8 @@
 //! root logs in with a key from the authorized-keys file ktctl mounts from its ConfigMap
 //! (`/root/authorized/authorized_keys`); `direct-tcpip` dials the target from the pod (by
 //! IP or cluster DNS name); `tcpip-forward` listens on all addresses of the pod, as OpenSSH
-//! does with `GatewayPorts yes`, and sends each connection back as `forwarded-tcpip`.
+//! does with `GatewayPorts yes`, and sends each connection back as `forwarded-tcpip`;
+//! `direct-streamlocal` to a `kt-udp:` path relays UDP (kt's extension for `connect`).
 //! Plain OpenSSH clients work against it (`ssh -L`, `ssh -R`, `ssh -W`).
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc};
@@ -19,7 +20,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
 use crate::{
-    ssh_server::{forward_back, pump},
+    ssh_server::{forward_back, pump, relay_udp},
     tasks::Tasks,
 };
 
@@ -180,6 +181,32 @@ impl Handler for Connection {
                         tracing::debug!(%target, %error, "direct-tcpip target unreachable");
                         reply.reject(ChannelOpenFailure::ConnectFailed).await;
                     }
+                }
+            }
+            .in_current_span(),
+        );
+        Ok(())
+    }
+
+    /// UDP for `ktctl connect` (kt's own extension; v0.3.7's OpenSSH shadow refuses it, and
+    /// ktctl says so): datagrams framed on the channel, relayed to the path's destination.
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        channel: Channel<Msg>,
+        socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(destination) = kt_proto::agent::udp_relay_destination(socket_path) else {
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        };
+        reply.accept().await;
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(
+            async move {
+                if let Err(error) = relay_udp(channel, destination, cancel).await {
+                    tracing::debug!(%destination, %error, "UDP relay ended with an error");
                 }
             }
             .in_current_span(),

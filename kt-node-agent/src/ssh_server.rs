@@ -192,3 +192,25 @@ pub(crate) async fn pump(
         () = cancel.cancelled() => None,
     }
 }
+
+/// Relays UDP between a channel of framed datagrams ([`kt_tunnel::datagram`]) and
+/// `destination`, until the channel ends or `cancel`: kt's answer to SSH having no UDP
+/// channel, one relay per flow, opened as `direct-streamlocal` with
+/// `kt_proto::agent::udp_relay_path`.
+pub(crate) async fn relay_udp(
+    channel: Channel<Msg>,
+    destination: SocketAddr,
+    cancel: CancellationToken,
+) -> io::Result<()> {
+    let local = if destination.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let socket = tokio::net::UdpSocket::bind(local).await?;
+    socket.connect(destination).await?;
+    tokio::select! {
+        result = kt_tunnel::datagram::relay(channel, kt_tunnel::datagram::ConnectedUdp(socket)) => result,
+        () = cancel.cancelled() => Ok(()),
+    }
+}

@@ -129,6 +129,11 @@ impl Testbed {
             topology.control_plane.path().as_path(),
             SocketAddr::from((API_IP, API_PORT)),
         )?;
+        crate::upstream_dns::spawn(
+            topology.control_plane.path().as_path(),
+            &api.tasks,
+            shutdown.clone(),
+        )?;
         for listener in [host_listener, cluster_listener] {
             api.tasks.spawn(tls::serve(
                 listener,

@@ -19,3 +19,4 @@ pub mod node;
 pub mod runtime;
 pub mod sys;
 pub mod topology;
+pub mod upstream_dns;

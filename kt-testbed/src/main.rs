@@ -76,6 +76,10 @@ enum Verb {
     Image {
         /// The image's program.
         name: String,
+        /// (openssh-shadow) The program that relays DNS when `KT_DNS_PROTOCOL` is set, as
+        /// v0.3.7's image runs its own beside sshd: kt-node-agent's `dns-relay`.
+        #[arg(long)]
+        dns_relay: Option<PathBuf>,
     },
 }
 
@@ -100,10 +104,10 @@ type Result<T = (), E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Verb::RunInPod { spec } => return exec_failed(cluster::run_in_pod(&spec)),
-        Verb::Image { name } if name == "openssh-shadow" => {
-            return exec_failed(image_programs::openssh_shadow().unwrap_err());
+        Verb::Image { name, dns_relay } if name == "openssh-shadow" => {
+            return exec_failed(image_programs::openssh_shadow(dns_relay.as_deref()).unwrap_err());
         }
-        Verb::Image { name } => runtime(image(&name)),
+        Verb::Image { name, .. } => runtime(image(&name)),
         Verb::Serve { shape } => current_thread(serve(shape.state.dir, shape.nodes)),
         Verb::Up { shape } => up(&shape.state.dir, shape.nodes),
         Verb::Down { state } => down(&state.dir),
@@ -269,7 +273,12 @@ fn exec(dir: &Path, argv: Vec<String>) -> ExitCode {
     let ws = dir.join("workstation");
     let home = ws.join("home");
     for (name, content) in [
-        ("resolv.conf", "nameserver 127.0.0.53\n"),
+        // The workstation's resolver (kt_testbed::upstream_dns) and its company's search
+        // domain, as a laptop on an office network has them.
+        (
+            "resolv.conf",
+            "search corp.example\nnameserver 172.30.0.1\noptions edns0\n",
+        ),
         ("hosts", "127.0.0.1\tlocalhost\n"),
     ] {
         if !ws.join(name).exists() {

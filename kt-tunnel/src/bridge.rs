@@ -16,11 +16,8 @@ use std::{
 use bytes::{Buf, Bytes, BytesMut};
 use russh::{Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
 };
 
 /// Socket reads: two full SSH packets, so a busy socket fills packets.
@@ -52,8 +49,31 @@ pub async fn bridge<S>(channel: Channel<S>, socket: TcpStream) -> io::Result<Tra
 where
     S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
 {
+    let (socket_rx, socket_tx) = socket.into_split();
+    bridge_halves(channel, socket_rx, socket_tx).await
+}
+
+/// [`bridge`] for any byte stream (a userspace TCP stream from a TUN device, one end of an
+/// in-memory pipe); a TCP socket is better served by [`bridge`], which needs no lock between
+/// its halves.
+pub async fn bridge_io<S, T>(channel: Channel<S>, stream: T) -> io::Result<Transferred>
+where
+    S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
+    T: AsyncRead + AsyncWrite + Send,
+{
+    let (stream_rx, stream_tx) = tokio::io::split(stream);
+    bridge_halves(channel, stream_rx, stream_tx).await
+}
+
+async fn bridge_halves<S>(
+    channel: Channel<S>,
+    mut socket_rx: impl AsyncRead + Unpin,
+    mut socket_tx: impl AsyncWrite + Unpin,
+) -> io::Result<Transferred>
+where
+    S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
+{
     let (mut channel_rx, channel_tx) = channel.split();
-    let (mut socket_rx, mut socket_tx) = socket.into_split();
     let mut to_socket = 0;
     let mut to_channel = 0;
     let result = {
@@ -91,7 +111,7 @@ where
 async fn channel_to_socket<S>(
     channel: &mut ChannelReadHalf,
     window: &ChannelWriteHalf<S>,
-    socket: &mut OwnedWriteHalf,
+    socket: &mut (impl AsyncWrite + Unpin),
     moved: &mut u64,
 ) -> io::Result<InboundEnd>
 where
@@ -146,7 +166,10 @@ where
     let _ = window.consumed(bytes);
 }
 
-async fn write_some(socket: &mut OwnedWriteHalf, pending: &VecDeque<Bytes>) -> io::Result<usize> {
+async fn write_some(
+    socket: &mut (impl AsyncWrite + Unpin),
+    pending: &VecDeque<Bytes>,
+) -> io::Result<usize> {
     let slices: Vec<IoSlice<'_>> = pending
         .iter()
         .take(WRITE_SLICES)
@@ -159,7 +182,7 @@ async fn write_some(socket: &mut OwnedWriteHalf, pending: &VecDeque<Bytes>) -> i
 }
 
 async fn socket_to_channel<S>(
-    socket: &mut OwnedReadHalf,
+    socket: &mut (impl AsyncRead + Unpin),
     channel: &ChannelWriteHalf<S>,
     moved: &mut u64,
 ) -> io::Result<()>

@@ -3,6 +3,7 @@
 
 pub mod bridge;
 pub mod config;
+pub mod datagram;
 pub mod transport;
 
-pub use bridge::bridge;
+pub use bridge::{bridge, bridge_io};

@@ -21,6 +21,8 @@ apt_packages=(
     util-linux      # unshare, nsenter
     procps          # ps, pgrep in diagnostics
     curl            # demo clients
+    dnsutils        # dig: connect's DNS tests and benchmark
+    sshuttle        # connect --mode sshuttle, and the benchmark baseline
     ca-certificates
     pkg-config
     build-essential

@@ -4,7 +4,7 @@
 //! - unprivileged, run by default: `api_conformance` and `controllers` (the API server
 //!   alone, as any user);
 //! - privileged (`--features privileged`, root): `ebpf`;
-//! - end to end (`--features e2e`, root, a simulated cluster): `agent`, `exchange`,
+//! - end to end (`--features e2e`, root, a simulated cluster): `agent`, `connect`, `exchange`,
 //!   `shapes`, `testbed`, `tunnel`.
 //!
 //! Without the features the others are listed as ignored, with the reason; `tests/run test`
@@ -12,6 +12,7 @@
 
 mod agent;
 mod api_conformance;
+mod connect;
 mod controllers;
 mod ebpf;
 mod exchange;

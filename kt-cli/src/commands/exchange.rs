@@ -178,12 +178,12 @@ async fn prepare(
         tracing::warn!("{warning}");
     }
     let method = match args.mode {
-        ExchangeMode::Agent => Method::Agent(agent::ready_agent(&cluster).await?.ok_or(
+        ExchangeMode::Agent => Method::Agent(cluster::agents::first_ready(&cluster).await?.ok_or(
             ExchangeError::NoAgent {
                 namespace: kt_proto::agent::NAMESPACE,
             },
         )?),
-        ExchangeMode::Auto => match agent::ready_agent(&cluster).await? {
+        ExchangeMode::Auto => match cluster::agents::first_ready(&cluster).await? {
             Some(pod) => Method::Agent(pod),
             None => Method::Selector,
         },

@@ -8,7 +8,7 @@
 //! writes the session's `status`, and sends every connection a listener accepts back as a
 //! `forwarded-tcpip` channel naming the same Service port, which ktctl maps to its local port.
 
-use std::{fmt, str::FromStr};
+use std::{fmt, net::SocketAddr, str::FromStr};
 
 use crate::session::SessionSpec;
 
@@ -74,6 +74,21 @@ pub fn service_port_of(spec: &SessionSpec, bind_port: u32) -> Option<u16> {
         .find(|p| forward_port(*p) == bind_port)
 }
 
+/// The `direct-streamlocal@openssh.com` socket path that asks kt's shadow or agent to relay
+/// UDP to `destination` (SSH has no UDP channel; OpenSSH, which knows no such path, refuses
+/// it, so ktctl can tell the v0.3.7 shadow apart and say UDP is not available there). The
+/// channel carries datagrams framed as `kt_tunnel::datagram` says.
+pub fn udp_relay_path(destination: SocketAddr) -> String {
+    format!("{UDP_RELAY_PREFIX}{destination}")
+}
+
+/// The destination of a UDP relay path, if `path` is one.
+pub fn udp_relay_destination(path: &str) -> Option<SocketAddr> {
+    path.strip_prefix(UDP_RELAY_PREFIX)?.parse().ok()
+}
+
+const UDP_RELAY_PREFIX: &str = "kt-udp:";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +108,15 @@ mod tests {
         for bad in ["root", "/x", "dev/", "a/b/c", ""] {
             assert_eq!(bad.parse::<Login>(), Err(LoginError(bad.into())), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_udp_relay_path_names_its_destination() {
+        let to: SocketAddr = "10.96.0.10:53".parse().unwrap();
+        assert_eq!(udp_relay_path(to), "kt-udp:10.96.0.10:53");
+        assert_eq!(udp_relay_destination(&udp_relay_path(to)), Some(to));
+        assert_eq!(udp_relay_destination("/var/run/docker.sock"), None);
+        assert_eq!(udp_relay_destination("kt-udp:nonsense"), None);
     }
 
     #[test]

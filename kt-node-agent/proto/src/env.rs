@@ -13,6 +13,9 @@ pub const AGENT_SSH: &str = "KT_AGENT_SSH";
 pub const AGENT_HTTP: &str = "KT_AGENT_HTTP";
 /// Role `agent`: the pods' cgroup2 directory (detected when unset).
 pub const AGENT_CGROUP: &str = "KT_AGENT_CGROUP";
+/// Role `agent`: address ranges `connect` sessions may reach besides the cluster's pods and
+/// Services, comma separated.
+pub const EGRESS_ALLOW: &str = "KT_AGENT_EGRESS_ALLOW";
 /// Every role: a `tracing` filter directive (`info`, `kt_node_agent=debug`, …).
 pub const LOG: &str = "KT_AGENT_LOG";
 /// Every role: `text` (default) or `json` log lines.
@@ -33,12 +36,13 @@ pub const LOCAL_DOMAIN: &str = "KT_LOCAL_DOMAIN";
 pub const LOG_LEVEL: &str = "KT_LOG_LEVEL";
 
 /// Every name above.
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 14] = [
     NODE_NAME,
     NODE_IP,
     AGENT_SSH,
     AGENT_HTTP,
     AGENT_CGROUP,
+    EGRESS_ALLOW,
     LOG,
     LOG_FORMAT,
     SHADOW_LISTEN,

@@ -22,8 +22,9 @@ use serde::{Deserialize, Deserializer, Serialize, de::DeserializeOwned};
 /// How long a session's redirect outlives its last renewal unless the spec says otherwise.
 pub const DEFAULT_LEASE_SECONDS: u32 = 10;
 
-/// A session: the Service, which of its ports go to which workstation ports, who holds it
-/// and the key its SSH connection must show. The spec of a `KtSession` (`kt.dev/v1alpha1`).
+/// A session: what it redirects (a Service and which of its ports go to which workstation
+/// ports; nothing for `connect`), who holds it and the key its SSH connection must show. The
+/// spec of a `KtSession` (`kt.dev/v1alpha1`).
 #[derive(CustomResource, Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "kt.dev",
@@ -33,7 +34,7 @@ pub const DEFAULT_LEASE_SECONDS: u32 = 10;
     shortname = "kts",
     namespaced,
     status = "SessionStatus",
-    doc = "A developer's redirect of one Service in agent mode: written by ktctl, held and renewed by a node agent, programmed by every agent while its lease lives.",
+    doc = "A developer's session in agent mode — a Service redirected to the workstation, or the workstation connected to the cluster: written by ktctl, held and renewed by a node agent, programmed by every agent while its lease lives.",
     printcolumn = r#"{"name": "Service", "type": "string", "jsonPath": ".spec.service"}"#,
     printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".spec.mode"}"#,
     printcolumn = r#"{"name": "Owner", "type": "string", "jsonPath": ".spec.owner"}"#,
@@ -45,10 +46,11 @@ pub struct SessionSpec {
     /// Who holds the session (`user@host`), named in conflict errors.
     pub owner: String,
     pub mode: SessionMode,
-    /// The Service, in the object's namespace.
+    /// The Service, in the object's namespace (empty for `connect`).
+    #[serde(default)]
     pub service: String,
-    /// Which Service ports go to which workstation ports.
-    #[schemars(length(min = 1))]
+    /// Which Service ports go to which workstation ports (none for `connect`).
+    #[serde(default)]
     pub ports: Vec<PortMapping>,
     /// The session's SSH public key (an authorized_keys line): the holding agent lets in only
     /// this key for this session.
@@ -71,6 +73,8 @@ pub enum SessionMode {
     Exchange,
     /// Only requests whose header matches go to the workstation.
     Mesh,
+    /// The workstation reaches the cluster: the holding agent dials pods and Services for it.
+    Connect,
     /// A mode this build does not know (written by a newer ktctl): never programmed.
     #[serde(other)]
     #[schemars(skip)]
@@ -113,6 +117,13 @@ pub struct SessionStatus {
         skip_serializing_if = "Option::is_none"
     )]
     pub renew_time: Option<DateTime<Utc>>,
+    /// For a `connect` session, the cluster's network as the holding agent sees it.
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub network: Option<ClusterNetwork>,
     /// What each node's agent has programmed for the session (node name → what): written by
     /// every agent once its map holds the session's entries for a complete holder, so that
     /// ktctl announces the redirect only when it is in force everywhere. An entry that does
@@ -139,6 +150,26 @@ impl SessionStatus {
         let address = self.address.map(|a| a.to_string()).unwrap_or_default();
         format!("{address} {}", listeners.join(" "))
     }
+}
+
+/// The cluster's network for a connecting workstation: what to route into the tunnel and
+/// where the cluster DNS is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterNetwork {
+    /// The pods' address ranges (the nodes' `podCIDRs`), as `10.244.1.0/24`.
+    #[serde(default)]
+    pub pod_cidrs: Vec<String>,
+    /// The Services' address ranges (`ServiceCIDR`s, or the smallest ranges that hold every
+    /// ClusterIP), as `10.96.0.0/12`.
+    #[serde(default)]
+    pub service_cidrs: Vec<String>,
+    /// The cluster DNS server the agent uses (its resolver's first nameserver).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<IpAddr>,
+    /// The cluster's DNS domain (`cluster.local`).
+    #[serde(default)]
+    pub cluster_domain: String,
 }
 
 /// One node's redirect of a session.

@@ -1,5 +1,7 @@
 //! Holding sessions: the agent's SSH server on its node, under the protocol of
-//! [`kt_proto::agent`]. ktctl logs in as a [`Login`] with the session's key (the one its
+//! [`kt_proto::agent`]. A `connect` session is held from its login: the agent writes its
+//! status (with the cluster's network) and dials, for each `direct-tcpip` channel and UDP
+//! relay, the destination its egress rule allows. An exchange session is held as follows. ktctl logs in as a [`Login`] with the session's key (the one its
 //! `KtSession` names); each `tcpip-forward` names one of the session's Service ports. The
 //! agent listens on a free port of its node for it, sends the connections it accepts back as
 //! `forwarded-tcpip` for that Service port, and writes the session's `status` (this node,
@@ -9,30 +11,32 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
 use kt_proto::{
     agent::{Login, service_port_of},
-    session::{KtSession, Listener, SessionSpec, SessionStatus},
+    session::{ClusterNetwork, KtSession, Listener, SessionMode, SessionSpec, SessionStatus},
 };
 use kube::{
     Api,
     api::{Patch, PatchParams},
     runtime::reflector::{ObjectRef, Store},
 };
+use prometheus_client::metrics::counter::Counter;
 use russh::{
+    Channel, ChannelOpenFailure,
     keys::PublicKey,
-    server::{Auth, Handler, Session},
+    server::{Auth, ChannelOpenHandle, Handler, Msg, Session},
 };
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
-use super::metrics::TunnelBytes;
-use crate::ssh_server::{AcceptError, forward_back};
+use super::{metrics::TunnelBytes, network::Network};
+use crate::ssh_server::{AcceptError, forward_back, pump, relay_udp};
 
 /// How long one status write (renewal or release) may take: a renewal that hangs must not
 /// hold up the next one, and a release must not hold up shutdown.
@@ -46,6 +50,41 @@ pub struct HoldContext {
     pub sessions: Store<KtSession>,
     pub client: kube::Client,
     pub(crate) tunnel_bytes: TunnelBytes,
+    /// The cluster's network for `connect` sessions, kept current by the reconciler.
+    pub(crate) network: Arc<RwLock<Network>>,
+    /// `kt_agent_connect_refused_total`.
+    pub(crate) connect_refused: Counter,
+}
+
+impl HoldContext {
+    /// Where a `connect` session's `host:port` goes, if every address it names may be
+    /// dialled: an address, or a cluster name this node's resolver (the cluster DNS) knows.
+    async fn allowed(&self, host: &str, port: u16) -> Result<SocketAddr, Refusal> {
+        let addresses: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => tokio::net::lookup_host((host, port))
+                .await
+                .map_err(|_| Refusal::Unresolved(host.to_owned()))?
+                .collect(),
+        };
+        let network = self.network.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for address in &addresses {
+            network.egress.check(address.ip())?;
+        }
+        addresses
+            .first()
+            .copied()
+            .ok_or_else(|| Refusal::Unresolved(host.to_owned()))
+    }
+}
+
+/// Why a `connect` destination is not dialled.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("no address for {0}")]
+    Unresolved(String),
+    #[error(transparent)]
+    Egress(#[from] super::egress::Refused),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +141,46 @@ struct Held {
 }
 
 impl Holder {
+    /// Whether this connection holds a `connect` session.
+    fn connects(&self) -> bool {
+        self.held
+            .as_ref()
+            .is_some_and(|h| h.spec.mode == SessionMode::Connect)
+    }
+
+    /// Writes the held session's status and keeps renewing it while the connection lives;
+    /// `false` when the first write fails.
+    async fn hold(&self, held: &mut Held) -> bool {
+        let network = match held.spec.mode {
+            SessionMode::Connect => Some(
+                self.context
+                    .network
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .info
+                    .clone(),
+            ),
+            _ => None,
+        };
+        let status = Status {
+            context: self.context.clone(),
+            login: held.login.clone(),
+            listeners: held.listeners.clone(),
+            network,
+        };
+        if let Err(error) = status.write().await {
+            tracing::warn!(error = %kt_proto::error_chain(&error), "failed to write session status");
+            return false;
+        }
+        if !held.renewing {
+            held.renewing = true;
+            let every = Duration::from_secs(u64::from(held.spec.lease_seconds.max(3)) / 3);
+            self.tasks
+                .spawn(status.renew(every, self.cancel.clone()).in_current_span());
+        }
+        true
+    }
+
     /// The session `login` names, from the watch cache or — when the cache has not seen it
     /// yet (ktctl dials right after creating it) — from the API server.
     async fn session(&self, login: &Login) -> Option<Arc<KtSession>> {
@@ -144,13 +223,101 @@ impl Handler for Holder {
         span.record("namespace", login.namespace.as_str());
         span.record("session", login.session.as_str());
         tracing::info!("session connected");
-        self.held = Some(Held {
+        let connect = spec.mode == SessionMode::Connect;
+        let mut held = Held {
             login,
             spec,
             listeners: Arc::default(),
             renewing: false,
-        });
+        };
+        // A connect session is held from the moment it logs in: its status tells the
+        // workstation the cluster's network and keeps its lease.
+        if connect && !self.hold(&mut held).await {
+            return Ok(Auth::reject());
+        }
+        self.held = Some(held);
         Ok(Auth::Accept)
+    }
+
+    /// ktctl's connections into the cluster (`connect` sessions only): dialled from this
+    /// node if [`Egress`](super::egress::Egress) allows the destination.
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if !self.connects() {
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        }
+        let Ok(port) = u16::try_from(port) else {
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        };
+        let (context, cancel, host) = (self.context.clone(), self.cancel.clone(), host.to_owned());
+        self.tasks.spawn(
+            async move {
+                match context.allowed(&host, port).await {
+                    Ok(destination) => match TcpStream::connect(destination).await {
+                        Ok(tcp) => {
+                            let _ = tcp.set_nodelay(true);
+                            reply.accept().await;
+                            pump(channel, tcp, cancel).await;
+                        }
+                        Err(error) => {
+                            tracing::debug!(%destination, %error, "connect target unreachable");
+                            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                        }
+                    },
+                    Err(refusal) => {
+                        tracing::warn!(%host, port, %refusal, "connect destination refused");
+                        context.connect_refused.inc();
+                        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        Ok(())
+    }
+
+    /// UDP from the workstation (`connect` sessions only): relayed from this node to the
+    /// destination the path names, under the same rule as TCP.
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        channel: Channel<Msg>,
+        socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let destination = kt_proto::agent::udp_relay_destination(socket_path);
+        let (true, Some(destination)) = (self.connects(), destination) else {
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        };
+        let network = self.context.network.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Err(refusal) = network.egress.check(destination.ip()) {
+            tracing::warn!(%destination, %refusal, "connect destination refused");
+            self.context.connect_refused.inc();
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        }
+        reply.accept().await;
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(
+            async move {
+                if let Err(error) = relay_udp(channel, destination, cancel).await {
+                    tracing::debug!(%destination, %error, "UDP relay ended with an error");
+                }
+            }
+            .in_current_span(),
+        );
+        Ok(())
     }
 
     async fn tcpip_forward(
@@ -196,22 +363,10 @@ impl Handler for Holder {
             )
             .in_current_span(),
         );
-        let status = Status {
-            context: self.context.clone(),
-            login: held.login.clone(),
-            listeners: held.listeners.clone(),
-        };
-        if let Err(error) = status.write().await {
-            tracing::warn!(%error, "failed to write session status");
-            return Ok(false);
-        }
-        if !held.renewing {
-            held.renewing = true;
-            let every = Duration::from_secs(u64::from(held.spec.lease_seconds.max(3)) / 3);
-            self.tasks
-                .spawn(status.renew(every, self.cancel.clone()).in_current_span());
-        }
-        Ok(true)
+        let mut held = self.held.take().expect("held above");
+        let written = self.hold(&mut held).await;
+        self.held = Some(held);
+        Ok(written)
     }
 }
 
@@ -229,6 +384,8 @@ struct Status {
     context: Arc<HoldContext>,
     login: Login,
     listeners: Arc<Mutex<Vec<Listener>>>,
+    /// The cluster's network, for a `connect` session.
+    network: Option<ClusterNetwork>,
 }
 
 impl Status {
@@ -258,6 +415,7 @@ impl Status {
             address: Some(self.context.node_ip),
             listeners: self.listeners(),
             renew_time: Some(chrono::Utc::now()),
+            network: self.network.clone(),
             // Left to every node's agent: a merge patch keeps what they wrote.
             programmed: Default::default(),
         };

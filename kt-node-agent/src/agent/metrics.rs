@@ -6,7 +6,9 @@
 //! - `kt_agent_connects_redirected_total{namespace,session}` (counter): connects the
 //!   programs redirected on this node, per session;
 //! - `kt_agent_tunnel_bytes_total{direction}` (counter): bytes through this agent's tunnel
-//!   listeners (`to_workstation`, `from_workstation`), counted as each connection ends.
+//!   listeners (`to_workstation`, `from_workstation`), counted as each connection ends;
+//! - `kt_agent_connect_refused_total` (counter): `connect` sessions' connections and UDP
+//!   relays to destinations the egress rule refuses.
 //!
 //! The first four are read from the redirect map and the eBPF per-CPU maps at scrape time.
 
@@ -54,14 +56,24 @@ impl TunnelBytes {
 }
 
 impl Metrics {
-    /// The agent's metrics over `map` (read at scrape time) and `tunnel_bytes`.
-    pub(crate) fn new(map: Arc<Mutex<RedirectMap>>, tunnel_bytes: &TunnelBytes) -> Self {
+    /// The agent's metrics over `map` (read at scrape time), `tunnel_bytes` and
+    /// `connect_refused`.
+    pub(crate) fn new(
+        map: Arc<Mutex<RedirectMap>>,
+        tunnel_bytes: &TunnelBytes,
+        connect_refused: &Counter,
+    ) -> Self {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(MapCollector(map)));
         registry.register(
             "kt_agent_tunnel_bytes",
             "Bytes through this agent's tunnel listeners (counted when a connection ends)",
             tunnel_bytes.0.clone(),
+        );
+        registry.register(
+            "kt_agent_connect_refused",
+            "Connections and datagrams of connect sessions to destinations the egress rule refuses",
+            connect_refused.clone(),
         );
         Self { registry }
     }

@@ -47,7 +47,7 @@ impl ResolvConf {
         })
     }
 
-    pub(super) fn read(path: &Path) -> Result<Self, DnsRelayError> {
+    pub fn read(path: &Path) -> Result<Self, DnsRelayError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| DnsRelayError::ReadResolvConf {
                 path: path.to_owned(),

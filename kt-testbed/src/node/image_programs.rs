@@ -100,7 +100,9 @@ pub async fn sleep() -> std::io::Result<()> {
 /// ktctl mounts), `$privateKey` (base64) becomes root's identity, and sshd runs in the
 /// foreground on :22 with root login, public keys only and `GatewayPorts yes`. `/root` and
 /// `/run` are tmpfs in this pod's private mount namespace, so the host's stay untouched.
-pub fn openssh_shadow() -> std::io::Result<Infallible> {
+/// With `KT_DNS_PROTOCOL` set, `dns_relay dns-relay` answers on :53 beside sshd, as v0.3.7's
+/// image starts its DNS server.
+pub fn openssh_shadow(dns_relay: Option<&std::path::Path>) -> std::io::Result<Infallible> {
     use std::{ffi::CString, os::unix::process::CommandExt as _, process::Command};
     let authorized = std::fs::read("/root/authorized/authorized_keys").unwrap_or_default();
     for dir in ["/root", "/run"] {
@@ -135,6 +137,11 @@ pub fn openssh_shadow() -> std::io::Result<Infallible> {
             "/root/.ssh/id_rsa",
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
         )?;
+    }
+    if let (Some(relay), true) = (dns_relay, std::env::var_os("KT_DNS_PROTOCOL").is_some()) {
+        // Inherits the environment (KT_DNS_PROTOCOL, KT_LOCAL_DOMAIN) and outlives the exec
+        // below as sshd's child; the pod's cgroup ends both.
+        Command::new(relay).arg("dns-relay").spawn()?;
     }
     std::fs::create_dir_all("/run/sshd")?;
     std::fs::create_dir_all("/run/kt-ssh")?;

@@ -48,7 +48,13 @@ impl Catalog {
             "kt-testbed/dns" => testbed("dns"),
             "kt-testbed/sleep" | "busybox" | "library/busybox" | "pause" => testbed("sleep"),
             // The ktctl v0.3.7 shadow image: OpenSSH under the shadow contract.
-            r if r.ends_with("kt-connect-shadow") => testbed("openssh-shadow"),
+            r if r.ends_with("kt-connect-shadow") => {
+                let mut argv = testbed("openssh-shadow")?;
+                if let Some(agent) = &self.agent_bin {
+                    argv.extend(["--dns-relay".into(), agent.display().to_string()]);
+                }
+                Some(argv)
+            }
             // kt's own shadow: the agent binary in role `shadow`.
             r if r.ends_with("kt-shadow") => self
                 .agent_bin

@@ -72,6 +72,9 @@ enum Tool {
         count: usize,
         size: usize,
     },
+    /// Sends MESSAGE as one UDP datagram to ADDR (`ip:port` or `name:port`) and prints the
+    /// datagram that comes back; up to five attempts, one second each.
+    Udp { addr: String, message: String },
 }
 
 type Result<T = (), E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
                 bytes,
             } => bulk(&addr, streams, bytes).await,
             Tool::Rr { addr, count, size } => request_response(&addr, count, size).await,
+            Tool::Udp { addr, message } => udp(&addr, &message).await,
         }
     };
     let result = tokio::runtime::Builder::new_multi_thread()
@@ -122,6 +126,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn udp(addr: &str, message: &str) -> Result {
+    let peer = tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| format!("{addr} has no address"))?;
+    let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+    socket.connect(peer).await?;
+    let mut buf = vec![0u8; 65_536];
+    for _ in 0..5 {
+        socket.send(message.as_bytes()).await?;
+        if let Ok(received) = tokio::time::timeout(Duration::from_secs(1), socket.recv(&mut buf)).await {
+            println!("{}", String::from_utf8_lossy(&buf[..received?]));
+            return Ok(());
+        }
+    }
+    Err(format!("no answer from {peer}").into())
 }
 
 async fn dig(name: &str, kind: &str, server: Option<String>, tcp: bool) -> Result {

@@ -9,20 +9,20 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Pod};
+use k8s_openapi::api::apps::v1::DaemonSet;
 use kt_proto::{
-    agent::{LABEL_SELECTOR, Login, NAMESPACE},
+    agent::{Login, NAMESPACE},
     compat,
     session::{DEFAULT_LEASE_SECONDS, KtSession, PortMapping, SessionMode, SessionSpec},
 };
 use kube::{
     Api,
-    api::{DeleteParams, ListParams, PostParams},
+    api::{DeleteParams, PostParams},
 };
 
 use super::{Context, ExchangeError, local, plan::PortPlan};
 use crate::{
-    cluster::{Cluster, ClusterError},
+    cluster::{self, ClusterError},
     ssh_client::{ForwardsEnded, RemoteForward, SessionKey, SshPool, Target},
 };
 
@@ -32,43 +32,6 @@ const RECONNECTS_BEFORE_MOVING: usize = 3;
 const WAIT_FOR_ANOTHER_AGENT: Duration = Duration::from_secs(10);
 /// How long the agents get to program the session before ktctl says what is missing.
 const PROGRAMMED_WITHIN: Duration = Duration::from_secs(10);
-
-/// The ready agent pods from `deploy/` with their nodes, sorted by pod name; none when the
-/// agent is not installed or not visible to this user.
-async fn ready_agents(cluster: &Cluster) -> Result<Vec<(String, String)>, ExchangeError> {
-    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), NAMESPACE);
-    let list = match pods
-        .list(&ListParams::default().labels(LABEL_SELECTOR))
-        .await
-    {
-        Ok(list) => list,
-        Err(kube::Error::Api(status)) if matches!(status.code, 403 | 404) => return Ok(Vec::new()),
-        Err(e) => return Err(ClusterError::api("look for the kt agent")(e).into()),
-    };
-    let mut ready: Vec<(String, String)> = list
-        .items
-        .into_iter()
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .filter_map(|p| Some((p.metadata.name?, p.spec?.node_name?)))
-        .collect();
-    ready.sort();
-    Ok(ready)
-}
-
-/// A ready agent pod, if the agent is installed and visible to this user (the first by
-/// name).
-pub(super) async fn ready_agent(cluster: &Cluster) -> Result<Option<String>, ExchangeError> {
-    Ok(ready_agents(cluster)
-        .await?
-        .into_iter()
-        .next()
-        .map(|(pod, _)| pod))
-}
 
 pub(super) async fn exchange(
     ctx: &Context<'_>,
@@ -222,7 +185,7 @@ async fn wait_programmed(
         if !pool.is_connected().await {
             return Ok(Wait::HolderLost);
         }
-        let nodes: Vec<String> = ready_agents(ctx.cluster)
+        let nodes: Vec<String> = cluster::agents::ready(ctx.cluster)
             .await?
             .into_iter()
             .map(|(_, node)| node)
@@ -291,7 +254,7 @@ async fn next_agent(ctx: &Context<'_>, gone: &str) -> Result<Option<String>, Exc
             () = ctx.lifecycle.stop.cancelled() => return Ok(None),
             _ = poll.tick() => {}
         }
-        match ready_agent(ctx.cluster).await? {
+        match cluster::agents::first_ready(ctx.cluster).await? {
             Some(next) if next != gone || started.elapsed() >= WAIT_FOR_ANOTHER_AGENT => {
                 return Ok(Some(next));
             }

@@ -1,0 +1,418 @@
+//! `sudo ktctl connect`: the workstation joins the cluster's network. Programs on it reach
+//! pod IPs, ClusterIPs and `svc`, `svc.ns` and full names as if they ran in a pod of the
+//! current namespace.
+//!
+//! - Where connections leave in the cluster ([`way`]): kt's agent dials them from its node
+//!   (a `KtSession` of mode `connect`), or a shadow pod does, as ktctl v0.3.7's does.
+//! - How they get there: the TUN device `kt0` and a userspace TCP/IP stack ([`tun`]), each
+//!   TCP connection an SSH channel and each UDP flow a datagram channel; or a SOCKS5 proxy
+//!   (`--disableTunDevice`, [`socks`]); or the system's sshuttle (`--mode sshuttle`).
+//! - Names ([`dns`], [`names`]): a local resolver that asks the cluster DNS through the
+//!   tunnel for cluster names and the machine's own resolver for the rest, installed in
+//!   `/etc/resolv.conf`; or the hosts file (`--dnsMode hosts`).
+//! - Leaving ([`system`]): Ctrl-C and SIGTERM undo every change; after `kill -9` the kernel
+//!   removes the TUN device and its routes, the agent's lease ends the session, and the next
+//!   connect restores the files from the backup the killed one left.
+//!
+//! [`plan`] is the pure part: the flags (v0.3.7's rules and texts), routes, cluster names,
+//! the file edits.
+
+pub mod dns;
+mod names;
+pub mod plan;
+pub mod socks;
+pub mod sshuttle;
+pub mod system;
+pub mod tun;
+mod way;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use kt_proto::net::Cidr;
+
+use self::{
+    plan::{ConnectPlan, DnsMode, Mode, PlanError},
+    system::{Edit, Kind, SystemError},
+    way::{Ranges, Way},
+};
+use crate::{
+    args::{ConnectArgs, ConnectVia},
+    cluster::{self, Cluster, ClusterError},
+    lifecycle::{Lifecycle, LifecycleError},
+    settings::Settings,
+};
+
+/// How long ktctl tries to resolve and reach the cluster's `kubernetes` Service through the
+/// new path before it gives up saying so.
+const VERIFY_WITHIN: Duration = Duration::from_secs(15);
+/// How often the agent-mode session is read for new ranges (Services in new ranges, nodes).
+const RANGES_EVERY: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    System(#[from] SystemError),
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Shadow(#[from] super::ShadowTunnelError),
+    #[error(transparent)]
+    Ssh(#[from] crate::ssh_client::SshError),
+    #[error(transparent)]
+    Tun(#[from] tun::TunError),
+    #[error(transparent)]
+    Socks(#[from] socks::SocksError),
+    #[error(transparent)]
+    Dns(#[from] dns::DnsError),
+    #[error(transparent)]
+    Sshuttle(#[from] sshuttle::SshuttleError),
+    #[error("no kt agent is ready in namespace '{namespace}' (install it from deploy/, or use --via shadow)")]
+    NoAgent { namespace: &'static str },
+    #[error("session {0} was deleted while connecting")]
+    SessionGone(String),
+    #[error("agent {agent} did not tell the cluster's network within 10 s (is it older than this ktctl?)")]
+    NoNetwork { agent: String },
+    #[error("agent {agent} knows no cluster DNS (its resolv.conf names no nameserver)")]
+    NoClusterDns { agent: String },
+    #[error("the shared shadow pod {0} kept changing while joining it; try again")]
+    SharedShadowBusy(String),
+    #[error("the tunnel does not reach the cluster: {0}")]
+    Unverified(String),
+    #[error("stopped before the connection was established; nothing was changed")]
+    Interrupted,
+}
+
+/// What every step of a connect needs.
+pub(super) struct Context<'a> {
+    pub settings: &'a Settings,
+    pub args: &'a ConnectArgs,
+    pub plan: &'a ConnectPlan,
+    pub cluster: &'a Cluster,
+    pub lifecycle: &'a Arc<Lifecycle>,
+    /// The workstation's own search domains (resolv.conf `search`/`domain`).
+    pub local_domains: Vec<String>,
+}
+
+pub async fn run(settings: &Settings, args: &ConnectArgs) -> Result<(), ConnectError> {
+    let plan = ConnectPlan::from_args(args)?;
+    system::check_root()?;
+    system::check_single_connect(&crate::lifecycle::kt_home())?;
+    if plan.mode == Mode::Sshuttle {
+        if args.via == ConnectVia::Agent {
+            return Err(sshuttle::SshuttleError::NeedsShadow.into());
+        }
+        sshuttle::check_installed().await?;
+    }
+    let lifecycle = Lifecycle::start("connect")?;
+    let result = match system::repair(&lifecycle.home) {
+        Ok(repaired) => {
+            for path in repaired {
+                tracing::info!("Restored {} (a connect that did not finish had changed it)", path.display());
+            }
+            connect(settings, args, &plan, &lifecycle).await
+        }
+        Err(error) => Err(error.into()),
+    };
+    lifecycle.finish().await;
+    result
+}
+
+async fn connect(
+    settings: &Settings,
+    args: &ConnectArgs,
+    plan: &ConnectPlan,
+    lifecycle: &Arc<Lifecycle>,
+) -> Result<(), ConnectError> {
+    tokio::select! {
+        () = lifecycle.stop.cancelled() => return Err(ConnectError::Interrupted),
+        set_up = set_up(settings, args, plan, lifecycle) => set_up?,
+    }
+    super::banner(" All looks good, now you can access to resources in the kubernetes cluster");
+    lifecycle.stop.cancelled().await;
+    Ok(())
+}
+
+/// The machine's resolver before connect: its first nameserver (the real one when it is
+/// systemd-resolved's stub, as v0.3.7 looks it up) and its search domains.
+struct LocalResolver {
+    nameserver: Option<SocketAddr>,
+    search: Vec<String>,
+}
+
+impl LocalResolver {
+    fn read() -> Self {
+        let parse = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+        let conf = parse(system::RESOLV_CONF);
+        let (mut nameserver, mut search) = (None, Vec::new());
+        for line in conf.lines() {
+            let mut words = line.split_whitespace();
+            match words.next() {
+                Some("nameserver") if nameserver.is_none() => {
+                    nameserver = words.next().and_then(|ip| ip.parse::<IpAddr>().ok());
+                }
+                Some("search" | "domain") => search = words.map(|d| d.trim_end_matches('.').to_owned()).collect(),
+                _ => {}
+            }
+        }
+        if nameserver == Some(IpAddr::from([127, 0, 0, 53])) {
+            let real = parse("/run/systemd/resolve/resolv.conf");
+            nameserver = real
+                .lines()
+                .filter_map(|l| l.strip_prefix("nameserver"))
+                .find_map(|ip| ip.trim().parse().ok())
+                .or(nameserver);
+        }
+        Self {
+            nameserver: nameserver.map(|ip| SocketAddr::new(ip, 53)),
+            search,
+        }
+    }
+}
+
+/// Everything up to the banner: the cluster side, the data path, names, and a check that a
+/// cluster name resolves and its Service answers through the new path.
+async fn set_up(
+    settings: &Settings,
+    args: &ConnectArgs,
+    plan: &ConnectPlan,
+    lifecycle: &Arc<Lifecycle>,
+) -> Result<(), ConnectError> {
+    let local = LocalResolver::read();
+    let cluster = cluster::connect(&settings.cluster).await?;
+    if !args.skip_cleanup {
+        lifecycle.tasks.spawn(cluster::stale::delete_expired(
+            cluster.client.clone(),
+            cluster.namespace.clone(),
+        ));
+    }
+    let ctx = Context {
+        settings,
+        args,
+        plan,
+        cluster: &cluster,
+        lifecycle,
+        local_domains: local.search.clone(),
+    };
+    tracing::info!(
+        "Using {} mode",
+        match plan.mode {
+            Mode::Tun2socks => "tun2socks",
+            Mode::Sshuttle => "sshuttle",
+        }
+    );
+    let agent = match args.via {
+        ConnectVia::Shadow => None,
+        _ if plan.mode == Mode::Sshuttle => None,
+        ConnectVia::Agent => Some(cluster::agents::first_ready(&cluster).await?.ok_or(ConnectError::NoAgent {
+            namespace: kt_proto::agent::NAMESPACE,
+        })?),
+        ConnectVia::Auto => cluster::agents::first_ready(&cluster).await?,
+    };
+    let way = match &agent {
+        Some(agent) => {
+            tracing::info!("Connecting through kt agent {agent}");
+            way::via_agent(&ctx, agent).await?
+        }
+        None => way::via_shadow(&ctx).await?,
+    };
+    let Some(way) = way else {
+        return Err(ConnectError::Interrupted);
+    };
+    let keep_out: Vec<IpAddr> = cluster.api_addresses.iter().copied().chain(way.peers()).collect();
+    let routes = routes_of(&ctx, &way.ranges, &keep_out);
+    let resolver = Arc::new(dns::Resolver::new(dns::ResolverConfig {
+        namespace: cluster.namespace.clone(),
+        cluster_domain: args.cluster_domain.clone(),
+        local_domains: local.search.clone(),
+        order: match &plan.dns {
+            DnsMode::Local { order } => order.clone(),
+            _ => vec![plan::DnsSource::Cluster],
+        },
+        cluster: way.dns.clone(),
+        upstream: local.nameserver,
+        cache_ttl: Duration::from_secs(u64::from(args.dns_cache_ttl)),
+        ingress: plan.ingress_ip.map(|ip| {
+            (
+                ip,
+                names::ingress_hosts(&cluster.client, &cluster.namespace, &lifecycle.tasks, lifecycle.done.clone()),
+            )
+        }),
+    }));
+    let (tasks, done) = (&lifecycle.tasks, lifecycle.done.clone());
+    match plan.mode {
+        Mode::Tun2socks if args.disable_tun_device => {
+            socks::start(plan.proxy, way.pool.clone(), resolver.clone(), tasks, done.clone()).await?;
+            tracing::info!(
+                ">> Please setup proxy config by: export http_proxy=socks5://{}:{} <<",
+                plan.proxy.ip(),
+                plan.proxy.port()
+            );
+        }
+        Mode::Tun2socks => {
+            let routed: &[Cidr] = if args.disable_tun_route { &[] } else { &routes };
+            tun::start(way.pool.clone(), routed, tasks, done.clone()).await?;
+            if let Some(session) = &way.session
+                && !args.disable_tun_route
+            {
+                keep_routes_current(&ctx, session.clone(), routes.clone(), keep_out.clone());
+            }
+        }
+        Mode::Sshuttle => {
+            let shadow = way.shadow.as_ref().ok_or(sshuttle::SshuttleError::NeedsShadow)?;
+            sshuttle::start(
+                kube::Api::namespaced(cluster.client.clone(), &cluster.namespace),
+                shadow.name.clone(),
+                sshuttle::Sshuttle {
+                    routes: &routes,
+                    exclude: &plan.exclude,
+                    key_file: &shadow.key_file,
+                    pod_dns: (plan.dns == DnsMode::Pod).then_some(shadow.ip).flatten(),
+                    debug: settings.debug,
+                },
+                tasks,
+                done.clone(),
+            )
+            .await?;
+        }
+    }
+    match &plan.dns {
+        DnsMode::Local { .. } => {
+            tracing::info!("Setting up dns in local mode");
+            let server = dns::serve(resolver.clone(), dns::LISTEN, done.clone()).await?;
+            tasks.spawn(server);
+            tracing::info!("Setup local DNS with upstream [{}]", local.nameserver.map(|s| s.to_string()).unwrap_or_default());
+            let edit = Edit::apply(&lifecycle.home, Kind::ResolvConf, |original| {
+                plan::resolv_conf_with(original, dns::LISTEN.ip())
+            })?;
+            lifecycle.defer(format!("the changes to {}", system::RESOLV_CONF), async move {
+                edit.restore()?;
+                tracing::info!("Restored {}", system::RESOLV_CONF);
+                Ok::<(), SystemError>(())
+            });
+        }
+        DnsMode::Hosts { namespaces } => {
+            tracing::info!("Setting up dns in hosts mode");
+            let namespaces = if namespaces.is_empty() {
+                vec![cluster.namespace.clone()]
+            } else {
+                namespaces.clone()
+            };
+            let edit = Arc::new(Edit::apply(&lifecycle.home, Kind::Hosts, ToOwned::to_owned)?);
+            {
+                let edit = edit.clone();
+                lifecycle.defer(format!("the kt block in {}", system::hosts_path().display()), async move {
+                    edit.restore()?;
+                    tracing::info!("Drop hosts successful");
+                    Ok::<(), SystemError>(())
+                });
+            }
+            names::keep_hosts(
+                &cluster.client,
+                &namespaces,
+                &cluster.namespace,
+                &args.cluster_domain,
+                edit,
+                tasks,
+                done.clone(),
+            )
+            .await;
+        }
+        DnsMode::Pod => tracing::info!("Setting up dns in pod mode"),
+    }
+    verify(&ctx, &way, &resolver).await
+}
+
+/// The routes: the cluster's ranges (pods left out with `--disablePodIp`) with
+/// `--includeIps`, without `--excludeIps` and the tunnel's own peers.
+fn routes_of(ctx: &Context<'_>, ranges: &Ranges, keep_out: &[IpAddr]) -> Vec<Cidr> {
+    let mut cluster: Vec<Cidr> = ranges.services.clone();
+    if !ctx.args.disable_pod_ip {
+        cluster.extend(ranges.pods.iter().copied());
+    }
+    let routes = plan::routes(&cluster, &ctx.plan.include, &ctx.plan.exclude, keep_out);
+    tracing::debug!(?routes, "routes into the tunnel");
+    routes
+}
+
+/// Adds routes for ranges the agent reports later (a Service created in a new range, a node
+/// joining), until the run ends.
+fn keep_routes_current(ctx: &Context<'_>, session: String, mut routed: Vec<Cidr>, keep_out: Vec<IpAddr>) {
+    let lifecycle = ctx.lifecycle.clone();
+    let (client, namespace) = (ctx.cluster.client.clone(), ctx.cluster.namespace.clone());
+    let (disable_pod_ip, include, exclude) = (ctx.args.disable_pod_ip, ctx.plan.include.clone(), ctx.plan.exclude.clone());
+    let done = lifecycle.done.clone();
+    lifecycle.tasks.spawn(async move {
+        let mut every = tokio::time::interval(RANGES_EVERY);
+        every.tick().await;
+        loop {
+            tokio::select! {
+                () = done.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let Some(ranges) = way::session_ranges(&client, &namespace, &session).await else {
+                continue;
+            };
+            let mut cluster = ranges.services.clone();
+            if !disable_pod_ip {
+                cluster.extend(ranges.pods);
+            }
+            let wanted = plan::routes(&cluster, &include, &exclude, &keep_out);
+            let new: Vec<Cidr> = wanted
+                .into_iter()
+                .filter(|r| !routed.iter().any(|have| have.prefix() <= r.prefix() && have.contains(r.network())))
+                .collect();
+            if !new.is_empty() && tun::add_routes(&new).await.is_ok() {
+                routed.extend(new);
+            }
+        }
+    });
+}
+
+/// Proves the path before the banner claims it: the cluster's `kubernetes` Service resolves
+/// through the cluster DNS (and through the local resolver, in localDNS mode) and its port
+/// answers through the tunnel.
+async fn verify(ctx: &Context<'_>, way: &Way, resolver: &dns::Resolver) -> Result<(), ConnectError> {
+    let name = format!("kubernetes.default.svc.{}", ctx.args.cluster_domain);
+    let once = || async {
+        let ip = match &ctx.plan.dns {
+            DnsMode::Local { .. } => dns::lookup_a(dns::LISTEN, &name)
+                .await
+                .map_err(|e| format!("the local resolver did not answer for {name}: {e}"))?
+                .first()
+                .copied()
+                .ok_or_else(|| format!("{name} has no address"))?,
+            _ => resolver
+                .cluster_address(&name)
+                .await
+                .ok_or_else(|| format!("the cluster DNS did not answer for {name}"))?,
+        };
+        let channel = way
+            .pool
+            .open(&ip.to_string(), 443)
+            .await
+            .map_err(|e| format!("{ip}:443 did not answer: {}", kt_proto::error_chain(&e)))?;
+        let _ = channel.close().await;
+        Ok::<(), String>(())
+    };
+    let deadline = tokio::time::Instant::now() + VERIFY_WITHIN;
+    loop {
+        match once().await {
+            Ok(()) => return Ok(()),
+            Err(reason) if tokio::time::Instant::now() >= deadline => {
+                return Err(ConnectError::Unverified(reason));
+            }
+            Err(reason) => {
+                tracing::debug!(%reason, "the path does not answer yet");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+}
