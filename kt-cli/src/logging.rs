@@ -17,7 +17,7 @@ pub fn init(debug: bool) {
     // hickory-server logs every DNS request at info: the local resolver's traffic is not
     // ktctl's story. Library internals speak at debug only when asked for by KT_LOG.
     let default = if debug {
-        "debug,hickory_server=info,hickory_proto=info,ipstack=info"
+        "debug,hickory_server=info,hickory_proto=info"
     } else {
         "info,hickory_server=warn"
     };

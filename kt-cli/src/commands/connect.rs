@@ -112,7 +112,16 @@ pub async fn run(settings: &Settings, args: &ConnectArgs) -> Result<(), ConnectE
         sshuttle::check_installed().await?;
     }
     let lifecycle = Lifecycle::start("connect")?;
-    let result = match system::repair(&lifecycle.home) {
+    // What a killed connect left is repaired only when no other connect runs: a live
+    // one's changes (another user's, with another $HOME) are not leftovers.
+    let repair = match system::other_connect_running() {
+        Some(pid) => {
+            tracing::debug!(pid, "another connect runs; nothing is repaired");
+            Ok(Vec::new())
+        }
+        None => system::repair(&lifecycle.home),
+    };
+    let result = match repair {
         Ok(repaired) => {
             for path in repaired {
                 tracing::info!("Restored {} (a connect that did not finish had changed it)", path.display());

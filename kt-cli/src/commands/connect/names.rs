@@ -149,8 +149,10 @@ pub(super) async fn keep_hosts(
                 () = stop.cancelled() => return,
                 () = changed.notified() => {}
             }
-            tokio::time::sleep(SETTLE).await;
-            write(&stores);
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(SETTLE) => write(&stores),
+            }
         }
     });
 }

@@ -85,6 +85,22 @@ pub(super) fn check_single_connect(home: &Path) -> Result<(), SystemError> {
     Ok(())
 }
 
+/// Another running `ktctl connect` on this machine, whatever its `$HOME` (another user's
+/// connect shares `/etc/resolv.conf` and `/etc/hosts`): a process running this same program
+/// with a `connect` argument. Its pid, if there is one.
+pub(super) fn other_connect_running() -> Option<u32> {
+    let own = std::env::current_exe().ok()?;
+    let me = std::process::id();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        if pid == me || std::fs::read_link(entry.path().join("exe")).ok()? != own {
+            return None;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        cmdline.split(|b| *b == 0).any(|arg| arg == b"connect").then_some(pid)
+    })
+}
+
 fn process_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
@@ -142,7 +158,8 @@ pub(super) struct Edit {
     path: PathBuf,
     backup: PathBuf,
     original: String,
-    written: Mutex<String>,
+    /// What ktctl last wrote; `None` once restored (a late update must not undo that).
+    written: Mutex<Option<String>>,
 }
 
 impl Edit {
@@ -163,14 +180,17 @@ impl Edit {
             path,
             backup,
             original,
-            written: Mutex::new(written),
+            written: Mutex::new(Some(written)),
         })
     }
 
     /// Rewrites the file as `change(original)` (the hosts block as Services change), keeping
     /// lines others added meanwhile.
     pub(super) fn update(&self, change: impl FnOnce(&str) -> String) -> Result<(), SystemError> {
-        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(written) = guard.as_ref() else {
+            return Ok(());
+        };
         let current = read(&self.path)?;
         let base = if current == *written {
             self.original.clone()
@@ -181,21 +201,22 @@ impl Edit {
         if next != current {
             write(&self.path, &next)?;
         }
-        *written = next;
+        *guard = Some(next);
         Ok(())
     }
 
     /// Undoes ktctl's change: the original bytes when the file holds what ktctl wrote, else
     /// the file with only ktctl's lines taken out (someone else changed it meanwhile).
     pub(super) fn restore(&self) -> Result<(), SystemError> {
-        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
         let current = read(&self.path)?;
-        let restored = if current == *written {
+        let restored = if Some(&current) == written.as_ref() {
             self.original.clone()
         } else {
             self.kind.without_changes(&current)
         };
         write(&self.path, &restored)?;
+        *written = None;
         let _ = std::fs::remove_file(&self.backup);
         Ok(())
     }
