@@ -77,7 +77,16 @@ fn workstation_state(tb: &Testbed) -> String {
     let (_, hosts) = run(tb, &["cat", "/etc/hosts"]);
     let (_, routes) = run(tb, &["ip", "route", "show", "table", "all"]);
     let (_, links) = run(tb, &["ip", "-o", "link", "show"]);
-    format!("--- resolv.conf\n{resolv}--- hosts\n{hosts}--- routes\n{routes}--- links\n{links}")
+    // Rules only: iptables-nft leaves a table's empty built-in chains behind once a tool
+    // (sshuttle) used it, as iptables-legacy always has them.
+    let (_, ruleset) = run(tb, &["nft", "list", "ruleset"]);
+    let firewall: String = ruleset
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("table ") && !l.starts_with("chain ") && !l.starts_with("type ") && *l != "}")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    format!("--- resolv.conf\n{resolv}--- hosts\n{hosts}--- routes\n{routes}--- links\n{links}--- nft\n{firewall}")
 }
 
 /// A testbed with `web` (2 pods), `web-pods` (headless), `other/db` and `udp-echo`, and
@@ -334,6 +343,30 @@ async fn include_exclude_and_disable_pod_ip_change_the_routes() {
     let connect = connected(&tb, &["--disableTunRoute"]).await;
     assert_eq!(routes().trim(), "", "no route into kt0");
     interrupt_and_compare(&tb, connect, &before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "e2e"), ignore = "needs root and a simulated cluster: tests/run test")]
+async fn sshuttle_mode_runs_the_systems_sshuttle_over_the_shadow_and_takes_its_rules_away() {
+    let tb = cluster(false).await;
+    // sshuttle redirects in netfilter, after routing: like a real workstation, this one
+    // needs a default route for cluster addresses to get that far.
+    let (ok, _) = run(&tb, &["ip", "route", "add", "default", "via", "172.30.0.1"]);
+    assert!(ok);
+    let before = workstation_state(&tb);
+    let connect = connected(&tb, &["--mode", "sshuttle"]).await;
+    let log = connect.log();
+    assert!(log.contains("Using sshuttle mode") && log.contains("Starting sshuttle"), "{log}");
+    let during = workstation_state(&tb);
+    assert!(!during.contains(" kt0:"), "sshuttle, not a TUN device: {during}");
+    assert!(during.contains("sshuttle"), "sshuttle's firewall rules: {during}");
+    let cluster_ip = kubectl_ok(&tb.kubeconfig, &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    for url in ["http://web/".to_owned(), "http://web.default.svc.cluster.local/".to_owned(), format!("http://{cluster_ip}/")] {
+        let body = curl(&tb, &url);
+        assert!(body.as_ref().is_ok_and(|b| b.contains("pod=")), "{url}: {body:?}\n{}", connect.log());
+    }
+    let log = interrupt_and_compare(&tb, connect, &before);
+    assert!(log.contains("Cleaning shadow pod"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

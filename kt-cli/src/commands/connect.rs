@@ -33,6 +33,7 @@ use std::{
 };
 
 use kt_proto::net::Cidr;
+use tokio::io::AsyncReadExt as _;
 
 use self::{
     plan::{ConnectPlan, DnsMode, Mode, PlanError},
@@ -336,7 +337,13 @@ async fn set_up(
         }
         DnsMode::Pod => tracing::info!("Setting up dns in pod mode"),
     }
-    verify(&ctx, &way, &resolver).await
+    // Where the workstation's own sockets reach the cluster (kt0's routes, sshuttle's):
+    // the check goes that way, not only through ktctl's channels.
+    let kernel_routes: &[Cidr] = match plan.mode {
+        Mode::Tun2socks if args.disable_tun_device || args.disable_tun_route => &[],
+        Mode::Tun2socks | Mode::Sshuttle => &routes,
+    };
+    verify(&ctx, &way, &resolver, kernel_routes).await
 }
 
 /// The routes: the cluster's ranges (pods left out with `--disablePodIp`) with
@@ -388,7 +395,15 @@ fn keep_routes_current(ctx: &Context<'_>, session: String, mut routed: Vec<Cidr>
 /// Proves the path before the banner claims it: the cluster's `kubernetes` Service resolves
 /// through the cluster DNS (and through the local resolver, in localDNS mode) and its port
 /// answers through the tunnel.
-async fn verify(ctx: &Context<'_>, way: &Way, resolver: &dns::Resolver) -> Result<(), ConnectError> {
+/// Resolves the API server's Service name the way programs will and reaches it: through
+/// the kernel when `kernel_routes` cover its address (a connection the far side resets or
+/// ends at once is no answer; one waiting for a TLS hello is), else through a channel.
+async fn verify(
+    ctx: &Context<'_>,
+    way: &Way,
+    resolver: &dns::Resolver,
+    kernel_routes: &[Cidr],
+) -> Result<(), ConnectError> {
     let name = format!("kubernetes.default.svc.{}", ctx.args.cluster_domain);
     let once = || async {
         let ip = match &ctx.plan.dns {
@@ -403,6 +418,18 @@ async fn verify(ctx: &Context<'_>, way: &Way, resolver: &dns::Resolver) -> Resul
                 .await
                 .ok_or_else(|| format!("the cluster DNS did not answer for {name}"))?,
         };
+        if kernel_routes.iter().any(|route| route.contains(ip)) {
+            let mut stream = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect((ip, 443)))
+                .await
+                .map_err(|_| format!("{ip}:443 did not answer within 3 s"))?
+                .map_err(|e| format!("{ip}:443 did not answer: {e}"))?;
+            let mut byte = [0u8; 1];
+            return match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut byte)).await {
+                Err(_) | Ok(Ok(1..)) => Ok(()),
+                Ok(Ok(_)) => Err(format!("{ip}:443 closed the connection")),
+                Ok(Err(e)) => Err(format!("{ip}:443 did not answer: {e}")),
+            };
+        }
         let channel = way
             .pool
             .open(&ip.to_string(), 443)

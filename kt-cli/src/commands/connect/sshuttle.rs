@@ -14,6 +14,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// How long to wait before starting sshuttle again after it exits (v0.3.7's).
 const RESTART_AFTER: Duration = Duration::from_secs(10);
+/// How long sshuttle may take to take its rules away and exit before it is killed.
+const STOP_WITHIN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SshuttleError {
@@ -70,18 +72,23 @@ pub(super) async fn start(
             tracing::debug!(?args, "sshuttle command line");
             let child = tokio::process::Command::new("sshuttle")
                 .args(&args)
+                // Its own process group: a terminal's Ctrl-C reaches ktctl only, which then
+                // stops sshuttle in the order that takes its firewall rules away.
+                .process_group(0)
                 .kill_on_drop(true)
                 .spawn();
             match child {
                 Ok(mut child) => {
                     tokio::select! {
                         () = stop.cancelled() => {
-                            // SIGTERM first: sshuttle undoes its firewall rules on the way out.
+                            // SIGINT: sshuttle then has its firewall helper take the rules
+                            // away and waits for it (on SIGTERM it would just die, leaving
+                            // them behind until the helper notices).
                             if let Some(pid) = child.id() {
                                 // SAFETY: signalling the child this run started.
-                                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                                unsafe { libc::kill(pid as i32, libc::SIGINT) };
                             }
-                            if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+                            if tokio::time::timeout(STOP_WITHIN, child.wait()).await.is_err() {
                                 let _ = child.kill().await;
                             }
                             return;
