@@ -53,7 +53,7 @@ where
     bridge_halves(channel, socket_rx, socket_tx).await
 }
 
-/// [`bridge`] for any byte stream (a userspace TCP stream from a TUN device, one end of an
+/// [`bridge`] for any byte stream (a TCP stream accepted behind a TUN device, one end of an
 /// in-memory pipe); a TCP socket is better served by [`bridge`], which needs no lock between
 /// its halves.
 pub async fn bridge_io<S, T>(channel: Channel<S>, stream: T) -> io::Result<Transferred>

@@ -4,8 +4,9 @@
 //!
 //! - Where connections leave in the cluster ([`way`]): kt's agent dials them from its node
 //!   (a `KtSession` of mode `connect`), or a shadow pod does, as ktctl v0.3.7's does.
-//! - How they get there: the TUN device `kt0` and a userspace TCP/IP stack ([`tun`]), each
-//!   TCP connection an SSH channel and each UDP flow a datagram channel; or a SOCKS5 proxy
+//! - How they get there: the TUN device `kt0`, behind which the workstation's own kernel
+//!   terminates each TCP connection and UDP flow ([`tun`]), each TCP connection an SSH
+//!   channel and each UDP flow a datagram channel; or a SOCKS5 proxy
 //!   (`--disableTunDevice`, [`socks`]); or the system's sshuttle (`--mode sshuttle`).
 //! - Names ([`dns`], [`names`]): a local resolver that asks the cluster DNS through the
 //!   tunnel for cluster names and the machine's own resolver for the rest, installed in

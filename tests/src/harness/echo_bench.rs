@@ -97,3 +97,26 @@ pub fn print_ratio(a_name: &str, a: &Row, b_name: &str, b: &Row) {
         a[3] / b[3]
     );
 }
+
+/// Writes `results` as `target/kt-bench/<name>.json` (for comparing runs); says where.
+pub fn write_json(name: &str, results: &serde_json::Value) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kt-bench");
+    let path = dir.join(format!("{name}.json"));
+    let written = std::fs::create_dir_all(&dir).and_then(|()| {
+        std::fs::write(&path, serde_json::to_vec_pretty(results).expect("JSON"))
+    });
+    match written {
+        Ok(()) => println!("results: {}", path.display()),
+        Err(error) => eprintln!("results not written to {}: {error}", path.display()),
+    }
+}
+
+/// A row as JSON: `{"mib_s_1_stream", "mib_s_8_streams", "rr_p50_us", "rr_p99_us"}`.
+pub fn row_json(row: &Row) -> serde_json::Value {
+    serde_json::json!({
+        "mib_s_1_stream": row[0],
+        "mib_s_8_streams": row[1],
+        "rr_p50_us": row[2],
+        "rr_p99_us": row[3],
+    })
+}

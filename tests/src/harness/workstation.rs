@@ -93,6 +93,11 @@ impl Background {
         panic!("not ready: {}", self.log());
     }
 
+    /// The process id (for its RSS in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits for ktctl's banner.
     pub async fn ready(&mut self) {
         self.wait_for("Now you can access").await;

@@ -34,6 +34,10 @@ enum Tool {
         /// Ask over TCP.
         #[arg(long)]
         tcp: bool,
+        /// Ask this many times in a row and print the p50 and p99 answer time in
+        /// microseconds instead of the answer.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
     },
     /// Port-forwards to POD:PORT with kube-rs (kubeconfig from $KUBECONFIG), sends a line
     /// and prints what comes back: a check that port-forward works from where it runs.
@@ -87,7 +91,8 @@ fn main() -> ExitCode {
                 kind,
                 server,
                 tcp,
-            } => dig(&name, &kind, server, tcp).await,
+                count,
+            } => if count > 1 { dig_timed(&name, &kind, server, tcp, count).await } else { dig(&name, &kind, server, tcp).await },
             Tool::PortForward {
                 namespace,
                 pod,
@@ -146,7 +151,31 @@ async fn udp(addr: &str, message: &str) -> Result {
     Err(format!("no answer from {peer}").into())
 }
 
+/// `count` lookups in a row; prints the p50 and p99 in microseconds. Each must succeed.
+async fn dig_timed(name: &str, kind: &str, server: Option<String>, tcp: bool, count: usize) -> Result {
+    let mut micros = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = Instant::now();
+        ask(name, kind, server.clone(), tcp).await?;
+        micros.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    micros.sort_by(f64::total_cmp);
+    let at = |q: f64| micros[((micros.len() - 1) as f64 * q).round() as usize];
+    println!("{:.0} {:.0}", at(0.5), at(0.99));
+    Ok(())
+}
+
 async fn dig(name: &str, kind: &str, server: Option<String>, tcp: bool) -> Result {
+    let reply = ask(name, kind, server, tcp).await?;
+    println!("rcode={}", reply.metadata.response_code);
+    for answer in &reply.answers {
+        println!("{} {}", answer.name, answer.data);
+    }
+    Ok(())
+}
+
+/// One lookup of `name`'s `kind` records: the reply.
+async fn ask(name: &str, kind: &str, server: Option<String>, tcp: bool) -> Result<hickory_proto::op::Message> {
     use hickory_proto::{
         op::{Message, Query},
         rr::{Name, RecordType},
@@ -158,6 +187,7 @@ async fn dig(name: &str, kind: &str, server: Option<String>, tcp: bool) -> Resul
             let ip = resolv
                 .lines()
                 .find_map(|l| l.strip_prefix("nameserver "))
+                .and_then(|rest| rest.split_whitespace().next())
                 .ok_or("no nameserver")?;
             format!("{}:53", ip.trim())
         }
@@ -192,11 +222,7 @@ async fn dig(name: &str, kind: &str, server: Option<String>, tcp: bool) -> Resul
     if reply.metadata.id != query.metadata.id {
         return Err("reply to another query".into());
     }
-    println!("rcode={}", reply.metadata.response_code);
-    for answer in &reply.answers {
-        println!("{} {}", answer.name, answer.data);
-    }
-    Ok(())
+    Ok(reply)
 }
 
 async fn port_forward(ns: &str, pod: &str, port: u16) -> Result {

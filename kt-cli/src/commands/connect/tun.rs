@@ -199,7 +199,7 @@ async fn carry_tcp(pool: Arc<SshPool>, tcp: TcpStream, destination: SocketAddrV4
     };
     tokio::select! {
         () = stop.cancelled() => {}
-        result = kt_tunnel::bridge_io(channel, tcp) => {
+        result = kt_tunnel::bridge(channel, tcp) => {
             if let Err(error) = result {
                 tracing::debug!(%destination, %error, "connection ended with an error");
             }

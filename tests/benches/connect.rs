@@ -1,0 +1,220 @@
+//! `ktctl connect` against the paths a developer has without it, in one run on one testbed
+//! (agent installed, `echo` Service with one pod):
+//!
+//! - `plain`: the workstation routed to the pod networks through the nodes, no tunnel (the
+//!   baseline: what a VPN into the cluster network would give);
+//! - `connect/agent`: `sudo ktctl connect` through kt's agent (SSH straight to the node),
+//!   to the pod's IP and to the ClusterIP; `connect/agent pf`: the same over the API
+//!   server's port-forward (`--transport portForward`);
+//! - `connect/kt-shadow`: through kt's shadow pod (`--via shadow -i kt-shadow:dev`);
+//! - `connect/sshuttle`: `--mode sshuttle` (the system's sshuttle over the v0.3.7 shadow);
+//! - `forward`: `ktctl forward` to the same pod (one port, through the API server);
+//!
+//! each measured as the tunnel benchmark does (echo MiB/s with 1 and 8 streams, 64-byte round
+//! trips p50/p99). Also: DNS answer time (p50/p99 of 200 lookups) for a cluster name and a
+//! non-cluster name through connect's local resolver, against asking the workstation's
+//! resolver directly; the time from start to the banner (which comes after a cluster name
+//! resolved), also with the many Services; ktctl's RSS in hosts mode with the testbed's few
+//! Services and with `KT_BENCH_SERVICES` (default 10 000) more.
+//!
+//! Only one connect runs at a time, so its paths are measured one after another (rounds
+//! interleave within a phase). Results: a table, ratios to `plain`, and
+//! `target/kt-bench/connect.json`. Run as root: `cargo bench -p kt-tests --bench connect`.
+
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt as _, stream};
+use k8s_openapi::api::core::v1::Service;
+use kt_testbed::cluster::Testbed;
+use kt_tests::harness::{
+    apps::{apply, install_agent, start_testbed},
+    bench_rounds,
+    echo_bench::{self, Row, wait_until_echoes},
+    kubectl::kubectl_ok,
+    run_bench,
+    workstation::{self, Background, ECHO},
+};
+use kube::api::{Api, PostParams};
+use serde_json::json;
+
+fn main() {
+    run_bench("connect", run());
+}
+
+/// A connect started with `args`: the process and how long it took to print its banner.
+async fn connected(tb: &Testbed, args: &[&str]) -> (Background, Duration) {
+    let mut all = vec!["connect"];
+    all.extend_from_slice(args);
+    let started = Instant::now();
+    let mut connect = Background::ktctl(tb, &all);
+    connect.wait_for("All looks good").await;
+    (connect, started.elapsed())
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// p50 and p99 µs of 200 lookups of `name` (through /etc/resolv.conf, or `server`).
+fn dns_times(client: &impl Fn(&[&str]) -> Result<String, String>, name: &str, server: Option<&str>) -> [f64; 2] {
+    let mut args = vec!["dig", name, "A", "--count", "200"];
+    if let Some(server) = server {
+        args.extend(["--server", server]);
+    }
+    let out = client(&args).unwrap_or_else(|e| panic!("dig {name}: {e}"));
+    let mut values = out.split_whitespace().map(|v| v.parse::<f64>().expect("µs"));
+    [values.next().expect("p50"), values.next().expect("p99")]
+}
+
+async fn run() {
+    let rounds = bench_rounds(3);
+    let extra_services: usize = std::env::var("KT_BENCH_SERVICES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let tb = start_testbed(true).await;
+    apply(&tb.kubeconfig, ECHO);
+    kubectl_ok(&tb.kubeconfig, &["rollout", "status", "deploy/echo", "--timeout=60s"]);
+    install_agent(&tb);
+    let pod_ip = kubectl_ok(&tb.kubeconfig, &["get", "pods", "-l", "app=echo", "-o", "jsonpath={.items[0].status.podIP}"]);
+    let cluster_ip = kubectl_ok(&tb.kubeconfig, &["get", "svc", "echo", "-o", "jsonpath={.spec.clusterIP}"]);
+    let pod_addr = format!("{pod_ip}:9000");
+    let client = workstation::tools_command(&tb);
+    let topology = tb.topology();
+    let mut paths: Vec<(&str, String)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
+    let measure = async |names: &[(&'static str, String)], behind: &[&Background]| {
+        for (_, addr) in names {
+            wait_until_echoes(&client, addr, behind).await;
+        }
+        (names.to_vec(), echo_bench::measure(names, rounds, &client))
+    };
+
+    // The baseline, and the workstation resolver's own answer time.
+    workstation::route_pods_via_nodes(&tb);
+    let (names, measured) = measure(&[("plain", pod_addr.clone())], &[]).await;
+    paths.extend(names);
+    rows.extend(measured);
+    for node in &topology.nodes {
+        let cidr = kt_testbed::topology::pod_cidr(node.index);
+        let out = topology.workstation.ip(&["route", "del", &cidr]).expect("ip runs");
+        assert!(out.status.success(), "{out:?}");
+    }
+    let upstream_direct = dns_times(&client, "www.example.test", None);
+
+    let (agent, agent_start) = connected(&tb, &[]).await;
+    let (names, measured) = measure(
+        &[("connect/agent", pod_addr.clone()), ("connect/agent svc", format!("{cluster_ip}:9000"))],
+        &[&agent],
+    ).await;
+    paths.extend(names);
+    rows.extend(measured);
+    let cluster_name = dns_times(&client, "echo.default.svc.cluster.local", None);
+    let upstream_via_connect = dns_times(&client, "www.example.test", None);
+    let cluster_direct = dns_times(&client, "echo.default.svc.cluster.local", Some("10.96.0.10:53"));
+    let _ = agent.interrupt();
+
+    let (agent_pf, agent_pf_start) = connected(&tb, &["--transport", "portForward"]).await;
+    let (names, measured) = measure(&[("connect/agent pf", pod_addr.clone())], &[&agent_pf]).await;
+    paths.extend(names);
+    rows.extend(measured);
+    let _ = agent_pf.interrupt();
+
+    let (shadow, shadow_start) = connected(&tb, &["--via", "shadow", "-i", "kt-shadow:dev"]).await;
+    let (names, measured) = measure(&[("connect/kt-shadow", pod_addr.clone())], &[&shadow]).await;
+    paths.extend(names);
+    rows.extend(measured);
+    let _ = shadow.interrupt();
+
+    // sshuttle redirects after routing: the workstation needs a default route (as real ones
+    // have).
+    let out = topology.workstation.ip(&["route", "add", "default", "via", "172.30.0.1"]).expect("ip runs");
+    assert!(out.status.success(), "{out:?}");
+    let (sshuttle, sshuttle_start) = connected(&tb, &["--mode", "sshuttle"]).await;
+    let (names, measured) = measure(&[("connect/sshuttle", pod_addr.clone())], &[&sshuttle]).await;
+    paths.extend(names);
+    rows.extend(measured);
+    let _ = sshuttle.interrupt();
+    let out = topology.workstation.ip(&["route", "del", "default"]).expect("ip runs");
+    assert!(out.status.success(), "{out:?}");
+
+    let mut forward = Background::ktctl(&tb, &["forward", "echo", "17002:9000", "--image", "kt-shadow:dev"]);
+    forward.ready().await;
+    let (names, measured) = measure(&[("forward", "127.0.0.1:17002".to_owned())], &[&forward]).await;
+    paths.extend(names);
+    rows.extend(measured);
+    let _ = forward.interrupt();
+
+    // Memory: hosts mode keeps every Service of its namespaces in memory.
+    let (hosts, _) = connected(&tb, &["--dnsMode", "hosts"]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_few = rss_kib(hosts.pid());
+    let services: Api<Service> = Api::namespaced(tb.client().await, "default");
+    let created = Instant::now();
+    stream::iter(0..extra_services)
+        .for_each_concurrent(16, |i| {
+            let services = services.clone();
+            async move {
+                let svc: Service = serde_json::from_value(json!({
+                    "metadata": {"name": format!("s{i}")},
+                    "spec": {"selector": {"app": format!("s{i}")}, "ports": [{"port": 80}]}
+                }))
+                .expect("service");
+                services.create(&PostParams::default(), &svc).await.expect("created");
+            }
+        })
+        .await;
+    let last = format!(" s{} ", extra_services.saturating_sub(1));
+    let hosts_written = Instant::now();
+    for _ in 0..600 {
+        let (_, file) = workstation::run(&tb, &["cat", "/etc/hosts"]);
+        if file.replace('\n', " ").contains(&last) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let hosts_after = hosts_written.elapsed();
+    let rss_many = rss_kib(hosts.pid());
+    let _ = hosts.interrupt();
+    // Start time with many Services: the default mode, then hosts mode (which lists them).
+    let (again, start_many) = connected(&tb, &[]).await;
+    let _ = again.interrupt();
+    let (again, hosts_start_many) = connected(&tb, &["--dnsMode", "hosts"]).await;
+    let _ = again.interrupt();
+
+    echo_bench::print_table(&format!("connect benchmark, medians of {rounds} rounds"), &paths, &rows);
+    let plain = rows[0];
+    for (i, (name, _)) in paths.iter().enumerate().skip(1) {
+        echo_bench::print_ratio(name, &rows[i], "plain", &plain);
+    }
+    println!("DNS p50/p99 µs: cluster name via connect {:.0}/{:.0}, cluster DNS asked through kt0 {:.0}/{:.0}; non-cluster name via connect {:.0}/{:.0}, workstation resolver direct {:.0}/{:.0}",
+        cluster_name[0], cluster_name[1], cluster_direct[0], cluster_direct[1], upstream_via_connect[0], upstream_via_connect[1], upstream_direct[0], upstream_direct[1]);
+    println!("start to banner: agent {agent_start:.1?} ({start_many:.1?} with {extra_services} more Services; hosts mode {hosts_start_many:.1?}), agent over port-forward {agent_pf_start:.1?}, kt shadow {shadow_start:.1?}, sshuttle {sshuttle_start:.1?}");
+    println!(
+        "ktctl RSS in hosts mode: {rss_few} KiB with the testbed's Services, {rss_many} KiB with {extra_services} more (created in {:.1?}, all in /etc/hosts {hosts_after:.1?} later)",
+        created.elapsed()
+    );
+    let results = json!({
+        "rounds": rounds,
+        "paths": paths.iter().zip(&rows).map(|((name, _), row)| (name.to_string(), echo_bench::row_json(row))).collect::<serde_json::Map<_, _>>(),
+        "ratios_to_plain": paths.iter().zip(&rows).skip(1).map(|((name, _), row)| (name.to_string(), json!({
+            "mib_s_1_stream": row[0] / plain[0], "mib_s_8_streams": row[1] / plain[1],
+            "rr_p50_us": row[2] / plain[2], "rr_p99_us": row[3] / plain[3],
+        }))).collect::<serde_json::Map<_, _>>(),
+        "dns_us": {
+            "cluster_name_via_connect": cluster_name, "cluster_dns_through_kt0": cluster_direct,
+            "non_cluster_name_via_connect": upstream_via_connect, "workstation_resolver_direct": upstream_direct,
+        },
+        "start_to_banner_s": {
+            "agent": agent_start.as_secs_f64(), "agent_port_forward": agent_pf_start.as_secs_f64(),
+            "agent_many_services": start_many.as_secs_f64(), "hosts_mode_many_services": hosts_start_many.as_secs_f64(),
+            "kt_shadow": shadow_start.as_secs_f64(), "sshuttle": sshuttle_start.as_secs_f64(),
+        },
+        "hosts_mode_rss_kib": {"few_services": rss_few, "extra_services": extra_services, "many_services": rss_many, "hosts_current_after_s": hosts_after.as_secs_f64()},
+    });
+    echo_bench::write_json("connect", &results);
+    drop(client);
+    tb.stop().await;
+}
