@@ -125,6 +125,47 @@ pub fn default_on_create(rt: &ResourceType, obj: &mut Value, taken: &Allocated) 
             default_workload(obj);
             check_selector_matches_template(obj)
         }
+        ("apps", "statefulsets") => {
+            default_workload(obj);
+            let spec = &mut obj["spec"];
+            set_default(spec, "podManagementPolicy", json!("OrderedReady"));
+            if spec["updateStrategy"].get("type").is_none() {
+                spec["updateStrategy"] =
+                    json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}});
+            }
+            set_default(spec, "revisionHistoryLimit", json!(10));
+            set_default(
+                spec,
+                "persistentVolumeClaimRetentionPolicy",
+                json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
+            );
+            check_selector_matches_template(obj)
+        }
+        ("batch", "jobs") => {
+            let spec = &mut obj["spec"];
+            default_pod_spec(&mut spec["template"]["spec"]);
+            if spec.get("completions").is_none_or(Value::is_null)
+                && spec.get("parallelism").is_none_or(Value::is_null)
+            {
+                spec["completions"] = json!(1);
+            }
+            set_default(spec, "parallelism", json!(1));
+            set_default(spec, "backoffLimit", json!(6));
+            set_default(spec, "completionMode", json!("NonIndexed"));
+            set_default(spec, "suspend", json!(false));
+            set_default(spec, "manualSelector", json!(false));
+            set_default(spec, "podReplacementPolicy", json!("TerminatingOrFailed"));
+            match spec["template"]["spec"]["restartPolicy"].as_str() {
+                Some("Never" | "OnFailure") => Vec::new(),
+                other => vec![(
+                    "spec.template.spec.restartPolicy".into(),
+                    format!(
+                        "Unsupported value: \"{}\": supported values: \"OnFailure\", \"Never\"",
+                        other.unwrap_or_default()
+                    ),
+                )],
+            }
+        }
         ("apps", "daemonsets") => {
             default_pod_spec(&mut obj["spec"]["template"]["spec"]);
             if obj["spec"]["updateStrategy"].get("type").is_none() {

@@ -202,6 +202,16 @@ const BUILTINS: &[Builtin] = &[
         status: true,
         ..b("apps", "daemonsets", "DaemonSet", true)
     },
+    Builtin {
+        short: &["sts"],
+        status: true,
+        scale: true,
+        ..b("apps", "statefulsets", "StatefulSet", true)
+    },
+    Builtin {
+        status: true,
+        ..b("batch", "jobs", "Job", true)
+    },
     b("discovery.k8s.io", "endpointslices", "EndpointSlice", true),
     b("coordination.k8s.io", "leases", "Lease", true),
     Builtin {
