@@ -26,7 +26,11 @@ pub fn spawn_all(store: &Arc<Store>, tasks: &TaskTracker, shutdown: &Cancellatio
     type Reconcile = fn(&Ctl);
     let all: [(&'static [(&'static str, &'static str)], Reconcile); 8] = [
         (
-            &[("apps", "deployments"), ("apps", "replicasets"), ("", "pods")],
+            &[
+                ("apps", "deployments"),
+                ("apps", "replicasets"),
+                ("", "pods"),
+            ],
             workloads::deployments,
         ),
         (

@@ -4,8 +4,8 @@
 //! - unprivileged, run by default: `api_conformance` and `controllers` (the API server
 //!   alone, as any user);
 //! - privileged (`--features privileged`, root): `ebpf`;
-//! - end to end (`--features e2e`, root, a simulated cluster): `agent`, `exchange`,
-//!   `shapes`, `testbed`, `tunnel`.
+//! - end to end (`--features e2e`, root, a simulated cluster): `agent`, `exchange`, `seed`,
+//!   `shapes`, `testbed`, `tunnel`, `workloads`.
 //!
 //! Without the features the others are listed as ignored, with the reason; `tests/run test`
 //! runs them all.
@@ -15,6 +15,8 @@ mod api_conformance;
 mod controllers;
 mod ebpf;
 mod exchange;
+mod seed;
 mod shapes;
 mod testbed;
 mod tunnel;
+mod workloads;

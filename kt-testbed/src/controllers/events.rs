@@ -90,7 +90,10 @@ pub fn record(
         .filter(|n| !n.is_empty())
         .unwrap_or("default");
     let object_name = meta["name"].as_str().unwrap_or_default();
-    let name = event_name(object_name, &identity(source, involved, kind, reason, message));
+    let name = event_name(
+        object_name,
+        &identity(source, involved, kind, reason, message),
+    );
     let now = now_rfc3339();
     let counted = store.modify(&rt, ns, &name, Part::Main, false, |mut event| {
         let count = event["count"].as_i64().unwrap_or(1);

@@ -19,18 +19,21 @@ pub(super) use self::{
     statefulsets::statefulsets,
 };
 use super::{
-    Ctl, controller_ref, controller_uid, ns_name, pod_ready, terminating, uid,
+    Ctl, controller_ref, controller_uid,
     events::{self, EventType, Involved, Source},
+    ns_name, pod_ready, terminating, uid,
 };
 
 /// The label tying a ReplicaSet and its pods to one template of their Deployment.
 const HASH_LABEL: &str = "pod-template-hash";
 
-/// A stable, label-safe hash of a pod template.
+/// A stable, label-safe hash of a pod template. Templates equal as the API's types see
+/// them hash alike: a `null` or empty field counts as absent (a template kubectl sends back
+/// in `rollout undo` carries `creationTimestamp: null`).
 fn template_hash(template: &Value) -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut h: u32 = 0x811c_9dc5;
-    for b in template.to_string().bytes() {
+    for b in without_empty(template).to_string().bytes() {
         h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
     }
     let mut out = String::new();
@@ -39,6 +42,26 @@ fn template_hash(template: &Value) -> String {
         h /= ALPHABET.len() as u32;
     }
     out
+}
+
+/// `value` without null, `{}` and `[]` members, recursively.
+fn without_empty(value: &Value) -> Value {
+    let empty = |v: &Value| match v {
+        Value::Null => true,
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    };
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), without_empty(v)))
+                .filter(|(_, v)| !empty(v))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(without_empty).collect()),
+        other => other.clone(),
+    }
 }
 
 /// `spec.replicas`, 1 when unset.
@@ -57,7 +80,11 @@ fn owned_by<'a>(items: &'a [Value], owner: &Value) -> Vec<&'a Value> {
 
 /// A pod that counts for its controller: neither being deleted nor finished.
 fn active(pod: &Value) -> bool {
-    !terminating(pod) && !matches!(pod["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
+    !terminating(pod)
+        && !matches!(
+            pod["status"]["phase"].as_str(),
+            Some("Succeeded" | "Failed")
+        )
 }
 
 /// Whether a pod is available: Ready for at least `min_ready_seconds`.
@@ -117,8 +144,16 @@ fn event(ctl: &Ctl, component: &str, obj: &Value, kind: EventType, reason: &str,
 }
 
 /// A condition as the workload controllers write them, keeping `lastTransitionTime` while
-/// the status stays what `previous` (the object's conditions) says.
-fn condition(previous: &Value, kind: &str, ok: bool, reason: &str, message: &str) -> Value {
+/// the status stays what `previous` (the object's conditions) says; `also` names another
+/// time field set alike (`lastUpdateTime` of a Deployment, `lastProbeTime` of a Job).
+fn condition(
+    previous: &Value,
+    kind: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    also: &str,
+) -> Value {
     let status = if ok { "True" } else { "False" };
     let since = previous
         .as_array()
@@ -128,7 +163,7 @@ fn condition(previous: &Value, kind: &str, ok: bool, reason: &str, message: &str
         .and_then(|c| c["lastTransitionTime"].as_str().map(String::from))
         .unwrap_or_else(crate::api::store::now_rfc3339);
     json!({"type": kind, "status": status, "reason": reason, "message": message,
-           "lastUpdateTime": since, "lastTransitionTime": since})
+           also: since, "lastTransitionTime": since})
 }
 
 #[cfg(test)]
@@ -136,10 +171,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn templates_equal_but_for_empty_fields_hash_alike() {
+        let template = json!({"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "a", "image": "x", "resources": {}}]}});
+        let from_kubectl = json!({"metadata": {"labels": {"app": "web"}, "creationTimestamp": null},
+                                  "spec": {"containers": [{"name": "a", "image": "x"}], "volumes": []}});
+        assert_eq!(template_hash(&template), template_hash(&from_kubectl));
+        let other = json!({"metadata": {"labels": {"app": "web"}},
+                           "spec": {"containers": [{"name": "a", "image": "y"}]}});
+        assert_ne!(template_hash(&template), template_hash(&other));
+    }
+
+    #[test]
     fn availability_waits_min_ready_seconds_after_ready() {
-        let ready_since = |t: &str| {
-            json!({"status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": t}]}})
-        };
+        let ready_since = |t: &str| json!({"status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": t}]}});
         let long_ago = ready_since("2020-01-01T00:00:00Z");
         let now = ready_since(&crate::api::store::now_rfc3339());
         assert!(available(&long_ago, 30));

@@ -80,13 +80,14 @@ pub fn resolve(dir: &dyn Directory, name: &str, qtype: RecordType) -> Answer {
                                 p.name.as_deref() == Some(port_name)
                                     && p.protocol.as_deref().unwrap_or("TCP") == proto
                             })?;
-                            Some((port.port? as u16, format!("{}.{svc}.{ns}.svc.{DOMAIN}.", endpoint_label(&e)?)))
+                            Some((
+                                port.port? as u16,
+                                format!("{}.{svc}.{ns}.svc.{DOMAIN}.", endpoint_label(&e)?),
+                            ))
                         })
                         .collect(),
                 ),
-                Some(p) => {
-                    Answer::Srv(vec![(p.port as u16, format!("{svc}.{ns}.svc.{DOMAIN}."))])
-                }
+                Some(p) => Answer::Srv(vec![(p.port as u16, format!("{svc}.{ns}.svc.{DOMAIN}."))]),
                 None => Answer::NxDomain,
             }
         }
@@ -386,18 +387,33 @@ mod tests {
         );
         assert_eq!(
             resolve(&d, "headless.default.svc.cluster.local", RecordType::A),
-            Answer::A(vec![Ipv4Addr::new(10, 244, 1, 3), Ipv4Addr::new(10, 244, 2, 5)])
+            Answer::A(vec![
+                Ipv4Addr::new(10, 244, 1, 3),
+                Ipv4Addr::new(10, 244, 2, 5)
+            ])
         );
         assert_eq!(
-            resolve(&d, "web-0.headless.default.svc.cluster.local", RecordType::A),
+            resolve(
+                &d,
+                "web-0.headless.default.svc.cluster.local",
+                RecordType::A
+            ),
             Answer::A(vec![Ipv4Addr::new(10, 244, 1, 3)])
         );
         assert_eq!(
-            resolve(&d, "10-244-2-5.headless.default.svc.cluster.local", RecordType::A),
+            resolve(
+                &d,
+                "10-244-2-5.headless.default.svc.cluster.local",
+                RecordType::A
+            ),
             Answer::A(vec![Ipv4Addr::new(10, 244, 2, 5)])
         );
         assert_eq!(
-            resolve(&d, "web-1.headless.default.svc.cluster.local", RecordType::A),
+            resolve(
+                &d,
+                "web-1.headless.default.svc.cluster.local",
+                RecordType::A
+            ),
             Answer::NxDomain,
             "not ready"
         );
@@ -414,7 +430,10 @@ mod tests {
             ),
             Answer::Srv(vec![
                 (8080, "web-0.headless.default.svc.cluster.local.".into()),
-                (8080, "10-244-2-5.headless.default.svc.cluster.local.".into())
+                (
+                    8080,
+                    "10-244-2-5.headless.default.svc.cluster.local.".into()
+                )
             ])
         );
         assert_eq!(

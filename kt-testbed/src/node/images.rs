@@ -445,7 +445,10 @@ mod tests {
     fn command_replaces_the_entrypoint_and_args_the_cmd() {
         let c = catalog();
         assert_eq!(
-            argv(&c, json!({"image": "kt-testbed/http-echo", "args": ["--x"]})),
+            argv(
+                &c,
+                json!({"image": "kt-testbed/http-echo", "args": ["--x"]})
+            ),
             ["/bin/kt-testbed", "image", "http-echo", "--x"]
         );
         assert_eq!(
@@ -483,7 +486,10 @@ mod tests {
         };
         let run = |args: Value| image.argv(&json!({"image": "curlimages/curl", "args": args}));
         assert_eq!(run(json!(null)), ["curl"]);
-        assert_eq!(run(json!(["-s", "http://web"])), ["curl", "-s", "http://web"]);
+        assert_eq!(
+            run(json!(["-s", "http://web"])),
+            ["curl", "-s", "http://web"]
+        );
         assert_eq!(run(json!(["http://web"])), ["curl", "http://web"]);
         assert_eq!(run(json!(["sh", "-c", "true"])), ["sh", "-c", "true"]);
     }
@@ -524,7 +530,10 @@ mod tests {
             std::fs::read_to_string(copy.join("sub/page.html")).unwrap(),
             "hello"
         );
-        assert_eq!(std::fs::read_to_string(copy.join("conf/x.conf")).unwrap(), "x");
+        assert_eq!(
+            std::fs::read_to_string(copy.join("conf/x.conf")).unwrap(),
+            "x"
+        );
         assert_eq!(
             std::fs::read_link(copy.join("out.log")).unwrap(),
             Path::new("/dev/stdout")

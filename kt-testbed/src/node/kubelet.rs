@@ -414,7 +414,13 @@ impl Kubelets {
             let always = c["imagePullPolicy"] == "Always";
             if always {
                 let message = format!("Pulling image \"{name}\"");
-                self.event(&node.name, &involved, EventType::Normal, "Pulling", &message);
+                self.event(
+                    &node.name,
+                    &involved,
+                    EventType::Normal,
+                    "Pulling",
+                    &message,
+                );
             }
             match self.catalog.image(name) {
                 Ok(Some(image)) => {
@@ -638,7 +644,11 @@ mod tests {
         assert_eq!(range.allocate(), Some(2));
         assert_eq!(range.allocate(), Some(3));
         range.release(2);
-        assert_eq!(range.allocate(), Some(4), "a just released IP waits its turn");
+        assert_eq!(
+            range.allocate(),
+            Some(4),
+            "a just released IP waits its turn"
+        );
         range.release(3);
         range.release(4);
         range.last = 253;

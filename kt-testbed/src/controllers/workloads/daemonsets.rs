@@ -51,7 +51,14 @@ pub(in crate::controllers) fn daemonsets(ctl: &Ctl) {
                     "Deleted pod: {}",
                     stale["metadata"]["name"].as_str().unwrap_or_default()
                 );
-                event(ctl, COMPONENT, &ds, EventType::Normal, "SuccessfulDelete", &message);
+                event(
+                    ctl,
+                    COMPONENT,
+                    &ds,
+                    EventType::Normal,
+                    "SuccessfulDelete",
+                    &message,
+                );
             }
             let current: Vec<&&&Value> = on_node
                 .iter()
@@ -75,7 +82,14 @@ pub(in crate::controllers) fn daemonsets(ctl: &Ctl) {
                         "Created pod: {}",
                         created["metadata"]["name"].as_str().unwrap_or_default()
                     );
-                    event(ctl, COMPONENT, &ds, EventType::Normal, "SuccessfulCreate", &message);
+                    event(
+                        ctl,
+                        COMPONENT,
+                        &ds,
+                        EventType::Normal,
+                        "SuccessfulCreate",
+                        &message,
+                    );
                 }
             }
             ready += current.iter().filter(|p| pod_ready(p)).count() as i64;

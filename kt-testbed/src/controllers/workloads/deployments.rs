@@ -14,8 +14,8 @@ use super::{
     template_hash,
 };
 use crate::controllers::{
-    controller_ref, controller_uid, events::EventType, ns_name, omit_zeros, pod_ready,
-    terminating, uid,
+    controller_ref, controller_uid, events::EventType, ns_name, omit_zeros, pod_ready, terminating,
+    uid,
 };
 
 const REVISION: &str = "deployment.kubernetes.io/revision";
@@ -23,6 +23,8 @@ const REVISION_HISTORY: &str = "deployment.kubernetes.io/revision-history";
 const DESIRED_REPLICAS: &str = "deployment.kubernetes.io/desired-replicas";
 const MAX_REPLICAS: &str = "deployment.kubernetes.io/max-replicas";
 const COMPONENT: &str = "deployment-controller";
+/// The second time field of a Deployment's conditions.
+const UPDATE_TIME: &str = "lastUpdateTime";
 
 /// Deployment annotations a ReplicaSet does not inherit.
 const NOT_COPIED: &[&str] = &[
@@ -84,7 +86,10 @@ impl<'a> Rollout<'a> {
                     .as_str()
                     .unwrap_or_default()
                     .to_owned(),
-                rs["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
+                rs["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
             )
         });
         Self {
@@ -102,9 +107,9 @@ impl<'a> Rollout<'a> {
     /// The active pods of `rs`.
     fn pods_of(&self, rs: &Value) -> impl Iterator<Item = &'a Value> {
         let (ns, rs_uid) = (ns_name(rs).0.to_owned(), uid(rs).to_owned());
-        self.pods.iter().filter(move |p| {
-            ns_name(p).0 == ns && controller_uid(p) == Some(&rs_uid) && active(p)
-        })
+        self.pods
+            .iter()
+            .filter(move |p| ns_name(p).0 == ns && controller_uid(p) == Some(&rs_uid) && active(p))
     }
 
     /// What the rollout counts of `rs`: its replicas and its available pods (at most those).
@@ -207,7 +212,14 @@ impl<'a> Rollout<'a> {
         let created = self.ctl.create("apps", "replicasets", ns, rs).ok()?;
         if wanted > 0 {
             let message = format!("Scaled up replica set {rs_name} from 0 to {wanted}");
-            event(self.ctl, COMPONENT, self.d, EventType::Normal, "ScalingReplicaSet", &message);
+            event(
+                self.ctl,
+                COMPONENT,
+                self.d,
+                EventType::Normal,
+                "ScalingReplicaSet",
+                &message,
+            );
         }
         Some(created)
     }
@@ -252,7 +264,12 @@ impl<'a> Rollout<'a> {
                 annotations[REVISION_HISTORY] = json!(history);
                 annotations[REVISION] = json!(next.to_string());
             }
-            for (k, v) in self.inherited_annotations().as_object().into_iter().flatten() {
+            for (k, v) in self
+                .inherited_annotations()
+                .as_object()
+                .into_iter()
+                .flatten()
+            {
                 annotations[k] = v.clone();
             }
         }
@@ -276,14 +293,23 @@ impl<'a> Rollout<'a> {
                 "Scaled {direction} replica set {} from {from} to {to}",
                 rs["metadata"]["name"].as_str().unwrap_or_default()
             );
-            event(self.ctl, COMPONENT, self.d, EventType::Normal, "ScalingReplicaSet", &message);
+            event(
+                self.ctl,
+                COMPONENT,
+                self.d,
+                EventType::Normal,
+                "ScalingReplicaSet",
+                &message,
+            );
         }
         updated
     }
 
     /// Removes the oldest scaled-down ReplicaSets beyond `revisionHistoryLimit`.
     fn clean_up_history(&self) {
-        let limit = self.d["spec"]["revisionHistoryLimit"].as_i64().unwrap_or(10);
+        let limit = self.d["spec"]["revisionHistoryLimit"]
+            .as_i64()
+            .unwrap_or(10);
         let mut idle: Vec<&Value> = self
             .olds
             .iter()
@@ -304,11 +330,7 @@ impl<'a> Rollout<'a> {
         let all: Vec<&Value> = self.new.iter().chain(&self.olds).collect();
         let sum = |f: &dyn Fn(&Value) -> i64| all.iter().map(|rs| f(rs)).sum::<i64>();
         let total = sum(&|rs| self.pods_of(rs).count() as i64);
-        let ready = sum(&|rs| {
-            self.pods_of(rs)
-                .filter(|p| pod_ready(p))
-                .count() as i64
-        });
+        let ready = sum(&|rs| self.pods_of(rs).filter(|p| pod_ready(p)).count() as i64);
         let available_pods = sum(&|rs| {
             self.pods_of(rs)
                 .filter(|p| available(p, self.min_ready_seconds))
@@ -364,6 +386,7 @@ impl<'a> Rollout<'a> {
                     true,
                     "MinimumReplicasAvailable",
                     "Deployment has minimum availability.",
+                    UPDATE_TIME,
                 )
             } else {
                 condition(
@@ -372,12 +395,14 @@ impl<'a> Rollout<'a> {
                     false,
                     "MinimumReplicasUnavailable",
                     "Deployment does not have minimum availability.",
+                    UPDATE_TIME,
                 )
             },
-            condition(previous, "Progressing", true, reason, &message),
+            condition(previous, "Progressing", true, reason, &message, UPDATE_TIME),
         ]);
         if let Some(new) = &self.new
-            && self.d["metadata"]["annotations"][REVISION] != new["metadata"]["annotations"][REVISION]
+            && self.d["metadata"]["annotations"][REVISION]
+                != new["metadata"]["annotations"][REVISION]
         {
             let revision = new["metadata"]["annotations"][REVISION].clone();
             let _ = self.ctl.modify("apps", "deployments", self.d, |o| {

@@ -22,6 +22,8 @@ const COMPONENT: &str = "job-controller";
 const CONTROLLER_UID: &str = "batch.kubernetes.io/controller-uid";
 const JOB_NAME: &str = "batch.kubernetes.io/job-name";
 const COMPLETION_INDEX: &str = "batch.kubernetes.io/job-completion-index";
+/// The second time field of a Job's conditions.
+const PROBE_TIME: &str = "lastProbeTime";
 
 pub(in crate::controllers) fn jobs(ctl: &Ctl) {
     let pods = ctl.list("", "pods");
@@ -81,7 +83,13 @@ fn index_ranges(indexes: &BTreeSet<i64>) -> String {
     }
     ranges
         .iter()
-        .map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
+        .map(|(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -128,17 +136,26 @@ fn sync(ctl: &Ctl, job: &Value, all_pods: &[Value]) {
         _ if suspended => None,
         _ => Some(now_rfc3339()),
     };
-    let done_indexes: BTreeSet<i64> = succeeded.iter().filter_map(|p| completion_index(p)).collect();
+    let done_indexes: BTreeSet<i64> = succeeded
+        .iter()
+        .filter_map(|p| completion_index(p))
+        .collect();
 
     let failure = if failed > backoff_limit {
-        Some(("BackoffLimitExceeded", "Job has reached the specified backoff limit"))
+        Some((
+            "BackoffLimitExceeded",
+            "Job has reached the specified backoff limit",
+        ))
     } else if let Some(deadline) = spec["activeDeadlineSeconds"].as_i64()
         && start_time
             .as_ref()
             .and_then(|t| seconds_since(&json!(t)))
             .is_some_and(|age| age >= deadline)
     {
-        Some(("DeadlineExceeded", "Job was active longer than specified deadline"))
+        Some((
+            "DeadlineExceeded",
+            "Job was active longer than specified deadline",
+        ))
     } else {
         None
     };
@@ -180,7 +197,11 @@ fn sync(ctl: &Ctl, job: &Value, all_pods: &[Value]) {
                 pod["metadata"]["annotations"][COMPLETION_INDEX] = json!(i);
                 pod["metadata"]["labels"][COMPLETION_INDEX] = json!(i);
                 pod["spec"]["hostname"] = json!(format!("{name}-{i}"));
-                for c in pod["spec"]["containers"].as_array_mut().into_iter().flatten() {
+                for c in pod["spec"]["containers"]
+                    .as_array_mut()
+                    .into_iter()
+                    .flatten()
+                {
                     let entry = json!({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": format!("metadata.annotations['{COMPLETION_INDEX}']")}}});
                     match c["env"].as_array_mut() {
                         Some(env) => env.insert(0, entry),
@@ -193,7 +214,14 @@ fn sync(ctl: &Ctl, job: &Value, all_pods: &[Value]) {
                     "Created pod: {}",
                     created["metadata"]["name"].as_str().unwrap_or_default()
                 );
-                event(ctl, COMPONENT, job, EventType::Normal, "SuccessfulCreate", &message);
+                event(
+                    ctl,
+                    COMPONENT,
+                    job,
+                    EventType::Normal,
+                    "SuccessfulCreate",
+                    &message,
+                );
             }
         }
     } else if have > wanted {
@@ -203,7 +231,14 @@ fn sync(ctl: &Ctl, job: &Value, all_pods: &[Value]) {
                 "Deleted pod: {}",
                 pod["metadata"]["name"].as_str().unwrap_or_default()
             );
-            event(ctl, COMPONENT, job, EventType::Normal, "SuccessfulDelete", &message);
+            event(
+                ctl,
+                COMPONENT,
+                job,
+                EventType::Normal,
+                "SuccessfulDelete",
+                &message,
+            );
         }
     }
 
@@ -225,18 +260,41 @@ fn sync(ctl: &Ctl, job: &Value, all_pods: &[Value]) {
     }
     let mut conditions: Vec<Value> = Vec::new();
     if suspended {
-        conditions.push(condition(previous, "Suspended", true, "JobSuspended", "Job suspended"));
+        conditions.push(condition(
+            previous,
+            "Suspended",
+            true,
+            "JobSuspended",
+            "Job suspended",
+            PROBE_TIME,
+        ));
     }
     if let Some((reason, message)) = failure {
-        conditions.push(condition(previous, "FailureTarget", true, reason, message));
-        conditions.push(condition(previous, "Failed", true, reason, message));
+        for kind in ["FailureTarget", "Failed"] {
+            conditions.push(condition(previous, kind, true, reason, message, PROBE_TIME));
+        }
         event(ctl, COMPONENT, job, EventType::Warning, reason, message);
     } else if complete {
         let message = "Reached expected number of succeeded pods";
-        conditions.push(condition(previous, "SuccessCriteriaMet", true, "CompletionsReached", message));
-        conditions.push(condition(previous, "Complete", true, "CompletionsReached", message));
+        for kind in ["SuccessCriteriaMet", "Complete"] {
+            conditions.push(condition(
+                previous,
+                kind,
+                true,
+                "CompletionsReached",
+                message,
+                PROBE_TIME,
+            ));
+        }
         status["completionTime"] = json!(now_rfc3339());
-        event(ctl, COMPONENT, job, EventType::Normal, "Completed", "Job completed");
+        event(
+            ctl,
+            COMPONENT,
+            job,
+            EventType::Normal,
+            "Completed",
+            "Job completed",
+        );
     }
     if !conditions.is_empty() {
         status["conditions"] = json!(conditions);

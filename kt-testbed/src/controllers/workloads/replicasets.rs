@@ -53,7 +53,14 @@ pub(in crate::controllers) fn replicasets(ctl: &Ctl) {
                     "Created pod: {}",
                     created["metadata"]["name"].as_str().unwrap_or_default()
                 );
-                event(ctl, COMPONENT, &rs, EventType::Normal, "SuccessfulCreate", &message);
+                event(
+                    ctl,
+                    COMPONENT,
+                    &rs,
+                    EventType::Normal,
+                    "SuccessfulCreate",
+                    &message,
+                );
             }
         }
         if have > want {
@@ -76,7 +83,14 @@ pub(in crate::controllers) fn replicasets(ctl: &Ctl) {
                     "Deleted pod: {}",
                     pod["metadata"]["name"].as_str().unwrap_or_default()
                 );
-                event(ctl, COMPONENT, &rs, EventType::Normal, "SuccessfulDelete", &message);
+                event(
+                    ctl,
+                    COMPONENT,
+                    &rs,
+                    EventType::Normal,
+                    "SuccessfulDelete",
+                    &message,
+                );
             }
         }
         let min_ready_seconds = rs["spec"]["minReadySeconds"].as_i64().unwrap_or(0);

@@ -41,9 +41,7 @@ pub(super) fn fenceposts(rolling_update: &Value, replicas: i64) -> (i64, i64) {
             .filter(|v| !v.is_null())
             .cloned()
             .unwrap_or_else(|| Value::from("25%"));
-        scaled_value(&value, replicas, round_up)
-            .unwrap_or(0)
-            .max(0)
+        scaled_value(&value, replicas, round_up).unwrap_or(0).max(0)
     };
     let (surge, unavailable) = (get("maxSurge", true), get("maxUnavailable", false));
     if surge == 0 && unavailable == 0 {
@@ -180,11 +178,15 @@ mod tests {
     /// `desired + maxSurge` wanted, and ends with only new pods.
     #[test]
     fn a_whole_rollout_keeps_both_bounds_and_finishes() {
-        for (desired, surge, unavailable) in [(4, 1, 1), (3, 0, 1), (5, 2, 0), (1, 1, 0), (10, 3, 2)]
+        for (desired, surge, unavailable) in
+            [(4, 1, 1), (3, 0, 1), (5, 2, 0), (1, 1, 0), (10, 3, 2)]
         {
             let (mut new, mut old) = (c(0, 0), c(desired, desired));
             for step in 0.. {
-                assert!(step < 100, "{desired}/{surge}/{unavailable} does not finish");
+                assert!(
+                    step < 100,
+                    "{desired}/{surge}/{unavailable} does not finish"
+                );
                 let all = new.replicas + old.replicas;
                 new.replicas = new_replicas(desired, surge, new.replicas, all);
                 old.replicas = old_replicas(desired, unavailable, new, &[old])[0];

@@ -11,8 +11,8 @@
 use serde_json::{Value, json};
 
 use super::{
-    Ctl, active, available, event, ns_name, owned_by, pod_from_template, pod_ready,
-    replicas, template_hash, terminating,
+    Ctl, active, available, event, ns_name, owned_by, pod_from_template, pod_ready, replicas,
+    template_hash, terminating,
 };
 use crate::controllers::{events::EventType, omit_zeros};
 
@@ -53,10 +53,17 @@ fn new_pod(set: &Value, ordinal: i64, revision: &str) -> Value {
         set,
         &set["spec"]["template"],
         Some(&name),
-        &[(REVISION_HASH, revision), (POD_NAME, &name), (POD_INDEX, &index)],
+        &[
+            (REVISION_HASH, revision),
+            (POD_NAME, &name),
+            (POD_INDEX, &index),
+        ],
     );
     pod["spec"]["hostname"] = json!(name);
-    if let Some(service) = set["spec"]["serviceName"].as_str().filter(|s| !s.is_empty()) {
+    if let Some(service) = set["spec"]["serviceName"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+    {
         pod["spec"]["subdomain"] = json!(service);
     }
     for claim in set["spec"]["volumeClaimTemplates"]
@@ -144,7 +151,9 @@ fn sync(ctl: &Ctl, set: &Value, all_pods: &[Value]) {
     let settled = (0..desired).all(|i| at(i).is_some_and(running_and_ready)) && !busy;
     if strategy["type"] != "OnDelete" && settled {
         let outdated = pods.iter().rev().find(|(i, p)| {
-            *i < desired && *i >= partition && p["metadata"]["labels"][REVISION_HASH] != revision.as_str()
+            *i < desired
+                && *i >= partition
+                && p["metadata"]["labels"][REVISION_HASH] != revision.as_str()
         });
         if let Some((i, pod)) = outdated {
             ctl.delete("", "pods", pod, None);
@@ -153,8 +162,11 @@ fn sync(ctl: &Ctl, set: &Value, all_pods: &[Value]) {
     }
 
     let live: Vec<&Value> = pods.iter().map(|(_, p)| *p).filter(|p| active(p)).collect();
-    let at_revision =
-        |r: &str| live.iter().filter(|p| p["metadata"]["labels"][REVISION_HASH] == r).count() as i64;
+    let at_revision = |r: &str| {
+        live.iter()
+            .filter(|p| p["metadata"]["labels"][REVISION_HASH] == r)
+            .count() as i64
+    };
     let updated = at_revision(&revision);
     let current_revision = match set["status"]["currentRevision"].as_str() {
         Some(current) if updated < desired => current.to_owned(),

@@ -59,8 +59,9 @@ pub(super) async fn check(
     let path = http["path"].as_str().unwrap_or("/");
     let url = format!("http://{pod_ip}:{port}{path}");
     let mut conn = conn.map_err(|e| format!("Get \"{url}\": {}", dial_error(e)))?;
-    let request =
-        format!("GET {path} HTTP/1.0\r\nHost: {pod_ip}:{port}\r\nUser-Agent: kube-probe/1.33\r\n\r\n");
+    let request = format!(
+        "GET {path} HTTP/1.0\r\nHost: {pod_ip}:{port}\r\nUser-Agent: kube-probe/1.33\r\n\r\n"
+    );
     conn.write_all(request.as_bytes())
         .await
         .map_err(|e| format!("Get \"{url}\": {e}"))?;

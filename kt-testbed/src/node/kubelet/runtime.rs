@@ -162,7 +162,10 @@ impl PodRun<'_> {
 
     /// Whether container `i`, having ended as `last_state` says, is started again.
     fn restarts_after(&self, i: usize) -> bool {
-        match self.pod["spec"]["restartPolicy"].as_str().unwrap_or("Always") {
+        match self.pod["spec"]["restartPolicy"]
+            .as_str()
+            .unwrap_or("Always")
+        {
             "Always" => true,
             "OnFailure" => self.last_state[i]["terminated"]["exitCode"] != 0,
             _ => false,
@@ -280,9 +283,13 @@ impl PodRun<'_> {
             &self.volumes,
             container,
         ));
-        let env = self
-            .kubelet
-            .env(self.pod, container, self.pod_ip, &self.hostname, &image.path);
+        let env = self.kubelet.env(
+            self.pod,
+            container,
+            self.pod_ip,
+            &self.hostname,
+            &image.path,
+        );
         let spec = RunSpec {
             cgroup: Some(self.running.cgroup.clone()),
             // hostNetwork pods join their node's namespace (never the host's).
