@@ -271,6 +271,105 @@ pub fn table(rt: &ResourceType, items: &[Value], metadata: Value) -> Value {
                 ]
             }),
         ),
+        ("", "events") => (
+            vec![
+                col("Last Seen", "string", 0),
+                col("Type", "string", 0),
+                col("Reason", "string", 0),
+                col("Object", "string", 0),
+                col("Message", "string", 0),
+            ],
+            Box::new(move |o| {
+                let last = ["lastTimestamp", "eventTime"]
+                    .iter()
+                    .find_map(|f| o[*f].as_str())
+                    .or(o["metadata"]["creationTimestamp"].as_str())
+                    .unwrap_or_default();
+                let object = &o["involvedObject"];
+                vec![
+                    json!(human_age(last)),
+                    o["type"].clone(),
+                    o["reason"].clone(),
+                    json!(format!(
+                        "{}/{}",
+                        object["kind"].as_str().unwrap_or_default().to_lowercase(),
+                        object["name"].as_str().unwrap_or_default()
+                    )),
+                    o["message"].clone(),
+                ]
+            }),
+        ),
+        ("apps", "replicasets") => (
+            vec![
+                col("Name", "string", 0),
+                col("Desired", "integer", 0),
+                col("Current", "integer", 0),
+                col("Ready", "integer", 0),
+                col("Age", "date", 0),
+            ],
+            Box::new(move |o| {
+                let count = |v: &Value| json!(v.as_i64().unwrap_or(0));
+                vec![
+                    o["metadata"]["name"].clone(),
+                    count(&o["spec"]["replicas"]),
+                    count(&o["status"]["replicas"]),
+                    count(&o["status"]["readyReplicas"]),
+                    age(o),
+                ]
+            }),
+        ),
+        ("apps", "statefulsets") => (
+            vec![
+                col("Name", "string", 0),
+                col("Ready", "string", 0),
+                col("Age", "date", 0),
+            ],
+            Box::new(move |o| {
+                vec![
+                    o["metadata"]["name"].clone(),
+                    json!(format!(
+                        "{}/{}",
+                        o["status"]["readyReplicas"].as_i64().unwrap_or(0),
+                        o["spec"]["replicas"].as_i64().unwrap_or(0)
+                    )),
+                    age(o),
+                ]
+            }),
+        ),
+        ("batch", "jobs") => (
+            vec![
+                col("Name", "string", 0),
+                col("Status", "string", 0),
+                col("Completions", "string", 0),
+                col("Age", "date", 0),
+            ],
+            Box::new(move |o| {
+                let done = |t: &str| {
+                    o["status"]["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c["type"] == t && c["status"] == "True")
+                };
+                let status = if done("Complete") {
+                    "Complete"
+                } else if done("Failed") {
+                    "Failed"
+                } else {
+                    "Running"
+                };
+                vec![
+                    o["metadata"]["name"].clone(),
+                    json!(status),
+                    json!(format!(
+                        "{}/{}",
+                        o["status"]["succeeded"].as_i64().unwrap_or(0),
+                        o["spec"]["completions"].as_i64().unwrap_or(1)
+                    )),
+                    age(o),
+                ]
+            }),
+        ),
         _ => (
             vec![col("Name", "string", 0), col("Age", "date", 0)],
             Box::new(move |o| vec![o["metadata"]["name"].clone(), age(o)]),
