@@ -109,8 +109,10 @@ fn path_of(object: &Value, name: &str) -> String {
 }
 
 /// An object as read back, less what differs between two creations of it (identity,
-/// allocated addresses, status, what the server derives from the name or uid).
+/// allocated addresses, status, what the server derives from the name or uid); `null`
+/// fields are absent ones (Go reads them alike).
 fn comparable(mut object: Value) -> Value {
+    drop_nulls(&mut object);
     let meta = object["metadata"].as_object_mut().unwrap();
     for field in [
         "name",
@@ -137,6 +139,17 @@ fn comparable(mut object: Value) -> Value {
             .remove("labels");
     }
     object
+}
+
+fn drop_nulls(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.retain(|_, v| !v.is_null());
+            map.values_mut().for_each(drop_nulls);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_nulls),
+        _ => {}
+    }
 }
 
 /// `k8s\0` + runtime.Unknown for a kind no schema has (a CRD's).
@@ -254,9 +267,10 @@ async fn kubectls_typed_commands_send_protobuf_that_reads_back_as_their_json() {
     let kc = &api.kubeconfig;
     // Each generator runs for real (kubectl sends protobuf), and as --dry-run=client -o
     // json (what it would send, as JSON) created under another name with create -f.
-    let generators: &[(&str, &[&str])] = &[
+    let generators: &[(&str, bool, &[&str])] = &[
         (
             "deployment.apps/web",
+            true,
             &[
                 "create",
                 "deployment",
@@ -268,10 +282,12 @@ async fn kubectls_typed_commands_send_protobuf_that_reads_back_as_their_json() {
         ),
         (
             "service/front",
+            true,
             &["create", "service", "clusterip", "front", "--tcp=80:8080"],
         ),
         (
             "job.batch/once",
+            true,
             &[
                 "create",
                 "job",
@@ -284,6 +300,7 @@ async fn kubectls_typed_commands_send_protobuf_that_reads_back_as_their_json() {
         ),
         (
             "cronjob.batch/nightly",
+            true,
             &[
                 "create",
                 "cronjob",
@@ -296,6 +313,7 @@ async fn kubectls_typed_commands_send_protobuf_that_reads_back_as_their_json() {
         ),
         (
             "poddisruptionbudget.policy/budget",
+            true,
             &[
                 "create",
                 "poddisruptionbudget",
@@ -306,10 +324,12 @@ async fn kubectls_typed_commands_send_protobuf_that_reads_back_as_their_json() {
         ),
         (
             "ingress.networking.k8s.io/entry",
+            true,
             &["create", "ingress", "entry", "--rule=foo.test/bar=front:80"],
         ),
         (
             "pod/solo",
+            false,
             &[
                 "run",
                 "solo",
@@ -322,16 +342,21 @@ async fn kubectls_typed_commands_send_protobuf_that_reads_back_as_their_json() {
             ],
         ),
     ];
-    for (resource, args) in generators {
+    for (resource, protobuf, args) in generators {
         let before = api.api.protobuf_bodies.load(Ordering::Relaxed);
+        // The flags go before `--`: after it they would be the container's arguments.
         let mut dry_run = args.to_vec();
-        dry_run.extend(["--dry-run=client", "-o", "json"]);
+        let at = dry_run
+            .iter()
+            .position(|a| *a == "--")
+            .unwrap_or(dry_run.len());
+        dry_run.splice(at..at, ["--dry-run=client", "-o", "json"]);
         let mut as_json: Value = serde_json::from_str(&kubectl_ok(kc, &dry_run)).unwrap();
         kubectl_ok(kc, args);
         assert_eq!(
             api.api.protobuf_bodies.load(Ordering::Relaxed),
-            before + 1,
-            "kubectl {args:?} sent protobuf"
+            before + u64::from(*protobuf),
+            "kubectl {args:?} sent protobuf: {protobuf}"
         );
         let name = as_json["metadata"]["name"].as_str().unwrap().to_owned();
         as_json["metadata"]["name"] = json!(format!("{name}-json"));
@@ -384,6 +409,10 @@ async fn get_all_lists_what_a_cluster_lists() {
         kc,
         &["create", "job", "once", "--image=busybox", "--", "true"],
     );
+    kubectl_ok(
+        kc,
+        &["create", "service", "clusterip", "web", "--tcp=80:8080"],
+    );
     kubectl_ok(kc, &["create", "configmap", "not-in-all"]);
     let listed = eventually("get all shows the Deployment's pod", async || {
         seen(kubectl_ok(kc, &["get", "all", "-o", "name"]), |out| {
@@ -391,11 +420,7 @@ async fn get_all_lists_what_a_cluster_lists() {
         })
     })
     .await;
-    for expected in [
-        "service/kubernetes",
-        "deployment.apps/web",
-        "job.batch/once",
-    ] {
+    for expected in ["service/web", "deployment.apps/web", "job.batch/once"] {
         assert!(
             listed.lines().any(|l| l == expected),
             "{expected} in {listed}"

@@ -120,28 +120,38 @@ fn schemas(kinds: &[Kind]) -> Value {
             );
         }
     }
-    let mut schemas = Value::Object(definitions);
-    wrap_references(&mut schemas);
-    schemas
+    definitions.values_mut().for_each(wrap_references);
+    Value::Object(definitions)
 }
 
-/// `{"$ref": r}` → `{"allOf": [{"$ref": r}]}`, as the published documents have every
-/// reference (kubectl explain reads them so).
-fn wrap_references(value: &mut Value) {
-    match value {
-        Value::Object(map) => {
-            if let Some(reference) = map.remove("$ref") {
-                map.insert("allOf".into(), json!([{"$ref": reference}]));
-            }
-            for (key, child) in map.iter_mut() {
-                // An `allOf` holds the references themselves.
-                if key != "allOf" {
-                    wrap_references(child);
+/// `{"$ref": r}` → `{"allOf": [{"$ref": r}]}` in every schema, as the published documents
+/// have every reference (kubectl explain reads them so).
+fn wrap_references(schema: &mut Value) {
+    let Value::Object(map) = schema else {
+        return;
+    };
+    if let Some(reference) = map.remove("$ref") {
+        map.insert("allOf".into(), json!([{"$ref": reference}]));
+    }
+    for (keyword, child) in map.iter_mut() {
+        match keyword.as_str() {
+            // Maps of names to schemas (a property may be called `$ref`).
+            "properties" | "patternProperties" | "definitions" | "$defs" => {
+                if let Value::Object(named) = child {
+                    named.values_mut().for_each(wrap_references);
                 }
             }
+            "items" | "additionalProperties" | "additionalItems" | "not" => {
+                wrap_references(child);
+            }
+            "anyOf" | "oneOf" => {
+                if let Value::Array(schemas) = child {
+                    schemas.iter_mut().for_each(wrap_references);
+                }
+            }
+            // `allOf` holds the references themselves; the rest are values, not schemas.
+            _ => {}
         }
-        Value::Array(items) => items.iter_mut().for_each(wrap_references),
-        _ => {}
     }
 }
 
@@ -174,5 +184,9 @@ mod tests {
         assert!(pod_spec["properties"]["containers"].is_object());
         assert!(schemas["io.k8s.api.core.v1.Pod"].is_null());
         assert_eq!(components("example.com", "v1"), json!({}));
+        // A property named `$ref` is a property, not a reference.
+        let props = &components("apiextensions.k8s.io", "v1")["io.k8s.apiextensions-apiserver.pkg.apis.apiextensions.v1.JSONSchemaProps"]
+            ["properties"];
+        assert_eq!(props["$ref"], json!({"type": "string"}));
     }
 }
