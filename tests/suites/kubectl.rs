@@ -725,7 +725,9 @@ async fn create_deployment_with_a_port_and_expose_it() {
             "--timeout=60s",
         ],
     );
-    let answer = who_answers(&tb, "http://web/").expect("web answers through its Service");
+    let answer = eventually_blocking("web answers through its Service", || {
+        who_answers(&tb, "http://web/")
+    });
     assert!(answer.starts_with("web-"), "{answer}");
     tb.stop().await;
 }
