@@ -197,7 +197,7 @@ pub(super) enum Route {
     Resources(String, String),
     Health,
     Object {
-        rt: ResourceType,
+        rt: Box<ResourceType>,
         ns: Option<String>,
         name: Option<String>,
         sub: Option<String>,
@@ -266,7 +266,7 @@ fn route(api: &ApiServer, path: &str) -> Result<Route, ApiError> {
                 return Err(ApiError::no_route());
             }
             Ok(Route::Object {
-                rt,
+                rt: Box::new(rt),
                 ns: Some((*ns).into()),
                 name: tail.first().map(own),
                 sub: tail.get(1).map(own),
@@ -275,7 +275,7 @@ fn route(api: &ApiServer, path: &str) -> Result<Route, ApiError> {
         [plural, tail @ ..] if tail.len() <= 2 => {
             let rt = find(plural)?;
             Ok(Route::Object {
-                rt,
+                rt: Box::new(rt),
                 ns: None,
                 name: tail.first().map(own),
                 sub: tail.get(1).map(own),
@@ -333,7 +333,7 @@ async fn serve(api: Arc<ApiServer>, req: Request) -> Result<Response, ApiError> 
         None => return Err(ApiError::unauthorized()),
     };
     let (rt, ns, name, sub) = match route(&api, req.uri().path())? {
-        Route::Object { rt, ns, name, sub } => (rt, ns, name, sub),
+        Route::Object { rt, ns, name, sub } => (*rt, ns, name, sub),
         other => return discovery::serve(&api.store, other),
     };
     let target = Target {
