@@ -149,6 +149,15 @@ fn human_duration(secs: i64) -> String {
     }
 }
 
+/// A workload's `READY` cell: ready replicas of the desired ones.
+fn ready_of(o: &Value) -> Value {
+    json!(format!(
+        "{}/{}",
+        o["status"]["readyReplicas"].as_i64().unwrap_or(0),
+        o["spec"]["replicas"].as_i64().unwrap_or(0)
+    ))
+}
+
 /// Renders the cells of one table row.
 type CellsFn = Box<dyn Fn(&Value) -> Vec<Value>>;
 
@@ -225,11 +234,7 @@ pub fn table(rt: &ResourceType, items: &[Value], metadata: Value) -> Value {
                 let s = &o["status"];
                 vec![
                     o["metadata"]["name"].clone(),
-                    json!(format!(
-                        "{}/{}",
-                        s["readyReplicas"].as_i64().unwrap_or(0),
-                        o["spec"]["replicas"].as_i64().unwrap_or(0)
-                    )),
+                    ready_of(o),
                     json!(s["updatedReplicas"].as_i64().unwrap_or(0)),
                     json!(s["availableReplicas"].as_i64().unwrap_or(0)),
                     age(o),
@@ -324,17 +329,7 @@ pub fn table(rt: &ResourceType, items: &[Value], metadata: Value) -> Value {
                 col("Ready", "string", 0),
                 col("Age", "date", 0),
             ],
-            Box::new(move |o| {
-                vec![
-                    o["metadata"]["name"].clone(),
-                    json!(format!(
-                        "{}/{}",
-                        o["status"]["readyReplicas"].as_i64().unwrap_or(0),
-                        o["spec"]["replicas"].as_i64().unwrap_or(0)
-                    )),
-                    age(o),
-                ]
-            }),
+            Box::new(move |o| vec![o["metadata"]["name"].clone(), ready_of(o), age(o)]),
         ),
         ("batch", "jobs") => (
             vec![
