@@ -5,8 +5,7 @@
 //! than `activeDeadlineSeconds`, fail the Job. Status counts active, ready, succeeded and
 //! failed pods, with start and completion times and the Complete or Failed condition;
 //! `ttlSecondsAfterFinished` removes a finished Job. The selector and the pods' labels
-//! (`batch.kubernetes.io/controller-uid`, `job-name`), which the API server generates at
-//! creation in a cluster, are filled in by the controller's first pass here.
+//! (`batch.kubernetes.io/controller-uid`, `job-name`) come from the API server's defaults.
 
 use std::collections::BTreeSet;
 
@@ -15,12 +14,10 @@ use serde_json::{Value, json};
 use super::{Ctl, active, condition, event, ns_name, owned_by, pod_from_template, pod_ready};
 use crate::{
     api::store::now_rfc3339,
-    controllers::{events::EventType, terminating, uid},
+    controllers::{events::EventType, terminating},
 };
 
 const COMPONENT: &str = "job-controller";
-const CONTROLLER_UID: &str = "batch.kubernetes.io/controller-uid";
-const JOB_NAME: &str = "batch.kubernetes.io/job-name";
 const COMPLETION_INDEX: &str = "batch.kubernetes.io/job-completion-index";
 /// The second time field of a Job's conditions.
 const PROBE_TIME: &str = "lastProbeTime";
@@ -31,32 +28,8 @@ pub(in crate::controllers) fn jobs(ctl: &Ctl) {
         if terminating(&job) {
             continue;
         }
-        if job["spec"]["selector"].is_null() && job["spec"]["manualSelector"] != true {
-            generate_selector(ctl, &job);
-            continue;
-        }
         sync(ctl, &job, &pods);
     }
-}
-
-/// The selector and template labels the API server gives a Job without `manualSelector`.
-fn generate_selector(ctl: &Ctl, job: &Value) {
-    let (job_uid, name) = (uid(job).to_owned(), ns_name(job).1.to_owned());
-    let _ = ctl.modify("batch", "jobs", job, |o| {
-        o["spec"]["selector"] = json!({"matchLabels": {CONTROLLER_UID: job_uid}});
-        let labels = &mut o["spec"]["template"]["metadata"]["labels"];
-        if !labels.is_object() {
-            *labels = json!({});
-        }
-        for (key, value) in [
-            (CONTROLLER_UID, &job_uid),
-            (JOB_NAME, &name),
-            ("controller-uid", &job_uid),
-            ("job-name", &name),
-        ] {
-            labels[key] = json!(value);
-        }
-    });
 }
 
 fn finished(job: &Value) -> Option<&Value> {
