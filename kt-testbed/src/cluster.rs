@@ -406,6 +406,7 @@ impl Testbed {
     fn teardown(&mut self) {
         if let Some(topology) = self.topology.take() {
             kill_cgroup_tree(topology.cgroup_path());
+            self.kubelets.remove_leftover_sandboxes();
             drop(topology);
         }
     }

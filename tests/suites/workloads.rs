@@ -182,10 +182,38 @@ fn jsonpath(tb: &Testbed, what: &[&str], path: &str) -> String {
 }
 
 fn rollout_status(tb: &Testbed, what: &str) -> String {
-    kubectl_ok(
-        &tb.kubeconfig,
-        &["rollout", "status", what, "--timeout=120s"],
-    )
+    waited(tb, &["rollout", "status", what, "--timeout=120s"])
+}
+
+/// stdout of a kubectl command that waits for something; when it fails, the panic shows
+/// the cluster's state as well (workloads, pods' statuses and events).
+fn waited(tb: &Testbed, args: &[&str]) -> String {
+    let out = kubectl(&tb.kubeconfig, args);
+    if out.status.success() {
+        return String::from_utf8_lossy(&out.stdout).into_owned();
+    }
+    let state = |args: &[&str]| {
+        let out = kubectl(&tb.kubeconfig, args);
+        String::from_utf8_lossy(if out.status.success() {
+            &out.stdout
+        } else {
+            &out.stderr
+        })
+        .into_owned()
+    };
+    panic!(
+        "kubectl {args:?} failed: {}{}\n{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        state(&["get", "deploy,rs,sts,jobs,pods", "-o", "wide"]),
+        state(&[
+            "get",
+            "pods,sts,jobs",
+            "-o",
+            "jsonpath={range .items[*]}{.kind} {.metadata.name} {.status}{\"\\n\"}{end}"
+        ]),
+        state(&["get", "events"]),
+    );
 }
 
 /// ReplicaSets of `app` as `name revision replicas`, one a line, sorted by name.
@@ -603,16 +631,19 @@ async fn a_rollout_waits_for_readiness_and_undo_brings_the_old_pods_back() {
             .contains("Waiting for deployment \"stuck\" rollout to finish: 2 out of 4 new replicas have been updated"),
         "{out:?}"
     );
-    let serving = jsonpath(
+    let readiness = jsonpath(
         &tb,
         &["pods", "-l", "app=stuck"],
-        r#"{range .items[?(@.status.conditions[1].status=="True")]}{.metadata.name} {end}"#,
+        r#"{range .items[*]}{.metadata.name} {.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}"#,
     );
+    let serving: Vec<&str> = readiness
+        .lines()
+        .filter_map(|l| l.strip_suffix(" True"))
+        .collect();
+    assert_eq!(serving.len(), 3, "{readiness}");
     assert!(
-        serving
-            .split_whitespace()
-            .all(|p| p.starts_with(&format!("{first}-"))),
-        "only old pods are ready: {serving}, unready {unready:?}"
+        serving.iter().all(|p| p.starts_with(&format!("{first}-"))),
+        "only old pods are ready: {readiness}, unready {unready:?}"
     );
 
     kubectl_ok(&tb.kubeconfig, &["rollout", "undo", "deploy/stuck"]);
@@ -884,8 +915,8 @@ spec:
 "#,
     );
     for job in ["three", "indexed", "retried"] {
-        kubectl_ok(
-            &tb.kubeconfig,
+        waited(
+            &tb,
             &[
                 "wait",
                 "--for=condition=complete",

@@ -181,6 +181,26 @@ impl Kubelets {
         })
     }
 
+    /// Deletes the network namespaces of pods (`<prefix>p<seq>`) whose teardown never ran:
+    /// a testbed dropped without `stop` abandons its pod tasks.
+    pub fn remove_leftover_sandboxes(&self) {
+        let pods = format!("{}p", self.prefix);
+        let Ok(entries) = std::fs::read_dir("/run/netns") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_pod = name
+                .strip_prefix(&pods)
+                .is_some_and(|seq| !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit()));
+            if is_pod {
+                let _ = crate::sys::netns::run_checked(
+                    std::process::Command::new("ip").args(["netns", "del", &name]),
+                );
+            }
+        }
+    }
+
     /// Registers the Nodes and starts one kubelet loop per node.
     pub fn start(self: &Arc<Self>) {
         let nodes = self.core_type("nodes");
@@ -412,7 +432,11 @@ impl Kubelets {
             let name = c["image"].as_str().unwrap_or_default();
             let involved = Involved::container(pod, c["name"].as_str().unwrap_or_default());
             let always = c["imagePullPolicy"] == "Always";
-            if always {
+            let found = self.catalog.image(name);
+            // A kubelet pulls on `Always`, and on `IfNotPresent` an image it does not have.
+            let pulls =
+                always || (c["imagePullPolicy"] != "Never" && !matches!(found, Ok(Some(_))));
+            if pulls {
                 let message = format!("Pulling image \"{name}\"");
                 self.event(
                     &node.name,
@@ -422,7 +446,7 @@ impl Kubelets {
                     &message,
                 );
             }
-            match self.catalog.image(name) {
+            match found {
                 Ok(Some(image)) => {
                     let message = if always {
                         format!(
