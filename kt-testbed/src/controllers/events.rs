@@ -178,22 +178,16 @@ mod tests {
         let pod = pod();
         let kubelet = Source::kubelet("node-1");
         let started = Involved::container(&pod, "app");
-        record(
-            &store,
-            kubelet,
-            &started,
-            EventType::Normal,
-            "Started",
-            "Started container app",
-        );
-        record(
-            &store,
-            kubelet,
-            &started,
-            EventType::Normal,
-            "Started",
-            "Started container app",
-        );
+        for _ in 0..2 {
+            record(
+                &store,
+                kubelet,
+                &started,
+                EventType::Normal,
+                "Started",
+                "Started container app",
+            );
+        }
         record(
             &store,
             Source::controller("default-scheduler"),

@@ -143,6 +143,25 @@ fn event(ctl: &Ctl, component: &str, obj: &Value, kind: EventType, reason: &str,
     );
 }
 
+/// What a controller did to a pod it owns.
+#[derive(Clone, Copy)]
+enum PodEvent {
+    Created,
+    Deleted,
+}
+
+/// The `SuccessfulCreate` or `SuccessfulDelete` event a controller writes about its `owner`
+/// when it made or deleted `pod`.
+fn pod_event(ctl: &Ctl, component: &str, owner: &Value, what: PodEvent, pod: &Value) {
+    let (reason, verb) = match what {
+        PodEvent::Created => ("SuccessfulCreate", "Created"),
+        PodEvent::Deleted => ("SuccessfulDelete", "Deleted"),
+    };
+    let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    let message = format!("{verb} pod: {name}");
+    event(ctl, component, owner, EventType::Normal, reason, &message);
+}
+
 /// A condition as the workload controllers write them, keeping `lastTransitionTime` while
 /// the status stays what `previous` (the object's conditions) says; `also` names another
 /// time field set alike (`lastUpdateTime` of a Deployment, `lastProbeTime` of a Job).

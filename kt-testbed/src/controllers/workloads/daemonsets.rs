@@ -5,9 +5,10 @@
 use serde_json::{Value, json};
 
 use super::{
-    Ctl, event, ns_name, owned_by, pod_from_template, pod_ready, template_hash, terminating,
+    Ctl, PodEvent, ns_name, owned_by, pod_event, pod_from_template, pod_ready, template_hash,
+    terminating,
 };
-use crate::controllers::{events::EventType, omit_zeros};
+use crate::controllers::omit_zeros;
 
 const COMPONENT: &str = "daemonset-controller";
 /// The label naming the template revision a DaemonSet's pod was made from.
@@ -47,18 +48,7 @@ pub(in crate::controllers) fn daemonsets(ctl: &Ctl) {
                 .filter(|p| p["metadata"]["labels"][REVISION_HASH] != hash.as_str())
             {
                 ctl.delete("", "pods", stale, None);
-                let message = format!(
-                    "Deleted pod: {}",
-                    stale["metadata"]["name"].as_str().unwrap_or_default()
-                );
-                event(
-                    ctl,
-                    COMPONENT,
-                    &ds,
-                    EventType::Normal,
-                    "SuccessfulDelete",
-                    &message,
-                );
+                pod_event(ctl, COMPONENT, &ds, PodEvent::Deleted, stale);
             }
             let current: Vec<&&&Value> = on_node
                 .iter()
@@ -78,18 +68,7 @@ pub(in crate::controllers) fn daemonsets(ctl: &Ctl) {
                 );
                 pod["spec"]["nodeName"] = json!(node_name);
                 if let Ok(created) = ctl.create("", "pods", ns, pod) {
-                    let message = format!(
-                        "Created pod: {}",
-                        created["metadata"]["name"].as_str().unwrap_or_default()
-                    );
-                    event(
-                        ctl,
-                        COMPONENT,
-                        &ds,
-                        EventType::Normal,
-                        "SuccessfulCreate",
-                        &message,
-                    );
+                    pod_event(ctl, COMPONENT, &ds, PodEvent::Created, &created);
                 }
             }
             ready += current.iter().filter(|p| pod_ready(p)).count() as i64;

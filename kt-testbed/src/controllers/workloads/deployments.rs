@@ -104,6 +104,18 @@ impl<'a> Rollout<'a> {
         }
     }
 
+    /// The `ScalingReplicaSet` event about the Deployment.
+    fn scaling_event(&self, message: &str) {
+        event(
+            self.ctl,
+            COMPONENT,
+            self.d,
+            EventType::Normal,
+            "ScalingReplicaSet",
+            message,
+        );
+    }
+
     /// The active pods of `rs`.
     fn pods_of(&self, rs: &Value) -> impl Iterator<Item = &'a Value> {
         let (ns, rs_uid) = (ns_name(rs).0.to_owned(), uid(rs).to_owned());
@@ -212,14 +224,7 @@ impl<'a> Rollout<'a> {
         let created = self.ctl.create("apps", "replicasets", ns, rs).ok()?;
         if wanted > 0 {
             let message = format!("Scaled up replica set {rs_name} from 0 to {wanted}");
-            event(
-                self.ctl,
-                COMPONENT,
-                self.d,
-                EventType::Normal,
-                "ScalingReplicaSet",
-                &message,
-            );
+            self.scaling_event(&message);
         }
         Some(created)
     }
@@ -293,14 +298,7 @@ impl<'a> Rollout<'a> {
                 "Scaled {direction} replica set {} from {from} to {to}",
                 rs["metadata"]["name"].as_str().unwrap_or_default()
             );
-            event(
-                self.ctl,
-                COMPONENT,
-                self.d,
-                EventType::Normal,
-                "ScalingReplicaSet",
-                &message,
-            );
+            self.scaling_event(&message);
         }
         updated
     }

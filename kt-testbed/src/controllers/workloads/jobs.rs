@@ -11,7 +11,10 @@ use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
 
-use super::{Ctl, active, condition, event, ns_name, owned_by, pod_from_template, pod_ready};
+use super::{
+    Ctl, PodEvent, active, condition, event, ns_name, owned_by, pod_event, pod_from_template,
+    pod_ready,
+};
 use crate::{
     api::store::now_rfc3339,
     controllers::{events::EventType, terminating},
@@ -183,35 +186,13 @@ fn sync(ctl: &Ctl, job: &Value, all_pods: &[Value]) {
                 }
             }
             if let Ok(created) = ctl.create("", "pods", ns, pod) {
-                let message = format!(
-                    "Created pod: {}",
-                    created["metadata"]["name"].as_str().unwrap_or_default()
-                );
-                event(
-                    ctl,
-                    COMPONENT,
-                    job,
-                    EventType::Normal,
-                    "SuccessfulCreate",
-                    &message,
-                );
+                pod_event(ctl, COMPONENT, job, PodEvent::Created, &created);
             }
         }
     } else if have > wanted {
         for pod in running.iter().rev().take((have - wanted) as usize) {
             ctl.delete("", "pods", pod, None);
-            let message = format!(
-                "Deleted pod: {}",
-                pod["metadata"]["name"].as_str().unwrap_or_default()
-            );
-            event(
-                ctl,
-                COMPONENT,
-                job,
-                EventType::Normal,
-                "SuccessfulDelete",
-                &message,
-            );
+            pod_event(ctl, COMPONENT, job, PodEvent::Deleted, pod);
         }
     }
 

@@ -5,13 +5,10 @@
 use serde_json::{Value, json};
 
 use super::{
-    Ctl, active, available, controller_ref, controller_uid, event, ns_name, owned_by,
+    Ctl, PodEvent, active, available, controller_ref, controller_uid, ns_name, owned_by, pod_event,
     pod_from_template, pod_ready, replicas, terminating,
 };
-use crate::{
-    api::selector::LabelSelector,
-    controllers::{events::EventType, omit_zeros},
-};
+use crate::{api::selector::LabelSelector, controllers::omit_zeros};
 
 const COMPONENT: &str = "replicaset-controller";
 
@@ -49,18 +46,7 @@ pub(in crate::controllers) fn replicasets(ctl: &Ctl) {
         for _ in have..want {
             let pod = pod_from_template(&rs, &rs["spec"]["template"], None, &[]);
             if let Ok(created) = ctl.create("", "pods", ns, pod) {
-                let message = format!(
-                    "Created pod: {}",
-                    created["metadata"]["name"].as_str().unwrap_or_default()
-                );
-                event(
-                    ctl,
-                    COMPONENT,
-                    &rs,
-                    EventType::Normal,
-                    "SuccessfulCreate",
-                    &message,
-                );
+                pod_event(ctl, COMPONENT, &rs, PodEvent::Created, &created);
             }
         }
         if have > want {
@@ -79,18 +65,7 @@ pub(in crate::controllers) fn replicasets(ctl: &Ctl) {
             });
             for pod in victims.into_iter().take((have - want) as usize) {
                 ctl.delete("", "pods", pod, None);
-                let message = format!(
-                    "Deleted pod: {}",
-                    pod["metadata"]["name"].as_str().unwrap_or_default()
-                );
-                event(
-                    ctl,
-                    COMPONENT,
-                    &rs,
-                    EventType::Normal,
-                    "SuccessfulDelete",
-                    &message,
-                );
+                pod_event(ctl, COMPONENT, &rs, PodEvent::Deleted, pod);
             }
         }
         let min_ready_seconds = rs["spec"]["minReadySeconds"].as_i64().unwrap_or(0);
