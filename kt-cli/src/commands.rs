@@ -49,7 +49,15 @@ pub async fn shadow_tunnel(
     spec: &ShadowSpec,
     connections: usize,
 ) -> Result<Option<Arc<SshPool>>, ShadowTunnelError> {
-    let tunnel = open_shadow(settings, cluster, lifecycle, spec, connections, Teardown::Delete).await?;
+    let tunnel = open_shadow(
+        settings,
+        cluster,
+        lifecycle,
+        spec,
+        connections,
+        Teardown::Delete,
+    )
+    .await?;
     Ok(tunnel.map(|t| t.pool))
 }
 
@@ -68,7 +76,16 @@ pub async fn open_shadow(
         () = lifecycle.stop.cancelled() => return Ok(None),
         deployed = shadow::deploy(&cluster.client, lifecycle, spec, &key.public_line, &key.private_pem, teardown) => deployed?,
     }
-    start_pool(settings, cluster, lifecycle, &spec.name, key.private, connections, key_file).await
+    start_pool(
+        settings,
+        cluster,
+        lifecycle,
+        &spec.name,
+        key.private,
+        connections,
+        key_file,
+    )
+    .await
 }
 
 /// SSH connections to the running shadow `name` with the session key `private_pem` (a
@@ -81,16 +98,31 @@ pub async fn join_shadow(
     private_pem: &str,
     connections: usize,
 ) -> Result<Option<ShadowTunnel>, ShadowTunnelError> {
-    let private = russh::keys::decode_secret_key(private_pem, None).map_err(|source| ShadowTunnelError::Key {
-        name: name.to_owned(),
-        source,
+    let private = russh::keys::decode_secret_key(private_pem, None).map_err(|source| {
+        ShadowTunnelError::Key {
+            name: name.to_owned(),
+            source,
+        }
     })?;
     let key_file = write_key(lifecycle, name, private_pem)?;
-    start_pool(settings, cluster, lifecycle, name, Arc::new(private), connections, key_file).await
+    start_pool(
+        settings,
+        cluster,
+        lifecycle,
+        name,
+        Arc::new(private),
+        connections,
+        key_file,
+    )
+    .await
 }
 
 /// Writes `~/.kt/key/<name>.key` and registers its removal.
-fn write_key(lifecycle: &Lifecycle, name: &str, private_pem: &str) -> Result<PathBuf, LifecycleError> {
+fn write_key(
+    lifecycle: &Lifecycle,
+    name: &str,
+    private_pem: &str,
+) -> Result<PathBuf, LifecycleError> {
     let key_file = lifecycle.home.join("key").join(format!("{name}.key"));
     crate::lifecycle::write_file(&key_file, private_pem.as_bytes(), 0o400)?;
     let removed = key_file.clone();

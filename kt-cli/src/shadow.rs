@@ -357,9 +357,12 @@ pub async fn join_shared(
         .data
         .and_then(|mut d| d.remove(compat::PRIVATE_KEY))
         .ok_or_else(|| ShadowError::NoKey(name.to_owned()))?;
-    lifecycle
-        .tasks
-        .spawn(heartbeat(pods, cms, name.to_owned(), lifecycle.done.clone()));
+    lifecycle.tasks.spawn(heartbeat(
+        pods,
+        cms,
+        name.to_owned(),
+        lifecycle.done.clone(),
+    ));
     Ok(Some(key))
 }
 

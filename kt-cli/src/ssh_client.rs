@@ -175,7 +175,10 @@ pub enum Route {
 /// What a channel is opened to.
 #[derive(Clone, Copy)]
 enum Destination<'a> {
-    Tcp { host: &'a str, port: u16 },
+    Tcp {
+        host: &'a str,
+        port: u16,
+    },
     /// A UDP relay path.
     Udp(&'a str),
 }

@@ -194,7 +194,9 @@ fn main() -> ExitCode {
             )
         }),
         Command::DnsRelay { dns } => {
-            let config = dns.config(Some(dns_relay::Protocol::Udp)).expect("a default protocol");
+            let config = dns
+                .config(Some(dns_relay::Protocol::Udp))
+                .expect("a default protocol");
             serve("dns-relay", |shutdown| dns_relay::run(config, shutdown))
         }
     }
@@ -204,7 +206,9 @@ fn main() -> ExitCode {
 /// `KT_AGENT_LOG`; the shadow also follows v0.3.7's `KT_LOG_LEVEL` (`debug`/`info`).
 fn init_logging(command: &Command) {
     let fallback = match command {
-        Command::Shadow { .. } | Command::DnsRelay { .. } => std::env::var(env::LOG_LEVEL).unwrap_or_else(|_| "info".into()),
+        Command::Shadow { .. } | Command::DnsRelay { .. } => {
+            std::env::var(env::LOG_LEVEL).unwrap_or_else(|_| "info".into())
+        }
         _ => "info".into(),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env(env::LOG)

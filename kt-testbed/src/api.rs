@@ -8,10 +8,12 @@ pub mod api_only;
 pub mod auth;
 mod discovery;
 pub mod errors;
+mod openapi;
 pub mod patch;
 pub mod protobuf;
 pub mod resources;
 pub mod selector;
+pub mod spdy;
 pub mod store;
 pub mod streams;
 mod subresources;
@@ -78,6 +80,8 @@ pub struct ApiServer {
     streams: RwLock<CancellationToken>,
     /// Watches answered with 410 Expired (clients then relist).
     pub expired_watches: std::sync::atomic::AtomicU64,
+    /// Request bodies that came in the Kubernetes protobuf encoding.
+    pub protobuf_bodies: std::sync::atomic::AtomicU64,
 }
 
 impl ApiServer {
@@ -97,6 +101,7 @@ impl ApiServer {
             watches: RwLock::new(shutdown.child_token()),
             streams: RwLock::new(shutdown.child_token()),
             expired_watches: std::sync::atomic::AtomicU64::new(0),
+            protobuf_bodies: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -192,7 +197,7 @@ pub(super) enum Route {
     Resources(String, String),
     Health,
     Object {
-        rt: ResourceType,
+        rt: Box<ResourceType>,
         ns: Option<String>,
         name: Option<String>,
         sub: Option<String>,
@@ -261,7 +266,7 @@ fn route(api: &ApiServer, path: &str) -> Result<Route, ApiError> {
                 return Err(ApiError::no_route());
             }
             Ok(Route::Object {
-                rt,
+                rt: Box::new(rt),
                 ns: Some((*ns).into()),
                 name: tail.first().map(own),
                 sub: tail.get(1).map(own),
@@ -270,7 +275,7 @@ fn route(api: &ApiServer, path: &str) -> Result<Route, ApiError> {
         [plural, tail @ ..] if tail.len() <= 2 => {
             let rt = find(plural)?;
             Ok(Route::Object {
-                rt,
+                rt: Box::new(rt),
                 ns: None,
                 name: tail.first().map(own),
                 sub: tail.get(1).map(own),
@@ -328,7 +333,7 @@ async fn serve(api: Arc<ApiServer>, req: Request) -> Result<Response, ApiError> 
         None => return Err(ApiError::unauthorized()),
     };
     let (rt, ns, name, sub) = match route(&api, req.uri().path())? {
-        Route::Object { rt, ns, name, sub } => (rt, ns, name, sub),
+        Route::Object { rt, ns, name, sub } => (*rt, ns, name, sub),
         other => return discovery::serve(&api.store, other),
     };
     let target = Target {
@@ -444,14 +449,21 @@ pub(super) async fn read_body(req: Request) -> Result<Bytes, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("reading body: {e}")))
 }
 
-pub(super) async fn read_json(req: Request) -> Result<Value, ApiError> {
+/// A request's object: JSON, or protobuf (counted in [`ApiServer::protobuf_bodies`]).
+pub(super) async fn read_json(api: &ApiServer, req: Request) -> Result<Value, ApiError> {
     let content_type = content_type(req.headers());
     let body = read_body(req).await?;
     if content_type == "application/vnd.kubernetes.protobuf" {
-        return protobuf::decode(&body).map_err(|m| {
-            let mut e = ApiError::unsupported_media_type(&content_type);
-            e.message = m;
-            e
+        api.protobuf_bodies
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return protobuf::decode(&body).map_err(|e| {
+            let mut err = if e.unsupported_kind() {
+                ApiError::unsupported_media_type(&content_type)
+            } else {
+                ApiError::bad_request(String::new())
+            };
+            err.message = e.to_string();
+            err
         });
     }
     serde_json::from_slice(&body).map_err(|e| {

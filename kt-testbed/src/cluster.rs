@@ -146,10 +146,11 @@ impl Testbed {
         Self::kubernetes_service(&store);
         controllers::spawn_all(&store, &api.tasks, &shutdown);
 
-        let catalog = Catalog {
-            testbed_bin: options.testbed_bin.clone(),
-            agent_bin: options.agent_bin.clone(),
-        };
+        let catalog = Catalog::new(
+            options.testbed_bin.clone(),
+            options.agent_bin.clone(),
+            dir.clone(),
+        );
         let nodes = topology
             .nodes
             .iter()
@@ -410,6 +411,7 @@ impl Testbed {
     fn teardown(&mut self) {
         if let Some(topology) = self.topology.take() {
             kill_cgroup_tree(topology.cgroup_path());
+            self.kubelets.remove_leftover_sandboxes();
             drop(topology);
         }
     }

@@ -1,9 +1,10 @@
 //! The cluster's controllers, in-process over the store: workloads (Deployment →
-//! ReplicaSet → Pods, DaemonSet), the scheduler, Endpoints and EndpointSlices, garbage
-//! collection and namespaces. Each reconciles everything it owns when a change it cares
+//! ReplicaSet → Pods, DaemonSet, StatefulSet, Job), the scheduler, Endpoints and
+//! EndpointSlices, garbage collection and namespaces, and the Events they write. Each reconciles everything it owns when a change it cares
 //! about arrives, and on a periodic resync. They never touch what they do not own.
 
 mod endpoints;
+pub mod events;
 mod gc;
 mod scheduler;
 mod workloads;
@@ -23,9 +24,13 @@ use crate::{
 /// Starts every controller as a tracked task.
 pub fn spawn_all(store: &Arc<Store>, tasks: &TaskTracker, shutdown: &CancellationToken) {
     type Reconcile = fn(&Ctl);
-    let all: [(&'static [(&'static str, &'static str)], Reconcile); 6] = [
+    let all: [(&'static [(&'static str, &'static str)], Reconcile); 8] = [
         (
-            &[("apps", "deployments"), ("apps", "replicasets")],
+            &[
+                ("apps", "deployments"),
+                ("apps", "replicasets"),
+                ("", "pods"),
+            ],
             workloads::deployments,
         ),
         (
@@ -36,6 +41,11 @@ pub fn spawn_all(store: &Arc<Store>, tasks: &TaskTracker, shutdown: &Cancellatio
             &[("apps", "daemonsets"), ("", "pods"), ("", "nodes")],
             workloads::daemonsets,
         ),
+        (
+            &[("apps", "statefulsets"), ("", "pods")],
+            workloads::statefulsets,
+        ),
+        (&[("batch", "jobs"), ("", "pods")], workloads::jobs),
         (&[("", "pods"), ("", "nodes")], scheduler::schedule),
         (&[("", "services"), ("", "pods")], endpoints::reconcile),
         (&[("", "namespaces")], gc::namespaces),

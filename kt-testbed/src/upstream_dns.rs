@@ -34,10 +34,18 @@ pub fn respond(query: &[u8]) -> Option<Vec<u8>> {
     response.metadata.recursion_available = true;
     if let Some(question) = request.queries.first() {
         response.add_query(question.clone());
-        let asked = question.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+        let asked = question
+            .name
+            .to_ascii()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
         match NAMES.iter().find(|(name, _)| *name == asked) {
             Some((_, ip)) if question.query_type == RecordType::A => {
-                response.add_answer(Record::from_rdata(question.name.clone(), TTL, RData::A(A(*ip))));
+                response.add_answer(Record::from_rdata(
+                    question.name.clone(),
+                    TTL,
+                    RData::A(A(*ip)),
+                ));
             }
             Some(_) => {}
             None => response.metadata.response_code = ResponseCode::NXDomain,
@@ -49,7 +57,11 @@ pub fn respond(query: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Serves [`respond`] at [`ADDRESS`] inside the network namespace `netns` until `shutdown`.
-pub fn spawn(netns: &std::path::Path, tasks: &TaskTracker, shutdown: CancellationToken) -> std::io::Result<()> {
+pub fn spawn(
+    netns: &std::path::Path,
+    tasks: &TaskTracker,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let udp = netio::udp(netns, ADDRESS)?;
     let tcp = netio::listen(netns, ADDRESS)?;
     let stop = shutdown.clone();
@@ -89,7 +101,8 @@ pub fn spawn(netns: &std::path::Path, tasks: &TaskTracker, shutdown: Cancellatio
                             return Ok::<(), std::io::Error>(());
                         };
                         let len = u16::try_from(reply.len()).map_err(std::io::Error::other)?;
-                        conn.write_all(&[&len.to_be_bytes()[..], &reply].concat()).await?;
+                        conn.write_all(&[&len.to_be_bytes()[..], &reply].concat())
+                            .await?;
                     }
                 };
                 tokio::select! {
@@ -118,7 +131,13 @@ mod tests {
     fn it_knows_its_zone_and_nothing_else() {
         let reply = ask("WWW.example.test.");
         assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
-        assert_eq!(reply.answers[0].data, RData::A(A(Ipv4Addr::new(192, 0, 2, 10))));
-        assert_eq!(ask("web.default.svc.cluster.local.").metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(
+            reply.answers[0].data,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 10)))
+        );
+        assert_eq!(
+            ask("web.default.svc.cluster.local.").metadata.response_code,
+            ResponseCode::NXDomain
+        );
     }
 }

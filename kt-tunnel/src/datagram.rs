@@ -51,7 +51,11 @@ impl AsyncRead for ConnectedUdp {
 }
 
 impl AsyncWrite for ConnectedUdp {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.0.poll_send(cx, buf)
     }
 

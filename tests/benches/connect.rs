@@ -61,25 +61,50 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// p50 and p99 µs of 200 lookups of `name` (through /etc/resolv.conf, or `server`).
-fn dns_times(client: &impl Fn(&[&str]) -> Result<String, String>, name: &str, server: Option<&str>) -> [f64; 2] {
+fn dns_times(
+    client: &impl Fn(&[&str]) -> Result<String, String>,
+    name: &str,
+    server: Option<&str>,
+) -> [f64; 2] {
     let mut args = vec!["dig", name, "A", "--count", "200"];
     if let Some(server) = server {
         args.extend(["--server", server]);
     }
     let out = client(&args).unwrap_or_else(|e| panic!("dig {name}: {e}"));
-    let mut values = out.split_whitespace().map(|v| v.parse::<f64>().expect("µs"));
+    let mut values = out
+        .split_whitespace()
+        .map(|v| v.parse::<f64>().expect("µs"));
     [values.next().expect("p50"), values.next().expect("p99")]
 }
 
 async fn run() {
     let rounds = bench_rounds(3);
-    let extra_services: usize = std::env::var("KT_BENCH_SERVICES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let extra_services: usize = std::env::var("KT_BENCH_SERVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
     let tb = start_testbed(true).await;
     apply(&tb.kubeconfig, ECHO);
-    kubectl_ok(&tb.kubeconfig, &["rollout", "status", "deploy/echo", "--timeout=60s"]);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["rollout", "status", "deploy/echo", "--timeout=60s"],
+    );
     install_agent(&tb);
-    let pod_ip = kubectl_ok(&tb.kubeconfig, &["get", "pods", "-l", "app=echo", "-o", "jsonpath={.items[0].status.podIP}"]);
-    let cluster_ip = kubectl_ok(&tb.kubeconfig, &["get", "svc", "echo", "-o", "jsonpath={.spec.clusterIP}"]);
+    let pod_ip = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=echo",
+            "-o",
+            "jsonpath={.items[0].status.podIP}",
+        ],
+    );
+    let cluster_ip = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "svc", "echo", "-o", "jsonpath={.spec.clusterIP}"],
+    );
     let pod_addr = format!("{pod_ip}:9000");
     let client = workstation::tools_command(&tb);
     let topology = tb.topology();
@@ -99,21 +124,32 @@ async fn run() {
     rows.extend(measured);
     for node in &topology.nodes {
         let cidr = kt_testbed::topology::pod_cidr(node.index);
-        let out = topology.workstation.ip(&["route", "del", &cidr]).expect("ip runs");
+        let out = topology
+            .workstation
+            .ip(&["route", "del", &cidr])
+            .expect("ip runs");
         assert!(out.status.success(), "{out:?}");
     }
     let upstream_direct = dns_times(&client, "www.example.test", None);
 
     let (agent, agent_start) = connected(&tb, &[]).await;
     let (names, measured) = measure(
-        &[("connect/agent", pod_addr.clone()), ("connect/agent svc", format!("{cluster_ip}:9000"))],
+        &[
+            ("connect/agent", pod_addr.clone()),
+            ("connect/agent svc", format!("{cluster_ip}:9000")),
+        ],
         &[&agent],
-    ).await;
+    )
+    .await;
     paths.extend(names);
     rows.extend(measured);
     let cluster_name = dns_times(&client, "echo.default.svc.cluster.local", None);
     let upstream_via_connect = dns_times(&client, "www.example.test", None);
-    let cluster_direct = dns_times(&client, "echo.default.svc.cluster.local", Some("10.96.0.10:53"));
+    let cluster_direct = dns_times(
+        &client,
+        "echo.default.svc.cluster.local",
+        Some("10.96.0.10:53"),
+    );
     let _ = agent.interrupt();
 
     let (agent_pf, agent_pf_start) = connected(&tb, &["--transport", "portForward"]).await;
@@ -130,19 +166,29 @@ async fn run() {
 
     // sshuttle redirects after routing: the workstation needs a default route (as real ones
     // have).
-    let out = topology.workstation.ip(&["route", "add", "default", "via", "172.30.0.1"]).expect("ip runs");
+    let out = topology
+        .workstation
+        .ip(&["route", "add", "default", "via", "172.30.0.1"])
+        .expect("ip runs");
     assert!(out.status.success(), "{out:?}");
     let (sshuttle, sshuttle_start) = connected(&tb, &["--mode", "sshuttle"]).await;
     let (names, measured) = measure(&[("connect/sshuttle", pod_addr.clone())], &[&sshuttle]).await;
     paths.extend(names);
     rows.extend(measured);
     let _ = sshuttle.interrupt();
-    let out = topology.workstation.ip(&["route", "del", "default"]).expect("ip runs");
+    let out = topology
+        .workstation
+        .ip(&["route", "del", "default"])
+        .expect("ip runs");
     assert!(out.status.success(), "{out:?}");
 
-    let mut forward = Background::ktctl(&tb, &["forward", "echo", "17002:9000", "--image", "kt-shadow:dev"]);
+    let mut forward = Background::ktctl(
+        &tb,
+        &["forward", "echo", "17002:9000", "--image", "kt-shadow:dev"],
+    );
     forward.ready().await;
-    let (names, measured) = measure(&[("forward", "127.0.0.1:17002".to_owned())], &[&forward]).await;
+    let (names, measured) =
+        measure(&[("forward", "127.0.0.1:17002".to_owned())], &[&forward]).await;
     paths.extend(names);
     rows.extend(measured);
     let _ = forward.interrupt();
@@ -162,7 +208,10 @@ async fn run() {
                     "spec": {"selector": {"app": format!("s{i}")}, "ports": [{"port": 80}]}
                 }))
                 .expect("service");
-                services.create(&PostParams::default(), &svc).await.expect("created");
+                services
+                    .create(&PostParams::default(), &svc)
+                    .await
+                    .expect("created");
             }
         })
         .await;
@@ -184,14 +233,29 @@ async fn run() {
     let (again, hosts_start_many) = connected(&tb, &["--dnsMode", "hosts"]).await;
     let _ = again.interrupt();
 
-    echo_bench::print_table(&format!("connect benchmark, medians of {rounds} rounds"), &paths, &rows);
+    echo_bench::print_table(
+        &format!("connect benchmark, medians of {rounds} rounds"),
+        &paths,
+        &rows,
+    );
     let plain = rows[0];
     for (i, (name, _)) in paths.iter().enumerate().skip(1) {
         echo_bench::print_ratio(name, &rows[i], "plain", &plain);
     }
-    println!("DNS p50/p99 µs: cluster name via connect {:.0}/{:.0}, cluster DNS asked through kt0 {:.0}/{:.0}; non-cluster name via connect {:.0}/{:.0}, workstation resolver direct {:.0}/{:.0}",
-        cluster_name[0], cluster_name[1], cluster_direct[0], cluster_direct[1], upstream_via_connect[0], upstream_via_connect[1], upstream_direct[0], upstream_direct[1]);
-    println!("start to banner: agent {agent_start:.1?} ({start_many:.1?} with {extra_services} more Services; hosts mode {hosts_start_many:.1?}), agent over port-forward {agent_pf_start:.1?}, kt shadow {shadow_start:.1?}, sshuttle {sshuttle_start:.1?}");
+    println!(
+        "DNS p50/p99 µs: cluster name via connect {:.0}/{:.0}, cluster DNS asked through kt0 {:.0}/{:.0}; non-cluster name via connect {:.0}/{:.0}, workstation resolver direct {:.0}/{:.0}",
+        cluster_name[0],
+        cluster_name[1],
+        cluster_direct[0],
+        cluster_direct[1],
+        upstream_via_connect[0],
+        upstream_via_connect[1],
+        upstream_direct[0],
+        upstream_direct[1]
+    );
+    println!(
+        "start to banner: agent {agent_start:.1?} ({start_many:.1?} with {extra_services} more Services; hosts mode {hosts_start_many:.1?}), agent over port-forward {agent_pf_start:.1?}, kt shadow {shadow_start:.1?}, sshuttle {sshuttle_start:.1?}"
+    );
     println!(
         "ktctl RSS in hosts mode: {rss_few} KiB with the testbed's Services, {rss_many} KiB with {extra_services} more (created in {:.1?}, all in /etc/hosts {hosts_after:.1?} later)",
         created.elapsed()

@@ -20,9 +20,11 @@ apt_packages=(
     openssh-client  # ssh -L / -R interop and baseline
     util-linux      # unshare, nsenter
     procps          # ps, pgrep in diagnostics
-    curl            # demo clients
+    curl            # demo clients, the curlimages/curl image of the testbed
     dnsutils        # dig: connect's DNS tests and benchmark
     sshuttle        # connect --mode sshuttle, and the benchmark baseline
+    nginx-light     # the testbed's nginx image (tutorials' nginx, nginx:alpine)
+    busybox         # applets for the testbed's busybox and alpine images
     ca-certificates
     pkg-config
     build-essential

@@ -83,10 +83,18 @@ fn workstation_state(tb: &Testbed) -> String {
     let firewall: String = ruleset
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("table ") && !l.starts_with("chain ") && !l.starts_with("type ") && *l != "}")
+        .filter(|l| {
+            !l.is_empty()
+                && !l.starts_with("table ")
+                && !l.starts_with("chain ")
+                && !l.starts_with("type ")
+                && *l != "}"
+        })
         .map(|l| format!("{l}\n"))
         .collect();
-    format!("--- resolv.conf\n{resolv}--- hosts\n{hosts}--- routes\n{routes}--- links\n{links}--- nft\n{firewall}")
+    format!(
+        "--- resolv.conf\n{resolv}--- hosts\n{hosts}--- routes\n{routes}--- links\n{links}--- nft\n{firewall}"
+    )
 }
 
 /// A testbed with `web` (2 pods), `web-pods` (headless), `other/db` and `udp-echo`, and
@@ -96,10 +104,21 @@ async fn cluster(with_agent_installed: bool) -> Testbed {
     deploy_web(&tb);
     apply(&tb.kubeconfig, MORE);
     apply(&tb.kubeconfig, workstation::ECHO);
-    for (ns, deploy) in [("other", "db"), ("default", "udp-echo"), ("default", "echo")] {
+    for (ns, deploy) in [
+        ("other", "db"),
+        ("default", "udp-echo"),
+        ("default", "echo"),
+    ] {
         kubectl_ok(
             &tb.kubeconfig,
-            &["rollout", "status", &format!("deploy/{deploy}"), "-n", ns, "--timeout=60s"],
+            &[
+                "rollout",
+                "status",
+                &format!("deploy/{deploy}"),
+                "-n",
+                ns,
+                "--timeout=60s",
+            ],
         );
     }
     if with_agent_installed {
@@ -111,14 +130,41 @@ async fn cluster(with_agent_installed: bool) -> Testbed {
 /// `curl` from the workstation: the body, or what went wrong.
 fn curl(tb: &Testbed, url: &str) -> Result<String, String> {
     let (ok, body) = run(tb, &["curl", "-sS", "--max-time", "5", url]);
-    if ok { Ok(body) } else { Err(format!("curl {url} failed")) }
+    if ok {
+        Ok(body)
+    } else {
+        Err(format!("curl {url} failed"))
+    }
 }
 
 /// The checks every way of connecting must pass, from the workstation.
 async fn reaches_the_cluster(tb: &Testbed) {
-    let pod_ip = kubectl_ok(&tb.kubeconfig, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[0].status.podIP}"]);
-    let cluster_ip = kubectl_ok(&tb.kubeconfig, &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"]);
-    let pod_ips = kubectl_ok(&tb.kubeconfig, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].status.podIP}"]);
+    let pod_ip = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={.items[0].status.podIP}",
+        ],
+    );
+    let cluster_ip = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
+    );
+    let pod_ips = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={.items[*].status.podIP}",
+        ],
+    );
     for url in [
         format!("http://{pod_ip}:8080/"),
         format!("http://{cluster_ip}/"),
@@ -128,7 +174,10 @@ async fn reaches_the_cluster(tb: &Testbed) {
         "http://db.other:5432/".to_owned(),
         "http://web-pods:8080/".to_owned(),
     ] {
-        let body = eventually(format!("{url} answers"), async || seen(curl(tb, &url), |r| r.is_ok())).await;
+        let body = eventually(format!("{url} answers"), async || {
+            seen(curl(tb, &url), |r| r.is_ok())
+        })
+        .await;
         assert!(body.unwrap().contains("pod="), "{url}");
     }
     // A headless Service's name is its pods' addresses.
@@ -155,7 +204,10 @@ async fn connected(tb: &Testbed, args: &[&str]) -> Background {
 /// UDP through connect: a datagram to the UDP echo Service comes back.
 fn udp_echo_answers(tb: &Testbed) -> Result<String, String> {
     let tools = kt_tests::harness::bins::kt_tools();
-    let (ok, out) = run(tb, &[bins_utf8(&tools), "udp", "udp-echo:9000", "kt-datagram"]);
+    let (ok, out) = run(
+        tb,
+        &[bins_utf8(&tools), "udp", "udp-echo:9000", "kt-datagram"],
+    );
     if ok { Ok(out) } else { Err(out) }
 }
 
@@ -170,8 +222,14 @@ fn hundred_mebibytes_arrive_intact(tb: &Testbed) {
         .args([bins_utf8(&tools), "load", "echo:9000", "100", "1048576"])
         .output()
         .expect("kt-testbed exec runs");
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && stdout.contains("ok 100"), "{stdout}{stderr}");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.contains("ok 100"),
+        "{stdout}{stderr}"
+    );
 }
 
 /// Stops `connect` with Ctrl-C and checks that the workstation is as `before`.
@@ -183,20 +241,43 @@ fn interrupt_and_compare(tb: &Testbed, connect: Background, before: &str) -> Str
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(not(feature = "e2e"), ignore = "needs root and a simulated cluster: tests/run test")]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn through_the_agent_the_workstation_reaches_pods_services_and_names_and_leaves_no_trace() {
     let tb = cluster(true).await;
     let before = workstation_state(&tb);
     let connect = connected(&tb, &[]).await;
-    assert!(connect.log().contains("Connecting through kt agent"), "{}", connect.log());
-    assert_eq!(kubectl_ok(&tb.kubeconfig, &["get", "pods", "-o", "name", "-l", "kt-role"]), "", "no pod per user");
+    assert!(
+        connect.log().contains("Connecting through kt agent"),
+        "{}",
+        connect.log()
+    );
+    assert_eq!(
+        kubectl_ok(
+            &tb.kubeconfig,
+            &["get", "pods", "-o", "name", "-l", "kt-role"]
+        ),
+        "",
+        "no pod per user"
+    );
     reaches_the_cluster(&tb).await;
-    let echoed = eventually("UDP echo answers", async || seen(udp_echo_answers(&tb), |r| r.is_ok())).await;
+    let echoed = eventually("UDP echo answers", async || {
+        seen(udp_echo_answers(&tb), |r| r.is_ok())
+    })
+    .await;
     assert_eq!(echoed.unwrap().trim(), "kt-datagram");
     hundred_mebibytes_arrive_intact(&tb);
     let during = workstation_state(&tb);
-    assert!(during.contains(" kt0:") && during.contains("dev kt0"), "{during}");
-    assert!(during.contains("nameserver 127.0.0.153 # Added by KtConnect"), "{during}");
+    assert!(
+        during.contains(" kt0:") && during.contains("dev kt0"),
+        "{during}"
+    );
+    assert!(
+        during.contains("nameserver 127.0.0.153 # Added by KtConnect"),
+        "{during}"
+    );
     let log = interrupt_and_compare(&tb, connect, &before);
     assert!(log.contains("Cleaning session"), "{log}");
     let sessions = kubectl_ok(&tb.kubeconfig, &["get", "ktsessions", "-o", "name"]);
@@ -204,25 +285,47 @@ async fn through_the_agent_the_workstation_reaches_pods_services_and_names_and_l
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(not(feature = "e2e"), ignore = "needs root and a simulated cluster: tests/run test")]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn without_the_agent_kts_shadow_carries_tcp_udp_and_dns_and_goes_away() {
     let tb = cluster(false).await;
     let before = workstation_state(&tb);
     let connect = connected(&tb, &["-i", "kt-shadow:dev"]).await;
     let log = connect.log();
-    assert!(log.contains("Deploying shadow pod kt-connect-shadow-"), "{log}");
+    assert!(
+        log.contains("Deploying shadow pod kt-connect-shadow-"),
+        "{log}"
+    );
     reaches_the_cluster(&tb).await;
-    let echoed = eventually("UDP echo answers", async || seen(udp_echo_answers(&tb), |r| r.is_ok())).await;
+    let echoed = eventually("UDP echo answers", async || {
+        seen(udp_echo_answers(&tb), |r| r.is_ok())
+    })
+    .await;
     assert_eq!(echoed.unwrap().trim(), "kt-datagram");
     hundred_mebibytes_arrive_intact(&tb);
     let log = interrupt_and_compare(&tb, connect, &before);
     assert!(log.contains("Cleaning shadow pod"), "{log}");
-    let left = kubectl_ok(&tb.kubeconfig, &["get", "pods,configmaps", "-l", "control-by=kt", "-o", "name"]);
+    let left = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pods,configmaps",
+            "-l",
+            "control-by=kt",
+            "-o",
+            "name",
+        ],
+    );
     assert_eq!(left.trim(), "", "the shadow and its ConfigMap are gone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(not(feature = "e2e"), ignore = "needs root and a simulated cluster: tests/run test")]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn the_v0_3_7_shadow_carries_tcp_and_dns_and_ktctl_says_once_that_it_has_no_udp() {
     let tb = cluster(false).await;
     let before = workstation_state(&tb);
@@ -232,35 +335,64 @@ async fn the_v0_3_7_shadow_carries_tcp_and_dns_and_ktctl_says_once_that_it_has_n
         assert!(udp_echo_answers(&tb).is_err(), "OpenSSH relays no UDP");
     }
     let log = interrupt_and_compare(&tb, connect, &before);
-    assert_eq!(log.matches("UDP to the cluster is not available").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("UDP to the cluster is not available").count(),
+        1,
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(not(feature = "e2e"), ignore = "needs root and a simulated cluster: tests/run test")]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn after_kill_9_the_next_connect_restores_first_and_stacks_nothing() {
     let tb = cluster(true).await;
     let before = workstation_state(&tb);
     let killed = connected(&tb, &[]).await;
     assert!(!killed.kill().success());
     let (_, resolv) = run(&tb, &["cat", "/etc/resolv.conf"]);
-    assert!(resolv.contains("# Added by KtConnect"), "the killed run could not clean up: {resolv}");
+    assert!(
+        resolv.contains("# Added by KtConnect"),
+        "the killed run could not clean up: {resolv}"
+    );
     let (_, links) = run(&tb, &["ip", "-o", "link", "show"]);
-    assert!(!links.contains("kt0"), "the kernel removed the device: {links}");
+    assert!(
+        !links.contains("kt0"),
+        "the kernel removed the device: {links}"
+    );
     let connect = connected(&tb, &[]).await;
-    assert!(connect.log().contains("Restored /etc/resolv.conf (a connect that did not finish had changed it)"), "{}", connect.log());
+    assert!(
+        connect
+            .log()
+            .contains("Restored /etc/resolv.conf (a connect that did not finish had changed it)"),
+        "{}",
+        connect.log()
+    );
     let (_, resolv) = run(&tb, &["cat", "/etc/resolv.conf"]);
-    assert_eq!(resolv.matches("# Added by KtConnect").count(), 1, "{resolv}");
+    assert_eq!(
+        resolv.matches("# Added by KtConnect").count(),
+        1,
+        "{resolv}"
+    );
     reaches_the_cluster(&tb).await;
     interrupt_and_compare(&tb, connect, &before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(not(feature = "e2e"), ignore = "needs root and a simulated cluster: tests/run test")]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn hosts_mode_writes_the_services_and_keeps_them_current() {
     let tb = cluster(true).await;
     let before = workstation_state(&tb);
     let connect = connected(&tb, &["--dnsMode", "hosts:default,other"]).await;
-    let cluster_ip = kubectl_ok(&tb.kubeconfig, &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    let cluster_ip = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
+    );
     let (_, hosts) = run(&tb, &["cat", "/etc/hosts"]);
     for line in [
         format!("{cluster_ip} web\n"),
@@ -269,17 +401,28 @@ async fn hosts_mode_writes_the_services_and_keeps_them_current() {
     ] {
         assert!(hosts.contains(&line), "{line:?} in {hosts}");
     }
-    assert!(hosts.contains(" db.other\n") && !hosts.contains(" db\n"), "{hosts}");
+    assert!(
+        hosts.contains(" db.other\n") && !hosts.contains(" db\n"),
+        "{hosts}"
+    );
     let (_, resolv) = run(&tb, &["cat", "/etc/resolv.conf"]);
-    assert!(!resolv.contains("KtConnect"), "hosts mode leaves resolv.conf alone: {resolv}");
+    assert!(
+        !resolv.contains("KtConnect"),
+        "hosts mode leaves resolv.conf alone: {resolv}"
+    );
     assert!(curl(&tb, "http://web/").is_ok());
     apply(
         &tb.kubeconfig,
         "apiVersion: v1\nkind: Service\nmetadata: {name: late}\nspec:\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n",
     );
-    let late_ip = kubectl_ok(&tb.kubeconfig, &["get", "svc", "late", "-o", "jsonpath={.spec.clusterIP}"]);
+    let late_ip = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "svc", "late", "-o", "jsonpath={.spec.clusterIP}"],
+    );
     eventually("a new Service shows in the hosts file", async || {
-        seen(run(&tb, &["cat", "/etc/hosts"]).1, |h| h.contains(&format!("{late_ip} late\n")))
+        seen(run(&tb, &["cat", "/etc/hosts"]).1, |h| {
+            h.contains(&format!("{late_ip} late\n"))
+        })
     })
     .await;
     let log = interrupt_and_compare(&tb, connect, &before);
@@ -290,7 +433,10 @@ async fn hosts_mode_writes_the_services_and_keeps_them_current() {
 fn refused_total(tb: &Testbed) -> u64 {
     (1..=2)
         .map(|node| {
-            let url = format!("http://{}:9966/metrics", kt_testbed::topology::node_ip(node));
+            let url = format!(
+                "http://{}:9966/metrics",
+                kt_testbed::topology::node_ip(node)
+            );
             let (_, metrics) = kt_tests::harness::apps::in_client(tb, &["curl", "-s", &url]);
             metrics
                 .lines()
@@ -302,42 +448,103 @@ fn refused_total(tb: &Testbed) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(not(feature = "e2e"), ignore = "needs root and a simulated cluster: tests/run test")]
-async fn without_a_tun_device_a_socks5_proxy_resolves_in_the_cluster_and_the_agent_refuses_the_node_and_metadata() {
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn without_a_tun_device_a_socks5_proxy_resolves_in_the_cluster_and_the_agent_refuses_the_node_and_metadata()
+ {
     let tb = cluster(true).await;
     let before = workstation_state(&tb);
     let connect = connected(&tb, &["--disableTunDevice", "--dnsMode", "hosts"]).await;
-    assert!(connect.log().contains("export http_proxy=socks5://127.0.0.1:2223"), "{}", connect.log());
+    assert!(
+        connect
+            .log()
+            .contains("export http_proxy=socks5://127.0.0.1:2223"),
+        "{}",
+        connect.log()
+    );
     let (_, links) = run(&tb, &["ip", "-o", "link", "show"]);
     assert!(!links.contains("kt0"), "{links}");
-    let socks = |url: &str| run(&tb, &["curl", "-sS", "--max-time", "5", "--socks5-hostname", "127.0.0.1:2223", url]);
-    for url in ["http://web/", "http://web.default/", "http://db.other:5432/"] {
+    let socks = |url: &str| {
+        run(
+            &tb,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "--socks5-hostname",
+                "127.0.0.1:2223",
+                url,
+            ],
+        )
+    };
+    for url in [
+        "http://web/",
+        "http://web.default/",
+        "http://db.other:5432/",
+    ] {
         let (ok, body) = socks(url);
         assert!(ok && body.contains("pod="), "{url}: {body}");
     }
     let refused_before = refused_total(&tb);
     let node = kt_testbed::topology::node_ip(1);
-    for url in [format!("http://{node}:9966/metrics"), "http://127.0.0.1:9966/metrics".into(), "http://169.254.169.254/".into()] {
+    for url in [
+        format!("http://{node}:9966/metrics"),
+        "http://127.0.0.1:9966/metrics".into(),
+        "http://169.254.169.254/".into(),
+    ] {
         let (ok, body) = socks(&url);
         assert!(!ok, "{url} must be refused, got {body}");
     }
-    assert_eq!(refused_total(&tb) - refused_before, 3, "each refusal is counted");
+    assert_eq!(
+        refused_total(&tb) - refused_before,
+        3,
+        "each refusal is counted"
+    );
     interrupt_and_compare(&tb, connect, &before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(not(feature = "e2e"), ignore = "needs root and a simulated cluster: tests/run test")]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn include_exclude_and_disable_pod_ip_change_the_routes() {
     let tb = cluster(true).await;
     let before = workstation_state(&tb);
     // The device's own /30 (proto kernel) is no route into the cluster.
-    let routes = || run(&tb, &["ip", "route", "show", "dev", "kt0"]).1.lines().filter(|l| !l.contains("proto kernel")).collect::<Vec<_>>().join("\n");
-    let connect = connected(&tb, &["--disablePodIp", "--includeIps", "192.168.77.0/24", "--excludeIps", "10.96.128.0/17"]).await;
+    let routes = || {
+        run(&tb, &["ip", "route", "show", "dev", "kt0"])
+            .1
+            .lines()
+            .filter(|l| !l.contains("proto kernel"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let connect = connected(
+        &tb,
+        &[
+            "--disablePodIp",
+            "--includeIps",
+            "192.168.77.0/24",
+            "--excludeIps",
+            "10.96.128.0/17",
+        ],
+    )
+    .await;
     let shown = routes();
     assert!(shown.contains("192.168.77.0/24"), "{shown}");
     assert!(!shown.contains("10.244."), "no pod range: {shown}");
-    assert!(shown.contains("10.96.0.0/17") && !shown.contains("10.96.0.0/16"), "the excluded half is left out: {shown}");
-    let cluster_ip = kubectl_ok(&tb.kubeconfig, &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    assert!(
+        shown.contains("10.96.0.0/17") && !shown.contains("10.96.0.0/16"),
+        "the excluded half is left out: {shown}"
+    );
+    let cluster_ip = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
+    );
     assert!(curl(&tb, &format!("http://{cluster_ip}/")).is_ok());
     interrupt_and_compare(&tb, connect, &before);
     let connect = connected(&tb, &["--disableTunRoute"]).await;
@@ -346,7 +553,10 @@ async fn include_exclude_and_disable_pod_ip_change_the_routes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(not(feature = "e2e"), ignore = "needs root and a simulated cluster: tests/run test")]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn sshuttle_mode_runs_the_systems_sshuttle_over_the_shadow_and_takes_its_rules_away() {
     let tb = cluster(false).await;
     // sshuttle redirects in netfilter, after routing: like a real workstation, this one
@@ -356,28 +566,57 @@ async fn sshuttle_mode_runs_the_systems_sshuttle_over_the_shadow_and_takes_its_r
     let before = workstation_state(&tb);
     let connect = connected(&tb, &["--mode", "sshuttle"]).await;
     let log = connect.log();
-    assert!(log.contains("Using sshuttle mode") && log.contains("Starting sshuttle"), "{log}");
+    assert!(
+        log.contains("Using sshuttle mode") && log.contains("Starting sshuttle"),
+        "{log}"
+    );
     let during = workstation_state(&tb);
-    assert!(!during.contains(" kt0:"), "sshuttle, not a TUN device: {during}");
-    assert!(during.contains("sshuttle"), "sshuttle's firewall rules: {during}");
-    let cluster_ip = kubectl_ok(&tb.kubeconfig, &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"]);
-    for url in ["http://web/".to_owned(), "http://web.default.svc.cluster.local/".to_owned(), format!("http://{cluster_ip}/")] {
+    assert!(
+        !during.contains(" kt0:"),
+        "sshuttle, not a TUN device: {during}"
+    );
+    assert!(
+        during.contains("sshuttle"),
+        "sshuttle's firewall rules: {during}"
+    );
+    let cluster_ip = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
+    );
+    for url in [
+        "http://web/".to_owned(),
+        "http://web.default.svc.cluster.local/".to_owned(),
+        format!("http://{cluster_ip}/"),
+    ] {
         let body = curl(&tb, &url);
-        assert!(body.as_ref().is_ok_and(|b| b.contains("pod=")), "{url}: {body:?}\n{}", connect.log());
+        assert!(
+            body.as_ref().is_ok_and(|b| b.contains("pod=")),
+            "{url}: {body:?}\n{}",
+            connect.log()
+        );
     }
     let log = interrupt_and_compare(&tb, connect, &before);
     assert!(log.contains("Cleaning shadow pod"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(not(feature = "e2e"), ignore = "needs root and a simulated cluster: tests/run test")]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn two_connects_share_one_shadow_and_the_last_one_out_deletes_it() {
     let tb = cluster(false).await;
     let first = connected(&tb, &["--shareShadow", "-i", "kt-shadow:dev"]).await;
     let refs = || {
         kubectl_ok(
             &tb.kubeconfig,
-            &["get", "pod", "kt-connect-shadow-daemon", "-o", "jsonpath={.metadata.annotations.kt-ref-count}"],
+            &[
+                "get",
+                "pod",
+                "kt-connect-shadow-daemon",
+                "-o",
+                "jsonpath={.metadata.annotations.kt-ref-count}",
+            ],
         )
     };
     assert_eq!(refs(), "1");
@@ -388,68 +627,161 @@ async fn two_connects_share_one_shadow_and_the_last_one_out_deletes_it() {
     let mut second = Background::spawn(
         &tb,
         std::path::Path::new("env"),
-        &[&home, bins_utf8(&kt_tests::harness::bins::ktctl()), "connect", "--shareShadow", "-i", "kt-shadow:dev",
-          "--disableTunDevice", "--proxyPort", "2224", "--dnsMode", "hosts"],
+        &[
+            &home,
+            bins_utf8(&kt_tests::harness::bins::ktctl()),
+            "connect",
+            "--shareShadow",
+            "-i",
+            "kt-shadow:dev",
+            "--disableTunDevice",
+            "--proxyPort",
+            "2224",
+            "--dnsMode",
+            "hosts",
+        ],
     );
     second.wait_for("All looks good").await;
-    assert!(second.log().contains("has 1 refs, increase to 2"), "{}", second.log());
+    assert!(
+        second.log().contains("has 1 refs, increase to 2"),
+        "{}",
+        second.log()
+    );
     assert_eq!(refs(), "2");
     let through_second = || {
         let out = exec(&tb)
-            .args(["curl", "-sS", "--max-time", "5", "--socks5-hostname", "127.0.0.1:2224", "http://web/"])
+            .args([
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "--socks5-hostname",
+                "127.0.0.1:2224",
+                "http://web/",
+            ])
             .output()
             .expect("runs");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         (out.status.success() && text.contains("pod="), text)
     };
     let (ok, body) = through_second();
     assert!(ok, "{body}");
     let (_, resolv) = run(&tb, &["cat", "/etc/resolv.conf"]);
-    assert!(resolv.contains("# Added by KtConnect"), "the second did not take the first's DNS for a leftover: {resolv}");
+    assert!(
+        resolv.contains("# Added by KtConnect"),
+        "the second did not take the first's DNS for a leftover: {resolv}"
+    );
     // The second leaves first: on this one workstation it reaches the shadow through the
     // first's kt0 (two developers' machines would not share it).
     let (status, log) = second.interrupt();
-    assert!(status.success() && log.contains("has 2 refs, decrease to 1"), "{log}");
+    assert!(
+        status.success() && log.contains("has 2 refs, decrease to 1"),
+        "{log}"
+    );
     assert_eq!(refs(), "1", "the shadow stays for the first");
-    assert!(curl(&tb, "http://web/").is_ok_and(|body| body.contains("pod=")), "the first still connects");
+    assert!(
+        curl(&tb, "http://web/").is_ok_and(|body| body.contains("pod=")),
+        "the first still connects"
+    );
     let (status, log) = first.interrupt();
-    assert!(status.success() && log.contains("Cleaning shadow pod kt-connect-shadow-daemon"), "{log}");
-    let left = kubectl_ok(&tb.kubeconfig, &["get", "pods,configmaps", "-l", "control-by=kt", "-o", "name"]);
-    assert_eq!(left.trim(), "", "the last one out deleted the shadow and its ConfigMap");
+    assert!(
+        status.success() && log.contains("Cleaning shadow pod kt-connect-shadow-daemon"),
+        "{log}"
+    );
+    let left = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pods,configmaps",
+            "-l",
+            "control-by=kt",
+            "-o",
+            "name",
+        ],
+    );
+    assert_eq!(
+        left.trim(),
+        "",
+        "the last one out deleted the shadow and its ConfigMap"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(not(feature = "e2e"), ignore = "needs root and a simulated cluster: tests/run test")]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn bad_input_exits_1_with_a_clear_message_and_changes_nothing() {
     let tb = cluster(true).await;
     let before = workstation_state(&tb);
-    let objects = || kubectl_ok(&tb.kubeconfig, &["get", "pods,configmaps,ktsessions", "-A", "-o", "name"]);
+    let objects = || {
+        kubectl_ok(
+            &tb.kubeconfig,
+            &["get", "pods,configmaps,ktsessions", "-A", "-o", "name"],
+        )
+    };
     let objects_before = objects();
     for (args, message) in [
-        (&["connect", "--dnsMode", "magic"][..], "invalid --dnsMode 'magic'"),
-        (&["connect", "--excludeIps", "10.0.0.0/33"][..], "invalid --excludeIps '10.0.0.0/33'"),
-        (&["connect", "--includeIps", "10.9.8.7"][..], "Includes single IP '10.9.8.7' is not allow in tun2socks mode"),
-        (&["connect", "--dnsMode", "podDNS"][..], "dns mode 'podDNS' is not available for connect mode 'tun2socks'"),
+        (
+            &["connect", "--dnsMode", "magic"][..],
+            "invalid --dnsMode 'magic'",
+        ),
+        (
+            &["connect", "--excludeIps", "10.0.0.0/33"][..],
+            "invalid --excludeIps '10.0.0.0/33'",
+        ),
+        (
+            &["connect", "--includeIps", "10.9.8.7"][..],
+            "Includes single IP '10.9.8.7' is not allow in tun2socks mode",
+        ),
+        (
+            &["connect", "--dnsMode", "podDNS"][..],
+            "dns mode 'podDNS' is not available for connect mode 'tun2socks'",
+        ),
         (&["connect", "--mode", "vpn"][..], "invalid --mode 'vpn'"),
     ] {
         let (code, stderr) = ktctl_once(&tb, &[], args);
         assert_eq!(code, Some(1), "{args:?}: {stderr}");
-        assert!(stderr.contains(&format!("ERR Exit: {message}")), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("ERR Exit: {message}")),
+            "{args:?}: {stderr}"
+        );
     }
     let ktctl = kt_tests::harness::bins::ktctl();
-    let as_nobody = workstation::exec(&tb)
-        .args(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", bins_utf8(&ktctl), "connect"])
+    let as_nobody = exec(&tb)
+        .args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            bins_utf8(&ktctl),
+            "connect",
+        ])
         .output()
         .expect("runs");
     let stderr = String::from_utf8_lossy(&as_nobody.stderr);
     assert_eq!(as_nobody.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("permission declined, please re-run connect command with 'sudo'"), "{stderr}");
+    assert!(
+        stderr.contains("permission declined, please re-run connect command with 'sudo'"),
+        "{stderr}"
+    );
     let running = connected(&tb, &[]).await;
     let (code, stderr) = ktctl_once(&tb, &[], &["connect"]);
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("another connect process already running at"), "{stderr}");
+    assert!(
+        stderr.contains("another connect process already running at"),
+        "{stderr}"
+    );
     let during = workstation_state(&tb);
-    assert_eq!(during.matches("# Added by KtConnect").count(), 1, "the refused one stacked nothing: {during}");
+    assert_eq!(
+        during.matches("# Added by KtConnect").count(),
+        1,
+        "the refused one stacked nothing: {during}"
+    );
     interrupt_and_compare(&tb, running, &before);
     assert_eq!(objects(), objects_before);
 }

@@ -1,11 +1,11 @@
 //! kt's suites, one test binary (one link of the harness, the testbed and the agent instead
 //! of one per suite). Tiers, as `cargo test` sees them:
 //!
-//! - unprivileged, run by default: `api_conformance` and `controllers` (the API server
-//!   alone, as any user);
+//! - unprivileged, run by default: `api_conformance`, `controllers` and part of `kubectl`
+//!   (the API server alone, as any user);
 //! - privileged (`--features privileged`, root): `ebpf`;
-//! - end to end (`--features e2e`, root, a simulated cluster): `agent`, `connect`, `exchange`,
-//!   `shapes`, `testbed`, `tunnel`.
+//! - end to end (`--features e2e`, root, a simulated cluster): `agent`, `connect`,
+//!   `exchange`, the rest of `kubectl`, `seed`, `shapes`, `testbed`, `tunnel`, `workloads`.
 //!
 //! Without the features the others are listed as ignored, with the reason; `tests/run test`
 //! runs them all.
@@ -16,6 +16,9 @@ mod connect;
 mod controllers;
 mod ebpf;
 mod exchange;
+mod kubectl;
+mod seed;
 mod shapes;
 mod testbed;
 mod tunnel;
+mod workloads;

@@ -18,7 +18,10 @@ pub const STALE_AFTER: Duration = Duration::from_secs(5 * 60);
 
 /// Whether an object with `annotations` has a heartbeat older than [`STALE_AFTER`] at `now`
 /// (Unix seconds).
-pub fn heartbeat_stale(annotations: Option<&std::collections::BTreeMap<String, String>>, now: i64) -> bool {
+pub fn heartbeat_stale(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+    now: i64,
+) -> bool {
     annotations
         .and_then(|a| a.get(compat::LAST_HEARTBEAT))
         .and_then(|beat| beat.parse::<i64>().ok())
@@ -29,7 +32,8 @@ pub fn heartbeat_stale(annotations: Option<&std::collections::BTreeMap<String, S
 /// housekeeping, never a reason to fail a command).
 pub async fn delete_expired(client: kube::Client, namespace: String) {
     let now = chrono::Utc::now();
-    let kt = ListParams::default().labels(&format!("{}={}", compat::CONTROL_BY, compat::CONTROL_BY_KT));
+    let kt =
+        ListParams::default().labels(&format!("{}={}", compat::CONTROL_BY, compat::CONTROL_BY_KT));
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
     let sessions: Api<KtSession> = Api::namespaced(client, &namespace);
@@ -43,9 +47,13 @@ pub async fn delete_expired(client: kube::Client, namespace: String) {
     if let Ok(list) = sessions.list(&ListParams::default()).await {
         let dead = chrono::Duration::from_std(STALE_AFTER).unwrap_or_default();
         for session in list.items {
-            let lease_end = session.status.as_ref().and_then(|s| s.renew_time).map(|renewed| {
-                renewed + chrono::Duration::seconds(i64::from(session.spec.lease_seconds))
-            });
+            let lease_end = session
+                .status
+                .as_ref()
+                .and_then(|s| s.renew_time)
+                .map(|renewed| {
+                    renewed + chrono::Duration::seconds(i64::from(session.spec.lease_seconds))
+                });
             if lease_end.is_some_and(|end| now - end > dead)
                 && let Some(name) = session.metadata.name
             {
@@ -57,7 +65,10 @@ pub async fn delete_expired(client: kube::Client, namespace: String) {
         let deleted = match kind.as_str() {
             "pod" => pods.delete(&name, &DeleteParams::default()).await.map(drop),
             "configmap" => cms.delete(&name, &DeleteParams::default()).await.map(drop),
-            _ => sessions.delete(&name, &DeleteParams::default()).await.map(drop),
+            _ => sessions
+                .delete(&name, &DeleteParams::default())
+                .await
+                .map(drop),
         };
         match deleted {
             Ok(()) => tracing::info!("Deleted expired {kind} {name}"),
@@ -79,9 +90,17 @@ mod tests {
 
     #[test]
     fn a_heartbeat_is_stale_after_five_minutes() {
-        let beat = |at: i64| Some(std::collections::BTreeMap::from([(compat::LAST_HEARTBEAT.to_owned(), at.to_string())]));
+        let beat = |at: i64| {
+            Some(std::collections::BTreeMap::from([(
+                compat::LAST_HEARTBEAT.to_owned(),
+                at.to_string(),
+            )]))
+        };
         assert!(!heartbeat_stale(beat(1000).as_ref(), 1000 + 300));
         assert!(heartbeat_stale(beat(1000).as_ref(), 1000 + 301));
-        assert!(!heartbeat_stale(None, 1_000_000), "no heartbeat: never touched");
+        assert!(
+            !heartbeat_stale(None, 1_000_000),
+            "no heartbeat: never touched"
+        );
     }
 }

@@ -76,11 +76,15 @@ pub enum ConnectError {
     Dns(#[from] dns::DnsError),
     #[error(transparent)]
     Sshuttle(#[from] sshuttle::SshuttleError),
-    #[error("no kt agent is ready in namespace '{namespace}' (install it from deploy/, or use --via shadow)")]
+    #[error(
+        "no kt agent is ready in namespace '{namespace}' (install it from deploy/, or use --via shadow)"
+    )]
     NoAgent { namespace: &'static str },
     #[error("session {0} was deleted while connecting")]
     SessionGone(String),
-    #[error("agent {agent} did not tell the cluster's network within 10 s (is it older than this ktctl?)")]
+    #[error(
+        "agent {agent} did not tell the cluster's network within 10 s (is it older than this ktctl?)"
+    )]
     NoNetwork { agent: String },
     #[error("agent {agent} knows no cluster DNS (its resolv.conf names no nameserver)")]
     NoClusterDns { agent: String },
@@ -126,7 +130,10 @@ pub async fn run(settings: &Settings, args: &ConnectArgs) -> Result<(), ConnectE
     let result = match repair {
         Ok(repaired) => {
             for path in repaired {
-                tracing::info!("Restored {} (a connect that did not finish had changed it)", path.display());
+                tracing::info!(
+                    "Restored {} (a connect that did not finish had changed it)",
+                    path.display()
+                );
             }
             connect(settings, args, &plan, &lifecycle).await
         }
@@ -169,7 +176,9 @@ impl LocalResolver {
                 Some("nameserver") if nameserver.is_none() => {
                     nameserver = words.next().and_then(|ip| ip.parse::<IpAddr>().ok());
                 }
-                Some("search" | "domain") => search = words.map(|d| d.trim_end_matches('.').to_owned()).collect(),
+                Some("search" | "domain") => {
+                    search = words.map(|d| d.trim_end_matches('.').to_owned()).collect()
+                }
                 _ => {}
             }
         }
@@ -222,9 +231,11 @@ async fn set_up(
     let agent = match args.via {
         ConnectVia::Shadow => None,
         _ if plan.mode == Mode::Sshuttle => None,
-        ConnectVia::Agent => Some(cluster::agents::first_ready(&cluster).await?.ok_or(ConnectError::NoAgent {
-            namespace: kt_proto::agent::NAMESPACE,
-        })?),
+        ConnectVia::Agent => Some(cluster::agents::first_ready(&cluster).await?.ok_or(
+            ConnectError::NoAgent {
+                namespace: kt_proto::agent::NAMESPACE,
+            },
+        )?),
         ConnectVia::Auto => cluster::agents::first_ready(&cluster).await?,
     };
     let way = match &agent {
@@ -237,7 +248,12 @@ async fn set_up(
     let Some(way) = way else {
         return Err(ConnectError::Interrupted);
     };
-    let keep_out: Vec<IpAddr> = cluster.api_addresses.iter().copied().chain(way.peers()).collect();
+    let keep_out: Vec<IpAddr> = cluster
+        .api_addresses
+        .iter()
+        .copied()
+        .chain(way.peers())
+        .collect();
     let routes = routes_of(&ctx, &way.ranges, &keep_out);
     let resolver = Arc::new(dns::Resolver::new(dns::ResolverConfig {
         namespace: cluster.namespace.clone(),
@@ -253,14 +269,26 @@ async fn set_up(
         ingress: plan.ingress_ip.map(|ip| {
             (
                 ip,
-                names::ingress_hosts(&cluster.client, &cluster.namespace, &lifecycle.tasks, lifecycle.done.clone()),
+                names::ingress_hosts(
+                    &cluster.client,
+                    &cluster.namespace,
+                    &lifecycle.tasks,
+                    lifecycle.done.clone(),
+                ),
             )
         }),
     }));
     let (tasks, done) = (&lifecycle.tasks, lifecycle.done.clone());
     match plan.mode {
         Mode::Tun2socks if args.disable_tun_device => {
-            socks::start(plan.proxy, way.pool.clone(), resolver.clone(), tasks, done.clone()).await?;
+            socks::start(
+                plan.proxy,
+                way.pool.clone(),
+                resolver.clone(),
+                tasks,
+                done.clone(),
+            )
+            .await?;
             tracing::info!(
                 ">> Please setup proxy config by: export http_proxy=socks5://{}:{} <<",
                 plan.proxy.ip(),
@@ -277,7 +305,10 @@ async fn set_up(
             }
         }
         Mode::Sshuttle => {
-            let shadow = way.shadow.as_ref().ok_or(sshuttle::SshuttleError::NeedsShadow)?;
+            let shadow = way
+                .shadow
+                .as_ref()
+                .ok_or(sshuttle::SshuttleError::NeedsShadow)?;
             sshuttle::start(
                 kube::Api::namespaced(cluster.client.clone(), &cluster.namespace),
                 shadow.name.clone(),
@@ -299,15 +330,21 @@ async fn set_up(
             tracing::info!("Setting up dns in local mode");
             let server = dns::serve(resolver.clone(), dns::LISTEN, done.clone()).await?;
             tasks.spawn(server);
-            tracing::info!("Setup local DNS with upstream [{}]", local.nameserver.map(|s| s.to_string()).unwrap_or_default());
+            tracing::info!(
+                "Setup local DNS with upstream [{}]",
+                local.nameserver.map(|s| s.to_string()).unwrap_or_default()
+            );
             let edit = Edit::apply(&lifecycle.home, Kind::ResolvConf, |original| {
                 plan::resolv_conf_with(original, dns::LISTEN.ip())
             })?;
-            lifecycle.defer(format!("the changes to {}", system::RESOLV_CONF), async move {
-                edit.restore()?;
-                tracing::info!("Restored {}", system::RESOLV_CONF);
-                Ok::<(), SystemError>(())
-            });
+            lifecycle.defer(
+                format!("the changes to {}", system::RESOLV_CONF),
+                async move {
+                    edit.restore()?;
+                    tracing::info!("Restored {}", system::RESOLV_CONF);
+                    Ok::<(), SystemError>(())
+                },
+            );
         }
         DnsMode::Hosts { namespaces } => {
             tracing::info!("Setting up dns in hosts mode");
@@ -316,14 +353,21 @@ async fn set_up(
             } else {
                 namespaces.clone()
             };
-            let edit = Arc::new(Edit::apply(&lifecycle.home, Kind::Hosts, ToOwned::to_owned)?);
+            let edit = Arc::new(Edit::apply(
+                &lifecycle.home,
+                Kind::Hosts,
+                ToOwned::to_owned,
+            )?);
             {
                 let edit = edit.clone();
-                lifecycle.defer(format!("the kt block in {}", system::hosts_path().display()), async move {
-                    edit.restore()?;
-                    tracing::info!("Drop hosts successful");
-                    Ok::<(), SystemError>(())
-                });
+                lifecycle.defer(
+                    format!("the kt block in {}", system::hosts_path().display()),
+                    async move {
+                        edit.restore()?;
+                        tracing::info!("Drop hosts successful");
+                        Ok::<(), SystemError>(())
+                    },
+                );
             }
             names::keep_hosts(
                 &cluster.client,
@@ -361,10 +405,19 @@ fn routes_of(ctx: &Context<'_>, ranges: &Ranges, keep_out: &[IpAddr]) -> Vec<Cid
 
 /// Adds routes for ranges the agent reports later (a Service created in a new range, a node
 /// joining), until the run ends.
-fn keep_routes_current(ctx: &Context<'_>, session: String, mut routed: Vec<Cidr>, keep_out: Vec<IpAddr>) {
+fn keep_routes_current(
+    ctx: &Context<'_>,
+    session: String,
+    mut routed: Vec<Cidr>,
+    keep_out: Vec<IpAddr>,
+) {
     let lifecycle = ctx.lifecycle.clone();
     let (client, namespace) = (ctx.cluster.client.clone(), ctx.cluster.namespace.clone());
-    let (disable_pod_ip, include, exclude) = (ctx.args.disable_pod_ip, ctx.plan.include.clone(), ctx.plan.exclude.clone());
+    let (disable_pod_ip, include, exclude) = (
+        ctx.args.disable_pod_ip,
+        ctx.plan.include.clone(),
+        ctx.plan.exclude.clone(),
+    );
     let done = lifecycle.done.clone();
     lifecycle.tasks.spawn(async move {
         let mut every = tokio::time::interval(RANGES_EVERY);
@@ -384,7 +437,11 @@ fn keep_routes_current(ctx: &Context<'_>, session: String, mut routed: Vec<Cidr>
             let wanted = plan::routes(&cluster, &include, &exclude, &keep_out);
             let new: Vec<Cidr> = wanted
                 .into_iter()
-                .filter(|r| !routed.iter().any(|have| have.prefix() <= r.prefix() && have.contains(r.network())))
+                .filter(|r| {
+                    !routed
+                        .iter()
+                        .any(|have| have.prefix() <= r.prefix() && have.contains(r.network()))
+                })
                 .collect();
             if !new.is_empty() && tun::add_routes(&new).await.is_ok() {
                 routed.extend(new);
@@ -420,12 +477,17 @@ async fn verify(
                 .ok_or_else(|| format!("the cluster DNS did not answer for {name}"))?,
         };
         if kernel_routes.iter().any(|route| route.contains(ip)) {
-            let mut stream = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect((ip, 443)))
-                .await
-                .map_err(|_| format!("{ip}:443 did not answer within 3 s"))?
-                .map_err(|e| format!("{ip}:443 did not answer: {e}"))?;
+            let mut stream = tokio::time::timeout(
+                Duration::from_secs(3),
+                tokio::net::TcpStream::connect((ip, 443)),
+            )
+            .await
+            .map_err(|_| format!("{ip}:443 did not answer within 3 s"))?
+            .map_err(|e| format!("{ip}:443 did not answer: {e}"))?;
             let mut byte = [0u8; 1];
-            return match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut byte)).await {
+            return match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut byte))
+                .await
+            {
                 Err(_) | Ok(Ok(1..)) => Ok(()),
                 Ok(Ok(_)) => Err(format!("{ip}:443 closed the connection")),
                 Ok(Err(e)) => Err(format!("{ip}:443 did not answer: {e}")),

@@ -85,7 +85,9 @@ impl Cidr {
         let prefix = self.prefix + 1;
         let high = match self.network {
             IpAddr::V4(a) => IpAddr::V4((u32::from(a) | (1u32 << (32 - u32::from(prefix)))).into()),
-            IpAddr::V6(a) => IpAddr::V6((u128::from(a) | (1u128 << (128 - u32::from(prefix)))).into()),
+            IpAddr::V6(a) => {
+                IpAddr::V6((u128::from(a) | (1u128 << (128 - u32::from(prefix)))).into())
+            }
         };
         (Self::new(self.network, prefix), Self::new(high, prefix))
     }
@@ -130,7 +132,10 @@ mod tests {
     fn ranges_split_in_halves_and_overlap() {
         let c: Cidr = "10.244.0.0/16".parse().unwrap();
         let (low, high) = c.halves();
-        assert_eq!((low.to_string(), high.to_string()), ("10.244.0.0/17".into(), "10.244.128.0/17".into()));
+        assert_eq!(
+            (low.to_string(), high.to_string()),
+            ("10.244.0.0/17".into(), "10.244.128.0/17".into())
+        );
         assert!(c.overlaps(&high) && high.overlaps(&c) && !low.overlaps(&high));
         assert_eq!(c.network(), ip("10.244.0.0"));
     }
@@ -148,7 +153,16 @@ mod tests {
 
     #[test]
     fn covering_ranges_merge_by_two_octets() {
-        let ranges = covering_ranges(["10.96.0.1", "10.96.0.10", "10.96.3.4", "10.97.0.1", "10.97.0.1"].map(ip));
+        let ranges = covering_ranges(
+            [
+                "10.96.0.1",
+                "10.96.0.10",
+                "10.96.3.4",
+                "10.97.0.1",
+                "10.97.0.1",
+            ]
+            .map(ip),
+        );
         let shown: Vec<String> = ranges.iter().map(ToString::to_string).collect();
         assert_eq!(shown, ["10.96.0.0/16", "10.97.0.1/32"]);
         let one_subnet = covering_ranges(["10.96.0.1", "10.96.0.9"].map(ip));

@@ -43,7 +43,11 @@ impl Egress {
         }
         let special = match address {
             IpAddr::V4(a) => {
-                a.is_loopback() || a.is_link_local() || a.is_multicast() || a.is_unspecified() || a.is_broadcast()
+                a.is_loopback()
+                    || a.is_link_local()
+                    || a.is_multicast()
+                    || a.is_unspecified()
+                    || a.is_broadcast()
             }
             IpAddr::V6(a) => {
                 a.is_loopback()
@@ -59,7 +63,10 @@ impl Egress {
         if self.node_ips.contains(&address) {
             return Err(Refused::Node(address));
         }
-        if in_any(&self.pod_cidrs) || in_any(&self.service_cidrs) || self.cluster_ips.contains(&address) {
+        if in_any(&self.pod_cidrs)
+            || in_any(&self.service_cidrs)
+            || self.cluster_ips.contains(&address)
+        {
             Ok(())
         } else {
             Err(Refused::Outside(address))
@@ -77,7 +84,10 @@ mod tests {
 
     fn egress() -> Egress {
         Egress {
-            pod_cidrs: vec!["10.244.1.0/24".parse().unwrap(), "10.244.2.0/24".parse().unwrap()],
+            pod_cidrs: vec![
+                "10.244.1.0/24".parse().unwrap(),
+                "10.244.2.0/24".parse().unwrap(),
+            ],
             service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
             cluster_ips: [ip("10.200.0.7")].into(),
             node_ips: [ip("172.30.0.11"), ip("10.244.1.1")].into(),
@@ -88,7 +98,13 @@ mod tests {
     #[test]
     fn pods_and_services_are_reachable() {
         let e = egress();
-        for ok in ["10.244.1.7", "10.244.2.250", "10.96.0.10", "10.111.3.4", "10.200.0.7"] {
+        for ok in [
+            "10.244.1.7",
+            "10.244.2.250",
+            "10.96.0.10",
+            "10.111.3.4",
+            "10.200.0.7",
+        ] {
             assert_eq!(e.check(ip(ok)), Ok(()), "{ok}");
         }
     }
@@ -96,10 +112,29 @@ mod tests {
     #[test]
     fn the_node_loopback_metadata_and_the_outside_are_refused() {
         let e = egress();
-        assert_eq!(e.check(ip("172.30.0.11")), Err(Refused::Node(ip("172.30.0.11"))));
-        assert_eq!(e.check(ip("10.244.1.1")), Err(Refused::Node(ip("10.244.1.1"))), "a node address inside a pod range");
-        for special in ["127.0.0.1", "169.254.169.254", "0.0.0.0", "224.0.0.1", "::1", "fe80::1", "::ffff:10.244.1.7"] {
-            assert_eq!(e.check(ip(special)), Err(Refused::Special(ip(special))), "{special}");
+        assert_eq!(
+            e.check(ip("172.30.0.11")),
+            Err(Refused::Node(ip("172.30.0.11")))
+        );
+        assert_eq!(
+            e.check(ip("10.244.1.1")),
+            Err(Refused::Node(ip("10.244.1.1"))),
+            "a node address inside a pod range"
+        );
+        for special in [
+            "127.0.0.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "224.0.0.1",
+            "::1",
+            "fe80::1",
+            "::ffff:10.244.1.7",
+        ] {
+            assert_eq!(
+                e.check(ip(special)),
+                Err(Refused::Special(ip(special))),
+                "{special}"
+            );
         }
         assert_eq!(e.check(ip("8.8.8.8")), Err(Refused::Outside(ip("8.8.8.8"))));
         assert_eq!(
@@ -114,5 +149,4 @@ mod tests {
         e.allowed.push("192.168.50.0/24".parse().unwrap());
         assert_eq!(e.check(ip("192.168.50.9")), Ok(()));
     }
-
 }

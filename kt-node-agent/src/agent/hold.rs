@@ -67,7 +67,11 @@ impl HoldContext {
                 .map_err(|_| Refusal::Unresolved(host.to_owned()))?
                 .collect(),
         };
-        let network = self.network.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let network = self
+            .network
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for address in &addresses {
             network.egress.check(address.ip())?;
         }
@@ -252,7 +256,9 @@ impl Handler for Holder {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         if !self.connects() {
-            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
             return Ok(());
         }
         let Ok(port) = u16::try_from(port) else {
@@ -277,7 +283,9 @@ impl Handler for Holder {
                     Err(refusal) => {
                         tracing::warn!(%host, port, %refusal, "connect destination refused");
                         context.connect_refused.inc();
-                        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+                        reply
+                            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                            .await;
                     }
                 }
             }
@@ -297,14 +305,23 @@ impl Handler for Holder {
     ) -> Result<(), Self::Error> {
         let destination = kt_proto::agent::udp_relay_destination(socket_path);
         let (true, Some(destination)) = (self.connects(), destination) else {
-            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
             return Ok(());
         };
-        let network = self.context.network.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let network = self
+            .context
+            .network
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         if let Err(refusal) = network.egress.check(destination.ip()) {
             tracing::warn!(%destination, %refusal, "connect destination refused");
             self.context.connect_refused.inc();
-            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
             return Ok(());
         }
         reply.accept().await;

@@ -98,7 +98,8 @@ mod tests {
         }))
         .unwrap();
         let svc = |ip: &str| -> Service {
-            serde_json::from_value(json!({"metadata": {"name": "s"}, "spec": {"clusterIP": ip}})).unwrap()
+            serde_json::from_value(json!({"metadata": {"name": "s"}, "spec": {"clusterIP": ip}}))
+                .unwrap()
         };
         let (a, b, headless) = (svc("10.96.0.1"), svc("10.96.0.10"), svc("None"));
         let resolver = ResolvConf::parse(
@@ -110,7 +111,10 @@ mod tests {
         assert_eq!(net.info.service_cidrs, ["10.96.0.0/24"]);
         assert_eq!(net.info.dns, Some("10.96.0.10".parse().unwrap()));
         assert_eq!(net.info.cluster_domain, "cluster.local");
-        assert!(net.egress.check("172.30.0.11".parse().unwrap()).is_err(), "the node is refused");
+        assert!(
+            net.egress.check("172.30.0.11".parse().unwrap()).is_err(),
+            "the node is refused"
+        );
         assert!(net.egress.check("10.244.1.9".parse().unwrap()).is_ok());
     }
 }

@@ -133,8 +133,82 @@ pub fn default_on_create(rt: &ResourceType, obj: &mut Value, taken: &Allocated) 
             set_default(&mut obj["spec"], "revisionHistoryLimit", json!(10));
             check_selector_matches_template(obj)
         }
+        ("apps", "statefulsets") => {
+            default_workload(obj);
+            let spec = &mut obj["spec"];
+            set_default(spec, "podManagementPolicy", json!("OrderedReady"));
+            set_default(&mut spec["updateStrategy"], "type", json!("RollingUpdate"));
+            if spec["updateStrategy"]["type"] == "RollingUpdate" {
+                set_default(
+                    &mut spec["updateStrategy"]["rollingUpdate"],
+                    "partition",
+                    json!(0),
+                );
+            }
+            set_default(spec, "revisionHistoryLimit", json!(10));
+            set_default(
+                spec,
+                "persistentVolumeClaimRetentionPolicy",
+                json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
+            );
+            check_selector_matches_template(obj)
+        }
+        ("batch", "jobs") => default_job(obj),
+        ("batch", "cronjobs") => {
+            let spec = &mut obj["spec"];
+            set_default(spec, "concurrencyPolicy", json!("Allow"));
+            set_default(spec, "suspend", json!(false));
+            set_default(spec, "successfulJobsHistoryLimit", json!(3));
+            set_default(spec, "failedJobsHistoryLimit", json!(1));
+            default_pod_spec(&mut spec["jobTemplate"]["spec"]["template"]["spec"]);
+            Vec::new()
+        }
         _ => Vec::new(),
     }
+}
+
+/// A Job as the API server completes it: the selector it generates from the object's uid
+/// (unless `manualSelector`), the matching template labels, and the spec defaults.
+fn default_job(obj: &mut Value) -> Causes {
+    let uid = obj["metadata"]["uid"].clone();
+    let name = obj["metadata"]["name"].clone();
+    let spec = &mut obj["spec"];
+    if spec["manualSelector"] != json!(true) {
+        let labels = &mut spec["template"]["metadata"]["labels"];
+        for (key, value) in [
+            ("batch.kubernetes.io/controller-uid", &uid),
+            ("batch.kubernetes.io/job-name", &name),
+            ("controller-uid", &uid),
+            ("job-name", &name),
+        ] {
+            labels[key] = value.clone();
+        }
+        spec["selector"] = json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}});
+    }
+    // Neither set: one pod, once; only `parallelism` set: a work queue, no `completions`.
+    if spec.get("completions").is_none_or(Value::is_null)
+        && spec.get("parallelism").is_none_or(Value::is_null)
+    {
+        spec["completions"] = json!(1);
+    }
+    set_default(spec, "parallelism", json!(1));
+    set_default(spec, "backoffLimit", json!(6));
+    set_default(spec, "completionMode", json!("NonIndexed"));
+    set_default(spec, "suspend", json!(false));
+    set_default(spec, "podReplacementPolicy", json!("TerminatingOrFailed"));
+    default_pod_spec(&mut spec["template"]["spec"]);
+    let mut causes = check_selector_matches_template(obj);
+    match obj["spec"]["template"]["spec"]["restartPolicy"].as_str() {
+        Some("Never" | "OnFailure") => {}
+        other => causes.push((
+            "spec.template.spec.restartPolicy".into(),
+            format!(
+                "Unsupported value: \"{}\": supported values: \"OnFailure\", \"Never\"",
+                other.unwrap_or_default()
+            ),
+        )),
+    }
+    causes
 }
 
 fn set_default(parent: &mut Value, key: &str, value: Value) {

@@ -65,8 +65,9 @@ fn openapi_index(store: &Store) -> Value {
             } else {
                 format!("apis/{group}/{version}")
             };
+            // The schemas of a group/version never change: the paths stand for the document.
             let doc = openapi_document(store, &group, &version).unwrap_or_default();
-            let hash = format!("{:016X}", fnv1a(doc.to_string().as_bytes()));
+            let hash = format!("{:016X}", fnv1a(doc["paths"].to_string().as_bytes()));
             paths.insert(
                 path.clone(),
                 json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash={hash}")}),
@@ -78,8 +79,9 @@ fn openapi_index(store: &Store) -> Value {
 
 /// An OpenAPI v3 document for one group/version: each resource's item path with a PATCH
 /// operation tagged with its group/version/kind and the query parameters the server
-/// honours. Enough for kubectl to see that the server validates fields itself
-/// (`fieldValidation`); no schemas, so kubectl builds strategic patches from its own types.
+/// honours (kubectl sees that the server validates fields itself: `fieldValidation`), and
+/// the release's schemas for `kubectl explain` (`openapi.rs`). The operations name no
+/// request media types, so kubectl keeps building strategic patches from its own types.
 fn openapi_document(store: &Store, group: &str, version: &str) -> Result<Value, ApiError> {
     let types: Vec<ResourceType> = store
         .registry
@@ -116,7 +118,7 @@ fn openapi_document(store: &Store, group: &str, version: &str) -> Result<Value, 
         paths.insert(item, json!({"patch": op("patch"), "put": op("put")}));
     }
     Ok(
-        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.33.0"}, "paths": paths, "components": {"schemas": {}}}),
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.33.0"}, "paths": paths, "components": {"schemas": super::openapi::components(group, version)}}),
     )
 }
 

@@ -25,6 +25,8 @@ pub struct ResourceType {
     pub builtin: bool,
     /// Create-only review types whose answer is computed, never stored.
     pub review: bool,
+    /// Discovery categories (`all`: what `kubectl get all` lists).
+    pub categories: Vec<String>,
 }
 
 impl ResourceType {
@@ -75,6 +77,7 @@ impl ResourceType {
             "kind": self.kind,
             "verbs": self.verbs(),
             "shortNames": self.short_names,
+            "categories": self.categories,
             "storageVersionHash": "",
         })];
         let mut sub = |name: &str, kind: &str, group: Option<&str>, verbs: &[&str]| {
@@ -124,6 +127,7 @@ struct Builtin {
     scale: bool,
     extra: &'static [&'static str],
     review: bool,
+    categories: &'static [&'static str],
 }
 
 const fn b(
@@ -143,8 +147,12 @@ const fn b(
         scale: false,
         extra: &[],
         review: false,
+        categories: &[],
     }
 }
+
+/// What `kubectl get all` lists, as a cluster's discovery says.
+const ALL: &[&str] = &["all"];
 
 const BUILTINS: &[Builtin] = &[
     Builtin {
@@ -161,11 +169,13 @@ const BUILTINS: &[Builtin] = &[
         short: &["po"],
         status: true,
         extra: &["portforward", "exec", "log"],
+        categories: ALL,
         ..b("", "pods", "Pod", true)
     },
     Builtin {
         short: &["svc"],
         status: true,
+        categories: ALL,
         ..b("", "services", "Service", true)
     },
     Builtin {
@@ -189,19 +199,69 @@ const BUILTINS: &[Builtin] = &[
         short: &["deploy"],
         status: true,
         scale: true,
+        categories: ALL,
         ..b("apps", "deployments", "Deployment", true)
     },
     Builtin {
         short: &["rs"],
         status: true,
         scale: true,
+        categories: ALL,
         ..b("apps", "replicasets", "ReplicaSet", true)
     },
     Builtin {
         short: &["ds"],
         status: true,
+        categories: ALL,
         ..b("apps", "daemonsets", "DaemonSet", true)
     },
+    Builtin {
+        short: &["sts"],
+        status: true,
+        scale: true,
+        categories: ALL,
+        ..b("apps", "statefulsets", "StatefulSet", true)
+    },
+    b("apps", "controllerrevisions", "ControllerRevision", true),
+    Builtin {
+        status: true,
+        categories: ALL,
+        ..b("batch", "jobs", "Job", true)
+    },
+    Builtin {
+        short: &["cj"],
+        status: true,
+        categories: ALL,
+        ..b("batch", "cronjobs", "CronJob", true)
+    },
+    Builtin {
+        short: &["hpa"],
+        status: true,
+        categories: ALL,
+        version: "v2",
+        ..b(
+            "autoscaling",
+            "horizontalpodautoscalers",
+            "HorizontalPodAutoscaler",
+            true,
+        )
+    },
+    Builtin {
+        short: &["pdb"],
+        status: true,
+        ..b(
+            "policy",
+            "poddisruptionbudgets",
+            "PodDisruptionBudget",
+            true,
+        )
+    },
+    Builtin {
+        short: &["ing"],
+        status: true,
+        ..b("networking.k8s.io", "ingresses", "Ingress", true)
+    },
+    b("networking.k8s.io", "ingressclasses", "IngressClass", false),
     b("discovery.k8s.io", "endpointslices", "EndpointSlice", true),
     b("coordination.k8s.io", "leases", "Lease", true),
     Builtin {
@@ -276,6 +336,7 @@ impl Default for Registry {
                 extra_subresources: b.extra.to_vec(),
                 builtin: true,
                 review: b.review,
+                categories: b.categories.iter().map(|c| c.to_string()).collect(),
             })
             .collect();
         Self {
@@ -415,6 +476,14 @@ pub fn crd_types(crd: &Value) -> Result<Vec<ResourceType>, String> {
             extra_subresources: vec![],
             builtin: false,
             review: false,
+            categories: names["categories"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default(),
         });
     }
     if out.is_empty() {

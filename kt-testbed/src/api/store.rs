@@ -457,6 +457,9 @@ impl Store {
         if inner.objects.contains_key(&key) {
             return Err(ApiError::already_exists(rt, &name));
         }
+        // Before defaulting: a Job's generated selector is made of its uid.
+        let uid = new_uid();
+        obj["metadata"]["uid"] = json!(uid);
         causes.extend(admission::default_on_create(
             rt,
             &mut obj,
@@ -482,7 +485,7 @@ impl Store {
         ] {
             m.remove(field);
         }
-        m.insert("uid".into(), json!(new_uid()));
+        m.insert("uid".into(), json!(uid));
         m.insert("creationTimestamp".into(), json!(now_rfc3339()));
         if obj.get("spec").is_some() {
             obj["metadata"]["generation"] = json!(1);

@@ -149,6 +149,15 @@ fn human_duration(secs: i64) -> String {
     }
 }
 
+/// A workload's `READY` cell: ready replicas of the desired ones.
+fn ready_of(o: &Value) -> Value {
+    json!(format!(
+        "{}/{}",
+        o["status"]["readyReplicas"].as_i64().unwrap_or(0),
+        o["spec"]["replicas"].as_i64().unwrap_or(0)
+    ))
+}
+
 /// Renders the cells of one table row.
 type CellsFn = Box<dyn Fn(&Value) -> Vec<Value>>;
 
@@ -225,11 +234,7 @@ pub fn table(rt: &ResourceType, items: &[Value], metadata: Value) -> Value {
                 let s = &o["status"];
                 vec![
                     o["metadata"]["name"].clone(),
-                    json!(format!(
-                        "{}/{}",
-                        s["readyReplicas"].as_i64().unwrap_or(0),
-                        o["spec"]["replicas"].as_i64().unwrap_or(0)
-                    )),
+                    ready_of(o),
                     json!(s["updatedReplicas"].as_i64().unwrap_or(0)),
                     json!(s["availableReplicas"].as_i64().unwrap_or(0)),
                     age(o),
@@ -267,6 +272,95 @@ pub fn table(rt: &ResourceType, items: &[Value], metadata: Value) -> Value {
                     o["spec"]["clusterIP"].clone(),
                     json!("<none>"),
                     json!(ports.join(",")),
+                    age(o),
+                ]
+            }),
+        ),
+        ("", "events") => (
+            vec![
+                col("Last Seen", "string", 0),
+                col("Type", "string", 0),
+                col("Reason", "string", 0),
+                col("Object", "string", 0),
+                col("Message", "string", 0),
+            ],
+            Box::new(move |o| {
+                let last = ["lastTimestamp", "eventTime"]
+                    .iter()
+                    .find_map(|f| o[*f].as_str())
+                    .or(o["metadata"]["creationTimestamp"].as_str())
+                    .unwrap_or_default();
+                let object = &o["involvedObject"];
+                vec![
+                    json!(human_age(last)),
+                    o["type"].clone(),
+                    o["reason"].clone(),
+                    json!(format!(
+                        "{}/{}",
+                        object["kind"].as_str().unwrap_or_default().to_lowercase(),
+                        object["name"].as_str().unwrap_or_default()
+                    )),
+                    o["message"].clone(),
+                ]
+            }),
+        ),
+        ("apps", "replicasets") => (
+            vec![
+                col("Name", "string", 0),
+                col("Desired", "integer", 0),
+                col("Current", "integer", 0),
+                col("Ready", "integer", 0),
+                col("Age", "date", 0),
+            ],
+            Box::new(move |o| {
+                let count = |v: &Value| json!(v.as_i64().unwrap_or(0));
+                vec![
+                    o["metadata"]["name"].clone(),
+                    count(&o["spec"]["replicas"]),
+                    count(&o["status"]["replicas"]),
+                    count(&o["status"]["readyReplicas"]),
+                    age(o),
+                ]
+            }),
+        ),
+        ("apps", "statefulsets") => (
+            vec![
+                col("Name", "string", 0),
+                col("Ready", "string", 0),
+                col("Age", "date", 0),
+            ],
+            Box::new(move |o| vec![o["metadata"]["name"].clone(), ready_of(o), age(o)]),
+        ),
+        ("batch", "jobs") => (
+            vec![
+                col("Name", "string", 0),
+                col("Status", "string", 0),
+                col("Completions", "string", 0),
+                col("Age", "date", 0),
+            ],
+            Box::new(move |o| {
+                let done = |t: &str| {
+                    o["status"]["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c["type"] == t && c["status"] == "True")
+                };
+                let status = if done("Complete") {
+                    "Complete"
+                } else if done("Failed") {
+                    "Failed"
+                } else {
+                    "Running"
+                };
+                vec![
+                    o["metadata"]["name"].clone(),
+                    json!(status),
+                    json!(format!(
+                        "{}/{}",
+                        o["status"]["succeeded"].as_i64().unwrap_or(0),
+                        o["spec"]["completions"].as_i64().unwrap_or(1)
+                    )),
                     age(o),
                 ]
             }),

@@ -18,6 +18,7 @@ use super::{
     json_response, read_json,
     resources::ResourceType,
     selector::{self, LabelSelector},
+    spdy,
     store::{Part, Store},
     streams,
     verbs::apply_patch,
@@ -38,7 +39,7 @@ pub(super) async fn scale(api: &ApiServer, t: &Target, req: Request) -> Result<R
     let body = if method == "GET" {
         Value::Null
     } else {
-        read_json(req).await?
+        read_json(api, req).await?
     };
     scale_object(
         &api.store,
@@ -67,7 +68,8 @@ pub(super) async fn log(api: &ApiServer, t: &Target) -> Result<Response, ApiErro
     Ok(resp)
 }
 
-/// `…/exec` and `…/portforward` of a running pod, over a WebSocket (SPDY is not served).
+/// `…/exec` and `…/portforward` of a running pod, over a WebSocket: channels (v5/v4), or
+/// kubectl's SPDY tunnel for port-forward (native SPDY upgrades are not served).
 pub(super) async fn stream(
     api: &std::sync::Arc<ApiServer>,
     t: &Target,
@@ -93,6 +95,15 @@ pub(super) async fn stream(
         .runtime()
         .ok_or_else(|| ApiError::bad_request("no kubelet is running"))?;
     let (mut parts, _body) = req.into_parts();
+    // kubectl (client-go 1.30+) tunnels SPDY through the WebSocket; kube-rs speaks v4.
+    let spdy_tunnel = sub == "portforward"
+        && parts
+            .headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim() == spdy::TUNNEL_PROTOCOL);
     let ws = WebSocketUpgrade::from_request_parts(&mut parts, &())
         .await
         .map_err(|e| {
@@ -100,6 +111,13 @@ pub(super) async fn stream(
                 "{sub} needs a WebSocket upgrade (SPDY is not supported): {e}"
             ))
         })?;
+    if spdy_tunnel {
+        let uid = pod["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        return Ok(spdy::port_forward(api, ws, runtime, ns_str, name, uid));
+    }
     if sub == "portforward" {
         let ports: Vec<u16> = q
             .all("ports")

@@ -60,7 +60,7 @@ pub(super) async fn create(
     t: &Target,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let body = read_json(req).await?;
+    let body = read_json(api, req).await?;
     let created = api
         .store
         .create(&t.rt, t.namespace(), body, t.q.dry_run())?;
@@ -115,7 +115,7 @@ pub(super) async fn update(
     if part == Part::Status && !t.rt.status {
         return Err(ApiError::no_route());
     }
-    let body = read_json(req).await?;
+    let body = read_json(api, req).await?;
     Ok(json_response(
         200,
         &api.store
@@ -132,7 +132,7 @@ pub(super) async fn patch(
     req: Request,
 ) -> Result<Response, ApiError> {
     let content_type = content_type(req.headers());
-    let body = read_json(req).await?;
+    let body = read_json(api, req).await?;
     let (store, rt, ns, name, q) = (&api.store, &t.rt, t.namespace(), t.name(), &t.q);
     let apply = content_type.starts_with("application/apply-patch");
     if apply && q.get("fieldManager").is_none_or(str::is_empty) {
@@ -187,7 +187,7 @@ pub(super) async fn create_review(
     rt: &ResourceType,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let body = read_json(req).await?;
+    let body = read_json(api, req).await?;
     Ok(json_response(201, &review(&api.store, user, rt, body)))
 }
 

@@ -1,6 +1,8 @@
 //! Endpoints and EndpointSlices from Service selectors, as the endpoints and EndpointSlice
 //! controllers write them: named targetPorts resolved against each pod's container ports,
-//! one slice per distinct port mapping, `name: ""` for an unnamed port. Services without a
+//! one slice per distinct port mapping, `name: ""` for an unnamed port, the `hostname` of
+//! pods whose `subdomain` is the Service, not-ready pods as ready when the Service says
+//! `publishNotReadyAddresses`. Services without a
 //! selector keep the Endpoints whoever made them wrote, and get EndpointSlices mirroring
 //! them (the EndpointSlice mirroring controller); slices someone else manages (kt's
 //! preview) are left alone.
@@ -68,6 +70,7 @@ pub(super) fn reconcile(ctl: &Ctl) {
             })
             .collect();
         let ports = svc["spec"]["ports"].as_array().cloned().unwrap_or_default();
+        let publish_not_ready = svc["spec"]["publishNotReadyAddresses"] == true;
 
         // Endpoints: one subset per distinct resolved port set.
         let mut subsets: BTreeMap<String, Subset> = BTreeMap::new();
@@ -87,12 +90,12 @@ pub(super) fn reconcile(ctl: &Ctl) {
                 })
                 .collect();
             let key = serde_json::to_string(&resolved).unwrap_or_default();
-            let address = address(pod);
+            let address = address(pod, name);
             let entry = subsets.entry(key).or_insert_with(|| Subset {
                 ports: resolved.clone(),
                 ..Default::default()
             });
-            if pod_ready(pod) {
+            if pod_ready(pod) || publish_not_ready {
                 entry.ready.push(address)
             } else {
                 entry.not_ready.push(address)
@@ -146,13 +149,16 @@ pub(super) fn reconcile(ctl: &Ctl) {
         let mut groups: BTreeMap<String, (Vec<Value>, Vec<Value>)> = BTreeMap::new();
         for pod in &members {
             let pod_ports = slice_ports(&ports, pod);
-            let ready = pod_ready(pod) && !terminating(pod);
-            let endpoint = json!({
+            let ready = (pod_ready(pod) || publish_not_ready) && !terminating(pod);
+            let mut endpoint = json!({
                 "addresses": [pod["status"]["podIP"]],
                 "conditions": {"ready": ready, "serving": pod_ready(pod), "terminating": terminating(pod)},
                 "nodeName": pod["spec"]["nodeName"],
                 "targetRef": {"kind": "Pod", "name": pod["metadata"]["name"], "namespace": ns, "uid": pod["metadata"]["uid"]},
             });
+            if let Some(hostname) = hostname_in(pod, name) {
+                endpoint["hostname"] = json!(hostname);
+            }
             groups
                 .entry(serde_json::to_string(&pod_ports).unwrap_or_default())
                 .or_insert_with(|| (pod_ports, Vec::new()))
@@ -298,9 +304,24 @@ fn mirror(ctl: &Ctl, services: &[Value], endpoints: &[Value], slices: &[Value]) 
     }
 }
 
-fn address(pod: &Value) -> Value {
-    json!({
+/// An Endpoints address of `pod` for Service `service`.
+fn address(pod: &Value, service: &str) -> Value {
+    let mut address = json!({
         "ip": pod["status"]["podIP"], "nodeName": pod["spec"]["nodeName"],
         "targetRef": {"kind": "Pod", "name": pod["metadata"]["name"], "namespace": pod["metadata"]["namespace"], "uid": pod["metadata"]["uid"]},
-    })
+    });
+    if let Some(hostname) = hostname_in(pod, service) {
+        address["hostname"] = json!(hostname);
+    }
+    address
+}
+
+/// The pod's `hostname` when its `subdomain` is `service`: what gives it a DNS name
+/// `<hostname>.<service>.<ns>.svc.cluster.local`.
+fn hostname_in<'a>(pod: &'a Value, service: &str) -> Option<&'a str> {
+    let spec = &pod["spec"];
+    (spec["subdomain"] == service)
+        .then(|| spec["hostname"].as_str())
+        .flatten()
+        .filter(|h| !h.is_empty())
 }

@@ -1,8 +1,13 @@
-//! Binds pending pods to the node with the fewest pods that satisfies their nodeSelector.
+//! Binds pending pods to the node with the fewest pods that satisfies their nodeSelector,
+//! with a `Scheduled` event.
 
 use serde_json::json;
 
-use super::{Ctl, terminating};
+use super::{
+    Ctl,
+    events::{self, EventType, Involved, Source},
+    ns_name, terminating,
+};
 use crate::api::store::now_rfc3339;
 
 pub(super) fn schedule(ctl: &Ctl) {
@@ -44,9 +49,20 @@ pub(super) fn schedule(ctl: &Ctl) {
         };
         target.1 += 1;
         let node = target.0.clone();
-        let _ = ctl.modify("", "pods", pod, |p| {
+        let bound = ctl.modify("", "pods", pod, |p| {
             p["spec"]["nodeName"] = json!(node);
             p["status"]["conditions"] = json!([{"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()}]);
         });
+        if let Ok(bound) = bound {
+            let (ns, name) = ns_name(&bound);
+            events::record(
+                &ctl.store,
+                Source::controller("default-scheduler"),
+                &Involved::object(&bound),
+                EventType::Normal,
+                "Scheduled",
+                &format!("Successfully assigned {ns}/{name} to {node}"),
+            );
+        }
     }
 }

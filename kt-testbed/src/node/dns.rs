@@ -1,6 +1,8 @@
 //! The cluster DNS (image `kt-testbed/dns`), as the kube-dns/CoreDNS specification has it:
 //! A records for `<svc>.<ns>.svc.cluster.local` (the ClusterIP, or the ready endpoints of a
-//! headless Service), SRV for named ports, `<a-b-c-d>.<ns>.pod.cluster.local`, NXDOMAIN for
+//! headless Service), for each ready endpoint of a headless Service by its hostname
+//! (`web-0.peers.<ns>.svc.cluster.local`, a StatefulSet's pod) or dashed IP, SRV for named
+//! ports (per endpoint for a headless Service), `<a-b-c-d>.<ns>.pod.cluster.local`, NXDOMAIN for
 //! other names in the cluster domain and SERVFAIL outside it (no upstream here). It reads
 //! Services and EndpointSlices with kube-rs from in-cluster configuration, as a pod does.
 
@@ -14,7 +16,10 @@ use hickory_proto::{
         rdata::{A, SRV},
     },
 };
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::Service,
+    discovery::v1::{Endpoint, EndpointSlice},
+};
 use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -63,12 +68,50 @@ pub fn resolve(dir: &dyn Directory, name: &str, qtype: RecordType) -> Answer {
                     p.name.as_deref() == Some(port_name)
                         && p.protocol.as_deref().unwrap_or("TCP") == proto
                 });
+            let headless = dir.service(ns, svc).is_some_and(|s| is_headless(&s));
             match found {
-                Some(p) if qtype == RecordType::SRV => {
-                    Answer::Srv(vec![(p.port as u16, format!("{svc}.{ns}.svc.{DOMAIN}."))])
-                }
-                Some(_) => Answer::A(vec![]),
+                Some(_) if qtype != RecordType::SRV => Answer::A(vec![]),
+                // Headless: one target per ready endpoint, at the port its slice gives.
+                Some(_) if headless => Answer::Srv(
+                    ready_endpoints(dir, ns, svc)
+                        .into_iter()
+                        .filter_map(|(slice, e)| {
+                            let port = slice.ports.as_ref()?.iter().find(|p| {
+                                p.name.as_deref() == Some(port_name)
+                                    && p.protocol.as_deref().unwrap_or("TCP") == proto
+                            })?;
+                            Some((
+                                port.port? as u16,
+                                format!("{}.{svc}.{ns}.svc.{DOMAIN}.", endpoint_label(&e)?),
+                            ))
+                        })
+                        .collect(),
+                ),
+                Some(p) => Answer::Srv(vec![(p.port as u16, format!("{svc}.{ns}.svc.{DOMAIN}."))]),
                 None => Answer::NxDomain,
+            }
+        }
+        // A ready endpoint of a headless Service, by its hostname (a StatefulSet's
+        // `web-0.peers.ns.svc…`) or its dashed IP.
+        [host, svc, ns, "svc"] => {
+            let Some(service) = dir.service(ns, svc) else {
+                return Answer::NxDomain;
+            };
+            if !is_headless(&service) {
+                return Answer::NxDomain;
+            }
+            let mut ips: Vec<Ipv4Addr> = ready_endpoints(dir, ns, svc)
+                .into_iter()
+                .filter(|(_, e)| endpoint_label(e).as_deref() == Some(*host))
+                .flat_map(|(_, e)| e.addresses)
+                .filter_map(|a| a.parse().ok())
+                .collect();
+            ips.sort();
+            ips.dedup();
+            match ips.is_empty() {
+                true => Answer::NxDomain,
+                false if qtype == RecordType::A => Answer::A(ips),
+                false => Answer::A(vec![]),
             }
         }
         [svc, ns, "svc"] => {
@@ -81,12 +124,9 @@ pub fn resolve(dir: &dyn Directory, name: &str, qtype: RecordType) -> Answer {
             match service.spec.and_then(|s| s.cluster_ip) {
                 Some(ip) if ip != "None" => Answer::A(ip.parse().into_iter().collect()),
                 _ => {
-                    let mut ips: Vec<Ipv4Addr> = dir
-                        .slices(ns, svc)
+                    let mut ips: Vec<Ipv4Addr> = ready_endpoints(dir, ns, svc)
                         .into_iter()
-                        .flat_map(|s| s.endpoints)
-                        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-                        .flat_map(|e| e.addresses)
+                        .flat_map(|(_, e)| e.addresses)
                         .filter_map(|a| a.parse().ok())
                         .collect();
                     ips.sort();
@@ -104,6 +144,37 @@ pub fn resolve(dir: &dyn Directory, name: &str, qtype: RecordType) -> Answer {
         ["svc"] | [_, "svc"] | ["pod"] => Answer::A(vec![]),
         _ => Answer::NxDomain,
     }
+}
+
+fn is_headless(service: &Service) -> bool {
+    service
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.as_deref())
+        .is_none_or(|ip| ip == "None")
+}
+
+/// The ready endpoints of Service `svc`, each with its slice.
+fn ready_endpoints(dir: &dyn Directory, ns: &str, svc: &str) -> Vec<(EndpointSlice, Endpoint)> {
+    dir.slices(ns, svc)
+        .into_iter()
+        .flat_map(|slice| {
+            slice
+                .endpoints
+                .clone()
+                .into_iter()
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                .map(move |e| (slice.clone(), e))
+        })
+        .collect()
+}
+
+/// An endpoint's name under its Service: its hostname, else its IP with dashes.
+fn endpoint_label(endpoint: &Endpoint) -> Option<String> {
+    endpoint
+        .hostname
+        .clone()
+        .or_else(|| Some(endpoint.addresses.first()?.replace('.', "-")))
 }
 
 /// Builds the response to a raw query.
@@ -293,7 +364,10 @@ mod tests {
             .unwrap()
         };
         let slice = serde_json::from_value(json!({"metadata": {"name": "h-x", "namespace": "default", "labels": {"kubernetes.io/service-name": "headless"}},
-            "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.1.3"], "conditions": {"ready": true}}, {"addresses": ["10.244.2.4"], "conditions": {"ready": false}}]})).unwrap();
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.244.1.3"], "hostname": "web-0", "conditions": {"ready": true}},
+                          {"addresses": ["10.244.2.5"], "conditions": {"ready": true}},
+                          {"addresses": ["10.244.2.4"], "hostname": "web-1", "conditions": {"ready": false}}]})).unwrap();
         Fixed(
             vec![svc("web", "10.96.1.2"), svc("headless", "None")],
             vec![slice],
@@ -313,7 +387,54 @@ mod tests {
         );
         assert_eq!(
             resolve(&d, "headless.default.svc.cluster.local", RecordType::A),
+            Answer::A(vec![
+                Ipv4Addr::new(10, 244, 1, 3),
+                Ipv4Addr::new(10, 244, 2, 5)
+            ])
+        );
+        assert_eq!(
+            resolve(
+                &d,
+                "web-0.headless.default.svc.cluster.local",
+                RecordType::A
+            ),
             Answer::A(vec![Ipv4Addr::new(10, 244, 1, 3)])
+        );
+        assert_eq!(
+            resolve(
+                &d,
+                "10-244-2-5.headless.default.svc.cluster.local",
+                RecordType::A
+            ),
+            Answer::A(vec![Ipv4Addr::new(10, 244, 2, 5)])
+        );
+        assert_eq!(
+            resolve(
+                &d,
+                "web-1.headless.default.svc.cluster.local",
+                RecordType::A
+            ),
+            Answer::NxDomain,
+            "not ready"
+        );
+        assert_eq!(
+            resolve(&d, "web-0.web.default.svc.cluster.local", RecordType::A),
+            Answer::NxDomain,
+            "not headless"
+        );
+        assert_eq!(
+            resolve(
+                &d,
+                "_http._tcp.headless.default.svc.cluster.local",
+                RecordType::SRV
+            ),
+            Answer::Srv(vec![
+                (8080, "web-0.headless.default.svc.cluster.local.".into()),
+                (
+                    8080,
+                    "10-244-2-5.headless.default.svc.cluster.local.".into()
+                )
+            ])
         );
         assert_eq!(
             resolve(

@@ -2,8 +2,9 @@
 //! Single-threaded, so that namespace changes apply to the whole process: join the pod's
 //! cgroup and network namespace, make a private mount (and UTS) namespace with the pod's
 //! files bind-mounted, then exec the program. A mount point whose parent directories do not
-//! exist on the host gets an overlay on its deepest existing ancestor, so nothing is ever
-//! created on the host's file system.
+//! exist on the host gets an overlay on its deepest existing ancestor; one right under `/`
+//! (`/data`) gets a root of the pod's own, a tmpfs holding binds of the host's top-level
+//! entries. Nothing is ever created on the host's file system.
 
 use std::{
     ffi::CString,
@@ -153,9 +154,9 @@ fn prepare(spec: &RunSpec) -> io::Result<()> {
             "sethostname",
         )?;
     }
-    let mut overlays = 0;
+    let mut made = Made::default();
     for m in &spec.mounts {
-        ensure_target(&m.target, m.source.is_dir(), &spec.scratch, &mut overlays)?;
+        ensure_target(&m.target, m.source.is_dir(), &spec.scratch, &mut made)?;
         mount(
             &m.source.to_string_lossy(),
             &m.target,
@@ -176,8 +177,16 @@ fn prepare(spec: &RunSpec) -> io::Result<()> {
     Ok(())
 }
 
+/// What [`ensure_target`] made so far in this mount namespace.
+#[derive(Default)]
+struct Made {
+    overlays: usize,
+    /// Whether `/` is the pod's own root already.
+    own_root: bool,
+}
+
 /// Makes `target` exist inside this mount namespace only.
-fn ensure_target(target: &Path, dir: bool, scratch: &Path, overlays: &mut usize) -> io::Result<()> {
+fn ensure_target(target: &Path, dir: bool, scratch: &Path, made: &mut Made) -> io::Result<()> {
     if target.exists() {
         return Ok(());
     }
@@ -190,25 +199,27 @@ fn ensure_target(target: &Path, dir: bool, scratch: &Path, overlays: &mut usize)
     }
     let ancestor = ancestor.unwrap_or(Path::new("/")).canonicalize()?;
     if ancestor == Path::new("/") {
-        return Err(io::Error::other(format!(
-            "refusing to overlay / for {}",
-            target.display()
-        )));
+        if !made.own_root {
+            own_root(scratch)?;
+            made.own_root = true;
+        }
+    } else {
+        made.overlays += 1;
+        let n = made.overlays;
+        let (upper, work) = (
+            scratch.join(format!("ovl{n}/upper")),
+            scratch.join(format!("ovl{n}/work")),
+        );
+        std::fs::create_dir_all(&upper)?;
+        std::fs::create_dir_all(&work)?;
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            ancestor.display(),
+            upper.display(),
+            work.display()
+        );
+        mount("overlay", &ancestor, "overlay", 0, &data)?;
     }
-    *overlays += 1;
-    let (upper, work) = (
-        scratch.join(format!("ovl{overlays}/upper")),
-        scratch.join(format!("ovl{overlays}/work")),
-    );
-    std::fs::create_dir_all(&upper)?;
-    std::fs::create_dir_all(&work)?;
-    let data = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        ancestor.display(),
-        upper.display(),
-        work.display()
-    );
-    mount("overlay", &ancestor, "overlay", 0, &data)?;
     // Resolve the target through the (possibly symlinked) ancestor we overlaid.
     if dir {
         std::fs::create_dir_all(target)
@@ -218,4 +229,50 @@ fn ensure_target(target: &Path, dir: bool, scratch: &Path, overlays: &mut usize)
         }
         std::fs::write(target, b"")
     }
+}
+
+/// Makes this mount namespace's root a tmpfs holding a bind of each of the host's
+/// top-level entries (symlinks copied), so that new top-level directories are the pod's
+/// alone. `pivot_root` rather than `chroot`: `kubectl exec` joins the namespace and gets
+/// its root.
+fn own_root(scratch: &Path) -> io::Result<()> {
+    let root = scratch.join("root");
+    std::fs::create_dir_all(&root)?;
+    mount("tmpfs", &root, "tmpfs", 0, "mode=755")?;
+    for entry in std::fs::read_dir("/")? {
+        let entry = entry?;
+        let (host, own) = (entry.path(), root.join(entry.file_name()));
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&host)?, &own)?;
+            continue;
+        }
+        if kind.is_dir() {
+            std::fs::create_dir(&own)?;
+        } else {
+            std::fs::write(&own, b"")?;
+        }
+        mount(
+            &host.to_string_lossy(),
+            &own,
+            "",
+            libc::MS_BIND | libc::MS_REC,
+            "",
+        )?;
+    }
+    let old = root.join(".host-root");
+    std::fs::create_dir(&old)?;
+    let (new_root, put_old) = (cstr(&root)?, cstr(&old)?);
+    // SAFETY: valid C strings; this process is single-threaded and alone in its mount
+    // namespace, whose mounts are private.
+    let pivoted =
+        unsafe { libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr()) };
+    check(if pivoted == 0 { 0 } else { -1 }, "pivot_root")?;
+    std::env::set_current_dir("/")?;
+    // SAFETY: a valid C string.
+    check(
+        unsafe { libc::umount2(c"/.host-root".as_ptr(), libc::MNT_DETACH) },
+        "umount the host's root",
+    )?;
+    std::fs::remove_dir("/.host-root")
 }

@@ -160,6 +160,31 @@ pub fn answered_by(tb: &Testbed, pod: &str, url: &str) -> Option<String> {
     })
 }
 
+/// Every Event in the cluster as kubectl reads them: `(involved object, type, reason,
+/// message, count)`.
+pub fn events(tb: &Testbed) -> Vec<(String, String, String, String, i64)> {
+    let list: serde_json::Value = serde_json::from_str(&kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "events", "--all-namespaces", "-o", "json"],
+    ))
+    .expect("an event list");
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+            (
+                text(&e["involvedObject"]["name"]),
+                text(&e["type"]),
+                text(&e["reason"]),
+                text(&e["message"]),
+                e["count"].as_i64().unwrap_or(1),
+            )
+        })
+        .collect()
+}
+
 /// A second client pod, on node-2 (`client` is on node-1).
 const CLIENT_2: &str = r#"
 apiVersion: v1

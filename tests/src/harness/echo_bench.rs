@@ -102,9 +102,8 @@ pub fn print_ratio(a_name: &str, a: &Row, b_name: &str, b: &Row) {
 pub fn write_json(name: &str, results: &serde_json::Value) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kt-bench");
     let path = dir.join(format!("{name}.json"));
-    let written = std::fs::create_dir_all(&dir).and_then(|()| {
-        std::fs::write(&path, serde_json::to_vec_pretty(results).expect("JSON"))
-    });
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&path, serde_json::to_vec_pretty(results).expect("JSON")));
     match written {
         Ok(()) => println!("results: {}", path.display()),
         Err(error) => eprintln!("results not written to {}: {error}", path.display()),

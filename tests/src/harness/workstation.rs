@@ -192,6 +192,38 @@ pub async fn named_http_echo(tb: &Testbed, port: u16, name: &str) -> Background 
     panic!("the local app did not start: {}", app.log());
 }
 
+/// A local nginx on the workstation (Debian's, as a developer runs one) serving `page` as
+/// its index on `port`, its files in the testbed's directory; returns once it answers.
+pub async fn nginx(tb: &Testbed, port: u16, page: &str) -> Background {
+    let dir = tb.dir.join(super::unique_name("local-nginx"));
+    let html = dir.join("html");
+    std::fs::create_dir_all(&html).expect("nginx directory");
+    std::fs::write(html.join("index.html"), format!("{page}\n")).expect("page");
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nuser root;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr notice;\n\
+         events {{}}\n\
+         http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           server {{ listen {port}; location / {{ root {d}/html; index index.html; }} }}\n}}\n"
+    );
+    let conf_file = dir.join("nginx.conf");
+    std::fs::write(&conf_file, conf).expect("nginx.conf");
+    let app = Background::spawn(
+        tb,
+        Path::new("nginx"),
+        &["-c", bins::utf8(&conf_file), "-e", "stderr"],
+    );
+    let url = format!("http://127.0.0.1:{port}/");
+    for _ in 0..50 {
+        if run(tb, &["curl", "-sf", "--max-time", "1", &url]).1.trim() == page {
+            return app;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the local nginx did not start: {}", app.log());
+}
+
 /// `kt-tools forward`: 127.0.0.1:`local` on the workstation to `pod`:`remote` (namespace
 /// `default`) through the API server, a port-forward per connection; returns once it listens.
 pub async fn forward_to_pod(tb: &Testbed, pod: &str, local: u16, remote: u16) -> Background {

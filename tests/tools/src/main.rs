@@ -92,7 +92,13 @@ fn main() -> ExitCode {
                 server,
                 tcp,
                 count,
-            } => if count > 1 { dig_timed(&name, &kind, server, tcp, count).await } else { dig(&name, &kind, server, tcp).await },
+            } => {
+                if count > 1 {
+                    dig_timed(&name, &kind, server, tcp, count).await
+                } else {
+                    dig(&name, &kind, server, tcp).await
+                }
+            }
             Tool::PortForward {
                 namespace,
                 pod,
@@ -143,7 +149,9 @@ async fn udp(addr: &str, message: &str) -> Result {
     let mut buf = vec![0u8; 65_536];
     for _ in 0..5 {
         socket.send(message.as_bytes()).await?;
-        if let Ok(received) = tokio::time::timeout(Duration::from_secs(1), socket.recv(&mut buf)).await {
+        if let Ok(received) =
+            tokio::time::timeout(Duration::from_secs(1), socket.recv(&mut buf)).await
+        {
             println!("{}", String::from_utf8_lossy(&buf[..received?]));
             return Ok(());
         }
@@ -152,7 +160,13 @@ async fn udp(addr: &str, message: &str) -> Result {
 }
 
 /// `count` lookups in a row; prints the p50 and p99 in microseconds. Each must succeed.
-async fn dig_timed(name: &str, kind: &str, server: Option<String>, tcp: bool, count: usize) -> Result {
+async fn dig_timed(
+    name: &str,
+    kind: &str,
+    server: Option<String>,
+    tcp: bool,
+    count: usize,
+) -> Result {
     let mut micros = Vec::with_capacity(count);
     for _ in 0..count {
         let started = Instant::now();
@@ -175,7 +189,12 @@ async fn dig(name: &str, kind: &str, server: Option<String>, tcp: bool) -> Resul
 }
 
 /// One lookup of `name`'s `kind` records: the reply.
-async fn ask(name: &str, kind: &str, server: Option<String>, tcp: bool) -> Result<hickory_proto::op::Message> {
+async fn ask(
+    name: &str,
+    kind: &str,
+    server: Option<String>,
+    tcp: bool,
+) -> Result<hickory_proto::op::Message> {
     use hickory_proto::{
         op::{Message, Query},
         rr::{Name, RecordType},

@@ -38,7 +38,8 @@ use crate::ssh_client::SshPool;
 
 /// Where the local resolver listens: a loopback address of its own, so that it never
 /// collides with systemd-resolved (127.0.0.53/54) or a local dnsmasq (127.0.0.1).
-pub(super) const LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 153)), 53);
+pub(super) const LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 153)), 53);
 /// How long one source may take to answer one question.
 const SOURCE_TIMEOUT: Duration = Duration::from_secs(3);
 /// TTL of `--ingressIp` answers (v0.3.7's).
@@ -145,19 +146,32 @@ impl Resolver {
     }
 
     async fn resolve(&self, question: &Query) -> Outcome {
-        let asked = question.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+        let asked = question
+            .name
+            .to_ascii()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
         if let Some(outcome) = self.ingress(&asked, question) {
             return outcome;
         }
         let key = (asked.clone(), question.query_type);
         let now = Instant::now();
-        if let Some((until, outcome)) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
+        if let Some((until, outcome)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
             && *until > now
         {
             return outcome.clone();
         }
         let config = &self.config;
-        let in_cluster = cluster_name(&asked, &config.namespace, &config.cluster_domain, &config.local_domains);
+        let in_cluster = cluster_name(
+            &asked,
+            &config.namespace,
+            &config.cluster_domain,
+            &config.local_domains,
+        );
         let mut best = Outcome::failed();
         for source in &config.order {
             let reply = match source {
@@ -181,11 +195,17 @@ impl Resolver {
                         break;
                     }
                 }
-                Err(error) => tracing::debug!(name = %asked, source = ?source, %error, "DNS source did not answer"),
+                Err(error) => {
+                    tracing::debug!(name = %asked, source = ?source, %error, "DNS source did not answer")
+                }
             }
         }
         if best.rank() > 0 {
-            let ttl = if best.rank() == 3 { config.cache_ttl } else { config.cache_ttl / 2 };
+            let ttl = if best.rank() == 3 {
+                config.cache_ttl
+            } else {
+                config.cache_ttl / 2
+            };
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             // Expired entries go when the cache is written: it holds one TTL of names.
             cache.retain(|_, (until, _)| *until > now);
@@ -197,9 +217,17 @@ impl Resolver {
     /// The first address the cluster DNS gives for `name`, when it is a cluster name.
     pub(super) async fn cluster_address(&self, name: &str) -> Option<IpAddr> {
         let config = &self.config;
-        let full = cluster_name(name, &config.namespace, &config.cluster_domain, &config.local_domains)?;
+        let full = cluster_name(
+            name,
+            &config.namespace,
+            &config.cluster_domain,
+            &config.local_domains,
+        )?;
         let asked = Name::from_ascii(format!("{}.", name.trim_end_matches('.'))).ok()?;
-        let outcome = self.ask_cluster(&full, &Query::query(asked, RecordType::A)).await.ok()?;
+        let outcome = self
+            .ask_cluster(&full, &Query::query(asked, RecordType::A))
+            .await
+            .ok()?;
         outcome.answers.iter().find_map(|r| match &r.data {
             RData::A(a) => Some(IpAddr::V4(a.0)),
             _ => None,
@@ -209,17 +237,25 @@ impl Resolver {
     /// `--ingressIp`'s answer for an Ingress host (A only; other types get no records).
     fn ingress(&self, asked: &str, question: &Query) -> Option<Outcome> {
         let (ip, hosts) = self.config.ingress.as_ref()?;
-        let known = hosts.read().unwrap_or_else(|e| e.into_inner()).iter().any(|host| {
-            host == asked
-                || host
-                    .strip_prefix("*.")
-                    .is_some_and(|suffix| asked.ends_with(&format!(".{suffix}")))
-        });
+        let known = hosts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|host| {
+                host == asked
+                    || host
+                        .strip_prefix("*.")
+                        .is_some_and(|suffix| asked.ends_with(&format!(".{suffix}")))
+            });
         if !known {
             return None;
         }
         let answers = match (question.query_type, ip) {
-            (RecordType::A, IpAddr::V4(v4)) => vec![Record::from_rdata(question.name.clone(), INGRESS_TTL, RData::A(A(*v4)))],
+            (RecordType::A, IpAddr::V4(v4)) => vec![Record::from_rdata(
+                question.name.clone(),
+                INGRESS_TTL,
+                RData::A(A(*v4)),
+            )],
             _ => Vec::new(),
         };
         Some(Outcome {
@@ -297,7 +333,9 @@ async fn ask_server(server: SocketAddr, tcp: bool, question: &Query) -> std::io:
             loop {
                 let n = socket.recv(&mut buf).await?;
                 match Message::from_vec(&buf[..n]) {
-                    Ok(reply) if reply.metadata.id == id && !reply.metadata.truncation => return Ok(reply),
+                    Ok(reply) if reply.metadata.id == id && !reply.metadata.truncation => {
+                        return Ok(reply);
+                    }
                     Ok(reply) if reply.metadata.id == id => break,
                     _ => continue,
                 }
@@ -340,7 +378,7 @@ impl RequestHandler for Handler {
         mut response_handle: R,
     ) -> ResponseInfo {
         let failed = || {
-            let mut metadata = request.metadata.clone();
+            let mut metadata = request.metadata;
             metadata.message_type = MessageType::Response;
             metadata.response_code = ResponseCode::ServFail;
             ResponseInfo::from(Header {
@@ -354,7 +392,7 @@ impl RequestHandler for Handler {
         let response = self.0.respond(&message).await;
         let builder = MessageResponseBuilder::from_message_request(request);
         let reply = builder.build(
-            response.metadata.clone(),
+            response.metadata,
             response.answers.iter(),
             response.authorities.iter(),
             std::iter::empty(),
@@ -376,16 +414,20 @@ pub(super) async fn serve(
     addr: SocketAddr,
     stop: CancellationToken,
 ) -> Result<impl Future<Output = ()>, DnsError> {
-    let udp = UdpSocket::bind(addr).await.map_err(|source| DnsError::Listen {
-        protocol: "udp",
-        addr,
-        source,
-    })?;
-    let tcp = TcpListener::bind(addr).await.map_err(|source| DnsError::Listen {
-        protocol: "tcp",
-        addr,
-        source,
-    })?;
+    let udp = UdpSocket::bind(addr)
+        .await
+        .map_err(|source| DnsError::Listen {
+            protocol: "udp",
+            addr,
+            source,
+        })?;
+    let tcp = TcpListener::bind(addr)
+        .await
+        .map_err(|source| DnsError::Listen {
+            protocol: "tcp",
+            addr,
+            source,
+        })?;
     let mut server = hickory_server::Server::new(Handler(resolver));
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(10), 64 * 1024);
@@ -400,7 +442,8 @@ pub(super) async fn serve(
 /// One A question for `name` to the DNS server at `server` over UDP: the addresses it
 /// answers (ktctl's own check that the resolver answers before it says it is ready).
 pub(super) async fn lookup_a(server: SocketAddr, name: &str) -> std::io::Result<Vec<IpAddr>> {
-    let name = Name::from_ascii(format!("{}.", name.trim_end_matches('.'))).map_err(std::io::Error::other)?;
+    let name = Name::from_ascii(format!("{}.", name.trim_end_matches('.')))
+        .map_err(std::io::Error::other)?;
     let question = Query::query(name, RecordType::A);
     let outcome = ask_server(server, false, &question).await?;
     Ok(outcome

@@ -87,7 +87,13 @@ fn watch_into<K>(
     stop: CancellationToken,
 ) -> reflector::Store<K>
 where
-    K: kube::Resource + Clone + std::fmt::Debug + Send + Sync + k8s_openapi::serde::de::DeserializeOwned + 'static,
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + k8s_openapi::serde::de::DeserializeOwned
+        + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (store, writer) = reflector::store();
@@ -124,8 +130,18 @@ pub(super) async fn keep_hosts(
     let changed = Arc::new(Notify::new());
     let mut stores = Vec::new();
     for ns in namespaces {
-        let services = watch_into(Api::<Service>::namespaced(client.clone(), ns), changed.clone(), tasks, stop.clone());
-        let slices = watch_into(Api::<EndpointSlice>::namespaced(client.clone(), ns), changed.clone(), tasks, stop.clone());
+        let services = watch_into(
+            Api::<Service>::namespaced(client.clone(), ns),
+            changed.clone(),
+            tasks,
+            stop.clone(),
+        );
+        let slices = watch_into(
+            Api::<EndpointSlice>::namespaced(client.clone(), ns),
+            changed.clone(),
+            tasks,
+            stop.clone(),
+        );
         stores.push((services, slices));
     }
     for (services, slices) in &stores {
@@ -166,7 +182,12 @@ pub(super) fn ingress_hosts(
 ) -> Arc<RwLock<HashSet<String>>> {
     let hosts: Arc<RwLock<HashSet<String>>> = Arc::default();
     let changed = Arc::new(Notify::new());
-    let store = watch_into(Api::<Ingress>::namespaced(client.clone(), namespace), changed.clone(), tasks, stop.clone());
+    let store = watch_into(
+        Api::<Ingress>::namespaced(client.clone(), namespace),
+        changed.clone(),
+        tasks,
+        stop.clone(),
+    );
     let shared = hosts.clone();
     tasks.spawn(async move {
         loop {
@@ -198,8 +219,10 @@ mod tests {
     fn hosts_entries_name_services_as_pods_do() {
         let svc = |ns: &str, name: &str, ip: &str| -> Arc<Service> {
             Arc::new(
-                serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns}, "spec": {"clusterIP": ip}}))
-                    .unwrap(),
+                serde_json::from_value(
+                    json!({"metadata": {"name": name, "namespace": ns}, "spec": {"clusterIP": ip}}),
+                )
+                .unwrap(),
             )
         };
         let slice: Arc<EndpointSlice> = Arc::new(
@@ -213,7 +236,11 @@ mod tests {
             }))
             .unwrap(),
         );
-        let services = [svc("dev", "web", "10.96.0.5"), svc("dev", "peers", "None"), svc("other", "db", "10.96.0.9")];
+        let services = [
+            svc("dev", "web", "10.96.0.5"),
+            svc("dev", "peers", "None"),
+            svc("other", "db", "10.96.0.9"),
+        ];
         let shown: Vec<String> = entries(&services, &[slice], "dev", "cluster.local")
             .iter()
             .map(|(n, ip)| format!("{ip} {n}"))

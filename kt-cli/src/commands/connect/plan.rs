@@ -53,7 +53,10 @@ pub enum DnsSource {
     /// The resolver this machine had before.
     Upstream,
     /// A server of the user's (`IP`, `IP:PORT`, `tcp:IP:PORT`, `udp:IP:PORT`).
-    Server { address: std::net::SocketAddr, tcp: bool },
+    Server {
+        address: std::net::SocketAddr,
+        tcp: bool,
+    },
 }
 
 /// `--dnsMode`.
@@ -214,7 +217,12 @@ pub fn parse_ranges(flag: &'static str, text: &str) -> Result<Vec<Cidr>, PlanErr
 /// The routes into the tunnel: the cluster's ranges and `include`, without `exclude` and
 /// without `keep_out` — the addresses the tunnel itself travels to (the API server, the SSH
 /// peer), which routing into the tunnel would loop. Sorted, overlaps merged away.
-pub fn routes(cluster: &[Cidr], include: &[Cidr], exclude: &[Cidr], keep_out: &[IpAddr]) -> Vec<Cidr> {
+pub fn routes(
+    cluster: &[Cidr],
+    include: &[Cidr],
+    exclude: &[Cidr],
+    keep_out: &[IpAddr],
+) -> Vec<Cidr> {
     let mut wanted: Vec<Cidr> = cluster.iter().chain(include).copied().collect();
     let holes = exclude.iter().copied().chain(
         keep_out
@@ -222,13 +230,20 @@ pub fn routes(cluster: &[Cidr], include: &[Cidr], exclude: &[Cidr], keep_out: &[
             .map(|ip| Cidr::new(*ip, if ip.is_ipv4() { 32 } else { 128 })),
     );
     for hole in holes {
-        wanted = wanted.into_iter().flat_map(|range| subtract(range, hole)).collect();
+        wanted = wanted
+            .into_iter()
+            .flat_map(|range| subtract(range, hole))
+            .collect();
     }
     // Drop ranges another one holds.
     let unique: BTreeSet<Cidr> = wanted.iter().copied().collect();
     unique
         .iter()
-        .filter(|c| !unique.iter().any(|other| other != *c && other.prefix() < c.prefix() && other.contains(c.network())))
+        .filter(|c| {
+            !unique.iter().any(|other| {
+                other != *c && other.prefix() < c.prefix() && other.contains(c.network())
+            })
+        })
         .copied()
         .collect()
 }
@@ -401,11 +416,23 @@ mod tests {
             err(&["--dnsMode", "magic"]),
             "invalid --dnsMode 'magic', should be localDNS[:order], podDNS or hosts[:namespace,...]"
         );
-        assert!(err(&["--excludeIps", "10.0.0.0/40"]).starts_with("invalid --excludeIps '10.0.0.0/40'"));
+        assert!(
+            err(&["--excludeIps", "10.0.0.0/40"]).starts_with("invalid --excludeIps '10.0.0.0/40'")
+        );
         assert!(err(&["--mode", "vpn"]).contains("'vpn'"));
         assert!(err(&["--proxyAddr", "0.0.0.0"]).contains("--disableTunDevice"));
         assert!(plan(&["--proxyAddr", "0.0.0.0", "--disableTunDevice"]).is_ok());
-        assert!(plan(&["--mode", "sshuttle", "--dnsMode", "podDNS", "--includeIps", "10.1.2.3"]).is_ok());
+        assert!(
+            plan(&[
+                "--mode",
+                "sshuttle",
+                "--dnsMode",
+                "podDNS",
+                "--includeIps",
+                "10.1.2.3"
+            ])
+            .is_ok()
+        );
     }
 
     #[test]
@@ -439,12 +466,26 @@ mod tests {
 
     #[test]
     fn routes_leave_out_excluded_ranges_and_the_tunnels_own_path() {
-        let cluster = [cidr("10.244.0.0/16"), cidr("10.96.0.0/12"), cidr("10.244.1.0/24")];
-        let r = routes(&cluster, &[cidr("172.20.0.0/16")], &[cidr("10.244.128.0/17")], &[]);
+        let cluster = [
+            cidr("10.244.0.0/16"),
+            cidr("10.96.0.0/12"),
+            cidr("10.244.1.0/24"),
+        ];
+        let r = routes(
+            &cluster,
+            &[cidr("172.20.0.0/16")],
+            &[cidr("10.244.128.0/17")],
+            &[],
+        );
         let shown: Vec<String> = r.iter().map(ToString::to_string).collect();
         assert_eq!(shown, ["10.96.0.0/12", "10.244.0.0/17", "172.20.0.0/16"]);
         // The SSH peer inside a pod range gets a hole of its own.
-        let r = routes(&[cidr("10.244.2.0/30")], &[], &[], &["10.244.2.1".parse().unwrap()]);
+        let r = routes(
+            &[cidr("10.244.2.0/30")],
+            &[],
+            &[],
+            &["10.244.2.1".parse().unwrap()],
+        );
         let shown: Vec<String> = r.iter().map(ToString::to_string).collect();
         assert_eq!(shown, ["10.244.2.0/32", "10.244.2.2/31"]);
     }
@@ -453,9 +494,18 @@ mod tests {
     fn cluster_names_are_told_from_the_rest() {
         let ask = |n: &str| cluster_name(n, "dev", "cluster.local", &["corp.example".to_owned()]);
         assert_eq!(ask("web").as_deref(), Some("web.dev.svc.cluster.local"));
-        assert_eq!(ask("web.corp.example.").as_deref(), Some("web.dev.svc.cluster.local"));
-        assert_eq!(ask("web.other").as_deref(), Some("web.other.svc.cluster.local"));
-        assert_eq!(ask("web.other.svc").as_deref(), Some("web.other.svc.cluster.local"));
+        assert_eq!(
+            ask("web.corp.example.").as_deref(),
+            Some("web.dev.svc.cluster.local")
+        );
+        assert_eq!(
+            ask("web.other").as_deref(),
+            Some("web.other.svc.cluster.local")
+        );
+        assert_eq!(
+            ask("web.other.svc").as_deref(),
+            Some("web.other.svc.cluster.local")
+        );
         assert_eq!(
             ask("WEB-0.Peers.dev.svc.cluster.local").as_deref(),
             Some("web-0.peers.dev.svc.cluster.local")
@@ -473,7 +523,12 @@ mod tests {
             with,
             "127.0.0.1 localhost\n# Kt Hosts Begin\n10.96.0.5 web\n10.96.0.5 web.dev\n# Kt Hosts End\n"
         );
-        assert_eq!(with_hosts_block(&with, &[("db".into(), ip)]).matches(HOSTS_BEGIN).count(), 1);
+        assert_eq!(
+            with_hosts_block(&with, &[("db".into(), ip)])
+                .matches(HOSTS_BEGIN)
+                .count(),
+            1
+        );
         assert_eq!(with_hosts_block(&with, &[]), hosts);
         assert!(has_kt_changes(&with) && !has_kt_changes(hosts));
     }
@@ -488,7 +543,11 @@ mod tests {
             "nameserver 127.0.0.153 # Added by KtConnect\nsearch corp.example\n#nameserver 172.30.0.53 # Removed by KtConnect\noptions ndots:2\n"
         );
         assert_eq!(resolv_conf_restored(&changed), original);
-        assert_eq!(resolv_conf_with(&changed, ip), changed, "a second connect does not stack");
+        assert_eq!(
+            resolv_conf_with(&changed, ip),
+            changed,
+            "a second connect does not stack"
+        );
         assert!(has_kt_changes(&changed));
     }
 }

@@ -6,7 +6,9 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use fast_socks5::{ReplyError, Socks5Command, server::Socks5ServerProtocol, util::target_addr::TargetAddr};
+use fast_socks5::{
+    ReplyError, Socks5Command, server::Socks5ServerProtocol, util::target_addr::TargetAddr,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
@@ -69,9 +71,16 @@ pub(super) async fn start(
 }
 
 /// One SOCKS5 client: its CONNECT carried as a `direct-tcpip` channel.
-async fn serve(socket: TcpStream, pool: Arc<SshPool>, names: &Resolver) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn serve(
+    socket: TcpStream,
+    pool: Arc<SshPool>,
+    names: &Resolver,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let _ = socket.set_nodelay(true);
-    let (proto, command, target) = Socks5ServerProtocol::accept_no_auth(socket).await?.read_command().await?;
+    let (proto, command, target) = Socks5ServerProtocol::accept_no_auth(socket)
+        .await?
+        .read_command()
+        .await?;
     if command != Socks5Command::TCPConnect {
         proto.reply_error(&ReplyError::CommandNotSupported).await?;
         return Ok(());

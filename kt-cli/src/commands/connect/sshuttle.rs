@@ -23,7 +23,9 @@ pub enum SshuttleError {
         "sshuttle is not installed (it is packaged by most distributions: apt install sshuttle)"
     )]
     Missing,
-    #[error("sshuttle mode needs a shadow pod (kt's agent carries channels, not sshuttle's server)")]
+    #[error(
+        "sshuttle mode needs a shadow pod (kt's agent carries channels, not sshuttle's server)"
+    )]
     NeedsShadow,
     #[error("failed to listen for sshuttle's SSH connection")]
     Listen(#[source] std::io::Error),
@@ -61,10 +63,18 @@ pub(super) async fn start(
     tasks: &TaskTracker,
     stop: CancellationToken,
 ) -> Result<(), SshuttleError> {
-    let listener = TcpListener::bind(("127.0.0.1", 0)).await.map_err(SshuttleError::Listen)?;
+    let listener = TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .map_err(SshuttleError::Listen)?;
     let port = listener.local_addr().map_err(SshuttleError::Listen)?.port();
     tracing::info!("Port forward local:{port} -> pod {pod}:22 established");
-    tasks.spawn(forward_port(listener, pods, pod, tasks.clone(), stop.clone()));
+    tasks.spawn(forward_port(
+        listener,
+        pods,
+        pod,
+        tasks.clone(),
+        stop.clone(),
+    ));
     let args = arguments(&config, port);
     tasks.spawn(async move {
         loop {
@@ -137,7 +147,13 @@ fn arguments(config: &Sshuttle<'_>, port: u16) -> Vec<String> {
 }
 
 /// Each connection to `listener` becomes a port-forward to `pod`:22 through the API server.
-async fn forward_port(listener: TcpListener, pods: Api<Pod>, pod: String, tasks: TaskTracker, stop: CancellationToken) {
+async fn forward_port(
+    listener: TcpListener,
+    pods: Api<Pod>,
+    pod: String,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+) {
     loop {
         let (mut socket, _) = tokio::select! {
             () = stop.cancelled() => return,

@@ -91,14 +91,20 @@ pub(super) fn check_single_connect(home: &Path) -> Result<(), SystemError> {
 pub(super) fn other_connect_running() -> Option<u32> {
     let own = std::env::current_exe().ok()?;
     let me = std::process::id();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-        if pid == me || std::fs::read_link(entry.path().join("exe")).ok()? != own {
-            return None;
-        }
-        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-        cmdline.split(|b| *b == 0).any(|arg| arg == b"connect").then_some(pid)
-    })
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            if pid == me || std::fs::read_link(entry.path().join("exe")).ok()? != own {
+                return None;
+            }
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            cmdline
+                .split(|b| *b == 0)
+                .any(|arg| arg == b"connect")
+                .then_some(pid)
+        })
 }
 
 fn process_alive(pid: u32) -> bool {
@@ -165,13 +171,19 @@ pub(super) struct Edit {
 impl Edit {
     /// Changes the file of `kind` to `change(original)`, after saving the original under
     /// `home` (a killed connect is repaired from it).
-    pub(super) fn apply(home: &Path, kind: Kind, change: impl FnOnce(&str) -> String) -> Result<Self, SystemError> {
+    pub(super) fn apply(
+        home: &Path,
+        kind: Kind,
+        change: impl FnOnce(&str) -> String,
+    ) -> Result<Self, SystemError> {
         let path = kind.path();
         let original = read(&path)?;
         let backup = kind.backup(home);
-        crate::lifecycle::write_file(&backup, original.as_bytes(), 0o644).map_err(|e| SystemError::Write {
-            path: backup.clone(),
-            source: std::io::Error::other(kt_proto::error_chain(&e)),
+        crate::lifecycle::write_file(&backup, original.as_bytes(), 0o644).map_err(|e| {
+            SystemError::Write {
+                path: backup.clone(),
+                source: std::io::Error::other(kt_proto::error_chain(&e)),
+            }
         })?;
         let written = change(&original);
         write(&path, &written)?;

@@ -97,17 +97,31 @@ pub(super) async fn start(
     let listen = |port| SocketAddr::V4(SocketAddrV4::new(DEVICE_ADDRESS, port));
     let tcp = TcpListener::bind(listen(0))
         .await
-        .map_err(|source| TunError::Listen { address: listen(0), source })?;
+        .map_err(|source| TunError::Listen {
+            address: listen(0),
+            source,
+        })?;
     let udp = UdpSocket::bind(listen(0))
         .await
-        .map_err(|source| TunError::Listen { address: listen(0), source })?;
+        .map_err(|source| TunError::Listen {
+            address: listen(0),
+            source,
+        })?;
     let port = |address: std::io::Result<SocketAddr>| address.map(|a| a.port()).unwrap_or_default();
-    let nat = Arc::new(Mutex::new(Nat::new(port(tcp.local_addr()), port(udp.local_addr()), TCP_IDLE, UDP_IDLE)));
+    let nat = Arc::new(Mutex::new(Nat::new(
+        port(tcp.local_addr()),
+        port(udp.local_addr()),
+        TCP_IDLE,
+        UDP_IDLE,
+    )));
     tracing::info!("Tun device {DEVICE} is ready");
     add_routes(routes).await?;
     let span = tracing::info_span!("tun");
     tasks.spawn(translate(device, nat.clone(), stop.clone()).instrument(span.clone()));
-    tasks.spawn(accept_tcp(tcp, nat.clone(), pool.clone(), tasks.clone(), stop.clone()).instrument(span.clone()));
+    tasks.spawn(
+        accept_tcp(tcp, nat.clone(), pool.clone(), tasks.clone(), stop.clone())
+            .instrument(span.clone()),
+    );
     tasks.spawn(serve_udp(udp, nat, pool, tasks.clone(), stop).instrument(span));
     Ok(())
 }
@@ -126,7 +140,10 @@ pub(super) async fn add_routes(routes: &[Cidr]) -> Result<(), TunError> {
         tracing::info!("Adding route to {route}");
         match system::ip(&["-4", "route", "add", &route.to_string(), "dev", DEVICE]).await {
             Ok(()) => added += 1,
-            Err(error) => tracing::warn!("Failed to add route to {route}: {}", kt_proto::error_chain(&error)),
+            Err(error) => tracing::warn!(
+                "Failed to add route to {route}: {}",
+                kt_proto::error_chain(&error)
+            ),
         }
     }
     if added == 0 {
@@ -152,7 +169,10 @@ async fn translate(device: tun::AsyncDevice, nat: Arc<Mutex<Nat>>, stop: Cancell
                 return;
             }
         };
-        let forward = nat.lock().unwrap_or_else(|e| e.into_inner()).translate(&mut packet[..len], Instant::now());
+        let forward = nat
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .translate(&mut packet[..len], Instant::now());
         if forward && let Err(error) = device.send(&packet[..len]).await {
             // As a full queue drops it: TCP retransmits, UDP is UDP.
             tracing::debug!(%error, "packet not written back to {DEVICE}");
@@ -179,16 +199,32 @@ async fn accept_tcp(
                 }
             },
         };
-        let flow = nat.lock().unwrap_or_else(|e| e.into_inner()).flow(Protocol::Tcp, peer);
+        let flow = nat
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flow(Protocol::Tcp, peer);
         if let Some(flow) = flow {
-            tasks.spawn(carry_tcp(pool.clone(), stream, flow.destination, stop.clone()));
+            tasks.spawn(carry_tcp(
+                pool.clone(),
+                stream,
+                flow.destination,
+                stop.clone(),
+            ));
         }
     }
 }
 
-async fn carry_tcp(pool: Arc<SshPool>, tcp: TcpStream, destination: SocketAddrV4, stop: CancellationToken) {
+async fn carry_tcp(
+    pool: Arc<SshPool>,
+    tcp: TcpStream,
+    destination: SocketAddrV4,
+    stop: CancellationToken,
+) {
     let _ = tcp.set_nodelay(true);
-    let channel = match pool.open(&destination.ip().to_string(), destination.port()).await {
+    let channel = match pool
+        .open(&destination.ip().to_string(), destination.port())
+        .await
+    {
         Ok(channel) => channel,
         Err(error) => {
             tracing::debug!(%destination, error = %kt_proto::error_chain(&error), "connection not carried");
@@ -244,22 +280,33 @@ async fn serve_udp(
             Some(Ok(()) | Err(mpsc::error::TrySendError::Full(_))) => continue,
             Some(Err(mpsc::error::TrySendError::Closed(_))) | None => {}
         }
-        let Some(flow) = nat.lock().unwrap_or_else(|e| e.into_inner()).flow(Protocol::Udp, peer) else {
+        let Some(flow) = nat
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flow(Protocol::Udp, peer)
+        else {
             continue;
         };
         let (sender, receiver) = mpsc::channel(UDP_QUEUE);
         let _ = sender.try_send(payload);
-        flows.lock().unwrap_or_else(|e| e.into_inner()).insert(peer.port(), sender);
+        flows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer.port(), sender);
         let datagrams = FlowDatagrams {
             received: receiver,
             socket: socket.clone(),
             peer,
             idle: Box::pin(tokio::time::sleep(UDP_IDLE)),
         };
-        let (pool, support, stop, flows) = (pool.clone(), support.clone(), stop.clone(), flows.clone());
+        let (pool, support, stop, flows) =
+            (pool.clone(), support.clone(), stop.clone(), flows.clone());
         tasks.spawn(async move {
             carry_udp(pool, datagrams, flow.destination, support, stop).await;
-            flows.lock().unwrap_or_else(|e| e.into_inner()).remove(&peer.port());
+            flows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&peer.port());
         });
     }
 }
@@ -274,7 +321,11 @@ struct FlowDatagrams {
 }
 
 impl AsyncRead for FlowDatagrams {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         match self.received.poll_recv(cx) {
             Poll::Ready(Some(datagram)) => {
                 let deadline = tokio::time::Instant::now() + UDP_IDLE;
@@ -293,7 +344,11 @@ impl AsyncRead for FlowDatagrams {
 }
 
 impl AsyncWrite for FlowDatagrams {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.socket.poll_send_to(cx, buf, self.peer)
     }
 
@@ -318,7 +373,12 @@ async fn carry_udp(
         Ok(channel) => channel,
         // OpenSSH knows no UDP relay: it tries a Unix socket of that name and fails to
         // connect. kt's servers refuse a destination as administratively prohibited.
-        Err(error) if matches!(error.open_failure(), Some(russh::ChannelOpenFailure::ConnectFailed)) => {
+        Err(error)
+            if matches!(
+                error.open_failure(),
+                Some(russh::ChannelOpenFailure::ConnectFailed)
+            ) =>
+        {
             if !support.refused_said.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     "UDP to the cluster is not available through {} (its SSH server relays TCP only); UDP datagrams are dropped",

@@ -10,12 +10,7 @@
 //!   (`--shareShadow`), counted by `kt-ref-count` and deleted by the last one out. ktctl finds
 //!   the ranges itself then, from what it may list.
 
-use std::{
-    collections::BTreeSet,
-    net::IpAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::IpAddr, sync::Arc, time::Duration};
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kt_proto::{
@@ -140,7 +135,8 @@ pub(super) async fn via_agent(ctx: &Context<'_>, agent: &str) -> Result<Option<W
     };
     // The agent writes the network when it accepts the login; wait for it to show.
     let told = await_condition(sessions.clone(), &name, |s: Option<&KtSession>| {
-        s.and_then(|s| s.status.as_ref()).is_some_and(|s| s.network.is_some())
+        s.and_then(|s| s.status.as_ref())
+            .is_some_and(|s| s.network.is_some())
     });
     let session = match tokio::time::timeout(NETWORK_WITHIN, told).await {
         Ok(Ok(Some(session))) => session,
@@ -152,7 +148,11 @@ pub(super) async fn via_agent(ctx: &Context<'_>, agent: &str) -> Result<Option<W
             }
             .into());
         }
-        Err(_) => return Err(ConnectError::NoNetwork { agent: agent.to_owned() }),
+        Err(_) => {
+            return Err(ConnectError::NoNetwork {
+                agent: agent.to_owned(),
+            });
+        }
     };
     let network = session
         .status
@@ -165,7 +165,9 @@ pub(super) async fn via_agent(ctx: &Context<'_>, agent: &str) -> Result<Option<W
             ctx.args.cluster_domain
         );
     }
-    let dns = network.dns.ok_or_else(|| ConnectError::NoClusterDns { agent: agent.to_owned() })?;
+    let dns = network.dns.ok_or_else(|| ConnectError::NoClusterDns {
+        agent: agent.to_owned(),
+    })?;
     Ok(Some(Way {
         dns: ClusterDns {
             pool: pool.clone(),
@@ -182,7 +184,11 @@ pub(super) async fn via_agent(ctx: &Context<'_>, agent: &str) -> Result<Option<W
 
 /// The current ranges of the agent-mode session `name` (the agent renews them as Services
 /// and nodes come and go).
-pub(super) async fn session_ranges(client: &kube::Client, namespace: &str, name: &str) -> Option<Ranges> {
+pub(super) async fn session_ranges(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Option<Ranges> {
     let sessions: Api<KtSession> = Api::namespaced(client.clone(), namespace);
     let session = sessions.get_opt(name).await.ok()??;
     Some(Ranges::from_network(session.status?.network.as_ref()?))
@@ -195,7 +201,10 @@ pub(super) async fn via_shadow(ctx: &Context<'_>) -> Result<Option<Way>, Connect
     let name = if shared {
         compat::SHARED_SHADOW.to_owned()
     } else {
-        format!("kt-connect-shadow-{}", compat::random_lower(5, rand::random))
+        format!(
+            "kt-connect-shadow-{}",
+            compat::random_lower(5, rand::random)
+        )
     };
     let mut spec = ShadowSpec::new(
         &ctx.settings.shadow,
@@ -207,13 +216,21 @@ pub(super) async fn via_shadow(ctx: &Context<'_>) -> Result<Option<Way>, Connect
     spec.env = vec![
         (
             kt_proto::env::DNS_PROTOCOL.to_owned(),
-            if matches!(ctx.plan.dns, super::plan::DnsMode::Local { .. }) { "tcp" } else { "udp" }.to_owned(),
+            if matches!(ctx.plan.dns, super::plan::DnsMode::Local { .. }) {
+                "tcp"
+            } else {
+                "udp"
+            }
+            .to_owned(),
         ),
         (
             kt_proto::env::LOG_LEVEL.to_owned(),
             if ctx.settings.debug { "debug" } else { "info" }.to_owned(),
         ),
-        (kt_proto::env::LOCAL_DOMAIN.to_owned(), ctx.local_domains.join(",")),
+        (
+            kt_proto::env::LOCAL_DOMAIN.to_owned(),
+            ctx.local_domains.join(","),
+        ),
     ];
     let tunnel = if shared {
         shared_shadow(ctx, &mut spec).await?
@@ -255,10 +272,14 @@ pub(super) async fn via_shadow(ctx: &Context<'_>) -> Result<Option<Way>, Connect
 
 /// Joins the shared shadow, creating it when there is none (a race with another connect
 /// creating it at the same moment ends in joining theirs).
-async fn shared_shadow(ctx: &Context<'_>, spec: &mut ShadowSpec) -> Result<Option<ShadowTunnel>, ConnectError> {
+async fn shared_shadow(
+    ctx: &Context<'_>,
+    spec: &mut ShadowSpec,
+) -> Result<Option<ShadowTunnel>, ConnectError> {
     let (settings, cluster, lifecycle) = (ctx.settings, ctx.cluster, ctx.lifecycle);
     let connections = settings.ssh.connections;
-    spec.annotations.insert(compat::REF_COUNT.into(), "1".into());
+    spec.annotations
+        .insert(compat::REF_COUNT.into(), "1".into());
     for _ in 0..5 {
         let joined = shadow::join_shared(
             &cluster.client,
@@ -270,11 +291,27 @@ async fn shared_shadow(ctx: &Context<'_>, spec: &mut ShadowSpec) -> Result<Optio
         .await
         .map_err(ShadowTunnelError::from)?;
         if let Some(private_pem) = joined {
-            return Ok(commands::join_shadow(settings, cluster, lifecycle, &spec.name, &private_pem, connections).await?);
+            return Ok(commands::join_shadow(
+                settings,
+                cluster,
+                lifecycle,
+                &spec.name,
+                &private_pem,
+                connections,
+            )
+            .await?);
         }
-        match commands::open_shadow(settings, cluster, lifecycle, spec, connections, Teardown::RefCounted).await {
-            Err(ShadowTunnelError::Shadow(ShadowError::Create { source, .. }))
-                if matches!(*source, kube::Error::Api(ref s) if s.code == 409) =>
+        match commands::open_shadow(
+            settings,
+            cluster,
+            lifecycle,
+            spec,
+            connections,
+            Teardown::RefCounted,
+        )
+        .await
+        {
+            Err(ShadowTunnelError::Shadow(ShadowError::Create { source, .. })) if matches!(*source, kube::Error::Api(ref s) if s.code == 409) =>
             {
                 continue;
             }
@@ -298,7 +335,11 @@ async fn discover_ranges(ctx: &Context<'_>) -> Result<Ranges, ConnectError> {
             .items
             .iter()
             .filter_map(|n| n.spec.as_ref())
-            .flat_map(|s| s.pod_cidrs.clone().unwrap_or_else(|| s.pod_cidr.clone().into_iter().collect()))
+            .flat_map(|s| {
+                s.pod_cidrs
+                    .clone()
+                    .unwrap_or_else(|| s.pod_cidr.clone().into_iter().collect())
+            })
             .filter_map(|c| c.parse().ok())
             .collect::<BTreeSet<Cidr>>()
             .into_iter()
@@ -312,24 +353,38 @@ async fn discover_ranges(ctx: &Context<'_>) -> Result<Ranges, ConnectError> {
         let list = list_all::<Pod>(client, &ctx.cluster.namespace, &params).await?;
         pods = covering_ranges(
             list.iter()
-                .filter(|p| !p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false))
+                .filter(|p| {
+                    !p.spec
+                        .as_ref()
+                        .and_then(|s| s.host_network)
+                        .unwrap_or(false)
+                })
                 .filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok()),
         );
     }
     let services = list_all::<Service>(client, &ctx.cluster.namespace, &params).await?;
-    let services = covering_ranges(services.iter().filter_map(|s| s.spec.as_ref()).flat_map(|s| {
-        s.cluster_ips
-            .clone()
-            .unwrap_or_else(|| s.cluster_ip.clone().into_iter().collect())
-            .into_iter()
-            .filter_map(|ip| ip.parse::<IpAddr>().ok())
-    }));
+    let services = covering_ranges(
+        services
+            .iter()
+            .filter_map(|s| s.spec.as_ref())
+            .flat_map(|s| {
+                s.cluster_ips
+                    .clone()
+                    .unwrap_or_else(|| s.cluster_ip.clone().into_iter().collect())
+                    .into_iter()
+                    .filter_map(|ip| ip.parse::<IpAddr>().ok())
+            }),
+    );
     Ok(Ranges { pods, services })
 }
 
 /// Objects of every namespace, or of `namespace` when this user may not list them all
 /// (v0.3.7's fallback).
-async fn list_all<K>(client: &kube::Client, namespace: &str, params: &ListParams) -> Result<Vec<K>, ConnectError>
+async fn list_all<K>(
+    client: &kube::Client,
+    namespace: &str,
+    params: &ListParams,
+) -> Result<Vec<K>, ConnectError>
 where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -342,12 +397,14 @@ where
         Ok(list) => Ok(list.items),
         Err(kube::Error::Api(status)) if status.code == 403 => {
             let mine: Api<K> = Api::namespaced(client.clone(), namespace);
-            let list = mine
-                .list(params)
-                .await
-                .map_err(ClusterError::api(format!("list {} in namespace {namespace}", K::plural(&Default::default()))))?;
+            let list = mine.list(params).await.map_err(ClusterError::api(format!(
+                "list {} in namespace {namespace}",
+                K::plural(&Default::default())
+            )))?;
             Ok(list.items)
         }
-        Err(e) => Err(ClusterError::api(format!("list {}", K::plural(&Default::default())))(e).into()),
+        Err(e) => {
+            Err(ClusterError::api(format!("list {}", K::plural(&Default::default())))(e).into())
+        }
     }
 }

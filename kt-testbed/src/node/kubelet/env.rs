@@ -1,4 +1,4 @@
-//! A container's environment: the kubelet's own variables (`PATH`, `HOSTNAME`,
+//! A container's environment: the image's `PATH`, the kubelet's own variables (`HOSTNAME`,
 //! `KUBERNETES_SERVICE_*`), then `envFrom` ConfigMaps and Secrets, then `env` with values,
 //! the downward API and ConfigMap or Secret keys; later entries win.
 
@@ -14,16 +14,17 @@ use crate::topology;
 type Env = Vec<(String, String)>;
 
 impl Kubelets {
-    /// The environment of `container` in `pod`.
+    /// The environment of `container` in `pod`, whose image sets `PATH` to `path`.
     pub(super) fn env(
         &self,
         pod: &Value,
         container: &Value,
         pod_ip: Ipv4Addr,
         hostname: &str,
+        path: &str,
     ) -> Env {
         let (ns, _) = crate::controllers::ns_name(pod);
-        let mut env = base_env(hostname);
+        let mut env = base_env(hostname, path);
         for from in container["envFrom"].as_array().into_iter().flatten() {
             env.extend(self.env_from(ns, from));
         }
@@ -115,13 +116,11 @@ impl Kubelets {
     }
 }
 
-/// What every container gets before its own variables.
-fn base_env(hostname: &str) -> Env {
+/// What every container gets before its own variables: the image's `PATH`, then the
+/// kubelet's.
+fn base_env(hostname: &str, path: &str) -> Env {
     vec![
-        (
-            "PATH".to_owned(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
-        ),
+        ("PATH".to_owned(), path.to_owned()),
         ("HOSTNAME".to_owned(), hostname.to_owned()),
         ("HOME".to_owned(), "/root".to_owned()),
         (

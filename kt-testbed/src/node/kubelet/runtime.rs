@@ -1,7 +1,8 @@
 //! A running pod's processes: each container started through `kt-testbed run-in-pod`,
-//! supervised (restarts with back-off per `restartPolicy`, readiness probes, status reports)
-//! and ended (SIGTERM, then SIGKILL after the grace period); and what the API server asks of
-//! running pods (logs, a connection, a process: [`PodRuntime`]).
+//! supervised (restarts with back-off per `restartPolicy`, readiness probes, status reports,
+//! the events a kubelet writes) and ended (the image's stop signal, then SIGKILL after the
+//! grace period); and what the API server asks of running pods (logs, a connection, a
+//! process: [`PodRuntime`]).
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -17,17 +18,20 @@ use tokio::process::{Child, Command};
 use super::{Kubelets, Running, probe, volumes::Volumes};
 use crate::{
     api::{PodRuntime, errors::ApiError, store::now_rfc3339},
-    node::{netio, runner::RunSpec},
+    controllers::events::{EventType, Involved},
+    node::{images::Image, netio, runner::RunSpec},
 };
 
 /// Everything one pod's containers run with, and their state.
 pub(super) struct PodRun<'a> {
     pub(super) kubelet: &'a Kubelets,
+    /// The node's name (the kubelet's, in events).
+    pub(super) node: &'a str,
     pub(super) pod: &'a Value,
     pub(super) running: &'a Running,
     pub(super) containers: Vec<Value>,
-    /// Each container's program and arguments.
-    pub(super) argvs: Vec<Vec<String>>,
+    /// Each container's image.
+    pub(super) images: Vec<Image>,
     /// The pod's state directory.
     pub(super) dir: PathBuf,
     pub(super) volumes: Volumes,
@@ -36,9 +40,17 @@ pub(super) struct PodRun<'a> {
     pub(super) hostname: String,
     /// When the pod started (RFC 3339).
     pub(super) start: String,
+    /// When the pod's Ready condition last changed, and what it was last reported as.
+    pub(super) ready_since: String,
+    pub(super) reported_ready: bool,
     /// Each container's process while it runs.
     pub(super) children: Vec<Option<Child>>,
+    /// When each container last started.
+    pub(super) started_at: Vec<String>,
     pub(super) ready: Vec<bool>,
+    /// Whether each container's last readiness probe failed (reported once per failure
+    /// streak, as an `Unhealthy` event).
+    pub(super) probe_failed: Vec<bool>,
     pub(super) restarts: Vec<u32>,
     /// Each container's previous end, as `lastState` reports it (`{"terminated": …}`).
     pub(super) last_state: Vec<Value>,
@@ -59,7 +71,28 @@ fn terminated(status: std::process::ExitStatus) -> Value {
     }})
 }
 
+/// How long a crashed container waits before its restart: 1 s, 2 s, 4 s … capped at 10 s
+/// (CrashLoopBackOff, shortened from the kubelet's 10 s … 5 min).
+fn restart_backoff(restarts: u32) -> Duration {
+    Duration::from_secs(1u64 << restarts.min(4)).min(Duration::from_secs(10))
+}
+
 impl PodRun<'_> {
+    fn container_name(&self, index: usize) -> &str {
+        self.containers[index]["name"].as_str().unwrap_or("c")
+    }
+
+    /// An event about container `index`.
+    fn container_event(&self, index: usize, kind: EventType, reason: &str, message: &str) {
+        self.kubelet.event(
+            self.node,
+            &Involved::container(self.pod, self.container_name(index)),
+            kind,
+            reason,
+            message,
+        );
+    }
+
     /// Starts every container and reports the pod Running.
     pub(super) async fn start_containers(&mut self) -> std::io::Result<()> {
         for c in &self.containers {
@@ -70,15 +103,22 @@ impl PodRun<'_> {
                 .containers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(super::ContainerProcess { pid: None, log });
+                .push(super::ContainerProcess {
+                    pid: None,
+                    log,
+                    env: Vec::new(),
+                });
         }
+        self.start = now_rfc3339();
+        self.ready_since = self.start.clone();
         for i in 0..self.containers.len() {
             let child = self.spawn(i).await?;
             self.children.push(Some(child));
+            self.started_at.push(now_rfc3339());
             self.restarts.push(0);
             self.last_state.push(json!({}));
+            self.probe_failed.push(false);
         }
-        self.start = now_rfc3339();
         self.ready = self
             .containers
             .iter()
@@ -120,6 +160,18 @@ impl PodRun<'_> {
         }
     }
 
+    /// Whether container `i`, having ended as `last_state` says, is started again.
+    fn restarts_after(&self, i: usize) -> bool {
+        match self.pod["spec"]["restartPolicy"]
+            .as_str()
+            .unwrap_or("Always")
+        {
+            "Always" => true,
+            "OnFailure" => self.last_state[i]["terminated"]["exitCode"] != 0,
+            _ => false,
+        }
+    }
+
     /// Handles container `i`'s exit; whether to keep supervising.
     async fn exited(
         &mut self,
@@ -130,61 +182,81 @@ impl PodRun<'_> {
         self.children[i] = None;
         self.ready[i] = false;
         self.last_state[i] = terminated(status);
-        let policy = self.pod["spec"]["restartPolicy"]
-            .as_str()
-            .unwrap_or("Always");
-        let restart = policy == "Always" || (policy == "OnFailure" && !status.success());
-        if !restart {
+        if !self.restarts_after(i) {
             if self.children.iter().all(Option::is_none) {
-                let phase = if status.success() {
-                    "Succeeded"
-                } else {
-                    "Failed"
-                };
-                self.report(Some(phase));
+                let failed = self
+                    .last_state
+                    .iter()
+                    .any(|s| s["terminated"]["exitCode"] != 0);
+                self.report(Some(if failed { "Failed" } else { "Succeeded" }));
                 terminate.cancelled().await;
                 return Ok(false);
             }
+            self.report(None);
             return Ok(true);
         }
         self.restarts[i] += 1;
         self.report(None);
-        // CrashLoopBackOff: 1 s, 2 s, 4 s … capped at 10 s.
-        let backoff =
-            Duration::from_secs(1u64 << self.restarts[i].min(4)).min(Duration::from_secs(10));
+        let message = format!(
+            "Back-off restarting failed container {} in pod {}_{}({})",
+            self.container_name(i),
+            self.running.name,
+            self.running.ns,
+            self.pod["metadata"]["uid"].as_str().unwrap_or_default()
+        );
+        self.container_event(i, EventType::Warning, "BackOff", &message);
         tokio::select! {
             () = terminate.cancelled() => return Ok(false),
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(restart_backoff(self.restarts[i])) => {}
         }
         self.children[i] = Some(self.spawn(i).await?);
+        self.started_at[i] = now_rfc3339();
         self.ready[i] = self.containers[i].get("readinessProbe").is_none();
         self.report(None);
         Ok(true)
     }
 
-    /// Runs every readiness probe once; reports when readiness changed.
+    /// Runs every readiness probe once; reports when readiness changed, and a failure
+    /// (once per streak) as an `Unhealthy` event.
     async fn probe_readiness(&mut self) {
         let mut changed = false;
-        for (i, c) in self.containers.iter().enumerate() {
-            let Some(check) = c.get("readinessProbe") else {
+        for i in 0..self.containers.len() {
+            let Some(check) = self.containers[i].get("readinessProbe") else {
                 continue;
             };
-            let ok = self.children[i].is_some() && probe::passes(check, &self.running.netns).await;
-            changed |= ok != self.ready[i];
-            self.ready[i] = ok;
+            if self.children[i].is_none() {
+                changed |= self.ready[i];
+                self.ready[i] = false;
+                continue;
+            }
+            let outcome =
+                probe::check(check, &self.containers[i], &self.running.netns, self.pod_ip).await;
+            if let Err(why) = &outcome
+                && !self.probe_failed[i]
+            {
+                let message = format!("Readiness probe failed: {why}");
+                self.container_event(i, EventType::Warning, "Unhealthy", &message);
+            }
+            self.probe_failed[i] = outcome.is_err();
+            changed |= outcome.is_ok() != self.ready[i];
+            self.ready[i] = outcome.is_ok();
         }
         if changed {
             self.report(None);
         }
     }
 
-    /// SIGTERM to every container, then SIGKILL to those still running after `grace`.
+    /// The image's stop signal to every container, then SIGKILL to those still running
+    /// after `grace`.
     pub(super) async fn terminate(&mut self, grace: Duration) {
-        for child in self.children.iter().flatten() {
-            if let Some(pid) = child.id() {
-                // SAFETY: signalling a process this kubelet started.
-                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            }
+        for (i, child) in self.children.iter().enumerate() {
+            let Some(pid) = child.as_ref().and_then(Child::id) else {
+                continue;
+            };
+            let message = format!("Stopping container {}", self.container_name(i));
+            self.container_event(i, EventType::Normal, "Killing", &message);
+            // SAFETY: signalling a process this kubelet started.
+            unsafe { libc::kill(pid as i32, self.images[i].stop_signal) };
         }
         let deadline = tokio::time::Instant::now() + grace;
         for child in self.children.iter_mut().flatten() {
@@ -198,21 +270,36 @@ impl PodRun<'_> {
         }
     }
 
-    /// Starts container `index` through the pod runner, its output appended to its log.
+    /// Starts container `index` through the pod runner, its output appended to its log,
+    /// with a fresh copy of its image's writable directories.
     async fn spawn(&self, index: usize) -> std::io::Result<Child> {
         let container = &self.containers[index];
+        let image = &self.images[index];
+        let layer = self.dir.join(format!("container-{index}"));
+        let _ = std::fs::remove_dir_all(&layer);
+        let mut mounts = image.materialise(&layer)?;
+        mounts.extend(super::volumes::container_mounts(
+            &self.dir,
+            &self.volumes,
+            container,
+        ));
+        let env = self.kubelet.env(
+            self.pod,
+            container,
+            self.pod_ip,
+            &self.hostname,
+            &image.path,
+        );
         let spec = RunSpec {
             cgroup: Some(self.running.cgroup.clone()),
             // hostNetwork pods join their node's namespace (never the host's).
             netns: Some(self.running.netns.clone()),
             join_pid: None,
             hostname: self.hostname.clone(),
-            mounts: super::volumes::container_mounts(&self.dir, &self.volumes, container),
+            mounts,
             scratch: self.dir.join(format!("scratch-{index}")),
-            env: self
-                .kubelet
-                .env(self.pod, container, self.pod_ip, &self.hostname),
-            argv: self.argvs[index].clone(),
+            env: env.clone(),
+            argv: image.argv(container),
             cwd: container["workingDir"].as_str().map(PathBuf::from),
         };
         let spec_path = self.dir.join(format!("run-{index}.json"));
@@ -224,6 +311,13 @@ impl PodRun<'_> {
             .create(true)
             .append(true)
             .open(&log_path)?;
+        let name = self.container_name(index);
+        self.container_event(
+            index,
+            EventType::Normal,
+            "Created",
+            &format!("Created container: {name}"),
+        );
         let child = Command::new(&self.kubelet.catalog.testbed_bin)
             .arg("run-in-pod")
             .arg(&spec_path)
@@ -232,6 +326,12 @@ impl PodRun<'_> {
             .stderr(log)
             .kill_on_drop(true)
             .spawn()?;
+        self.container_event(
+            index,
+            EventType::Normal,
+            "Started",
+            &format!("Started container {name}"),
+        );
         if let Some(slot) = self
             .running
             .containers
@@ -240,34 +340,45 @@ impl PodRun<'_> {
             .get_mut(index)
         {
             slot.pid = child.id();
+            slot.env = env;
         }
         Ok(child)
     }
 
     /// Writes the pod's status: Running (Ready when every container is), or `final_phase`.
-    pub(super) fn report(&self, final_phase: Option<&str>) {
+    pub(super) fn report(&mut self, final_phase: Option<&str>) {
+        let all_ready = final_phase.is_none() && self.ready.iter().all(|r| *r);
         let (ns, name) = (self.running.ns.as_str(), self.running.name.as_str());
-        let (start, ready, restarts, last) =
-            (&self.start, &self.ready, &self.restarts, &self.last_state);
-        let (pod_ip, host_ip) = (self.pod_ip, self.host_ip);
-        let all_ready = final_phase.is_none() && ready.iter().all(|r| *r);
-        let cond = |t: &str, ok: bool| json!({"type": t, "status": if ok { "True" } else { "False" }, "lastTransitionTime": start});
+        if self.reported_ready != all_ready {
+            self.reported_ready = all_ready;
+            self.ready_since = now_rfc3339();
+        }
+        let (start, ready_since) = (&self.start, &self.ready_since);
+        let cond = |t: &str, ok: bool, since: &str| json!({"type": t, "status": if ok { "True" } else { "False" }, "lastTransitionTime": since});
         let statuses: Vec<Value> = self.containers.iter().enumerate().map(|(i, c)| {
+            let ended = self.children[i].is_none();
+            let waiting = final_phase.is_none() && ended && self.restarts_after(i);
             let (state, last_state) = match final_phase {
-                Some(_) => (last[i].clone(), json!({})),
-                None => (json!({"running": {"startedAt": start}}), last[i].clone()),
+                Some(_) => (self.last_state[i].clone(), json!({})),
+                None if ended && !waiting => (self.last_state[i].clone(), json!({})),
+                None if waiting => {
+                    let reason = if self.restarts[i] > 0 { "CrashLoopBackOff" } else { "ContainerCreating" };
+                    (json!({"waiting": {"reason": reason, "message": format!("back-off restarting failed container={} pod={name}_{ns}", self.container_name(i))}}), self.last_state[i].clone())
+                }
+                None => (json!({"running": {"startedAt": self.started_at[i]}}), self.last_state[i].clone()),
             };
             json!({"name": c["name"], "image": c["image"], "imageID": format!("kt-testbed://{}", c["image"].as_str().unwrap_or_default()),
-                   "containerID": format!("kt-testbed://{ns}-{name}-{i}"), "ready": ready[i], "started": final_phase.is_none(),
-                   "restartCount": restarts[i], "state": state, "lastState": last_state})
+                   "containerID": format!("kt-testbed://{ns}-{name}-{i}"), "ready": self.ready[i], "started": final_phase.is_none() && !ended,
+                   "restartCount": self.restarts[i], "state": state, "lastState": last_state})
         }).collect();
+        let (pod_ip, host_ip) = (self.pod_ip, self.host_ip);
         self.kubelet.set_status(ns, name, |s| {
             *s = json!({
                 "phase": final_phase.unwrap_or("Running"),
                 "podIP": pod_ip.to_string(), "podIPs": [{"ip": pod_ip.to_string()}],
                 "hostIP": host_ip.to_string(), "hostIPs": [{"ip": host_ip.to_string()}],
                 "startTime": start, "qosClass": "BestEffort",
-                "conditions": [cond("PodReadyToStartContainers", true), cond("Initialized", true), cond("Ready", all_ready), cond("ContainersReady", all_ready), cond("PodScheduled", true)],
+                "conditions": [cond("PodReadyToStartContainers", true, start), cond("Initialized", true, start), cond("Ready", all_ready, ready_since), cond("ContainersReady", all_ready, ready_since), cond("PodScheduled", true, start)],
                 "containerStatuses": statuses,
             });
         });
@@ -340,22 +451,20 @@ impl PodRuntime for Kubelets {
         Box::pin(async move {
             let running =
                 running.ok_or_else(|| ApiError::bad_request("container is not running"))?;
-            let pid = running
+            // The first container's process and environment, which the command gets too.
+            let (pid, env) = running
                 .containers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .first()
-                .and_then(|c| c.pid)
+                .and_then(|c| Some((c.pid?, c.env.clone())))
                 .ok_or_else(|| ApiError::bad_request("container is not running"))?;
             let spec = RunSpec {
                 cgroup: Some(running.cgroup.clone()),
                 netns: Some(running.netns.clone()),
                 join_pid: Some(pid),
                 argv: command,
-                env: vec![(
-                    "PATH".into(),
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-                )],
+                env,
                 ..Default::default()
             };
             let path = dir.join(format!("exec-{}.json", rand::random::<u32>()));

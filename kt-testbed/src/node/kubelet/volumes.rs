@@ -1,6 +1,7 @@
 //! A pod's volumes, materialised under its state directory (configMap, secret, downwardAPI,
-//! emptyDir; hostPath is the machine's own directory), the service-account token, and the
-//! bind mounts each container gets.
+//! emptyDir; hostPath is the machine's own directory; a persistentVolumeClaim a directory of
+//! the testbed's that outlives pods), the service-account token, and the bind mounts each
+//! container gets.
 
 use std::{
     collections::HashMap,
@@ -85,6 +86,12 @@ impl Kubelets {
         } else if let Some(path) = v["hostPath"]["path"].as_str() {
             // The node's own directory: pods share this machine's file system.
             return Ok(PathBuf::from(path));
+        } else if let Some(claim) = v["persistentVolumeClaim"]["claimName"].as_str() {
+            // A claim is a directory of the testbed that outlives the pod (a StatefulSet's
+            // pod finds its data again).
+            let dir = self.state_dir.join("claims").join(ns).join(claim);
+            std::fs::create_dir_all(&dir)?;
+            return Ok(dir);
         } else {
             // emptyDir and anything else: an empty directory.
             std::fs::create_dir_all(target)?;

@@ -68,7 +68,12 @@ pub(crate) struct Nat {
 impl Nat {
     /// A table for listeners on `LOCAL:tcp_listener` and `LOCAL:udp_listener`; a flow's port
     /// is reused only after the flow was idle for `tcp_idle` / `udp_idle`.
-    pub(crate) fn new(tcp_listener: u16, udp_listener: u16, tcp_idle: Duration, udp_idle: Duration) -> Self {
+    pub(crate) fn new(
+        tcp_listener: u16,
+        udp_listener: u16,
+        tcp_idle: Duration,
+        udp_idle: Duration,
+    ) -> Self {
         Self {
             tcp_listener,
             udp_listener,
@@ -83,7 +88,9 @@ impl Nat {
     /// The flow a listener's peer `PEER:port` stands for, if the table knows it.
     pub(crate) fn flow(&self, protocol: Protocol, peer: SocketAddr) -> Option<Flow> {
         match peer {
-            SocketAddr::V4(peer) if *peer.ip() == PEER => self.flows.get(&(protocol, peer.port())).map(|e| e.flow),
+            SocketAddr::V4(peer) if *peer.ip() == PEER => {
+                self.flows.get(&(protocol, peer.port())).map(|e| e.flow)
+            }
             _ => None,
         }
     }
@@ -125,7 +132,11 @@ impl Nat {
         let Some(port) = self.port_for(flow, now) else {
             return false;
         };
-        header.rewrite(packet, SocketAddrV4::new(PEER, port), SocketAddrV4::new(LOCAL, listener));
+        header.rewrite(
+            packet,
+            SocketAddrV4::new(PEER, port),
+            SocketAddrV4::new(LOCAL, listener),
+        );
         true
     }
 
@@ -146,7 +157,11 @@ impl Nat {
         let mut chosen = None;
         for _ in 0..span {
             let port = self.cursor;
-            self.cursor = if port == *FLOW_PORTS.end() { *FLOW_PORTS.start() } else { port + 1 };
+            self.cursor = if port == *FLOW_PORTS.end() {
+                *FLOW_PORTS.start()
+            } else {
+                port + 1
+            };
             match self.flows.get(&(flow.protocol, port)) {
                 Some(entry) if now.saturating_duration_since(entry.last_seen) < idle => {}
                 _ => {
@@ -167,7 +182,13 @@ impl Nat {
         if let Some(old) = self.flows.remove(&(flow.protocol, port)) {
             self.ports.remove(&old.flow);
         }
-        self.flows.insert((flow.protocol, port), Entry { flow, last_seen: now });
+        self.flows.insert(
+            (flow.protocol, port),
+            Entry {
+                flow,
+                last_seen: now,
+            },
+        );
         self.ports.insert(flow, port);
         Some(port)
     }
@@ -205,7 +226,10 @@ impl Ipv4Packet {
         if total_len < header_len + transport_len {
             return None;
         }
-        Some(Self { header_len, protocol })
+        Some(Self {
+            header_len,
+            protocol,
+        })
     }
 
     fn source(&self, packet: &[u8]) -> SocketAddrV4 {
@@ -237,7 +261,8 @@ impl Ipv4Packet {
         new[10..12].copy_from_slice(&destination.port().to_be_bytes());
 
         let ip_checksum = u16::from_be_bytes([packet[10], packet[11]]);
-        packet[10..12].copy_from_slice(&adjust_checksum(ip_checksum, &old[..8], &new[..8]).to_be_bytes());
+        packet[10..12]
+            .copy_from_slice(&adjust_checksum(ip_checksum, &old[..8], &new[..8]).to_be_bytes());
         packet[12..20].copy_from_slice(&new[..8]);
 
         let l4 = self.header_len;
@@ -289,7 +314,8 @@ mod tests {
     }
 
     fn udp_packet(source: SocketAddrV4, destination: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
-        let builder = PacketBuilder::ipv4(source.ip().octets(), destination.ip().octets(), 64).udp(source.port(), destination.port());
+        let builder = PacketBuilder::ipv4(source.ip().octets(), destination.ip().octets(), 64)
+            .udp(source.port(), destination.port());
         let mut packet = Vec::new();
         builder.write(&mut packet, payload).unwrap();
         packet
@@ -298,14 +324,23 @@ mod tests {
     /// The packet's addresses, checked against checksums etherparse computes from scratch.
     fn addresses(packet: &[u8]) -> (SocketAddrV4, SocketAddrV4) {
         let sliced = SlicedPacket::from_ip(packet).unwrap();
-        let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else { panic!("IPv4") };
+        let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else {
+            panic!("IPv4")
+        };
         let header = ip.header().to_header();
-        assert_eq!(header.header_checksum, header.calc_header_checksum(), "IPv4 header checksum");
+        assert_eq!(
+            header.header_checksum,
+            header.calc_header_checksum(),
+            "IPv4 header checksum"
+        );
         let payload = ip.payload().payload;
         let (source, destination) = (header.source, header.destination);
         match sliced.transport.unwrap() {
             TransportSlice::Tcp(tcp) => {
-                let computed = tcp.to_header().calc_checksum_ipv4(&header, tcp.payload()).unwrap();
+                let computed = tcp
+                    .to_header()
+                    .calc_checksum_ipv4(&header, tcp.payload())
+                    .unwrap();
                 assert_eq!(tcp.checksum(), computed, "TCP checksum");
                 (
                     SocketAddrV4::new(source.into(), tcp.source_port()),
@@ -313,7 +348,10 @@ mod tests {
                 )
             }
             TransportSlice::Udp(udp) => {
-                let computed = udp.to_header().calc_checksum_ipv4(&header, udp.payload()).unwrap();
+                let computed = udp
+                    .to_header()
+                    .calc_checksum_ipv4(&header, udp.payload())
+                    .unwrap();
                 assert_eq!(udp.checksum(), computed, "UDP checksum");
                 assert_eq!(udp.payload().len() + 8, payload.len());
                 (
@@ -326,7 +364,12 @@ mod tests {
     }
 
     fn nat() -> Nat {
-        Nat::new(9_000, 9_001, Duration::from_secs(7200), Duration::from_secs(60))
+        Nat::new(
+            9_000,
+            9_001,
+            Duration::from_secs(7200),
+            Duration::from_secs(60),
+        )
     }
 
     #[test]
@@ -360,7 +403,10 @@ mod tests {
         let (source, destination) = addresses(&query);
         assert_eq!(destination, SocketAddrV4::new(LOCAL, 9_001));
         assert!(nat.flow(Protocol::Tcp, source.into()).is_none());
-        assert_eq!(nat.flow(Protocol::Udp, source.into()).unwrap().destination, dns);
+        assert_eq!(
+            nat.flow(Protocol::Udp, source.into()).unwrap().destination,
+            dns
+        );
         let mut answer = udp_packet(destination, source, b"answer");
         assert!(nat.translate(&mut answer, now));
         assert_eq!(addresses(&answer), (dns, PROGRAM));
@@ -376,9 +422,20 @@ mod tests {
     fn what_is_not_a_whole_tcp_or_udp_packet_to_the_cluster_is_dropped() {
         let mut nat = nat();
         let now = Instant::now();
-        let mut to_listener = tcp_packet(SocketAddrV4::new(PEER, 10_000), SocketAddrV4::new(LOCAL, 9_000), b"");
-        assert!(!nat.translate(&mut to_listener, now), "nothing to ktctl's own addresses");
-        let mut unknown_answer = tcp_packet(SocketAddrV4::new(LOCAL, 9_000), SocketAddrV4::new(PEER, 12_345), b"");
+        let mut to_listener = tcp_packet(
+            SocketAddrV4::new(PEER, 10_000),
+            SocketAddrV4::new(LOCAL, 9_000),
+            b"",
+        );
+        assert!(
+            !nat.translate(&mut to_listener, now),
+            "nothing to ktctl's own addresses"
+        );
+        let mut unknown_answer = tcp_packet(
+            SocketAddrV4::new(LOCAL, 9_000),
+            SocketAddrV4::new(PEER, 12_345),
+            b"",
+        );
         assert!(!nat.translate(&mut unknown_answer, now), "no such flow");
         let mut fragment = tcp_packet(PROGRAM, SERVICE, b"data");
         fragment[6] |= 0x20;
@@ -394,23 +451,47 @@ mod tests {
 
     #[test]
     fn an_idle_flow_gives_its_port_up_and_a_full_table_reuses_the_oldest() {
-        let mut nat = Nat::new(9_000, 9_001, Duration::from_secs(10), Duration::from_secs(10));
+        let mut nat = Nat::new(
+            9_000,
+            9_001,
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+        );
         let start = Instant::now();
         let span = u32::from(FLOW_PORTS.end() - FLOW_PORTS.start()) + 1;
         for i in 0..span {
             let client = SocketAddrV4::new(LOCAL, 1 + (i % 60_000) as u16);
             let destination = SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + i), 80);
-            let flow = Flow { protocol: Protocol::Tcp, client, destination };
-            assert!(nat.port_for(flow, start + Duration::from_millis(u64::from(i))).is_some());
+            let flow = Flow {
+                protocol: Protocol::Tcp,
+                client,
+                destination,
+            };
+            assert!(
+                nat.port_for(flow, start + Duration::from_millis(u64::from(i)))
+                    .is_some()
+            );
         }
-        let newcomer = Flow { protocol: Protocol::Tcp, client: PROGRAM, destination: SERVICE };
+        let newcomer = Flow {
+            protocol: Protocol::Tcp,
+            client: PROGRAM,
+            destination: SERVICE,
+        };
         let now = start + Duration::from_secs(1);
         let port = nat.port_for(newcomer, now).unwrap();
         assert_eq!(port, *FLOW_PORTS.start(), "the least recently used port");
         assert_eq!(nat.ports.len(), span as usize, "the old flow is gone");
         let later = start + Duration::from_secs(3600);
-        let other = Flow { protocol: Protocol::Tcp, client: PROGRAM, destination: SocketAddrV4::new(LOCAL, 1) };
-        assert_eq!(nat.port_for(other, later), Some(*FLOW_PORTS.start()), "idle ports are free again");
+        let other = Flow {
+            protocol: Protocol::Tcp,
+            client: PROGRAM,
+            destination: SocketAddrV4::new(LOCAL, 1),
+        };
+        assert_eq!(
+            nat.port_for(other, later),
+            Some(*FLOW_PORTS.start()),
+            "idle ports are free again"
+        );
         assert!(!nat.ports.contains_key(&newcomer));
         assert_eq!(nat.ports.len(), span as usize);
     }
@@ -418,6 +499,9 @@ mod tests {
     #[test]
     fn checksum_adjustment_matches_rfc_1624() {
         // RFC 1624 section 4: 0xDD2F becomes ... when 0x5555 becomes 0x3285.
-        assert_eq!(adjust_checksum(0xdd2f, &[0x55, 0x55], &[0x32, 0x85]), 0x0000);
+        assert_eq!(
+            adjust_checksum(0xdd2f, &[0x55, 0x55], &[0x32, 0x85]),
+            0x0000
+        );
     }
 }
