@@ -114,11 +114,14 @@ async fn seed_walkthrough_exchange() {
 
 /// Step 4: `sudo ktctl connect`, after which the workstation reaches cluster names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs ktctl connect (issue 13)"]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn seed_walkthrough_connect() {
     let (tb, local) = walkthrough_start().await;
     let mut connect = Background::ktctl(&tb, &["connect"]);
-    connect.ready().await;
+    connect.wait_for("All looks good").await;
     let (ok, page) = workstation::run(&tb, &["curl", "-s", "--max-time", "3", "http://nginx:80"]);
     assert!(
         ok && page.trim() == CLUSTER_PAGE,
