@@ -20,7 +20,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
 use crate::{
-    ssh_server::{forward_back, pump, relay_udp},
+    ssh_server::{forward_back, pump, spawn_udp_relay},
     tasks::Tasks,
 };
 
@@ -204,15 +204,7 @@ impl Handler for Connection {
             return Ok(());
         };
         reply.accept().await;
-        let cancel = self.cancel.clone();
-        self.tasks.spawn(
-            async move {
-                if let Err(error) = relay_udp(channel, destination, cancel).await {
-                    tracing::debug!(%destination, %error, "UDP relay ended with an error");
-                }
-            }
-            .in_current_span(),
-        );
+        spawn_udp_relay(&self.tasks, channel, destination, self.cancel.clone());
         Ok(())
     }
 

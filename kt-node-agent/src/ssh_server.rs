@@ -193,11 +193,29 @@ pub(crate) async fn pump(
     }
 }
 
+/// Runs [`relay_udp`] for an accepted channel as a task of `tasks`, in the current span;
+/// its end is logged at debug.
+pub(crate) fn spawn_udp_relay(
+    tasks: &TaskTracker,
+    channel: Channel<Msg>,
+    destination: SocketAddr,
+    cancel: CancellationToken,
+) {
+    tasks.spawn(
+        async move {
+            if let Err(error) = relay_udp(channel, destination, cancel).await {
+                tracing::debug!(%destination, %error, "UDP relay ended with an error");
+            }
+        }
+        .in_current_span(),
+    );
+}
+
 /// Relays UDP between a channel of framed datagrams ([`kt_tunnel::datagram`]) and
 /// `destination`, until the channel ends or `cancel`: kt's answer to SSH having no UDP
 /// channel, one relay per flow, opened as `direct-streamlocal` with
 /// `kt_proto::agent::udp_relay_path`.
-pub(crate) async fn relay_udp(
+async fn relay_udp(
     channel: Channel<Msg>,
     destination: SocketAddr,
     cancel: CancellationToken,

@@ -1,10 +1,17 @@
 //! kt's node agents as a session finds them: the ready pods of the DaemonSet in `deploy/`.
 
 use k8s_openapi::api::core::v1::Pod;
-use kt_proto::agent::{LABEL_SELECTOR, NAMESPACE};
-use kube::{Api, api::ListParams};
+use kt_proto::{
+    agent::{LABEL_SELECTOR, NAMESPACE},
+    session::KtSession,
+};
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams, PostParams},
+};
 
 use super::{Cluster, ClusterError};
+use crate::lifecycle::Lifecycle;
 
 /// The ready agent pods with their nodes, `(pod, node)` sorted by pod name; none when the
 /// agent is not installed or not visible to this user.
@@ -37,4 +44,32 @@ pub async fn ready(cluster: &Cluster) -> Result<Vec<(String, String)>, ClusterEr
 /// agent is installed and visible to this user.
 pub async fn first_ready(cluster: &Cluster) -> Result<Option<String>, ClusterError> {
     Ok(ready(cluster).await?.into_iter().next().map(|(pod, _)| pod))
+}
+
+/// Creates `session` in `namespace` (logging `Created session <name>`) and has `lifecycle`
+/// delete it on the way out (`Cleaning session <name>`). Returns the API the session lives in.
+///
+/// # Errors
+/// [`ClusterError`] when the API server refuses the object (a developer without the
+/// `kt-developer` role in that namespace, for one).
+pub async fn create_session(
+    client: &kube::Client,
+    lifecycle: &Lifecycle,
+    namespace: &str,
+    session: &KtSession,
+) -> Result<Api<KtSession>, ClusterError> {
+    let name = session.metadata.name.clone().unwrap_or_default();
+    let sessions: Api<KtSession> = Api::namespaced(client.clone(), namespace);
+    sessions
+        .create(&PostParams::default(), session)
+        .await
+        .map_err(ClusterError::api(format!("create session {name}")))?;
+    tracing::info!("Created session {name}");
+    let deleting = sessions.clone();
+    lifecycle.defer(format!("session {name}"), async move {
+        deleting.delete(&name, &DeleteParams::default()).await?;
+        tracing::info!("Cleaning session {name}");
+        Ok::<(), kube::Error>(())
+    });
+    Ok(sessions)
 }

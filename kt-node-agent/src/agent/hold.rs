@@ -36,7 +36,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
 use super::{metrics::TunnelBytes, network::Network};
-use crate::ssh_server::{AcceptError, forward_back, pump, relay_udp};
+use crate::ssh_server::{AcceptError, forward_back, pump, spawn_udp_relay};
 
 /// How long one status write (renewal or release) may take: a renewal that hangs must not
 /// hold up the next one, and a release must not hold up shutdown.
@@ -325,15 +325,7 @@ impl Handler for Holder {
             return Ok(());
         }
         reply.accept().await;
-        let cancel = self.cancel.clone();
-        self.tasks.spawn(
-            async move {
-                if let Err(error) = relay_udp(channel, destination, cancel).await {
-                    tracing::debug!(%destination, %error, "UDP relay ended with an error");
-                }
-            }
-            .in_current_span(),
-        );
+        spawn_udp_relay(&self.tasks, channel, destination, self.cancel.clone());
         Ok(())
     }
 

@@ -19,15 +19,11 @@ use kt_proto::{
     net::{Cidr, covering_ranges},
     session::{ClusterNetwork, DEFAULT_LEASE_SECONDS, KtSession, SessionMode, SessionSpec},
 };
-use kube::{
-    Api,
-    api::{DeleteParams, ListParams, PostParams},
-    runtime::wait::await_condition,
-};
+use kube::{Api, api::ListParams, runtime::wait::await_condition};
 
 use super::{ConnectError, Context, dns::ClusterDns};
 use crate::{
-    cluster::ClusterError,
+    cluster::{ClusterError, agents},
     commands::{self, ShadowTunnel, ShadowTunnelError},
     shadow::{self, ShadowError, ShadowSpec, Teardown},
     ssh_client::{Route, SessionKey, SshPool, Target},
@@ -104,20 +100,8 @@ pub(super) async fn via_agent(ctx: &Context<'_>, agent: &str) -> Result<Option<W
             lease_seconds: DEFAULT_LEASE_SECONDS,
         },
     );
-    let sessions: Api<KtSession> = Api::namespaced(ctx.cluster.client.clone(), &namespace);
-    sessions
-        .create(&PostParams::default(), &object)
-        .await
-        .map_err(ClusterError::api(format!("create session {name}")))?;
-    tracing::info!("Created session {name}");
-    {
-        let (sessions, name) = (sessions.clone(), name.clone());
-        ctx.lifecycle.defer(format!("session {name}"), async move {
-            sessions.delete(&name, &DeleteParams::default()).await?;
-            tracing::info!("Cleaning session {name}");
-            Ok::<(), kube::Error>(())
-        });
-    }
+    let sessions =
+        agents::create_session(&ctx.cluster.client, ctx.lifecycle, &namespace, &object).await?;
     let login = Login {
         namespace,
         session: name.clone(),

@@ -15,10 +15,7 @@ use kt_proto::{
     compat,
     session::{DEFAULT_LEASE_SECONDS, KtSession, PortMapping, SessionMode, SessionSpec},
 };
-use kube::{
-    Api,
-    api::{DeleteParams, PostParams},
-};
+use kube::Api;
 
 use super::{Context, ExchangeError, local, plan::PortPlan};
 use crate::{
@@ -60,20 +57,9 @@ pub(super) async fn exchange(
             lease_seconds: DEFAULT_LEASE_SECONDS,
         },
     );
-    let sessions: Api<KtSession> = Api::namespaced(ctx.cluster.client.clone(), &namespace);
-    sessions
-        .create(&PostParams::default(), &object)
-        .await
-        .map_err(ClusterError::api(format!("create session {name}")))?;
-    tracing::info!("Created session {name}");
-    {
-        let (sessions, name) = (sessions.clone(), name.clone());
-        ctx.lifecycle.defer(format!("session {name}"), async move {
-            sessions.delete(&name, &DeleteParams::default()).await?;
-            tracing::info!("Cleaning session {name}");
-            Ok::<(), kube::Error>(())
-        });
-    }
+    let sessions =
+        cluster::agents::create_session(&ctx.cluster.client, ctx.lifecycle, &namespace, &object)
+            .await?;
     let forwards: Vec<RemoteForward> = plan
         .service_ports()
         .map(|(p, l)| RemoteForward::for_service_port(p.port, local(l)))
