@@ -30,7 +30,10 @@ use kt_tests::harness::{
 const LOCAL_ECHO: u16 = 19000;
 const LOCAL_HTTP: u16 = 18090;
 
-/// More Services in front of the echo pods, so that several exchanges can run at once.
+/// More Services in front of the echo pods, so that several exchanges can run at once; the
+/// second agent-mode one has pods of its own (an agent-mode exchange is announced only when
+/// every endpoint address it redirects is its own, so a second one over the same pods
+/// never would be).
 const ECHO_MORE: &str = r#"
 apiVersion: v1
 kind: Service
@@ -46,11 +49,22 @@ spec:
   selector: {app: echo}
   ports: [{port: 9000}]
 ---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo-direct}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: echo-direct}}
+  template:
+    metadata: {labels: {app: echo-direct}}
+    spec:
+      containers: [{name: e, image: kt-testbed/tcp-echo, ports: [{containerPort: 9000}], readinessProbe: {tcpSocket: {port: 9000}}}]
+---
 apiVersion: v1
 kind: Service
 metadata: {name: echo-direct}
 spec:
-  selector: {app: echo}
+  selector: {app: echo-direct}
   ports: [{port: 9000}]
 "#;
 
@@ -65,10 +79,12 @@ async fn run() {
     apply(&tb.kubeconfig, ECHO);
     apply(&tb.kubeconfig, ECHO_MORE);
     install_agent(&tb);
-    kubectl_ok(
-        &tb.kubeconfig,
-        &["rollout", "status", "deploy/echo", "--timeout=60s"],
-    );
+    for deployment in ["deploy/echo", "deploy/echo-direct"] {
+        kubectl_ok(
+            &tb.kubeconfig,
+            &["rollout", "status", deployment, "--timeout=60s"],
+        );
+    }
     let _http = workstation::test_server(&tb, "http-echo", LOCAL_HTTP);
     let _echo = workstation::test_server(&tb, "tcp-echo", LOCAL_ECHO);
 
@@ -177,7 +193,7 @@ async fn run() {
 async fn ready_time(tb: &Testbed, extra: &[&str]) -> f64 {
     let expose = format!("{LOCAL_HTTP}:80");
     let started = Instant::now();
-    let exchange = Background::ktctl(
+    let mut exchange = Background::ktctl(
         tb,
         &[&["exchange", "web", "--expose", &expose][..], extra].concat(),
     );
@@ -192,6 +208,9 @@ async fn ready_time(tb: &Testbed, extra: &[&str]) -> f64 {
         );
     }
     let seconds = started.elapsed().as_secs_f64();
+    // The shadow modes may answer before ktctl announces (the old pods are still going);
+    // Ctrl-C before the banner is "nothing was exchanged" and exits 130.
+    exchange.wait_for("will be redirected to local").await;
     let (status, log) = exchange.interrupt();
     assert!(status.success(), "{log}");
     let rollout = kubectl(
