@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Service;
 use kt_proto::session::KtSession;
 use kt_testbed::{cluster::Testbed, topology::node_ip};
 use kt_tests::harness::{
-    apps::{deploy_web, in_pod, install_agent, start_testbed},
+    apps::{create_services, deploy_web, in_pod, install_agent, start_testbed},
     eventually::poll_within,
     run_bench,
 };
@@ -80,22 +80,7 @@ async fn run() {
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
     let sessions: Api<KtSession> = Api::namespaced(client, "default");
     let started = std::time::Instant::now();
-    stream::iter(0..SERVICES)
-        .for_each_concurrent(16, |i| {
-            let services = services.clone();
-            async move {
-                let svc: Service = serde_json::from_value(json!({
-                    "metadata": {"name": format!("s{i}")},
-                    "spec": {"selector": {"app": format!("s{i}")}, "ports": [{"port": 80}]}
-                }))
-                .expect("service");
-                services
-                    .create(&PostParams::default(), &svc)
-                    .await
-                    .expect("created");
-            }
-        })
-        .await;
+    create_services(&services, SERVICES).await;
     stream::iter(0..SESSIONS)
         .for_each_concurrent(16, |i| {
             let sessions = sessions.clone();

@@ -25,18 +25,17 @@
 
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt as _, stream};
 use k8s_openapi::api::core::v1::Service;
 use kt_testbed::cluster::Testbed;
 use kt_tests::harness::{
-    apps::{apply, install_agent, start_testbed},
+    apps::{apply, create_services, install_agent, start_testbed},
     bench_rounds,
     echo_bench::{self, Row, wait_until_echoes},
     kubectl::kubectl_ok,
     run_bench,
     workstation::{self, Background, ECHO},
 };
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use serde_json::json;
 
 fn main() {
@@ -201,22 +200,7 @@ async fn run() {
     let rss_few = rss_kib(hosts.pid());
     let services: Api<Service> = Api::namespaced(tb.client().await, "default");
     let created = Instant::now();
-    stream::iter(0..extra_services)
-        .for_each_concurrent(16, |i| {
-            let services = services.clone();
-            async move {
-                let svc: Service = serde_json::from_value(json!({
-                    "metadata": {"name": format!("s{i}")},
-                    "spec": {"selector": {"app": format!("s{i}")}, "ports": [{"port": 80}]}
-                }))
-                .expect("service");
-                services
-                    .create(&PostParams::default(), &svc)
-                    .await
-                    .expect("created");
-            }
-        })
-        .await;
+    create_services(&services, extra_services).await;
     let last = format!(" s{} ", extra_services.saturating_sub(1));
     let hosts_written = Instant::now();
     for _ in 0..600 {

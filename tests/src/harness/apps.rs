@@ -350,3 +350,25 @@ spec:
     );
     (key, ip)
 }
+
+/// Creates `count` Services `s0`, `s1`, … in `services`' namespace (port 80, selecting pods
+/// nobody runs), 16 at a time: the many-Services load of the benchmarks.
+pub async fn create_services(
+    services: &kube::Api<k8s_openapi::api::core::v1::Service>,
+    count: usize,
+) {
+    use futures::StreamExt as _;
+    futures::stream::iter(0..count)
+        .for_each_concurrent(16, |i| async move {
+            let svc = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("s{i}")},
+                "spec": {"selector": {"app": format!("s{i}")}, "ports": [{"port": 80}]}
+            }))
+            .expect("service");
+            services
+                .create(&kube::api::PostParams::default(), &svc)
+                .await
+                .expect("created");
+        })
+        .await;
+}
