@@ -4,6 +4,10 @@
 
 use clap::{Args, CommandFactory as _, Parser};
 
+/// The v0.3.7 router image (`--routerImage`'s default; kt's agent mode starts none).
+pub const DEFAULT_ROUTER_IMAGE: &str =
+    "registry.cn-hangzhou.aliyuncs.com/rdc-incubator/kt-connect-router:v0.3.7";
+
 /// The v0.3.7 shadow image: its OpenSSH contract is what ktctl speaks to by default.
 pub const DEFAULT_SHADOW_IMAGE: &str =
     "registry.cn-hangzhou.aliyuncs.com/rdc-incubator/kt-connect-shadow:v0.3.7";
@@ -35,6 +39,8 @@ pub enum Command {
     Forward(ForwardArgs),
     /// Redirect all requests of specified kubernetes service to local
     Exchange(ExchangeArgs),
+    /// Redirect marked requests of specified kubernetes service to local
+    Mesh(MeshArgs),
 }
 
 /// `ktctl connect` (v0.3.7's flags, in its order, then kt's).
@@ -142,6 +148,42 @@ pub struct ExchangeArgs {
     #[arg(long = "allowUnservedPorts", value_name = "bool", value_parser = parse_bool,
           num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub allow_unserved_ports: bool,
+}
+
+/// `ktctl mesh <svc> --expose local[:remote][,...]`.
+#[derive(Debug, Args)]
+pub struct MeshArgs {
+    /// The service (`name`, `svc/name`)
+    pub service: String,
+    /// Ports to expose, `port` or `local:remote` (comma separated); `remote` is the
+    /// service's targetPort or, when no targetPort matches, its port
+    #[arg(long, required = true)]
+    pub expose: String,
+    /// Mesh method: 'agent' (kt's node agent routes each request by its header: HTTP/1.1,
+    /// HTTP/2, gRPC, WebSocket; nothing in the cluster is changed), 'auto' (the agent when
+    /// installed; v0.3.7's router pod is not supported yet), 'manual' (v0.3.7's version
+    /// label; not supported yet)
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: MeshMode,
+    /// The header requests carry to reach this workstation: 'value', 'key:' or 'key:value'
+    /// (key default 'version', a lower-case header name; value default 5 random letters)
+    #[arg(long = "versionMark", default_value = "")]
+    pub version_mark: String,
+    /// Do not check whether a local application listens on the exposed ports
+    #[arg(long = "skipPortChecking", value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub skip_port_checking: bool,
+    /// (v0.3.7 auto mode) The router pod's image; agent mode starts no router pod
+    #[arg(long = "routerImage", default_value = DEFAULT_ROUTER_IMAGE)]
+    pub router_image: String,
+}
+
+/// `mesh --mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MeshMode {
+    Auto,
+    Agent,
+    Manual,
 }
 
 /// `exchange --mode`.

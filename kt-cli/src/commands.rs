@@ -4,6 +4,7 @@
 pub mod connect;
 pub mod exchange;
 pub mod forward;
+pub mod mesh;
 
 use std::{path::PathBuf, sync::Arc};
 

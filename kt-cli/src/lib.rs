@@ -34,6 +34,8 @@ pub enum CliError {
     Exchange(#[from] commands::exchange::ExchangeError),
     #[error(transparent)]
     Forward(#[from] commands::forward::ForwardError),
+    #[error(transparent)]
+    Mesh(#[from] commands::mesh::MeshError),
     #[error("failed to start the async runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -60,6 +62,7 @@ impl CliError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             Self::Exchange(commands::exchange::ExchangeError::Interrupted)
+            | Self::Mesh(commands::mesh::MeshError::Interrupted)
             | Self::Connect(commands::connect::ConnectError::Interrupted) => ExitCode::from(130),
             _ => ExitCode::FAILURE,
         }
@@ -101,6 +104,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         args::Command::Exchange(args) => {
             runtime.block_on(commands::exchange::run(&settings, &args))?;
+        }
+        args::Command::Mesh(args) => {
+            runtime.block_on(commands::mesh::run(&settings, &args))?;
         }
     }
     Ok(())

@@ -6,7 +6,8 @@
 //!
 //! It also holds sessions ([`hold`]): ktctl's SSH connections arrive on the node's
 //! [`kt_proto::agent::SSH_PORT`], and their tunnel listeners are what the redirects point
-//! at. [`admin`] serves `/healthz`, `/readyz` and `/metrics` ([`metrics`]).
+//! at. Mesh sessions' traffic goes to this node's [`router`] instead, which routes each
+//! request by its header. [`admin`] serves `/healthz`, `/readyz` and `/metrics` ([`metrics`]).
 //!
 //! Its work runs as named tasks ([`crate::tasks`]): log forwarding, three watches, the
 //! reconcile loop, the HTTP and SSH servers. The first that fails stops the agent with an
@@ -20,9 +21,11 @@ pub mod admin;
 pub mod egress;
 pub mod hold;
 mod map;
+pub mod mesh;
 mod metrics;
 pub mod network;
 pub mod redirects;
+pub mod router;
 
 use std::{
     collections::BTreeMap,
@@ -164,8 +167,18 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     );
     tracing::info!(node = %config.node_name, pods_cgroup = %pods.display(), http = %config.http_listen, ssh = %config.ssh_listen, "agent running");
 
+    let router = router::Router::new(config.node_ip, tasks.shutdown().child_token());
+    {
+        let (router, stop) = (router.clone(), tasks.shutdown().clone());
+        tasks.spawn("mesh-router", async move {
+            stop.cancelled().await;
+            router.closed().await;
+            Ok::<(), std::convert::Infallible>(())
+        });
+    }
     let (acks, pending_acks) = tokio::sync::watch::channel(Acks::new());
     let reconciler = Reconciler {
+        router,
         node: config.node_name.clone(),
         sessions,
         services,
@@ -269,6 +282,8 @@ const ACK_RETRY: Duration = Duration::from_secs(2);
 /// the difference to the eBPF map, and tells [`acknowledge`] what this node now redirects.
 struct Reconciler {
     node: String,
+    /// This node's mesh router: the routes are made current before the map points at them.
+    router: Arc<router::Router>,
     sessions: reflector::Store<KtSession>,
     services: reflector::Store<Service>,
     slices: reflector::Store<EndpointSlice>,
@@ -329,7 +344,9 @@ impl Reconciler {
             &self.egress_allow,
         );
         let now = chrono::Utc::now();
-        let desired = redirects::desired(&state, now);
+        let routes = mesh::routes(&state, now);
+        let routers = self.router.update(&routes);
+        let desired = redirects::desired(&state, now, &routes, &routers);
         let acks = self.acks_for(state.sessions, &desired.programmed_ports(), now);
         // Wake when the next lease runs out, or after the check interval.
         let wake = redirects::next_expiry(state.sessions, now)
@@ -358,7 +375,7 @@ impl Reconciler {
         wake
     }
 
-    /// This node's acknowledgement of every live exchange session whose holder listens for
+    /// This node's acknowledgement of every live exchange or mesh session whose holder listens for
     /// all its ports (a holder still opening its listeners is not acknowledged: ktctl waits
     /// for the complete one, and every write wakes every agent): the holder and the Service
     /// ports programmed for it.
@@ -371,7 +388,10 @@ impl Reconciler {
         sessions
             .iter()
             .filter(|s| {
-                s.spec.mode == kt_proto::session::SessionMode::Exchange && s.lease_live(now)
+                matches!(
+                    s.spec.mode,
+                    kt_proto::session::SessionMode::Exchange | kt_proto::session::SessionMode::Mesh
+                ) && s.lease_live(now)
             })
             .filter_map(|s| {
                 let status = s.status.as_ref()?;

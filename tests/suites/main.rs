@@ -17,6 +17,7 @@ mod controllers;
 mod ebpf;
 mod exchange;
 mod kubectl;
+mod mesh;
 mod seed;
 mod shapes;
 mod testbed;

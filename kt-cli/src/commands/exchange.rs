@@ -15,7 +15,7 @@
 //! Everything that needs only the cluster is checked before the local ports, and nothing is
 //! created before every check has passed.
 
-mod agent;
+pub(crate) mod agent;
 pub mod plan;
 mod scale;
 mod selector;
@@ -98,18 +98,44 @@ pub(crate) struct Context<'a> {
     announced: AtomicBool,
 }
 
-impl Context<'_> {
+impl<'a> Context<'a> {
+    pub(crate) fn new(
+        settings: &'a Settings,
+        cluster: &'a Cluster,
+        lifecycle: &'a Arc<Lifecycle>,
+    ) -> Self {
+        Self {
+            settings,
+            cluster,
+            lifecycle,
+            announced: AtomicBool::new(false),
+        }
+    }
+
     /// v0.3.7's banner: the exchange is on.
     fn announce(&self, what: &str) {
-        super::banner(&format!(
-            " Now all request to {what} will be redirected to local"
-        ));
+        self.announce_banner(&exchange_banner(what));
+    }
+
+    /// The banner with `message`; the redirect is on.
+    pub(crate) fn announce_banner(&self, message: &str) {
+        super::banner(message);
         self.announced.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the banner was printed.
+    pub(crate) fn announced(&self) -> bool {
+        self.announced.load(Ordering::Relaxed)
     }
 }
 
+/// v0.3.7's exchange banner for `what` (`service 'web'`).
+fn exchange_banner(what: &str) -> String {
+    format!(" Now all request to {what} will be redirected to local")
+}
+
 /// How the exchange is done, once `--mode` is resolved.
-enum Method {
+pub(crate) enum Method {
     /// The agent holds the session; the agent pod ktctl connects to.
     Agent(String),
     Selector,
@@ -127,11 +153,11 @@ impl Method {
 }
 
 /// The Service as read, with the pods it selects now.
-struct Subject {
-    name: String,
-    service: Service,
-    selector: BTreeMap<String, String>,
-    pods: Vec<Pod>,
+pub(crate) struct Subject {
+    pub name: String,
+    pub service: Service,
+    pub selector: BTreeMap<String, String>,
+    pub pods: Vec<Pod>,
 }
 
 pub async fn run(settings: &Settings, args: &ExchangeArgs) -> Result<(), ExchangeError> {
@@ -220,14 +246,16 @@ async fn exchange(
         plan: port_plan,
         method,
     } = prepared;
-    let ctx = Context {
-        settings,
-        cluster: &cluster,
-        lifecycle,
-        announced: AtomicBool::new(false),
-    };
+    let ctx = Context::new(settings, &cluster, lifecycle);
     let result = match method {
-        Method::Agent(pod) => agent::exchange(&ctx, name, &port_plan, pod).await,
+        Method::Agent(pod) => {
+            let redirect = agent::AgentRedirect {
+                mode: kt_proto::session::SessionMode::Exchange,
+                header: None,
+                banner: exchange_banner(&format!("service '{name}'")),
+            };
+            agent::hold(&ctx, name, &port_plan, pod, &redirect).await
+        }
         Method::Selector => selector::exchange(&ctx, name, &port_plan).await,
         Method::Scale(deployments) => {
             let recover_wait = Duration::from_secs(u64::from(args.recover_wait_time));
@@ -243,14 +271,14 @@ async fn exchange(
         }
     };
     match result {
-        Ok(()) if !ctx.announced.load(Ordering::Relaxed) && lifecycle.stopped_by().is_some() => {
+        Ok(()) if !ctx.announced() && lifecycle.stopped_by().is_some() => {
             Err(ExchangeError::Interrupted)
         }
         other => other,
     }
 }
 
-async fn read_subject(cluster: &Cluster, name: &str) -> Result<Subject, ExchangeError> {
+pub(crate) async fn read_subject(cluster: &Cluster, name: &str) -> Result<Subject, ExchangeError> {
     let service = cluster.service(name).await?;
     let selector = service
         .spec
@@ -285,7 +313,7 @@ fn label_selector(selector: &BTreeMap<String, String>) -> String {
 
 /// How the Service's named target ports resolve: from the pods it selects (kt's own shadows
 /// left out), or — with none running — from the pod templates of the workloads it selects.
-async fn named_ports(
+pub(crate) async fn named_ports(
     cluster: &Cluster,
     subject: &Subject,
     ports: &[ServicePort],
@@ -371,7 +399,7 @@ where
 /// In selector and scale modes a shadow takes the pods' place: refuse (unless allowed) when
 /// ports that are not exposed would stop answering, naming them. Every mode says when UDP
 /// ports are not carried.
-fn check_ports_served(
+pub(crate) fn check_ports_served(
     method: &Method,
     service: &str,
     plan: &PortPlan,
@@ -482,7 +510,7 @@ async fn check_conflict(cluster: &Cluster, subject: &Subject) -> Result<(), Exch
     }
 }
 
-async fn check_local_port(port: u16) -> Result<(), ExchangeError> {
+pub(crate) async fn check_local_port(port: u16) -> Result<(), ExchangeError> {
     match tokio::time::timeout(
         Duration::from_secs(1),
         tokio::net::TcpStream::connect(local(port)),

@@ -136,6 +136,7 @@ mod tests {
                 },
             ],
             public_key: "k".into(),
+            header: None,
             lease_seconds: 10,
         };
         assert_eq!(service_port_of(&spec, forward_port(9090)), Some(9090));

@@ -55,6 +55,10 @@ pub struct SessionSpec {
     /// The session's SSH public key (an authorized_keys line): the holding agent lets in only
     /// this key for this session.
     pub public_key: String,
+    /// For `mesh`: the request header that sends a request to this session (every other
+    /// request goes to the Service's pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<HeaderMatch>,
     /// Seconds the redirect outlives the last renewal.
     #[serde(default = "default_lease_seconds")]
     #[schemars(range(min = 1, max = 3600))]
@@ -79,6 +83,17 @@ pub enum SessionMode {
     #[serde(other)]
     #[schemars(skip)]
     Unknown,
+}
+
+/// A mesh session's routing rule: requests whose header `name` (compared without regard to
+/// case, as HTTP field names are: RFC 9110 §5.1) has exactly `value` go to the session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderMatch {
+    /// The field name, lower case (`version`).
+    pub name: String,
+    /// The field value, compared byte for byte.
+    pub value: String,
 }
 
 /// One exposed Service port.

@@ -43,14 +43,14 @@ pub(crate) async fn serve(
                     Ok(text) => (
                         StatusCode::OK,
                         [(
-                            axum::http::header::CONTENT_TYPE,
+                            http::header::CONTENT_TYPE,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         )],
                         text,
                     ),
                     Err(_) => (
                         StatusCode::INTERNAL_SERVER_ERROR,
-                        [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                        [(http::header::CONTENT_TYPE, "text/plain")],
                         "metrics could not be encoded".to_owned(),
                     ),
                 }

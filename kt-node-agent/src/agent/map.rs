@@ -45,7 +45,11 @@ impl RedirectMap {
         };
         let mut written = HashMap::with_capacity(desired.len());
         for (service, target) in &desired {
-            let redirect = Redirect::to(target.to, self.ids.id(&target.session), Mode::Exchange);
+            let mode = match target.mode {
+                kt_proto::session::SessionMode::Mesh => Mode::Mesh,
+                _ => Mode::Exchange,
+            };
+            let redirect = Redirect::to(target.to, self.ids.id(&target.session), mode);
             if current.get(service) != Some(&redirect) {
                 tracing::info!(%service, to = %target.to, session = %target.session, "redirect");
                 self.redirector.insert(*service, redirect)?;

@@ -1,29 +1,39 @@
 //! What every agent's service map should hold, from the cluster's state alone (no I/O):
 //! for each session whose lease is in force, the Service's ClusterIP:port **and every ready
-//! endpoint IP:port behind it** → the holding agent's listener (`status.address`:
-//! `listenerPort`). Clients that dial endpoints directly (ingress controllers, headless
-//! clients) are redirected as well as those that go through the ClusterIP.
+//! endpoint IP:port behind it** → where that traffic goes. Clients that dial endpoints
+//! directly (ingress controllers, headless clients) are redirected as well as those that go
+//! through the ClusterIP.
+//!
+//! - An `exchange` session's addresses go to the holding agent's listener (`status.address`:
+//!   `listenerPort`).
+//! - A `mesh` session's addresses go to **this node's** router for that Service port
+//!   ([`super::mesh`]), which sends each request on by its header: no cross-node hop for the
+//!   requests that stay with the pods.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
 };
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kt_proto::session::{KtSession, SessionMode, SessionStatus};
+use kt_proto::session::{KtSession, SessionMode};
+
+use super::mesh::{Route, RouteKey};
 
 /// The label an EndpointSlice carries naming its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// Where connects to one address go, and which session and Service port that is for.
+/// Where connects to one address go, and which session (or mesh route) and Service port that
+/// is for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     pub to: SocketAddr,
-    /// `namespace/name` of the session.
+    /// `namespace/name` of the session, or `namespace/service:mesh` for a mesh route.
     pub session: String,
     /// The Service port the entry stands for.
     pub port: u16,
+    pub mode: SessionMode,
 }
 
 /// The cluster objects the map is computed from.
@@ -33,30 +43,91 @@ pub struct ClusterState<'a> {
     pub slices: &'a [&'a EndpointSlice],
 }
 
+impl<'a> ClusterState<'a> {
+    /// The Service `namespace/name`.
+    pub(super) fn service(&self, namespace: &str, name: &str) -> Option<&'a Service> {
+        self.services.iter().copied().find(|s| {
+            s.metadata.namespace.as_deref() == Some(namespace)
+                && s.metadata.name.as_deref() == Some(name)
+        })
+    }
+
+    /// The EndpointSlices of the Service `namespace/name`.
+    pub(super) fn slices_of(&self, namespace: &str, name: &str) -> Vec<&'a EndpointSlice> {
+        self.slices
+            .iter()
+            .copied()
+            .filter(|s| {
+                s.metadata.namespace.as_deref() == Some(namespace)
+                    && s.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                        .map(String::as_str)
+                        == Some(name)
+            })
+            .collect()
+    }
+
+    /// The live sessions of `mode`, oldest first (by creation, then name): not being
+    /// deleted, lease in force at `now`.
+    pub(super) fn live(&self, mode: SessionMode, now: DateTime<Utc>) -> Vec<&'a KtSession> {
+        let mut live: Vec<&KtSession> = self
+            .sessions
+            .iter()
+            .copied()
+            .filter(|s| s.spec.mode == mode)
+            .filter(|s| s.metadata.deletion_timestamp.is_none())
+            .filter(|s| s.lease_live(now))
+            .collect();
+        live.sort_by(|a, b| {
+            (
+                &a.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                &a.metadata.name,
+            )
+                .cmp(&(
+                    &b.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    &b.metadata.name,
+                ))
+        });
+        live
+    }
+}
+
+/// What a session's entries must point at for its ports to count as programmed, and the
+/// addresses each of its Service ports wanted.
+#[derive(Debug, Default)]
+struct Claim {
+    /// The [`Target::session`] of its entries.
+    target: String,
+    ports: BTreeMap<u16, Vec<SocketAddr>>,
+}
+
 /// The redirects in force, and what each session asked for.
 #[derive(Debug, Default)]
 pub struct Desired {
     /// What the service map should hold.
     pub map: BTreeMap<SocketAddr, Target>,
-    /// Per session (`namespace/name`), the addresses each of its Service ports wanted.
-    claims: BTreeMap<String, BTreeMap<u16, Vec<SocketAddr>>>,
+    /// Per session (`namespace/name`).
+    claims: BTreeMap<String, Claim>,
 }
 
 impl Desired {
     /// Per session, the Service ports programmed for it: every address the port wanted goes
-    /// to this session (an address an older session holds — a second Service over the same
-    /// pods — does not count), and there is at least one.
+    /// to this session (or its mesh route) — an address an older session holds, a second
+    /// Service over the same pods, does not count — and there is at least one.
     pub fn programmed_ports(&self) -> BTreeMap<&str, BTreeSet<u16>> {
         self.claims
             .iter()
-            .map(|(session, ports)| {
-                let done = ports
+            .map(|(session, claim)| {
+                let done = claim
+                    .ports
                     .iter()
                     .filter(|(_, addrs)| {
                         !addrs.is_empty()
                             && addrs
                                 .iter()
-                                .all(|a| self.map.get(a).is_some_and(|t| t.session == *session))
+                                .all(|a| self.map.get(a).is_some_and(|t| t.session == claim.target))
                     })
                     .map(|(port, _)| *port)
                     .collect();
@@ -66,51 +137,51 @@ impl Desired {
     }
 }
 
-/// The redirects in force at `now`. When two live sessions claim one address, the older
-/// one wins (ktctl refuses a second exchange of a Service; this only settles races and
-/// Services that share pods).
-pub fn desired(state: &ClusterState<'_>, now: DateTime<Utc>) -> Desired {
-    let services: HashMap<(&str, &str), &Service> = state
-        .services
-        .iter()
-        .filter_map(|s| {
-            Some((
-                (
-                    s.metadata.namespace.as_deref()?,
-                    s.metadata.name.as_deref()?,
-                ),
-                *s,
-            ))
-        })
-        .collect();
-    let mut live: Vec<&KtSession> = state
-        .sessions
-        .iter()
-        .copied()
-        .filter(|s| s.spec.mode == SessionMode::Exchange)
-        .filter(|s| s.metadata.deletion_timestamp.is_none())
-        .filter(|s| s.lease_live(now))
-        .collect();
-    live.sort_by(|a, b| {
-        (
-            &a.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            &a.metadata.name,
-        )
-            .cmp(&(
-                &b.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                &b.metadata.name,
-            ))
-    });
+/// The redirects in force at `now`: the mesh `routes`, each to this node's router for it
+/// (`routers`; a route without a router is left out), then the exchange sessions. When two
+/// live sessions claim one address, the older exchange wins, and an exchange wins over a
+/// mesh (ktctl refuses both; this only settles races and Services that share pods).
+pub fn desired(
+    state: &ClusterState<'_>,
+    now: DateTime<Utc>,
+    routes: &BTreeMap<RouteKey, Route>,
+    routers: &BTreeMap<RouteKey, SocketAddr>,
+) -> Desired {
     let mut out = Desired::default();
-    for session in live.iter().rev() {
-        // Reverse order with overwrite: the oldest session's entries are written last.
-        let (Some(ns), Some(name)) = (
-            session.metadata.namespace.as_deref(),
-            session.metadata.name.as_deref(),
-        ) else {
+    for (key, route) in routes {
+        let Some(router) = routers.get(key) else {
             continue;
         };
-        let Some(service) = services.get(&(ns, session.spec.service.as_str())) else {
+        let target = key.target_name();
+        for session in &route.sessions {
+            let claim = out
+                .claims
+                .entry(session.session.clone())
+                .or_insert_with(|| Claim {
+                    target: target.clone(),
+                    ports: BTreeMap::new(),
+                });
+            claim.ports.insert(key.port, route.addresses.clone());
+        }
+        for address in &route.addresses {
+            out.map.insert(
+                *address,
+                Target {
+                    to: *router,
+                    session: target.clone(),
+                    port: key.port,
+                    mode: SessionMode::Mesh,
+                },
+            );
+        }
+    }
+    let live = state.live(SessionMode::Exchange, now);
+    for session in live.iter().rev() {
+        // Reverse order with overwrite: the oldest session's entries are written last.
+        let Some(ns) = session.metadata.namespace.as_deref() else {
+            continue;
+        };
+        let Some(service) = state.service(ns, &session.spec.service) else {
             continue;
         };
         let Some(status) = &session.status else {
@@ -119,35 +190,35 @@ pub fn desired(state: &ClusterState<'_>, now: DateTime<Utc>) -> Desired {
         let Some(holder) = status.address else {
             continue;
         };
-        let key = format!("{ns}/{name}");
-        let slices: Vec<&EndpointSlice> = state
-            .slices
-            .iter()
-            .copied()
-            .filter(|s| {
-                s.metadata.namespace.as_deref() == Some(ns)
-                    && s.metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                        .map(String::as_str)
-                        == Some(session.spec.service.as_str())
-            })
-            .collect();
-        let claims = out.claims.entry(key.clone()).or_default();
+        let key = session.key();
+        let slices = state.slices_of(ns, &session.spec.service);
+        let claim = out.claims.entry(key.clone()).or_insert_with(|| Claim {
+            target: key.clone(),
+            ports: BTreeMap::new(),
+        });
         for listener in &status.listeners {
-            claims.entry(listener.port).or_default();
-        }
-        for (service_addr, to, port) in redirects_of(service, &slices, status, holder) {
-            claims.entry(port).or_default().push(service_addr);
-            out.map.insert(
-                service_addr,
-                Target {
-                    to,
-                    session: key.clone(),
-                    port,
-                },
-            );
+            let to = SocketAddr::new(holder, listener.listener_port);
+            let Some(addresses) = addresses_of(service, &slices, listener.port) else {
+                claim.ports.entry(listener.port).or_default();
+                continue;
+            };
+            let all = addresses.all();
+            claim
+                .ports
+                .entry(listener.port)
+                .or_default()
+                .extend(all.iter().copied());
+            for address in all {
+                out.map.insert(
+                    address,
+                    Target {
+                        to,
+                        session: key.clone(),
+                        port: listener.port,
+                        mode: SessionMode::Exchange,
+                    },
+                );
+            }
         }
     }
     out
@@ -168,17 +239,39 @@ fn is_tcp(protocol: Option<&String>) -> bool {
     protocol.is_none_or(|p| p == "TCP")
 }
 
-/// One session's entries: (ClusterIP or endpoint address) → listener, with the Service port.
-/// A session port is a TCP Service port (kt-proto's contract); its endpoints are the
+/// The addresses clients dial for one TCP Service port.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct PortAddresses {
+    /// Every ClusterIP with the Service port.
+    pub cluster: Vec<SocketAddr>,
+    /// Every ready endpoint with its port (the targetPort as the EndpointSlice says).
+    pub endpoints: Vec<SocketAddr>,
+}
+
+impl PortAddresses {
+    pub(super) fn all(&self) -> Vec<SocketAddr> {
+        self.cluster
+            .iter()
+            .chain(&self.endpoints)
+            .copied()
+            .collect()
+    }
+}
+
+/// The addresses of `service`'s TCP port `port` (kt-proto's contract: a session port is a
+/// TCP Service port), `None` when the Service has no such port. Its endpoints are the
 /// EndpointSlice ports of the same name and protocol, an unnamed Service port matching the
 /// slice port named `""` (what the EndpointSlice controller writes for it).
-fn redirects_of(
+pub(super) fn addresses_of(
     service: &Service,
     slices: &[&EndpointSlice],
-    status: &SessionStatus,
-    holder: IpAddr,
-) -> Vec<(SocketAddr, SocketAddr, u16)> {
+    port: u16,
+) -> Option<PortAddresses> {
     let spec = service.spec.as_ref();
+    let service_port = spec
+        .and_then(|s| s.ports.as_ref())?
+        .iter()
+        .find(|p| p.port == i32::from(port) && is_tcp(p.protocol.as_ref()))?;
     let cluster_ips: Vec<IpAddr> = spec
         .and_then(|s| {
             s.cluster_ips
@@ -189,50 +282,38 @@ fn redirects_of(
         .iter()
         .filter_map(|ip| ip.parse().ok())
         .collect();
-    let ports = spec
-        .and_then(|s| s.ports.as_ref())
-        .cloned()
-        .unwrap_or_default();
-    let mut out = Vec::new();
-    for listener in &status.listeners {
-        let to = SocketAddr::new(holder, listener.listener_port);
-        let Some(port) = ports
+    let name = service_port.name.as_deref().unwrap_or_default();
+    let mut out = PortAddresses {
+        cluster: cluster_ips
             .iter()
-            .find(|p| p.port == i32::from(listener.port) && is_tcp(p.protocol.as_ref()))
+            .map(|ip| SocketAddr::new(*ip, port))
+            .collect(),
+        endpoints: Vec::new(),
+    };
+    for slice in slices {
+        let Some(endpoint_port) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref().unwrap_or_default() == name && is_tcp(p.protocol.as_ref()))
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
         else {
             continue;
         };
-        let name = port.name.as_deref().unwrap_or_default();
-        for ip in &cluster_ips {
-            out.push((SocketAddr::new(*ip, listener.port), to, listener.port));
-        }
-        for slice in slices {
-            let Some(endpoint_port) = slice
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| {
-                    p.name.as_deref().unwrap_or_default() == name && is_tcp(p.protocol.as_ref())
-                })
-                .and_then(|p| p.port)
-                .and_then(|p| u16::try_from(p).ok())
-            else {
-                continue;
-            };
-            let ready = slice
-                .endpoints
-                .iter()
-                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true));
-            for endpoint in ready {
-                for address in &endpoint.addresses {
-                    if let Ok(ip) = address.parse::<IpAddr>() {
-                        out.push((SocketAddr::new(ip, endpoint_port), to, listener.port));
-                    }
+        let ready = slice
+            .endpoints
+            .iter()
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true));
+        for endpoint in ready {
+            for address in &endpoint.addresses {
+                if let Ok(ip) = address.parse::<IpAddr>() {
+                    out.endpoints.push(SocketAddr::new(ip, endpoint_port));
                 }
             }
         }
     }
-    out
+    Some(out)
 }
 
 #[cfg(test)]
@@ -297,7 +378,7 @@ mod tests {
             services: &[&svc],
             slices: &[&slice],
         };
-        let map = desired(&state, now).map;
+        let map = desired(&state, now, &BTreeMap::new(), &BTreeMap::new()).map;
         let listener = addr("172.30.0.11:40001");
         let keys: Vec<SocketAddr> = map.keys().copied().collect();
         assert_eq!(
@@ -363,6 +444,8 @@ mod tests {
                 slices: &[&slice],
             },
             now,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
         );
         assert_eq!(
             wanted.map.keys().copied().collect::<Vec<_>>(),
@@ -408,6 +491,8 @@ mod tests {
                 slices: &[&web_slice, &internal_slice],
             },
             now,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
         );
         assert_eq!(wanted.map[&addr("10.244.1.5:8080")].session, "dev/alice");
         assert_eq!(wanted.map[&addr("10.96.0.21:80")].session, "dev/bob");
@@ -444,6 +529,8 @@ mod tests {
                 slices: &[&slice],
             },
             now,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
         )
         .map;
         assert_eq!(
@@ -479,6 +566,8 @@ mod tests {
                 slices: &[&slice],
             },
             now,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
         )
         .map;
         assert_eq!(
@@ -507,7 +596,11 @@ mod tests {
             services: &[&svc],
             slices: &[&slice],
         };
-        assert!(desired(&state, now).map.is_empty());
+        assert!(
+            desired(&state, now, &BTreeMap::new(), &BTreeMap::new())
+                .map
+                .is_empty()
+        );
     }
 
     #[test]
@@ -522,7 +615,7 @@ mod tests {
             services: &[&svc],
             slices: &[&slice],
         };
-        let map = desired(&state, now).map;
+        let map = desired(&state, now, &BTreeMap::new(), &BTreeMap::new()).map;
         assert!(map.values().all(|t| t.session == "dev/alice"), "{map:?}");
     }
 
@@ -567,7 +660,9 @@ mod tests {
                     services: &[&svc],
                     slices: &[&slice]
                 },
-                now
+                now,
+                &BTreeMap::new(),
+                &BTreeMap::new()
             )
             .map
             .is_empty()
@@ -580,7 +675,9 @@ mod tests {
                     services: &[],
                     slices: &[&slice]
                 },
-                now
+                now,
+                &BTreeMap::new(),
+                &BTreeMap::new()
             )
             .map
             .is_empty()

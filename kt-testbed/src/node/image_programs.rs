@@ -23,7 +23,12 @@ async fn until_sigterm() {
 }
 
 /// `kt-testbed image http-echo`: `GET /...` → `pod=<hostname>` and the request line and
-/// headers, one per line. Port `$PORT` (8080).
+/// headers, one per line. Port `$PORT` (8080). It speaks HTTP/1.1 and HTTP/2 with prior
+/// knowledge (the mesh router's upstreams), and besides:
+/// - a gRPC request (`content-type: application/grpc…`) gets that text as one
+///   length-prefixed gRPC message and the trailer `grpc-status: 0`;
+/// - an `Upgrade` request (WebSocket) gets `101` (with `Sec-WebSocket-Accept`, RFC 6455
+///   §4.2.2), then the text on the upgraded connection, then every byte echoed.
 pub async fn http_echo() -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port(8080))).await?;
     let pod = std::env::var("HOSTNAME").unwrap_or_default();
@@ -35,23 +40,86 @@ pub async fn http_echo() -> std::io::Result<()> {
             let pod = pod.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<Incoming>| {
-                    let mut body = format!("pod={pod}\n{} {}\n", req.method(), req.uri());
-                    for (k, v) in req.headers() {
-                        body.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or_default()));
-                    }
-                    async move {
-                        Ok::<_, Infallible>(Response::new(http_body_util::Full::new(Bytes::from(
-                            body,
-                        ))))
-                    }
+                    let pod = pod.clone();
+                    async move { Ok::<_, Infallible>(echo(&pod, req)) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(conn), service)
-                    .await;
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection_with_upgrades(TokioIo::new(conn), service)
+                .await;
             });
         }
     };
     tokio::select! { () = serve => Ok(()), () = until_sigterm() => Ok(()) }
+}
+
+type EchoBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// The http-echo answer to `req` (see [`http_echo`]).
+fn echo(pod: &str, mut req: Request<Incoming>) -> Response<EchoBody> {
+    use http_body_util::BodyExt as _;
+    let mut text = format!("pod={pod}\n{} {}\n", req.method(), req.uri());
+    for (k, v) in req.headers() {
+        text.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or_default()));
+    }
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    if let Some(protocol) = header("upgrade") {
+        let accept = header("sec-websocket-key").map(|key| {
+            use base64::Engine as _;
+            use sha1::Digest as _;
+            let digest = sha1::Sha1::digest(format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11"));
+            base64::engine::general_purpose::STANDARD.encode(digest)
+        });
+        let upgraded = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgraded.await else {
+                return;
+            };
+            let mut io = TokioIo::new(upgraded);
+            if io.write_all(text.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n) = io.read(&mut buf).await {
+                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut response = Response::builder()
+            .status(hyper::StatusCode::SWITCHING_PROTOCOLS)
+            .header("upgrade", protocol)
+            .header("connection", "Upgrade");
+        if let Some(accept) = accept {
+            response = response.header("sec-websocket-accept", accept);
+        }
+        return response
+            .body(http_body_util::Empty::new().boxed())
+            .unwrap_or_default();
+    }
+    let grpc = header("content-type").is_some_and(|t| t.starts_with("application/grpc"));
+    if grpc {
+        let mut message = vec![0u8];
+        message.extend_from_slice(&u32::try_from(text.len()).unwrap_or(0).to_be_bytes());
+        message.extend_from_slice(text.as_bytes());
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+        let frames = futures::stream::iter([
+            Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(message))),
+            Ok(hyper::body::Frame::trailers(trailers)),
+        ]);
+        return Response::builder()
+            .header("content-type", "application/grpc")
+            .body(http_body_util::StreamBody::new(frames).boxed())
+            .unwrap_or_default();
+    }
+    Response::new(http_body_util::Full::new(Bytes::from(text)).boxed())
 }
 
 /// `kt-testbed image tcp-echo`: echoes every byte back. Port `$PORT` (9000).

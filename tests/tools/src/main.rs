@@ -7,6 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod http;
+
 use clap::{Parser, Subcommand};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -79,6 +81,22 @@ enum Tool {
     /// Sends MESSAGE as one UDP datagram to ADDR (`ip:port` or `name:port`) and prints the
     /// datagram that comes back; up to five attempts, one second each.
     Udp { addr: String, message: String },
+    /// One HTTP/2 connection (prior knowledge) to ADDR with one request per HEADER
+    /// (`name:value`, or `-` for none), all streams in flight at once; prints each answer's
+    /// `pod=` line in order. `--grpc` makes each a gRPC unary call.
+    H2 {
+        addr: String,
+        #[arg(required = true)]
+        headers: Vec<String>,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long)]
+        grpc: bool,
+    },
+    /// A WebSocket upgrade to ADDR with HEADER (`name:value` or `-`); prints the `pod=` line
+    /// the http-echo sends on the upgraded connection after checking the handshake and an
+    /// echo.
+    Ws { addr: String, header: String },
 }
 
 type Result<T = (), E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
@@ -122,6 +140,13 @@ fn main() -> ExitCode {
             } => bulk(&addr, streams, bytes).await,
             Tool::Rr { addr, count, size } => request_response(&addr, count, size).await,
             Tool::Udp { addr, message } => udp(&addr, &message).await,
+            Tool::H2 {
+                addr,
+                headers,
+                path,
+                grpc,
+            } => http::h2(&addr, &path, &headers, grpc).await,
+            Tool::Ws { addr, header } => http::ws(&addr, &header).await,
         }
     };
     let result = tokio::runtime::Builder::new_multi_thread()

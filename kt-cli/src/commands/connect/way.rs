@@ -97,6 +97,7 @@ pub(super) async fn via_agent(ctx: &Context<'_>, agent: &str) -> Result<Option<W
             service: String::new(),
             ports: Vec::new(),
             public_key: key.public_line.clone(),
+            header: None,
             lease_seconds: DEFAULT_LEASE_SECONDS,
         },
     );

@@ -1,4 +1,5 @@
-//! Agent mode: a `KtSession` names the Service, its exposed TCP ports and the session key;
+//! Agent mode (of `exchange`, and of `mesh` with the session's header): a `KtSession` names
+//! the Service, its exposed TCP ports and the session key;
 //! an agent holds it (its listeners become the redirect target on every node) while this SSH
 //! connection lives. The Service and its workload are never touched. The banner comes once
 //! every ready agent reports the session's ports programmed in its node's map; when the
@@ -13,7 +14,9 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use kt_proto::{
     agent::{Login, NAMESPACE},
     compat,
-    session::{DEFAULT_LEASE_SECONDS, KtSession, PortMapping, SessionMode, SessionSpec},
+    session::{
+        DEFAULT_LEASE_SECONDS, HeaderMatch, KtSession, PortMapping, SessionMode, SessionSpec,
+    },
 };
 use kube::Api;
 
@@ -30,21 +33,42 @@ const WAIT_FOR_ANOTHER_AGENT: Duration = Duration::from_secs(10);
 /// How long the agents get to program the session before ktctl says what is missing.
 const PROGRAMMED_WITHIN: Duration = Duration::from_secs(10);
 
-pub(super) async fn exchange(
+/// What an agent-mode session redirects, and the banner that says so once every agent has
+/// it in force.
+pub(crate) struct AgentRedirect {
+    /// [`SessionMode::Exchange`] or [`SessionMode::Mesh`].
+    pub mode: SessionMode,
+    /// The mesh header.
+    pub header: Option<HeaderMatch>,
+    /// The banner's message line.
+    pub banner: String,
+}
+
+/// Holds the session of `redirect` for `service` at `agent` (moving it when that agent
+/// goes) until the run stops.
+pub(crate) async fn hold(
     ctx: &Context<'_>,
     service: &str,
     plan: &PortPlan,
     mut agent: String,
+    redirect: &AgentRedirect,
 ) -> Result<(), ExchangeError> {
     let key = SessionKey::generate();
-    let name = format!("{service}-kt-{}", compat::random_lower(5, rand::random));
+    let infix = match redirect.mode {
+        SessionMode::Mesh => "kt-mesh",
+        _ => "kt",
+    };
+    let name = format!(
+        "{service}-{infix}-{}",
+        compat::random_lower(5, rand::random)
+    );
     let namespace = ctx.cluster.namespace.clone();
     let object = KtSession::create(
         &name,
         &namespace,
         SessionSpec {
             owner: ctx.settings.identity.owner(),
-            mode: SessionMode::Exchange,
+            mode: redirect.mode,
             service: service.to_owned(),
             ports: plan
                 .service_ports()
@@ -54,6 +78,7 @@ pub(super) async fn exchange(
                 })
                 .collect(),
             public_key: key.public_line.clone(),
+            header: redirect.header.clone(),
             lease_seconds: DEFAULT_LEASE_SECONDS,
         },
     );
@@ -87,7 +112,7 @@ pub(super) async fn exchange(
             tracing::info!("Session {name} is held by agent {agent} now");
         } else {
             match wait_programmed(ctx, &pool, &sessions, &name, &ports).await? {
-                Wait::Programmed => ctx.announce(&format!("service '{service}'")),
+                Wait::Programmed => ctx.announce_banner(&redirect.banner),
                 Wait::Stopped => {
                     pool.close().await;
                     return Ok(());

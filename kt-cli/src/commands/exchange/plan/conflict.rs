@@ -4,7 +4,10 @@
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kt_proto::{compat, session::KtSession};
+use kt_proto::{
+    compat,
+    session::{KtSession, SessionMode},
+};
 
 /// Someone else holds the Service.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -12,6 +15,9 @@ pub enum Conflict {
     /// v0.3.7's text: the Service points at a mesh router.
     #[error("another user is meshing service '{service}', cannot apply exchange")]
     Meshed { service: String },
+    /// Agent-mode mesh sessions hold the Service: v0.3.7's text with their owners.
+    #[error("another user ({holders}) is meshing service '{service}', cannot apply exchange")]
+    MeshedBy { service: String, holders: String },
     /// v0.3.7's text, with the holder kt knows (an agent-mode session's owner, or a
     /// shadow's `kt-user`).
     #[error(
@@ -21,7 +27,8 @@ pub enum Conflict {
 }
 
 /// Whether `service` (named `name`) is taken, by kt or the Go ktctl: meshed (its selector
-/// points at a router), exchanged in agent mode (a live session names it), exchanged in
+/// points at a router, or live agent-mode mesh sessions name it), exchanged in agent mode
+/// (a live exchange session names it), exchanged in
 /// selector mode (it carries `kt-selector`), or in scale mode (an exchange shadow is among
 /// `selected`, the pods its selector selects now).
 pub fn conflict(
@@ -47,10 +54,27 @@ pub fn conflict(
             holder,
         })
     };
-    if let Some(session) = sessions.iter().find(|s| {
-        s.spec.service == name && s.metadata.deletion_timestamp.is_none() && s.lease_live(now)
-    }) {
+    let live: Vec<&KtSession> = sessions
+        .iter()
+        .filter(|s| {
+            s.spec.service == name && s.metadata.deletion_timestamp.is_none() && s.lease_live(now)
+        })
+        .collect();
+    if let Some(session) = live.iter().find(|s| s.spec.mode == SessionMode::Exchange) {
         return exchanged(session.spec.owner.clone());
+    }
+    let mut meshers: Vec<&str> = live
+        .iter()
+        .filter(|s| s.spec.mode == SessionMode::Mesh)
+        .map(|s| s.spec.owner.as_str())
+        .collect();
+    meshers.sort_unstable();
+    meshers.dedup();
+    if !meshers.is_empty() {
+        return Some(Conflict::MeshedBy {
+            service: name.to_owned(),
+            holders: meshers.join(", "),
+        });
     }
     let by_selector = service
         .metadata
@@ -147,6 +171,42 @@ mod tests {
         assert_eq!(
             held.unwrap().to_string(),
             "service 'web' is already exchanging by another user (alice@laptop), cannot apply exchange"
+        );
+    }
+
+    #[test]
+    fn live_mesh_sessions_name_every_mesher_and_an_exchange_comes_first() {
+        let now = Utc::now();
+        let svc = service(json!({"app": "web"}), json!({}));
+        let mesh = |owner: &str| {
+            let mut s = session("web", owner, now);
+            s.spec.mode = SessionMode::Mesh;
+            s
+        };
+        let meshed = conflict(
+            "web",
+            &svc,
+            &[mesh("bob@b"), mesh("alice@a"), mesh("bob@b")],
+            &[],
+            now,
+        );
+        assert_eq!(
+            meshed.unwrap().to_string(),
+            "another user (alice@a, bob@b) is meshing service 'web', cannot apply exchange"
+        );
+        let both = conflict(
+            "web",
+            &svc,
+            &[mesh("bob@b"), session("web", "carol@c", now)],
+            &[],
+            now,
+        );
+        assert_eq!(
+            both,
+            Some(Conflict::Exchanged {
+                service: "web".into(),
+                holder: "carol@c".into()
+            })
         );
     }
 
