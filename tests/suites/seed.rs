@@ -137,7 +137,10 @@ async fn seed_walkthrough_connect() {
 /// Steps 8–10: `ktctl mesh nginx --expose 80`: the cluster's page without the header, the
 /// local one with `VERSION: <mark>`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs ktctl mesh (issue 14)"]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn seed_walkthrough_mesh() {
     let (tb, local) = walkthrough_start().await;
     let mut mesh = Background::ktctl(&tb, &["mesh", "nginx", "--expose", "80"]);
