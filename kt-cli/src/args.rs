@@ -41,6 +41,8 @@ pub enum Command {
     Exchange(ExchangeArgs),
     /// Redirect marked requests of specified kubernetes service to local
     Mesh(MeshArgs),
+    /// Expose a local service to kubernetes cluster
+    Preview(PreviewArgs),
 }
 
 /// `ktctl connect` (v0.3.7's flags, in its order, then kt's).
@@ -176,6 +178,39 @@ pub struct MeshArgs {
     /// (v0.3.7 auto mode) The router pod's image; agent mode starts no router pod
     #[arg(long = "routerImage", default_value = DEFAULT_ROUTER_IMAGE)]
     pub router_image: String,
+}
+
+/// `ktctl preview <name> --expose port[:remote][,...]`.
+#[derive(Debug, Args)]
+pub struct PreviewArgs {
+    /// The name of the Service to create (it must not exist)
+    pub name: String,
+    /// Ports to publish, `port` or `local:remote` (comma separated): local port `local`
+    /// becomes port `remote` of the Service
+    #[arg(long, required = true)]
+    pub expose: String,
+    /// Create a LoadBalancer Service (reachable from outside the cluster where the cluster
+    /// provides load balancers)
+    #[arg(long, value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub external: bool,
+    /// Do not check whether a local application listens on the exposed ports
+    #[arg(long = "skipPortChecking", value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub skip_port_checking: bool,
+    /// Preview method: 'agent' (kt's node agent holds the session; the Service points at its
+    /// listener), 'shadow' (a shadow pod with reverse tunnels, v0.3.7's way), or 'auto' (the
+    /// agent when installed)
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: PreviewMode,
+}
+
+/// `preview --mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PreviewMode {
+    Auto,
+    Agent,
+    Shadow,
 }
 
 /// `mesh --mode`.

@@ -5,6 +5,7 @@ pub mod connect;
 pub mod exchange;
 pub mod forward;
 pub mod mesh;
+pub mod preview;
 
 use std::{path::PathBuf, sync::Arc};
 

@@ -36,6 +36,8 @@ pub enum CliError {
     Forward(#[from] commands::forward::ForwardError),
     #[error(transparent)]
     Mesh(#[from] commands::mesh::MeshError),
+    #[error(transparent)]
+    Preview(#[from] commands::preview::PreviewError),
     #[error("failed to start the async runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -63,6 +65,7 @@ impl CliError {
         match self {
             Self::Exchange(commands::exchange::ExchangeError::Interrupted)
             | Self::Mesh(commands::mesh::MeshError::Interrupted)
+            | Self::Preview(commands::preview::PreviewError::Interrupted)
             | Self::Connect(commands::connect::ConnectError::Interrupted) => ExitCode::from(130),
             _ => ExitCode::FAILURE,
         }
@@ -107,6 +110,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         args::Command::Mesh(args) => {
             runtime.block_on(commands::mesh::run(&settings, &args))?;
+        }
+        args::Command::Preview(args) => {
+            runtime.block_on(commands::preview::run(&settings, &args))?;
         }
     }
     Ok(())

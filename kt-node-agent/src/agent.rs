@@ -24,6 +24,7 @@ mod map;
 pub mod mesh;
 mod metrics;
 pub mod network;
+pub mod previews;
 pub mod redirects;
 pub mod router;
 
@@ -155,6 +156,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         node_name: config.node_name.clone(),
         node_ip: config.node_ip,
         sessions: sessions.clone(),
+        services: services.clone(),
         client: client.clone(),
         tunnel_bytes,
         network: network.clone(),
@@ -177,8 +179,19 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         });
     }
     let (acks, pending_acks) = tokio::sync::watch::channel(Acks::new());
+    let (end_previews, previews_to_end) = tokio::sync::watch::channel(Vec::new());
+    tasks.spawn(
+        "end-previews",
+        end_unheld_previews(
+            context_client.clone(),
+            previews_to_end,
+            tasks.shutdown().clone(),
+        ),
+    );
     let reconciler = Reconciler {
         router,
+        unheld: Mutex::default(),
+        end_previews,
         node: config.node_name.clone(),
         sessions,
         services,
@@ -284,6 +297,9 @@ struct Reconciler {
     node: String,
     /// This node's mesh router: the routes are made current before the map points at them.
     router: Arc<router::Router>,
+    /// Preview sessions nobody holds, and the ones to end now.
+    unheld: Mutex<previews::Unheld>,
+    end_previews: tokio::sync::watch::Sender<Vec<(String, String)>>,
     sessions: reflector::Store<KtSession>,
     services: reflector::Store<Service>,
     slices: reflector::Store<EndpointSlice>,
@@ -344,6 +360,16 @@ impl Reconciler {
             &self.egress_allow,
         );
         let now = chrono::Utc::now();
+        let due = self
+            .unheld
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .due(state.sessions, now);
+        self.end_previews.send_if_modified(|current| {
+            let changed = *current != due;
+            *current = due;
+            changed
+        });
         let routes = mesh::routes(&state, now);
         let routers = self.router.update(&routes);
         let desired = redirects::desired(&state, now, &routes, &routers);
@@ -417,6 +443,41 @@ impl Reconciler {
                 Some((id, (ack, shown)))
             })
             .collect()
+    }
+}
+
+/// Deletes the preview sessions the reconciler finds unheld for their lease (see
+/// [`previews`]); a session already gone is fine (every agent does this).
+async fn end_unheld_previews(
+    client: kube::Client,
+    mut due: tokio::sync::watch::Receiver<Vec<(String, String)>>,
+    shutdown: CancellationToken,
+) -> Result<(), std::convert::Infallible> {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            changed = due.changed() => if changed.is_err() {
+                return Ok(());
+            },
+        }
+        let sessions = due.borrow_and_update().clone();
+        for (namespace, name) in sessions {
+            let api: Api<KtSession> = Api::namespaced(client.clone(), &namespace);
+            let params = kube::api::DeleteParams::background();
+            let delete = api.delete(&name, &params);
+            match tokio::time::timeout(ACK_TIMEOUT, delete).await {
+                Ok(Ok(_)) => {
+                    tracing::info!(%namespace, session = %name, "ended an unheld preview session")
+                }
+                Ok(Err(kube::Error::Api(status))) if status.code == 404 => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%namespace, session = %name, %error, "failed to end an unheld preview session")
+                }
+                Err(_) => {
+                    tracing::warn!(%namespace, session = %name, "ending an unheld preview session timed out")
+                }
+            }
+        }
     }
 }
 

@@ -18,6 +18,7 @@ mod ebpf;
 mod exchange;
 mod kubectl;
 mod mesh;
+mod preview;
 mod seed;
 mod shapes;
 mod testbed;

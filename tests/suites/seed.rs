@@ -181,7 +181,10 @@ async fn seed_walkthrough_mesh() {
 
 /// Steps 11–12: developer A's `ktctl preview nginx-v2 --expose 80`, reached from a pod.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs ktctl preview (issue 14)"]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn seed_walkthrough_preview() {
     let (tb, local) = walkthrough_start().await;
     let mut preview = Background::ktctl(&tb, &["preview", "nginx-v2", "--expose", "80"]);
@@ -203,7 +206,10 @@ async fn seed_walkthrough_preview() {
 
 /// Steps 13–14: developer B's `ktctl forward nginx-v2 6060:80` reaches A's preview.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs ktctl preview (issue 14)"]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
 async fn seed_walkthrough_forward() {
     let (tb, local) = walkthrough_start().await;
     let mut preview = Background::ktctl(&tb, &["preview", "nginx-v2", "--expose", "80"]);

@@ -77,6 +77,10 @@ pub enum ExchangeError {
     NotFromDeployments { service: String, pods: String },
     #[error("stopped before the exchange was established; nothing was exchanged")]
     Interrupted,
+    #[error(
+        "the holding agent did not report its listeners for session {session} within {within} s"
+    )]
+    NoListeners { session: String, within: u64 },
     #[error(transparent)]
     Lock(#[from] LockError),
     #[error(transparent)]
@@ -253,6 +257,7 @@ async fn exchange(
                 mode: kt_proto::session::SessionMode::Exchange,
                 header: None,
                 banner: exchange_banner(&format!("service '{name}'")),
+                preview: None,
             };
             agent::hold(&ctx, name, &port_plan, pod, &redirect).await
         }
@@ -573,7 +578,11 @@ const ENDPOINTS_WITHIN: Duration = Duration::from_secs(30);
 /// moment its traffic really goes to the workstation (selector and scale modes). After
 /// [`ENDPOINTS_WITHIN`] it says what else is there and goes on waiting: the banner is not
 /// printed until it is true. `false` when the run was stopped first.
-async fn wait_for_shadow_endpoints(ctx: &Context<'_>, service: &str, shadow: &str) -> bool {
+pub(crate) async fn wait_for_shadow_endpoints(
+    ctx: &Context<'_>,
+    service: &str,
+    shadow: &str,
+) -> bool {
     let pods: Api<Pod> = Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
     let slices: Api<EndpointSlice> =
         Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);

@@ -182,6 +182,7 @@ async fn mesh(
         mode: SessionMode::Mesh,
         header: Some(header.clone()),
         banner: plan::banner(header),
+        preview: None,
     };
     let result = hold(&ctx, name, &port_plan, agent, &redirect).await;
     match result {

@@ -79,6 +79,11 @@ pub enum SessionMode {
     Mesh,
     /// The workstation reaches the cluster: the holding agent dials pods and Services for it.
     Connect,
+    /// A workstation port published as a Service: ktctl writes a selector-less Service and
+    /// an EndpointSlice (both owned by the session) pointing at the holding agent's
+    /// listeners. Agents redirect nothing for it, and end (delete) one that stays unheld for
+    /// its lease, so a killed ktctl leaves nothing behind.
+    Preview,
     /// A mode this build does not know (written by a newer ktctl): never programmed.
     #[serde(other)]
     #[schemars(skip)]

@@ -75,7 +75,7 @@ fn the_crd_keeps_its_status_subresource_and_columns() {
     assert_eq!(spec["properties"]["leaseSeconds"]["default"], 10);
     assert_eq!(
         spec["properties"]["mode"]["enum"],
-        json!(["exchange", "mesh", "connect"])
+        json!(["exchange", "mesh", "connect", "preview"])
     );
 }
 

@@ -48,6 +48,8 @@ pub struct HoldContext {
     pub node_name: String,
     pub node_ip: IpAddr,
     pub sessions: Store<KtSession>,
+    /// For preview probes: a preview session may dial its own Service's ClusterIP.
+    pub services: Store<k8s_openapi::api::core::v1::Service>,
     pub client: kube::Client,
     pub(crate) tunnel_bytes: TunnelBytes,
     /// The cluster's network for `connect` sessions, kept current by the reconciler.
@@ -145,6 +147,30 @@ struct Held {
 }
 
 impl Holder {
+    /// For a held `preview` session, `host:port` when it is a ClusterIP of the session's
+    /// Service and one of its published ports: ktctl dials it to see the published Service
+    /// answer (through the cluster's proxy to this listener) before it says so.
+    fn preview_probe(&self, host: &str, port: u16) -> Option<SocketAddr> {
+        let held = self.held.as_ref()?;
+        if held.spec.mode != SessionMode::Preview || !held.spec.ports.iter().any(|p| p.port == port)
+        {
+            return None;
+        }
+        let ip: IpAddr = host.parse().ok()?;
+        let reference = ObjectRef::new(&held.spec.service).within(&held.login.namespace);
+        let service = self.context.services.get(&reference)?;
+        let spec = service.spec.as_ref()?;
+        let cluster_ips = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter());
+        cluster_ips
+            .filter_map(|a| a.parse::<IpAddr>().ok())
+            .any(|a| a == ip)
+            .then_some(SocketAddr::new(ip, port))
+    }
+
     /// Whether this connection holds a `connect` session.
     fn connects(&self) -> bool {
         self.held
@@ -255,16 +281,32 @@ impl Handler for Holder {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let Ok(port) = u16::try_from(port) else {
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        };
+        if let Some(probe) = self.preview_probe(host, port) {
+            let cancel = self.cancel.clone();
+            self.tasks.spawn(
+                async move {
+                    match TcpStream::connect(probe).await {
+                        Ok(tcp) => {
+                            reply.accept().await;
+                            pump(channel, tcp, cancel).await;
+                        }
+                        Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+                    }
+                }
+                .in_current_span(),
+            );
+            return Ok(());
+        }
         if !self.connects() {
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
             return Ok(());
         }
-        let Ok(port) = u16::try_from(port) else {
-            reply.reject(ChannelOpenFailure::ConnectFailed).await;
-            return Ok(());
-        };
         let (context, cancel, host) = (self.context.clone(), self.cancel.clone(), host.to_owned());
         self.tasks.spawn(
             async move {

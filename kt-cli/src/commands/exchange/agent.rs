@@ -42,6 +42,8 @@ pub(crate) struct AgentRedirect {
     pub header: Option<HeaderMatch>,
     /// The banner's message line.
     pub banner: String,
+    /// For `preview`: the Service to publish once the agent listens.
+    pub preview: Option<crate::commands::preview::Publication>,
 }
 
 /// Holds the session of `redirect` for `service` at `agent` (moving it when that agent
@@ -56,6 +58,7 @@ pub(crate) async fn hold(
     let key = SessionKey::generate();
     let infix = match redirect.mode {
         SessionMode::Mesh => "kt-mesh",
+        SessionMode::Preview => "kt-preview",
         _ => "kt",
     };
     let name = format!(
@@ -94,6 +97,7 @@ pub(crate) async fn hold(
         namespace,
         session: name.clone(),
     };
+    let mut published = false;
     loop {
         let pool = SshPool::new(
             ctx.cluster.client.clone(),
@@ -108,8 +112,21 @@ pub(crate) async fn hold(
         }
         pool.open_remote_forwards(&forwards).await?;
         log_listeners(&sessions, &name, &agent, plan).await;
-        if ctx.announced.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Some(preview) = &redirect.preview {
+            crate::commands::preview::publish(
+                ctx,
+                &pool,
+                &sessions,
+                &name,
+                preview,
+                &mut published,
+            )
+            .await?;
+        }
+        if ctx.announced() {
             tracing::info!("Session {name} is held by agent {agent} now");
+        } else if redirect.preview.is_some() {
+            ctx.announce_banner(&redirect.banner);
         } else {
             match wait_programmed(ctx, &pool, &sessions, &name, &ports).await? {
                 Wait::Programmed => ctx.announce_banner(&redirect.banner),
