@@ -162,3 +162,80 @@ pub(crate) async fn ws(addr: &str, spec: &str) -> Result {
     println!("{}", pod_line(&greeting));
     Ok(())
 }
+
+/// `connections` HTTP/1.1 keep-alive connections to `addr`, each sending `GET /` (with the
+/// header of `spec`) one after another for `seconds`; prints
+/// `requests_per_s=… p50_us=… p99_us=… errors=…` over every request's time.
+pub(crate) async fn load(addr: &str, connections: usize, seconds: f64, spec: &str) -> Result {
+    let header = header_of(spec)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
+    let started = std::time::Instant::now();
+    let workers = (0..connections).map(|_| {
+        let header = header.clone();
+        async move {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            let driver = tokio::spawn(connection);
+            let mut times = Vec::new();
+            let mut errors = 0usize;
+            let mut first_error = None;
+            while tokio::time::Instant::now() < deadline {
+                let mut request = hyper::Request::builder().uri("/").header("host", addr);
+                if let Some((name, value)) = &header {
+                    request = request.header(name.as_str(), value.as_str());
+                }
+                let request = request.body(Full::new(Bytes::new()))?;
+                // The connection takes the next request only once the last one is done.
+                if sender.ready().await.is_err() {
+                    errors += 1;
+                    first_error.get_or_insert_with(|| "connection closed".to_owned());
+                    break;
+                }
+                let sent = std::time::Instant::now();
+                match sender.send_request(request).await {
+                    Ok(response) if response.status() == 200 => {
+                        response.into_body().collect().await?;
+                        times.push(sent.elapsed());
+                    }
+                    Ok(response) => {
+                        errors += 1;
+                        first_error.get_or_insert(format!("HTTP {}", response.status()));
+                    }
+                    Err(error) => {
+                        errors += 1;
+                        first_error.get_or_insert(error.to_string());
+                        break;
+                    }
+                }
+            }
+            driver.abort();
+            if let Some(error) = first_error {
+                eprintln!("kt-tools http-load: {errors} failed request(s), first: {error}");
+            }
+            Ok::<_, Box<dyn std::error::Error>>((times, errors))
+        }
+    });
+    let mut times = Vec::new();
+    let mut errors = 0;
+    for result in futures::future::join_all(workers).await {
+        let (t, e) = result?;
+        times.extend(t);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    times.sort();
+    let at = |q: f64| {
+        times
+            .get(((times.len() as f64 * q) as usize).min(times.len().saturating_sub(1)))
+            .map_or(0, |d| d.as_micros())
+    };
+    println!(
+        "requests_per_s={:.0} p50_us={} p99_us={} errors={errors}",
+        times.len() as f64 / elapsed,
+        at(0.50),
+        at(0.99)
+    );
+    Ok(())
+}

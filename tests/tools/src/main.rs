@@ -97,6 +97,16 @@ enum Tool {
     /// the http-echo sends on the upgraded connection after checking the handshake and an
     /// echo.
     Ws { addr: String, header: String },
+    /// CONNECTIONS HTTP/1.1 keep-alive connections to ADDR sending `GET /` with HEADER
+    /// (`name:value` or `-`) back to back for SECONDS; prints requests/s and the p50 and p99
+    /// request time in microseconds.
+    HttpLoad {
+        addr: String,
+        connections: usize,
+        seconds: f64,
+        #[arg(default_value = "-")]
+        header: String,
+    },
 }
 
 type Result<T = (), E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
@@ -147,6 +157,12 @@ fn main() -> ExitCode {
                 grpc,
             } => http::h2(&addr, &path, &headers, grpc).await,
             Tool::Ws { addr, header } => http::ws(&addr, &header).await,
+            Tool::HttpLoad {
+                addr,
+                connections,
+                seconds,
+                header,
+            } => http::load(&addr, connections, seconds, &header).await,
         }
     };
     let result = tokio::runtime::Builder::new_multi_thread()
