@@ -163,8 +163,8 @@ pub struct MeshArgs {
     pub expose: String,
     /// Mesh method: 'agent' (kt's node agent routes each request by its header: HTTP/1.1,
     /// HTTP/2, gRPC, WebSocket; nothing in the cluster is changed), 'auto' (the agent when
-    /// installed; v0.3.7's router pod is not supported yet), 'manual' (v0.3.7's version
-    /// label; not supported yet)
+    /// installed; v0.3.7's router pod is not supported yet), 'manual' (v0.3.7's: a shadow
+    /// labelled '<key>=<value>' joins the Service's pods, for a service mesh's rules)
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: MeshMode,
     /// The header requests carry to reach this workstation: 'value', 'key:' or 'key:value'

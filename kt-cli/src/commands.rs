@@ -161,7 +161,12 @@ async fn start_pool(
 
 /// ktctl's banner: the message between two lines of 63 dashes.
 pub fn banner(message: &str) {
-    let line = "-".repeat(63);
+    banner_of_width(message, 63);
+}
+
+/// The banner with lines of `width` dashes (v0.3.7's manual mesh uses 57).
+pub fn banner_of_width(message: &str, width: usize) {
+    let line = "-".repeat(width);
     tracing::info!("{line}");
     tracing::info!("{message}");
     tracing::info!("{line}");

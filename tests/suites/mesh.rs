@@ -336,8 +336,17 @@ async fn mesh_bad_input_exits_1_naming_the_problem_and_changes_nothing() {
             "target port 9999 not exists in service 'web'",
         ),
         (
-            &["mesh", "web", "--expose", "18080:8080", "--mode", "manual"],
-            "mesh --mode manual",
+            &[
+                "mesh",
+                "web",
+                "--expose",
+                "18080:8080",
+                "--mode",
+                "manual",
+                "--versionMark",
+                "Feo_1",
+            ],
+            "invalid --versionMark value 'Feo_1' for manual mode",
         ),
     ];
     for (args, needle) in cases {
@@ -346,5 +355,138 @@ async fn mesh_bad_input_exits_1_naming_the_problem_and_changes_nothing() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
     assert_eq!(sessions(&tb), 0, "nothing was created");
+    tb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn manual_mesh_without_the_agent_adds_a_labelled_shadow_and_leaves_the_service_alone() {
+    let tb = start_testbed(false).await;
+    deploy_web(&tb);
+    let _app = workstation::http_echo(&tb, 18080).await;
+    let before = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "svc",
+            "web",
+            "-o",
+            "jsonpath={.spec.selector} {.metadata.annotations}",
+        ],
+    );
+
+    // auto without the agent: v0.3.7's router pod is not there yet; nothing is created.
+    let (code, err) = ktctl_once(&tb, &[], &["mesh", "web", "--expose", "18080:8080"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("not supported yet") && err.contains("--mode manual"),
+        "{err}"
+    );
+
+    let mut running = Background::ktctl(
+        &tb,
+        &[
+            "mesh",
+            "web",
+            "--expose",
+            "18080:8080",
+            "--mode",
+            "manual",
+            "--versionMark",
+            "feo3x",
+        ],
+    );
+    running
+        .wait_for(" Now you can update Istio rule by label 'version=feo3x' ")
+        .await;
+    assert!(
+        running.log().contains(&"-".repeat(57)) && !running.log().contains(&"-".repeat(58)),
+        "v0.3.7's 57-dash lines: {}",
+        running.log()
+    );
+    let labelled = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web,version=feo3x,kt-role=shadow-mesh",
+            "-o",
+            "jsonpath={.items[*].metadata.name} {.items[*].status.podIP}",
+        ],
+    );
+    let (shadow, ip) = labelled.split_once(' ').expect("one shadow");
+    assert_eq!(shadow, "web-kt-mesh-feo3x");
+    let reached = in_pod(
+        &tb,
+        "client",
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "3",
+            &format!("http://{ip}:8080/"),
+        ],
+    )
+    .1;
+    assert!(reached.starts_with("pod=workstation"), "{reached}");
+    let after = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "svc",
+            "web",
+            "-o",
+            "jsonpath={.spec.selector} {.metadata.annotations}",
+        ],
+    );
+    assert_eq!(after, before, "manual mode leaves the Service alone");
+
+    // The same version again is refused, naming its holder.
+    let (code, err) = ktctl_once(
+        &tb,
+        &["SUDO_USER=carol"],
+        &[
+            "mesh",
+            "web",
+            "--expose",
+            "18080:8080",
+            "--mode",
+            "manual",
+            "--versionMark",
+            "feo3x",
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("is meshing service 'web' via version 'feo3x'"),
+        "{err}"
+    );
+
+    let (status, log) = running.interrupt();
+    assert!(status.success(), "{log}");
+    poll_within(Duration::from_secs(30), async || {
+        let left = kubectl_ok(
+            &tb.kubeconfig,
+            &[
+                "get",
+                "pods,configmaps",
+                "-l",
+                "kt-role=shadow-mesh",
+                "-o",
+                "name",
+            ],
+        );
+        if left.trim().is_empty() {
+            Ok(())
+        } else {
+            Err(left)
+        }
+    })
+    .await
+    .unwrap_or_else(|left| panic!("left after Ctrl-C: {left}"));
     tb.stop().await;
 }

@@ -123,7 +123,12 @@ impl<'a> Context<'a> {
 
     /// The banner with `message`; the redirect is on.
     pub(crate) fn announce_banner(&self, message: &str) {
-        super::banner(message);
+        self.announce_banner_of_width(message, 63);
+    }
+
+    /// [`Context::announce_banner`] with lines of `width` dashes.
+    pub(crate) fn announce_banner_of_width(&self, message: &str, width: usize) {
+        super::banner_of_width(message, width);
         self.announced.store(true, Ordering::Relaxed);
     }
 

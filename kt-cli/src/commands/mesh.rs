@@ -8,10 +8,14 @@
 //! included) and WebSocket upgrade by the header. Several developers mesh one Service with
 //! different values. The Service and its workload are never modified.
 //!
-//! v0.3.7's modes without the agent — `auto` with a router pod, stuntman and shadow
-//! Services, and `manual` with a version label — are not implemented yet: they are refused
-//! before anything is changed.
+//! [`manual`] mode, as ktctl v0.3.7: the Service is untouched; a shadow `<svc>-kt-mesh-<ver>`
+//! carrying the Service's selector and the label `<key>=<ver>` joins its pods, so that a
+//! service mesh's rules (Istio) can route by that label.
+//!
+//! v0.3.7's `auto` mode without the agent (a router pod, stuntman and shadow Services) is
+//! not implemented yet: it is refused before anything is changed.
 
+mod manual;
 pub mod plan;
 
 use std::sync::Arc;
@@ -41,7 +45,7 @@ pub enum MeshError {
     #[error(transparent)]
     Conflict(#[from] MeshConflict),
     #[error(
-        "mesh --mode {0} (ktctl v0.3.7's way, without kt's node agent) is not supported yet: install the agent (deploy/) and use --mode agent"
+        "mesh --mode {0} without kt's node agent (ktctl v0.3.7's router pod) is not supported yet: install the agent (deploy/), or use --mode manual"
     )]
     Unsupported(&'static str),
     #[error(
@@ -51,11 +55,21 @@ pub enum MeshError {
     #[error("stopped before the mesh was established; nothing was meshed")]
     Interrupted,
     #[error(transparent)]
-    Exchange(#[from] ExchangeError),
+    Exchange(Box<ExchangeError>),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
+    #[error(transparent)]
+    Shadow(#[from] super::ShadowTunnelError),
+    #[error(transparent)]
+    Ssh(#[from] crate::ssh_client::SshError),
+}
+
+impl From<ExchangeError> for MeshError {
+    fn from(error: ExchangeError) -> Self {
+        Self::Exchange(Box::new(error))
+    }
 }
 
 pub async fn run(settings: &Settings, args: &MeshArgs) -> Result<(), MeshError> {
@@ -64,9 +78,8 @@ pub async fn run(settings: &Settings, args: &MeshArgs) -> Result<(), MeshError> 
     let header = plan::parse_version_mark(&args.version_mark, || {
         kt_proto::compat::random_lower(5, rand::random)
     })?;
-    match args.mode {
-        MeshMode::Manual => return Err(MeshError::Unsupported("manual")),
-        MeshMode::Auto | MeshMode::Agent => {}
+    if args.mode == MeshMode::Manual {
+        plan::check_manual_version(&header)?;
     }
     let lifecycle = Lifecycle::start("mesh")?;
     let prepared = tokio::select! {
@@ -83,8 +96,10 @@ pub async fn run(settings: &Settings, args: &MeshArgs) -> Result<(), MeshError> 
 
 struct Prepared {
     cluster: Cluster,
+    subject: Subject,
     plan: PortPlan,
-    agent: String,
+    /// The agent pod to hold the session; `None` in manual mode.
+    agent: Option<String>,
 }
 
 /// Every check before anything is changed: the Service, who holds it, the port plan, the
@@ -105,26 +120,33 @@ async fn prepare(
     for warning in &port_plan.warnings {
         tracing::warn!("{warning}");
     }
-    let agent = match cluster::agents::first_ready(&cluster).await? {
-        Some(agent) => agent,
-        None if args.mode == MeshMode::Agent => {
+    let agent = match (args.mode, cluster::agents::first_ready(&cluster).await?) {
+        (MeshMode::Manual, _) => None,
+        (_, Some(agent)) => Some(agent),
+        (MeshMode::Agent, None) => {
             return Err(MeshError::NoAgent {
                 namespace: kt_proto::agent::NAMESPACE,
             });
         }
-        None => return Err(MeshError::Unsupported("auto")),
+        (MeshMode::Auto, None) => return Err(MeshError::Unsupported("auto")),
     };
-    exchange::check_ports_served(&Method::Agent(agent.clone()), name, &port_plan, false)?;
+    match &agent {
+        Some(agent) => {
+            exchange::check_ports_served(&Method::Agent(agent.clone()), name, &port_plan, false)?;
+        }
+        None => manual::check_free(&cluster, name, header).await?,
+    }
     if !args.skip_port_checking {
         for port in port_plan.exposed.iter().map(|e| e.local) {
             exchange::check_local_port(port).await?;
         }
     }
-    tracing::info!("Using agent mode");
+    let mode = if agent.is_some() { "agent" } else { "manual" };
+    tracing::info!("Using {mode} mode");
     if args.router_image != DEFAULT_ROUTER_IMAGE {
-        tracing::warn!("Agent mode starts no router pod: --routerImage has no effect");
+        tracing::warn!("{mode} mode starts no router pod: --routerImage has no effect");
     }
-    if !settings.shadow.customised.is_empty() {
+    if agent.is_some() && !settings.shadow.customised.is_empty() {
         tracing::warn!(
             "Agent mode starts no shadow pod: {} have no effect",
             settings.shadow.customised.join(", ")
@@ -132,6 +154,7 @@ async fn prepare(
     }
     Ok(Prepared {
         cluster,
+        subject,
         plan: port_plan,
         agent,
     })
@@ -174,21 +197,29 @@ async fn mesh(
 ) -> Result<(), MeshError> {
     let Prepared {
         cluster,
+        subject,
         plan: port_plan,
         agent,
     } = prepared;
     let ctx = Context::new(settings, &cluster, lifecycle);
-    let redirect = AgentRedirect {
-        mode: SessionMode::Mesh,
-        header: Some(header.clone()),
-        banner: plan::banner(header),
-        preview: None,
+    let result = match agent {
+        Some(agent) => {
+            let redirect = AgentRedirect {
+                mode: SessionMode::Mesh,
+                header: Some(header.clone()),
+                banner: plan::banner(header),
+                preview: None,
+            };
+            hold(&ctx, name, &port_plan, agent, &redirect)
+                .await
+                .map_err(MeshError::from)
+        }
+        None => manual::mesh(&ctx, &subject, &port_plan, header).await,
     };
-    let result = hold(&ctx, name, &port_plan, agent, &redirect).await;
     match result {
         Ok(()) if !ctx.announced() && lifecycle.stopped_by().is_some() => {
             Err(MeshError::Interrupted)
         }
-        other => Ok(other?),
+        other => other,
     }
 }

@@ -19,6 +19,36 @@ pub enum VersionMarkError {
         "invalid --versionMark value '{0}': it must be visible ASCII without spaces (a header value)"
     )]
     Value(String),
+    #[error(
+        "invalid --versionMark value '{0}' for manual mode: it names the shadow pod and labels it, so it must be lower-case letters, digits and '-' (at most 40), starting and ending with a letter or digit"
+    )]
+    ManualValue(String),
+}
+
+/// Manual mode names the shadow `<svc>-kt-mesh-<value>` and labels it `<key>=<value>`: the
+/// value must fit a DNS-1123 label (Kubernetes "Object Names and IDs") and a label value;
+/// 40 characters leave room for the Service's name.
+pub fn check_manual_version(header: &HeaderMatch) -> Result<(), VersionMarkError> {
+    let v = &header.value;
+    let ok = !v.is_empty()
+        && v.len() <= 40
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !v.starts_with('-')
+        && !v.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(VersionMarkError::ManualValue(v.clone()))
+    }
+}
+
+/// v0.3.7's manual-mode banner line (between lines of 57 dashes), with its trailing space.
+pub fn manual_banner(header: &HeaderMatch) -> String {
+    format!(
+        " Now you can update Istio rule by label '{}={}' ",
+        header.name, header.value
+    )
 }
 
 /// `--versionMark` as ktctl v0.3.7 reads it: `val`, `key:` or `key:val`; the key defaults to
@@ -165,6 +195,21 @@ mod tests {
         assert_eq!(
             mark("Version:x").unwrap_err().to_string(),
             "invalid --versionMark key 'Version': it must match ^[a-z][a-z0-9_-]*$ (a lower-case header name)"
+        );
+    }
+
+    #[test]
+    fn manual_mode_needs_a_value_that_names_a_pod() {
+        assert_eq!(check_manual_version(&header("version", "feo3x")), Ok(()));
+        for bad in ["Feo", "a_b", "-a", "a-", "a.b", &"x".repeat(41)] {
+            assert!(
+                check_manual_version(&header("version", bad)).is_err(),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            manual_banner(&header("version", "feo3x")),
+            " Now you can update Istio rule by label 'version=feo3x' "
         );
     }
 
