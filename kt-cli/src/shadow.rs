@@ -35,7 +35,7 @@ pub enum ShadowError {
         #[source]
         source: Box<kube::Error>,
     },
-    #[error("shadow pod {name} is not running after {seconds} s ({reason})")]
+    #[error("pod {name} is not running after {seconds} s ({reason})")]
     NotReady {
         name: String,
         seconds: u64,
@@ -288,7 +288,7 @@ pub async fn deploy(
 }
 
 /// How many runs use a shared shadow (`kt-ref-count`; a shadow without one counts as one).
-fn ref_count(pod: &Pod) -> u32 {
+pub(crate) fn ref_count(pod: &Pod) -> u32 {
     pod.metadata
         .annotations
         .as_ref()
@@ -299,7 +299,11 @@ fn ref_count(pod: &Pod) -> u32 {
 
 /// Sets `kt-ref-count` of `pod` to `count`, if the pod is still the version read (a merge
 /// patch carrying its resourceVersion: the API server refuses it with 409 otherwise).
-async fn set_ref_count(pods: &Api<Pod>, pod: &Pod, count: u32) -> Result<(), kube::Error> {
+pub(crate) async fn set_ref_count(
+    pods: &Api<Pod>,
+    pod: &Pod,
+    count: u32,
+) -> Result<(), kube::Error> {
     let name = pod.metadata.name.clone().unwrap_or_default();
     let patch = serde_json::json!({"metadata": {
         "resourceVersion": pod.metadata.resource_version,
@@ -424,7 +428,11 @@ fn waiting_reason(pod: &Pod) -> String {
 
 /// Waits until the pod is Running with an address (v0.3.7 takes that as ready), logging
 /// what it waits for every 6 s (v0.3.7's poll interval).
-async fn wait_running(pods: &Api<Pod>, name: &str, timeout: Duration) -> Result<(), ShadowError> {
+pub(crate) async fn wait_running(
+    pods: &Api<Pod>,
+    name: &str,
+    timeout: Duration,
+) -> Result<(), ShadowError> {
     let last_seen = Arc::new(Mutex::new("Pending".to_owned()));
     let seen = last_seen.clone();
     let running = await_condition(pods.clone(), name, move |pod: Option<&Pod>| {

@@ -1,13 +1,14 @@
 //! `kt-node-agent`: the cluster side of kt.
 //!
 //! Roles: `agent` (the DaemonSet: eBPF redirects from session objects), `shadow` (the
-//! per-session SSH endpoint ktctl uses when no agent is installed). `check` tells an admin
-//! whether a node can run kt's eBPF redirect. The `router` role arrives with its issue.
+//! per-session SSH endpoint ktctl uses when no agent is installed), `router` (the mesh
+//! router pod of v0.3.7's auto mode; invoked as `router …` it is v0.3.7's `/usr/sbin/router`
+//! command). `check` tells an admin whether a node can run kt's eBPF redirect.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use kt_node_agent::{agent, cgroup, dns_relay, ebpf, shadow};
+use kt_node_agent::{agent, cgroup, dns_relay, ebpf, router_role, shadow};
 use kt_proto::{agent as contract, env};
 use tokio_util::sync::CancellationToken;
 
@@ -72,6 +73,16 @@ enum Command {
         #[command(flatten)]
         dns: DnsRelayArgs,
     },
+    /// Run the router role (v0.3.7's mesh router pod) with no arguments; with `setup <svc>
+    /// <port:targetPort,...> <header:version>`, `add <header:version>` or `remove
+    /// <header:version>`, change its routes (what ktctl runs as `/usr/sbin/router …`).
+    Router {
+        /// The state file the server follows and the commands edit.
+        #[arg(long, env = "KT_ROUTER_STATE", default_value = router_role::STATE_FILE)]
+        state: PathBuf,
+        /// `setup …`, `add …` or `remove …`.
+        command: Vec<String>,
+    },
     /// Run only the shadow's DNS relay: what ktctl v0.3.7's shadow image runs beside sshd
     /// (`/usr/sbin/shadow`) when `KT_DNS_PROTOCOL` is set, for images built on OpenSSH.
     DnsRelay {
@@ -115,7 +126,16 @@ impl DnsRelayArgs {
 const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    // Called as `router` (the image links it at /usr/sbin/router): v0.3.7's router command.
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == "router")
+    {
+        argv.insert(1, "router".into());
+    }
+    let args = match Args::try_parse_from(argv) {
         Ok(args) => args,
         Err(error) if !error.use_stderr() => {
             let _ = error.print();
@@ -193,6 +213,16 @@ fn main() -> ExitCode {
                 shutdown,
             )
         }),
+        Command::Router { state, command } if command.is_empty() => {
+            serve("router", |shutdown| router_role::serve(state, shutdown))
+        }
+        Command::Router { state, command } => match router_role::command(&state, &command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("router: {}", kt_proto::error_chain(&error));
+                ExitCode::FAILURE
+            }
+        },
         Command::DnsRelay { dns } => {
             let config = dns
                 .config(Some(dns_relay::Protocol::Udp))

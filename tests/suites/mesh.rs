@@ -46,15 +46,18 @@ fn pods_in(text: &str) -> Vec<String> {
 /// What each protocol's requests from `pod` reached, as `protocol: who, who, …` lines, with
 /// the headers in the order [alice, none, bob, none, alice] (for the WebSocket: alice,
 /// none, bob). `endpoint` is one web pod's IP, dialled directly over HTTP/1.1 too.
-fn routed(tb: &Testbed, pod: &str, endpoint: &str) -> Vec<(String, Vec<String>)> {
+/// Without `endpoint` (a router-pod mesh leaves the pods' own addresses alone), only the
+/// Service is asked.
+fn routed(tb: &Testbed, pod: &str, endpoint: Option<&str>) -> Vec<(String, Vec<String>)> {
     let tools = bins::kt_tools();
     let tools = bins::utf8(&tools);
     let mut out = Vec::new();
     // HTTP/1.1: one curl, one keep-alive connection (num_connects 1, then 0s).
-    for (protocol, url) in [
-        ("http1", "http://web/".to_owned()),
-        ("http1-endpoint", format!("http://{endpoint}:8080/")),
-    ] {
+    let mut urls = vec![("http1", "http://web/".to_owned())];
+    if let Some(endpoint) = endpoint {
+        urls.push(("http1-endpoint", format!("http://{endpoint}:8080/")));
+    }
+    for (protocol, url) in urls {
         let mut args: Vec<String> = vec!["curl".into()];
         for (i, header) in [Some(ALICE), None, Some(BOB), None, Some(ALICE)]
             .iter()
@@ -153,7 +156,7 @@ fn check(
 /// Polls until requests from both clients are routed as [`check`] says, within `within`.
 async fn until_routed(
     tb: &Testbed,
-    endpoint: &str,
+    endpoint: Option<&str>,
     first: &str,
     second: &str,
     within: Duration,
@@ -228,7 +231,7 @@ async fn two_developers_mesh_one_service_by_header_over_http1_http2_grpc_and_web
     );
     until_routed(
         &tb,
-        &endpoint,
+        Some(&endpoint),
         "alice",
         "bob",
         Duration::from_secs(15),
@@ -278,7 +281,7 @@ async fn two_developers_mesh_one_service_by_header_over_http1_http2_grpc_and_web
     assert!(status.success(), "{log}");
     until_routed(
         &tb,
-        &endpoint,
+        Some(&endpoint),
         "pods",
         "bob",
         Duration::from_secs(15),
@@ -289,7 +292,15 @@ async fn two_developers_mesh_one_service_by_header_over_http1_http2_grpc_and_web
     // kill -9 of bob: within the lease (10 s) his header reaches the pods too.
     let killed = std::time::Instant::now();
     bob.kill();
-    until_routed(&tb, &endpoint, "pods", "pods", Duration::from_secs(25), &[]).await;
+    until_routed(
+        &tb,
+        Some(&endpoint),
+        "pods",
+        "pods",
+        Duration::from_secs(25),
+        &[],
+    )
+    .await;
     eprintln!(
         "bob's header back at the pods {:?} after kill -9",
         killed.elapsed()
@@ -376,14 +387,6 @@ async fn manual_mesh_without_the_agent_adds_a_labelled_shadow_and_leaves_the_ser
             "-o",
             "jsonpath={.spec.selector} {.metadata.annotations}",
         ],
-    );
-
-    // auto without the agent: v0.3.7's router pod is not there yet; nothing is created.
-    let (code, err) = ktctl_once(&tb, &[], &["mesh", "web", "--expose", "18080:8080"]);
-    assert_eq!(code, Some(1), "{err}");
-    assert!(
-        err.contains("not supported yet") && err.contains("--mode manual"),
-        "{err}"
     );
 
     let mut running = Background::ktctl(
@@ -488,5 +491,151 @@ async fn manual_mesh_without_the_agent_adds_a_labelled_shadow_and_leaves_the_ser
     })
     .await
     .unwrap_or_else(|left| panic!("left after Ctrl-C: {left}"));
+    tb.stop().await;
+}
+
+/// `kubectl get` of one object's fields as jsonpath.
+fn fields(tb: &Testbed, kind_name: &str, jsonpath: &str) -> String {
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["get", kind_name, "-o", &format!("jsonpath={jsonpath}")],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn router_pod_mesh_without_the_agent_as_v0_3_7_lays_it_out_and_restores_the_service() {
+    // The agent binary provides the router image; the agent itself is not installed.
+    let tb = start_testbed(true).await;
+    deploy_web(&tb);
+    deploy_client_2(&tb);
+    let before = fields(&tb, "svc/web", "{.spec.selector} {.metadata.annotations}");
+    let _alice_app = workstation::named_http_echo(&tb, 18080, "alice").await;
+    let _bob_app = workstation::named_http_echo(&tb, 28080, "bob").await;
+
+    let alice = mesh(
+        &tb,
+        "alice",
+        &["web", "--expose", "18080:8080", "--versionMark", "alice1"],
+    )
+    .await;
+    assert!(
+        alice.log().contains("Using auto (router pod) mode"),
+        "{}",
+        alice.log()
+    );
+    let bob = mesh(
+        &tb,
+        "bob",
+        &["web", "--expose", "28080:8080", "--versionMark", "bob22"],
+    )
+    .await;
+    // v0.3.7's layout: the router selected by the Service, the original selector kept in
+    // kt-selector and on the stuntman, a shadow Service per version.
+    assert_eq!(
+        fields(
+            &tb,
+            "pod/web-kt-router",
+            "{.metadata.annotations.kt-ref-count}"
+        ),
+        "2"
+    );
+    assert_eq!(
+        fields(&tb, "pod/web-kt-router", "{.metadata.labels.kt-role}"),
+        "router"
+    );
+    assert!(fields(&tb, "svc/web", "{.spec.selector.kt-role}") == "router");
+    assert_eq!(
+        fields(&tb, "svc/web", "{.metadata.annotations.kt-selector}"),
+        r#"{"app":"web"}"#
+    );
+    assert_eq!(
+        fields(&tb, "svc/web-kt-stuntman", "{.spec.selector}"),
+        r#"{"app":"web"}"#
+    );
+    for shadow in ["web-kt-mesh-alice1", "web-kt-mesh-bob22"] {
+        assert_eq!(
+            fields(&tb, &format!("svc/{shadow}"), "{.spec.selector.kt-role}"),
+            "shadow-mesh"
+        );
+        assert_eq!(
+            fields(&tb, &format!("pod/{shadow}"), "{.metadata.labels.kt-role}"),
+            "shadow-mesh"
+        );
+    }
+    until_routed(
+        &tb,
+        None,
+        "alice",
+        "bob",
+        Duration::from_secs(15),
+        &[&alice, &bob],
+    )
+    .await;
+
+    // The router takes v0.3.7's commands, as the Go ktctl sends them.
+    let (ok, _) = in_pod(
+        &tb,
+        "web-kt-router",
+        &["/usr/sbin/router", "add", "version:gofmt"],
+    );
+    assert!(ok, "router add");
+    let state = in_pod(&tb, "web-kt-router", &["cat", "/var/kt-router/kt.conf"]).1;
+    assert!(
+        state.contains(r#""Versions":["alice1","bob22","gofmt"]"#)
+            && state.contains(r#""Ports":[["80","8080"]]"#),
+        "{state}"
+    );
+    let (ok, _) = in_pod(
+        &tb,
+        "web-kt-router",
+        &["/usr/sbin/router", "remove", "version:gofmt"],
+    );
+    assert!(ok, "router remove");
+    let (refused, _) = in_pod(
+        &tb,
+        "web-kt-router",
+        &["/usr/sbin/router", "add", "x-dev:abc"],
+    );
+    assert!(
+        !refused,
+        "a version under another header is refused, as v0.3.7's router does"
+    );
+
+    // Ctrl-C of alice: she counts herself out; bob keeps his header.
+    let (status, log) = alice.interrupt();
+    assert!(status.success(), "{log}");
+    assert_eq!(
+        fields(
+            &tb,
+            "pod/web-kt-router",
+            "{.metadata.annotations.kt-ref-count}"
+        ),
+        "1"
+    );
+    until_routed(&tb, None, "pods", "bob", Duration::from_secs(15), &[&bob]).await;
+
+    // Ctrl-C of the last one: router, stuntman and shadows go, the Service is as before.
+    let (status, log) = bob.interrupt();
+    assert!(status.success(), "{log}");
+    assert_eq!(
+        fields(&tb, "svc/web", "{.spec.selector} {.metadata.annotations}"),
+        before,
+        "{log}"
+    );
+    poll_within(Duration::from_secs(30), async || {
+        let left = kubectl_ok(&tb.kubeconfig, &["get", "pods,svc", "-o", "name"]);
+        let left: Vec<&str> = left.lines().filter(|l| l.contains("-kt-")).collect();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(left.join(" "))
+        }
+    })
+    .await
+    .unwrap_or_else(|left| panic!("left after the last Ctrl-C: {left}"));
     tb.stop().await;
 }

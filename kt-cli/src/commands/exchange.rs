@@ -312,6 +312,45 @@ pub(crate) async fn read_subject(cluster: &Cluster, name: &str) -> Result<Subjec
     })
 }
 
+impl Subject {
+    /// The Service as its own pods see it: while a router pod or shadow stands in (its
+    /// selector saved in `kt-selector`, as v0.3.7 saves it), the original selector and the
+    /// pods it selects — what named target ports resolve through.
+    pub(crate) async fn as_originally(&self, cluster: &Cluster) -> Result<Self, ExchangeError> {
+        let saved = self
+            .service
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(compat::SELECTOR))
+            .and_then(|s| serde_json::from_str::<BTreeMap<String, String>>(s).ok())
+            .filter(|s| !s.is_empty());
+        let Some(selector) = saved else {
+            return Ok(Self {
+                name: self.name.clone(),
+                service: self.service.clone(),
+                selector: self.selector.clone(),
+                pods: self.pods.clone(),
+            });
+        };
+        let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+        let pods = pods
+            .list(&ListParams::default().labels(&label_selector(&selector)))
+            .await
+            .map_err(ClusterError::api(format!(
+                "list pods of service '{}'",
+                self.name
+            )))?
+            .items;
+        Ok(Self {
+            name: self.name.clone(),
+            service: self.service.clone(),
+            selector,
+            pods,
+        })
+    }
+}
+
 /// `k1=v1,k2=v2`.
 fn label_selector(selector: &BTreeMap<String, String>) -> String {
     selector

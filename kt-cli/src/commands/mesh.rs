@@ -12,9 +12,12 @@
 //! carrying the Service's selector and the label `<key>=<ver>` joins its pods, so that a
 //! service mesh's rules (Istio) can route by that label.
 //!
-//! v0.3.7's `auto` mode without the agent (a router pod, stuntman and shadow Services) is
-//! not implemented yet: it is refused before anything is changed.
+//! Without the agent, `auto` is v0.3.7's ([`auto`]): a router pod `<svc>-kt-router` (kt's
+//! router role, which also runs the Go ktctl's `router` commands) takes the Service's
+//! selector, a stuntman Service keeps the original pods, a shadow Service per version the
+//! developer's shadow.
 
+mod auto;
 mod manual;
 pub mod plan;
 
@@ -44,10 +47,16 @@ pub enum MeshError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Conflict(#[from] MeshConflict),
+    #[error(transparent)]
+    Router(#[from] auto::RouterCommandError),
+    #[error("service '{0}' exists and was not created by kt")]
+    Foreign(String),
     #[error(
-        "mesh --mode {0} without kt's node agent (ktctl v0.3.7's router pod) is not supported yet: install the agent (deploy/), or use --mode manual"
+        "service '{0}' is exchanged or was left changed by kt (its selector or kt-selector say so), please try use 'ktctl recover {0}'"
     )]
-    Unsupported(&'static str),
+    NotSane(String),
+    #[error(transparent)]
+    Lock(#[from] cluster::lock::LockError),
     #[error(
         "no kt agent is ready in namespace '{namespace}': mesh needs it (install it from deploy/); v0.3.7's router-pod mesh is not supported yet"
     )]
@@ -87,7 +96,17 @@ pub async fn run(settings: &Settings, args: &MeshArgs) -> Result<(), MeshError> 
         prepared = prepare(settings, args, name, &expose, &header) => prepared,
     };
     let result = match prepared {
-        Ok(prepared) => mesh(settings, name, prepared, &header, &lifecycle).await,
+        Ok(prepared) => {
+            mesh(
+                settings,
+                name,
+                prepared,
+                &header,
+                &args.router_image,
+                &lifecycle,
+            )
+            .await
+        }
         Err(error) => Err(error),
     };
     lifecycle.finish().await;
@@ -98,8 +117,16 @@ struct Prepared {
     cluster: Cluster,
     subject: Subject,
     plan: PortPlan,
-    /// The agent pod to hold the session; `None` in manual mode.
-    agent: Option<String>,
+    how: How,
+}
+
+/// How the mesh is done, once `--mode` is resolved.
+enum How {
+    /// The agent pod to hold the session.
+    Agent(String),
+    /// v0.3.7's auto mode: a router pod.
+    Router,
+    Manual,
 }
 
 /// Every check before anything is changed: the Service, who holds it, the port plan, the
@@ -113,40 +140,51 @@ async fn prepare(
 ) -> Result<Prepared, MeshError> {
     let cluster = cluster::connect(&settings.cluster).await?;
     let subject = exchange::read_subject(&cluster, name).await?;
-    check_conflict(&cluster, &subject, header).await?;
-    let ports = ServicePort::of(&subject.service);
-    let named = exchange::named_ports(&cluster, &subject, &ports).await?;
-    let port_plan = exchange::plan::plan(name, &ports, &named, expose)?;
-    for warning in &port_plan.warnings {
-        tracing::warn!("{warning}");
-    }
-    let agent = match (args.mode, cluster::agents::first_ready(&cluster).await?) {
-        (MeshMode::Manual, _) => None,
-        (_, Some(agent)) => Some(agent),
+    let agent = match args.mode {
+        MeshMode::Manual => None,
+        MeshMode::Auto | MeshMode::Agent => cluster::agents::first_ready(&cluster).await?,
+    };
+    let how = match (args.mode, agent) {
+        (MeshMode::Manual, _) => How::Manual,
+        (_, Some(agent)) => How::Agent(agent),
         (MeshMode::Agent, None) => {
             return Err(MeshError::NoAgent {
                 namespace: kt_proto::agent::NAMESPACE,
             });
         }
-        (MeshMode::Auto, None) => return Err(MeshError::Unsupported("auto")),
+        (MeshMode::Auto, None) => How::Router,
     };
-    match &agent {
-        Some(agent) => {
+    check_conflict(&cluster, &subject, header, matches!(how, How::Router)).await?;
+    let ports = ServicePort::of(&subject.service);
+    // A second developer finds the Service pointing at the router: its ports resolve
+    // through the original pods.
+    let original = subject.as_originally(&cluster).await?;
+    let named = exchange::named_ports(&cluster, &original, &ports).await?;
+    let port_plan = exchange::plan::plan(name, &ports, &named, expose)?;
+    for warning in &port_plan.warnings {
+        tracing::warn!("{warning}");
+    }
+    match &how {
+        How::Agent(agent) => {
             exchange::check_ports_served(&Method::Agent(agent.clone()), name, &port_plan, false)?;
         }
-        None => manual::check_free(&cluster, name, header).await?,
+        How::Router | How::Manual => manual::check_free(&cluster, name, header).await?,
     }
     if !args.skip_port_checking {
         for port in port_plan.exposed.iter().map(|e| e.local) {
             exchange::check_local_port(port).await?;
         }
     }
-    let mode = if agent.is_some() { "agent" } else { "manual" };
+    let mode = match how {
+        How::Agent(_) => "agent",
+        How::Router => "auto (router pod)",
+        How::Manual => "manual",
+    };
     tracing::info!("Using {mode} mode");
-    if args.router_image != DEFAULT_ROUTER_IMAGE {
+    if args.router_image != DEFAULT_ROUTER_IMAGE && !matches!(how, How::Router) {
         tracing::warn!("{mode} mode starts no router pod: --routerImage has no effect");
     }
-    if agent.is_some() && !settings.shadow.customised.is_empty() {
+    if matches!(how, How::Agent(_)) && !settings.shadow.customised.is_empty() {
         tracing::warn!(
             "Agent mode starts no shadow pod: {} have no effect",
             settings.shadow.customised.join(", ")
@@ -156,16 +194,18 @@ async fn prepare(
         cluster,
         subject,
         plan: port_plan,
-        agent,
+        how,
     })
 }
 
-/// Refuses a Service that an exchange, a v0.3.7 router or a session with the same header
-/// holds ([`plan::mesh_conflict`]).
+/// Refuses a Service that an exchange, a session with the same header, or a mesh of the
+/// other kind (agent sessions vs a v0.3.7 router; `router` says which this one is) holds
+/// ([`plan::mesh_conflict`]).
 async fn check_conflict(
     cluster: &Cluster,
     subject: &Subject,
     header: &HeaderMatch,
+    router: bool,
 ) -> Result<(), MeshError> {
     let api: Api<KtSession> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     let sessions = match api.list(&ListParams::default()).await {
@@ -182,7 +222,7 @@ async fn check_conflict(
         &subject.pods,
         now,
     );
-    match plan::mesh_conflict(&subject.name, exchange, &sessions, header, now) {
+    match plan::mesh_conflict(&subject.name, exchange, &sessions, header, now, router) {
         Some(conflict) => Err(conflict.into()),
         None => Ok(()),
     }
@@ -193,17 +233,18 @@ async fn mesh(
     name: &str,
     prepared: Prepared,
     header: &HeaderMatch,
+    router_image: &str,
     lifecycle: &Arc<Lifecycle>,
 ) -> Result<(), MeshError> {
     let Prepared {
         cluster,
         subject,
         plan: port_plan,
-        agent,
+        how,
     } = prepared;
     let ctx = Context::new(settings, &cluster, lifecycle);
-    let result = match agent {
-        Some(agent) => {
+    let result = match how {
+        How::Agent(agent) => {
             let redirect = AgentRedirect {
                 mode: SessionMode::Mesh,
                 header: Some(header.clone()),
@@ -214,7 +255,8 @@ async fn mesh(
                 .await
                 .map_err(MeshError::from)
         }
-        None => manual::mesh(&ctx, &subject, &port_plan, header).await,
+        How::Manual => manual::mesh(&ctx, &subject, &port_plan, header).await,
+        How::Router => auto::mesh(&ctx, &subject, &port_plan, header, router_image).await,
     };
     match result {
         Ok(()) if !ctx.announced() && lifecycle.stopped_by().is_some() => {

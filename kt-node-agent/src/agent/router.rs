@@ -139,6 +139,26 @@ impl Router {
         self: &Arc<Self>,
         routes: &BTreeMap<RouteKey, Route>,
     ) -> BTreeMap<RouteKey, SocketAddr> {
+        let node_ip = self.node_ip;
+        self.update_with(routes, |_| SocketAddr::new(node_ip, 0))
+    }
+
+    /// [`Router::update`] listening on each route's own port (`RouteKey::port`): the router
+    /// pod of v0.3.7's auto mesh, which stands in for the Service's pods on their target
+    /// ports.
+    pub fn update_on_ports(
+        self: &Arc<Self>,
+        routes: &BTreeMap<RouteKey, Route>,
+    ) -> BTreeMap<RouteKey, SocketAddr> {
+        let node_ip = self.node_ip;
+        self.update_with(routes, |key| SocketAddr::new(node_ip, key.port))
+    }
+
+    fn update_with(
+        self: &Arc<Self>,
+        routes: &BTreeMap<RouteKey, Route>,
+        bind: impl Fn(&RouteKey) -> SocketAddr,
+    ) -> BTreeMap<RouteKey, SocketAddr> {
         let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         listeners.retain(|key, listening| {
             let keep = routes.contains_key(key);
@@ -164,7 +184,7 @@ impl Router {
                 out.insert(key.clone(), listening.address);
                 continue;
             }
-            match self.listen(key, route) {
+            match self.listen(key, route, bind(key)) {
                 Ok(listening) => {
                     tracing::info!(namespace = %key.namespace, service = %key.service, port = key.port, router = %listening.address, "mesh route opened");
                     out.insert(key.clone(), listening.address);
@@ -185,8 +205,13 @@ impl Router {
         self.tasks.wait().await;
     }
 
-    fn listen(self: &Arc<Self>, key: &RouteKey, route: &Route) -> std::io::Result<Listening> {
-        let socket = std::net::TcpListener::bind(SocketAddr::new(self.node_ip, 0))?;
+    fn listen(
+        self: &Arc<Self>,
+        key: &RouteKey,
+        route: &Route,
+        address: SocketAddr,
+    ) -> std::io::Result<Listening> {
+        let socket = std::net::TcpListener::bind(address)?;
         socket.set_nonblocking(true)?;
         let listener = TcpListener::from_std(socket)?;
         let address = listener.local_addr()?;

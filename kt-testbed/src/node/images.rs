@@ -58,7 +58,7 @@ pub struct ImageDir {
     /// Files written into the copy: name → content.
     files: Vec<(&'static str, FileContent)>,
     /// Symbolic links made in the copy: name → target.
-    links: Vec<(&'static str, &'static str)>,
+    links: Vec<(&'static str, String)>,
 }
 
 #[derive(Clone, Debug)]
@@ -298,7 +298,10 @@ fn nginx() -> Image {
                 path: "/var/log/nginx",
                 copy_of: None,
                 files: Vec::new(),
-                links: vec![("access.log", "/dev/stdout"), ("error.log", "/dev/stderr")],
+                links: vec![
+                    ("access.log", "/dev/stdout".into()),
+                    ("error.log", "/dev/stderr".into()),
+                ],
             },
             ImageDir {
                 path: "/var/lib/nginx",
@@ -386,6 +389,31 @@ impl Catalog {
                 Some(p) => Image::program(vec![p.display().to_string(), "shadow".into()]),
                 None => return Ok(None),
             },
+            // The mesh router pod of ktctl v0.3.7's auto mode (its image and kt's): the agent
+            // binary in role `router`, with v0.3.7's `/usr/sbin/router` command and a
+            // writable state directory.
+            r if r.ends_with("kt-connect-router") || r.ends_with("kt-router") => {
+                match &self.agent_bin {
+                    Some(p) => Image {
+                        dirs: vec![
+                            ImageDir {
+                                path: "/var/kt-router",
+                                copy_of: None,
+                                files: Vec::new(),
+                                links: Vec::new(),
+                            },
+                            ImageDir {
+                                path: "/usr/sbin",
+                                copy_of: None,
+                                files: Vec::new(),
+                                links: vec![("router", p.display().to_string())],
+                            },
+                        ],
+                        ..Image::program(vec![p.display().to_string(), "router".into()])
+                    },
+                    None => return Ok(None),
+                }
+            }
             r if r.ends_with("kt-node-agent") => match &self.agent_bin {
                 Some(p) => Image::program(vec![p.display().to_string()]),
                 None => return Ok(None),
@@ -529,7 +557,7 @@ mod tests {
                 path: "/srv/www",
                 copy_of: Some(source),
                 files: vec![("conf/x.conf", FileContent::Text("x"))],
-                links: vec![("out.log", "/dev/stdout")],
+                links: vec![("out.log", "/dev/stdout".into())],
             }],
             ..Image::program(Vec::new())
         };

@@ -48,11 +48,21 @@ pub fn selector_patches(
     old: &BTreeMap<String, String>,
     target: &str,
 ) -> (serde_json::Value, serde_json::Value) {
+    selector_patches_to(old, compat::ROLE_SHADOW_EXCHANGE, target)
+}
+
+/// [`selector_patches`] to the pod of `role` (the mesh router's, `router`, in v0.3.7's auto
+/// mesh).
+pub fn selector_patches_to(
+    old: &BTreeMap<String, String>,
+    role: &str,
+    target: &str,
+) -> (serde_json::Value, serde_json::Value) {
     let mut to_shadow: serde_json::Map<String, serde_json::Value> = old
         .keys()
         .map(|k| (k.clone(), serde_json::Value::Null))
         .collect();
-    to_shadow.insert(compat::ROLE.into(), json!(compat::ROLE_SHADOW_EXCHANGE));
+    to_shadow.insert(compat::ROLE.into(), json!(role));
     to_shadow.insert(compat::TARGET.into(), json!(target));
     let mut back: serde_json::Map<String, serde_json::Value> = [compat::ROLE, compat::TARGET]
         .into_iter()

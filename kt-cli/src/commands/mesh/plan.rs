@@ -110,18 +110,25 @@ pub enum MeshConflict {
         "service '{service}' is meshed through a router pod (ktctl v0.3.7 auto mode); agent-mode mesh cannot share it: end that mesh first (ktctl recover {service})"
     )]
     RouterMesh { service: String },
+    #[error(
+        "service '{service}' is meshed in agent mode by {holders}; a router-pod mesh cannot share it"
+    )]
+    AgentMesh { service: String, holders: String },
 }
 
 /// Whether the Service (whose exchange conflict, as [`crate::commands::exchange::plan::conflict`]
 /// decides it, is `exchange`) can be meshed with `header` given the live `sessions`: an
-/// exchange in any mode or a v0.3.7 router refuses it, and so does a live mesh session of
-/// the same header name (case-insensitive) and value.
+/// exchange in any mode refuses it, a mesh of the other kind too (agent sessions, or a v0.3.7
+/// router; `router` tells which this one is — the router pod itself sets the version check
+/// for its own kind), and so does a live mesh session of the same header name
+/// (case-insensitive) and value.
 pub fn mesh_conflict(
     service: &str,
     exchange: Option<Conflict>,
     sessions: &[KtSession],
     header: &HeaderMatch,
     now: DateTime<Utc>,
+    router: bool,
 ) -> Option<MeshConflict> {
     match exchange {
         Some(Conflict::Exchanged { holder, .. }) => {
@@ -130,12 +137,18 @@ pub fn mesh_conflict(
                 holder,
             });
         }
-        Some(Conflict::Meshed { .. }) => {
+        Some(Conflict::Meshed { .. }) if !router => {
             return Some(MeshConflict::RouterMesh {
                 service: service.to_owned(),
             });
         }
-        Some(Conflict::MeshedBy { .. }) | None => {}
+        Some(Conflict::MeshedBy { holders, .. }) if router => {
+            return Some(MeshConflict::AgentMesh {
+                service: service.to_owned(),
+                holders,
+            });
+        }
+        Some(Conflict::Meshed { .. } | Conflict::MeshedBy { .. }) | None => {}
     }
     sessions
         .iter()
@@ -245,23 +258,51 @@ mod tests {
         );
         let sessions = [alice, gone];
         assert_eq!(
-            mesh_conflict("web", None, &sessions, &header("VERSION", "aaaaa"), now)
-                .unwrap()
-                .to_string(),
+            mesh_conflict(
+                "web",
+                None,
+                &sessions,
+                &header("VERSION", "aaaaa"),
+                now,
+                false
+            )
+            .unwrap()
+            .to_string(),
             "another user (alice@a) is meshing service 'web' via version 'aaaaa'"
         );
         assert_eq!(
-            mesh_conflict("web", None, &sessions, &header("version", "bbbbb"), now),
+            mesh_conflict(
+                "web",
+                None,
+                &sessions,
+                &header("version", "bbbbb"),
+                now,
+                false
+            ),
             None,
             "expired"
         );
         assert_eq!(
-            mesh_conflict("web", None, &sessions, &header("x-dev", "aaaaa"), now),
+            mesh_conflict(
+                "web",
+                None,
+                &sessions,
+                &header("x-dev", "aaaaa"),
+                now,
+                false
+            ),
             None,
             "another key"
         );
         assert_eq!(
-            mesh_conflict("api", None, &sessions, &header("version", "aaaaa"), now),
+            mesh_conflict(
+                "api",
+                None,
+                &sessions,
+                &header("version", "aaaaa"),
+                now,
+                false
+            ),
             None
         );
     }
@@ -274,17 +315,32 @@ mod tests {
             holder: "carol@c".into(),
         });
         assert_eq!(
-            mesh_conflict("web", exchanged, &[], &header("version", "x"), now)
+            mesh_conflict("web", exchanged, &[], &header("version", "x"), now, false)
                 .unwrap()
                 .to_string(),
             "another user (carol@c) is exchanging service 'web', cannot apply mesh"
         );
-        let router = Some(Conflict::Meshed {
+        let router = || {
+            Some(Conflict::Meshed {
+                service: "web".into(),
+            })
+        };
+        assert!(matches!(
+            mesh_conflict("web", router(), &[], &header("version", "x"), now, false),
+            Some(MeshConflict::RouterMesh { .. })
+        ));
+        assert_eq!(
+            mesh_conflict("web", router(), &[], &header("version", "x"), now, true),
+            None,
+            "a second router-pod mesh joins the router"
+        );
+        let agents = Some(Conflict::MeshedBy {
             service: "web".into(),
+            holders: "alice@a".into(),
         });
         assert!(matches!(
-            mesh_conflict("web", router, &[], &header("version", "x"), now),
-            Some(MeshConflict::RouterMesh { .. })
+            mesh_conflict("web", agents, &[], &header("version", "x"), now, true),
+            Some(MeshConflict::AgentMesh { .. })
         ));
     }
 }

@@ -459,6 +459,16 @@ impl PodRuntime for Kubelets {
                 .first()
                 .and_then(|c| Some((c.pid?, c.env.clone())))
                 .ok_or_else(|| ApiError::bad_request("container is not running"))?;
+            // A container counts as started once its process exists, but the pod runner
+            // mounts the image's directories before it executes the program: join it only
+            // then, as a runtime's exec sees the container's whole filesystem.
+            for _ in 0..200 {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if !cmdline.windows(10).any(|w| w == b"run-in-pod") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             let spec = RunSpec {
                 cgroup: Some(running.cgroup.clone()),
                 netns: Some(running.netns.clone()),
