@@ -576,6 +576,14 @@ async fn router_pod_mesh_without_the_agent_as_v0_3_7_lays_it_out_and_restores_th
     )
     .await;
 
+    // An exchange of the meshed Service is refused, as v0.3.7 refuses it.
+    let (code, err) = ktctl_once(&tb, &[], &["exchange", "web", "--expose", "18080:8080"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("another user is meshing service 'web', cannot apply exchange"),
+        "{err}"
+    );
+
     // The router takes v0.3.7's commands, as the Go ktctl sends them.
     let (ok, _) = in_pod(
         &tb,
