@@ -163,8 +163,9 @@ pub struct MeshArgs {
     pub expose: String,
     /// Mesh method: 'agent' (kt's node agent routes each request by its header: HTTP/1.1,
     /// HTTP/2, gRPC, WebSocket; nothing in the cluster is changed), 'auto' (the agent when
-    /// installed; v0.3.7's router pod is not supported yet), 'manual' (v0.3.7's: a shadow
-    /// labelled '<key>=<value>' joins the Service's pods, for a service mesh's rules)
+    /// installed, else v0.3.7's router pod in front of the Service's pods), 'manual'
+    /// (v0.3.7's: a shadow labelled '<key>=<value>' joins the Service's pods, for a service
+    /// mesh's rules)
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: MeshMode,
     /// The header requests carry to reach this workstation: 'value', 'key:' or 'key:value'
@@ -175,7 +176,7 @@ pub struct MeshArgs {
     #[arg(long = "skipPortChecking", value_name = "bool", value_parser = parse_bool,
           num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
     pub skip_port_checking: bool,
-    /// (v0.3.7 auto mode) The router pod's image; agent mode starts no router pod
+    /// (auto mode without the agent) The router pod's image; agent mode starts no router pod
     #[arg(long = "routerImage", default_value = DEFAULT_ROUTER_IMAGE)]
     pub router_image: String,
 }

@@ -9,9 +9,10 @@
 //! at. Mesh sessions' traffic goes to this node's [`router`] instead, which routes each
 //! request by its header. [`admin`] serves `/healthz`, `/readyz` and `/metrics` ([`metrics`]).
 //!
-//! Its work runs as named tasks ([`crate::tasks`]): log forwarding, three watches, the
-//! reconcile loop, the HTTP and SSH servers. The first that fails stops the agent with an
-//! error, so Kubernetes restarts it instead of keeping a half-dead agent Ready.
+//! Its work runs as named tasks ([`crate::tasks`]): log forwarding, four watches, the
+//! reconcile loop, the acknowledgements, the HTTP and SSH servers, the mesh router, and the
+//! ending of preview sessions nobody holds ([`previews`]). The first that fails stops the
+//! agent with an error, so Kubernetes restarts it instead of keeping a half-dead agent Ready.
 //!
 //! Design notes: the holder writes `status`, then reads it back through its own watch before
 //! it programs its own map — that round trip is the floor of agent mode's ready time. ktctl

@@ -605,13 +605,38 @@ async fn exchange_shadow(
     else {
         return Ok(None);
     };
-    let forwards: Vec<RemoteForward> = plan
-        .exposed
-        .iter()
-        .map(|e| RemoteForward::on_pod_port(e.target, local(e.local)))
-        .collect();
+    let forwards = reverse_forwards(plan);
     pool.open_remote_forwards(&forwards).await?;
     Ok(Some((pool, forwards)))
+}
+
+/// A shadow's reverse tunnels: each exposed target port of the shadow pod to its local
+/// port.
+pub(crate) fn reverse_forwards(plan: &PortPlan) -> Vec<RemoteForward> {
+    plan.exposed
+        .iter()
+        .map(|e| RemoteForward::on_pod_port(e.target, local(e.local)))
+        .collect()
+}
+
+/// The ready endpoint addresses of `service` (every EndpointSlice of it; an endpoint without
+/// conditions counts as ready), sorted, each once.
+pub(crate) async fn ready_endpoints(
+    slices: &Api<EndpointSlice>,
+    service: &str,
+) -> Result<Vec<String>, kube::Error> {
+    let params = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
+    let list = slices.list(&params).await?;
+    let mut ready: Vec<String> = list
+        .items
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .flat_map(|e| e.addresses.clone())
+        .collect();
+    ready.sort();
+    ready.dedup();
+    Ok(ready)
 }
 
 /// How long the Service's endpoints may take to become the shadow alone before ktctl says
@@ -630,7 +655,6 @@ pub(crate) async fn wait_for_shadow_endpoints(
     let pods: Api<Pod> = Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
     let slices: Api<EndpointSlice> =
         Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
-    let params = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
     let deadline = tokio::time::Instant::now() + ENDPOINTS_WITHIN;
     let mut said = false;
     loop {
@@ -644,18 +668,7 @@ pub(crate) async fn wait_for_shadow_endpoints(
             ips.sort();
             ips
         });
-        let ready = slices.list(&params).await.map(|list| {
-            let mut ready: Vec<String> = list
-                .items
-                .iter()
-                .flat_map(|s| &s.endpoints)
-                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-                .flat_map(|e| e.addresses.clone())
-                .collect();
-            ready.sort();
-            ready.dedup();
-            ready
-        });
+        let ready = ready_endpoints(&slices, service).await;
         match (shadow_ips, ready) {
             (Ok(shadow_ips), Ok(ready)) if !shadow_ips.is_empty() && ready == shadow_ips => {
                 return true;

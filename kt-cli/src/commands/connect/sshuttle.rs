@@ -94,11 +94,18 @@ pub(super) async fn start(
                             // SIGINT: sshuttle then has its firewall helper take the rules
                             // away and waits for it (on SIGTERM it would just die, leaving
                             // them behind until the helper notices).
+                            // Its firewall helper takes the rules away after sshuttle itself
+                            // has exited: wait for the helper too.
+                            let helpers = child.id().map(descendants).unwrap_or_default();
                             if let Some(pid) = child.id() {
                                 // SAFETY: signalling the child this run started.
                                 unsafe { libc::kill(pid as i32, libc::SIGINT) };
                             }
-                            if tokio::time::timeout(STOP_WITHIN, child.wait()).await.is_err() {
+                            let stopped = async {
+                                let _ = child.wait().await;
+                                until_gone(&helpers).await;
+                            };
+                            if tokio::time::timeout(STOP_WITHIN, stopped).await.is_err() {
                                 let _ = child.kill().await;
                             }
                             return;
@@ -117,6 +124,55 @@ pub(super) async fn start(
         }
     });
     Ok(())
+}
+
+/// The processes below `pid` (children, their children, …), from `/proc`: sshuttle's
+/// firewall helper and the `sudo` it may run under.
+fn descendants(pid: u32) -> Vec<i32> {
+    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let child: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+            let parent = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((child, parent))
+        })
+        .collect();
+    let mut found = vec![pid as i32];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
+        i += 1;
+    }
+    found.split_off(1)
+}
+
+/// Waits until none of `pids` runs any more (gone, or a zombie nobody has reaped yet).
+async fn until_gone(pids: &[i32]) {
+    let running = |pid: &i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| Some(stat.rsplit_once(')')?.1.trim_start().starts_with('Z')))
+            .is_some_and(|zombie| !zombie)
+    };
+    while pids.iter().any(running) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// v0.3.7's sshuttle command line, for a local port `port` to the shadow's SSH server.

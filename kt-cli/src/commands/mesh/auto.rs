@@ -27,7 +27,7 @@ use k8s_openapi::{
 use kt_proto::{compat, session::HeaderMatch};
 use kube::{
     Api,
-    api::{AttachParams, DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    api::{AttachParams, DeleteParams, Patch, PatchParams, PostParams},
     core::ObjectMeta,
 };
 use tokio::io::AsyncReadExt as _;
@@ -510,16 +510,7 @@ async fn set_up(
     else {
         return Ok(None);
     };
-    let forwards: Vec<RemoteForward> = port_plan
-        .exposed
-        .iter()
-        .map(|e| {
-            RemoteForward::on_pod_port(
-                e.target,
-                std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, e.local)),
-            )
-        })
-        .collect();
+    let forwards = crate::commands::exchange::reverse_forwards(port_plan);
     pool.open_remote_forwards(&forwards).await?;
     Ok(Some((pool, forwards, router, shadow)))
 }
@@ -593,22 +584,8 @@ async fn until_routed(ctx: &Context<'_>, service: &str, router: &str, shadow: &s
     let slices: Api<EndpointSlice> =
         Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
     let ready = async |of: &str| -> Vec<String> {
-        let params = ListParams::default().labels(&format!("kubernetes.io/service-name={of}"));
-        slices
-            .list(&params)
+        crate::commands::exchange::ready_endpoints(&slices, of)
             .await
-            .map(|l| {
-                let mut ips: Vec<String> = l
-                    .items
-                    .iter()
-                    .flat_map(|s| &s.endpoints)
-                    .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-                    .flat_map(|e| e.addresses.clone())
-                    .collect();
-                ips.sort();
-                ips.dedup();
-                ips
-            })
             .unwrap_or_default()
     };
     let ip = async |pod: &str| -> Option<String> {

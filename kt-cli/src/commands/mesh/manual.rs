@@ -8,14 +8,13 @@ use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
 use kt_proto::{compat, session::HeaderMatch};
-use kube::{Api, api::ListParams};
+use kube::Api;
 
 use super::{MeshError, plan};
 use crate::{
     cluster::{Cluster, ClusterError},
     commands::exchange::{Context, Subject, plan::PortPlan},
     shadow::ShadowSpec,
-    ssh_client::RemoteForward,
 };
 
 /// The shadow's name: `<svc>-kt-mesh-<ver>` (v0.3.7).
@@ -81,16 +80,7 @@ pub(super) async fn mesh(
     else {
         return Ok(());
     };
-    let forwards: Vec<RemoteForward> = port_plan
-        .exposed
-        .iter()
-        .map(|e| {
-            RemoteForward::on_pod_port(
-                e.target,
-                std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, e.local)),
-            )
-        })
-        .collect();
+    let forwards = crate::commands::exchange::reverse_forwards(port_plan);
     pool.open_remote_forwards(&forwards).await?;
     if until_endpoint(ctx, &subject.name, &name).await {
         ctx.announce_banner_of_width(&plan::manual_banner(header), 57);
@@ -110,7 +100,6 @@ async fn until_endpoint(ctx: &Context<'_>, service: &str, shadow: &str) -> bool 
     let pods: Api<Pod> = Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
     let slices: Api<EndpointSlice> =
         Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
-    let params = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
     let started = tokio::time::Instant::now();
     let mut said = false;
     loop {
@@ -120,17 +109,8 @@ async fn until_endpoint(ctx: &Context<'_>, service: &str, shadow: &str) -> bool 
             .ok()
             .flatten()
             .and_then(|p| p.status?.pod_ip);
-        let ready: Vec<String> = slices
-            .list(&params)
+        let ready = crate::commands::exchange::ready_endpoints(&slices, service)
             .await
-            .map(|list| {
-                list.items
-                    .iter()
-                    .flat_map(|s| &s.endpoints)
-                    .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-                    .flat_map(|e| e.addresses.clone())
-                    .collect()
-            })
             .unwrap_or_default();
         if ip.as_ref().is_some_and(|ip| ready.contains(ip)) {
             return true;
