@@ -34,8 +34,10 @@ use crate::agent::{
 
 /// Where the state lives in kt's router image (a writable directory of the pod).
 pub const STATE_FILE: &str = "/var/kt-router/kt.conf";
-/// How often the server looks at the state file and re-resolves the Services' names.
+/// How often the server looks at the state file (and resolves names it has not resolved).
 const POLL: Duration = Duration::from_millis(200);
+/// How often every name is resolved again.
+const REFRESH: Duration = Duration::from_secs(5);
 
 /// The state, as v0.3.7's router writes `/etc/kt.conf`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,6 +238,7 @@ pub async fn serve(
     let router = Router::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), shutdown.child_token());
     let mut resolved: BTreeMap<String, IpAddr> = BTreeMap::new();
     let mut applied: Option<(State, BTreeMap<String, IpAddr>)> = None;
+    let mut last_refresh = tokio::time::Instant::now();
     tracing::info!(state = %path.display(), "router running");
     loop {
         let state: Option<State> = std::fs::read_to_string(&path)
@@ -243,13 +246,22 @@ pub async fn serve(
             .filter(|t| !t.trim().is_empty())
             .and_then(|t| serde_json::from_str(&t).ok());
         let state = state.unwrap_or_default();
+        // A name not resolved yet is asked every poll; the others every few seconds (a
+        // Service's ClusterIP does not change, but a Service can be replaced).
+        let refresh = last_refresh.elapsed() >= REFRESH;
         for name in names(&state) {
+            if !refresh && resolved.contains_key(&name) {
+                continue;
+            }
             if let Ok(Some(address)) = tokio::net::lookup_host((name.as_str(), 0))
                 .await
                 .map(|mut a| a.next())
             {
                 resolved.insert(name, address.ip());
             }
+        }
+        if refresh {
+            last_refresh = tokio::time::Instant::now();
         }
         resolved.retain(|name, _| names(&state).contains(name));
         let now = (state.clone(), resolved.clone());

@@ -285,6 +285,15 @@ pub(super) async fn mesh(
     let Some((pool, forwards, router, shadow)) = set_up? else {
         return Ok(());
     };
+    // The router and the Services carry heartbeats as v0.3.7 writes them, so that a `clean`
+    // (kt's or the Go ktctl's) does not take them for leftovers while they are in use.
+    ctx.lifecycle.tasks.spawn(heartbeats(
+        ctx.cluster.client.clone(),
+        ctx.cluster.namespace.clone(),
+        name.to_owned(),
+        shadow.clone(),
+        ctx.lifecycle.done.clone(),
+    ));
     // 9.
     if until_routed(ctx, name, &router, &shadow).await {
         ctx.announce_banner(&plan::banner(header));
@@ -513,6 +522,48 @@ async fn set_up(
     let forwards = crate::commands::exchange::reverse_forwards(port_plan);
     pool.open_remote_forwards(&forwards).await?;
     Ok(Some((pool, forwards, router, shadow)))
+}
+
+/// Every 2 minutes less up to 10 s (v0.3.7's period), `kt-last-heart-beat` on the router
+/// pod, the stuntman and the shadow Service of `service`, until `stop`.
+async fn heartbeats(
+    client: kube::Client,
+    namespace: String,
+    service: String,
+    shadow: String,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let services: Api<Service> = Api::namespaced(client, &namespace);
+    let mut failed_once = false;
+    loop {
+        let every = Duration::from_secs(120) - Duration::from_millis(rand::random_range(0..10_000));
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let beat = serde_json::json!({"metadata": {"annotations": {
+            compat::LAST_HEARTBEAT: chrono::Utc::now().timestamp().to_string(),
+        }}});
+        let (params, patch) = (PatchParams::default(), Patch::Merge(&beat));
+        let results = [
+            pods.patch(&router_name(&service), &params, &patch)
+                .await
+                .map(drop),
+            services
+                .patch(&stuntman_name(&service), &params, &patch)
+                .await
+                .map(drop),
+            services.patch(&shadow, &params, &patch).await.map(drop),
+        ];
+        if results.iter().any(Result::is_err) && !failed_once {
+            failed_once = true;
+            tracing::warn!(
+                "Failed to update heart beat of router pod {}",
+                router_name(&service)
+            );
+        }
+    }
 }
 
 /// The release of the router on exit: the last user deletes it and the stuntman and gives
