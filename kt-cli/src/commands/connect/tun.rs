@@ -275,11 +275,13 @@ async fn serve_udp(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&peer.port())
-            .map(|flow| flow.try_send(payload.clone()));
-        match queued {
+            .map(|flow| flow.try_send(payload));
+        // A flow whose channel has closed gives the datagram back for a new flow.
+        let payload = match queued {
             Some(Ok(()) | Err(mpsc::error::TrySendError::Full(_))) => continue,
-            Some(Err(mpsc::error::TrySendError::Closed(_))) | None => {}
-        }
+            Some(Err(mpsc::error::TrySendError::Closed(payload))) => payload,
+            None => datagram[..len].to_vec(),
+        };
         let Some(flow) = nat
             .lock()
             .unwrap_or_else(|e| e.into_inner())
