@@ -191,7 +191,11 @@ async fn shadow_preview_without_the_agent_and_bad_input() {
     let _web = workstation::named_http_echo(&tb, 18080, "local-web").await;
 
     // Bad input: nothing is created.
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["preview", "Nginx_V2", "--expose", "18080:80"],
+            "invalid service name 'Nginx_V2'",
+        ),
         (
             &["preview", "web", "--expose", "18080:80"],
             "service 'web' already exists and was not created by kt",

@@ -53,6 +53,10 @@ use crate::{
 pub enum PreviewError {
     #[error(transparent)]
     Plan(#[from] PlanError),
+    #[error(
+        "invalid service name '{0}': use lower-case letters, digits and '-', starting with a letter (at most 63)"
+    )]
+    Name(String),
     #[error("service '{0}' already exists and was not created by kt; choose another name")]
     Foreign(String),
     #[error("service '{name}' is already previewed by {user}")]
@@ -100,6 +104,9 @@ fn banner(name: &str) -> String {
 pub async fn run(settings: &Settings, args: &PreviewArgs) -> Result<(), PreviewError> {
     let ports = objects::published(&exchange::plan::parse_expose(&args.expose)?)?;
     let name = args.name.as_str();
+    if !objects::valid_name(name) {
+        return Err(PreviewError::Name(name.to_owned()));
+    }
     let lifecycle = Lifecycle::start("preview")?;
     let prepared = tokio::select! {
         () = lifecycle.stop.cancelled() => Err(PreviewError::Interrupted),

@@ -44,6 +44,18 @@ pub fn published(items: &[ExposeItem]) -> Result<Vec<Published>, PlanError> {
     Ok(out)
 }
 
+/// A preview's name becomes a Service's: a DNS-1035 label (lower-case letters, digits and
+/// `-`, starting with a letter, ending with a letter or digit, at most 63 characters; the
+/// Kubernetes docs, "Object Names and IDs").
+pub fn valid_name(name: &str) -> bool {
+    name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 /// The name of a published port, as v0.3.7 names the ports of the Services it creates.
 fn port_name(port: u16) -> String {
     format!("kt-{port}")
@@ -200,6 +212,14 @@ mod tests {
             session: "nginx-v2-kt-preview-abcde".into(),
             uid: "u-1".into(),
             user: "alice".into(),
+        }
+    }
+
+    #[test]
+    fn a_preview_name_is_a_dns_1035_label() {
+        assert!(valid_name("nginx-v2"));
+        for bad in ["Nginx", "nginx_v2", "2nginx", "nginx-", "", &"n".repeat(64)] {
+            assert!(!valid_name(bad), "{bad}");
         }
     }
 
