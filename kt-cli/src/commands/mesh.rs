@@ -58,7 +58,7 @@ pub enum MeshError {
     #[error(transparent)]
     Lock(#[from] cluster::lock::LockError),
     #[error(
-        "no kt agent is ready in namespace '{namespace}': mesh needs it (install it from deploy/); v0.3.7's router-pod mesh is not supported yet"
+        "no kt agent is ready in namespace '{namespace}' (install it from deploy/, or use --mode auto for v0.3.7's router-pod mesh without it)"
     )]
     NoAgent { namespace: &'static str },
     #[error("stopped before the mesh was established; nothing was meshed")]
