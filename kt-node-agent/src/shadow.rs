@@ -14,13 +14,13 @@ use russh::{
     keys::PublicKey,
     server::{Auth, ChannelOpenHandle, Handler, Msg, Session},
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use tracing::Instrument as _;
 
 use crate::{
-    ssh_server::{forward_back, pump, spawn_udp_relay},
+    ssh_server::{dial_and_pump, forward_back, spawn_udp_relay},
     tasks::Tasks,
 };
 
@@ -169,22 +169,8 @@ impl Handler for Connection {
     ) -> Result<(), Self::Error> {
         let target = format!("{host_to_connect}:{port_to_connect}");
         let cancel = self.cancel.clone();
-        self.tasks.spawn(
-            async move {
-                match TcpStream::connect(&target).await {
-                    Ok(tcp) => {
-                        let _ = tcp.set_nodelay(true);
-                        reply.accept().await;
-                        pump(channel, tcp, cancel).await;
-                    }
-                    Err(error) => {
-                        tracing::debug!(%target, %error, "direct-tcpip target unreachable");
-                        reply.reject(ChannelOpenFailure::ConnectFailed).await;
-                    }
-                }
-            }
-            .in_current_span(),
-        );
+        self.tasks
+            .spawn(dial_and_pump(channel, reply, target, cancel).in_current_span());
         Ok(())
     }
 

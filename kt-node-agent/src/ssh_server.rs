@@ -173,6 +173,27 @@ pub(crate) async fn forward_back(
 }
 
 /// Copies both ways until both sides are done or `cancel`; what moved, when it finished.
+/// A `direct-tcpip` channel's connection: dials `target`, then accepts the channel and
+/// carries it until either side ends (or `cancel`), or refuses it as `ConnectFailed`.
+pub(crate) async fn dial_and_pump(
+    channel: Channel<Msg>,
+    reply: russh::server::ChannelOpenHandle,
+    target: impl tokio::net::ToSocketAddrs + std::fmt::Display,
+    cancel: CancellationToken,
+) {
+    match TcpStream::connect(&target).await {
+        Ok(tcp) => {
+            let _ = tcp.set_nodelay(true);
+            reply.accept().await;
+            pump(channel, tcp, cancel).await;
+        }
+        Err(error) => {
+            tracing::debug!(%target, %error, "direct-tcpip target unreachable");
+            reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+        }
+    }
+}
+
 pub(crate) async fn pump(
     channel: Channel<Msg>,
     tcp: TcpStream,

@@ -31,12 +31,12 @@ use russh::{
     server::{Auth, ChannelOpenHandle, Handler, Msg, Session},
 };
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
 use super::{metrics::TunnelBytes, network::Network};
-use crate::ssh_server::{AcceptError, forward_back, pump, spawn_udp_relay};
+use crate::ssh_server::{AcceptError, dial_and_pump, forward_back, spawn_udp_relay};
 
 /// How long one status write (renewal or release) may take: a renewal that hangs must not
 /// hold up the next one, and a release must not hold up shutdown.
@@ -287,18 +287,8 @@ impl Handler for Holder {
         };
         if let Some(probe) = self.preview_probe(host, port) {
             let cancel = self.cancel.clone();
-            self.tasks.spawn(
-                async move {
-                    match TcpStream::connect(probe).await {
-                        Ok(tcp) => {
-                            reply.accept().await;
-                            pump(channel, tcp, cancel).await;
-                        }
-                        Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
-                    }
-                }
-                .in_current_span(),
-            );
+            self.tasks
+                .spawn(dial_and_pump(channel, reply, probe, cancel).in_current_span());
             return Ok(());
         }
         if !self.connects() {
@@ -311,17 +301,7 @@ impl Handler for Holder {
         self.tasks.spawn(
             async move {
                 match context.allowed(&host, port).await {
-                    Ok(destination) => match TcpStream::connect(destination).await {
-                        Ok(tcp) => {
-                            let _ = tcp.set_nodelay(true);
-                            reply.accept().await;
-                            pump(channel, tcp, cancel).await;
-                        }
-                        Err(error) => {
-                            tracing::debug!(%destination, %error, "connect target unreachable");
-                            reply.reject(ChannelOpenFailure::ConnectFailed).await;
-                        }
-                    },
+                    Ok(destination) => dial_and_pump(channel, reply, destination, cancel).await,
                     Err(refusal) => {
                         tracing::warn!(%host, port, %refusal, "connect destination refused");
                         context.connect_refused.inc();
