@@ -3,6 +3,8 @@
 //! TCP_NODELAY ([`kube_client`]).
 
 pub mod agents;
+pub mod clock;
+pub mod heartbeat;
 pub mod lock;
 pub mod stale;
 
@@ -62,6 +64,8 @@ pub struct Cluster {
     /// The API server's addresses (its URL's host, resolved): traffic to them must never be
     /// routed into a tunnel that runs over them.
     pub api_addresses: Vec<std::net::IpAddr>,
+    /// The cluster's time (local time with `--useLocalTime`): for heartbeats and staleness.
+    pub clock: clock::ClusterClock,
 }
 
 pub async fn connect(settings: &ClusterSettings) -> Result<Cluster, ClusterError> {
@@ -100,10 +104,16 @@ pub async fn connect(settings: &ClusterSettings) -> Result<Cluster, ClusterError
     // NODELAY on the API connections: the tunnel's port-forward carries small SSH packets.
     let api_addresses = api_addresses(&config).await;
     let client = kube_client(config).map_err(|e| ClusterError::Client(Box::new(e)))?;
+    let clock = if settings.use_local_time {
+        clock::ClusterClock::LOCAL
+    } else {
+        clock::ClusterClock::measure(&client).await
+    };
     Ok(Cluster {
         client,
         namespace,
         api_addresses,
+        clock,
     })
 }
 

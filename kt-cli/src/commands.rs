@@ -76,7 +76,7 @@ pub async fn open_shadow(
     let key_file = write_key(lifecycle, &spec.name, &key.private_pem)?;
     tokio::select! {
         () = lifecycle.stop.cancelled() => return Ok(None),
-        deployed = shadow::deploy(&cluster.client, lifecycle, spec, &key.public_line, &key.private_pem, teardown) => deployed?,
+        deployed = shadow::deploy(cluster, lifecycle, spec, &key.public_line, &key.private_pem, teardown) => deployed?,
     }
     start_pool(
         settings,

@@ -17,6 +17,11 @@ pub enum SettingsError {
     /// ktctl v0.3.7's map flags take `k1=v1,k2=v2`.
     #[error("invalid {flag} '{pair}', should be key=value")]
     Pair { flag: &'static str, pair: String },
+    /// `--podQuota` takes `<cpu>c` and `<memory>k|m|g`, comma separated.
+    #[error(
+        "invalid --podQuota '{part}' in '{quota}', should be like '0.5c,512m' (CPU cores with 'c', memory with 'k', 'm' or 'g')"
+    )]
+    PodQuota { quota: String, part: String },
 }
 
 /// Everything a command needs from the global flags, validated.
@@ -38,6 +43,9 @@ pub struct ClusterSettings {
     pub context: Option<String>,
     /// `-n`; the context's namespace when `None`.
     pub namespace: Option<String>,
+    /// `--useLocalTime`: heartbeats and staleness by this machine's clock instead of the
+    /// API server's.
+    pub use_local_time: bool,
 }
 
 /// What goes into the shadow pods kt starts when no agent does the work.
@@ -53,6 +61,8 @@ pub struct ShadowSettings {
     pub labels: BTreeMap<String, String>,
     /// `--withAnnotation`: extra annotations.
     pub annotations: BTreeMap<String, String>,
+    /// `--podQuota`: the resources every kt pod requests and is limited to.
+    pub quota: PodQuota,
     /// `--podCreationTimeout`.
     pub creation_timeout: Duration,
     /// The shadow flags given with other than their default values (they do nothing in
@@ -121,6 +131,8 @@ impl Settings {
             ("--withLabel", !global.with_label.is_empty()),
             ("--withAnnotation", !global.with_annotation.is_empty()),
             ("--forceUpdate", global.force_update),
+            ("--podQuota", !global.pod_quota.is_empty()),
+            ("--useShadowDeployment", global.use_shadow_deployment),
             (
                 "--podCreationTimeout",
                 global.pod_creation_timeout != defaults.pod_creation_timeout,
@@ -134,6 +146,7 @@ impl Settings {
                 kubeconfig: non_empty(&global.kubeconfig).map(PathBuf::from),
                 context: non_empty(&global.context),
                 namespace: global.namespace.clone(),
+                use_local_time: global.use_local_time,
             },
             shadow: ShadowSettings {
                 image: global.image.clone(),
@@ -143,6 +156,7 @@ impl Settings {
                 node_selector: parse_pairs("--nodeSelector", &global.node_selector)?,
                 labels: parse_pairs("--withLabel", &global.with_label)?,
                 annotations: parse_pairs("--withAnnotation", &global.with_annotation)?,
+                quota: PodQuota::parse(&global.pod_quota)?,
                 creation_timeout: Duration::from_secs(u64::from(global.pod_creation_timeout)),
                 customised,
             },
@@ -167,26 +181,65 @@ impl Settings {
 /// Warnings for the v0.3.7 flags kt accepts but does not act on yet.
 fn unimplemented_flags(global: &GlobalOptions) -> Vec<String> {
     let mut warnings = Vec::new();
-    if !global.pod_quota.is_empty() {
-        warnings.push(format!(
-            "--podQuota '{}' is not supported yet: shadow pods get no resource requests or limits",
-            global.pod_quota
-        ));
-    }
     if global.use_shadow_deployment {
         warnings
             .push("--useShadowDeployment is not supported yet: shadows are started as Pods".into());
-    }
-    if global.use_local_time {
-        warnings.push(
-            "--useLocalTime has no effect yet: kt's heartbeats always use this machine's clock"
-                .into(),
-        );
     }
     if global.as_worker {
         warnings.push("--asWorker has no effect (nor had it in v0.3.7)".into());
     }
     warnings
+}
+
+/// `--podQuota` (ktctl v0.3.7 `cluster/pod.go`): requests and limits alike, as Kubernetes
+/// quantities.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodQuota {
+    /// CPU cores (`0.5c` → `"0.5"`).
+    pub cpu: Option<String>,
+    /// Memory in binary units (`512m` → `"512Mi"`; `k` → `Ki`, `g` → `Gi`).
+    pub memory: Option<String>,
+}
+
+impl PodQuota {
+    /// Parses `0.5c,512m` (either part may be left out; empty means no quota). A part that
+    /// is not a positive decimal with one of v0.3.7's suffixes is named in the error.
+    pub fn parse(quota: &str) -> Result<Self, SettingsError> {
+        let mut parsed = Self::default();
+        for part in quota.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let bad = || SettingsError::PodQuota {
+                quota: quota.to_owned(),
+                part: part.to_owned(),
+            };
+            let suffix = part.chars().last().unwrap_or_default();
+            let number = &part[..part.len() - suffix.len_utf8()];
+            // Kubernetes quantities are decimals; `1e3` or `inf` would be refused later by the
+            // API server with a less helpful message.
+            let decimal = !number.is_empty()
+                && number.chars().all(|c| c.is_ascii_digit() || c == '.')
+                && number.parse::<f64>().is_ok_and(|n| n > 0.0);
+            if !decimal {
+                return Err(bad());
+            }
+            let unit = match suffix {
+                'c' => None,
+                'k' => Some("Ki"),
+                'm' => Some("Mi"),
+                'g' => Some("Gi"),
+                _ => return Err(bad()),
+            };
+            match unit {
+                None => parsed.cpu = Some(number.to_owned()),
+                Some(unit) => parsed.memory = Some(format!("{number}{unit}")),
+            }
+        }
+        Ok(parsed)
+    }
+
+    /// Whether no quota was given.
+    pub fn is_empty(&self) -> bool {
+        self.cpu.is_none() && self.memory.is_none()
+    }
 }
 
 /// `k1=v1,k2=v2` (ktctl's map flags); a malformed pair is named in the error.
@@ -255,21 +308,35 @@ mod tests {
     }
 
     #[test]
-    fn every_accepted_but_inert_flag_is_named_in_a_warning() {
-        let cli = Cli::try_parse_from([
-            "ktctl",
-            "--podQuota",
-            "0.5c,512m",
-            "--useShadowDeployment",
-            "--useLocalTime",
-        ])
-        .unwrap();
-        let warnings = unimplemented_flags(&cli.global);
-        for flag in [
-            "--podQuota '0.5c,512m'",
-            "--useShadowDeployment",
-            "--useLocalTime",
+    fn pod_quota_takes_v0_3_7_syntax_and_names_a_bad_part() {
+        let quota = |q: &str| PodQuota::parse(q);
+        assert_eq!(
+            quota("0.5c,512m").unwrap(),
+            PodQuota {
+                cpu: Some("0.5".into()),
+                memory: Some("512Mi".into())
+            }
+        );
+        assert_eq!(quota("2g").unwrap().memory.as_deref(), Some("2Gi"));
+        assert_eq!(quota("100k").unwrap().memory.as_deref(), Some("100Ki"));
+        assert!(quota("").unwrap().is_empty());
+        for (bad, part) in [
+            ("0.5c,lots", "lots"),
+            ("512M", "512M"),
+            ("1é", "1é"),
+            ("-1c", "-1c"),
+            ("c", "c"),
         ] {
+            let err = quota(bad).unwrap_err().to_string();
+            assert!(err.contains(&format!("'{part}'")), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn every_accepted_but_inert_flag_is_named_in_a_warning() {
+        let cli = Cli::try_parse_from(["ktctl", "--useShadowDeployment", "--asWorker"]).unwrap();
+        let warnings = unimplemented_flags(&cli.global);
+        for flag in ["--useShadowDeployment", "--asWorker"] {
             assert!(
                 warnings.iter().any(|w| w.starts_with(flag)),
                 "{flag}: {warnings:?}"

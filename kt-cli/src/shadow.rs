@@ -14,8 +14,9 @@ use std::{
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, KeyToPath,
-    LocalObjectReference, Pod, PodSpec, SecurityContext, Volume, VolumeMount,
+    LocalObjectReference, Pod, PodSpec, ResourceRequirements, SecurityContext, Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kt_proto::compat;
 use kube::{
     Api,
@@ -23,7 +24,11 @@ use kube::{
     runtime::wait::await_condition,
 };
 
-use crate::{lifecycle::Lifecycle, settings::ShadowSettings};
+use crate::{
+    cluster::{Cluster, heartbeat},
+    lifecycle::Lifecycle,
+    settings::ShadowSettings,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShadowError {
@@ -55,6 +60,41 @@ pub enum ShadowError {
         #[source]
         source: Box<kube::runtime::wait::Error>,
     },
+}
+
+impl ShadowSettings {
+    /// What every pod kt starts (shadow and router) takes from the global flags, as in
+    /// ktctl v0.3.7 (`cluster/helper.go`): the pull policy (`-f`: `Always`, else
+    /// `IfNotPresent`) and the `--podQuota` requests and limits of each container, the
+    /// `--serviceAccount`, the `--imagePullSecret` and the `--nodeSelector`.
+    pub fn apply_to(&self, spec: &mut PodSpec) {
+        let policy = if self.always_pull {
+            "Always"
+        } else {
+            "IfNotPresent"
+        };
+        let quota: BTreeMap<String, Quantity> =
+            [("cpu", &self.quota.cpu), ("memory", &self.quota.memory)]
+                .into_iter()
+                .filter_map(|(name, value)| Some((name.to_owned(), Quantity(value.clone()?))))
+                .collect();
+        for container in &mut spec.containers {
+            container.image_pull_policy = Some(policy.into());
+            if !quota.is_empty() {
+                container.resources = Some(ResourceRequirements {
+                    requests: Some(quota.clone()),
+                    limits: Some(quota.clone()),
+                    ..ResourceRequirements::default()
+                });
+            }
+        }
+        spec.service_account_name = Some(self.service_account.clone());
+        spec.node_selector = (!self.node_selector.is_empty()).then(|| self.node_selector.clone());
+        spec.image_pull_secrets = self
+            .image_pull_secret
+            .as_ref()
+            .map(|name| vec![LocalObjectReference { name: name.clone() }]);
+    }
 }
 
 /// How a shadow goes when the run ends.
@@ -95,7 +135,6 @@ impl ShadowSpec {
         labels.insert(compat::CONTROL_BY.into(), compat::CONTROL_BY_KT.into());
         labels.insert(compat::ROLE.into(), role.into());
         let mut annotations = settings.annotations.clone();
-        annotations.insert(compat::LAST_HEARTBEAT.into(), now_seconds().to_string());
         annotations.insert(compat::USER.into(), user.to_owned());
         Self {
             name,
@@ -146,14 +185,6 @@ impl ShadowSpec {
         let container = Container {
             name: compat::CONTAINER.into(),
             image: Some(settings.image.clone()),
-            image_pull_policy: Some(
-                if settings.always_pull {
-                    "Always"
-                } else {
-                    "IfNotPresent"
-                }
-                .into(),
-            ),
             env: Some(
                 self.env
                     .iter()
@@ -179,7 +210,7 @@ impl ShadowSpec {
             }]),
             ..Container::default()
         };
-        let spec = PodSpec {
+        let mut spec = PodSpec {
             containers: vec![container],
             volumes: Some(vec![Volume {
                 name: compat::SSH_VOLUME.into(),
@@ -194,15 +225,9 @@ impl ShadowSpec {
                 }),
                 ..Volume::default()
             }]),
-            service_account_name: Some(settings.service_account.clone()),
-            node_selector: (!settings.node_selector.is_empty())
-                .then(|| settings.node_selector.clone()),
-            image_pull_secrets: settings
-                .image_pull_secret
-                .as_ref()
-                .map(|name| vec![LocalObjectReference { name: name.clone() }]),
             ..PodSpec::default()
         };
+        settings.apply_to(&mut spec);
         Pod {
             metadata: self.metadata(),
             spec: Some(spec),
@@ -211,20 +236,21 @@ impl ShadowSpec {
     }
 }
 
-fn now_seconds() -> i64 {
-    chrono::Utc::now().timestamp()
-}
-
 /// Creates the ConfigMap and the pod, registers their teardown, waits until the pod runs
-/// (up to `--podCreationTimeout`), and keeps its heartbeat until the run ends.
+/// (up to `--podCreationTimeout`), and keeps their heartbeat (by the cluster's clock) until
+/// the run ends.
 pub async fn deploy(
-    client: &kube::Client,
+    cluster: &Cluster,
     lifecycle: &Arc<Lifecycle>,
     spec: &ShadowSpec,
     public_key: &str,
     private_key: &str,
     teardown: Teardown,
 ) -> Result<(), ShadowError> {
+    let client = &cluster.client;
+    let mut spec = spec.clone();
+    let (key, beat) = heartbeat::annotation(&cluster.clock);
+    spec.annotations.insert(key, beat);
     let (ns, name) = (spec.namespace.clone(), spec.name.clone());
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -281,9 +307,7 @@ pub async fn deploy(
         Teardown::RefCounted => defer_release(lifecycle, &pods, &cms, &name),
     }
     wait_running(&pods, &name, spec.settings.creation_timeout).await?;
-    lifecycle
-        .tasks
-        .spawn(heartbeat(pods, cms, name, lifecycle.done.clone()));
+    keep_heartbeat(cluster, lifecycle, &ns, &name);
     Ok(())
 }
 
@@ -318,14 +342,14 @@ pub(crate) async fn set_ref_count(
 /// the pod runs, keeps its heartbeat, and returns the session's private key from its
 /// ConfigMap. `None` when the pod went away meanwhile (the caller creates it).
 pub async fn join_shared(
-    client: &kube::Client,
+    cluster: &Cluster,
     lifecycle: &Arc<Lifecycle>,
     namespace: &str,
     name: &str,
     timeout: Duration,
 ) -> Result<Option<String>, ShadowError> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), namespace);
+    let cms: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), namespace);
     let api = |what: &str| {
         let what = format!("{what} {name}");
         move |source| ShadowError::Api {
@@ -361,12 +385,7 @@ pub async fn join_shared(
         .data
         .and_then(|mut d| d.remove(compat::PRIVATE_KEY))
         .ok_or_else(|| ShadowError::NoKey(name.to_owned()))?;
-    lifecycle.tasks.spawn(heartbeat(
-        pods,
-        cms,
-        name.to_owned(),
-        lifecycle.done.clone(),
-    ));
+    keep_heartbeat(cluster, lifecycle, namespace, name);
     Ok(Some(key))
 }
 
@@ -471,41 +490,19 @@ pub(crate) async fn wait_running(
     }
 }
 
-/// Renews `kt-last-heart-beat` on the pod and ConfigMap every two minutes (v0.3.7's
-/// JSON patch), so that `ktctl clean` of any version sees the session alive.
-async fn heartbeat(
-    pods: Api<Pod>,
-    cms: Api<ConfigMap>,
-    name: String,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let mut failed_once = false;
-    loop {
-        let every = Duration::from_secs(120) - Duration::from_millis(rand::random_range(0..10_000));
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
-        }
-        let beat = json_patch::Patch(vec![json_patch::PatchOperation::Replace(
-            json_patch::ReplaceOperation {
-                path: json_patch::jsonptr::PointerBuf::from_tokens([
-                    "metadata",
-                    "annotations",
-                    compat::LAST_HEARTBEAT,
-                ]),
-                value: now_seconds().to_string().into(),
-            },
-        )]);
-        let params = PatchParams::default();
-        let pod = pods
-            .patch(&name, &params, &Patch::<()>::Json(beat.clone()))
-            .await;
-        let cm = cms.patch(&name, &params, &Patch::<()>::Json(beat)).await;
-        if (pod.is_err() || cm.is_err()) && !failed_once {
-            failed_once = true;
-            tracing::warn!("Failed to update heart beat of pod {name}");
-        }
-    }
+/// Renews `kt-last-heart-beat` on the shadow pod `name` and its ConfigMap until the run
+/// ends, so that `ktctl clean` of any version sees the session alive.
+fn keep_heartbeat(cluster: &Cluster, lifecycle: &Lifecycle, namespace: &str, name: &str) {
+    lifecycle.tasks.spawn(heartbeat::keep(
+        cluster.client.clone(),
+        namespace.to_owned(),
+        cluster.clock,
+        vec![
+            (heartbeat::Kind::Pod, name.to_owned()),
+            (heartbeat::Kind::ConfigMap, name.to_owned()),
+        ],
+        lifecycle.done.clone(),
+    ));
 }
 
 #[cfg(test)]
@@ -543,13 +540,10 @@ mod tests {
             pod["metadata"]["labels"],
             serde_json::json!({"control-by": "kt", "kt-role": "shadow-connect", "team": "a"})
         );
-        assert_eq!(pod["metadata"]["annotations"]["kt-user"], "alice");
-        assert!(
-            pod["metadata"]["annotations"]["kt-last-heart-beat"]
-                .as_str()
-                .unwrap()
-                .parse::<i64>()
-                .is_ok()
+        // The heartbeat is stamped at creation, by the cluster's clock (`deploy`).
+        assert_eq!(
+            pod["metadata"]["annotations"],
+            serde_json::json!({"kt-user": "alice"})
         );
         let c = &pod["spec"]["containers"][0];
         assert_eq!(c["name"], "standalone");

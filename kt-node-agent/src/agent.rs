@@ -11,7 +11,7 @@
 //!
 //! Its work runs as named tasks ([`crate::tasks`]): log forwarding, four watches, the
 //! reconcile loop, the acknowledgements, the HTTP and SSH servers, the mesh router, and the
-//! ending of preview sessions nobody holds ([`previews`]). The first that fails stops the
+//! collection of sessions nobody holds any more ([`collect`]). The first that fails stops the
 //! agent with an error, so Kubernetes restarts it instead of keeping a half-dead agent Ready.
 //!
 //! Design notes: the holder writes `status`, then reads it back through its own watch before
@@ -19,13 +19,13 @@
 //! picks the agent that holds its session (see `kt-cli`'s agent mode).
 
 pub mod admin;
+pub mod collect;
 pub mod egress;
 pub mod hold;
 mod map;
 pub mod mesh;
 mod metrics;
 pub mod network;
-pub mod previews;
 pub mod redirects;
 pub mod router;
 
@@ -96,6 +96,9 @@ pub struct AgentConfig {
     pub lease_check: Duration,
     /// Ranges `connect` sessions may reach besides the cluster's pods and Services.
     pub egress_allow: Vec<kt_proto::net::Cidr>,
+    /// How long a session nobody holds stays before the agents delete it (see
+    /// [`collect`]).
+    pub session_grace: Duration,
 }
 
 /// Runs the agent until `shutdown` or until one of its tasks fails; the programs are
@@ -144,7 +147,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let map = Arc::new(Mutex::new(RedirectMap::new(redirector)));
     let tunnel_bytes = metrics::TunnelBytes::default();
     let connect_refused = prometheus_client::metrics::counter::Counter::default();
-    let metrics = Arc::new(Metrics::new(map.clone(), &tunnel_bytes, &connect_refused));
+    let sessions_collected = prometheus_client::metrics::counter::Counter::default();
+    let metrics = Arc::new(Metrics::new(
+        map.clone(),
+        &tunnel_bytes,
+        &connect_refused,
+        &sessions_collected,
+    ));
     let network = Arc::new(std::sync::RwLock::new(network::Network::default()));
     let ready = Arc::new(AtomicBool::new(false));
     let http = bind(config.http_listen).await?;
@@ -180,19 +189,22 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         });
     }
     let (acks, pending_acks) = tokio::sync::watch::channel(Acks::new());
-    let (end_previews, previews_to_end) = tokio::sync::watch::channel(Vec::new());
+    let (collect, to_collect) = tokio::sync::watch::channel(Vec::new());
     tasks.spawn(
-        "end-previews",
-        end_unheld_previews(
+        "collect-sessions",
+        collect_dead_sessions(
             context_client.clone(),
-            previews_to_end,
+            to_collect,
+            sessions_collected,
             tasks.shutdown().clone(),
         ),
     );
     let reconciler = Reconciler {
         router,
         unheld: Mutex::default(),
-        end_previews,
+        collect,
+        session_grace: chrono::TimeDelta::from_std(config.session_grace)
+            .unwrap_or(chrono::TimeDelta::MAX),
         node: config.node_name.clone(),
         sessions,
         services,
@@ -298,9 +310,10 @@ struct Reconciler {
     node: String,
     /// This node's mesh router: the routes are made current before the map points at them.
     router: Arc<router::Router>,
-    /// Preview sessions nobody holds, and the ones to end now.
-    unheld: Mutex<previews::Unheld>,
-    end_previews: tokio::sync::watch::Sender<Vec<(String, String)>>,
+    /// Sessions nobody holds, and the ones to delete now.
+    unheld: Mutex<collect::Unheld>,
+    collect: tokio::sync::watch::Sender<Vec<collect::Due>>,
+    session_grace: chrono::TimeDelta,
     sessions: reflector::Store<KtSession>,
     services: reflector::Store<Service>,
     slices: reflector::Store<EndpointSlice>,
@@ -361,12 +374,12 @@ impl Reconciler {
             &self.egress_allow,
         );
         let now = chrono::Utc::now();
-        let due = self
-            .unheld
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .due(state.sessions, now);
-        self.end_previews.send_if_modified(|current| {
+        let due = self.unheld.lock().unwrap_or_else(|e| e.into_inner()).due(
+            state.sessions,
+            now,
+            self.session_grace,
+        );
+        self.collect.send_if_modified(|current| {
             let changed = *current != due;
             *current = due;
             changed
@@ -447,11 +460,13 @@ impl Reconciler {
     }
 }
 
-/// Deletes the preview sessions the reconciler finds unheld for their lease (see
-/// [`previews`]); a session already gone is fine (every agent does this).
-async fn end_unheld_previews(
+/// Deletes the sessions the reconciler finds dead (see [`collect`]), each on the condition
+/// that it is still the version judged; a session already gone or renewed meanwhile is
+/// fine (every agent does this).
+async fn collect_dead_sessions(
     client: kube::Client,
-    mut due: tokio::sync::watch::Receiver<Vec<(String, String)>>,
+    mut due: tokio::sync::watch::Receiver<Vec<collect::Due>>,
+    collected: prometheus_client::metrics::counter::Counter,
     shutdown: CancellationToken,
 ) -> Result<(), std::convert::Infallible> {
     loop {
@@ -462,20 +477,29 @@ async fn end_unheld_previews(
             },
         }
         let sessions = due.borrow_and_update().clone();
-        for (namespace, name) in sessions {
-            let api: Api<KtSession> = Api::namespaced(client.clone(), &namespace);
-            let params = kube::api::DeleteParams::background();
-            let delete = api.delete(&name, &params);
+        for dead in sessions {
+            let (namespace, name) = (&dead.namespace, &dead.name);
+            let api: Api<KtSession> = Api::namespaced(client.clone(), namespace);
+            let params = kube::api::DeleteParams {
+                preconditions: Some(kube::api::Preconditions {
+                    resource_version: dead.resource_version.clone(),
+                    uid: None,
+                }),
+                ..kube::api::DeleteParams::background()
+            };
+            let delete = api.delete(name, &params);
             match tokio::time::timeout(ACK_TIMEOUT, delete).await {
                 Ok(Ok(_)) => {
-                    tracing::info!(%namespace, session = %name, "ended an unheld preview session")
+                    collected.inc();
+                    tracing::info!(%namespace, session = %name, mode = ?dead.mode, "collected a session nobody holds");
                 }
-                Ok(Err(kube::Error::Api(status))) if status.code == 404 => {}
+                // Gone already, or changed (renewed) since it was judged.
+                Ok(Err(kube::Error::Api(status))) if matches!(status.code, 404 | 409) => {}
                 Ok(Err(error)) => {
-                    tracing::warn!(%namespace, session = %name, %error, "failed to end an unheld preview session")
+                    tracing::warn!(%namespace, session = %name, %error, "failed to collect a session nobody holds")
                 }
                 Err(_) => {
-                    tracing::warn!(%namespace, session = %name, "ending an unheld preview session timed out")
+                    tracing::warn!(%namespace, session = %name, "collecting a session nobody holds timed out")
                 }
             }
         }

@@ -57,6 +57,11 @@ enum Command {
         /// agent at that moment anyway).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
         lease_check_seconds: u64,
+        /// Seconds a session nobody holds (its ktctl was killed) stays before the agents
+        /// delete it; a never-held session gets its lease on top, and a preview session goes
+        /// after its lease
+        #[arg(long, env = env::SESSION_GRACE, default_value_t = 300)]
+        session_grace_seconds: u64,
     },
     /// Run the shadow role: an SSH server for one ktctl session (ktctl v0.3.7 contract).
     Shadow {
@@ -163,6 +168,7 @@ fn main() -> ExitCode {
             http_listen,
             egress_allow,
             lease_check_seconds,
+            session_grace_seconds,
         } => {
             // Without its node's name and address the agent cannot hold sessions: refuse to
             // start (and say what is missing) rather than run Ready and useless.
@@ -194,6 +200,7 @@ fn main() -> ExitCode {
                         http_listen,
                         lease_check: std::time::Duration::from_secs(lease_check_seconds),
                         egress_allow,
+                        session_grace: std::time::Duration::from_secs(session_grace_seconds),
                     },
                     shutdown,
                 )

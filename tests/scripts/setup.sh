@@ -32,6 +32,7 @@ apt_packages=(
     zlib1g-dev      # bpf-linker links LLVM, which needs zlib
     libzstd-dev
     patch           # kt-tunnel/vendor/verify-russh.sh applies kt.patch
+    faketime        # libfaketime: a ktctl whose clock is an hour off (heartbeats, session GC)
 )
 
 install_apt() {

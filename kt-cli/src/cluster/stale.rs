@@ -30,8 +30,14 @@ pub fn heartbeat_stale(
 
 /// Deletes the stale objects of `namespace`; failures are logged at debug level (it is
 /// housekeeping, never a reason to fail a command).
-pub async fn delete_expired(client: kube::Client, namespace: String) {
-    let now = chrono::Utc::now();
+/// Staleness is judged by `clock`, the cluster's time: a workstation whose clock runs ahead
+/// must not take live objects for dead ones.
+pub async fn delete_expired(
+    client: kube::Client,
+    namespace: String,
+    clock: super::clock::ClusterClock,
+) {
+    let now = clock.now();
     let kt =
         ListParams::default().labels(&format!("{}={}", compat::CONTROL_BY, compat::CONTROL_BY_KT));
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);

@@ -211,6 +211,7 @@ async fn set_up(
         lifecycle.tasks.spawn(cluster::stale::delete_expired(
             cluster.client.clone(),
             cluster.namespace.clone(),
+            cluster.clock,
         ));
     }
     let ctx = Context {

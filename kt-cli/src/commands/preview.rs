@@ -37,7 +37,7 @@ use self::objects::Owner;
 pub use self::objects::Published;
 use crate::{
     args::{PreviewArgs, PreviewMode},
-    cluster::{self, Cluster, ClusterError},
+    cluster::{self, Cluster, ClusterError, heartbeat},
     commands::exchange::{
         self, Context, ExchangeError,
         agent::{AgentRedirect, hold},
@@ -446,10 +446,10 @@ async fn by_shadow(ctx: &Context<'_>, publication: &Publication) -> Result<(), P
                 compat::CONTROL_BY.to_owned(),
                 compat::CONTROL_BY_KT.to_owned(),
             )])),
-            annotations: Some(BTreeMap::from([(
-                compat::USER.to_owned(),
-                ctx.settings.identity.user.clone(),
-            )])),
+            annotations: Some(BTreeMap::from([
+                (compat::USER.to_owned(), ctx.settings.identity.user.clone()),
+                heartbeat::annotation(&ctx.cluster.clock),
+            ])),
             ..Default::default()
         },
         spec: Some(k8s_openapi::api::core::v1::ServiceSpec {
@@ -464,6 +464,13 @@ async fn by_shadow(ctx: &Context<'_>, publication: &Publication) -> Result<(), P
         .await
         .map_err(ClusterError::api(format!("create service {name}")))?;
     defer_delete(ctx.lifecycle, services, "service", name.clone());
+    ctx.lifecycle.tasks.spawn(heartbeat::keep(
+        ctx.cluster.client.clone(),
+        namespace.clone(),
+        ctx.cluster.clock,
+        vec![(heartbeat::Kind::Service, name.clone())],
+        ctx.lifecycle.done.clone(),
+    ));
     let forwards: Vec<RemoteForward> = publication
         .ports
         .iter()

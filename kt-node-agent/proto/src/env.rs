@@ -16,6 +16,9 @@ pub const AGENT_CGROUP: &str = "KT_AGENT_CGROUP";
 /// Role `agent`: address ranges `connect` sessions may reach besides the cluster's pods and
 /// Services, comma separated.
 pub const EGRESS_ALLOW: &str = "KT_AGENT_EGRESS_ALLOW";
+/// Role `agent`: seconds a session nobody holds stays before the agents delete it (default
+/// 300; preview sessions go after their lease).
+pub const SESSION_GRACE: &str = "KT_AGENT_SESSION_GRACE";
 /// Every role: a `tracing` filter directive (`info`, `kt_node_agent=debug`, …).
 pub const LOG: &str = "KT_AGENT_LOG";
 /// Every role: `text` (default) or `json` log lines.
@@ -36,13 +39,14 @@ pub const LOCAL_DOMAIN: &str = "KT_LOCAL_DOMAIN";
 pub const LOG_LEVEL: &str = "KT_LOG_LEVEL";
 
 /// Every name above.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     NODE_NAME,
     NODE_IP,
     AGENT_SSH,
     AGENT_HTTP,
     AGENT_CGROUP,
     EGRESS_ALLOW,
+    SESSION_GRACE,
     LOG,
     LOG_FORMAT,
     SHADOW_LISTEN,

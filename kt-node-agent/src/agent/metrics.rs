@@ -8,7 +8,8 @@
 //! - `kt_agent_tunnel_bytes_total{direction}` (counter): bytes through this agent's tunnel
 //!   listeners (`to_workstation`, `from_workstation`), counted as each connection ends;
 //! - `kt_agent_connect_refused_total` (counter): `connect` sessions' connections and UDP
-//!   relays to destinations the egress rule refuses.
+//!   relays to destinations the egress rule refuses;
+//! - `kt_agent_sessions_collected_total` (counter): dead sessions this agent deleted.
 //!
 //! The first four are read from the redirect map and the eBPF per-CPU maps at scrape time.
 
@@ -56,12 +57,13 @@ impl TunnelBytes {
 }
 
 impl Metrics {
-    /// The agent's metrics over `map` (read at scrape time), `tunnel_bytes` and
-    /// `connect_refused`.
+    /// The agent's metrics over `map` (read at scrape time), `tunnel_bytes`,
+    /// `connect_refused` and `sessions_collected`.
     pub(crate) fn new(
         map: Arc<Mutex<RedirectMap>>,
         tunnel_bytes: &TunnelBytes,
         connect_refused: &Counter,
+        sessions_collected: &Counter,
     ) -> Self {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(MapCollector(map)));
@@ -74,6 +76,11 @@ impl Metrics {
             "kt_agent_connect_refused",
             "Connections and datagrams of connect sessions to destinations the egress rule refuses",
             connect_refused.clone(),
+        );
+        registry.register(
+            "kt_agent_sessions_collected",
+            "Sessions nobody held for their grace period, deleted by this agent",
+            sessions_collected.clone(),
         );
         Self { registry }
     }

@@ -267,7 +267,7 @@ async fn shared_shadow(
         .insert(compat::REF_COUNT.into(), "1".into());
     for _ in 0..5 {
         let joined = shadow::join_shared(
-            &cluster.client,
+            cluster,
             lifecycle,
             &cluster.namespace,
             &spec.name,

@@ -34,7 +34,7 @@ use tokio::io::AsyncReadExt as _;
 
 use super::{MeshError, plan};
 use crate::{
-    cluster::{ClusterError, lock},
+    cluster::{ClusterError, clock::ClusterClock, heartbeat, lock},
     commands::exchange::{Context, Subject, plan::PortPlan, plan::selector_patches_to},
     lifecycle::Lifecycle,
     shadow::{ShadowSpec, ref_count, set_ref_count, wait_running},
@@ -109,6 +109,7 @@ fn kt_service(
     name: &str,
     namespace: &str,
     user: &str,
+    clock: &ClusterClock,
     ports: Vec<ServicePort>,
     selector: BTreeMap<String, String>,
 ) -> Service {
@@ -122,10 +123,7 @@ fn kt_service(
             )])),
             annotations: Some(BTreeMap::from([
                 (compat::USER.to_owned(), user.to_owned()),
-                (
-                    compat::LAST_HEARTBEAT.to_owned(),
-                    chrono::Utc::now().timestamp().to_string(),
-                ),
+                heartbeat::annotation(clock),
             ])),
             ..ObjectMeta::default()
         },
@@ -238,11 +236,19 @@ fn router_pod(
         (compat::REF_COUNT.to_owned(), "1".to_owned()),
         (compat::CONFIG.to_owned(), format!("service={service}")),
         (compat::USER.to_owned(), ctx.settings.identity.user.clone()),
-        (
-            compat::LAST_HEARTBEAT.to_owned(),
-            chrono::Utc::now().timestamp().to_string(),
-        ),
+        heartbeat::annotation(&ctx.cluster.clock),
     ]);
+    let mut spec = PodSpec {
+        containers: vec![Container {
+            name: compat::CONTAINER.into(),
+            image: Some(image.to_owned()),
+            ports: Some(ports),
+            ..Container::default()
+        }],
+        ..PodSpec::default()
+    };
+    // The pull policy, quota, service account, pull secret and node selector, as for shadows.
+    ctx.settings.shadow.apply_to(&mut spec);
     Pod {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
@@ -251,16 +257,7 @@ fn router_pod(
             annotations: Some(annotations),
             ..ObjectMeta::default()
         },
-        spec: Some(PodSpec {
-            containers: vec![Container {
-                name: compat::CONTAINER.into(),
-                image: Some(image.to_owned()),
-                image_pull_policy: Some("IfNotPresent".into()),
-                ports: Some(ports),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
+        spec: Some(spec),
         status: None,
     }
 }
@@ -287,11 +284,15 @@ pub(super) async fn mesh(
     };
     // The router and the Services carry heartbeats as v0.3.7 writes them, so that a `clean`
     // (kt's or the Go ktctl's) does not take them for leftovers while they are in use.
-    ctx.lifecycle.tasks.spawn(heartbeats(
+    ctx.lifecycle.tasks.spawn(heartbeat::keep(
         ctx.cluster.client.clone(),
         ctx.cluster.namespace.clone(),
-        name.to_owned(),
-        shadow.clone(),
+        ctx.cluster.clock,
+        vec![
+            (heartbeat::Kind::Pod, router_name(name)),
+            (heartbeat::Kind::Service, stuntman_name(name)),
+            (heartbeat::Kind::Service, shadow.clone()),
+        ],
         ctx.lifecycle.done.clone(),
     ));
     // 9.
@@ -367,6 +368,7 @@ async fn set_up(
                         &stuntman,
                         &namespace,
                         &user,
+                        &ctx.cluster.clock,
                         service_ports(&pairs),
                         subject.selector.clone(),
                     ),
@@ -390,6 +392,7 @@ async fn set_up(
                 &shadow,
                 &namespace,
                 &user,
+                &ctx.cluster.clock,
                 service_ports(&pairs),
                 shadow_selector.clone(),
             ),
@@ -522,48 +525,6 @@ async fn set_up(
     let forwards = crate::commands::exchange::reverse_forwards(port_plan);
     pool.open_remote_forwards(&forwards).await?;
     Ok(Some((pool, forwards, router, shadow)))
-}
-
-/// Every 2 minutes less up to 10 s (v0.3.7's period), `kt-last-heart-beat` on the router
-/// pod, the stuntman and the shadow Service of `service`, until `stop`.
-async fn heartbeats(
-    client: kube::Client,
-    namespace: String,
-    service: String,
-    shadow: String,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    let services: Api<Service> = Api::namespaced(client, &namespace);
-    let mut failed_once = false;
-    loop {
-        let every = Duration::from_secs(120) - Duration::from_millis(rand::random_range(0..10_000));
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
-        }
-        let beat = serde_json::json!({"metadata": {"annotations": {
-            compat::LAST_HEARTBEAT: chrono::Utc::now().timestamp().to_string(),
-        }}});
-        let (params, patch) = (PatchParams::default(), Patch::Merge(&beat));
-        let results = [
-            pods.patch(&router_name(&service), &params, &patch)
-                .await
-                .map(drop),
-            services
-                .patch(&stuntman_name(&service), &params, &patch)
-                .await
-                .map(drop),
-            services.patch(&shadow, &params, &patch).await.map(drop),
-        ];
-        if results.iter().any(Result::is_err) && !failed_once {
-            failed_once = true;
-            tracing::warn!(
-                "Failed to update heart beat of router pod {}",
-                router_name(&service)
-            );
-        }
-    }
 }
 
 /// The release of the router on exit: the last user deletes it and the stuntman and gives
