@@ -43,6 +43,17 @@ pub enum Command {
     Mesh(MeshArgs),
     /// Expose a local service to kubernetes cluster
     Preview(PreviewArgs),
+    /// Generate the autocompletion script for the specified shell
+    #[command(after_help = "Example: ktctl completion bash > /etc/bash_completion.d/ktctl")]
+    Completion(CompletionArgs),
+}
+
+/// `ktctl completion <shell>` (v0.3.7 has cobra's: bash, zsh, fish, powershell).
+#[derive(Debug, Args)]
+pub struct CompletionArgs {
+    /// The shell to generate the script for
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// `ktctl connect` (v0.3.7's flags, in its order, then kt's).

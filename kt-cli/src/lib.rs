@@ -87,6 +87,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         let _ = write!(out, "{}", args::command().render_help());
         return Ok(());
     };
+    if let args::Command::Completion(completion) = &command {
+        // Needs no settings and no cluster: the script goes to stdout.
+        let mut out = std::io::stdout().lock();
+        clap_complete::generate(completion.shell, &mut args::command(), "ktctl", &mut out);
+        return Ok(());
+    }
     let settings = Settings::from_args(&cli.global)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -114,6 +120,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         args::Command::Preview(args) => {
             runtime.block_on(commands::preview::run(&settings, &args))?;
         }
+        args::Command::Completion(_) => {}
     }
     Ok(())
 }

@@ -73,3 +73,32 @@ fn global_flags_accept_false() {
     let out = ktctl(&["--debug=false", "-v"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn completion_scripts_generate_for_four_shells_and_bash_parses_its_own() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef ktctl"),
+        ("fish", "complete -c ktctl"),
+        ("powershell", "Register-ArgumentCompleter"),
+    ] {
+        let out = ktctl(&["completion", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        for needle in [marker, "exchange", "expose", "dnsMode"] {
+            assert!(script.contains(needle), "{shell} lacks {needle}");
+        }
+        if shell == "bash" {
+            let dir = std::env::temp_dir().join(format!("ktt-completion-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let file = dir.join("ktctl.bash");
+            std::fs::write(&file, &script).unwrap();
+            let checked = Command::new("bash").arg("-n").arg(&file).output().unwrap();
+            std::fs::remove_dir_all(&dir).unwrap();
+            assert!(checked.status.success(), "{}", text(&checked.stderr));
+        }
+    }
+    let out = ktctl(&["completion", "tcsh"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("tcsh"), "{}", text(&out.stderr));
+}

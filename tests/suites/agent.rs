@@ -12,10 +12,10 @@ use kt_testbed::{cluster::Testbed, topology::node_ip};
 use kt_tests::harness::{
     apps::{
         apply, deploy_client_2, deploy_web, in_pod, install_agent, start_testbed,
-        until_all_answered_by, wait_for_agents, web_pods, web_pods_field,
+        until_all_answered_by, wait_for_agents, web_pods, web_pods_field, who_answers,
     },
     bins,
-    eventually::eventually,
+    eventually::{eventually, poll_within, seen},
     kubectl::{kubectl, kubectl_ok},
     workstation::{self, Background},
 };
@@ -585,6 +585,113 @@ async fn ktctl_exchange_in_agent_mode_touches_nothing_and_ends_with_ktctl() {
         .await
         .unwrap_or_else(|wrong| panic!("after {ending}: {wrong}"));
         eprintln!("{ending}: the pods answer again {took:?} later");
+    }
+    tb.stop().await;
+}
+
+/// A `KtSession` left by `kill -9` of ktctl is deleted by the agents once nobody has held it
+/// for its lease and the grace period (5 s here: `KT_AGENT_SESSION_GRACE` on the DaemonSet),
+/// and a ktctl whose clock runs an hour ahead loses nothing: its live session stays past
+/// lease + grace (no workstation clock is read), and the heartbeats it writes carry the
+/// cluster's time — its own with `--useLocalTime`, as that flag says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn a_killed_ktctls_session_is_collected_and_a_clock_an_hour_off_changes_nothing() {
+    const LEASE: Duration = Duration::from_secs(10);
+    const GRACE: Duration = Duration::from_secs(5);
+    let tb = start_testbed(true).await;
+    deploy_web(&tb);
+    install_agent(&tb);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "set",
+            "env",
+            "daemonset/kt-node-agent",
+            "-n",
+            "kt-system",
+            &format!("KT_AGENT_SESSION_GRACE={}", GRACE.as_secs()),
+        ],
+    );
+    replace_agents(&tb);
+    let _app = workstation::http_echo(&tb, 18090).await;
+    let ktctl = bins::ktctl();
+    let hour_ahead = workstation::clock_off("+1h");
+    let skewed_ktctl = |args: &[&str]| {
+        let mut all: Vec<&str> = hour_ahead.iter().map(String::as_str).collect();
+        all.extend(["USER=alice", ktctl.to_str().unwrap()]);
+        all.extend(args);
+        Background::spawn(&tb, Path::new("env"), &all)
+    };
+    let sessions: Api<KtSession> = Api::namespaced(tb.client().await, "default");
+    let session_names = async || {
+        sessions
+            .list(&Default::default())
+            .await
+            .expect("sessions listed")
+            .items
+            .into_iter()
+            .filter_map(|s| s.metadata.name)
+            .collect::<Vec<_>>()
+    };
+
+    let mut running = skewed_ktctl(&["exchange", "web", "--expose", "18090:80", "--mode", "agent"]);
+    running
+        .wait_for(" Now all request to service 'web' will be redirected to local")
+        .await;
+    let live = session_names().await;
+    assert_eq!(live.len(), 1, "{live:?}");
+    // A holder's lifetime, not a wait for something: past lease + grace, the live session of
+    // a ktctl whose clock is an hour ahead is still there, and still answers locally.
+    tokio::time::sleep(LEASE + GRACE + Duration::from_secs(5)).await;
+    assert_eq!(session_names().await, live, "{}", running.log());
+    let answer = who_answers(&tb, "http://web/");
+    assert_eq!(answer.as_deref(), Some("workstation"), "{}", running.log());
+
+    running.kill();
+    let took = poll_within(LEASE + GRACE + Duration::from_secs(10), async || {
+        seen(session_names().await, Vec::is_empty)
+    })
+    .await
+    .unwrap_or_else(|left| panic!("not collected: {left:?}"));
+    eprintln!(
+        "killed ktctl's session collected after {took:?} (lease {LEASE:?} + grace {GRACE:?})"
+    );
+    assert!(
+        agent_metrics(&tb, 1)
+            .lines()
+            .chain(agent_metrics(&tb, 2).lines())
+            .any(|l| l.starts_with("kt_agent_sessions_collected_total 1")),
+        "one agent counted the collection"
+    );
+
+    // Heartbeats by the cluster's clock, and by the local one with --useLocalTime.
+    for (flag, ahead) in [("--useLocalTime=false", 0), ("--useLocalTime", 3600)] {
+        let mut running = skewed_ktctl(&[
+            "exchange", "web", "--expose", "18090:80", "--mode", "selector", flag,
+        ]);
+        running
+            .wait_for(" Now all request to service 'web' will be redirected to local")
+            .await;
+        let beat = kubectl_ok(
+            &tb.kubeconfig,
+            &[
+                "get",
+                "pods",
+                "-l",
+                "kt-role=shadow-exchange",
+                "-o",
+                r#"jsonpath={.items[0].metadata.annotations.kt-last-heart-beat}"#,
+            ],
+        );
+        let beat: i64 = beat.trim().parse().unwrap_or_else(|_| panic!("{beat:?}"));
+        let off = beat - chrono::Utc::now().timestamp() - ahead;
+        assert!(off.abs() <= 30, "{flag}: heartbeat {beat} is {off} s off");
+        let (status, log) = running.interrupt();
+        assert!(status.success(), "{log}");
     }
     tb.stop().await;
 }

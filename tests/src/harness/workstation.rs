@@ -48,6 +48,26 @@ pub fn exec(tb: &Testbed) -> Command {
     command
 }
 
+/// `env` assignments that run a program with its wall clock `offset` off (libfaketime's
+/// syntax: `+1h`, `-30m`), monotonic clocks untouched: a workstation whose clock is wrong.
+/// Preloaded through the environment (not the `faketime` wrapper, which forks: a SIGKILL
+/// must reach the program itself). Panics when Debian's `faketime` package is missing.
+pub fn clock_off(offset: &str) -> [String; 3] {
+    let library = format!(
+        "/usr/lib/{}-linux-gnu/faketime/libfaketimeMT.so.1",
+        std::env::consts::ARCH
+    );
+    assert!(
+        Path::new(&library).exists(),
+        "{library} is missing: install Debian's faketime (tests/scripts/setup.sh does)"
+    );
+    [
+        format!("LD_PRELOAD={library}"),
+        format!("FAKETIME={offset}"),
+        "FAKETIME_DONT_FAKE_MONOTONIC=1".to_owned(),
+    ]
+}
+
 /// A long-running process in the workstation namespace (ktctl, a port-forward, ssh), its
 /// output in a log file; killed when dropped.
 pub struct Background {
