@@ -43,6 +43,8 @@ pub enum Command {
     Mesh(MeshArgs),
     /// Expose a local service to kubernetes cluster
     Preview(PreviewArgs),
+    /// List, get or set default value for command options
+    Config(ConfigArgs),
     /// Generate the autocompletion script for the specified shell
     #[command(after_help = "Example: ktctl completion bash > /etc/bash_completion.d/ktctl")]
     Completion(CompletionArgs),
@@ -54,6 +56,71 @@ pub struct CompletionArgs {
     /// The shell to generate the script for
     #[arg(value_enum)]
     pub shell: clap_complete::Shell,
+}
+
+/// `ktctl config <sub>`: the defaults of every command's flags, kept in `~/.kt/config`
+/// (ktctl v0.3.7 `command/config.go`). Its help hides the global flags, as v0.3.7's does.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Without one, the help is printed.
+    #[command(subcommand)]
+    pub action: Option<ConfigAction>,
+}
+
+/// The `config` subcommands, in v0.3.7's order.
+#[derive(Debug, clap::Subcommand)]
+pub enum ConfigAction {
+    /// Show the configured default values ('group.item = value')
+    Show {
+        /// Also list the items that are not set
+        #[arg(short = 'a', long, value_name = "bool", value_parser = parse_bool,
+              num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+        all: bool,
+    },
+    /// Print the configured default value of items
+    Get {
+        /// Items, '<group>.<item>' (e.g. 'connect.dns-mode')
+        #[arg(required = true, value_name = "ITEM")]
+        items: Vec<String>,
+    },
+    /// Set the default value of an item: '<item> <value>', '<item>=<value>' or
+    /// '<item> = <value>' (a value starting with '-' goes after '--')
+    Set {
+        #[arg(required = true, num_args = 1..=3, value_name = "ITEM [=] VALUE")]
+        args: Vec<String>,
+    },
+    /// Remove the configured default value of items
+    Unset {
+        /// Items, '<group>.<item>'
+        #[arg(value_name = "ITEM")]
+        items: Vec<String>,
+        /// Remove all items
+        #[arg(short = 'a', long, value_name = "bool", value_parser = parse_bool,
+              num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+        all: bool,
+    },
+    /// List the saved profiles
+    ListProfile,
+    /// Save the current config as a profile (~/.kt/profile/<name>)
+    SaveProfile {
+        /// Letters, digits, '-', '_' and '.', not starting with '.'
+        name: String,
+        /// (kt's own) Overwrite an existing profile without asking; needed to overwrite one
+        /// when stdin is not a terminal
+        #[arg(long, value_name = "bool", value_parser = parse_bool,
+              num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+        force: bool,
+    },
+    /// Replace the current config with a saved profile
+    LoadProfile {
+        name: String,
+        /// Print the profile instead of loading it
+        #[arg(long = "dryRun", value_name = "bool", value_parser = parse_bool,
+              num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+        dry_run: bool,
+    },
+    /// Delete a saved profile
+    DropProfile { name: String },
 }
 
 /// `ktctl connect` (v0.3.7's flags, in its order, then kt's).
@@ -341,9 +408,22 @@ pub enum TransportArg {
     PortForward,
 }
 
-/// The clap command, for help rendering.
+/// The clap command, for help rendering and parsing.
 pub fn command() -> clap::Command {
-    Cli::command()
+    finish(Cli::command())
+}
+
+/// `command` (kt's [`Cli::command`], maybe with configured defaults) as ktctl presents it:
+/// `config`'s help hides the global flags, as v0.3.7's does. Hidden copies of them on
+/// `config` keep them accepted there (clap propagates a global flag only to subcommands
+/// that lack an argument of that id).
+pub fn finish(command: clap::Command) -> clap::Command {
+    let globals: Vec<clap::Arg> = command
+        .get_arguments()
+        .filter(|arg| arg.is_global_set())
+        .map(|arg| arg.clone().hide(true))
+        .collect();
+    command.mut_subcommand("config", |config| config.args(globals))
 }
 
 /// Booleans as Go's `strconv.ParseBool` (what cobra uses) accepts them.

@@ -1,6 +1,7 @@
 //! One module per ktctl subcommand, and what they share: the shadow pod with its SSH
 //! connections, and the banner.
 
+pub mod config;
 pub mod connect;
 pub mod exchange;
 pub mod forward;

@@ -3,10 +3,14 @@
 //! Differences from v0.3.7 that are deliberate: a failing command exits with code 1 (v0.3.7
 //! always exits 0) while keeping its `ERR Exit: <message>` text; `--namespace` follows the
 //! kubeconfig context when not given (v0.3.7 documents that but defaults to `default`).
+//!
+//! Flag > config > built-in: `~/.kt/config`'s values become the clap defaults of the
+//! matching flags before the command line is parsed ([`config`]), so `--help` shows them.
 
 pub mod args;
 pub mod cluster;
 pub mod commands;
+pub mod config;
 pub mod lifecycle;
 pub mod logging;
 pub mod settings;
@@ -15,9 +19,9 @@ pub mod ssh_client;
 
 use std::{ffi::OsString, io::Write as _, process::ExitCode};
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, FromArgMatches as _};
 
-use crate::{args::Cli, settings::Settings};
+use crate::{args::Cli, config::items::Items, settings::Settings};
 
 /// Errors that end a ktctl run; printed as `ERR Exit: <message>`.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +32,11 @@ pub enum CliError {
     Usage(String),
     #[error(transparent)]
     Settings(#[from] settings::SettingsError),
+    /// `~/.kt/config` does not read, parse, or hold valid values.
+    #[error(transparent)]
+    ConfigFile(#[from] config::ConfigError),
+    #[error(transparent)]
+    Config(#[from] commands::config::ConfigCommandError),
     #[error(transparent)]
     Connect(#[from] commands::connect::ConnectError),
     #[error(transparent)]
@@ -44,17 +53,72 @@ pub enum CliError {
 
 /// Runs ktctl with `args` (the first being the program name) and returns its exit code.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
-    let cli = match Cli::try_parse_from(args) {
+    let args: Vec<OsString> = args.into_iter().collect();
+    let items = Items::from_command(&Cli::command());
+    let path = config::path();
+    let (defaults, config_error) =
+        match config::load(&path).and_then(|groups| items.defaults(&groups, &path)) {
+            Ok(defaults) => (Some(defaults), None),
+            Err(error) => (None, Some(error)),
+        };
+    let command = args::finish(match &defaults {
+        Some(defaults) => defaults.apply(Cli::command()),
+        None => Cli::command(),
+    });
+    let parsed = command
+        .clone()
+        .try_get_matches_from(&args)
+        .and_then(|matches| Cli::from_arg_matches(&matches));
+    // A bad config stops every command before it does anything, except `config` itself
+    // (so that `config set`/`unset` can fix it), help and the version.
+    if let Some(error) = config_error
+        && !config_spared(&parsed, &args)
+    {
+        logging::init(false);
+        let error = CliError::ConfigFile(error);
+        tracing::error!("Exit: {}", kt_proto::error_chain(&error));
+        return error.exit_code();
+    }
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(error) => return clap_error(error),
     };
     logging::init(cli.global.debug);
-    match run(cli) {
+    if let Some(defaults) = &defaults
+        && !matches!(cli.command, None | Some(args::Command::Config(_)))
+    {
+        for ignored in &defaults.ignored {
+            tracing::warn!("{ignored}");
+        }
+    }
+    match run(cli, &command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("Exit: {}", kt_proto::error_chain(&error));
             error.exit_code()
         }
+    }
+}
+
+/// Whether a run goes ahead despite a bad config: `config …`, help, the version and bare
+/// `ktctl` (which prints help).
+fn config_spared(parsed: &Result<Cli, clap::Error>, args: &[OsString]) -> bool {
+    use clap::error::ErrorKind;
+    match parsed {
+        Ok(cli) => cli.version || matches!(cli.command, None | Some(args::Command::Config(_))),
+        Err(error)
+            if matches!(
+                error.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) =>
+        {
+            true
+        }
+        // A `config` line clap refuses gets clap's message rather than the config's.
+        Err(_) => Cli::command()
+            .ignore_errors(true)
+            .try_get_matches_from(args)
+            .is_ok_and(|m| m.subcommand_name() == Some("config")),
     }
 }
 
@@ -73,8 +137,9 @@ impl CliError {
 }
 
 /// Runs a parsed command line: settings first (no cluster call before they are valid),
-/// then the command.
-pub fn run(cli: Cli) -> Result<(), CliError> {
+/// then the command. `clap_command` is the clap command `cli` was parsed with (with the
+/// configured defaults), for help.
+pub fn run(cli: Cli, clap_command: &clap::Command) -> Result<(), CliError> {
     if cli.version {
         let mut out = std::io::stdout().lock();
         // A closed stdout (`ktctl -v | head -0`) is not an error worth reporting.
@@ -84,14 +149,28 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     let Some(command) = cli.command else {
         // Bare `ktctl` prints help, as v0.3.7 does.
         let mut out = std::io::stdout().lock();
-        let _ = write!(out, "{}", args::command().render_help());
+        let _ = write!(out, "{}", clap_command.clone().render_help());
         return Ok(());
     };
     if let args::Command::Completion(completion) = &command {
         // Needs no settings and no cluster: the script goes to stdout.
         let mut out = std::io::stdout().lock();
-        clap_complete::generate(completion.shell, &mut args::command(), "ktctl", &mut out);
+        clap_complete::generate(
+            completion.shell,
+            &mut clap_command.clone(),
+            "ktctl",
+            &mut out,
+        );
         return Ok(());
+    }
+    if let args::Command::Config(config) = &command {
+        let Some(action) = &config.action else {
+            // Bare `ktctl config` prints its help, as v0.3.7 (cobra) does.
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "{}", help(clap_command, &["config"]));
+            return Ok(());
+        };
+        return Ok(commands::config::run(action)?);
     }
     let settings = Settings::from_args(&cli.global)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -120,9 +199,21 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         args::Command::Preview(args) => {
             runtime.block_on(commands::preview::run(&settings, &args))?;
         }
-        args::Command::Completion(_) => {}
+        // Handled above, before settings: they need neither them nor a runtime.
+        args::Command::Completion(_) | args::Command::Config(_) => {}
     }
     Ok(())
+}
+
+/// The help of the subcommand at `path`, as `ktctl <path> --help` prints it.
+fn help(clap_command: &clap::Command, path: &[&str]) -> String {
+    let line = std::iter::once("ktctl")
+        .chain(path.iter().copied())
+        .chain(["--help"]);
+    match clap_command.clone().try_get_matches_from(line) {
+        Err(error) => error.render().to_string(),
+        Ok(_) => String::new(),
+    }
 }
 
 /// Help goes to stdout with exit 0; anything else is a usage error in ktctl's format.
