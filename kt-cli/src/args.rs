@@ -34,16 +34,37 @@ pub struct Cli {
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Create a network tunnel to kubernetes cluster
+    #[command(after_help = "Examples:
+  sudo ktctl connect                         # then: curl http://nginx.default
+  sudo ktctl connect --dnsMode hosts:default,dev
+  sudo ktctl connect --excludeIps 10.96.5.0/24 --via shadow")]
     Connect(ConnectArgs),
     /// Redirect local port to a service or any remote address
+    #[command(after_help = "Examples:
+  ktctl forward nginx-v2 6060:80             # localhost:6060 -> port 80 of service nginx-v2
+  ktctl forward nginx.dev:80                 # an address the cluster reaches")]
     Forward(ForwardArgs),
     /// Redirect all requests of specified kubernetes service to local
+    #[command(after_help = "Examples:
+  ktctl exchange nginx --expose 80           # the service's port 80 -> local port 80
+  ktctl exchange nginx --expose 8080:80 --mode selector")]
     Exchange(ExchangeArgs),
     /// Redirect marked requests of specified kubernetes service to local
+    #[command(after_help = "Examples:
+  ktctl mesh nginx --expose 80               # requests with header 'version: <printed>'
+  ktctl mesh nginx --expose 80 --versionMark kt-version:alice
+  ktctl mesh nginx --expose 80 --mode manual # a labelled shadow for Istio rules")]
     Mesh(MeshArgs),
     /// Expose a local service to kubernetes cluster
+    #[command(after_help = "Examples:
+  ktctl preview nginx-v2 --expose 80         # service nginx-v2:80 -> local port 80
+  ktctl preview nginx-v2 --expose 8080:80 --external")]
     Preview(PreviewArgs),
     /// List, get or set default value for command options
+    #[command(after_help = "Examples:
+  ktctl config set connect.dns-mode hosts:default,dev
+  ktctl config show --all
+  ktctl config save-profile dev && ktctl config load-profile dev --dryRun")]
     Config(ConfigArgs),
     /// Generate the autocompletion script for the specified shell
     #[command(after_help = "Example: ktctl completion bash > /etc/bash_completion.d/ktctl")]

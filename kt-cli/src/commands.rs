@@ -75,15 +75,15 @@ pub async fn open_shadow(
 ) -> Result<Option<ShadowTunnel>, ShadowTunnelError> {
     let key = SessionKey::generate();
     let key_file = write_key(lifecycle, &spec.name, &key.private_pem)?;
-    tokio::select! {
+    let pod = tokio::select! {
         () = lifecycle.stop.cancelled() => return Ok(None),
         deployed = shadow::deploy(cluster, lifecycle, spec, &key.public_line, &key.private_pem, teardown) => deployed?,
-    }
+    };
     start_pool(
         settings,
         cluster,
         lifecycle,
-        &spec.name,
+        &pod,
         key.private,
         connections,
         key_file,

@@ -13,6 +13,7 @@ pub mod commands;
 pub mod config;
 pub mod lifecycle;
 pub mod logging;
+pub mod progress;
 pub mod settings;
 pub mod shadow;
 pub mod ssh_client;

@@ -61,6 +61,8 @@ where
     ) -> fmt::Result {
         let mut fields = Fields::default();
         event.record(&mut fields);
+        // A wait's status line on the terminal goes first, or the log line would follow it.
+        crate::progress::clear_status_line();
         writeln!(
             writer,
             "{}",

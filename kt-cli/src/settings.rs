@@ -63,6 +63,8 @@ pub struct ShadowSettings {
     pub annotations: BTreeMap<String, String>,
     /// `--podQuota`: the resources every kt pod requests and is limited to.
     pub quota: PodQuota,
+    /// `--useShadowDeployment`: shadows are Deployments of one pod instead of bare pods.
+    pub as_deployment: bool,
     /// `--podCreationTimeout`.
     pub creation_timeout: Duration,
     /// The shadow flags given with other than their default values (they do nothing in
@@ -157,6 +159,7 @@ impl Settings {
                 labels: parse_pairs("--withLabel", &global.with_label)?,
                 annotations: parse_pairs("--withAnnotation", &global.with_annotation)?,
                 quota: PodQuota::parse(&global.pod_quota)?,
+                as_deployment: global.use_shadow_deployment,
                 creation_timeout: Duration::from_secs(u64::from(global.pod_creation_timeout)),
                 customised,
             },
@@ -181,10 +184,6 @@ impl Settings {
 /// Warnings for the v0.3.7 flags kt accepts but does not act on yet.
 fn unimplemented_flags(global: &GlobalOptions) -> Vec<String> {
     let mut warnings = Vec::new();
-    if global.use_shadow_deployment {
-        warnings
-            .push("--useShadowDeployment is not supported yet: shadows are started as Pods".into());
-    }
     if global.as_worker {
         warnings.push("--asWorker has no effect (nor had it in v0.3.7)".into());
     }
@@ -195,7 +194,7 @@ fn unimplemented_flags(global: &GlobalOptions) -> Vec<String> {
 /// quantities.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodQuota {
-    /// CPU cores (`0.5c` → `"0.5"`).
+    /// CPU in the API server's canonical form (`0.5c` → `"500m"`, `2c` → `"2"`).
     pub cpu: Option<String>,
     /// Memory in binary units (`512m` → `"512Mi"`; `k` → `Ki`, `g` → `Gi`).
     pub memory: Option<String>,
@@ -229,7 +228,7 @@ impl PodQuota {
                 _ => return Err(bad()),
             };
             match unit {
-                None => parsed.cpu = Some(number.to_owned()),
+                None => parsed.cpu = Some(canonical_cpu(number).ok_or_else(bad)?),
                 Some(unit) => parsed.memory = Some(format!("{number}{unit}")),
             }
         }
@@ -239,6 +238,17 @@ impl PodQuota {
     /// Whether no quota was given.
     pub fn is_empty(&self) -> bool {
         self.cpu.is_none() && self.memory.is_none()
+    }
+}
+
+/// Cores as the API server writes them back (Kubernetes `resource.Quantity`): whole cores
+/// as a number, else millicores, rounded up as the API server does; `None` below 1m.
+fn canonical_cpu(cores: &str) -> Option<String> {
+    let millis = (cores.parse::<f64>().ok()? * 1000.0).ceil() as u64;
+    match millis {
+        0 => None,
+        m if m % 1000 == 0 => Some((m / 1000).to_string()),
+        m => Some(format!("{m}m")),
     }
 }
 
@@ -313,10 +323,12 @@ mod tests {
         assert_eq!(
             quota("0.5c,512m").unwrap(),
             PodQuota {
-                cpu: Some("0.5".into()),
+                cpu: Some("500m".into()),
                 memory: Some("512Mi".into())
             }
         );
+        assert_eq!(quota("2c").unwrap().cpu.as_deref(), Some("2"));
+        assert_eq!(quota("1.25c").unwrap().cpu.as_deref(), Some("1250m"));
         assert_eq!(quota("2g").unwrap().memory.as_deref(), Some("2Gi"));
         assert_eq!(quota("100k").unwrap().memory.as_deref(), Some("100Ki"));
         assert!(quota("").unwrap().is_empty());
@@ -326,6 +338,7 @@ mod tests {
             ("1é", "1é"),
             ("-1c", "-1c"),
             ("c", "c"),
+            ("0c", "0c"),
         ] {
             let err = quota(bad).unwrap_err().to_string();
             assert!(err.contains(&format!("'{part}'")), "{bad}: {err}");
@@ -334,9 +347,9 @@ mod tests {
 
     #[test]
     fn every_accepted_but_inert_flag_is_named_in_a_warning() {
-        let cli = Cli::try_parse_from(["ktctl", "--useShadowDeployment", "--asWorker"]).unwrap();
+        let cli = Cli::try_parse_from(["ktctl", "--asWorker"]).unwrap();
         let warnings = unimplemented_flags(&cli.global);
-        for flag in ["--useShadowDeployment", "--asWorker"] {
+        for flag in ["--asWorker"] {
             assert!(
                 warnings.iter().any(|w| w.starts_with(flag)),
                 "{flag}: {warnings:?}"

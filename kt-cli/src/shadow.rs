@@ -16,17 +16,24 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, KeyToPath,
     LocalObjectReference, Pod, PodSpec, ResourceRequirements, SecurityContext, Volume, VolumeMount,
 };
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::{
+    api::{
+        apps::v1::{Deployment, DeploymentSpec},
+        core::v1::PodTemplateSpec,
+    },
+    apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::LabelSelector},
+};
 use kt_proto::compat;
 use kube::{
     Api,
-    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions},
+    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions},
     runtime::wait::await_condition,
 };
 
 use crate::{
     cluster::{Cluster, heartbeat},
     lifecycle::Lifecycle,
+    progress::Progress,
     settings::ShadowSettings,
 };
 
@@ -170,6 +177,38 @@ impl ShadowSpec {
         }
     }
 
+    /// `--useShadowDeployment`: a Deployment named after the shadow with one replica of
+    /// [`ShadowSpec::pod`]; its selector is the pod's labels minus `control-by` (v0.3.7's),
+    /// which hold the shadow's `kt-target` — one is added when the role has none — so that
+    /// no two shadows' Deployments select each other's pods.
+    pub fn deployment(&self) -> Deployment {
+        let mut template = self.pod();
+        let labels = template.metadata.labels.get_or_insert_default();
+        labels
+            .entry(compat::TARGET.to_owned())
+            .or_insert_with(|| compat::random_target(rand::random));
+        let mut selector = labels.clone();
+        selector.remove(compat::CONTROL_BY);
+        template.metadata.name = None;
+        template.metadata.namespace = None;
+        Deployment {
+            metadata: self.metadata(),
+            spec: Some(DeploymentSpec {
+                replicas: Some(1),
+                selector: LabelSelector {
+                    match_labels: Some(selector),
+                    ..LabelSelector::default()
+                },
+                template: PodTemplateSpec {
+                    metadata: Some(template.metadata),
+                    spec: template.spec,
+                },
+                ..DeploymentSpec::default()
+            }),
+            status: None,
+        }
+    }
+
     /// The pod.
     pub fn pod(&self) -> Pod {
         let ports = std::iter::once(("ssh", compat::SSH_PORT))
@@ -236,9 +275,9 @@ impl ShadowSpec {
     }
 }
 
-/// Creates the ConfigMap and the pod, registers their teardown, waits until the pod runs
-/// (up to `--podCreationTimeout`), and keeps their heartbeat (by the cluster's clock) until
-/// the run ends.
+/// Creates the ConfigMap and the pod (a Deployment with `--useShadowDeployment`), registers
+/// their teardown, waits until the pod runs (up to `--podCreationTimeout`), and keeps their
+/// heartbeat (by the cluster's clock) until the run ends. Returns the running pod's name.
 pub async fn deploy(
     cluster: &Cluster,
     lifecycle: &Arc<Lifecycle>,
@@ -246,7 +285,7 @@ pub async fn deploy(
     public_key: &str,
     private_key: &str,
     teardown: Teardown,
-) -> Result<(), ShadowError> {
+) -> Result<String, ShadowError> {
     let client = &cluster.client;
     let mut spec = spec.clone();
     let (key, beat) = heartbeat::annotation(&cluster.clock);
@@ -291,6 +330,9 @@ pub async fn deploy(
             });
         }
     }
+    if spec.settings.as_deployment {
+        return as_deployment(cluster, lifecycle, spec).await;
+    }
     tracing::info!("Deploying shadow pod {name} in namespace {ns}");
     pods.create(&PostParams::default(), &spec.pod())
         .await
@@ -307,8 +349,85 @@ pub async fn deploy(
         Teardown::RefCounted => defer_release(lifecycle, &pods, &cms, &name),
     }
     wait_running(&pods, &name, spec.settings.creation_timeout).await?;
-    keep_heartbeat(cluster, lifecycle, &ns, &name);
-    Ok(())
+    keep_heartbeat(cluster, lifecycle, &ns, heartbeat::Kind::Pod, &name);
+    Ok(name)
+}
+
+/// `--useShadowDeployment` (ktctl v0.3.7 `cluster/shadow_pod.go`): the shadow as a Deployment
+/// of one replica named after it, deleted (with its pods) when the run ends; waits until its
+/// pod runs and returns the pod's name. Its heartbeat goes on the Deployment.
+async fn as_deployment(
+    cluster: &Cluster,
+    lifecycle: &Arc<Lifecycle>,
+    spec: ShadowSpec,
+) -> Result<String, ShadowError> {
+    let (ns, name) = (spec.namespace.clone(), spec.name.clone());
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns);
+    let deployment = spec.deployment();
+    tracing::info!("Deploying shadow deployment {name} in namespace {ns}");
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .map_err(|source| ShadowError::Create {
+            kind: "deployment",
+            name: name.clone(),
+            namespace: ns.clone(),
+            source: Box::new(source),
+        })?;
+    {
+        let (deployments, name) = (deployments.clone(), name.clone());
+        lifecycle.defer(format!("shadow deployment {name}"), async move {
+            deployments
+                .delete(&name, &DeleteParams::background())
+                .await?;
+            tracing::info!("Cleaning shadow deployment {name}");
+            Ok::<(), kube::Error>(())
+        });
+    }
+    let selector = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.as_ref())
+        .map(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    let timeout = spec.settings.creation_timeout;
+    let started = tokio::time::Instant::now();
+    // The pod's name is the ReplicaSet's choice: found by the Deployment's selector.
+    let pod = loop {
+        let listed = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|source| ShadowError::Api {
+                what: format!("list the pods of shadow deployment {name}"),
+                source: Box::new(source),
+            })?;
+        if let Some(pod) = listed
+            .items
+            .into_iter()
+            .find(|p| p.metadata.deletion_timestamp.is_none())
+            .and_then(|p| p.metadata.name)
+        {
+            break pod;
+        }
+        if started.elapsed() >= timeout {
+            return Err(ShadowError::NotReady {
+                name,
+                seconds: timeout.as_secs(),
+                reason: "the deployment has no pod".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    wait_running(&pods, &pod, timeout.saturating_sub(started.elapsed())).await?;
+    keep_heartbeat(cluster, lifecycle, &ns, heartbeat::Kind::Deployment, &name);
+    Ok(pod)
 }
 
 /// How many runs use a shared shadow (`kt-ref-count`; a shadow without one counts as one).
@@ -385,7 +504,7 @@ pub async fn join_shared(
         .data
         .and_then(|mut d| d.remove(compat::PRIVATE_KEY))
         .ok_or_else(|| ShadowError::NoKey(name.to_owned()))?;
-    keep_heartbeat(cluster, lifecycle, namespace, name);
+    keep_heartbeat(cluster, lifecycle, namespace, heartbeat::Kind::Pod, name);
     Ok(Some(key))
 }
 
@@ -445,8 +564,8 @@ fn waiting_reason(pod: &Pod) -> String {
         .unwrap_or_else(|| status.phase.unwrap_or_else(|| "Pending".into()))
 }
 
-/// Waits until the pod is Running with an address (v0.3.7 takes that as ready), logging
-/// what it waits for every 6 s (v0.3.7's poll interval).
+/// Waits until the pod is Running with an address (v0.3.7 takes that as ready), showing
+/// what it waits for and the pod's latest state ([`Progress`]).
 pub(crate) async fn wait_running(
     pods: &Api<Pod>,
     name: &str,
@@ -464,11 +583,11 @@ pub(crate) async fn wait_running(
             .is_some_and(|s| s.phase.as_deref() == Some("Running") && s.pod_ip.is_some())
     });
     let mut running = std::pin::pin!(tokio::time::timeout(timeout, running));
-    let mut progress = tokio::time::interval(Duration::from_secs(6));
-    progress.tick().await;
+    let mut progress = Progress::start(format!("pod {name} to run"));
     loop {
         tokio::select! {
             done = &mut running => {
+                drop(progress);
                 return match done {
                     Ok(Ok(_)) => {
                         tracing::info!("Pod {name} is ready");
@@ -482,23 +601,30 @@ pub(crate) async fn wait_running(
                     }),
                 };
             }
-            _ = progress.tick() => {
+            () = progress.tick() => {
                 let reason = last_seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                tracing::info!("Waiting for pod {name} ... ({reason})");
+                progress.show(&reason);
             }
         }
     }
 }
 
-/// Renews `kt-last-heart-beat` on the shadow pod `name` and its ConfigMap until the run
-/// ends, so that `ktctl clean` of any version sees the session alive.
-fn keep_heartbeat(cluster: &Cluster, lifecycle: &Lifecycle, namespace: &str, name: &str) {
+/// Renews `kt-last-heart-beat` on the shadow `name` (a pod, or a Deployment with
+/// `--useShadowDeployment`) and its ConfigMap until the run ends, so that `ktctl clean` of
+/// any version sees the session alive.
+fn keep_heartbeat(
+    cluster: &Cluster,
+    lifecycle: &Lifecycle,
+    namespace: &str,
+    kind: heartbeat::Kind,
+    name: &str,
+) {
     lifecycle.tasks.spawn(heartbeat::keep(
         cluster.client.clone(),
         namespace.to_owned(),
         cluster.clock,
         vec![
-            (heartbeat::Kind::Pod, name.to_owned()),
+            (kind, name.to_owned()),
             (heartbeat::Kind::ConfigMap, name.to_owned()),
         ],
         lifecycle.done.clone(),

@@ -102,3 +102,35 @@ fn completion_scripts_generate_for_four_shells_and_bash_parses_its_own() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("tcsh"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn every_commands_help_has_an_example() {
+    for command in [
+        "connect",
+        "forward",
+        "exchange",
+        "mesh",
+        "preview",
+        "config",
+        "completion",
+    ] {
+        let out = ktctl(&[command, "--help"]);
+        assert!(out.status.success(), "{command}");
+        let help = text(&out.stdout);
+        let example = help
+            .lines()
+            .skip_while(|l| !l.starts_with("Example"))
+            .nth(1)
+            .unwrap_or_default();
+        assert!(
+            example
+                .trim_start()
+                .starts_with(&format!("ktctl {command}"))
+                || example
+                    .trim_start()
+                    .starts_with(&format!("sudo ktctl {command}"))
+                || (command == "completion" && help.contains("ktctl completion bash")),
+            "{command} --help has no example:\n{help}"
+        );
+    }
+}

@@ -248,3 +248,243 @@ spec:
     drop(app);
     tb.stop().await;
 }
+
+/// What `kubectl get KIND -l SELECTOR -o json` lists, parsed.
+fn items(tb: &Testbed, kind: &str, selector: &str) -> Vec<serde_json::Value> {
+    let json = kubectl_ok(&tb.kubeconfig, &["get", kind, "-l", selector, "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_str(&json).expect("kubectl prints JSON");
+    list["items"].as_array().cloned().unwrap_or_default()
+}
+
+/// The pod settings every shadow flag asks for (ktctl v0.3.7 §1.2, §2.3), checked on a
+/// pod's JSON as the API server returns it.
+fn assert_shadow_flags(pod: &serde_json::Value, what: &str) {
+    let spec = &pod["spec"];
+    let container = &spec["containers"][0];
+    let quota = serde_json::json!({"cpu": "500m", "memory": "256Mi"});
+    for (field, value, expected) in [
+        (
+            "--podQuota requests",
+            &container["resources"]["requests"],
+            &quota,
+        ),
+        (
+            "--podQuota limits",
+            &container["resources"]["limits"],
+            &quota,
+        ),
+        ("-f", &container["imagePullPolicy"], &"Always".into()),
+        (
+            "--imagePullSecret",
+            &spec["imagePullSecrets"],
+            &serde_json::json!([{"name": "regcred"}]),
+        ),
+        (
+            "--serviceAccount",
+            &spec["serviceAccountName"],
+            &"kt-sa".into(),
+        ),
+        (
+            "--nodeSelector",
+            &spec["nodeSelector"],
+            &serde_json::json!({"kubernetes.io/hostname": "node-2"}),
+        ),
+        (
+            "--nodeSelector (scheduled)",
+            &spec["nodeName"],
+            &"node-2".into(),
+        ),
+        ("-l", &pod["metadata"]["labels"]["team"], &"a".into()),
+        (
+            "--withAnnotation",
+            &pod["metadata"]["annotations"]["note"],
+            &"x".into(),
+        ),
+    ] {
+        assert_eq!(value, expected, "{what}: {field}");
+    }
+}
+
+/// Every shadow flag shows on the object it configures: with `--useShadowDeployment` a
+/// selector exchange's shadow is a Deployment of one pod (v0.3.7's names and labels, its
+/// heartbeat on the Deployment) whose pod carries `--podQuota`, `-f`, `--imagePullSecret`,
+/// `--serviceAccount`, `--nodeSelector`, `-l` and `--withAnnotation`; the router pod of an
+/// auto mesh carries the same pod settings; Ctrl-C removes all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn shadow_flags_show_on_the_shadow_deployment_and_the_router_pod() {
+    let tb = start_testbed(true).await;
+    deploy_web(&tb);
+    apply(
+        &tb.kubeconfig,
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: kt-sa}\n",
+    );
+    let before = kubectl_ok(&tb.kubeconfig, &["get", "deploy,pods,cm,svc", "-o", "name"]);
+    let _app = workstation::http_echo(&tb, 18090).await;
+    let ktctl = bins::ktctl();
+    let flags = [
+        "--useShadowDeployment",
+        "--podQuota",
+        "0.5c,256m",
+        "-f",
+        "--imagePullSecret",
+        "regcred",
+        "--serviceAccount",
+        "kt-sa",
+        "--nodeSelector",
+        "kubernetes.io/hostname=node-2",
+        "-l",
+        "team=a",
+        "--withAnnotation",
+        "note=x",
+    ];
+    let run = |command: &[&str]| {
+        let mut args = vec!["USER=alice", bins::utf8(&ktctl)];
+        args.extend_from_slice(command);
+        args.extend_from_slice(&flags);
+        Background::spawn(&tb, Path::new("env"), &args)
+    };
+
+    let mut exchange = run(&[
+        "exchange", "web", "--expose", "18090:80", "--mode", "selector",
+    ]);
+    exchange
+        .wait_for(" Now all request to service 'web' will be redirected to local")
+        .await;
+    assert_eq!(
+        kt_tests::harness::apps::who_answers(&tb, "http://web/").as_deref(),
+        Some("workstation"),
+        "{}",
+        exchange.log()
+    );
+    let deployments = items(&tb, "deployments", "kt-role=shadow-exchange");
+    assert_eq!(deployments.len(), 1, "one shadow Deployment");
+    let deployment = &deployments[0];
+    let name = deployment["metadata"]["name"].as_str().unwrap_or_default();
+    assert!(name.starts_with("web-kt-exchange-"), "{name}");
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    assert_eq!(deployment["metadata"]["labels"]["control-by"], "kt");
+    assert!(
+        deployment["metadata"]["annotations"]["kt-last-heart-beat"].is_string(),
+        "{deployment}"
+    );
+    assert!(
+        deployment["spec"]["selector"]["matchLabels"]
+            .get("control-by")
+            .is_none(),
+        "v0.3.7's selector: the labels minus control-by"
+    );
+    let pods = items(&tb, "pods", "kt-role=shadow-exchange");
+    assert_eq!(pods.len(), 1, "one shadow pod");
+    assert_shadow_flags(&pods[0], "exchange shadow");
+    let (status, log) = exchange.interrupt();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains(&format!("Cleaning shadow deployment {name}")),
+        "{log}"
+    );
+
+    let mut mesh = run(&["mesh", "web", "--expose", "18090:80", "--mode", "auto"]);
+    mesh.wait_for("Now you can access your service by header")
+        .await;
+    let routers = items(&tb, "pods", "kt-role=router");
+    assert_eq!(routers.len(), 1, "one router pod");
+    assert_shadow_flags(&routers[0], "router");
+    assert_eq!(
+        items(&tb, "deployments", "kt-role=shadow-mesh").len(),
+        1,
+        "the mesh shadow is a Deployment too"
+    );
+    let (status, log) = mesh.interrupt();
+    assert!(status.success(), "{log}");
+
+    eventually("nothing of kt's left", async || {
+        seen(
+            kubectl_ok(&tb.kubeconfig, &["get", "deploy,pods,cm,svc", "-o", "name"]),
+            |now| *now == before,
+        )
+    })
+    .await;
+    tb.stop().await;
+}
+
+/// A long wait (here a shadow whose image cannot be pulled) shows what it waits for, the
+/// pod's latest state and the elapsed time: on a terminal as one status line redrawn in
+/// place (wiped before the error), in a log as plain lines; either way the command fails
+/// naming the pod and the reason once `--podCreationTimeout` has passed, leaving nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn long_waits_show_progress_in_place_on_a_terminal_and_as_lines_in_a_log() {
+    let tb = start_testbed(true).await;
+    deploy_web(&tb);
+    let before = kt_objects(&tb);
+    let _app = workstation::http_echo(&tb, 18090).await;
+    let ktctl = bins::ktctl();
+    let command = [
+        "env",
+        "USER=alice",
+        bins::utf8(&ktctl),
+        "exchange",
+        "web",
+        "--expose",
+        "18090:80",
+        "--mode",
+        "selector",
+        "--image",
+        "registry.example/no-such-shadow:v1",
+        "--podCreationTimeout",
+        "7",
+    ];
+    // A terminal: `script` runs the command on a pseudo-terminal and copies what it printed.
+    let on_terminal = workstation::exec(&tb)
+        .args(["script", "-qefc", &command.join(" "), "/dev/null"])
+        .output()
+        .expect("script runs");
+    let shown = String::from_utf8_lossy(&on_terminal.stdout);
+    assert_eq!(on_terminal.status.code(), Some(1), "{shown}");
+    let redraws = shown
+        .matches("\r\x1b[2KWaiting for pod web-kt-exchange-")
+        .count();
+    assert!(
+        redraws >= 5,
+        "about one redraw a second: {redraws}\n{shown}"
+    );
+    assert!(
+        shown.contains("ImagePullBackOff, ") || shown.contains("ErrImagePull, "),
+        "{shown}"
+    );
+    assert!(shown.contains(" to run ... ("), "{shown}");
+    let error = shown
+        .lines()
+        .find(|l| l.contains("ERR Exit:"))
+        .unwrap_or_default();
+    assert!(
+        error.starts_with("\r\x1b[2K") || !error.contains("Waiting for"),
+        "the status line is wiped before the error: {error:?}"
+    );
+    assert!(error.contains("is not running after 7 s"), "{shown}");
+
+    let (code, log) = ktctl_once(&tb, &command[1..2], &command[3..]);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        !log.contains('\r') && !log.contains('\x1b'),
+        "a log gets plain lines: {log}"
+    );
+    let waiting: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" INF Waiting for pod web-kt-exchange-"))
+        .collect();
+    assert_eq!(waiting.len(), 1, "one line every 6 s within 7 s: {log}");
+    assert!(waiting[0].ends_with(", 6s)"), "{}", waiting[0]);
+    eventually("nothing left", async || {
+        seen(kt_objects(&tb), |now| *now == before)
+    })
+    .await;
+    tb.stop().await;
+}

@@ -58,6 +58,10 @@ const RANGES_EVERY: Duration = Duration::from_secs(15);
 pub enum ConnectError {
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// The shared shadow is counted on its pod (`kt-ref-count`), which a Deployment
+    /// replaces at will.
+    #[error("--shareShadow cannot be used with --useShadowDeployment: the shared shadow is a pod")]
+    SharedDeployment,
     #[error(transparent)]
     System(#[from] SystemError),
     #[error(transparent)]
@@ -109,6 +113,9 @@ pub(super) struct Context<'a> {
 
 pub async fn run(settings: &Settings, args: &ConnectArgs) -> Result<(), ConnectError> {
     let plan = ConnectPlan::from_args(args)?;
+    if args.share_shadow && settings.shadow.as_deployment {
+        return Err(ConnectError::SharedDeployment);
+    }
     system::check_root()?;
     system::check_single_connect(&crate::lifecycle::kt_home())?;
     if plan.mode == Mode::Sshuttle {

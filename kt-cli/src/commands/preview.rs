@@ -484,7 +484,7 @@ async fn by_shadow(ctx: &Context<'_>, publication: &Publication) -> Result<(), P
             p.local
         );
     }
-    if exchange::wait_for_shadow_endpoints(ctx, name, &shadow).await {
+    if exchange::wait_for_shadow_endpoints(ctx, name, &pool.target().pod).await {
         ctx.announce_banner(&banner(name));
         pool.keep_remote_forwards(&forwards, &ctx.lifecycle.stop, None)
             .await;

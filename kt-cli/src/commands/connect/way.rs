@@ -233,6 +233,8 @@ pub(super) async fn via_shadow(ctx: &Context<'_>) -> Result<Option<Way>, Connect
     let Some(ShadowTunnel { pool, key_file }) = tunnel else {
         return Ok(None);
     };
+    // The pod's own name: with --useShadowDeployment, its ReplicaSet's choice.
+    let name = pool.target().pod.clone();
     let pods: Api<Pod> = Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
     let ip = pods
         .get(&name)

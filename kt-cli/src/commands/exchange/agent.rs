@@ -23,6 +23,7 @@ use kube::Api;
 use super::{Context, ExchangeError, local, plan::PortPlan};
 use crate::{
     cluster::{self, ClusterError},
+    progress::Progress,
     ssh_client::{ForwardsEnded, RemoteForward, SessionKey, SshPool, Target},
 };
 
@@ -209,6 +210,7 @@ async fn wait_programmed(
 ) -> Result<Wait, ExchangeError> {
     let started = tokio::time::Instant::now();
     let mut said = false;
+    let mut progress = Progress::start("every node's agent to redirect the Service");
     loop {
         if !pool.is_connected().await {
             return Ok(Wait::HolderLost);
@@ -227,9 +229,12 @@ async fn wait_programmed(
             _ => vec![("any node (no agent is ready)".to_owned(), ports.to_vec())],
         };
         if missing.is_empty() {
+            drop(progress);
             warn_uncovered_nodes(ctx, nodes.len()).await;
             return Ok(Wait::Programmed);
         }
+        let waiting_for: Vec<&str> = missing.iter().map(|(node, _)| node.as_str()).collect();
+        progress.show_if_due(&waiting_for.join(", "));
         if !said && started.elapsed() >= PROGRAMMED_WITHIN {
             said = true;
             for (node, ports) in missing {

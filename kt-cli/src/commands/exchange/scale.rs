@@ -18,10 +18,10 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::{Context, ExchangeError, Subject, plan::PortPlan};
-use crate::cluster::{Cluster, ClusterError};
-
-/// v0.3.7's progress interval while the Deployments come back.
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+use crate::{
+    cluster::{Cluster, ClusterError},
+    progress::Progress,
+};
 
 /// Every Deployment whose pod template the Service selects (a canary next to the main one,
 /// say): all of them are scaled to zero, or the Service would keep sending part of its
@@ -226,7 +226,7 @@ async fn keep_scaled_down(api: Api<Deployment>, names: Vec<String>, stop: Cancel
 }
 
 /// Waits until `replicas` pods of the Deployment are ready or `wait` passes, saying what it
-/// waits for every 5 s (v0.3.7's poll); returns as soon as they are.
+/// waits for as it goes ([`Progress`]); returns as soon as they are.
 async fn wait_recovered(deployments: &Api<Deployment>, name: &str, replicas: i32, wait: Duration) {
     let ready = |d: Option<&Deployment>| {
         d.and_then(|d| d.status.as_ref()?.ready_replicas)
@@ -235,11 +235,11 @@ async fn wait_recovered(deployments: &Api<Deployment>, name: &str, replicas: i32
     };
     let recovered = await_condition(deployments.clone(), name, ready);
     let mut recovered = std::pin::pin!(tokio::time::timeout(wait, recovered));
-    let mut progress = tokio::time::interval(PROGRESS_EVERY);
-    progress.tick().await;
+    let mut progress = Progress::start(format!("deployment {name} to recover"));
     loop {
         tokio::select! {
             done = &mut recovered => {
+                drop(progress);
                 match done {
                     Ok(Ok(_)) => tracing::info!("Deployment {name} recovered"),
                     Ok(Err(error)) => tracing::warn!("Failed to watch deployment {name}: {error}"),
@@ -250,7 +250,7 @@ async fn wait_recovered(deployments: &Api<Deployment>, name: &str, replicas: i32
                 }
                 return;
             }
-            _ = progress.tick() => tracing::info!("Wait for deployment {name} recover ..."),
+            () = progress.tick() => progress.show(&format!("{replicas} ready pods wanted")),
         }
     }
 }

@@ -296,7 +296,7 @@ pub(super) async fn mesh(
         ctx.lifecycle.done.clone(),
     ));
     // 9.
-    if until_routed(ctx, name, &router, &shadow).await {
+    if until_routed(ctx, name, &router, &shadow, &pool.target().pod).await {
         ctx.announce_banner(&plan::banner(header));
         pool.keep_remote_forwards(&forwards, &ctx.lifecycle.stop, None)
             .await;
@@ -589,9 +589,16 @@ fn defer_release(
 }
 
 /// Waits until the Service's ready endpoints are the router pod and the shadow Service's
-/// the shadow: requests then reach the router, and the router the shadow. `false` when the
-/// run stops first; says what is missing after 30 s and goes on waiting.
-async fn until_routed(ctx: &Context<'_>, service: &str, router: &str, shadow: &str) -> bool {
+/// the shadow pod `shadow_pod` (its name differs from the Service's with
+/// `--useShadowDeployment`): requests then reach the router, and the router the shadow.
+/// `false` when the run stops first; says what is missing after 30 s and goes on waiting.
+async fn until_routed(
+    ctx: &Context<'_>,
+    service: &str,
+    router: &str,
+    shadow: &str,
+    shadow_pod: &str,
+) -> bool {
     let pods: Api<Pod> = Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
     let slices: Api<EndpointSlice> =
         Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
@@ -606,7 +613,7 @@ async fn until_routed(ctx: &Context<'_>, service: &str, router: &str, shadow: &s
     let started = tokio::time::Instant::now();
     let mut said = false;
     loop {
-        let (router_ip, shadow_ip) = (ip(router).await, ip(shadow).await);
+        let (router_ip, shadow_ip) = (ip(router).await, ip(shadow_pod).await);
         let (service_ready, shadow_ready) = (ready(service).await, ready(shadow).await);
         let done = router_ip.is_some_and(|r| service_ready == [r])
             && shadow_ip.is_some_and(|s| shadow_ready == [s]);

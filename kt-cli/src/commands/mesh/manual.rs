@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod, discovery::v1::EndpointSlice};
 use kt_proto::{compat, session::HeaderMatch};
 use kube::Api;
 
@@ -29,17 +29,26 @@ pub(super) async fn check_free(
     header: &HeaderMatch,
 ) -> Result<(), MeshError> {
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     let name = shadow_name(service, header);
-    let existing = pods
+    // A shadow pod of that name, or a shadow Deployment (`--useShadowDeployment`).
+    let existing = match pods
         .get_opt(&name)
         .await
-        .map_err(ClusterError::api(format!("get pod {name}")))?;
+        .map_err(ClusterError::api(format!("get pod {name}")))?
+    {
+        Some(pod) => Some(pod.metadata),
+        None => deployments
+            .get_opt(&name)
+            .await
+            .map_err(ClusterError::api(format!("get deployment {name}")))?
+            .map(|d| d.metadata),
+    };
     match existing {
         None => Ok(()),
-        Some(pod) => Err(plan::MeshConflict::SameVersion {
+        Some(metadata) => Err(plan::MeshConflict::SameVersion {
             service: service.to_owned(),
-            holder: pod
-                .metadata
+            holder: metadata
                 .annotations
                 .and_then(|a| a.get(compat::USER).cloned())
                 .unwrap_or_else(|| "unknown user".into()),
@@ -82,7 +91,7 @@ pub(super) async fn mesh(
     };
     let forwards = crate::commands::exchange::reverse_forwards(port_plan);
     pool.open_remote_forwards(&forwards).await?;
-    if until_endpoint(ctx, &subject.name, &name).await {
+    if until_endpoint(ctx, &subject.name, &pool.target().pod).await {
         ctx.announce_banner_of_width(&plan::manual_banner(header), 57);
         pool.keep_remote_forwards(&forwards, &ctx.lifecycle.stop, None)
             .await;
