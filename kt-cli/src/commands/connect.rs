@@ -239,12 +239,12 @@ async fn set_up(
     let agent = match args.via {
         ConnectVia::Shadow => None,
         _ if plan.mode == Mode::Sshuttle => None,
-        ConnectVia::Agent => Some(cluster::agents::first_ready(&cluster).await?.ok_or(
+        ConnectVia::Agent => Some(cluster::agents::pick(&cluster, None).await?.ok_or(
             ConnectError::NoAgent {
                 namespace: kt_proto::agent::NAMESPACE,
             },
         )?),
-        ConnectVia::Auto => cluster::agents::first_ready(&cluster).await?,
+        ConnectVia::Auto => cluster::agents::pick(&cluster, None).await?,
     };
     let way = match &agent {
         Some(agent) => {

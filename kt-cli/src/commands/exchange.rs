@@ -213,12 +213,14 @@ async fn prepare(
         tracing::warn!("{warning}");
     }
     let method = match args.mode {
-        ExchangeMode::Agent => Method::Agent(cluster::agents::first_ready(&cluster).await?.ok_or(
-            ExchangeError::NoAgent {
-                namespace: kt_proto::agent::NAMESPACE,
-            },
-        )?),
-        ExchangeMode::Auto => match cluster::agents::first_ready(&cluster).await? {
+        ExchangeMode::Agent => {
+            Method::Agent(cluster::agents::pick(&cluster, Some(name)).await?.ok_or(
+                ExchangeError::NoAgent {
+                    namespace: kt_proto::agent::NAMESPACE,
+                },
+            )?)
+        }
+        ExchangeMode::Auto => match cluster::agents::pick(&cluster, Some(name)).await? {
             Some(pod) => Method::Agent(pod),
             None => Method::Selector,
         },

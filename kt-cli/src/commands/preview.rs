@@ -178,12 +178,12 @@ async fn prepare(
     }
     let agent = match args.mode {
         PreviewMode::Shadow => None,
-        PreviewMode::Agent => Some(cluster::agents::first_ready(&cluster).await?.ok_or(
+        PreviewMode::Agent => Some(cluster::agents::pick(&cluster, None).await?.ok_or(
             PreviewError::NoAgent {
                 namespace: kt_proto::agent::NAMESPACE,
             },
         )?),
-        PreviewMode::Auto => cluster::agents::first_ready(&cluster).await?,
+        PreviewMode::Auto => cluster::agents::pick(&cluster, None).await?,
     };
     tracing::info!(
         "Using {} mode",
