@@ -43,7 +43,7 @@ impl Kind {
             Self::Deployment => "deployments",
             Self::ConfigMap => "config maps",
             Self::Service => "services",
-            Self::Session => "kt sessions",
+            Self::Session => "sessions",
         }
     }
 }

@@ -115,7 +115,7 @@ impl Workload<'_> {
 }
 
 impl Inventory {
-    /// kt's pods and Deployments (`control-by=kt`).
+    /// kt's pods and Deployments (`control-by=kt`), except those being deleted.
     pub fn workloads(&self) -> Vec<Workload<'_>> {
         let pods = self.pods.iter().map(|p| Workload {
             kind: Kind::Pod,
@@ -135,7 +135,9 @@ impl Inventory {
                     .and_then(|s| s.template.metadata.as_ref())
                     .and_then(|m| m.labels.as_ref()),
             });
-        pods.chain(deployments).collect()
+        pods.chain(deployments)
+            .filter(|w| w.meta.deletion_timestamp.is_none())
+            .collect()
     }
 }
 
@@ -314,12 +316,16 @@ pub fn plan(inventory: &Inventory, now: DateTime<Utc>, threshold: Duration) -> C
         delete(w.kind, w.meta);
     }
     for cm in &inventory.config_maps {
-        if heartbeat_stale(&cm.metadata, now, threshold) {
+        if cm.metadata.deletion_timestamp.is_none() && heartbeat_stale(&cm.metadata, now, threshold)
+        {
             delete(Kind::ConfigMap, &cm.metadata);
         }
     }
     for service in &inventory.services {
-        if is_kt(&service.metadata) && heartbeat_stale(&service.metadata, now, threshold) {
+        if is_kt(&service.metadata)
+            && service.metadata.deletion_timestamp.is_none()
+            && heartbeat_stale(&service.metadata, now, threshold)
+        {
             delete(Kind::Service, &service.metadata);
         }
     }
