@@ -196,8 +196,15 @@ async fn go_leftovers_restored(tb: &Testbed) {
             r#"{"app":"web"}"#,
             "{service}"
         );
-        let annotations = field(tb, &format!("svc/{service}"), "{.metadata.annotations}");
-        assert!(!annotations.contains("kt-"), "{service}: {annotations}");
+        let kt_annotations = field(
+            tb,
+            &format!("svc/{service}"),
+            "{.metadata.annotations.kt-selector}{.metadata.annotations.kt-lock}",
+        );
+        assert_eq!(
+            kt_annotations, "",
+            "{service}: kt-selector and kt-lock removed"
+        );
     }
     assert_eq!(field(tb, "deploy/goscale", "{.spec.replicas}"), "2");
 }

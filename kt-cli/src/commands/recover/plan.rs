@@ -131,8 +131,8 @@ impl Builder<'_> {
 ///   router pod `S-kt-router`, the stuntman Service `S-kt-stuntman` and every mesh shadow
 ///   `S-kt-mesh-*` (pod or Deployment, its Service and ConfigMap) deleted;
 /// - with `kt-selector` and the selector on anything else (selector exchange): the selector
-///   back, and the kt pods and Deployments it selects deleted (v0.3.7 deletes whatever it
-///   selects; kt only what kt created, `control-by=kt`);
+///   back, and the kt pods and Deployments it selects (or that carry its `kt-target`)
+///   deleted (v0.3.7 deletes whatever it selects; kt only what kt created, `control-by=kt`);
 /// - without `kt-selector`: kt's `shadow-mesh` pods named `S-kt-mesh-*` that the selector
 ///   selects (manual mesh) deleted; kt's `shadow-exchange` pods it selects (scale exchange)
 ///   deleted and the Deployments of their `kt-config` scaled back;
@@ -192,8 +192,13 @@ pub fn recover(service: &Service, inventory: &Inventory, now: DateTime<Utc>) -> 
                 }
             } else {
                 exchanged = true;
+                // Its shadow: what the selector selects, or — when someone added keys to the
+                // selector since — the kt pod of its `kt-target`.
+                let target = current.get(compat::TARGET);
                 for w in &workloads {
-                    if selects(&current, w.pod_labels) {
+                    let of_target = target.is_some()
+                        && w.meta.labels.as_ref().and_then(|l| l.get(compat::TARGET)) == target;
+                    if selects(&current, w.pod_labels) || of_target {
                         b.delete_workload(w);
                     }
                 }
@@ -412,6 +417,19 @@ mod tests {
         );
         assert!(matches!(r.actions.last(), Some(Action::Unlock { .. })));
         assert!(r.alive.is_empty(), "its heartbeat is 15 minutes old");
+        // Someone added a key to the selector meanwhile: the shadow is found by its target.
+        let svc = service(
+            json!({"app": "web", "kt-role": "shadow-exchange", "kt-target": "T"}),
+            json!({"kt-selector": "{\"app\":\"web\"}"}),
+        );
+        let r = recover(&svc, &inv, now());
+        assert_eq!(
+            deleted(&r),
+            [
+                "pod web-kt-exchange-abcde",
+                "configmap web-kt-exchange-abcde"
+            ]
+        );
     }
 
     #[test]
