@@ -187,6 +187,9 @@ pub fn session_dead(session: &KtSession, now: DateTime<Utc>, threshold: Duration
     }
 }
 
+/// A Service's selector.
+pub type Selector = BTreeMap<String, String>;
+
 /// What `clean` does (see the module doc); each list sorted by name.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CleanPlan {
@@ -195,7 +198,7 @@ pub struct CleanPlan {
     /// Deployments to scale back (their scale exchange's shadow is dead).
     pub scale_back: Vec<(String, i32)>,
     /// Services to point back at their pods: (name, original selector, current selector).
-    pub recover: Vec<(String, BTreeMap<String, String>, BTreeMap<String, String>)>,
+    pub recover: Vec<(String, Selector, Selector)>,
     /// Services whose `kt-lock` is older than 180 s.
     pub unlock: Vec<String>,
 }
