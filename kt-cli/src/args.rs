@@ -39,11 +39,6 @@ pub enum Command {
   sudo ktctl connect --dnsMode hosts:default,dev
   sudo ktctl connect --excludeIps 10.96.5.0/24 --via shadow")]
     Connect(ConnectArgs),
-    /// Redirect local port to a service or any remote address
-    #[command(after_help = "Examples:
-  ktctl forward nginx-v2 6060:80             # localhost:6060 -> port 80 of service nginx-v2
-  ktctl forward nginx.dev:80                 # an address the cluster reaches")]
-    Forward(ForwardArgs),
     /// Redirect all requests of specified kubernetes service to local
     #[command(after_help = "Examples:
   ktctl exchange nginx --expose 80           # the service's port 80 -> local port 80
@@ -60,15 +55,72 @@ pub enum Command {
   ktctl preview nginx-v2 --expose 80         # service nginx-v2:80 -> local port 80
   ktctl preview nginx-v2 --expose 8080:80 --external")]
     Preview(PreviewArgs),
+    /// Redirect local port to a service or any remote address
+    #[command(after_help = "Examples:
+  ktctl forward nginx-v2 6060:80             # localhost:6060 -> port 80 of service nginx-v2
+  ktctl forward nginx.dev:80                 # an address the cluster reaches")]
+    Forward(ForwardArgs),
+    /// Restore traffic of specified kubernetes service changed by exchange or mesh
+    #[command(after_help = "Example:
+  ktctl recover nginx                        # after a ktctl was killed mid-exchange")]
+    Recover(RecoverArgs),
+    /// Delete unavailing resources created by kt from kubernetes cluster
+    #[command(after_help = "Examples:
+  ktctl clean --dryRun                       # list what would be removed
+  ktctl clean --thresholdInMinus 10")]
+    Clean(CleanArgs),
     /// List, get or set default value for command options
     #[command(after_help = "Examples:
   ktctl config set connect.dns-mode hosts:default,dev
   ktctl config show --all
   ktctl config save-profile dev && ktctl config load-profile dev --dryRun")]
     Config(ConfigArgs),
+    /// Show summary of services status in cluster
+    #[command(after_help = "Example:
+  ktctl birdseye --showConnector --sortBy name")]
+    Birdseye(BirdseyeArgs),
     /// Generate the autocompletion script for the specified shell
     #[command(after_help = "Example: ktctl completion bash > /etc/bash_completion.d/ktctl")]
     Completion(CompletionArgs),
+}
+
+/// `ktctl recover <svc>`.
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// The service (`name`, `svc/name`)
+    pub service: String,
+}
+
+/// `ktctl clean` (v0.3.7 `options/clean.go`).
+#[derive(Debug, Args)]
+pub struct CleanArgs {
+    /// Length of allowed disconnection time before a unavailing shadow pod be deleted
+    #[arg(long = "thresholdInMinus", default_value_t = 5)]
+    pub threshold_in_minus: u32,
+    /// Only print name of deployments to be deleted
+    #[arg(long = "dryRun", value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub dry_run: bool,
+    /// Only check and restore local changes made by kt
+    #[arg(long = "localOnly", value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub local_only: bool,
+}
+
+/// `ktctl birdseye` (v0.3.7 `options/birdseye.go`).
+#[derive(Debug, Args)]
+pub struct BirdseyeArgs {
+    /// Sort by 'status' or 'name'
+    #[arg(long = "sortBy", default_value = "status", value_parser = ["status", "name"])]
+    pub sort_by: String,
+    /// Also show users who are currently connecting to the cluster
+    #[arg(long = "showConnector", value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub show_connector: bool,
+    /// Only show services which are exchanged, meshed or previewing
+    #[arg(long = "hideNaturalService", value_name = "bool", value_parser = parse_bool,
+          num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true")]
+    pub hide_natural_service: bool,
 }
 
 /// `ktctl completion <shell>` (v0.3.7 has cobra's: bash, zsh, fish, powershell).
@@ -533,6 +585,32 @@ mod tests {
         assert_eq!((g.pod_creation_timeout, g.port_forward_timeout), (5, 3));
         assert_eq!(g.node_selector, "a=b");
         assert!(parse(&["--podCreationTimeout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn recover_clean_and_birdseye_take_v0_3_7_flags() {
+        let Some(Command::Clean(clean)) = parse(&["clean", "--thresholdInMinus", "15", "--dryRun"])
+            .unwrap()
+            .command
+        else {
+            panic!("clean parses");
+        };
+        assert_eq!(
+            (clean.threshold_in_minus, clean.dry_run, clean.local_only),
+            (15, true, false)
+        );
+        let Some(Command::Birdseye(b)) = parse(&["birdseye"]).unwrap().command else {
+            panic!("birdseye parses");
+        };
+        assert_eq!(
+            (b.sort_by.as_str(), b.show_connector, b.hide_natural_service),
+            ("status", false, false)
+        );
+        assert!(parse(&["birdseye", "--sortBy", "age"]).is_err());
+        assert!(parse(&["recover"]).is_err(), "recover needs its service");
+        assert!(
+            matches!(parse(&["recover", "svc/web"]).unwrap().command, Some(Command::Recover(r)) if r.service == "svc/web")
+        );
     }
 
     #[test]

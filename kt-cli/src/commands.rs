@@ -1,12 +1,15 @@
 //! One module per ktctl subcommand, and what they share: the shadow pod with its SSH
 //! connections, and the banner.
 
+pub mod birdseye;
+pub mod clean;
 pub mod config;
 pub mod connect;
 pub mod exchange;
 pub mod forward;
 pub mod mesh;
 pub mod preview;
+pub mod recover;
 
 use std::{path::PathBuf, sync::Arc};
 

@@ -48,6 +48,12 @@ pub enum CliError {
     Mesh(#[from] commands::mesh::MeshError),
     #[error(transparent)]
     Preview(#[from] commands::preview::PreviewError),
+    #[error(transparent)]
+    Recover(#[from] commands::recover::RecoverError),
+    #[error(transparent)]
+    Clean(#[from] commands::clean::CleanError),
+    #[error(transparent)]
+    Birdseye(#[from] commands::birdseye::BirdseyeError),
     #[error("failed to start the async runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -199,6 +205,15 @@ pub fn run(cli: Cli, clap_command: &clap::Command) -> Result<(), CliError> {
         }
         args::Command::Preview(args) => {
             runtime.block_on(commands::preview::run(&settings, &args))?;
+        }
+        args::Command::Recover(args) => {
+            runtime.block_on(commands::recover::run(&settings, &args.service))?;
+        }
+        args::Command::Clean(args) => {
+            runtime.block_on(commands::clean::run(&settings, &args))?;
+        }
+        args::Command::Birdseye(args) => {
+            runtime.block_on(commands::birdseye::run(&settings, &args))?;
         }
         // Handled above, before settings: they need neither them nor a runtime.
         args::Command::Completion(_) | args::Command::Config(_) => {}

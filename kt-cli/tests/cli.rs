@@ -111,7 +111,10 @@ fn every_commands_help_has_an_example() {
         "exchange",
         "mesh",
         "preview",
+        "recover",
+        "clean",
         "config",
+        "birdseye",
         "completion",
     ] {
         let out = ktctl(&[command, "--help"]);

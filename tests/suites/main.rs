@@ -5,7 +5,7 @@
 //!   (the API server alone, as any user);
 //! - privileged (`--features privileged`, root): `ebpf`;
 //! - end to end (`--features e2e`, root, a simulated cluster): `agent`, `connect`,
-//!   `exchange`, the rest of `kubectl`, `seed`, `shapes`, `testbed`, `tunnel`, `workloads`.
+//!   `exchange`, `ops`, the rest of `kubectl`, `seed`, `shapes`, `testbed`, `tunnel`, `workloads`.
 //!
 //! Without the features the others are listed as ignored, with the reason; `tests/run test`
 //! runs them all.
@@ -18,6 +18,7 @@ mod ebpf;
 mod exchange;
 mod kubectl;
 mod mesh;
+mod ops;
 mod preview;
 mod seed;
 mod shapes;

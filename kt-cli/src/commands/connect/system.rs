@@ -88,7 +88,7 @@ pub(super) fn check_single_connect(home: &Path) -> Result<(), SystemError> {
 /// Another running `ktctl connect` on this machine, whatever its `$HOME` (another user's
 /// connect shares `/etc/resolv.conf` and `/etc/hosts`): a process running this same program
 /// with a `connect` argument. Its pid, if there is one.
-pub(super) fn other_connect_running() -> Option<u32> {
+pub(crate) fn other_connect_running() -> Option<u32> {
     let own = std::env::current_exe().ok()?;
     let me = std::process::id();
     std::fs::read_dir("/proc")
@@ -107,7 +107,8 @@ pub(super) fn other_connect_running() -> Option<u32> {
         })
 }
 
-fn process_alive(pid: u32) -> bool {
+/// Whether process `pid` exists on this machine.
+pub(crate) fn process_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 
@@ -237,7 +238,7 @@ impl Edit {
 /// Takes out what a killed connect left in the files of every [`Kind`]: the backup's bytes
 /// when the file is the backup plus ktctl's marked changes, else the file without those
 /// changes. Returns the files repaired. Call only when no other connect runs.
-pub(super) fn repair(home: &Path) -> Result<Vec<PathBuf>, SystemError> {
+pub(crate) fn repair(home: &Path) -> Result<Vec<PathBuf>, SystemError> {
     let mut repaired = Vec::new();
     for kind in [Kind::ResolvConf, Kind::Hosts] {
         let (path, backup) = (kind.path(), kind.backup(home));
@@ -257,6 +258,22 @@ pub(super) fn repair(home: &Path) -> Result<Vec<PathBuf>, SystemError> {
         let _ = std::fs::remove_file(&backup);
     }
     Ok(repaired)
+}
+
+/// The files [`repair`] would restore now (for `clean --dryRun`).
+pub(crate) fn needing_repair() -> Vec<PathBuf> {
+    [Kind::ResolvConf, Kind::Hosts]
+        .into_iter()
+        .map(Kind::path)
+        .filter(|path| {
+            std::fs::read_to_string(path).is_ok_and(|current| plan::has_kt_changes(&current))
+        })
+        .collect()
+}
+
+/// Whether this process runs as root (what restoring system files needs).
+pub(crate) fn is_root() -> bool {
+    check_root().is_ok()
 }
 
 /// Runs `ip ARGS…` (iproute2, as v0.3.7 does on Linux).
