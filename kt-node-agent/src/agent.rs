@@ -171,6 +171,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         tunnel_bytes,
         network: network.clone(),
         connect_refused,
+        redirects: map.clone(),
     };
     let context_client = client;
     tasks.spawn(

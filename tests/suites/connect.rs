@@ -137,6 +137,38 @@ fn curl(tb: &Testbed, url: &str) -> Result<String, String> {
     }
 }
 
+/// While `web` is exchanged in agent mode, the connected workstation reaches it where a pod
+/// would — the workstation's app, by name and ClusterIP — and the pods again once the
+/// exchange ends (the agent dials a connect session's connections where the redirect
+/// points: its own sockets are exempt from the eBPF programs).
+async fn exchanged_service_answers_from_the_workstation(tb: &Testbed) {
+    let cluster_ip = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
+    );
+    let urls = ["http://web/".to_owned(), format!("http://{cluster_ip}/")];
+    let app = workstation::http_echo(tb, 18090).await;
+    let mut exchange = Background::ktctl(tb, &["exchange", "web", "--expose", "18090:80"]);
+    exchange
+        .wait_for(" Now all request to service 'web' will be redirected to local")
+        .await;
+    for url in &urls {
+        let body = curl(tb, url).unwrap_or_else(|e| panic!("{e}\n{}", exchange.log()));
+        assert!(body.starts_with("pod=workstation"), "{url}: {body}");
+    }
+    let (status, log) = exchange.interrupt();
+    assert!(status.success(), "{log}");
+    for url in &urls {
+        eventually(format!("{url} answered by a pod again"), async || {
+            seen(curl(tb, url), |r| {
+                r.as_ref().is_ok_and(|b| b.starts_with("pod=web-"))
+            })
+        })
+        .await;
+    }
+    drop(app);
+}
+
 /// The checks every way of connecting must pass, from the workstation.
 async fn reaches_the_cluster(tb: &Testbed) {
     let pod_ip = kubectl_ok(
@@ -269,6 +301,7 @@ async fn through_the_agent_the_workstation_reaches_pods_services_and_names_and_l
     .await;
     assert_eq!(echoed.unwrap().trim(), "kt-datagram");
     hundred_mebibytes_arrive_intact(&tb);
+    exchanged_service_answers_from_the_workstation(&tb).await;
     let during = workstation_state(&tb);
     assert!(
         during.contains(" kt0:") && during.contains("dev kt0"),

@@ -35,7 +35,7 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
-use super::{metrics::TunnelBytes, network::Network};
+use super::{map::RedirectMap, metrics::TunnelBytes, network::Network};
 use crate::ssh_server::{AcceptError, dial_and_pump, forward_back, spawn_udp_relay};
 
 /// How long one status write (renewal or release) may take: a renewal that hangs must not
@@ -56,6 +56,8 @@ pub struct HoldContext {
     pub(crate) network: Arc<RwLock<Network>>,
     /// `kt_agent_connect_refused_total`.
     pub(crate) connect_refused: Counter,
+    /// The redirects in force on this node, for [`HoldContext::as_a_pod_would`].
+    pub(crate) redirects: Arc<Mutex<RedirectMap>>,
 }
 
 impl HoldContext {
@@ -81,6 +83,21 @@ impl HoldContext {
             .first()
             .copied()
             .ok_or_else(|| Refusal::Unresolved(host.to_owned()))
+    }
+
+    /// Where a pod's connection to `destination` goes: the listener of the exchange or
+    /// mesh that redirects it, else `destination` itself. The agent's own sockets are exempt
+    /// from the eBPF programs, so without this a developer connected through the agent
+    /// would reach the pods of a Service that is exchanged — their own exchange included —
+    /// where a pod reaches the workstation (with v0.3.7's shadow pod, connect's traffic is a
+    /// pod's and is redirected).
+    fn as_a_pod_would(&self, destination: SocketAddr) -> SocketAddr {
+        self.redirects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .desired
+            .get(&destination)
+            .map_or(destination, |target| target.to)
     }
 }
 
@@ -301,7 +318,10 @@ impl Handler for Holder {
         self.tasks.spawn(
             async move {
                 match context.allowed(&host, port).await {
-                    Ok(destination) => dial_and_pump(channel, reply, destination, cancel).await,
+                    Ok(destination) => {
+                        let destination = context.as_a_pod_would(destination);
+                        dial_and_pump(channel, reply, destination, cancel).await;
+                    }
                     Err(refusal) => {
                         tracing::warn!(%host, port, %refusal, "connect destination refused");
                         context.connect_refused.inc();
