@@ -5,7 +5,7 @@
 //!   (the API server alone, as any user);
 //! - privileged (`--features privileged`, root): `ebpf`;
 //! - end to end (`--features e2e`, root, a simulated cluster): `agent`, `connect`,
-//!   `exchange`, the rest of `kubectl`, `seed`, `shapes`, `testbed`, `tunnel`, `workloads`.
+//!   `exchange`, `kubeconfig`, the rest of `kubectl`, `seed`, `shapes`, `testbed`, `tunnel`, `workloads`.
 //!
 //! Without the features the others are listed as ignored, with the reason; `tests/run test`
 //! runs them all.
@@ -16,6 +16,7 @@ mod connect;
 mod controllers;
 mod ebpf;
 mod exchange;
+mod kubeconfig;
 mod kubectl;
 mod mesh;
 mod preview;

@@ -54,7 +54,9 @@ pub enum ExecPluginError {
     },
     #[error("exec plugin '{command}' printed no ExecCredential: {reason}")]
     Output { command: String, reason: String },
-    #[error("exec plugin '{command}' returned apiVersion '{got}', the kubeconfig asks for '{want}'")]
+    #[error(
+        "exec plugin '{command}' returned apiVersion '{got}', the kubeconfig asks for '{want}'"
+    )]
     Version {
         command: String,
         got: String,
@@ -381,7 +383,11 @@ mod tests {
 
     #[test]
     fn bad_plugin_output_names_the_plugin_and_the_problem() {
-        let err = |out: &[u8]| parse_credential("/bin/p", Some(V1), out).unwrap_err().to_string();
+        let err = |out: &[u8]| {
+            parse_credential("/bin/p", Some(V1), out)
+                .unwrap_err()
+                .to_string()
+        };
         assert_eq!(
             err(b""),
             "exec plugin '/bin/p' printed no ExecCredential: its output is empty"

@@ -37,9 +37,7 @@ pub enum ProxyError {
         #[source]
         source: http::uri::InvalidUri,
     },
-    #[error(
-        "proxy URL '{url}' (from {origin}) has scheme '{scheme}': kt supports http:// proxies"
-    )]
+    #[error("proxy URL '{url}' (from {origin}) has scheme '{scheme}': kt supports http:// proxies")]
     Scheme {
         url: String,
         origin: &'static str,
@@ -251,11 +249,7 @@ impl Cidr {
     fn contains(&self, ip: IpAddr) -> bool {
         let prefix = |a: u128, width: u32| {
             let bits = u32::from(self.bits);
-            if bits == 0 {
-                0
-            } else {
-                a >> (width - bits)
-            }
+            if bits == 0 { 0 } else { a >> (width - bits) }
         };
         match (self.net, ip) {
             (IpAddr::V4(n), IpAddr::V4(i)) => {
@@ -414,12 +408,13 @@ impl tower::Service<Uri> for ConnectVia {
                 reason: "the destination has no host".into(),
             })?;
             let tunnel = async {
-                let mut conn = tower::Service::call(&mut dial, proxy)
-                    .await
-                    .map_err(|e| ProxyError::Dial {
-                        proxy: shown.to_string(),
-                        source: Box::new(e),
-                    })?;
+                let mut conn =
+                    tower::Service::call(&mut dial, proxy)
+                        .await
+                        .map_err(|e| ProxyError::Dial {
+                            proxy: shown.to_string(),
+                            source: Box::new(e),
+                        })?;
                 let io_error = |e: io::Error| ProxyError::Dial {
                     proxy: shown.to_string(),
                     source: Box::new(e),
@@ -484,7 +479,9 @@ mod tests {
     #[test]
     fn the_kubeconfig_proxy_wins_and_ignores_no_proxy() {
         let e = env(Some("http://env:3128"), Some("*"));
-        let chosen = choose(&server(), Some("http://kc:8080"), &e).unwrap().unwrap();
+        let chosen = choose(&server(), Some("http://kc:8080"), &e)
+            .unwrap()
+            .unwrap();
         assert_eq!(chosen.url, Uri::from_static("http://kc:8080"));
         assert_eq!(chosen.origin, "the kubeconfig's proxy-url");
     }
@@ -495,7 +492,12 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(chosen.url, Uri::from_static("http://proxy:3128"));
-        for covering in ["172.30.0.1", "172.30.0.0/24", "*", "x.example, 172.30.0.1:6443"] {
+        for covering in [
+            "172.30.0.1",
+            "172.30.0.0/24",
+            "*",
+            "x.example, 172.30.0.1:6443",
+        ] {
             assert_eq!(
                 choose(&server(), None, &env(Some("proxy:3128"), Some(covering))).unwrap(),
                 None,
@@ -504,9 +506,13 @@ mod tests {
         }
         for not_covering in ["172.30.1.0/24", "172.30.0.1:443", "172.30.0.2"] {
             assert!(
-                choose(&server(), None, &env(Some("proxy:3128"), Some(not_covering)))
-                    .unwrap()
-                    .is_some(),
+                choose(
+                    &server(),
+                    None,
+                    &env(Some("proxy:3128"), Some(not_covering))
+                )
+                .unwrap()
+                .is_some(),
                 "{not_covering}"
             );
         }
