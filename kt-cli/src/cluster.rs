@@ -246,6 +246,14 @@ fn client_with(
                 url: url.clone(),
                 origin: "the client configuration",
             };
+            if url.scheme_str() != Some("http") {
+                return Err(proxy::ProxyError::Scheme {
+                    url: proxy.shown(),
+                    origin: proxy.origin,
+                    scheme: url.scheme_str().unwrap_or_default().to_owned(),
+                }
+                .into());
+            }
             let via = proxy::ConnectVia::new(&proxy, http, config.connect_timeout);
             assemble(&config, via, plugin)
         }

@@ -406,6 +406,7 @@ async fn an_http_proxy_carries_the_api_requests_and_the_port_forward_unless_no_p
         &["-c", plain, "forward", "web", "18081:80"],
     );
     assert_eq!(code, Some(1), "{err}");
+    eprintln!("unreachable proxy: {}", err.trim());
     assert!(
         err.contains("ERR Exit:") && err.contains("proxy http://127.0.0.1:9 is unreachable"),
         "{err}"
@@ -481,6 +482,7 @@ async fn a_client_certificate_user_forwards_in_the_contexts_namespace() {
         &["-c", carol, "-n", "default", "forward", "web", "18081:80"],
     );
     assert_eq!(code, Some(1), "{err}");
+    eprintln!("carol in default: {}", err.trim());
     assert!(err.contains("ERR Exit:") && err.contains("carol"), "{err}");
 
     // A certificate its CA did not sign is refused in the handshake.
@@ -500,6 +502,7 @@ async fn a_client_certificate_user_forwards_in_the_contexts_namespace() {
     )
     .expect("kubeconfig");
     let (code, err) = ktctl_once(&tb, &[], &["-c", utf8(&path), "forward", "web", "18081:80"]);
+    eprintln!("another CA's certificate: {}", err.trim());
     assert_eq!(code, Some(1), "{err}");
     tb.stop().await;
 }
