@@ -441,6 +441,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_layer_sends_the_token_and_a_401_makes_the_next_request_run_the_plugin() {
+        use tower::{Layer as _, ServiceExt as _};
+        let script = r#"echo x >> "$1"; n=$(wc -l < "$1");
+            printf '{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","status":{"token":"t%s"}}' "$n""#;
+        let (plugin, dir) = plugin(script);
+        // The API server: accepts t2 only.
+        let server = tower::service_fn(|request: http::Request<()>| async move {
+            let auth = request.headers()[http::header::AUTHORIZATION].clone();
+            let status = if auth == "Bearer t2" { 200 } else { 401 };
+            Ok::<_, std::convert::Infallible>(
+                http::Response::builder().status(status).body(()).unwrap(),
+            )
+        });
+        let client = ExecAuthLayer(plugin).layer(server);
+        let status = |client: ExecAuth<_>| async move {
+            client
+                .oneshot(http::Request::new(()))
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        };
+        assert_eq!(status(client.clone()).await, 401);
+        assert_eq!(status(client.clone()).await, 200);
+        assert_eq!(status(client.clone()).await, 200);
+        let runs = std::fs::read_to_string(dir.join("runs")).unwrap();
+        assert_eq!(runs.lines().count(), 2, "one run per token");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
     async fn a_failing_plugin_is_reported_with_its_first_stderr_line() {
         let (plugin, dir) = plugin("echo 'token expired, run: login' >&2; echo more >&2; exit 2");
         let err = plugin.token().await.unwrap_err().to_string();

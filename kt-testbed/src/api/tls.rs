@@ -184,3 +184,28 @@ pub async fn serve(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_certificate_names_its_user_by_cn_and_groups_by_o() {
+        let pki = generate(&["127.0.0.1".parse().unwrap()], &[]).unwrap();
+        let (pem, _key) = client_certificate(&pki.ca, "carol", Some("kt-devs")).unwrap();
+        let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        assert_eq!(
+            certificate_user(&parsed.contents),
+            Some(UserInfo {
+                name: "carol".into(),
+                groups: vec!["kt-devs".into(), "system:authenticated".into()],
+            })
+        );
+        let (pem, _key) = client_certificate(&pki.ca, "dave", None).unwrap();
+        let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        assert_eq!(
+            certificate_user(&parsed.contents).map(|u| u.groups),
+            Some(vec!["system:authenticated".into()])
+        );
+    }
+}
