@@ -1,11 +1,14 @@
 //! The connection to the cluster: kubeconfig (`-c`), context (`--context`) and namespace
 //! (`-n`, else the context's, else `default`), and a kube client whose connections set
-//! TCP_NODELAY ([`kube_client`]).
+//! TCP_NODELAY, go through the proxy client-go would use ([`proxy`]) and authenticate with
+//! exec credential plugins as client-go does ([`exec_plugin`]) ([`kube_client`]).
 
 pub mod agents;
 pub mod clock;
+pub mod exec_plugin;
 pub mod heartbeat;
 pub mod lock;
+pub mod proxy;
 pub mod stale;
 
 use k8s_openapi::api::core::v1::Service;
@@ -30,6 +33,10 @@ pub enum ClusterError {
     Config(#[source] kube::config::KubeconfigError),
     #[error("failed to create a client for the cluster")]
     Client(#[source] Box<kube::Error>),
+    #[error(transparent)]
+    Proxy(#[from] proxy::ProxyError),
+    #[error(transparent)]
+    Credentials(#[from] exec_plugin::ExecPluginError),
     #[error("service '{name}' not found in namespace '{namespace}'")]
     ServiceNotFound { name: String, namespace: String },
     #[error("failed to watch {what}")]
@@ -89,13 +96,33 @@ pub async fn connect(settings: &ClusterSettings) -> Result<Cluster, ClusterError
         .clone()
         .or_else(|| kubeconfig.current_context.clone())
         .unwrap_or_default();
+    let kubeconfig_proxy = cluster_proxy_url(&kubeconfig, &current);
     let options = KubeConfigOptions {
         context: settings.context.clone(),
         ..Default::default()
     };
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
         .map_err(ClusterError::Config)?;
+    let proxy = proxy::choose(
+        &config.cluster_url,
+        kubeconfig_proxy.as_deref(),
+        &proxy::ProxyEnv::from_env(),
+    )?;
+    if let Some(proxy) = &proxy {
+        tracing::info!(proxy = %proxy.shown(), origin = proxy.origin, "Using a proxy for the API server");
+    }
+    config.proxy_url = proxy.map(|p| p.url);
+    // A failing plugin stops here with its own message, before any request.
+    let plugin = config
+        .auth_info
+        .exec
+        .take()
+        .map(exec_plugin::ExecPlugin::new)
+        .transpose()?;
+    if let Some(plugin) = &plugin {
+        plugin.token().await?;
+    }
     let namespace = settings
         .namespace
         .clone()
@@ -103,7 +130,7 @@ pub async fn connect(settings: &ClusterSettings) -> Result<Cluster, ClusterError
     tracing::info!("Using cluster context {current} ({})", config.cluster_url);
     // NODELAY on the API connections: the tunnel's port-forward carries small SSH packets.
     let api_addresses = api_addresses(&config).await;
-    let client = kube_client(config).map_err(|e| ClusterError::Client(Box::new(e)))?;
+    let client = client_with(config, plugin)?;
     let clock = if settings.use_local_time {
         clock::ClusterClock::LOCAL
     } else {
@@ -117,22 +144,47 @@ pub async fn connect(settings: &ClusterSettings) -> Result<Cluster, ClusterError
     })
 }
 
-/// The addresses of the API server `config` names (none when its name does not resolve:
-/// the first request will say so).
+/// The `proxy-url` of the cluster that context `context` names (client-go's
+/// `clientcmd` reads it from there), if any.
+fn cluster_proxy_url(kubeconfig: &Kubeconfig, context: &str) -> Option<String> {
+    let cluster = kubeconfig
+        .contexts
+        .iter()
+        .find(|c| c.name == context)?
+        .context
+        .as_ref()?
+        .cluster
+        .clone();
+    kubeconfig
+        .clusters
+        .iter()
+        .find(|c| c.name == cluster)?
+        .cluster
+        .as_ref()?
+        .proxy_url
+        .clone()
+}
+
+/// The addresses kt's connections to the API server go to: the API server's, and the
+/// proxy's when there is one (none when a name does not resolve: the first request will
+/// say so).
 async fn api_addresses(config: &kube::Config) -> Vec<std::net::IpAddr> {
-    let url = &config.cluster_url;
-    let Some(host) = url.host() else {
-        return Vec::new();
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = host.parse() {
-        return vec![ip];
+    let mut addresses = Vec::new();
+    for url in std::iter::once(&config.cluster_url).chain(config.proxy_url.as_ref()) {
+        let Some(host) = url.host() else {
+            continue;
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = host.parse() {
+            addresses.push(ip);
+            continue;
+        }
+        let port = url.port_u16().unwrap_or(443);
+        if let Ok(found) = tokio::net::lookup_host((host, port)).await {
+            addresses.extend(found.map(|a| a.ip()));
+        }
     }
-    let port = url.port_u16().unwrap_or(443);
-    tokio::net::lookup_host((host, port))
-        .await
-        .map(|found| found.map(|a| a.ip()).collect())
-        .unwrap_or_default()
+    addresses
 }
 
 impl Cluster {
@@ -159,30 +211,85 @@ pub fn service_name(argument: &str) -> &str {
 }
 
 /// A kube client like `kube::Client::try_from(config)` (base URI, authentication, extra
-/// headers, rustls) whose API server connections set TCP_NODELAY. kube-rs keeps hyper's
-/// default, Nagle's algorithm on; SSH packets carried by a port-forward then wait for the
-/// server's delayed ACK now and then (≈40 ms at the 99th percentile of small round trips).
-/// Go clients (kubectl, ktctl v0.3.7) set NODELAY on every connection. kube-rs has no
-/// option for it, hence this assembly of its own layers around a NODELAY connector.
-pub fn kube_client(config: kube::Config) -> Result<kube::Client, kube::Error> {
-    use hyper_util::{
-        client::legacy::{Client, connect::HttpConnector},
-        rt::TokioExecutor,
-    };
-    use kube::client::ConfigExt as _;
+/// headers, rustls) whose API server connections set TCP_NODELAY, go through
+/// `config.proxy_url` (an `http://` proxy, [`proxy::ConnectVia`]) and, for a user with an
+/// exec plugin, carry the plugin's token ([`exec_plugin`]).
+///
+/// NODELAY: kube-rs keeps hyper's default, Nagle's algorithm on; SSH packets carried by a
+/// port-forward then wait for the server's delayed ACK now and then (≈40 ms at the 99th
+/// percentile of small round trips). Go clients (kubectl, ktctl v0.3.7) set NODELAY on every
+/// connection. kube-rs has no option for it, hence this assembly of its own layers.
+pub fn kube_client(mut config: kube::Config) -> Result<kube::Client, ClusterError> {
+    let plugin = config
+        .auth_info
+        .exec
+        .take()
+        .map(exec_plugin::ExecPlugin::new)
+        .transpose()?;
+    client_with(config, plugin)
+}
+
+/// [`kube_client`] with the exec plugin already taken out of `config`.
+fn client_with(
+    config: kube::Config,
+    plugin: Option<exec_plugin::ExecPlugin>,
+) -> Result<kube::Client, ClusterError> {
+    use hyper_util::client::legacy::connect::HttpConnector;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(config.connect_timeout);
-    let https = config.rustls_https_connector_with_connector(http)?;
+    let client = match &config.proxy_url {
+        None => assemble(&config, http, plugin),
+        Some(url) => {
+            let proxy = proxy::Proxy {
+                url: url.clone(),
+                origin: "the client configuration",
+            };
+            if url.scheme_str() != Some("http") {
+                return Err(proxy::ProxyError::Scheme {
+                    url: proxy.shown(),
+                    origin: proxy.origin,
+                    scheme: url.scheme_str().unwrap_or_default().to_owned(),
+                }
+                .into());
+            }
+            let via = proxy::ConnectVia::new(&proxy, http, config.connect_timeout);
+            assemble(&config, via, plugin)
+        }
+    };
+    client.map_err(|e| ClusterError::Client(Box::new(e)))
+}
+
+/// The client's layers around `connector` (TLS on top of it).
+fn assemble<C>(
+    config: &kube::Config,
+    connector: C,
+    plugin: Option<exec_plugin::ExecPlugin>,
+) -> Result<kube::Client, kube::Error>
+where
+    C: tower::Service<http::Uri> + Clone + Send + Sync + 'static,
+    C::Response: hyper_util::client::legacy::connect::Connection
+        + hyper::rt::Read
+        + hyper::rt::Write
+        + Send
+        + Unpin
+        + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+    use kube::client::ConfigExt as _;
+    let https = config.rustls_https_connector_with_connector(connector)?;
     let hyper = Client::builder(TokioExecutor::new()).build::<_, kube::client::Body>(https);
     let service = tower::ServiceBuilder::new()
         .layer(config.base_uri_layer())
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)
+        .option_layer(plugin.map(exec_plugin::ExecAuthLayer))
         .map_err(tower::BoxError::from)
         .service(hyper);
-    Ok(kube::Client::new(service, config.default_namespace))
+    Ok(kube::Client::new(service, config.default_namespace.clone()))
 }
 
 #[cfg(test)]

@@ -325,12 +325,18 @@ impl Target {
 
 /// Authenticates, routes, authorises, then hands the request to its handler.
 async fn serve(api: Arc<ApiServer>, req: Request) -> Result<Response, ApiError> {
-    let user = match bearer(req.headers()) {
-        Some(token) => api
+    // kube-apiserver's authenticator union tries the client certificate before tokens.
+    let certified = req
+        .extensions()
+        .get::<tls::ClientIdentity>()
+        .map(|identity| identity.0.clone());
+    let user = match (certified, bearer(req.headers())) {
+        (Some(user), _) => user,
+        (None, Some(token)) => api
             .tokens
             .authenticate(token)
             .ok_or_else(ApiError::unauthorized)?,
-        None => return Err(ApiError::unauthorized()),
+        (None, None) => return Err(ApiError::unauthorized()),
     };
     let (rt, ns, name, sub) = match route(&api, req.uri().path())? {
         Route::Object { rt, ns, name, sub } => (*rt, ns, name, sub),

@@ -47,6 +47,8 @@ pub struct Testbed {
     pub host_url: String,
     pub admin_token: String,
     pub ca_pem: String,
+    /// The CA's signer, for client certificates.
+    ca: Arc<tls::Issuer>,
     /// The admin kubeconfig for the host.
     pub kubeconfig: PathBuf,
     /// The admin kubeconfig for the workstation namespace (https://172.30.0.1:6443).
@@ -211,6 +213,7 @@ impl Testbed {
             host_url,
             admin_token,
             ca_pem: pki.ca_pem,
+            ca: pki.ca,
             kubeconfig,
             workstation_kubeconfig,
             dir,
@@ -378,6 +381,38 @@ impl Testbed {
     pub fn workstation_user_kubeconfig(&self, name: &str, namespace: &str) -> io::Result<PathBuf> {
         let url = format!("https://{API_IP}:{API_PORT}");
         self.user_kubeconfig_at(name, namespace, &url, "-workstation")
+    }
+
+    /// A kubeconfig for the workstation whose user authenticates with a client certificate
+    /// for `name` in `group` (CN and O, signed by the cluster's CA), as `kubeadm kubeconfig
+    /// user` writes one.
+    pub fn workstation_certificate_kubeconfig(
+        &self,
+        name: &str,
+        group: Option<&str>,
+        namespace: &str,
+    ) -> io::Result<PathBuf> {
+        let (cert, key) =
+            tls::client_certificate(&self.ca, name, group).map_err(io::Error::other)?;
+        let path = self.dir.join(format!("kubeconfig-{name}-certificate"));
+        let url = format!("https://{API_IP}:{API_PORT}");
+        kubeconfig::write_certificate(
+            &path,
+            &url,
+            name,
+            (&cert, &key),
+            namespace,
+            Some(&self.ca_pem),
+        )?;
+        Ok(path)
+    }
+
+    /// A bearer token for user `name` that the API server refuses (401) from `expires` on,
+    /// as an OIDC or webhook token authenticator refuses an expired token.
+    pub fn issue_token(&self, name: &str, expires: std::time::SystemTime) -> String {
+        self.api
+            .tokens
+            .issue_until(UserInfo::user(name), Some(expires))
     }
 
     fn user_kubeconfig_at(

@@ -393,7 +393,8 @@ mod tests {
     #[test]
     fn a_new_command_gets_its_items_without_a_list() {
         let command = Cli::command().subcommand(
-            clap::Command::new("clean")
+            // A made-up command: real ones get their items the same way.
+            clap::Command::new("sweep")
                 .arg(clap::Arg::new("threshold").long("thresholdInMinus"))
                 .arg(clap::Arg::new("dry").long("dryRun").hide(true)),
         );
@@ -401,11 +402,19 @@ mod tests {
             .iter()
             .map(Item::key)
             .collect();
-        assert!(keys.contains(&"clean.threshold-in-minus".to_owned()));
+        assert!(keys.contains(&"sweep.threshold-in-minus".to_owned()));
         assert!(
-            !keys.contains(&"clean.dry-run".to_owned()),
+            !keys.contains(&"sweep.dry-run".to_owned()),
             "hidden flags are no items"
         );
+        // And the real `clean` has its v0.3.7 items.
+        for key in [
+            "clean.threshold-in-minus",
+            "clean.dry-run",
+            "birdseye.sort-by",
+        ] {
+            assert!(keys.contains(&key.to_owned()), "{key} in {keys:?}");
+        }
     }
 
     #[test]

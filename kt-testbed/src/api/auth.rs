@@ -1,7 +1,8 @@
-//! Authentication (bearer tokens: the admin's, users', service accounts') and RBAC
-//! authorisation from the Roles, ClusterRoles and bindings in the store.
+//! Authentication (bearer tokens: the admin's, users', service accounts', and tokens with
+//! an expiry as an OIDC or webhook token authenticator has them; client certificates in
+//! `tls.rs`) and RBAC authorisation from the Roles, ClusterRoles and bindings in the store.
 
-use std::{collections::HashMap, sync::RwLock};
+use std::{collections::HashMap, sync::RwLock, time::SystemTime};
 
 use serde_json::{Value, json};
 
@@ -51,30 +52,39 @@ impl UserInfo {
     }
 }
 
-/// Bearer token → user.
+/// Bearer token → user, and when the token stops being accepted (`None`: never).
 #[derive(Debug, Default)]
 pub struct Tokens {
-    by_token: RwLock<HashMap<String, UserInfo>>,
+    by_token: RwLock<HashMap<String, (UserInfo, Option<SystemTime>)>>,
 }
 
 impl Tokens {
     pub fn issue(&self, user: UserInfo) -> String {
+        self.issue_until(user, None)
+    }
+
+    /// A token refused from `expires` on, as kube-apiserver's OIDC authenticator refuses an
+    /// ID token past its `exp` and a webhook authenticator one its service says has expired:
+    /// `401 Unauthorized`, like an unknown token.
+    pub fn issue_until(&self, user: UserInfo, expires: Option<SystemTime>) -> String {
         let token: String = (0..32)
             .map(|_| format!("{:x}", rand::random_range(0..16u8)))
             .collect();
         self.by_token
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(token.clone(), user);
+            .insert(token.clone(), (user, expires));
         token
     }
 
     pub fn authenticate(&self, token: &str) -> Option<UserInfo> {
-        self.by_token
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(token)
-            .cloned()
+        self.authenticate_at(token, SystemTime::now())
+    }
+
+    fn authenticate_at(&self, token: &str, now: SystemTime) -> Option<UserInfo> {
+        let tokens = self.by_token.read().unwrap_or_else(|e| e.into_inner());
+        let (user, expires) = tokens.get(token)?;
+        expires.is_none_or(|e| now < e).then(|| user.clone())
     }
 }
 
@@ -264,6 +274,21 @@ mod tests {
             namespace: ns,
             name: None,
         }
+    }
+
+    #[test]
+    fn a_token_is_refused_from_its_expiry_on() {
+        let tokens = Tokens::default();
+        let now = SystemTime::now();
+        let expires = now + std::time::Duration::from_secs(5);
+        let token = tokens.issue_until(UserInfo::user("alice"), Some(expires));
+        assert_eq!(
+            tokens.authenticate_at(&token, now),
+            Some(UserInfo::user("alice"))
+        );
+        assert_eq!(tokens.authenticate_at(&token, expires), None);
+        let forever = tokens.issue(UserInfo::user("bob"));
+        assert!(tokens.authenticate_at(&forever, expires).is_some());
     }
 
     #[test]

@@ -107,6 +107,11 @@ enum Tool {
         #[arg(default_value = "-")]
         header: String,
     },
+    /// An HTTP CONNECT proxy on LISTEN (`ip:port`), as a corporate proxy stands between a
+    /// developer and the API server: prints `listening`, then `CONNECT host:port` for each
+    /// tunnel and `closed host:port up=BYTES down=BYTES` when it ends. Any other method
+    /// gets 405.
+    ConnectProxy { listen: String },
 }
 
 type Result<T = (), E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
@@ -163,6 +168,7 @@ fn main() -> ExitCode {
                 seconds,
                 header,
             } => http::load(&addr, connections, seconds, &header).await,
+            Tool::ConnectProxy { listen } => connect_proxy(&listen).await,
         }
     };
     let result = tokio::runtime::Builder::new_multi_thread()
@@ -407,4 +413,60 @@ async fn request_response(addr: &str, count: usize, size: usize) -> Result {
     let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
     println!("{:.1} {:.1}", at(0.50), at(0.99));
     Ok(())
+}
+
+/// `kt-tools connect-proxy`: see [`Tool::ConnectProxy`]. Lines go to stdout as they happen.
+async fn connect_proxy(listen: &str) -> Result {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("listening {}", listener.local_addr()?);
+    loop {
+        let (mut client, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let _ = client.set_nodelay(true);
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+                match client.read_u8().await {
+                    Ok(b) => head.push(b),
+                    Err(_) => return,
+                }
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let mut words = head.split_whitespace();
+            let (method, target) = (
+                words.next().unwrap_or_default(),
+                words.next().unwrap_or_default(),
+            );
+            if method != "CONNECT" {
+                let _ = client
+                    .write_all(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                    .await;
+                return;
+            }
+            let target = target.to_owned();
+            println!("CONNECT {target}");
+            let mut upstream = match tokio::net::TcpStream::connect(&target).await {
+                Ok(upstream) => upstream,
+                Err(error) => {
+                    println!("failed {target}: {error}");
+                    let _ = client
+                        .write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+            };
+            let _ = upstream.set_nodelay(true);
+            if client
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut upstream)
+                .await
+                .unwrap_or_default();
+            println!("closed {target} up={up} down={down}");
+        });
+    }
 }
