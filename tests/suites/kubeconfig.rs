@@ -268,6 +268,17 @@ fn proxy_traffic(log: &str) -> (usize, u64, u64) {
     (connects, up, down)
 }
 
+/// [`proxy_traffic`] once every tunnel the proxy opened has closed (it counts a tunnel's
+/// bytes when it closes, a moment after ktctl exits).
+async fn settled_proxy_traffic(proxy: &Background) -> (usize, u64, u64) {
+    eventually("every proxy tunnel closed", async || {
+        let log = proxy.log();
+        let closed = log.lines().filter(|l| l.starts_with("closed ")).count();
+        seen(proxy_traffic(&log), |(connects, _, _)| *connects == closed)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(feature = "e2e"),
@@ -305,7 +316,7 @@ async fn an_http_proxy_carries_the_api_requests_and_the_port_forward_unless_no_p
     assert!(ok && out.contains("ok 4"), "{out}\n{}", forward.log());
     let (status, log) = forward.interrupt();
     assert!(status.success(), "{log}");
-    let (connects, up, down) = proxy_traffic(&proxy.log());
+    let (connects, up, down) = settled_proxy_traffic(&proxy).await;
     eprintln!("proxy-url forward: {connects} CONNECTs, {up} bytes up, {down} down");
     assert!(
         proxy
@@ -360,7 +371,7 @@ async fn an_http_proxy_carries_the_api_requests_and_the_port_forward_unless_no_p
     assert!(status.success(), "{log}");
     assert_eq!(service_state(&tb, "web"), before, "restored:\n{log}");
     drop(app);
-    let (after_exchange, up2, down2) = proxy_traffic(&proxy.log());
+    let (after_exchange, up2, down2) = settled_proxy_traffic(&proxy).await;
     eprintln!(
         "HTTPS_PROXY exchange: {} CONNECTs, {} bytes up, {} down",
         after_exchange - connects,
