@@ -1,7 +1,8 @@
 //! The HTTP face of the API stand-in: routing of `/api` and `/apis` paths
 //! (`route`), authentication and RBAC, then the handler table (`dispatch`): discovery
 //! (`discovery`), the verbs with watch streams and server-side tables for kubectl (`verbs`),
-//! and the subresources `status`, `scale`, `log`, `exec`, `portforward` (`subresources`).
+//! and the subresources `status`, `scale`, `log`, `exec`, `portforward`, `ephemeralcontainers`
+//! (`subresources`).
 
 pub mod admission;
 pub mod api_only;
@@ -414,6 +415,9 @@ async fn dispatch(api: &Arc<ApiServer>, req: Request, t: &Target) -> Result<Resp
         ("DELETE", true, None) => verbs::delete(api, t, req).await,
         (_, true, Some("scale")) if t.rt.scale => subresources::scale(api, t, req).await,
         ("GET", true, Some("log")) if pods => subresources::log(api, t).await,
+        ("GET" | "PUT" | "PATCH", true, Some("ephemeralcontainers")) if pods => {
+            subresources::ephemeral_containers(api, t, req).await
+        }
         ("GET" | "POST", true, Some(sub @ ("portforward" | "exec"))) if pods => {
             subresources::stream(api, t, sub, req).await
         }
