@@ -46,10 +46,12 @@ use self::{
 /// What the API needs from the kubelets: pod logs, a connection into a pod, a process in a
 /// pod. Set once the kubelets run; until then these subresources answer 400.
 pub trait PodRuntime: Send + Sync {
+    /// The log of `container` (an ephemeral one too), or of the pod's first container.
     fn logs(
         &self,
         ns: &str,
         pod: &str,
+        container: Option<&str>,
         follow: bool,
     ) -> BoxFuture<'static, Result<BoxStream<'static, Bytes>, ApiError>>;
     fn dial(

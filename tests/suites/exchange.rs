@@ -422,6 +422,44 @@ async fn ephemeral_exchange_redirects_inside_the_pods_and_ctrl_c_or_kill_restore
     eprintln!("navigators ended {:?} after kill -9", killed.elapsed());
     assert_eq!(service_state(&tb, "web"), before_service);
     assert_eq!(web_pods(&tb), web, "no pod was replaced");
+
+    // One pod by name (`pod/<name>`, its container port): only that pod's traffic goes.
+    let mut names: Vec<&String> = web.iter().collect();
+    names.sort();
+    let (one, other) = (names[0].as_str(), names[1].as_str());
+    let ip = |pod: &str| {
+        kubectl_ok(&tb.kubeconfig, &["get", "pod", pod, "-o", "jsonpath={.status.podIP}"])
+    };
+    let (one_url, other_url) = (
+        format!("http://{}:8080/", ip(one)),
+        format!("http://{}:8080/", ip(other)),
+    );
+    let target = format!("pod/{one}");
+    let mut exchange = Background::ktctl(
+        &tb,
+        &["exchange", &target, "--expose", "18093:8080", "--mode", "ephemeral"],
+    );
+    exchange
+        .wait_for(&format!(" Now all request to pod '{one}' will be redirected to local"))
+        .await;
+    until_all_answered_by(&tb, &CLIENTS, std::slice::from_ref(&one_url), |who| who == "workstation", Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|wrong| panic!("{wrong}\n{}", exchange.log()));
+    until_all_answered_by(&tb, &CLIENTS, std::slice::from_ref(&other_url), |who| who == other, Duration::from_secs(5))
+        .await
+        .expect("the other pod keeps its traffic");
+    let (status, log) = exchange.interrupt();
+    assert!(status.success(), "{log}");
+    until_all_answered_by(&tb, &CLIENTS, std::slice::from_ref(&one_url), |who| who == one, Duration::from_secs(5))
+        .await
+        .expect("the pod answers again");
+    // `kubectl logs -c` reads an ephemeral container's log.
+    let name = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "pod", one, "-o", "jsonpath={.spec.ephemeralContainers[2].name}"],
+    );
+    let navigator_log = kubectl_ok(&tb.kubeconfig, &["logs", one, "-c", &name]);
+    assert!(navigator_log.contains("redirects removed"), "{navigator_log}");
     drop(app);
     tb.stop().await;
 }

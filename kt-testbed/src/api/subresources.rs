@@ -107,7 +107,12 @@ pub(super) async fn log(api: &ApiServer, t: &Target) -> Result<Response, ApiErro
         .ok_or_else(|| ApiError::bad_request("no kubelet is running"))?;
     api.store.get(&t.rt, t.namespace(), t.name())?;
     let stream = runtime
-        .logs(t.namespace(), t.name(), t.q.flag("follow"))
+        .logs(
+            t.namespace(),
+            t.name(),
+            t.q.get("container").filter(|c| !c.is_empty()),
+            t.q.flag("follow"),
+        )
         .await?;
     let mut resp = Response::new(Body::from_stream(stream.map(Ok::<_, Infallible>)));
     resp.headers_mut()

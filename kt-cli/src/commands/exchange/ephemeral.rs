@@ -549,6 +549,28 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_says_what_the_mode_needs() {
+        let status = |code: u16, reason: &str, message: &str| {
+            kube::Error::Api(Box::new(
+                serde_json::from_value(json!({"status": "Failure", "code": code, "reason": reason, "message": message}))
+                    .unwrap(),
+            ))
+        };
+        let forbidden = refused(
+            "web-1",
+            status(403, "Forbidden", r#"pods "web-1" is forbidden: User "bob" cannot patch resource "pods/ephemeralcontainers""#),
+        );
+        assert_eq!(
+            forbidden.to_string(),
+            r#"the cluster refused to add an ephemeral container to pod web-1: forbidden (pods "web-1" is forbidden: User "bob" cannot patch resource "pods/ephemeralcontainers"); ephemeral mode needs permission to patch pods/ephemeralcontainers"#
+        );
+        let old = refused("web-1", status(404, "NotFound", "the server could not find the requested resource"));
+        assert!(old.to_string().ends_with("(Kubernetes 1.23 or later is needed)"), "{old}");
+        let gone = refused("web-1", status(404, "NotFound", r#"pods "web-1" not found"#));
+        assert!(gone.to_string().ends_with(r#"pods "web-1" not found"#), "{gone}");
+    }
+
+    #[test]
     fn pod_arguments() {
         assert_eq!(pod_argument("pod/web-1"), Some("web-1"));
         assert_eq!(pod_argument("pods/web-1"), Some("web-1"));

@@ -531,19 +531,35 @@ impl PodRuntime for Kubelets {
         &self,
         ns: &str,
         pod: &str,
+        container: Option<&str>,
         follow: bool,
     ) -> BoxFuture<'static, Result<BoxStream<'static, Bytes>, ApiError>> {
         let running = self.find(ns, pod);
+        let (container, pod) = (container.map(str::to_owned), pod.to_owned());
         Box::pin(async move {
             let running =
                 running.ok_or_else(|| ApiError::bad_request("container is not running"))?;
-            let log = running
+            let first = running
                 .containers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .first()
                 .map(|c| c.log.clone())
                 .ok_or_else(|| ApiError::bad_request("pod has no containers"))?;
+            // Every container's log, ephemeral ones too, is `<name>.log` in the pod's state
+            // directory.
+            let log = match container {
+                None => first,
+                Some(name) => {
+                    let path = first.with_file_name(format!("{name}.log"));
+                    if !path.exists() {
+                        return Err(ApiError::bad_request(format!(
+                            "container {name} is not valid for pod {pod}"
+                        )));
+                    }
+                    path
+                }
+            };
             let stream = futures::stream::unfold((0u64, false), move |(offset, finished)| {
                 let (log, done) = (log.clone(), running.done.clone());
                 async move {
