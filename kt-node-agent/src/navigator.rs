@@ -118,7 +118,10 @@ async fn nft(script: &str) -> Result<(), NavigatorError> {
             .await
             .map_err(NavigatorError::Nft)?;
     }
-    let out = child.wait_with_output().await.map_err(NavigatorError::Nft)?;
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(NavigatorError::Nft)?;
     if out.status.success() {
         Ok(())
     } else {
@@ -189,7 +192,10 @@ impl Shared {
 
 /// Serves until no session is left (see the module documentation) or `shutdown`; the
 /// table is gone when it returns.
-pub async fn run(config: NavigatorConfig, shutdown: CancellationToken) -> Result<(), NavigatorError> {
+pub async fn run(
+    config: NavigatorConfig,
+    shutdown: CancellationToken,
+) -> Result<(), NavigatorError> {
     let keys: Vec<PublicKey> = config
         .authorized_keys
         .lines()
@@ -198,12 +204,13 @@ pub async fn run(config: NavigatorConfig, shutdown: CancellationToken) -> Result
     if keys.is_empty() {
         return Err(NavigatorError::NoKey);
     }
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| NavigatorError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| NavigatorError::Listen {
+                addr: config.listen,
+                source,
+            })?;
     // Whatever an earlier navigator of this pod left (it was killed): start clean.
     nft(&ruleset(&BTreeMap::new())).await?;
     tracing::info!(addr = %config.listen, "navigator SSH server listening");
@@ -401,7 +408,10 @@ impl Handler for Connection {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             if redirects.contains_key(&exposed) {
-                tracing::warn!(port = exposed, "port is already redirected by another session");
+                tracing::warn!(
+                    port = exposed,
+                    "port is already redirected by another session"
+                );
                 return Ok(false);
             }
             redirects.insert(
@@ -419,12 +429,15 @@ impl Handler for Connection {
         }
         self.had_forwards = true;
         self.goodbye.store(false, Ordering::Relaxed);
-        tracing::info!(port = exposed, to, "inbound port redirected to the workstation");
+        tracing::info!(
+            port = exposed,
+            to,
+            "inbound port redirected to the workstation"
+        );
         let stop = self.cancel.child_token();
         let (handle, address, tasks) = (session.handle(), address.to_owned(), self.tasks.clone());
         self.tasks.spawn(
-            forward_back(listener, handle, (address, *port), stop, tasks, |_| {})
-                .in_current_span(),
+            forward_back(listener, handle, (address, *port), stop, tasks, |_| {}).in_current_span(),
         );
         Ok(true)
     }

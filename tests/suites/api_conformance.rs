@@ -518,13 +518,18 @@ async fn ephemeral_containers_are_added_through_their_subresource_only() {
         .patch(
             "p",
             &PatchParams::default(),
-            &Patch::Strategic(json!({"spec": {"ephemeralContainers": [{"name": "dbg", "image": "busybox"}]}})),
+            &Patch::Strategic(
+                json!({"spec": {"ephemeralContainers": [{"name": "dbg", "image": "busybox"}]}}),
+            ),
         )
         .await
         .unwrap_err();
     let (code, text) = message(err);
     assert_eq!(code, 422);
-    assert!(text.contains("Forbidden: pod updates may not change fields"), "{text}");
+    assert!(
+        text.contains("Forbidden: pod updates may not change fields"),
+        "{text}"
+    );
 
     let added = pods
         .patch_ephemeral_containers(
@@ -535,14 +540,36 @@ async fn ephemeral_containers_are_added_through_their_subresource_only() {
         )
         .await
         .unwrap();
-    assert!(added.metadata.labels.is_none(), "only ephemeral containers change");
-    let ec = &added.spec.as_ref().unwrap().ephemeral_containers.as_ref().unwrap()[0];
+    assert!(
+        added.metadata.labels.is_none(),
+        "only ephemeral containers change"
+    );
+    let ec = &added
+        .spec
+        .as_ref()
+        .unwrap()
+        .ephemeral_containers
+        .as_ref()
+        .unwrap()[0];
     assert_eq!(
-        (ec.name.as_str(), ec.termination_message_policy.as_deref(), ec.image_pull_policy.as_deref()),
+        (
+            ec.name.as_str(),
+            ec.termination_message_policy.as_deref(),
+            ec.image_pull_policy.as_deref()
+        ),
         ("dbg", Some("File"), Some("Always"))
     );
     let read = pods.get_ephemeral_containers("p").await.unwrap();
-    assert_eq!(read.spec.as_ref().unwrap().ephemeral_containers.as_ref().unwrap().len(), 1);
+    assert_eq!(
+        read.spec
+            .as_ref()
+            .unwrap()
+            .ephemeral_containers
+            .as_ref()
+            .unwrap()
+            .len(),
+        1
+    );
 
     let mut removed = read.clone();
     removed.spec.as_mut().unwrap().ephemeral_containers = Some(Vec::new());
@@ -561,11 +588,17 @@ async fn ephemeral_containers_are_added_through_their_subresource_only() {
         .patch_ephemeral_containers(
             "p",
             &PatchParams::default(),
-            &Patch::Strategic(json!({"spec": {"ephemeralContainers": [{"name": "dbg", "image": "alpine"}]}})),
+            &Patch::Strategic(
+                json!({"spec": {"ephemeralContainers": [{"name": "dbg", "image": "alpine"}]}}),
+            ),
         )
         .await
         .unwrap_err();
-    assert!(message(err).1.contains(r#"existing ephemeral containers "dbg" may not be changed"#));
+    assert!(
+        message(err)
+            .1
+            .contains(r#"existing ephemeral containers "dbg" may not be changed"#)
+    );
     let err = pods
         .patch_ephemeral_containers(
             "p",
@@ -587,7 +620,9 @@ async fn ephemeral_containers_are_added_through_their_subresource_only() {
         .patch_ephemeral_containers(
             "p",
             &PatchParams::default(),
-            &Patch::Strategic(json!({"spec": {"ephemeralContainers": [{"name": "dbg-2", "image": "busybox"}]}})),
+            &Patch::Strategic(
+                json!({"spec": {"ephemeralContainers": [{"name": "dbg-2", "image": "busybox"}]}}),
+            ),
         )
         .await
         .unwrap();

@@ -352,14 +352,28 @@ async fn ephemeral_exchange_redirects_inside_the_pods_and_ctrl_c_or_kill_restore
     )
     .await
     .unwrap_or_else(|wrong| panic!("{wrong}\n{}", exchange.log()));
-    assert_eq!(service_state(&tb, "web"), before_service, "the Service is untouched");
+    assert_eq!(
+        service_state(&tb, "web"),
+        before_service,
+        "the Service is untouched"
+    );
     assert_eq!(web_pods(&tb), web, "the same pods");
-    assert_eq!(navigators(&tb), ["kt-exchange=running", "kt-exchange=running"]);
+    assert_eq!(
+        navigators(&tb),
+        ["kt-exchange=running", "kt-exchange=running"]
+    );
     // A second developer is refused, named after the first.
     let (code, err) = ktctl_once(
         &tb,
         &["USER=bob"],
-        &["exchange", "web", "--expose", "18093:80", "--mode", "ephemeral"],
+        &[
+            "exchange",
+            "web",
+            "--expose",
+            "18093:80",
+            "--mode",
+            "ephemeral",
+        ],
     );
     assert_eq!(code, Some(1), "{err}");
     assert!(
@@ -370,15 +384,26 @@ async fn ephemeral_exchange_redirects_inside_the_pods_and_ctrl_c_or_kill_restore
     let (status, log) = exchange.interrupt();
     assert!(status.success(), "{log}");
     eprintln!("Ctrl-C to exit: {:?}", stopping.elapsed());
-    assert_eq!(log.matches("restored: redirect of port 8080 removed").count(), 2, "{log}");
+    assert_eq!(
+        log.matches("restored: redirect of port 8080 removed")
+            .count(),
+        2,
+        "{log}"
+    );
     assert_eq!(
         navigators(&tb),
         ["kt-exchange=terminated:0", "kt-exchange=terminated:0"],
         "ended, and still in the spec"
     );
-    until_all_answered_by(&tb, &CLIENTS, &urls, |who| web.contains(who), Duration::from_secs(5))
-        .await
-        .expect("the pods answer again");
+    until_all_answered_by(
+        &tb,
+        &CLIENTS,
+        &urls,
+        |who| web.contains(who),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("the pods answer again");
     for pod in &web {
         let (_, tables) = kt_tests::harness::apps::in_pod(&tb, pod, &["nft", "list", "tables"]);
         assert!(!tables.contains("kt_navigator"), "{pod}: {tables}");
@@ -388,7 +413,9 @@ async fn ephemeral_exchange_redirects_inside_the_pods_and_ctrl_c_or_kill_restore
     let mut exchange = Background::spawn(&tb, Path::new("env"), &args);
     exchange.wait_for("will be redirected to local").await;
     assert!(
-        exchange.log().contains("keeps ephemeral container kt-exchange from an earlier exchange"),
+        exchange
+            .log()
+            .contains("keeps ephemeral container kt-exchange from an earlier exchange"),
         "{}",
         exchange.log()
     );
@@ -413,11 +440,17 @@ async fn ephemeral_exchange_redirects_inside_the_pods_and_ctrl_c_or_kill_restore
     .await
     .expect("the pods answer again after kill -9");
     eprintln!("pods serving again {back:?} after kill -9");
-    eventually("the navigators end after their reconnect grace", async || {
-        seen(navigators(&tb), |now| {
-            now.iter().filter(|n| *n == "kt-exchange-*=terminated:0").count() == 2
-        })
-    })
+    eventually(
+        "the navigators end after their reconnect grace",
+        async || {
+            seen(navigators(&tb), |now| {
+                now.iter()
+                    .filter(|n| *n == "kt-exchange-*=terminated:0")
+                    .count()
+                    == 2
+            })
+        },
+    )
     .await;
     eprintln!("navigators ended {:?} after kill -9", killed.elapsed());
     assert_eq!(service_state(&tb, "web"), before_service);
@@ -428,7 +461,10 @@ async fn ephemeral_exchange_redirects_inside_the_pods_and_ctrl_c_or_kill_restore
     names.sort();
     let (one, other) = (names[0].as_str(), names[1].as_str());
     let ip = |pod: &str| {
-        kubectl_ok(&tb.kubeconfig, &["get", "pod", pod, "-o", "jsonpath={.status.podIP}"])
+        kubectl_ok(
+            &tb.kubeconfig,
+            &["get", "pod", pod, "-o", "jsonpath={.status.podIP}"],
+        )
     };
     let (one_url, other_url) = (
         format!("http://{}:8080/", ip(one)),
@@ -437,29 +473,65 @@ async fn ephemeral_exchange_redirects_inside_the_pods_and_ctrl_c_or_kill_restore
     let target = format!("pod/{one}");
     let mut exchange = Background::ktctl(
         &tb,
-        &["exchange", &target, "--expose", "18093:8080", "--mode", "ephemeral"],
+        &[
+            "exchange",
+            &target,
+            "--expose",
+            "18093:8080",
+            "--mode",
+            "ephemeral",
+        ],
     );
     exchange
-        .wait_for(&format!(" Now all request to pod '{one}' will be redirected to local"))
+        .wait_for(&format!(
+            " Now all request to pod '{one}' will be redirected to local"
+        ))
         .await;
-    until_all_answered_by(&tb, &CLIENTS, std::slice::from_ref(&one_url), |who| who == "workstation", Duration::from_secs(10))
-        .await
-        .unwrap_or_else(|wrong| panic!("{wrong}\n{}", exchange.log()));
-    until_all_answered_by(&tb, &CLIENTS, std::slice::from_ref(&other_url), |who| who == other, Duration::from_secs(5))
-        .await
-        .expect("the other pod keeps its traffic");
+    until_all_answered_by(
+        &tb,
+        &CLIENTS,
+        std::slice::from_ref(&one_url),
+        |who| who == "workstation",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|wrong| panic!("{wrong}\n{}", exchange.log()));
+    until_all_answered_by(
+        &tb,
+        &CLIENTS,
+        std::slice::from_ref(&other_url),
+        |who| who == other,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("the other pod keeps its traffic");
     let (status, log) = exchange.interrupt();
     assert!(status.success(), "{log}");
-    until_all_answered_by(&tb, &CLIENTS, std::slice::from_ref(&one_url), |who| who == one, Duration::from_secs(5))
-        .await
-        .expect("the pod answers again");
+    until_all_answered_by(
+        &tb,
+        &CLIENTS,
+        std::slice::from_ref(&one_url),
+        |who| who == one,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("the pod answers again");
     // `kubectl logs -c` reads an ephemeral container's log.
     let name = kubectl_ok(
         &tb.kubeconfig,
-        &["get", "pod", one, "-o", "jsonpath={.spec.ephemeralContainers[2].name}"],
+        &[
+            "get",
+            "pod",
+            one,
+            "-o",
+            "jsonpath={.spec.ephemeralContainers[2].name}",
+        ],
     );
     let navigator_log = kubectl_ok(&tb.kubeconfig, &["logs", one, "-c", &name]);
-    assert!(navigator_log.contains("redirects removed"), "{navigator_log}");
+    assert!(
+        navigator_log.contains("redirects removed"),
+        "{navigator_log}"
+    );
     drop(app);
     tb.stop().await;
 }

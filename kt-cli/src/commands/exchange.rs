@@ -231,7 +231,9 @@ async fn exchange_pod(
             .collect();
         for (_, target) in &pairs {
             if !declared.contains(&i32::from(*target)) {
-                tracing::warn!("Pod {name} declares no container port {target}; redirecting it anyway");
+                tracing::warn!(
+                    "Pod {name} declares no container port {target}; redirecting it anyway"
+                );
             }
         }
         if !args.skip_port_checking {

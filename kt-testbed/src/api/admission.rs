@@ -278,7 +278,13 @@ pub fn default_pod_spec(spec: &mut Value) {
     spec["serviceAccountName"] = sa.clone();
     spec["serviceAccount"] = sa;
     for list in ["containers", "initContainers"] {
-        for c in spec[list].as_array_mut().into_iter().flatten() {
+        // `get_mut`: indexing would add `initContainers: null` to every pod.
+        for c in spec
+            .get_mut(list)
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
             let image = c["image"].as_str().unwrap_or_default();
             let latest = !image.rsplit('/').next().unwrap_or(image).contains(':')
                 || image.ends_with(":latest");
@@ -454,14 +460,16 @@ const EPHEMERAL_FORBIDDEN: &[&str] = &[
 /// The defaults the API server gives an ephemeral container (those of any container but
 /// `resources`, which stays empty: the Go struct is not a pointer, so it reads `{}`).
 pub fn default_ephemeral_containers(spec: &mut Value) {
-    for c in spec["ephemeralContainers"]
-        .as_array_mut()
+    // `get_mut`: indexing would add the key as null to a spec without it.
+    for c in spec
+        .get_mut("ephemeralContainers")
+        .and_then(Value::as_array_mut)
         .into_iter()
         .flatten()
     {
         let image = c["image"].as_str().unwrap_or_default();
-        let latest = !image.rsplit('/').next().unwrap_or(image).contains(':')
-            || image.ends_with(":latest");
+        let latest =
+            !image.rsplit('/').next().unwrap_or(image).contains(':') || image.ends_with(":latest");
         set_default(
             c,
             "imagePullPolicy",
@@ -548,7 +556,12 @@ pub fn ephemeral_container_changes(old: &Value, new: &Value) -> Causes {
                 format!("Not found: \"{target}\""),
             ));
         }
-        for (j, m) in c["volumeMounts"].as_array().into_iter().flatten().enumerate() {
+        for (j, m) in c["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
             let volume = m["name"].as_str().unwrap_or_default();
             if !volumes.contains(volume) {
                 causes.push((
@@ -633,8 +646,10 @@ mod tests {
         added["spec"]["ephemeralContainers"]
             .as_array_mut()
             .unwrap()
-            .push(json!({"name": "kt-exchange", "image": "x", "targetContainerName": "app",
-                         "volumeMounts": [{"name": "data", "mountPath": "/d"}]}));
+            .push(
+                json!({"name": "kt-exchange", "image": "x", "targetContainerName": "app",
+                         "volumeMounts": [{"name": "data", "mountPath": "/d"}]}),
+            );
         assert!(ephemeral_container_changes(&pod, &added).is_empty());
         let mut removed = pod.clone();
         removed["spec"]["ephemeralContainers"] = json!([]);

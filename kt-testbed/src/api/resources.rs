@@ -109,7 +109,12 @@ impl ResourceType {
             match *extra {
                 "log" => sub("log", "Pod", None, &["get"]),
                 "ephemeralcontainers" => {
-                    sub("ephemeralcontainers", "Pod", None, &["get", "patch", "update"]);
+                    sub(
+                        "ephemeralcontainers",
+                        "Pod",
+                        None,
+                        &["get", "patch", "update"],
+                    );
                 }
                 other => sub(other, "PodPortForwardOptions", None, &["create", "get"]),
             }

@@ -212,6 +212,10 @@ pub fn container(
     container
 }
 
+/// A pod's navigator session once it exists, for its restoration: the SSH connection and
+/// the reverse tunnels opened on it.
+type Session = Arc<std::sync::Mutex<Option<(Arc<SshPool>, Vec<RemoteForward>)>>>;
+
 /// One pod being exchanged: its navigator's SSH connection and reverse tunnels.
 struct Exchanged {
     pod: String,
@@ -325,10 +329,15 @@ async fn setup_pod(
         .await
         .map_err(|source| refused(&name, source))?;
     tracing::info!("Ephemeral container {container_name} added to pod {name}");
-    let session: Arc<std::sync::Mutex<Option<(Arc<SshPool>, Vec<RemoteForward>)>>> =
-        Arc::default();
+    let session: Session = Arc::default();
     defer_restore(ctx, &pods, &name, &container_name, session.clone());
-    wait_running(&pods, &name, &container_name, ctx.settings.shadow.creation_timeout).await?;
+    wait_running(
+        &pods,
+        &name,
+        &container_name,
+        ctx.settings.shadow.creation_timeout,
+    )
+    .await?;
     let pool = Arc::new(SshPool::new(
         ctx.cluster.client.clone(),
         Target::navigator(namespace, &name, port),
@@ -439,7 +448,11 @@ async fn wait_running(
             None => {}
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(not_started(format!("not running after {} s ({last})", timeout.as_secs())).into());
+            return Err(not_started(format!(
+                "not running after {} s ({last})",
+                timeout.as_secs()
+            ))
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -448,13 +461,7 @@ async fn wait_running(
 /// Registers the restoration of `pod`: each reverse tunnel cancelled (the navigator removes
 /// its redirect before it confirms), the connection closed, and the navigator's end awaited
 /// — the proof that nothing of it is left in the pod.
-fn defer_restore(
-    ctx: &Context<'_>,
-    pods: &Api<Pod>,
-    pod: &str,
-    container: &str,
-    session: Arc<std::sync::Mutex<Option<(Arc<SshPool>, Vec<RemoteForward>)>>>,
-) {
+fn defer_restore(ctx: &Context<'_>, pods: &Api<Pod>, pod: &str, container: &str, session: Session) {
     let (pods, pod, container) = (pods.clone(), pod.to_owned(), container.to_owned());
     ctx.lifecycle.defer_within(
         format!("the redirect in pod {pod} (its navigator {container} removes it when the connection ends)"),
@@ -515,7 +522,10 @@ fn defer_restore(
 }
 
 /// Reads pod `name` for `pod/<name>`.
-pub(super) async fn read_pod(cluster: &crate::cluster::Cluster, name: &str) -> Result<Pod, ExchangeError> {
+pub(super) async fn read_pod(
+    cluster: &crate::cluster::Cluster,
+    name: &str,
+) -> Result<Pod, ExchangeError> {
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     match pods.get_opt(name).await {
         Ok(Some(pod)) => Ok(pod),
@@ -544,7 +554,10 @@ mod tests {
             navigator_image("my.registry/kt-connect-shadow:v1"),
             "my.registry/kt-connect-navigator:v1"
         );
-        assert_eq!(navigator_image("ghcr.io/x/kt-shadow:dev"), "ghcr.io/x/kt-navigator:dev");
+        assert_eq!(
+            navigator_image("ghcr.io/x/kt-shadow:dev"),
+            "ghcr.io/x/kt-navigator:dev"
+        );
         assert_eq!(navigator_image("busybox"), DEFAULT_NAVIGATOR_IMAGE);
     }
 
@@ -558,16 +571,37 @@ mod tests {
         };
         let forbidden = refused(
             "web-1",
-            status(403, "Forbidden", r#"pods "web-1" is forbidden: User "bob" cannot patch resource "pods/ephemeralcontainers""#),
+            status(
+                403,
+                "Forbidden",
+                r#"pods "web-1" is forbidden: User "bob" cannot patch resource "pods/ephemeralcontainers""#,
+            ),
         );
         assert_eq!(
             forbidden.to_string(),
             r#"the cluster refused to add an ephemeral container to pod web-1: forbidden (pods "web-1" is forbidden: User "bob" cannot patch resource "pods/ephemeralcontainers"); ephemeral mode needs permission to patch pods/ephemeralcontainers"#
         );
-        let old = refused("web-1", status(404, "NotFound", "the server could not find the requested resource"));
-        assert!(old.to_string().ends_with("(Kubernetes 1.23 or later is needed)"), "{old}");
-        let gone = refused("web-1", status(404, "NotFound", r#"pods "web-1" not found"#));
-        assert!(gone.to_string().ends_with(r#"pods "web-1" not found"#), "{gone}");
+        let old = refused(
+            "web-1",
+            status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        );
+        assert!(
+            old.to_string()
+                .ends_with("(Kubernetes 1.23 or later is needed)"),
+            "{old}"
+        );
+        let gone = refused(
+            "web-1",
+            status(404, "NotFound", r#"pods "web-1" not found"#),
+        );
+        assert!(
+            gone.to_string().ends_with(r#"pods "web-1" not found"#),
+            "{gone}"
+        );
     }
 
     #[test]
@@ -613,9 +647,7 @@ mod tests {
 
     #[test]
     fn the_ssh_port_avoids_the_pods_ports() {
-        let pod = |ports: &[u16]| {
-            json!({"spec": {"containers": [{"name": "app", "ports": ports.iter().map(|p| json!({"containerPort": p})).collect::<Vec<_>>()}]}})
-        };
+        let pod = |ports: &[u16]| json!({"spec": {"containers": [{"name": "app", "ports": ports.iter().map(|p| json!({"containerPort": p})).collect::<Vec<_>>()}]}});
         assert_eq!(navigator_port(&pod(&[80]), &[80]), 22);
         assert_eq!(navigator_port(&pod(&[22]), &[80]), 2222);
         assert_eq!(navigator_port(&pod(&[80]), &[22, 2222]), 22022);
@@ -623,10 +655,24 @@ mod tests {
 
     #[test]
     fn the_container_is_what_an_ephemeral_container_may_be() {
-        let c = container("kt-exchange", "img", false, 22, "ssh-ed25519 AAAA kt", "alice", Some("app"));
+        let c = container(
+            "kt-exchange",
+            "img",
+            false,
+            22,
+            "ssh-ed25519 AAAA kt",
+            "alice",
+            Some("app"),
+        );
         assert_eq!(c["targetContainerName"], "app");
-        assert_eq!(c["securityContext"]["capabilities"]["add"], json!(["NET_ADMIN"]));
-        assert_eq!(c["env"][0], json!({"name": "KT_NAVIGATOR_LISTEN", "value": "0.0.0.0:22"}));
+        assert_eq!(
+            c["securityContext"]["capabilities"]["add"],
+            json!(["NET_ADMIN"])
+        );
+        assert_eq!(
+            c["env"][0],
+            json!({"name": "KT_NAVIGATOR_LISTEN", "value": "0.0.0.0:22"})
+        );
         for forbidden in ["ports", "resources", "readinessProbe", "livenessProbe"] {
             assert!(c.get(forbidden).is_none(), "{forbidden}");
         }
