@@ -535,3 +535,63 @@ async fn ephemeral_exchange_redirects_inside_the_pods_and_ctrl_c_or_kill_restore
     drop(app);
     tb.stop().await;
 }
+
+/// A user who may read pods and Services but not patch `pods/ephemeralcontainers` is told
+/// so, by name, and nothing is changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn ephemeral_exchange_without_rbac_on_the_subresource_says_what_it_needs() {
+    let tb = start_testbed(false).await;
+    deploy_web(&tb);
+    apply(
+        &tb.kubeconfig,
+        r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: reader, namespace: default}
+rules:
+- apiGroups: [""]
+  resources: [pods, services, pods/portforward]
+  verbs: [get, list, watch, create]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: alice-reads, namespace: default}
+subjects: [{kind: User, name: alice, apiGroup: rbac.authorization.k8s.io}]
+roleRef: {kind: Role, name: reader, apiGroup: rbac.authorization.k8s.io}
+"#,
+    );
+    let alice = tb.workstation_user_kubeconfig("alice", "default").unwrap();
+    let app = workstation::http_echo(&tb, 18094).await;
+    let before = (service_state(&tb, "web"), kt_objects(&tb));
+    let (code, err) = ktctl_once(
+        &tb,
+        &[],
+        &[
+            "-c",
+            alice.to_str().unwrap(),
+            "exchange",
+            "web",
+            "--expose",
+            "18094:80",
+            "--mode",
+            "ephemeral",
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("ERR Exit: the cluster refused to add an ephemeral container to pod web-")
+            && err.contains("ephemeral mode needs permission to patch pods/ephemeralcontainers"),
+        "{err}"
+    );
+    assert!(
+        navigators(&tb).is_empty(),
+        "no ephemeral container was added"
+    );
+    assert_eq!((service_state(&tb, "web"), kt_objects(&tb)), before);
+    drop(app);
+    tb.stop().await;
+}
