@@ -536,8 +536,8 @@ async fn ephemeral_exchange_redirects_inside_the_pods_and_ctrl_c_or_kill_restore
     tb.stop().await;
 }
 
-/// A user who may read pods and Services but not patch `pods/ephemeralcontainers` is told
-/// so, by name, and nothing is changed.
+/// A user who may read and patch pods and Services but not patch
+/// `pods/ephemeralcontainers` is told so, by name, and nothing is changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(feature = "e2e"),
@@ -553,9 +553,11 @@ apiVersion: rbac.authorization.k8s.io/v1
 kind: Role
 metadata: {name: reader, namespace: default}
 rules:
+# Everything ephemeral mode uses but the subresource (`patch` on services is kt-lock;
+# `patch` on pods does not cover pods/ephemeralcontainers).
 - apiGroups: [""]
   resources: [pods, services, pods/portforward]
-  verbs: [get, list, watch, create]
+  verbs: [get, list, watch, create, patch]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding

@@ -249,7 +249,7 @@ async fn exchange_pod(
         prepared = prepared => prepared?,
     };
     let ctx = Context::new(settings, &cluster, lifecycle);
-    let result = ephemeral::exchange(&ctx, &format!("pod '{name}'"), vec![pod], &pairs).await;
+    let result = ephemeral::exchange(&ctx, &format!("pod '{name}'"), None, vec![pod], &pairs).await;
     match result {
         Ok(()) if !ctx.announced() && lifecycle.stopped_by().is_some() => {
             Err(ExchangeError::Interrupted)
@@ -353,7 +353,7 @@ async fn exchange(
                     .is_some_and(|l| l.contains_key(compat::ROLE))
             };
             let pods = subject.pods.into_iter().filter(|p| !is_kt(p)).collect();
-            ephemeral::exchange(&ctx, &format!("service '{name}'"), pods, &pairs).await
+            ephemeral::exchange(&ctx, &format!("service '{name}'"), Some(name), pods, &pairs).await
         }
         Method::Scale(deployments) => {
             let recover_wait = Duration::from_secs(u64::from(args.recover_wait_time));

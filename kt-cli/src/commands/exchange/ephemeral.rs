@@ -38,7 +38,7 @@ use serde_json::{Value, json};
 
 use super::{Context, ExchangeError};
 use crate::{
-    cluster::ClusterError,
+    cluster::{ClusterError, lock},
     ssh_client::{ForwardsEnded, RemoteForward, SessionKey, SshPool, Target},
 };
 
@@ -224,18 +224,44 @@ struct Exchanged {
 }
 
 /// Exchanges `pods` (`what` names them in the banner): `pairs` are (local port, target
-/// port). Returns when the run is stopped (teardown restores each pod) or a navigator is
-/// lost.
+/// port). With `service`, its `kt-lock` is held from the check of the pods' navigators until
+/// every navigator is up, so that two ktctl cannot both find a pod free (two navigators in
+/// one pod would share its network namespace). Returns when the run is stopped (teardown
+/// restores each pod) or a navigator is lost.
 pub(super) async fn exchange(
     ctx: &Context<'_>,
     what: &str,
+    service: Option<&str>,
     pods: Vec<Pod>,
     pairs: &[(u16, u16)],
 ) -> Result<(), ExchangeError> {
     tracing::info!(
         "Experimental feature. It just works on kubernetes above v1.23, and it can NOT work with istio."
     );
-    let pods: Vec<Pod> = pods
+    let api: Api<Pod> = Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace);
+    if let Some(name) = service {
+        lock::lock(&services, name).await?;
+        let (services, name) = (services.clone(), name.to_owned());
+        ctx.lifecycle
+            .defer(format!("kt-lock on service {name}"), async move {
+                lock::unlock(&services, &name).await
+            });
+    }
+    // The pods as they are now that the lock is held.
+    let mut fresh = Vec::new();
+    for pod in pods {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        if let Some(now) = api
+            .get_opt(&name)
+            .await
+            .map_err(ClusterError::api(format!("get pod {name}")))?
+        {
+            fresh.push(now);
+        }
+    }
+    let pods: Vec<Pod> = fresh
         .into_iter()
         .filter(|p| {
             p.metadata.deletion_timestamp.is_none()
@@ -268,6 +294,11 @@ pub(super) async fn exchange(
             done = setup => done?,
         };
         exchanged.push(done);
+    }
+    if let Some(name) = service
+        && let Err(error) = lock::unlock(&services, name).await
+    {
+        tracing::warn!("{}", kt_proto::error_chain(&error));
     }
     ctx.announce(what);
     let stop = ctx.lifecycle.stop.clone();
