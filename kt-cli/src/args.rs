@@ -277,7 +277,7 @@ pub struct ForwardArgs {
 /// `ktctl exchange <svc> --expose local[:remote][,...]`.
 #[derive(Debug, Args)]
 pub struct ExchangeArgs {
-    /// The service (`name`, `svc/name`)
+    /// The service (`name`, `svc/name`), or with --mode ephemeral a pod (`pod/name`)
     pub service: String,
     /// Ports to expose, `port` or `local:remote` (comma separated); `remote` is the
     /// service's targetPort or, when no targetPort matches, its port
@@ -286,7 +286,9 @@ pub struct ExchangeArgs {
     /// Exchange method: 'agent' (kt's node agent redirects the Service in the kernel;
     /// nothing in the cluster is changed), 'selector' (the Service selects a shadow pod,
     /// v0.3.7's default), 'scale' (the Deployment is scaled to zero while a shadow stands
-    /// in for its pods), or 'auto' (agent when the agent is installed, else selector)
+    /// in for its pods), 'ephemeral' (an ephemeral container in each pod redirects the
+    /// exposed ports to local, inside the pod; also for `pod/<name>`), or 'auto' (agent
+    /// when the agent is installed, else selector)
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: ExchangeMode,
     /// Do not check whether a local application listens on the exposed ports
@@ -380,6 +382,7 @@ pub enum ExchangeMode {
     Agent,
     Selector,
     Scale,
+    Ephemeral,
 }
 
 /// The root's persistent flags (ktctl v0.3.7 `options/global.go`), in its order.

@@ -65,6 +65,9 @@ pub enum Role {
     Shadow,
     /// kt's node agent, holding a session.
     Agent,
+    /// The navigator in an ephemeral container (`exchange --mode ephemeral`): its reverse
+    /// tunnels take the pod's own inbound ports.
+    Navigator,
 }
 
 /// The SSH server of a session: which pod, its SSH port, and the login.
@@ -89,6 +92,17 @@ impl Target {
         }
     }
 
+    /// The navigator of an ephemeral container in `pod`, listening on `port`: `root`.
+    pub fn navigator(namespace: &str, pod: &str, port: u16) -> Self {
+        Self {
+            role: Role::Navigator,
+            namespace: namespace.to_owned(),
+            pod: pod.to_owned(),
+            port,
+            user: kt_proto::compat::SSH_USER.to_owned(),
+        }
+    }
+
     /// A node agent pod, logged in as `login` on the agent's SSH port.
     pub fn agent(pod: &str, login: &kt_proto::agent::Login) -> Self {
         Self {
@@ -106,6 +120,7 @@ impl fmt::Display for Target {
         match self.role {
             Role::Shadow => write!(f, "shadow pod {}", self.pod),
             Role::Agent => write!(f, "agent {}", self.pod),
+            Role::Navigator => write!(f, "the navigator in pod {}", self.pod),
         }
     }
 }

@@ -179,7 +179,7 @@ fn bad_items_values_and_profile_names_are_refused_and_change_nothing() {
         (
             &["config", "set", "exchange.mode", "bogus"][..],
             "invalid value 'bogus' for config item exchange.mode: possible values: auto, agent, \
-             selector, scale",
+             selector, scale, ephemeral",
         ),
         (
             &["config", "set", "global.debug=maybe"],
@@ -286,7 +286,7 @@ fn a_bad_config_stops_commands_but_not_config() {
     assert!(
         line.contains(&format!(
             "ERR Exit: invalid value 'bogus' for config item exchange.mode in {}: possible \
-             values: auto, agent, selector, scale",
+             values: auto, agent, selector, scale, ephemeral",
             config.display()
         )),
         "{line}"

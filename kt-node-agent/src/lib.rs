@@ -12,6 +12,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod dns_relay;
 pub mod ebpf;
+pub mod navigator;
 pub mod router_role;
 pub mod shadow;
 mod ssh_server;

@@ -3,12 +3,12 @@
 //! Roles: `agent` (the DaemonSet: eBPF redirects from session objects), `shadow` (the
 //! per-session SSH endpoint ktctl uses when no agent is installed), `router` (the mesh
 //! router pod of v0.3.7's auto mode; invoked as `router …` it is v0.3.7's `/usr/sbin/router`
-//! command). `check` tells an admin whether a node can run kt's eBPF redirect.
+//! command), `navigator` (the ephemeral container of `exchange --mode ephemeral`). `check` tells an admin whether a node can run kt's eBPF redirect.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use kt_node_agent::{agent, cgroup, dns_relay, ebpf, router_role, shadow};
+use kt_node_agent::{agent, cgroup, dns_relay, ebpf, navigator, router_role, shadow};
 use kt_proto::{agent as contract, env};
 use tokio_util::sync::CancellationToken;
 
@@ -87,6 +87,24 @@ enum Command {
         state: PathBuf,
         /// `setup …`, `add …` or `remove …`.
         command: Vec<String>,
+    },
+    /// Run the navigator role: the ephemeral container of `exchange --mode ephemeral`, which
+    /// redirects the pod's inbound exposed ports to ktctl's SSH reverse tunnels (nftables,
+    /// in the pod's network namespace) and undoes it when the session ends.
+    Navigator {
+        /// Address of the SSH server.
+        #[arg(long, env = env::NAVIGATOR_LISTEN, default_value = "0.0.0.0:22")]
+        listen: SocketAddr,
+        /// The session's public key(s), OpenSSH lines.
+        #[arg(long, env = env::AUTHORIZED_KEYS)]
+        authorized_keys: String,
+        /// Seconds to wait for the first session before ending.
+        #[arg(long, default_value_t = 120)]
+        first_session_seconds: u64,
+        /// Seconds a session that ended without its goodbye (ktctl killed, network lost)
+        /// has to come back before the navigator ends; the redirect is removed at once.
+        #[arg(long, default_value_t = 30)]
+        reconnect_grace_seconds: u64,
     },
     /// Run only the shadow's DNS relay: what ktctl v0.3.7's shadow image runs beside sshd
     /// (`/usr/sbin/shadow`) when `KT_DNS_PROTOCOL` is set, for images built on OpenSSH.
@@ -216,6 +234,22 @@ fn main() -> ExitCode {
                     listen,
                     authorized_keys,
                     dns: dns.config(None),
+                },
+                shutdown,
+            )
+        }),
+        Command::Navigator {
+            listen,
+            authorized_keys,
+            first_session_seconds,
+            reconnect_grace_seconds,
+        } => serve("navigator", |shutdown| {
+            navigator::run(
+                navigator::NavigatorConfig {
+                    listen,
+                    authorized_keys,
+                    first_session_within: std::time::Duration::from_secs(first_session_seconds),
+                    reconnect_grace: std::time::Duration::from_secs(reconnect_grace_seconds),
                 },
                 shutdown,
             )

@@ -1,7 +1,8 @@
 //! The HTTP face of the API stand-in: routing of `/api` and `/apis` paths
 //! (`route`), authentication and RBAC, then the handler table (`dispatch`): discovery
 //! (`discovery`), the verbs with watch streams and server-side tables for kubectl (`verbs`),
-//! and the subresources `status`, `scale`, `log`, `exec`, `portforward` (`subresources`).
+//! and the subresources `status`, `scale`, `log`, `exec`, `portforward`, `ephemeralcontainers`
+//! (`subresources`).
 
 pub mod admission;
 pub mod api_only;
@@ -45,10 +46,12 @@ use self::{
 /// What the API needs from the kubelets: pod logs, a connection into a pod, a process in a
 /// pod. Set once the kubelets run; until then these subresources answer 400.
 pub trait PodRuntime: Send + Sync {
+    /// The log of `container` (an ephemeral one too), or of the pod's first container.
     fn logs(
         &self,
         ns: &str,
         pod: &str,
+        container: Option<&str>,
         follow: bool,
     ) -> BoxFuture<'static, Result<BoxStream<'static, Bytes>, ApiError>>;
     fn dial(
@@ -420,6 +423,9 @@ async fn dispatch(api: &Arc<ApiServer>, req: Request, t: &Target) -> Result<Resp
         ("DELETE", true, None) => verbs::delete(api, t, req).await,
         (_, true, Some("scale")) if t.rt.scale => subresources::scale(api, t, req).await,
         ("GET", true, Some("log")) if pods => subresources::log(api, t).await,
+        ("GET" | "PUT" | "PATCH", true, Some("ephemeralcontainers")) if pods => {
+            subresources::ephemeral_containers(api, t, req).await
+        }
         ("GET" | "POST", true, Some(sub @ ("portforward" | "exec"))) if pods => {
             subresources::stream(api, t, sub, req).await
         }

@@ -475,3 +475,156 @@ async fn a_created_crd_serves_its_resources() {
         "resources stop being served with their CRD"
     );
 }
+
+/// Ephemeral containers as the API server has them (Kubernetes "Ephemeral Containers",
+/// `ValidatePodEphemeralContainersUpdate`): not on create, not through a pod update; added
+/// through `pods/<name>/ephemeralcontainers` (strategic merge by name, as `kubectl debug`
+/// sends it), defaulted, and never removed or changed; fields a container that serves
+/// nothing cannot have are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_containers_are_added_through_their_subresource_only() {
+    let (_tier, client) = start(ApiOptions::default()).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod = |extra: serde_json::Value| -> Pod {
+        let mut spec = json!({"containers": [{"name": "app", "image": "kt-testbed/http-echo:1"}]});
+        if let Some(list) = extra.as_array() {
+            spec["ephemeralContainers"] = json!(list);
+        }
+        serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": spec})).unwrap()
+    };
+    let message = |e: kube::Error| match e {
+        kube::Error::Api(s) => (s.code, s.message),
+        other => panic!("not an API error: {other:?}"),
+    };
+    let err = pods
+        .create(
+            &PostParams::default(),
+            &pod(json!([{"name": "dbg", "image": "busybox"}])),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        message(err),
+        (
+            422,
+            r#"Pod "p" is invalid: spec.ephemeralContainers: Forbidden: cannot be set on create"#
+                .into()
+        )
+    );
+    pods.create(&PostParams::default(), &pod(json!(null)))
+        .await
+        .unwrap();
+    let err = pods
+        .patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Strategic(
+                json!({"spec": {"ephemeralContainers": [{"name": "dbg", "image": "busybox"}]}}),
+            ),
+        )
+        .await
+        .unwrap_err();
+    let (code, text) = message(err);
+    assert_eq!(code, 422);
+    assert!(
+        text.contains("Forbidden: pod updates may not change fields"),
+        "{text}"
+    );
+
+    let added = pods
+        .patch_ephemeral_containers(
+            "p",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"metadata": {"labels": {"ignored": "yes"}},
+                "spec": {"ephemeralContainers": [{"name": "dbg", "image": "busybox", "targetContainerName": "app"}]}})),
+        )
+        .await
+        .unwrap();
+    assert!(
+        added.metadata.labels.is_none(),
+        "only ephemeral containers change"
+    );
+    let ec = &added
+        .spec
+        .as_ref()
+        .unwrap()
+        .ephemeral_containers
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(
+        (
+            ec.name.as_str(),
+            ec.termination_message_policy.as_deref(),
+            ec.image_pull_policy.as_deref()
+        ),
+        ("dbg", Some("File"), Some("Always"))
+    );
+    let read = pods.get_ephemeral_containers("p").await.unwrap();
+    assert_eq!(
+        read.spec
+            .as_ref()
+            .unwrap()
+            .ephemeral_containers
+            .as_ref()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let mut removed = read.clone();
+    removed.spec.as_mut().unwrap().ephemeral_containers = Some(Vec::new());
+    let err = pods
+        .replace_ephemeral_containers("p", &PostParams::default(), &removed)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        message(err),
+        (
+            422,
+            "Pod \"p\" is invalid: spec.ephemeralContainers: Forbidden: existing ephemeral containers \"dbg\" may not be removed\n".into()
+        )
+    );
+    let err = pods
+        .patch_ephemeral_containers(
+            "p",
+            &PatchParams::default(),
+            &Patch::Strategic(
+                json!({"spec": {"ephemeralContainers": [{"name": "dbg", "image": "alpine"}]}}),
+            ),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        message(err)
+            .1
+            .contains(r#"existing ephemeral containers "dbg" may not be changed"#)
+    );
+    let err = pods
+        .patch_ephemeral_containers(
+            "p",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"ephemeralContainers": [
+                {"name": "app", "image": "busybox", "ports": [{"containerPort": 80}]}]}})),
+        )
+        .await
+        .unwrap_err();
+    let (code, text) = message(err);
+    assert_eq!(code, 422);
+    assert!(
+        text.contains(r#"spec.ephemeralContainers[1].name: Duplicate value: "app""#)
+            && text.contains("spec.ephemeralContainers[1].ports: Forbidden: cannot be set for an Ephemeral Container"),
+        "{text}"
+    );
+    // A second one, added beside the first.
+    let two = pods
+        .patch_ephemeral_containers(
+            "p",
+            &PatchParams::default(),
+            &Patch::Strategic(
+                json!({"spec": {"ephemeralContainers": [{"name": "dbg-2", "image": "busybox"}]}}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(two.spec.unwrap().ephemeral_containers.unwrap().len(), 2);
+}

@@ -10,12 +10,16 @@
 //!   Go ktctl's `recover`/`clean` understand what kt did and the other way round.
 //! - [`scale`] mode scales the Service's Deployments to zero while a shadow carrying the
 //!   Service's labels takes the traffic, and scales each back on exit.
+//! - [`ephemeral`] mode (v0.3.7's experimental one, also for `pod/<name>`): an ephemeral
+//!   container in each of the Service's pods redirects the exposed ports, inside the pod, to
+//!   SSH reverse tunnels; the redirect ends with the tunnels and nothing else changes.
 //!
 //! [`plan`] is the pure part: `--expose`, the port plan, the selector patches, conflicts.
 //! Everything that needs only the cluster is checked before the local ports, and nothing is
 //! created before every check has passed.
 
 pub(crate) mod agent;
+pub mod ephemeral;
 pub mod plan;
 mod scale;
 mod selector;
@@ -91,6 +95,8 @@ pub enum ExchangeError {
     Shadow(#[from] super::ShadowTunnelError),
     #[error(transparent)]
     Ssh(#[from] SshError),
+    #[error(transparent)]
+    Ephemeral(ephemeral::EphemeralError),
 }
 
 /// What every mode works with.
@@ -149,6 +155,8 @@ pub(crate) enum Method {
     Agent(String),
     Selector,
     Scale(Vec<Deployment>),
+    /// An ephemeral container in each of the Service's pods.
+    Ephemeral,
 }
 
 impl Method {
@@ -157,6 +165,7 @@ impl Method {
             Self::Agent(_) => "agent",
             Self::Selector => "selector",
             Self::Scale(_) => "scale",
+            Self::Ephemeral => "ephemeral",
         }
     }
 }
@@ -172,8 +181,19 @@ pub(crate) struct Subject {
 pub async fn run(settings: &Settings, args: &ExchangeArgs) -> Result<(), ExchangeError> {
     let name = cluster::service_name(&args.service);
     let expose = plan::parse_expose(&args.expose)?;
+    let pod = ephemeral::pod_argument(&args.service);
+    if let Some(pod) = pod
+        && args.mode != ExchangeMode::Ephemeral
+    {
+        return Err(ephemeral::EphemeralError::PodNeedsEphemeral(pod.to_owned()).into());
+    }
     // Signals count from here: Ctrl-C while the cluster is being read exits 130 too.
     let lifecycle = Lifecycle::start("exchange")?;
+    if let Some(pod) = pod {
+        let result = exchange_pod(settings, args, pod, &expose, &lifecycle).await;
+        lifecycle.finish().await;
+        return result;
+    }
     let prepared = tokio::select! {
         () = lifecycle.stop.cancelled() => Err(ExchangeError::Interrupted),
         prepared = prepare(settings, args, name, &expose) => prepared,
@@ -184,6 +204,58 @@ pub async fn run(settings: &Settings, args: &ExchangeArgs) -> Result<(), Exchang
     };
     lifecycle.finish().await;
     result
+}
+
+/// `exchange pod/<name> --mode ephemeral`: the pod's own ports, `local:remote` with
+/// `remote` one of its container ports (any port is redirected; an undeclared one is named).
+async fn exchange_pod(
+    settings: &Settings,
+    args: &ExchangeArgs,
+    name: &str,
+    expose: &[plan::ExposeItem],
+    lifecycle: &Arc<Lifecycle>,
+) -> Result<(), ExchangeError> {
+    let prepared = async {
+        let cluster = cluster::connect(&settings.cluster).await?;
+        let pod = ephemeral::read_pod(&cluster, name).await?;
+        let pairs: Vec<(u16, u16)> = expose
+            .iter()
+            .map(|(local, remote)| (*local, remote.unwrap_or(*local)))
+            .collect();
+        let declared: Vec<i32> = pod
+            .spec
+            .iter()
+            .flat_map(|s| &s.containers)
+            .flat_map(|c| c.ports.iter().flatten())
+            .map(|p| p.container_port)
+            .collect();
+        for (_, target) in &pairs {
+            if !declared.contains(&i32::from(*target)) {
+                tracing::warn!(
+                    "Pod {name} declares no container port {target}; redirecting it anyway"
+                );
+            }
+        }
+        if !args.skip_port_checking {
+            for (local, _) in &pairs {
+                check_local_port(*local).await?;
+            }
+        }
+        tracing::info!("Using ephemeral mode");
+        Ok::<_, ExchangeError>((cluster, pod, pairs))
+    };
+    let (cluster, pod, pairs) = tokio::select! {
+        () = lifecycle.stop.cancelled() => return Err(ExchangeError::Interrupted),
+        prepared = prepared => prepared?,
+    };
+    let ctx = Context::new(settings, &cluster, lifecycle);
+    let result = ephemeral::exchange(&ctx, &format!("pod '{name}'"), None, vec![pod], &pairs).await;
+    match result {
+        Ok(()) if !ctx.announced() && lifecycle.stopped_by().is_some() => {
+            Err(ExchangeError::Interrupted)
+        }
+        other => other,
+    }
 }
 
 /// What every check found, before anything is changed.
@@ -226,6 +298,7 @@ async fn prepare(
         },
         ExchangeMode::Selector => Method::Selector,
         ExchangeMode::Scale => Method::Scale(scale::deployments_of(&cluster, &subject).await?),
+        ExchangeMode::Ephemeral => Method::Ephemeral,
     };
     check_ports_served(&method, name, &port_plan, args.allow_unserved_ports)?;
     if !args.skip_port_checking {
@@ -269,6 +342,21 @@ async fn exchange(
             agent::hold(&ctx, name, &port_plan, pod, &redirect).await
         }
         Method::Selector => selector::exchange(&ctx, name, &port_plan).await,
+        Method::Ephemeral => {
+            let pairs: Vec<(u16, u16)> = port_plan
+                .exposed
+                .iter()
+                .map(|e| (e.local, e.target))
+                .collect();
+            let is_kt = |p: &Pod| {
+                p.metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key(compat::ROLE))
+            };
+            let pods = subject.pods.into_iter().filter(|p| !is_kt(p)).collect();
+            ephemeral::exchange(&ctx, &format!("service '{name}'"), Some(name), pods, &pairs).await
+        }
         Method::Scale(deployments) => {
             let recover_wait = Duration::from_secs(u64::from(args.recover_wait_time));
             scale::exchange(
@@ -464,7 +552,8 @@ pub(crate) fn check_ports_served(
             .join(", ")
     };
     match method {
-        Method::Agent(_) => {
+        // The pods keep serving what is not exposed.
+        Method::Agent(_) | Method::Ephemeral => {
             if !plan.not_carried.is_empty() {
                 tracing::warn!(
                     "{} not carried yet: {} of service '{service}' stays with its pods",

@@ -486,7 +486,7 @@ mod tests {
                 .unwrap_err()
                 .to_string(),
             "invalid value 'bogus' for config item exchange.mode: possible values: auto, \
-             agent, selector, scale"
+             agent, selector, scale, ephemeral"
         );
         assert_eq!(
             items
@@ -588,7 +588,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "invalid value 'bogus' for config item exchange.mode in /h/.kt/config: possible \
-             values: auto, agent, selector, scale; change it with `ktctl config set \
+             values: auto, agent, selector, scale, ephemeral; change it with `ktctl config set \
              exchange.mode <value>` or remove it with `ktctl config unset exchange.mode`"
         );
     }

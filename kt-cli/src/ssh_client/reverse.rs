@@ -165,12 +165,39 @@ impl SshPool {
                 Role::Shadow => {
                     tracing::info!("Reverse tunnel 0.0.0.0:{port} -> {local} established")
                 }
+                Role::Navigator => tracing::info!(
+                    "Pod {}'s inbound port {port} -> {local} redirected",
+                    self.target.pod
+                ),
                 Role::Agent => {
                     tracing::info!("Service port {port} -> {local} held by {}", self.target)
                 }
             }
         }
         Ok(())
+    }
+
+    /// Asks the server to stop each of `forwards` (`cancel-tcpip-forward`), on the
+    /// connection that asked for them; the ports whose cancel the server confirmed. Nothing
+    /// is asked when that connection is gone (the server stopped them when it went).
+    pub async fn cancel_remote_forwards(&self, forwards: &[RemoteForward]) -> Vec<u32> {
+        let guard = self.connections[0].lock().await;
+        let Some(handle) = guard.as_ref().filter(|h| !h.is_closed()) else {
+            return Vec::new();
+        };
+        let mut confirmed = Vec::new();
+        for forward in forwards {
+            match handle
+                .cancel_tcpip_forward("0.0.0.0", forward.bind_port)
+                .await
+            {
+                Ok(()) => confirmed.push(forward.bind_port),
+                Err(error) => {
+                    tracing::debug!(%error, port = forward.bind_port, "cancel-tcpip-forward refused");
+                }
+            }
+        }
+        confirmed
     }
 
     /// Keeps the remote forwards of [`SshPool::open_remote_forwards`] up until `stop`:

@@ -38,8 +38,14 @@ pub const LOCAL_DOMAIN: &str = "KT_LOCAL_DOMAIN";
 /// Role `shadow`, ktctl v0.3.7: `debug` or `info`; the log level when [`LOG`] is unset.
 pub const LOG_LEVEL: &str = "KT_LOG_LEVEL";
 
+/// Role `navigator` (`exchange --mode ephemeral`): address of its SSH server in the pod.
+pub const NAVIGATOR_LISTEN: &str = "KT_NAVIGATOR_LISTEN";
+/// Role `navigator`: the session's public key(s), OpenSSH lines (an ephemeral container
+/// cannot mount a new volume, so the key comes in its environment).
+pub const AUTHORIZED_KEYS: &str = "KT_AUTHORIZED_KEYS";
+
 /// Every name above.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 17] = [
     NODE_NAME,
     NODE_IP,
     AGENT_SSH,
@@ -55,4 +61,6 @@ pub const ALL: [&str; 15] = [
     DNS_LISTEN,
     LOCAL_DOMAIN,
     LOG_LEVEL,
+    NAVIGATOR_LISTEN,
+    AUTHORIZED_KEYS,
 ];

@@ -104,6 +104,16 @@ pub fn default_on_create(rt: &ResourceType, obj: &mut Value, taken: &Allocated) 
             if obj["status"].get("phase").is_none() {
                 obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
             }
+            // Ephemeral containers come only through the `ephemeralcontainers` subresource.
+            if obj["spec"]["ephemeralContainers"]
+                .as_array()
+                .is_some_and(|l| !l.is_empty())
+            {
+                return vec![(
+                    "spec.ephemeralContainers".into(),
+                    "Forbidden: cannot be set on create".into(),
+                )];
+            }
             Vec::new()
         }
         ("", "namespaces") => {
@@ -268,7 +278,13 @@ pub fn default_pod_spec(spec: &mut Value) {
     spec["serviceAccountName"] = sa.clone();
     spec["serviceAccount"] = sa;
     for list in ["containers", "initContainers"] {
-        for c in spec[list].as_array_mut().into_iter().flatten() {
+        // `get_mut`: indexing would add `initContainers: null` to every pod.
+        for c in spec
+            .get_mut(list)
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
             let image = c["image"].as_str().unwrap_or_default();
             let latest = !image.rsplit('/').next().unwrap_or(image).contains(':')
                 || image.ends_with(":latest");
@@ -427,6 +443,143 @@ pub fn immutable_changes(rt: &ResourceType, old: &Value, new: &Value) -> Causes 
     causes
 }
 
+/// Fields an ephemeral container may not set (Kubernetes `validateEphemeralContainers`:
+/// everything about scheduling, serving and restarting — ephemeral containers have no
+/// ports, probes, lifecycle hooks or resources, and are never restarted).
+const EPHEMERAL_FORBIDDEN: &[&str] = &[
+    "ports",
+    "livenessProbe",
+    "readinessProbe",
+    "startupProbe",
+    "lifecycle",
+    "resources",
+    "resizePolicy",
+    "restartPolicy",
+];
+
+/// The defaults the API server gives an ephemeral container (those of any container but
+/// `resources`, which stays empty: the Go struct is not a pointer, so it reads `{}`).
+pub fn default_ephemeral_containers(spec: &mut Value) {
+    // `get_mut`: indexing would add the key as null to a spec without it.
+    for c in spec
+        .get_mut("ephemeralContainers")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        let image = c["image"].as_str().unwrap_or_default();
+        let latest =
+            !image.rsplit('/').next().unwrap_or(image).contains(':') || image.ends_with(":latest");
+        set_default(
+            c,
+            "imagePullPolicy",
+            json!(if latest { "Always" } else { "IfNotPresent" }),
+        );
+        set_default(c, "terminationMessagePath", json!("/dev/termination-log"));
+        set_default(c, "terminationMessagePolicy", json!("File"));
+        set_default(c, "resources", json!({}));
+    }
+}
+
+/// What a write through `pods/<name>/ephemeralcontainers` may not do, after Kubernetes'
+/// `ValidatePodEphemeralContainersUpdate`: existing ephemeral containers may be neither
+/// removed nor changed (they run once and stay in the spec for the pod's life), and each new
+/// one needs a name unique among all the pod's containers, an image, no field of
+/// [`EPHEMERAL_FORBIDDEN`], a `targetContainerName` naming one of the pod's containers, and
+/// volume mounts of the pod's volumes.
+pub fn ephemeral_container_changes(old: &Value, new: &Value) -> Causes {
+    let mut causes = Vec::new();
+    let list = |pod: &Value, field: &str| -> Vec<Value> {
+        pod["spec"][field].as_array().cloned().unwrap_or_default()
+    };
+    let (before, after) = (
+        list(old, "ephemeralContainers"),
+        list(new, "ephemeralContainers"),
+    );
+    let path = "spec.ephemeralContainers";
+    for existing in &before {
+        let name = existing["name"].as_str().unwrap_or_default();
+        match after.iter().find(|c| c["name"] == existing["name"]) {
+            None => causes.push((
+                path.to_owned(),
+                format!("Forbidden: existing ephemeral containers \"{name}\" may not be removed\n"),
+            )),
+            Some(now) if now != existing => causes.push((
+                format!("{path}[{name}]"),
+                format!("Forbidden: existing ephemeral containers \"{name}\" may not be changed\n"),
+            )),
+            Some(_) => {}
+        }
+    }
+    let regular: Vec<Value> = [list(old, "containers"), list(old, "initContainers")].concat();
+    let volumes: HashSet<String> = list(old, "volumes")
+        .iter()
+        .filter_map(|v| v["name"].as_str().map(str::to_owned))
+        .collect();
+    let mut names: HashSet<String> = regular
+        .iter()
+        .filter_map(|c| c["name"].as_str().map(str::to_owned))
+        .collect();
+    for (i, c) in after.iter().enumerate() {
+        let at = format!("{path}[{i}]");
+        let name = c["name"].as_str().unwrap_or_default();
+        if name.is_empty() {
+            causes.push((format!("{at}.name"), "Required value".into()));
+        } else if !names.insert(name.to_owned()) {
+            causes.push((format!("{at}.name"), format!("Duplicate value: \"{name}\"")));
+        }
+        if before.iter().any(|b| b["name"] == c["name"]) {
+            continue;
+        }
+        if c["image"].as_str().is_none_or(str::is_empty) {
+            causes.push((format!("{at}.image"), "Required value".into()));
+        }
+        for field in EPHEMERAL_FORBIDDEN {
+            let set = match c.get(*field) {
+                None | Some(Value::Null) => false,
+                Some(Value::Object(m)) => !m.is_empty(),
+                Some(Value::Array(a)) => !a.is_empty(),
+                Some(_) => true,
+            };
+            if set {
+                causes.push((
+                    format!("{at}.{field}"),
+                    "Forbidden: cannot be set for an Ephemeral Container".into(),
+                ));
+            }
+        }
+        if let Some(target) = c["targetContainerName"].as_str().filter(|t| !t.is_empty())
+            && !regular.iter().any(|r| r["name"] == target)
+        {
+            causes.push((
+                format!("{at}.targetContainerName"),
+                format!("Not found: \"{target}\""),
+            ));
+        }
+        for (j, m) in c["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let volume = m["name"].as_str().unwrap_or_default();
+            if !volumes.contains(volume) {
+                causes.push((
+                    format!("{at}.volumeMounts[{j}].name"),
+                    format!("Not found: \"{volume}\""),
+                ));
+            }
+            if m["subPath"].as_str().is_some_and(|s| !s.is_empty()) {
+                causes.push((
+                    format!("{at}.volumeMounts[{j}].subPath"),
+                    "Forbidden: cannot be set for an Ephemeral Container".into(),
+                ));
+            }
+        }
+    }
+    causes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,6 +633,59 @@ mod tests {
         d["spec"]["template"]["metadata"]["labels"]["app"] = json!("b");
         let causes = default_on_create(&rt("apps", "deployments"), &mut d, &Allocated::default());
         assert_eq!(causes[0].0, "spec.template.metadata.labels");
+    }
+
+    #[test]
+    fn ephemeral_containers_are_added_only() {
+        let pod = json!({"spec": {
+            "containers": [{"name": "app", "image": "nginx"}],
+            "volumes": [{"name": "data"}],
+            "ephemeralContainers": [{"name": "dbg", "image": "busybox"}],
+        }});
+        let mut added = pod.clone();
+        added["spec"]["ephemeralContainers"]
+            .as_array_mut()
+            .unwrap()
+            .push(
+                json!({"name": "kt-exchange", "image": "x", "targetContainerName": "app",
+                         "volumeMounts": [{"name": "data", "mountPath": "/d"}]}),
+            );
+        assert!(ephemeral_container_changes(&pod, &added).is_empty());
+        let mut removed = pod.clone();
+        removed["spec"]["ephemeralContainers"] = json!([]);
+        assert_eq!(
+            ephemeral_container_changes(&pod, &removed),
+            vec![(
+                "spec.ephemeralContainers".to_owned(),
+                "Forbidden: existing ephemeral containers \"dbg\" may not be removed\n".to_owned()
+            )]
+        );
+        let mut changed = pod.clone();
+        changed["spec"]["ephemeralContainers"][0]["image"] = json!("alpine");
+        assert_eq!(
+            ephemeral_container_changes(&pod, &changed)[0].0,
+            "spec.ephemeralContainers[dbg]"
+        );
+        let mut bad = pod.clone();
+        bad["spec"]["ephemeralContainers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "app", "ports": [{"containerPort": 80}], "resources": {},
+                         "targetContainerName": "nosuch", "volumeMounts": [{"name": "v", "mountPath": "/v"}]}));
+        let fields: Vec<String> = ephemeral_container_changes(&pod, &bad)
+            .into_iter()
+            .map(|(f, _)| f)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.ephemeralContainers[1].name",
+                "spec.ephemeralContainers[1].image",
+                "spec.ephemeralContainers[1].ports",
+                "spec.ephemeralContainers[1].targetContainerName",
+                "spec.ephemeralContainers[1].volumeMounts[0].name",
+            ]
+        );
     }
 
     #[test]

@@ -108,6 +108,14 @@ impl ResourceType {
         for extra in &self.extra_subresources {
             match *extra {
                 "log" => sub("log", "Pod", None, &["get"]),
+                "ephemeralcontainers" => {
+                    sub(
+                        "ephemeralcontainers",
+                        "Pod",
+                        None,
+                        &["get", "patch", "update"],
+                    );
+                }
                 other => sub(other, "PodPortForwardOptions", None, &["create", "get"]),
             }
         }
@@ -168,7 +176,7 @@ const BUILTINS: &[Builtin] = &[
     Builtin {
         short: &["po"],
         status: true,
-        extra: &["portforward", "exec", "log"],
+        extra: &["portforward", "exec", "log", "ephemeralcontainers"],
         categories: ALL,
         ..b("", "pods", "Pod", true)
     },

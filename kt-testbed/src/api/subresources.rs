@@ -1,5 +1,6 @@
 //! Subresources: `status` (read here; written by the verbs), `scale`, and for pods `log`,
-//! `exec` and `portforward` (WebSocket streams through the kubelets).
+//! `exec` and `portforward` (WebSocket streams through the kubelets) and
+//! `ephemeralcontainers` (the only way to add an ephemeral container).
 
 use std::convert::Infallible;
 
@@ -13,7 +14,7 @@ use futures::StreamExt as _;
 use serde_json::{Value, json};
 
 use super::{
-    ApiServer, Query, Target, content_type,
+    ApiServer, Query, Target, admission, content_type,
     errors::ApiError,
     json_response, read_json,
     resources::ResourceType,
@@ -53,6 +54,52 @@ pub(super) async fn scale(api: &ApiServer, t: &Target, req: Request) -> Result<R
     )
 }
 
+/// `GET`, `PUT` or `PATCH …/ephemeralcontainers` of a pod, as Kubernetes' pod
+/// `ephemeralcontainers` strategy has it: the object read and written is the whole Pod, but
+/// a write keeps only its `spec.ephemeralContainers` (`dropNonEphemeralContainerUpdates`),
+/// defaulted, and is refused (422) when it removes or changes an existing one or adds an
+/// invalid one ([`admission::ephemeral_container_changes`]). The kubelet then starts what
+/// was added.
+pub(super) async fn ephemeral_containers(
+    api: &ApiServer,
+    t: &Target,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (ns, name) = (t.namespace(), t.name());
+    let method = req.method().as_str().to_owned();
+    if method == "GET" {
+        return Ok(json_response(200, &api.store.get(&t.rt, ns, name)?));
+    }
+    let content_type = content_type(req.headers());
+    let body = read_json(api, req).await?;
+    let updated = api
+        .store
+        .modify(&t.rt, ns, name, Part::System, t.q.dry_run(), |old| {
+            let mut written = old.clone();
+            match method.as_str() {
+                "PUT" => written = body.clone(),
+                _ => apply_patch(&t.rt, &content_type, &mut written, &body)?,
+            }
+            let mut new = old.clone();
+            match written["spec"].get("ephemeralContainers") {
+                Some(list) if !list.is_null() => new["spec"]["ephemeralContainers"] = list.clone(),
+                _ => {
+                    new["spec"]
+                        .as_object_mut()
+                        .map(|m| m.remove("ephemeralContainers"));
+                }
+            }
+            new["metadata"]["resourceVersion"] = written["metadata"]["resourceVersion"].clone();
+            admission::default_ephemeral_containers(&mut new["spec"]);
+            let causes = admission::ephemeral_container_changes(&old, &new);
+            if !causes.is_empty() {
+                return Err(ApiError::invalid(&t.rt, name, &causes));
+            }
+            Ok(new)
+        })?;
+    Ok(json_response(200, &updated))
+}
+
 /// `GET …/log` of a pod, followed with `?follow=true`.
 pub(super) async fn log(api: &ApiServer, t: &Target) -> Result<Response, ApiError> {
     let runtime = api
@@ -60,7 +107,12 @@ pub(super) async fn log(api: &ApiServer, t: &Target) -> Result<Response, ApiErro
         .ok_or_else(|| ApiError::bad_request("no kubelet is running"))?;
     api.store.get(&t.rt, t.namespace(), t.name())?;
     let stream = runtime
-        .logs(t.namespace(), t.name(), t.q.flag("follow"))
+        .logs(
+            t.namespace(),
+            t.name(),
+            t.q.get("container").filter(|c| !c.is_empty()),
+            t.q.flag("follow"),
+        )
         .await?;
     let mut resp = Response::new(Body::from_stream(stream.map(Ok::<_, Infallible>)));
     resp.headers_mut()

@@ -414,6 +414,14 @@ impl Catalog {
                     None => return Ok(None),
                 }
             }
+            // The ephemeral container of `exchange --mode ephemeral` (v0.3.7's navigator image
+            // and kt's): the agent binary in role `navigator` (it runs `nft`, as the image has).
+            r if r.ends_with("kt-connect-navigator") || r.ends_with("kt-navigator") => {
+                match &self.agent_bin {
+                    Some(p) => Image::program(vec![p.display().to_string(), "navigator".into()]),
+                    None => return Ok(None),
+                }
+            }
             r if r.ends_with("kt-node-agent") => match &self.agent_bin {
                 Some(p) => Image::program(vec![p.display().to_string()]),
                 None => return Ok(None),

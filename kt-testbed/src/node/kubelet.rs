@@ -408,6 +408,7 @@ impl Kubelets {
             probe_failed: Vec::new(),
             restarts: Vec::new(),
             last_state: Vec::new(),
+            ephemeral: Vec::new(),
         };
         run.start_containers().await?;
         run.supervise().await?;

@@ -54,6 +54,20 @@ pub(super) struct PodRun<'a> {
     pub(super) restarts: Vec<u32>,
     /// Each container's previous end, as `lastState` reports it (`{"terminated": …}`).
     pub(super) last_state: Vec<Value>,
+    /// The ephemeral containers added through `pods/<name>/ephemeralcontainers`, in the
+    /// order they were seen.
+    pub(super) ephemeral: Vec<EphemeralRun>,
+}
+
+/// One ephemeral container: started once when it appears in the spec, never restarted,
+/// reported in `ephemeralContainerStatuses` and not in the pod's phase or readiness (the
+/// Kubernetes "Ephemeral Containers" concept). The testbed has no PID namespaces, so the
+/// process namespace a `targetContainerName` asks to share is already shared.
+pub(super) struct EphemeralRun {
+    spec: Value,
+    child: Option<Child>,
+    /// `{"running": …}`, `{"waiting": …}` or `{"terminated": …}`.
+    state: Value,
 }
 
 /// A container's end as Kubernetes reports it: `exitCode` (128 + the signal when killed by
@@ -155,9 +169,109 @@ impl PodRun<'_> {
                         return Ok(());
                     }
                 }
-                _ = probe_tick.tick() => self.probe_readiness().await,
+                _ = probe_tick.tick() => {
+                    self.probe_readiness().await;
+                    self.sync_ephemeral().await?;
+                }
             }
         }
+    }
+
+    /// Starts the ephemeral containers added to the pod's spec since the last look, and
+    /// notes those that ended; reports the pod when anything changed.
+    async fn sync_ephemeral(&mut self) -> std::io::Result<()> {
+        let mut changed = false;
+        for e in &mut self.ephemeral {
+            if let Some(child) = &mut e.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                e.child = None;
+                e.state = terminated(status);
+                changed = true;
+            }
+        }
+        let (ns, name) = (self.running.ns.as_str(), self.running.name.as_str());
+        let pod = self
+            .kubelet
+            .store
+            .get(&self.kubelet.core_type("pods"), ns, name)
+            .unwrap_or_default();
+        let added: Vec<Value> = pod["spec"]["ephemeralContainers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| !self.ephemeral.iter().any(|e| e.spec["name"] == c["name"]))
+            .cloned()
+            .collect();
+        for spec in added {
+            changed = true;
+            let run = self.start_ephemeral(spec).await?;
+            self.ephemeral.push(run);
+        }
+        if changed {
+            self.report(None);
+        }
+        Ok(())
+    }
+
+    /// Pulls and starts one ephemeral container; an image the testbed does not have leaves
+    /// it waiting in ImagePullBackOff, with the kubelet's events.
+    async fn start_ephemeral(&self, spec: Value) -> std::io::Result<EphemeralRun> {
+        let name = spec["name"].as_str().unwrap_or("e").to_owned();
+        let image_name = spec["image"].as_str().unwrap_or_default().to_owned();
+        let involved = Involved::container(self.pod, &name);
+        let event = |kind, reason: &str, message: &str| {
+            self.kubelet
+                .event(self.node, &involved, kind, reason, message);
+        };
+        let image = match self.kubelet.catalog.image(&image_name) {
+            Ok(Some(image)) => image,
+            unknown => {
+                let reason = unknown.err().unwrap_or_else(|| {
+                    "pull access denied, repository does not exist or may require authorization (kt-testbed knows no such image)".into()
+                });
+                event(
+                    EventType::Warning,
+                    "Failed",
+                    &format!("Failed to pull image \"{image_name}\": {reason}"),
+                );
+                event(EventType::Warning, "Failed", "Error: ImagePullBackOff");
+                let state = json!({"waiting": {"reason": "ImagePullBackOff", "message": format!("Back-off pulling image \"{image_name}\"")}});
+                return Ok(EphemeralRun {
+                    spec,
+                    child: None,
+                    state,
+                });
+            }
+        };
+        event(
+            EventType::Normal,
+            "Pulled",
+            &format!("Container image \"{image_name}\" already present on machine"),
+        );
+        let (child, _) = self
+            .spawn_container(&spec, &image, &format!("ephemeral-{name}"))
+            .await?;
+        Ok(EphemeralRun {
+            spec,
+            child: Some(child),
+            state: json!({"running": {"startedAt": now_rfc3339()}}),
+        })
+    }
+
+    /// `ephemeralContainerStatuses` as the kubelet writes them.
+    fn ephemeral_statuses(&self) -> Vec<Value> {
+        let (ns, name) = (self.running.ns.as_str(), self.running.name.as_str());
+        self.ephemeral
+            .iter()
+            .map(|e| {
+                let c = &e.spec;
+                json!({"name": c["name"], "image": c["image"],
+                       "imageID": format!("kt-testbed://{}", c["image"].as_str().unwrap_or_default()),
+                       "containerID": format!("kt-testbed://{ns}-{name}-{}", c["name"].as_str().unwrap_or_default()),
+                       "ready": false, "restartCount": 0, "state": e.state, "lastState": {}})
+            })
+            .collect()
     }
 
     /// Whether container `i`, having ended as `last_state` says, is started again.
@@ -258,8 +372,15 @@ impl PodRun<'_> {
             // SAFETY: signalling a process this kubelet started.
             unsafe { libc::kill(pid as i32, self.images[i].stop_signal) };
         }
+        for e in &self.ephemeral {
+            if let Some(pid) = e.child.as_ref().and_then(Child::id) {
+                // SAFETY: signalling a process this kubelet started.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+        }
         let deadline = tokio::time::Instant::now() + grace;
-        for child in self.children.iter_mut().flatten() {
+        let ephemeral = self.ephemeral.iter_mut().filter_map(|e| e.child.as_mut());
+        for child in self.children.iter_mut().flatten().chain(ephemeral) {
             if tokio::time::timeout_at(deadline, child.wait())
                 .await
                 .is_err()
@@ -273,9 +394,32 @@ impl PodRun<'_> {
     /// Starts container `index` through the pod runner, its output appended to its log,
     /// with a fresh copy of its image's writable directories.
     async fn spawn(&self, index: usize) -> std::io::Result<Child> {
-        let container = &self.containers[index];
-        let image = &self.images[index];
-        let layer = self.dir.join(format!("container-{index}"));
+        let (container, image) = (&self.containers[index], &self.images[index]);
+        let (child, env) = self
+            .spawn_container(container, image, &index.to_string())
+            .await?;
+        if let Some(slot) = self
+            .running
+            .containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(index)
+        {
+            slot.pid = child.id();
+            slot.env = env;
+        }
+        Ok(child)
+    }
+
+    /// Starts `container` of `image` through the pod runner (`key` names its files in the
+    /// pod's state directory); the process and the environment it got.
+    async fn spawn_container(
+        &self,
+        container: &Value,
+        image: &Image,
+        key: &str,
+    ) -> std::io::Result<(Child, Vec<(String, String)>)> {
+        let layer = self.dir.join(format!("container-{key}"));
         let _ = std::fs::remove_dir_all(&layer);
         let mut mounts = image.materialise(&layer)?;
         mounts.extend(super::volumes::container_mounts(
@@ -297,12 +441,12 @@ impl PodRun<'_> {
             join_pid: None,
             hostname: self.hostname.clone(),
             mounts,
-            scratch: self.dir.join(format!("scratch-{index}")),
+            scratch: self.dir.join(format!("scratch-{key}")),
             env: env.clone(),
             argv: image.argv(container),
             cwd: container["workingDir"].as_str().map(PathBuf::from),
         };
-        let spec_path = self.dir.join(format!("run-{index}.json"));
+        let spec_path = self.dir.join(format!("run-{key}.json"));
         std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
         let log_path = self
             .dir
@@ -311,9 +455,11 @@ impl PodRun<'_> {
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let name = self.container_name(index);
-        self.container_event(
-            index,
+        let name = container["name"].as_str().unwrap_or("c");
+        let involved = Involved::container(self.pod, name);
+        self.kubelet.event(
+            self.node,
+            &involved,
             EventType::Normal,
             "Created",
             &format!("Created container: {name}"),
@@ -326,23 +472,14 @@ impl PodRun<'_> {
             .stderr(log)
             .kill_on_drop(true)
             .spawn()?;
-        self.container_event(
-            index,
+        self.kubelet.event(
+            self.node,
+            &involved,
             EventType::Normal,
             "Started",
             &format!("Started container {name}"),
         );
-        if let Some(slot) = self
-            .running
-            .containers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(index)
-        {
-            slot.pid = child.id();
-            slot.env = env;
-        }
-        Ok(child)
+        Ok((child, env))
     }
 
     /// Writes the pod's status: Running (Ready when every container is), or `final_phase`.
@@ -371,6 +508,7 @@ impl PodRun<'_> {
                    "containerID": format!("kt-testbed://{ns}-{name}-{i}"), "ready": self.ready[i], "started": final_phase.is_none() && !ended,
                    "restartCount": self.restarts[i], "state": state, "lastState": last_state})
         }).collect();
+        let ephemeral = self.ephemeral_statuses();
         let (pod_ip, host_ip) = (self.pod_ip, self.host_ip);
         self.kubelet.set_status(ns, name, |s| {
             *s = json!({
@@ -381,6 +519,9 @@ impl PodRun<'_> {
                 "conditions": [cond("PodReadyToStartContainers", true, start), cond("Initialized", true, start), cond("Ready", all_ready, ready_since), cond("ContainersReady", all_ready, ready_since), cond("PodScheduled", true, start)],
                 "containerStatuses": statuses,
             });
+            if !ephemeral.is_empty() {
+                s["ephemeralContainerStatuses"] = json!(ephemeral);
+            }
         });
     }
 }
@@ -390,19 +531,35 @@ impl PodRuntime for Kubelets {
         &self,
         ns: &str,
         pod: &str,
+        container: Option<&str>,
         follow: bool,
     ) -> BoxFuture<'static, Result<BoxStream<'static, Bytes>, ApiError>> {
         let running = self.find(ns, pod);
+        let (container, pod) = (container.map(str::to_owned), pod.to_owned());
         Box::pin(async move {
             let running =
                 running.ok_or_else(|| ApiError::bad_request("container is not running"))?;
-            let log = running
+            let first = running
                 .containers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .first()
                 .map(|c| c.log.clone())
                 .ok_or_else(|| ApiError::bad_request("pod has no containers"))?;
+            // Every container's log, ephemeral ones too, is `<name>.log` in the pod's state
+            // directory.
+            let log = match container {
+                None => first,
+                Some(name) => {
+                    let path = first.with_file_name(format!("{name}.log"));
+                    if !path.exists() {
+                        return Err(ApiError::bad_request(format!(
+                            "container {name} is not valid for pod {pod}"
+                        )));
+                    }
+                    path
+                }
+            };
             let stream = futures::stream::unfold((0u64, false), move |(offset, finished)| {
                 let (log, done) = (log.clone(), running.done.clone());
                 async move {
