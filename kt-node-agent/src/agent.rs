@@ -134,8 +134,20 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         .map_err(AgentError::Kube)?;
     let changed = Arc::new(Notify::new());
     let all = watcher::Config::default;
-    let sessions = watch(&tasks, "watch-sessions", &changed, Api::all(client.clone()), all());
-    let services = watch(&tasks, "watch-services", &changed, Api::all(client.clone()), all());
+    let sessions = watch(
+        &tasks,
+        "watch-sessions",
+        &changed,
+        Api::all(client.clone()),
+        all(),
+    );
+    let services = watch(
+        &tasks,
+        "watch-services",
+        &changed,
+        Api::all(client.clone()),
+        all(),
+    );
     let slices = watch(
         &tasks,
         "watch-endpointslices",
@@ -143,7 +155,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         Api::all(client.clone()),
         all(),
     );
-    let nodes = watch(&tasks, "watch-nodes", &changed, Api::all(client.clone()), all());
+    let nodes = watch(
+        &tasks,
+        "watch-nodes",
+        &changed,
+        Api::all(client.clone()),
+        all(),
+    );
     let records = watch(
         &tasks,
         "watch-agent-records",
@@ -305,9 +323,7 @@ where
 {
     let writer = reflector::store::Writer::default();
     let store = writer.as_reader();
-    let events = watcher(api, config)
-        .default_backoff()
-        .reflect(writer);
+    let events = watcher(api, config).default_backoff().reflect(writer);
     let (changed, stop) = (changed.clone(), tasks.shutdown().clone());
     tasks.spawn(name, async move {
         let mut events = std::pin::pin!(events);
@@ -496,7 +512,11 @@ impl Reconciler {
             };
             let version = (
                 session.metadata.uid.clone().unwrap_or_default(),
-                session.metadata.resource_version.clone().unwrap_or_default(),
+                session
+                    .metadata
+                    .resource_version
+                    .clone()
+                    .unwrap_or_default(),
             );
             seen.insert(version.clone());
             let (since, reported) = rejected.entry(version).or_insert((at, false));

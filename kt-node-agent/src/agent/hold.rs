@@ -265,8 +265,7 @@ impl Handler for Holder {
         let authorized = self.session(&login).await.and_then(|object| {
             let authorized = PublicKey::from_openssh(object.spec.public_key.trim()).ok()?;
             let uid = object.metadata.uid.clone().unwrap_or_default();
-            (authorized.key_data() == key.public_key.key_data())
-                .then(|| (uid, object.spec.clone()))
+            (authorized.key_data() == key.public_key.key_data()).then(|| (uid, object.spec.clone()))
         });
         let Some((uid, spec)) = authorized else {
             tracing::warn!(%login, "no session for this login and key");
@@ -506,11 +505,10 @@ impl Status {
         }
         // After the status: a status this agent no longer vouches for would be reported.
         let listeners = self.listeners();
-        let released = self.context.publisher.release(
-            &self.login.namespace,
-            &self.login.session,
-            &listeners,
-        );
+        let released =
+            self.context
+                .publisher
+                .release(&self.login.namespace, &self.login.session, &listeners);
         if let Err(error) = released.await {
             tracing::warn!(error = %kt_proto::error_chain(&error), "failed to update the agent record; the session's lease ends it");
         }

@@ -129,7 +129,10 @@ impl Publisher {
             }
         });
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), NAMESPACE);
-        let (params, patch) = (PatchParams::apply(FIELD_MANAGER).force(), Patch::Apply(&record));
+        let (params, patch) = (
+            PatchParams::apply(FIELD_MANAGER).force(),
+            Patch::Apply(&record),
+        );
         let write = api.patch(&name, &params, &patch);
         let result = match tokio::time::timeout(WRITE_TIMEOUT, write).await {
             Ok(result) => result.map(drop).map_err(PublishError::from),

@@ -209,7 +209,11 @@ mod tests {
         let (n1, n2) = (node("node-1", "172.30.0.11"), node("node-2", "172.30.0.12"));
         let s = session(status("node-1", "172.30.0.11", now));
         assert_eq!(check(&s, &[&n1, &n2], &held("u1", 40001), now), Ok(()));
-        let skewed = session(status("node-1", "172.30.0.11", now + TimeDelta::seconds(20)));
+        let skewed = session(status(
+            "node-1",
+            "172.30.0.11",
+            now + TimeDelta::seconds(20),
+        ));
         assert_eq!(
             check(&skewed, &[&n1], &held("u1", 40001), now),
             Ok(()),
