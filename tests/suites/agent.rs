@@ -615,6 +615,19 @@ async fn ktctl_exchange_in_agent_mode_touches_nothing_and_ends_with_ktctl() {
         .unwrap_or_else(|wrong| panic!("after {ending}: {wrong}"));
         eprintln!("{ending}: the pods answer again {took:?} later");
     }
+    // A real holder is never reported: its record is written before its status, and a
+    // status left by a replaced agent is an earlier holder's, not a forgery.
+    let events: Api<Event> = Api::namespaced(tb.client().await, "default");
+    let forged: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .expect("events listed")
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("ForgedStatus"))
+        .filter_map(|e| e.message)
+        .collect();
+    assert!(forged.is_empty(), "{forged:?}");
     tb.stop().await;
 }
 

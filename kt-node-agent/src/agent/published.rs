@@ -18,7 +18,8 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::trust::{
-    HeldSession, RECORD_LABEL, RECORD_NODE_KEY, RECORD_SESSIONS_KEY, Rejected, record_name,
+    HeldSession, RECORD_LABEL, RECORD_NODE_KEY, RECORD_SESSIONS_KEY, RECORD_STARTED_KEY, Rejected,
+    record_name,
 };
 
 /// How long one record or Event write may take.
@@ -40,6 +41,8 @@ pub enum PublishError {
 pub struct Publisher {
     client: kube::Client,
     node: String,
+    /// When this agent started: a status renewed before is an earlier agent's.
+    started: chrono::DateTime<chrono::Utc>,
     held: Mutex<Held>,
 }
 
@@ -55,6 +58,7 @@ impl Publisher {
         Self {
             client,
             node,
+            started: chrono::Utc::now(),
             held: Mutex::new(Held {
                 stale: true,
                 ..Held::default()
@@ -125,6 +129,7 @@ impl Publisher {
                          "labels": {RECORD_LABEL: self.node, "app.kubernetes.io/part-of": "kt"}},
             "data": {
                 RECORD_NODE_KEY: self.node,
+                RECORD_STARTED_KEY: self.started.to_rfc3339(),
                 RECORD_SESSIONS_KEY: serde_json::to_string(&sessions).unwrap_or_default(),
             }
         });

@@ -38,6 +38,8 @@ pub const MAX_CLOCK_SKEW: TimeDelta = TimeDelta::seconds(30);
 pub const RECORD_SESSIONS_KEY: &str = "sessions";
 /// The record's data key naming its node.
 pub const RECORD_NODE_KEY: &str = "node";
+/// The record's data key with the time its agent started (RFC 3339, the node's clock).
+pub const RECORD_STARTED_KEY: &str = "started";
 /// The label every agent record carries (its value is the node), for the agents' watch.
 pub const RECORD_LABEL: &str = "kt.dev/agent-record";
 
@@ -56,9 +58,17 @@ pub struct HeldSession {
     pub listeners: Vec<Listener>,
 }
 
-/// Each node's agent record (node → the sessions it holds), from the watched ConfigMaps;
-/// a record that does not parse, or names another node than its name says, reads as absent.
-pub fn records(config_maps: &[&ConfigMap]) -> BTreeMap<String, Vec<HeldSession>> {
+/// One node's agent record.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    /// When the agent that wrote it started.
+    pub started: Option<DateTime<Utc>>,
+    pub sessions: Vec<HeldSession>,
+}
+
+/// Each node's agent record (node → the record), from the watched ConfigMaps; a record that
+/// does not parse, or names another node than its name says, reads as absent.
+pub fn records(config_maps: &[&ConfigMap]) -> BTreeMap<String, Record> {
     config_maps
         .iter()
         .filter_map(|cm| {
@@ -67,8 +77,11 @@ pub fn records(config_maps: &[&ConfigMap]) -> BTreeMap<String, Vec<HeldSession>>
             if cm.metadata.name.as_deref() != Some(record_name(node).as_str()) {
                 return None;
             }
-            let held = serde_json::from_str(data.get(RECORD_SESSIONS_KEY)?).ok()?;
-            Some((node.clone(), held))
+            let sessions = serde_json::from_str(data.get(RECORD_SESSIONS_KEY)?).ok()?;
+            let started = data
+                .get(RECORD_STARTED_KEY)
+                .and_then(|t| t.parse::<DateTime<Utc>>().ok());
+            Some((node.clone(), Record { started, sessions }))
         })
         .collect()
 }
@@ -82,6 +95,11 @@ pub enum Rejected {
     NotTheNodesAddress { address: IpAddr, node: String },
     #[error("the agent on node {0} does not hold this session")]
     NotHeld(String),
+    /// Not held by the agent now on the node, and renewed before it started: what an
+    /// earlier agent there wrote (it died or was replaced), not a forgery. Still ignored, but
+    /// not reported as forged.
+    #[error("renewed by an earlier agent on node {0}, which is gone")]
+    EarlierHolder(String),
     #[error("the agent on node {node} has no listener {listener_port} for port {port}")]
     NotItsListener {
         node: String,
@@ -90,6 +108,13 @@ pub enum Rejected {
     },
     #[error("status.renewTime {0} is in the future")]
     RenewedInTheFuture(DateTime<Utc>),
+}
+
+impl Rejected {
+    /// Whether this rejection is reported as a forged status (an earlier holder is not).
+    pub fn forged(&self) -> bool {
+        !matches!(self, Self::EarlierHolder(_))
+    }
 }
 
 /// The addresses of `node` a holder's listeners may be bound to.
@@ -108,7 +133,7 @@ fn node_addresses(node: &Node) -> BTreeSet<IpAddr> {
 pub fn check(
     session: &KtSession,
     nodes: &[&Node],
-    records: &BTreeMap<String, Vec<HeldSession>>,
+    records: &BTreeMap<String, Record>,
     now: DateTime<Utc>,
 ) -> Result<(), Rejected> {
     let Some(status) = &session.status else {
@@ -135,16 +160,24 @@ pub fn check(
             node: status.node.clone(),
         });
     }
-    let held = records
-        .get(&status.node)
+    let record = records.get(&status.node);
+    let held = record
         .into_iter()
-        .flatten()
+        .flat_map(|r| &r.sessions)
         .find(|h| {
             Some(h.namespace.as_str()) == session.metadata.namespace.as_deref()
                 && Some(h.name.as_str()) == session.metadata.name.as_deref()
                 && Some(h.uid.as_str()) == session.metadata.uid.as_deref()
         })
-        .ok_or_else(|| Rejected::NotHeld(status.node.clone()))?;
+        .ok_or_else(|| {
+            let started = record.and_then(|r| r.started);
+            match (started, status.renew_time) {
+                (Some(started), Some(renewed)) if renewed < started => {
+                    Rejected::EarlierHolder(status.node.clone())
+                }
+                _ => Rejected::NotHeld(status.node.clone()),
+            }
+        })?;
     if let Some(l) = status
         .listeners
         .iter()
@@ -188,18 +221,21 @@ mod tests {
                "listeners": [{"port": 80, "listenerPort": 40001}]})
     }
 
-    fn held(uid: &str, listener_port: u16) -> BTreeMap<String, Vec<HeldSession>> {
+    fn held(uid: &str, listener_port: u16) -> BTreeMap<String, Record> {
         BTreeMap::from([(
             "node-1".to_owned(),
-            vec![HeldSession {
-                namespace: "dev".into(),
-                name: "web-alice".into(),
-                uid: uid.into(),
-                listeners: vec![Listener {
-                    port: 80,
-                    listener_port,
+            Record {
+                started: None,
+                sessions: vec![HeldSession {
+                    namespace: "dev".into(),
+                    name: "web-alice".into(),
+                    uid: uid.into(),
+                    listeners: vec![Listener {
+                        port: 80,
+                        listener_port,
+                    }],
                 }],
-            }],
+            },
         )])
     }
 
@@ -268,6 +304,16 @@ mod tests {
             Err(Rejected::NotHeld("node-1".into())),
             "no record: nobody holds it"
         );
+        let restarted = BTreeMap::from([(
+            "node-1".to_owned(),
+            Record {
+                started: Some(now + TimeDelta::seconds(1)),
+                sessions: Vec::new(),
+            },
+        )]);
+        let stale = check(&s, &nodes, &restarted, now + TimeDelta::seconds(2));
+        assert_eq!(stale, Err(Rejected::EarlierHolder("node-1".into())));
+        assert!(!stale.unwrap_err().forged(), "ignored, not reported");
         assert_eq!(
             check(&s, &nodes, &held("u0", 40001), now),
             Err(Rejected::NotHeld("node-1".into())),
@@ -289,7 +335,8 @@ mod tests {
     fn records_are_read_from_config_maps_named_for_their_node() {
         let cm = |name: &str, node: &str| -> ConfigMap {
             serde_json::from_value(json!({"metadata": {"name": name, "namespace": "kt-system"},
-                "data": {"node": node, "sessions": serde_json::to_string(&held("u1", 1)["node-1"]).unwrap()}}))
+                "data": {"node": node, "started": "2026-01-01T00:00:00Z",
+                         "sessions": serde_json::to_string(&held("u1", 1)["node-1"].sessions).unwrap()}}))
             .unwrap()
         };
         let (good, misnamed) = (
@@ -298,6 +345,7 @@ mod tests {
         );
         let read = records(&[&good, &misnamed]);
         assert_eq!(read.keys().collect::<Vec<_>>(), ["node-1"]);
-        assert_eq!(read["node-1"][0].uid, "u1");
+        assert_eq!(read["node-1"].sessions[0].uid, "u1");
+        assert!(read["node-1"].started.is_some());
     }
 }
