@@ -69,7 +69,7 @@ impl Unheld {
                     namespace: namespace.clone(),
                     name: name.clone(),
                     resource_version: session.metadata.resource_version.clone(),
-                    mode: session.spec.mode.clone(),
+                    mode: session.spec.mode,
                 });
             }
             seen.insert(key, since);
