@@ -26,8 +26,10 @@ mod map;
 pub mod mesh;
 mod metrics;
 pub mod network;
+pub mod published;
 pub mod redirects;
 pub mod router;
+pub mod trust;
 
 use std::{
     collections::BTreeMap,
@@ -131,15 +133,61 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         .await
         .map_err(AgentError::Kube)?;
     let changed = Arc::new(Notify::new());
-    let sessions = watch(&tasks, "watch-sessions", &changed, Api::all(client.clone()));
-    let services = watch(&tasks, "watch-services", &changed, Api::all(client.clone()));
+    let all = watcher::Config::default;
+    let sessions = watch(
+        &tasks,
+        "watch-sessions",
+        &changed,
+        Api::all(client.clone()),
+        all(),
+    );
+    let services = watch(
+        &tasks,
+        "watch-services",
+        &changed,
+        Api::all(client.clone()),
+        all(),
+    );
     let slices = watch(
         &tasks,
         "watch-endpointslices",
         &changed,
         Api::all(client.clone()),
+        all(),
     );
-    let nodes = watch(&tasks, "watch-nodes", &changed, Api::all(client.clone()));
+    let nodes = watch(
+        &tasks,
+        "watch-nodes",
+        &changed,
+        Api::all(client.clone()),
+        all(),
+    );
+    let records = watch(
+        &tasks,
+        "watch-agent-records",
+        &changed,
+        Api::namespaced(client.clone(), kt_proto::agent::NAMESPACE),
+        watcher::Config::default().labels(trust::RECORD_LABEL),
+    );
+    let publisher = Arc::new(published::Publisher::new(
+        client.clone(),
+        config.node_name.clone(),
+    ));
+    // This agent holds nothing yet, whatever an earlier agent on this node listed; a
+    // failure here is retried with the first session it holds.
+    if let Err(error) = publisher.publish().await {
+        tracing::warn!(error = %kt_proto::error_chain(&error), "failed to write the agent record");
+    }
+    let (rejections, to_report) = tokio::sync::mpsc::unbounded_channel();
+    tasks.spawn(
+        "report-forged-status",
+        published::report(
+            client.clone(),
+            config.node_name.clone(),
+            to_report,
+            tasks.shutdown().clone(),
+        ),
+    );
     let resolver = crate::dns_relay::ResolvConf::read(Path::new("/etc/resolv.conf"))
         .map_err(|error| tracing::warn!(%error, "no resolver configuration: connect sessions get no cluster DNS"))
         .ok();
@@ -172,6 +220,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         network: network.clone(),
         connect_refused,
         redirects: map.clone(),
+        publisher,
     };
     let context_client = client;
     tasks.spawn(
@@ -211,6 +260,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         services,
         slices,
         nodes,
+        records,
+        rejected: Mutex::default(),
+        rejections,
         resolver,
         egress_allow: config.egress_allow.clone(),
         network,
@@ -259,6 +311,7 @@ fn watch<K>(
     name: &'static str,
     changed: &Arc<Notify>,
     api: Api<K>,
+    config: watcher::Config,
 ) -> reflector::Store<K>
 where
     K: kube::Resource<DynamicType = ()>
@@ -271,9 +324,7 @@ where
 {
     let writer = reflector::store::Writer::default();
     let store = writer.as_reader();
-    let events = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .reflect(writer);
+    let events = watcher(api, config).default_backoff().reflect(writer);
     let (changed, stop) = (changed.clone(), tasks.shutdown().clone());
     tasks.spawn(name, async move {
         let mut events = std::pin::pin!(events);
@@ -297,6 +348,13 @@ where
 #[error("the watch stream ended")]
 struct WatchEnded;
 
+/// A session version: uid and resourceVersion.
+type Version = (String, String);
+
+/// How long a session version must stay rejected before it is reported (see
+/// [`Reconciler::believed`]).
+const REPORT_AFTER: Duration = Duration::from_secs(5);
+
 /// What this node acknowledges per held session (namespace, name), and whether the object
 /// already shows it.
 type Acks = BTreeMap<(String, String), (Programmed, bool)>;
@@ -319,6 +377,12 @@ struct Reconciler {
     services: reflector::Store<Service>,
     slices: reflector::Store<EndpointSlice>,
     nodes: reflector::Store<k8s_openapi::api::core::v1::Node>,
+    /// The agents' records of what they hold ([`trust`]).
+    records: reflector::Store<k8s_openapi::api::core::v1::ConfigMap>,
+    /// Session versions whose status is not believed: when first seen, and whether reported.
+    rejected: Mutex<BTreeMap<Version, (tokio::time::Instant, bool)>>,
+    /// To [`published::report`].
+    rejections: tokio::sync::mpsc::UnboundedSender<published::Rejection>,
     /// The agent's resolver (the cluster DNS, for connect sessions).
     resolver: Option<crate::dns_relay::ResolvConf>,
     egress_allow: Vec<kt_proto::net::Cidr>,
@@ -338,7 +402,8 @@ impl Reconciler {
                 self.sessions.wait_until_ready(),
                 self.services.wait_until_ready(),
                 self.slices.wait_until_ready(),
-                self.nodes.wait_until_ready()
+                self.nodes.wait_until_ready(),
+                self.records.wait_until_ready()
             );
         };
         tokio::select! {
@@ -362,21 +427,28 @@ impl Reconciler {
             self.services.state(),
             self.slices.state(),
         );
+        let all_nodes = self.nodes.state();
+        let now = chrono::Utc::now();
+        let sessions: Vec<&KtSession> = all_sessions.iter().map(AsRef::as_ref).collect();
+        let (believed, report_in) = self.believed(
+            &sessions,
+            &all_nodes.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
+            now,
+        );
+        // What is programmed and acknowledged: only statuses some agent vouches for.
         let state = redirects::ClusterState {
-            sessions: &all_sessions.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
+            sessions: &believed,
             services: &all_services.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
             slices: &all_slices.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
         };
-        let all_nodes = self.nodes.state();
         *self.network.write().unwrap_or_else(|e| e.into_inner()) = network::network(
             &all_nodes.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
             state.services,
             self.resolver.as_ref(),
             &self.egress_allow,
         );
-        let now = chrono::Utc::now();
         let due = self.unheld.lock().unwrap_or_else(|e| e.into_inner()).due(
-            state.sessions,
+            &sessions,
             now,
             self.session_grace,
         );
@@ -394,7 +466,8 @@ impl Reconciler {
             .and_then(|end| (end - now).to_std().ok())
             .map_or(self.lease_check, |left| {
                 (left + Duration::from_millis(1)).min(self.lease_check)
-            });
+            })
+            .min(report_in.unwrap_or(Duration::MAX));
         let applied = self
             .map
             .lock()
@@ -414,6 +487,69 @@ impl Reconciler {
         }
         self.ready.store(applied.is_ok(), Ordering::Relaxed);
         wake
+    }
+
+    /// The sessions whose status is believed ([`trust::check`]); the others are logged and
+    /// reported as an Event once per session version, once they have been rejected for
+    /// [`REPORT_AFTER`] (a holder's record and its status arrive through two watches, in
+    /// either order). Also when the next report is due.
+    fn believed<'a>(
+        &self,
+        sessions: &[&'a KtSession],
+        nodes: &[&k8s_openapi::api::core::v1::Node],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> (Vec<&'a KtSession>, Option<Duration>) {
+        let all_records = self.records.state();
+        let records = trust::records(&all_records.iter().map(AsRef::as_ref).collect::<Vec<_>>());
+        let mut rejected = self.rejected.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = std::collections::BTreeSet::new();
+        let mut believed = Vec::with_capacity(sessions.len());
+        let mut next: Option<Duration> = None;
+        let at = tokio::time::Instant::now();
+        for session in sessions {
+            let Err(reason) = trust::check(session, nodes, &records, now) else {
+                believed.push(*session);
+                continue;
+            };
+            let version = (
+                session.metadata.uid.clone().unwrap_or_default(),
+                session
+                    .metadata
+                    .resource_version
+                    .clone()
+                    .unwrap_or_default(),
+            );
+            seen.insert(version.clone());
+            let (since, reported) = rejected.entry(version).or_insert((at, false));
+            if *reported {
+                continue;
+            }
+            let waited = at.duration_since(*since);
+            if waited < REPORT_AFTER {
+                let left = REPORT_AFTER - waited;
+                next = Some(next.map_or(left, |n| n.min(left)));
+                continue;
+            }
+            *reported = true;
+            let (namespace, name) = (
+                session.metadata.namespace.clone().unwrap_or_default(),
+                session.metadata.name.clone().unwrap_or_default(),
+            );
+            if !reason.forged() {
+                tracing::info!(%namespace, session = %name, %reason, "session status ignored: nothing redirected for it");
+                continue;
+            }
+            tracing::warn!(%namespace, session = %name, %reason, "session status not believed: nothing redirected for it");
+            let _ = self.rejections.send(published::Rejection {
+                namespace,
+                name,
+                uid: session.metadata.uid.clone(),
+                resource_version: session.metadata.resource_version.clone(),
+                reason,
+            });
+        }
+        rejected.retain(|version, _| seen.contains(version));
+        (believed, next)
     }
 
     /// This node's acknowledgement of every live exchange or mesh session whose holder listens for

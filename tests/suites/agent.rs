@@ -3,15 +3,20 @@
 //! endpoint addresses — from pods on both nodes, and stops when the lease runs out.
 //!
 //! The session's holder is played by the test: it writes `status` as a holding agent would,
-//! pointing at a host-network HTTP server on node-1 (the tunnel listener's stand-in).
+//! pointing at a host-network HTTP server on node-1 (the tunnel listener's stand-in), and
+//! the record with which node-1's agent vouches for the sessions it holds (the ConfigMap
+//! `kt-node-agent-node-1` in `kt-system`, which only the agents' ServiceAccount and admins
+//! may write). A status nobody vouches for — forged by a developer or an admin — redirects
+//! nothing.
 
 use std::{collections::HashSet, path::Path, time::Duration};
 
+use k8s_openapi::api::core::v1::{ConfigMap, Event};
 use kt_proto::session::KtSession;
 use kt_testbed::{cluster::Testbed, topology::node_ip};
 use kt_tests::harness::{
     apps::{
-        apply, deploy_client_2, deploy_web, in_pod, install_agent, start_testbed,
+        answered_by, apply, deploy_client_2, deploy_web, in_pod, install_agent, start_testbed,
         until_all_answered_by, wait_for_agents, web_pods, web_pods_field, who_answers,
     },
     bins,
@@ -19,7 +24,7 @@ use kt_tests::harness::{
     kubectl::{kubectl, kubectl_ok},
     workstation::{self, Background},
 };
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const LISTENER_PORT: u16 = 40001;
@@ -75,8 +80,32 @@ fn session() -> KtSession {
     .expect("session parses")
 }
 
-/// Writes the status a holding agent on node-1 would write, renewed now.
+/// Writes what node-1's agent would write when it holds the session: its record listing
+/// the session and listener (rewritten each time: a replaced agent starts with an empty
+/// record), then the status, renewed now.
 async fn renew(sessions: &Api<KtSession>) {
+    let uid = sessions
+        .get("web-alice")
+        .await
+        .expect("session read")
+        .metadata
+        .uid
+        .expect("a uid");
+    let held = json!([{"namespace": "default", "name": "web-alice", "uid": uid,
+                       "listeners": [{"port": 80, "listenerPort": LISTENER_PORT}]}]);
+    let record = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "kt-node-agent-node-1", "namespace": "kt-system",
+                     "labels": {"kt.dev/agent-record": "node-1"}},
+        "data": {"node": "node-1", "sessions": held.to_string()}});
+    let records: Api<ConfigMap> = Api::namespaced(sessions.clone().into_client(), "kt-system");
+    records
+        .patch(
+            "kt-node-agent-node-1",
+            &PatchParams::apply("kt-node-agent").force(),
+            &Patch::Apply(&record),
+        )
+        .await
+        .expect("agent record written");
     let status = json!({"status": {
         "node": "node-1",
         "address": node_ip(1).to_string(),
@@ -586,6 +615,19 @@ async fn ktctl_exchange_in_agent_mode_touches_nothing_and_ends_with_ktctl() {
         .unwrap_or_else(|wrong| panic!("after {ending}: {wrong}"));
         eprintln!("{ending}: the pods answer again {took:?} later");
     }
+    // A real holder is never reported: its record is written before its status, and a
+    // status left by a replaced agent is an earlier holder's, not a forgery.
+    let events: Api<Event> = Api::namespaced(tb.client().await, "default");
+    let forged: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .expect("events listed")
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("ForgedStatus"))
+        .filter_map(|e| e.message)
+        .collect();
+    assert!(forged.is_empty(), "{forged:?}");
     tb.stop().await;
 }
 
@@ -782,5 +824,189 @@ async fn a_developer_exchanges_in_their_namespace_and_is_refused_elsewhere() {
         "{err}"
     );
     assert_eq!(objects(), before, "nothing created in the other namespace");
+    tb.stop().await;
+}
+
+/// For `period`, every way to `web` (`urls`) from pods on both nodes is answered by a `web`
+/// pod, every time it is asked.
+fn only_pods_answer(tb: &Testbed, urls: &[String], web: &HashSet<String>, period: Duration) {
+    let until = std::time::Instant::now() + period;
+    let mut rounds = 0;
+    while rounds == 0 || std::time::Instant::now() < until {
+        for pod in CLIENTS {
+            for url in urls {
+                let who = answered_by(tb, pod, url).unwrap_or_default();
+                assert!(web.contains(&who), "{pod} → {url}: answered by {who:?}");
+            }
+        }
+        rounds += 1;
+    }
+}
+
+/// The `ForgedStatus` Events on session `web-alice` for its version `resource_version`.
+async fn forged_status_events(events: &Api<Event>, resource_version: &str) -> Vec<String> {
+    events
+        .list(&ListParams::default())
+        .await
+        .expect("events listed")
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some("ForgedStatus")
+                && e.type_.as_deref() == Some("Warning")
+                && e.involved_object.kind.as_deref() == Some("KtSession")
+                && e.involved_object.name.as_deref() == Some("web-alice")
+                && e.involved_object.resource_version.as_deref() == Some(resource_version)
+        })
+        .filter_map(|e| e.message)
+        .collect()
+}
+
+/// The issue's forged status, tried as a new user would: `kt-developer` creates a session
+/// with a status in its body (an address of no node, a listener, renewed an hour ahead) —
+/// the API server drops it — and cannot write `status`; where a cluster grants
+/// `ktsessions/status` anyway, the forged status redirects nothing and is reported; and an
+/// admin's plausible status (node-1, its address, the listener stand-in, renewed now), which
+/// no agent vouches for, redirects nothing either. Each time, pods on both nodes keep
+/// reaching the real pods for longer than the agents' reconcile period (1 s) and their
+/// report delay (5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn a_forged_session_status_redirects_nothing_as_a_developer_or_as_admin() {
+    let tb = with_agent().await;
+    let (urls, web) = (web_urls(&tb), web_pods(&tb));
+    until_all_answered_by(
+        &tb,
+        &CLIENTS,
+        &urls,
+        |who| web.contains(who),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("before the session, web answers");
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "create",
+            "rolebinding",
+            "kt-developer",
+            "--clusterrole=kt-developer",
+            "--user=alice",
+            "-n",
+            "default",
+        ],
+    );
+    let alice = tb.user_kubeconfig("alice", "default").unwrap();
+    let alice_client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&alice).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    let as_alice: Api<KtSession> = Api::namespaced(alice_client, "default");
+    let forged = json!({"status": {
+        "node": "node-1",
+        "address": "172.30.0.100",
+        "listeners": [{"port": 80, "listenerPort": LISTENER_PORT}],
+        "renewTime": chrono::Utc::now() + chrono::TimeDelta::hours(1),
+    }});
+    let mut with_status = serde_json::to_value(session()).unwrap();
+    with_status["status"] = forged["status"].clone();
+    let created = as_alice
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(with_status).unwrap(),
+        )
+        .await
+        .expect("alice may create sessions");
+    assert!(
+        created.status.is_none(),
+        "the API server drops status on create"
+    );
+    let refused = as_alice
+        .patch_status("web-alice", &PatchParams::default(), &Patch::Merge(&forged))
+        .await
+        .expect_err("kt-developer may not write status");
+    assert!(
+        matches!(&refused, kube::Error::Api(s) if s.code == 403),
+        "{refused:?}"
+    );
+    only_pods_answer(&tb, &urls, &web, Duration::from_secs(8));
+
+    // A cluster that grants status writes to developers anyway.
+    apply(
+        &tb.kubeconfig,
+        r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: session-status, namespace: default}
+rules:
+- {apiGroups: [kt.dev], resources: [ktsessions/status], verbs: [get, patch, update]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: session-status, namespace: default}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: session-status}
+subjects: [{kind: User, name: alice, apiGroup: rbac.authorization.k8s.io}]
+"#,
+    );
+    let events: Api<Event> = Api::namespaced(tb.client().await, "default");
+    let written = eventually("alice's status write is allowed", async || {
+        as_alice
+            .patch_status("web-alice", &PatchParams::default(), &Patch::Merge(&forged))
+            .await
+            .ok()
+    })
+    .await;
+    assert!(written.status.is_some_and(|s| s.address.is_some()));
+    let version = written.metadata.resource_version.unwrap();
+    only_pods_answer(&tb, &urls, &web, Duration::from_secs(8));
+    let reported = eventually("the forged status is reported", async || {
+        seen(forged_status_events(&events, &version).await, |e| {
+            !e.is_empty()
+        })
+    })
+    .await;
+    eprintln!("reported: {reported:?}");
+    assert!(
+        reported.iter().any(|m| m.contains("in the future")),
+        "{reported:?}"
+    );
+
+    // An admin's status, plausible but held by no agent.
+    let admin: Api<KtSession> = Api::namespaced(tb.client().await, "default");
+    let plausible = json!({"status": {
+        "node": "node-1",
+        "address": node_ip(1).to_string(),
+        "listeners": [{"port": 80, "listenerPort": LISTENER_PORT}],
+        "renewTime": chrono::Utc::now(),
+    }});
+    let written = admin
+        .patch_status(
+            "web-alice",
+            &PatchParams::default(),
+            &Patch::Merge(&plausible),
+        )
+        .await
+        .expect("an admin may write status");
+    let version = written.metadata.resource_version.unwrap();
+    // Within the session's 10 s lease, as long as the status claims.
+    only_pods_answer(&tb, &urls, &web, Duration::from_secs(8));
+    let reported = eventually("the admin's status is reported", async || {
+        seen(forged_status_events(&events, &version).await, |e| {
+            !e.is_empty()
+        })
+    })
+    .await;
+    assert!(
+        reported.iter().any(|m| m.contains("does not hold")),
+        "{reported:?}"
+    );
     tb.stop().await;
 }

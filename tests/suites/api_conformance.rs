@@ -628,3 +628,111 @@ async fn ephemeral_containers_are_added_through_their_subresource_only() {
         .unwrap();
     assert_eq!(two.spec.unwrap().ephemeral_containers.unwrap().len(), 2);
 }
+
+/// The status subresource's rules, as the API server's strategies apply them (Kubernetes
+/// docs, Custom Resources → Status subresource): a create drops `status`; PUT/PATCH of the
+/// main resource ignore changes to it; PUT/PATCH of `/status` ignore everything else
+/// (labels included, for a custom resource); server-side apply through `/status` does not
+/// create. Built-in kinds with the subresource (a Service here) drop it on create too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_subresource_splits_writes_as_the_api_server_does() {
+    use k8s_openapi::api::core::v1::Service;
+    use kube::api::{ApiResource, DynamicObject};
+    let (_tier, client) = start(ApiOptions::default()).await;
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> = Api::all(client.clone());
+    let crd = serde_json::from_value(json!({"metadata": {"name": "forms.kt.example"},
+        "spec": {"group": "kt.example", "scope": "Namespaced",
+                 "names": {"plural": "forms", "singular": "form", "kind": "Form"},
+                 "versions": [{"name": "v1", "served": true, "storage": true,
+                               "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}},
+                               "subresources": {"status": {}}}]}})).unwrap();
+    crds.create(&PostParams::default(), &crd).await.unwrap();
+    let resource = ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+        "kt.example",
+        "v1",
+        "Form",
+    ));
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &resource);
+    let forged: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "kt.example/v1", "kind": "Form",
+        "metadata": {"name": "f"}, "spec": {"a": 1}, "status": {"node": "forged"}}))
+    .unwrap();
+    let created = api.create(&PostParams::default(), &forged).await.unwrap();
+    assert!(created.data.get("status").is_none(), "create drops status");
+    assert!(api.get("f").await.unwrap().data.get("status").is_none());
+
+    let written = api
+        .patch_status(
+            "f",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}, "spec": {"a": 2},
+                                 "status": {"node": "real"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(written.data["status"]["node"], "real");
+    assert_eq!(written.data["spec"]["a"], 1, "/status ignores the spec");
+    assert!(
+        written.metadata.labels.is_none(),
+        "/status ignores metadata for a custom resource"
+    );
+
+    let main = api
+        .patch(
+            "f",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"a": 3}, "status": {"node": "forged"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(main.data["spec"]["a"], 3);
+    assert_eq!(
+        main.data["status"]["node"], "real",
+        "the main resource ignores status"
+    );
+    let mut put = main.clone();
+    put.data["status"] = json!({"node": "forged"});
+    let replaced = api
+        .replace("f", &PostParams::default(), &put)
+        .await
+        .unwrap();
+    assert_eq!(replaced.data["status"]["node"], "real");
+
+    // Server-side apply: the main resource creates without status; /status does not create.
+    let apply = PatchParams::apply("conformance");
+    let applied = api
+        .patch(
+            "g",
+            &apply,
+            &Patch::Apply(json!({"apiVersion": "kt.example/v1", "kind": "Form",
+                                 "metadata": {"name": "g"}, "spec": {}, "status": {"node": "forged"}})),
+        )
+        .await
+        .unwrap();
+    assert!(applied.data.get("status").is_none());
+    let missing = api
+        .patch_status(
+            "h",
+            &apply,
+            &Patch::Apply(json!({"apiVersion": "kt.example/v1", "kind": "Form",
+                                 "metadata": {"name": "h"}, "status": {"node": "forged"}})),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&missing), "NotFound");
+
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let svc: Service = serde_json::from_value(json!({"metadata": {"name": "lb"},
+        "spec": {"ports": [{"port": 80}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}]}}}))
+    .unwrap();
+    let created = services.create(&PostParams::default(), &svc).await.unwrap();
+    assert!(
+        created
+            .status
+            .and_then(|s| s.load_balancer)
+            .and_then(|lb| lb.ingress)
+            .is_none(),
+        "a Service's status is the API server's to set"
+    );
+}

@@ -35,7 +35,7 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
-use super::{map::RedirectMap, metrics::TunnelBytes, network::Network};
+use super::{map::RedirectMap, metrics::TunnelBytes, network::Network, trust::HeldSession};
 use crate::ssh_server::{AcceptError, dial_and_pump, forward_back, spawn_udp_relay};
 
 /// How long one status write (renewal or release) may take: a renewal that hangs must not
@@ -58,6 +58,9 @@ pub struct HoldContext {
     pub(crate) connect_refused: Counter,
     /// The redirects in force on this node, for [`HoldContext::as_a_pod_would`].
     pub(crate) redirects: Arc<Mutex<RedirectMap>>,
+    /// This agent's record of what it holds: written before a session's status, which other
+    /// agents believe only when the record vouches for it ([`super::trust`]).
+    pub(crate) publisher: Arc<super::published::Publisher>,
 }
 
 impl HoldContext {
@@ -158,6 +161,8 @@ struct Holder {
 
 struct Held {
     login: Login,
+    /// The session object's uid, for this agent's record.
+    uid: String,
     spec: SessionSpec,
     listeners: Arc<Mutex<Vec<Listener>>>,
     renewing: bool,
@@ -215,6 +220,22 @@ impl Holder {
             listeners: held.listeners.clone(),
             network,
         };
+        let record = HeldSession {
+            namespace: held.login.namespace.clone(),
+            name: held.login.session.clone(),
+            uid: held.uid.clone(),
+            listeners: status.listeners(),
+        };
+        let (namespace, name) = (&held.login.namespace, &held.login.session);
+        if let Err(error) = self
+            .context
+            .publisher
+            .set(namespace, name, Some(record))
+            .await
+        {
+            tracing::warn!(error = %kt_proto::error_chain(&error), "failed to write the agent record");
+            return false;
+        }
         if let Err(error) = status.write().await {
             tracing::warn!(error = %kt_proto::error_chain(&error), "failed to write session status");
             return false;
@@ -260,9 +281,10 @@ impl Handler for Holder {
         };
         let authorized = self.session(&login).await.and_then(|object| {
             let authorized = PublicKey::from_openssh(object.spec.public_key.trim()).ok()?;
-            (authorized.key_data() == key.public_key.key_data()).then(|| object.spec.clone())
+            let uid = object.metadata.uid.clone().unwrap_or_default();
+            (authorized.key_data() == key.public_key.key_data()).then(|| (uid, object.spec.clone()))
         });
-        let Some(spec) = authorized else {
+        let Some((uid, spec)) = authorized else {
             tracing::warn!(%login, "no session for this login and key");
             return Ok(Auth::reject());
         };
@@ -273,6 +295,7 @@ impl Handler for Holder {
         let connect = spec.mode == SessionMode::Connect;
         let mut held = Held {
             login,
+            uid,
             spec,
             listeners: Arc::default(),
             renewing: false,
@@ -499,6 +522,15 @@ impl Status {
                     tracing::warn!(error = %kt_proto::error_chain(&error), "failed to release session; its lease ends it")
                 }
             }
+        }
+        // After the status: a status this agent no longer vouches for would be reported.
+        let listeners = self.listeners();
+        let released =
+            self.context
+                .publisher
+                .release(&self.login.namespace, &self.login.session, &listeners);
+        if let Err(error) = released.await {
+            tracing::warn!(error = %kt_proto::error_chain(&error), "failed to update the agent record; the session's lease ends it");
         }
     }
 }

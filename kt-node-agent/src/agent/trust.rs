@@ -1,0 +1,351 @@
+//! Which session statuses an agent believes (no I/O). `status` says where a Service's traffic
+//! goes, so a status nobody can vouch for must redirect nothing: a developer may create and
+//! edit `KtSession` objects in their namespace (and an admin may write `status`), but only
+//! the agents' ServiceAccount may write the agents' records in `kt-system`
+//! (`deploy/rbac.yaml`). Each agent publishes one record, the ConfigMap
+//! [`record_name`]`(node)`, listing the sessions it holds (namespace, name, uid) and their
+//! listeners, rewritten when that set changes (not per renewal), and *before* it writes a
+//! session's status.
+//!
+//! An exchange or mesh session's status is accepted ([`check`]) only when
+//! - `status.node` is a Node of the cluster and `status.address` one of its `InternalIP` or
+//!   `ExternalIP` addresses (the address the holder's listeners are bound to is its
+//!   `KT_NODE_IP`, the downward API's `status.hostIP`: the Node's address);
+//! - that node's agent record lists the session (same namespace, name and uid) with every
+//!   listener the status names;
+//! - `renewTime` is at most [`MAX_CLOCK_SKEW`] ahead of this agent's clock.
+//!
+//! Anything else is ignored (fail-open: the Service's traffic goes to its pods) and reported.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kt_proto::session::{KtSession, Listener, SessionMode};
+use serde::{Deserialize, Serialize};
+
+/// How far a `renewTime` may be ahead of this agent's clock. The holder writes it from its
+/// own node's clock; nodes of one cluster are NTP-synchronised far closer than this (the
+/// kubelet's own node lease tolerates tens of seconds), so 30 s rejects no honest holder
+/// while a status "renewed an hour from now" — a lease taken on trust — is refused, and
+/// whatever a skewed holder writes lives at most this much longer than its lease.
+pub const MAX_CLOCK_SKEW: TimeDelta = TimeDelta::seconds(30);
+
+/// The record's data key holding the JSON list of [`HeldSession`]s.
+pub const RECORD_SESSIONS_KEY: &str = "sessions";
+/// The record's data key naming its node.
+pub const RECORD_NODE_KEY: &str = "node";
+/// The record's data key with the time its agent started (RFC 3339, the node's clock).
+pub const RECORD_STARTED_KEY: &str = "started";
+/// The label every agent record carries (its value is the node), for the agents' watch.
+pub const RECORD_LABEL: &str = "kt.dev/agent-record";
+
+/// The name of `node`'s agent record in `kt-system`.
+pub fn record_name(node: &str) -> String {
+    format!("kt-node-agent-{node}")
+}
+
+/// One session an agent holds, as its record lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldSession {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub listeners: Vec<Listener>,
+}
+
+/// One node's agent record.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    /// When the agent that wrote it started.
+    pub started: Option<DateTime<Utc>>,
+    pub sessions: Vec<HeldSession>,
+}
+
+/// Each node's agent record (node → the record), from the watched ConfigMaps; a record that
+/// does not parse, or names another node than its name says, reads as absent.
+pub fn records(config_maps: &[&ConfigMap]) -> BTreeMap<String, Record> {
+    config_maps
+        .iter()
+        .filter_map(|cm| {
+            let data = cm.data.as_ref()?;
+            let node = data.get(RECORD_NODE_KEY)?;
+            if cm.metadata.name.as_deref() != Some(record_name(node).as_str()) {
+                return None;
+            }
+            let sessions = serde_json::from_str(data.get(RECORD_SESSIONS_KEY)?).ok()?;
+            let started = data
+                .get(RECORD_STARTED_KEY)
+                .and_then(|t| t.parse::<DateTime<Utc>>().ok());
+            Some((node.clone(), Record { started, sessions }))
+        })
+        .collect()
+}
+
+/// Why a session's status is not believed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    #[error("status.node {0:?} is not a node of the cluster")]
+    NoSuchNode(String),
+    #[error("status.address {address} is not an address of node {node}")]
+    NotTheNodesAddress { address: IpAddr, node: String },
+    #[error("the agent on node {0} does not hold this session")]
+    NotHeld(String),
+    /// Not held by the agent now on the node, and renewed before it started: what an
+    /// earlier agent there wrote (it died or was replaced), not a forgery. Still ignored, but
+    /// not reported as forged.
+    #[error("renewed by an earlier agent on node {0}, which is gone")]
+    EarlierHolder(String),
+    #[error("the agent on node {node} has no listener {listener_port} for port {port}")]
+    NotItsListener {
+        node: String,
+        port: u16,
+        listener_port: u16,
+    },
+    #[error("status.renewTime {0} is in the future")]
+    RenewedInTheFuture(DateTime<Utc>),
+}
+
+impl Rejected {
+    /// Whether this rejection is reported as a forged status (an earlier holder is not).
+    pub fn forged(&self) -> bool {
+        !matches!(self, Self::EarlierHolder(_))
+    }
+}
+
+/// The addresses of `node` a holder's listeners may be bound to.
+fn node_addresses(node: &Node) -> BTreeSet<IpAddr> {
+    node.status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
+}
+
+/// Whether `session`'s status may be programmed (see the module doc). A session whose mode
+/// redirects nothing (connect, preview), or without a holder's address, is accepted: there
+/// is nothing in it to program.
+pub fn check(
+    session: &KtSession,
+    nodes: &[&Node],
+    records: &BTreeMap<String, Record>,
+    now: DateTime<Utc>,
+) -> Result<(), Rejected> {
+    let Some(status) = &session.status else {
+        return Ok(());
+    };
+    let Some(address) = status.address else {
+        return Ok(());
+    };
+    if !matches!(session.spec.mode, SessionMode::Exchange | SessionMode::Mesh) {
+        return Ok(());
+    }
+    if let Some(renewed) = status.renew_time
+        && renewed > now + MAX_CLOCK_SKEW
+    {
+        return Err(Rejected::RenewedInTheFuture(renewed));
+    }
+    let node = nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(status.node.as_str()))
+        .ok_or_else(|| Rejected::NoSuchNode(status.node.clone()))?;
+    if !node_addresses(node).contains(&address) {
+        return Err(Rejected::NotTheNodesAddress {
+            address,
+            node: status.node.clone(),
+        });
+    }
+    let record = records.get(&status.node);
+    let held = record
+        .into_iter()
+        .flat_map(|r| &r.sessions)
+        .find(|h| {
+            Some(h.namespace.as_str()) == session.metadata.namespace.as_deref()
+                && Some(h.name.as_str()) == session.metadata.name.as_deref()
+                && Some(h.uid.as_str()) == session.metadata.uid.as_deref()
+        })
+        .ok_or_else(|| {
+            let started = record.and_then(|r| r.started);
+            match (started, status.renew_time) {
+                (Some(started), Some(renewed)) if renewed < started => {
+                    Rejected::EarlierHolder(status.node.clone())
+                }
+                _ => Rejected::NotHeld(status.node.clone()),
+            }
+        })?;
+    if let Some(l) = status
+        .listeners
+        .iter()
+        .find(|l| !held.listeners.contains(l))
+    {
+        return Err(Rejected::NotItsListener {
+            node: status.node.clone(),
+            port: l.port,
+            listener_port: l.listener_port,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn node(name: &str, ip: &str) -> Node {
+        serde_json::from_value(json!({"metadata": {"name": name},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip},
+                                     {"type": "Hostname", "address": name}]}}))
+        .unwrap()
+    }
+
+    fn session(status: serde_json::Value) -> KtSession {
+        serde_json::from_value(json!({
+            "apiVersion": "kt.dev/v1alpha1", "kind": "KtSession",
+            "metadata": {"name": "web-alice", "namespace": "dev", "uid": "u1"},
+            "spec": {"owner": "a", "mode": "exchange", "service": "web",
+                     "ports": [{"port": 80, "localPort": 8080}], "publicKey": "k"},
+            "status": status
+        }))
+        .unwrap()
+    }
+
+    fn status(node: &str, address: &str, renewed: DateTime<Utc>) -> serde_json::Value {
+        json!({"node": node, "address": address, "renewTime": renewed,
+               "listeners": [{"port": 80, "listenerPort": 40001}]})
+    }
+
+    fn held(uid: &str, listener_port: u16) -> BTreeMap<String, Record> {
+        BTreeMap::from([(
+            "node-1".to_owned(),
+            Record {
+                started: None,
+                sessions: vec![HeldSession {
+                    namespace: "dev".into(),
+                    name: "web-alice".into(),
+                    uid: uid.into(),
+                    listeners: vec![Listener {
+                        port: 80,
+                        listener_port,
+                    }],
+                }],
+            },
+        )])
+    }
+
+    #[test]
+    fn a_status_its_holder_lists_is_accepted() {
+        let now = Utc::now();
+        let (n1, n2) = (node("node-1", "172.30.0.11"), node("node-2", "172.30.0.12"));
+        let s = session(status("node-1", "172.30.0.11", now));
+        assert_eq!(check(&s, &[&n1, &n2], &held("u1", 40001), now), Ok(()));
+        let skewed = session(status(
+            "node-1",
+            "172.30.0.11",
+            now + TimeDelta::seconds(20),
+        ));
+        assert_eq!(
+            check(&skewed, &[&n1], &held("u1", 40001), now),
+            Ok(()),
+            "a holder's clock a little ahead is fine"
+        );
+    }
+
+    /// The forged status: an address no node has, a listener, renewed an hour ahead.
+    #[test]
+    fn forged_statuses_are_rejected_with_their_reason() {
+        let now = Utc::now();
+        let n1 = node("node-1", "172.30.0.11");
+        let nodes = [&n1];
+        let records = held("u1", 40001);
+        let hour = now + TimeDelta::hours(1);
+        let cases = [
+            (
+                status("node-1", "172.30.0.100", hour),
+                Rejected::RenewedInTheFuture(hour),
+            ),
+            (
+                status("node-9", "172.30.0.11", now),
+                Rejected::NoSuchNode("node-9".into()),
+            ),
+            (
+                status("node-1", "172.30.0.100", now),
+                Rejected::NotTheNodesAddress {
+                    address: "172.30.0.100".parse().unwrap(),
+                    node: "node-1".into(),
+                },
+            ),
+            (
+                json!({"node": "node-1", "address": "172.30.0.11", "renewTime": now,
+                       "listeners": [{"port": 80, "listenerPort": 22}]}),
+                Rejected::NotItsListener {
+                    node: "node-1".into(),
+                    port: 80,
+                    listener_port: 22,
+                },
+            ),
+        ];
+        for (forged, reason) in cases {
+            assert_eq!(
+                check(&session(forged.clone()), &nodes, &records, now),
+                Err(reason),
+                "{forged}"
+            );
+        }
+        let s = session(status("node-1", "172.30.0.11", now));
+        assert_eq!(
+            check(&s, &nodes, &BTreeMap::new(), now),
+            Err(Rejected::NotHeld("node-1".into())),
+            "no record: nobody holds it"
+        );
+        let restarted = BTreeMap::from([(
+            "node-1".to_owned(),
+            Record {
+                started: Some(now + TimeDelta::seconds(1)),
+                sessions: Vec::new(),
+            },
+        )]);
+        let stale = check(&s, &nodes, &restarted, now + TimeDelta::seconds(2));
+        assert_eq!(stale, Err(Rejected::EarlierHolder("node-1".into())));
+        assert!(!stale.unwrap_err().forged(), "ignored, not reported");
+        assert_eq!(
+            check(&s, &nodes, &held("u0", 40001), now),
+            Err(Rejected::NotHeld("node-1".into())),
+            "a record for an earlier object of the same name"
+        );
+    }
+
+    #[test]
+    fn sessions_that_redirect_nothing_are_not_judged() {
+        let now = Utc::now();
+        let mut connect = session(status("node-9", "10.0.0.1", now + TimeDelta::hours(1)));
+        connect.spec.mode = SessionMode::Connect;
+        assert_eq!(check(&connect, &[], &BTreeMap::new(), now), Ok(()));
+        let unheld = session(serde_json::Value::Null);
+        assert_eq!(check(&unheld, &[], &BTreeMap::new(), now), Ok(()));
+    }
+
+    #[test]
+    fn records_are_read_from_config_maps_named_for_their_node() {
+        let cm = |name: &str, node: &str| -> ConfigMap {
+            serde_json::from_value(json!({"metadata": {"name": name, "namespace": "kt-system"},
+                "data": {"node": node, "started": "2026-01-01T00:00:00Z",
+                         "sessions": serde_json::to_string(&held("u1", 1)["node-1"].sessions).unwrap()}}))
+            .unwrap()
+        };
+        let (good, misnamed) = (
+            cm("kt-node-agent-node-1", "node-1"),
+            cm("kt-node-agent-node-1", "node-2"),
+        );
+        let read = records(&[&good, &misnamed]);
+        assert_eq!(read.keys().collect::<Vec<_>>(), ["node-1"]);
+        assert_eq!(read["node-1"].sessions[0].uid, "u1");
+        assert!(read["node-1"].started.is_some());
+    }
+}
