@@ -9,7 +9,7 @@
 //! at. Mesh sessions' traffic goes to this node's [`router`] instead, which routes each
 //! request by its header. [`admin`] serves `/healthz`, `/readyz` and `/metrics` ([`metrics`]).
 //!
-//! Its work runs as named tasks ([`crate::tasks`]): log forwarding, four watches, the
+//! Its work runs as named tasks ([`crate::tasks`]): log forwarding, five watches, the
 //! reconcile loop, the acknowledgements, the HTTP and SSH servers, the mesh router, and the
 //! collection of sessions nobody holds any more ([`collect`]). The first that fails stops the
 //! agent with an error, so Kubernetes restarts it instead of keeping a half-dead agent Ready.
