@@ -160,14 +160,17 @@ pub fn run(cli: Cli, clap_command: &clap::Command) -> Result<(), CliError> {
         return Ok(());
     };
     if let args::Command::Completion(completion) = &command {
-        // Needs no settings and no cluster: the script goes to stdout.
-        let mut out = std::io::stdout().lock();
+        // Needs no settings and no cluster: the script goes to stdout — through a buffer,
+        // since clap_complete panics when its writer fails, and a closed stdout (`ktctl
+        // completion bash | head -1`) is not an error worth reporting.
+        let mut script = Vec::new();
         clap_complete::generate(
             completion.shell,
             &mut clap_command.clone(),
             "ktctl",
-            &mut out,
+            &mut script,
         );
+        let _ = std::io::stdout().lock().write_all(&script);
         return Ok(());
     }
     if let args::Command::Config(config) = &command {

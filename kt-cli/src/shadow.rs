@@ -313,7 +313,7 @@ pub async fn deploy(
         Teardown::Delete => {
             let (cms, name) = (cms.clone(), name.clone());
             lifecycle.defer(format!("configmap {name}"), async move {
-                cms.delete(&name, &DeleteParams::default()).await?;
+                gone_is_fine(cms.delete(&name, &DeleteParams::default()).await)?;
                 tracing::info!("Cleaning configmap {name}");
                 Ok::<(), kube::Error>(())
             });
@@ -341,7 +341,7 @@ pub async fn deploy(
         Teardown::Delete => {
             let (pods, name) = (pods.clone(), name.clone());
             lifecycle.defer(format!("shadow pod {name}"), async move {
-                pods.delete(&name, &DeleteParams::default()).await?;
+                gone_is_fine(pods.delete(&name, &DeleteParams::default()).await)?;
                 tracing::info!("Cleaning shadow pod {name}");
                 Ok::<(), kube::Error>(())
             });
@@ -378,9 +378,7 @@ async fn as_deployment(
     {
         let (deployments, name) = (deployments.clone(), name.clone());
         lifecycle.defer(format!("shadow deployment {name}"), async move {
-            deployments
-                .delete(&name, &DeleteParams::background())
-                .await?;
+            gone_is_fine(deployments.delete(&name, &DeleteParams::background()).await)?;
             tracing::info!("Cleaning shadow deployment {name}");
             Ok::<(), kube::Error>(())
         });
@@ -428,6 +426,16 @@ async fn as_deployment(
     wait_running(&pods, &pod, timeout.saturating_sub(started.elapsed())).await?;
     keep_heartbeat(cluster, lifecycle, &ns, heartbeat::Kind::Deployment, &name);
     Ok(pod)
+}
+
+/// A deletion that found the object gone already (`ktctl recover` or `clean` took it) did
+/// what teardown wanted.
+fn gone_is_fine<T>(deleted: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match deleted {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(error) => Err(error),
+    }
 }
 
 /// How many runs use a shared shadow (`kt-ref-count`; a shadow without one counts as one).

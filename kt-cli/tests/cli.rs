@@ -137,3 +137,44 @@ fn every_commands_help_has_an_example() {
         );
     }
 }
+
+#[test]
+fn completion_into_a_closed_pipe_exits_quietly() {
+    use std::io::Read as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ktctl"))
+        .args(["completion", "bash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `| head -0`: the reader goes away before reading anything.
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(status.code(), Some(0), "{err}");
+}
+
+#[test]
+fn recover_refuses_what_is_not_a_service_name_before_any_cluster_call() {
+    for argument in ["deploy/echo", "pod/x", "../pods", "svc/", "Web"] {
+        // No kubeconfig at all: the argument is refused first.
+        let out = Command::new(env!("CARGO_BIN_EXE_ktctl"))
+            .args(["recover", argument, "-c", "/nonexistent/kubeconfig"])
+            .env_remove("KT_LOG")
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{argument}: {err}");
+        assert!(
+            err.contains(&format!("invalid service '{argument}'")),
+            "{argument}: {err}"
+        );
+    }
+}

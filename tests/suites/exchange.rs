@@ -620,6 +620,21 @@ async fn ephemeral_exchange_redirects_inside_the_pods_and_ctrl_c_or_kill_restore
         err.contains("is already exchanged by another user (alice): its ephemeral container kt-exchange is running"),
         "{err}"
     );
+    // In any mode: an ephemeral exchange leaves the Service alone, its navigators tell.
+    let snapshot = (service_state(&tb, "web"), kt_objects(&tb));
+    let (code, err) = ktctl_once(
+        &tb,
+        &["USER=bob"],
+        &[
+            "exchange", "web", "--expose", "18093:80", "--mode", "selector",
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("is already exchanged by another user (alice)"),
+        "{err}"
+    );
+    assert_eq!((service_state(&tb, "web"), kt_objects(&tb)), snapshot);
     let stopping = std::time::Instant::now();
     let (status, log) = exchange.interrupt();
     assert!(status.success(), "{log}");
@@ -834,6 +849,63 @@ roleRef: {kind: Role, name: reader, apiGroup: rbac.authorization.k8s.io}
         "no ephemeral container was added"
     );
     assert_eq!((service_state(&tb, "web"), kt_objects(&tb)), before);
+    drop(app);
+    tb.stop().await;
+}
+
+/// `ktctl recover` of a Service that a live selector exchange holds puts it back and deletes
+/// the shadow (naming the live holder in a warning); the running exchange then ends by
+/// itself rather than point the Service at a shadow that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn recover_of_a_live_selector_exchange_ends_it_and_the_service_stays_restored() {
+    let tb = start_testbed(true).await;
+    deploy_web(&tb);
+    let before = service_state(&tb, "web");
+    let app = workstation::http_echo(&tb, 18090).await;
+    let ktctl = bins::ktctl();
+    let mut exchange = Background::spawn(
+        &tb,
+        Path::new("env"),
+        &[
+            "USER=alice",
+            bins::utf8(&ktctl),
+            "exchange",
+            "web",
+            "--expose",
+            "18090:80",
+            "--mode",
+            "selector",
+        ],
+    );
+    exchange
+        .wait_for(" Now all request to service 'web' will be redirected to local")
+        .await;
+    let (code, err) = ktctl_once(&tb, &["USER=bob"], &["recover", "web"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("of alice is still alive"), "{err}");
+    let ended = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || {
+            exchange.wait();
+            exchange.log()
+        }),
+    )
+    .await
+    .expect("the exchange ends by itself")
+    .expect("joined");
+    assert!(ended.contains("the exchange ends"), "{ended}");
+    assert_eq!(service_state(&tb, "web"), before, "{ended}");
+    eventually("web's pods answer", async || {
+        seen(
+            kt_tests::harness::apps::who_answers(&tb, "http://web/").unwrap_or_default(),
+            |who| who.starts_with("web-"),
+        )
+    })
+    .await;
     drop(app);
     tb.stop().await;
 }

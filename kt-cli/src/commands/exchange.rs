@@ -646,7 +646,23 @@ async fn check_conflict(cluster: &Cluster, subject: &Subject) -> Result<(), Exch
         chrono::Utc::now(),
     ) {
         Some(conflict) => Err(conflict.into()),
-        None => Ok(()),
+        // An ephemeral exchange changes neither the Service nor a session: its running
+        // navigators in the Service's pods are what tells.
+        None => match subject.pods.iter().find_map(|pod| {
+            let value = serde_json::to_value(pod).ok()?;
+            let busy = ephemeral::existing_navigators(&value)
+                .into_iter()
+                .find(|n| n.running)?;
+            Some((pod.metadata.name.clone().unwrap_or_default(), busy))
+        }) {
+            Some((pod, busy)) => Err(ephemeral::EphemeralError::Busy {
+                pod,
+                container: busy.name,
+                user: busy.user,
+            }
+            .into()),
+            None => Ok(()),
+        },
     }
 }
 

@@ -22,6 +22,11 @@ use crate::{
 /// Why `recover` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RecoverError {
+    /// Not a Service's name (a DNS-1035 label), or another kind's (`deploy/x`, `pod/x`).
+    #[error(
+        "invalid service '{0}': recover takes a service, as 'name', 'svc/name' or 'service/name'"
+    )]
+    BadName(String),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
     /// Some actions failed (each is logged); the first is the source.
@@ -37,6 +42,10 @@ pub enum RecoverError {
 /// Runs `recover` for `service` (`name`, `svc/name` or `service/name`).
 pub async fn run(settings: &Settings, service: &str) -> Result<(), RecoverError> {
     let name = cluster::service_name(service);
+    // Before any cluster call: `deploy/x` or `../pods` is no Service's name.
+    if !crate::commands::preview::objects::valid_name(name) {
+        return Err(RecoverError::BadName(service.to_owned()));
+    }
     let cluster = cluster::connect(&settings.cluster).await?;
     let svc = cluster.service(name).await?;
     let inventory = Inventory::read(&cluster.client, &cluster.namespace).await?;

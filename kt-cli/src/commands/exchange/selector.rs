@@ -12,11 +12,11 @@ use std::{
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kt_proto::compat;
 use kube::{
     Api,
-    api::{Patch, PatchParams},
+    api::{ListParams, Patch, PatchParams},
     runtime::{WatchStreamExt as _, watcher},
 };
 use tokio_util::sync::CancellationToken;
@@ -92,6 +92,7 @@ pub(super) async fn exchange(
     }
     ctx.lifecycle.tasks.spawn(keep_selector(
         services,
+        Api::namespaced(ctx.cluster.client.clone(), &ctx.cluster.namespace),
         name.to_owned(),
         target,
         original,
@@ -106,6 +107,7 @@ pub(super) async fn exchange(
 /// the Service gets back on exit (`original`), and its `kt-selector`.
 async fn keep_selector(
     services: Api<Service>,
+    pods: Api<Pod>,
     name: String,
     target: String,
     original: Arc<Mutex<BTreeMap<String, String>>>,
@@ -130,9 +132,31 @@ async fn keep_selector(
                 None => return,
             },
         };
+        let recorded = service
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(compat::SELECTOR));
         let selector = service.spec.and_then(|s| s.selector).unwrap_or_default();
         if selector == wanted {
             continue;
+        }
+        // Put back by someone else: `ktctl recover` or `clean` restore the selector, drop
+        // `kt-selector` and delete the shadow (a re-applied manifest keeps the annotation
+        // kt added). Pointing the Service at a shadow that is going would leave it with no
+        // pod at all.
+        let shadow = ListParams::default().labels(&format!("{}={target}", compat::TARGET));
+        if !recorded
+            || pods
+                .list(&shadow)
+                .await
+                .is_ok_and(|list| list.items.is_empty())
+        {
+            tracing::error!(
+                "Service {name} was put back and its shadow deleted by someone else (ktctl recover or clean?): the exchange ends"
+            );
+            stop.cancel();
+            return;
         }
         let applied: BTreeMap<String, String> = selector
             .iter()
