@@ -31,6 +31,19 @@ fn kt_objects(tb: &Testbed) -> String {
     .join("\n")
 }
 
+/// The ways a pod reaches the `web` Service: its name, its FQDN and its ClusterIP.
+fn web_service_urls(tb: &Testbed) -> Vec<String> {
+    let cluster_ip = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
+    );
+    vec![
+        "http://web/".to_owned(),
+        "http://web.default.svc.cluster.local/".to_owned(),
+        format!("http://{cluster_ip}/"),
+    ]
+}
+
 /// Exchanges `web` with `extra` arguments as user alice, checks that pods on both nodes
 /// reach the workstation by name, FQDN and ClusterIP, that `during` holds, that bob's
 /// exchange is refused naming alice, and that `stop_with` (Ctrl-C's SIGINT, or SIGTERM)
@@ -46,15 +59,7 @@ async fn exchange_and_restore(
     deploy_client_2(&tb);
     let before_service = service_state(&tb, "web");
     let before_objects = kt_objects(&tb);
-    let cluster_ip = kubectl_ok(
-        &tb.kubeconfig,
-        &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
-    );
-    let urls = vec![
-        "http://web/".to_owned(),
-        "http://web.default.svc.cluster.local/".to_owned(),
-        format!("http://{cluster_ip}/"),
-    ];
+    let urls = web_service_urls(&tb);
     let app = workstation::http_echo(&tb, 18090).await;
 
     let ktctl = bins::ktctl();
@@ -554,15 +559,7 @@ async fn ephemeral_exchange_redirects_inside_the_pods_and_ctrl_c_or_kill_restore
     deploy_client_2(&tb);
     let before_service = service_state(&tb, "web");
     let web = web_pods(&tb);
-    let cluster_ip = kubectl_ok(
-        &tb.kubeconfig,
-        &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
-    );
-    let urls = vec![
-        "http://web/".to_owned(),
-        "http://web.default.svc.cluster.local/".to_owned(),
-        format!("http://{cluster_ip}/"),
-    ];
+    let urls = web_service_urls(&tb);
     let app = workstation::http_echo(&tb, 18093).await;
     let ktctl = bins::ktctl();
     let args = [
