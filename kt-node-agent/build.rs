@@ -1,9 +1,13 @@
 //! Builds the eBPF object (`kt-ebpf`, target bpfel-unknown-none) with the nightly toolchain
-//! and bpf-linker, into OUT_DIR, where `src/ebpf.rs` embeds it.
+//! and bpf-linker, into OUT_DIR, where `src/ebpf.rs` embeds it; records the git commit and
+//! target `kt-node-agent --version` reports.
 
 use std::path::Path;
 
+include!("proto/build/version_info.rs");
+
 fn main() -> anyhow::Result<()> {
+    emit_version_info();
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
     let root = Path::new(&manifest_dir).join("../kt-ebpf");
     let root = root

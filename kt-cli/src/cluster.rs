@@ -24,8 +24,10 @@ pub enum ClusterError {
     #[error("failed to read kubeconfig {path}")]
     Read {
         path: String,
+        /// Why: the I/O error itself when the file could not be read (kube's own error
+        /// repeats the path and the I/O error, which made the message say both twice).
         #[source]
-        source: kube::config::KubeconfigError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("context '{0}' not exist, check your kubeconfig file please")]
     NoContext(String),
@@ -75,15 +77,26 @@ pub struct Cluster {
     pub clock: clock::ClusterClock,
 }
 
+/// The cause worth printing of a kubeconfig that could not be read: the I/O error of an
+/// unreadable file (its path is already in [`ClusterError::Read`]), else kube's error.
+fn unwrap_read_error(
+    error: kube::config::KubeconfigError,
+) -> Box<dyn std::error::Error + Send + Sync> {
+    match error {
+        kube::config::KubeconfigError::ReadConfig(io, _) => Box::new(io),
+        other => Box::new(other),
+    }
+}
+
 pub async fn connect(settings: &ClusterSettings) -> Result<Cluster, ClusterError> {
     let kubeconfig = match &settings.kubeconfig {
         None => Kubeconfig::read().map_err(|source| ClusterError::Read {
             path: "~/.kube/config or $KUBECONFIG".into(),
-            source,
+            source: unwrap_read_error(source),
         })?,
         Some(path) => Kubeconfig::read_from(path).map_err(|source| ClusterError::Read {
             path: path.display().to_string(),
-            source,
+            source: unwrap_read_error(source),
         })?,
     };
     if let Some(ctx) = &settings.context

@@ -150,7 +150,14 @@ pub fn run(cli: Cli, clap_command: &clap::Command) -> Result<(), CliError> {
     if cli.version {
         let mut out = std::io::stdout().lock();
         // A closed stdout (`ktctl -v | head -0`) is not an error worth reporting.
-        let _ = writeln!(out, "ktctl version {}", kt_proto::VERSION);
+        // v0.3.7's `ktctl version <version>` first (scripts parse it), then what this build is.
+        let _ = writeln!(
+            out,
+            "ktctl version {} (commit {}, {})",
+            kt_proto::VERSION,
+            env!("KT_GIT_COMMIT"),
+            env!("KT_TARGET")
+        );
         return Ok(());
     }
     let Some(command) = cli.command else {

@@ -87,18 +87,37 @@ pub struct SshSettings {
 /// Who runs ktctl, as v0.3.7 records it (`kt-user`) and kt names session owners.
 #[derive(Clone, Debug)]
 pub struct Identity {
-    /// `SUDO_USER` when run with sudo, else `USER`.
+    /// `SUDO_USER` when run with sudo, else `USER`, else `LOGNAME`, else the passwd name of
+    /// the real user id (containers and cron often set none of them), else `uid-<n>`.
     pub user: String,
     /// The kernel's host name.
     pub host: String,
 }
 
+/// The name of user `uid` in an `/etc/passwd` text (`name:password:uid:gid:…` lines,
+/// passwd(5)); `None` when no line has that uid.
+fn passwd_name(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id = fields.nth(1)?.parse::<u32>().ok()?;
+        (id == uid && !name.is_empty()).then(|| name.to_owned())
+    })
+}
+
 impl Identity {
     /// This process's user and host.
     pub fn current() -> Self {
-        let user = std::env::var("SUDO_USER")
-            .or_else(|_| std::env::var("USER"))
-            .unwrap_or_else(|_| "unknown".into());
+        let user = ["SUDO_USER", "USER", "LOGNAME"]
+            .into_iter()
+            .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+            .unwrap_or_else(|| {
+                let uid = unsafe { libc::getuid() };
+                std::fs::read_to_string("/etc/passwd")
+                    .ok()
+                    .and_then(|passwd| passwd_name(&passwd, uid))
+                    .unwrap_or_else(|| format!("uid-{uid}"))
+            });
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_default();
@@ -201,16 +220,22 @@ pub struct PodQuota {
 }
 
 impl PodQuota {
-    /// Parses `0.5c,512m` (either part may be left out; empty means no quota). A part that
-    /// is not a positive decimal with one of v0.3.7's suffixes is named in the error.
+    /// Parses `0.5c,512m` (either part may be left out; an empty string means no quota). A
+    /// part that is not a positive decimal with one of v0.3.7's suffixes, an empty part
+    /// (`,`, `1c,`) and a second CPU or memory part are named in the error.
     pub fn parse(quota: &str) -> Result<Self, SettingsError> {
         let mut parsed = Self::default();
-        for part in quota.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if quota.trim().is_empty() {
+            return Ok(parsed);
+        }
+        for part in quota.split(',').map(str::trim) {
             let bad = || SettingsError::PodQuota {
                 quota: quota.to_owned(),
                 part: part.to_owned(),
             };
-            let suffix = part.chars().last().unwrap_or_default();
+            let Some(suffix) = part.chars().last() else {
+                return Err(bad());
+            };
             let number = &part[..part.len() - suffix.len_utf8()];
             // Kubernetes quantities are decimals; `1e3` or `inf` would be refused later by the
             // API server with a less helpful message.
@@ -227,9 +252,12 @@ impl PodQuota {
                 'g' => Some("Gi"),
                 _ => return Err(bad()),
             };
-            match unit {
-                None => parsed.cpu = Some(canonical_cpu(number).ok_or_else(bad)?),
-                Some(unit) => parsed.memory = Some(format!("{number}{unit}")),
+            let (slot, value) = match unit {
+                None => (&mut parsed.cpu, canonical_cpu(number).ok_or_else(bad)?),
+                Some(unit) => (&mut parsed.memory, format!("{number}{unit}")),
+            };
+            if slot.replace(value).is_some() {
+                return Err(bad());
             }
         }
         Ok(parsed)
@@ -332,6 +360,7 @@ mod tests {
         assert_eq!(quota("2g").unwrap().memory.as_deref(), Some("2Gi"));
         assert_eq!(quota("100k").unwrap().memory.as_deref(), Some("100Ki"));
         assert!(quota("").unwrap().is_empty());
+        assert!(quota(" ").unwrap().is_empty());
         for (bad, part) in [
             ("0.5c,lots", "lots"),
             ("512M", "512M"),
@@ -339,10 +368,23 @@ mod tests {
             ("-1c", "-1c"),
             ("c", "c"),
             ("0c", "0c"),
+            (",", ""),
+            ("1c,", ""),
+            ("1c,2c", "2c"),
+            ("1g,512m", "512m"),
         ] {
             let err = quota(bad).unwrap_err().to_string();
             assert!(err.contains(&format!("'{part}'")), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn passwd_name_is_the_first_entry_with_the_uid() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n# comment\nbroken\nalice:x:1000:1000::/home/alice:/bin/sh\nalias:x:1000:1000::/:/bin/sh\n";
+        assert_eq!(passwd_name(passwd, 0).as_deref(), Some("root"));
+        assert_eq!(passwd_name(passwd, 1000).as_deref(), Some("alice"));
+        assert_eq!(passwd_name(passwd, 1001), None);
+        assert_eq!(passwd_name("", 0), None);
     }
 
     #[test]

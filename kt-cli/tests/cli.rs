@@ -20,9 +20,30 @@ fn version_prints_ktctl_version() {
     for flag in ["-v", "--version"] {
         let out = ktctl(&[flag]);
         assert!(out.status.success());
-        assert_eq!(
-            text(&out.stdout),
-            format!("ktctl version {}\n", env!("CARGO_PKG_VERSION"))
+        let printed = text(&out.stdout);
+        // v0.3.7's `ktctl version <version>` first, then the commit and target of this build.
+        let rest = printed
+            .strip_prefix(&format!(
+                "ktctl version {} (commit ",
+                env!("CARGO_PKG_VERSION")
+            ))
+            .unwrap_or_else(|| panic!("{printed:?}"));
+        let (commit, target) = rest
+            .strip_suffix(")\n")
+            .and_then(|r| r.split_once(", "))
+            .unwrap_or_else(|| panic!("{printed:?}"));
+        let git_head = Command::new("git")
+            .args(["rev-parse", "--short=12", "HEAD"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| text(&o.stdout).trim().to_owned());
+        if let Some(head) = git_head {
+            assert_eq!(commit, head, "{printed:?}");
+        }
+        assert!(
+            target.starts_with(std::env::consts::ARCH) && target.contains(std::env::consts::OS),
+            "{printed:?}"
         );
     }
 }

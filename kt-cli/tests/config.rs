@@ -220,6 +220,10 @@ fn bad_items_values_and_profile_names_are_refused_and_change_nothing() {
         ),
         (&["config", "unset"], "no item given"),
         (
+            &["config", "unset", "--all", "exchange.mode"],
+            "`--all` unsets every item: give it no item names (got 'exchange.mode')",
+        ),
+        (
             &["config", "save-profile", "../evil"],
             "invalid profile name '../evil'",
         ),
@@ -378,4 +382,19 @@ fn config_help_hides_the_global_flags_which_still_parse() {
         "{show_help}"
     );
     home.ok(&["config", "show", "-d", "-n", "dev"]);
+}
+
+#[test]
+fn clean_local_only_says_so_when_nothing_is_left() {
+    let home = Home::new("clean-local");
+    let out = home.ktctl(&["clean", "--localOnly"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // Without root the DNS part is skipped, saying so; with root nothing is left to do.
+    let expected = if unsafe { libc::geteuid() } == 0 {
+        "No unavailing local kt file found"
+    } else {
+        "Not root user, DNS cleanup skipped"
+    };
+    assert!(err.contains(expected), "{err}");
 }

@@ -13,7 +13,7 @@ use kt_proto::{agent as contract, env};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "kt-node-agent", version = kt_proto::VERSION, about = "kt node agent")]
+#[command(name = "kt-node-agent", version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("KT_GIT_COMMIT"), ", ", env!("KT_TARGET"), ")"), about = "kt node agent")]
 struct Args {
     #[command(subcommand)]
     command: Command,

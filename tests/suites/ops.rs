@@ -245,6 +245,10 @@ async fn recover_and_clean_put_back_what_killed_ktctls_and_the_go_ktctl_left() {
          > gomesh - meshed (auto) by [gopher]\n\
          > gomanual - meshed (manual) by [gopher]\n"
     );
+    // A mistyped namespace is an error, not an empty report.
+    let (code, out, err) = ktctl_out(&tb, &[], &["birdseye", "-n", "nosuchns"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("namespace 'nosuchns' not found"), "{err}");
     let (_, out, _) = ktctl_out(&tb, &[], &["birdseye", "--sortBy", "name"]);
     let listed: Vec<&str> = out.lines().skip(1).collect();
     assert_eq!(

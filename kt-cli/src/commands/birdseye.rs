@@ -6,7 +6,10 @@ pub mod view;
 
 use std::io::Write as _;
 
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Namespace, Pod},
+};
 use kt_proto::session::KtSession;
 use kube::{Api, api::ListParams};
 
@@ -26,12 +29,25 @@ pub enum BirdseyeError {
     Cluster(#[from] ClusterError),
     #[error("failed to write the report")]
     Write(#[source] std::io::Error),
+    #[error("namespace '{0}' not found")]
+    NoNamespace(String),
 }
 
 /// Runs `birdseye`.
 pub async fn run(settings: &Settings, args: &BirdseyeArgs) -> Result<(), BirdseyeError> {
     let cluster = cluster::connect(&settings.cluster).await?;
     let inventory = Inventory::read(&cluster.client, &cluster.namespace).await?;
+    if inventory.services.is_empty() {
+        // Listing a namespace that does not exist answers an empty list (a typo in `-n`
+        // looked like an empty namespace); ask for it. A user allowed only inside the
+        // namespace may not read Namespace objects (403): then the empty report stands.
+        let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
+        if let Err(kube::Error::Api(status)) = namespaces.get(&cluster.namespace).await
+            && status.code == 404
+        {
+            return Err(BirdseyeError::NoNamespace(cluster.namespace.clone()));
+        }
+    }
     let sort_by = if args.sort_by == "name" {
         view::SortBy::Name
     } else {

@@ -83,7 +83,10 @@ pub async fn run(settings: &Settings, args: &CleanArgs) -> Result<(), CleanError
         system::is_root(),
         system::needing_repair(),
     );
-    if args.dry_run {
+    if args.local_only && local.is_empty() {
+        // The cluster part's "nothing found" line is not printed with `--localOnly`.
+        tracing::info!("No unavailing local kt file found (^.^)YYa!!");
+    } else if args.dry_run {
         for line in local.describe() {
             tracing::info!("{line}");
         }

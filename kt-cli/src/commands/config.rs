@@ -35,8 +35,10 @@ pub enum ConfigCommandError {
     Set(#[from] SetError),
     #[error("no item given: `ktctl config unset <item>...`, or `--all` for every item")]
     NoItem,
+    #[error("`--all` unsets every item: give it no item names (got '{0}')")]
+    AllWithItems(String),
     #[error(
-        "invalid profile name '{0}': use letters, digits, '-', '_' and '.', not starting with '.'"
+        "invalid profile name '{0}': use at most 255 letters, digits, '-', '_' and '.', not starting with '.'"
     )]
     ProfileName(String),
     #[error("profile '{name}' not found ({} does not exist)", path.display())]
@@ -77,6 +79,9 @@ pub fn run(action: &ConfigAction) -> Result<(), ConfigCommandError> {
         }
         ConfigAction::Unset { items: keys, all } => {
             let groups = if *all {
+                if !keys.is_empty() {
+                    return Err(ConfigCommandError::AllWithItems(keys.join(" ")));
+                }
                 // Not read first: `unset --all` also clears a file that does not parse.
                 Groups::new()
             } else if keys.is_empty() {
@@ -222,9 +227,11 @@ pub fn unset(items: &Items, groups: &mut Groups, keys: &[String]) -> Result<(), 
 }
 
 /// A profile name is a file name of `~/.kt/profile/`: letters, digits, `-`, `_` and `.`,
-/// not starting with `.` (so never `..` or a hidden file).
+/// not starting with `.` (so never `..` or a hidden file), at most 255 bytes (`NAME_MAX`
+/// of Linux file systems; longer failed only when the file was written).
 pub fn check_profile_name(name: &str) -> Result<(), ConfigCommandError> {
     let valid = !name.is_empty()
+        && name.len() <= 255
         && !name.starts_with('.')
         && name
             .chars()
@@ -402,16 +409,27 @@ mod tests {
 
     #[test]
     fn profile_names_are_checked_not_paths() {
-        for good in ["p1", "dev.cluster-a", "A_b.2", "x..y"] {
+        let longest = "p".repeat(255);
+        for good in ["p1", "dev.cluster-a", "A_b.2", "x..y", longest.as_str()] {
             assert!(check_profile_name(good).is_ok(), "{good}");
         }
-        for bad in ["", ".hidden", "..", "a/b", "../x", "a b", "é"] {
+        let too_long = "p".repeat(256);
+        for bad in [
+            "",
+            ".hidden",
+            "..",
+            "a/b",
+            "../x",
+            "a b",
+            "é",
+            too_long.as_str(),
+        ] {
             let err = check_profile_name(bad).unwrap_err();
             assert_eq!(
                 err.to_string(),
                 format!(
-                    "invalid profile name '{bad}': use letters, digits, '-', '_' and '.', not \
-                     starting with '.'"
+                    "invalid profile name '{bad}': use at most 255 letters, digits, '-', '_' \
+                     and '.', not starting with '.'"
                 )
             );
         }

@@ -95,6 +95,14 @@ pub fn plan(
 }
 
 impl LocalPlan {
+    /// Whether there is nothing to remove, restore or report.
+    pub fn is_empty(&self) -> bool {
+        self.pid_files.is_empty()
+            && self.key_files.is_empty()
+            && self.keys_kept.is_none()
+            && self.dns.as_ref().is_ok_and(Vec::is_empty)
+    }
+
     /// The `--dryRun` listing, in the cluster part's format.
     pub fn describe(&self) -> Vec<String> {
         let mut lines = Vec::new();
