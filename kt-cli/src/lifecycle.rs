@@ -76,6 +76,7 @@ pub fn kt_home() -> PathBuf {
 }
 
 /// The user who ran `sudo ktctl`, when ktctl runs as root under sudo.
+#[cfg(unix)]
 fn sudo_owner() -> Option<(u32, u32)> {
     // SAFETY: geteuid has no failure mode.
     if unsafe { libc::geteuid() } != 0 {
@@ -87,25 +88,27 @@ fn sudo_owner() -> Option<(u32, u32)> {
 
 /// Writes `content` to `path` under `~/.kt` with `mode` (set at creation and kept), creating
 /// the directories on the way; under sudo, the file and those directories are chowned to the
-/// sudo user.
+/// sudo user. (`mode` and owners are Unix's; elsewhere the file is written as the system
+/// makes it.)
 pub fn write_file(path: &Path, content: &[u8], mode: u32) -> Result<(), LifecycleError> {
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let fail = |source| LifecycleError::Write {
         path: path.to_owned(),
         source,
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(fail)?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    let mut file = options.open(path).map_err(fail)?;
+    #[cfg(unix)]
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
         .map_err(fail)?;
-    file.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(fail)?;
+    #[cfg(not(unix))]
+    let _ = mode;
     std::io::Write::write_all(&mut file, content).map_err(fail)?;
+    #[cfg(unix)]
     if let Some((uid, gid)) = sudo_owner() {
         let home = kt_home();
         let owned =
@@ -219,16 +222,7 @@ async fn watch(
     undo: Arc<Mutex<Vec<Undo>>>,
     done: CancellationToken,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut signals: Vec<_> = [
-        (SignalKind::interrupt(), "interrupt"),
-        (SignalKind::terminate(), "terminated"),
-        (SignalKind::hangup(), "hangup"),
-        (SignalKind::quit(), "quit"),
-    ]
-    .into_iter()
-    .filter_map(|(kind, name)| signal(kind).ok().map(|s| (s, name)))
-    .collect();
+    let mut signals = signal_streams();
     let mut tick = tokio::time::interval(Duration::from_millis(300));
     let record = |why: Stop| {
         stopped_by
@@ -268,8 +262,39 @@ async fn watch(
     }
 }
 
+/// A stream of one kind of signal.
+#[cfg(unix)]
+type SignalStream = tokio::signal::unix::Signal;
+#[cfg(windows)]
+type SignalStream = tokio::signal::windows::CtrlC;
+
+/// The signals that stop a command, with the names its log gives them: interrupt,
+/// terminate, hangup and quit on Unix; Ctrl-C on Windows.
+#[cfg(unix)]
+fn signal_streams() -> Vec<(SignalStream, &'static str)> {
+    use tokio::signal::unix::{SignalKind, signal};
+    [
+        (SignalKind::interrupt(), "interrupt"),
+        (SignalKind::terminate(), "terminated"),
+        (SignalKind::hangup(), "hangup"),
+        (SignalKind::quit(), "quit"),
+    ]
+    .into_iter()
+    .filter_map(|(kind, name)| signal(kind).ok().map(|s| (s, name)))
+    .collect()
+}
+
+#[cfg(windows)]
+fn signal_streams() -> Vec<(SignalStream, &'static str)> {
+    tokio::signal::windows::ctrl_c()
+        .ok()
+        .map(|s| (s, "interrupt"))
+        .into_iter()
+        .collect()
+}
+
 /// The first of several signal streams to fire, by name.
-async fn next_signal(signals: &mut [(tokio::signal::unix::Signal, &'static str)]) -> &'static str {
+async fn next_signal(signals: &mut [(SignalStream, &'static str)]) -> &'static str {
     if signals.is_empty() {
         return std::future::pending().await;
     }

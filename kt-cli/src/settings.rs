@@ -87,15 +87,33 @@ pub struct SshSettings {
 /// Who runs ktctl, as v0.3.7 records it (`kt-user`) and kt names session owners.
 #[derive(Clone, Debug)]
 pub struct Identity {
-    /// `SUDO_USER` when run with sudo, else `USER`, else `LOGNAME`, else the passwd name of
-    /// the real user id (containers and cron often set none of them), else `uid-<n>`.
+    /// `SUDO_USER` when run with sudo, else `USER`, `LOGNAME` or `USERNAME`, else the passwd
+    /// name of the real user id (containers and cron often set none of them), else
+    /// `uid-<n>`.
     pub user: String,
     /// The kernel's host name.
     pub host: String,
 }
 
+/// The passwd name of this process's real user id, else `uid-<n>` (Unix); `unknown`
+/// elsewhere.
+fn user_of_this_process() -> String {
+    #[cfg(unix)]
+    {
+        // SAFETY: getuid has no failure mode.
+        let uid = unsafe { libc::getuid() };
+        std::fs::read_to_string("/etc/passwd")
+            .ok()
+            .and_then(|passwd| passwd_name(&passwd, uid))
+            .unwrap_or_else(|| format!("uid-{uid}"))
+    }
+    #[cfg(not(unix))]
+    "unknown".to_owned()
+}
+
 /// The name of user `uid` in an `/etc/passwd` text (`name:password:uid:gid:…` lines,
 /// passwd(5)); `None` when no line has that uid.
+#[cfg_attr(not(unix), allow(dead_code))]
 fn passwd_name(passwd: &str, uid: u32) -> Option<String> {
     passwd.lines().find_map(|line| {
         let mut fields = line.split(':');
@@ -108,16 +126,11 @@ fn passwd_name(passwd: &str, uid: u32) -> Option<String> {
 impl Identity {
     /// This process's user and host.
     pub fn current() -> Self {
-        let user = ["SUDO_USER", "USER", "LOGNAME"]
+        // `USERNAME` is Windows's.
+        let user = ["SUDO_USER", "USER", "LOGNAME", "USERNAME"]
             .into_iter()
             .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
-            .unwrap_or_else(|| {
-                let uid = unsafe { libc::getuid() };
-                std::fs::read_to_string("/etc/passwd")
-                    .ok()
-                    .and_then(|passwd| passwd_name(&passwd, uid))
-                    .unwrap_or_else(|| format!("uid-{uid}"))
-            });
+            .unwrap_or_else(user_of_this_process);
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_default();

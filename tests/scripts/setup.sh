@@ -33,6 +33,19 @@ apt_packages=(
     libzstd-dev
     patch           # kt-tunnel/vendor/verify-russh.sh applies kt.patch
     faketime        # libfaketime: a ktctl whose clock is an hour off (heartbeats, session GC)
+    file            # tests/run targets: says a ktctl is statically linked
+    musl-tools      # static x86_64 ktctl: musl-gcc for ring's C code
+    gcc-aarch64-linux-gnu  # static aarch64 ktctl: ring's C code and the link
+    clang           # kt-cli checked for macOS: ring's C code for an Apple target
+    gcc-mingw-w64-x86-64   # kt-cli checked for Windows (x86_64-pc-windows-gnu)
+)
+
+# What `tests/run targets` builds and checks kt-cli for besides this machine's target.
+rust_targets=(
+    x86_64-unknown-linux-musl
+    aarch64-unknown-linux-musl
+    x86_64-apple-darwin
+    x86_64-pc-windows-gnu
 )
 
 install_apt() {
@@ -89,8 +102,23 @@ install_bpf_linker() {
         --no-default-features --features "llvm-$major"
 }
 
+install_rust_targets() {
+    local installed missing=()
+    installed=$(rustup target list --installed)
+    for t in "${rust_targets[@]}"; do
+        grep -qx "$t" <<<"$installed" || missing+=("$t")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        log "rust targets present"
+    else
+        log "adding rust targets: ${missing[*]}"
+        rustup target add "${missing[@]}"
+    fi
+}
+
 need_root
 install_apt
+install_rust_targets
 install_rust_src
 install_bpf_linker
 log "done"

@@ -58,6 +58,10 @@ const RANGES_EVERY: Duration = Duration::from_secs(15);
 pub enum ConnectError {
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// kt's connect drives Linux's TUN device, `ip` routes and resolver files; the other
+    /// systems v0.3.7 ran on (macOS utun, Windows wintun) are not done yet.
+    #[error("ktctl connect is available on Linux only for now (this is {0})")]
+    Unsupported(&'static str),
     /// The shared shadow is counted on its pod (`kt-ref-count`), which a Deployment
     /// replaces at will.
     #[error("--shareShadow cannot be used with --useShadowDeployment: the shared shadow is a pod")]
@@ -112,6 +116,9 @@ pub(super) struct Context<'a> {
 }
 
 pub async fn run(settings: &Settings, args: &ConnectArgs) -> Result<(), ConnectError> {
+    if !cfg!(target_os = "linux") {
+        return Err(ConnectError::Unsupported(std::env::consts::OS));
+    }
     let plan = ConnectPlan::from_args(args)?;
     if args.share_shadow && settings.shadow.as_deployment {
         return Err(ConnectError::SharedDeployment);

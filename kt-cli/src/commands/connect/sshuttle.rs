@@ -80,13 +80,13 @@ pub(super) async fn start(
         loop {
             tracing::info!("Starting sshuttle");
             tracing::debug!(?args, "sshuttle command line");
-            let child = tokio::process::Command::new("sshuttle")
-                .args(&args)
-                // Its own process group: a terminal's Ctrl-C reaches ktctl only, which then
-                // stops sshuttle in the order that takes its firewall rules away.
-                .process_group(0)
-                .kill_on_drop(true)
-                .spawn();
+            let mut command = tokio::process::Command::new("sshuttle");
+            command.args(&args).kill_on_drop(true);
+            // Its own process group: a terminal's Ctrl-C reaches ktctl only, which then
+            // stops sshuttle in the order that takes its firewall rules away.
+            #[cfg(unix)]
+            command.process_group(0);
+            let child = command.spawn();
             match child {
                 Ok(mut child) => {
                     tokio::select! {
@@ -97,10 +97,13 @@ pub(super) async fn start(
                             // Its firewall helper takes the rules away after sshuttle itself
                             // has exited: wait for the helper too.
                             let helpers = child.id().map(descendants).unwrap_or_default();
+                            #[cfg(unix)]
                             if let Some(pid) = child.id() {
                                 // SAFETY: signalling the child this run started.
                                 unsafe { libc::kill(pid as i32, libc::SIGINT) };
                             }
+                            #[cfg(not(unix))]
+                            let _ = child.start_kill();
                             let stopped = async {
                                 let _ = child.wait().await;
                                 until_gone(&helpers).await;

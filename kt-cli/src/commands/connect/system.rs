@@ -51,8 +51,12 @@ pub(super) fn hosts_path() -> PathBuf {
 
 /// connect changes routes, a TUN device and system files: root only.
 pub(super) fn check_root() -> Result<(), SystemError> {
+    #[cfg(unix)]
     // SAFETY: geteuid has no failure mode.
-    if unsafe { libc::geteuid() } == 0 {
+    let root = unsafe { libc::geteuid() } == 0;
+    #[cfg(not(unix))]
+    let root = false;
+    if root {
         Ok(())
     } else {
         Err(SystemError::NotRoot)
