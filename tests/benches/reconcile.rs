@@ -89,11 +89,7 @@ fn pass(
     slices: &[&EndpointSlice],
 ) -> (usize, usize) {
     let now = Utc::now();
-    let state = redirects::ClusterState {
-        sessions,
-        services,
-        slices,
-    };
+    let state = redirects::ClusterState::new(sessions, services, slices);
     let routes = mesh::routes(&state, now);
     // A router per route, as this node's router would give.
     let routers: BTreeMap<_, _> = routes
