@@ -436,11 +436,11 @@ impl Reconciler {
             now,
         );
         // What is programmed and acknowledged: only statuses some agent vouches for.
-        let state = redirects::ClusterState {
-            sessions: &believed,
-            services: &all_services.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
-            slices: &all_slices.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
-        };
+        let (services, slices): (Vec<&Service>, Vec<&EndpointSlice>) = (
+            all_services.iter().map(AsRef::as_ref).collect(),
+            all_slices.iter().map(AsRef::as_ref).collect(),
+        );
+        let state = redirects::ClusterState::new(&believed, &services, &slices);
         *self.network.write().unwrap_or_else(|e| e.into_inner()) = network::network(
             &all_nodes.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
             state.services,

@@ -1,6 +1,7 @@
 //! The agent's memory at scale: resident set size of each node's `kt-node-agent agent` with
 //! the agent just installed (the baseline, same run), then with 1 000 Services and 100 live
 //! sessions programmed (each session's ClusterIP redirected on every node).
+//! Results: the readings, the ratio, and `target/kt-bench/agent_rss.json`.
 //! Run as root: `tests/run bench`.
 
 use std::time::Duration;
@@ -12,6 +13,7 @@ use kt_testbed::{cluster::Testbed, topology::node_ip};
 use kt_tests::harness::{
     apps::{create_services, deploy_web, in_pod, install_agent, start_testbed},
     eventually::poll_within,
+    results::Results,
     run_bench,
 };
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -121,8 +123,28 @@ async fn run() {
     );
     println!("agent RSS baseline (installed, idle): {baseline:?} KiB");
     println!("agent RSS loaded: {loaded:?} KiB");
-    let ratio =
-        |l: &[u64], b: &[u64]| l.iter().sum::<u64>() as f64 / b.iter().sum::<u64>().max(1) as f64;
-    println!("loaded / baseline: ×{:.2}", ratio(&loaded, &baseline));
+    let mut results = Results::new("agent_rss");
+    let kib = |v: &[u64]| v.iter().map(|k| *k as f64).collect::<Vec<f64>>();
+    let total = |v: &[u64]| [v.iter().sum::<u64>() as f64];
+    // Per agent (one sample per node's agent: the max is the largest agent), and all agents.
+    const IDLE: &str = "agents, idle: total";
+    let loaded_total = format!("agents, {SERVICES} Services, {SESSIONS} sessions: total");
+    for (name, values) in [
+        ("agents, idle: per agent".to_owned(), kib(&baseline)),
+        (IDLE.to_owned(), total(&baseline).to_vec()),
+        (
+            format!("agents, {SERVICES} Services, {SESSIONS} sessions: per agent"),
+            kib(&loaded),
+        ),
+        (loaded_total.clone(), total(&loaded).to_vec()),
+    ] {
+        results.figure(&name, "KiB", &values).expect("readings");
+    }
+    results
+        .figure("set-up time", "s", &[setup.as_secs_f64()])
+        .expect("one reading");
+    let ratio = results.ratio(&loaded_total, IDLE).expect("both recorded");
+    println!("loaded / baseline: ×{ratio:.2}");
+    results.write();
     tb.stop().await;
 }

@@ -30,13 +30,13 @@ use kt_testbed::cluster::Testbed;
 use kt_tests::harness::{
     apps::{apply, create_services, install_agent, start_testbed},
     bench_rounds,
-    echo_bench::{self, Row, wait_until_echoes},
+    echo_bench::{self, Samples, wait_until_echoes},
     kubectl::kubectl_ok,
+    results::Results,
     run_bench,
     workstation::{self, Background, ECHO},
 };
 use kube::api::Api;
-use serde_json::json;
 
 fn main() {
     run_bench("connect", run());
@@ -110,7 +110,7 @@ async fn run() {
     let client = workstation::tools_command(&tb);
     let topology = tb.topology();
     let mut paths: Vec<(&str, String)> = Vec::new();
-    let mut rows: Vec<Row> = Vec::new();
+    let mut samples: Vec<Samples> = Vec::new();
     let measure = async |names: &[(&'static str, String)], behind: &[&Background]| {
         for (_, addr) in names {
             wait_until_echoes(&client, addr, behind).await;
@@ -122,7 +122,7 @@ async fn run() {
     workstation::route_pods_via_nodes(&tb);
     let (names, measured) = measure(&[("plain", pod_addr.clone())], &[]).await;
     paths.extend(names);
-    rows.extend(measured);
+    samples.extend(measured);
     for node in &topology.nodes {
         let cidr = kt_testbed::topology::pod_cidr(node.index);
         let out = topology
@@ -143,7 +143,7 @@ async fn run() {
     )
     .await;
     paths.extend(names);
-    rows.extend(measured);
+    samples.extend(measured);
     let cluster_name = dns_times(&client, "echo.default.svc.cluster.local", None);
     let upstream_via_connect = dns_times(&client, "www.example.test", None);
     let cluster_direct = dns_times(
@@ -156,13 +156,13 @@ async fn run() {
     let (agent_pf, agent_pf_start) = connected(&tb, &["--transport", "portForward"]).await;
     let (names, measured) = measure(&[("connect/agent pf", pod_addr.clone())], &[&agent_pf]).await;
     paths.extend(names);
-    rows.extend(measured);
+    samples.extend(measured);
     let _ = agent_pf.interrupt();
 
     let (shadow, shadow_start) = connected(&tb, &["--via", "shadow", "-i", "kt-shadow:dev"]).await;
     let (names, measured) = measure(&[("connect/kt-shadow", pod_addr.clone())], &[&shadow]).await;
     paths.extend(names);
-    rows.extend(measured);
+    samples.extend(measured);
     let _ = shadow.interrupt();
 
     // sshuttle redirects after routing: the workstation needs a default route (as real ones
@@ -175,7 +175,7 @@ async fn run() {
     let (sshuttle, sshuttle_start) = connected(&tb, &["--mode", "sshuttle"]).await;
     let (names, measured) = measure(&[("connect/sshuttle", pod_addr.clone())], &[&sshuttle]).await;
     paths.extend(names);
-    rows.extend(measured);
+    samples.extend(measured);
     let _ = sshuttle.interrupt();
     let out = topology
         .workstation
@@ -191,7 +191,7 @@ async fn run() {
     let (names, measured) =
         measure(&[("forward", "127.0.0.1:17002".to_owned())], &[&forward]).await;
     paths.extend(names);
-    rows.extend(measured);
+    samples.extend(measured);
     let _ = forward.interrupt();
 
     // Memory: hosts mode keeps every Service of its namespaces in memory.
@@ -219,6 +219,8 @@ async fn run() {
     let (again, hosts_start_many) = connected(&tb, &["--dnsMode", "hosts"]).await;
     let _ = again.interrupt();
 
+    let mut results = Results::new("connect");
+    let rows = echo_bench::record(&mut results, &paths, &samples);
     echo_bench::print_table(
         &format!("connect benchmark, medians of {rounds} rounds"),
         &paths,
@@ -227,6 +229,7 @@ async fn run() {
     let plain = rows[0];
     for (i, (name, _)) in paths.iter().enumerate().skip(1) {
         echo_bench::print_ratio(name, &rows[i], "plain", &plain);
+        echo_bench::record_ratio(&mut results, name, "plain");
     }
     println!(
         "DNS p50/p99 µs: cluster name via connect {:.0}/{:.0}, cluster DNS asked through kt0 {:.0}/{:.0}; non-cluster name via connect {:.0}/{:.0}, workstation resolver direct {:.0}/{:.0}",
@@ -246,25 +249,69 @@ async fn run() {
         "ktctl RSS in hosts mode: {rss_few} KiB with the testbed's Services, {rss_many} KiB with {extra_services} more (created in {:.1?}, all in /etc/hosts {hosts_after:.1?} later)",
         created.elapsed()
     );
-    let results = json!({
-        "rounds": rounds,
-        "paths": paths.iter().zip(&rows).map(|((name, _), row)| (name.to_string(), echo_bench::row_json(row))).collect::<serde_json::Map<_, _>>(),
-        "ratios_to_plain": paths.iter().zip(&rows).skip(1).map(|((name, _), row)| (name.to_string(), json!({
-            "mib_s_1_stream": row[0] / plain[0], "mib_s_8_streams": row[1] / plain[1],
-            "rr_p50_us": row[2] / plain[2], "rr_p99_us": row[3] / plain[3],
-        }))).collect::<serde_json::Map<_, _>>(),
-        "dns_us": {
-            "cluster_name_via_connect": cluster_name, "cluster_dns_through_kt0": cluster_direct,
-            "non_cluster_name_via_connect": upstream_via_connect, "workstation_resolver_direct": upstream_direct,
-        },
-        "start_to_banner_s": {
-            "agent": agent_start.as_secs_f64(), "agent_port_forward": agent_pf_start.as_secs_f64(),
-            "agent_many_services": start_many.as_secs_f64(), "hosts_mode_many_services": hosts_start_many.as_secs_f64(),
-            "kt_shadow": shadow_start.as_secs_f64(), "sshuttle": sshuttle_start.as_secs_f64(),
-        },
-        "hosts_mode_rss_kib": {"few_services": rss_few, "extra_services": extra_services, "many_services": rss_many, "hosts_current_after_s": hosts_after.as_secs_f64()},
-    });
-    echo_bench::write_json("connect", &results);
+    // One measurement each (a DNS figure is itself a percentile of 200 lookups).
+    let mut single = |name: &str, unit: &str, value: f64| {
+        results.figure(name, unit, &[value]).expect("one figure");
+    };
+    for (name, [p50, p99]) in [
+        ("cluster name via connect", cluster_name),
+        ("cluster DNS through kt0", cluster_direct),
+        ("non-cluster name via connect", upstream_via_connect),
+        ("workstation resolver direct", upstream_direct),
+    ] {
+        single(&format!("DNS {name}: p50"), "µs", p50);
+        single(&format!("DNS {name}: p99"), "µs", p99);
+    }
+    for (name, took) in [
+        ("agent", agent_start),
+        ("agent over port-forward", agent_pf_start),
+        ("agent, many Services", start_many),
+        ("hosts mode, many Services", hosts_start_many),
+        ("kt shadow", shadow_start),
+        ("sshuttle", sshuttle_start),
+    ] {
+        single(&format!("start to banner: {name}"), "s", took.as_secs_f64());
+    }
+    single("hosts mode RSS: testbed's Services", "KiB", rss_few as f64);
+    single(
+        &format!("hosts mode RSS: {extra_services} more Services"),
+        "KiB",
+        rss_many as f64,
+    );
+    single(
+        "hosts mode: all Services in /etc/hosts after creation",
+        "s",
+        hosts_after.as_secs_f64(),
+    );
+    for (name, baseline) in [
+        (
+            "DNS cluster name via connect",
+            "DNS cluster DNS through kt0",
+        ),
+        (
+            "DNS non-cluster name via connect",
+            "DNS workstation resolver direct",
+        ),
+    ] {
+        for p in ["p50", "p99"] {
+            results
+                .ratio(&format!("{name}: {p}"), &format!("{baseline}: {p}"))
+                .expect("DNS figures");
+        }
+    }
+    results
+        .ratio(
+            "start to banner: agent, many Services",
+            "start to banner: agent",
+        )
+        .expect("start figures");
+    results
+        .ratio(
+            &format!("hosts mode RSS: {extra_services} more Services"),
+            "hosts mode RSS: testbed's Services",
+        )
+        .expect("RSS figures");
+    results.write();
     drop(client);
     tb.stop().await;
 }

@@ -5,7 +5,9 @@
 //! This process moves itself between them between rounds, so the cases interleave and
 //! share the machine's state. Only the connect() call is timed (socket creation is not);
 //! sockets close with SO_LINGER 0 so that TIME_WAIT cannot exhaust ports. Percentiles, not
-//! means: a rare scheduler stall of the 2-core machine would dominate a mean.
+//! means: a rare scheduler stall of the 2-core machine would dominate a mean. Each round
+//! gives a case's p50/p90/p99; the table shows their medians over the rounds, and
+//! `target/kt-bench/ebpf_connect.json` has them with min and max.
 //!
 //! Run as root: `cargo bench -p kt-tests --bench ebpf_connect` (README: tests/run bench).
 //! `KT_BENCH_ROUNDS` (default 40) and `KT_BENCH_CONNECTS` (per round and case, default
@@ -19,7 +21,13 @@ use std::{
 
 use kt_ebpf_common::{Mode, Redirect};
 use kt_node_agent::{cgroup, ebpf::Redirector};
-use kt_tests::harness::{self, cgroup::TestCgroup, netns::NetNs, unique_name};
+use kt_tests::harness::{
+    self,
+    cgroup::TestCgroup,
+    netns::NetNs,
+    results::{Results, percentile},
+    unique_name,
+};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 struct Case {
@@ -116,7 +124,7 @@ fn main() {
     }
     std::fs::write(home.join("cgroup.procs"), pid.to_string()).expect("leave cgroups");
 
-    report(&mut cases, rounds * per_round);
+    report(&cases, per_round);
     for r in &redirectors {
         let stats = r.service_stats(7).unwrap().connects_redirected
             + r.service_stats(7_777).unwrap().connects_redirected;
@@ -137,30 +145,48 @@ fn time_connect(dst: SocketAddr) -> u64 {
     elapsed.as_nanos() as u64
 }
 
-fn report(cases: &mut [Case], n: usize) {
-    println!("connect() latency, {n} connects per case, loopback in a test netns");
+/// Prints and writes every case's per-round percentiles (`per_round` connects a round), as
+/// medians over the rounds and ratios to the first case.
+fn report(cases: &[Case], per_round: usize) {
+    const PERCENTILES: [(&str, f64); 3] = [("p50", 0.50), ("p90", 0.90), ("p99", 0.99)];
+    let rounds = cases[0].samples_ns.len() / per_round;
+    println!(
+        "connect() latency, {per_round} connects per round and case, medians of {rounds} rounds' percentiles, loopback in a test netns"
+    );
     println!(
         "{:<30} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
         "case", "p50 ns", "p90 ns", "p99 ns", "p50 x", "p90 x", "p99 x"
     );
-    let mut base = None;
-    for case in cases.iter_mut() {
-        case.samples_ns.sort_unstable();
-        let pct = |p: f64| case.samples_ns[((case.samples_ns.len() - 1) as f64 * p) as usize];
-        let now = [pct(0.50), pct(0.90), pct(0.99)];
-        let base = *base.get_or_insert(now);
-        let ratio = |i: usize| now[i] as f64 / base[i] as f64;
+    let mut results = Results::new("ebpf_connect");
+    let base = cases[0].name;
+    for case in cases {
+        let medians = PERCENTILES.map(|(label, p)| {
+            let per_round: Vec<f64> = case
+                .samples_ns
+                .chunks(per_round)
+                .map(|round| {
+                    let ns: Vec<f64> = round.iter().map(|n| *n as f64).collect();
+                    percentile(&ns, p).expect("connects")
+                })
+                .collect();
+            results
+                .figure(&format!("{}: {label}", case.name), "ns", &per_round)
+                .expect("rounds")
+        });
+        let ratios = PERCENTILES.map(|(label, _)| {
+            results
+                .ratio(
+                    &format!("{}: {label}", case.name),
+                    &format!("{base}: {label}"),
+                )
+                .expect("both recorded")
+        });
         println!(
-            "{:<30} {:>9} {:>9} {:>9} {:>8.3} {:>8.3} {:>8.3}",
-            case.name,
-            now[0],
-            now[1],
-            now[2],
-            ratio(0),
-            ratio(1),
-            ratio(2)
+            "{:<30} {:>9.0} {:>9.0} {:>9.0} {:>8.3} {:>8.3} {:>8.3}",
+            case.name, medians[0], medians[1], medians[2], ratios[0], ratios[1], ratios[2]
         );
     }
+    results.write();
 }
 
 fn env_usize(name: &str, default: usize) -> usize {

@@ -12,7 +12,8 @@
 //!   server's port-forward (`--transport portForward`); `ktctl/agent direct` reaches the
 //!   agent's node port straight (the workstation reaches the nodes).
 //!
-//! Medians over `KT_BENCH_ROUNDS` rounds (default 3). Run as root: `tests/run bench`.
+//! Medians over `KT_BENCH_ROUNDS` rounds (default 3); also `target/kt-bench/exchange.json`.
+//! Run as root: `tests/run bench`.
 
 use std::time::Instant;
 
@@ -21,9 +22,10 @@ use kt_tests::harness::{
     apps::{answered_by, apply, deploy_web, in_pod, install_agent, start_testbed},
     bench_rounds,
     bins::{self, utf8},
-    echo_bench::{self, median, wait_until_echoes},
+    echo_bench::{self, wait_until_echoes},
     eventually::eventually,
     kubectl::{kubectl, kubectl_ok},
+    results::Results,
     run_bench,
     workstation::{self, Background, ECHO, OpensshPath},
 };
@@ -159,10 +161,19 @@ async fn run() {
     for (_, addr) in &paths {
         wait_until_echoes(&client, addr, &behind).await;
     }
-    let rows = echo_bench::measure(&paths, rounds, &client);
-
+    let samples = echo_bench::measure(&paths, rounds, &client);
+    let mut results = Results::new("exchange");
     println!("exchange benchmark, medians of {rounds} rounds");
-    let ready: Vec<f64> = ready.iter().map(|t| median(t)).collect();
+    let ready: Vec<f64> = modes
+        .iter()
+        .zip(&ready)
+        .map(|((mode, _), times)| {
+            results
+                .figure(&format!("ready: {mode}"), "s", times)
+                .expect("ready times")
+        })
+        .collect();
+    let rows = echo_bench::record(&mut results, &paths, &samples);
     println!(
         "ready time: agent {:.2} s, selector {:.2} s, scale {:.2} s (agent/selector ×{:.2}, scale/selector ×{:.2})",
         ready[0],
@@ -180,7 +191,15 @@ async fn run() {
     ] {
         echo_bench::print_ratio(name, row, "ssh -R", ssh);
         echo_bench::print_ratio(name, row, "plain", plain);
+        echo_bench::record_ratio(&mut results, name, "ssh -R");
+        echo_bench::record_ratio(&mut results, name, "plain");
     }
+    for mode in ["agent", "scale"] {
+        results
+            .ratio(&format!("ready: {mode}"), "ready: selector")
+            .expect("ready times");
+    }
+    results.write();
     for running in exchanges {
         running.interrupt();
     }

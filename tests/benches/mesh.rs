@@ -17,8 +17,8 @@ use kt_tests::harness::{
     apps::{deploy_web, install_agent, start_testbed, web_pods_field},
     bench_rounds,
     bins::{self, utf8},
-    echo_bench::{median, write_json},
     kubectl::kubectl,
+    results::Results,
     run_bench,
     workstation::{self, Background},
 };
@@ -78,18 +78,31 @@ struct Path {
     rps64: f64,
 }
 
-fn measure(tb: &Testbed, addr: &str, header: &str, rounds: usize) -> Path {
-    let (mut p50, mut p99, mut rps) = (Vec::new(), Vec::new(), Vec::new());
+/// One path's samples, one per round: p50 µs, p99 µs, requests/s on 64 connections.
+type Samples = [Vec<f64>; 3];
+
+fn measure(tb: &Testbed, addr: &str, header: &str, rounds: usize) -> Samples {
+    let mut samples = Samples::default();
     for _ in 0..rounds {
         let one = load(tb, addr, 1, header);
-        p50.push(one[1]);
-        p99.push(one[2]);
-        rps.push(load(tb, addr, 64, header)[0]);
+        samples[0].push(one[1]);
+        samples[1].push(one[2]);
+        samples[2].push(load(tb, addr, 64, header)[0]);
     }
+    samples
+}
+
+/// Records `samples` as the figures `<name>: p50`, `: p99`, `: req/s (64)`; their medians.
+fn record(results: &mut Results, name: &str, samples: &Samples) -> Path {
+    let mut figure = |column: &str, unit: &str, values: &[f64]| {
+        results
+            .figure(&format!("{name}: {column}"), unit, values)
+            .expect("a figure per path")
+    };
     Path {
-        p50: median(&p50),
-        p99: median(&p99),
-        rps64: median(&rps),
+        p50: figure("p50", "µs", &samples[0]),
+        p99: figure("p99", "µs", &samples[1]),
+        rps64: figure("req/s (64)", "requests/s", &samples[2]),
     }
 }
 
@@ -157,6 +170,7 @@ async fn run() {
         "{:<34} {:>9} {:>9} {:>11}",
         "path", "p50 µs", "p99 µs", "req/s (64)"
     );
+    let mut results = Results::new("mesh");
     let rows = [
         ("straight to the pod", straight),
         ("exchange (agent), to workstation", exchanged),
@@ -164,7 +178,9 @@ async fn run() {
         ("mesh: header → workstation", matched_1),
         ("10 meshes: no header → pod", unmatched_10),
         ("10 meshes: header → workstation", matched_10),
-    ];
+    ]
+    .map(|(name, samples)| (name, record(&mut results, name, &samples)));
+    let [straight, exchanged, unmatched_1, matched_1, _, _] = rows.map(|(_, p)| p);
     for (name, p) in rows {
         println!("{name:<34} {:>9.0} {:>9.0} {:>11.0}", p.p50, p.p99, p.rps64);
     }
@@ -174,22 +190,23 @@ async fn run() {
         unmatched_1.rps64 / straight.rps64,
         matched_1.p50 / exchanged.p50
     );
-    let json = |p: Path| serde_json::json!({"p50_us": p.p50, "p99_us": p.p99, "requests_per_s_64": p.rps64});
-    write_json(
-        "mesh",
-        &serde_json::json!({
-            "rounds": rounds,
-            "straight_to_pod": json(straight),
-            "exchange_agent": json(exchanged),
-            "mesh_1_unmatched": json(unmatched_1),
-            "mesh_1_matched": json(matched_1),
-            "mesh_10_unmatched": json(unmatched_10),
-            "mesh_10_matched": json(matched_10),
-            "router_added_p50_us": added,
-            "unmatched_rps_ratio": unmatched_1.rps64 / straight.rps64,
-            "unmatched_rps_ratio_10_meshes": unmatched_10.rps64 / straight.rps64,
-            "matched_p50_ratio_to_exchange": matched_1.p50 / exchanged.p50,
-        }),
-    );
+    for (figure, baseline) in [
+        ("mesh: no header → pod: p50", "straight to the pod: p50"),
+        (
+            "mesh: no header → pod: req/s (64)",
+            "straight to the pod: req/s (64)",
+        ),
+        (
+            "10 meshes: no header → pod: req/s (64)",
+            "straight to the pod: req/s (64)",
+        ),
+        (
+            "mesh: header → workstation: p50",
+            "exchange (agent), to workstation: p50",
+        ),
+    ] {
+        results.ratio(figure, baseline).expect("both recorded");
+    }
+    results.write();
     tb.stop().await;
 }

@@ -3,14 +3,15 @@
 //! in the same run: creating and deleting the same number of bare network namespaces.
 //!
 //! Run as root: `cargo bench -p kt-tests --bench testbed_up` (README: tests/run bench).
-//! `KT_BENCH_ROUNDS` (default 5) sets the repetitions.
+//! `KT_BENCH_ROUNDS` (default 5) sets the repetitions. Results: a table, ratios, and
+//! `target/kt-bench/testbed_up.json`.
 
 use std::{
     process::Command,
     time::{Duration, Instant},
 };
 
-use kt_tests::harness::{bins, netns::NetNs, unique_name};
+use kt_tests::harness::{bins, netns::NetNs, results::Results, unique_name};
 
 const GOAL: Duration = Duration::from_secs(5);
 
@@ -58,34 +59,28 @@ fn main() {
         drop(spaces);
         bare.push(start.elapsed());
     }
-    let median = |v: &mut Vec<Duration>| {
-        v.sort();
-        v[v.len() / 2]
+    let mut results = Results::new("testbed_up");
+    let mut figure = |name: &str, times: &[Duration]| {
+        let ms: Vec<f64> = times.iter().map(|t| t.as_secs_f64() * 1000.0).collect();
+        results.figure(name, "ms", &ms).expect("runs")
     };
-    let (up, down, bare) = (median(&mut up), median(&mut down), median(&mut bare));
+    const UP: &str = "up (API, nodes, DNS ready)";
+    const BARE: &str = "baseline: 5 bare netns add+del";
+    let (up, down, bare) = (
+        figure(UP, &up),
+        figure("down (everything removed)", &down),
+        figure(BARE, &bare),
+    );
     println!("kt-testbed up → usable, 2 nodes, median of {runs} runs");
     println!("{:<36} {:>10}", "measure", "ms");
-    println!(
-        "{:<36} {:>10.0}",
-        "up (API, nodes, DNS ready)",
-        up.as_secs_f64() * 1000.0
-    );
-    println!(
-        "{:<36} {:>10.0}",
-        "down (everything removed)",
-        down.as_secs_f64() * 1000.0
-    );
-    println!(
-        "{:<36} {:>10.0}",
-        "baseline: 5 bare netns add+del",
-        bare.as_secs_f64() * 1000.0
-    );
-    println!(
-        "up / goal (5 s): {:.3}",
-        up.as_secs_f64() / GOAL.as_secs_f64()
-    );
-    println!(
-        "up / baseline:   {:.1}",
-        up.as_secs_f64() / bare.as_secs_f64()
-    );
+    println!("{:<36} {:>10.0}", UP, up);
+    println!("{:<36} {:>10.0}", "down (everything removed)", down);
+    println!("{:<36} {:>10.0}", BARE, bare);
+    let to_goal = results
+        .goal(UP, GOAL.as_secs_f64() * 1000.0)
+        .expect("up recorded");
+    println!("up / goal (5 s): {to_goal:.3}");
+    let to_bare = results.ratio(UP, BARE).expect("both recorded");
+    println!("up / baseline:   {to_bare:.1}");
+    results.write();
 }

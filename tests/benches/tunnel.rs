@@ -11,6 +11,7 @@
 //! Each measures bulk echo throughput (1 stream × 64 MiB and 8 streams × 8 MiB, data each
 //! way at once) and request/response latency (2 000 sequential 64-byte round trips, p50 and
 //! p99). Rounds interleave the paths; medians over `KT_BENCH_ROUNDS` rounds (default 3).
+//! Results: a table, ratios, and `target/kt-bench/tunnel.json`.
 //! Run as root: `cargo bench -p kt-tests --bench tunnel` (README: `tests/run bench`).
 
 use kt_tests::harness::{
@@ -18,6 +19,7 @@ use kt_tests::harness::{
     bench_rounds,
     echo_bench::{self, wait_until_echoes},
     kubectl::kubectl_ok,
+    results::Results,
     run_bench,
     workstation::{self, Background, ECHO, OpensshPath},
 };
@@ -81,7 +83,9 @@ async fn run() {
         wait_until_echoes(&client, addr, &behind).await;
     }
 
-    let rows = echo_bench::measure(&paths, rounds, &client);
+    let samples = echo_bench::measure(&paths, rounds, &client);
+    let mut results = Results::new("tunnel");
+    let rows = echo_bench::record(&mut results, &paths, &samples);
     echo_bench::print_table(
         &format!("tunnel benchmark, medians of {rounds} rounds"),
         &paths,
@@ -91,6 +95,14 @@ async fn run() {
     echo_bench::print_ratio("ktctl/kt", kt, "ssh -L", ssh);
     echo_bench::print_ratio("ktctl/kt", kt, "plain", plain_row);
     echo_bench::print_ratio("ktctl/kt (2 SSH connections)", kt, "1", one);
+    for (a, b) in [
+        ("ktctl/kt", "ssh -L"),
+        ("ktctl/kt", "plain"),
+        ("ktctl/kt", "ktctl/kt 1 SSH"),
+    ] {
+        echo_bench::record_ratio(&mut results, a, b);
+    }
+    results.write();
 
     for forward in forwards {
         forward.interrupt();

@@ -8,6 +8,7 @@ pub mod eventually;
 pub mod kubectl;
 pub mod own_programs;
 pub mod probe;
+pub mod results;
 pub mod server;
 pub mod workstation;
 

@@ -83,7 +83,7 @@ pub fn routes(state: &ClusterState<'_>, now: DateTime<Utc>) -> BTreeMap<RouteKey
         };
         let slices = state.slices_of(namespace, &session.spec.service);
         for listener in &status.listeners {
-            let Some(addresses) = addresses_of(service, &slices, listener.port) else {
+            let Some(addresses) = addresses_of(service, slices, listener.port) else {
                 continue;
             };
             let key = RouteKey {
@@ -169,11 +169,8 @@ mod tests {
         let (svc, slice) = (service(), slice());
         let bob = mesh("bob", "2026-01-02T00:00:00Z", "b", 40002, now);
         let alice = mesh("alice", "2026-01-01T00:00:00Z", "a", 40001, now);
-        let state = ClusterState {
-            sessions: &[&bob, &alice],
-            services: &[&svc],
-            slices: &[&slice],
-        };
+        let state_of = (&[&bob, &alice], &[&svc], &[&slice]);
+        let state = ClusterState::new(state_of.0, state_of.1, state_of.2);
         let routes = routes(&state, now);
         let key = RouteKey {
             namespace: "dev".into(),
@@ -220,11 +217,8 @@ mod tests {
         );
         let mut headerless = mesh("bob", "2026-01-01T00:00:00Z", "b", 40002, now);
         headerless.spec.header = None;
-        let state = ClusterState {
-            sessions: &[&expired, &headerless],
-            services: &[&svc],
-            slices: &[&slice],
-        };
+        let state_of = (&[&expired, &headerless], &[&svc], &[&slice]);
+        let state = ClusterState::new(state_of.0, state_of.1, state_of.2);
         assert!(routes(&state, now).is_empty());
     }
 
@@ -236,11 +230,8 @@ mod tests {
         let mut carol = mesh("carol", "2026-01-03T00:00:00Z", "c", 40003, now);
         carol.spec.mode = SessionMode::Exchange;
         carol.spec.header = None;
-        let state = ClusterState {
-            sessions: &[&alice],
-            services: &[&svc],
-            slices: &[&slice],
-        };
+        let state_of = (&[&alice], &[&svc], &[&slice]);
+        let state = ClusterState::new(state_of.0, state_of.1, state_of.2);
         let routes_now = routes(&state, now);
         assert!(
             desired(&state, now, &routes_now, &BTreeMap::new())
@@ -248,11 +239,8 @@ mod tests {
                 .is_empty()
         );
 
-        let both = ClusterState {
-            sessions: &[&alice, &carol],
-            services: &[&svc],
-            slices: &[&slice],
-        };
+        let both_of = (&[&alice, &carol], &[&svc], &[&slice]);
+        let both = ClusterState::new(both_of.0, both_of.1, both_of.2);
         let routers = routes_now
             .keys()
             .map(|k| (k.clone(), addr("172.30.0.11:41000")))

@@ -11,7 +11,7 @@
 //!   requests that stay with the pods.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
 };
 
@@ -36,37 +36,111 @@ pub struct Target {
     pub mode: SessionMode,
 }
 
+/// The cluster's Services and EndpointSlices by Service `(namespace, name)`, so that a
+/// session's lookup costs what its Service has, not the cluster's size (issue 17). A slice
+/// belongs to the Service its `kubernetes.io/service-name` label names in its own namespace;
+/// a slice without the label or a namespace belongs to none. Built from the watch caches at
+/// each pass (O(Services + slices)), not maintained from watch events.
+#[derive(Debug, Default)]
+pub struct ByService<'a> {
+    /// Where each Service's entry is. Only its values leave the map: a lookup with a
+    /// shorter-lived key must not shorten what the index hands out.
+    ids: HashMap<(&'a str, &'a str), usize>,
+    entries: Vec<Owned<'a>>,
+}
+
+/// What the index holds for one Service name.
+#[derive(Debug, Default)]
+struct Owned<'a> {
+    service: Option<&'a Service>,
+    slices: Vec<&'a EndpointSlice>,
+}
+
+impl<'a> ByService<'a> {
+    /// The index of `services` and `slices`.
+    pub fn new(services: &[&'a Service], slices: &[&'a EndpointSlice]) -> Self {
+        let mut index = Self {
+            ids: HashMap::with_capacity(services.len()),
+            entries: Vec::with_capacity(services.len()),
+        };
+        for service in services {
+            if let (Some(namespace), Some(name)) = (
+                service.metadata.namespace.as_deref(),
+                service.metadata.name.as_deref(),
+            ) {
+                index.entry(namespace, name).service = Some(service);
+            }
+        }
+        for slice in slices {
+            let owner = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL));
+            if let (Some(namespace), Some(name)) = (slice.metadata.namespace.as_deref(), owner) {
+                index.entry(namespace, name).slices.push(slice);
+            }
+        }
+        index
+    }
+
+    fn entry(&mut self, namespace: &'a str, name: &'a str) -> &mut Owned<'a> {
+        let next = self.entries.len();
+        let id = *self.ids.entry((namespace, name)).or_insert(next);
+        if id == next {
+            self.entries.push(Owned::default());
+        }
+        &mut self.entries[id]
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> Option<&Owned<'a>> {
+        let id = *self.ids.get(&(namespace, name))?;
+        self.entries.get(id)
+    }
+
+    /// The Service `namespace/name`.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&'a Service> {
+        self.get(namespace, name)?.service
+    }
+
+    /// The EndpointSlices of the Service `namespace/name`, in the order given to
+    /// [`ByService::new`].
+    pub fn slices(&self, namespace: &str, name: &str) -> &[&'a EndpointSlice] {
+        self.get(namespace, name)
+            .map_or(&[], |e| e.slices.as_slice())
+    }
+}
+
 /// The cluster objects the map is computed from.
 pub struct ClusterState<'a> {
     pub sessions: &'a [&'a KtSession],
     pub services: &'a [&'a Service],
-    pub slices: &'a [&'a EndpointSlice],
+    /// The Services and their EndpointSlices, by Service.
+    by_service: ByService<'a>,
 }
 
 impl<'a> ClusterState<'a> {
+    /// The state of `sessions`, `services` and `slices`, indexed by Service.
+    pub fn new(
+        sessions: &'a [&'a KtSession],
+        services: &'a [&'a Service],
+        slices: &'a [&'a EndpointSlice],
+    ) -> Self {
+        Self {
+            sessions,
+            services,
+            by_service: ByService::new(services, slices),
+        }
+    }
+
     /// The Service `namespace/name`.
     pub(super) fn service(&self, namespace: &str, name: &str) -> Option<&'a Service> {
-        self.services.iter().copied().find(|s| {
-            s.metadata.namespace.as_deref() == Some(namespace)
-                && s.metadata.name.as_deref() == Some(name)
-        })
+        self.by_service.service(namespace, name)
     }
 
     /// The EndpointSlices of the Service `namespace/name`.
-    pub(super) fn slices_of(&self, namespace: &str, name: &str) -> Vec<&'a EndpointSlice> {
-        self.slices
-            .iter()
-            .copied()
-            .filter(|s| {
-                s.metadata.namespace.as_deref() == Some(namespace)
-                    && s.metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                        .map(String::as_str)
-                        == Some(name)
-            })
-            .collect()
+    pub(super) fn slices_of(&self, namespace: &str, name: &str) -> &[&'a EndpointSlice] {
+        self.by_service.slices(namespace, name)
     }
 
     /// The live sessions of `mode`, oldest first (by creation, then name): not being
@@ -198,7 +272,7 @@ pub fn desired(
         });
         for listener in &status.listeners {
             let to = SocketAddr::new(holder, listener.listener_port);
-            let Some(addresses) = addresses_of(service, &slices, listener.port) else {
+            let Some(addresses) = addresses_of(service, slices, listener.port) else {
                 claim.ports.entry(listener.port).or_default();
                 continue;
             };
@@ -373,11 +447,8 @@ mod tests {
             slice(),
             session("alice", "2026-01-01T00:00:00Z", now),
         );
-        let state = ClusterState {
-            sessions: &[&s],
-            services: &[&svc],
-            slices: &[&slice],
-        };
+        let state_of = (&[&s], &[&svc], &[&slice]);
+        let state = ClusterState::new(state_of.0, state_of.1, state_of.2);
         let map = desired(&state, now, &BTreeMap::new(), &BTreeMap::new()).map;
         let listener = addr("172.30.0.11:40001");
         let keys: Vec<SocketAddr> = map.keys().copied().collect();
@@ -438,11 +509,7 @@ mod tests {
         }));
         let s = holding("web", &[(80, 40001)], now);
         let wanted = desired(
-            &ClusterState {
-                sessions: &[&s],
-                services: &[&svc],
-                slices: &[&slice],
-            },
+            &ClusterState::new(&[&s], &[&svc], &[&slice]),
             now,
             &BTreeMap::new(),
             &BTreeMap::new(),
@@ -485,11 +552,11 @@ mod tests {
                 "2026-01-02T00:00:00Z".parse().unwrap(),
             ));
         let wanted = desired(
-            &ClusterState {
-                sessions: &[&bob, &alice],
-                services: &[&web, &internal],
-                slices: &[&web_slice, &internal_slice],
-            },
+            &ClusterState::new(
+                &[&bob, &alice],
+                &[&web, &internal],
+                &[&web_slice, &internal_slice],
+            ),
             now,
             &BTreeMap::new(),
             &BTreeMap::new(),
@@ -523,11 +590,7 @@ mod tests {
         }));
         let s = holding("mixed", &[(53, 40001)], now);
         let map = desired(
-            &ClusterState {
-                sessions: &[&s],
-                services: &[&svc],
-                slices: &[&slice],
-            },
+            &ClusterState::new(&[&s], &[&svc], &[&slice]),
             now,
             &BTreeMap::new(),
             &BTreeMap::new(),
@@ -560,11 +623,7 @@ mod tests {
         }));
         let s = holding("api", &[(80, 40001), (8080, 40002)], now);
         let map = desired(
-            &ClusterState {
-                sessions: &[&s],
-                services: &[&svc],
-                slices: &[&slice],
-            },
+            &ClusterState::new(&[&s], &[&svc], &[&slice]),
             now,
             &BTreeMap::new(),
             &BTreeMap::new(),
@@ -591,11 +650,8 @@ mod tests {
             now - chrono::TimeDelta::seconds(11),
         );
         let (svc, slice) = (service(), slice());
-        let state = ClusterState {
-            sessions: &[&stale],
-            services: &[&svc],
-            slices: &[&slice],
-        };
+        let state_of = (&[&stale], &[&svc], &[&slice]);
+        let state = ClusterState::new(state_of.0, state_of.1, state_of.2);
         assert!(
             desired(&state, now, &BTreeMap::new(), &BTreeMap::new())
                 .map
@@ -610,11 +666,8 @@ mod tests {
         let mut new = session("bob", "2026-01-02T00:00:00Z", now);
         new.status.as_mut().unwrap().listeners[0].listener_port = 40002;
         let (svc, slice) = (service(), slice());
-        let state = ClusterState {
-            sessions: &[&new, &old],
-            services: &[&svc],
-            slices: &[&slice],
-        };
+        let state_of = (&[&new, &old], &[&svc], &[&slice]);
+        let state = ClusterState::new(state_of.0, state_of.1, state_of.2);
         let map = desired(&state, now, &BTreeMap::new(), &BTreeMap::new()).map;
         assert!(map.values().all(|t| t.session == "dev/alice"), "{map:?}");
     }
@@ -655,11 +708,7 @@ mod tests {
         let svc = service();
         assert!(
             desired(
-                &ClusterState {
-                    sessions: &[&unheld],
-                    services: &[&svc],
-                    slices: &[&slice]
-                },
+                &ClusterState::new(&[&unheld], &[&svc], &[&slice]),
                 now,
                 &BTreeMap::new(),
                 &BTreeMap::new()
@@ -670,11 +719,7 @@ mod tests {
         let held = session("alice", "2026-01-01T00:00:00Z", now);
         assert!(
             desired(
-                &ClusterState {
-                    sessions: &[&held],
-                    services: &[],
-                    slices: &[&slice]
-                },
+                &ClusterState::new(&[&held], &[], &[&slice]),
                 now,
                 &BTreeMap::new(),
                 &BTreeMap::new()
@@ -682,5 +727,117 @@ mod tests {
             .map
             .is_empty()
         );
+    }
+
+    /// An EndpointSlice named `name` in `namespace`, of the Service `service` (no label if
+    /// `None`), with one ready endpoint at `ip`.
+    fn slice_of(
+        namespace: Option<&str>,
+        name: &str,
+        service: Option<&str>,
+        ip: &str,
+    ) -> EndpointSlice {
+        let mut metadata = json!({"name": name});
+        if let Some(namespace) = namespace {
+            metadata["namespace"] = json!(namespace);
+        }
+        if let Some(service) = service {
+            metadata["labels"] = json!({"kubernetes.io/service-name": service});
+        }
+        object(json!({
+            "metadata": metadata, "addressType": "IPv4",
+            "ports": [{"name": "", "port": 8080}],
+            "endpoints": [{"addresses": [ip]}]
+        }))
+    }
+
+    fn names(slices: &[&EndpointSlice]) -> Vec<String> {
+        slices
+            .iter()
+            .map(|s| s.metadata.name.clone().unwrap_or_default())
+            .collect()
+    }
+
+    #[test]
+    fn the_index_gives_exactly_a_services_slices() {
+        let svc = |namespace: &str, name: &str| -> Service {
+            object(json!({"metadata": {"name": name, "namespace": namespace},
+                          "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 80}]}}))
+        };
+        let (web, web_prod, api) = (svc("dev", "web"), svc("prod", "web"), svc("dev", "api"));
+        let slices = [
+            slice_of(Some("dev"), "web-a", Some("web"), "10.244.1.1"),
+            slice_of(Some("prod"), "web-p", Some("web"), "10.244.1.2"),
+            slice_of(Some("dev"), "api-a", Some("api"), "10.244.1.3"),
+            slice_of(Some("dev"), "web-b", Some("web"), "10.244.1.4"),
+            slice_of(Some("dev"), "unlabelled", None, "10.244.1.5"),
+            slice_of(None, "nowhere", Some("web"), "10.244.1.6"),
+            slice_of(Some("dev"), "gone-svc", Some("gone"), "10.244.1.7"),
+        ];
+        let slices: Vec<&EndpointSlice> = slices.iter().collect();
+        let index = ByService::new(&[&web, &web_prod, &api], &slices);
+        assert_eq!(names(index.slices("dev", "web")), ["web-a", "web-b"]);
+        assert_eq!(names(index.slices("prod", "web")), ["web-p"]);
+        assert_eq!(names(index.slices("dev", "api")), ["api-a"]);
+        assert_eq!(
+            names(index.slices("dev", "gone")),
+            ["gone-svc"],
+            "a slice outlives its Service"
+        );
+        assert!(index.slices("prod", "api").is_empty());
+        assert_eq!(
+            index
+                .service("prod", "web")
+                .and_then(|s| s.metadata.namespace.as_deref()),
+            Some("prod")
+        );
+        assert!(index.service("dev", "gone").is_none());
+    }
+
+    #[test]
+    fn the_next_pass_follows_a_slice_that_changes_service_or_is_deleted() {
+        // The index is rebuilt from the watch caches at every pass: what one pass sees after
+        // a slice moved from web to api and another was deleted.
+        let now = Utc::now();
+        let svc = |name: &str, ip: &str| -> Service {
+            object(json!({"metadata": {"name": name, "namespace": "dev"},
+                          "spec": {"clusterIP": ip, "ports": [{"port": 80, "targetPort": 8080}]}}))
+        };
+        let (web, api) = (svc("web", "10.96.0.20"), svc("api", "10.96.0.21"));
+        let mut on_api = holding("api", &[(80, 40002)], now);
+        on_api.metadata.name = Some("bob".into());
+        let moving = slice_of(Some("dev"), "m", Some("web"), "10.244.1.1");
+        let staying = slice_of(Some("dev"), "k", Some("web"), "10.244.1.2");
+        let before_of = (&[&on_api], &[&web, &api], &[&moving, &staying]);
+        let before = ClusterState::new(before_of.0, before_of.1, before_of.2);
+        assert_eq!(names(before.slices_of("dev", "web")), ["m", "k"]);
+        assert_eq!(
+            desired(&before, now, &BTreeMap::new(), &BTreeMap::new())
+                .map
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            [addr("10.96.0.21:80")],
+            "api has no endpoints yet"
+        );
+
+        let mut moved = moving.clone();
+        moved
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(SERVICE_NAME_LABEL.into(), "api".into());
+        // `staying` deleted: the cache no longer lists it.
+        let after_of = (&[&on_api], &[&web, &api], &[&moved]);
+        let after = ClusterState::new(after_of.0, after_of.1, after_of.2);
+        assert!(after.slices_of("dev", "web").is_empty());
+        assert_eq!(names(after.slices_of("dev", "api")), ["m"]);
+        let map = desired(&after, now, &BTreeMap::new(), &BTreeMap::new()).map;
+        assert_eq!(
+            map.keys().copied().collect::<Vec<_>>(),
+            [addr("10.96.0.21:80"), addr("10.244.1.1:8080")]
+        );
+        assert!(map.values().all(|t| t.session == "dev/bob"));
     }
 }

@@ -5,22 +5,35 @@
 
 use std::time::Duration;
 
-use super::workstation::Background;
+use super::{
+    results::{self, Results},
+    workstation::Background,
+};
 
 const MIB: usize = 1 << 20;
 
 /// A path's medians: 1-stream MiB/s, 8-stream MiB/s, p50 µs, p99 µs.
 pub type Row = [f64; 4];
 
+/// A path's samples, one per round, in [`Row`]'s columns.
+pub type Samples = [Vec<f64>; 4];
+
+/// [`Row`]'s columns as figure names (after the path's name) and units.
+const COLUMNS: [(&str, &str); 4] = [
+    ("1 stream", "MiB/s"),
+    ("8 streams", "MiB/s"),
+    ("rr p50", "µs"),
+    ("rr p99", "µs"),
+];
+
 /// Runs `kt-tools ARGS` where the benchmark measures from: its stdout, or its stderr if it
 /// failed.
 pub trait EchoClient: Fn(&[&str]) -> Result<String, String> {}
 impl<F: Fn(&[&str]) -> Result<String, String>> EchoClient for F {}
 
+/// The median of `v` ([`results::median`]); panics without samples.
 pub fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    results::median(v).expect("samples")
 }
 
 /// Waits until `addr` echoes through `client`; panics with the logs of the processes the
@@ -38,8 +51,8 @@ pub async fn wait_until_echoes(client: &impl EchoClient, addr: &str, behind: &[&
     panic!("{addr} does not echo ({last_error}): {logs:?}");
 }
 
-/// Measures every `(name, address)` path for `rounds` rounds; a row of medians per path.
-pub fn measure(paths: &[(&str, String)], rounds: usize, client: &impl EchoClient) -> Vec<Row> {
+/// Measures every `(name, address)` path for `rounds` rounds; the samples per path.
+pub fn measure(paths: &[(&str, String)], rounds: usize, client: &impl EchoClient) -> Vec<Samples> {
     let run = |args: &[&str]| client(args).unwrap_or_else(|error| panic!("{args:?}: {error}"));
     let mib_per_s = |streams: &str, bytes: usize, addr: &str| {
         let seconds: f64 = run(&["bulk", addr, streams, &bytes.to_string()])
@@ -67,9 +80,32 @@ pub fn measure(paths: &[(&str, String)], rounds: usize, client: &impl EchoClient
         }
     }
     samples
+}
+
+/// Records every path's columns in `results` as figures named `<path>: <column>`; the rows
+/// of medians.
+pub fn record(results: &mut Results, paths: &[(&str, String)], samples: &[Samples]) -> Vec<Row> {
+    paths
         .iter()
-        .map(|path| std::array::from_fn(|i| median(&path[i])))
+        .zip(samples)
+        .map(|((name, _), path)| {
+            std::array::from_fn(|i| {
+                let (column, unit) = COLUMNS[i];
+                results
+                    .figure(&format!("{name}: {column}"), unit, &path[i])
+                    .expect("a figure per path and column")
+            })
+        })
         .collect()
+}
+
+/// Records every column of the path `a` as a ratio to the path `b` (both [`record`]ed).
+pub fn record_ratio(results: &mut Results, a: &str, b: &str) {
+    for (column, _) in COLUMNS {
+        results
+            .ratio(&format!("{a}: {column}"), &format!("{b}: {column}"))
+            .expect("both paths recorded");
+    }
 }
 
 /// The table of `rows` under `heading`.
@@ -96,26 +132,4 @@ pub fn print_ratio(a_name: &str, a: &Row, b_name: &str, b: &Row) {
         a[2] / b[2],
         a[3] / b[3]
     );
-}
-
-/// Writes `results` as `target/kt-bench/<name>.json` (for comparing runs); says where.
-pub fn write_json(name: &str, results: &serde_json::Value) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kt-bench");
-    let path = dir.join(format!("{name}.json"));
-    let written = std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::write(&path, serde_json::to_vec_pretty(results).expect("JSON")));
-    match written {
-        Ok(()) => println!("results: {}", path.display()),
-        Err(error) => eprintln!("results not written to {}: {error}", path.display()),
-    }
-}
-
-/// A row as JSON: `{"mib_s_1_stream", "mib_s_8_streams", "rr_p50_us", "rr_p99_us"}`.
-pub fn row_json(row: &Row) -> serde_json::Value {
-    serde_json::json!({
-        "mib_s_1_stream": row[0],
-        "mib_s_8_streams": row[1],
-        "rr_p50_us": row[2],
-        "rr_p99_us": row[3],
-    })
 }
