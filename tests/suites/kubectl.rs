@@ -1010,15 +1010,18 @@ async fn port_forward_to_a_service_and_to_a_pod() {
 /// `(kind, namespace, name)` of every object `kubectl apply -k dir` would create, as kubectl
 /// renders the kustomization (client dry run).
 fn rendered(kubeconfig: &Path, dir: &str) -> Vec<(String, String, String)> {
-    let list: Value = serde_json::from_str(&kubectl_ok(
+    let text = kubectl_ok(
         kubeconfig,
         &["create", "-k", dir, "--dry-run=client", "-o", "json"],
-    ))
-    .expect("a list");
-    list["items"]
-        .as_array()
-        .expect("items")
-        .iter()
+    );
+    // One JSON document per object (or a List).
+    serde_json::Deserializer::from_str(&text)
+        .into_iter::<Value>()
+        .map(|doc| doc.expect("JSON objects"))
+        .flat_map(|doc| match doc["items"].as_array() {
+            Some(items) if doc["kind"] == "List" => items.clone(),
+            _ => vec![doc],
+        })
         .map(|o| {
             let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
             (
@@ -1156,7 +1159,19 @@ async fn each_deploy_overlay_applies_runs_the_agent_and_deletes_to_nothing() {
             "{overlay}: one record per node: {records}"
         );
 
-        kubectl_ok(&kc, &["delete", "-k", &dir, "--wait=true", "--timeout=60s"]);
+        // As deploy/README.md says: the namespace goes first, and may take what is in it
+        // before kubectl gets there (the testbed deletes a namespace's objects at once).
+        kubectl_ok(
+            &kc,
+            &[
+                "delete",
+                "-k",
+                &dir,
+                "--ignore-not-found",
+                "--wait=true",
+                "--timeout=60s",
+            ],
+        );
         let left = poll_within(Duration::from_secs(60), async || {
             let mut left: Vec<String> = objects
                 .iter()
