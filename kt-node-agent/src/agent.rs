@@ -21,6 +21,7 @@
 pub mod admin;
 pub mod collect;
 pub mod egress;
+pub mod events;
 pub mod hold;
 mod map;
 pub mod mesh;
@@ -178,9 +179,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     if let Err(error) = publisher.publish().await {
         tracing::warn!(error = %kt_proto::error_chain(&error), "failed to write the agent record");
     }
-    let (rejections, to_report) = tokio::sync::mpsc::unbounded_channel();
+    let (session_events, to_report) = tokio::sync::mpsc::unbounded_channel();
     tasks.spawn(
-        "report-forged-status",
+        "report-events",
         published::report(
             client.clone(),
             config.node_name.clone(),
@@ -221,6 +222,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         connect_refused,
         redirects: map.clone(),
         publisher,
+        events: session_events.clone(),
     };
     let context_client = client;
     tasks.spawn(
@@ -246,6 +248,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             context_client.clone(),
             to_collect,
             sessions_collected,
+            CollectEvents {
+                node: config.node_name.clone(),
+                grace: config.session_grace,
+                events: session_events.clone(),
+            },
             tasks.shutdown().clone(),
         ),
     );
@@ -262,7 +269,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         nodes,
         records,
         rejected: Mutex::default(),
-        rejections,
+        transitions: Mutex::default(),
+        events: session_events,
         resolver,
         egress_allow: config.egress_allow.clone(),
         network,
@@ -381,8 +389,10 @@ struct Reconciler {
     records: reflector::Store<k8s_openapi::api::core::v1::ConfigMap>,
     /// Session versions whose status is not believed: when first seen, and whether reported.
     rejected: Mutex<BTreeMap<Version, (tokio::time::Instant, bool)>>,
+    /// The session transitions this agent reported ([`events::Transitions`]).
+    transitions: Mutex<events::Transitions>,
     /// To [`published::report`].
-    rejections: tokio::sync::mpsc::UnboundedSender<published::Rejection>,
+    events: tokio::sync::mpsc::UnboundedSender<events::SessionEvent>,
     /// The agent's resolver (the cluster DNS, for connect sessions).
     resolver: Option<crate::dns_relay::ResolvConf>,
     egress_allow: Vec<kt_proto::net::Cidr>,
@@ -447,6 +457,14 @@ impl Reconciler {
             self.resolver.as_ref(),
             &self.egress_allow,
         );
+        for event in self
+            .transitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .due(&sessions, &self.node, now)
+        {
+            let _ = self.events.send(event);
+        }
         let due = self.unheld.lock().unwrap_or_else(|e| e.into_inner()).due(
             &sessions,
             now,
@@ -540,13 +558,9 @@ impl Reconciler {
                 continue;
             }
             tracing::warn!(%namespace, session = %name, %reason, "session status not believed: nothing redirected for it");
-            let _ = self.rejections.send(published::Rejection {
-                namespace,
-                name,
-                uid: session.metadata.uid.clone(),
-                resource_version: session.metadata.resource_version.clone(),
-                reason,
-            });
+            let _ = self.events.send(events::SessionEvent::forged_status(
+                session, &self.node, &reason,
+            ));
         }
         rejected.retain(|version, _| seen.contains(version));
         (believed, next)
@@ -597,6 +611,35 @@ impl Reconciler {
     }
 }
 
+/// What [`collect_dead_sessions`] needs for its `Collected` Events.
+struct CollectEvents {
+    node: String,
+    /// The grace period (`--session-grace-seconds`), named in the message.
+    grace: Duration,
+    events: tokio::sync::mpsc::UnboundedSender<events::SessionEvent>,
+}
+
+impl CollectEvents {
+    fn collected(&self, dead: &collect::Due) -> events::SessionEvent {
+        let why = match dead.mode {
+            kt_proto::session::SessionMode::Preview => {
+                "a preview session nobody held for its lease".to_owned()
+            }
+            _ => format!(
+                "nobody held it for the grace period ({} s)",
+                self.grace.as_secs()
+            ),
+        };
+        events::SessionEvent::collected(
+            &dead.namespace,
+            &dead.name,
+            dead.uid.clone(),
+            &self.node,
+            &why,
+        )
+    }
+}
+
 /// Deletes the sessions the reconciler finds dead (see [`collect`]), each on the condition
 /// that it is still the version judged; a session already gone or renewed meanwhile is
 /// fine (every agent does this).
@@ -604,6 +647,7 @@ async fn collect_dead_sessions(
     client: kube::Client,
     mut due: tokio::sync::watch::Receiver<Vec<collect::Due>>,
     collected: prometheus_client::metrics::counter::Counter,
+    events: CollectEvents,
     shutdown: CancellationToken,
 ) -> Result<(), std::convert::Infallible> {
     loop {
@@ -629,6 +673,7 @@ async fn collect_dead_sessions(
                 Ok(Ok(_)) => {
                     collected.inc();
                     tracing::info!(%namespace, session = %name, mode = ?dead.mode, "collected a session nobody holds");
+                    let _ = events.events.send(events.collected(&dead));
                 }
                 // Gone already, or changed (renewed) since it was judged.
                 Ok(Err(kube::Error::Api(status))) if matches!(status.code, 404 | 409) => {}

@@ -204,7 +204,7 @@ fn main() -> ExitCode {
             else {
                 tracing::error!(
                     ?missing,
-                    "the agent needs its node's name and address (downward API; see deploy/daemonset.yaml)"
+                    "the agent needs its node's name and address (downward API; see deploy/base/daemonset.yaml)"
                 );
                 return ExitCode::from(EX_USAGE);
             };

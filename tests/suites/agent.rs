@@ -740,6 +740,147 @@ async fn a_killed_ktctls_session_is_collected_and_a_clock_an_hour_off_changes_no
     tb.stop().await;
 }
 
+/// The Events of a session's life, as `kubectl describe kts` shows them: an exchange in
+/// agent mode is seen and held (by the node that holds it); then the holder dies — its agent
+/// is killed with `kill -9` while ktctl is stopped, so nothing releases the session — and
+/// the lease runs out and an agent collects it (grace 5 s). One Event per transition in the
+/// cluster, each on the `KtSession`, naming the agent's node that recorded it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn a_sessions_life_is_told_by_events_held_lease_expired_and_collected() {
+    const GRACE: Duration = Duration::from_secs(5);
+    const LEASE: Duration = Duration::from_secs(10);
+    let tb = start_testbed(true).await;
+    deploy_web(&tb);
+    install_agent(&tb);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "set",
+            "env",
+            "daemonset/kt-node-agent",
+            "-n",
+            "kt-system",
+            &format!("KT_AGENT_SESSION_GRACE={}", GRACE.as_secs()),
+        ],
+    );
+    replace_agents(&tb);
+    let _app = workstation::http_echo(&tb, 18090).await;
+    let mut running = Background::ktctl(
+        &tb,
+        &["exchange", "web", "--expose", "18090:80", "--mode", "agent"],
+    );
+    running
+        .wait_for(" Now all request to service 'web' will be redirected to local")
+        .await;
+    let sessions: Api<KtSession> = Api::namespaced(tb.client().await, "default");
+    let live = sessions
+        .list(&Default::default())
+        .await
+        .expect("sessions")
+        .items;
+    assert_eq!(live.len(), 1);
+    let name = live[0].metadata.name.clone().expect("a name");
+    let holder = live[0].status.as_ref().expect("held").node.clone();
+    assert!(holder.starts_with("node-"), "{holder:?}");
+
+    // ktctl stopped first, so that it cannot reconnect through another agent; then the
+    // holding agent killed (no release), then ktctl.
+    // SAFETY: signalling the process this test started.
+    unsafe { libc::kill(running.pid() as i32, libc::SIGSTOP) };
+    let netns = tb.node_netns(&holder).expect("the holder's namespace");
+    let listening = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["ss", "-H", "-t", "-l", "-p", "sport = :9922"])
+        .output()
+        .expect("ss runs");
+    let listening = String::from_utf8_lossy(&listening.stdout).into_owned();
+    let agent_pid: i32 = listening
+        .split("pid=")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no agent listens on 9922 on {holder}: {listening:?}"));
+    // SAFETY: the agent process the testbed started for this test's cluster.
+    unsafe { libc::kill(agent_pid, libc::SIGKILL) };
+    let killed = std::time::Instant::now();
+    running.kill();
+
+    let events: Api<Event> = Api::namespaced(tb.client().await, "default");
+    let on_session = async || {
+        events
+            .list(&ListParams::default())
+            .await
+            .expect("events listed")
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.involved_object.kind.as_deref() == Some("KtSession")
+                    && e.involved_object.api_version.as_deref() == Some("kt.dev/v1alpha1")
+                    && e.involved_object.name.as_deref() == Some(name.as_str())
+            })
+            .map(|e| {
+                (
+                    e.reason.unwrap_or_default(),
+                    e.message.unwrap_or_default(),
+                    e.reporting_instance.unwrap_or_default(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let recorded = poll_within(LEASE + GRACE + Duration::from_secs(30), async || {
+        let all = on_session().await;
+        seen(all, |all| {
+            all.iter().any(|(reason, _, _)| reason == "Collected")
+        })
+    })
+    .await
+    .unwrap_or_else(|left| panic!("no Collected event: {left:?}"));
+    eprintln!(
+        "collected {:?} after the holder was killed",
+        killed.elapsed()
+    );
+    // Late duplicates would come within an agent's reconcile period (1 s).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let recorded = {
+        let again = on_session().await;
+        assert!(again.len() >= recorded.len(), "{again:?}");
+        again
+    };
+    let of = |reason: &str| -> Vec<&(String, String, String)> {
+        recorded.iter().filter(|(r, _, _)| r == reason).collect()
+    };
+    for reason in ["Seen", "Held", "LeaseExpired", "Collected"] {
+        assert_eq!(of(reason).len(), 1, "one {reason} event: {recorded:#?}");
+    }
+    let (_, held, held_by) = of("Held")[0];
+    assert_eq!(held_by, &holder, "{held}");
+    assert!(
+        held.starts_with(&format!("held by the agent on {holder} (")) && held.contains("80→"),
+        "{held}"
+    );
+    let (_, expired, _) = of("LeaseExpired")[0];
+    assert!(
+        expired.starts_with(&format!("the lease of the holder on {holder} ran out")),
+        "{expired}"
+    );
+    let (_, collected, collected_by) = of("Collected")[0];
+    assert_eq!(
+        collected,
+        &format!(
+            "deleted by the agent on {collected_by}: nobody held it for the grace period (5 s)"
+        )
+    );
+    assert!(
+        of("Released").is_empty(),
+        "a killed holder released nothing: {recorded:#?}"
+    );
+    tb.stop().await;
+}
+
 /// A developer bound to deploy/'s `kt-developer` in one namespace exchanges there in agent
 /// mode, and gets a clear error, with nothing created, in a namespace where they are not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,7 @@ use kt_testbed::api::{
 };
 use kt_tests::harness::{
     apps::{apply, start_testbed, who_answers},
-    eventually::{eventually, eventually_blocking, patience, seen},
+    eventually::{eventually, eventually_blocking, patience, poll_within, seen},
     kubectl::{kubectl, kubectl_ok},
 };
 use serde_json::{Value, json};
@@ -1004,5 +1004,215 @@ async fn port_forward_to_a_service_and_to_a_pod() {
         stderr.contains(&format!("error forwarding port 9 to pod {other}")),
         "{stderr}"
     );
+    tb.stop().await;
+}
+
+/// `(kind, namespace, name)` of every object `kubectl apply -k dir` would create, as kubectl
+/// renders the kustomization (client dry run).
+fn rendered(kubeconfig: &Path, dir: &str) -> Vec<(String, String, String)> {
+    let text = kubectl_ok(
+        kubeconfig,
+        &["create", "-k", dir, "--dry-run=client", "-o", "json"],
+    );
+    // One JSON document per object (or a List).
+    serde_json::Deserializer::from_str(&text)
+        .into_iter::<Value>()
+        .map(|doc| doc.expect("JSON objects"))
+        .flat_map(|doc| match doc["items"].as_array() {
+            Some(items) if doc["kind"] == "List" => items.clone(),
+            _ => vec![doc],
+        })
+        .map(|o| {
+            let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+            (
+                text(&o["kind"]),
+                text(&o["metadata"]["namespace"]),
+                text(&o["metadata"]["name"]),
+            )
+        })
+        .collect()
+}
+
+/// `kubectl get` of one object: `Ok` when it exists, `Err(stderr)` otherwise.
+fn get_object(
+    kubeconfig: &Path,
+    (kind, namespace, name): &(String, String, String),
+) -> Result<(), String> {
+    let mut args = vec!["get", kind.as_str(), name.as_str(), "-o", "name"];
+    if !namespace.is_empty() {
+        args.extend(["-n", namespace.as_str()]);
+    }
+    let out = kubectl(kubeconfig, &args);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Each overlay of `deploy/` — agent only, the developer role bound in `team-a`, images
+/// from a private registry — applied with the installed kubectl runs the agent on every
+/// node (from the overlay's image), creates exactly what it renders, and deleted with
+/// kubectl leaves nothing: every object it rendered is gone (NotFound), and so is everything
+/// the agents made at run time in `kt-system` (their pods and records), with the namespace
+/// itself, once the testbed has finished deleting it; `team-a`, which the overlay does not
+/// own, stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn each_deploy_overlay_applies_runs_the_agent_and_deletes_to_nothing() {
+    use kt_tests::harness::apps::{DEPLOY, wait_for_agents};
+    let tb = start_testbed(true).await;
+    let kc = tb.kubeconfig.clone();
+    kubectl_ok(&kc, &["create", "namespace", "team-a"]);
+    let developer_role = (
+        "RoleBinding".to_owned(),
+        "team-a".to_owned(),
+        "kt-developer".to_owned(),
+    );
+    let developer_access = [
+        (
+            "ClusterRole".to_owned(),
+            String::new(),
+            "kt-developer".to_owned(),
+        ),
+        (
+            "Role".to_owned(),
+            "kt-system".to_owned(),
+            "kt-agent-access".to_owned(),
+        ),
+    ];
+    for overlay in ["agent-only", "developer-role", "private-registry"] {
+        let dir = format!("{DEPLOY}/overlays/{overlay}");
+        let objects = rendered(&kc, &dir);
+        let has = |o: &(String, String, String)| objects.contains(o);
+        match overlay {
+            "agent-only" => assert!(
+                !has(&developer_role) && !developer_access.iter().any(has),
+                "{objects:?}"
+            ),
+            "developer-role" => assert!(
+                has(&developer_role) && developer_access.iter().all(has),
+                "{objects:?}"
+            ),
+            _ => assert!(!has(&developer_role), "{objects:?}"),
+        }
+        kubectl_ok(&kc, &["apply", "-k", &dir]);
+        wait_for_agents(&tb);
+        for object in &objects {
+            get_object(&kc, object).unwrap_or_else(|e| panic!("{overlay}: {object:?}: {e}"));
+        }
+        let image = kubectl_ok(
+            &kc,
+            &[
+                "get",
+                "daemonset/kt-node-agent",
+                "-n",
+                "kt-system",
+                "-o",
+                "jsonpath={.spec.template.spec.containers[0].image}",
+            ],
+        );
+        let registry = if overlay == "private-registry" {
+            "registry.example.internal/platform/"
+        } else {
+            "ghcr.io/kt-dev/"
+        };
+        assert_eq!(image, format!("{registry}kt-node-agent:0.1.0"), "{overlay}");
+        if overlay == "developer-role" {
+            let binding: Value = serde_json::from_str(&kubectl_ok(
+                &kc,
+                &[
+                    "get",
+                    "rolebinding",
+                    "kt-developer",
+                    "-n",
+                    "team-a",
+                    "-o",
+                    "json",
+                ],
+            ))
+            .expect("a RoleBinding");
+            assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
+            assert_eq!(binding["roleRef"]["name"], "kt-developer");
+            assert_eq!(binding["subjects"][0]["kind"], "Group");
+        }
+        // The agents' own records: made at run time, not by the overlay.
+        let records = kubectl_ok(
+            &kc,
+            &[
+                "get",
+                "configmaps",
+                "-n",
+                "kt-system",
+                "-l",
+                "kt.dev/agent-record",
+                "-o",
+                "name",
+            ],
+        );
+        assert_eq!(
+            records.lines().count(),
+            2,
+            "{overlay}: one record per node: {records}"
+        );
+
+        // As deploy/README.md says: the namespace goes first, and may take what is in it
+        // before kubectl gets there (the testbed deletes a namespace's objects at once).
+        kubectl_ok(
+            &kc,
+            &[
+                "delete",
+                "-k",
+                &dir,
+                "--ignore-not-found",
+                "--wait=true",
+                "--timeout=60s",
+            ],
+        );
+        let left = poll_within(Duration::from_secs(60), async || {
+            let mut left: Vec<String> = objects
+                .iter()
+                .filter_map(|o| match get_object(&kc, o) {
+                    Ok(()) => Some(format!("{o:?}")),
+                    Err(e) if e.contains("NotFound") || e.contains("not found") => None,
+                    Err(e) => Some(format!("{o:?}: {e}")),
+                })
+                .collect();
+            // Whatever is left in kt-system, the overlay's or not (a missing namespace lists
+            // nothing).
+            let namespaced = kubectl(
+                &kc,
+                &[
+                    "get",
+                    "all,configmaps,serviceaccounts,roles,rolebindings",
+                    "-n",
+                    "kt-system",
+                    "-o",
+                    "name",
+                ],
+            );
+            let (out, err) = (
+                String::from_utf8_lossy(&namespaced.stdout),
+                String::from_utf8_lossy(&namespaced.stderr),
+            );
+            if !namespaced.status.success()
+                && !err.contains("NotFound")
+                && !err.contains("not found")
+            {
+                left.push(format!("listing kt-system failed: {err}"));
+            }
+            left.extend(out.lines().map(str::to_owned));
+            seen(left, Vec::is_empty)
+        })
+        .await;
+        if let Err(left) = left {
+            panic!("{overlay}: left after delete -k: {left:?}");
+        }
+        get_object(&kc, &("Namespace".into(), String::new(), "team-a".into()))
+            .expect("team-a is not the overlay's");
+    }
     tb.stop().await;
 }

@@ -1,4 +1,4 @@
-//! Every environment variable the node agent's roles read. `deploy/daemonset.yaml` sets
+//! Every environment variable the node agent's roles read. `deploy/base/daemonset.yaml` sets
 //! some of them, ktctl sets the shadow's (v0.3.7 contract), and the binaries read them
 //! through clap (`#[arg(env = …)]`); a test checks `deploy/` names only these.
 

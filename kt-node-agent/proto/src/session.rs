@@ -4,7 +4,7 @@
 //! RBAC on it is the permission model: who may create one in namespace N may redirect
 //! Services in N, nothing else.
 //!
-//! The type is derived ([`kube::CustomResource`]); `deploy/crd.yaml` is what
+//! The type is derived ([`kube::CustomResource`]); `deploy/base/crd.yaml` is what
 //! [`KtSession::crd()`] generates (a test in `tests/deploy.rs` keeps the two equal).
 //!
 //! Reading is lenient where a bad value must not stop an agent: every agent watches every

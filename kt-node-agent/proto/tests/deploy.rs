@@ -1,7 +1,7 @@
 //! `deploy/` agrees with kt-proto: the CRD is the one `KtSession` derives, and the
 //! DaemonSet's namespace, labels, ports and environment are the contract's.
 //!
-//! `KT_BLESS=1 cargo test -p kt-proto --test deploy` rewrites `deploy/crd.yaml` from the
+//! `KT_BLESS=1 cargo test -p kt-proto --test deploy` rewrites `deploy/base/crd.yaml` from the
 //! type after a change to it.
 
 use std::path::PathBuf;
@@ -12,11 +12,11 @@ use serde_json::{Value, json};
 
 fn deploy_file(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../deploy")
+        .join("../../deploy/base")
         .join(name)
 }
 
-/// Every document of a (multi-document) YAML file in `deploy/`, as JSON.
+/// Every document of a (multi-document) YAML file in `deploy/base/`, as JSON.
 fn documents(name: &str) -> Vec<Value> {
     let text = std::fs::read_to_string(deploy_file(name)).expect("deploy file reads");
     serde_yaml::Deserializer::from_str(&text)
@@ -51,7 +51,7 @@ fn the_crd_in_deploy_is_the_one_kt_session_derives() {
     assert_eq!(
         shipped,
         [generated],
-        "deploy/crd.yaml differs from KtSession::crd(); regenerate it with \
+        "deploy/base/crd.yaml differs from KtSession::crd(); regenerate it with \
          KT_BLESS=1 cargo test -p kt-proto --test deploy"
     );
 }

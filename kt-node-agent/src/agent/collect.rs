@@ -30,6 +30,8 @@ pub struct Due {
     pub name: String,
     /// The version judged dead: the deletion's precondition.
     pub resource_version: Option<String>,
+    /// The session's uid, for the `Collected` Event.
+    pub uid: Option<String>,
     pub mode: SessionMode,
 }
 
@@ -69,6 +71,7 @@ impl Unheld {
                     namespace: namespace.clone(),
                     name: name.clone(),
                     resource_version: session.metadata.resource_version.clone(),
+                    uid: session.metadata.uid.clone(),
                     mode: session.spec.mode,
                 });
             }
@@ -121,6 +124,7 @@ mod tests {
                 namespace: "dev".into(),
                 name: "nginx-v2-kt-abcde".into(),
                 resource_version: Some("7".into()),
+                uid: None,
                 mode: SessionMode::Preview,
             }]
         );

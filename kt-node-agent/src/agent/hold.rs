@@ -61,6 +61,8 @@ pub struct HoldContext {
     /// This agent's record of what it holds: written before a session's status, which other
     /// agents believe only when the record vouches for it ([`super::trust`]).
     pub(crate) publisher: Arc<super::published::Publisher>,
+    /// The `Held` and `Released` Events ([`super::events`]).
+    pub(crate) events: tokio::sync::mpsc::UnboundedSender<super::events::SessionEvent>,
 }
 
 impl HoldContext {
@@ -217,6 +219,7 @@ impl Holder {
         let status = Status {
             context: self.context.clone(),
             login: held.login.clone(),
+            uid: held.uid.clone(),
             listeners: held.listeners.clone(),
             network,
         };
@@ -242,6 +245,15 @@ impl Holder {
         }
         if !held.renewing {
             held.renewing = true;
+            // Once per connection: later writes (more listeners) are the same hold.
+            let _ = self.context.events.send(super::events::SessionEvent::held(
+                &held.login.namespace,
+                &held.login.session,
+                &held.uid,
+                &self.context.node_name,
+                self.context.node_ip,
+                &status.listeners(),
+            ));
             let every = Duration::from_secs(u64::from(held.spec.lease_seconds.max(3)) / 3);
             self.tasks
                 .spawn(status.renew(every, self.cancel.clone()).in_current_span());
@@ -457,6 +469,8 @@ enum StatusError {
 struct Status {
     context: Arc<HoldContext>,
     login: Login,
+    /// The session object's uid, for the Events.
+    uid: String,
     listeners: Arc<Mutex<Vec<Listener>>>,
     /// The cluster's network, for a `connect` session.
     network: Option<ClusterNetwork>,
@@ -517,7 +531,18 @@ impl Status {
         }));
         if ours {
             match self.patch(json!({"status": null})).await {
-                Ok(()) => tracing::info!("session released"),
+                Ok(()) => {
+                    tracing::info!("session released");
+                    let _ = self
+                        .context
+                        .events
+                        .send(super::events::SessionEvent::released(
+                            &self.login.namespace,
+                            &self.login.session,
+                            &self.uid,
+                            &self.context.node_name,
+                        ));
+                }
                 Err(error) => {
                     tracing::warn!(error = %kt_proto::error_chain(&error), "failed to release session; its lease ends it")
                 }

@@ -65,8 +65,24 @@ impl Metrics {
         connect_refused: &Counter,
         sessions_collected: &Counter,
     ) -> Self {
+        Self::with_map_collector(
+            Box::new(MapCollector(map)),
+            tunnel_bytes,
+            connect_refused,
+            sessions_collected,
+        )
+    }
+
+    /// The registry with `map` as the source of the map-derived metrics (a fixed reading in
+    /// tests: the eBPF maps need root).
+    fn with_map_collector(
+        map: Box<dyn Collector>,
+        tunnel_bytes: &TunnelBytes,
+        connect_refused: &Counter,
+        sessions_collected: &Counter,
+    ) -> Self {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(MapCollector(map)));
+        registry.register_collector(map);
         registry.register(
             "kt_agent_tunnel_bytes",
             "Bytes through this agent's tunnel listeners (counted when a connection ends)",
@@ -103,37 +119,72 @@ impl fmt::Debug for MapCollector {
 }
 
 impl Collector for MapCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let sessions: BTreeSet<&str> = map.desired.values().map(|t| t.session.as_str()).collect();
+        let counters = map
+            .redirector
+            .counters()
+            .map_err(|error| tracing::warn!(%error, "eBPF counters unreadable"))
+            .ok();
+        let per_session = sessions
+            .iter()
+            .filter_map(|session| {
+                let id = map.ids.get(session)?;
+                let stats = map.redirector.service_stats(id).ok()?;
+                let (namespace, name) = session.split_once('/').unwrap_or(("", session));
+                Some((namespace, name, stats.connects_redirected))
+            })
+            .collect();
+        MapReading {
+            sessions: sessions.len(),
+            entries: map.desired.len(),
+            counters,
+            per_session,
+        }
+        .encode(encoder)
+    }
+}
+
+/// What the map-derived metrics show at one scrape.
+struct MapReading<'a> {
+    /// Sessions with entries in the map.
+    sessions: usize,
+    /// Entries in the map.
+    entries: usize,
+    /// The eBPF counters; `None` when unreadable (the family is left out).
+    counters: Option<crate::ebpf::Counters>,
+    /// `(namespace, session, connects redirected)`.
+    per_session: Vec<(&'a str, &'a str, u64)>,
+}
+
+impl MapReading<'_> {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let gauge = |value: usize| ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
-        let live = gauge(sessions.len());
+        let live = gauge(self.sessions);
         live.encode(encoder.encode_descriptor(
             "kt_agent_sessions",
             "Sessions whose redirect is in force",
             None,
             live.metric_type(),
         )?)?;
-        let entries = gauge(map.desired.len());
+        let entries = gauge(self.entries);
         entries.encode(encoder.encode_descriptor(
             "kt_agent_redirect_entries",
             "Entries in the eBPF service map",
             None,
             entries.metric_type(),
         )?)?;
-        match map.redirector.counters() {
-            Ok(counters) => {
-                let mut family = encoder.encode_descriptor(
-                    "kt_agent_ebpf_events",
-                    "Events of the eBPF programs on this node",
-                    None,
-                    MetricType::Counter,
-                )?;
-                for (event, value) in counters.iter() {
-                    ConstCounter::new(value).encode(family.encode_family(&[("event", event)])?)?;
-                }
+        if let Some(counters) = &self.counters {
+            let mut family = encoder.encode_descriptor(
+                "kt_agent_ebpf_events",
+                "Events of the eBPF programs on this node",
+                None,
+                MetricType::Counter,
+            )?;
+            for (event, value) in counters.iter() {
+                ConstCounter::new(value).encode(family.encode_family(&[("event", event)])?)?;
             }
-            Err(error) => tracing::warn!(%error, "eBPF counters unreadable"),
         }
         let mut family = encoder.encode_descriptor(
             "kt_agent_connects_redirected",
@@ -141,17 +192,164 @@ impl Collector for MapCollector {
             None,
             MetricType::Counter,
         )?;
-        for session in sessions {
-            let Some(id) = map.ids.get(session) else {
-                continue;
-            };
-            let Ok(stats) = map.redirector.service_stats(id) else {
-                continue;
-            };
-            let (namespace, name) = session.split_once('/').unwrap_or(("", session));
-            ConstCounter::new(stats.connects_redirected)
-                .encode(family.encode_family(&[("namespace", namespace), ("session", name)])?)?;
+        for (namespace, name, connects) in &self.per_session {
+            ConstCounter::new(*connects)
+                .encode(family.encode_family(&[("namespace", *namespace), ("session", *name)])?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! `deploy/grafana-dashboard.json` asks only for metrics this registry exports.
+
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    /// A fixed reading, encoded as a scrape encodes the map's.
+    #[derive(Debug)]
+    struct Fixed;
+
+    impl Collector for Fixed {
+        fn encode(&self, encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+            MapReading {
+                sessions: 1,
+                entries: 2,
+                counters: Some(crate::ebpf::Counters::default()),
+                per_session: vec![("dev", "web-alice", 3)],
+            }
+            .encode(encoder)
+        }
+    }
+
+    /// Every sample's metric name in the registry's output, with its label names.
+    fn exported() -> BTreeMap<String, BTreeSet<String>> {
+        let bytes = TunnelBytes::default();
+        bytes.add(&Transferred {
+            to_channel: 1,
+            to_socket: 2,
+        });
+        let (refused, collected) = (Counter::default(), Counter::default());
+        refused.inc();
+        collected.inc();
+        let text = Metrics::with_map_collector(Box::new(Fixed), &bytes, &refused, &collected)
+            .encode()
+            .expect("metrics encode");
+        let mut names: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            let labels = line[end..]
+                .strip_prefix('{')
+                .and_then(|rest| rest.split_once('}'))
+                .map(|(labels, _)| labels)
+                .unwrap_or_default();
+            names.entry(line[..end].to_owned()).or_default().extend(
+                labels
+                    .split(',')
+                    .filter_map(|pair| pair.split_once('=').map(|(name, _)| name.to_owned())),
+            );
+        }
+        names
+    }
+
+    /// The PromQL expressions of every panel of the dashboard.
+    fn dashboard_queries() -> Vec<String> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana-dashboard.json"
+        );
+        let text = std::fs::read_to_string(path).expect("the dashboard reads");
+        let dashboard: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        let panels = dashboard["panels"].as_array().expect("panels");
+        assert!(!panels.is_empty());
+        panels
+            .iter()
+            .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+            .map(|t| t["expr"].as_str().expect("a PromQL expr").to_owned())
+            .collect()
+    }
+
+    /// `kt_agent_…` names in a PromQL expression, with the labels its selectors and
+    /// `by (…)` clauses name.
+    fn used(expr: &str) -> Vec<(String, BTreeSet<String>)> {
+        let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        let by: BTreeSet<String> = expr
+            .match_indices("by (")
+            .filter_map(|(i, m)| expr[i + m.len()..].split_once(')'))
+            .flat_map(|(labels, _)| labels.split(',').map(|l| l.trim().to_owned()))
+            .collect();
+        let mut found = Vec::new();
+        let mut rest = expr;
+        while let Some(start) = rest.find("kt_agent_") {
+            let tail = &rest[start..];
+            let end = tail.find(|c: char| !word(c)).unwrap_or(tail.len());
+            let mut labels = by.clone();
+            if let Some(selector) = tail[end..].strip_prefix('{') {
+                let selector = selector.split_once('}').map_or("", |(s, _)| s);
+                labels.extend(selector.split(',').filter_map(|m| {
+                    let name = m.trim().split(|c: char| !word(c)).next()?;
+                    (!name.is_empty()).then(|| name.to_owned())
+                }));
+            }
+            found.push((tail[..end].to_owned(), labels));
+            rest = &tail[end..];
+        }
+        found
+    }
+
+    #[test]
+    fn every_metric_the_dashboard_asks_for_is_exported_with_its_labels() {
+        let exported = exported();
+        // Every family the module doc lists shows up in the output.
+        for name in [
+            "kt_agent_sessions",
+            "kt_agent_redirect_entries",
+            "kt_agent_ebpf_events_total",
+            "kt_agent_connects_redirected_total",
+            "kt_agent_tunnel_bytes_total",
+            "kt_agent_connect_refused_total",
+            "kt_agent_sessions_collected_total",
+        ] {
+            assert!(exported.contains_key(name), "{name} not in {exported:?}");
+        }
+        // Labels Prometheus adds to every scraped series.
+        let target = ["instance", "job", "node", "pod"];
+        let mut asked = BTreeSet::new();
+        for expr in dashboard_queries() {
+            let metrics = used(&expr);
+            assert!(!metrics.is_empty(), "{expr} asks for no kt metric");
+            for (name, labels) in metrics {
+                let Some(has) = exported.get(&name) else {
+                    panic!(
+                        "the dashboard's {expr:?} asks for {name}, which the agent does not export"
+                    );
+                };
+                for label in labels.iter().filter(|l| !target.contains(&l.as_str())) {
+                    assert!(has.contains(label), "{expr:?}: {name} has no label {label}");
+                }
+                asked.insert(name);
+            }
+        }
+        let missing: Vec<&String> = exported.keys().filter(|n| !asked.contains(*n)).collect();
+        assert!(
+            missing.is_empty(),
+            "the dashboard shows nothing of {missing:?}"
+        );
+    }
+
+    #[test]
+    fn the_dashboard_check_catches_a_misspelt_metric_or_label() {
+        assert_eq!(
+            used(r#"sum by (direction) (rate(kt_agent_tunnel_byte_total{job="x"}[5m]))"#),
+            [(
+                "kt_agent_tunnel_byte_total".to_owned(),
+                BTreeSet::from(["direction".to_owned(), "job".to_owned()])
+            )]
+        );
+        let exported = exported();
+        assert!(!exported.contains_key("kt_agent_tunnel_byte_total"));
+        assert!(!exported["kt_agent_tunnel_bytes_total"].contains("dir"));
     }
 }

@@ -1,6 +1,6 @@
 //! The I/O of [`super::trust`]: this agent's own record of the sessions it holds (written
-//! before their status, and whenever that set changes), and the Events that report a
-//! status no agent vouches for.
+//! before their status, and whenever that set changes), and the Events recorded on sessions
+//! ([`super::events`]: a status no agent vouches for, and each session's transitions).
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -17,9 +17,12 @@ use serde_json::json;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::trust::{
-    HeldSession, RECORD_LABEL, RECORD_NODE_KEY, RECORD_SESSIONS_KEY, RECORD_STARTED_KEY, Rejected,
-    record_name,
+use super::{
+    events::SessionEvent,
+    trust::{
+        HeldSession, RECORD_LABEL, RECORD_NODE_KEY, RECORD_SESSIONS_KEY, RECORD_STARTED_KEY,
+        record_name,
+    },
 };
 
 /// How long one record or Event write may take.
@@ -151,74 +154,66 @@ impl Publisher {
     }
 }
 
-/// A session whose status this agent does not believe, to report.
-#[derive(Clone, Debug)]
-pub struct Rejection {
-    pub namespace: String,
-    pub name: String,
-    pub uid: Option<String>,
-    pub resource_version: Option<String>,
-    pub reason: Rejected,
-}
-
-/// The Event's `reason`.
-pub const FORGED_STATUS: &str = "ForgedStatus";
-
-/// Reports each rejection as a `Warning` Event `ForgedStatus` on the session (the
-/// reconciler sends each session version once).
+/// Records each [`SessionEvent`] on its session (the senders send each transition once). An
+/// Event every agent records alike ([`SessionEvent::dedupe`]) that another agent created
+/// first is not an error.
 pub async fn report(
     client: kube::Client,
     node: String,
-    mut rejections: tokio::sync::mpsc::UnboundedReceiver<Rejection>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<SessionEvent>,
     shutdown: CancellationToken,
 ) -> Result<(), std::convert::Infallible> {
     loop {
-        let rejection = tokio::select! {
+        let wanted = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            r = rejections.recv() => match r {
-                Some(r) => r,
+            e = events.recv() => match e {
+                Some(e) => e,
                 None => return Ok(()),
             },
         };
-        let event = event(&node, &rejection);
-        let api: Api<Event> = Api::namespaced(client.clone(), &rejection.namespace);
+        let event = event(&node, &wanted);
+        let api: Api<Event> = Api::namespaced(client.clone(), &wanted.namespace);
         let params = PostParams::default();
         let create = api.create(&params, &event);
-        let (namespace, session) = (&rejection.namespace, &rejection.name);
+        let (namespace, session, reason) = (&wanted.namespace, &wanted.name, wanted.reason);
         match tokio::time::timeout(WRITE_TIMEOUT, create).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => {
-                tracing::warn!(%namespace, %session, %error, "failed to report a forged status")
+            Ok(Ok(_)) => tracing::debug!(%namespace, %session, %reason, "event recorded"),
+            Ok(Err(kube::Error::Api(status))) if status.code == 409 && wanted.dedupe.is_some() => {
+                tracing::debug!(%namespace, %session, %reason, "event recorded by another agent")
             }
-            Err(_) => tracing::warn!(%namespace, %session, "reporting a forged status timed out"),
+            Ok(Err(error)) => {
+                tracing::warn!(%namespace, %session, %reason, %error, "failed to record an event")
+            }
+            Err(_) => tracing::warn!(%namespace, %session, %reason, "recording an event timed out"),
         }
     }
 }
 
-fn event(node: &str, rejection: &Rejection) -> Event {
+/// The Event object of `wanted`, reported by the agent on `node`.
+fn event(node: &str, wanted: &SessionEvent) -> Event {
     let now = k8s_openapi::jiff::Timestamp::now();
-    let suffix = format!("{:x}", now.as_nanosecond());
+    let name = wanted
+        .dedupe
+        .clone()
+        .unwrap_or_else(|| format!("{}.{:x}", wanted.name, now.as_nanosecond()));
     Event {
         metadata: kube::api::ObjectMeta {
-            name: Some(format!("{}.{suffix}", rejection.name)),
-            namespace: Some(rejection.namespace.clone()),
+            name: Some(name),
+            namespace: Some(wanted.namespace.clone()),
             ..Default::default()
         },
         involved_object: ObjectReference {
             api_version: Some("kt.dev/v1alpha1".into()),
             kind: Some("KtSession".into()),
-            name: Some(rejection.name.clone()),
-            namespace: Some(rejection.namespace.clone()),
-            uid: rejection.uid.clone(),
-            resource_version: rejection.resource_version.clone(),
+            name: Some(wanted.name.clone()),
+            namespace: Some(wanted.namespace.clone()),
+            uid: wanted.uid.clone(),
+            resource_version: wanted.resource_version.clone(),
             ..Default::default()
         },
-        reason: Some(FORGED_STATUS.into()),
-        message: Some(format!(
-            "status ignored by the agent on {node}: {}; nothing is redirected for it",
-            rejection.reason
-        )),
-        type_: Some("Warning".into()),
+        reason: Some(wanted.reason.into()),
+        message: Some(wanted.message.clone()),
+        type_: Some(wanted.type_.into()),
         first_timestamp: Some(Time(now)),
         last_timestamp: Some(Time(now)),
         count: Some(1),

@@ -2,7 +2,7 @@
 //! goes, so a status nobody can vouch for must redirect nothing: a developer may create and
 //! edit `KtSession` objects in their namespace (and an admin may write `status`), but only
 //! the agents' ServiceAccount may write the agents' records in `kt-system`
-//! (`deploy/rbac.yaml`). Each agent publishes one record, the ConfigMap
+//! (`deploy/base/rbac.yaml`). Each agent publishes one record, the ConfigMap
 //! [`record_name`]`(node)`, listing the sessions it holds (namespace, name, uid) and their
 //! listeners, rewritten when that set changes (not per renewal), and *before* it writes a
 //! session's status.
