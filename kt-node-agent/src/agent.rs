@@ -535,11 +535,15 @@ impl Reconciler {
                 session.metadata.namespace.clone().unwrap_or_default(),
                 session.metadata.name.clone().unwrap_or_default(),
             );
-            if !reason.forged() {
+            if !reason.reported() {
                 tracing::info!(%namespace, session = %name, %reason, "session status ignored: nothing redirected for it");
                 continue;
             }
-            tracing::warn!(%namespace, session = %name, %reason, "session status not believed: nothing redirected for it");
+            if reason.forged() {
+                tracing::warn!(%namespace, session = %name, %reason, "session status not believed: nothing redirected for it");
+            } else {
+                tracing::warn!(%namespace, session = %name, %reason, "session refused: nothing redirected for it");
+            }
             let _ = self.rejections.send(published::Rejection {
                 namespace,
                 name,

@@ -161,11 +161,13 @@ pub struct Rejection {
     pub reason: Rejected,
 }
 
-/// The Event's `reason`.
+/// The Event's `reason` for a status not believed.
 pub const FORGED_STATUS: &str = "ForgedStatus";
+/// The Event's `reason` for a spec that breaks a rule ([`kt_proto::validate::spec`]).
+pub const INVALID_SPEC: &str = "InvalidSpec";
 
-/// Reports each rejection as a `Warning` Event `ForgedStatus` on the session (the
-/// reconciler sends each session version once).
+/// Reports each rejection as a `Warning` Event on the session, [`FORGED_STATUS`] or
+/// [`INVALID_SPEC`] (the reconciler sends each session version once).
 pub async fn report(
     client: kube::Client,
     node: String,
@@ -188,9 +190,9 @@ pub async fn report(
         match tokio::time::timeout(WRITE_TIMEOUT, create).await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => {
-                tracing::warn!(%namespace, %session, %error, "failed to report a forged status")
+                tracing::warn!(%namespace, %session, %error, "failed to report a refused session")
             }
-            Err(_) => tracing::warn!(%namespace, %session, "reporting a forged status timed out"),
+            Err(_) => tracing::warn!(%namespace, %session, "reporting a refused session timed out"),
         }
     }
 }
@@ -213,9 +215,21 @@ fn event(node: &str, rejection: &Rejection) -> Event {
             resource_version: rejection.resource_version.clone(),
             ..Default::default()
         },
-        reason: Some(FORGED_STATUS.into()),
+        reason: Some(
+            if matches!(rejection.reason, Rejected::InvalidSpec(_)) {
+                INVALID_SPEC
+            } else {
+                FORGED_STATUS
+            }
+            .into(),
+        ),
         message: Some(format!(
-            "status ignored by the agent on {node}: {}; nothing is redirected for it",
+            "{} by the agent on {node}: {}; nothing is redirected for it",
+            if matches!(rejection.reason, Rejected::InvalidSpec(_)) {
+                "session refused"
+            } else {
+                "status ignored"
+            },
             rejection.reason
         )),
         type_: Some("Warning".into()),
