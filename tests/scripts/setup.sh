@@ -116,9 +116,21 @@ install_rust_targets() {
     fi
 }
 
+# cargo-fuzz runs the fuzz targets (tests/scripts/fuzz.sh; libFuzzer, with the nightly).
+install_cargo_fuzz() {
+    local want="0.13.2"
+    if cargo fuzz --version 2>/dev/null | grep -q "$want"; then
+        log "cargo-fuzz $want present"
+        return
+    fi
+    log "building cargo-fuzz $want"
+    cargo install cargo-fuzz --locked --version "$want"
+}
+
 need_root
 install_apt
 install_rust_targets
 install_rust_src
 install_bpf_linker
+install_cargo_fuzz
 log "done"

@@ -1151,3 +1151,110 @@ subjects: [{kind: User, name: alice, apiGroup: rbac.authorization.k8s.io}]
     );
     tb.stop().await;
 }
+
+/// The `InvalidSpec` Events on session `name`, one message per reporting agent.
+async fn invalid_spec_events(events: &Api<Event>, name: &str) -> Vec<String> {
+    events
+        .list(&ListParams::default())
+        .await
+        .expect("events listed")
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some("InvalidSpec")
+                && e.type_.as_deref() == Some("Warning")
+                && e.involved_object.kind.as_deref() == Some("KtSession")
+                && e.involved_object.name.as_deref() == Some(name)
+        })
+        .filter_map(|e| e.message)
+        .collect()
+}
+
+/// Hostile sessions, created with `kubectl create` as any developer allowed to create
+/// sessions could (the testbed, like an API server without the CRD's schema, lets them in):
+/// one naming another namespace's Service, one with 500 ports, one with a Service port
+/// twice, a mesh with a 1 MiB header value. Each agent reports each with an `InvalidSpec`
+/// Event naming the rule, no agent restarts, and the live session alongside keeps
+/// redirecting every way to `web` from both nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn hostile_session_specs_are_refused_with_an_event_and_a_valid_one_keeps_working() {
+    let live = LiveSession::start().await;
+    let hostile = |name: &str, spec: serde_json::Value| {
+        json!({"apiVersion": "kt.dev/v1alpha1", "kind": "KtSession",
+               "metadata": {"name": name, "namespace": "default"}, "spec": spec})
+    };
+    let base = |mode: &str, service: &str, ports: serde_json::Value| {
+        json!({"owner": "mallory@laptop", "mode": mode, "service": service,
+               "ports": ports, "publicKey": "ssh-ed25519 AAAA mallory"})
+    };
+    let one_port = json!([{"port": 80, "localPort": 8080}]);
+    let many: Vec<_> = (1..=500)
+        .map(|p| json!({"port": p, "localPort": p}))
+        .collect();
+    let mut mesh = base("mesh", "web", one_port.clone());
+    mesh["header"] = json!({"name": "version", "value": "v".repeat(1 << 20)});
+    let cases = [
+        (
+            "other-namespace",
+            base("exchange", "web.kube-system", one_port.clone()),
+            "not a Service name of this namespace",
+        ),
+        (
+            "many-ports",
+            base("exchange", "web", json!(many)),
+            "names 500 ports",
+        ),
+        (
+            "twice",
+            base(
+                "exchange",
+                "web",
+                json!([{"port": 80, "localPort": 1}, {"port": 80, "localPort": 2}]),
+            ),
+            "port 80 twice",
+        ),
+        ("huge-header", mesh, "more than 8192"),
+    ];
+    for (name, spec, _) in &cases {
+        // `create`, not `apply`: apply would copy 1 MiB into an annotation.
+        let file = live.tb.kubeconfig.with_file_name(format!("{name}.json"));
+        std::fs::write(&file, hostile(name, spec.clone()).to_string()).unwrap();
+        kubectl_ok(
+            &live.tb.kubeconfig,
+            &["create", "-f", file.to_str().unwrap()],
+        );
+    }
+    let events: Api<Event> = Api::namespaced(live.tb.client().await, "default");
+    for (name, _, rule) in &cases {
+        let reported = eventually("both agents report the session", async || {
+            seen(invalid_spec_events(&events, name).await, |e| e.len() >= 2)
+        })
+        .await;
+        assert!(
+            reported
+                .iter()
+                .all(|m| m.contains(rule) && m.contains("session refused")),
+            "{name}: {reported:?}"
+        );
+    }
+    live.redirected("the valid session still redirects").await;
+    let restarts = kubectl_ok(
+        &live.tb.kubeconfig,
+        &[
+            "get",
+            "pods",
+            "-n",
+            "kt-system",
+            "-l",
+            "app.kubernetes.io/name=kt-node-agent",
+            "-o",
+            "jsonpath={.items[*].status.containerStatuses[0].restartCount}",
+        ],
+    );
+    assert_eq!(restarts, "0 0", "no agent restarted");
+    live.stop().await;
+}

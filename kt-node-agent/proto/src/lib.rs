@@ -2,7 +2,7 @@
 //!
 //! Both binaries depend on this crate and on nothing of each other. It holds data and
 //! rules, no I/O: the names, labels and annotations ktctl v0.3.7 writes ([`compat`]), the
-//! agent-mode session object ([`session`]), how ktctl finds and logs in to an agent
+//! agent-mode session object ([`session`]) and what its spec may say ([`validate`]), how ktctl finds and logs in to an agent
 //! ([`agent`]), every environment variable the agent's roles read ([`env`]), and
 //! address ranges ([`net`]). The one
 //! helper that is not data, [`error_chain`], is how both binaries print a failure.
@@ -17,6 +17,7 @@ pub mod compat;
 pub mod env;
 pub mod net;
 pub mod session;
+pub mod validate;
 
 /// An error and its sources on one line, `a: b: c`: how both binaries print a failure, so
 /// that no error type repeats its source in its own message.

@@ -44,16 +44,24 @@ pub const DEFAULT_LEASE_SECONDS: u32 = 10;
 #[serde(rename_all = "camelCase")]
 pub struct SessionSpec {
     /// Who holds the session (`user@host`), named in conflict errors.
+    #[schemars(length(max = crate::validate::MAX_OWNER))]
     pub owner: String,
     pub mode: SessionMode,
-    /// The Service, in the object's namespace (empty for `connect`).
+    /// The Service, in the object's namespace (empty for `connect`): a DNS-1035 label.
     #[serde(default)]
+    #[schemars(length(max = crate::validate::MAX_SERVICE_NAME), pattern(r"^([a-z]([-a-z0-9]*[a-z0-9])?)?$"))]
     pub service: String,
     /// Which Service ports go to which workstation ports (none for `connect`).
     #[serde(default)]
+    // A list keyed by `port`: an API server refuses a Service port named twice.
+    #[schemars(
+        length(max = crate::validate::MAX_PORTS),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["port"])
+    )]
     pub ports: Vec<PortMapping>,
     /// The session's SSH public key (an authorized_keys line): the holding agent lets in only
     /// this key for this session.
+    #[schemars(length(max = crate::validate::MAX_PUBLIC_KEY))]
     pub public_key: String,
     /// For `mesh`: the request header that sends a request to this session (every other
     /// request goes to the Service's pods).
@@ -95,9 +103,11 @@ pub enum SessionMode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HeaderMatch {
-    /// The field name, lower case (`version`).
+    /// The field name, lower case (`version`): an RFC 9110 token.
+    #[schemars(length(min = 1, max = crate::validate::MAX_HEADER_LINE), pattern(r"^[-!#$%&'*+.^_`|~0-9A-Za-z]+$"))]
     pub name: String,
-    /// The field value, compared byte for byte.
+    /// The field value, compared byte for byte (name and value at most 8 KiB together).
+    #[schemars(length(max = crate::validate::MAX_HEADER_LINE))]
     pub value: String,
 }
 

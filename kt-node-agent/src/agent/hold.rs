@@ -300,6 +300,12 @@ impl Handler for Holder {
             tracing::warn!(%login, "no session for this login and key");
             return Ok(Auth::reject());
         };
+        // Every agent reports an invalid spec as an Event (the reconciler); its holder only
+        // refuses to hold it, so that none of its ports gets a listener.
+        if let Err(error) = kt_proto::validate::spec(&spec) {
+            tracing::warn!(%login, %error, "session refused: invalid spec");
+            return Ok(Auth::reject());
+        }
         let span = tracing::Span::current();
         span.record("namespace", login.namespace.as_str());
         span.record("session", login.session.as_str());

@@ -16,6 +16,8 @@
 //! - `renewTime` is at most [`MAX_CLOCK_SKEW`] ahead of this agent's clock.
 //!
 //! Anything else is ignored (fail-open: the Service's traffic goes to its pods) and reported.
+//! So is a session of any mode whose spec breaks a rule of [`kt_proto::validate::spec`]
+//! (another namespace's Service, hundreds of ports, a 1 MiB header), held or not.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -24,7 +26,10 @@ use std::{
 
 use chrono::{DateTime, TimeDelta, Utc};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
-use kt_proto::session::{KtSession, Listener, SessionMode};
+use kt_proto::{
+    session::{KtSession, Listener, SessionMode},
+    validate::SpecError,
+};
 use serde::{Deserialize, Serialize};
 
 /// How far a `renewTime` may be ahead of this agent's clock. The holder writes it from its
@@ -86,9 +91,12 @@ pub fn records(config_maps: &[&ConfigMap]) -> BTreeMap<String, Record> {
         .collect()
 }
 
-/// Why a session's status is not believed.
+/// Why a session's status is not believed, or the session not programmed at all.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Rejected {
+    /// The spec breaks a rule: nothing of the session is held or programmed.
+    #[error("invalid spec: {0}")]
+    InvalidSpec(#[from] SpecError),
     #[error("status.node {0:?} is not a node of the cluster")]
     NoSuchNode(String),
     #[error("status.address {address} is not an address of node {node}")]
@@ -113,6 +121,11 @@ pub enum Rejected {
 impl Rejected {
     /// Whether this rejection is reported as a forged status (an earlier holder is not).
     pub fn forged(&self) -> bool {
+        !matches!(self, Self::EarlierHolder(_) | Self::InvalidSpec(_))
+    }
+
+    /// Whether it is reported as an Event: forged statuses and invalid specs.
+    pub fn reported(&self) -> bool {
         !matches!(self, Self::EarlierHolder(_))
     }
 }
@@ -127,15 +140,16 @@ fn node_addresses(node: &Node) -> BTreeSet<IpAddr> {
         .collect()
 }
 
-/// Whether `session`'s status may be programmed (see the module doc). A session whose mode
-/// redirects nothing (connect, preview), or without a holder's address, is accepted: there
-/// is nothing in it to program.
+/// Whether `session` may be programmed (see the module doc): its spec first, then its
+/// status. A valid session whose mode redirects nothing (connect, preview), or without a
+/// holder's address, is accepted: there is nothing in it to program.
 pub fn check(
     session: &KtSession,
     nodes: &[&Node],
     records: &BTreeMap<String, Record>,
     now: DateTime<Utc>,
 ) -> Result<(), Rejected> {
+    kt_proto::validate::spec(&session.spec)?;
     let Some(status) = &session.status else {
         return Ok(());
     };
@@ -237,6 +251,30 @@ mod tests {
                 }],
             },
         )])
+    }
+
+    #[test]
+    fn an_invalid_spec_is_refused_held_or_not_and_reported_but_not_as_forged() {
+        let now = Utc::now();
+        let n1 = node("node-1", "172.30.0.11");
+        let mut s = session(status("node-1", "172.30.0.11", now));
+        s.spec.service = "web.other-namespace".into();
+        let refused = check(&s, &[&n1], &held("u1", 40001), now).unwrap_err();
+        assert!(
+            matches!(refused, Rejected::InvalidSpec(SpecError::ServiceName(_))),
+            "{refused:?}"
+        );
+        assert!(refused.reported() && !refused.forged());
+        s.status = None;
+        s.spec.service = "web".into();
+        s.spec.header = Some(kt_proto::session::HeaderMatch {
+            name: "version".into(),
+            value: "v".repeat(1 << 20),
+        });
+        assert!(matches!(
+            check(&s, &[&n1], &BTreeMap::new(), now),
+            Err(Rejected::InvalidSpec(SpecError::HeaderTooLong(_)))
+        ));
     }
 
     #[test]
