@@ -64,9 +64,14 @@ pub enum Protocol {
     Opaque,
 }
 
+/// The longest method token taken as HTTP/1 (the registered methods are at most 17 letters):
+/// a longer run of capitals is not HTTP, whether a space follows or not.
+const MAX_METHOD: usize = 23;
+
 /// The protocol the first bytes `seen` show, or `None` when more are needed: the HTTP/2
-/// preface, or an HTTP/1 request line's method token (upper-case letters, RFC 9110 §9.1)
-/// followed by a space.
+/// preface, or an HTTP/1 request line's method token (upper-case letters, RFC 9110 §9.1, at
+/// most [`MAX_METHOD`]) followed by a space. Once decided, more bytes never change the
+/// decision, however the client's bytes were split into reads.
 pub fn classify(seen: &[u8]) -> Option<Protocol> {
     if seen.is_empty() {
         return None;
@@ -77,9 +82,12 @@ pub fn classify(seen: &[u8]) -> Option<Protocol> {
     }
     let token = seen.iter().take_while(|b| b.is_ascii_uppercase()).count();
     match seen.get(token) {
+        // Too long a token is opaque even when a space follows in the same read: the
+        // decision must not depend on where the first read ended (found by fuzzing).
+        _ if token > MAX_METHOD => Some(Protocol::Opaque),
         Some(b' ') if token > 0 => Some(Protocol::Http1),
         // Still in the method token, and a token that long is still plausible.
-        None if token < 24 => None,
+        None => None,
         _ => Some(Protocol::Opaque),
     }
 }
@@ -580,6 +588,20 @@ mod tests {
         assert_eq!(classify(b"get / HTTP/1.1"), Some(Protocol::Opaque));
         assert_eq!(classify(b"SSH-2.0-OpenSSH"), Some(Protocol::Opaque));
         assert_eq!(classify(&[b'A'; 30]), Some(Protocol::Opaque));
+    }
+
+    /// Regression (fuzz target `mesh_router`): 24 capitals were opaque, but 27 capitals and a
+    /// space in one read were HTTP/1, so the decision depended on how the bytes arrived.
+    #[test]
+    fn a_decision_does_not_depend_on_where_the_first_read_ends() {
+        let line = b"GETOOOOOOOOOOOOOOOOOOOOOOOO / HTTP/1.1\r\n";
+        let first = (1..=line.len()).find_map(|n| classify(&line[..n]));
+        assert_eq!(first, Some(Protocol::Opaque));
+        for n in 24..=line.len() {
+            assert_eq!(classify(&line[..n]), first, "after {n} bytes");
+        }
+        let longest = b"ABCDEFGHIJKLMNOPQRSTUVW / HTTP/1.1";
+        assert_eq!(classify(longest), Some(Protocol::Http1), "23 letters");
     }
 
     #[test]
