@@ -155,7 +155,12 @@ fn restrict(security: &ProcessSecurity) -> io::Result<()> {
                 io::Error::other(format!("set {what} capabilities: {e}"))
             }
         };
-        caps::set(None, CapSet::Bounding, &keep).map_err(fail("bounding"))?;
+        // The bounding set can only be dropped from, one capability at a time.
+        for cap in caps::read(None, CapSet::Bounding).map_err(fail("bounding"))? {
+            if !keep.contains(&cap) {
+                caps::drop(None, CapSet::Bounding, cap).map_err(fail("bounding"))?;
+            }
+        }
         caps::clear(None, CapSet::Ambient).map_err(fail("ambient"))?;
         caps::clear(None, CapSet::Inheritable).map_err(fail("inheritable"))?;
         caps::set(None, CapSet::Effective, &keep).map_err(fail("effective"))?;
