@@ -312,6 +312,8 @@ fn exec(dir: &Path, argv: Vec<String>) -> ExitCode {
         env,
         argv,
         cwd: std::env::current_dir().ok(),
+        // The developer's workstation, not a container: root keeps its capabilities.
+        security: Default::default(),
     };
     exec_failed(kt_testbed::node::runner::exec(&spec))
 }

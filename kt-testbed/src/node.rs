@@ -9,3 +9,4 @@ pub mod kubelet;
 pub mod netio;
 pub mod proxy;
 pub mod runner;
+pub mod security;

@@ -377,6 +377,173 @@ async fn an_agent_whose_ssh_server_fails_exits_non_zero_and_is_restarted() {
     tb.stop().await;
 }
 
+/// `CAP_BPF` (39) and `CAP_NET_ADMIN` (12): the DaemonSet's whole capability set.
+const AGENT_CAPS: u64 = (1 << 39) | (1 << 12);
+
+/// The process whose program is `program` among those in pod `uid`'s cgroup (the testbed
+/// names it `pod<uid>`, under its nodes' cgroups in the cgroup2 hierarchy).
+fn pod_process(uid: &str, program: &str) -> Option<u32> {
+    fn find(dir: &Path, name: &str, depth: u8) -> Option<std::path::PathBuf> {
+        for entry in std::fs::read_dir(dir).ok()?.flatten() {
+            let path = entry.path();
+            if !entry.file_type().ok()?.is_dir() {
+                continue;
+            }
+            if entry.file_name() == name {
+                return Some(path);
+            }
+            if depth > 0
+                && let Some(found) = find(&path, name, depth - 1)
+            {
+                return Some(found);
+            }
+        }
+        None
+    }
+    let mount = Path::new("/sys/fs/cgroup/unified");
+    let mount = if mount.is_dir() {
+        mount
+    } else {
+        Path::new("/sys/fs/cgroup")
+    };
+    let dir = find(mount, &format!("pod{uid}"), 6)?;
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+    procs
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .find(|pid: &u32| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                c.split(|b| *b == 0)
+                    .next()
+                    .is_some_and(|argv0| argv0.ends_with(program.as_bytes()))
+            })
+        })
+}
+
+/// `(CapInh, CapPrm, CapEff, CapBnd, CapAmb, NoNewPrivs)` of a process.
+fn capabilities(pid: u32) -> [u64; 6] {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str, radix: u32| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), radix).ok())
+            .unwrap_or_else(|| panic!("{name} in {status}"))
+    };
+    [
+        field("CapInh:", 16),
+        field("CapPrm:", 16),
+        field("CapEff:", 16),
+        field("CapBnd:", 16),
+        field("CapAmb:", 16),
+        field("NoNewPrivs:", 10),
+    ]
+}
+
+/// The testbed gives each container the capabilities of its `securityContext` and nothing
+/// more, as a node's runtime does: the DaemonSet's agents run (Ready on both nodes) with
+/// exactly `CAP_BPF` and `CAP_NET_ADMIN` and `no_new_privs`; the same pod without
+/// `CAP_BPF` cannot create its eBPF maps, says so, exits and is never Ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn the_agent_runs_with_only_its_capabilities_and_fails_without_cap_bpf() {
+    let tb = start_testbed(true).await;
+    install_agent(&tb);
+    let uids = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pods",
+            "-n",
+            "kt-system",
+            "-l",
+            "app.kubernetes.io/name=kt-node-agent",
+            "-o",
+            "jsonpath={.items[*].metadata.uid}",
+        ],
+    );
+    let uids: Vec<&str> = uids.split_whitespace().collect();
+    assert_eq!(uids.len(), 2, "one agent per node");
+    for uid in &uids {
+        let pid = pod_process(uid, "kt-node-agent").expect("the agent's process");
+        assert_eq!(
+            capabilities(pid),
+            [0, AGENT_CAPS, AGENT_CAPS, AGENT_CAPS, 0, 1],
+            "the agent of pod {uid}: CapInh, CapPrm, CapEff, CapBnd, CapAmb, NoNewPrivs"
+        );
+    }
+
+    // The DaemonSet's pod as it is, on node-1 beside the real agent (its own ports), less
+    // CAP_BPF.
+    let ds: serde_json::Value = serde_json::from_str(&kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "daemonset",
+            "-n",
+            "kt-system",
+            "kt-node-agent",
+            "-o",
+            "json",
+        ],
+    ))
+    .expect("DaemonSet JSON");
+    let mut spec = ds["spec"]["template"]["spec"].clone();
+    spec["nodeName"] = json!("node-1");
+    let container = &mut spec["containers"][0];
+    container["securityContext"]["capabilities"]["add"] = json!(["NET_ADMIN"]);
+    container["env"].as_array_mut().expect("env").extend([
+        json!({"name": "KT_AGENT_SSH", "value": "0.0.0.0:19922"}),
+        json!({"name": "KT_AGENT_HTTP", "value": "0.0.0.0:19966"}),
+    ]);
+    for probe in ["readinessProbe", "livenessProbe"] {
+        container[probe]["httpGet"]["port"] = json!(19966);
+    }
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+                     "metadata": {"name": "agent-without-bpf", "namespace": "kt-system"},
+                     "spec": spec});
+    apply(&tb.kubeconfig, &pod.to_string());
+    let field = |path: &str| {
+        kubectl_ok(
+            &tb.kubeconfig,
+            &[
+                "get",
+                "pod",
+                "-n",
+                "kt-system",
+                "agent-without-bpf",
+                "-o",
+                &format!("jsonpath={{{path}}}"),
+            ],
+        )
+    };
+    let exit = eventually(
+        "the agent without CAP_BPF exits and is restarted",
+        async || {
+            let restarts: u32 = field(".status.containerStatuses[0].restartCount")
+                .parse()
+                .unwrap_or(0);
+            (restarts >= 1)
+                .then(|| field(".status.containerStatuses[0].lastState.terminated.exitCode"))
+        },
+    )
+    .await;
+    assert_ne!(exit, "0", "it fails");
+    assert_eq!(field(".status.containerStatuses[0].ready"), "false");
+    let log = kubectl_ok(
+        &tb.kubeconfig,
+        &["logs", "--previous", "-n", "kt-system", "agent-without-bpf"],
+    );
+    assert!(
+        log.contains("failed to load the eBPF object") && log.contains("Operation not permitted"),
+        "{log}"
+    );
+    tb.stop().await;
+}
+
 /// The redirect itself is checked by [`LiveSession::start`]: from both nodes, by name, FQDN,
 /// ClusterIP and endpoint IP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,8 @@
 //! kt's suites, one test binary (one link of the harness, the testbed and the agent instead
 //! of one per suite). Tiers, as `cargo test` sees them:
 //!
-//! - unprivileged, run by default: `api_conformance`, `controllers` and part of `kubectl`
-//!   (the API server alone, as any user);
+//! - unprivileged, run by default: `api_conformance`, `controllers`, `rbac` and part of
+//!   `kubectl` (the API server alone, as any user);
 //! - privileged (`--features privileged`, root): `ebpf`;
 //! - end to end (`--features e2e`, root, a simulated cluster): `agent`, `connect`,
 //!   `exchange`, `kubeconfig`, `ops`, the rest of `kubectl`, `seed`, `shapes`, `testbed`,
@@ -22,6 +22,7 @@ mod kubectl;
 mod mesh;
 mod ops;
 mod preview;
+mod rbac;
 mod seed;
 mod shapes;
 mod testbed;

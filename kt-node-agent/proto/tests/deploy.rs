@@ -133,6 +133,16 @@ fn the_daemonset_runs_where_and_how_the_contract_says() {
             "{probe}"
         );
     }
+    // Least privilege (deploy/README.md): the capabilities measured, nothing else.
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_ne!(pod["hostPID"], true);
+    let sc = &container["securityContext"];
+    assert_ne!(sc["privileged"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(sc["capabilities"]["add"], json!(["BPF", "NET_ADMIN"]));
 }
 
 #[test]

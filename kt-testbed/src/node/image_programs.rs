@@ -167,32 +167,13 @@ pub async fn sleep() -> std::io::Result<()> {
 /// The authorized key comes from `/root/authorized/authorized_keys` (the ConfigMap volume
 /// ktctl mounts), `$privateKey` (base64) becomes root's identity, and sshd runs in the
 /// foreground on :22 with root login, public keys only and `GatewayPorts yes`. `/root` and
-/// `/run` are tmpfs in this pod's private mount namespace, so the host's stay untouched.
+/// `/run` are the image's own empty directories (the catalog's), so the host's stay
+/// untouched.
 /// With `KT_DNS_PROTOCOL` set, `dns_relay dns-relay` answers on :53 beside sshd, as v0.3.7's
 /// image starts its DNS server.
 pub fn openssh_shadow(dns_relay: Option<&std::path::Path>) -> std::io::Result<Infallible> {
-    use std::{ffi::CString, os::unix::process::CommandExt as _, process::Command};
+    use std::{os::unix::process::CommandExt as _, process::Command};
     let authorized = std::fs::read("/root/authorized/authorized_keys").unwrap_or_default();
-    for dir in ["/root", "/run"] {
-        let (src, target, fstype) = (
-            CString::new("tmpfs")?,
-            CString::new(dir)?,
-            CString::new("tmpfs")?,
-        );
-        // SAFETY: valid C strings; this process has its own mount namespace (the runner's).
-        if unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        } != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
     std::fs::create_dir_all("/root/.ssh")?;
     std::fs::write("/root/.ssh/authorized_keys", authorized)?;
     if let Ok(key) = std::env::var("privateKey") {

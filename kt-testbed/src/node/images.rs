@@ -382,7 +382,18 @@ impl Catalog {
                 if let Some(agent) = &self.agent_bin {
                     argv.extend(["--dns-relay".into(), agent.display().to_string()]);
                 }
-                Image::program(argv)
+                // `/root` and `/run` are the image's own, empty and writable (the program
+                // runs with the container's capabilities, so it cannot mount them itself).
+                let empty = |path| ImageDir {
+                    path,
+                    copy_of: None,
+                    files: Vec::new(),
+                    links: Vec::new(),
+                };
+                Image {
+                    dirs: vec![empty("/root"), empty("/run")],
+                    ..Image::program(argv)
+                }
             }
             // kt's own shadow: the agent binary in role `shadow`.
             r if r.ends_with("kt-shadow") => match &self.agent_bin {

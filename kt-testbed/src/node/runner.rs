@@ -4,7 +4,9 @@
 //! files bind-mounted, then exec the program. A mount point whose parent directories do not
 //! exist on the host gets an overlay on its deepest existing ancestor; one right under `/`
 //! (`/data`) gets a root of the pod's own, a tmpfs holding binds of the host's top-level
-//! entries. Nothing is ever created on the host's file system.
+//! entries. Nothing is ever created on the host's file system. Last, just before the exec,
+//! the process gets the capabilities and `no_new_privs` of the container's
+//! `securityContext` ([`crate::node::security`]).
 
 use std::{
     ffi::CString,
@@ -15,6 +17,8 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+
+use crate::node::security::ProcessSecurity;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BindMount {
@@ -40,6 +44,10 @@ pub struct RunSpec {
     pub env: Vec<(String, String)>,
     pub argv: Vec<String>,
     pub cwd: Option<PathBuf>,
+    /// Capabilities and `no_new_privs` for the program; the default keeps the runner's own
+    /// (root's) sets.
+    #[serde(default)]
+    pub security: ProcessSecurity,
 }
 
 fn check(ret: libc::c_int, what: &str) -> io::Result<()> {
@@ -109,10 +117,63 @@ pub fn exec(spec: &RunSpec) -> io::Error {
             if let Some(cwd) = &spec.cwd {
                 cmd.current_dir(cwd);
             }
+            let security = spec.security.clone();
+            // SAFETY: this process is single-threaded (see the module docs), so the hook may
+            // allocate; it runs right before execve, after every mount above needed root's
+            // capabilities.
+            unsafe {
+                cmd.pre_exec(move || restrict(&security));
+            }
             let e = cmd.exec();
             io::Error::new(e.kind(), format!("exec {}: {e}", spec.argv[0]))
         }
     }
+}
+
+/// Limits this process to `security`'s capabilities, as runc does for a container: the
+/// bounding set first (dropping needs `CAP_SETPCAP`, which is still held), then inheritable
+/// and ambient emptied, then permitted and effective. A root process's permitted set after
+/// execve is its bounding set (the kernel treats root as holding every file capability),
+/// so the bounding set is what limits the program. A wanted capability this process does
+/// not hold itself (the machine's own bounding set lacks it) cannot be granted: it is
+/// named on stderr, the container's log, and left out.
+fn restrict(security: &ProcessSecurity) -> io::Result<()> {
+    use caps::CapSet;
+    if let Some(names) = &security.capabilities {
+        let held = caps::read(None, CapSet::Permitted).map_err(io::Error::other)?;
+        let mut keep = caps::CapsHashSet::new();
+        for name in names {
+            let cap: caps::Capability = name.parse().map_err(io::Error::other)?;
+            if held.contains(&cap) {
+                keep.insert(cap);
+            } else {
+                eprintln!("kt-testbed run-in-pod: this node cannot grant {name}; left out");
+            }
+        }
+        let fail = |what: &'static str| {
+            move |e: caps::errors::CapsError| {
+                io::Error::other(format!("set {what} capabilities: {e}"))
+            }
+        };
+        // The bounding set can only be dropped from, one capability at a time.
+        for cap in caps::read(None, CapSet::Bounding).map_err(fail("bounding"))? {
+            if !keep.contains(&cap) {
+                caps::drop(None, CapSet::Bounding, cap).map_err(fail("bounding"))?;
+            }
+        }
+        caps::clear(None, CapSet::Ambient).map_err(fail("ambient"))?;
+        caps::clear(None, CapSet::Inheritable).map_err(fail("inheritable"))?;
+        caps::set(None, CapSet::Effective, &keep).map_err(fail("effective"))?;
+        caps::set(None, CapSet::Permitted, &keep).map_err(fail("permitted"))?;
+    }
+    if security.no_new_privs {
+        // SAFETY: plain prctl with constant arguments.
+        check(
+            unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+            "prctl(PR_SET_NO_NEW_PRIVS)",
+        )?;
+    }
+    Ok(())
 }
 
 fn prepare(spec: &RunSpec) -> io::Result<()> {

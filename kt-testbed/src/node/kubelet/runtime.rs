@@ -19,7 +19,7 @@ use super::{Kubelets, Running, probe, volumes::Volumes};
 use crate::{
     api::{PodRuntime, errors::ApiError, store::now_rfc3339},
     controllers::events::{EventType, Involved},
-    node::{images::Image, netio, runner::RunSpec},
+    node::{images::Image, netio, runner::RunSpec, security},
 };
 
 /// Everything one pod's containers run with, and their state.
@@ -434,7 +434,25 @@ impl PodRun<'_> {
             &self.hostname,
             &image.path,
         );
+        let name = container["name"].as_str().unwrap_or("c");
+        let involved = Involved::container(self.pod, name);
+        // What the container's securityContext grants, applied by the runner before it
+        // executes the program; a name the runtime does not know fails the creation.
+        let security = match security::for_container(container) {
+            Ok(s) => s,
+            Err(e) => {
+                self.kubelet.event(
+                    self.node,
+                    &involved,
+                    EventType::Warning,
+                    "Failed",
+                    &format!("Error: {e}"),
+                );
+                return Err(std::io::Error::other(e));
+            }
+        };
         let spec = RunSpec {
+            security,
             cgroup: Some(self.running.cgroup.clone()),
             // hostNetwork pods join their node's namespace (never the host's).
             netns: Some(self.running.netns.clone()),
@@ -455,8 +473,6 @@ impl PodRun<'_> {
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let name = container["name"].as_str().unwrap_or("c");
-        let involved = Involved::container(self.pod, name);
         self.kubelet.event(
             self.node,
             &involved,
