@@ -557,25 +557,14 @@ impl Reconciler {
                 tracing::info!(%namespace, session = %name, %reason, "session status ignored: nothing redirected for it");
                 continue;
             }
-<<<<<<< HEAD
-            tracing::warn!(%namespace, session = %name, %reason, "session status not believed: nothing redirected for it");
-            let _ = self.events.send(events::SessionEvent::forged_status(
-                session, &self.node, &reason,
-            ));
-=======
             if reason.forged() {
                 tracing::warn!(%namespace, session = %name, %reason, "session status not believed: nothing redirected for it");
             } else {
                 tracing::warn!(%namespace, session = %name, %reason, "session refused: nothing redirected for it");
             }
-            let _ = self.rejections.send(published::Rejection {
-                namespace,
-                name,
-                uid: session.metadata.uid.clone(),
-                resource_version: session.metadata.resource_version.clone(),
-                reason,
-            });
->>>>>>> fuzz
+            let _ = self
+                .events
+                .send(events::SessionEvent::rejected(session, &self.node, &reason));
         }
         rejected.retain(|version, _| seen.contains(version));
         (believed, next)

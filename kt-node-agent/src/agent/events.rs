@@ -36,6 +36,8 @@ pub const LEASE_EXPIRED: &str = "LeaseExpired";
 pub const COLLECTED: &str = "Collected";
 /// `ForgedStatus`: a status no agent vouches for.
 pub const FORGED_STATUS: &str = "ForgedStatus";
+/// The Event's `reason` for a spec that breaks a rule ([`kt_proto::validate::spec`]).
+pub const INVALID_SPEC: &str = "InvalidSpec";
 
 /// One Event to record on a session.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -212,15 +214,19 @@ impl SessionEvent {
         }
     }
 
+    /// `InvalidSpec` when the spec breaks a rule ([`kt_proto::validate::spec`]), else
     /// `ForgedStatus`: the agent on `node` does not believe the status, for `reason`.
-    pub fn forged_status(session: &KtSession, node: &str, reason: &Rejected) -> Self {
+    pub fn rejected(session: &KtSession, node: &str, reason: &Rejected) -> Self {
+        let (event_reason, what) = if matches!(reason, Rejected::InvalidSpec(_)) {
+            (INVALID_SPEC, "session refused")
+        } else {
+            (FORGED_STATUS, "status ignored")
+        };
         Self::of(
             session,
             "Warning",
-            FORGED_STATUS,
-            format!(
-                "status ignored by the agent on {node}: {reason}; nothing is redirected for it"
-            ),
+            event_reason,
+            format!("{what} by the agent on {node}: {reason}; nothing is redirected for it"),
         )
     }
 }

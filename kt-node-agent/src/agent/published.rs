@@ -154,29 +154,9 @@ impl Publisher {
     }
 }
 
-<<<<<<< HEAD
 /// Records each [`SessionEvent`] on its session (the senders send each transition once). An
 /// Event every agent records alike ([`SessionEvent::dedupe`]) that another agent created
 /// first is not an error.
-=======
-/// A session whose status this agent does not believe, to report.
-#[derive(Clone, Debug)]
-pub struct Rejection {
-    pub namespace: String,
-    pub name: String,
-    pub uid: Option<String>,
-    pub resource_version: Option<String>,
-    pub reason: Rejected,
-}
-
-/// The Event's `reason` for a status not believed.
-pub const FORGED_STATUS: &str = "ForgedStatus";
-/// The Event's `reason` for a spec that breaks a rule ([`kt_proto::validate::spec`]).
-pub const INVALID_SPEC: &str = "InvalidSpec";
-
-/// Reports each rejection as a `Warning` Event on the session, [`FORGED_STATUS`] or
-/// [`INVALID_SPEC`] (the reconciler sends each session version once).
->>>>>>> fuzz
 pub async fn report(
     client: kube::Client,
     node: String,
@@ -197,7 +177,6 @@ pub async fn report(
         let create = api.create(&params, &event);
         let (namespace, session, reason) = (&wanted.namespace, &wanted.name, wanted.reason);
         match tokio::time::timeout(WRITE_TIMEOUT, create).await {
-<<<<<<< HEAD
             Ok(Ok(_)) => tracing::debug!(%namespace, %session, %reason, "event recorded"),
             Ok(Err(kube::Error::Api(status))) if status.code == 409 && wanted.dedupe.is_some() => {
                 tracing::debug!(%namespace, %session, %reason, "event recorded by another agent")
@@ -206,13 +185,6 @@ pub async fn report(
                 tracing::warn!(%namespace, %session, %reason, %error, "failed to record an event")
             }
             Err(_) => tracing::warn!(%namespace, %session, %reason, "recording an event timed out"),
-=======
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => {
-                tracing::warn!(%namespace, %session, %error, "failed to report a refused session")
-            }
-            Err(_) => tracing::warn!(%namespace, %session, "reporting a refused session timed out"),
->>>>>>> fuzz
         }
     }
 }
@@ -239,30 +211,9 @@ fn event(node: &str, wanted: &SessionEvent) -> Event {
             resource_version: wanted.resource_version.clone(),
             ..Default::default()
         },
-<<<<<<< HEAD
         reason: Some(wanted.reason.into()),
         message: Some(wanted.message.clone()),
         type_: Some(wanted.type_.into()),
-=======
-        reason: Some(
-            if matches!(rejection.reason, Rejected::InvalidSpec(_)) {
-                INVALID_SPEC
-            } else {
-                FORGED_STATUS
-            }
-            .into(),
-        ),
-        message: Some(format!(
-            "{} by the agent on {node}: {}; nothing is redirected for it",
-            if matches!(rejection.reason, Rejected::InvalidSpec(_)) {
-                "session refused"
-            } else {
-                "status ignored"
-            },
-            rejection.reason
-        )),
-        type_: Some("Warning".into()),
->>>>>>> fuzz
         first_timestamp: Some(Time(now)),
         last_timestamp: Some(Time(now)),
         count: Some(1),
