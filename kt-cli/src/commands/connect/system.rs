@@ -89,18 +89,24 @@ pub(super) fn check_single_connect(home: &Path) -> Result<(), SystemError> {
     Ok(())
 }
 
-/// Another running `ktctl connect` on this machine, whatever its `$HOME` (another user's
-/// connect shares `/etc/resolv.conf` and `/etc/hosts`): a process running this same program
-/// with a `connect` argument. Its pid, if there is one.
+/// Another running `ktctl connect` that shares this process's `/etc/resolv.conf` and
+/// `/etc/hosts`, whatever its `$HOME` (another user's connect on this machine): a process
+/// running this same program with a `connect` argument, in this mount namespace (one in
+/// another mount namespace — a container, a test's workstation — changes other files). Its
+/// pid, if there is one.
 pub(crate) fn other_connect_running() -> Option<u32> {
     let own = std::env::current_exe().ok()?;
     let me = std::process::id();
+    let own_mounts = std::fs::read_link("/proc/self/ns/mnt").ok();
     std::fs::read_dir("/proc")
         .ok()?
         .flatten()
         .find_map(|entry| {
             let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            if pid == me || std::fs::read_link(entry.path().join("exe")).ok()? != own {
+            if pid == me
+                || std::fs::read_link(entry.path().join("exe")).ok()? != own
+                || std::fs::read_link(entry.path().join("ns/mnt")).ok() != own_mounts
+            {
                 return None;
             }
             let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
