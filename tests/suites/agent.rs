@@ -1151,8 +1151,14 @@ fn only_pods_answer(tb: &Testbed, urls: &[String], web: &HashSet<String>, period
     }
 }
 
-/// The `ForgedStatus` Events on session `web-alice` for its version `resource_version`.
-async fn forged_status_events(events: &Api<Event>, resource_version: &str) -> Vec<String> {
+/// The messages of the `Warning` Events `reason` on session `name` (of its version
+/// `resource_version` when given), one per reporting agent.
+async fn warnings_on_session(
+    events: &Api<Event>,
+    reason: &str,
+    name: &str,
+    resource_version: Option<&str>,
+) -> Vec<String> {
     events
         .list(&ListParams::default())
         .await
@@ -1160,14 +1166,21 @@ async fn forged_status_events(events: &Api<Event>, resource_version: &str) -> Ve
         .items
         .into_iter()
         .filter(|e| {
-            e.reason.as_deref() == Some("ForgedStatus")
+            e.reason.as_deref() == Some(reason)
                 && e.type_.as_deref() == Some("Warning")
                 && e.involved_object.kind.as_deref() == Some("KtSession")
-                && e.involved_object.name.as_deref() == Some("web-alice")
-                && e.involved_object.resource_version.as_deref() == Some(resource_version)
+                && e.involved_object.name.as_deref() == Some(name)
+                && resource_version.is_none_or(|version| {
+                    e.involved_object.resource_version.as_deref() == Some(version)
+                })
         })
         .filter_map(|e| e.message)
         .collect()
+}
+
+/// The `ForgedStatus` Events on session `web-alice` for its version `resource_version`.
+async fn forged_status_events(events: &Api<Event>, resource_version: &str) -> Vec<String> {
+    warnings_on_session(events, "ForgedStatus", "web-alice", Some(resource_version)).await
 }
 
 /// The forged status, tried as a new user would: `kt-developer` creates a session
@@ -1321,20 +1334,7 @@ subjects: [{kind: User, name: alice, apiGroup: rbac.authorization.k8s.io}]
 
 /// The `InvalidSpec` Events on session `name`, one message per reporting agent.
 async fn invalid_spec_events(events: &Api<Event>, name: &str) -> Vec<String> {
-    events
-        .list(&ListParams::default())
-        .await
-        .expect("events listed")
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.reason.as_deref() == Some("InvalidSpec")
-                && e.type_.as_deref() == Some("Warning")
-                && e.involved_object.kind.as_deref() == Some("KtSession")
-                && e.involved_object.name.as_deref() == Some(name)
-        })
-        .filter_map(|e| e.message)
-        .collect()
+    warnings_on_session(events, "InvalidSpec", name, None).await
 }
 
 /// Hostile sessions, created with `kubectl create` as any developer allowed to create
