@@ -725,22 +725,26 @@ async fn two_connects_share_one_shadow_and_the_last_one_out_deletes_it() {
         status.success() && log.contains("Cleaning shadow pod kt-connect-shadow-daemon"),
         "{log}"
     );
-    let left = kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "get",
-            "pods,configmaps",
-            "-l",
-            "control-by=kt",
-            "-o",
-            "name",
-        ],
-    );
-    assert_eq!(
-        left.trim(),
-        "",
-        "the last one out deleted the shadow and its ConfigMap"
-    );
+    // Deleted: gone once the kubelet has stopped it (a deleted pod terminates first, as
+    // on any cluster).
+    eventually(
+        "the last one out deleted the shadow and its ConfigMap",
+        async || {
+            let left = kubectl_ok(
+                &tb.kubeconfig,
+                &[
+                    "get",
+                    "pods,configmaps",
+                    "-l",
+                    "control-by=kt",
+                    "-o",
+                    "name",
+                ],
+            );
+            seen(left.trim().to_owned(), String::is_empty)
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

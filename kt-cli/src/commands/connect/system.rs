@@ -89,24 +89,36 @@ pub(super) fn check_single_connect(home: &Path) -> Result<(), SystemError> {
     Ok(())
 }
 
-/// Another running `ktctl connect` that shares this process's `/etc/resolv.conf` and
-/// `/etc/hosts`, whatever its `$HOME` (another user's connect on this machine): a process
-/// running this same program with a `connect` argument, in this mount namespace (one in
-/// another mount namespace — a container, a test's workstation — changes other files). Its
-/// pid, if there is one.
+/// Another running `ktctl connect` that changes this process's `/etc/resolv.conf` or hosts
+/// file, whatever its `$HOME` (another user's connect on this machine): a process running
+/// this same program with a `connect` argument that sees one of those same files (one that
+/// sees other files — in a container, or a test's workstation — is no concern). Its pid,
+/// if there is one.
 pub(crate) fn other_connect_running() -> Option<u32> {
     let own = std::env::current_exe().ok()?;
     let me = std::process::id();
-    let own_mounts = std::fs::read_link("/proc/self/ns/mnt").ok();
+    // The files this process has (one it lacks has nothing to repair), with their ids.
+    let files: Vec<(PathBuf, FileId)> = [Kind::ResolvConf.path(), Kind::Hosts.path()]
+        .into_iter()
+        .filter_map(|file| file_id(&file).map(|id| (file, id)))
+        .collect();
     std::fs::read_dir("/proc")
         .ok()?
         .flatten()
         .find_map(|entry| {
             let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            if pid == me
-                || std::fs::read_link(entry.path().join("exe")).ok()? != own
-                || std::fs::read_link(entry.path().join("ns/mnt")).ok() != own_mounts
-            {
+            if pid == me || std::fs::read_link(entry.path().join("exe")).ok()? != own {
+                return None;
+            }
+            // `/proc/<pid>/root` resolves paths in that process's mounts. When it cannot be
+            // read (not root), the files count as shared: repairing a live connect's
+            // changes would break its DNS.
+            let root = entry.path().join("root");
+            let shares = files.iter().any(|(file, ours)| {
+                let theirs = root.join(file.strip_prefix("/").unwrap_or(file));
+                file_id(&theirs).is_none_or(|theirs| theirs == *ours)
+            });
+            if !shares {
                 return None;
             }
             let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
@@ -115,6 +127,23 @@ pub(crate) fn other_connect_running() -> Option<u32> {
                 .any(|arg| arg == b"connect")
                 .then_some(pid)
         })
+}
+
+/// A file's identity: its device and inode.
+type FileId = (u64, u64);
+
+/// The identity of the file at `path`; `None` when it cannot be read (or off Unix).
+fn file_id(path: &Path) -> Option<FileId> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
 }
 
 /// Whether process `pid` exists on this machine.
