@@ -127,10 +127,23 @@ install_cargo_fuzz() {
     cargo install cargo-fuzz --locked --version "$want"
 }
 
+# mdBook renders docs/ (a CI step; not packaged in Debian 12). Without its default
+# features: no `serve`/`watch` (a local web server and file watcher), no search index.
+install_mdbook() {
+    local want="0.5.4"
+    if mdbook --version 2>/dev/null | grep -q "v$want"; then
+        log "mdbook $want present"
+        return
+    fi
+    log "building mdbook $want"
+    cargo install mdbook --locked --version "$want" --no-default-features
+}
+
 need_root
 install_apt
 install_rust_targets
 install_rust_src
 install_bpf_linker
 install_cargo_fuzz
+install_mdbook
 log "done"
