@@ -21,7 +21,7 @@ seconds=${KT_FUZZ_SECONDS:-60}
 # One target directory for the three crates: their common dependencies build once.
 target_dir=${KT_FUZZ_TARGET_DIR:-$root/target/fuzz}
 crates=("$@")
-[ ${#crates[@]} -gt 0 ] || crates=(kt-node-agent/proto/fuzz kt-cli/fuzz)
+[ ${#crates[@]} -gt 0 ] || crates=(kt-node-agent/proto/fuzz kt-cli/fuzz kt-node-agent/fuzz)
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 

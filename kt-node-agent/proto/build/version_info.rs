@@ -20,15 +20,22 @@ fn emit_version_info() {
         std::env::var("TARGET").unwrap_or_else(|_| "unknown".into())
     );
     // HEAD lives in the worktree's git dir; the branch it points at (or packed-refs) in
-    // the common dir.
+    // the common dir. Only files that exist: cargo counts a missing one as changed on every
+    // build, which reran this script (and rebuilt the crate and all that depends on it) each
+    // time in a checkout without packed-refs.
+    let watch = |path: String| {
+        if std::path::Path::new(&path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    };
     if let Some(git_dir) = git(&["rev-parse", "--absolute-git-dir"]) {
-        println!("cargo:rerun-if-changed={git_dir}/HEAD");
+        watch(format!("{git_dir}/HEAD"));
     }
     if let (Some(common), Some(branch)) = (
         git(&["rev-parse", "--path-format=absolute", "--git-common-dir"]),
         git(&["symbolic-ref", "-q", "HEAD"]),
     ) {
-        println!("cargo:rerun-if-changed={common}/{branch}");
-        println!("cargo:rerun-if-changed={common}/packed-refs");
+        watch(format!("{common}/{branch}"));
+        watch(format!("{common}/packed-refs"));
     }
 }
