@@ -289,6 +289,11 @@ pub struct ExchangeArgs {
     /// in for its pods), 'ephemeral' (an ephemeral container in each pod redirects the
     /// exposed ports to local, inside the pod; also for `pod/<name>`), or 'auto' (agent
     /// when the agent is installed, else selector)
+    ///
+    /// In agent mode one node's agent holds the tunnel: the one on the node with the most
+    /// of the Service's ready endpoints, among equals the one holding the fewest live
+    /// sessions, then the first by pod name (docs: architecture, "Which agent holds a
+    /// session").
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: ExchangeMode,
     /// Do not check whether a local application listens on the exposed ports
