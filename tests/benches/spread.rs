@@ -8,11 +8,17 @@
 //! once (a slot frees when a run prints its banner); all [`SESSIONS`] stay alive until
 //! they are counted.
 //!
+//! While those are held, [`NEAR`]'s `ktctl exchange --mode agent` runs check the rule's
+//! first step with real pods: each Service's one pod sits on a known node (two Services per
+//! node), so on the node whose agent holds more previews the endpoints must outweigh the
+//! sessions, and each exchange should be held by its pod's node's agent.
+//!
 //! Each agent's held count is read from the record it publishes in `kt-system` (the
 //! sessions it holds, which every other agent checks a status against), and cross-checked
 //! with each session's `status.node`. Figures per round: the sessions held by each node's
 //! agent, the largest share (goal ≤ 60 %, issue 17), the wall time until every session was
-//! held, and the runs' ready time (start → banner) p50 and p99. Then every run is stopped
+//! held, the runs' ready time (start → banner) p50 and p99, and the share of the exchanges
+//! held on their pod's node (the rule says 100 %). Then every run is stopped
 //! with Ctrl-C, and the next round starts from no session.
 //!
 //! Medians over `KT_BENCH_ROUNDS` rounds (default 3); also `target/kt-bench/spread.json`.
@@ -29,9 +35,10 @@ use kt_node_agent::agent::trust::{RECORD_LABEL, records};
 use kt_proto::session::KtSession;
 use kt_testbed::cluster::Testbed;
 use kt_tests::harness::{
-    apps::{install_agent, start_testbed},
+    apps::{apply, install_agent, start_testbed},
     bench_rounds,
     eventually::poll_within,
+    kubectl::kubectl_ok,
     results::{Results, percentile},
     run_bench,
     workstation::{self, Background},
@@ -46,6 +53,44 @@ const LARGEST_SHARE_GOAL: f64 = 60.0;
 const LOCAL_HTTP: u16 = 18090;
 /// The testbed's nodes.
 const NODES: [&str; 2] = ["node-1", "node-2"];
+/// Services exchanged while the previews are held, with the node of their one pod.
+const NEAR: [(&str, &str); 4] = [
+    ("near-1a", "node-1"),
+    ("near-1b", "node-1"),
+    ("near-2a", "node-2"),
+    ("near-2b", "node-2"),
+];
+
+/// A Deployment of one HTTP echo pinned to `node`, behind the Service `name` (port 80 to
+/// the pod's 8080).
+fn near_manifest(name: &str, node: &str) -> String {
+    format!(
+        r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node}}}
+      containers:
+      - name: app
+        image: kt-testbed/http-echo:1
+        ports: [{{containerPort: 8080}}]
+        readinessProbe: {{httpGet: {{path: /, port: 8080}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  selector: {{app: {name}}}
+  ports: [{{port: 80, targetPort: 8080}}]
+"#
+    )
+}
 
 fn main() {
     run_bench("spread", run());
@@ -79,6 +124,8 @@ struct Round {
     wall: f64,
     /// Each run's start → banner, in s.
     ready: Vec<f64>,
+    /// Of the [`NEAR`] exchanges, the share held by the agent on their pod's node, in %.
+    near: f64,
 }
 
 async fn run() {
@@ -86,6 +133,20 @@ async fn run() {
     let parallel = parallel();
     let tb = start_testbed(true).await;
     install_agent(&tb);
+    for (name, node) in NEAR {
+        apply(&tb.kubeconfig, &near_manifest(name, node));
+    }
+    for (name, _) in NEAR {
+        kubectl_ok(
+            &tb.kubeconfig,
+            &[
+                "rollout",
+                "status",
+                &format!("deploy/{name}"),
+                "--timeout=60s",
+            ],
+        );
+    }
     let _app = workstation::http_echo(&tb, LOCAL_HTTP).await;
     let client = tb.client().await;
 
@@ -93,10 +154,12 @@ async fn run() {
     for round in 0..rounds {
         let one = one_round(&tb, &client, round, parallel).await;
         println!(
-            "round {round}: held {:?}, largest share {:.0} %, all held in {:.1} s",
+            "round {round}: held {:?}, largest share {:.0} %, all held in {:.1} s; \
+             exchanges held on their pod's node: {:.0} %",
             one.held,
             largest_share(&one.held),
-            one.wall
+            one.wall,
+            one.near
         );
         measured.push(one);
     }
@@ -131,6 +194,11 @@ async fn run() {
         let median = results.figure(name, "s", &samples).expect("ready times");
         println!("{name}: {median:.2} s");
     }
+    let near: Vec<f64> = measured.iter().map(|r| r.near).collect();
+    let near = results
+        .figure("exchanges held on their pod's node", "%", &near)
+        .expect("shares");
+    println!("exchanges held on their pod's node: {near:.0} %");
     let ratio = results
         .goal(SHARE, LARGEST_SHARE_GOAL)
         .expect("share recorded");
@@ -194,23 +262,60 @@ async fn one_round(tb: &Testbed, client: &kube::Client, round: usize, parallel: 
         .collect();
     assert_eq!(by_status, nonzero, "statuses and agent records disagree");
 
+    // The rule's first step, with the previews held: each exchange should land on its
+    // pod's node, whichever agent holds more.
+    let mut exchanges = Vec::new();
+    for (service, _) in NEAR {
+        let expose = format!("{LOCAL_HTTP}:8080");
+        exchanges.push(Background::ktctl(
+            tb,
+            &["exchange", service, "--expose", &expose, "--mode", "agent"],
+        ));
+    }
+    for exchange in &mut exchanges {
+        exchange.wait_for("will be redirected to local").await;
+    }
+    let services: Vec<String> = NEAR.iter().map(|(name, _)| (*name).to_owned()).collect();
+    let mut on_their_node = 0;
+    for session in round_sessions(client, &services).await {
+        let pod_node = NEAR
+            .iter()
+            .find(|(name, _)| *name == session.spec.service)
+            .map(|(_, node)| *node);
+        let held_on = held_by_node(client, std::slice::from_ref(&session))
+            .await
+            .into_iter()
+            .find(|(_, n)| *n > 0)
+            .map(|(node, _)| node);
+        if held_on.is_some() && held_on.as_deref() == pod_node {
+            on_their_node += 1;
+        }
+    }
+    let near = 100.0 * on_their_node as f64 / NEAR.len() as f64;
+
     let stopped = Instant::now();
-    for (status, log) in workstation::interrupt_all(runs.into_iter().map(|(run, _)| run).collect())
-    {
+    let all = runs.into_iter().map(|(run, _)| run).chain(exchanges);
+    for (status, log) in workstation::interrupt_all(all.collect()) {
         assert!(status.success(), "a preview did not stop cleanly: {log}");
     }
     // The next round starts from no session: ktctl deletes its own on the way out.
     poll_within(Duration::from_secs(120), async || {
-        let left = round_sessions(client, &names).await.len();
+        let left = round_sessions(client, &names).await.len()
+            + round_sessions(client, &services).await.len();
         if left == 0 { Ok(()) } else { Err(left) }
     })
     .await
     .unwrap_or_else(|left| panic!("{left} sessions of round {round} were not deleted"));
     println!(
-        "round {round}: {SESSIONS} runs stopped and their sessions gone in {:.1?}",
+        "round {round}: every run stopped and its session gone in {:.1?}",
         stopped.elapsed()
     );
-    Round { held, wall, ready }
+    Round {
+        held,
+        wall,
+        ready,
+        near,
+    }
 }
 
 /// The sessions in `default` of the previews `names` (their `spec.service`; ktctl names a
