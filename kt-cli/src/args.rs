@@ -12,6 +12,16 @@ pub const DEFAULT_ROUTER_IMAGE: &str =
 pub const DEFAULT_SHADOW_IMAGE: &str =
     "registry.cn-hangzhou.aliyuncs.com/rdc-incubator/kt-connect-shadow:v0.3.7";
 
+/// `--image`'s help: v0.3.7's sentence, and kt's own shadow image (`kt_proto::images`, built
+/// by tests/scripts/images.sh), which the default stays without for drop-in compatibility.
+pub fn shadow_image_help() -> String {
+    use kt_proto::images;
+    format!(
+        "Customize shadow image (kt's own: {})",
+        images::reference(images::SHADOW)
+    )
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ktctl",
@@ -289,6 +299,11 @@ pub struct ExchangeArgs {
     /// in for its pods), 'ephemeral' (an ephemeral container in each pod redirects the
     /// exposed ports to local, inside the pod; also for `pod/<name>`), or 'auto' (agent
     /// when the agent is installed, else selector)
+    ///
+    /// In agent mode one node's agent holds the tunnel: the one on the node with the most
+    /// of the Service's ready endpoints, among equals the one holding the fewest live
+    /// sessions, then the first by pod name (docs: architecture, "Which agent holds a
+    /// session").
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: ExchangeMode,
     /// Do not check whether a local application listens on the exposed ports
@@ -400,8 +415,8 @@ pub struct GlobalOptions {
     #[arg(long = "context", global = true, default_value = "")]
     pub context: String,
 
-    /// Customize shadow image
-    #[arg(short = 'i', long = "image", global = true, default_value = DEFAULT_SHADOW_IMAGE)]
+    /// The shadow pods' image; v0.3.7's by default (help text: [`shadow_image_help`])
+    #[arg(short = 'i', long = "image", global = true, default_value = DEFAULT_SHADOW_IMAGE, help = shadow_image_help())]
     pub image: String,
 
     /// Custom image pull secret
@@ -519,6 +534,14 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("ktctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn image_help_names_kts_shadow_and_the_default_stays_v0_3_7s() {
+        let help = Cli::command().render_help().to_string();
+        let shadow = kt_proto::images::reference(kt_proto::images::SHADOW);
+        assert!(help.contains(&shadow), "{help}");
+        assert!(help.contains(DEFAULT_SHADOW_IMAGE), "{help}");
     }
 
     #[test]

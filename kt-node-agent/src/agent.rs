@@ -197,11 +197,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let tunnel_bytes = metrics::TunnelBytes::default();
     let connect_refused = prometheus_client::metrics::counter::Counter::default();
     let sessions_collected = prometheus_client::metrics::counter::Counter::default();
+    let reconcile_seconds = metrics::reconcile_histogram();
     let metrics = Arc::new(Metrics::new(
         map.clone(),
         &tunnel_bytes,
         &connect_refused,
         &sessions_collected,
+        &reconcile_seconds,
     ));
     let network = Arc::new(std::sync::RwLock::new(network::Network::default()));
     let ready = Arc::new(AtomicBool::new(false));
@@ -279,6 +281,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         ready: ready.clone(),
         acks,
         lease_check: config.lease_check,
+        reconcile_seconds,
     };
     tasks.spawn("reconcile", reconciler.run(tasks.shutdown().clone()));
     tasks.spawn(
@@ -403,6 +406,8 @@ struct Reconciler {
     ready: Arc<AtomicBool>,
     acks: tokio::sync::watch::Sender<Acks>,
     lease_check: Duration,
+    /// `kt_agent_reconcile_seconds`: each pass's duration.
+    reconcile_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Reconciler {
@@ -421,7 +426,10 @@ impl Reconciler {
             () = synced => {}
         }
         loop {
+            let started = std::time::Instant::now();
             let wake = self.reconcile();
+            self.reconcile_seconds
+                .observe(started.elapsed().as_secs_f64());
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 () = self.changed.notified() => {}

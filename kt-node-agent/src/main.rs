@@ -13,7 +13,9 @@ use kt_proto::{agent as contract, env};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "kt-node-agent", version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("KT_GIT_COMMIT"), ", ", env!("KT_TARGET"), ")"), about = "kt node agent")]
+// `--version` after a role too (`kt-node-agent shadow --version`): an image's entrypoint
+// with its role built in still says what it is (tests/scripts/images.sh asks).
+#[command(name = "kt-node-agent", version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("KT_GIT_COMMIT"), ", ", env!("KT_TARGET"), ")"), propagate_version = true, about = "kt node agent")]
 struct Args {
     #[command(subcommand)]
     command: Command,

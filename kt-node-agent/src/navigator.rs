@@ -228,7 +228,7 @@ pub async fn run(
         crate::ssh_server::serve(
             listener,
             stop,
-            move |peer, tasks, cancel| Connection {
+            move |peer, tasks, cancel, logged_in| Connection {
                 id: next_id.fetch_add(1, Ordering::Relaxed),
                 peer,
                 shared: shared.clone(),
@@ -237,6 +237,7 @@ pub async fn run(
                 goodbye: Arc::default(),
                 tasks,
                 cancel,
+                logged_in,
             },
             |peer| tracing::info_span!("ssh", %peer),
         )
@@ -289,6 +290,8 @@ struct Connection {
     tasks: TaskTracker,
     /// Cancelled when the connection ends.
     cancel: CancellationToken,
+    /// Told on login (`auth_succeeded`): frees the connection's pre-login slot.
+    logged_in: crate::ssh_server::LoggedIn,
 }
 
 impl Connection {
@@ -325,6 +328,11 @@ impl Connection {
 
 impl Handler for Connection {
     type Error = russh::Error;
+
+    async fn auth_succeeded(&mut self, _: &mut Session) -> Result<(), Self::Error> {
+        self.logged_in.done();
+        Ok(())
+    }
 
     async fn auth_publickey(
         &mut self,

@@ -92,12 +92,13 @@ pub async fn serve(
     crate::ssh_server::serve(
         listener,
         shutdown,
-        |peer, tasks, cancel| Connection {
+        |peer, tasks, cancel, logged_in| Connection {
             peer,
             authorized: authorized.clone(),
             forwards: HashMap::new(),
             tasks,
             cancel,
+            logged_in,
         },
         |peer| tracing::info_span!("ssh", %peer),
     )
@@ -113,6 +114,8 @@ struct Connection {
     tasks: TaskTracker,
     /// Cancelled when the connection ends: stops its listeners and channels.
     cancel: CancellationToken,
+    /// Told on login (`auth_succeeded`): frees the connection's pre-login slot.
+    logged_in: crate::ssh_server::LoggedIn,
 }
 
 impl Connection {
@@ -142,6 +145,11 @@ fn bind_address(address: &str, port: u32) -> String {
 
 impl Handler for Connection {
     type Error = ShadowError;
+
+    async fn auth_succeeded(&mut self, _: &mut Session) -> Result<(), Self::Error> {
+        self.logged_in.done();
+        Ok(())
+    }
 
     async fn auth_publickey(
         &mut self,

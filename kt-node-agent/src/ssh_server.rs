@@ -15,6 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
+use crate::admission::{Gate, Limits, Permit};
+
 /// A listening socket that stopped working: the server cannot go on.
 #[derive(Debug, thiserror::Error)]
 #[error("accepting connections on {addr} failed")]
@@ -54,14 +56,62 @@ pub(crate) async fn accept(listener: &TcpListener) -> Result<(TcpStream, SocketA
     }
 }
 
+/// How long a client has from its TCP connection to a successful login before it is
+/// disconnected. OpenSSH's `LoginGraceTime` is 120 s, sized for a person typing a password;
+/// kt's clients are programs logging in with a key in a few round trips (ktctl over the API
+/// server's port-forward: well under a second on the testbed), so 20 s still leaves a slow
+/// link ample room while a slowloris or half-open socket holds its slot a sixth as long.
+pub(crate) const LOGIN_GRACE: Duration = Duration::from_secs(20);
+
+/// How many connections may wait for their login at once. OpenSSH's `MaxStartups 10:30:100`
+/// starts refusing unauthenticated connections at random at 10 and refuses them all at
+/// 100; its `PerSourceMaxStartups` (unset by default) caps them per address. kt refuses
+/// deterministically past 32 from one source — ten developers starting at once behind one
+/// NAT address, with two connections each, or the API server's address carrying every
+/// port-forwarded login, stay below it — and past 256 in all, so that a flood from one
+/// address (10 000 half-open sockets) takes 32 slots and leaves the rest to everyone else.
+/// A logged-in connection no longer counts.
+pub(crate) const STARTUPS: Limits = Limits {
+    per_source: 32,
+    total: 256,
+};
+
+/// Told by a connection's handler when its client has logged in (from russh's
+/// `Handler::auth_succeeded`): the connection then leaves the [`STARTUPS`] count and
+/// [`LOGIN_GRACE`] no longer applies.
+#[derive(Clone, Default)]
+pub(crate) struct LoggedIn(CancellationToken);
+
+impl LoggedIn {
+    pub(crate) fn done(&self) {
+        self.0.cancel();
+    }
+}
+
+/// Holds an unauthenticated connection's `permit` until it logs in (then frees it and waits
+/// forever) or [`LOGIN_GRACE`] runs out (then returns: the connection is dropped).
+async fn login_deadline(logged_in: LoggedIn, permit: Permit) {
+    tokio::select! {
+        () = logged_in.0.cancelled() => {
+            drop(permit);
+            std::future::pending::<()>().await;
+        }
+        () = tokio::time::sleep(LOGIN_GRACE) => {
+            tracing::debug!(grace = ?LOGIN_GRACE, "no login within the grace time: disconnected");
+        }
+    }
+}
+
 /// Serves SSH on `listener` until `shutdown`, with a handler from `connection(peer, tasks,
-/// cancel)` per client; `cancel` is cancelled when that client's connection ends, which ends
-/// its listeners and channels. Each connection runs in `span(peer)`. Returns an error when
-/// the listening socket fails (its connections are ended first).
+/// cancel, logged_in)` per client; `cancel` is cancelled when that client's connection
+/// ends, which ends its listeners and channels; the handler calls `logged_in.done()` from
+/// `auth_succeeded`. Connections beyond [`STARTUPS`] are closed at once, and one that has
+/// not logged in within [`LOGIN_GRACE`] is dropped. Each connection runs in `span(peer)`.
+/// Returns an error when the listening socket fails (its connections are ended first).
 pub(crate) async fn serve<H>(
     listener: TcpListener,
     shutdown: CancellationToken,
-    mut connection: impl FnMut(SocketAddr, TaskTracker, CancellationToken) -> H,
+    mut connection: impl FnMut(SocketAddr, TaskTracker, CancellationToken, LoggedIn) -> H,
     span: impl Fn(SocketAddr) -> tracing::Span,
 ) -> Result<(), AcceptError>
 where
@@ -69,6 +119,7 @@ where
     H::Error: std::fmt::Display,
 {
     let ssh = kt_tunnel::config::server(host_key());
+    let startups = Gate::new(STARTUPS);
     let tasks = TaskTracker::new();
     let stop = shutdown.child_token();
     let result = loop {
@@ -79,9 +130,19 @@ where
                 Err(error) => break Err(error),
             },
         };
+        let permit = match startups.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(refused) => {
+                // Dropped unread: the socket closes now. Debug only: a flood would flood
+                // the log too.
+                tracing::debug!(%peer, %refused, "connection refused before login");
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let cancel = stop.child_token();
-        let handler = connection(peer, tasks.clone(), cancel.clone());
+        let logged_in = LoggedIn::default();
+        let handler = connection(peer, tasks.clone(), cancel.clone(), logged_in.clone());
         let ssh = ssh.clone();
         let (stream, reader) = kt_tunnel::transport::read_ahead(stream);
         let reader_stop = cancel.clone();
@@ -93,16 +154,22 @@ where
         });
         tasks.spawn(
             async move {
-                match russh::server::run_stream(ssh, stream, handler).await {
-                    Ok(session) => {
-                        tokio::select! {
-                            result = session => if let Err(error) = result {
+                let run = async {
+                    match russh::server::run_stream(ssh, stream, handler).await {
+                        Ok(session) => {
+                            if let Err(error) = session.await {
                                 tracing::debug!(%error, "SSH session ended with an error");
-                            },
-                            () = cancel.cancelled() => {}
+                            }
                         }
+                        Err(error) => tracing::debug!(%error, "SSH handshake failed"),
                     }
-                    Err(error) => tracing::debug!(%error, "SSH handshake failed"),
+                };
+                // The handshake is raced too: a client that never finishes it must not
+                // hold its socket past the grace time or the connection's end.
+                tokio::select! {
+                    () = run => {}
+                    () = login_deadline(logged_in, permit) => {}
+                    () = cancel.cancelled() => {}
                 }
                 tracing::debug!("SSH connection closed");
                 // However the connection ended: its listeners, channels and renewals end too.

@@ -38,6 +38,8 @@ apt_packages=(
     gcc-aarch64-linux-gnu  # static aarch64 ktctl: ring's C code and the link
     clang           # kt-cli checked for macOS: ring's C code for an Apple target
     gcc-mingw-w64-x86-64   # kt-cli checked for Windows (x86_64-pc-windows-gnu)
+    buildah         # tests/run targets: kt's OCI images (tests/scripts/images.sh)
+    jq              # tests/run targets: reads the image archives' index, manifests and configs
 )
 
 # What `tests/run targets` builds and checks kt-cli for besides this machine's target.

@@ -1115,12 +1115,18 @@ async fn each_deploy_overlay_applies_runs_the_agent_and_deletes_to_nothing() {
                 "jsonpath={.spec.template.spec.containers[0].image}",
             ],
         );
-        let registry = if overlay == "private-registry" {
-            "registry.example.internal/platform/"
+        // The base's `images:` (kt_proto::images), which the private-registry overlay renames.
+        use kt_proto::images;
+        let expected = if overlay == "private-registry" {
+            format!(
+                "registry.example.internal/platform/{}:{}",
+                images::AGENT,
+                images::TAG
+            )
         } else {
-            "ghcr.io/kt-dev/"
+            images::reference(images::AGENT)
         };
-        assert_eq!(image, format!("{registry}kt-node-agent:0.1.0"), "{overlay}");
+        assert_eq!(image, expected, "{overlay}");
         if overlay == "developer-role" {
             let binding: Value = serde_json::from_str(&kubectl_ok(
                 &kc,

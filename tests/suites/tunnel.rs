@@ -394,10 +394,9 @@ async fn ktctl_forward_through_our_shadow_carries_100_parallel_mebibytes_and_rec
         &tb.kubeconfig,
         &["rollout", "status", "deploy/echo", "--timeout=60s"],
     );
-    let mut ktctl = ktctl(
-        &tb,
-        &["forward", "echo", "19000", "--image", "kt-shadow:dev"],
-    );
+    // kt's shadow by the name it is published under (kt_proto::images), as a user passes it.
+    let shadow = kt_proto::images::reference(kt_proto::images::SHADOW);
+    let mut ktctl = ktctl(&tb, &["forward", "echo", "19000", "--image", &shadow]);
     ktctl.ready().await;
     let tools = bins::kt_tools();
     let (ok, out) = on_workstation(

@@ -3,8 +3,8 @@
 //! Both binaries depend on this crate and on nothing of each other. It holds data and
 //! rules, no I/O: the names, labels and annotations ktctl v0.3.7 writes ([`compat`]), the
 //! agent-mode session object ([`session`]) and what its spec may say ([`validate`]), how ktctl finds and logs in to an agent
-//! ([`agent`]), every environment variable the agent's roles read ([`env`]), and
-//! address ranges ([`net`]). The one
+//! ([`agent`]), every environment variable the agent's roles read ([`env`]), kt's image
+//! names and registry ([`images`]), and address ranges ([`net`]). The one
 //! helper that is not data, [`error_chain`], is how both binaries print a failure.
 //! Compatibility rule: a constant that a released ktctl or agent reads is never renamed or
 //! re-valued; add a new one instead.
@@ -15,6 +15,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub mod agent;
 pub mod compat;
 pub mod env;
+pub mod images;
 pub mod net;
 pub mod session;
 pub mod validate;

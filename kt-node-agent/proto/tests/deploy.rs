@@ -1,24 +1,35 @@
-//! `deploy/` agrees with kt-proto: the CRD is the one `KtSession` derives, and the
-//! DaemonSet's namespace, labels, ports and environment are the contract's.
+//! `deploy/` agrees with kt-proto: the CRD is the one `KtSession` derives, the DaemonSet's
+//! namespace, labels, ports and environment are the contract's, and the image names and
+//! registry are `kt_proto::images`'.
 //!
 //! `KT_BLESS=1 cargo test -p kt-proto --test deploy` rewrites `deploy/base/crd.yaml` from the
-//! type after a change to it.
+//! type after a change to it, and the `images:` of `deploy/base/kustomization.yaml` and
+//! `deploy/images.env` from `kt_proto::images`.
 
 use std::path::PathBuf;
 
-use kt_proto::{agent, env, session::KtSession};
+use kt_proto::{agent, env, images, session::KtSession};
 use kube::CustomResourceExt as _;
 use serde_json::{Value, json};
 
-fn deploy_file(name: &str) -> PathBuf {
+/// `deploy/<path>`.
+fn deploy_path(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../deploy/base")
-        .join(name)
+        .join("../../deploy")
+        .join(path)
+}
+
+fn deploy_file(name: &str) -> PathBuf {
+    deploy_path("base").join(name)
 }
 
 /// Every document of a (multi-document) YAML file in `deploy/base/`, as JSON.
 fn documents(name: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(deploy_file(name)).expect("deploy file reads");
+    documents_at(&deploy_file(name))
+}
+
+fn documents_at(path: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).expect("deploy file reads");
     serde_yaml::Deserializer::from_str(&text)
         .map(|doc| serde::Deserialize::deserialize(doc).expect("valid YAML"))
         .filter(|doc: &Value| !doc.is_null())
@@ -155,4 +166,74 @@ fn the_agent_access_role_is_in_the_agents_namespace() {
     assert_eq!(role["metadata"]["namespace"], agent::NAMESPACE);
     let namespace = documents("namespace.yaml");
     assert_eq!(namespace[0]["metadata"]["name"], agent::NAMESPACE);
+}
+
+const KUSTOMIZATION_HEADER: &str = "\
+# The images' registry and tag come from kt_proto::images, as deploy/images.env does
+# (tests/scripts/images.sh builds them). `images:` is generated:
+#   KT_BLESS=1 cargo test -p kt-proto --test deploy
+# To take the images from another registry, use an overlay (overlays/private-registry).
+";
+
+/// The base's kustomize `images:`: the DaemonSet's placeholder `kt-node-agent` becomes
+/// `<REGISTRY>/kt-node-agent:<TAG>`.
+fn generated_images() -> Value {
+    json!([{
+        "name": images::AGENT,
+        "newName": format!("{}/{}", images::REGISTRY, images::AGENT),
+        "newTag": images::TAG,
+    }])
+}
+
+/// `deploy/images.env`: what tests/scripts/images.sh names the images it builds (a shell
+/// file it sources, so the script needs no YAML parser).
+fn generated_images_env() -> String {
+    format!(
+        "# Generated from kt_proto::images (KT_BLESS=1 cargo test -p kt-proto --test deploy):\n\
+         # the names tests/scripts/images.sh gives the images it builds.\n\
+         REGISTRY={}\nAGENT_IMAGE={}\nSHADOW_IMAGE={}\nTAG={}\n",
+        images::REGISTRY,
+        images::AGENT,
+        images::SHADOW,
+        images::TAG
+    )
+}
+
+#[test]
+fn the_image_names_in_deploy_are_kt_protos() {
+    let path = deploy_file("kustomization.yaml");
+    if std::env::var_os("KT_BLESS").is_some() {
+        let mut kustomization = documents_at(&path).remove(0);
+        kustomization["images"] = generated_images();
+        let yaml = serde_yaml::to_string(&kustomization).expect("kustomization as YAML");
+        std::fs::write(&path, format!("{KUSTOMIZATION_HEADER}{yaml}"))
+            .expect("kustomization.yaml written");
+        std::fs::write(deploy_path("images.env"), generated_images_env())
+            .expect("images.env written");
+    }
+    let bless = "regenerate it with KT_BLESS=1 cargo test -p kt-proto --test deploy";
+    let kustomization = documents_at(&path).remove(0);
+    assert_eq!(
+        kustomization["images"],
+        generated_images(),
+        "deploy/base/kustomization.yaml's images differ from kt_proto::images; {bless}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(deploy_path("images.env")).expect("deploy/images.env reads"),
+        generated_images_env(),
+        "deploy/images.env differs from kt_proto::images; {bless}"
+    );
+    // The DaemonSet names the placeholder the `images:` entry replaces.
+    let docs = documents("daemonset.yaml");
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["containers"][0]["image"],
+        images::AGENT
+    );
+    // The private-registry overlay rewrites the name the base produces.
+    let overlay = documents_at(&deploy_path("overlays/private-registry/kustomization.yaml"));
+    assert_eq!(
+        overlay[0]["images"][0]["name"],
+        format!("{}/{}", images::REGISTRY, images::AGENT)
+    );
 }

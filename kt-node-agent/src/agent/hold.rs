@@ -132,12 +132,13 @@ pub async fn serve(
     crate::ssh_server::serve(
         listener,
         shutdown,
-        |peer, tasks, cancel| Holder {
+        |peer, tasks, cancel, logged_in| Holder {
             peer,
             context: context.clone(),
             held: None,
             tasks,
             cancel,
+            logged_in,
         },
         |peer| {
             tracing::info_span!(
@@ -159,6 +160,8 @@ struct Holder {
     tasks: TaskTracker,
     /// Cancelled when the connection ends: stops listeners and the renewal, clears status.
     cancel: CancellationToken,
+    /// Told on login (`auth_succeeded`): frees the connection's pre-login slot.
+    logged_in: crate::ssh_server::LoggedIn,
 }
 
 struct Held {
@@ -281,6 +284,11 @@ impl Holder {
 
 impl Handler for Holder {
     type Error = HoldError;
+
+    async fn auth_succeeded(&mut self, _: &mut Session) -> Result<(), Self::Error> {
+        self.logged_in.done();
+        Ok(())
+    }
 
     async fn auth_publickey(
         &mut self,

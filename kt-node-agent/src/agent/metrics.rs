@@ -9,7 +9,9 @@
 //!   listeners (`to_workstation`, `from_workstation`), counted as each connection ends;
 //! - `kt_agent_connect_refused_total` (counter): `connect` sessions' connections and UDP
 //!   relays to destinations the egress rule refuses;
-//! - `kt_agent_sessions_collected_total` (counter): dead sessions this agent deleted.
+//! - `kt_agent_sessions_collected_total` (counter): dead sessions this agent deleted;
+//! - `kt_agent_reconcile_seconds` (histogram): how long each reconcile pass took, from
+//!   reading the watch caches to the map written ([`reconcile_histogram`]'s buckets).
 //!
 //! The first four are read from the redirect map and the eBPF per-CPU maps at scrape time.
 
@@ -28,6 +30,7 @@ use prometheus_client::{
         counter::{ConstCounter, Counter},
         family::Family,
         gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
 };
@@ -37,6 +40,13 @@ use super::map::RedirectMap;
 /// The registry `/metrics` encodes.
 pub(crate) struct Metrics {
     registry: Registry,
+}
+
+/// `kt_agent_reconcile_seconds`'s histogram: 16 buckets from 100 µs doubling up to 3.3 s
+/// (a pass over a small cluster takes well under a millisecond; issue 17 asks for a p99
+/// under 5 ms at 10 000 Services, so the buckets around it are a factor 2 apart).
+pub(crate) fn reconcile_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
 }
 
 /// `kt_agent_tunnel_bytes_total`, as the hold server adds to it.
@@ -58,18 +68,20 @@ impl TunnelBytes {
 
 impl Metrics {
     /// The agent's metrics over `map` (read at scrape time), `tunnel_bytes`,
-    /// `connect_refused` and `sessions_collected`.
+    /// `connect_refused`, `sessions_collected` and `reconcile_seconds`.
     pub(crate) fn new(
         map: Arc<Mutex<RedirectMap>>,
         tunnel_bytes: &TunnelBytes,
         connect_refused: &Counter,
         sessions_collected: &Counter,
+        reconcile_seconds: &Histogram,
     ) -> Self {
         Self::with_map_collector(
             Box::new(MapCollector(map)),
             tunnel_bytes,
             connect_refused,
             sessions_collected,
+            reconcile_seconds,
         )
     }
 
@@ -80,6 +92,7 @@ impl Metrics {
         tunnel_bytes: &TunnelBytes,
         connect_refused: &Counter,
         sessions_collected: &Counter,
+        reconcile_seconds: &Histogram,
     ) -> Self {
         let mut registry = Registry::default();
         registry.register_collector(map);
@@ -97,6 +110,11 @@ impl Metrics {
             "kt_agent_sessions_collected",
             "Sessions nobody held for their grace period, deleted by this agent",
             sessions_collected.clone(),
+        );
+        registry.register(
+            "kt_agent_reconcile_seconds",
+            "How long each reconcile pass took",
+            reconcile_seconds.clone(),
         );
         Self { registry }
     }
@@ -234,9 +252,12 @@ mod tests {
         let (refused, collected) = (Counter::default(), Counter::default());
         refused.inc();
         collected.inc();
-        let text = Metrics::with_map_collector(Box::new(Fixed), &bytes, &refused, &collected)
-            .encode()
-            .expect("metrics encode");
+        let reconcile = reconcile_histogram();
+        reconcile.observe(0.000_3);
+        let text =
+            Metrics::with_map_collector(Box::new(Fixed), &bytes, &refused, &collected, &reconcile)
+                .encode()
+                .expect("metrics encode");
         let mut names: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let end = line.find(['{', ' ']).unwrap_or(line.len());
@@ -311,6 +332,9 @@ mod tests {
             "kt_agent_tunnel_bytes_total",
             "kt_agent_connect_refused_total",
             "kt_agent_sessions_collected_total",
+            "kt_agent_reconcile_seconds_bucket",
+            "kt_agent_reconcile_seconds_count",
+            "kt_agent_reconcile_seconds_sum",
         ] {
             assert!(exported.contains_key(name), "{name} not in {exported:?}");
         }

@@ -149,6 +149,21 @@ impl Background {
     }
 }
 
+/// Stops every run in `runs` like Ctrl-C at once (all signalled first, so their cleanups
+/// overlap), then waits for each; their exit statuses and logs, in `runs`' order.
+pub fn interrupt_all(runs: Vec<Background>) -> Vec<(ExitStatus, String)> {
+    for run in &runs {
+        // SAFETY: signalling a process this harness started.
+        unsafe { libc::kill(run.child.id() as i32, libc::SIGINT) };
+    }
+    runs.into_iter()
+        .map(|mut run| {
+            let status = run.child.wait().expect("wait");
+            (status, run.log())
+        })
+        .collect()
+}
+
 impl Drop for Background {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod hostile;
 mod http;
 
 use clap::{Parser, Subcommand};
@@ -112,6 +113,22 @@ enum Tool {
     /// tunnel and `closed host:port up=BYTES down=BYTES` when it ends. Any other method
     /// gets 405.
     ConnectProxy { listen: String },
+    /// Holds hostile connections against each ADDR for SECONDS — GARBAGE sending random
+    /// bytes, SLOWLORIS sending a line one byte at a time, IDLE sending nothing — and
+    /// prints `ready …` once all are tried, then, per kind and address, how many the server
+    /// closed and when (`hostile.rs`). Raises its own RLIMIT_NOFILE to the hard limit.
+    Hostile {
+        #[arg(required = true)]
+        addrs: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        garbage: usize,
+        #[arg(long, default_value_t = 0)]
+        slowloris: usize,
+        #[arg(long, default_value_t = 0)]
+        idle: usize,
+        #[arg(long)]
+        seconds: f64,
+    },
 }
 
 type Result<T = (), E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
@@ -169,6 +186,22 @@ fn main() -> ExitCode {
                 header,
             } => http::load(&addr, connections, seconds, &header).await,
             Tool::ConnectProxy { listen } => connect_proxy(&listen).await,
+            Tool::Hostile {
+                addrs,
+                garbage,
+                slowloris,
+                idle,
+                seconds,
+            } => {
+                hostile::run(
+                    &addrs,
+                    garbage,
+                    slowloris,
+                    idle,
+                    Duration::from_secs_f64(seconds),
+                )
+                .await
+            }
         }
     };
     let result = tokio::runtime::Builder::new_multi_thread()

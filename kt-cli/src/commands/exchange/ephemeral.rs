@@ -94,7 +94,7 @@ pub enum EphemeralError {
 pub fn navigator_image(shadow_image: &str) -> String {
     for (shadow, navigator) in [
         ("kt-connect-shadow", "kt-connect-navigator"),
-        ("kt-shadow", "kt-navigator"),
+        (kt_proto::images::SHADOW, "kt-navigator"),
     ] {
         if let Some(at) = shadow_image.rfind(shadow) {
             return format!(
