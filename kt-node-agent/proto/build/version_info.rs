@@ -24,7 +24,7 @@ fn emit_version_info() {
     // build, which reran this script (and rebuilt the crate and all that depends on it) each
     // time in a checkout without packed-refs.
     let watch = |path: String| {
-        if std::path::Path::new(&path).exists() {
+        if std::fs::metadata(&path).is_ok() {
             println!("cargo:rerun-if-changed={path}");
         }
     };
