@@ -40,6 +40,8 @@ apt_packages=(
     gcc-mingw-w64-x86-64   # kt-cli checked for Windows (x86_64-pc-windows-gnu)
     buildah         # tests/run targets: kt's OCI images (tests/scripts/images.sh)
     jq              # tests/run targets: reads the image archives' index, manifests and configs
+    qemu-user       # tests/run targets: runs the aarch64 binaries (qemu-aarch64, called by name;
+                    # no binfmt registration: its recommended qemu-user-binfmt is not installed)
 )
 
 # What `tests/run targets` builds and checks kt-cli for besides this machine's target.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `tests/run targets`: ktctl and kt-node-agent as static binaries for x86_64 and aarch64
-# Linux (musl), each checked with `file` to be statically linked and the x86_64 ones run for
-# `--version`; kt's OCI images built from them and checked (tests/scripts/images.sh); and
+# Linux (musl), each checked with `file` to be statically linked and run for `--version`
+# (aarch64 under qemu-aarch64, user-mode emulation); kt's OCI images built from them and checked (tests/scripts/images.sh); and
 # kt-cli type-checked for macOS and Windows (x86_64; GNU ABI on Windows), whose builds are
 # not run here (the target_os cfgs are what differs; one architecture each keeps CI short).
 # Binaries land in target/<triple>/release/ (or $CARGO_TARGET_DIR/<triple>/release/), the
@@ -46,14 +46,18 @@ for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
     done
 done
 
-for name in ktctl kt-node-agent; do
-    version=$("$target_dir/x86_64-unknown-linux-musl/release/$name" --version)
-    log "$version"
-    case "$name:$version" in
-        "ktctl:ktctl version "*", x86_64-unknown-linux-musl)") ;;
-        "kt-node-agent:kt-node-agent "*", x86_64-unknown-linux-musl)") ;;
-        *) echo "unexpected --version of the static $name: $version" >&2; exit 1 ;;
-    esac
+for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+    emulator=()
+    [ "$target" = aarch64-unknown-linux-musl ] && emulator=(qemu-aarch64)
+    for name in ktctl kt-node-agent; do
+        version=$("${emulator[@]}" "$target_dir/$target/release/$name" --version)
+        log "$version"
+        case "$name:$version" in
+            "ktctl:ktctl version "*", $target)") ;;
+            "kt-node-agent:kt-node-agent "*", $target)") ;;
+            *) echo "unexpected --version of the static $name: $version" >&2; exit 1 ;;
+        esac
+    done
 done
 
 # The images, from the agent binaries just built.
