@@ -679,17 +679,10 @@ async fn ktctl_exchange_in_agent_mode_touches_nothing_and_ends_with_ktctl() {
     let before = workload();
     let ktctl = bins::ktctl();
     let exchange = || {
-        Background::spawn(
+        Background::ktctl_with_env(
             &tb,
-            Path::new("env"),
-            &[
-                "USER=alice",
-                ktctl.to_str().unwrap(),
-                "exchange",
-                "web",
-                "--expose",
-                "18090:80",
-            ],
+            &["USER=alice"],
+            &["exchange", "web", "--expose", "18090:80"],
         )
     };
 
@@ -827,13 +820,11 @@ async fn a_killed_ktctls_session_is_collected_and_a_clock_an_hour_off_changes_no
     );
     replace_agents(&tb);
     let _app = workstation::http_echo(&tb, 18090).await;
-    let ktctl = bins::ktctl();
     let hour_ahead = workstation::clock_off("+1h");
     let skewed_ktctl = |args: &[&str]| {
-        let mut all: Vec<&str> = hour_ahead.iter().map(String::as_str).collect();
-        all.extend(["USER=alice", ktctl.to_str().unwrap()]);
-        all.extend(args);
-        Background::spawn(&tb, Path::new("env"), &all)
+        let mut env: Vec<&str> = hour_ahead.iter().map(String::as_str).collect();
+        env.push("USER=alice");
+        Background::ktctl_with_env(&tb, &env, args)
     };
     let sessions: Api<KtSession> = Api::namespaced(tb.client().await, "default");
     let session_names = async || {

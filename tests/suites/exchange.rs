@@ -329,7 +329,6 @@ async fn shadow_flags_show_on_the_shadow_deployment_and_the_router_pod() {
     );
     let before = kubectl_ok(&tb.kubeconfig, &["get", "deploy,pods,cm,svc", "-o", "name"]);
     let _app = workstation::http_echo(&tb, 18090).await;
-    let ktctl = bins::ktctl();
     let flags = [
         "--useShadowDeployment",
         "--podQuota",
@@ -347,10 +346,9 @@ async fn shadow_flags_show_on_the_shadow_deployment_and_the_router_pod() {
         "note=x",
     ];
     let run = |command: &[&str]| {
-        let mut args = vec!["USER=alice", bins::utf8(&ktctl)];
-        args.extend_from_slice(command);
+        let mut args = command.to_vec();
         args.extend_from_slice(&flags);
-        Background::spawn(&tb, Path::new("env"), &args)
+        Background::ktctl_with_env(&tb, &["USER=alice"], &args)
     };
 
     let mut exchange = run(&[
@@ -863,19 +861,11 @@ async fn recover_of_a_live_selector_exchange_ends_it_and_the_service_stays_resto
     deploy_web(&tb);
     let before = service_state(&tb, "web");
     let app = workstation::http_echo(&tb, 18090).await;
-    let ktctl = bins::ktctl();
-    let mut exchange = Background::spawn(
+    let mut exchange = Background::ktctl_with_env(
         &tb,
-        Path::new("env"),
+        &["USER=alice"],
         &[
-            "USER=alice",
-            bins::utf8(&ktctl),
-            "exchange",
-            "web",
-            "--expose",
-            "18090:80",
-            "--mode",
-            "selector",
+            "exchange", "web", "--expose", "18090:80", "--mode", "selector",
         ],
     );
     exchange

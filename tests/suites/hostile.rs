@@ -8,7 +8,6 @@
 
 use std::{
     io::BufRead as _,
-    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -109,19 +108,11 @@ impl Sampler {
 
 /// `ktctl exchange web` in agent mode: the running exchange and the time to its banner.
 async fn exchange(tb: &Testbed) -> (Background, Duration) {
-    let ktctl = bins::ktctl();
     let started = Instant::now();
-    let mut running = Background::spawn(
+    let mut running = Background::ktctl_with_env(
         tb,
-        Path::new("env"),
-        &[
-            "USER=alice",
-            bins::utf8(&ktctl),
-            "exchange",
-            "web",
-            "--expose",
-            "18090:80",
-        ],
+        &["USER=alice"],
+        &["exchange", "web", "--expose", "18090:80"],
     );
     running
         .wait_for(" Now all request to service 'web' will be redirected to local")

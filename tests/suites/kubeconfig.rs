@@ -178,20 +178,10 @@ async fn an_exec_plugin_kubeconfig_keeps_forward_and_exchange_working_across_tok
     // restores it with a fresh token.
     let before = service_state(&tb, "web");
     let app = workstation::http_echo(&tb, 18090).await;
-    let ktctl = bins::ktctl();
-    let mut exchange = Background::spawn(
+    let mut exchange = Background::ktctl_with_env(
         &tb,
-        Path::new("env"),
-        &[
-            "USER=alice",
-            utf8(&ktctl),
-            "-c",
-            kc,
-            "exchange",
-            "web",
-            "--expose",
-            "18090:80",
-        ],
+        &["USER=alice"],
+        &["-c", kc, "exchange", "web", "--expose", "18090:80"],
     );
     exchange
         .wait_for(" Now all request to service 'web' will be redirected to local")
@@ -340,20 +330,10 @@ async fn an_http_proxy_carries_the_api_requests_and_the_port_forward_unless_no_p
     let app = workstation::http_echo(&tb, 18090).await;
     let ktctl = bins::ktctl();
     let https_proxy = format!("HTTPS_PROXY=http://{PROXY}");
-    let mut exchange = Background::spawn(
+    let mut exchange = Background::ktctl_with_env(
         &tb,
-        Path::new("env"),
-        &[
-            &https_proxy,
-            "USER=alice",
-            utf8(&ktctl),
-            "-c",
-            plain,
-            "exchange",
-            "web",
-            "--expose",
-            "18090:80",
-        ],
+        &[&https_proxy, "USER=alice"],
+        &["-c", plain, "exchange", "web", "--expose", "18090:80"],
     );
     exchange
         .wait_for(" Now all request to service 'web' will be redirected to local")

@@ -4,7 +4,7 @@
 //! `recover` and `clean`; `clean --dryRun` lists and changes nothing; `birdseye` names every
 //! holder in v0.3.7's words; a `clean` whose clock is an hour ahead deletes nothing alive.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use kt_proto::session::KtSession;
 use kt_testbed::cluster::Testbed;
@@ -315,7 +315,6 @@ async fn recover_and_clean_put_back_what_killed_ktctls_and_the_go_ktctl_left() {
     go_leftovers_restored(&tb).await;
 
     // kt's own, left by kill -9: put back by recover, then by clean.
-    let ktctl = bins::ktctl();
     let runs: [(&[&str], &str, &str); 3] = [
         (
             &[
@@ -355,9 +354,7 @@ async fn recover_and_clean_put_back_what_killed_ktctls_and_the_go_ktctl_left() {
     ];
     for fixer in ["recover", "clean"] {
         for (args, banner, state) in runs {
-            let mut all = vec!["USER=alice", bins::utf8(&ktctl)];
-            all.extend_from_slice(args);
-            let mut run = Background::spawn(&tb, Path::new("env"), &all);
+            let mut run = Background::ktctl_with_env(&tb, &["USER=alice"], args);
             run.wait_for(banner).await;
             run.kill();
             let left = (
@@ -436,10 +433,7 @@ async fn birdseye_names_live_holders_and_clean_an_hour_ahead_deletes_only_leftov
     ];
     let ktctl = bins::ktctl();
     let start = |user: &str, args: &[&str]| {
-        let user = format!("USER={user}");
-        let mut all = vec![user.as_str(), bins::utf8(&ktctl)];
-        all.extend_from_slice(args);
-        Background::spawn(&tb, Path::new("env"), &all)
+        Background::ktctl_with_env(&tb, &[&format!("USER={user}")], args)
     };
     let mut alice = start(
         "alice",

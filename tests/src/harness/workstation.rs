@@ -94,6 +94,16 @@ impl Background {
         Self::spawn(tb, &bins::ktctl(), args)
     }
 
+    /// ktctl with `args` under `env` (`NAME=value` items, through `env(1)`: `USER=alice`
+    /// names the developer, as [`ktctl_once`] takes them).
+    pub fn ktctl_with_env(tb: &Testbed, env: &[&str], args: &[&str]) -> Self {
+        let ktctl = bins::ktctl();
+        let mut all: Vec<&str> = env.to_vec();
+        all.push(bins::utf8(&ktctl));
+        all.extend(args);
+        Self::spawn(tb, Path::new("env"), &all)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
