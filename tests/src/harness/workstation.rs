@@ -151,9 +151,17 @@ impl Background {
     }
 
     /// Sends `signal` (SIGINT, SIGTERM, …) and waits for it to exit.
-    pub fn signal(mut self, signal: libc::c_int) -> (ExitStatus, String) {
+    pub fn signal(self, signal: libc::c_int) -> (ExitStatus, String) {
+        self.send(signal);
+        self.exited()
+    }
+
+    fn send(&self, signal: libc::c_int) {
         // SAFETY: signalling the process this harness started.
         unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    fn exited(mut self) -> (ExitStatus, String) {
         let status = self.child.wait().expect("wait");
         (status, self.log())
     }
@@ -163,15 +171,9 @@ impl Background {
 /// overlap), then waits for each; their exit statuses and logs, in `runs`' order.
 pub fn interrupt_all(runs: Vec<Background>) -> Vec<(ExitStatus, String)> {
     for run in &runs {
-        // SAFETY: signalling a process this harness started.
-        unsafe { libc::kill(run.child.id() as i32, libc::SIGINT) };
+        run.send(libc::SIGINT);
     }
-    runs.into_iter()
-        .map(|mut run| {
-            let status = run.child.wait().expect("wait");
-            (status, run.log())
-        })
-        .collect()
+    runs.into_iter().map(Background::exited).collect()
 }
 
 impl Drop for Background {
