@@ -448,6 +448,25 @@ async fn request_response(addr: &str, count: usize, size: usize) -> Result {
     Ok(())
 }
 
+/// Copies `from` to `to` until end of stream or the first error, then shuts `to` down (a
+/// half-close, so the other direction can finish). Returns the bytes written.
+async fn copy_counted(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+) -> u64 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buffer = vec![0; 64 * 1024];
+    let mut copied = 0;
+    while let Ok(n @ 1..) = from.read(&mut buffer).await {
+        if to.write_all(&buffer[..n]).await.is_err() {
+            break;
+        }
+        copied += n as u64;
+    }
+    let _ = to.shutdown().await;
+    copied
+}
+
 /// `kt-tools connect-proxy`: see [`Tool::ConnectProxy`]. Lines go to stdout as they happen.
 async fn connect_proxy(listen: &str) -> Result {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -496,9 +515,15 @@ async fn connect_proxy(listen: &str) -> Result {
             {
                 return;
             }
-            let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut upstream)
-                .await
-                .unwrap_or_default();
+            // Counted per direction up to the end or the first error: a tunnel that ends
+            // with a reset (ktctl interrupted) still carried its bytes, which
+            // `copy_bidirectional` would report as none.
+            let (client_read, client_write) = client.split();
+            let (upstream_read, upstream_write) = upstream.split();
+            let (up, down) = tokio::join!(
+                copy_counted(client_read, upstream_write),
+                copy_counted(upstream_read, client_write)
+            );
             println!("closed {target} up={up} down={down}");
         });
     }
