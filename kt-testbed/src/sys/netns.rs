@@ -63,6 +63,11 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        // A testbed dropped without `stop` sweeps its pods' namespaces before the abandoned
+        // pod tasks (which own these) are dropped with the runtime: already gone is done.
+        if !exists(&self.name) {
+            return;
+        }
         if let Err(error) = run_checked(Command::new("ip").args(["netns", "del", &self.name])) {
             eprintln!("warning: failed to delete netns {}: {error}", self.name);
         }
