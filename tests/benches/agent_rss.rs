@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use futures::{StreamExt as _, stream};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kt_proto::session::KtSession;
 use kt_testbed::{cluster::Testbed, topology::node_ip};
 use kt_tests::harness::{
@@ -24,6 +24,11 @@ const SESSIONS: usize = 100;
 
 fn main() {
     run_bench("agent RSS", run());
+}
+
+/// The listener port session `i` says node-1's agent opened for it.
+fn listener_port(i: usize) -> usize {
+    40_000 + i
 }
 
 /// VmRSS in KiB of every agent process of this testbed.
@@ -83,8 +88,12 @@ async fn run() {
     let sessions: Api<KtSession> = Api::namespaced(client, "default");
     let started = std::time::Instant::now();
     create_services(&services, SERVICES).await;
-    stream::iter(0..SESSIONS)
-        .for_each_concurrent(16, |i| {
+    // Created first, then vouched for as node-1's agent would: its record (the ConfigMap
+    // every agent trusts, `kt_node_agent::agent::trust`) lists every session with its
+    // listener, and only then are the statuses written; a status no record lists redirects
+    // nothing.
+    let held: Vec<serde_json::Value> = stream::iter(0..SESSIONS)
+        .map(|i| {
             let sessions = sessions.clone();
             async move {
                 let name = format!("s{i}-bench");
@@ -96,17 +105,45 @@ async fn run() {
                              "publicKey": "ssh-ed25519 AAAA bench", "leaseSeconds": 3600}
                 }))
                 .expect("session");
-                sessions
+                let created = sessions
                     .create(&PostParams::default(), &session)
                     .await
                     .expect("created");
+                json!({"namespace": "default", "name": name, "uid": created.metadata.uid,
+                       "listeners": [{"port": 80, "listenerPort": listener_port(i)}]})
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let record = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "kt-node-agent-node-1", "namespace": "kt-system",
+                     "labels": {"kt.dev/agent-record": "node-1"}},
+        "data": {"node": "node-1", "sessions": serde_json::Value::from(held).to_string()}});
+    let records: Api<ConfigMap> = Api::namespaced(tb.client().await, "kt-system");
+    records
+        .patch(
+            "kt-node-agent-node-1",
+            &PatchParams::apply("kt-bench").force(),
+            &Patch::Apply(&record),
+        )
+        .await
+        .expect("agent record written");
+    stream::iter(0..SESSIONS)
+        .for_each_concurrent(16, |i| {
+            let sessions = sessions.clone();
+            async move {
                 let status = json!({"status": {
                     "node": "node-1", "address": node_ip(1).to_string(),
-                    "listeners": [{"port": 80, "listenerPort": 40000 + i}],
+                    "listeners": [{"port": 80, "listenerPort": listener_port(i)}],
                     "renewTime": chrono::Utc::now(),
                 }});
                 sessions
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                    .patch_status(
+                        &format!("s{i}-bench"),
+                        &PatchParams::default(),
+                        &Patch::Merge(&status),
+                    )
                     .await
                     .expect("status");
             }
