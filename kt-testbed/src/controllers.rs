@@ -18,37 +18,84 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     api::errors::ApiError,
     api::resources::ResourceType,
-    api::store::{DeleteOptions, Part, Store},
+    api::store::{DeleteOptions, Event, Part, Store},
 };
+
+/// Which changes a controller's passes follow.
+#[derive(Clone, Copy)]
+struct Interests {
+    /// Types whose changes start a pass at once; empty: every type.
+    now: &'static [(&'static str, &'static str)],
+    /// For a controller whose pass is a function of these types alone (no clock in it):
+    /// the periodic resync runs only if one of them changed since the last pass. `None`:
+    /// it runs every time (passes that look at the clock, or everything). With 10 000
+    /// Services a pass of the endpoints controller is a few hundred milliseconds; one each
+    /// second whether or not anything changed would keep a core busy.
+    resync_on: Option<&'static [(&'static str, &'static str)]>,
+}
+
+impl Interests {
+    fn always(now: &'static [(&'static str, &'static str)]) -> Self {
+        Self {
+            now,
+            resync_on: None,
+        }
+    }
+
+    fn names(types: &[(&str, &str)], ev: &Event) -> bool {
+        types.is_empty() || types.iter().any(|(g, p)| ev.group == *g && ev.plural == *p)
+    }
+}
 
 /// Starts every controller as a tracked task.
 pub fn spawn_all(store: &Arc<Store>, tasks: &TaskTracker, shutdown: &CancellationToken) {
     type Reconcile = fn(&Ctl);
-    let all: [(&'static [(&'static str, &'static str)], Reconcile); 8] = [
+    let all: [(Interests, Reconcile); 9] = [
         (
-            &[
+            Interests::always(&[
                 ("apps", "deployments"),
                 ("apps", "replicasets"),
                 ("", "pods"),
-            ],
+            ]),
             workloads::deployments,
         ),
         (
-            &[("apps", "replicasets"), ("", "pods")],
+            Interests::always(&[("apps", "replicasets"), ("", "pods")]),
             workloads::replicasets,
         ),
         (
-            &[("apps", "daemonsets"), ("", "pods"), ("", "nodes")],
+            Interests::always(&[("apps", "daemonsets"), ("", "pods"), ("", "nodes")]),
             workloads::daemonsets,
         ),
         (
-            &[("apps", "statefulsets"), ("", "pods")],
+            Interests::always(&[("apps", "statefulsets"), ("", "pods")]),
             workloads::statefulsets,
         ),
-        (&[("batch", "jobs"), ("", "pods")], workloads::jobs),
-        (&[("", "pods"), ("", "nodes")], scheduler::schedule),
-        (&[("", "services"), ("", "pods")], endpoints::reconcile),
-        (&[("", "namespaces")], gc::namespaces),
+        (
+            Interests::always(&[("batch", "jobs"), ("", "pods")]),
+            workloads::jobs,
+        ),
+        (
+            Interests::always(&[("", "pods"), ("", "nodes")]),
+            scheduler::schedule,
+        ),
+        (
+            Interests {
+                now: &[("", "services"), ("", "pods")],
+                // What a pass reads: hand-written Endpoints are mirrored, and a managed
+                // Endpoints or slice someone changed is put back, within a resync.
+                resync_on: Some(&[
+                    ("", "services"),
+                    ("", "pods"),
+                    ("", "endpoints"),
+                    ("discovery.k8s.io", "endpointslices"),
+                ]),
+            },
+            endpoints::reconcile,
+        ),
+        (Interests::always(&[("", "namespaces")]), gc::namespaces),
+        // The garbage collector cares about every type.
+        (Interests::always(&[]), gc::collect),
     ];
     for (interests, reconcile) in all {
         let ctl = Ctl {
@@ -56,41 +103,47 @@ pub fn spawn_all(store: &Arc<Store>, tasks: &TaskTracker, shutdown: &Cancellatio
         };
         tasks.spawn(run(ctl, interests, reconcile, shutdown.clone()));
     }
-    // The garbage collector cares about every type.
-    tasks.spawn(run(
-        Ctl {
-            store: store.clone(),
-        },
-        &[],
-        gc::collect,
-        shutdown.clone(),
-    ));
 }
 
-/// Reconciles on start, on every relevant change (batched), and every second.
-async fn run(
-    ctl: Ctl,
-    interests: &'static [(&'static str, &'static str)],
-    reconcile: fn(&Ctl),
-    shutdown: CancellationToken,
-) {
+/// Reconciles on start, on every relevant change (batched), and every second (see
+/// [`Interests::resync_on`]).
+async fn run(ctl: Ctl, interests: Interests, reconcile: fn(&Ctl), shutdown: CancellationToken) {
     let mut rx = ctl.store.subscribe();
-    reconcile(&ctl);
+    let ctl = Arc::new(ctl);
+    pass(&ctl, reconcile).await;
     let mut resync = tokio::time::interval(Duration::from_secs(1));
+    // Whether something a resync would look at changed since the last pass.
+    let mut changed = false;
     loop {
         let relevant = tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = resync.tick() => true,
+            _ = resync.tick() => changed || interests.resync_on.is_none(),
             ev = rx.recv() => match ev {
-                Ok(ev) => interests.is_empty() || interests.iter().any(|(g, p)| ev.group == *g && ev.plural == *p),
+                Ok(ev) => {
+                    changed |= interests.resync_on.is_some_and(|types| Interests::names(types, &ev));
+                    Interests::names(interests.now, &ev)
+                }
                 Err(RecvError::Lagged(_)) => true,
                 Err(RecvError::Closed) => return,
             },
         };
         if relevant {
             while rx.try_recv().is_ok() {}
-            reconcile(&ctl);
+            changed = false;
+            pass(&ctl, reconcile).await;
         }
+    }
+}
+
+/// One reconcile pass: synchronous work over the whole store (tens of milliseconds with
+/// 10 000 Services), so on the blocking pool, where it cannot hold up the two runtime
+/// workers that serve the API. A panic in the pass resumes here.
+async fn pass(ctl: &Arc<Ctl>, reconcile: fn(&Ctl)) {
+    let ctl = ctl.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || reconcile(&ctl)).await
+        && e.is_panic()
+    {
+        std::panic::resume_unwind(e.into_panic());
     }
 }
 

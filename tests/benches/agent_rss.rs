@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kt_proto::session::KtSession;
 use kt_testbed::{cluster::Testbed, topology::node_ip};
 use kt_tests::harness::{
-    apps::{create_services, deploy_web, in_pod, install_agent, start_testbed},
+    apps::{agent_rss, create_services, deploy_web, in_pod, install_agent, start_testbed},
     eventually::poll_within,
     results::Results,
     run_bench,
@@ -29,33 +29,6 @@ fn main() {
 /// The listener port session `i` says node-1's agent opened for it.
 fn listener_port(i: usize) -> usize {
     40_000 + i
-}
-
-/// VmRSS in KiB of every agent process of this testbed.
-fn agent_rss(tb: &Testbed) -> Vec<u64> {
-    let prefix = &tb.topology().prefix;
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let path = entry.path();
-        let cmdline = std::fs::read(path.join("cmdline")).unwrap_or_default();
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_agent = args.first().is_some_and(|a| a.ends_with(b"kt-node-agent"))
-            && args.get(1) == Some(&&b"agent"[..]);
-        let ours = std::fs::read_to_string(path.join("cgroup"))
-            .is_ok_and(|c| c.contains(&format!("/{}", prefix.trim_end_matches('-'))));
-        if is_agent && ours {
-            let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
-            if let Some(kib) = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            {
-                out.push(kib);
-            }
-        }
-    }
-    out.sort_unstable();
-    out
 }
 
 /// Waits until both agents report `entries` redirect entries.

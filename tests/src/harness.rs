@@ -6,6 +6,7 @@ pub mod bins;
 pub mod echo_bench;
 pub mod eventually;
 pub mod kubectl;
+pub mod metrics;
 pub mod own_programs;
 pub mod probe;
 pub mod results;

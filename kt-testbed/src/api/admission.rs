@@ -2,7 +2,10 @@
 //! node-port allocation, pod and workload defaults, immutable fields. Pure functions over
 //! JSON; the store supplies what is already allocated.
 
-use std::{collections::HashSet, net::Ipv4Addr};
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use serde_json::{Value, json};
 
@@ -15,11 +18,77 @@ pub const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
 /// Field errors: `(field path, message)`.
 pub type Causes = Vec<(String, String)>;
 
-/// What is taken when a Service is created.
-#[derive(Default)]
+/// The ClusterIPs and node ports the stored Services hold, kept up to date by the store on
+/// every Service write ([`Allocated::add`], [`Allocated::remove`]) so that a create costs
+/// the same with 10 Services as with 10 000 (the API server's allocators are bitmaps, not
+/// scans of the Services). Counts, not sets: two Services may name the same node port
+/// explicitly, and deleting one must not free it for the other.
+#[derive(Debug, Default)]
 pub struct Allocated {
-    pub cluster_ips: HashSet<Ipv4Addr>,
-    pub node_ports: HashSet<u16>,
+    cluster_ips: HashMap<Ipv4Addr, usize>,
+    node_ports: HashMap<u16, usize>,
+    /// Where the next free-address search starts: just after the newest allocation, so a
+    /// run of creates is O(1) each instead of a scan from the range's start.
+    next_ip: u32,
+}
+
+impl Allocated {
+    /// Counts what Service `svc` (stored JSON) holds: its `spec.clusterIP` and every
+    /// `spec.ports[].nodePort`.
+    pub fn add(&mut self, svc: &Value) {
+        if let Some(ip) = service_ip(svc) {
+            *self.cluster_ips.entry(ip).or_default() += 1;
+            self.next_ip = ip_index(ip) + 1;
+        }
+        for port in node_ports(svc) {
+            *self.node_ports.entry(port).or_default() += 1;
+        }
+    }
+
+    /// Releases what [`Allocated::add`] counted for the same object.
+    pub fn remove(&mut self, svc: &Value) {
+        fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: K) {
+            if let Some(count) = map.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    map.remove(&key);
+                }
+            }
+        }
+        if let Some(ip) = service_ip(svc) {
+            release(&mut self.cluster_ips, ip);
+        }
+        for port in node_ports(svc) {
+            release(&mut self.node_ports, port);
+        }
+    }
+
+    /// Whether a Service holds `ip`.
+    pub fn has_ip(&self, ip: Ipv4Addr) -> bool {
+        self.cluster_ips.contains_key(&ip)
+    }
+
+    /// Whether a Service holds node port `port`.
+    pub fn has_node_port(&self, port: u16) -> bool {
+        self.node_ports.contains_key(&port)
+    }
+}
+
+fn service_ip(svc: &Value) -> Option<Ipv4Addr> {
+    svc["spec"]["clusterIP"].as_str()?.parse().ok()
+}
+
+fn node_ports(svc: &Value) -> impl Iterator<Item = u16> + '_ {
+    svc["spec"]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| u16::try_from(p["nodePort"].as_u64()?).ok())
+}
+
+/// The offset of `ip` in [`SERVICE_NET`] (its low 16 bits).
+fn ip_index(ip: Ipv4Addr) -> u32 {
+    u32::from(ip) & 0xffff
 }
 
 /// DNS-1123 subdomain (most names) or label (namespaces, services: also ≤ 63).
@@ -316,8 +385,8 @@ fn default_service(svc: &mut Value, taken: &Allocated) -> Causes {
     match spec.get("clusterIP").and_then(Value::as_str) {
         Some("None") => {}
         Some(ip) if !ip.is_empty() => match ip.parse::<Ipv4Addr>() {
-            Ok(addr) if addr.octets()[..2] == SERVICE_NET && !taken.cluster_ips.contains(&addr) => {}
-            Ok(addr) if taken.cluster_ips.contains(&addr) => causes.push((
+            Ok(addr) if addr.octets()[..2] == SERVICE_NET && !taken.has_ip(addr) => {}
+            Ok(addr) if taken.has_ip(addr) => causes.push((
                 "spec.clusterIPs".into(),
                 format!("Invalid value: []string{{\"{ip}\"}}: failed to allocate IP {ip}: provided IP is already allocated"),
             )),
@@ -337,7 +406,8 @@ fn default_service(svc: &mut Value, taken: &Allocated) -> Causes {
         spec["ipFamilies"] = json!(["IPv4"]);
         spec["ipFamilyPolicy"] = json!("SingleStack");
     }
-    let mut used_ports = taken.node_ports.clone();
+    // Node ports this create allocates (the store's count does not have them yet).
+    let mut used_ports = HashSet::new();
     let mut seen = HashSet::new();
     for (i, port) in spec["ports"]
         .as_array_mut()
@@ -360,7 +430,10 @@ fn default_service(svc: &mut Value, taken: &Allocated) -> Causes {
         if (kind == "NodePort" || kind == "LoadBalancer")
             && port.get("nodePort").is_none_or(Value::is_null)
         {
-            match NODE_PORT_RANGE.clone().find(|p| !used_ports.contains(p)) {
+            match NODE_PORT_RANGE
+                .clone()
+                .find(|p| !taken.has_node_port(*p) && !used_ports.contains(p))
+            {
                 Some(p) => {
                     used_ports.insert(p);
                     port["nodePort"] = json!(p);
@@ -383,10 +456,14 @@ fn default_service(svc: &mut Value, taken: &Allocated) -> Causes {
 }
 
 fn free_cluster_ip(taken: &Allocated) -> Option<Ipv4Addr> {
-    // Low addresses stay for fixed ones (kubernetes .0.1, kube-dns .0.10).
-    (256u32..65_535)
+    // Low addresses stay for fixed ones (kubernetes .0.1, kube-dns .0.10); the search
+    // starts after the newest allocation and wraps around.
+    const RANGE: std::ops::Range<u32> = 256..65_535;
+    let start = taken.next_ip.clamp(RANGE.start, RANGE.end);
+    (start..RANGE.end)
+        .chain(RANGE.start..start)
         .map(|n| Ipv4Addr::new(10, 96, (n >> 8) as u8, n as u8))
-        .find(|ip| !taken.cluster_ips.contains(ip))
+        .find(|ip| !taken.has_ip(*ip))
 }
 
 /// What an update may not change; `old` and `new` are whole objects.
@@ -609,13 +686,37 @@ mod tests {
             svc["spec"]["ports"][0],
             json!({"port": 80, "protocol": "TCP", "targetPort": 80})
         );
-        taken.cluster_ips.insert(ip);
+        taken.add(&svc);
         let mut clash = json!({"spec": {"clusterIP": ip.to_string(), "ports": [{"port": 1}]}});
         let causes = default_on_create(&rt("", "services"), &mut clash, &taken);
         assert!(causes[0].1.contains("already allocated"), "{causes:?}");
         let mut lb = json!({"spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}});
         default_on_create(&rt("", "services"), &mut lb, &taken);
         assert_eq!(lb["spec"]["ports"][0]["nodePort"], 30000);
+    }
+
+    #[test]
+    fn allocations_follow_adds_and_removes() {
+        let svc = |ip: &str, node_port: u16| json!({"spec": {"clusterIP": ip, "ports": [{"port": 80, "nodePort": node_port}]}});
+        let mut taken = Allocated::default();
+        let (a, b) = (svc("10.96.1.0", 30000), svc("10.96.1.1", 30000));
+        taken.add(&a);
+        taken.add(&b);
+        // The next free address follows the newest one, not the range's first free one.
+        let mut next = json!({"spec": {"ports": [{"port": 80}]}});
+        default_on_create(&rt("", "services"), &mut next, &taken);
+        assert_eq!(next["spec"]["clusterIP"], "10.96.1.2");
+        // Two Services named node port 30000: it stays taken until both are gone.
+        taken.remove(&a);
+        assert!(!taken.has_ip("10.96.1.0".parse().unwrap()));
+        assert!(taken.has_node_port(30000));
+        taken.remove(&b);
+        assert!(!taken.has_node_port(30000));
+        // At the range's end the search wraps to its start.
+        taken.add(&svc("10.96.255.254", 30001));
+        let mut wrapped = json!({"spec": {"ports": [{"port": 80}]}});
+        default_on_create(&rt("", "services"), &mut wrapped, &taken);
+        assert_eq!(wrapped["spec"]["clusterIP"], "10.96.1.0");
     }
 
     #[test]

@@ -4,7 +4,6 @@
 
 use std::{
     collections::{BTreeMap, HashSet, VecDeque},
-    net::Ipv4Addr,
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -60,6 +59,8 @@ struct Inner {
     history: VecDeque<Arc<Event>>,
     /// The newest revision no longer in the history: watches from at or before it get 410.
     compacted: u64,
+    /// What the stored Services hold (ClusterIPs, node ports), kept by [`Store::commit`].
+    allocated: admission::Allocated,
 }
 
 pub struct Store {
@@ -201,6 +202,7 @@ impl Store {
                 objects: BTreeMap::new(),
                 history: VecDeque::new(),
                 compacted: 0,
+                allocated: admission::Allocated::default(),
             }),
             events,
             history_limit: history_limit.max(1),
@@ -250,6 +252,14 @@ impl Store {
         let rev = inner.rev;
         let mut object = object;
         object["metadata"]["resourceVersion"] = json!(rev.to_string());
+        if key.0.is_empty() && key.1 == "services" {
+            if let Some(stored) = inner.objects.get(key) {
+                inner.allocated.remove(stored);
+            }
+            if kind != EventKind::Deleted {
+                inner.allocated.add(&object);
+            }
+        }
         match kind {
             EventKind::Deleted => {
                 inner.objects.remove(key);
@@ -359,34 +369,6 @@ impl Store {
         })
     }
 
-    fn allocated(inner: &Inner) -> admission::Allocated {
-        let mut taken = admission::Allocated::default();
-        let start: Key = (
-            String::new(),
-            "services".into(),
-            String::new(),
-            String::new(),
-        );
-        for (_, svc) in inner
-            .objects
-            .range(start..)
-            .take_while(|(k, _)| k.0.is_empty() && k.1 == "services")
-        {
-            if let Some(ip) = svc["spec"]["clusterIP"]
-                .as_str()
-                .and_then(|s| s.parse::<Ipv4Addr>().ok())
-            {
-                taken.cluster_ips.insert(ip);
-            }
-            for p in svc["spec"]["ports"].as_array().into_iter().flatten() {
-                if let Some(np) = p["nodePort"].as_u64() {
-                    taken.node_ports.insert(np as u16);
-                }
-            }
-        }
-        taken
-    }
-
     pub fn create(
         &self,
         rt: &ResourceType,
@@ -460,11 +442,7 @@ impl Store {
         // Before defaulting: a Job's generated selector is made of its uid.
         let uid = new_uid();
         obj["metadata"]["uid"] = json!(uid);
-        causes.extend(admission::default_on_create(
-            rt,
-            &mut obj,
-            &Self::allocated(&inner),
-        ));
+        causes.extend(admission::default_on_create(rt, &mut obj, &inner.allocated));
         if rt.group == "apiextensions.k8s.io"
             && rt.plural == "customresourcedefinitions"
             && let Err(msg) = crate::api::resources::crd_types(&obj)

@@ -372,3 +372,31 @@ pub async fn create_services(
         })
         .await;
 }
+
+/// VmRSS in KiB of every node agent process (`kt-node-agent agent`) of this testbed, found
+/// in /proc by command line and cgroup; ascending, one per running agent.
+pub fn agent_rss(tb: &Testbed) -> Vec<u64> {
+    let prefix = &tb.topology().prefix;
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let path = entry.path();
+        let cmdline = std::fs::read(path.join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_agent = args.first().is_some_and(|a| a.ends_with(b"kt-node-agent"))
+            && args.get(1) == Some(&&b"agent"[..]);
+        let ours = std::fs::read_to_string(path.join("cgroup"))
+            .is_ok_and(|c| c.contains(&format!("/{}", prefix.trim_end_matches('-'))));
+        if is_agent && ours {
+            let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+            if let Some(kib) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            {
+                out.push(kib);
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
