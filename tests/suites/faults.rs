@@ -283,8 +283,8 @@ fn agent_pid(tb: &Testbed, node: &str) -> Option<u32> {
         })
 }
 
-/// Who answered each probe of `prober-<node>` from `from` on, as runs: (first stamp,
-/// answer, how many) — to read what pods saw around a fault.
+/// Probes grouped into runs of one answer: (first stamp, answer, how many) — to read what
+/// pods saw around a fault.
 fn runs(probes: &[(u128, String)]) -> Vec<(u128, String, usize)> {
     let mut runs: Vec<(u128, String, usize)> = Vec::new();
     for (at, who) in probes {
@@ -296,11 +296,37 @@ fn runs(probes: &[(u128, String)]) -> Vec<(u128, String, usize)> {
     runs
 }
 
+/// The longest stretch (ms) from `from` during which `probes` went unanswered (an answer
+/// `answered` rejects), up to the first answer after it; `probes` in time order.
+fn longest_unanswered(
+    probes: &[(u128, String)],
+    from: u128,
+    answered: impl Fn(&str) -> bool,
+) -> u128 {
+    let (mut longest, mut since) = (0, None);
+    for (at, who) in probes {
+        match (since, answered(who)) {
+            (None, false) => since = Some(*at),
+            (Some(start), true) => {
+                longest = longest.max(at - start.max(from));
+                since = None;
+            }
+            _ => {}
+        }
+    }
+    if let (Some(start), Some((last, _))) = (since, probes.last()) {
+        longest = longest.max(last - start);
+    }
+    longest
+}
+
 /// An agent-mode exchange whose holding agent is killed with `kill -9` while a client pod
 /// streams through the redirect: new connections from pods on both nodes are answered again
-/// (by the real pods while no agent holds the session — the eBPF programs are never pinned,
-/// so they go with the process), the DaemonSet's replacement starts, and the redirect to the
-/// workstation is back with nothing done by the user.
+/// well within the lease — on the holder's node by the real pods at once (the eBPF programs
+/// are never pinned, so they go with the process), elsewhere once the session is held again
+/// — and the redirect to the workstation is back with nothing done by the user (ktctl
+/// reconnects, the DaemonSet's replacement starts). How long each node went unanswered is
+/// printed (issue 16's goal: 1 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(feature = "e2e"),
@@ -379,31 +405,23 @@ async fn the_holding_agent_killed_mid_transfer_fails_open_and_its_replacement_re
     let now = epoch_ms();
     for node in [1, 2] {
         let seen = probes(&tb, node, killed, now);
-        let runs = runs(&seen);
-        eprintln!("node-{node} after kill -9 of {holder}'s agent at {killed}: {runs:?}");
-        // New connections are answered throughout: by the pods while no agent holds the
-        // session, then by the workstation; never left unanswered for long.
-        let unanswered: Vec<_> = runs.iter().filter(|(_, who, _)| who.is_empty()).collect();
-        let longest_gap = seen
-            .iter()
-            .fold((killed, 0u128, true), |(start, gap, ok), (at, who)| {
-                let answered =
-                    who == "pod=workstation" || web.iter().any(|w| who == &format!("pod={w}"));
-                match (ok, answered) {
-                    (true, false) => (*at, gap, false),
-                    (false, true) => (start, gap.max(at - start), true),
-                    _ => (start, gap, ok),
-                }
-            })
-            .1;
         eprintln!(
-            "node-{node}: longest unanswered stretch {longest_gap} ms; recovered everywhere {back:?} after the kill"
+            "node-{node} after kill -9 of {holder}'s agent at {killed} ms: {:?}",
+            runs(&seen)
         );
+        let gap = longest_unanswered(&seen, killed, |who| {
+            who == "pod=workstation" || web.iter().any(|w| who == format!("pod={w}"))
+        });
+        eprintln!(
+            "node-{node}: new connections unanswered for at most {gap} ms after the kill; \
+             redirected to the workstation everywhere {back:?} after it"
+        );
+        // Well within the 10 s lease: a redirect left to the lease would leave pods
+        // unanswered for 10 s or more. (The 1 s goal is measured, not asserted.)
         assert!(
-            seen.iter()
-                .any(|(_, who)| web.iter().any(|w| who == &format!("pod={w}")))
-                || unanswered.is_empty(),
-            "node-{node}: {runs:?}"
+            gap < 5_000,
+            "node-{node}: unanswered for {gap} ms: {:?}",
+            runs(&seen)
         );
     }
     let (status, log) = exchange.interrupt();
