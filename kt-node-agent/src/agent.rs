@@ -22,6 +22,7 @@ pub mod admin;
 pub mod collect;
 pub mod egress;
 pub mod events;
+pub mod freshness;
 pub mod hold;
 mod map;
 pub mod mesh;
@@ -48,7 +49,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kt_proto::session::{KtSession, Programmed};
 use kube::{
     Api,
-    runtime::{WatchStreamExt as _, reflector, watcher},
+    runtime::{reflector, watcher},
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -135,12 +136,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         .map_err(AgentError::Kube)?;
     let changed = Arc::new(Notify::new());
     let all = watcher::Config::default;
+    let freshness = Arc::new(Mutex::new(freshness::Freshness::default()));
     let sessions = watch(
         &tasks,
         "watch-sessions",
         &changed,
         Api::all(client.clone()),
         all(),
+        Some(freshness.clone()),
     );
     let services = watch(
         &tasks,
@@ -148,6 +151,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         &changed,
         Api::all(client.clone()),
         all(),
+        None,
     );
     let slices = watch(
         &tasks,
@@ -155,6 +159,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         &changed,
         Api::all(client.clone()),
         all(),
+        None,
     );
     let nodes = watch(
         &tasks,
@@ -162,6 +167,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         &changed,
         Api::all(client.clone()),
         all(),
+        None,
     );
     let records = watch(
         &tasks,
@@ -169,6 +175,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         &changed,
         Api::namespaced(client.clone(), kt_proto::agent::NAMESPACE),
         watcher::Config::default().labels(trust::RECORD_LABEL),
+        None,
     );
     let publisher = Arc::new(published::Publisher::new(
         client.clone(),
@@ -266,6 +273,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             .unwrap_or(chrono::TimeDelta::MAX),
         node: config.node_name.clone(),
         sessions,
+        freshness,
         services,
         slices,
         nodes,
@@ -315,14 +323,21 @@ fn pods_cgroup(mount: &Path, own: &Path) -> Result<PathBuf, AgentError> {
         })
 }
 
+/// The longest pause between two attempts to list again after a watch failed.
+const RELIST_MAX_DELAY: Duration = Duration::from_secs(8);
+
 /// A reflector for `api`, kept current by task `name`; every event wakes `changed`.
-/// Watch errors are retried with back-off (kube's default) and logged.
+/// After a watch error (logged) the watch starts over with a full list, after a back-off
+/// of 1 s doubling up to [`RELIST_MAX_DELAY`]: a resumed watch would say nothing until
+/// something changes, so only a completed list shows the cache follows the cluster again.
+/// `freshness`, if given, is told of each failure and each completed list ([`freshness`]).
 fn watch<K>(
     tasks: &Tasks,
     name: &'static str,
     changed: &Arc<Notify>,
     api: Api<K>,
     config: watcher::Config,
+    freshness: Option<Arc<Mutex<freshness::Freshness>>>,
 ) -> reflector::Store<K>
 where
     K: kube::Resource<DynamicType = ()>
@@ -333,22 +348,49 @@ where
         + Sync
         + 'static,
 {
-    let writer = reflector::store::Writer::default();
+    let mut writer = reflector::store::Writer::default();
     let store = writer.as_reader();
-    let events = watcher(api, config).default_backoff().reflect(writer);
     let (changed, stop) = (changed.clone(), tasks.shutdown().clone());
+    let tell = move |update: &dyn Fn(&mut freshness::Freshness) -> bool| {
+        freshness
+            .as_ref()
+            .is_some_and(|f| update(&mut f.lock().unwrap_or_else(|e| e.into_inner())))
+    };
     tasks.spawn(name, async move {
-        let mut events = std::pin::pin!(events);
+        let mut delay = Duration::from_secs(1);
         loop {
+            let events = watcher(api.clone(), config.clone());
+            let mut events = std::pin::pin!(events);
+            let error = loop {
+                tokio::select! {
+                    () = stop.cancelled() => return Ok(()),
+                    event = events.next() => match event {
+                        Some(Ok(event)) => {
+                            writer.apply_watcher_event(&event);
+                            if matches!(event, watcher::Event::InitDone) {
+                                delay = Duration::from_secs(1);
+                                if tell(&|f| f.listed()) {
+                                    tracing::info!(watch = name, "watch listed again: leases are judged by the clock again");
+                                }
+                            }
+                            changed.notify_one();
+                        }
+                        Some(Err(error)) => break error,
+                        // A watcher never ends by itself; if it does, the cache is frozen.
+                        None => return Err(WatchEnded),
+                    },
+                }
+            };
+            if tell(&|f| f.failed(chrono::Utc::now())) {
+                tracing::warn!(watch = name, "watch down: leases are judged as of now until it lists again");
+                changed.notify_one();
+            }
+            tracing::warn!(watch = name, %error, retry_in = ?delay, "watch failed, listing again");
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
-                event = events.next() => match event {
-                    Some(Ok(_)) => changed.notify_one(),
-                    Some(Err(error)) => tracing::warn!(%error, "watch failed, retrying"),
-                    // A watcher never ends by itself; if it does, the cache is frozen.
-                    None => return Err(WatchEnded),
-                },
+                () = tokio::time::sleep(delay) => {}
             }
+            delay = (delay * 2).min(RELIST_MAX_DELAY);
         }
     });
     store
@@ -385,6 +427,8 @@ struct Reconciler {
     collect: tokio::sync::watch::Sender<Vec<collect::Due>>,
     session_grace: chrono::TimeDelta,
     sessions: reflector::Store<KtSession>,
+    /// Whether `sessions` follows the cluster: the clock leases are judged by.
+    freshness: Arc<Mutex<freshness::Freshness>>,
     services: reflector::Store<Service>,
     slices: reflector::Store<EndpointSlice>,
     nodes: reflector::Store<k8s_openapi::api::core::v1::Node>,
@@ -446,7 +490,10 @@ impl Reconciler {
             self.slices.state(),
         );
         let all_nodes = self.nodes.state();
-        let now = chrono::Utc::now();
+        // While the sessions watch is down, leases are judged as of when it went down:
+        // renewals written meanwhile cannot be seen ([`freshness`]).
+        let freshness = *self.freshness.lock().unwrap_or_else(|e| e.into_inner());
+        let now = freshness.lease_clock(chrono::Utc::now());
         let sessions: Vec<&KtSession> = all_sessions.iter().map(AsRef::as_ref).collect();
         let (believed, report_in) = self.believed(
             &sessions,
@@ -487,8 +534,10 @@ impl Reconciler {
         let routers = self.router.update(&routes);
         let desired = redirects::desired(&state, now, &routes, &routers);
         let acks = self.acks_for(state.sessions, &desired.programmed_ports(), now);
-        // Wake when the next lease runs out, or after the check interval.
+        // Wake when the next lease runs out, or after the check interval; while blind no
+        // lease runs out (the clock stands), and the watch wakes the pass when it lists.
         let wake = redirects::next_expiry(state.sessions, now)
+            .filter(|_| !freshness.blind())
             .and_then(|end| (end - now).to_std().ok())
             .map_or(self.lease_check, |left| {
                 (left + Duration::from_millis(1)).min(self.lease_check)

@@ -55,6 +55,12 @@ pub struct Testbed {
     pub workstation_kubeconfig: PathBuf,
     pub dir: PathBuf,
     shutdown: CancellationToken,
+    /// The API server's two listeners and their connections: cancelled by
+    /// [`Testbed::stop_api`], replaced by [`Testbed::start_api`].
+    serving: std::sync::Mutex<CancellationToken>,
+    /// The host listener's address, bound again by [`Testbed::start_api`].
+    host_addr: SocketAddr,
+    server_tls: Arc<tokio_rustls::rustls::ServerConfig>,
     topology: Option<Topology>,
     /// Where everything above runs; `None` only while starting.
     runtime: Option<OwnRuntime>,
@@ -136,12 +142,13 @@ impl Testbed {
             &api.tasks,
             shutdown.clone(),
         )?;
+        let serving = shutdown.child_token();
         for listener in [host_listener, cluster_listener] {
             api.tasks.spawn(tls::serve(
                 listener,
                 api.router(),
                 pki.server.clone(),
-                shutdown.clone(),
+                serving.clone(),
                 api.tasks.clone(),
             ));
         }
@@ -218,6 +225,9 @@ impl Testbed {
             workstation_kubeconfig,
             dir,
             shutdown,
+            serving: std::sync::Mutex::new(serving),
+            host_addr,
+            server_tls: pki.server.clone(),
             topology: Some(topology),
             runtime: None,
             _tempdir: tempdir,
@@ -426,6 +436,55 @@ impl Testbed {
         let path = self.dir.join(format!("kubeconfig-{name}{suffix}"));
         kubeconfig::write(&path, url, name, &token, namespace, Some(&self.ca_pem))?;
         Ok(path)
+    }
+
+    /// Stops the API server as a crashed or restarting kube-apiserver is stopped: both
+    /// listeners close (new connections are refused, on the host and at 172.30.0.1:6443),
+    /// every open watch, port-forward and exec stream ends and every connection closes.
+    /// Controllers, kubelets and kube-proxies keep running on what they have, as a cluster's
+    /// do. [`Testbed::start_api`] brings it back with the same state, addresses and CA.
+    pub fn stop_api(&self) {
+        self.serving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cancel();
+        self.api.restart_watches();
+        self.api.drop_streams();
+    }
+
+    /// Listens again after [`Testbed::stop_api`] on the same two addresses (a no-op while
+    /// serving). Errors: an address cannot be bound again.
+    pub async fn start_api(&self) -> io::Result<()> {
+        let serving = {
+            let mut current = self.serving.lock().unwrap_or_else(|e| e.into_inner());
+            if !current.is_cancelled() {
+                return Ok(());
+            }
+            *current = self.shutdown.child_token();
+            current.clone()
+        };
+        let host = self.host_addr;
+        let control_plane = self.topology().control_plane.path();
+        let (api, tls) = (self.api.clone(), self.server_tls.clone());
+        let serve = async move {
+            let host = tokio::net::TcpListener::bind(host).await?;
+            let cluster = netio::listen(&control_plane, SocketAddr::from((API_IP, API_PORT)))?;
+            for listener in [host, cluster] {
+                api.tasks.spawn(tls::serve(
+                    listener,
+                    api.router(),
+                    tls.clone(),
+                    serving.clone(),
+                    api.tasks.clone(),
+                ));
+            }
+            io::Result::Ok(())
+        };
+        match &self.runtime {
+            Some(runtime) => runtime.run(serve).await?,
+            None => serve.await?,
+        }
+        Ok(())
     }
 
     /// Stops everything and removes every namespace, cgroup and file the testbed made.

@@ -5,7 +5,7 @@
 //!   `kubectl` (the API server alone, as any user);
 //! - privileged (`--features privileged`, root): `ebpf`;
 //! - end to end (`--features e2e`, root, a simulated cluster): `agent`, `connect`,
-//!   `exchange`, `hostile`, `kubeconfig`, `ops`, the rest of `kubectl`, `seed`, `shapes`, `testbed`,
+//!   `exchange`, `faults`, `hostile`, `kubeconfig`, `ops`, the rest of `kubectl`, `seed`, `shapes`, `testbed`,
 //!   `tunnel`, `workloads`.
 //!
 //! Without the features the others are listed as ignored, with the reason; `tests/run test`
@@ -17,6 +17,7 @@ mod connect;
 mod controllers;
 mod ebpf;
 mod exchange;
+mod faults;
 mod hostile;
 mod kubeconfig;
 mod kubectl;
