@@ -7,11 +7,15 @@
 use std::time::Duration;
 
 use futures::{StreamExt as _, stream};
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use kt_proto::session::KtSession;
+use k8s_openapi::api::core::v1::Service;
+use kt_node_agent::agent::trust::HeldSession;
+use kt_proto::session::{KtSession, Listener};
 use kt_testbed::{cluster::Testbed, topology::node_ip};
 use kt_tests::harness::{
-    apps::{agent_rss, create_services, deploy_web, in_pod, install_agent, start_testbed},
+    apps::{
+        agent_rss, create_services, deploy_web, in_pod, install_agent, start_testbed,
+        write_agent_record,
+    },
     eventually::poll_within,
     results::Results,
     run_bench,
@@ -27,8 +31,8 @@ fn main() {
 }
 
 /// The listener port session `i` says node-1's agent opened for it.
-fn listener_port(i: usize) -> usize {
-    40_000 + i
+fn listener_port(i: usize) -> u16 {
+    40_000 + u16::try_from(i).expect("fewer than 25 536 sessions")
 }
 
 /// Waits until both agents report `entries` redirect entries.
@@ -65,7 +69,7 @@ async fn run() {
     // every agent trusts, `kt_node_agent::agent::trust`) lists every session with its
     // listener, and only then are the statuses written; a status no record lists redirects
     // nothing.
-    let held: Vec<serde_json::Value> = stream::iter(0..SESSIONS)
+    let held: Vec<HeldSession> = stream::iter(0..SESSIONS)
         .map(|i| {
             let sessions = sessions.clone();
             async move {
@@ -82,26 +86,21 @@ async fn run() {
                     .create(&PostParams::default(), &session)
                     .await
                     .expect("created");
-                json!({"namespace": "default", "name": name, "uid": created.metadata.uid,
-                       "listeners": [{"port": 80, "listenerPort": listener_port(i)}]})
+                HeldSession {
+                    namespace: "default".into(),
+                    name,
+                    uid: created.metadata.uid.expect("a uid"),
+                    listeners: vec![Listener {
+                        port: 80,
+                        listener_port: listener_port(i),
+                    }],
+                }
             }
         })
         .buffer_unordered(16)
         .collect()
         .await;
-    let record = json!({"apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "kt-node-agent-node-1", "namespace": "kt-system",
-                     "labels": {"kt.dev/agent-record": "node-1"}},
-        "data": {"node": "node-1", "sessions": serde_json::Value::from(held).to_string()}});
-    let records: Api<ConfigMap> = Api::namespaced(tb.client().await, "kt-system");
-    records
-        .patch(
-            "kt-node-agent-node-1",
-            &PatchParams::apply("kt-bench").force(),
-            &Patch::Apply(&record),
-        )
-        .await
-        .expect("agent record written");
+    write_agent_record(tb.client().await, "node-1", &held).await;
     stream::iter(0..SESSIONS)
         .for_each_concurrent(16, |i| {
             let sessions = sessions.clone();

@@ -11,13 +11,15 @@
 
 use std::{collections::HashSet, path::Path, time::Duration};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Event};
-use kt_proto::session::KtSession;
+use k8s_openapi::api::core::v1::Event;
+use kt_node_agent::agent::trust::HeldSession;
+use kt_proto::session::{KtSession, Listener};
 use kt_testbed::{cluster::Testbed, topology::node_ip};
 use kt_tests::harness::{
     apps::{
         answered_by, apply, deploy_client_2, deploy_web, in_pod, install_agent, start_testbed,
         until_all_answered_by, wait_for_agents, web_pods, web_pods_field, who_answers,
+        write_agent_record,
     },
     bins,
     eventually::{eventually, poll_within, seen},
@@ -91,21 +93,16 @@ async fn renew(sessions: &Api<KtSession>) {
         .metadata
         .uid
         .expect("a uid");
-    let held = json!([{"namespace": "default", "name": "web-alice", "uid": uid,
-                       "listeners": [{"port": 80, "listenerPort": LISTENER_PORT}]}]);
-    let record = json!({"apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "kt-node-agent-node-1", "namespace": "kt-system",
-                     "labels": {"kt.dev/agent-record": "node-1"}},
-        "data": {"node": "node-1", "sessions": held.to_string()}});
-    let records: Api<ConfigMap> = Api::namespaced(sessions.clone().into_client(), "kt-system");
-    records
-        .patch(
-            "kt-node-agent-node-1",
-            &PatchParams::apply("kt-node-agent").force(),
-            &Patch::Apply(&record),
-        )
-        .await
-        .expect("agent record written");
+    let held = HeldSession {
+        namespace: "default".into(),
+        name: "web-alice".into(),
+        uid,
+        listeners: vec![Listener {
+            port: 80,
+            listener_port: LISTENER_PORT,
+        }],
+    };
+    write_agent_record(sessions.clone().into_client(), "node-1", &[held]).await;
     let status = json!({"status": {
         "node": "node-1",
         "address": node_ip(1).to_string(),

@@ -400,3 +400,32 @@ pub fn agent_rss(tb: &Testbed) -> Vec<u64> {
     out.sort_unstable();
     out
 }
+
+/// Writes `node`'s agent record in `kt-system` as that node's agent does (server-side
+/// apply as the agent's field manager), listing `held`: what makes the agents believe a
+/// session status naming `node` (`kt_node_agent::agent::trust`). Panics if the write fails.
+pub async fn write_agent_record(
+    client: kube::Client,
+    node: &str,
+    held: &[kt_node_agent::agent::trust::HeldSession],
+) {
+    use kt_node_agent::agent::trust::{
+        RECORD_LABEL, RECORD_NODE_KEY, RECORD_SESSIONS_KEY, record_name,
+    };
+    let name = record_name(node);
+    let record = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": kt_proto::agent::NAMESPACE,
+                     "labels": {RECORD_LABEL: node}},
+        "data": {RECORD_NODE_KEY: node,
+                 RECORD_SESSIONS_KEY: serde_json::to_string(held).expect("serialisable")}});
+    let records: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(client, kt_proto::agent::NAMESPACE);
+    records
+        .patch(
+            &name,
+            &kube::api::PatchParams::apply("kt-node-agent").force(),
+            &kube::api::Patch::Apply(&record),
+        )
+        .await
+        .expect("agent record written");
+}
