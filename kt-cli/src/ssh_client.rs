@@ -48,6 +48,16 @@ pub use self::{
 /// How long a direct connection attempt may take before the pod counts as unreachable.
 const DIRECT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// How long data sent on a direct connection may stay unacknowledged before the kernel
+/// ends it (`TCP_USER_TIMEOUT`, RFC 5482; Linux). A path that silently drops packets (a
+/// black-holed route, a firewall that changed its mind) then ends the connection within
+/// this plus one keepalive interval, and the pool reconnects over the port-forward (issue
+/// 16: within 5 s in all). Without it a sender blocked on a full socket buffer waits for
+/// the kernel's retransmissions to give up, about 15 minutes. 2 s is several
+/// retransmissions (the minimum RTO is 200 ms): a path that loses that much is better
+/// left; the cost of a false alarm is the connections then open through this one.
+const DIRECT_USER_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How to reach the SSH server (`--transport`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
@@ -273,6 +283,7 @@ impl SshPool {
                         source,
                     })?;
                 let _ = tcp.set_nodelay(true);
+                set_user_timeout(&tcp, DIRECT_USER_TIMEOUT);
                 // Under `auto` the key was learned over the port-forward and must match;
                 // `--transport direct` trusts the path the user chose.
                 let host_key = match self.transport {
@@ -458,7 +469,11 @@ impl SshPool {
             (Transport::Auto, Route::Direct(_)) => match self.connect(route).await {
                 Ok(handle) => Ok(handle),
                 Err(e) => {
-                    tracing::debug!(error = %kt_proto::error_chain(&e), "direct reconnect failed, using the port-forward");
+                    tracing::debug!(error = %kt_proto::error_chain(&e), "direct reconnect failed");
+                    tracing::info!(
+                        "{} not reachable directly any more, reconnecting over the port-forward",
+                        self.target
+                    );
                     self.connect(Route::PortForward).await
                 }
             },
@@ -573,4 +588,15 @@ impl SshPool {
             tracing::debug!("SSH transport tasks still running after close");
         }
     }
+}
+
+/// Sets `TCP_USER_TIMEOUT` on `tcp` where the kernel has it (Linux); elsewhere ktctl's SSH
+/// keepalive alone notices a silent path, in about 10 s.
+fn set_user_timeout(tcp: &TcpStream, timeout: Duration) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(error) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(timeout)) {
+        tracing::debug!(%error, "TCP_USER_TIMEOUT not set");
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (tcp, timeout);
 }

@@ -31,6 +31,7 @@ pub mod network;
 pub mod published;
 pub mod redirects;
 pub mod router;
+mod takeover;
 pub mod trust;
 
 use std::{
@@ -232,6 +233,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         redirects: map.clone(),
         publisher,
         events: session_events.clone(),
+        holders: Arc::default(),
     };
     let context_client = client;
     tasks.spawn(

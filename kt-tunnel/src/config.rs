@@ -23,8 +23,19 @@ pub const MAX_PACKET: u32 = 32_768;
 /// queue as data arrives (the window bounds the bytes), so it only absorbs a burst.
 pub const CHANNEL_QUEUE: usize = 256;
 
+/// The servers' keepalive: a client gone without a FIN is noticed within about a minute
+/// (its session's lease, not this, ends a redirect sooner).
 const KEEPALIVE: Duration = Duration::from_secs(15);
 const KEEPALIVE_MAX: usize = 4;
+
+/// ktctl's keepalive: a request every half second the server has been silent (about 200
+/// bytes a second on an idle connection). It keeps data in flight, so that a path that
+/// drops packets without a RST shows within the direct socket's `TCP_USER_TIMEOUT` (ktctl
+/// sets it) instead of when someone next sends; the SSH-level limit (about 10 s
+/// unanswered) catches a server that still ACKs but no longer answers, loosely enough for
+/// a loaded API server's port-forward.
+const CLIENT_KEEPALIVE: Duration = Duration::from_millis(500);
+const CLIENT_KEEPALIVE_MAX: usize = 20;
 
 /// AES-GCM first: with AES instructions it is the fastest cipher both russh and OpenSSH
 /// offer (russh's own default puts ChaCha20-Poly1305 first).
@@ -75,14 +86,16 @@ impl russh::client::Handler for HostKeyPin {
     }
 }
 
+/// ktctl's side of a tunnel: the servers' window and packet size, AES-GCM first, and a
+/// keepalive every half second of silence (`CLIENT_KEEPALIVE`).
 pub fn client() -> Arc<russh::client::Config> {
     Arc::new(russh::client::Config {
         preferred: russh::Preferred {
             cipher: std::borrow::Cow::Borrowed(CIPHERS),
             ..russh::Preferred::DEFAULT
         },
-        keepalive_interval: Some(KEEPALIVE),
-        keepalive_max: KEEPALIVE_MAX,
+        keepalive_interval: Some(CLIENT_KEEPALIVE),
+        keepalive_max: CLIENT_KEEPALIVE_MAX,
         window_size: WINDOW,
         maximum_packet_size: MAX_PACKET,
         channel_buffer_size: CHANNEL_QUEUE,

@@ -437,3 +437,91 @@ async fn the_holding_agent_killed_mid_transfer_fails_open_and_its_replacement_re
     assert!(status.success(), "{log}");
     tb.stop().await;
 }
+
+/// An agent-mode exchange whose direct SSH path to the holding agent black-holes: from
+/// then on the workstation's packets to the agent's SSH port, and the agent's answers, are
+/// dropped without a RST (a firewall or route that changed its mind). ktctl notices on its
+/// own (its keepalive keeps data in flight, the direct socket's `TCP_USER_TIMEOUT` ends it),
+/// reconnects over the API server's port-forward and holds the session again; the agent
+/// ends the old connection, which it cannot see is dead, so that only the new listeners are
+/// renewed. Pods on both nodes are answered by the workstation again (issue 16's goal: within
+/// 5 s, printed) and stay so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn the_direct_path_black_holed_moves_the_exchange_to_the_port_forward() {
+    let AgentExchange {
+        tb,
+        web,
+        app: _app,
+        exchange,
+        urls,
+    } = agent_exchange_with_probers().await;
+    // "Connected to pod <agent> at <address> directly"
+    let log = exchange.log();
+    let agent = log
+        .lines()
+        .find(|line| line.contains(" directly"))
+        .and_then(|line| line.rsplit(" at ").next())
+        .and_then(|rest| rest.split(" directly").next())
+        .and_then(|address| address.parse::<std::net::SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("the exchange did not go directly to the agent: {log}"));
+
+    let (ip, port) = (agent.ip(), agent.port());
+    let black_hole = format!(
+        "nft -f - <<'EOF'\n\
+         table inet ktt-black-hole {{\n\
+           chain out {{ type filter hook output priority 0; ip daddr {ip} tcp dport {port} drop; }}\n\
+           chain in {{ type filter hook input priority 0; ip saddr {ip} tcp sport {port} drop; }}\n\
+         }}\n\
+         EOF"
+    );
+    let fault = epoch_ms();
+    let (ok, out) = workstation::run(&tb, &["sh", "-c", &black_hole]);
+    assert!(
+        ok,
+        "black-holing {agent} in the workstation namespace: {out}"
+    );
+    let back = until_all_answered_by(&tb, &CLIENTS, &urls, |who| who == "workstation", patience())
+        .await
+        .unwrap_or_else(|wrong| {
+            panic!(
+                "the exchange did not come back: {wrong}\n{}",
+                exchange.log()
+            )
+        });
+    // Past two renewals of the old connection's status (every lease / 3, 3.3 s), had it
+    // gone on renewing.
+    tokio::time::sleep(Duration::from_secs(8)).await; // watching the probes, on purpose
+    let now = epoch_ms();
+    let log = exchange.log();
+    assert!(
+        log.contains("not reachable directly any more"),
+        "ktctl never left the direct path: {log}"
+    );
+    for node in [1, 2] {
+        let seen = probes(&tb, node, fault, now);
+        let gap = longest_unanswered(&seen, fault, |who| who == "pod=workstation");
+        eprintln!(
+            "node-{node}: direct path black-holed at {fault} ms; pods unanswered by the \
+             workstation for at most {gap} ms (every pod answered by it {back:?} after): {:?}",
+            runs(&seen)
+        );
+        // Once back, it stays back: the last 5 s of probes all reached the workstation.
+        let settled: Vec<_> = seen.iter().filter(|(at, _)| *at + 5_000 >= now).collect();
+        assert!(
+            !settled.is_empty() && settled.iter().all(|(_, who)| who == "pod=workstation"),
+            "node-{node}: not steadily redirected after recovering: {:?}\n{log}",
+            runs(&seen)
+        );
+    }
+    let (status, log) = exchange.interrupt();
+    assert!(status.success(), "{log}");
+    // The revert went over the port-forward too.
+    until_all_answered_by(&tb, &CLIENTS, &urls, |who| web.contains(who), patience())
+        .await
+        .unwrap_or_else(|wrong| panic!("after Ctrl-C: {wrong}\n{log}"));
+    tb.stop().await;
+}

@@ -35,7 +35,10 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
-use super::{map::RedirectMap, metrics::TunnelBytes, network::Network, trust::HeldSession};
+use super::{
+    map::RedirectMap, metrics::TunnelBytes, network::Network, takeover::Connection,
+    trust::HeldSession,
+};
 use crate::ssh_server::{AcceptError, dial_and_pump, forward_back, spawn_udp_relay};
 
 /// How long one status write (renewal or release) may take: a renewal that hangs must not
@@ -63,6 +66,8 @@ pub struct HoldContext {
     pub(crate) publisher: Arc<super::published::Publisher>,
     /// The `Held` and `Released` Events ([`super::events`]).
     pub(crate) events: tokio::sync::mpsc::UnboundedSender<super::events::SessionEvent>,
+    /// The connection holding each session's listeners: a newer one ends an older one.
+    pub(crate) holders: Arc<super::takeover::Holders>,
 }
 
 impl HoldContext {
@@ -137,6 +142,7 @@ pub async fn serve(
             context: context.clone(),
             held: None,
             tasks,
+            connection: Connection::new(cancel.clone()),
             cancel,
             logged_in,
         },
@@ -160,6 +166,8 @@ struct Holder {
     tasks: TaskTracker,
     /// Cancelled when the connection ends: stops listeners and the renewal, clears status.
     cancel: CancellationToken,
+    /// This connection, for [`super::takeover::Holders`].
+    connection: Connection,
     /// Told on login (`auth_succeeded`): frees the connection's pre-login slot.
     logged_in: crate::ssh_server::LoggedIn,
 }
@@ -248,6 +256,11 @@ impl Holder {
         }
         if !held.renewing {
             held.renewing = true;
+            // A connect session is held by each of ktctl's connections at once, without
+            // listeners; a session with listeners by one connection at a time.
+            if held.spec.mode != SessionMode::Connect {
+                self.take_over(&held.login);
+            }
             // Once per connection: later writes (more listeners) are the same hold.
             let _ = self.context.events.send(super::events::SessionEvent::held(
                 &held.login.namespace,
@@ -262,6 +275,24 @@ impl Holder {
                 .spawn(status.renew(every, self.cancel.clone()).in_current_span());
         }
         true
+    }
+
+    /// Makes this connection the holder of `login`'s session, ending the one that held it
+    /// before ([`super::takeover`]); forgets it when this connection ends.
+    fn take_over(&self, login: &Login) {
+        let session = (login.namespace.clone(), login.session.clone());
+        if self.context.holders.take(session.clone(), &self.connection) {
+            tracing::info!("session taken over from an older connection of ktctl, which is closed");
+        }
+        let (holders, connection, ended) = (
+            self.context.holders.clone(),
+            self.connection.clone(),
+            self.cancel.clone(),
+        );
+        self.tasks.spawn(async move {
+            ended.cancelled().await;
+            holders.leave(&session, &connection);
+        });
     }
 
     /// The session `login` names, from the watch cache or — when the cache has not seen it
