@@ -487,6 +487,35 @@ impl Testbed {
         Ok(())
     }
 
+    /// Removes `node` from the cluster for good, as a scaled-down node pool loses a
+    /// machine: its link to the cluster network goes down first (nothing it sends leaves,
+    /// nothing sent to it arrives, no RST), its kubelet stops and everything its pods run is
+    /// killed ([`Kubelets::switch_off`]), and its Node object is deleted, so that no
+    /// DaemonSet schedules there again. Errors: no such node, or `ip` failed.
+    pub fn remove_node(&self, node: &str) -> io::Result<()> {
+        let topology = self.topology();
+        let index = topology
+            .node(node)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no node {node}")))?
+            .index;
+        crate::topology::ip_batch(
+            topology.control_plane.name(),
+            &[format!("link set n{index} down")],
+        )?;
+        self.kubelets.switch_off(node);
+        let nodes = self
+            .api
+            .store
+            .registry
+            .find("", "v1", "nodes")
+            .expect("built-in");
+        self.api
+            .store
+            .purge(&nodes, "", node)
+            .map_err(|e| io::Error::other(format!("deleting Node {node}: {}", e.message)))?;
+        Ok(())
+    }
+
     /// Stops everything and removes every namespace, cgroup and file the testbed made.
     pub async fn stop(mut self) {
         self.shutdown.cancel();

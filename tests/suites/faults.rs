@@ -525,3 +525,85 @@ async fn the_direct_path_black_holed_moves_the_exchange_to_the_port_forward() {
         .unwrap_or_else(|wrong| panic!("after Ctrl-C: {wrong}\n{log}"));
     tb.stop().await;
 }
+
+/// An agent-mode exchange whose holding agent's node is removed for good (a scaled-down
+/// node pool: the machine drops off the network without a word, everything on it dies, its
+/// Node object is deleted). ktctl notices its connection is dead, finds the agent gone and
+/// holds the session at the remaining node's agent, with nothing done by the user; pods on
+/// the remaining node are answered by the workstation again and the session says so. How
+/// long they went unanswered is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn a_node_removed_for_good_moves_its_sessions_to_the_other_agent() {
+    let AgentExchange {
+        tb,
+        web: _,
+        app: _app,
+        exchange,
+        urls,
+    } = agent_exchange_with_probers().await;
+    let holder = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "kts", "-o", "jsonpath={.items[0].status.node}"],
+    );
+    let (other, client) = match holder.as_str() {
+        "node-1" => ("node-2", CLIENTS[1]),
+        "node-2" => ("node-1", CLIENTS[0]),
+        unknown => panic!("held on {unknown:?}"),
+    };
+    let removed = epoch_ms();
+    tb.remove_node(&holder)
+        .unwrap_or_else(|e| panic!("removing {holder}: {e}"));
+    let back = until_all_answered_by(
+        &tb,
+        &[client],
+        &urls,
+        |who| who == "workstation",
+        patience(),
+    )
+    .await
+    .unwrap_or_else(|wrong| {
+        panic!(
+            "the exchange did not come back on {other}: {wrong}\n{}",
+            exchange.log()
+        )
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await; // watching the probes, on purpose
+    let now = epoch_ms();
+    let prober = if other == "node-1" { 1 } else { 2 };
+    let seen = probes(&tb, prober, removed, now);
+    let gap = longest_unanswered(&seen, removed, |who| who == "pod=workstation");
+    eprintln!(
+        "{holder} removed at {removed} ms: pods on {other} unanswered by the workstation for \
+         at most {gap} ms (answered by it {back:?} after): {:?}",
+        runs(&seen)
+    );
+    let log = exchange.log();
+    assert!(
+        log.contains("moving session"),
+        "ktctl did not move the session: {log}"
+    );
+    let held_on = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "kts", "-o", "jsonpath={.items[0].status.node}"],
+    );
+    assert_eq!(held_on, other, "{log}");
+    let nodes = kubectl_ok(&tb.kubeconfig, &["get", "nodes", "-o", "name"]);
+    assert_eq!(nodes.trim(), format!("node/{other}"), "Node objects left");
+    let (status, log) = exchange.interrupt();
+    assert!(status.success(), "{log}");
+    // The Deployment's pods, now all on the remaining node, answer again.
+    until_all_answered_by(
+        &tb,
+        &[client],
+        &urls,
+        |who| who.starts_with("web-"),
+        patience(),
+    )
+    .await
+    .unwrap_or_else(|wrong| panic!("after Ctrl-C: {wrong}\n{log}"));
+    tb.stop().await;
+}

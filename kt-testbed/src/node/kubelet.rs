@@ -145,6 +145,8 @@ pub struct Kubelets {
     state_dir: PathBuf,
     nodes: Vec<Arc<NodeInfo>>,
     pods: Mutex<HashMap<String, Running>>,
+    /// Nodes switched off for good ([`Kubelets::switch_off`]): their kubelets have stopped.
+    switched_off: Mutex<HashSet<String>>,
     next_pod: AtomicU32,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -175,6 +177,7 @@ impl Kubelets {
             state_dir,
             nodes: nodes.into_iter().map(Arc::new).collect(),
             pods: Mutex::new(HashMap::new()),
+            switched_off: Mutex::default(),
             next_pod: AtomicU32::new(1),
             tasks,
             shutdown,
@@ -235,10 +238,48 @@ impl Kubelets {
             .expect("built-in")
     }
 
+    /// Stops `node`'s kubelet as a machine switched off stops: every process of its pods
+    /// is killed at once (SIGKILL through each pod's `cgroup.kill`, no stop signal, no
+    /// grace), nothing is reported for them, and the kubelet admits nothing more. The pods'
+    /// sandboxes are then torn down and the pods purged, as the pod garbage collector
+    /// deletes the pods of a Node that no longer exists. Unknown `node`: nothing happens.
+    pub fn switch_off(&self, node: &str) {
+        let Some(info) = self.nodes.iter().find(|n| n.name == node) else {
+            return;
+        };
+        self.switched_off
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.to_owned());
+        let on_node: Vec<Running> = self
+            .pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|r| r.cgroup.starts_with(&info.pods_cgroup))
+            .cloned()
+            .collect();
+        for running in on_node {
+            // Killed first, so that the termination that follows finds nothing to signal.
+            let _ = std::fs::write(running.cgroup.join("cgroup.kill"), "1");
+            running.terminate.cancel();
+        }
+    }
+
+    fn is_switched_off(&self, node: &str) -> bool {
+        self.switched_off
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(node)
+    }
+
     async fn sync_loop(self: Arc<Self>, node: Arc<NodeInfo>) {
         let mut rx = self.store.subscribe();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
+            if self.is_switched_off(&node.name) {
+                return;
+            }
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
