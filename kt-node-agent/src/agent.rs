@@ -28,6 +28,7 @@ mod map;
 pub mod mesh;
 mod metrics;
 pub mod network;
+pub mod node_ports;
 pub mod published;
 pub mod redirects;
 pub mod router;
@@ -265,8 +266,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             tasks.shutdown().clone(),
         ),
     );
+    // Starts as "no table": the first pass fills it.
+    let (node_ports, wanted_node_ports) =
+        tokio::sync::watch::channel(node_ports::ruleset(&BTreeMap::new(), config.node_ip));
+    tasks.spawn(
+        "node-ports",
+        node_ports::run(wanted_node_ports, tasks.shutdown().clone()),
+    );
     let reconciler = Reconciler {
         router,
+        node_ip: config.node_ip,
+        node_ports,
         unheld: Mutex::default(),
         collect,
         session_grace: chrono::TimeDelta::from_std(config.session_grace)
@@ -420,6 +430,10 @@ const ACK_RETRY: Duration = Duration::from_secs(2);
 /// the difference to the eBPF map, and tells [`acknowledge`] what this node now redirects.
 struct Reconciler {
     node: String,
+    /// This node's address: node-port redirects to it need no masquerade.
+    node_ip: IpAddr,
+    /// The nft script of this node's node-port redirects, to [`node_ports::run`].
+    node_ports: tokio::sync::watch::Sender<String>,
     /// This node's mesh router: the routes are made current before the map points at them.
     router: Arc<router::Router>,
     /// Sessions nobody holds, and the ones to delete now.
@@ -533,6 +547,12 @@ impl Reconciler {
         let routes = mesh::routes(&state, now);
         let routers = self.router.update(&routes);
         let desired = redirects::desired(&state, now, &routes, &routers);
+        let script = node_ports::ruleset(&node_ports::desired(&state, now), self.node_ip);
+        self.node_ports.send_if_modified(|current| {
+            let changed = *current != script;
+            *current = script;
+            changed
+        });
         let acks = self.acks_for(state.sessions, &desired.programmed_ports(), now);
         // Wake when the next lease runs out, or after the check interval; while blind no
         // lease runs out (the clock stands), and the watch wakes the pass when it lists.
