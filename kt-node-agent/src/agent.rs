@@ -7,7 +7,8 @@
 //! It also holds sessions ([`hold`]): ktctl's SSH connections arrive on the node's
 //! [`kt_proto::agent::SSH_PORT`], and their tunnel listeners are what the redirects point
 //! at. Mesh sessions' traffic goes to this node's [`router`] instead, which routes each
-//! request by its header. [`admin`] serves `/healthz`, `/readyz` and `/metrics` ([`metrics`]).
+//! request by its header. Connections from outside the cluster to an exchanged Service's
+//! nodePort are DNATed to the holder by an nftables table this agent owns ([`node_ports`]). [`admin`] serves `/healthz`, `/readyz` and `/metrics` ([`metrics`]).
 //!
 //! Its work runs as named tasks ([`crate::tasks`]): log forwarding, five watches, the
 //! reconcile loop, the acknowledgements, the HTTP and SSH servers, the mesh router, and the
