@@ -7,7 +7,8 @@
 //! It also holds sessions ([`hold`]): ktctl's SSH connections arrive on the node's
 //! [`kt_proto::agent::SSH_PORT`], and their tunnel listeners are what the redirects point
 //! at. Mesh sessions' traffic goes to this node's [`router`] instead, which routes each
-//! request by its header. [`admin`] serves `/healthz`, `/readyz` and `/metrics` ([`metrics`]).
+//! request by its header. Connections from outside the cluster to an exchanged Service's
+//! nodePort are DNATed to the holder by an nftables table this agent owns ([`node_ports`]). [`admin`] serves `/healthz`, `/readyz` and `/metrics` ([`metrics`]).
 //!
 //! Its work runs as named tasks ([`crate::tasks`]): log forwarding, five watches, the
 //! reconcile loop, the acknowledgements, the HTTP and SSH servers, the mesh router, and the
@@ -28,6 +29,7 @@ mod map;
 pub mod mesh;
 mod metrics;
 pub mod network;
+pub mod node_ports;
 pub mod published;
 pub mod redirects;
 pub mod router;
@@ -267,8 +269,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             tasks.shutdown().clone(),
         ),
     );
+    // Starts as "no table": the first pass fills it.
+    let (node_ports, wanted_node_ports) =
+        tokio::sync::watch::channel(node_ports::ruleset(&BTreeMap::new(), config.node_ip));
+    tasks.spawn(
+        "node-ports",
+        node_ports::run(wanted_node_ports, tasks.shutdown().clone()),
+    );
     let reconciler = Reconciler {
         router,
+        node_ip: config.node_ip,
+        node_ports,
         unheld: Mutex::default(),
         collect,
         session_grace: chrono::TimeDelta::from_std(config.session_grace)
@@ -422,6 +433,10 @@ const ACK_RETRY: Duration = Duration::from_secs(2);
 /// the difference to the eBPF map, and tells [`acknowledge`] what this node now redirects.
 struct Reconciler {
     node: String,
+    /// This node's address: node-port redirects to it need no masquerade.
+    node_ip: IpAddr,
+    /// The nft script of this node's node-port redirects, to [`node_ports::run`].
+    node_ports: tokio::sync::watch::Sender<String>,
     /// This node's mesh router: the routes are made current before the map points at them.
     router: Arc<router::Router>,
     /// Sessions nobody holds, and the ones to delete now.
@@ -535,6 +550,12 @@ impl Reconciler {
         let routes = mesh::routes(&state, now);
         let routers = self.router.update(&routes);
         let desired = redirects::desired(&state, now, &routes, &routers);
+        let script = node_ports::ruleset(&node_ports::desired(&state, now), self.node_ip);
+        self.node_ports.send_if_modified(|current| {
+            let changed = *current != script;
+            *current = script;
+            changed
+        });
         let acks = self.acks_for(state.sessions, &desired.programmed_ports(), now);
         // Wake when the next lease runs out, or after the check interval; while blind no
         // lease runs out (the clock stands), and the watch wakes the pass when it lists.

@@ -17,9 +17,9 @@ use kt_proto::session::{KtSession, Listener};
 use kt_testbed::{cluster::Testbed, topology::node_ip};
 use kt_tests::harness::{
     apps::{
-        answered_by, apply, deploy_client_2, deploy_web, in_pod, install_agent, start_testbed,
-        until_all_answered_by, wait_for_agents, web_pods, web_pods_field, who_answers,
-        write_agent_record,
+        agent_pid, answered_by, apply, deploy_client_2, deploy_web, in_pod, install_agent,
+        start_testbed, until_all_answered_by, wait_for_agents, web_pods, web_pods_field,
+        who_answers, write_agent_record,
     },
     bins,
     eventually::{eventually, poll_within, seen},
@@ -1412,4 +1412,282 @@ async fn hostile_session_specs_are_refused_with_an_event_and_a_valid_one_keeps_w
     );
     assert_eq!(restarts, "0 0", "no agent restarted");
     live.stop().await;
+}
+
+/// Two pods serving 8080 and 9090 (two containers each), behind a NodePort Service with a
+/// port for each: exchanging one target port leaves the other with the pods.
+const TWO_PORTS: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: two}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: two}}
+  template:
+    metadata: {labels: {app: two}}
+    spec:
+      containers:
+      - name: http
+        image: kt-testbed/http-echo:1
+        readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}
+      - name: alt
+        image: kt-testbed/http-echo:1
+        env: [{name: PORT, value: "9090"}]
+        readinessProbe: {httpGet: {path: /, port: 9090}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: two-np}
+spec:
+  type: NodePort
+  selector: {app: two}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: alt, port: 81, targetPort: 9090}
+"#;
+
+/// Who answers an HTTP GET of `url` from the workstation (outside the cluster: it reaches
+/// the nodes' addresses only); `""` when nobody does.
+fn answered_from_outside(tb: &Testbed, url: &str) -> String {
+    let (ok, out) = workstation::run(tb, &["curl", "-s", "--max-time", "3", url]);
+    if !ok {
+        return String::new();
+    }
+    out.lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("pod=")
+        .to_owned()
+}
+
+/// Polls until every one of `urls`, from the workstation, is answered as `expected` says.
+async fn until_answered_from_outside(
+    tb: &Testbed,
+    urls: &[String],
+    expected: impl Fn(&str) -> bool,
+    within: Duration,
+) -> Result<Duration, String> {
+    let started = std::time::Instant::now();
+    poll_within(within, async || {
+        let wrong: Vec<String> = urls
+            .iter()
+            .map(|url| (url, answered_from_outside(tb, url)))
+            .filter(|(_, who)| !expected(who))
+            .map(|(url, who)| format!("{url}: {who:?}"))
+            .collect();
+        if wrong.is_empty() {
+            Ok(started.elapsed())
+        } else {
+            Err(wrong.join("; "))
+        }
+    })
+    .await
+}
+
+/// Whether `node`'s network namespace has the agent's nftables table
+/// (`kt_node_agent::agent::node_ports::TABLE`).
+fn has_node_port_table(tb: &Testbed, node: &str) -> bool {
+    let netns = tb.node_netns(node).expect("the node exists");
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["nft", "list", "tables"])
+        .output()
+        .expect("nsenter runs");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == format!("table ip {}", kt_node_agent::agent::node_ports::TABLE))
+}
+
+/// The median time of `n` HTTP GETs of `url` from the workstation, each a new connection.
+fn median_get(tb: &Testbed, url: &str, n: usize) -> Duration {
+    let mut times: Vec<f64> = (0..n)
+        .map(|_| {
+            let (ok, out) = workstation::run(
+                tb,
+                &["curl", "-s", "-o", "/dev/null", "-w", "%{time_total}", url],
+            );
+            assert!(ok, "{url}: {out}");
+            out.trim().parse().expect("curl's time_total")
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    Duration::from_secs_f64(times[n / 2])
+}
+
+/// Traffic that never calls `connect()` in a pod (issue 16, item 6): during an agent-mode
+/// `ktctl exchange two-np --expose 18090:80`, a connection from outside the cluster (the
+/// workstation) to the exchanged port's nodePort on either node — the holder's and the
+/// other — reaches the workstation's app, while the Service's other port (81, not exposed)
+/// still reaches the pods. `kill -9` of an agent takes its nftables table with it at once
+/// (fail-open; its replacement programs it again), and after Ctrl-C of ktctl both nodePorts
+/// reach the pods again and no node has the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn a_node_port_from_outside_reaches_the_workstation_during_an_agent_exchange_only() {
+    let tb = start_testbed(true).await;
+    install_agent(&tb);
+    apply(&tb.kubeconfig, TWO_PORTS);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["rollout", "status", "deploy/two", "--timeout=60s"],
+    );
+    let node_port = |name: &str| {
+        kubectl_ok(
+            &tb.kubeconfig,
+            &[
+                "get",
+                "svc",
+                "two-np",
+                "-o",
+                &format!("jsonpath={{.spec.ports[?(@.name==\"{name}\")].nodePort}}"),
+            ],
+        )
+    };
+    let urls_of = |port: String| -> Vec<String> {
+        [1, 2]
+            .map(|node| format!("http://{}:{port}/", node_ip(node)))
+            .into()
+    };
+    let (exchanged, other) = (urls_of(node_port("http")), urls_of(node_port("alt")));
+    let all: Vec<String> = exchanged.iter().chain(&other).cloned().collect();
+    let web: HashSet<String> = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=two",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ],
+    )
+    .split_whitespace()
+    .map(str::to_owned)
+    .collect();
+    assert_eq!(web.len(), 2, "{web:?}");
+    until_answered_from_outside(&tb, &all, |who| web.contains(who), Duration::from_secs(10))
+        .await
+        .expect("before the exchange, both nodePorts reach the pods");
+    let to_pods = median_get(&tb, &exchanged[0], 11);
+
+    let _app = workstation::http_echo(&tb, 18090).await;
+    let mut running = Background::ktctl_with_env(
+        &tb,
+        &["USER=alice"],
+        &[
+            "exchange", "two-np", "--expose", "18090:80", "--mode", "agent",
+        ],
+    );
+    running
+        .wait_for(" Now all request to service 'two-np' will be redirected to local")
+        .await;
+    let took = until_answered_from_outside(
+        &tb,
+        &exchanged,
+        |who| who == "workstation",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|wrong| {
+        let agents = kubectl(
+            &tb.kubeconfig,
+            &[
+                "logs",
+                "-n",
+                "kt-system",
+                "-l",
+                "app.kubernetes.io/name=kt-node-agent",
+                "--tail=30",
+            ],
+        );
+        panic!(
+            "{wrong}\n{}\n{}",
+            running.log(),
+            String::from_utf8_lossy(&agents.stdout)
+        )
+    });
+    for url in &other {
+        let who = answered_from_outside(&tb, url);
+        assert!(
+            web.contains(&who),
+            "port 81 is not exchanged: {url} → {who:?}"
+        );
+    }
+    let holder = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "kts", "-o", "jsonpath={.items[0].status.node}"],
+    );
+    let to_workstation = median_get(&tb, &exchanged[0], 11);
+    eprintln!(
+        "held on {holder}: both nodePorts reach the workstation {took:?} after the banner; \
+         GET node-1:nodePort median {to_workstation:?} (to the pods before: {to_pods:?})"
+    );
+
+    // kill -9 of the agent that does not hold the session: its table goes with it.
+    let other_node = if holder == "node-1" {
+        "node-2"
+    } else {
+        "node-1"
+    };
+    assert!(has_node_port_table(&tb, other_node));
+    let pid = agent_pid(&tb, other_node).expect("an agent process");
+    let killed = std::time::Instant::now();
+    // SAFETY: signalling the agent process of this test's own testbed.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    // Polled every 10 ms (not `poll_within`'s 100 ms): this is the figure reported.
+    while has_node_port_table(&tb, other_node) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "the killed agent's table is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let gone = killed.elapsed();
+    let back = until_answered_from_outside(
+        &tb,
+        &exchanged,
+        |who| who == "workstation",
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap_or_else(|wrong| panic!("after the agent's replacement: {wrong}"));
+    assert!(agent_pid(&tb, other_node).is_some_and(|p| p != pid));
+    eprintln!(
+        "kill -9 of {other_node}'s agent: its table gone {gone:?} later; the replacement \
+         redirects again {back:?} after that"
+    );
+
+    let stopped = std::time::Instant::now();
+    let (status, log) = running.interrupt();
+    assert!(
+        status.success() && log.contains("Cleaning session"),
+        "{log}"
+    );
+    let reverted = until_answered_from_outside(
+        &tb,
+        &exchanged,
+        |who| web.contains(who),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|wrong| panic!("after Ctrl-C: {wrong}"));
+    for node in ["node-1", "node-2"] {
+        poll_within(Duration::from_secs(5), async || {
+            !has_node_port_table(&tb, node)
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{node} still has the node-port table"));
+    }
+    eprintln!(
+        "Ctrl-C: ktctl ended and both nodePorts reach the pods {:?} after the signal ({reverted:?} after ktctl exited)",
+        stopped.elapsed()
+    );
+    until_answered_from_outside(&tb, &other, |who| web.contains(who), Duration::from_secs(5))
+        .await
+        .expect("port 81 still reaches the pods");
+    tb.stop().await;
 }

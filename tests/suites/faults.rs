@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use kt_testbed::cluster::Testbed;
 use kt_tests::harness::{
     apps::{
-        apply, deploy_client_2, deploy_web, in_client, install_agent, start_testbed,
+        agent_pid, apply, deploy_client_2, deploy_web, in_client, install_agent, start_testbed,
         until_all_answered_by, web_pods,
     },
     eventually::patience,
@@ -292,28 +292,6 @@ async fn the_api_server_stopped_for_30_s_keeps_an_agent_exchange_and_a_killed_kt
         back.elapsed()
     );
     tb.stop().await;
-}
-
-/// The process id of the agent on `node`: the `kt-node-agent` process in that node's
-/// network namespace (the agents run on the host network; a shadow pod runs the same binary
-/// in a pod's namespace).
-fn agent_pid(tb: &Testbed, node: &str) -> Option<u32> {
-    use std::os::unix::fs::MetadataExt as _;
-    let netns = std::fs::metadata(tb.node_netns(node)?).ok()?.ino();
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| {
-            let in_node =
-                std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| m.ino() == netns);
-            in_node
-                && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                    c.split(|b| *b == 0)
-                        .next()
-                        .is_some_and(|argv0| argv0.ends_with(b"kt-node-agent"))
-                })
-        })
 }
 
 /// Probes grouped into runs of one answer: (first stamp, answer, how many) — to read what

@@ -219,6 +219,28 @@ pub fn install_agent(tb: &Testbed) {
     wait_for_agents(tb);
 }
 
+/// The process id of the agent on `node`: the `kt-node-agent` process in that node's
+/// network namespace (the agents run on the host network; a shadow pod runs the same binary
+/// in a pod's namespace).
+pub fn agent_pid(tb: &Testbed, node: &str) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let netns = std::fs::metadata(tb.node_netns(node)?).ok()?.ino();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let in_node =
+                std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| m.ino() == netns);
+            in_node
+                && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    c.split(|b| *b == 0)
+                        .next()
+                        .is_some_and(|argv0| argv0.ends_with(b"kt-node-agent"))
+                })
+        })
+}
+
 /// Waits until the agent DaemonSet's pods are up on every node.
 pub fn wait_for_agents(tb: &Testbed) {
     kubectl_ok(
