@@ -754,13 +754,16 @@ impl Reconciler {
 /// in no set order), and the index's [`index::Index::generation`] for the ClusterIPs.
 #[derive(Debug, PartialEq)]
 struct NetworkInputs {
-    nodes: Vec<(
-        Option<String>,
-        Option<k8s_openapi::api::core::v1::NodeSpec>,
-        Option<Vec<k8s_openapi::api::core::v1::NodeAddress>>,
-    )>,
+    nodes: Vec<NodeInputs>,
     cluster_ips: u64,
 }
+
+/// A Node's name, spec and addresses.
+type NodeInputs = (
+    Option<String>,
+    Option<k8s_openapi::api::core::v1::NodeSpec>,
+    Option<Vec<k8s_openapi::api::core::v1::NodeAddress>>,
+);
 
 impl NetworkInputs {
     fn of(nodes: &[&k8s_openapi::api::core::v1::Node], cluster: &index::Index) -> Self {

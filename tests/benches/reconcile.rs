@@ -153,7 +153,7 @@ fn main() {
         for round in 0..rounds {
             // A slice of some session's Service (or of a Service nobody exchanged, with no
             // session) changes, as the same slice again: the map stays the same.
-            let changed = slices[(round as usize * 7919) % slices.len()];
+            let changed = slices[(round * 7919) % slices.len()];
             let started = Instant::now();
             let (wanted, programmed) = pass(&sessions, &mut index, changed);
             times.push(started.elapsed().as_secs_f64() * 1000.0);
