@@ -25,6 +25,7 @@ pub mod egress;
 pub mod events;
 pub mod freshness;
 pub mod hold;
+pub mod index;
 mod map;
 pub mod mesh;
 mod metrics;
@@ -41,7 +42,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -148,22 +149,53 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         all(),
         Some(freshness.clone()),
     );
-    let services = watch(
-        &tasks,
-        "watch-services",
-        &changed,
-        Api::all(client.clone()),
-        all(),
-        None,
-    );
-    let slices = watch(
-        &tasks,
-        "watch-endpointslices",
-        &changed,
-        Api::all(client.clone()),
-        all(),
-        None,
-    );
+    // Services and EndpointSlices go into one index of what the redirects need, an event at
+    // a time, instead of two caches of whole objects rebuilt into an index at every pass.
+    let cluster = Arc::new(RwLock::new(index::Index::default()));
+    let services_listed = {
+        let (listed, ready) = tokio::sync::watch::channel(false);
+        let cluster = cluster.clone();
+        watch_with(
+            &tasks,
+            "watch-services",
+            &changed,
+            Api::<Service>::all(client.clone()),
+            all(),
+            None,
+            move |event| {
+                let done = matches!(event, watcher::Event::InitDone);
+                if let Some(change) = index::Change::of(event, |s| index::ServiceView::from(s)) {
+                    write(&cluster).apply_service(change);
+                }
+                if done {
+                    listed.send_replace(true);
+                }
+            },
+        );
+        ready
+    };
+    let slices_listed = {
+        let (listed, ready) = tokio::sync::watch::channel(false);
+        let cluster = cluster.clone();
+        watch_with(
+            &tasks,
+            "watch-endpointslices",
+            &changed,
+            Api::<EndpointSlice>::all(client.clone()),
+            all(),
+            None,
+            move |event| {
+                let done = matches!(event, watcher::Event::InitDone);
+                if let Some(change) = index::Change::of(event, |s| index::SliceView::from(s)) {
+                    write(&cluster).apply_slice(change);
+                }
+                if done {
+                    listed.send_replace(true);
+                }
+            },
+        );
+        ready
+    };
     let nodes = watch(
         &tasks,
         "watch-nodes",
@@ -215,7 +247,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         &sessions_collected,
         &reconcile_seconds,
     ));
-    let network = Arc::new(std::sync::RwLock::new(network::Network::default()));
+    let network = Arc::new(RwLock::new(network::Network::default()));
     let ready = Arc::new(AtomicBool::new(false));
     let http = bind(config.http_listen).await?;
     tasks.spawn(
@@ -227,7 +259,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         node_name: config.node_name.clone(),
         node_ip: config.node_ip,
         sessions: sessions.clone(),
-        services: services.clone(),
+        cluster: cluster.clone(),
         client: client.clone(),
         tunnel_bytes,
         network: network.clone(),
@@ -287,8 +319,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         node: config.node_name.clone(),
         sessions,
         freshness,
-        services,
-        slices,
+        cluster,
+        listed: (services_listed, slices_listed),
+        network_of: Mutex::default(),
         nodes,
         records,
         rejected: Mutex::default(),
@@ -363,6 +396,36 @@ where
 {
     let mut writer = reflector::store::Writer::default();
     let store = writer.as_reader();
+    watch_with(tasks, name, changed, api, config, freshness, move |event| {
+        writer.apply_watcher_event(&event);
+    });
+    store
+}
+
+/// The index behind `lock`, for writing; a panic elsewhere while it was held leaves it as
+/// consistent as each single update made it.
+fn write(lock: &RwLock<index::Index>) -> std::sync::RwLockWriteGuard<'_, index::Index> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The watch of [`watch`], handing each event to `apply` (before `changed` is woken).
+fn watch_with<K>(
+    tasks: &Tasks,
+    name: &'static str,
+    changed: &Arc<Notify>,
+    api: Api<K>,
+    config: watcher::Config,
+    freshness: Option<Arc<Mutex<freshness::Freshness>>>,
+    mut apply: impl FnMut(watcher::Event<K>) + Send + 'static,
+) where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
     let (changed, stop) = (changed.clone(), tasks.shutdown().clone());
     let tell = move |update: &dyn Fn(&mut freshness::Freshness) -> bool| {
         freshness
@@ -379,8 +442,9 @@ where
                     () = stop.cancelled() => return Ok(()),
                     event = events.next() => match event {
                         Some(Ok(event)) => {
-                            writer.apply_watcher_event(&event);
-                            if matches!(event, watcher::Event::InitDone) {
+                            let listed = matches!(event, watcher::Event::InitDone);
+                            apply(event);
+                            if listed {
                                 delay = Duration::from_secs(1);
                                 if tell(&|f| f.listed()) {
                                     tracing::info!(watch = name, "watch listed again: leases are judged by the clock again");
@@ -406,7 +470,6 @@ where
             delay = (delay * 2).min(RELIST_MAX_DELAY);
         }
     });
-    store
 }
 
 /// A watch stream that ended: its cache no longer follows the cluster.
@@ -446,8 +509,15 @@ struct Reconciler {
     sessions: reflector::Store<KtSession>,
     /// Whether `sessions` follows the cluster: the clock leases are judged by.
     freshness: Arc<Mutex<freshness::Freshness>>,
-    services: reflector::Store<Service>,
-    slices: reflector::Store<EndpointSlice>,
+    /// The Services and EndpointSlices, by Service, kept by their watches.
+    cluster: Arc<RwLock<index::Index>>,
+    /// Whether the Services and the EndpointSlices have been listed once.
+    listed: (
+        tokio::sync::watch::Receiver<bool>,
+        tokio::sync::watch::Receiver<bool>,
+    ),
+    /// What [`Reconciler::network`] was last computed from.
+    network_of: Mutex<Option<NetworkInputs>>,
     nodes: reflector::Store<k8s_openapi::api::core::v1::Node>,
     /// The agents' records of what they hold ([`trust`]).
     records: reflector::Store<k8s_openapi::api::core::v1::ConfigMap>,
@@ -461,7 +531,7 @@ struct Reconciler {
     resolver: Option<crate::dns_relay::ResolvConf>,
     egress_allow: Vec<kt_proto::net::Cidr>,
     /// What connect sessions may reach and are told; recomputed with the redirects.
-    network: Arc<std::sync::RwLock<network::Network>>,
+    network: Arc<RwLock<network::Network>>,
     changed: Arc<Notify>,
     map: Arc<Mutex<RedirectMap>>,
     ready: Arc<AtomicBool>,
@@ -473,11 +543,12 @@ struct Reconciler {
 
 impl Reconciler {
     async fn run(self, shutdown: CancellationToken) -> Result<(), std::convert::Infallible> {
+        let (mut services, mut slices) = self.listed.clone();
         let synced = async {
             let _ = tokio::join!(
                 self.sessions.wait_until_ready(),
-                self.services.wait_until_ready(),
-                self.slices.wait_until_ready(),
+                async { services.wait_for(|listed| *listed).await.is_ok() },
+                async { slices.wait_for(|listed| *listed).await.is_ok() },
                 self.nodes.wait_until_ready(),
                 self.records.wait_until_ready()
             );
@@ -501,34 +572,20 @@ impl Reconciler {
 
     /// One pass; returns how long to sleep at most before the next.
     fn reconcile(&self) -> Duration {
-        let (all_sessions, all_services, all_slices) = (
-            self.sessions.state(),
-            self.services.state(),
-            self.slices.state(),
-        );
+        let all_sessions = self.sessions.state();
         let all_nodes = self.nodes.state();
+        let nodes: Vec<&k8s_openapi::api::core::v1::Node> =
+            all_nodes.iter().map(AsRef::as_ref).collect();
         // While the sessions watch is down, leases are judged as of when it went down:
         // renewals written meanwhile cannot be seen ([`freshness`]).
         let freshness = *self.freshness.lock().unwrap_or_else(|e| e.into_inner());
         let now = freshness.lease_clock(chrono::Utc::now());
         let sessions: Vec<&KtSession> = all_sessions.iter().map(AsRef::as_ref).collect();
-        let (believed, report_in) = self.believed(
-            &sessions,
-            &all_nodes.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
-            now,
-        );
+        let (believed, report_in) = self.believed(&sessions, &nodes, now);
         // What is programmed and acknowledged: only statuses some agent vouches for.
-        let (services, slices): (Vec<&Service>, Vec<&EndpointSlice>) = (
-            all_services.iter().map(AsRef::as_ref).collect(),
-            all_slices.iter().map(AsRef::as_ref).collect(),
-        );
-        let state = redirects::ClusterState::new(&believed, &services, &slices);
-        *self.network.write().unwrap_or_else(|e| e.into_inner()) = network::network(
-            &all_nodes.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
-            state.services,
-            self.resolver.as_ref(),
-            &self.egress_allow,
-        );
+        let cluster = self.cluster.read().unwrap_or_else(|e| e.into_inner());
+        let state = redirects::ClusterState::indexed(&believed, &cluster);
+        self.network(&nodes, &cluster);
         for event in self
             .transitions
             .lock()
@@ -556,10 +613,13 @@ impl Reconciler {
             *current = script;
             changed
         });
-        let acks = self.acks_for(state.sessions, &desired.programmed_ports(), now);
+        // The watches may write again: nothing below reads the index.
+        drop(state);
+        drop(cluster);
+        let acks = self.acks_for(&believed, &desired.programmed_ports(), now);
         // Wake when the next lease runs out, or after the check interval; while blind no
         // lease runs out (the clock stands), and the watch wakes the pass when it lists.
-        let wake = redirects::next_expiry(state.sessions, now)
+        let wake = redirects::next_expiry(&believed, now)
             .filter(|_| !freshness.blind())
             .and_then(|end| (end - now).to_std().ok())
             .map_or(self.lease_check, |left| {
@@ -585,6 +645,24 @@ impl Reconciler {
         }
         self.ready.store(applied.is_ok(), Ordering::Relaxed);
         wake
+    }
+
+    /// Computes the network connect sessions get ([`network::network`]) when its inputs
+    /// changed since the last pass: with 10 000 Services it is the costliest part of a pass
+    /// and its inputs seldom change.
+    fn network(&self, nodes: &[&k8s_openapi::api::core::v1::Node], cluster: &index::Index) {
+        let inputs = NetworkInputs::of(nodes, cluster);
+        let mut last = self.network_of.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_ref() == Some(&inputs) {
+            return;
+        }
+        *self.network.write().unwrap_or_else(|e| e.into_inner()) = network::network(
+            nodes,
+            cluster.cluster_ips(),
+            self.resolver.as_ref(),
+            &self.egress_allow,
+        );
+        *last = Some(inputs);
     }
 
     /// The sessions whose status is believed ([`trust::check`]); the others are logged and
@@ -692,6 +770,41 @@ impl Reconciler {
                 Some((id, (ack, shown)))
             })
             .collect()
+    }
+}
+
+/// What [`network::network`] reads: the Nodes' specs and addresses (by name: a cache lists
+/// in no set order), and the index's [`index::Index::generation`] for the ClusterIPs.
+#[derive(Debug, PartialEq)]
+struct NetworkInputs {
+    nodes: Vec<NodeInputs>,
+    cluster_ips: u64,
+}
+
+/// A Node's name, spec and addresses.
+type NodeInputs = (
+    Option<String>,
+    Option<k8s_openapi::api::core::v1::NodeSpec>,
+    Option<Vec<k8s_openapi::api::core::v1::NodeAddress>>,
+);
+
+impl NetworkInputs {
+    fn of(nodes: &[&k8s_openapi::api::core::v1::Node], cluster: &index::Index) -> Self {
+        let mut nodes: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.metadata.name.clone(),
+                    n.spec.clone(),
+                    n.status.as_ref().and_then(|s| s.addresses.clone()),
+                )
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.0.cmp(&b.0));
+        Self {
+            nodes,
+            cluster_ips: cluster.generation(),
+        }
     }
 }
 

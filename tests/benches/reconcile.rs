@@ -1,9 +1,11 @@
 //! The agent's reconcile at scale, without a cluster (issue 17, item 1): the pure part of one
-//! pass — the cluster view the redirects are computed from, the mesh routes, the desired
-//! service map and which session ports it programs — over 10 000 Services (one TCP port
-//! each, ClusterIP plus one EndpointSlice of 3 ready endpoints: 30 000 endpoints) with 0,
-//! 10, 100 and 1 000 live sessions (nine in ten exchange, one in ten mesh, each on its own
-//! Service). Not timed: copying the watch caches, the trust check, writing the eBPF map.
+//! pass as the agent runs it — one EndpointSlice changed (applied to the agent's index, as
+//! its watch does), then the mesh routes, the desired service map and which session ports
+//! it programs — over 10 000 Services (one TCP port each, ClusterIP plus one EndpointSlice
+//! of 3 ready endpoints: 30 000 endpoints) with 0, 10, 100 and 1 000 live sessions (nine in
+//! ten exchange, one in ten mesh, each on its own Service). Also timed, once: building the
+//! index from the 10 000 Services and slices, what a watch's (re)list costs. Not timed:
+//! the trust check, writing the eBPF map.
 //!
 //! Medians over `KT_BENCH_ROUNDS` passes (default 20) per case; ratios to the 10-session
 //! case show how a pass grows with sessions. Results: a table and
@@ -18,7 +20,10 @@ use std::{
 
 use chrono::Utc;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kt_node_agent::agent::{mesh, redirects};
+use kt_node_agent::agent::{
+    index::{Change, Index, SliceView},
+    mesh, redirects,
+};
 use kt_proto::session::KtSession;
 use kt_tests::harness::{bench_rounds, results::Results};
 use serde_json::json;
@@ -81,15 +86,16 @@ fn session(i: u32) -> KtSession {
     .expect("KtSession")
 }
 
-/// One pass over the cluster; how many map entries it wants and how many sessions have a
-/// programmed port (kept so the work cannot be optimised away, and checked).
-fn pass(
-    sessions: &[&KtSession],
-    services: &[&Service],
-    slices: &[&EndpointSlice],
-) -> (usize, usize) {
+/// One pass after the slice `changed` changed; how many map entries it wants and how many
+/// sessions have a programmed port (kept so the work cannot be optimised away, and checked).
+fn pass(sessions: &[&KtSession], index: &mut Index, changed: &EndpointSlice) -> (usize, usize) {
     let now = Utc::now();
-    let state = redirects::ClusterState::new(sessions, services, slices);
+    let key = (
+        "default".to_owned(),
+        changed.metadata.name.clone().expect("named"),
+    );
+    index.apply_slice(Change::Applied(key, SliceView::from(changed)));
+    let state = redirects::ClusterState::indexed(sessions, index);
     let routes = mesh::routes(&state, now);
     // A router per route, as this node's router would give.
     let routers: BTreeMap<_, _> = routes
@@ -118,6 +124,18 @@ fn main() {
     let (services, slices): (Vec<&Service>, Vec<&EndpointSlice>) =
         (services.iter().collect(), slices.iter().collect());
     let mut results = Results::new("reconcile");
+    let mut builds = Vec::new();
+    let mut index = Index::default();
+    for _ in 0..rounds.min(5) {
+        let started = Instant::now();
+        index = Index::of(&services, &slices);
+        builds.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    assert_eq!(index.services(), SERVICES as usize);
+    let build = results
+        .figure("index built from every Service and slice", "ms", &builds)
+        .expect("builds");
+    println!("index from {SERVICES} Services and their slices (a watch's list): {build:.1} ms");
     println!(
         "agent reconcile, pure part: {SERVICES} Services, {} endpoints; medians of {rounds} passes",
         SERVICES * ENDPOINTS_PER_SERVICE
@@ -132,9 +150,12 @@ fn main() {
         let sessions: Vec<&KtSession> = all.iter().collect();
         let mut times = Vec::new();
         let mut entries = 0;
-        for _ in 0..rounds {
+        for round in 0..rounds {
+            // A slice of some session's Service (or of a Service nobody exchanged, with no
+            // session) changes, as the same slice again: the map stays the same.
+            let changed = slices[(round * 7919) % slices.len()];
             let started = Instant::now();
-            let (wanted, programmed) = pass(&sessions, &services, &slices);
+            let (wanted, programmed) = pass(&sessions, &mut index, changed);
             times.push(started.elapsed().as_secs_f64() * 1000.0);
             // ClusterIP + 3 endpoints per session, every one of them programmed.
             assert_eq!(

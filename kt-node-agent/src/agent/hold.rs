@@ -51,8 +51,9 @@ pub struct HoldContext {
     pub node_name: String,
     pub node_ip: IpAddr,
     pub sessions: Store<KtSession>,
-    /// For preview probes: a preview session may dial its own Service's ClusterIP.
-    pub services: Store<k8s_openapi::api::core::v1::Service>,
+    /// The Services and EndpointSlices, by Service, as the agent's watches keep them: a
+    /// preview session may dial its own Service's ClusterIP.
+    pub cluster: Arc<RwLock<super::index::Index>>,
     pub client: kube::Client,
     pub(crate) tunnel_bytes: TunnelBytes,
     /// The cluster's network for `connect` sessions, kept current by the reconciler.
@@ -192,17 +193,15 @@ impl Holder {
             return None;
         }
         let ip: IpAddr = host.parse().ok()?;
-        let reference = ObjectRef::new(&held.spec.service).within(&held.login.namespace);
-        let service = self.context.services.get(&reference)?;
-        let spec = service.spec.as_ref()?;
-        let cluster_ips = spec
+        let cluster = self
+            .context
+            .cluster
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        let service = cluster.service(&held.login.namespace, &held.spec.service)?;
+        service
             .cluster_ips
-            .iter()
-            .flatten()
-            .chain(spec.cluster_ip.iter());
-        cluster_ips
-            .filter_map(|a| a.parse::<IpAddr>().ok())
-            .any(|a| a == ip)
+            .contains(&ip)
             .then_some(SocketAddr::new(ip, port))
     }
 

@@ -83,7 +83,7 @@ pub fn routes(state: &ClusterState<'_>, now: DateTime<Utc>) -> BTreeMap<RouteKey
         };
         let slices = state.slices_of(namespace, &session.spec.service);
         for listener in &status.listeners {
-            let Some(addresses) = addresses_of(service, slices, listener.port) else {
+            let Some(addresses) = addresses_of(service, &slices, listener.port) else {
                 continue;
             };
             let key = RouteKey {

@@ -5,7 +5,7 @@
 
 use std::{collections::HashSet, net::IpAddr};
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Node;
 use kt_proto::{
     net::{Cidr, covering_ranges},
     session::ClusterNetwork,
@@ -21,11 +21,12 @@ pub struct Network {
     pub info: ClusterNetwork,
 }
 
-/// The network from `nodes` (their `podCIDRs` and addresses), `services` (their ClusterIPs),
-/// the agent's resolver (the cluster DNS and domain) and the admin's extra ranges.
+/// The network from `nodes` (their `podCIDRs` and addresses), the Services' ClusterIPs, the
+/// agent's resolver (the cluster DNS and domain) and the admin's extra ranges. O(nodes +
+/// ClusterIPs): the agent computes it again only when one of them changed.
 pub fn network(
     nodes: &[&Node],
-    services: &[&Service],
+    cluster_ips: impl IntoIterator<Item = IpAddr>,
     resolver: Option<&ResolvConf>,
     allowed: &[Cidr],
 ) -> Network {
@@ -47,16 +48,7 @@ pub fn network(
         .flatten()
         .filter_map(|a| a.address.parse().ok())
         .collect();
-    let cluster_ips: HashSet<IpAddr> = services
-        .iter()
-        .filter_map(|s| s.spec.as_ref())
-        .flat_map(|s| {
-            s.cluster_ips
-                .clone()
-                .unwrap_or_else(|| s.cluster_ip.clone().into_iter().collect())
-        })
-        .filter_map(|ip| ip.parse().ok())
-        .collect();
+    let cluster_ips: HashSet<IpAddr> = cluster_ips.into_iter().collect();
     let service_cidrs = covering_ranges(cluster_ips.iter().copied());
     let cluster_domain = resolver
         .and_then(|r| {
@@ -85,9 +77,11 @@ pub fn network(
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::api::core::v1::Service;
     use serde_json::json;
 
     use super::*;
+    use crate::agent::index::ServiceView;
 
     #[test]
     fn the_network_comes_from_nodes_services_and_the_resolver() {
@@ -106,7 +100,10 @@ mod tests {
             "nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local cluster.local\n",
         )
         .unwrap();
-        let net = network(&[&node], &[&a, &b, &headless], Some(&resolver), &[]);
+        let ips = [&a, &b, &headless]
+            .into_iter()
+            .flat_map(|s| ServiceView::from(s).cluster_ips);
+        let net = network(&[&node], ips, Some(&resolver), &[]);
         assert_eq!(net.info.pod_cidrs, ["10.244.1.0/24"]);
         assert_eq!(net.info.service_cidrs, ["10.96.0.0/24"]);
         assert_eq!(net.info.dns, Some("10.96.0.10".parse().unwrap()));

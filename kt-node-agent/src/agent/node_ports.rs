@@ -88,30 +88,32 @@ pub fn desired(state: &ClusterState<'_>, now: DateTime<Utc>) -> BTreeMap<Fronten
         let Some(service) = state.service(ns, &session.spec.service) else {
             continue;
         };
-        let Some(spec) = service.spec.as_ref() else {
-            continue;
-        };
         let ingress: Vec<Ipv4Addr> = service
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref())
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i.ip.as_deref()?.parse().ok())
+            .ingress_ips
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
             .collect();
         for listener in &status.listeners {
-            let Some(port) = spec.ports.iter().flatten().find(|p| {
-                p.port == i32::from(listener.port)
-                    && p.protocol.as_deref().is_none_or(|p| p == "TCP")
-            }) else {
+            // A TCP Service port of the session (UDP ones are not exchanged).
+            if !service
+                .ports
+                .iter()
+                .any(|p| p.port == listener.port && p.tcp)
+            {
                 continue;
-            };
+            }
             let entry = Entry {
                 to: SocketAddrV4::new(holder, listener.listener_port),
                 session: session.key(),
             };
-            let node_port = port.node_port.and_then(|p| u16::try_from(p).ok());
+            let node_port = service
+                .node_ports
+                .iter()
+                .find(|(port, _)| *port == listener.port)
+                .map(|(_, node_port)| *node_port);
             let frontends = node_port.map(Frontend::NodePort).into_iter().chain(
                 ingress
                     .iter()

@@ -11,18 +11,19 @@
 //!   requests that stay with the pods.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, SocketAddr},
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
 };
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kt_proto::session::{KtSession, SessionMode};
 
-use super::mesh::{Route, RouteKey};
-
-/// The label an EndpointSlice carries naming its Service.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+use super::{
+    index::{Index, ServiceView, SliceView},
+    mesh::{Route, RouteKey},
+};
 
 /// Where connects to one address go, and which session (or mesh route) and Service port that
 /// is for.
@@ -36,111 +37,50 @@ pub struct Target {
     pub mode: SessionMode,
 }
 
-/// The cluster's Services and EndpointSlices by Service `(namespace, name)`, so that a
-/// session's lookup costs what its Service has, not the cluster's size (issue 17). A slice
-/// belongs to the Service its `kubernetes.io/service-name` label names in its own namespace;
-/// a slice without the label or a namespace belongs to none. Built from the watch caches at
-/// each pass (O(Services + slices)), not maintained from watch events.
-#[derive(Debug, Default)]
-pub struct ByService<'a> {
-    /// Where each Service's entry is. Only its values leave the map: a lookup with a
-    /// shorter-lived key must not shorten what the index hands out.
-    ids: HashMap<(&'a str, &'a str), usize>,
-    entries: Vec<Owned<'a>>,
-}
-
-/// What the index holds for one Service name.
-#[derive(Debug, Default)]
-struct Owned<'a> {
-    service: Option<&'a Service>,
-    slices: Vec<&'a EndpointSlice>,
-}
-
-impl<'a> ByService<'a> {
-    /// The index of `services` and `slices`.
-    pub fn new(services: &[&'a Service], slices: &[&'a EndpointSlice]) -> Self {
-        let mut index = Self {
-            ids: HashMap::with_capacity(services.len()),
-            entries: Vec::with_capacity(services.len()),
-        };
-        for service in services {
-            if let (Some(namespace), Some(name)) = (
-                service.metadata.namespace.as_deref(),
-                service.metadata.name.as_deref(),
-            ) {
-                index.entry(namespace, name).service = Some(service);
-            }
-        }
-        for slice in slices {
-            let owner = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL));
-            if let (Some(namespace), Some(name)) = (slice.metadata.namespace.as_deref(), owner) {
-                index.entry(namespace, name).slices.push(slice);
-            }
-        }
-        index
-    }
-
-    fn entry(&mut self, namespace: &'a str, name: &'a str) -> &mut Owned<'a> {
-        let next = self.entries.len();
-        let id = *self.ids.entry((namespace, name)).or_insert(next);
-        if id == next {
-            self.entries.push(Owned::default());
-        }
-        &mut self.entries[id]
-    }
-
-    fn get(&self, namespace: &str, name: &str) -> Option<&Owned<'a>> {
-        let id = *self.ids.get(&(namespace, name))?;
-        self.entries.get(id)
-    }
-
-    /// The Service `namespace/name`.
-    pub fn service(&self, namespace: &str, name: &str) -> Option<&'a Service> {
-        self.get(namespace, name)?.service
-    }
-
-    /// The EndpointSlices of the Service `namespace/name`, in the order given to
-    /// [`ByService::new`].
-    pub fn slices(&self, namespace: &str, name: &str) -> &[&'a EndpointSlice] {
-        self.get(namespace, name)
-            .map_or(&[], |e| e.slices.as_slice())
-    }
-}
-
-/// The cluster objects the map is computed from.
+/// The cluster objects the map is computed from: the sessions, and the Services and their
+/// EndpointSlices by Service ([`Index`]), so that a session's lookup costs what its Service
+/// has, not the cluster's size (issue 17). The agent keeps its index from watch events and
+/// lends it to each pass; [`ClusterState::new`] builds one from whole objects.
 pub struct ClusterState<'a> {
     pub sessions: &'a [&'a KtSession],
-    pub services: &'a [&'a Service],
-    /// The Services and their EndpointSlices, by Service.
-    by_service: ByService<'a>,
+    index: Cow<'a, Index>,
 }
 
 impl<'a> ClusterState<'a> {
-    /// The state of `sessions`, `services` and `slices`, indexed by Service.
+    /// The state of `sessions`, `services` and `slices`, indexed by Service (O(Services +
+    /// slices); the agent uses [`ClusterState::indexed`]).
     pub fn new(
         sessions: &'a [&'a KtSession],
-        services: &'a [&'a Service],
-        slices: &'a [&'a EndpointSlice],
+        services: &[&Service],
+        slices: &[&EndpointSlice],
     ) -> Self {
         Self {
             sessions,
-            services,
-            by_service: ByService::new(services, slices),
+            index: Cow::Owned(Index::of(services, slices)),
+        }
+    }
+
+    /// The state of `sessions` over an index kept elsewhere (O(1)).
+    pub fn indexed(sessions: &'a [&'a KtSession], index: &'a Index) -> Self {
+        Self {
+            sessions,
+            index: Cow::Borrowed(index),
         }
     }
 
     /// The Service `namespace/name`.
-    pub(super) fn service(&self, namespace: &str, name: &str) -> Option<&'a Service> {
-        self.by_service.service(namespace, name)
+    pub(super) fn service(&self, namespace: &str, name: &str) -> Option<&ServiceView> {
+        self.index.service(namespace, name)
     }
 
     /// The EndpointSlices of the Service `namespace/name`.
-    pub(super) fn slices_of(&self, namespace: &str, name: &str) -> &[&'a EndpointSlice] {
-        self.by_service.slices(namespace, name)
+    pub(super) fn slices_of(&self, namespace: &str, name: &str) -> Vec<&SliceView> {
+        self.index.slices(namespace, name).collect()
+    }
+
+    /// The names of the EndpointSlices of the Service `namespace/name`, in order.
+    pub fn slice_names(&self, namespace: &str, name: &str) -> Vec<&str> {
+        self.index.slice_names(namespace, name)
     }
 
     /// The live sessions of `mode`, oldest first (by creation, then name): not being
@@ -272,7 +212,7 @@ pub fn desired(
         });
         for listener in &status.listeners {
             let to = SocketAddr::new(holder, listener.listener_port);
-            let Some(addresses) = addresses_of(service, slices, listener.port) else {
+            let Some(addresses) = addresses_of(service, &slices, listener.port) else {
                 claim.ports.entry(listener.port).or_default();
                 continue;
             };
@@ -308,11 +248,6 @@ pub fn next_expiry(sessions: &[&KtSession], now: DateTime<Utc>) -> Option<DateTi
         .min()
 }
 
-/// Kubernetes' default protocol: a port without one is TCP.
-fn is_tcp(protocol: Option<&String>) -> bool {
-    protocol.is_none_or(|p| p == "TCP")
-}
-
 /// The addresses clients dial for one TCP Service port.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct PortAddresses {
@@ -337,28 +272,14 @@ impl PortAddresses {
 /// EndpointSlice ports of the same name and protocol, an unnamed Service port matching the
 /// slice port named `""` (what the EndpointSlice controller writes for it).
 pub(super) fn addresses_of(
-    service: &Service,
-    slices: &[&EndpointSlice],
+    service: &ServiceView,
+    slices: &[&SliceView],
     port: u16,
 ) -> Option<PortAddresses> {
-    let spec = service.spec.as_ref();
-    let service_port = spec
-        .and_then(|s| s.ports.as_ref())?
-        .iter()
-        .find(|p| p.port == i32::from(port) && is_tcp(p.protocol.as_ref()))?;
-    let cluster_ips: Vec<IpAddr> = spec
-        .and_then(|s| {
-            s.cluster_ips
-                .clone()
-                .or_else(|| s.cluster_ip.clone().map(|ip| vec![ip]))
-        })
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|ip| ip.parse().ok())
-        .collect();
-    let name = service_port.name.as_deref().unwrap_or_default();
+    let service_port = service.ports.iter().find(|p| p.port == port && p.tcp)?;
     let mut out = PortAddresses {
-        cluster: cluster_ips
+        cluster: service
+            .cluster_ips
             .iter()
             .map(|ip| SocketAddr::new(*ip, port))
             .collect(),
@@ -368,24 +289,17 @@ pub(super) fn addresses_of(
         let Some(endpoint_port) = slice
             .ports
             .iter()
-            .flatten()
-            .find(|p| p.name.as_deref().unwrap_or_default() == name && is_tcp(p.protocol.as_ref()))
-            .and_then(|p| p.port)
-            .and_then(|p| u16::try_from(p).ok())
+            .find(|p| p.name == service_port.name && p.tcp)
+            .map(|p| p.port)
         else {
             continue;
         };
-        let ready = slice
-            .endpoints
-            .iter()
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true));
-        for endpoint in ready {
-            for address in &endpoint.addresses {
-                if let Ok(ip) = address.parse::<IpAddr>() {
-                    out.endpoints.push(SocketAddr::new(ip, endpoint_port));
-                }
-            }
-        }
+        out.endpoints.extend(
+            slice
+                .ready
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, endpoint_port)),
+        );
     }
     Some(out)
 }
@@ -751,13 +665,6 @@ mod tests {
         }))
     }
 
-    fn names(slices: &[&EndpointSlice]) -> Vec<String> {
-        slices
-            .iter()
-            .map(|s| s.metadata.name.clone().unwrap_or_default())
-            .collect()
-    }
-
     #[test]
     fn the_index_gives_exactly_a_services_slices() {
         let svc = |namespace: &str, name: &str| -> Service {
@@ -766,38 +673,34 @@ mod tests {
         };
         let (web, web_prod, api) = (svc("dev", "web"), svc("prod", "web"), svc("dev", "api"));
         let slices = [
-            slice_of(Some("dev"), "web-a", Some("web"), "10.244.1.1"),
+            slice_of(Some("dev"), "web-b", Some("web"), "10.244.1.4"),
             slice_of(Some("prod"), "web-p", Some("web"), "10.244.1.2"),
             slice_of(Some("dev"), "api-a", Some("api"), "10.244.1.3"),
-            slice_of(Some("dev"), "web-b", Some("web"), "10.244.1.4"),
+            slice_of(Some("dev"), "web-a", Some("web"), "10.244.1.1"),
             slice_of(Some("dev"), "unlabelled", None, "10.244.1.5"),
             slice_of(None, "nowhere", Some("web"), "10.244.1.6"),
             slice_of(Some("dev"), "gone-svc", Some("gone"), "10.244.1.7"),
         ];
         let slices: Vec<&EndpointSlice> = slices.iter().collect();
-        let index = ByService::new(&[&web, &web_prod, &api], &slices);
-        assert_eq!(names(index.slices("dev", "web")), ["web-a", "web-b"]);
-        assert_eq!(names(index.slices("prod", "web")), ["web-p"]);
-        assert_eq!(names(index.slices("dev", "api")), ["api-a"]);
+        let state = ClusterState::new(&[], &[&web, &web_prod, &api], &slices);
+        assert_eq!(state.slice_names("dev", "web"), ["web-a", "web-b"]);
+        assert_eq!(state.slice_names("prod", "web"), ["web-p"]);
+        assert_eq!(state.slice_names("dev", "api"), ["api-a"]);
         assert_eq!(
-            names(index.slices("dev", "gone")),
+            state.slice_names("dev", "gone"),
             ["gone-svc"],
             "a slice outlives its Service"
         );
-        assert!(index.slices("prod", "api").is_empty());
-        assert_eq!(
-            index
-                .service("prod", "web")
-                .and_then(|s| s.metadata.namespace.as_deref()),
-            Some("prod")
-        );
-        assert!(index.service("dev", "gone").is_none());
+        assert!(state.slice_names("prod", "api").is_empty());
+        assert!(state.service("prod", "web").is_some());
+        assert!(state.service("dev", "gone").is_none());
     }
 
     #[test]
     fn the_next_pass_follows_a_slice_that_changes_service_or_is_deleted() {
-        // The index is rebuilt from the watch caches at every pass: what one pass sees after
-        // a slice moved from web to api and another was deleted.
+        // The agent's index follows watch events: what the next pass sees after a slice
+        // moved from web to api and another was deleted.
+        use super::super::index::{Change, SliceView};
         let now = Utc::now();
         let svc = |name: &str, ip: &str| -> Service {
             object(json!({"metadata": {"name": name, "namespace": "dev"},
@@ -808,9 +711,10 @@ mod tests {
         on_api.metadata.name = Some("bob".into());
         let moving = slice_of(Some("dev"), "m", Some("web"), "10.244.1.1");
         let staying = slice_of(Some("dev"), "k", Some("web"), "10.244.1.2");
-        let before_of = (&[&on_api], &[&web, &api], &[&moving, &staying]);
-        let before = ClusterState::new(before_of.0, before_of.1, before_of.2);
-        assert_eq!(names(before.slices_of("dev", "web")), ["m", "k"]);
+        let mut index = Index::of(&[&web, &api], &[&moving, &staying]);
+        let sessions = [&on_api];
+        let before = ClusterState::indexed(&sessions, &index);
+        assert_eq!(before.slice_names("dev", "web"), ["k", "m"]);
         assert_eq!(
             desired(&before, now, &BTreeMap::new(), &BTreeMap::new())
                 .map
@@ -827,12 +731,13 @@ mod tests {
             .labels
             .as_mut()
             .unwrap()
-            .insert(SERVICE_NAME_LABEL.into(), "api".into());
-        // `staying` deleted: the cache no longer lists it.
-        let after_of = (&[&on_api], &[&web, &api], &[&moved]);
-        let after = ClusterState::new(after_of.0, after_of.1, after_of.2);
-        assert!(after.slices_of("dev", "web").is_empty());
-        assert_eq!(names(after.slices_of("dev", "api")), ["m"]);
+            .insert("kubernetes.io/service-name".into(), "api".into());
+        let key = |name: &str| ("dev".to_owned(), name.to_owned());
+        index.apply_slice(Change::Applied(key("m"), SliceView::from(&moved)));
+        index.apply_slice(Change::Deleted(key("k")));
+        let after = ClusterState::indexed(&sessions, &index);
+        assert!(after.slice_names("dev", "web").is_empty());
+        assert_eq!(after.slice_names("dev", "api"), ["m"]);
         let map = desired(&after, now, &BTreeMap::new(), &BTreeMap::new()).map;
         assert_eq!(
             map.keys().copied().collect::<Vec<_>>(),
