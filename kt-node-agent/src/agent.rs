@@ -152,50 +152,24 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     // Services and EndpointSlices go into one index of what the redirects need, an event at
     // a time, instead of two caches of whole objects rebuilt into an index at every pass.
     let cluster = Arc::new(RwLock::new(index::Index::default()));
-    let services_listed = {
-        let (listed, ready) = tokio::sync::watch::channel(false);
-        let cluster = cluster.clone();
-        watch_with(
-            &tasks,
-            "watch-services",
-            &changed,
-            Api::<Service>::all(client.clone()),
-            all(),
-            None,
-            move |event| {
-                let done = matches!(event, watcher::Event::InitDone);
-                if let Some(change) = index::Change::of(event, |s| index::ServiceView::from(s)) {
-                    write(&cluster).apply_service(change);
-                }
-                if done {
-                    listed.send_replace(true);
-                }
-            },
-        );
-        ready
-    };
-    let slices_listed = {
-        let (listed, ready) = tokio::sync::watch::channel(false);
-        let cluster = cluster.clone();
-        watch_with(
-            &tasks,
-            "watch-endpointslices",
-            &changed,
-            Api::<EndpointSlice>::all(client.clone()),
-            all(),
-            None,
-            move |event| {
-                let done = matches!(event, watcher::Event::InitDone);
-                if let Some(change) = index::Change::of(event, |s| index::SliceView::from(s)) {
-                    write(&cluster).apply_slice(change);
-                }
-                if done {
-                    listed.send_replace(true);
-                }
-            },
-        );
-        ready
-    };
+    let services_listed = watch_into(
+        &tasks,
+        "watch-services",
+        &changed,
+        Api::<Service>::all(client.clone()),
+        &cluster,
+        |service| index::ServiceView::from(service),
+        index::Index::apply_service,
+    );
+    let slices_listed = watch_into(
+        &tasks,
+        "watch-endpointslices",
+        &changed,
+        Api::<EndpointSlice>::all(client.clone()),
+        &cluster,
+        |slice| index::SliceView::from(slice),
+        index::Index::apply_slice,
+    );
     let nodes = watch(
         &tasks,
         "watch-nodes",
@@ -406,6 +380,49 @@ where
 /// consistent as each single update made it.
 fn write(lock: &RwLock<index::Index>) -> std::sync::RwLockWriteGuard<'_, index::Index> {
     lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A watch of every `K` (all namespaces, no selector) kept in `cluster`'s index: each event reduced to `view`s and given
+/// to `apply`. The receiver turns `true` once the first list is complete.
+fn watch_into<K, V>(
+    tasks: &Tasks,
+    name: &'static str,
+    changed: &Arc<Notify>,
+    api: Api<K>,
+    cluster: &Arc<RwLock<index::Index>>,
+    view: fn(&K) -> V,
+    apply: fn(&mut index::Index, index::Change<V>),
+) -> tokio::sync::watch::Receiver<bool>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    V: 'static,
+{
+    let (listed, ready) = tokio::sync::watch::channel(false);
+    let cluster = cluster.clone();
+    watch_with(
+        tasks,
+        name,
+        changed,
+        api,
+        watcher::Config::default(),
+        None,
+        move |event| {
+            let done = matches!(event, watcher::Event::InitDone);
+            if let Some(change) = index::Change::of(event, view) {
+                apply(&mut write(&cluster), change);
+            }
+            if done {
+                listed.send_replace(true);
+            }
+        },
+    );
+    ready
 }
 
 /// The watch of [`watch`], handing each event to `apply` (before `changed` is woken).

@@ -299,14 +299,7 @@ impl Store {
     /// Every stored object of a type, in all namespaces (for controllers; no copies of the
     /// apiVersion rewriting).
     pub fn all(&self, group: &str, plural: &str) -> Vec<Value> {
-        let inner = self.lock();
-        let start: Key = (group.into(), plural.into(), String::new(), String::new());
-        inner
-            .objects
-            .range(start..)
-            .take_while(|(k, _)| k.0 == group && k.1 == plural)
-            .map(|(_, v)| v.clone())
-            .collect()
+        self.all_as(group, plural, Value::clone)
     }
 
     /// `view` of every stored object of a type, in key order, computed under the store's
