@@ -19,7 +19,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -238,6 +238,9 @@ pub struct SshPool {
     next: AtomicUsize,
     /// Port-forward and read-ahead tasks; each ends with its stream.
     streams: TaskTracker,
+    /// Whether the fall-back from the direct route to the port-forward was said: every slot
+    /// of the pool falls back on its own, the user is told once.
+    said_fallback: AtomicBool,
 }
 
 impl SshPool {
@@ -256,6 +259,7 @@ impl SshPool {
             host_key: HostKeyPin::default(),
             reverse: Arc::default(),
             route: OnceLock::new(),
+            said_fallback: AtomicBool::new(false),
             connections: (0..connections.max(1)).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
             streams: TaskTracker::new(),
@@ -470,11 +474,16 @@ impl SshPool {
                 Ok(handle) => Ok(handle),
                 Err(e) => {
                     tracing::debug!(error = %kt_proto::error_chain(&e), "direct reconnect failed");
-                    tracing::info!(
-                        "{} not reachable directly any more, reconnecting over the port-forward",
-                        self.target
-                    );
-                    self.connect(Route::PortForward).await
+                    let forwarded = self.connect(Route::PortForward).await?;
+                    // Said once per pool, and only when the port-forward did connect: a
+                    // claim, not an intention.
+                    if !self.said_fallback.swap(true, Ordering::Relaxed) {
+                        tracing::info!(
+                            "{} not reachable directly any more, reconnected over the port-forward",
+                            self.target
+                        );
+                    }
+                    Ok(forwarded)
                 }
             },
             _ => self.connect(route).await,

@@ -346,6 +346,30 @@ fn pods_cgroup(mount: &Path, own: &Path) -> Result<PathBuf, AgentError> {
 /// The longest pause between two attempts to list again after a watch failed.
 const RELIST_MAX_DELAY: Duration = Duration::from_secs(8);
 
+/// What the agent's watches watch: a Kubernetes object type with a static kind, as the
+/// reflectors and `kube::runtime::watcher` need it.
+trait Watched:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// A reflector for `api`, kept current by task `name`; every event wakes `changed`.
 /// After a watch error (logged) the watch starts over with a full list, after a back-off
 /// of 1 s doubling up to [`RELIST_MAX_DELAY`]: a resumed watch would say nothing until
@@ -360,13 +384,7 @@ fn watch<K>(
     freshness: Option<Arc<Mutex<freshness::Freshness>>>,
 ) -> reflector::Store<K>
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     let mut writer = reflector::store::Writer::default();
     let store = writer.as_reader();
@@ -382,8 +400,8 @@ fn write(lock: &RwLock<index::Index>) -> std::sync::RwLockWriteGuard<'_, index::
     lock.write().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A watch of every `K` (all namespaces, no selector) kept in `cluster`'s index: each event reduced to `view`s and given
-/// to `apply`. The receiver turns `true` once the first list is complete.
+/// A watch of every `K` (all namespaces, no selector) kept in `cluster`'s index: each
+/// event reduced to `view`s and given to `apply`. The receiver turns `true` once the first list is complete.
 fn watch_into<K, V>(
     tasks: &Tasks,
     name: &'static str,
@@ -394,13 +412,7 @@ fn watch_into<K, V>(
     apply: fn(&mut index::Index, index::Change<V>),
 ) -> tokio::sync::watch::Receiver<bool>
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
     V: 'static,
 {
     let (listed, ready) = tokio::sync::watch::channel(false);
@@ -435,13 +447,7 @@ fn watch_with<K>(
     freshness: Option<Arc<Mutex<freshness::Freshness>>>,
     mut apply: impl FnMut(watcher::Event<K>) + Send + 'static,
 ) where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     let (changed, stop) = (changed.clone(), tasks.shutdown().clone());
     let tell = move |update: &dyn Fn(&mut freshness::Freshness) -> bool| {

@@ -5,6 +5,7 @@ pub mod apps;
 pub mod bins;
 pub mod echo_bench;
 pub mod eventually;
+pub mod faults;
 pub mod kubectl;
 pub mod metrics;
 pub mod own_programs;

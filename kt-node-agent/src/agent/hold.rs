@@ -36,7 +36,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
 use super::{
-    map::RedirectMap, metrics::TunnelBytes, network::Network, takeover::Connection,
+    map::RedirectMap,
+    metrics::TunnelBytes,
+    network::Network,
+    takeover::{Connection, Taken},
     trust::HeldSession,
 };
 use crate::ssh_server::{AcceptError, dial_and_pump, forward_back, spawn_udp_relay};
@@ -180,6 +183,9 @@ struct Held {
     spec: SessionSpec,
     listeners: Arc<Mutex<Vec<Listener>>>,
     renewing: bool,
+    /// This connection is the session's holder in [`super::takeover::Holders`] (and forgets
+    /// it when it ends).
+    taken: bool,
 }
 
 impl Holder {
@@ -213,8 +219,14 @@ impl Holder {
     }
 
     /// Writes the held session's status and keeps renewing it while the connection lives;
-    /// `false` when the first write fails.
+    /// `false` when the first write fails or a newer connection holds the session.
     async fn hold(&self, held: &mut Held) -> bool {
+        // A connect session is held by each of ktctl's connections at once, without
+        // listeners; a session with listeners by one connection at a time, which takes it
+        // before it writes anything: the connection it replaces stops renewing first.
+        if held.spec.mode != SessionMode::Connect && !self.take_over(held) {
+            return false;
+        }
         let network = match held.spec.mode {
             SessionMode::Connect => Some(
                 self.context
@@ -228,6 +240,7 @@ impl Holder {
         };
         let status = Status {
             context: self.context.clone(),
+            connection: self.connection.clone(),
             login: held.login.clone(),
             uid: held.uid.clone(),
             listeners: held.listeners.clone(),
@@ -255,11 +268,6 @@ impl Holder {
         }
         if !held.renewing {
             held.renewing = true;
-            // A connect session is held by each of ktctl's connections at once, without
-            // listeners; a session with listeners by one connection at a time.
-            if held.spec.mode != SessionMode::Connect {
-                self.take_over(&held.login);
-            }
             // Once per connection: later writes (more listeners) are the same hold.
             let _ = self.context.events.send(super::events::SessionEvent::held(
                 &held.login.namespace,
@@ -276,22 +284,34 @@ impl Holder {
         true
     }
 
-    /// Makes this connection the holder of `login`'s session, ending the one that held it
-    /// before ([`super::takeover`]); forgets it when this connection ends.
-    fn take_over(&self, login: &Login) {
-        let session = (login.namespace.clone(), login.session.clone());
-        if self.context.holders.take(session.clone(), &self.connection) {
-            tracing::info!("session taken over from an older connection of ktctl, which is closed");
+    /// Makes this connection the holder of `held`'s session, ending the older connection
+    /// that held it before ([`super::takeover`]), and forgets it when this connection ends;
+    /// `false` when a newer connection holds it (this one is then ended).
+    fn take_over(&self, held: &mut Held) -> bool {
+        let session = (held.login.namespace.clone(), held.login.session.clone());
+        match self.context.holders.take(session.clone(), &self.connection) {
+            Taken::Held => {}
+            Taken::TookOver => tracing::info!(
+                "session taken over from an older connection of ktctl, which is closed"
+            ),
+            Taken::Superseded => {
+                tracing::info!("a newer connection of ktctl holds the session; this one is closed");
+                return false;
+            }
         }
-        let (holders, connection, ended) = (
-            self.context.holders.clone(),
-            self.connection.clone(),
-            self.cancel.clone(),
-        );
-        self.tasks.spawn(async move {
-            ended.cancelled().await;
-            holders.leave(&session, &connection);
-        });
+        if !held.taken {
+            held.taken = true;
+            let (holders, connection, ended) = (
+                self.context.holders.clone(),
+                self.connection.clone(),
+                self.cancel.clone(),
+            );
+            self.tasks.spawn(async move {
+                ended.cancelled().await;
+                holders.leave(&session, &connection);
+            });
+        }
+        true
     }
 
     /// The session `login` names, from the watch cache or — when the cache has not seen it
@@ -355,6 +375,7 @@ impl Handler for Holder {
             spec,
             listeners: Arc::default(),
             renewing: false,
+            taken: false,
         };
         // A connect session is held from the moment it logs in: its status tells the
         // workstation the cluster's network and keeps its lease.
@@ -512,6 +533,8 @@ enum StatusError {
 /// A held session's status, as this agent writes it.
 struct Status {
     context: Arc<HoldContext>,
+    /// The connection holding the session: once superseded, it leaves the status alone.
+    connection: Connection,
     login: Login,
     /// The session object's uid, for the Events.
     uid: String,
@@ -555,24 +578,30 @@ impl Status {
     }
 
     /// Renews every `every` until `stop`, then clears the status if it is still ours (a
-    /// reconnected ktctl may already hold the session through another connection).
+    /// reconnected ktctl may already hold the session through another connection) and this
+    /// connection was not superseded ([`super::takeover`]).
     async fn renew(self, every: Duration, stop: CancellationToken) {
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = tokio::time::sleep(every) => {
+                    if self.connection.is_superseded() {
+                        break;
+                    }
                     if let Err(error) = self.write().await {
                         tracing::warn!(error = %kt_proto::error_chain(&error), "failed to renew session");
                     }
                 }
             }
         }
-        let api = self.api();
-        let current =
-            tokio::time::timeout(STATUS_WRITE_TIMEOUT, api.get_opt(&self.login.session)).await;
-        let ours = matches!(&current, Ok(Ok(Some(s))) if s.status.as_ref().is_some_and(|st| {
-            st.node == self.context.node_name && st.listeners == self.listeners()
-        }));
+        let ours = !self.connection.is_superseded() && {
+            let api = self.api();
+            let current =
+                tokio::time::timeout(STATUS_WRITE_TIMEOUT, api.get_opt(&self.login.session)).await;
+            matches!(&current, Ok(Ok(Some(s))) if s.status.as_ref().is_some_and(|st| {
+                st.node == self.context.node_name && st.listeners == self.listeners()
+            }))
+        };
         if ours {
             match self.patch(json!({"status": null})).await {
                 Ok(()) => {

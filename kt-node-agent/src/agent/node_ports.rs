@@ -237,11 +237,13 @@ impl Nft {
                     .await
                     .map_err(NodePortError::Io)?
                     .ok_or(NodePortError::Ended)?;
-                if line.starts_with(SYNC_ANSWER) {
+                // `contains`, not `starts_with`: an interactive `nft` may put its prompt
+                // before what it prints.
+                if line.contains(SYNC_ANSWER) {
                     break;
                 }
                 // An error is printed as three lines: the message, the command, a marker.
-                if line.starts_with("Error:") {
+                if line.contains("Error:") {
                     errors.push(line);
                 }
             }
@@ -268,13 +270,24 @@ impl Nft {
     }
 }
 
-/// How long to wait before starting `nft` again after it failed.
+/// How long to wait before starting `nft` again after it failed; doubled after each
+/// failure in a row, up to [`RETRY_MAX`].
 const RETRY: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// How many node-port redirects `script` ([`ruleset`]) holds: one `dnat to` in each of
+/// two chains per frontend (the masquerade rules' `ct status dnat` is not one).
+fn redirects_in(script: &str) -> usize {
+    script.matches(" dnat to ").count() / 2
+}
 
 /// Keeps [`TABLE`] equal to the latest script in `wanted` ([`ruleset`]) until `shutdown`,
-/// then removes it. A failure is logged and retried with a fresh `nft` (whose table
-/// starts empty) after [`RETRY`]; `nft` missing is said once and waited out, as NodePort
-/// traffic then simply stays with kube-proxy. Never fails the agent.
+/// then removes it. `nft` is started only when a table is wanted (a script without
+/// redirects needs none: the owned table cannot exist without its `nft`). A failure is
+/// logged and retried with a fresh `nft` (whose table starts empty) after [`RETRY`], twice
+/// as long after each failure in a row up to [`RETRY_MAX`]; an `nft` that exits on its own
+/// took the table with it and is started again. `nft` missing is said once and waited out,
+/// as NodePort traffic then simply stays with kube-proxy. Never fails the agent.
 pub async fn run(
     mut wanted: tokio::sync::watch::Receiver<String>,
     shutdown: CancellationToken,
@@ -282,25 +295,28 @@ pub async fn run(
     let mut nft: Option<Nft> = None;
     let mut applied: Option<String> = None;
     let mut said_missing = false;
+    let mut retry = RETRY;
     loop {
         let script = wanted.borrow_and_update().clone();
         if applied.as_ref() != Some(&script) {
             let result = match nft.as_mut() {
-                Some(nft) => Ok(nft),
-                None => Nft::start().map(|started| nft.insert(started)),
+                Some(running) => running.apply(&script).await,
+                None if redirects_in(&script) == 0 => Ok(()),
+                None => match Nft::start() {
+                    Ok(started) => nft.insert(started).apply(&script).await,
+                    Err(error) => Err(error),
+                },
             };
-            let result = match result {
-                Ok(running) => running.apply(&script).await,
-                Err(error) => Err(error),
-            };
-            match result {
+            let ok = match result {
                 Ok(()) => {
                     tracing::info!(
                         table = TABLE,
-                        rules = script.matches("dnat").count() / 2,
+                        rules = redirects_in(&script),
                         "node-port redirects applied"
                     );
                     applied = Some(script);
+                    retry = RETRY;
+                    true
                 }
                 Err(NodePortError::Spawn(error))
                     if error.kind() == std::io::ErrorKind::NotFound =>
@@ -311,27 +327,43 @@ pub async fn run(
                         );
                         said_missing = true;
                     }
+                    false
                 }
                 Err(error) => {
-                    tracing::warn!(error = %kt_proto::error_chain(&error), "failed to apply node-port redirects; retrying");
+                    tracing::warn!(error = %kt_proto::error_chain(&error), ?retry, "failed to apply node-port redirects; retrying");
                     if let Some(old) = nft.take() {
                         old.close().await;
                     }
-                    applied = None;
+                    false
                 }
-            }
-            if applied.is_none() {
+            };
+            if !ok {
+                applied = None;
                 tokio::select! {
                     () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(RETRY) => continue,
+                    () = tokio::time::sleep(retry) => {
+                        retry = (retry * 2).min(RETRY_MAX);
+                        continue;
+                    }
                 }
             }
         }
+        let exited = async {
+            match nft.as_mut() {
+                Some(running) => running.child.wait().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = shutdown.cancelled() => break,
             changed = wanted.changed() => if changed.is_err() {
                 break;
             },
+            status = exited => {
+                tracing::warn!(?status, "`nft -i` exited and took the node-port redirects with it; applying them again");
+                nft = None;
+                applied = None;
+            }
         }
     }
     if let Some(nft) = nft {
@@ -510,8 +542,14 @@ mod tests {
         ), "{s}");
         assert_eq!(s.matches("masquerade").count(), 1, "{s}");
         assert_eq!(
+            redirects_in(&s),
+            2,
+            "the masquerade's `ct status dnat` is no redirect"
+        );
+        assert_eq!(
             ruleset(&BTreeMap::new(), node),
             "add table ip kt_nodeport { flags owner; }; delete table ip kt_nodeport"
         );
+        assert_eq!(redirects_in(&ruleset(&BTreeMap::new(), node)), 0);
     }
 }

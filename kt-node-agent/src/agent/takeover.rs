@@ -6,12 +6,18 @@
 //! between a live and a dead listener. The newer connection of a session wins: the older
 //! one is ended when the newer one holds. Only the session's key can log in, so only the
 //! session's own ktctl can take it over.
+//!
+//! "Newer" is the order in which this agent accepted the connections, not the order of
+//! their first status writes: an old connection whose write is slow must not end the
+//! connection that replaced it. A connection ended this way is *superseded*: it neither
+//! renews the session's status nor clears it when it ends (the status is its
+//! successor's from then on).
 
 use std::{
     collections::HashMap,
     sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -20,22 +26,48 @@ use tokio_util::sync::CancellationToken;
 /// A session, `(namespace, name)`.
 pub(crate) type SessionKey = (String, String);
 
-/// One SSH connection's identity and the token that ends it.
+/// One SSH connection's identity (its accept order) and the token that ends it.
 #[derive(Clone, Debug)]
 pub(crate) struct Connection {
+    /// Increasing in accept order: a higher id is a newer connection.
     id: u64,
     end: CancellationToken,
+    superseded: Arc<AtomicBool>,
 }
 
 impl Connection {
-    /// A new connection, told apart from every other of this process, ended by `end`.
+    /// A new connection, newer than every one created before it in this process, ended by
+    /// `end`. Create it when the connection is accepted.
     pub(crate) fn new(end: CancellationToken) -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         Self {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             end,
+            superseded: Arc::default(),
         }
     }
+
+    /// Whether a newer connection of its session took the session over: it must then
+    /// neither renew nor clear the session's status.
+    pub(crate) fn is_superseded(&self) -> bool {
+        self.superseded.load(Ordering::Relaxed)
+    }
+
+    fn supersede(&self) {
+        self.superseded.store(true, Ordering::Relaxed);
+        self.end.cancel();
+    }
+}
+
+/// What [`Holders::take`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Taken {
+    /// The connection holds the session; no other did (or it already held it).
+    Held,
+    /// The connection holds the session and the older one that held it was ended.
+    TookOver,
+    /// A newer connection holds the session: this one is superseded and ended.
+    Superseded,
 }
 
 /// The connection holding each session's listeners on this agent.
@@ -45,20 +77,25 @@ pub(crate) struct Holders {
 }
 
 impl Holders {
-    /// Records `connection` as holding `session` and ends the connection that held it
-    /// before, if another did; `true` when one was ended.
-    pub(crate) fn take(&self, session: SessionKey, connection: &Connection) -> bool {
-        let previous = self
-            .by_session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(session, connection.clone());
-        match previous {
-            Some(previous) if previous.id != connection.id => {
-                previous.end.cancel();
-                true
+    /// Makes the newer of `connection` and the session's current holder its holder, and
+    /// ends the older one (see the module's doc).
+    pub(crate) fn take(&self, session: SessionKey, connection: &Connection) -> Taken {
+        let mut by_session = self.by_session.lock().unwrap_or_else(|e| e.into_inner());
+        match by_session.get(&session) {
+            Some(holder) if holder.id == connection.id => Taken::Held,
+            Some(holder) if holder.id > connection.id => {
+                connection.supersede();
+                Taken::Superseded
             }
-            _ => false,
+            Some(holder) => {
+                holder.supersede();
+                by_session.insert(session, connection.clone());
+                Taken::TookOver
+            }
+            None => {
+                by_session.insert(session, connection.clone());
+                Taken::Held
+            }
         }
     }
 
@@ -97,10 +134,10 @@ mod tests {
         let holders = Holders::default();
         let old = Connection::new(CancellationToken::new());
         let new = Connection::new(CancellationToken::new());
-        assert!(!holders.take(key("s"), &old));
-        assert!(holders.take(key("s"), &new));
-        assert!(old.end.is_cancelled());
-        assert!(!new.end.is_cancelled());
+        assert_eq!(holders.take(key("s"), &old), Taken::Held);
+        assert_eq!(holders.take(key("s"), &new), Taken::TookOver);
+        assert!(old.end.is_cancelled() && old.is_superseded());
+        assert!(!new.end.is_cancelled() && !new.is_superseded());
         // The old one ending afterwards does not forget the new holder.
         holders.leave(&key("s"), &old);
         assert_eq!(holders.holding(), 1);
@@ -113,11 +150,27 @@ mod tests {
         let holders = Holders::default();
         let a = Connection::new(CancellationToken::new());
         let b = Connection::new(CancellationToken::new());
-        assert!(!holders.take(key("s"), &a));
+        assert_eq!(holders.take(key("s"), &a), Taken::Held);
         // More listeners on the same connection are the same hold.
-        assert!(!holders.take(key("s"), &a));
-        assert!(!holders.take(key("t"), &b));
+        assert_eq!(holders.take(key("s"), &a), Taken::Held);
+        assert_eq!(holders.take(key("t"), &b), Taken::Held);
         assert!(!a.end.is_cancelled() && !b.end.is_cancelled());
         assert_eq!(holders.holding(), 2);
+    }
+
+    #[test]
+    fn an_older_connection_holding_late_is_the_one_ended() {
+        // Accepted in this order; the newer one holds first (the older one's first status
+        // write was slow, or it asked for its listeners late).
+        let holders = Holders::default();
+        let old = Connection::new(CancellationToken::new());
+        let new = Connection::new(CancellationToken::new());
+        assert_eq!(holders.take(key("s"), &new), Taken::Held);
+        assert_eq!(holders.take(key("s"), &old), Taken::Superseded);
+        assert!(old.end.is_cancelled() && old.is_superseded());
+        assert!(!new.end.is_cancelled() && !new.is_superseded());
+        // The superseded one ending does not forget the holder.
+        holders.leave(&key("s"), &old);
+        assert_eq!(holders.holding(), 1);
     }
 }
