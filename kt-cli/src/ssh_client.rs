@@ -238,8 +238,9 @@ pub struct SshPool {
     next: AtomicUsize,
     /// Port-forward and read-ahead tasks; each ends with its stream.
     streams: TaskTracker,
-    /// Whether the fall-back from the direct route to the port-forward was said: every slot
-    /// of the pool falls back on its own, the user is told once.
+    /// Whether the fall-back from the direct route to the port-forward was said (and not
+    /// yet undone by a direct reconnect): every slot of the pool falls back on its own, the
+    /// user is told once.
     said_fallback: AtomicBool,
 }
 
@@ -471,12 +472,18 @@ impl SshPool {
         let route = self.route();
         match (self.transport, route) {
             (Transport::Auto, Route::Direct(_)) => match self.connect(route).await {
-                Ok(handle) => Ok(handle),
+                Ok(handle) => {
+                    if self.said_fallback.swap(false, Ordering::Relaxed) {
+                        tracing::info!("{} reachable directly again", self.target);
+                    }
+                    Ok(handle)
+                }
                 Err(e) => {
                     tracing::debug!(error = %kt_proto::error_chain(&e), "direct reconnect failed");
                     let forwarded = self.connect(Route::PortForward).await?;
-                    // Said once per pool, and only when the port-forward did connect: a
-                    // claim, not an intention.
+                    // Said once per fall-back of the pool (every slot falls back on its
+                    // own), and only when the port-forward did connect: a claim, not an
+                    // intention.
                     if !self.said_fallback.swap(true, Ordering::Relaxed) {
                         tracing::info!(
                             "{} not reachable directly any more, reconnected over the port-forward",

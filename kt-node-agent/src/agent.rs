@@ -401,7 +401,8 @@ fn write(lock: &RwLock<index::Index>) -> std::sync::RwLockWriteGuard<'_, index::
 }
 
 /// A watch of every `K` (all namespaces, no selector) kept in `cluster`'s index: each
-/// event reduced to `view`s and given to `apply`. The receiver turns `true` once the first list is complete.
+/// event reduced to `view`s and given to `apply`. The receiver turns `true` once the first
+/// list is complete.
 fn watch_into<K, V>(
     tasks: &Tasks,
     name: &'static str,

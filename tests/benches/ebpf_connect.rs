@@ -1,7 +1,12 @@
 //! connect() latency through kt's eBPF redirect, as ratios against no program, in one run.
 //!
-//! Three sibling cgroups in one network namespace: `plain` (nothing attached), `small`
-//! (programs attached, 10 redirects) and `large` (programs attached, 10 000 redirects).
+//! Four sibling cgroups in one network namespace: `plain` (nothing attached), `small`
+//! (programs attached, 10 redirects), `large` (programs attached, 10 000 exchange
+//! redirects) and `mixed` (programs attached, 10 000 redirects as the agent writes them
+//! for a cluster with exchanges and meshes together: each exchanged Service's ClusterIP
+//! port to a listener, each meshed Service's ClusterIP port and its pods' addresses to the
+//! node's router, as `Mode::Mesh`; a preview adds no redirect, it publishes a Service —
+//! issue 17, item 6: connect()'s cost stays flat with every kind of entry).
 //! This process moves itself between them between rounds, so the cases interleave and
 //! share the machine's state. Only the connect() call is timed (socket creation is not);
 //! sockets close with SO_LINGER 0 so that TIME_WAIT cannot exhaust ports. Percentiles, not
@@ -64,23 +69,47 @@ fn main() {
         }
     });
 
-    let cgroups: Vec<TestCgroup> = ["plain", "small", "large"]
+    let cgroups: Vec<TestCgroup> = ["plain", "small", "large", "mixed"]
         .iter()
         .map(|kind| TestCgroup::new(&unique_name(kind)).expect("cgroup"))
         .collect();
     let service = |i: u32| SocketAddr::from(([10, 100, (i >> 8) as u8, i as u8], 80));
-    let redirectors: Vec<Redirector> = [(1usize, 10u32), (2, 10_000)]
-        .iter()
-        .map(|&(cg, entries)| {
-            let mut r = Redirector::load().expect("load");
-            r.attach(cgroups[cg].path()).expect("attach");
-            for i in 0..entries {
-                r.insert(service(i), Redirect::to(target, i, Mode::Exchange))
-                    .expect("insert");
-            }
-            r
-        })
+    // The mixed map: 2 000 exchanged Services (one entry each) and 2 000 meshed Services of
+    // three pods each (four entries each: the ClusterIP and the pods' 8080s).
+    let mesh_pod = |i: u32, pod: u32| {
+        SocketAddr::from((
+            [10, 244, (i >> 4) as u8, ((i & 0xf) << 4 | pod) as u8],
+            8080,
+        ))
+    };
+    let mixed: Vec<(SocketAddr, Mode)> = (0..2_000u32)
+        .map(|i| (service(i), Mode::Exchange))
+        .chain((2_000..4_000u32).flat_map(|i| {
+            [(service(i), Mode::Mesh)]
+                .into_iter()
+                .chain((1..=3).map(move |pod| (mesh_pod(i, pod), Mode::Mesh)))
+        }))
         .collect();
+    assert_eq!(mixed.len(), 10_000);
+    let exchange_only = |entries: u32| -> Vec<(SocketAddr, Mode)> {
+        (0..entries).map(|i| (service(i), Mode::Exchange)).collect()
+    };
+    let redirectors: Vec<Redirector> = [
+        (1usize, exchange_only(10)),
+        (2, exchange_only(10_000)),
+        (3, mixed),
+    ]
+    .into_iter()
+    .map(|(cg, entries)| {
+        let mut r = Redirector::load().expect("load");
+        r.attach(cgroups[cg].path()).expect("attach");
+        for (i, (address, mode)) in (0u32..).zip(entries) {
+            r.insert(address, Redirect::to(target, i, mode))
+                .expect("insert");
+        }
+        r
+    })
+    .collect();
 
     let mut cases = vec![
         Case {
@@ -107,6 +136,18 @@ fn main() {
             dst: target,
             samples_ns: vec![],
         },
+        Case {
+            name: "exchange entry, 10 000 mixed",
+            cgroup: 3,
+            dst: service(1_777),
+            samples_ns: vec![],
+        },
+        Case {
+            name: "mesh pod entry, 10 000 mixed",
+            cgroup: 3,
+            dst: mesh_pod(3_777, 2),
+            samples_ns: vec![],
+        },
     ];
     let home = cgroup::cgroup_of_pid(&cgroup::cgroup2_mount().unwrap(), std::process::id())
         .expect("own cgroup");
@@ -125,10 +166,17 @@ fn main() {
     std::fs::write(home.join("cgroup.procs"), pid.to_string()).expect("leave cgroups");
 
     report(&cases, per_round);
-    for r in &redirectors {
-        let stats = r.service_stats(7).unwrap().connects_redirected
-            + r.service_stats(7_777).unwrap().connects_redirected;
-        assert!(stats > 0, "the redirected cases were not redirected");
+    // Each redirected case's entry counted its connects (svc_id is the entry's index).
+    for (redirector, ids) in redirectors.iter().zip([
+        &[7u32][..],
+        &[7_777][..],
+        // service(1_777) is entry 1 777; mesh_pod(3_777, 2) is entry 2 000 + 4 × 1 777 + 2.
+        &[1_777, 9_110][..],
+    ]) {
+        for id in ids {
+            let redirected = redirector.service_stats(*id).unwrap().connects_redirected;
+            assert!(redirected > 0, "entry {id} was not redirected");
+        }
     }
     drop(redirectors);
     drop(cgroups);

@@ -223,8 +223,9 @@ impl Holder {
     async fn hold(&self, held: &mut Held) -> bool {
         // A connect session is held by each of ktctl's connections at once, without
         // listeners; a session with listeners by one connection at a time, which takes it
-        // before it writes anything: the connection it replaces stops renewing first.
-        if held.spec.mode != SessionMode::Connect && !self.take_over(held) {
+        // before it writes anything, and writes in its turn ([`super::takeover`]).
+        let exclusive = held.spec.mode != SessionMode::Connect;
+        if exclusive && !self.take_over(held) {
             return false;
         }
         let network = match held.spec.mode {
@@ -241,6 +242,7 @@ impl Holder {
         let status = Status {
             context: self.context.clone(),
             connection: self.connection.clone(),
+            exclusive,
             login: held.login.clone(),
             uid: held.uid.clone(),
             listeners: held.listeners.clone(),
@@ -253,6 +255,11 @@ impl Holder {
             listeners: status.listeners(),
         };
         let (namespace, name) = (&held.login.namespace, &held.login.session);
+        let turn = status.turn().await;
+        if self.connection.is_superseded() {
+            tracing::info!("a newer connection of ktctl holds the session; this one is closed");
+            return false;
+        }
         if let Err(error) = self
             .context
             .publisher
@@ -266,6 +273,7 @@ impl Holder {
             tracing::warn!(error = %kt_proto::error_chain(&error), "failed to write session status");
             return false;
         }
+        drop(turn);
         if !held.renewing {
             held.renewing = true;
             // Once per connection: later writes (more listeners) are the same hold.
@@ -535,6 +543,8 @@ struct Status {
     context: Arc<HoldContext>,
     /// The connection holding the session: once superseded, it leaves the status alone.
     connection: Connection,
+    /// Held by one connection at a time (not `connect`): writes take the session's turn.
+    exclusive: bool,
     login: Login,
     /// The session object's uid, for the Events.
     uid: String,
@@ -564,6 +574,17 @@ impl Status {
         }
     }
 
+    /// The session's turn to write ([`super::takeover::Holders::write_turn`]), for a
+    /// session held by one connection at a time.
+    async fn turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        if !self.exclusive {
+            return None;
+        }
+        let session = (self.login.namespace.clone(), self.login.session.clone());
+        Some(self.context.holders.write_turn(&session).await)
+    }
+
+    /// Writes the status; the caller holds the session's [`Status::turn`].
     async fn write(&self) -> Result<(), StatusError> {
         let status = SessionStatus {
             node: self.context.node_name.clone(),
@@ -585,6 +606,7 @@ impl Status {
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = tokio::time::sleep(every) => {
+                    let _turn = self.turn().await;
                     if self.connection.is_superseded() {
                         break;
                     }
@@ -594,16 +616,29 @@ impl Status {
                 }
             }
         }
-        let ours = !self.connection.is_superseded() && {
+        // In the session's turn, and only if the status is still this connection's, as of
+        // the version read: a status another agent wrote since is a conflict, not cleared.
+        let turn = self.turn().await;
+        let ours = if self.connection.is_superseded() {
+            None
+        } else {
             let api = self.api();
             let current =
                 tokio::time::timeout(STATUS_WRITE_TIMEOUT, api.get_opt(&self.login.session)).await;
-            matches!(&current, Ok(Ok(Some(s))) if s.status.as_ref().is_some_and(|st| {
-                st.node == self.context.node_name && st.listeners == self.listeners()
-            }))
+            match current {
+                Ok(Ok(Some(s)))
+                    if s.status.as_ref().is_some_and(|st| {
+                        st.node == self.context.node_name && st.listeners == self.listeners()
+                    }) =>
+                {
+                    s.metadata.resource_version
+                }
+                _ => None,
+            }
         };
-        if ours {
-            match self.patch(json!({"status": null})).await {
+        if let Some(version) = ours {
+            let clear = json!({"metadata": {"resourceVersion": version}, "status": null});
+            match self.patch(clear).await {
                 Ok(()) => {
                     tracing::info!("session released");
                     let _ = self
@@ -615,6 +650,11 @@ impl Status {
                             &self.uid,
                             &self.context.node_name,
                         ));
+                }
+                Err(StatusError::Kube(kube::Error::Api(status))) if status.code == 409 => {
+                    tracing::info!(
+                        "the session's status changed since it was read; left to its new holder"
+                    );
                 }
                 Err(error) => {
                     tracing::warn!(error = %kt_proto::error_chain(&error), "failed to release session; its lease ends it")
@@ -630,5 +670,6 @@ impl Status {
         if let Err(error) = released.await {
             tracing::warn!(error = %kt_proto::error_chain(&error), "failed to update the agent record; the session's lease ends it");
         }
+        drop(turn);
     }
 }

@@ -26,7 +26,7 @@
 //! closes, `nft` reads end-of-file and exits, and the table is gone (measured in
 //! `tests/suites/agent.rs`: about 0.6 s after `kill -9`, mostly the agent's own exit).
 //! Clearing the table at start instead would leave it in force until the DaemonSet's
-//! replacement runs. No session: no table at all.
+//! replacement runs. No session: no table and no `nft` process ([`converge`]).
 //!
 //! Not covered: mesh sessions (their NodePort traffic still goes to the pods through
 //! kube-proxy, untouched: only pods' connects reach the node's router), IPv6
@@ -196,6 +196,7 @@ struct Nft {
     child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
     output: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::pipe::Receiver>>,
+    started: std::time::Instant,
 }
 
 impl Nft {
@@ -218,6 +219,7 @@ impl Nft {
             child,
             stdin,
             output: tokio::io::BufReader::new(reader).lines(),
+            started: std::time::Instant::now(),
         })
     }
 
@@ -270,10 +272,13 @@ impl Nft {
     }
 }
 
-/// How long to wait before starting `nft` again after it failed; doubled after each
-/// failure in a row, up to [`RETRY_MAX`].
+/// How long to wait before starting `nft` again after it failed or exited; doubled after
+/// each failure in a row, up to [`RETRY_MAX`].
 const RETRY: Duration = Duration::from_secs(2);
 const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// How long an `nft` must have run for its exit to start the back-off afresh.
+const STABLE: Duration = Duration::from_secs(60);
 
 /// How many node-port redirects `script` ([`ruleset`]) holds: one `dnat to` in each of
 /// two chains per frontend (the masquerade rules' `ct status dnat` is not one).
@@ -281,13 +286,45 @@ fn redirects_in(script: &str) -> usize {
     script.matches(" dnat to ").count() / 2
 }
 
-/// Keeps [`TABLE`] equal to the latest script in `wanted` ([`ruleset`]) until `shutdown`,
-/// then removes it. `nft` is started only when a table is wanted (a script without
-/// redirects needs none: the owned table cannot exist without its `nft`). A failure is
-/// logged and retried with a fresh `nft` (whose table starts empty) after [`RETRY`], twice
-/// as long after each failure in a row up to [`RETRY_MAX`]; an `nft` that exits on its own
-/// took the table with it and is started again. `nft` missing is said once and waited out,
-/// as NodePort traffic then simply stays with kube-proxy. Never fails the agent.
+/// What [`converge`] did.
+enum Converged {
+    /// `nft` holds the table with this many redirects.
+    Applied(usize),
+    /// No redirect is wanted: `nft` was stopped, and its table went with it.
+    Removed,
+    /// No redirect is wanted and none was there.
+    Nothing,
+}
+
+/// Makes [`TABLE`] hold `script`'s redirects: `nft` is started when redirects are wanted
+/// and it is not running, and stopped when none are (the kernel deletes the table it
+/// owns), so with no session there is neither a table nor an `nft` process.
+async fn converge(nft: &mut Option<Nft>, script: &str) -> Result<Converged, NodePortError> {
+    let redirects = redirects_in(script);
+    if redirects == 0 {
+        return Ok(match nft.take() {
+            Some(running) => {
+                running.close().await;
+                Converged::Removed
+            }
+            None => Converged::Nothing,
+        });
+    }
+    if nft.is_none() {
+        *nft = Some(Nft::start()?);
+    }
+    nft.as_mut().expect("started above").apply(script).await?;
+    Ok(Converged::Applied(redirects))
+}
+
+/// Keeps [`TABLE`] equal to the latest script in `wanted` ([`ruleset`], [`converge`])
+/// until `shutdown`, then removes it. A failure is logged and retried with a fresh `nft`
+/// (whose table starts empty) after [`RETRY`], twice as long after each failure in a row
+/// up to [`RETRY_MAX`]; a new script ends the wait (and, if it differs from the one that
+/// failed, the back-off starts afresh). An `nft` that exits on its own took the table with
+/// it and is started again, after the same back-off unless it ran for [`STABLE`]. `nft`
+/// missing is said once, as NodePort traffic then simply stays with kube-proxy. Never
+/// fails the agent.
 pub async fn run(
     mut wanted: tokio::sync::watch::Receiver<String>,
     shutdown: CancellationToken,
@@ -296,61 +333,62 @@ pub async fn run(
     let mut applied: Option<String> = None;
     let mut said_missing = false;
     let mut retry = RETRY;
+    // Its own back-off: a successful apply after a restart does not end it.
+    let mut restart = RETRY;
     loop {
         let script = wanted.borrow_and_update().clone();
         if applied.as_ref() != Some(&script) {
-            let result = match nft.as_mut() {
-                Some(running) => running.apply(&script).await,
-                None if redirects_in(&script) == 0 => Ok(()),
-                None => match Nft::start() {
-                    Ok(started) => nft.insert(started).apply(&script).await,
-                    Err(error) => Err(error),
-                },
-            };
-            let ok = match result {
-                Ok(()) => {
-                    tracing::info!(
-                        table = TABLE,
-                        rules = redirects_in(&script),
-                        "node-port redirects applied"
-                    );
+            match converge(&mut nft, &script).await {
+                Ok(converged) => {
+                    match converged {
+                        Converged::Applied(rules) => {
+                            tracing::info!(table = TABLE, rules, "node-port redirects applied");
+                        }
+                        Converged::Removed => {
+                            tracing::info!(table = TABLE, "node-port redirects removed");
+                        }
+                        Converged::Nothing => {}
+                    }
                     applied = Some(script);
                     retry = RETRY;
-                    true
-                }
-                Err(NodePortError::Spawn(error))
-                    if error.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    if !said_missing {
-                        tracing::warn!(
-                            "nft is not installed: NodePort and LoadBalancer traffic is not redirected"
-                        );
-                        said_missing = true;
-                    }
-                    false
                 }
                 Err(error) => {
-                    tracing::warn!(error = %kt_proto::error_chain(&error), ?retry, "failed to apply node-port redirects; retrying");
+                    match &error {
+                        NodePortError::Spawn(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            if !said_missing {
+                                tracing::warn!(
+                                    "nft is not installed: NodePort and LoadBalancer traffic is not redirected"
+                                );
+                                said_missing = true;
+                            }
+                        }
+                        _ => {
+                            tracing::warn!(error = %kt_proto::error_chain(&error), ?retry, "failed to apply node-port redirects; retrying");
+                        }
+                    }
                     if let Some(old) = nft.take() {
                         old.close().await;
                     }
-                    false
-                }
-            };
-            if !ok {
-                applied = None;
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(retry) => {
-                        retry = (retry * 2).min(RETRY_MAX);
-                        continue;
+                    applied = None;
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(retry) => retry = (retry * 2).min(RETRY_MAX),
+                        changed = wanted.changed() => {
+                            if changed.is_err() {
+                                break;
+                            }
+                            if *wanted.borrow() != script {
+                                retry = RETRY;
+                            }
+                        }
                     }
+                    continue;
                 }
             }
         }
         let exited = async {
             match nft.as_mut() {
-                Some(running) => running.child.wait().await,
+                Some(running) => (running.child.wait().await, running.started.elapsed()),
                 None => std::future::pending().await,
             }
         };
@@ -359,10 +397,17 @@ pub async fn run(
             changed = wanted.changed() => if changed.is_err() {
                 break;
             },
-            status = exited => {
-                tracing::warn!(?status, "`nft -i` exited and took the node-port redirects with it; applying them again");
+            (status, ran) = exited => {
+                if ran >= STABLE {
+                    restart = RETRY;
+                }
+                tracing::warn!(?status, ?ran, after = ?restart, "`nft -i` exited and took the node-port redirects with it; starting it again");
                 nft = None;
                 applied = None;
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(restart) => restart = (restart * 2).min(RETRY_MAX),
+                }
             }
         }
     }

@@ -10,8 +10,12 @@
 //! "Newer" is the order in which this agent accepted the connections, not the order of
 //! their first status writes: an old connection whose write is slow must not end the
 //! connection that replaced it. A connection ended this way is *superseded*: it neither
-//! renews the session's status nor clears it when it ends (the status is its
-//! successor's from then on).
+//! writes this agent's record of the session nor the session's status, nor clears it when
+//! it ends (both are its successor's from then on). Ending a connection does not stop a
+//! write it has already sent, so every write of a session's record and status takes the
+//! session's [`Holders::write_turn`] and checks, holding it, that its connection is not
+//! superseded: a write of the old connection that was under way when the new one took
+//! over lands before the new one's first write, never after.
 
 use std::{
     collections::HashMap,
@@ -21,6 +25,7 @@ use std::{
     },
 };
 
+use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 
 /// A session, `(namespace, name)`.
@@ -50,11 +55,11 @@ impl Connection {
     /// Whether a newer connection of its session took the session over: it must then
     /// neither renew nor clear the session's status.
     pub(crate) fn is_superseded(&self) -> bool {
-        self.superseded.load(Ordering::Relaxed)
+        self.superseded.load(Ordering::Acquire)
     }
 
     fn supersede(&self) {
-        self.superseded.store(true, Ordering::Relaxed);
+        self.superseded.store(true, Ordering::Release);
         self.end.cancel();
     }
 }
@@ -74,6 +79,9 @@ pub(crate) enum Taken {
 #[derive(Debug, Default)]
 pub(crate) struct Holders {
     by_session: Mutex<HashMap<SessionKey, Connection>>,
+    /// One lock per session whose record and status writes are under way or may come: taken
+    /// around each write ([`Holders::write_turn`]).
+    writes: Mutex<HashMap<SessionKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Holders {
@@ -100,7 +108,7 @@ impl Holders {
     }
 
     /// Forgets `session`'s holder if it is still `connection` (it ended); a newer holder
-    /// stays.
+    /// stays. The session's write lock goes too once nobody holds or waits for it.
     pub(crate) fn leave(&self, session: &SessionKey, connection: &Connection) {
         let mut by_session = self.by_session.lock().unwrap_or_else(|e| e.into_inner());
         if by_session
@@ -109,6 +117,28 @@ impl Holders {
         {
             by_session.remove(session);
         }
+        if !by_session.contains_key(session) {
+            let mut writes = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+            if writes
+                .get(session)
+                .is_some_and(|lock| Arc::strong_count(lock) == 1)
+            {
+                writes.remove(session);
+            }
+        }
+    }
+
+    /// Waits for `session`'s turn to write its record or status (one write at a time per
+    /// session on this agent); the turn lasts while the guard lives.
+    pub(crate) async fn write_turn(&self, session: &SessionKey) -> OwnedMutexGuard<()> {
+        let lock = self
+            .writes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(session.clone())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
     }
 
     /// How many sessions have a holder here.
@@ -156,6 +186,42 @@ mod tests {
         assert_eq!(holders.take(key("t"), &b), Taken::Held);
         assert!(!a.end.is_cancelled() && !b.end.is_cancelled());
         assert_eq!(holders.holding(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_write_under_way_when_a_newer_connection_takes_over_lands_before_its_first() {
+        let holders = Arc::new(Holders::default());
+        let old = Connection::new(CancellationToken::new());
+        let new = Connection::new(CancellationToken::new());
+        assert_eq!(holders.take(key("s"), &old), Taken::Held);
+        // The old connection's write is under way (it checked it was not superseded).
+        let old_turn = holders.write_turn(&key("s")).await;
+        assert!(!old.is_superseded());
+        assert_eq!(holders.take(key("s"), &new), Taken::TookOver);
+        // The new connection's first write waits for it…
+        let waiting = tokio::spawn({
+            let holders = holders.clone();
+            async move {
+                let _turn = holders.write_turn(&key("s")).await;
+            }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(old_turn);
+        waiting.await.unwrap();
+        // …and a later write of the old one sees it was superseded.
+        let _turn = holders.write_turn(&key("s")).await;
+        assert!(old.is_superseded());
+    }
+
+    #[tokio::test]
+    async fn a_sessions_write_lock_goes_with_its_last_holder() {
+        let holders = Holders::default();
+        let a = Connection::new(CancellationToken::new());
+        assert_eq!(holders.take(key("s"), &a), Taken::Held);
+        drop(holders.write_turn(&key("s")).await);
+        holders.leave(&key("s"), &a);
+        assert!(holders.writes.lock().unwrap().is_empty());
     }
 
     #[test]
