@@ -19,7 +19,7 @@
 //!   the remaining node's pods went unanswered by the workstation.
 //!
 //! Medians, min and max, and each goal's ratio (≤ 1 is met), printed and written to
-//! `target/kt-bench/faults.json`. About 4 minutes a round. Run as root: `tests/run bench`.
+//! `target/kt-bench/faults.json`. About 3 minutes a round. Run as root: `tests/run bench`.
 
 use std::time::Duration;
 

@@ -133,6 +133,16 @@ impl Background {
         self.wait_for("Now you can access").await;
     }
 
+    /// Its exit status if it has exited, else `None`.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("wait")
+    }
+
+    /// Whether it still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.try_wait().is_none()
+    }
+
     /// Waits for it to exit by itself.
     pub fn wait(&mut self) -> ExitStatus {
         self.child.wait().expect("wait")
