@@ -155,21 +155,36 @@ where
         tasks.spawn(
             async move {
                 let run = async {
-                    match russh::server::run_stream(ssh, stream, handler).await {
-                        Ok(session) => {
-                            if let Err(error) = session.await {
-                                tracing::debug!(%error, "SSH session ended with an error");
-                            }
+                    // The handshake is raced too: a client that never finishes it must not
+                    // hold its socket past the grace time or the connection's end.
+                    let started = tokio::select! {
+                        started = russh::server::run_stream(ssh, stream, handler) => started,
+                        () = cancel.cancelled() => return,
+                    };
+                    let session = match started {
+                        Ok(session) => session,
+                        Err(error) => {
+                            tracing::debug!(%error, "SSH handshake failed");
+                            return;
                         }
-                        Err(error) => tracing::debug!(%error, "SSH handshake failed"),
+                    };
+                    let handle = session.handle();
+                    tokio::select! {
+                        ended = session => if let Err(error) = ended {
+                            tracing::debug!(%error, "SSH session ended with an error");
+                        },
+                        () = cancel.cancelled() => close(&handle).await,
                     }
                 };
-                // The handshake is raced too: a client that never finishes it must not
-                // hold its socket past the grace time or the connection's end.
+                // Past the grace time without a login, the connection ends like any other.
+                let deadline = async {
+                    login_deadline(logged_in, permit).await;
+                    cancel.cancel();
+                    std::future::pending::<()>().await
+                };
                 tokio::select! {
                     () = run => {}
-                    () = login_deadline(logged_in, permit) => {}
-                    () = cancel.cancelled() => {}
+                    () = deadline => {}
                 }
                 tracing::debug!("SSH connection closed");
                 // However the connection ended: its listeners, channels and renewals end too.
@@ -182,6 +197,23 @@ where
     tasks.close();
     tasks.wait().await;
     result
+}
+
+/// How long a connection the agent ends may take to say goodbye.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Ends a running session: russh runs it in a task of its own, which dropping its future
+/// does not stop, so it is told to disconnect (and then closes its socket). A session
+/// that cannot even queue that within [`CLOSE_TIMEOUT`] is left to TCP.
+async fn close(handle: &Handle) {
+    let goodbye = handle.disconnect(
+        russh::Disconnect::ByApplication,
+        "ended by kt's agent".to_owned(),
+        String::new(),
+    );
+    if tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await.is_err() {
+        tracing::debug!("the SSH session did not take its disconnect in time");
+    }
 }
 
 /// A fresh host key per start. ktctl learns it over the API server's port-forward (an

@@ -156,7 +156,6 @@ spec:
         let mut args: Vec<String> = ["-N", "-p", "9922", "-l", "default/takeover", "-i", key]
             .into_iter()
             .chain(SSH_THROWAWAY)
-            .chain(["-o", "ServerAliveInterval=1"])
             .chain(extra.iter().copied())
             .map(str::to_owned)
             .collect();

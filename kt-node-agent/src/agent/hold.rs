@@ -254,26 +254,36 @@ impl Holder {
             uid: held.uid.clone(),
             listeners: status.listeners(),
         };
-        let (namespace, name) = (&held.login.namespace, &held.login.session);
-        let turn = status.turn().await;
-        if self.connection.is_superseded() {
-            tracing::info!("a newer connection of ktctl holds the session; this one is closed");
+        // In a task of this connection's own: the handler's future is dropped when the
+        // connection ends (a newer one took over), and a write it already sent must keep
+        // the session's turn until it is answered.
+        let first = self.tasks.spawn(
+            async move {
+                let turn = status.turn().await;
+                if status.connection.is_superseded() {
+                    tracing::info!(
+                        "a newer connection of ktctl holds the session; this one is closed"
+                    );
+                    return (status, false);
+                }
+                let (namespace, name) = (record.namespace.clone(), record.name.clone());
+                let recorded = status.context.publisher.set(&namespace, &name, Some(record));
+                if let Err(error) = recorded.await {
+                    tracing::warn!(error = %kt_proto::error_chain(&error), "failed to write the agent record");
+                    return (status, false);
+                }
+                if let Err(error) = status.write().await {
+                    tracing::warn!(error = %kt_proto::error_chain(&error), "failed to write session status");
+                    return (status, false);
+                }
+                drop(turn);
+                (status, true)
+            }
+            .in_current_span(),
+        );
+        let Ok((status, true)) = first.await else {
             return false;
-        }
-        if let Err(error) = self
-            .context
-            .publisher
-            .set(namespace, name, Some(record))
-            .await
-        {
-            tracing::warn!(error = %kt_proto::error_chain(&error), "failed to write the agent record");
-            return false;
-        }
-        if let Err(error) = status.write().await {
-            tracing::warn!(error = %kt_proto::error_chain(&error), "failed to write session status");
-            return false;
-        }
-        drop(turn);
+        };
         if !held.renewing {
             held.renewing = true;
             // Once per connection: later writes (more listeners) are the same hold.
@@ -619,13 +629,33 @@ impl Status {
         // In the session's turn, and only if the status is still this connection's, as of
         // the version read: a status another agent wrote since is a conflict, not cleared.
         let turn = self.turn().await;
-        let ours = if self.connection.is_superseded() {
-            None
-        } else {
+        if !self.connection.is_superseded() {
+            self.release().await;
+        }
+        // After the status: a status this agent no longer vouches for would be reported.
+        let listeners = self.listeners();
+        let released =
+            self.context
+                .publisher
+                .release(&self.login.namespace, &self.login.session, &listeners);
+        if let Err(error) = released.await {
+            tracing::warn!(error = %kt_proto::error_chain(&error), "failed to update the agent record; the session's lease ends it");
+        }
+        drop(turn);
+        let session = (self.login.namespace.clone(), self.login.session.clone());
+        self.context.holders.prune(&session);
+    }
+
+    /// Clears the status if it still names this node and these listeners, at the version
+    /// read. A 409 is a write in between: every node's agent acknowledges what it
+    /// programmed into the same object, so the status is read again (three tries); a status
+    /// that then names another holder is left to it.
+    async fn release(&self) {
+        for _ in 0..3 {
             let api = self.api();
             let current =
                 tokio::time::timeout(STATUS_WRITE_TIMEOUT, api.get_opt(&self.login.session)).await;
-            match current {
+            let version = match current {
                 Ok(Ok(Some(s)))
                     if s.status.as_ref().is_some_and(|st| {
                         st.node == self.context.node_name && st.listeners == self.listeners()
@@ -634,9 +664,10 @@ impl Status {
                     s.metadata.resource_version
                 }
                 _ => None,
-            }
-        };
-        if let Some(version) = ours {
+            };
+            let Some(version) = version else {
+                return;
+            };
             let clear = json!({"metadata": {"resourceVersion": version}, "status": null});
             match self.patch(clear).await {
                 Ok(()) => {
@@ -650,26 +681,17 @@ impl Status {
                             &self.uid,
                             &self.context.node_name,
                         ));
+                    return;
                 }
                 Err(StatusError::Kube(kube::Error::Api(status))) if status.code == 409 => {
-                    tracing::info!(
-                        "the session's status changed since it was read; left to its new holder"
-                    );
+                    tracing::debug!("the session changed since it was read; reading it again");
                 }
                 Err(error) => {
-                    tracing::warn!(error = %kt_proto::error_chain(&error), "failed to release session; its lease ends it")
+                    tracing::warn!(error = %kt_proto::error_chain(&error), "failed to release session; its lease ends it");
+                    return;
                 }
             }
         }
-        // After the status: a status this agent no longer vouches for would be reported.
-        let listeners = self.listeners();
-        let released =
-            self.context
-                .publisher
-                .release(&self.login.namespace, &self.login.session, &listeners);
-        if let Err(error) = released.await {
-            tracing::warn!(error = %kt_proto::error_chain(&error), "failed to update the agent record; the session's lease ends it");
-        }
-        drop(turn);
+        tracing::warn!("the session kept changing; its lease ends it");
     }
 }

@@ -118,13 +118,27 @@ impl Holders {
             by_session.remove(session);
         }
         if !by_session.contains_key(session) {
-            let mut writes = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-            if writes
-                .get(session)
-                .is_some_and(|lock| Arc::strong_count(lock) == 1)
-            {
-                writes.remove(session);
-            }
+            self.prune_unlocked(session);
+        }
+    }
+
+    /// Drops `session`'s write lock if no connection holds the session and nobody holds or
+    /// waits for the lock: called by the last writer, after its turn.
+    pub(crate) fn prune(&self, session: &SessionKey) {
+        let by_session = self.by_session.lock().unwrap_or_else(|e| e.into_inner());
+        if !by_session.contains_key(session) {
+            self.prune_unlocked(session);
+        }
+    }
+
+    /// [`Holders::prune`] with `by_session` already locked by the caller.
+    fn prune_unlocked(&self, session: &SessionKey) {
+        let mut writes = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        if writes
+            .get(session)
+            .is_some_and(|lock| Arc::strong_count(lock) == 1)
+        {
+            writes.remove(session);
         }
     }
 
@@ -215,12 +229,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_sessions_write_lock_goes_with_its_last_holder() {
+    async fn a_sessions_write_lock_goes_with_its_last_holder_or_last_writer() {
         let holders = Holders::default();
         let a = Connection::new(CancellationToken::new());
         assert_eq!(holders.take(key("s"), &a), Taken::Held);
         drop(holders.write_turn(&key("s")).await);
         holders.leave(&key("s"), &a);
+        assert!(holders.writes.lock().unwrap().is_empty());
+        // The release's write after the holder left: pruned once its turn is over.
+        let turn = holders.write_turn(&key("s")).await;
+        holders.prune(&key("s"));
+        assert_eq!(holders.writes.lock().unwrap().len(), 1, "still in use");
+        drop(turn);
+        holders.prune(&key("s"));
         assert!(holders.writes.lock().unwrap().is_empty());
     }
 
