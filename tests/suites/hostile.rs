@@ -63,6 +63,32 @@ fn agent_pid(tb: &Testbed) -> Option<u32> {
 }
 
 /// `(open file descriptors, VmRSS in KiB)` of process `pid`.
+/// The node's `TcpExt: ListenOverflows` (`/proc/net/netstat` in its network namespace):
+/// handshakes the kernel completed for a client but dropped because the listener's accept
+/// queue was full. Such a client believes it is connected while the agent has never seen
+/// the connection; it reaches the agent only when a SYN-ACK retransmit is answered, seconds
+/// later (1, 3, 7, 15, 31 s), and its grace time starts then.
+fn listen_overflows(tb: &Testbed) -> u64 {
+    let netns = tb.node_netns("node-1").expect("node-1's network namespace");
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["cat", "/proc/net/netstat"])
+        .output()
+        .expect("nsenter runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut tcp_ext = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (tcp_ext.next(), tcp_ext.next());
+    let (Some(names), Some(values)) = (names, values) else {
+        panic!("no TcpExt in the node's /proc/net/netstat: {text}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "ListenOverflows")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or_else(|| panic!("no ListenOverflows: {names}"))
+}
+
 fn usage(pid: u32) -> (usize, u64) {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
@@ -269,6 +295,7 @@ async fn the_agents_ports_keep_serving_under_garbage_slowloris_and_10000_half_op
     let idle = usage(pid);
 
     let targets = [format!("{node}:{SSH_PORT}"), format!("{node}:{HTTP_PORT}")];
+    let overflows_before = listen_overflows(&tb);
     let sampler = Sampler::start(pid);
     let attackers: Vec<Attacker> = targets.iter().map(|t| Attacker::start(&tb, t)).collect();
     for (attacker, target) in attackers.iter().zip(&targets) {
@@ -296,6 +323,11 @@ async fn the_agents_ports_keep_serving_under_garbage_slowloris_and_10000_half_op
     assert!(status.success(), "{log}");
 
     let report: Vec<String> = attackers.into_iter().flat_map(Attacker::report).collect();
+    // Under load the agent accepts more slowly than 10 000 sockets arrive: the kernel
+    // drops some at the full accept queue, and those reach the agent late (see
+    // `listen_overflows`), possibly too late for their grace time to end within the hold.
+    let overflowed = listen_overflows(&tb) - overflows_before;
+    eprintln!("accept-queue overflows on the node during the flood: {overflowed}");
     let during = sampler.stop();
     let after_flood = Instant::now();
     // The descriptors fall back to idle (with a little slack: a watch reconnecting).
@@ -364,9 +396,12 @@ async fn the_agents_ports_keep_serving_under_garbage_slowloris_and_10000_half_op
                 .unwrap_or_else(|| panic!("no {kind} {target} in {report:?}"));
             let (opened, closed) = (field(line, "opened"), field(line, "closed"));
             assert!(opened > 0.0, "{line}");
-            assert_eq!(
-                closed, opened,
-                "every hostile connection is ended by the agent before the hold is over: {line}"
+            // Every connection the agent was handed is ended; only those the kernel held
+            // back at a full accept queue may still be in their grace time.
+            assert!(
+                closed == opened || (kind == "idle" && opened - closed <= overflowed as f64),
+                "every hostile connection is ended by the agent before the hold is over \
+                 ({overflowed} accept-queue overflows): {line}"
             );
             let port = if target.ends_with(&format!(":{SSH_PORT}")) {
                 "ssh"
