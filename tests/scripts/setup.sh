@@ -36,6 +36,9 @@ apt_packages=(
     file            # tests/run targets: says a ktctl is statically linked
     musl-tools      # static x86_64 ktctl: musl-gcc for ring's C code
     gcc-aarch64-linux-gnu  # static aarch64 ktctl: ring's C code and the link
+    libc6-dev-arm64-cross  # its C headers: only Recommended by gcc-aarch64-linux-gnu, which
+                           # --no-install-recommends leaves out (ring's build then fails on
+                           # bits/libc-header-start.h)
     clang           # kt-cli checked for macOS: ring's C code for an Apple target
     gcc-mingw-w64-x86-64   # kt-cli checked for Windows (x86_64-pc-windows-gnu)
     buildah         # tests/run targets: kt's OCI images (tests/scripts/images.sh)
