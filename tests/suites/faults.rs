@@ -105,9 +105,8 @@ async fn an_older_connection_asking_for_its_listeners_late_is_the_one_closed() {
 
     use kt_tests::harness::{
         SSH_THROWAWAY,
-        apps::{apply, until_all_answered_by},
+        apps::apply,
         eventually::{patience, poll_within},
-        faults::CLIENTS,
         kubectl::kubectl_ok,
         workstation::{self, Background},
     };
@@ -194,10 +193,7 @@ spec:
     })
     .await
     .unwrap_or_else(|_| panic!("B never held the session: {}", newer.log()));
-    let urls = ["http://web/".to_owned()];
-    until_all_answered_by(tb, &CLIENTS, &urls, |who| who == "workstation", patience())
-        .await
-        .unwrap_or_else(|wrong| panic!("B's listener does not answer: {wrong}"));
+    probed.until_answered_by_the_workstation(&newer).await;
 
     // A asks for the same port late.
     let _ = workstation::run(
@@ -228,20 +224,8 @@ spec:
     tokio::time::sleep(std::time::Duration::from_secs(8)).await; // watching, on purpose
     assert_eq!(listeners(), held_by_b, "the session's listener changed");
     assert!(newer.is_running(), "B was closed: {}", newer.log());
-    until_all_answered_by(tb, &CLIENTS, &urls, |who| who == "workstation", patience())
-        .await
-        .unwrap_or_else(|wrong| panic!("after A's late request: {wrong}"));
-    let agents = kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "logs",
-            "-n",
-            "kt-system",
-            "-l",
-            "app.kubernetes.io/name=kt-node-agent",
-            "--tail=100000",
-        ],
-    );
+    probed.until_answered_by_the_workstation(&newer).await;
+    let agents = probed.agent_logs();
     assert!(
         agents.contains("a newer connection of ktctl holds the session; this one is closed"),
         "{agents}"

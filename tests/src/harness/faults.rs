@@ -235,7 +235,7 @@ impl Probed {
 
     /// How long until every client is answered by the workstation (panics with `ktctl`'s
     /// log after [`patience`]).
-    async fn until_answered_by_the_workstation(&self, ktctl: &Background) -> Duration {
+    pub async fn until_answered_by_the_workstation(&self, ktctl: &Background) -> Duration {
         until_all_answered_by(
             &self.tb,
             &CLIENTS,
@@ -276,7 +276,7 @@ impl Probed {
     }
 
     /// Every agent's log so far.
-    fn agent_logs(&self) -> String {
+    pub fn agent_logs(&self) -> String {
         kubectl_ok(
             &self.tb.kubeconfig,
             &[
