@@ -277,7 +277,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     );
     // Starts as "no table": the first pass fills it.
     let (node_ports, wanted_node_ports) =
-        tokio::sync::watch::channel(node_ports::ruleset(&BTreeMap::new(), config.node_ip));
+        tokio::sync::watch::channel(node_ports::Ruleset::default());
     tasks.spawn(
         "node-ports",
         node_ports::run(wanted_node_ports, tasks.shutdown().clone()),
@@ -522,8 +522,8 @@ struct Reconciler {
     node: String,
     /// This node's address: node-port redirects to it need no masquerade.
     node_ip: IpAddr,
-    /// The nft script of this node's node-port redirects, to [`node_ports::run`].
-    node_ports: tokio::sync::watch::Sender<String>,
+    /// This node's node-port redirects, to [`node_ports::run`].
+    node_ports: tokio::sync::watch::Sender<node_ports::Ruleset>,
     /// This node's mesh router: the routes are made current before the map points at them.
     router: Arc<router::Router>,
     /// Sessions nobody holds, and the ones to delete now.
@@ -631,10 +631,10 @@ impl Reconciler {
         let routes = mesh::routes(&state, now);
         let routers = self.router.update(&routes);
         let desired = redirects::desired(&state, now, &routes, &routers);
-        let script = node_ports::ruleset(&node_ports::desired(&state, now), self.node_ip);
+        let node_port_rules = node_ports::ruleset(&node_ports::desired(&state, now), self.node_ip);
         self.node_ports.send_if_modified(|current| {
-            let changed = *current != script;
-            *current = script;
+            let changed = *current != node_port_rules;
+            *current = node_port_rules;
             changed
         });
         // The watches may write again: nothing below reads the index.

@@ -3,7 +3,7 @@
 //!
 //! - unprivileged, run by default: `api_conformance`, `controllers`, `rbac` and part of
 //!   `kubectl` (the API server alone, as any user);
-//! - privileged (`--features privileged`, root): `ebpf`;
+//! - privileged (`--features privileged`, root): `ebpf`, `nftables`;
 //! - end to end (`--features e2e`, root, a simulated cluster): `agent`, `connect`,
 //!   `exchange`, `faults`, `hostile`, `kubeconfig`, `ops`, the rest of `kubectl`, `seed`, `shapes`, `testbed`,
 //!   `tunnel`, `workloads`.
@@ -22,6 +22,7 @@ mod hostile;
 mod kubeconfig;
 mod kubectl;
 mod mesh;
+mod nftables;
 mod ops;
 mod preview;
 mod rbac;

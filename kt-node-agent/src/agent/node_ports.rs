@@ -16,27 +16,30 @@
 //!   holder is another node, so replies come back through this node's conntrack.
 //!
 //! The table is derived from the same believed sessions, Services and lease clock as the
-//! service map ([`desired`], pure), and each change is one `nft` transaction holding the
-//! whole table ([`ruleset`]), so no reader sees half of it.
+//! service map ([`desired`], pure), and each change is one nftables transaction holding
+//! the whole table ([`ruleset`], [`netlink::OwnedTable::apply`]), so no reader sees half of
+//! it.
 //!
 //! Fail-open: an nftables table would survive a `kill -9` of the agent, unlike its eBPF
-//! links. The table is created with `flags owner` (Linux ≥ 5.12): the kernel deletes it
-//! when the netlink socket that created it closes. That socket is a long-lived `nft -i`
-//! child whose stdin only the agent holds: when the agent dies, however it dies, the pipe
-//! closes, `nft` reads end-of-file and exits, and the table is gone (measured in
-//! `tests/suites/agent.rs`: about 0.6 s after `kill -9`, mostly the agent's own exit).
-//! Clearing the table at start instead would leave it in force until the DaemonSet's
-//! replacement runs. No session: no table and no `nft` process ([`converge`]).
+//! links. The table is created with `flags owner` (Linux ≥ 5.12) over a netlink socket the
+//! agent opens itself ([`netlink`]; no `nft` program, which the `FROM scratch` image does
+//! not have): the kernel deletes the table when that socket closes, which it does when the
+//! agent exits, however it exits (measured in `tests/suites/agent.rs`: gone 34 ms after a
+//! `kill -9`). Clearing the table at start instead would leave it in
+//! force until the DaemonSet's replacement runs. No session: no table and no socket
+//! ([`converge`]).
 //!
 //! Not covered: mesh sessions (their NodePort traffic still goes to the pods through
 //! kube-proxy, untouched: only pods' connects reach the node's router), IPv6
 //! node ports (the table is `ip`; an IPv6 holder address is skipped), and LoadBalancer
 //! ingress IPs a cloud load balancer owns (such an LB forwards to the nodePorts, which are
-//! covered). `nft` must be on the agent's `PATH`; without it NodePort traffic is left to
-//! kube-proxy and the agent says so once.
+//! covered). Without `CAP_NET_ADMIN` or nf_tables, NodePort traffic is left to kube-proxy
+//! and the agent says so once.
+
+pub mod netlink;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
     time::Duration,
@@ -44,9 +47,9 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use kt_proto::session::SessionMode;
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
+use self::netlink::{NftError, OwnedTable};
 use super::redirects::ClusterState;
 
 /// The agent's nftables table (family `ip`).
@@ -59,6 +62,16 @@ pub enum Frontend {
     NodePort(u16),
     /// A LoadBalancer ingress IP (`status.loadBalancer.ingress[].ip`) and the Service port.
     Ingress(SocketAddrV4),
+}
+
+impl std::fmt::Display for Frontend {
+    /// `nodePort 30080` or `ingress 192.0.2.7:80`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NodePort(port) => write!(f, "nodePort {port}"),
+            Self::Ingress(at) => write!(f, "ingress {at}"),
+        }
+    }
 }
 
 /// Where connections to one [`Frontend`] go, and for which session.
@@ -127,248 +140,151 @@ pub fn desired(state: &ClusterState<'_>, now: DateTime<Utc>) -> BTreeMap<Fronten
     out
 }
 
-/// The nft script, one line (one transaction in `nft -i`), that makes [`TABLE`] hold
-/// exactly `entries`: with none, the table is deleted (created first so that deleting it
-/// cannot fail); otherwise it is created with `flags owner` if missing, its chains too, then
-/// flushed and filled. Masquerade is added for holders other than `node_ip`.
-pub fn ruleset(entries: &BTreeMap<Frontend, Entry>, node_ip: IpAddr) -> String {
-    let t = format!("ip {TABLE}");
-    let mut s = format!("add table {t} {{ flags owner; }}; ");
-    if entries.is_empty() {
-        let _ = write!(s, "delete table {t}");
-        return s;
-    }
-    let _ = write!(
-        s,
-        "add chain {t} prerouting {{ type nat hook prerouting priority dstnat - 10; policy accept; }}; \
-         add chain {t} output {{ type nat hook output priority -110; policy accept; }}; \
-         add chain {t} postrouting {{ type nat hook postrouting priority srcnat - 10; policy accept; }}; \
-         flush table {t}"
-    );
-    let mut remote = std::collections::BTreeSet::new();
-    for (frontend, entry) in entries {
-        let matched = match frontend {
-            Frontend::NodePort(port) => format!("fib daddr type local tcp dport {port}"),
-            Frontend::Ingress(at) => format!("ip daddr {} tcp dport {}", at.ip(), at.port()),
-        };
-        for chain in ["prerouting", "output"] {
-            let _ = write!(s, "; add rule {t} {chain} {matched} dnat to {}", entry.to);
-        }
-        if IpAddr::V4(*entry.to.ip()) != node_ip {
-            remote.insert(entry.to);
-        }
-    }
-    for to in remote {
-        let _ = write!(
-            s,
-            "; add rule {t} postrouting ct status dnat ip daddr {} tcp dport {} masquerade",
-            to.ip(),
-            to.port()
+/// What [`TABLE`] must hold (pure, compared to skip passes that change nothing).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    /// Each frontend → the holder's listener: a DNAT rule in `prerouting` and one in
+    /// `output` each, in this order.
+    pub redirects: Vec<(Frontend, SocketAddrV4)>,
+    /// Holders on other nodes: a `masquerade` rule in `postrouting` each.
+    pub masquerade: Vec<SocketAddrV4>,
+}
+
+impl Ruleset {
+    /// The same ruleset in `nft` syntax, as `nft -f` loads it, one statement per line:
+    /// for the logs, and the reference the tests load with `nft` to compare with what
+    /// [`netlink::encode`] makes. Without `flags owner` (an owned table would go with the
+    /// `nft` process that loaded it).
+    pub fn script(&self) -> String {
+        let t = format!("ip {TABLE}");
+        let mut s = format!(
+            "add table {t}\n\
+             add chain {t} prerouting {{ type nat hook prerouting priority dstnat - 10; policy accept; }}\n\
+             add chain {t} output {{ type nat hook output priority -110; policy accept; }}\n\
+             add chain {t} postrouting {{ type nat hook postrouting priority srcnat - 10; policy accept; }}\n\
+             flush table {t}\n"
         );
-    }
-    s
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum NodePortError {
-    #[error("failed to start `nft -i`")]
-    Spawn(#[source] std::io::Error),
-    #[error("failed to talk to `nft -i`")]
-    Io(#[source] std::io::Error),
-    #[error("`nft -i` ended")]
-    Ended,
-    #[error("`nft -i` did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("nft refused the ruleset: {0}")]
-    Refused(String),
-}
-
-/// How long one transaction may take before the `nft` child is replaced.
-const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A command whose answer is one known line: sent after each transaction, its answer says
-/// that everything before it was processed (stdout and stderr share one pipe, in order).
-const SYNC: &str = "describe meta mark";
-const SYNC_ANSWER: &str = "meta expression";
-
-/// A long-lived `nft -i`: the owner of [`TABLE`] (see the module's doc).
-struct Nft {
-    child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-    output: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::pipe::Receiver>>,
-    started: std::time::Instant,
-}
-
-impl Nft {
-    fn start() -> Result<Self, NodePortError> {
-        let (writer, reader) = tokio::net::unix::pipe::pipe().map_err(NodePortError::Spawn)?;
-        let out = writer.into_blocking_fd().map_err(NodePortError::Spawn)?;
-        let err = out.try_clone().map_err(NodePortError::Spawn)?;
-        // The command (and with it this process's copies of the pipe's write end) is
-        // dropped at the end of the statement: end-of-file comes when `nft` exits.
-        let mut child = tokio::process::Command::new("nft")
-            .arg("-i")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::from(out))
-            .stderr(std::process::Stdio::from(err))
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(NodePortError::Spawn)?;
-        let stdin = child.stdin.take().ok_or(NodePortError::Ended)?;
-        Ok(Self {
-            child,
-            stdin,
-            output: tokio::io::BufReader::new(reader).lines(),
-            started: std::time::Instant::now(),
-        })
-    }
-
-    /// Runs `script` (one line, one transaction) and waits for `nft`'s verdict.
-    async fn apply(&mut self, script: &str) -> Result<(), NodePortError> {
-        let exchange = async {
-            self.stdin
-                .write_all(format!("{script}\n{SYNC}\n").as_bytes())
-                .await
-                .map_err(NodePortError::Io)?;
-            self.stdin.flush().await.map_err(NodePortError::Io)?;
-            let mut errors = Vec::new();
-            loop {
-                let line = self
-                    .output
-                    .next_line()
-                    .await
-                    .map_err(NodePortError::Io)?
-                    .ok_or(NodePortError::Ended)?;
-                // `contains`, not `starts_with`: an interactive `nft` may put its prompt
-                // before what it prints.
-                if line.contains(SYNC_ANSWER) {
-                    break;
-                }
-                // An error is printed as three lines: the message, the command, a marker.
-                if line.contains("Error:") {
-                    errors.push(line);
-                }
+        for (frontend, to) in &self.redirects {
+            let matched = match frontend {
+                Frontend::NodePort(port) => format!("fib daddr type local tcp dport {port}"),
+                Frontend::Ingress(at) => format!("ip daddr {} tcp dport {}", at.ip(), at.port()),
+            };
+            for chain in ["prerouting", "output"] {
+                let _ = writeln!(s, "add rule {t} {chain} {matched} dnat to {to}");
             }
-            if errors.is_empty() {
-                Ok(())
-            } else {
-                Err(NodePortError::Refused(errors.join("; ")))
-            }
-        };
-        tokio::time::timeout(APPLY_TIMEOUT, exchange)
-            .await
-            .map_err(|_| NodePortError::Timeout(APPLY_TIMEOUT))?
-    }
-
-    /// Closes `nft`'s stdin and waits for it: the kernel deletes the owned table.
-    async fn close(mut self) {
-        drop(self.stdin);
-        if tokio::time::timeout(Duration::from_secs(2), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
         }
+        for to in &self.masquerade {
+            let _ = writeln!(
+                s,
+                "add rule {t} postrouting ct status dnat ip daddr {} tcp dport {} masquerade",
+                to.ip(),
+                to.port()
+            );
+        }
+        s
     }
 }
 
-/// How long to wait before starting `nft` again after it failed or exited; doubled after
-/// each failure in a row, up to [`RETRY_MAX`].
+/// The [`Ruleset`] that sends `entries` to their holders from the node whose address is
+/// `node_ip`: masquerade for holders other than `node_ip`.
+pub fn ruleset(entries: &BTreeMap<Frontend, Entry>, node_ip: IpAddr) -> Ruleset {
+    let remote: BTreeSet<SocketAddrV4> = entries
+        .values()
+        .map(|entry| entry.to)
+        .filter(|to| IpAddr::V4(*to.ip()) != node_ip)
+        .collect();
+    Ruleset {
+        redirects: entries
+            .iter()
+            .map(|(frontend, entry)| (*frontend, entry.to))
+            .collect(),
+        masquerade: remote.into_iter().collect(),
+    }
+}
+
+/// How long to wait before opening the table again after a failure; doubled after each
+/// failure in a row, up to [`RETRY_MAX`].
 const RETRY: Duration = Duration::from_secs(2);
 const RETRY_MAX: Duration = Duration::from_secs(300);
 
-/// How long an `nft` must have run for its exit to start the back-off afresh.
-const STABLE: Duration = Duration::from_secs(60);
-
-/// How many node-port redirects `script` ([`ruleset`]) holds: one `dnat to` in each of
-/// two chains per frontend (the masquerade rules' `ct status dnat` is not one).
-fn redirects_in(script: &str) -> usize {
-    script.matches(" dnat to ").count() / 2
-}
-
 /// What [`converge`] did.
 enum Converged {
-    /// `nft` holds the table with this many redirects.
+    /// The table holds this many redirects.
     Applied(usize),
-    /// No redirect is wanted: `nft` was stopped, and its table went with it.
+    /// No redirect is wanted: the socket was closed, and the table went with it.
     Removed,
     /// No redirect is wanted and none was there.
     Nothing,
 }
 
-/// Makes [`TABLE`] hold `script`'s redirects: `nft` is started when redirects are wanted
-/// and it is not running, and stopped when none are (the kernel deletes the table it
-/// owns), so with no session there is neither a table nor an `nft` process.
-async fn converge(nft: &mut Option<Nft>, script: &str) -> Result<Converged, NodePortError> {
-    let redirects = redirects_in(script);
-    if redirects == 0 {
-        return Ok(match nft.take() {
-            Some(running) => {
-                running.close().await;
-                Converged::Removed
-            }
+/// Makes [`TABLE`] hold `ruleset`: the owning socket is opened when redirects are wanted
+/// and closed when none are (the kernel deletes the table it owns), so with no session
+/// there is no table. The transaction is a blocking call, but the kernel runs it inside
+/// `send()`: well under a millisecond, so it runs on the async task's thread.
+fn converge(table: &mut Option<OwnedTable>, ruleset: &Ruleset) -> Result<Converged, NftError> {
+    if ruleset.redirects.is_empty() {
+        return Ok(match table.take() {
+            Some(_closed) => Converged::Removed,
             None => Converged::Nothing,
         });
     }
-    if nft.is_none() {
-        *nft = Some(Nft::start()?);
-    }
-    nft.as_mut().expect("started above").apply(script).await?;
-    Ok(Converged::Applied(redirects))
+    let owned = match table {
+        Some(owned) => owned,
+        None => table.insert(OwnedTable::open()?),
+    };
+    owned.apply(ruleset)?;
+    Ok(Converged::Applied(ruleset.redirects.len()))
 }
 
-/// Keeps [`TABLE`] equal to the latest script in `wanted` ([`ruleset`], [`converge`])
-/// until `shutdown`, then removes it. A failure is logged and retried with a fresh `nft`
-/// (whose table starts empty) after [`RETRY`], twice as long after each failure in a row
-/// up to [`RETRY_MAX`]; a new script ends the wait (and, if it differs from the one that
-/// failed, the back-off starts afresh). An `nft` that exits on its own took the table with
-/// it and is started again, after the same back-off unless it ran for [`STABLE`]. `nft`
-/// missing is said once, as NodePort traffic then simply stays with kube-proxy. Never
-/// fails the agent.
+/// Keeps [`TABLE`] equal to the latest ruleset in `wanted` ([`ruleset`], [`converge`])
+/// until `shutdown`, then removes it. A failure closes the socket (the kernel deletes the
+/// table with it, so nothing half-known stays) and is logged and retried with a fresh
+/// socket after [`RETRY`], twice as long after each failure in a row up to [`RETRY_MAX`];
+/// a new ruleset ends the wait (and, if it differs from the one that failed, the back-off
+/// starts afresh). No `CAP_NET_ADMIN` or no nf_tables is said once, as NodePort traffic
+/// then simply stays with kube-proxy. Never fails the agent.
 pub async fn run(
-    mut wanted: tokio::sync::watch::Receiver<String>,
+    mut wanted: tokio::sync::watch::Receiver<Ruleset>,
     shutdown: CancellationToken,
 ) -> Result<(), std::convert::Infallible> {
-    let mut nft: Option<Nft> = None;
-    let mut applied: Option<String> = None;
-    let mut said_missing = false;
+    let mut table: Option<OwnedTable> = None;
+    let mut applied: Option<Ruleset> = None;
+    let mut said_unavailable = false;
     let mut retry = RETRY;
-    // Its own back-off: a successful apply after a restart does not end it.
-    let mut restart = RETRY;
     loop {
-        let script = wanted.borrow_and_update().clone();
-        if applied.as_ref() != Some(&script) {
-            match converge(&mut nft, &script).await {
+        let ruleset = wanted.borrow_and_update().clone();
+        if applied.as_ref() != Some(&ruleset) {
+            match converge(&mut table, &ruleset) {
                 Ok(converged) => {
                     match converged {
-                        Converged::Applied(rules) => {
-                            tracing::info!(table = TABLE, rules, "node-port redirects applied");
+                        Converged::Applied(redirects) => {
+                            tracing::info!(
+                                table = TABLE,
+                                redirects,
+                                masquerade = ruleset.masquerade.len(),
+                                "node-port redirects applied"
+                            );
+                            tracing::debug!(script = ruleset.script(), "node-port ruleset");
                         }
                         Converged::Removed => {
                             tracing::info!(table = TABLE, "node-port redirects removed");
                         }
                         Converged::Nothing => {}
                     }
-                    applied = Some(script);
+                    applied = Some(ruleset);
                     retry = RETRY;
                 }
                 Err(error) => {
-                    match &error {
-                        NodePortError::Spawn(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                            if !said_missing {
-                                tracing::warn!(
-                                    "nft is not installed: NodePort and LoadBalancer traffic is not redirected"
-                                );
-                                said_missing = true;
-                            }
-                        }
-                        _ => {
-                            tracing::warn!(error = %kt_proto::error_chain(&error), ?retry, "failed to apply node-port redirects; retrying");
-                        }
+                    let unavailable = matches!(&error, NftError::Open(e)
+                        if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES | libc::EPROTONOSUPPORT)));
+                    if !unavailable {
+                        tracing::warn!(error = %kt_proto::error_chain(&error), ?retry, "failed to apply node-port redirects; retrying");
+                    } else if !said_unavailable {
+                        tracing::warn!(error = %kt_proto::error_chain(&error),
+                            "nftables is not available to the agent (it needs CAP_NET_ADMIN and nf_tables): NodePort and LoadBalancer traffic is not redirected");
+                        said_unavailable = true;
                     }
-                    if let Some(old) = nft.take() {
-                        old.close().await;
-                    }
+                    table = None;
                     applied = None;
                     tokio::select! {
                         () = shutdown.cancelled() => break,
@@ -377,7 +293,7 @@ pub async fn run(
                             if changed.is_err() {
                                 break;
                             }
-                            if *wanted.borrow() != script {
+                            if *wanted.borrow() != ruleset {
                                 retry = RETRY;
                             }
                         }
@@ -386,34 +302,15 @@ pub async fn run(
                 }
             }
         }
-        let exited = async {
-            match nft.as_mut() {
-                Some(running) => (running.child.wait().await, running.started.elapsed()),
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             () = shutdown.cancelled() => break,
             changed = wanted.changed() => if changed.is_err() {
                 break;
             },
-            (status, ran) = exited => {
-                if ran >= STABLE {
-                    restart = RETRY;
-                }
-                tracing::warn!(?status, ?ran, after = ?restart, "`nft -i` exited and took the node-port redirects with it; starting it again");
-                nft = None;
-                applied = None;
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(restart) => restart = (restart * 2).min(RETRY_MAX),
-                }
-            }
         }
     }
-    if let Some(nft) = nft {
-        nft.close().await;
-    }
+    // Closing the socket deletes the table.
+    drop(table);
     Ok(())
 }
 
@@ -551,50 +448,55 @@ mod tests {
     }
 
     #[test]
-    fn the_ruleset_masquerades_only_for_a_holder_on_another_node_and_deletes_when_empty() {
+    fn the_ruleset_masquerades_only_for_a_holder_on_another_node() {
         let node: IpAddr = "172.30.0.11".parse().unwrap();
+        let entry = |at: &str, session: &str| Entry {
+            to: to(at),
+            session: session.into(),
+        };
         let entries = BTreeMap::from([
             (
                 Frontend::NodePort(30080),
-                Entry {
-                    to: to("172.30.0.11:40001"),
-                    session: "dev/a".into(),
-                },
+                entry("172.30.0.11:40001", "dev/a"),
             ),
             (
                 Frontend::NodePort(30090),
-                Entry {
-                    to: to("172.30.0.12:40002"),
-                    session: "dev/b".into(),
-                },
+                entry("172.30.0.12:40002", "dev/b"),
+            ),
+            (
+                Frontend::Ingress(to("192.0.2.7:90")),
+                entry("172.30.0.12:40002", "dev/b"),
             ),
         ]);
-        let s = ruleset(&entries, node);
-        assert!(!s.contains('\n'), "one line, one transaction: {s}");
-        assert!(
-            s.starts_with("add table ip kt_nodeport { flags owner; }; "),
-            "{s}"
+        let got = ruleset(&entries, node);
+        assert_eq!(
+            got,
+            Ruleset {
+                redirects: vec![
+                    (Frontend::NodePort(30080), to("172.30.0.11:40001")),
+                    (Frontend::NodePort(30090), to("172.30.0.12:40002")),
+                    (
+                        Frontend::Ingress(to("192.0.2.7:90")),
+                        to("172.30.0.12:40002")
+                    ),
+                ],
+                masquerade: vec![to("172.30.0.12:40002")],
+            },
+            "one masquerade per remote holder"
         );
+        let s = got.script();
+        assert!(s.starts_with("add table ip kt_nodeport\n"), "{s}");
         assert!(s.contains("priority dstnat - 10"), "before kube-proxy: {s}");
-        assert!(s.contains("; flush table ip kt_nodeport; "), "{s}");
+        assert!(s.contains("\nflush table ip kt_nodeport\n"), "{s}");
         for chain in ["prerouting", "output"] {
             assert!(s.contains(&format!(
-                "add rule ip kt_nodeport {chain} fib daddr type local tcp dport 30080 dnat to 172.30.0.11:40001"
+                "add rule ip kt_nodeport {chain} fib daddr type local tcp dport 30080 dnat to 172.30.0.11:40001\n"
             )), "{s}");
         }
+        assert!(s.contains("add rule ip kt_nodeport output ip daddr 192.0.2.7 tcp dport 90 dnat to 172.30.0.12:40002\n"), "{s}");
         assert!(s.ends_with(
-            "; add rule ip kt_nodeport postrouting ct status dnat ip daddr 172.30.0.12 tcp dport 40002 masquerade"
+            "add rule ip kt_nodeport postrouting ct status dnat ip daddr 172.30.0.12 tcp dport 40002 masquerade\n"
         ), "{s}");
-        assert_eq!(s.matches("masquerade").count(), 1, "{s}");
-        assert_eq!(
-            redirects_in(&s),
-            2,
-            "the masquerade's `ct status dnat` is no redirect"
-        );
-        assert_eq!(
-            ruleset(&BTreeMap::new(), node),
-            "add table ip kt_nodeport { flags owner; }; delete table ip kt_nodeport"
-        );
-        assert_eq!(redirects_in(&ruleset(&BTreeMap::new(), node)), 0);
+        assert_eq!(ruleset(&BTreeMap::new(), node), Ruleset::default());
     }
 }

@@ -20,6 +20,10 @@ use serde_json::Value;
 
 use crate::node::runner::BindMount;
 
+/// The `PATH` of an image with no programs but its entrypoint (`FROM scratch`): a directory
+/// that does not exist, so a program the container looks up by name is not found.
+pub const SCRATCH_PATH: &str = "/nonexistent/kt-scratch-image/bin";
+
 /// The `PATH` of most images (and the kubelet's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -433,8 +437,13 @@ impl Catalog {
                     None => return Ok(None),
                 }
             }
+            // kt's agent image is `FROM scratch` (deploy/images/agent.Containerfile): the
+            // binary and nothing else, so its `PATH` finds no program, as in the image.
             r if r.ends_with("kt-node-agent") => match &self.agent_bin {
-                Some(p) => Image::program(vec![p.display().to_string()]),
+                Some(p) => Image {
+                    path: SCRATCH_PATH.into(),
+                    ..Image::program(vec![p.display().to_string()])
+                },
                 None => return Ok(None),
             },
             _ => return Ok(None),
