@@ -631,7 +631,10 @@ impl Reconciler {
         let routes = mesh::routes(&state, now);
         let routers = self.router.update(&routes);
         let desired = redirects::desired(&state, now, &routes, &routers);
-        let node_port_rules = node_ports::ruleset(&node_ports::desired(&state, now), self.node_ip);
+        let node_port_rules = node_ports::ruleset(
+            &node_ports::desired(&state, now, &routes, &routers),
+            self.node_ip,
+        );
         self.node_ports.send_if_modified(|current| {
             let changed = *current != node_port_rules;
             *current = node_port_rules;

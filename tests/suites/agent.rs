@@ -1449,7 +1449,17 @@ spec:
 /// Who answers an HTTP GET of `url` from the workstation (outside the cluster: it reaches
 /// the nodes' addresses only); `""` when nobody does.
 fn answered_from_outside(tb: &Testbed, url: &str) -> String {
-    let (ok, out) = workstation::run(tb, &["curl", "-s", "--max-time", "3", url]);
+    answered_from_outside_with(tb, url, None)
+}
+
+/// [`answered_from_outside`] with a request `header` (`name: value`).
+fn answered_from_outside_with(tb: &Testbed, url: &str, header: Option<&str>) -> String {
+    let mut args = vec!["curl", "-s", "--max-time", "3"];
+    if let Some(header) = header {
+        args.extend(["-H", header]);
+    }
+    args.push(url);
+    let (ok, out) = workstation::run(tb, &args);
     if !ok {
         return String::new();
     }
@@ -1467,11 +1477,22 @@ async fn until_answered_from_outside(
     expected: impl Fn(&str) -> bool,
     within: Duration,
 ) -> Result<Duration, String> {
+    until_answered_from_outside_with(tb, urls, None, expected, within).await
+}
+
+/// [`until_answered_from_outside`], each request with `header` (`name: value`).
+async fn until_answered_from_outside_with(
+    tb: &Testbed,
+    urls: &[String],
+    header: Option<&str>,
+    expected: impl Fn(&str) -> bool,
+    within: Duration,
+) -> Result<Duration, String> {
     let started = std::time::Instant::now();
     poll_within(within, async || {
         let wrong: Vec<String> = urls
             .iter()
-            .map(|url| (url, answered_from_outside(tb, url)))
+            .map(|url| (url, answered_from_outside_with(tb, url, header)))
             .filter(|(_, who)| !expected(who))
             .map(|(url, who)| format!("{url}: {who:?}"))
             .collect();
@@ -1689,5 +1710,128 @@ async fn a_node_port_from_outside_reaches_the_workstation_during_an_agent_exchan
     until_answered_from_outside(&tb, &other, |who| web.contains(who), Duration::from_secs(5))
         .await
         .expect("port 81 still reaches the pods");
+    tb.stop().await;
+}
+
+/// Mesh (issue 16, item 6): during an agent-mode `ktctl mesh two-np --expose 18090:80`, a
+/// connection from outside the cluster to the meshed port's nodePort on either node goes to
+/// that node's mesh router: a request with the session's header reaches the workstation,
+/// one without reaches the pods, and the other port (81) stays with the pods. After Ctrl-C
+/// every request reaches the pods and no node has the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn a_node_port_from_outside_is_routed_by_header_during_an_agent_mesh() {
+    let tb = start_testbed(true).await;
+    install_agent(&tb);
+    apply(&tb.kubeconfig, TWO_PORTS);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["rollout", "status", "deploy/two", "--timeout=60s"],
+    );
+    let node_port = |name: &str| {
+        kubectl_ok(
+            &tb.kubeconfig,
+            &[
+                "get",
+                "svc",
+                "two-np",
+                "-o",
+                &format!("jsonpath={{.spec.ports[?(@.name==\"{name}\")].nodePort}}"),
+            ],
+        )
+    };
+    let urls_of = |port: String| -> Vec<String> {
+        [1, 2]
+            .map(|node| format!("http://{}:{port}/", node_ip(node)))
+            .into()
+    };
+    let (meshed, other) = (urls_of(node_port("http")), urls_of(node_port("alt")));
+    let web: HashSet<String> = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=two",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ],
+    )
+    .split_whitespace()
+    .map(str::to_owned)
+    .collect();
+    assert_eq!(web.len(), 2, "{web:?}");
+
+    let _app = workstation::http_echo(&tb, 18090).await;
+    let mut running = Background::ktctl_with_env(
+        &tb,
+        &["USER=alice"],
+        &[
+            "mesh",
+            "two-np",
+            "--expose",
+            "18090:80",
+            "--versionMark",
+            "alice1",
+        ],
+    );
+    running
+        .wait_for(" Now you can access your service by header 'VERSION: alice1' ")
+        .await;
+    let header = Some("VERSION: alice1");
+    let took = until_answered_from_outside_with(
+        &tb,
+        &meshed,
+        header,
+        |who| who == "workstation",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|wrong| panic!("with the header: {wrong}\n{}", running.log()));
+    until_answered_from_outside_with(
+        &tb,
+        &meshed,
+        Some("VERSION: bob22"),
+        |who| web.contains(who),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap_or_else(|wrong| panic!("another value: {wrong}"));
+    for url in &meshed {
+        for _ in 0..3 {
+            let who = answered_from_outside(&tb, url);
+            assert!(web.contains(&who), "no header: {url} → {who:?}");
+        }
+    }
+    for url in &other {
+        let who = answered_from_outside_with(&tb, url, header);
+        assert!(web.contains(&who), "port 81 is not meshed: {url} → {who:?}");
+    }
+    for node in ["node-1", "node-2"] {
+        assert!(has_node_port_table(&tb, node), "{node}");
+    }
+    eprintln!("mesh: both nodePorts route by header {took:?} after the banner");
+
+    let (status, log) = running.interrupt();
+    assert!(status.success(), "{log}");
+    until_answered_from_outside_with(
+        &tb,
+        &meshed,
+        header,
+        |who| web.contains(who),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|wrong| panic!("after Ctrl-C: {wrong}"));
+    for node in ["node-1", "node-2"] {
+        poll_within(Duration::from_secs(5), async || {
+            !has_node_port_table(&tb, node)
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{node} still has the node-port table"));
+    }
     tb.stop().await;
 }

@@ -169,3 +169,58 @@ fn no_one_else_may_change_the_table_and_a_second_owner_is_refused_with_a_reason(
     next.apply(&full()).unwrap();
     assert_eq!(listing(&netns).unwrap(), before);
 }
+
+/// Drops `CAP_NET_ADMIN` (12) from the calling thread's effective set: capabilities are per
+/// thread at the system call, so the rest of the test process keeps it.
+fn drop_net_admin_in_this_thread() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    // _LINUX_CAPABILITY_VERSION_3: two 32-bit words of each set.
+    let mut header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: a valid header and two data words, as capget(2) wants for version 3.
+    let got = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
+    assert_eq!(got, 0, "{}", std::io::Error::last_os_error());
+    data[0].effective &= !(1 << 12);
+    // SAFETY: as above.
+    let set = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root and network namespaces: tests/run test"
+)]
+fn without_cap_net_admin_the_transaction_is_refused_as_nftables_unavailable() {
+    let netns = NetNs::new(unique_name("nft")).unwrap();
+    let result = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                netns.enter_current_thread().unwrap();
+                drop_net_admin_in_this_thread();
+                let mut table = OwnedTable::open().expect("opening the socket needs no capability");
+                table.apply(&full())
+            })
+            .join()
+            .unwrap()
+    });
+    assert!(
+        matches!(result, Err(NftError::Unavailable(_))),
+        "{result:?}"
+    );
+    assert_eq!(listing(&netns), None);
+}

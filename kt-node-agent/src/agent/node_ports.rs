@@ -29,19 +29,20 @@
 //! force until the DaemonSet's replacement runs. No session: no table and no socket
 //! ([`converge`]).
 //!
-//! Not covered: mesh sessions (their NodePort traffic still goes to the pods through
-//! kube-proxy, untouched: only pods' connects reach the node's router), IPv6
-//! node ports (the table is `ip`; an IPv6 holder address is skipped), and LoadBalancer
-//! ingress IPs a cloud load balancer owns (such an LB forwards to the nodePorts, which are
-//! covered). Without `CAP_NET_ADMIN` or nf_tables, NodePort traffic is left to kube-proxy
-//! and the agent says so once.
+//! A meshed Service port's frontends go to this node's mesh router for the port (a local
+//! listener, no masquerade), which sends each request by its header, as it does for pods.
+//!
+//! Not covered: IPv6 node ports (the table is `ip`; an IPv6 holder address is skipped),
+//! and LoadBalancer ingress IPs a cloud load balancer owns (such an LB forwards to the
+//! nodePorts, which are covered). Without `CAP_NET_ADMIN` or nf_tables, NodePort traffic is
+//! left to kube-proxy and the agent says so once.
 
 pub mod netlink;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     time::Duration,
 };
 
@@ -50,7 +51,11 @@ use kt_proto::session::SessionMode;
 use tokio_util::sync::CancellationToken;
 
 use self::netlink::{NftError, OwnedTable};
-use super::redirects::ClusterState;
+use super::{
+    index::ServiceView,
+    mesh::{Route, RouteKey},
+    redirects::ClusterState,
+};
 
 /// The agent's nftables table (family `ip`).
 pub const TABLE: &str = "kt_nodeport";
@@ -86,9 +91,17 @@ pub struct Entry {
 /// The node-port redirects in force at `now` on the node whose address is `node_ip`: for
 /// each live exchange session (oldest first; the older keeps a frontend two sessions
 /// claim, as in [`super::redirects::desired`]) and each of its listeners, the TCP Service
-/// port's nodePort and its LoadBalancer ingress IPs → the holder's listener. A Service
-/// port without a nodePort (ClusterIP Services) adds nothing; nor does an IPv6 holder.
-pub fn desired(state: &ClusterState<'_>, now: DateTime<Utc>) -> BTreeMap<Frontend, Entry> {
+/// port's nodePort and its LoadBalancer ingress IPs → the holder's listener; then for each
+/// mesh route of `routes` with a listener of this node's router (`routers`), the same
+/// frontends → that router, which sends each request by its header (an exchange keeps a
+/// frontend a mesh claims too, as in the service map). A Service port without a nodePort
+/// (ClusterIP Services) adds nothing; nor does an IPv6 holder or router.
+pub fn desired(
+    state: &ClusterState<'_>,
+    now: DateTime<Utc>,
+    routes: &BTreeMap<RouteKey, Route>,
+    routers: &BTreeMap<RouteKey, SocketAddr>,
+) -> BTreeMap<Frontend, Entry> {
     let mut out = BTreeMap::new();
     for session in state.live(SessionMode::Exchange, now) {
         let (Some(ns), Some(status)) = (session.metadata.namespace.as_deref(), &session.status)
@@ -101,43 +114,51 @@ pub fn desired(state: &ClusterState<'_>, now: DateTime<Utc>) -> BTreeMap<Fronten
         let Some(service) = state.service(ns, &session.spec.service) else {
             continue;
         };
-        let ingress: Vec<Ipv4Addr> = service
-            .ingress_ips
-            .iter()
-            .filter_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
         for listener in &status.listeners {
-            // A TCP Service port of the session (UDP ones are not exchanged).
-            if !service
-                .ports
-                .iter()
-                .any(|p| p.port == listener.port && p.tcp)
-            {
-                continue;
-            }
             let entry = Entry {
                 to: SocketAddrV4::new(holder, listener.listener_port),
                 session: session.key(),
             };
-            let node_port = service
-                .node_ports
-                .iter()
-                .find(|(port, _)| *port == listener.port)
-                .map(|(_, node_port)| *node_port);
-            let frontends = node_port.map(Frontend::NodePort).into_iter().chain(
-                ingress
-                    .iter()
-                    .map(|ip| Frontend::Ingress(SocketAddrV4::new(*ip, listener.port))),
-            );
-            for frontend in frontends {
+            for frontend in frontends(service, listener.port) {
                 out.entry(frontend).or_insert_with(|| entry.clone());
             }
         }
     }
+    for key in routes.keys() {
+        let (Some(SocketAddr::V4(router)), Some(service)) = (
+            routers.get(key),
+            state.service(&key.namespace, &key.service),
+        ) else {
+            continue;
+        };
+        let entry = Entry {
+            to: *router,
+            session: key.target_name(),
+        };
+        for frontend in frontends(service, key.port) {
+            out.entry(frontend).or_insert_with(|| entry.clone());
+        }
+    }
     out
+}
+
+/// Where outside clients reach TCP Service port `port` of `service`: its nodePort and, per
+/// IPv4 LoadBalancer ingress IP, that IP and the port. None for a UDP port (UDP is not
+/// exchanged).
+fn frontends(service: &ServiceView, port: u16) -> Vec<Frontend> {
+    if !service.ports.iter().any(|p| p.port == port && p.tcp) {
+        return Vec::new();
+    }
+    let node_port = service
+        .node_ports
+        .iter()
+        .find(|(p, _)| *p == port)
+        .map(|(_, node_port)| Frontend::NodePort(*node_port));
+    let ingress = service.ingress_ips.iter().filter_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(Frontend::Ingress(SocketAddrV4::new(*v4, port))),
+        IpAddr::V6(_) => None,
+    });
+    node_port.into_iter().chain(ingress).collect()
 }
 
 /// What [`TABLE`] must hold (pure, compared to skip passes that change nothing).
@@ -219,8 +240,9 @@ enum Converged {
 
 /// Makes [`TABLE`] hold `ruleset`: the owning socket is opened when redirects are wanted
 /// and closed when none are (the kernel deletes the table it owns), so with no session
-/// there is no table. The transaction is a blocking call, but the kernel runs it inside
-/// `send()`: well under a millisecond, so it runs on the async task's thread.
+/// there is no table. Blocking: the kernel runs the transaction inside `send()`, usually
+/// well under a millisecond, but it waits there for the nftables lock (kube-proxy's
+/// transactions take it too) and, the first time, for modules to load.
 fn converge(table: &mut Option<OwnedTable>, ruleset: &Ruleset) -> Result<Converged, NftError> {
     if ruleset.redirects.is_empty() {
         return Ok(match table.take() {
@@ -254,7 +276,24 @@ pub async fn run(
     loop {
         let ruleset = wanted.borrow_and_update().clone();
         if applied.as_ref() != Some(&ruleset) {
-            match converge(&mut table, &ruleset) {
+            // Off the async workers: the table goes to a blocking thread and back.
+            let mut owned = table.take();
+            let for_thread = ruleset.clone();
+            let converged = tokio::task::spawn_blocking(move || {
+                let result = converge(&mut owned, &for_thread);
+                (owned, result)
+            })
+            .await;
+            let result = match converged {
+                Ok((owned, result)) => {
+                    table = owned;
+                    result
+                }
+                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                // The runtime is shutting down (the socket went with the thread's task).
+                Err(_) => break,
+            };
+            match result {
                 Ok(converged) => {
                     match converged {
                         Converged::Applied(redirects) => {
@@ -275,13 +314,16 @@ pub async fn run(
                     retry = RETRY;
                 }
                 Err(error) => {
-                    let unavailable = matches!(&error, NftError::Open(e)
-                        if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES | libc::EPROTONOSUPPORT)));
+                    let unavailable = match &error {
+                        NftError::Unavailable(_) => true,
+                        NftError::Open(e) => e.raw_os_error() == Some(libc::EPROTONOSUPPORT),
+                        _ => false,
+                    };
                     if !unavailable {
                         tracing::warn!(error = %kt_proto::error_chain(&error), ?retry, "failed to apply node-port redirects; retrying");
                     } else if !said_unavailable {
                         tracing::warn!(error = %kt_proto::error_chain(&error),
-                            "nftables is not available to the agent (it needs CAP_NET_ADMIN and nf_tables): NodePort and LoadBalancer traffic is not redirected");
+                            "nftables is not available to the agent (it needs CAP_NET_ADMIN and nf_tables): NodePort and LoadBalancer traffic is not redirected; retrying now and then");
                         said_unavailable = true;
                     }
                     table = None;
@@ -381,7 +423,12 @@ mod tests {
             &[(80, 40001)],
             now,
         );
-        let got = desired(&ClusterState::new(&[&s], &[&svc], &[]), now);
+        let got = desired(
+            &ClusterState::new(&[&s], &[&svc], &[]),
+            now,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        );
         let entry = Entry {
             to: to("172.30.0.12:40001"),
             session: "dev/s".into(),
@@ -432,6 +479,8 @@ mod tests {
         let got = desired(
             &ClusterState::new(&[&new, &old, &on_plain], &[&svc, &plain], &[]),
             now,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
         );
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!(got[&Frontend::NodePort(30080)].session, "dev/alice");
@@ -444,7 +493,67 @@ mod tests {
             &[(80, 40001)],
             now - chrono::TimeDelta::seconds(60),
         );
-        assert!(desired(&ClusterState::new(&[&expired], &[&svc], &[]), now).is_empty());
+        assert!(
+            desired(
+                &ClusterState::new(&[&expired], &[&svc], &[]),
+                now,
+                &BTreeMap::new(),
+                &BTreeMap::new()
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_meshed_ports_node_port_goes_to_this_nodes_router_unless_an_exchange_holds_it() {
+        let now = Utc::now();
+        let svc = service(
+            "web",
+            json!([{"port": 80, "nodePort": 30080}, {"port": 81, "nodePort": 30081}]),
+            &["192.0.2.7"],
+        );
+        let key = |port| RouteKey {
+            namespace: "dev".into(),
+            service: "web".into(),
+            port,
+        };
+        let routes = BTreeMap::from([
+            (key(80), Route::default()),
+            (key(81), Route::default()),
+            (key(82), Route::default()),
+        ]);
+        let router: SocketAddr = "172.30.0.11:45000".parse().unwrap();
+        // Port 82's router could not listen: no entry for it.
+        let routers = BTreeMap::from([(key(80), router), (key(81), router)]);
+        let state = ClusterState::new(&[], &[&svc], &[]);
+        let got = desired(&state, now, &routes, &routers);
+        let mesh = Entry {
+            to: to("172.30.0.11:45000"),
+            session: "dev/web:mesh".into(),
+        };
+        assert_eq!(
+            got,
+            BTreeMap::from([
+                (Frontend::NodePort(30080), mesh.clone()),
+                (Frontend::NodePort(30081), mesh.clone()),
+                (Frontend::Ingress(to("192.0.2.7:80")), mesh.clone()),
+                (Frontend::Ingress(to("192.0.2.7:81")), mesh.clone()),
+            ])
+        );
+
+        let exchange = session(
+            "alice",
+            "web",
+            "2026-01-01T00:00:00Z",
+            "172.30.0.12",
+            &[(80, 40001)],
+            now,
+        );
+        let sessions = [&exchange];
+        let state = ClusterState::new(&sessions, &[&svc], &[]);
+        let got = desired(&state, now, &routes, &routers);
+        assert_eq!(got[&Frontend::NodePort(30080)].session, "dev/alice");
+        assert_eq!(got[&Frontend::NodePort(30081)], mesh);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! inside `send()`): the table and its chains created if missing, every rule deleted, the
 //! new rules added. Readers see the old rules or the new ones, never half.
 //!
-//! Written by hand (about 300 lines, on `libc`) because no crate serves: `rustables` is
+//! Written by hand (about 550 lines, on `libc`) because no crate serves: `rustables` is
 //! GPL-3.0 and runs bindgen, has no `fib` expression and drops its socket after each batch
 //! (which would delete an owned table at once); `nf_tables` and `netlink-packet-netfilter`
 //! have no `nat`, `masq`, `ct` or `fib`; `nlink` has no `fib` and needs Rust 1.97; `nftnl`
@@ -91,10 +91,14 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// new one.
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
-    /// `EPERM`/`EACCES`: no `CAP_NET_ADMIN` in the node's network namespace;
     /// `EPROTONOSUPPORT`: a kernel without nfnetlink.
     #[error("failed to open a netfilter netlink socket")]
     Open(#[source] io::Error),
+    /// The kernel refused the transaction as a whole (the answer to `BATCH_BEGIN`): `EPERM`
+    /// without `CAP_NET_ADMIN` in the node's network namespace (opening the socket needs
+    /// none), `EOPNOTSUPP` without nf_tables. Retrying will not help.
+    #[error("nftables is not available (no CAP_NET_ADMIN, or no nf_tables in the kernel)")]
+    Unavailable(#[source] io::Error),
     /// `EMSGSIZE`: the transaction is larger than the socket's send buffer may be made.
     #[error("failed to send the nftables transaction ({bytes} bytes)")]
     Send {
@@ -173,9 +177,15 @@ impl OwnedTable {
         {
             return Err(NftError::Open(io::Error::last_os_error()));
         }
-        // Errors carry the kernel's message text; acknowledgements do not echo the request.
-        // Both are optional: an older kernel just says less.
-        for option in [libc::NETLINK_EXT_ACK, libc::NETLINK_CAP_ACK] {
+        // Errors carry the kernel's message text; acknowledgements do not echo the request;
+        // answers beyond the receive buffer (a large batch that fails in every message) are
+        // dropped rather than failing the read with ENOBUFS, which would lose the first
+        // refusal, the one worth reporting. All optional: an older kernel just says less.
+        for option in [
+            libc::NETLINK_EXT_ACK,
+            libc::NETLINK_CAP_ACK,
+            libc::NETLINK_NO_ENOBUFS,
+        ] {
             let _ = set_option(&socket, libc::SOL_NETLINK, option, 1);
         }
         Ok(Self {
@@ -194,7 +204,8 @@ impl OwnedTable {
     /// runs the transaction inside `send()` (well under a millisecond for hundreds of rules).
     ///
     /// # Errors
-    /// See [`NftError`]; on any of them nothing of this transaction was applied.
+    /// See [`NftError`]. After [`NftError::Refused`] or [`NftError::Unavailable`] nothing of
+    /// this transaction was applied; after the others what the kernel did is unknown.
     pub fn apply(&mut self, ruleset: &Ruleset) -> Result<(), NftError> {
         let batch = encode(ruleset, self.next_seq);
         self.next_seq = batch.end_seq.wrapping_add(1);
@@ -256,15 +267,26 @@ impl OwnedTable {
             let mut done = false;
             for answer in answers(&buffer[..read.unsigned_abs()]) {
                 let answer = answer?;
-                if !(batch.begin_seq..=batch.end_seq).contains(&answer.seq) {
+                if answer.seq.wrapping_sub(batch.begin_seq)
+                    > batch.end_seq.wrapping_sub(batch.begin_seq)
+                {
                     continue; // an answer to an earlier transaction, already given up on
                 }
                 if answer.errno != 0 && refused.is_none() {
-                    refused = Some(NftError::Refused {
-                        what: batch.describe(answer.seq),
-                        detail: answer.message,
-                        errno: io::Error::from_raw_os_error(answer.errno),
-                    });
+                    let errno = io::Error::from_raw_os_error(answer.errno);
+                    refused = Some(
+                        if answer.seq == batch.begin_seq
+                            && matches!(answer.errno, libc::EPERM | libc::EOPNOTSUPP)
+                        {
+                            NftError::Unavailable(errno)
+                        } else {
+                            NftError::Refused {
+                                what: batch.describe(answer.seq),
+                                detail: answer.message,
+                                errno,
+                            }
+                        },
+                    );
                 }
                 done |= answer.seq == batch.ack_seq;
             }
@@ -536,7 +558,7 @@ pub fn encode(ruleset: &Ruleset, first_seq: u32) -> Batch {
     }
     let flags = with_ack(&out.bytes, out.last_request);
     out.bytes[out.last_request + 6..out.last_request + 8].copy_from_slice(&flags.to_ne_bytes());
-    let ack_seq = out.next_seq - 1;
+    let ack_seq = out.next_seq.wrapping_sub(1);
     let end_seq = out.message(
         NFNL_MSG_BATCH_END,
         NLM_F_REQUEST,
