@@ -32,6 +32,8 @@ struct Interests {
     /// Services a pass of the endpoints controller is a few hundred milliseconds; one each
     /// second whether or not anything changed would keep a core busy.
     resync_on: Option<&'static [(&'static str, &'static str)]>,
+    /// Which changes of those types matter at all (both for `now` and `resync_on`).
+    matters: fn(&Event) -> bool,
 }
 
 impl Interests {
@@ -39,11 +41,13 @@ impl Interests {
         Self {
             now,
             resync_on: None,
+            matters: |_| true,
         }
     }
 
-    fn names(types: &[(&str, &str)], ev: &Event) -> bool {
-        types.is_empty() || types.iter().any(|(g, p)| ev.group == *g && ev.plural == *p)
+    fn names(&self, types: &[(&str, &str)], ev: &Event) -> bool {
+        (types.is_empty() || types.iter().any(|(g, p)| ev.group == *g && ev.plural == *p))
+            && (self.matters)(ev)
     }
 }
 
@@ -90,12 +94,21 @@ pub fn spawn_all(store: &Arc<Store>, tasks: &TaskTracker, shutdown: &Cancellatio
                     ("", "endpoints"),
                     ("discovery.k8s.io", "endpointslices"),
                 ]),
+                matters: |_| true,
             },
             endpoints::reconcile,
         ),
         (Interests::always(&[("", "namespaces")]), gc::namespaces),
-        // The garbage collector cares about every type.
-        (Interests::always(&[]), gc::collect),
+        // The garbage collector cares about every type, but only about changes of
+        // ownership and deletion; its pass reads no clock, so no resync without them.
+        (
+            Interests {
+                now: &[],
+                resync_on: Some(&[]),
+                matters: gc::gives_work,
+            },
+            gc::collect,
+        ),
     ];
     for (interests, reconcile) in all {
         let ctl = Ctl {
@@ -120,8 +133,8 @@ async fn run(ctl: Ctl, interests: Interests, reconcile: fn(&Ctl), shutdown: Canc
             _ = resync.tick() => changed || interests.resync_on.is_none(),
             ev = rx.recv() => match ev {
                 Ok(ev) => {
-                    changed |= interests.resync_on.is_some_and(|types| Interests::names(types, &ev));
-                    Interests::names(interests.now, &ev)
+                    changed |= interests.resync_on.is_some_and(|types| interests.names(types, &ev));
+                    interests.names(interests.now, &ev)
                 }
                 Err(RecvError::Lagged(_)) => true,
                 Err(RecvError::Closed) => return,

@@ -16,6 +16,10 @@
 //!   the simulated cluster sustains, at 1 000, 5 000 and 10 000 Services.
 //! - At 10 000 Services: each node agent's **RSS** (VmRSS from /proc) and its
 //!   **`kt_agent_reconcile_seconds`** histogram (passes, mean, p50/p99 as bucket bounds).
+//! - Where the time goes: per round, when the agents logged the session connected, its
+//!   tunnel listener and their redirects (ms after the start); each API call ktctl makes
+//!   before its session exists, empty and loaded; and which processes used the CPU over
+//!   3 s with nothing happening (the testbed's own work competes with kt for two cores).
 //!
 //! Medians over `KT_BENCH_ROUNDS` rounds (default 5); also
 //! `target/kt-bench/exchange_scale.json`. Run as root: `tests/run bench`, or alone:
@@ -119,8 +123,9 @@ async fn run() {
         empty.push(ready_ms(&tb, &web_ip).await);
     }
     println!("ready, empty cluster: {empty:.1?} ms");
-
     let client = tb.client().await;
+    let calls_empty = api_calls(&client, rounds).await;
+
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
     let rates = create_services(&services).await;
     for (done, rate) in &rates {
@@ -147,6 +152,19 @@ async fn run() {
         loaded.push(ready_ms(&tb, &web_ip).await);
     }
     println!("ready, {SERVICES} Services: {loaded:.1?} ms");
+    let calls_loaded = api_calls(&tb.client().await, rounds).await;
+    println!(
+        "CPU over 3 s with nothing happening, at {SERVICES} Services: {}",
+        idle_cpu()
+    );
+    for ((call, empty), (_, loaded)) in calls_empty.iter().zip(&calls_loaded) {
+        let name = |at: &str| format!("API call before the session, {at}: {call}");
+        let empty = results.figure(&name("empty"), "ms", empty).expect("rounds");
+        let loaded = results
+            .figure(&name(&format!("{SERVICES} Services")), "ms", loaded)
+            .expect("rounds");
+        println!("{call}: median {empty:.2} ms empty, {loaded:.2} ms at {SERVICES} Services");
+    }
 
     let rss = agent_rss(&tb);
     let histograms: Vec<Histogram> = [1, 2]
@@ -193,6 +211,152 @@ async fn run() {
     println!("agent RSS at {SERVICES} Services: {rss:?} KiB");
     results.write();
     tb.stop().await;
+}
+
+/// The processes that used the most CPU over 3 s (ms each), from `/proc/<pid>/stat`.
+fn idle_cpu() -> String {
+    let ticks = || -> std::collections::BTreeMap<u32, (String, u64)> {
+        let mut out = std::collections::BTreeMap::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+            let used = fields
+                .get(11)
+                .and_then(|u| u.parse::<u64>().ok())
+                .unwrap_or(0)
+                + fields
+                    .get(12)
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0);
+            out.insert(pid, (stat[open + 1..close].to_owned(), used));
+        }
+        out
+    };
+    let before = ticks();
+    std::thread::sleep(Duration::from_secs(3));
+    let mut used: Vec<(u64, String)> = ticks()
+        .into_iter()
+        .filter_map(|(pid, (name, after))| {
+            let was = before.get(&pid).map_or(0, |(_, t)| *t);
+            (after > was).then(|| ((after - was) * 10, format!("{name}[{pid}]")))
+        })
+        .collect();
+    used.sort_by(|a, b| b.cmp(a));
+    used.iter()
+        .take(6)
+        .map(|(ms, who)| format!("{who} {ms} ms"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// When each agent logged, after `started_ns` (unix ns), the session connected, its tunnel
+/// listener and its first redirect, in ms after `started_ns`: where a round's time went.
+fn timeline(tb: &Testbed, started_ns: u128) -> String {
+    let out = std::process::Command::new("kubectl")
+        .args([
+            "logs",
+            "-n",
+            "kt-system",
+            "-l",
+            "app.kubernetes.io/name=kt-node-agent",
+            "--prefix",
+            "--tail=400",
+        ])
+        .env("KUBECONFIG", &tb.kubeconfig)
+        .output()
+        .expect("kubectl runs");
+    // The agent's log has ANSI colours: without them, `<RFC 3339 time> <level> <message>`.
+    let mut text = String::new();
+    let mut escape = false;
+    for c in String::from_utf8_lossy(&out.stdout).chars() {
+        match (escape, c) {
+            (false, '\x1b') => escape = true,
+            (true, 'm') => escape = false,
+            (false, _) => text.push(c),
+            (true, _) => {}
+        }
+    }
+    let mut seen: std::collections::BTreeMap<(String, &str), f64> = Default::default();
+    for line in text.lines() {
+        let Some((prefix, rest)) = line.split_once("] ") else {
+            continue;
+        };
+        let Some((stamp, message)) = rest.trim_start().split_once(' ') else {
+            continue;
+        };
+        let Ok(at) = chrono::DateTime::parse_from_rfc3339(stamp) else {
+            continue;
+        };
+        let at_ns = at.timestamp_nanos_opt().unwrap_or_default() as u128;
+        if at_ns < started_ns {
+            continue;
+        }
+        let what = if message.contains("session connected") {
+            "connected"
+        } else if message.contains("tunnel listener") {
+            "listener"
+        } else if message.contains(": redirect service=") {
+            "redirect"
+        } else {
+            continue;
+        };
+        let pod = prefix.rsplit('/').nth(1).unwrap_or(prefix).to_owned();
+        seen.entry((pod, what))
+            .or_insert((at_ns - started_ns) as f64 / 1e6);
+    }
+    seen.iter()
+        .map(|((pod, what), ms)| format!("{pod} {what} {ms:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What each API call ktctl makes before its agent-mode session exists costs (ms, `rounds`
+/// of each, one at a time), named as ktctl's code makes them: where the ready time grows
+/// with the cluster.
+async fn api_calls(client: &kube::Client, rounds: usize) -> Vec<(&'static str, Vec<f64>)> {
+    use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
+    use kt_proto::session::KtSession;
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let agents: Api<Pod> = Api::namespaced(client.clone(), "kt-system");
+    let sessions: Api<KtSession> = Api::namespaced(client.clone(), "default");
+    let all_sessions: Api<KtSession> = Api::all(client.clone());
+    let by_service = ListParams::default().labels("kubernetes.io/service-name=web");
+    let agent_pods = ListParams::default().labels("app.kubernetes.io/name=kt-node-agent");
+    let mut out: Vec<(&'static str, Vec<f64>)> = Vec::new();
+    macro_rules! time {
+        ($name:expr, $call:expr) => {{
+            let mut ms = Vec::new();
+            for _ in 0..rounds {
+                let began = Instant::now();
+                $call.await.expect($name);
+                ms.push(began.elapsed().as_secs_f64() * 1e3);
+            }
+            out.push(($name, ms));
+        }};
+    }
+    time!("get the Service", services.get("web"));
+    time!(
+        "list the Service's EndpointSlices by label",
+        slices.list(&by_service)
+    );
+    time!("list Deployments", deployments.list(&ListParams::default()));
+    time!("list KtSessions", sessions.list(&ListParams::default()));
+    time!(
+        "list KtSessions, all namespaces",
+        all_sessions.list(&ListParams::default())
+    );
+    time!("list the agents' pods", agents.list(&agent_pods));
+    out
 }
 
 /// Creates [`SERVICES`] Services `bulk-<i>` (selector `app: pool-<i mod POOLS>`, port 80 →
@@ -310,6 +474,7 @@ async fn ready_ms(tb: &Testbed, ip: &str) -> f64 {
     let ms = answered.saturating_sub(started_ns) as f64 / 1e6;
     let _ = probe.wait().await;
     exchange.wait_for("will be redirected to local").await;
+    println!("  round: answered {ms:.1} ms; {}", timeline(tb, started_ns));
     let (status, log) = exchange.interrupt();
     assert!(status.success(), "{log}");
     eventually("the pods answer again", async || {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Pod;
 use kt_proto::{
     agent::{LABEL_SELECTOR, NAMESPACE},
     session::KtSession,
@@ -31,16 +31,19 @@ pub async fn ready(cluster: &Cluster) -> Result<Vec<(String, String)>, ClusterEr
     let mut ready: Vec<(String, String)> = list
         .items
         .into_iter()
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
+        .filter(is_ready)
         .filter_map(|p| Some((p.metadata.name?, p.spec?.node_name?)))
         .collect();
     ready.sort();
     Ok(ready)
+}
+
+/// Whether `pod`'s `Ready` condition is `True`.
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// A ready agent pod (the first by name), if the agent is installed and visible to this
@@ -49,36 +52,24 @@ pub async fn first_ready(cluster: &Cluster) -> Result<Option<String>, ClusterErr
     Ok(ready(cluster).await?.into_iter().next().map(|(pod, _)| pod))
 }
 
-/// The ready agent that should hold a new session for `service` (none for `connect`), by
-/// [`choose`]'s rule, if the agent is installed and visible to this user. What it cannot
-/// read (the Service's EndpointSlices, other namespaces' sessions) counts as nothing: the
-/// rule then falls back to fewer sessions, then to the name.
+/// The ready agent that should hold a new session, by [`choose`]'s rule, if the agent is
+/// installed and visible to this user. `service_pods` are the pods the Service selects
+/// (`ktctl exchange` and `mesh` have listed them already; none for `connect` and
+/// `preview`): the ready ones, by node, are the Service's ready endpoints — counted from
+/// them rather than from its EndpointSlices, whose list by label the API server answers by
+/// scanning every slice of the namespace (10 ms at 10 000 Services on the testbed, the one
+/// call of an exchange's start that grows with the cluster). What it cannot read (other
+/// namespaces' sessions) counts as nothing: the rule then falls back to fewer sessions,
+/// then to the name.
 pub async fn pick(
     cluster: &Cluster,
-    service: Option<&str>,
+    service_pods: Option<&[Pod]>,
 ) -> Result<Option<String>, ClusterError> {
     let agents = ready(cluster).await?;
     if agents.len() < 2 {
         return Ok(agents.into_iter().next().map(|(pod, _)| pod));
     }
-    let mut endpoints = BTreeMap::new();
-    if let Some(service) = service {
-        let slices: Api<EndpointSlice> =
-            Api::namespaced(cluster.client.clone(), &cluster.namespace);
-        let params = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
-        if let Ok(list) = slices.list(&params).await {
-            for endpoint in list.items.iter().flat_map(|s| &s.endpoints) {
-                let ready = endpoint
-                    .conditions
-                    .as_ref()
-                    .and_then(|c| c.ready)
-                    .unwrap_or(true);
-                if let (true, Some(node)) = (ready, &endpoint.node_name) {
-                    *endpoints.entry(node.clone()).or_insert(0) += 1;
-                }
-            }
-        }
-    }
+    let endpoints = ready_by_node(service_pods.unwrap_or_default());
     // Every session visible: cluster-wide when this user may list them, else this namespace.
     let everywhere: Api<KtSession> = Api::all(cluster.client.clone());
     let here: Api<KtSession> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
@@ -102,6 +93,19 @@ pub async fn pick(
         tracing::debug!(agent = %pod, ?endpoints, ?held, "agent chosen to hold the session");
     }
     Ok(chosen)
+}
+
+/// How many of `pods` are ready and not terminating, by node: where a Service's ready
+/// endpoints are (the EndpointSlice controller lists exactly those pods as ready).
+pub fn ready_by_node(pods: &[Pod]) -> BTreeMap<String, usize> {
+    let mut by_node = BTreeMap::new();
+    for pod in pods {
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.as_ref());
+        if let (true, None, Some(node)) = (is_ready(pod), &pod.metadata.deletion_timestamp, node) {
+            *by_node.entry(node.clone()).or_insert(0) += 1;
+        }
+    }
+    by_node
 }
 
 /// Which of the ready `agents` (pod, node) holds a new session: the one on the node with
@@ -156,6 +160,32 @@ pub async fn create_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ready_pods_count_by_node_and_not_ready_terminating_or_unscheduled_ones_do_not() {
+        let pod = |node: Option<&str>, ready: &str, terminating: bool| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "deletionTimestamp":
+                    terminating.then_some("2026-01-01T00:00:00Z")},
+                "spec": {"containers": [], "nodeName": node},
+                "status": {"conditions": [{"type": "Ready", "status": ready}]}
+            }))
+            .unwrap()
+        };
+        let pods = [
+            pod(Some("node-1"), "True", false),
+            pod(Some("node-1"), "True", false),
+            pod(Some("node-2"), "True", false),
+            pod(Some("node-2"), "False", false),
+            pod(Some("node-2"), "True", true),
+            pod(None, "True", false),
+        ];
+        assert_eq!(
+            ready_by_node(&pods),
+            BTreeMap::from([("node-1".to_owned(), 2), ("node-2".to_owned(), 1)])
+        );
+        assert!(ready_by_node(&[]).is_empty());
+    }
 
     fn agents() -> Vec<(String, String)> {
         ["node-1", "node-2", "node-3"]

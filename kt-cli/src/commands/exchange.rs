@@ -285,14 +285,14 @@ async fn prepare(
         tracing::warn!("{warning}");
     }
     let method = match args.mode {
-        ExchangeMode::Agent => {
-            Method::Agent(cluster::agents::pick(&cluster, Some(name)).await?.ok_or(
-                ExchangeError::NoAgent {
+        ExchangeMode::Agent => Method::Agent(
+            cluster::agents::pick(&cluster, Some(&subject.pods))
+                .await?
+                .ok_or(ExchangeError::NoAgent {
                     namespace: kt_proto::agent::NAMESPACE,
-                },
-            )?)
-        }
-        ExchangeMode::Auto => match cluster::agents::pick(&cluster, Some(name)).await? {
+                })?,
+        ),
+        ExchangeMode::Auto => match cluster::agents::pick(&cluster, Some(&subject.pods)).await? {
             Some(pod) => Method::Agent(pod),
             None => Method::Selector,
         },

@@ -142,7 +142,9 @@ async fn prepare(
     let subject = exchange::read_subject(&cluster, name).await?;
     let agent = match args.mode {
         MeshMode::Manual => None,
-        MeshMode::Auto | MeshMode::Agent => cluster::agents::pick(&cluster, Some(name)).await?,
+        MeshMode::Auto | MeshMode::Agent => {
+            cluster::agents::pick(&cluster, Some(&subject.pods)).await?
+        }
     };
     let how = match (args.mode, agent) {
         (MeshMode::Manual, _) => How::Manual,
