@@ -11,7 +11,7 @@ use std::{
 
 use kt_node_agent::agent::{
     mesh::{MeshTarget, Route, RouteKey},
-    router::{Router, SNIFF_WINDOW},
+    router::{CLOSE_GRACE, Router, SNIFF_WINDOW},
 };
 use kt_proto::session::HeaderMatch;
 use tokio::{
@@ -172,14 +172,24 @@ async fn the_router_routes_passes_through_and_declines_h2c() {
     );
     assert!(ask(&mut stream, "").await.contains("| endpoint"));
 
-    // The route ends: no new connections; an open one sends every request to the endpoints.
+    // The route ends: an open connection sends every request to the endpoints, and so does
+    // a new one for CLOSE_GRACE (the node-port table may still send outside clients here);
+    // then the listener is closed.
     assert!(router.update(&BTreeMap::new()).is_empty());
     assert!(
         ask(&mut stream, "version: alice1\r\n")
             .await
             .contains("| endpoint")
     );
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut late = TcpStream::connect(at)
+        .await
+        .expect("accepted within the grace");
+    assert!(
+        ask(&mut late, "version: alice1\r\n")
+            .await
+            .contains("| endpoint")
+    );
+    tokio::time::sleep(CLOSE_GRACE + Duration::from_millis(300)).await;
     assert!(
         TcpStream::connect(at).await.is_err(),
         "the listener is closed"

@@ -1,7 +1,8 @@
 //! The cluster's controllers, in-process over the store: workloads (Deployment →
 //! ReplicaSet → Pods, DaemonSet, StatefulSet, Job), the scheduler, Endpoints and
-//! EndpointSlices, garbage collection and namespaces, and the Events they write. Each reconciles everything it owns when a change it cares
-//! about arrives, and on a periodic resync. They never touch what they do not own.
+//! EndpointSlices, garbage collection and namespaces, and the Events they write. Each
+//! reconciles everything it owns when a change it cares about arrives, and on a periodic
+//! resync where its pass needs one ([`Interests`]). They never touch what they do not own.
 
 mod endpoints;
 pub mod events;
@@ -118,8 +119,8 @@ pub fn spawn_all(store: &Arc<Store>, tasks: &TaskTracker, shutdown: &Cancellatio
     }
 }
 
-/// Reconciles on start, on every relevant change (batched), and every second (see
-/// [`Interests::resync_on`]).
+/// Reconciles on start, on every relevant change (batched), and every second when
+/// [`Interests::resync_on`] asks for it.
 async fn run(ctl: Ctl, interests: Interests, reconcile: fn(&Ctl), shutdown: CancellationToken) {
     let mut rx = ctl.store.subscribe();
     let ctl = Arc::new(ctl);

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kt_proto::{
     agent::{LABEL_SELECTOR, NAMESPACE},
     session::KtSession,
@@ -53,23 +53,18 @@ pub async fn first_ready(cluster: &Cluster) -> Result<Option<String>, ClusterErr
 }
 
 /// The ready agent that should hold a new session, by [`choose`]'s rule, if the agent is
-/// installed and visible to this user. `service_pods` are the pods the Service selects
-/// (`ktctl exchange` and `mesh` have listed them already; none for `connect` and
-/// `preview`): the ready ones, by node, are the Service's ready endpoints — counted from
-/// them rather than from its EndpointSlices, whose list by label the API server answers by
-/// scanning every slice of the namespace (10 ms at 10 000 Services on the testbed, the one
-/// call of an exchange's start that grows with the cluster). What it cannot read (other
-/// namespaces' sessions) counts as nothing: the rule then falls back to fewer sessions,
-/// then to the name.
+/// installed and visible to this user. `endpoints` are the Service's ready endpoints by
+/// node ([`endpoints_by_node`]; empty for `connect` and `preview`). What it cannot read
+/// (other namespaces' sessions) counts as nothing: the rule then falls back to fewer
+/// sessions, then to the name.
 pub async fn pick(
     cluster: &Cluster,
-    service_pods: Option<&[Pod]>,
+    endpoints: &BTreeMap<String, usize>,
 ) -> Result<Option<String>, ClusterError> {
     let agents = ready(cluster).await?;
     if agents.len() < 2 {
         return Ok(agents.into_iter().next().map(|(pod, _)| pod));
     }
-    let endpoints = ready_by_node(service_pods.unwrap_or_default());
     // Every session visible: cluster-wide when this user may list them, else this namespace.
     let everywhere: Api<KtSession> = Api::all(cluster.client.clone());
     let here: Api<KtSession> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
@@ -88,20 +83,32 @@ pub async fn pick(
             *held.entry(status.node.clone()).or_insert(0) += 1;
         }
     }
-    let chosen = choose(&agents, &endpoints, &held).map(str::to_owned);
+    let chosen = choose(&agents, endpoints, &held).map(str::to_owned);
     if let Some(pod) = &chosen {
         tracing::debug!(agent = %pod, ?endpoints, ?held, "agent chosen to hold the session");
     }
     Ok(chosen)
 }
 
-/// How many of `pods` are ready and not terminating, by node: where a Service's ready
-/// endpoints are (the EndpointSlice controller lists exactly those pods as ready).
-pub fn ready_by_node(pods: &[Pod]) -> BTreeMap<String, usize> {
+/// Where `service`'s ready endpoints are, counted per node from `pods`, the pods its
+/// selector matches (`ktctl exchange` and `mesh` have listed them already): those not
+/// terminating that are ready, or all of them when the Service publishes not-ready
+/// addresses — what the EndpointSlice controller marks ready. Counted from the pods rather
+/// than from the Service's EndpointSlices, whose list by label the API server answers by
+/// scanning every slice of the namespace (10 ms at 10 000 Services on the testbed, the one
+/// call of an exchange's start that grew with the cluster).
+pub fn endpoints_by_node(service: &Service, pods: &[Pod]) -> BTreeMap<String, usize> {
+    let publish_not_ready = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.publish_not_ready_addresses)
+        .unwrap_or(false);
     let mut by_node = BTreeMap::new();
     for pod in pods {
         let node = pod.spec.as_ref().and_then(|s| s.node_name.as_ref());
-        if let (true, None, Some(node)) = (is_ready(pod), &pod.metadata.deletion_timestamp, node) {
+        let counted =
+            (publish_not_ready || is_ready(pod)) && pod.metadata.deletion_timestamp.is_none();
+        if let (true, Some(node)) = (counted, node) {
             *by_node.entry(node.clone()).or_insert(0) += 1;
         }
     }
@@ -180,11 +187,23 @@ mod tests {
             pod(Some("node-2"), "True", true),
             pod(None, "True", false),
         ];
+        let service = |publish: bool| -> Service {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web"},
+                "spec": {"publishNotReadyAddresses": publish}
+            }))
+            .unwrap()
+        };
         assert_eq!(
-            ready_by_node(&pods),
+            endpoints_by_node(&service(false), &pods),
             BTreeMap::from([("node-1".to_owned(), 2), ("node-2".to_owned(), 1)])
         );
-        assert!(ready_by_node(&[]).is_empty());
+        assert_eq!(
+            endpoints_by_node(&service(true), &pods),
+            BTreeMap::from([("node-1".to_owned(), 2), ("node-2".to_owned(), 2)]),
+            "publishNotReadyAddresses counts the not-ready pod, never the terminating one"
+        );
+        assert!(endpoints_by_node(&service(false), &[]).is_empty());
     }
 
     fn agents() -> Vec<(String, String)> {

@@ -246,12 +246,16 @@ async fn set_up(
     let agent = match args.via {
         ConnectVia::Shadow => None,
         _ if plan.mode == Mode::Sshuttle => None,
-        ConnectVia::Agent => Some(cluster::agents::pick(&cluster, None).await?.ok_or(
-            ConnectError::NoAgent {
-                namespace: kt_proto::agent::NAMESPACE,
-            },
-        )?),
-        ConnectVia::Auto => cluster::agents::pick(&cluster, None).await?,
+        ConnectVia::Agent => Some(
+            cluster::agents::pick(&cluster, &std::collections::BTreeMap::new())
+                .await?
+                .ok_or(ConnectError::NoAgent {
+                    namespace: kt_proto::agent::NAMESPACE,
+                })?,
+        ),
+        ConnectVia::Auto => {
+            cluster::agents::pick(&cluster, &std::collections::BTreeMap::new()).await?
+        }
     };
     let way = match &agent {
         Some(agent) => {

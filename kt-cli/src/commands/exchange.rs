@@ -286,13 +286,21 @@ async fn prepare(
     }
     let method = match args.mode {
         ExchangeMode::Agent => Method::Agent(
-            cluster::agents::pick(&cluster, Some(&subject.pods))
-                .await?
-                .ok_or(ExchangeError::NoAgent {
-                    namespace: kt_proto::agent::NAMESPACE,
-                })?,
+            cluster::agents::pick(
+                &cluster,
+                &cluster::agents::endpoints_by_node(&subject.service, &subject.pods),
+            )
+            .await?
+            .ok_or(ExchangeError::NoAgent {
+                namespace: kt_proto::agent::NAMESPACE,
+            })?,
         ),
-        ExchangeMode::Auto => match cluster::agents::pick(&cluster, Some(&subject.pods)).await? {
+        ExchangeMode::Auto => match cluster::agents::pick(
+            &cluster,
+            &cluster::agents::endpoints_by_node(&subject.service, &subject.pods),
+        )
+        .await?
+        {
             Some(pod) => Method::Agent(pod),
             None => Method::Selector,
         },

@@ -143,7 +143,11 @@ async fn prepare(
     let agent = match args.mode {
         MeshMode::Manual => None,
         MeshMode::Auto | MeshMode::Agent => {
-            cluster::agents::pick(&cluster, Some(&subject.pods)).await?
+            cluster::agents::pick(
+                &cluster,
+                &cluster::agents::endpoints_by_node(&subject.service, &subject.pods),
+            )
+            .await?
         }
     };
     let how = match (args.mode, agent) {

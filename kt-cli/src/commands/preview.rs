@@ -178,12 +178,14 @@ async fn prepare(
     }
     let agent = match args.mode {
         PreviewMode::Shadow => None,
-        PreviewMode::Agent => Some(cluster::agents::pick(&cluster, None).await?.ok_or(
-            PreviewError::NoAgent {
-                namespace: kt_proto::agent::NAMESPACE,
-            },
-        )?),
-        PreviewMode::Auto => cluster::agents::pick(&cluster, None).await?,
+        PreviewMode::Agent => Some(
+            cluster::agents::pick(&cluster, &BTreeMap::new())
+                .await?
+                .ok_or(PreviewError::NoAgent {
+                    namespace: kt_proto::agent::NAMESPACE,
+                })?,
+        ),
+        PreviewMode::Auto => cluster::agents::pick(&cluster, &BTreeMap::new()).await?,
     };
     tracing::info!(
         "Using {} mode",

@@ -46,6 +46,9 @@ use super::mesh::{MeshTarget, Route, RouteKey};
 /// How long the router waits for a client's first bytes before it treats the connection as
 /// not HTTP (a server-first protocol) and passes it to an endpoint.
 pub const SNIFF_WINDOW: Duration = Duration::from_millis(500);
+/// How long a closed route's listener still accepts connections (and sends them to the
+/// endpoints): longer than the node-port table takes to stop sending them there.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How long an idle upstream connection is kept for reuse.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
@@ -178,7 +181,17 @@ impl Router {
                     sessions: Vec::new(),
                     ..Route::clone(&table)
                 });
-                listening.stop.cancel();
+                // The listener keeps accepting (for the endpoints) a little longer: the
+                // node-port table that sends outside connections here is rewritten after
+                // this pass, on another thread, and a closed port would reset them.
+                let (stop, shutdown) = (listening.stop.clone(), self.shutdown.clone());
+                self.tasks.spawn(async move {
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        () = tokio::time::sleep(CLOSE_GRACE) => {}
+                    }
+                    stop.cancel();
+                });
             }
             keep
         });

@@ -51,8 +51,8 @@ fn everything(ctl: &Ctl) -> Vec<(String, String, Value)> {
 
 /// Whether a change can give [`collect`] work, as the real collector's graph sees it: an
 /// object deleted (its dependents may be left without owners, a foreground owner may be
-/// done), one being deleted (finalizers), one whose ownerReferences appeared or changed
-/// (its owner may be gone). A status write of an object with no owners — most writes — is
+/// done), one being deleted (finalizers), one whose ownerReferences appeared, changed or
+/// went (its owner may be gone, or be waiting for it in foreground deletion). A status write of an object with no owners — most writes — is
 /// none of these: with 10 000 Services a pass on every change kept a core busy.
 pub(super) fn gives_work(ev: &Event) -> bool {
     fn owners(o: &Value) -> &Value {
@@ -60,11 +60,11 @@ pub(super) fn gives_work(ev: &Event) -> bool {
     }
     ev.kind == EventKind::Deleted
         || !ev.object["metadata"]["deletionTimestamp"].is_null()
-        || (!owners(&ev.object).is_null()
-            && ev
-                .prev
-                .as_ref()
-                .is_none_or(|prev| owners(prev) != owners(&ev.object)))
+        || ev.prev.as_ref().map_or_else(
+            || !owners(&ev.object).is_null(),
+            // Removed references too: an owner in foreground deletion may be done.
+            |prev| owners(prev) != owners(&ev.object),
+        )
 }
 
 fn owner_uids(obj: &Value) -> Vec<&str> {
@@ -241,8 +241,12 @@ mod tests {
         assert!(gives_work(&event(
             EventKind::Modified,
             orphaned,
-            Some(owned)
+            Some(owned.clone())
         )));
+        assert!(
+            gives_work(&event(EventKind::Modified, plain.clone(), Some(owned))),
+            "references removed: a foreground owner may be waiting for this one"
+        );
         let terminating = json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}});
         assert!(gives_work(&event(
             EventKind::Modified,
