@@ -1446,6 +1446,64 @@ spec:
   - {name: alt, port: 81, targetPort: 9090}
 "#;
 
+/// The NodePort Service `two-np` of [`TWO_PORTS`], seen from outside the cluster.
+struct TwoPorts {
+    /// `http://<node>:<nodePort of port 80>/` on each node.
+    http: Vec<String>,
+    /// The same for port 81.
+    alt: Vec<String>,
+    /// The names of its two pods.
+    pods: HashSet<String>,
+}
+
+/// A testbed with the agent and [`TWO_PORTS`] rolled out.
+async fn two_ports_with_agent() -> (Testbed, TwoPorts) {
+    let tb = start_testbed(true).await;
+    install_agent(&tb);
+    apply(&tb.kubeconfig, TWO_PORTS);
+    kubectl_ok(
+        &tb.kubeconfig,
+        &["rollout", "status", "deploy/two", "--timeout=60s"],
+    );
+    let urls_of = |name: &str| -> Vec<String> {
+        let port = kubectl_ok(
+            &tb.kubeconfig,
+            &[
+                "get",
+                "svc",
+                "two-np",
+                "-o",
+                &format!("jsonpath={{.spec.ports[?(@.name==\"{name}\")].nodePort}}"),
+            ],
+        );
+        [1, 2]
+            .map(|node| format!("http://{}:{port}/", node_ip(node)))
+            .into()
+    };
+    let (http, alt) = (urls_of("http"), urls_of("alt"));
+    let web: HashSet<String> = kubectl_ok(
+        &tb.kubeconfig,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=two",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ],
+    )
+    .split_whitespace()
+    .map(str::to_owned)
+    .collect();
+    assert_eq!(web.len(), 2, "{web:?}");
+    let two = TwoPorts {
+        http,
+        alt,
+        pods: web,
+    };
+    (tb, two)
+}
+
 /// Who answers an HTTP GET of `url` from the workstation (outside the cluster: it reaches
 /// the nodes' addresses only); `""` when nobody does.
 fn answered_from_outside(tb: &Testbed, url: &str) -> String {
@@ -1549,47 +1607,15 @@ fn median_get(tb: &Testbed, url: &str, n: usize) -> Duration {
     ignore = "needs root and a simulated cluster: tests/run test"
 )]
 async fn a_node_port_from_outside_reaches_the_workstation_during_an_agent_exchange_only() {
-    let tb = start_testbed(true).await;
-    install_agent(&tb);
-    apply(&tb.kubeconfig, TWO_PORTS);
-    kubectl_ok(
-        &tb.kubeconfig,
-        &["rollout", "status", "deploy/two", "--timeout=60s"],
-    );
-    let node_port = |name: &str| {
-        kubectl_ok(
-            &tb.kubeconfig,
-            &[
-                "get",
-                "svc",
-                "two-np",
-                "-o",
-                &format!("jsonpath={{.spec.ports[?(@.name==\"{name}\")].nodePort}}"),
-            ],
-        )
-    };
-    let urls_of = |port: String| -> Vec<String> {
-        [1, 2]
-            .map(|node| format!("http://{}:{port}/", node_ip(node)))
-            .into()
-    };
-    let (exchanged, other) = (urls_of(node_port("http")), urls_of(node_port("alt")));
+    let (
+        tb,
+        TwoPorts {
+            http: exchanged,
+            alt: other,
+            pods: web,
+        },
+    ) = two_ports_with_agent().await;
     let all: Vec<String> = exchanged.iter().chain(&other).cloned().collect();
-    let web: HashSet<String> = kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "get",
-            "pods",
-            "-l",
-            "app=two",
-            "-o",
-            "jsonpath={.items[*].metadata.name}",
-        ],
-    )
-    .split_whitespace()
-    .map(str::to_owned)
-    .collect();
-    assert_eq!(web.len(), 2, "{web:?}");
     until_answered_from_outside(&tb, &all, |who| web.contains(who), Duration::from_secs(10))
         .await
         .expect("before the exchange, both nodePorts reach the pods");
@@ -1724,46 +1750,14 @@ async fn a_node_port_from_outside_reaches_the_workstation_during_an_agent_exchan
     ignore = "needs root and a simulated cluster: tests/run test"
 )]
 async fn a_node_port_from_outside_is_routed_by_header_during_an_agent_mesh() {
-    let tb = start_testbed(true).await;
-    install_agent(&tb);
-    apply(&tb.kubeconfig, TWO_PORTS);
-    kubectl_ok(
-        &tb.kubeconfig,
-        &["rollout", "status", "deploy/two", "--timeout=60s"],
-    );
-    let node_port = |name: &str| {
-        kubectl_ok(
-            &tb.kubeconfig,
-            &[
-                "get",
-                "svc",
-                "two-np",
-                "-o",
-                &format!("jsonpath={{.spec.ports[?(@.name==\"{name}\")].nodePort}}"),
-            ],
-        )
-    };
-    let urls_of = |port: String| -> Vec<String> {
-        [1, 2]
-            .map(|node| format!("http://{}:{port}/", node_ip(node)))
-            .into()
-    };
-    let (meshed, other) = (urls_of(node_port("http")), urls_of(node_port("alt")));
-    let web: HashSet<String> = kubectl_ok(
-        &tb.kubeconfig,
-        &[
-            "get",
-            "pods",
-            "-l",
-            "app=two",
-            "-o",
-            "jsonpath={.items[*].metadata.name}",
-        ],
-    )
-    .split_whitespace()
-    .map(str::to_owned)
-    .collect();
-    assert_eq!(web.len(), 2, "{web:?}");
+    let (
+        tb,
+        TwoPorts {
+            http: meshed,
+            alt: other,
+            pods: web,
+        },
+    ) = two_ports_with_agent().await;
 
     let _app = workstation::http_echo(&tb, 18090).await;
     let mut running = Background::ktctl_with_env(

@@ -243,19 +243,19 @@ async fn set_up(
             Mode::Sshuttle => "sshuttle",
         }
     );
+    // No Service: the agent holding fewest sessions.
+    let no_endpoints = std::collections::BTreeMap::new();
     let agent = match args.via {
         ConnectVia::Shadow => None,
         _ if plan.mode == Mode::Sshuttle => None,
         ConnectVia::Agent => Some(
-            cluster::agents::pick(&cluster, &std::collections::BTreeMap::new())
+            cluster::agents::pick(&cluster, &no_endpoints)
                 .await?
                 .ok_or(ConnectError::NoAgent {
                     namespace: kt_proto::agent::NAMESPACE,
                 })?,
         ),
-        ConnectVia::Auto => {
-            cluster::agents::pick(&cluster, &std::collections::BTreeMap::new()).await?
-        }
+        ConnectVia::Auto => cluster::agents::pick(&cluster, &no_endpoints).await?,
     };
     let way = match &agent {
         Some(agent) => {

@@ -284,23 +284,16 @@ async fn prepare(
     for warning in &port_plan.warnings {
         tracing::warn!("{warning}");
     }
+    let endpoints = cluster::agents::endpoints_by_node(&subject.service, &subject.pods);
     let method = match args.mode {
-        ExchangeMode::Agent => Method::Agent(
-            cluster::agents::pick(
-                &cluster,
-                &cluster::agents::endpoints_by_node(&subject.service, &subject.pods),
-            )
-            .await?
-            .ok_or(ExchangeError::NoAgent {
-                namespace: kt_proto::agent::NAMESPACE,
-            })?,
-        ),
-        ExchangeMode::Auto => match cluster::agents::pick(
-            &cluster,
-            &cluster::agents::endpoints_by_node(&subject.service, &subject.pods),
-        )
-        .await?
-        {
+        ExchangeMode::Agent => {
+            Method::Agent(cluster::agents::pick(&cluster, &endpoints).await?.ok_or(
+                ExchangeError::NoAgent {
+                    namespace: kt_proto::agent::NAMESPACE,
+                },
+            )?)
+        }
+        ExchangeMode::Auto => match cluster::agents::pick(&cluster, &endpoints).await? {
             Some(pod) => Method::Agent(pod),
             None => Method::Selector,
         },

@@ -25,9 +25,8 @@
 //! agent opens itself ([`netlink`]; no `nft` program, which the `FROM scratch` image does
 //! not have): the kernel deletes the table when that socket closes, which it does when the
 //! agent exits, however it exits (measured in `tests/suites/agent.rs`: gone 34 ms after a
-//! `kill -9`). Clearing the table at start instead would leave it in
-//! force until the DaemonSet's replacement runs. No session: no table and no socket
-//! ([`converge`]).
+//! `kill -9`). Clearing the table at start instead would leave it in force until the
+//! DaemonSet's replacement runs. No session: no table and no socket ([`converge`]).
 //!
 //! A meshed Service port's frontends go to this node's mesh router for the port (a local
 //! listener, no masquerade), which sends each request by its header, as it does for pods.
