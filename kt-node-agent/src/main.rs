@@ -286,8 +286,11 @@ fn init_logging(command: &Command) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env(env::LOG)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(fallback));
+    // Colours only on a terminal: a pod's log is read by `kubectl logs` and log shippers,
+    // where escape codes split `key=value` fields and timestamps.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if std::env::var(env::LOG_FORMAT).is_ok_and(|f| f == "json") {
         builder.json().with_current_span(true).init();

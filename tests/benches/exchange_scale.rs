@@ -273,17 +273,8 @@ fn timeline(tb: &Testbed, started_ns: u128) -> String {
         .env("KUBECONFIG", &tb.kubeconfig)
         .output()
         .expect("kubectl runs");
-    // The agent's log has ANSI colours: without them, `<RFC 3339 time> <level> <message>`.
-    let mut text = String::new();
-    let mut escape = false;
-    for c in String::from_utf8_lossy(&out.stdout).chars() {
-        match (escape, c) {
-            (false, '\x1b') => escape = true,
-            (true, 'm') => escape = false,
-            (false, _) => text.push(c),
-            (true, _) => {}
-        }
-    }
+    // Each line: `[pod/<name>/<container>] <RFC 3339 time> <level> <message>`.
+    let text = String::from_utf8_lossy(&out.stdout);
     let mut seen: std::collections::BTreeMap<(String, &str), f64> = Default::default();
     for line in text.lines() {
         let Some((prefix, rest)) = line.split_once("] ") else {

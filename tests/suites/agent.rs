@@ -1578,6 +1578,18 @@ fn has_node_port_table(tb: &Testbed, node: &str) -> bool {
         .any(|l| l.trim() == format!("table ip {}", kt_node_agent::agent::node_ports::TABLE))
 }
 
+/// Waits up to 5 s until neither node has the agent's nftables table; panics naming the
+/// node that still has it.
+async fn until_no_node_port_table(tb: &Testbed) {
+    for node in ["node-1", "node-2"] {
+        poll_within(Duration::from_secs(5), async || {
+            !has_node_port_table(tb, node)
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{node} still has the node-port table"));
+    }
+}
+
 /// The median time of `n` HTTP GETs of `url` from the workstation, each a new connection.
 fn median_get(tb: &Testbed, url: &str, n: usize) -> Duration {
     let mut times: Vec<f64> = (0..n)
@@ -1722,13 +1734,7 @@ async fn a_node_port_from_outside_reaches_the_workstation_during_an_agent_exchan
     )
     .await
     .unwrap_or_else(|wrong| panic!("after Ctrl-C: {wrong}"));
-    for node in ["node-1", "node-2"] {
-        poll_within(Duration::from_secs(5), async || {
-            !has_node_port_table(&tb, node)
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{node} still has the node-port table"));
-    }
+    until_no_node_port_table(&tb).await;
     eprintln!(
         "Ctrl-C: ktctl ended and both nodePorts reach the pods {:?} after the signal ({reverted:?} after ktctl exited)",
         stopped.elapsed()
@@ -1820,12 +1826,6 @@ async fn a_node_port_from_outside_is_routed_by_header_during_an_agent_mesh() {
     )
     .await
     .unwrap_or_else(|wrong| panic!("after Ctrl-C: {wrong}"));
-    for node in ["node-1", "node-2"] {
-        poll_within(Duration::from_secs(5), async || {
-            !has_node_port_table(&tb, node)
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{node} still has the node-port table"));
-    }
+    until_no_node_port_table(&tb).await;
     tb.stop().await;
 }
