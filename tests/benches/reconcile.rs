@@ -1,11 +1,17 @@
 //! The agent's reconcile at scale, without a cluster (issue 17, item 1): the pure part of one
 //! pass as the agent runs it — one EndpointSlice changed (applied to the agent's index, as
-//! its watch does), then the mesh routes, the desired service map and which session ports
-//! it programs — over 10 000 Services (one TCP port each, ClusterIP plus one EndpointSlice
+//! its watch does), then the trust check of every session against the holder's record
+//! (`kt_node_agent::agent::trust`, the record's parse kept from the last pass as the
+//! agent keeps it), the mesh routes, the desired service map and which session ports it
+//! programs — over 10 000 Services (one TCP port each, ClusterIP plus one EndpointSlice
 //! of 3 ready endpoints: 30 000 endpoints) with 0, 10, 100 and 1 000 live sessions (nine in
 //! ten exchange, one in ten mesh, each on its own Service). Also timed, once: building the
 //! index from the 10 000 Services and slices, what a watch's (re)list costs. Not timed:
-//! the trust check, writing the eBPF map.
+//! writing the eBPF map.
+//!
+//! Also timed per case: a pass after a write that changes nothing the map is made of (a
+//! renewal or an acknowledgement): the trust check and `redirects::fingerprint`, which the
+//! agent compares with its last pass's before computing anything else.
 //!
 //! Medians over `KT_BENCH_ROUNDS` passes (default 20) per case; ratios to the 10-session
 //! case show how a pass grows with sessions. Results: a table and
@@ -19,10 +25,14 @@ use std::{
 };
 
 use chrono::Utc;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use kt_node_agent::agent::{
     index::{Change, Index, SliceView},
     mesh, redirects,
+    trust::{self, HeldSession, RecordCache},
 };
 use kt_proto::session::KtSession;
 use kt_tests::harness::{bench_rounds, results::Results};
@@ -63,6 +73,37 @@ fn slice(i: u32) -> EndpointSlice {
     .expect("EndpointSlice")
 }
 
+/// The address of node-1, whose agent holds every session.
+const HOLDER_IP: &str = "172.30.0.11";
+
+fn holder() -> Node {
+    serde_json::from_value(json!({"metadata": {"name": "node-1"},
+        "status": {"addresses": [{"type": "InternalIP", "address": HOLDER_IP}]}}))
+    .expect("Node")
+}
+
+/// Node-1's agent record listing `sessions`, written at `version` (in reverse order: the
+/// record is not sorted when written).
+fn record(sessions: &[KtSession], version: u32) -> ConfigMap {
+    let held: Vec<HeldSession> = sessions
+        .iter()
+        .rev()
+        .map(|s| HeldSession {
+            namespace: "default".into(),
+            name: s.metadata.name.clone().expect("named"),
+            uid: s.metadata.uid.clone().expect("a uid"),
+            listeners: s.status.as_ref().expect("held").listeners.clone(),
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": trust::record_name("node-1"), "namespace": "kt-system",
+                     "resourceVersion": version.to_string()},
+        "data": {"node": "node-1",
+                 "sessions": serde_json::to_string(&held).expect("serialisable")}
+    }))
+    .expect("ConfigMap")
+}
+
 /// Session `i` on Service `s<i>`: a mesh session every tenth, else an exchange; held by
 /// node-1 with a fresh lease.
 fn session(i: u32) -> KtSession {
@@ -76,26 +117,45 @@ fn session(i: u32) -> KtSession {
     }
     serde_json::from_value(json!({
         "apiVersion": "kt.dev/v1alpha1", "kind": "KtSession",
-        "metadata": {"name": format!("x{i}"), "namespace": "default",
+        "metadata": {"name": format!("x{i}"), "namespace": "default", "uid": format!("u{i}"),
                      "creationTimestamp": "2026-01-01T00:00:00Z"},
         "spec": spec,
-        "status": {"node": "node-1", "address": "172.30.0.11",
-                   "listeners": [{"port": 80, "listenerPort": 40000 + i}],
+        "status": {"node": "node-1", "address": HOLDER_IP,
+                   "listeners": [{"port": 80, "listenerPort": 40_000 + i}],
                    "renewTime": Utc::now()}
     }))
     .expect("KtSession")
 }
 
+/// What a pass reads besides the index: the sessions, the Nodes and the agent records.
+struct Cluster<'a> {
+    sessions: &'a [&'a KtSession],
+    nodes: &'a [&'a Node],
+    records: &'a [&'a ConfigMap],
+}
+
 /// One pass after the slice `changed` changed; how many map entries it wants and how many
 /// sessions have a programmed port (kept so the work cannot be optimised away, and checked).
-fn pass(sessions: &[&KtSession], index: &mut Index, changed: &EndpointSlice) -> (usize, usize) {
+fn pass(
+    cluster: &Cluster,
+    read: &mut RecordCache,
+    index: &mut Index,
+    changed: &EndpointSlice,
+) -> (usize, usize) {
     let now = Utc::now();
     let key = (
         "default".to_owned(),
         changed.metadata.name.clone().expect("named"),
     );
     index.apply_slice(Change::Applied(key, SliceView::from(changed)));
-    let state = redirects::ClusterState::indexed(sessions, index);
+    let records = read.current(cluster.records);
+    let believed: Vec<&KtSession> = cluster
+        .sessions
+        .iter()
+        .copied()
+        .filter(|s| trust::check(s, cluster.nodes, records, now).is_ok())
+        .collect();
+    let state = redirects::ClusterState::indexed(&believed, index);
     let routes = mesh::routes(&state, now);
     // A router per route, as this node's router would give.
     let routers: BTreeMap<_, _> = routes
@@ -115,6 +175,22 @@ fn pass(sessions: &[&KtSession], index: &mut Index, changed: &EndpointSlice) -> 
         .filter(|ports| !ports.is_empty())
         .count();
     (desired.map.len(), programmed)
+}
+
+/// A pass after a write that changes nothing the map is made of (a renewal, an
+/// acknowledgement: most writes while sessions are held): the trust check and the
+/// fingerprint, which the agent compares with its last pass's before computing anything
+/// else. Returns the fingerprint.
+fn unchanged_pass(cluster: &Cluster, read: &mut RecordCache, index: &Index) -> u64 {
+    let now = Utc::now();
+    let records = read.current(cluster.records);
+    let believed: Vec<&KtSession> = cluster
+        .sessions
+        .iter()
+        .copied()
+        .filter(|s| trust::check(s, cluster.nodes, records, now).is_ok())
+        .collect();
+    redirects::fingerprint(&redirects::ClusterState::indexed(&believed, index), now)
 }
 
 fn main() {
@@ -141,13 +217,23 @@ fn main() {
         SERVICES * ENDPOINTS_PER_SERVICE
     );
     println!(
-        "{:<12} {:>10} {:>10} {:>10} {:>12}",
-        "sessions", "p50 ms", "min ms", "max ms", "map entries"
+        "{:<12} {:>10} {:>10} {:>10} {:>12} {:>14}",
+        "sessions", "p50 ms", "min ms", "max ms", "map entries", "unchanged ms"
     );
     let name = |n: u32| format!("reconcile, {n} sessions");
+    let unchanged = |n: u32| format!("reconcile, {n} sessions, nothing the map reads changed");
     for count in SESSION_COUNTS {
         let all: Vec<KtSession> = (0..count).map(session).collect();
         let sessions: Vec<&KtSession> = all.iter().collect();
+        let (node, record) = (holder(), record(&all, count));
+        let cluster = Cluster {
+            sessions: &sessions,
+            nodes: &[&node],
+            records: &[&record],
+        };
+        // The record parsed once, as the agent's first pass after the record's write.
+        let mut read = RecordCache::default();
+        read.current(cluster.records);
         let mut times = Vec::new();
         let mut entries = 0;
         for round in 0..rounds {
@@ -155,9 +241,9 @@ fn main() {
             // session) changes, as the same slice again: the map stays the same.
             let changed = slices[(round * 7919) % slices.len()];
             let started = Instant::now();
-            let (wanted, programmed) = pass(&sessions, &mut index, changed);
+            let (wanted, programmed) = pass(&cluster, &mut read, &mut index, changed);
             times.push(started.elapsed().as_secs_f64() * 1000.0);
-            // ClusterIP + 3 endpoints per session, every one of them programmed.
+            // ClusterIP + 3 endpoints per session, every one of them believed and programmed.
             assert_eq!(
                 wanted,
                 count as usize * (1 + ENDPOINTS_PER_SERVICE as usize)
@@ -166,15 +252,32 @@ fn main() {
             entries = wanted;
         }
         results.figure(&name(count), "ms", &times).expect("passes");
+        let mut quiet = Vec::new();
+        let first = unchanged_pass(&cluster, &mut read, &index);
+        for _ in 0..rounds {
+            let started = Instant::now();
+            let fingerprint = unchanged_pass(&cluster, &mut read, &index);
+            quiet.push(started.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(fingerprint, first, "the same inputs, the same fingerprint");
+        }
+        let quiet = results
+            .figure(&unchanged(count), "ms", &quiet)
+            .expect("passes");
         let figure = results.get(&name(count)).expect("recorded");
         println!(
-            "{count:<12} {:>10.3} {:>10.3} {:>10.3} {entries:>12}",
+            "{count:<12} {:>10.3} {:>10.3} {:>10.3} {entries:>12} {quiet:>14.3}",
             figure.median, figure.min, figure.max
         );
     }
     for count in [100, 1_000] {
         let ratio = results.ratio(&name(count), &name(10)).expect("recorded");
         println!("{} / {}: ×{ratio:.1}", name(count), name(10));
+    }
+    for count in [100, 1_000] {
+        let ratio = results
+            .ratio(&unchanged(count), &name(count))
+            .expect("recorded");
+        println!("{} / {}: ×{ratio:.2}", unchanged(count), name(count));
     }
     results.write();
 }

@@ -355,7 +355,7 @@ async fn held_by_node(client: &kube::Client, sessions: &[KtSession]) -> BTreeMap
         .into_iter()
         .map(|(node, record)| {
             let count = record
-                .sessions
+                .sessions()
                 .iter()
                 .filter(|h| ours.contains(&(h.namespace.as_str(), h.name.as_str(), h.uid.as_str())))
                 .count();

@@ -16,13 +16,27 @@ fn to(s: &str) -> SocketAddrV4 {
 }
 
 /// Every kind of rule: a nodePort and an ingress IP to a holder on this node, a nodePort to
-/// one on another node (masquerade).
+/// one on another node (masquerade), an ingress IP from source ranges (not byte-aligned,
+/// byte-aligned, a single address).
 fn full() -> Ruleset {
+    let from = |range: &str| range.parse().unwrap();
     Ruleset {
         redirects: vec![
             (Frontend::NodePort(30080), to("10.0.0.7:40001")),
             (Frontend::NodePort(30090), to("10.0.0.8:40002")),
-            (Frontend::Ingress(to("192.0.2.10:80")), to("10.0.0.7:40001")),
+            (Frontend::Address(to("192.0.2.10:80")), to("10.0.0.7:40001")),
+            (
+                Frontend::AddressFrom(to("192.0.2.11:80"), from("172.16.0.0/12")),
+                to("10.0.0.7:40001"),
+            ),
+            (
+                Frontend::AddressFrom(to("192.0.2.11:80"), from("10.0.0.0/8")),
+                to("10.0.0.7:40001"),
+            ),
+            (
+                Frontend::AddressFrom(to("192.0.2.11:80"), from("198.51.100.7/32")),
+                to("10.0.0.7:40001"),
+            ),
         ],
         masquerade: vec![to("10.0.0.8:40002")],
     }

@@ -25,7 +25,7 @@ pub const DEFAULT_LEASE_SECONDS: u32 = 10;
 /// A session: what it redirects (a Service and which of its ports go to which workstation
 /// ports; nothing for `connect`), who holds it and the key its SSH connection must show. The
 /// spec of a `KtSession` (`kt.dev/v1alpha1`).
-#[derive(CustomResource, Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "kt.dev",
     version = "v1alpha1",
@@ -78,7 +78,7 @@ fn default_lease_seconds() -> u32 {
 }
 
 /// What the session redirects.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum SessionMode {
     /// All traffic of the Service goes to the workstation.
@@ -100,7 +100,7 @@ pub enum SessionMode {
 
 /// A mesh session's routing rule: requests whose header `name` (compared without regard to
 /// case, as HTTP field names are: RFC 9110 §5.1) has exactly `value` go to the session.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HeaderMatch {
     /// The field name, lower case (`version`): an RFC 9110 token.
@@ -112,7 +112,7 @@ pub struct HeaderMatch {
 }
 
 /// One exposed Service port.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PortMapping {
     /// The Service's `port`.
@@ -171,14 +171,27 @@ impl SessionStatus {
     /// (`172.30.0.11 80/40001 8080/40002`). A node's acknowledgement names it, so that one
     /// for an earlier holder does not count for a new one.
     pub fn holder(&self) -> String {
+        use std::fmt::Write as _;
+        // Written straight into one string: every agent computes this for every session
+        // on every pass.
+        let mut out = String::with_capacity(48);
+        if let Some(address) = self.address {
+            let _ = write!(out, "{address}");
+        }
+        out.push(' ');
+        if let [only] = self.listeners.as_slice() {
+            let _ = write!(out, "{}/{}", only.port, only.listener_port);
+            return out;
+        }
         let mut listeners: Vec<String> = self
             .listeners
             .iter()
             .map(|l| format!("{}/{}", l.port, l.listener_port))
             .collect();
+        // Sorted as text (what agents already wrote compares with this).
         listeners.sort();
-        let address = self.address.map(|a| a.to_string()).unwrap_or_default();
-        format!("{address} {}", listeners.join(" "))
+        out.push_str(&listeners.join(" "));
+        out
     }
 }
 
@@ -215,7 +228,7 @@ pub struct Programmed {
 }
 
 /// A tunnel listener of the holding agent.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Listener {
     /// The Service's `port` this listener stands for.
@@ -363,6 +376,25 @@ mod tests {
         future["spec"]["mode"] = json!("teleport");
         let future: KtSession = serde_json::from_value(future).unwrap();
         assert_eq!(future.spec.mode, SessionMode::Unknown);
+    }
+
+    #[test]
+    fn the_holder_is_the_address_and_the_listeners_sorted_as_text() {
+        let holder = |status: serde_json::Value| session(status).status.unwrap().holder();
+        assert_eq!(
+            holder(
+                json!({"address": "172.30.0.11", "listeners": [{"port": 80, "listenerPort": 40001}]})
+            ),
+            "172.30.0.11 80/40001"
+        );
+        assert_eq!(
+            holder(json!({"address": "fd00::11", "listeners": [
+                {"port": 8080, "listenerPort": 40002}, {"port": 80, "listenerPort": 40001},
+                {"port": 443, "listenerPort": 40003}]})),
+            "fd00::11 443/40003 80/40001 8080/40002",
+            "as text, so 443 before 80"
+        );
+        assert_eq!(holder(json!({"listeners": []})), " ");
     }
 
     #[test]

@@ -251,16 +251,18 @@ impl Transitions {
         now: DateTime<Utc>,
     ) -> Vec<SessionEvent> {
         let mut events = Vec::new();
-        let mut live = HashSet::new();
+        // Borrowed: a pass sees every session, and nearly all were seen before.
+        let mut live: HashSet<&str> = HashSet::with_capacity(sessions.len());
         for session in sessions {
-            let Some(uid) = session.metadata.uid.clone() else {
+            let Some(uid) = session.metadata.uid.as_deref() else {
                 continue;
             };
-            live.insert(uid.clone());
+            live.insert(uid);
             if session.metadata.deletion_timestamp.is_some() {
                 continue;
             }
-            if self.seen.insert(uid.clone()) {
+            if !self.seen.contains(uid) {
+                self.seen.insert(uid.to_owned());
                 events.push(SessionEvent::seen(session, node));
             }
             let Some(status) = &session.status else {
@@ -269,7 +271,7 @@ impl Transitions {
             let (Some(renewed), false) = (status.renew_time, status.node.is_empty()) else {
                 continue;
             };
-            if !session.lease_live(now) && self.expired.insert((uid, renewed)) {
+            if !session.lease_live(now) && self.expired.insert((uid.to_owned(), renewed)) {
                 events.push(SessionEvent::lease_expired(
                     session,
                     &status.node,
@@ -278,8 +280,8 @@ impl Transitions {
                 ));
             }
         }
-        self.seen.retain(|uid| live.contains(uid));
-        self.expired.retain(|(uid, _)| live.contains(uid));
+        self.seen.retain(|uid| live.contains(uid.as_str()));
+        self.expired.retain(|(uid, _)| live.contains(uid.as_str()));
         events
     }
 }

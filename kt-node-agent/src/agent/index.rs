@@ -15,6 +15,7 @@ use std::{
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kt_proto::net::Cidr;
 
 /// The label an EndpointSlice carries naming its Service.
 pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -39,15 +40,54 @@ pub struct PortView {
 
 /// What the agent needs of a Service: its ClusterIPs (parsed; `None` and unparsable ones
 /// left out) and its ports; for traffic that reaches it without a pod's connect()
-/// ([`super::node_ports`]), its TCP ports' nodePorts and its LoadBalancer ingress IPs.
+/// ([`super::node_ports`]), its TCP ports' nodePorts, its LoadBalancer ingress IPs with the
+/// sources allowed to use them, and its external IPs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceView {
     pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<PortView>,
     /// `(port, nodePort)` of each TCP port that has a nodePort (`spec.ports[].nodePort`).
     pub node_ports: Vec<(u16, u16)>,
-    /// `status.loadBalancer.ingress[].ip`, parsed.
+    /// `status.loadBalancer.ingress[].ip`, parsed, except those with `ipMode: Proxy`: such
+    /// a load balancer proxies to the nodePorts itself, and kube-proxy leaves the IP alone
+    /// (Kubernetes docs, "Specifying IPMode of load balancer status").
     pub ingress_ips: Vec<IpAddr>,
+    /// Who may reach `ingress_ips`: `None` for anyone; else `spec.loadBalancerSourceRanges`
+    /// (or, when that is empty, the `service.beta.kubernetes.io/load-balancer-source-ranges`
+    /// annotation, as kube-proxy reads it), parsed. As in kube-proxy, a range that does not
+    /// parse admits nobody, and a list of such ranges still shuts everyone else out.
+    pub source_ranges: Option<Vec<Cidr>>,
+    /// `spec.externalIPs`, parsed: kube-proxy sends them to the endpoints, from any source.
+    pub external_ips: Vec<IpAddr>,
+}
+
+/// The annotation kube-proxy reads when `spec.loadBalancerSourceRanges` is empty.
+const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
+/// [`ServiceView::source_ranges`] of `service`.
+fn source_ranges(service: &Service) -> Option<Vec<Cidr>> {
+    let field = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.clone())
+        .unwrap_or_default();
+    let raw: Vec<String> = if field.is_empty() {
+        service
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SOURCE_RANGES_ANNOTATION))
+            .map(|list| list.split(',').map(str::to_owned).collect())
+            .unwrap_or_default()
+    } else {
+        field
+    };
+    let raw: Vec<&str> = raw
+        .iter()
+        .map(|r| r.trim())
+        .filter(|r| !r.is_empty())
+        .collect();
+    (!raw.is_empty()).then(|| raw.iter().filter_map(|r| r.parse().ok()).collect())
 }
 
 impl From<&Service> for ServiceView {
@@ -94,13 +134,22 @@ impl From<&Service> for ServiceView {
             .and_then(|lb| lb.ingress.as_ref())
             .into_iter()
             .flatten()
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
             .filter_map(|i| i.ip.as_deref()?.parse().ok())
+            .collect();
+        let external_ips = spec
+            .and_then(|s| s.external_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip.parse().ok())
             .collect();
         Self {
             cluster_ips,
             ports,
             node_ports,
             ingress_ips,
+            source_ranges: source_ranges(service),
+            external_ips,
         }
     }
 }
@@ -201,13 +250,17 @@ struct Entry {
     service: Option<ServiceView>,
     /// By slice name.
     slices: BTreeMap<String, SliceView>,
+    /// The index's [`Index::revision`] when this entry last changed.
+    revision: u64,
 }
 
 /// The Services and their EndpointSlices by Service `(namespace, name)`: a lookup costs
 /// what the Service has, an event what the object has.
 #[derive(Clone, Debug, Default)]
 pub struct Index {
-    entries: HashMap<Key, Entry>,
+    /// By namespace, then Service name: a lookup by `&str` allocates nothing (every pass
+    /// looks up every session's Service, several times).
+    entries: HashMap<String, HashMap<String, Entry>>,
     /// Each indexed slice's Service name (the slice's key is `(namespace, slice name)`).
     owners: HashMap<Key, String>,
     /// A Services list in progress, and a slices list.
@@ -215,6 +268,8 @@ pub struct Index {
     listing_slices: Option<HashMap<Key, SliceView>>,
     /// Bumped whenever the set of Services or any Service's ClusterIPs change.
     generation: u64,
+    /// Bumped with every change to any entry ([`Index::revision_of`]).
+    revision: u64,
 }
 
 impl Index {
@@ -246,10 +301,9 @@ impl Index {
             Change::ListDone => {
                 let listed = self.listing_services.take().unwrap_or_default();
                 let gone: Vec<Key> = self
-                    .entries
-                    .iter()
-                    .filter(|(key, e)| e.service.is_some() && !listed.contains_key(*key))
-                    .map(|(key, _)| key.clone())
+                    .entries()
+                    .filter(|(key, e)| e.service.is_some() && !listed.contains_key(key))
+                    .map(|(key, _)| key)
                     .collect();
                 for key in gone {
                     self.remove_service(&key);
@@ -293,22 +347,35 @@ impl Index {
     }
 
     fn put_service(&mut self, key: Key, view: ServiceView) {
-        let entry = self.entries.entry(key).or_default();
+        self.revision += 1;
+        let (namespace, name) = key;
+        let entry = self
+            .entries
+            .entry(namespace)
+            .or_default()
+            .entry(name)
+            .or_default();
         if entry.service.as_ref().map(|s| &s.cluster_ips) != Some(&view.cluster_ips) {
             self.generation += 1;
         }
         entry.service = Some(view);
+        entry.revision = self.revision;
     }
 
     fn remove_service(&mut self, key: &Key) {
-        let Some(entry) = self.entries.get_mut(key) else {
+        let revision = self.revision + 1;
+        let Some(entry) = self.entry_mut(&key.0, &key.1) else {
             return;
         };
-        if entry.service.take().is_some() {
+        entry.revision = revision;
+        let had_service = entry.service.take().is_some();
+        let empty = entry.slices.is_empty();
+        self.revision = revision;
+        if had_service {
             self.generation += 1;
         }
-        if entry.slices.is_empty() {
-            self.entries.remove(key);
+        if empty {
+            self.remove_entry(&key.0, &key.1);
         }
     }
 
@@ -319,11 +386,15 @@ impl Index {
         let Some(owner) = view.service.clone().filter(|_| !namespace.is_empty()) else {
             return;
         };
-        self.entries
-            .entry((namespace.clone(), owner.clone()))
+        self.revision += 1;
+        let entry = self
+            .entries
+            .entry(namespace.clone())
             .or_default()
-            .slices
-            .insert(name.clone(), view);
+            .entry(owner.clone())
+            .or_default();
+        entry.slices.insert(name.clone(), view);
+        entry.revision = self.revision;
         self.owners.insert((namespace, name), owner);
     }
 
@@ -331,11 +402,14 @@ impl Index {
         let Some(owner) = self.owners.remove(key) else {
             return;
         };
-        let service = (key.0.clone(), owner);
-        if let Some(entry) = self.entries.get_mut(&service) {
+        let revision = self.revision + 1;
+        if let Some(entry) = self.entry_mut(&key.0, &owner) {
             entry.slices.remove(&key.1);
-            if entry.service.is_none() && entry.slices.is_empty() {
-                self.entries.remove(&service);
+            entry.revision = revision;
+            let empty = entry.service.is_none() && entry.slices.is_empty();
+            self.revision = revision;
+            if empty {
+                self.remove_entry(&key.0, &owner);
             }
         }
     }
@@ -361,14 +435,37 @@ impl Index {
     }
 
     fn entry(&self, namespace: &str, name: &str) -> Option<&Entry> {
-        // The key is owned: a lookup allocates two short strings, not a scan.
-        self.entries.get(&(namespace.to_owned(), name.to_owned()))
+        self.entries.get(namespace)?.get(name)
+    }
+
+    fn entry_mut(&mut self, namespace: &str, name: &str) -> Option<&mut Entry> {
+        self.entries.get_mut(namespace)?.get_mut(name)
+    }
+
+    /// Drops the entry `namespace/name`, and its namespace's map when that empties.
+    fn remove_entry(&mut self, namespace: &str, name: &str) {
+        if let Some(names) = self.entries.get_mut(namespace) {
+            names.remove(name);
+            if names.is_empty() {
+                self.entries.remove(namespace);
+            }
+        }
+    }
+
+    /// Every entry with its key.
+    fn entries(&self) -> impl Iterator<Item = (Key, &Entry)> + '_ {
+        self.entries.iter().flat_map(|(namespace, names)| {
+            names
+                .iter()
+                .map(move |(name, entry)| ((namespace.clone(), name.clone()), entry))
+        })
     }
 
     /// Every Service's ClusterIPs.
     pub fn cluster_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.entries
             .values()
+            .flat_map(HashMap::values)
             .filter_map(|e| e.service.as_ref())
             .flat_map(|s| s.cluster_ips.iter().copied())
     }
@@ -379,10 +476,18 @@ impl Index {
         self.generation
     }
 
+    /// A number that changes whenever the Service `namespace/name` or any of its slices
+    /// changes (it is the index-wide revision of that change; 0 when neither exists): what
+    /// is computed from one Service needs computing again only then.
+    pub fn revision_of(&self, namespace: &str, name: &str) -> u64 {
+        self.entry(namespace, name).map_or(0, |e| e.revision)
+    }
+
     /// How many Services are indexed.
     pub fn services(&self) -> usize {
         self.entries
             .values()
+            .flat_map(HashMap::values)
             .filter(|e| e.service.is_some())
             .count()
     }
@@ -426,7 +531,9 @@ mod tests {
             "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20", "fd00::20"],
                      "ports": [{"name": "http", "port": 80, "targetPort": "http", "nodePort": 30080},
                                {"port": 53, "protocol": "UDP", "nodePort": 30053}]},
-            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}, {"hostname": "lb.example"}]}}
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}, {"hostname": "lb.example"},
+                                                    {"ip": "192.0.2.11", "ipMode": "Proxy"},
+                                                    {"ip": "192.0.2.12", "ipMode": "VIP"}]}}
         }))
         .unwrap();
         assert_eq!(
@@ -445,11 +552,59 @@ mod tests {
                         tcp: false
                     },
                 ],
-                // The UDP port's nodePort is not one kt redirects; a hostname is no IP.
+                // The UDP port's nodePort is not one kt redirects; a hostname is no IP; a
+                // proxying load balancer's IP is not the node's to answer.
                 node_ports: vec![(80, 30080)],
-                ingress_ips: vec!["192.0.2.10".parse().unwrap()],
+                ingress_ips: vec!["192.0.2.10".parse().unwrap(), "192.0.2.12".parse().unwrap()],
+                source_ranges: None,
+                external_ips: Vec::new(),
             }
         );
+        let ranged = |spec: serde_json::Value, annotations: serde_json::Value| {
+            let service: Service = serde_json::from_value(json!({
+                "metadata": {"name": "web", "annotations": annotations}, "spec": spec}))
+            .unwrap();
+            ServiceView::from(&service)
+        };
+        let cidrs = |list: &[&str]| {
+            list.iter()
+                .map(|c| c.parse().unwrap())
+                .collect::<Vec<Cidr>>()
+        };
+        let view = ranged(
+            json!({"loadBalancerSourceRanges": ["10.0.0.0/8", " 192.168.1.0/24 "],
+                   "externalIPs": ["198.51.100.7", "not-an-ip"]}),
+            json!({SOURCE_RANGES_ANNOTATION: "172.16.0.0/12"}),
+        );
+        assert_eq!(
+            view.source_ranges,
+            Some(cidrs(&["10.0.0.0/8", "192.168.1.0/24"])),
+            "the field wins"
+        );
+        assert_eq!(
+            view.external_ips,
+            ["198.51.100.7".parse::<IpAddr>().unwrap()]
+        );
+        let view = ranged(
+            json!({}),
+            json!({SOURCE_RANGES_ANNOTATION: "172.16.0.0/12, 10.1.0.0/16"}),
+        );
+        assert_eq!(
+            view.source_ranges,
+            Some(cidrs(&["172.16.0.0/12", "10.1.0.0/16"])),
+            "else the annotation"
+        );
+        let view = ranged(json!({"loadBalancerSourceRanges": ["garbage"]}), json!({}));
+        assert_eq!(
+            view.source_ranges,
+            Some(Vec::new()),
+            "a range that does not parse admits nobody"
+        );
+        let view = ranged(
+            json!({"loadBalancerSourceRanges": []}),
+            json!({SOURCE_RANGES_ANNOTATION: " "}),
+        );
+        assert_eq!(view.source_ranges, None, "no ranges: anyone");
         let headless: Service = serde_json::from_value(
             json!({"metadata": {"name": "h"}, "spec": {"clusterIP": "None"}}),
         )
@@ -515,7 +670,7 @@ mod tests {
         assert!(index.service("dev", "api").is_none());
         assert_eq!(index.slice_names("dev", "api"), ["m"]);
         index.apply_slice(Change::Deleted(key("dev", "m")));
-        assert_eq!(index.entries.len(), 1, "only web is left: {index:?}");
+        assert_eq!(index.entries().count(), 1, "only web is left: {index:?}");
     }
 
     #[test]
@@ -554,6 +709,53 @@ mod tests {
             index.cluster_ips().collect::<Vec<_>>(),
             ["10.96.0.1".parse::<IpAddr>().unwrap()]
         );
+    }
+
+    #[test]
+    fn a_services_revision_changes_with_it_and_its_slices_only() {
+        let svc = |name: &str| -> Service {
+            serde_json::from_value(json!({"metadata": {"name": name, "namespace": "dev"},
+                "spec": {"clusterIP": "10.96.0.20", "ports": [{"port": 80}]}}))
+            .unwrap()
+        };
+        let slice = |name: &str, service: &str, ip: &str| -> EndpointSlice {
+            serde_json::from_value(json!({"metadata": {"name": name, "namespace": "dev",
+                    "labels": {"kubernetes.io/service-name": service}},
+                "addressType": "IPv4", "ports": [{"port": 8080}],
+                "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}]}))
+            .unwrap()
+        };
+        let key = |name: &str| ("dev".to_owned(), name.to_owned());
+        let mut index = Index::default();
+        assert_eq!(index.revision_of("dev", "web"), 0);
+        index.apply_service(Change::Applied(key("web"), ServiceView::from(&svc("web"))));
+        index.apply_service(Change::Applied(
+            key("other"),
+            ServiceView::from(&svc("other")),
+        ));
+        let web = index.revision_of("dev", "web");
+        assert_ne!(web, 0);
+        // Another Service's slice: web's revision stays.
+        let other = slice("other-1", "other", "10.244.1.9");
+        index.apply_slice(Change::Applied(key("other-1"), SliceView::from(&other)));
+        assert_eq!(index.revision_of("dev", "web"), web);
+        let mut revisions = vec![web];
+        let ours = slice("web-1", "web", "10.244.1.7");
+        index.apply_slice(Change::Applied(key("web-1"), SliceView::from(&ours)));
+        revisions.push(index.revision_of("dev", "web"));
+        index.apply_slice(Change::Deleted(key("web-1")));
+        revisions.push(index.revision_of("dev", "web"));
+        index.apply_service(Change::Deleted(key("web")));
+        revisions.push(index.revision_of("dev", "web"));
+        index.apply_service(Change::Applied(key("web"), ServiceView::from(&svc("web"))));
+        revisions.push(index.revision_of("dev", "web"));
+        let distinct: std::collections::BTreeSet<_> = revisions.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            revisions.len(),
+            "each change a new revision: {revisions:?}"
+        );
+        assert_eq!(revisions[3], 0, "gone with its last slice");
     }
 
     #[test]

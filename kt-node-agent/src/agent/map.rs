@@ -39,6 +39,12 @@ impl RedirectMap {
         &mut self,
         desired: BTreeMap<SocketAddr, Target>,
     ) -> Result<(), ebpf::EbpfError> {
+        // Most passes change nothing here (an acknowledgement, another Service's slice): an
+        // ordered comparison is far cheaper than hashing every entry to diff it (with 1 000
+        // sessions, 4 000 entries; the `agent_scale` benchmark).
+        if self.written.is_some() && desired == self.desired {
+            return Ok(());
+        }
         let current = match self.written.take() {
             Some(written) => written,
             None => self.redirector.entries()?.into_iter().collect(),

@@ -9,8 +9,12 @@
 //!
 //! - `prerouting` (priority `dstnat - 10`, before kube-proxy's `dstnat`): `fib daddr type
 //!   local tcp dport <nodePort> dnat to <holder>:<listenerPort>` per exchanged Service port,
-//!   and `ip daddr <ingress IP> tcp dport <port> dnat …` per LoadBalancer ingress IP. The
-//!   first NAT binding of a connection wins, so kube-proxy's rules never see it.
+//!   and `ip daddr <address> tcp dport <port> dnat …` per LoadBalancer ingress IP and
+//!   external IP (`spec.externalIPs`). A Service with `loadBalancerSourceRanges` gets one
+//!   `ip saddr <range> ip daddr <ingress IP> …` rule per range instead, so other sources
+//!   still meet kube-proxy's filter; an ingress IP with `ipMode: Proxy` is left alone, as
+//!   kube-proxy leaves it. The first NAT binding of a connection wins, so kube-proxy's
+//!   rules never see a connection these rules take.
 //! - `output` (priority -110): the same rules, for host-network processes of the node.
 //! - `postrouting` (priority `srcnat - 10`): `masquerade` of those connections when the
 //!   holder is another node, so replies come back through this node's conntrack.
@@ -31,9 +35,11 @@
 //! A meshed Service port's frontends go to this node's mesh router for the port (a local
 //! listener, no masquerade), which sends each request by its header, as it does for pods.
 //!
-//! Not covered: IPv6 node ports (the table is `ip`; an IPv6 holder address is skipped),
-//! and LoadBalancer ingress IPs a cloud load balancer owns (such an LB forwards to the
-//! nodePorts, which are covered). Without `CAP_NET_ADMIN` or nf_tables, NodePort traffic is
+//! Not covered: IPv6 node ports, ingress and external IPs (the table is `ip`; an IPv6
+//! holder address is skipped), and LoadBalancer ingress IPs a cloud load balancer owns
+//! (such an LB forwards to the nodePorts, which are covered). `fib daddr type local`
+//! matches every local address of the node, where kube-proxy's `--nodeport-addresses` may
+//! narrow the nodePorts to some of them. Without `CAP_NET_ADMIN` or nf_tables, NodePort traffic is
 //! left to kube-proxy and the agent says so once.
 
 pub mod netlink;
@@ -46,7 +52,7 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use kt_proto::session::SessionMode;
+use kt_proto::{net::Cidr, session::SessionMode};
 use tokio_util::sync::CancellationToken;
 
 use self::netlink::{NftError, OwnedTable};
@@ -64,16 +70,40 @@ pub const TABLE: &str = "kt_nodeport";
 pub enum Frontend {
     /// Any local address of the node, this TCP port (`spec.ports[].nodePort`).
     NodePort(u16),
-    /// A LoadBalancer ingress IP (`status.loadBalancer.ingress[].ip`) and the Service port.
-    Ingress(SocketAddrV4),
+    /// An address outside clients dial and the Service port: a LoadBalancer ingress IP
+    /// (`status.loadBalancer.ingress[].ip`) of a Service without source ranges, or an
+    /// external IP (`spec.externalIPs`).
+    Address(SocketAddrV4),
+    /// A LoadBalancer ingress IP and the Service port, from sources in this IPv4 range only
+    /// (one of `loadBalancerSourceRanges`).
+    AddressFrom(SocketAddrV4, Cidr),
 }
 
 impl std::fmt::Display for Frontend {
-    /// `nodePort 30080` or `ingress 192.0.2.7:80`.
+    /// `nodePort 30080`, `192.0.2.7:80` or `192.0.2.7:80 from 10.0.0.0/8`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::NodePort(port) => write!(f, "nodePort {port}"),
-            Self::Ingress(at) => write!(f, "ingress {at}"),
+            Self::Address(at) => write!(f, "{at}"),
+            Self::AddressFrom(at, from) => write!(f, "{at} from {from}"),
+        }
+    }
+}
+
+impl Frontend {
+    /// The frontend's match in `nft` syntax, e.g. `ip saddr 10.0.0.0/8 ip daddr 192.0.2.7
+    /// tcp dport 80`.
+    fn matched(&self) -> String {
+        match self {
+            Self::NodePort(port) => format!("fib daddr type local tcp dport {port}"),
+            Self::Address(at) => format!("ip daddr {} tcp dport {}", at.ip(), at.port()),
+            Self::AddressFrom(at, from) => {
+                format!(
+                    "ip saddr {from} ip daddr {} tcp dport {}",
+                    at.ip(),
+                    at.port()
+                )
+            }
         }
     }
 }
@@ -141,23 +171,50 @@ pub fn desired(
     out
 }
 
-/// Where outside clients reach TCP Service port `port` of `service`: its nodePort and, per
-/// IPv4 LoadBalancer ingress IP, that IP and the port. None for a UDP port (UDP is not
-/// exchanged).
+/// Where outside clients reach TCP Service port `port` of `service`: its nodePort; per IPv4
+/// LoadBalancer ingress IP, that IP and the port, for each IPv4 source range when the
+/// Service has source ranges (none when it has only IPv6 ones or unparsable ones: kube-proxy
+/// admits no IPv4 source then); per IPv4 external IP, that IP and the port. None for a UDP
+/// port (UDP is not exchanged).
 fn frontends(service: &ServiceView, port: u16) -> Vec<Frontend> {
     if !service.ports.iter().any(|p| p.port == port && p.tcp) {
         return Vec::new();
     }
+    let v4 = |ip: &IpAddr| match ip {
+        IpAddr::V4(v4) => Some(SocketAddrV4::new(*v4, port)),
+        IpAddr::V6(_) => None,
+    };
     let node_port = service
         .node_ports
         .iter()
         .find(|(p, _)| *p == port)
         .map(|(_, node_port)| Frontend::NodePort(*node_port));
-    let ingress = service.ingress_ips.iter().filter_map(|ip| match ip {
-        IpAddr::V4(v4) => Some(Frontend::Ingress(SocketAddrV4::new(*v4, port))),
-        IpAddr::V6(_) => None,
-    });
-    node_port.into_iter().chain(ingress).collect()
+    let ingress =
+        service
+            .ingress_ips
+            .iter()
+            .filter_map(v4)
+            .flat_map(|at| match &service.source_ranges {
+                None => vec![Frontend::Address(at)],
+                Some(ranges) => ranges
+                    .iter()
+                    .filter(|range| range.network().is_ipv4())
+                    .map(|range| match range.prefix() {
+                        0 => Frontend::Address(at),
+                        _ => Frontend::AddressFrom(at, *range),
+                    })
+                    .collect(),
+            });
+    let external = service
+        .external_ips
+        .iter()
+        .filter_map(v4)
+        .map(Frontend::Address);
+    node_port
+        .into_iter()
+        .chain(ingress)
+        .chain(external)
+        .collect()
 }
 
 /// What [`TABLE`] must hold (pure, compared to skip passes that change nothing).
@@ -185,10 +242,7 @@ impl Ruleset {
              flush table {t}\n"
         );
         for (frontend, to) in &self.redirects {
-            let matched = match frontend {
-                Frontend::NodePort(port) => format!("fib daddr type local tcp dport {port}"),
-                Frontend::Ingress(at) => format!("ip daddr {} tcp dport {}", at.ip(), at.port()),
-            };
+            let matched = frontend.matched();
             for chain in ["prerouting", "output"] {
                 let _ = writeln!(s, "add rule {t} {chain} {matched} dnat to {to}");
             }
@@ -436,10 +490,88 @@ mod tests {
             got,
             BTreeMap::from([
                 (Frontend::NodePort(30080), entry.clone()),
-                (Frontend::Ingress(to("192.0.2.7:80")), entry),
+                (Frontend::Address(to("192.0.2.7:80")), entry),
             ]),
             "81 is not exchanged"
         );
+    }
+
+    #[test]
+    fn source_ranges_narrow_the_ingress_ips_and_external_ips_and_proxied_ips_are_handled_as_kube_proxy_does()
+     {
+        let now = Utc::now();
+        let with = |spec: serde_json::Value, ingress: serde_json::Value| -> Service {
+            let mut spec_all = json!({"type": "LoadBalancer", "clusterIP": "10.96.0.20",
+                                      "ports": [{"port": 80, "nodePort": 30080}]});
+            spec_all
+                .as_object_mut()
+                .unwrap()
+                .extend(spec.as_object().unwrap().clone());
+            serde_json::from_value(json!({
+                "metadata": {"name": "web", "namespace": "dev"},
+                "spec": spec_all,
+                "status": {"loadBalancer": {"ingress": ingress}}
+            }))
+            .unwrap()
+        };
+        let s = session(
+            "s",
+            "web",
+            "2026-01-01T00:00:00Z",
+            "172.30.0.12",
+            &[(80, 40001)],
+            now,
+        );
+        let frontends = |svc: &Service| -> Vec<Frontend> {
+            desired(
+                &ClusterState::new(&[&s], &[svc], &[]),
+                now,
+                &BTreeMap::new(),
+                &BTreeMap::new(),
+            )
+            .into_keys()
+            .collect()
+        };
+        let range = |r: &str| r.parse::<Cidr>().unwrap();
+        let ranged = with(
+            json!({"loadBalancerSourceRanges": ["10.0.0.0/8", "fd00::/8", "0.0.0.0/0", "198.51.100.0/24"],
+                   "externalIPs": ["203.0.113.9", "2001:db8::9"]}),
+            json!([{"ip": "192.0.2.7"}, {"ip": "192.0.2.8", "ipMode": "Proxy"}]),
+        );
+        assert_eq!(
+            frontends(&ranged),
+            [
+                Frontend::NodePort(30080),
+                // 0.0.0.0/0 admits everyone: the plain address.
+                Frontend::Address(to("192.0.2.7:80")),
+                // External IPs are not filtered by the LoadBalancer's source ranges.
+                Frontend::Address(to("203.0.113.9:80")),
+                Frontend::AddressFrom(to("192.0.2.7:80"), range("10.0.0.0/8")),
+                Frontend::AddressFrom(to("192.0.2.7:80"), range("198.51.100.0/24")),
+            ],
+            "one rule per IPv4 range; the proxying LB's IP and IPv6 addresses are left alone"
+        );
+        let nobody = with(
+            json!({"loadBalancerSourceRanges": ["fd00::/8"]}),
+            json!([{"ip": "192.0.2.7"}]),
+        );
+        assert_eq!(
+            frontends(&nobody),
+            [Frontend::NodePort(30080)],
+            "no IPv4 source admitted: the ingress IP stays with kube-proxy, which drops them"
+        );
+        let rules = ruleset(
+            &desired(
+                &ClusterState::new(&[&s], &[&ranged], &[]),
+                now,
+                &BTreeMap::new(),
+                &BTreeMap::new(),
+            ),
+            "172.30.0.11".parse().unwrap(),
+        );
+        assert!(rules.script().contains(
+            "add rule ip kt_nodeport prerouting ip saddr 10.0.0.0/8 ip daddr 192.0.2.7 tcp dport 80 dnat to 172.30.0.12:40001\n"
+        ), "{}", rules.script());
     }
 
     #[test]
@@ -535,8 +667,8 @@ mod tests {
             BTreeMap::from([
                 (Frontend::NodePort(30080), mesh.clone()),
                 (Frontend::NodePort(30081), mesh.clone()),
-                (Frontend::Ingress(to("192.0.2.7:80")), mesh.clone()),
-                (Frontend::Ingress(to("192.0.2.7:81")), mesh.clone()),
+                (Frontend::Address(to("192.0.2.7:80")), mesh.clone()),
+                (Frontend::Address(to("192.0.2.7:81")), mesh.clone()),
             ])
         );
 
@@ -572,7 +704,7 @@ mod tests {
                 entry("172.30.0.12:40002", "dev/b"),
             ),
             (
-                Frontend::Ingress(to("192.0.2.7:90")),
+                Frontend::Address(to("192.0.2.7:90")),
                 entry("172.30.0.12:40002", "dev/b"),
             ),
         ]);
@@ -584,7 +716,7 @@ mod tests {
                     (Frontend::NodePort(30080), to("172.30.0.11:40001")),
                     (Frontend::NodePort(30090), to("172.30.0.12:40002")),
                     (
-                        Frontend::Ingress(to("192.0.2.7:90")),
+                        Frontend::Address(to("192.0.2.7:90")),
                         to("172.30.0.12:40002")
                     ),
                 ],

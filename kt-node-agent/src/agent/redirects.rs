@@ -108,6 +108,45 @@ impl<'a> ClusterState<'a> {
     }
 }
 
+/// A fingerprint of everything [`desired`], [`super::mesh::routes`] and
+/// [`super::node_ports::desired`] read of `state` at `now`: equal fingerprints give equal
+/// results, so a pass whose fingerprint is the last pass's keeps what that pass programmed.
+/// Per session: uid, namespace, name, creation time (the order claims are settled by),
+/// whether it is being deleted, its whole spec, `status.node`, `status.address`,
+/// `status.listeners`, whether its lease is live at `now`, and its Service's
+/// [`Index::revision_of`]. Not `renewTime` itself nor `status.programmed`: renewals and
+/// acknowledgements, most of the writes while sessions are held, change nothing here; nor
+/// a change to any other Service. Costs a hash per session, where computing the results
+/// costs lookups and allocations per address (issue 17: 1 000 sessions).
+pub fn fingerprint(state: &ClusterState<'_>, now: DateTime<Utc>) -> u64 {
+    use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+    // The sessions come in no set order: their hashes are summed.
+    let mut sum: u64 = 0;
+    for session in state.sessions {
+        let mut h = DefaultHasher::new();
+        let meta = &session.metadata;
+        let namespace = meta.namespace.as_deref().unwrap_or_default();
+        (meta.uid.as_deref(), namespace, meta.name.as_deref()).hash(&mut h);
+        meta.creation_timestamp.as_ref().map(|t| t.0).hash(&mut h);
+        meta.deletion_timestamp.is_some().hash(&mut h);
+        session.spec.hash(&mut h);
+        session
+            .status
+            .as_ref()
+            .map(|s| (&s.node, s.address, &s.listeners))
+            .hash(&mut h);
+        session.lease_live(now).hash(&mut h);
+        state
+            .index
+            .revision_of(namespace, &session.spec.service)
+            .hash(&mut h);
+        sum = sum.wrapping_add(h.finish());
+    }
+    let mut h = DefaultHasher::new();
+    (state.sessions.len(), sum).hash(&mut h);
+    h.finish()
+}
+
 /// What a session's entries must point at for its ports to count as programmed, and the
 /// addresses each of its Service ports wanted.
 #[derive(Debug, Default)]
@@ -351,6 +390,82 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_fingerprint_changes_with_what_the_map_is_made_of_and_not_with_renewals_or_acks() {
+        let now = Utc::now();
+        let (svc, slice) = (service(), slice());
+        let alice = session("alice", "2026-01-01T00:00:00Z", now);
+        let bob = session("bob", "2026-01-02T00:00:00Z", now);
+        let mut index = Index::of(&[&svc], &[&slice]);
+        let of = |sessions: &[&KtSession], index: &Index, at: DateTime<Utc>| {
+            fingerprint(&ClusterState::indexed(sessions, index), at)
+        };
+        let base = of(&[&alice, &bob], &index, now);
+        assert_eq!(of(&[&bob, &alice], &index, now), base, "in any order");
+
+        let mut renewed = alice.clone();
+        renewed.status.as_mut().unwrap().renew_time = Some(now + chrono::TimeDelta::seconds(3));
+        renewed.status.as_mut().unwrap().programmed.insert(
+            "node-2".into(),
+            kt_proto::session::Programmed {
+                holder: "x".into(),
+                ports: vec![80],
+            },
+        );
+        renewed.metadata.resource_version = Some("99".into());
+        assert_eq!(
+            of(&[&renewed, &bob], &index, now),
+            base,
+            "a renewal and an ack change nothing"
+        );
+
+        let mut changed = Vec::new();
+        let mut moved = alice.clone();
+        moved.status.as_mut().unwrap().listeners[0].listener_port = 40002;
+        changed.push(("another listener", of(&[&moved, &bob], &index, now)));
+        let mut other_port = alice.clone();
+        other_port.spec.ports[0].local_port = 9090;
+        changed.push(("the spec", of(&[&other_port, &bob], &index, now)));
+        let mut deleting = alice.clone();
+        deleting.metadata.deletion_timestamp =
+            Some(serde_json::from_value(json!("2026-01-03T00:00:00Z")).unwrap());
+        changed.push(("being deleted", of(&[&deleting, &bob], &index, now)));
+        changed.push(("a session gone", of(&[&bob], &index, now)));
+        // The 10 s default lease of both has run out by then.
+        changed.push((
+            "the leases ran out",
+            of(
+                &[&alice, &bob],
+                &index,
+                now + chrono::TimeDelta::seconds(60),
+            ),
+        ));
+        let mut other_slice = slice.clone();
+        other_slice.metadata.name = Some("web-y".into());
+        index.apply_slice(super::super::index::Change::Applied(
+            ("dev".into(), "web-y".into()),
+            SliceView::from(&other_slice),
+        ));
+        changed.push(("a slice of the Service", of(&[&alice, &bob], &index, now)));
+        for (what, fingerprint) in &changed {
+            assert_ne!(*fingerprint, base, "{what}");
+        }
+        let after_slice = changed.last().unwrap().1;
+        let mut unrelated = slice.clone();
+        unrelated.metadata.name = Some("other-x".into());
+        unrelated.metadata.labels =
+            Some([("kubernetes.io/service-name".to_owned(), "other".to_owned())].into());
+        index.apply_slice(super::super::index::Change::Applied(
+            ("dev".into(), "other-x".into()),
+            SliceView::from(&unrelated),
+        ));
+        assert_eq!(
+            of(&[&alice, &bob], &index, now),
+            after_slice,
+            "another Service's slice changes nothing"
+        );
     }
 
     #[test]

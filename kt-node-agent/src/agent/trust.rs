@@ -68,7 +68,33 @@ pub struct HeldSession {
 pub struct Record {
     /// When the agent that wrote it started.
     pub started: Option<DateTime<Utc>>,
-    pub sessions: Vec<HeldSession>,
+    /// Sorted by namespace and name: every pass looks up every session's holder here, so
+    /// with 1 000 held sessions a scan per lookup would be a million comparisons a pass.
+    sessions: Vec<HeldSession>,
+}
+
+impl Record {
+    /// The record of an agent started at `started` that holds `sessions` (in any order).
+    pub fn new(started: Option<DateTime<Utc>>, mut sessions: Vec<HeldSession>) -> Self {
+        sessions.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        Self { started, sessions }
+    }
+
+    /// The sessions it lists, by namespace and name.
+    pub fn sessions(&self) -> &[HeldSession] {
+        &self.sessions
+    }
+
+    /// The entry for the session `namespace/name` with `uid`, if listed.
+    pub fn held(&self, namespace: &str, name: &str, uid: &str) -> Option<&HeldSession> {
+        let first = self
+            .sessions
+            .partition_point(|h| (h.namespace.as_str(), h.name.as_str()) < (namespace, name));
+        self.sessions[first..]
+            .iter()
+            .take_while(|h| h.namespace == namespace && h.name == name)
+            .find(|h| h.uid == uid)
+    }
 }
 
 /// Each node's agent record (node → the record), from the watched ConfigMaps; a record that
@@ -86,9 +112,42 @@ pub fn records(config_maps: &[&ConfigMap]) -> BTreeMap<String, Record> {
             let started = data
                 .get(RECORD_STARTED_KEY)
                 .and_then(|t| t.parse::<DateTime<Utc>>().ok());
-            Some((node.clone(), Record { started, sessions }))
+            Some((node.clone(), Record::new(started, sessions)))
         })
         .collect()
+}
+
+/// [`records`] kept from pass to pass: the records are parsed again only when one of the
+/// ConfigMaps changed (by name and `resourceVersion`). A record of 1 000 sessions is about
+/// 100 KiB of JSON, and every session write wakes a pass.
+#[derive(Debug, Default)]
+pub struct RecordCache {
+    /// The (name, resourceVersion) of each ConfigMap the records were read from.
+    read_from: Vec<(Option<String>, Option<String>)>,
+    records: BTreeMap<String, Record>,
+}
+
+impl RecordCache {
+    /// The records of `config_maps`, parsed again only if they changed since the last call.
+    pub fn current(&mut self, config_maps: &[&ConfigMap]) -> &BTreeMap<String, Record> {
+        let mut versions: Vec<_> = config_maps
+            .iter()
+            .map(|cm| {
+                (
+                    cm.metadata.name.clone(),
+                    cm.metadata.resource_version.clone(),
+                )
+            })
+            .collect();
+        versions.sort();
+        // Without a resourceVersion (not from an API server) nothing tells a change apart.
+        let known = versions.iter().all(|(_, version)| version.is_some());
+        if !known || versions != self.read_from {
+            self.records = records(config_maps);
+            self.read_from = versions;
+        }
+        &self.records
+    }
 }
 
 /// Why a session's status is not believed, or the session not programmed at all.
@@ -175,14 +234,12 @@ pub fn check(
         });
     }
     let record = records.get(&status.node);
+    let meta = &session.metadata;
     let held = record
-        .into_iter()
-        .flat_map(|r| &r.sessions)
-        .find(|h| {
-            Some(h.namespace.as_str()) == session.metadata.namespace.as_deref()
-                && Some(h.name.as_str()) == session.metadata.name.as_deref()
-                && Some(h.uid.as_str()) == session.metadata.uid.as_deref()
-        })
+        .zip(meta.namespace.as_deref())
+        .zip(meta.name.as_deref())
+        .zip(meta.uid.as_deref())
+        .and_then(|(((record, namespace), name), uid)| record.held(namespace, name, uid))
         .ok_or_else(|| {
             let started = record.and_then(|r| r.started);
             match (started, status.renew_time) {
@@ -238,9 +295,9 @@ mod tests {
     fn held(uid: &str, listener_port: u16) -> BTreeMap<String, Record> {
         BTreeMap::from([(
             "node-1".to_owned(),
-            Record {
-                started: None,
-                sessions: vec![HeldSession {
+            Record::new(
+                None,
+                vec![HeldSession {
                     namespace: "dev".into(),
                     name: "web-alice".into(),
                     uid: uid.into(),
@@ -249,7 +306,7 @@ mod tests {
                         listener_port,
                     }],
                 }],
-            },
+            ),
         )])
     }
 
@@ -344,10 +401,7 @@ mod tests {
         );
         let restarted = BTreeMap::from([(
             "node-1".to_owned(),
-            Record {
-                started: Some(now + TimeDelta::seconds(1)),
-                sessions: Vec::new(),
-            },
+            Record::new(Some(now + TimeDelta::seconds(1)), Vec::new()),
         )]);
         let stale = check(&s, &nodes, &restarted, now + TimeDelta::seconds(2));
         assert_eq!(stale, Err(Rejected::EarlierHolder("node-1".into())));
@@ -374,7 +428,7 @@ mod tests {
         let cm = |name: &str, node: &str| -> ConfigMap {
             serde_json::from_value(json!({"metadata": {"name": name, "namespace": "kt-system"},
                 "data": {"node": node, "started": "2026-01-01T00:00:00Z",
-                         "sessions": serde_json::to_string(&held("u1", 1)["node-1"].sessions).unwrap()}}))
+                         "sessions": serde_json::to_string(held("u1", 1)["node-1"].sessions()).unwrap()}}))
             .unwrap()
         };
         let (good, misnamed) = (
@@ -383,7 +437,82 @@ mod tests {
         );
         let read = records(&[&good, &misnamed]);
         assert_eq!(read.keys().collect::<Vec<_>>(), ["node-1"]);
-        assert_eq!(read["node-1"].sessions[0].uid, "u1");
+        assert_eq!(read["node-1"].sessions()[0].uid, "u1");
         assert!(read["node-1"].started.is_some());
+    }
+
+    #[test]
+    fn a_record_finds_each_session_it_lists_by_name_and_uid() {
+        let held = |ns: &str, name: &str, uid: &str| HeldSession {
+            namespace: ns.into(),
+            name: name.into(),
+            uid: uid.into(),
+            listeners: Vec::new(),
+        };
+        // Unsorted, with two objects of one name (a record written across a re-creation).
+        let record = Record::new(
+            None,
+            vec![
+                held("dev", "web-z", "u3"),
+                held("b", "web", "u1"),
+                held("dev", "web-a", "old"),
+                held("dev", "web-a", "u2"),
+                held("a", "web", "u0"),
+            ],
+        );
+        let names: Vec<_> = record.sessions().iter().map(|h| &h.uid).collect();
+        assert_eq!(
+            names,
+            ["u0", "u1", "old", "u2", "u3"],
+            "sorted by namespace, name"
+        );
+        for (ns, name, uid) in [
+            ("a", "web", "u0"),
+            ("dev", "web-a", "u2"),
+            ("dev", "web-a", "old"),
+            ("dev", "web-z", "u3"),
+        ] {
+            assert_eq!(
+                record.held(ns, name, uid).map(|h| h.uid.as_str()),
+                Some(uid)
+            );
+        }
+        for (ns, name, uid) in [
+            ("dev", "web-a", "u9"),
+            ("dev", "web", "u1"),
+            ("c", "web", "u1"),
+            ("", "", ""),
+        ] {
+            assert_eq!(record.held(ns, name, uid), None, "{ns}/{name} {uid}");
+        }
+    }
+
+    #[test]
+    fn cached_records_are_parsed_again_only_when_a_config_map_changes() {
+        let cm = |version: &str, uid: &str| -> ConfigMap {
+            serde_json::from_value(json!({"metadata": {"name": "kt-node-agent-node-1",
+                    "namespace": "kt-system", "resourceVersion": version},
+                "data": {"node": "node-1",
+                         "sessions": serde_json::to_string(held(uid, 1)["node-1"].sessions()).unwrap()}}))
+            .unwrap()
+        };
+        let mut cache = RecordCache::default();
+        let uid = |records: &BTreeMap<String, Record>| records["node-1"].sessions()[0].uid.clone();
+        assert_eq!(uid(cache.current(&[&cm("1", "u1")])), "u1");
+        // Same version, other content: only an API server's write changes the version, so
+        // this is what shows the parse was skipped.
+        assert_eq!(uid(cache.current(&[&cm("1", "u2")])), "u1");
+        assert_eq!(uid(cache.current(&[&cm("2", "u2")])), "u2");
+        assert!(cache.current(&[]).is_empty(), "record gone");
+        let mut unversioned = cm("1", "u3");
+        unversioned.metadata.resource_version = None;
+        assert_eq!(uid(cache.current(&[&unversioned])), "u3");
+        unversioned = cm("1", "u4");
+        unversioned.metadata.resource_version = None;
+        assert_eq!(
+            uid(cache.current(&[&unversioned])),
+            "u4",
+            "no version: always parsed"
+        );
     }
 }

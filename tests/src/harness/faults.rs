@@ -567,7 +567,16 @@ pub async fn api_server_stopped_under_a_mesh_and_connect(probed: &Probed) -> Mes
             Err(wrong.join("; "))
         }
     };
-    let logs = |mesh: &Background| format!("{}\n----\n{}", mesh.log(), connect.log());
+    // On a failure only: ktctl's two logs and the agents' (what each agent believed about
+    // its watches and leases).
+    let logs = |mesh: &Background| {
+        format!(
+            "{}\n----\n{}\n---- agents\n{}",
+            mesh.log(),
+            connect.log(),
+            probed.agent_logs()
+        )
+    };
     poll_within(patience(), async || latest(&routed, true).await)
         .await
         .unwrap_or_else(|wrong| panic!("before the outage: {wrong}\n{}", logs(&mesh)));

@@ -65,6 +65,28 @@ impl Histogram {
             .map(|(bound, _)| *bound)
     }
 
+    /// What was observed between the scrape `earlier` and this one (both of one running
+    /// process, so every count only grew): counts and sums subtracted bucket by bucket.
+    /// Buckets `earlier` lacks count from zero.
+    pub fn since(&self, earlier: &Histogram) -> Histogram {
+        let before = |bound: f64| {
+            earlier
+                .buckets
+                .iter()
+                .find(|(b, _)| *b == bound)
+                .map_or(0, |(_, count)| *count)
+        };
+        Histogram {
+            count: self.count.saturating_sub(earlier.count),
+            sum: self.sum - earlier.sum,
+            buckets: self
+                .buckets
+                .iter()
+                .map(|(bound, count)| (*bound, count.saturating_sub(before(*bound))))
+                .collect(),
+        }
+    }
+
     /// The mean observation (`sum / count`); `None` for an empty histogram.
     pub fn mean(&self) -> Option<f64> {
         (self.count > 0).then(|| self.sum / self.count as f64)
@@ -95,6 +117,25 @@ kt_agent_sessions 1
         assert_eq!(h.quantile(0.9), Some(0.0004));
         assert_eq!(h.quantile(0.99), Some(f64::INFINITY));
         assert_eq!(h.mean(), Some(0.075));
+    }
+
+    #[test]
+    fn the_difference_of_two_scrapes_is_what_was_observed_between_them() {
+        let earlier = Histogram::parse(PAGE, "kt_agent_reconcile_seconds").expect("present");
+        let later = Histogram {
+            count: 14,
+            sum: 1.0,
+            buckets: vec![(0.0001, 0), (0.0002, 6), (0.0004, 9), (f64::INFINITY, 14)],
+        };
+        let between = later.since(&earlier);
+        assert_eq!(between.count, 4);
+        assert_eq!(between.sum, 0.25);
+        assert_eq!(
+            between.buckets,
+            [(0.0001, 0), (0.0002, 0), (0.0004, 0), (f64::INFINITY, 4)]
+        );
+        assert_eq!(between.quantile(0.5), Some(f64::INFINITY));
+        assert_eq!(later.since(&later).quantile(0.5), None, "nothing between");
     }
 
     #[test]

@@ -21,10 +21,12 @@
 
 use std::{
     io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
+
+use kt_proto::net::Cidr;
 
 use super::{Frontend, Ruleset, TABLE};
 
@@ -517,7 +519,12 @@ pub fn encode(ruleset: &Ruleset, first_seq: u32) -> Batch {
                             compare(b, 0, &2u32.to_ne_bytes()); // RTN_LOCAL
                             tcp_destination_port(b, *port);
                         }
-                        Frontend::Ingress(at) => {
+                        Frontend::Address(at) => {
+                            ip_destination(b, *at.ip());
+                            tcp_destination_port(b, at.port());
+                        }
+                        Frontend::AddressFrom(at, from) => {
+                            ip_source(b, *from);
                             ip_destination(b, *at.ip());
                             tcp_destination_port(b, at.port());
                         }
@@ -543,13 +550,7 @@ pub fn encode(ruleset: &Ruleset, first_seq: u32) -> Batch {
                 put_u32(b, 1, REG_1); // NFTA_CT_DREG
                 put_u32(b, 2, 2); // NFTA_CT_KEY: NFT_CT_STATUS
             });
-            expression(b, "bitwise", |b| {
-                put_u32(b, 1, REG_1); // NFTA_BITWISE_SREG
-                put_u32(b, 2, REG_1); // NFTA_BITWISE_DREG
-                put_u32(b, 3, 4); // NFTA_BITWISE_LEN
-                nest(b, 4, |b| put(b, NFTA_DATA_VALUE, &0x20u32.to_ne_bytes())); // MASK: IPS_DST_NAT
-                nest(b, 5, |b| put(b, NFTA_DATA_VALUE, &0u32.to_ne_bytes())); // XOR
-            });
+            mask(b, &0x20u32.to_ne_bytes()); // IPS_DST_NAT
             compare(b, 1, &0u32.to_ne_bytes()); // NFT_CMP_NEQ
             ip_destination(b, *to.ip());
             tcp_destination_port(b, to.port());
@@ -713,6 +714,37 @@ fn load_payload(bytes: &mut Vec<u8>, base: u32, offset: u32, length: u32) {
     });
 }
 
+/// `reg 1 = (reg 1 & <mask>) ^ 0`, over as many bytes as `mask` has.
+fn mask(bytes: &mut Vec<u8>, mask: &[u8]) {
+    let length = u32::try_from(mask.len()).expect("a short mask");
+    expression(bytes, "bitwise", |b| {
+        put_u32(b, 1, REG_1); // NFTA_BITWISE_SREG
+        put_u32(b, 2, REG_1); // NFTA_BITWISE_DREG
+        put_u32(b, 3, length); // NFTA_BITWISE_LEN
+        nest(b, 4, |b| put(b, NFTA_DATA_VALUE, mask)); // NFTA_BITWISE_MASK
+        nest(b, 5, |b| put(b, NFTA_DATA_VALUE, &vec![0; mask.len()])); // NFTA_BITWISE_XOR
+    });
+}
+
+/// `ip saddr <range>`: the IPv4 header's source, 4 bytes at offset 12, masked to the
+/// range's prefix (as nft does for a prefix that is not byte-aligned; nft loads fewer bytes
+/// for a byte-aligned one, which matches the same packets and lists the same). Never given
+/// a /0 range ([`super::frontends`] makes it a plain address) or an IPv6 one (the table is
+/// `ip`); either would add nothing.
+fn ip_source(bytes: &mut Vec<u8>, range: Cidr) {
+    let (IpAddr::V4(network), prefix) = (range.network(), range.prefix()) else {
+        return;
+    };
+    if prefix == 0 {
+        return;
+    }
+    load_payload(bytes, 1, 12, 4);
+    if prefix < 32 {
+        mask(bytes, &(u32::MAX << (32 - prefix)).to_be_bytes());
+    }
+    compare(bytes, 0, &network.octets());
+}
+
 /// `ip daddr <address>`: the IPv4 header's destination, 4 bytes at offset 16.
 fn ip_destination(bytes: &mut Vec<u8>, address: Ipv4Addr) {
     load_payload(bytes, 1, 16, 4);
@@ -743,7 +775,7 @@ mod tests {
     use super::*;
 
     /// A decoded attribute: type (nested flag removed) and payload or children.
-    #[derive(Debug, PartialEq)]
+    #[derive(Clone, Debug, PartialEq)]
     enum Attr {
         Bytes(u16, Vec<u8>),
         Nested(u16, Vec<Attr>),
@@ -790,7 +822,7 @@ mod tests {
             redirects: vec![
                 (Frontend::NodePort(30080), "10.0.0.7:40001".parse().unwrap()),
                 (
-                    Frontend::Ingress("192.0.2.10:80".parse().unwrap()),
+                    Frontend::Address("192.0.2.10:80".parse().unwrap()),
                     "10.0.0.7:40001".parse().unwrap(),
                 ),
             ],
@@ -943,6 +975,50 @@ mod tests {
         );
         assert_eq!(ingress[1].1[2], value(3, &[192, 0, 2, 10]));
         assert_eq!(ingress[5].1[2], value(3, &80u16.to_be_bytes()));
+    }
+
+    /// nft 1.0.6 for `ip saddr 172.16.0.0/12 ip daddr 192.0.2.10 tcp dport 80`: `payload
+    /// load 4b @ network header + 12`, `bitwise reg 1 = (reg 1 & 0x0000f0ff) ^ 0`, `cmp eq
+    /// 0x000010ac`, then the destination; a /32 source is compared without a mask.
+    #[test]
+    fn a_source_range_is_a_masked_compare_of_the_source_address_before_the_destination() {
+        let from = |range: &str| {
+            let rules = Ruleset {
+                redirects: vec![(
+                    Frontend::AddressFrom("192.0.2.10:80".parse().unwrap(), range.parse().unwrap()),
+                    "10.0.0.7:40001".parse().unwrap(),
+                )],
+                masquerade: Vec::new(),
+            };
+            let messages = messages(&encode(&rules, 1));
+            expressions(&messages[6].4)
+                .into_iter()
+                .map(|(name, attrs)| (name, attrs.to_vec()))
+                .collect::<Vec<_>>()
+        };
+        let exprs = from("172.16.0.0/12");
+        let names: Vec<&str> = exprs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names[..5], ["payload", "bitwise", "cmp", "payload", "cmp"]);
+        assert_eq!(
+            exprs[0].1,
+            [be32(1, 1), be32(2, 1), be32(3, 12), be32(4, 4)]
+        );
+        assert_eq!(
+            exprs[1].1,
+            [
+                be32(1, 1),
+                be32(2, 1),
+                be32(3, 4),
+                value(4, &[255, 240, 0, 0]),
+                value(5, &[0, 0, 0, 0])
+            ]
+        );
+        assert_eq!(exprs[2].1[2], value(3, &[172, 16, 0, 0]));
+        assert_eq!(exprs[4].1[2], value(3, &[192, 0, 2, 10]));
+        let single = from("198.51.100.7/32");
+        let names: Vec<&str> = single.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names[..4], ["payload", "cmp", "payload", "cmp"]);
+        assert_eq!(single[1].1[2], value(3, &[198, 51, 100, 7]));
     }
 
     #[test]
