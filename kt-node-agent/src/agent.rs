@@ -203,13 +203,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let tunnel_bytes = metrics::TunnelBytes::default();
     let connect_refused = prometheus_client::metrics::counter::Counter::default();
     let sessions_collected = prometheus_client::metrics::counter::Counter::default();
-    let reconcile_seconds = metrics::reconcile_histogram();
+    let reconcile_metrics = metrics::Reconcile::default();
     let metrics = Arc::new(Metrics::new(
         map.clone(),
         &tunnel_bytes,
         &connect_refused,
         &sessions_collected,
-        &reconcile_seconds,
+        &reconcile_metrics,
         &watches.events,
     ));
     let network = Arc::new(RwLock::new(network::Network::default()));
@@ -301,7 +301,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         ready: ready.clone(),
         acks,
         lease_check: config.lease_check,
-        reconcile_seconds,
+        reconcile_metrics,
         last_pass: Mutex::default(),
     };
     tasks.spawn("reconcile", reconciler.run(tasks.shutdown().clone()));
@@ -559,8 +559,8 @@ struct Reconciler {
     ready: Arc<AtomicBool>,
     acks: tokio::sync::watch::Sender<Acks>,
     lease_check: Duration,
-    /// `kt_agent_reconcile_seconds`: each pass's duration.
-    reconcile_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// `kt_agent_reconcile_seconds` and `_cpu_seconds`: each pass's duration and CPU time.
+    reconcile_metrics: metrics::Reconcile,
     /// What the last pass programmed, if it succeeded.
     last_pass: Mutex<Option<LastPass>>,
 }
@@ -594,10 +594,10 @@ impl Reconciler {
             () = synced => {}
         }
         loop {
-            let started = std::time::Instant::now();
+            let (started, cpu) = (std::time::Instant::now(), metrics::thread_cpu());
             let wake = self.reconcile();
-            self.reconcile_seconds
-                .observe(started.elapsed().as_secs_f64());
+            self.reconcile_metrics
+                .observe(started.elapsed(), metrics::thread_cpu().saturating_sub(cpu));
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 () = self.changed.notified() => {}

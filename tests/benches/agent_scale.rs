@@ -8,13 +8,16 @@
 //! - RSS (`VmRSS`) once the step has settled;
 //! - CPU seconds per 1 000 watch events: the process's user + system CPU over the step
 //!   divided by the increase of its `kt_agent_watch_events_total`;
-//! - reconcile p50 and p99 over the step's passes, from `kt_agent_reconcile_seconds`
-//!   (upper bucket bounds, in steps of 1, 2 and 5: 5 ms means 2–5 ms);
+//! - reconcile p50 and p99 over the step's passes, from `kt_agent_reconcile_seconds`, and
+//!   the same of their CPU time (`kt_agent_reconcile_cpu_seconds`: the testbed's API
+//!   server, both agents and this bench share the machine's cores, so a pass may wait);
+//!   upper bucket bounds, in steps of 1, 2 and 5: 5 ms means 2–5 ms;
 //! - "session held → every agent programmed", for the last [`SAMPLES`] sessions of the
 //!   step, added one at a time after the others were added together (each part is a line
-//!   of its own: a pass that programs hundreds of sessions at once costs what it writes): from the holder's record write to both agents'
-//!   acknowledgement in `status.programmed` (an agent acknowledges after writing its eBPF
-//!   map), as a watch of the bench sees it; p50, p99 (rank rule) and max.
+//!   of its own: a pass that programs hundreds of sessions at once costs what it writes):
+//!   from the holder's record write to both agents' acknowledgement in
+//!   `status.programmed` (an agent acknowledges after writing its eBPF map), as a watch of
+//!   the bench sees it; p50, p99 (rank rule) and max.
 //!
 //! The baseline is the same agents idle, installed on the empty cluster. Goals (issue 17)
 //! at 1 000 sessions: RSS ≤ 64 MiB, reconcile p99 ≤ 5 ms, programmed p99 ≤ 200 ms.
@@ -81,23 +84,20 @@ struct Reading {
     /// User + system CPU since the process started.
     cpu_s: f64,
     watch_events: f64,
+    /// Of `watch_events`, those of the Services and EndpointSlices watches.
+    index_events: f64,
     redirect_entries: u64,
     reconcile: Histogram,
+    /// The passes' CPU time.
+    reconcile_cpu: Histogram,
 }
 
-/// The agent of `node` now: /proc for memory and CPU, its `/metrics` (read from the
-/// client pod) for the rest.
-fn read_agent(tb: &Testbed, node: usize) -> Reading {
+/// The user + system CPU seconds the agent of `node` has used, from /proc (fields 14 and
+/// 15 of `stat`, counted after the command's closing paren).
+fn agent_cpu(tb: &Testbed, node: usize) -> f64 {
     let name = NODES[node];
     let pid = agent_pid(tb, name).unwrap_or_else(|| panic!("no agent on {name}"));
-    let proc = |file: &str| std::fs::read_to_string(format!("/proc/{pid}/{file}")).expect(file);
-    let rss_kib = proc("status")
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS");
-    // Fields 14 and 15 of stat (utime, stime), counted after the command's closing paren.
-    let stat = proc("stat");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
     let after_comm: Vec<&str> = stat
         .rsplit_once(')')
         .expect("stat")
@@ -109,7 +109,21 @@ fn read_agent(tb: &Testbed, node: usize) -> Reading {
         .map(|t| t.parse::<f64>().expect("ticks"))
         .sum();
     // SAFETY: sysconf has no failure mode for this name.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The agent of `node` now: /proc for memory and CPU, its `/metrics` (read from the
+/// client pod) for the rest. The CPU is read first: the scrape costs the agent some.
+fn read_agent(tb: &Testbed, node: usize) -> Reading {
+    let name = NODES[node];
+    let cpu_s = agent_cpu(tb, node);
+    let pid = agent_pid(tb, name).unwrap_or_else(|| panic!("no agent on {name}"));
+    let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS");
     let url = format!("http://{}:9966/metrics", node_ip(node as u8 + 1));
     let page = in_pod(tb, "client", &["curl", "-s", &url]).1;
     let value = |line: &str| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
@@ -124,13 +138,24 @@ fn read_agent(tb: &Testbed, node: usize) -> Reading {
         .and_then(value)
         .unwrap_or_else(|| panic!("no kt_agent_redirect_entries on {name}: {page}"))
         as u64;
+    let index_events = page
+        .lines()
+        .filter(|l| {
+            l.starts_with("kt_agent_watch_events_total{watch=\"watch-services\"}")
+                || l.starts_with("kt_agent_watch_events_total{watch=\"watch-endpointslices\"}")
+        })
+        .filter_map(value)
+        .sum();
     Reading {
         rss_kib,
-        cpu_s: ticks / per_second,
+        cpu_s,
         watch_events,
+        index_events,
         redirect_entries,
         reconcile: Histogram::parse(&page, "kt_agent_reconcile_seconds")
             .unwrap_or_else(|| panic!("no reconcile histogram on {name}: {page}")),
+        reconcile_cpu: Histogram::parse(&page, "kt_agent_reconcile_cpu_seconds")
+            .unwrap_or_else(|| panic!("no reconcile CPU histogram on {name}: {page}")),
     }
 }
 
@@ -202,6 +227,8 @@ impl Programmed {
 
 /// What the bench holds: the sessions node-1's record lists.
 struct Holder {
+    /// One client for every write (a fresh one would add a TLS handshake to what is timed).
+    client: kube::Client,
     sessions: Api<KtSession>,
     held: Vec<HeldSession>,
 }
@@ -244,8 +271,8 @@ impl Holder {
 
     /// Holds the sessions `range`, created before: node-1's record lists them, then each
     /// status names node-1 and its listener.
-    async fn hold(&self, tb: &Testbed, range: std::ops::Range<usize>) {
-        write_agent_record(tb.client().await, "node-1", &self.held).await;
+    async fn hold(&self, range: std::ops::Range<usize>) {
+        write_agent_record(self.client.clone(), "node-1", &self.held).await;
         stream::iter(range)
             .for_each_concurrent(IN_FLIGHT, |i| async move {
                 let status = json!({"status": {
@@ -323,10 +350,12 @@ async fn until_entries(tb: &Testbed, entries: u64) {
 /// counted in the next step); at most a minute.
 async fn until_quiet(tb: &Testbed) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last: Vec<f64> = read_agents(tb).iter().map(|r| r.cpu_s).collect();
+    // /proc only: a scrape of `/metrics` would keep the agent busy.
+    let cpu = || -> Vec<f64> { (0..NODES.len()).map(|n| agent_cpu(tb, n)).collect() };
+    let mut last = cpu();
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let now: Vec<f64> = read_agents(tb).iter().map(|r| r.cpu_s).collect();
+        let now = cpu();
         if now.iter().zip(&last).all(|(n, l)| n - l < 0.02) {
             return;
         }
@@ -335,16 +364,17 @@ async fn until_quiet(tb: &Testbed) {
     println!("(the agents were still busy after a minute)");
 }
 
-/// Waits until both agents have seen `events` watch events more than in `before`.
+/// Waits until both agents' Services and EndpointSlices watches have seen `events` events
+/// more than in `before`.
 async fn until_watched(tb: &Testbed, before: &[Reading], events: f64) {
     poll_within(Duration::from_secs(300), async || {
         read_agents(tb)
             .iter()
             .zip(before)
-            .all(|(now, then)| now.watch_events - then.watch_events >= events)
+            .all(|(now, then)| now.index_events - then.index_events >= events)
     })
     .await
-    .unwrap_or_else(|_| panic!("the agents did not see {events} watch events"));
+    .unwrap_or_else(|_| panic!("the agents did not see {events} Service and slice events"));
 }
 
 /// The label of the step that ends with `sessions` live, the last ones added one at a time.
@@ -374,14 +404,20 @@ fn record_step(
         .zip(after)
         .map(|(b, a)| a.reconcile.since(&b.reconcile))
         .collect();
-    let ms = |q: f64| -> Vec<f64> {
-        passes
+    let cpu_of_passes: Vec<Histogram> = before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| a.reconcile_cpu.since(&b.reconcile_cpu))
+        .collect();
+    let ms = |histograms: &[Histogram], q: f64| -> Vec<f64> {
+        histograms
             .iter()
             .map(|h| h.quantile(q).unwrap_or(0.0) * 1000.0)
             .collect()
     };
-    let (p50, p99) = (ms(0.5), ms(0.99));
-    let figures: [(&str, &str, &[f64]); 6] = [
+    let (p50, p99) = (ms(&passes, 0.5), ms(&passes, 0.99));
+    let (cpu_p50, cpu_p99) = (ms(&cpu_of_passes, 0.5), ms(&cpu_of_passes, 0.99));
+    let figures: [(&str, &str, &[f64]); 8] = [
         ("RSS per agent", "KiB", &rss),
         (
             "largest agent RSS",
@@ -392,6 +428,8 @@ fn record_step(
         ("watch events per agent", "count", &events),
         ("reconcile p50 per agent (bucket bound)", "ms", &p50),
         ("reconcile p99 per agent (bucket bound)", "ms", &p99),
+        ("reconcile CPU p50 per agent (bucket bound)", "ms", &cpu_p50),
+        ("reconcile CPU p99 per agent (bucket bound)", "ms", &cpu_p99),
     ];
     for (what, unit, values) in figures {
         results
@@ -407,7 +445,7 @@ fn record_step(
         )
         .expect("reading");
     let mut line = format!(
-        "{label:<46} RSS {:>6.1} {:>6.1} MiB  CPU/1000 ev {:>6.3} {:>6.3} s  reconcile p50 {:>5.1} {:>5.1} p99 {:>5.1} {:>5.1} ms ({} {} passes)",
+        "{label:<46} RSS {:>6.1} {:>6.1} MiB  CPU/1000 ev {:>6.3} {:>6.3} s  reconcile p50 {:>5.1} {:>5.1} p99 {:>5.1} {:>5.1} ms, CPU p50 {:>5.1} {:>5.1} p99 {:>5.1} {:>5.1} ms ({} {} passes)",
         rss[0] / 1024.0,
         rss[1] / 1024.0,
         cpu[0],
@@ -416,6 +454,10 @@ fn record_step(
         p50[1],
         p99[0],
         p99[1],
+        cpu_p50[0],
+        cpu_p50[1],
+        cpu_p99[0],
+        cpu_p99[1],
         passes[0].count,
         passes[1].count
     );
@@ -476,10 +518,11 @@ async fn run() {
         .expect("reading");
 
     let client = tb.client().await;
-    let sessions: Api<KtSession> = Api::namespaced(client, "default");
+    let sessions: Api<KtSession> = Api::namespaced(client.clone(), "default");
     let programmed = Programmed::default();
     programmed.follow(sessions.clone());
     let mut holder = Holder {
+        client,
         sessions,
         held: Vec::new(),
     };
@@ -489,7 +532,7 @@ async fn run() {
         // The bulk: created, held and programmed together.
         if timed_from > live {
             holder.create(live..timed_from).await;
-            holder.hold(&tb, live..timed_from).await;
+            holder.hold(live..timed_from).await;
             let names: Vec<String> = (live..timed_from).map(session_name).collect();
             programmed.all(&names).await;
             until_entries(&tb, (timed_from * (1 + ENDPOINTS_PER_SERVICE)) as u64).await;
@@ -506,7 +549,7 @@ async fn run() {
         for i in timed_from..step {
             holder.create(i..i + 1).await;
             let start = Instant::now();
-            holder.hold(&tb, i..i + 1).await;
+            holder.hold(i..i + 1).await;
             let done = programmed.all(&[session_name(i)]).await;
             held_ms.push(done.duration_since(start).as_secs_f64() * 1000.0);
         }

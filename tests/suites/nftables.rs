@@ -6,7 +6,7 @@
 use std::{net::SocketAddrV4, process::Command};
 
 use kt_node_agent::agent::node_ports::{
-    Frontend, Ruleset, TABLE,
+    Frontend, Ruleset, SourceRange, TABLE,
     netlink::{NftError, OwnedTable},
 };
 use kt_tests::harness::{netns::NetNs, unique_name};
@@ -19,7 +19,7 @@ fn to(s: &str) -> SocketAddrV4 {
 /// one on another node (masquerade), an ingress IP from source ranges (not byte-aligned,
 /// byte-aligned, a single address).
 fn full() -> Ruleset {
-    let from = |range: &str| range.parse().unwrap();
+    let from = |range: &str| SourceRange::of(range.parse().unwrap()).unwrap();
     Ruleset {
         redirects: vec![
             (Frontend::NodePort(30080), to("10.0.0.7:40001")),

@@ -52,42 +52,48 @@ pub struct ServiceView {
     /// a load balancer proxies to the nodePorts itself, and kube-proxy leaves the IP alone
     /// (Kubernetes docs, "Specifying IPMode of load balancer status").
     pub ingress_ips: Vec<IpAddr>,
-    /// Who may reach `ingress_ips`: `None` for anyone; else `spec.loadBalancerSourceRanges`
-    /// (or, when that is empty, the `service.beta.kubernetes.io/load-balancer-source-ranges`
-    /// annotation, as kube-proxy reads it), parsed. As in kube-proxy, a range that does not
-    /// parse admits nobody, and a list of such ranges still shuts everyone else out.
-    pub source_ranges: Option<Vec<Cidr>>,
+    /// `spec.loadBalancerSourceRanges` as kube-proxy reads them (`newBaseServiceInfo`):
+    /// trimmed, parsed as Go's `ParseCIDRSloppy` does (leading zeros allowed), the ranges
+    /// that do not parse left out. Who may reach `ingress_ips` of each address family
+    /// ([`super::node_ports`] applies it): anyone when no range of the family is left or
+    /// one is `/0`. (The `service.beta.kubernetes.io/load-balancer-source-ranges`
+    /// annotation is read by cloud providers, not by kube-proxy.)
+    pub source_ranges: Vec<Cidr>,
     /// `spec.externalIPs`, parsed: kube-proxy sends them to the endpoints, from any source.
     pub external_ips: Vec<IpAddr>,
 }
 
-/// The annotation kube-proxy reads when `spec.loadBalancerSourceRanges` is empty.
-const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
-
 /// [`ServiceView::source_ranges`] of `service`.
-fn source_ranges(service: &Service) -> Option<Vec<Cidr>> {
-    let field = service
+fn source_ranges(service: &Service) -> Vec<Cidr> {
+    service
         .spec
         .as_ref()
-        .and_then(|s| s.load_balancer_source_ranges.clone())
-        .unwrap_or_default();
-    let raw: Vec<String> = if field.is_empty() {
-        service
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(SOURCE_RANGES_ANNOTATION))
-            .map(|list| list.split(',').map(str::to_owned).collect())
-            .unwrap_or_default()
-    } else {
-        field
-    };
-    let raw: Vec<&str> = raw
-        .iter()
-        .map(|r| r.trim())
-        .filter(|r| !r.is_empty())
-        .collect();
-    (!raw.is_empty()).then(|| raw.iter().filter_map(|r| r.parse().ok()).collect())
+        .and_then(|s| s.load_balancer_source_ranges.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|range| parse_cidr_sloppy(range.trim()))
+        .collect()
+}
+
+/// `text` as an address range, also an IPv4 one written with leading zeros
+/// (`010.000.0.0/8` is 10.0.0.0/8), as Go's `net.ParseCIDRSloppy`, which Kubernetes uses
+/// for fields validated before it turned strict, reads it.
+fn parse_cidr_sloppy(text: &str) -> Option<Cidr> {
+    if let Ok(range) = text.parse() {
+        return Some(range);
+    }
+    let (address, prefix) = text.split_once('/')?;
+    let octets: Vec<u8> = address
+        .split('.')
+        .map(|o| {
+            (!o.is_empty() && o.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| o.parse().ok())
+                .flatten()
+        })
+        .collect::<Option<_>>()?;
+    let octets: [u8; 4] = octets.try_into().ok()?;
+    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
+    Some(Cidr::new(IpAddr::from(octets), prefix))
 }
 
 impl From<&Service> for ServiceView {
@@ -556,7 +562,7 @@ mod tests {
                 // proxying load balancer's IP is not the node's to answer.
                 node_ports: vec![(80, 30080)],
                 ingress_ips: vec!["192.0.2.10".parse().unwrap(), "192.0.2.12".parse().unwrap()],
-                source_ranges: None,
+                source_ranges: Vec::new(),
                 external_ips: Vec::new(),
             }
         );
@@ -572,14 +578,15 @@ mod tests {
                 .collect::<Vec<Cidr>>()
         };
         let view = ranged(
-            json!({"loadBalancerSourceRanges": ["10.0.0.0/8", " 192.168.1.0/24 "],
+            json!({"loadBalancerSourceRanges": ["10.0.0.0/8", " 192.168.1.0/24 ", "garbage",
+                                                "010.001.0.0/16", "fd00::/8", "10.0.0.0/33"],
                    "externalIPs": ["198.51.100.7", "not-an-ip"]}),
-            json!({SOURCE_RANGES_ANNOTATION: "172.16.0.0/12"}),
+            json!({"service.beta.kubernetes.io/load-balancer-source-ranges": "172.16.0.0/12"}),
         );
         assert_eq!(
             view.source_ranges,
-            Some(cidrs(&["10.0.0.0/8", "192.168.1.0/24"])),
-            "the field wins"
+            cidrs(&["10.0.0.0/8", "192.168.1.0/24", "10.1.0.0/16", "fd00::/8"]),
+            "trimmed, leading zeros read as decimal, what does not parse left out, the annotation ignored"
         );
         assert_eq!(
             view.external_ips,
@@ -587,24 +594,12 @@ mod tests {
         );
         let view = ranged(
             json!({}),
-            json!({SOURCE_RANGES_ANNOTATION: "172.16.0.0/12, 10.1.0.0/16"}),
+            json!({"service.beta.kubernetes.io/load-balancer-source-ranges": "172.16.0.0/12"}),
         );
-        assert_eq!(
-            view.source_ranges,
-            Some(cidrs(&["172.16.0.0/12", "10.1.0.0/16"])),
-            "else the annotation"
+        assert!(
+            view.source_ranges.is_empty(),
+            "kube-proxy does not read the annotation"
         );
-        let view = ranged(json!({"loadBalancerSourceRanges": ["garbage"]}), json!({}));
-        assert_eq!(
-            view.source_ranges,
-            Some(Vec::new()),
-            "a range that does not parse admits nobody"
-        );
-        let view = ranged(
-            json!({"loadBalancerSourceRanges": []}),
-            json!({SOURCE_RANGES_ANNOTATION: " "}),
-        );
-        assert_eq!(view.source_ranges, None, "no ranges: anyone");
         let headless: Service = serde_json::from_value(
             json!({"metadata": {"name": "h"}, "spec": {"clusterIP": "None"}}),
         )

@@ -11,9 +11,10 @@
 //!   local tcp dport <nodePort> dnat to <holder>:<listenerPort>` per exchanged Service port,
 //!   and `ip daddr <address> tcp dport <port> dnat …` per LoadBalancer ingress IP and
 //!   external IP (`spec.externalIPs`). A Service with `loadBalancerSourceRanges` gets one
-//!   `ip saddr <range> ip daddr <ingress IP> …` rule per range instead, so other sources
-//!   still meet kube-proxy's filter; an ingress IP with `ipMode: Proxy` is left alone, as
-//!   kube-proxy leaves it. The first NAT binding of a connection wins, so kube-proxy's
+//!   `ip saddr <range> ip daddr <ingress IP> …` rule per IPv4 range instead, so other
+//!   sources still meet kube-proxy's filter (as in kube-proxy, no IPv4 range or a /0 among
+//!   them is no filter); an ingress IP with `ipMode: Proxy` is left alone, as kube-proxy
+//!   leaves it. The first NAT binding of a connection wins, so kube-proxy's
 //!   rules never see a connection these rules take.
 //! - `output` (priority -110): the same rules, for host-network processes of the node.
 //! - `postrouting` (priority `srcnat - 10`): `masquerade` of those connections when the
@@ -36,18 +37,20 @@
 //! listener, no masquerade), which sends each request by its header, as it does for pods.
 //!
 //! Not covered: IPv6 node ports, ingress and external IPs (the table is `ip`; an IPv6
-//! holder address is skipped), and LoadBalancer ingress IPs a cloud load balancer owns
-//! (such an LB forwards to the nodePorts, which are covered). `fib daddr type local`
-//! matches every local address of the node, where kube-proxy's `--nodeport-addresses` may
-//! narrow the nodePorts to some of them. Without `CAP_NET_ADMIN` or nf_tables, NodePort traffic is
-//! left to kube-proxy and the agent says so once.
+//! holder address is skipped); LoadBalancer ingress IPs a cloud load balancer owns (such
+//! an LB forwards to the nodePorts, which are covered); kube-proxy's admitting the LB IP
+//! itself as a source when a source range holds a node address (that hairpin traffic goes
+//! to the pods). `fib daddr type local` matches every local address of the node, where
+//! kube-proxy's `--nodeport-addresses` may narrow the nodePorts to some of them. Without
+//! `CAP_NET_ADMIN` or nf_tables, NodePort traffic is left to kube-proxy and the agent says
+//! so once.
 
 pub mod netlink;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::{IpAddr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     time::Duration,
 };
 
@@ -74,9 +77,45 @@ pub enum Frontend {
     /// (`status.loadBalancer.ingress[].ip`) of a Service without source ranges, or an
     /// external IP (`spec.externalIPs`).
     Address(SocketAddrV4),
-    /// A LoadBalancer ingress IP and the Service port, from sources in this IPv4 range only
-    /// (one of `loadBalancerSourceRanges`).
-    AddressFrom(SocketAddrV4, Cidr),
+    /// A LoadBalancer ingress IP and the Service port, from sources in this range only (one
+    /// of `loadBalancerSourceRanges`).
+    AddressFrom(SocketAddrV4, SourceRange),
+}
+
+/// An IPv4 source range of a [`Frontend::AddressFrom`]: prefix 1 to 32, host bits clear.
+/// Only [`SourceRange::of`] makes one, so a rule can never lose its source match (an IPv6
+/// range has no place in the `ip` table, and a /0 one is no filter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SourceRange {
+    network: Ipv4Addr,
+    prefix: u8,
+}
+
+impl SourceRange {
+    /// `range` when it is IPv4 with a prefix of 1 to 32; `None` otherwise.
+    pub fn of(range: Cidr) -> Option<Self> {
+        match (range.network(), range.prefix()) {
+            (IpAddr::V4(network), prefix @ 1..=32) => Some(Self { network, prefix }),
+            _ => None,
+        }
+    }
+
+    /// The first address.
+    pub fn network(&self) -> Ipv4Addr {
+        self.network
+    }
+
+    /// The prefix length, 1 to 32.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+}
+
+impl std::fmt::Display for SourceRange {
+    /// `10.0.0.0/8`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
 }
 
 impl std::fmt::Display for Frontend {
@@ -189,22 +228,26 @@ fn frontends(service: &ServiceView, port: u16) -> Vec<Frontend> {
         .iter()
         .find(|(p, _)| *p == port)
         .map(|(_, node_port)| Frontend::NodePort(*node_port));
-    let ingress =
-        service
-            .ingress_ips
-            .iter()
-            .filter_map(v4)
-            .flat_map(|at| match &service.source_ranges {
-                None => vec![Frontend::Address(at)],
-                Some(ranges) => ranges
-                    .iter()
-                    .filter(|range| range.network().is_ipv4())
-                    .map(|range| match range.prefix() {
-                        0 => Frontend::Address(at),
-                        _ => Frontend::AddressFrom(at, *range),
-                    })
-                    .collect(),
-            });
+    // As kube-proxy: the ranges of this family; none left, or a /0 among them, is no filter.
+    let ranges: Vec<Cidr> = service
+        .source_ranges
+        .iter()
+        .filter(|range| range.network().is_ipv4())
+        .copied()
+        .collect();
+    let sources: Option<Vec<SourceRange>> = ranges.iter().map(|r| SourceRange::of(*r)).collect();
+    let sources = sources.filter(|s| !s.is_empty());
+    let ingress = service
+        .ingress_ips
+        .iter()
+        .filter_map(v4)
+        .flat_map(|at| match &sources {
+            None => vec![Frontend::Address(at)],
+            Some(sources) => sources
+                .iter()
+                .map(|from| Frontend::AddressFrom(at, *from))
+                .collect(),
+        });
     let external = service
         .external_ips
         .iter()
@@ -454,6 +497,18 @@ mod tests {
         .unwrap()
     }
 
+    /// Session `s` on Service `web`, port 80 held by node-2's listener 40001.
+    fn held_on_node_2(now: DateTime<Utc>) -> KtSession {
+        session(
+            "s",
+            "web",
+            "2026-01-01T00:00:00Z",
+            "172.30.0.12",
+            &[(80, 40001)],
+            now,
+        )
+    }
+
     fn to(s: &str) -> SocketAddrV4 {
         s.parse().unwrap()
     }
@@ -468,14 +523,7 @@ mod tests {
                    {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}]),
             &["192.0.2.7"],
         );
-        let s = session(
-            "s",
-            "web",
-            "2026-01-01T00:00:00Z",
-            "172.30.0.12",
-            &[(80, 40001)],
-            now,
-        );
+        let s = held_on_node_2(now);
         let got = desired(
             &ClusterState::new(&[&s], &[&svc], &[]),
             now,
@@ -497,8 +545,7 @@ mod tests {
     }
 
     #[test]
-    fn source_ranges_narrow_the_ingress_ips_and_external_ips_and_proxied_ips_are_handled_as_kube_proxy_does()
-     {
+    fn source_ranges_ip_mode_and_external_ips_are_handled_as_kube_proxy_does() {
         let now = Utc::now();
         let with = |spec: serde_json::Value, ingress: serde_json::Value| -> Service {
             let mut spec_all = json!({"type": "LoadBalancer", "clusterIP": "10.96.0.20",
@@ -514,14 +561,7 @@ mod tests {
             }))
             .unwrap()
         };
-        let s = session(
-            "s",
-            "web",
-            "2026-01-01T00:00:00Z",
-            "172.30.0.12",
-            &[(80, 40001)],
-            now,
-        );
+        let s = held_on_node_2(now);
         let frontends = |svc: &Service| -> Vec<Frontend> {
             desired(
                 &ClusterState::new(&[&s], &[svc], &[]),
@@ -532,9 +572,9 @@ mod tests {
             .into_keys()
             .collect()
         };
-        let range = |r: &str| r.parse::<Cidr>().unwrap();
+        let range = |r: &str| SourceRange::of(r.parse().unwrap()).unwrap();
         let ranged = with(
-            json!({"loadBalancerSourceRanges": ["10.0.0.0/8", "fd00::/8", "0.0.0.0/0", "198.51.100.0/24"],
+            json!({"loadBalancerSourceRanges": ["10.0.0.0/8", "fd00::/8", "198.51.100.0/24"],
                    "externalIPs": ["203.0.113.9", "2001:db8::9"]}),
             json!([{"ip": "192.0.2.7"}, {"ip": "192.0.2.8", "ipMode": "Proxy"}]),
         );
@@ -542,8 +582,6 @@ mod tests {
             frontends(&ranged),
             [
                 Frontend::NodePort(30080),
-                // 0.0.0.0/0 admits everyone: the plain address.
-                Frontend::Address(to("192.0.2.7:80")),
                 // External IPs are not filtered by the LoadBalancer's source ranges.
                 Frontend::Address(to("203.0.113.9:80")),
                 Frontend::AddressFrom(to("192.0.2.7:80"), range("10.0.0.0/8")),
@@ -551,15 +589,28 @@ mod tests {
             ],
             "one rule per IPv4 range; the proxying LB's IP and IPv6 addresses are left alone"
         );
-        let nobody = with(
-            json!({"loadBalancerSourceRanges": ["fd00::/8"]}),
-            json!([{"ip": "192.0.2.7"}]),
-        );
-        assert_eq!(
-            frontends(&nobody),
-            [Frontend::NodePort(30080)],
-            "no IPv4 source admitted: the ingress IP stays with kube-proxy, which drops them"
-        );
+        // As kube-proxy: no range of the family left, or a /0 among them, is no filter.
+        for ranges in [
+            json!(["fd00::/8"]),
+            json!(["10.0.0.0/8", "0.0.0.0/0"]),
+            json!([]),
+        ] {
+            let open = with(
+                json!({"loadBalancerSourceRanges": ranges}),
+                json!([{"ip": "192.0.2.7"}]),
+            );
+            assert_eq!(
+                frontends(&open),
+                [
+                    Frontend::NodePort(30080),
+                    Frontend::Address(to("192.0.2.7:80"))
+                ],
+                "{ranges}"
+            );
+        }
+        assert_eq!(SourceRange::of("fd00::/8".parse().unwrap()), None);
+        assert_eq!(SourceRange::of("0.0.0.0/0".parse().unwrap()), None);
+        assert_eq!(range("10.1.2.3/8").to_string(), "10.0.0.0/8");
         let rules = ruleset(
             &desired(
                 &ClusterState::new(&[&s], &[&ranged], &[]),

@@ -21,14 +21,12 @@
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr},
+    net::Ipv4Addr,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
 
-use kt_proto::net::Cidr;
-
-use super::{Frontend, Ruleset, TABLE};
+use super::{Frontend, Ruleset, SourceRange, TABLE};
 
 // Netlink framing (`linux/netlink.h`).
 const NLM_F_REQUEST: u16 = libc::NLM_F_REQUEST as u16;
@@ -728,21 +726,14 @@ fn mask(bytes: &mut Vec<u8>, mask: &[u8]) {
 
 /// `ip saddr <range>`: the IPv4 header's source, 4 bytes at offset 12, masked to the
 /// range's prefix (as nft does for a prefix that is not byte-aligned; nft loads fewer bytes
-/// for a byte-aligned one, which matches the same packets and lists the same). Never given
-/// a /0 range ([`super::frontends`] makes it a plain address) or an IPv6 one (the table is
-/// `ip`); either would add nothing.
-fn ip_source(bytes: &mut Vec<u8>, range: Cidr) {
-    let (IpAddr::V4(network), prefix) = (range.network(), range.prefix()) else {
-        return;
-    };
-    if prefix == 0 {
-        return;
-    }
+/// for a byte-aligned one, which matches the same packets and lists the same); a /32 is
+/// compared without a mask.
+fn ip_source(bytes: &mut Vec<u8>, range: SourceRange) {
     load_payload(bytes, 1, 12, 4);
-    if prefix < 32 {
-        mask(bytes, &(u32::MAX << (32 - prefix)).to_be_bytes());
+    if range.prefix() < 32 {
+        mask(bytes, &(u32::MAX << (32 - range.prefix())).to_be_bytes());
     }
-    compare(bytes, 0, &network.octets());
+    compare(bytes, 0, &range.network().octets());
 }
 
 /// `ip daddr <address>`: the IPv4 header's destination, 4 bytes at offset 16.
@@ -985,7 +976,10 @@ mod tests {
         let from = |range: &str| {
             let rules = Ruleset {
                 redirects: vec![(
-                    Frontend::AddressFrom("192.0.2.10:80".parse().unwrap(), range.parse().unwrap()),
+                    Frontend::AddressFrom(
+                        "192.0.2.10:80".parse().unwrap(),
+                        SourceRange::of(range.parse().unwrap()).unwrap(),
+                    ),
                     "10.0.0.7:40001".parse().unwrap(),
                 )],
                 masquerade: Vec::new(),
