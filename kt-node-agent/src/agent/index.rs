@@ -75,25 +75,48 @@ fn source_ranges(service: &Service) -> Vec<Cidr> {
         .collect()
 }
 
-/// `text` as an address range, also an IPv4 one written with leading zeros
-/// (`010.000.0.0/8` is 10.0.0.0/8), as Go's `net.ParseCIDRSloppy`, which Kubernetes uses
-/// for fields validated before it turned strict, reads it.
+/// `text` as an address range as Go's `netutils.ParseCIDRSloppy` reads it (Kubernetes
+/// validated this field with it): the prefix length digits only; an IPv4 address of four
+/// decimal octets, leading zeros allowed (`010.0.0.0/8` is 10.0.0.0/8); an IPv6 one as
+/// written. An IPv4-mapped IPv6 range of prefix 96 or more (`::ffff:203.0.113.0/120`) is
+/// the IPv4 range it maps (203.0.113.0/24), as Go files it under IPv4. `None` otherwise.
 fn parse_cidr_sloppy(text: &str) -> Option<Cidr> {
-    if let Ok(range) = text.parse() {
-        return Some(range);
-    }
     let (address, prefix) = text.split_once('/')?;
-    let octets: Vec<u8> = address
-        .split('.')
-        .map(|o| {
-            (!o.is_empty() && o.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| o.parse().ok())
-                .flatten()
-        })
-        .collect::<Option<_>>()?;
-    let octets: [u8; 4] = octets.try_into().ok()?;
-    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
-    Some(Cidr::new(IpAddr::from(octets), prefix))
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(prefix) {
+        return None;
+    }
+    let prefix: u8 = prefix.parse().ok()?;
+    // Four decimal octets, leading zeros allowed.
+    let sloppy_v4 = |text: &str| -> Option<std::net::Ipv4Addr> {
+        let octets: Vec<u8> = text
+            .split('.')
+            .map(|o| digits(o).then(|| o.parse().ok()).flatten())
+            .collect::<Option<_>>()?;
+        <[u8; 4]>::try_from(octets)
+            .ok()
+            .map(std::net::Ipv4Addr::from)
+    };
+    if address.contains(':') {
+        // An embedded IPv4 part may have leading zeros too (`::ffff:010.0.0.0`).
+        let address: std::net::Ipv6Addr = address.parse().ok().or_else(|| {
+            let (head, tail) = address.rsplit_once(':')?;
+            format!("{head}:{}", sloppy_v4(tail)?).parse().ok()
+        })?;
+        if prefix > 128 {
+            return None;
+        }
+        let range = Cidr::new(IpAddr::V6(address), prefix);
+        return match range.network() {
+            IpAddr::V6(network) if prefix >= 96 => match network.to_ipv4_mapped() {
+                Some(v4) => Some(Cidr::new(IpAddr::V4(v4), prefix - 96)),
+                None => Some(range),
+            },
+            _ => Some(range),
+        };
+    }
+    let address = sloppy_v4(address)?;
+    (prefix <= 32).then(|| Cidr::new(IpAddr::V4(address), prefix))
 }
 
 impl From<&Service> for ServiceView {
@@ -579,14 +602,25 @@ mod tests {
         };
         let view = ranged(
             json!({"loadBalancerSourceRanges": ["10.0.0.0/8", " 192.168.1.0/24 ", "garbage",
-                                                "010.001.0.0/16", "fd00::/8", "10.0.0.0/33"],
+                                                "010.001.0.0/16", "fd00::/8", "10.0.0.0/33",
+                                                "::ffff:203.0.113.0/120", "::ffff:010.0.0.0/104",
+                                                "10.0.0.0/+8",
+                                                "10.0.0.0 /8", "1.2.3/8", "256.0.0.0/8"],
                    "externalIPs": ["198.51.100.7", "not-an-ip"]}),
             json!({"service.beta.kubernetes.io/load-balancer-source-ranges": "172.16.0.0/12"}),
         );
         assert_eq!(
             view.source_ranges,
-            cidrs(&["10.0.0.0/8", "192.168.1.0/24", "10.1.0.0/16", "fd00::/8"]),
-            "trimmed, leading zeros read as decimal, what does not parse left out, the annotation ignored"
+            cidrs(&[
+                "10.0.0.0/8",
+                "192.168.1.0/24",
+                "10.1.0.0/16",
+                "fd00::/8",
+                "203.0.113.0/24",
+                "10.0.0.0/8"
+            ]),
+            "trimmed, leading zeros read as decimal, an IPv4-mapped range as IPv4, what Go does not \
+             parse left out, the annotation ignored"
         );
         assert_eq!(
             view.external_ips,

@@ -13,7 +13,8 @@
 //! - `kt_agent_reconcile_seconds` (histogram): how long each reconcile pass took, from
 //!   reading the watch caches to the map written ([`RECONCILE_BUCKETS`]);
 //! - `kt_agent_reconcile_cpu_seconds` (histogram): the CPU time of each pass (its thread's);
-//!   far below `kt_agent_reconcile_seconds` when the pass waited for a core;
+//!   far below `kt_agent_reconcile_seconds` when the pass waited for a core or a lock (the
+//!   index while a watch writes, the map while `/metrics` is scraped);
 //! - `kt_agent_watch_events_total{watch}` (counter): events each of the agent's watches
 //!   received (every object of a list, every change, and a list's start and end).
 //!

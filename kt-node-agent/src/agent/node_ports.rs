@@ -74,8 +74,8 @@ pub enum Frontend {
     /// Any local address of the node, this TCP port (`spec.ports[].nodePort`).
     NodePort(u16),
     /// An address outside clients dial and the Service port: a LoadBalancer ingress IP
-    /// (`status.loadBalancer.ingress[].ip`) of a Service without source ranges, or an
-    /// external IP (`spec.externalIPs`).
+    /// (`status.loadBalancer.ingress[].ip`) of a Service with no IPv4 source range (or a /0
+    /// among them), or an external IP (`spec.externalIPs`).
     Address(SocketAddrV4),
     /// A LoadBalancer ingress IP and the Service port, from sources in this range only (one
     /// of `loadBalancerSourceRanges`).
@@ -211,10 +211,9 @@ pub fn desired(
 }
 
 /// Where outside clients reach TCP Service port `port` of `service`: its nodePort; per IPv4
-/// LoadBalancer ingress IP, that IP and the port, for each IPv4 source range when the
-/// Service has source ranges (none when it has only IPv6 ones or unparsable ones: kube-proxy
-/// admits no IPv4 source then); per IPv4 external IP, that IP and the port. None for a UDP
-/// port (UDP is not exchanged).
+/// LoadBalancer ingress IP, that IP and the port, from each IPv4 source range when the
+/// Service has some (as kube-proxy: no IPv4 range, or a /0 among them, is no filter); per
+/// IPv4 external IP, that IP and the port. None for a UDP port (UDP is not exchanged).
 fn frontends(service: &ServiceView, port: u16) -> Vec<Frontend> {
     if !service.ports.iter().any(|p| p.port == port && p.tcp) {
         return Vec::new();
