@@ -565,6 +565,13 @@ struct Reconciler {
     last_pass: Mutex<Option<LastPass>>,
 }
 
+/// What a pass found: the last pass's result still stands, or a new desired map (and
+/// whether a pass with the same fingerprint may keep it).
+enum Pass {
+    Kept(LastPass),
+    Computed(redirects::Desired, bool),
+}
+
 /// What a pass programmed, kept for the next: a pass with the same
 /// [`redirects::fingerprint`] programs the same, so it writes nothing and acknowledges the
 /// same ports (with 1 000 sessions most passes are such: issue 17).
@@ -644,26 +651,29 @@ impl Reconciler {
         // acknowledgement, another Service's slice): what it programmed stands.
         let fingerprint = redirects::fingerprint(&state, now);
         let mut last = self.last_pass.lock().unwrap_or_else(|e| e.into_inner());
-        let kept = last
+        let outcome = match last
             .take()
-            .filter(|pass| pass.reusable && pass.fingerprint == fingerprint);
-        let computed = kept.is_none().then(|| {
-            let routes = mesh::routes(&state, now);
-            let routers = self.router.update(&routes);
-            let desired = redirects::desired(&state, now, &routes, &routers);
-            let node_port_rules = node_ports::ruleset(
-                &node_ports::desired(&state, now, &routes, &routers),
-                self.node_ip,
-            );
-            self.node_ports.send_if_modified(|current| {
-                let changed = *current != node_port_rules;
-                *current = node_port_rules;
-                changed
-            });
-            // A route without a listener is retried by the next pass's `update`.
-            let reusable = routes.keys().all(|key| routers.contains_key(key));
-            (desired, reusable)
-        });
+            .filter(|pass| pass.reusable && pass.fingerprint == fingerprint)
+        {
+            Some(kept) => Pass::Kept(kept),
+            None => {
+                let routes = mesh::routes(&state, now);
+                let routers = self.router.update(&routes);
+                let desired = redirects::desired(&state, now, &routes, &routers);
+                let node_port_rules = node_ports::ruleset(
+                    &node_ports::desired(&state, now, &routes, &routers),
+                    self.node_ip,
+                );
+                self.node_ports.send_if_modified(|current| {
+                    let changed = *current != node_port_rules;
+                    *current = node_port_rules;
+                    changed
+                });
+                // A route without a listener is retried by the next pass's `update`.
+                let reusable = routes.keys().all(|key| routers.contains_key(key));
+                Pass::Computed(desired, reusable)
+            }
+        };
         // The watches may write again: nothing below reads the index.
         drop(state);
         drop(cluster);
@@ -676,9 +686,9 @@ impl Reconciler {
                 (left + Duration::from_millis(1)).min(self.lease_check)
             })
             .min(report_in.unwrap_or(Duration::MAX));
-        let (pass, applied) = match (kept, computed) {
-            (Some(kept), _) => (kept, Ok(())),
-            (None, Some((desired, reusable))) => {
+        let (pass, applied) = match outcome {
+            Pass::Kept(kept) => (kept, Ok(())),
+            Pass::Computed(desired, reusable) => {
                 let programmed = desired
                     .programmed_ports()
                     .into_iter()
@@ -696,7 +706,6 @@ impl Reconciler {
                 };
                 (pass, applied)
             }
-            (None, None) => unreachable!("computed whenever nothing is kept"),
         };
         let acks = self.acks_for(&believed, &pass.programmed, now);
         match &applied {
