@@ -52,7 +52,8 @@ pub enum Command {
     /// Redirect all requests of specified kubernetes service to local
     #[command(after_help = "Examples:
   ktctl exchange nginx --expose 80           # the service's port 80 -> local port 80
-  ktctl exchange nginx --expose 8080:80 --mode selector")]
+  ktctl exchange nginx --expose 8080:80 --mode selector
+  ktctl exchange dns --expose 15353:53/udp   # the service's UDP port 53 -> local UDP 15353 (agent mode)")]
     Exchange(ExchangeArgs),
     /// Redirect marked requests of specified kubernetes service to local
     #[command(after_help = "Examples:
@@ -290,7 +291,9 @@ pub struct ExchangeArgs {
     /// The service (`name`, `svc/name`), or with --mode ephemeral a pod (`pod/name`)
     pub service: String,
     /// Ports to expose, `port` or `local:remote` (comma separated); `remote` is the
-    /// service's targetPort or, when no targetPort matches, its port
+    /// service's targetPort or, when no targetPort matches, its port. An item ending in
+    /// `/udp` exposes the service's UDP port (agent mode only); without it, TCP (`/tcp`),
+    /// and UDP on the same number stays with the pods
     #[arg(long, required = true)]
     pub expose: String,
     /// Exchange method: 'agent' (kt's node agent redirects the Service in the kernel;

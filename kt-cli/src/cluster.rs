@@ -47,6 +47,16 @@ pub enum ClusterError {
         #[source]
         source: Box<kube::runtime::wait::Error>,
     },
+    /// The API server dropped a field of kt's own custom resource: its CRD is older than
+    /// this ktctl (a structural schema prunes what it does not name).
+    #[error(
+        "the cluster's {kind} CRD predates {feature} (it dropped {field}): apply deploy/ from this kt's release"
+    )]
+    OldCrd {
+        kind: &'static str,
+        feature: &'static str,
+        field: &'static str,
+    },
     /// A request that failed: `what` says which ("get service 'web'").
     #[error("failed to {what}")]
     Api {

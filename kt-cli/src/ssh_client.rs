@@ -167,6 +167,10 @@ pub enum SshError {
         #[source]
         source: Box<russh::Error>,
     },
+    #[error(
+        "{target} refused to carry UDP port {port}: its agent predates UDP exchange (apply deploy/ from this kt's release to update the DaemonSet)"
+    )]
+    UdpForwardRefused { target: String, port: u16 },
     #[error("failed to open a channel to {destination} through {target}")]
     Channel {
         target: String,

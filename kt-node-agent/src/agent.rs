@@ -36,6 +36,7 @@ pub mod redirects;
 pub mod router;
 mod takeover;
 pub mod trust;
+mod udp_exchange;
 
 use std::{
     collections::BTreeMap,
@@ -107,6 +108,8 @@ pub struct AgentConfig {
     /// How long a session nobody holds stays before the agents delete it (see
     /// [`collect`]).
     pub session_grace: Duration,
+    /// How long a UDP flow of an exchange lives without a datagram ([`udp_exchange`]).
+    pub udp_flow_idle: Duration,
 }
 
 /// Runs the agent until `shutdown` or until one of its tasks fails; the programs are
@@ -204,13 +207,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let connect_refused = prometheus_client::metrics::counter::Counter::default();
     let sessions_collected = prometheus_client::metrics::counter::Counter::default();
     let reconcile_metrics = metrics::Reconcile::default();
+    let udp_metrics = metrics::UdpExchange::default();
     let metrics = Arc::new(Metrics::new(
         map.clone(),
-        &tunnel_bytes,
-        &connect_refused,
-        &sessions_collected,
-        &reconcile_metrics,
-        &watches.events,
+        &metrics::Sources {
+            tunnel_bytes: &tunnel_bytes,
+            connect_refused: &connect_refused,
+            sessions_collected: &sessions_collected,
+            reconcile: &reconcile_metrics,
+            watch_events: &watches.events,
+            udp: &udp_metrics,
+        },
     ));
     let network = Arc::new(RwLock::new(network::Network::default()));
     let ready = Arc::new(AtomicBool::new(false));
@@ -233,6 +240,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         publisher,
         events: session_events.clone(),
         holders: Arc::default(),
+        udp_flow_idle: config.udp_flow_idle,
+        udp: udp_metrics,
     };
     let context_client = client;
     tasks.spawn(
@@ -581,7 +590,7 @@ struct LastPass {
     /// listener (the next pass's router update tries again).
     reusable: bool,
     /// Per session (`namespace/name`), the Service ports programmed for it.
-    programmed: BTreeMap<String, std::collections::BTreeSet<u16>>,
+    programmed: BTreeMap<String, redirects::PortsDone>,
 }
 
 impl Reconciler {
@@ -814,7 +823,7 @@ impl Reconciler {
     fn acks_for(
         &self,
         sessions: &[&KtSession],
-        ports: &BTreeMap<String, std::collections::BTreeSet<u16>>,
+        ports: &BTreeMap<String, redirects::PortsDone>,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Acks {
         sessions
@@ -828,20 +837,27 @@ impl Reconciler {
             .filter_map(|s| {
                 let status = s.status.as_ref()?;
                 status.address?;
-                let complete = s
-                    .spec
-                    .ports
-                    .iter()
-                    .all(|p| status.listeners.iter().any(|l| l.port == p.port));
-                if !complete {
+                let complete =
+                    |wanted: &[kt_proto::session::PortMapping],
+                     listeners: &[kt_proto::session::Listener]| {
+                        wanted
+                            .iter()
+                            .all(|p| listeners.iter().any(|l| l.port == p.port))
+                    };
+                if !complete(&s.spec.ports, &status.listeners)
+                    || !complete(&s.spec.udp_ports, &status.udp_listeners)
+                {
                     return None;
                 }
                 let key = s.key();
+                let done = ports.get(key.as_str());
                 let ack = Programmed {
                     holder: status.holder(),
-                    ports: ports
-                        .get(key.as_str())
-                        .map(|p| p.iter().copied().collect())
+                    ports: done
+                        .map(|p| p.tcp.iter().copied().collect())
+                        .unwrap_or_default(),
+                    udp_ports: done
+                        .map(|p| p.udp.iter().copied().collect())
                         .unwrap_or_default(),
                 };
                 let shown = status.programmed.get(&self.node) == Some(&ack);

@@ -17,12 +17,57 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, PerCpuArray},
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError},
 };
+pub use kt_ebpf_common::Transport;
 use kt_ebpf_common::{
     COUNTERS_MAP, Counter, PROGRAMS, Redirect, SKIP_CGROUP_MAP, SVC_STATS_MAP, SVC4_MAP, SVC6_MAP,
     SvcKey4, SvcKey6, SvcStats,
 };
 use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
+
+/// What a service-map entry matches: traffic of one transport to one address (a
+/// ClusterIP:port or an endpoint IP:port). A plain address is its TCP key.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct ServiceKey {
+    pub addr: SocketAddr,
+    pub transport: Transport,
+}
+
+impl ServiceKey {
+    pub const fn tcp(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            transport: Transport::Tcp,
+        }
+    }
+
+    pub const fn udp(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            transport: Transport::Udp,
+        }
+    }
+
+    pub const fn new(addr: SocketAddr, transport: Transport) -> Self {
+        Self { addr, transport }
+    }
+}
+
+impl From<SocketAddr> for ServiceKey {
+    fn from(addr: SocketAddr) -> Self {
+        Self::tcp(addr)
+    }
+}
+
+/// `10.96.0.10:80`, `10.96.0.10:53/udp`: TCP, the common case, keeps the address alone.
+impl std::fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.transport {
+            Transport::Tcp => write!(f, "{}", self.addr),
+            Transport::Udp => write!(f, "{}/udp", self.addr),
+        }
+    }
+}
 
 /// The compiled eBPF object, built by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kt-ebpf"));
@@ -168,64 +213,79 @@ impl Redirector {
         &self.attached
     }
 
-    /// Sends new TCP connects to `service` (a ClusterIP:port or an endpoint IP:port) to
-    /// `redirect`'s target. A v4-mapped IPv6 `service` is stored as its IPv4 address, which
-    /// is what both connect programs look up.
-    pub fn insert(&mut self, service: SocketAddr, redirect: Redirect) -> Result<(), EbpfError> {
-        let result = match canonical(service) {
-            SocketAddr::V4(a) => self.svc4.insert(SvcKey4::tcp(a), redirect, 0),
-            SocketAddr::V6(a) => self.svc6.insert(SvcKey6::tcp(a), redirect, 0),
+    /// Sends new connects (and, for UDP, datagrams of unconnected sockets) to `service` to
+    /// `redirect`'s target. A v4-mapped IPv6 address is stored as its IPv4 address, which is
+    /// what the programs look up.
+    pub fn insert(
+        &mut self,
+        service: impl Into<ServiceKey>,
+        redirect: Redirect,
+    ) -> Result<(), EbpfError> {
+        let service = service.into();
+        let result = match canonical(service.addr) {
+            SocketAddr::V4(a) => self
+                .svc4
+                .insert(SvcKey4::new(a, service.transport), redirect, 0),
+            SocketAddr::V6(a) => self
+                .svc6
+                .insert(SvcKey6::new(a, service.transport), redirect, 0),
         };
         result.map_err(|source| EbpfError::Map {
-            name: service_map(service),
+            name: service_map(service.addr),
             source,
         })
     }
 
-    /// Stops redirecting new connects to `service`; returns whether it was redirected.
-    /// Connections already redirected stay where they are.
-    pub fn remove(&mut self, service: SocketAddr) -> Result<bool, EbpfError> {
-        let result = match canonical(service) {
-            SocketAddr::V4(a) => self.svc4.remove(&SvcKey4::tcp(a)),
-            SocketAddr::V6(a) => self.svc6.remove(&SvcKey6::tcp(a)),
+    /// Stops redirecting new connects and datagrams to `service`; returns whether it was
+    /// redirected. Connections already redirected stay where they are.
+    pub fn remove(&mut self, service: impl Into<ServiceKey>) -> Result<bool, EbpfError> {
+        let service = service.into();
+        let result = match canonical(service.addr) {
+            SocketAddr::V4(a) => self.svc4.remove(&SvcKey4::new(a, service.transport)),
+            SocketAddr::V6(a) => self.svc6.remove(&SvcKey6::new(a, service.transport)),
         };
         match result {
             Ok(()) => Ok(true),
             Err(e) if is_missing_key(&e) => Ok(false),
             Err(source) => Err(EbpfError::Map {
-                name: service_map(service),
+                name: service_map(service.addr),
                 source,
             }),
         }
     }
 
     /// The redirect of `service`, if any.
-    pub fn get(&self, service: SocketAddr) -> Result<Option<Redirect>, EbpfError> {
-        let result = match canonical(service) {
-            SocketAddr::V4(a) => self.svc4.get(&SvcKey4::tcp(a), 0),
-            SocketAddr::V6(a) => self.svc6.get(&SvcKey6::tcp(a), 0),
+    pub fn get(&self, service: impl Into<ServiceKey>) -> Result<Option<Redirect>, EbpfError> {
+        let service = service.into();
+        let result = match canonical(service.addr) {
+            SocketAddr::V4(a) => self.svc4.get(&SvcKey4::new(a, service.transport), 0),
+            SocketAddr::V6(a) => self.svc6.get(&SvcKey6::new(a, service.transport), 0),
         };
         match result {
             Ok(r) => Ok(Some(r)),
             Err(e) if is_missing_key(&e) => Ok(None),
             Err(source) => Err(EbpfError::Map {
-                name: service_map(service),
+                name: service_map(service.addr),
                 source,
             }),
         }
     }
 
-    /// Every redirect in the maps.
-    pub fn entries(&self) -> Result<Vec<(SocketAddr, Redirect)>, EbpfError> {
+    /// Every redirect in the maps (an entry of a protocol kt never writes is left out).
+    pub fn entries(&self) -> Result<Vec<(ServiceKey, Redirect)>, EbpfError> {
         let map_err = |name| move |source| EbpfError::Map { name, source };
         let mut out = Vec::new();
         for entry in self.svc4.iter() {
             let (k, v) = entry.map_err(map_err(SVC4_MAP))?;
-            out.push((k.socket_addr().into(), v));
+            if let Some(transport) = Transport::of(k.proto) {
+                out.push((ServiceKey::new(k.socket_addr().into(), transport), v));
+            }
         }
         for entry in self.svc6.iter() {
             let (k, v) = entry.map_err(map_err(SVC6_MAP))?;
-            out.push((k.socket_addr().into(), v));
+            if let Some(transport) = Transport::of(k.proto) {
+                out.push((ServiceKey::new(k.socket_addr().into(), transport), v));
+            }
         }
         Ok(out)
     }

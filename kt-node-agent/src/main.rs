@@ -64,6 +64,11 @@ enum Command {
         /// after its lease
         #[arg(long, env = env::SESSION_GRACE, default_value_t = 300)]
         session_grace_seconds: u64,
+        /// Seconds a UDP flow of an exchanged UDP port (one pod address and port) lives
+        /// without a datagram either way (conntrack keeps an unreplied one 30 s, a stream
+        /// 120 s).
+        #[arg(long, env = env::UDP_FLOW_IDLE, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        udp_flow_idle_seconds: u64,
     },
     /// Run the shadow role: an SSH server for one ktctl session (ktctl v0.3.7 contract).
     Shadow {
@@ -189,6 +194,7 @@ fn main() -> ExitCode {
             egress_allow,
             lease_check_seconds,
             session_grace_seconds,
+            udp_flow_idle_seconds,
         } => {
             // Without its node's name and address the agent cannot hold sessions: refuse to
             // start (and say what is missing) rather than run Ready and useless.
@@ -221,6 +227,7 @@ fn main() -> ExitCode {
                         lease_check: std::time::Duration::from_secs(lease_check_seconds),
                         egress_allow,
                         session_grace: std::time::Duration::from_secs(session_grace_seconds),
+                        udp_flow_idle: std::time::Duration::from_secs(udp_flow_idle_seconds),
                     },
                     shutdown,
                 )

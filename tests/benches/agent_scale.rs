@@ -253,6 +253,7 @@ impl Holder {
                         .await
                         .expect("created");
                     HeldSession {
+                        udp_listeners: Vec::new(),
                         namespace: "default".into(),
                         name: session_name(i),
                         uid: created.metadata.uid.expect("a uid"),

@@ -91,6 +91,7 @@ fn record(sessions: &[KtSession], version: u32) -> ConfigMap {
         .iter()
         .rev()
         .map(|s| HeldSession {
+            udp_listeners: Vec::new(),
             namespace: "default".into(),
             name: s.metadata.name.clone().expect("named"),
             uid: s.metadata.uid.clone().expect("a uid"),

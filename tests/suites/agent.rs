@@ -94,6 +94,7 @@ async fn renew(sessions: &Api<KtSession>) {
         .uid
         .expect("a uid");
     let held = HeldSession {
+        udp_listeners: Vec::new(),
         namespace: "default".into(),
         name: "web-alice".into(),
         uid,

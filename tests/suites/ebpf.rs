@@ -7,7 +7,7 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use kt_ebpf_common::{Counter, Mode, Redirect};
-use kt_node_agent::ebpf::Redirector;
+use kt_node_agent::ebpf::{Redirector, ServiceKey};
 use kt_tests::harness::{
     self,
     cgroup::TestCgroup,
@@ -15,7 +15,7 @@ use kt_tests::harness::{
     netns::NetNs,
     own_programs::{UnloadedOnDrop, redirector_attached_to},
     probe,
-    server::TagServer,
+    server::{TagServer, UdpTagServer},
     unique_name,
 };
 
@@ -145,6 +145,64 @@ fn removing_the_entry_restores_the_original_destination() {
     let seen = f.probe_in_cgroup(SERVICE);
     assert_eq!(seen.server, "original", "{seen:?}");
     assert_eq!(seen.peer, addr(SERVICE));
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root, cgroup2 and eBPF: tests/run test"
+)]
+fn a_udp_entry_redirects_unconnected_and_connected_sockets_and_replies_show_the_service() {
+    let mut f = Fixture::new();
+    let _original = UdpTagServer::start(&f.netns, addr(SERVICE), "udp-original").unwrap();
+    let target = UdpTagServer::start(&f.netns, addr("127.0.0.1:0"), "udp-target").unwrap();
+    let udp =
+        |connected| probe::udp(&f.netns, Some(f.cgroup.path()), addr(SERVICE), connected).unwrap();
+    // The fixture's TCP entry of the same address leaves UDP alone.
+    for connected in [false, true] {
+        assert_eq!(udp(connected).server, "udp-original", "{connected}");
+    }
+    assert_eq!(f.counter(Counter::UdpSendRedirected), 0);
+
+    let udp_id = SVC_ID + 1;
+    f.redirector
+        .insert(
+            ServiceKey::udp(addr(SERVICE)),
+            Redirect::to(target.addr(), udp_id, Mode::Exchange),
+        )
+        .unwrap();
+    // sendto goes to the target (sendmsg4) and recvfrom names the Service (recvmsg4).
+    let unconnected = udp(false);
+    assert_eq!(unconnected.server, "udp-target", "{unconnected:?}");
+    assert_eq!(
+        unconnected.peer,
+        addr(SERVICE),
+        "the reply's source is the Service"
+    );
+    // connect goes to the target (connect4) and getpeername names the Service.
+    let connected = udp(true);
+    assert_eq!(connected.server, "udp-target", "{connected:?}");
+    assert_eq!(connected.peer, addr(SERVICE));
+    assert_eq!(f.counter(Counter::UdpSendRedirected), 1);
+    assert_eq!(f.counter(Counter::UdpReplyRestored), 1);
+    let stats = f.redirector.service_stats(udp_id).unwrap();
+    assert_eq!(
+        (
+            stats.datagrams_redirected,
+            stats.replies_restored,
+            stats.connects_redirected
+        ),
+        (1, 1, 1)
+    );
+    // TCP still goes where its own entry says, UDP's entry aside.
+    assert_eq!(f.probe_in_cgroup(SERVICE).server, "target");
+    assert!(f.redirector.remove(ServiceKey::udp(addr(SERVICE))).unwrap());
+    assert_eq!(udp(false).server, "udp-original");
+    assert_eq!(
+        f.probe_in_cgroup(SERVICE).server,
+        "target",
+        "TCP's entry stays"
+    );
 }
 
 #[test]

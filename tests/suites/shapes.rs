@@ -11,6 +11,7 @@ use kt_tests::harness::{
         apply, deploy_client_2, deploy_web, in_pod, install_agent, service_state, start_testbed,
         until_all_answered_by, web_pods,
     },
+    bins,
     eventually::{eventually, seen},
     kubectl::kubectl_ok,
     workstation::{self, Background, ktctl_once},
@@ -288,6 +289,191 @@ fn udp_echoes(tb: &Testbed, ip: &str) -> bool {
     in_pod(tb, "client", &["bash", "-c", &script]).1 == "ping"
 }
 
+/// `kt-tools ARGS` in `pod`: stdout, or `Err` with it when the tool failed.
+fn tools_in(tb: &Testbed, pod: &str, args: &[&str]) -> Result<String, String> {
+    let tools = bins::kt_tools();
+    let mut cmd = vec![bins::utf8(&tools)];
+    cmd.extend_from_slice(args);
+    let (ok, out) = in_pod(tb, pod, &cmd);
+    let out = out.trim().to_owned();
+    if ok { Ok(out) } else { Err(out) }
+}
+
+/// A UDP echo on the workstation at `port`, answering `workstation:<datagram>`; returns once
+/// it answers.
+async fn local_udp_echo(tb: &Testbed, port: u16) -> Background {
+    let testbed = bins::kt_testbed();
+    let echo = Background::spawn(
+        tb,
+        std::path::Path::new("env"),
+        &[
+            &format!("PORT={port}"),
+            "REPLY_PREFIX=workstation:",
+            bins::utf8(&testbed),
+            "image",
+            "udp-echo",
+        ],
+    );
+    let tools = workstation::tools_command(tb);
+    let addr = format!("127.0.0.1:{port}");
+    let _answered = eventually("the local UDP echo answers", async || {
+        seen(tools(&["udp", &addr, "up"]), |r| {
+            r.as_deref().is_ok_and(|a| a.trim() == "workstation:up")
+        })
+    })
+    .await;
+    echo
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn a_udp_port_exchanged_in_agent_mode_reaches_the_workstation_from_every_kind_of_socket() {
+    let tb = testbed_with(MIXED, &["mixed"]).await;
+    let (pods, pod_ips) = pods_of(&tb, "mixed");
+    let ip = cluster_ip(&tb, "mixed");
+    let echo = local_udp_echo(&tb, 15353).await;
+    let _local_tcp = workstation::named_http_echo(&tb, 15354, "local-tcp").await;
+
+    // UDP only: 53/UDP goes local, 53/TCP stays with the pods.
+    let running = exchange(
+        &tb,
+        &["mixed", "--expose", "15353:5353/udp", "--mode", "agent"],
+    )
+    .await;
+    assert!(
+        running
+            .log()
+            .contains("Service port 53/UDP -> 127.0.0.1:15353 held by"),
+        "{}",
+        running.log()
+    );
+    // From both nodes, to the ClusterIP and to every endpoint, from a connected socket
+    // (connect4) and an unconnected one (sendmsg4; the reply's source checked: recvmsg4).
+    let mut addresses = vec![format!("{ip}:53")];
+    addresses.extend(pod_ips.iter().map(|p| format!("{p}:5353")));
+    for client in CLIENTS {
+        for address in &addresses {
+            for kind in [None, Some("--unconnected")] {
+                let mut args = vec!["udp", address.as_str(), "ping"];
+                args.extend(kind);
+                let reply = tools_in(&tb, client, &args);
+                assert_eq!(
+                    reply.as_deref(),
+                    Ok("workstation:ping"),
+                    "{client} -> {address} {kind:?}\n{}",
+                    running.log()
+                );
+            }
+        }
+    }
+    answered_by_all(
+        &tb,
+        &["http://mixed:53/".to_owned()],
+        |who| pods.contains(who),
+        Some(&running),
+    )
+    .await;
+    // A DNS-like service: BIND's dig and kt-tools dig (connected and unconnected sockets)
+    // get the workstation's answer.
+    drop(echo);
+    let dns = Background::spawn(
+        &tb,
+        &bins::kt_tools(),
+        &["dns-answer", "15353", "192.0.2.53"],
+    );
+    let (at, port) = (format!("@{ip}"), "53");
+    let _answers = eventually("dig gets the workstation's answer", async || {
+        let bind = in_pod(
+            &tb,
+            "client",
+            &[
+                "dig", &at, "-p", port, "+short", "+tries=1", "+time=2", "probe.kt",
+            ],
+        )
+        .1;
+        let ours = tools_in(
+            &tb,
+            "client-2",
+            &["dig", "probe.kt", "--server", &format!("{ip}:53")],
+        );
+        seen((bind, ours), |(bind, ours)| {
+            bind.trim() == "192.0.2.53" && ours.as_deref().is_ok_and(|o| o.contains("192.0.2.53"))
+        })
+    })
+    .await;
+    let timed = tools_in(
+        &tb,
+        "client",
+        &[
+            "dig",
+            "probe.kt",
+            "--server",
+            &format!("{ip}:53"),
+            "--count",
+            "100",
+        ],
+    );
+    assert!(timed.is_ok(), "100 lookups in a row: {timed:?}");
+    eprintln!("dig through the UDP exchange, p50 and p99 in µs: {timed:?}");
+    drop(dns);
+    let (status, log) = running.interrupt();
+    assert!(status.success(), "{log}");
+    eventually("the pods echo UDP again", async || {
+        seen(udp_echoes(&tb, &ip), |back| *back)
+    })
+    .await;
+
+    // TCP and UDP of one number each to its own local port: both go local; a one-way
+    // stream of 1 000 datagrams arrives, in order.
+    let sink = Background::spawn(&tb, &bins::kt_tools(), &["udp-sink", "15353", "3"]);
+    let running = exchange(
+        &tb,
+        &[
+            "mixed",
+            "--expose",
+            "15354:5353,15353:5353/udp",
+            "--mode",
+            "agent",
+        ],
+    )
+    .await;
+    assert!(!running.log().contains("not carried"), "{}", running.log());
+    answered_by_all(
+        &tb,
+        &["http://mixed:53/".to_owned()],
+        |who| who == "local-tcp",
+        Some(&running),
+    )
+    .await;
+    let sent = tools_in(
+        &tb,
+        "client-2",
+        &["udp-stream", &format!("{ip}:53"), "1000"],
+    );
+    assert_eq!(sent.as_deref(), Ok("sent=1000"));
+    let mut sink = sink;
+    let waited = sink.wait();
+    let report = sink.log();
+    assert!(waited.success(), "{report}");
+    let count = |key: &str| -> u64 {
+        report
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        count("distinct=") >= 990 && report.contains("in_order=true"),
+        "at least 99 % of the stream, in order: {report}"
+    );
+    let (status, log) = running.interrupt();
+    assert!(status.success(), "{log}");
+    tb.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(feature = "e2e"),
@@ -322,7 +508,7 @@ async fn tcp_and_udp_on_one_number_agent_mode_takes_tcp_and_shadow_modes_name_wh
     assert!(udp_echoes(&tb, &ip), "UDP is left to the pods");
     assert!(
         running.log().contains(
-            "UDP is not carried yet: port dns-udp 53/UDP of service 'mixed' stays with its pods"
+            "UDP is not carried: port dns-udp 53/UDP of service 'mixed' stays with its pods (expose it with '/udp' too to carry it)"
         ),
         "{}",
         running.log()

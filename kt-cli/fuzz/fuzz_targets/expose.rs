@@ -1,5 +1,5 @@
 //! `--expose`: what parses is 1 to N items of non-zero ports, and printing them back as
-//! `local[:remote],…` parses to the same items.
+//! `local[:remote][/udp],…` parses to the same items.
 #![no_main]
 
 use kt_cli::commands::exchange::plan::parse_expose;
@@ -11,12 +11,11 @@ fuzz_target!(|text: &str| {
     };
     assert!(!items.is_empty(), "{text:?} parsed to no port");
     assert!(
-        items.iter().all(|(l, r)| *l > 0 && r.is_none_or(|r| r > 0)),
+        items
+            .iter()
+            .all(|i| i.local > 0 && i.remote.is_none_or(|r| r > 0)),
         "{text:?} gave port 0: {items:?}"
     );
-    let shown: Vec<String> = items
-        .iter()
-        .map(|(l, r)| r.map_or_else(|| l.to_string(), |r| format!("{l}:{r}")))
-        .collect();
+    let shown: Vec<String> = items.iter().map(ToString::to_string).collect();
     assert_eq!(parse_expose(&shown.join(",")).ok(), Some(items), "{text:?}");
 });

@@ -28,6 +28,7 @@ fuzz_target!(|text: &str| {
             port: 80,
             local_port: 8080,
         }],
+        udp_ports: Vec::new(),
         public_key: "ssh-ed25519 AAAA dev@host".into(),
         header: Some(header),
         lease_seconds: 10,

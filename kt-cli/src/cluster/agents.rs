@@ -150,7 +150,7 @@ pub async fn create_session(
 ) -> Result<Api<KtSession>, ClusterError> {
     let name = session.metadata.name.clone().unwrap_or_default();
     let sessions: Api<KtSession> = Api::namespaced(client.clone(), namespace);
-    sessions
+    let created = sessions
         .create(&PostParams::default(), session)
         .await
         .map_err(ClusterError::api(format!("create session {name}")))?;
@@ -161,6 +161,14 @@ pub async fn create_session(
         tracing::info!("Cleaning session {name}");
         Ok::<(), kube::Error>(())
     });
+    // Without this its UDP ports would silently stay with the pods.
+    if !session.spec.udp_ports.is_empty() && created.spec.udp_ports.is_empty() {
+        return Err(ClusterError::OldCrd {
+            kind: "KtSession",
+            feature: "UDP exchange",
+            field: "spec.udpPorts",
+        });
+    }
     Ok(sessions)
 }
 

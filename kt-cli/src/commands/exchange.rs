@@ -215,12 +215,13 @@ async fn exchange_pod(
     expose: &[plan::ExposeItem],
     lifecycle: &Arc<Lifecycle>,
 ) -> Result<(), ExchangeError> {
+    plan::tcp_only(expose, "--mode ephemeral")?;
     let prepared = async {
         let cluster = cluster::connect(&settings.cluster).await?;
         let pod = ephemeral::read_pod(&cluster, name).await?;
         let pairs: Vec<(u16, u16)> = expose
             .iter()
-            .map(|(local, remote)| (*local, remote.unwrap_or(*local)))
+            .map(|item| (item.local, item.wanted()))
             .collect();
         let declared: Vec<i32> = pod
             .spec
@@ -301,10 +302,16 @@ async fn prepare(
         ExchangeMode::Scale => Method::Scale(scale::deployments_of(&cluster, &subject).await?),
         ExchangeMode::Ephemeral => Method::Ephemeral,
     };
+    if !matches!(method, Method::Agent(_)) {
+        plan::tcp_only(expose, &format!("--mode {}", method.name()))?;
+    }
     check_ports_served(&method, name, &port_plan, args.allow_unserved_ports)?;
     if !args.skip_port_checking {
-        for port in port_plan.exposed.iter().map(|e| e.local) {
-            check_local_port(port).await?;
+        for exposed in &port_plan.exposed {
+            match exposed.transport {
+                plan::Transport::Tcp => check_local_port(exposed.local).await?,
+                plan::Transport::Udp => warn_unbound_udp_port(exposed.local),
+            }
         }
     }
     tracing::info!("Using {} mode", method.name());
@@ -556,8 +563,15 @@ pub(crate) fn check_ports_served(
         // The pods keep serving what is not exposed.
         Method::Agent(_) | Method::Ephemeral => {
             if !plan.not_carried.is_empty() {
+                let advice = if plan.not_carried.iter().all(|p| p.protocol == "UDP")
+                    && matches!(method, Method::Agent(_))
+                {
+                    " (expose it with '/udp' too to carry it)"
+                } else {
+                    ""
+                };
                 tracing::warn!(
-                    "{} not carried yet: {} of service '{service}' stays with its pods",
+                    "{} not carried: {} of service '{service}' stays with its pods{advice}",
                     not_tcp(&plan.not_carried),
                     list(&plan.not_carried)
                 );
@@ -676,6 +690,18 @@ pub(crate) async fn check_local_port(port: u16) -> Result<(), ExchangeError> {
     {
         Ok(Ok(_)) => Ok(()),
         _ => Err(ExchangeError::NoLocalApp(port)),
+    }
+}
+
+/// No UDP "is it listening" probe answers reliably (a datagram to a closed port may or may
+/// not bring back an ICMP error), so a UDP port is only checked to be bound: binding it on
+/// the loopback address works only when nothing has it. Warns, as the program may start
+/// after the exchange.
+fn warn_unbound_udp_port(port: u16) {
+    if std::net::UdpSocket::bind(local(port)).is_ok() {
+        tracing::warn!(
+            "Nothing is bound to UDP port {port} on this machine yet: datagrams to it are dropped until a program binds it"
+        );
     }
 }
 

@@ -84,6 +84,7 @@ impl From<ExchangeError> for MeshError {
 pub async fn run(settings: &Settings, args: &MeshArgs) -> Result<(), MeshError> {
     let name = cluster::service_name(&args.service);
     let expose = exchange::plan::parse_expose(&args.expose)?;
+    exchange::plan::tcp_only(&expose, "mesh")?;
     let header = plan::parse_version_mark(&args.version_mark, || {
         kt_proto::compat::random_lower(5, rand::random)
     })?;

@@ -41,7 +41,7 @@ use crate::{
     commands::exchange::{
         self, Context, ExchangeError,
         agent::{AgentRedirect, hold},
-        plan::{Exposed, PlanError, PortPlan, ServicePort},
+        plan::{Exposed, PlanError, PortPlan, ServicePort, Transport},
     },
     lifecycle::{Lifecycle, LifecycleError},
     settings::Settings,
@@ -102,7 +102,9 @@ fn banner(name: &str) -> String {
 }
 
 pub async fn run(settings: &Settings, args: &PreviewArgs) -> Result<(), PreviewError> {
-    let ports = objects::published(&exchange::plan::parse_expose(&args.expose)?)?;
+    let expose = exchange::plan::parse_expose(&args.expose)?;
+    exchange::plan::tcp_only(&expose, "preview")?;
+    let ports = objects::published(&expose)?;
     let name = args.name.as_str();
     if !objects::valid_name(name) {
         return Err(PreviewError::Name(name.to_owned()));
@@ -213,6 +215,7 @@ async fn by_agent(
             .map(|p| Exposed {
                 local: p.local,
                 target: p.port,
+                transport: Transport::Tcp,
                 service_ports: vec![ServicePort {
                     name: None,
                     port: p.port,

@@ -1,6 +1,10 @@
 //! Reverse tunnels (`tcpip-forward`): the server listens and sends each connection back as a
 //! `forwarded-tcpip` channel, which the client handler bridges to a local address. They live
-//! on the pool's first SSH connection and are asked for again after it reconnects.
+//! on the pool's first SSH connection and are asked for again after it reconnects. A UDP port
+//! of an agent's exchange is asked for as a `streamlocal-forward` with a
+//! [`kt_proto::agent::udp_forward_path`]; the agent sends each pod flow back as a
+//! `forwarded-streamlocal` channel of framed datagrams, which gets a local UDP socket of its
+//! own, connected to the local address.
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -10,17 +14,20 @@ use russh::{
     ChannelOpenFailure,
     client::{self, ChannelOpenHandle, Handle},
 };
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UdpSocket};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{Role, SshError, SshPool};
 
 /// One reverse tunnel: the port the server is asked to forward (`tcpip-forward`'s bind
-/// port, as that server understands it) and the local address its connections go to.
+/// port, as that server understands it; for UDP, the Service port) and the local address its
+/// connections (or datagrams) go to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RemoteForward {
     pub bind_port: u32,
     pub local: SocketAddr,
+    /// A UDP port of an agent's exchange.
+    pub udp: bool,
 }
 
 impl RemoteForward {
@@ -29,6 +36,7 @@ impl RemoteForward {
         Self {
             bind_port: u32::from(port),
             local,
+            udp: false,
         }
     }
 
@@ -37,8 +45,25 @@ impl RemoteForward {
         Self {
             bind_port: kt_proto::agent::forward_port(service_port),
             local,
+            udp: false,
         }
     }
+
+    /// An agent holding the UDP Service port `service_port`
+    /// ([`kt_proto::agent::udp_forward_path`]); its datagrams go to the UDP port `local`.
+    pub fn for_udp_service_port(service_port: u16, local: SocketAddr) -> Self {
+        Self {
+            bind_port: u32::from(service_port),
+            local,
+            udp: true,
+        }
+    }
+}
+
+/// The `streamlocal-forward` path of a UDP forward.
+fn udp_path(forward: &RemoteForward) -> Option<String> {
+    let port = u16::try_from(forward.bind_port).ok()?;
+    forward.udp.then(|| kt_proto::agent::udp_forward_path(port))
 }
 
 /// How [`SshPool::keep_remote_forwards`] ended.
@@ -55,6 +80,8 @@ pub enum ForwardsEnded {
 pub(super) struct ReverseForwards {
     /// Forwarded (remote) port → local address.
     targets: std::sync::Mutex<HashMap<u32, SocketAddr>>,
+    /// UDP forward path → local UDP address.
+    udp_targets: std::sync::Mutex<HashMap<String, SocketAddr>>,
     /// One bridge per forwarded connection.
     pub(super) tasks: TaskTracker,
     pub(super) stop: CancellationToken,
@@ -124,6 +151,64 @@ impl client::Handler for Client {
         });
         Ok(())
     }
+
+    /// One pod flow of an exchanged UDP port: a local socket of its own, connected to the
+    /// local address, so the program's replies go back to this flow. russh accepts every
+    /// such channel by default; only this session's UDP paths are.
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let target = self
+            .reverse
+            .udp_targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(socket_path)
+            .copied();
+        let Some(local) = target else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let stop = self.reverse.stop.clone();
+        self.reverse.tasks.spawn(async move {
+            let socket = match local_udp(local).await {
+                Ok(socket) => socket,
+                Err(error) => {
+                    tracing::warn!("Failed to open a UDP socket to local port {}: {error}", local.port());
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                    return;
+                }
+            };
+            reply.accept().await;
+            tokio::select! {
+                result = kt_tunnel::datagram::relay(channel, kt_tunnel::datagram::ConnectedUdp(socket)) => {
+                    if let Err(error) = result {
+                        tracing::debug!(%local, %error, "UDP flow ended with an error");
+                    }
+                }
+                () = stop.cancelled() => {}
+            }
+        });
+        Ok(())
+    }
+}
+
+/// A UDP socket on the loopback address of `local`'s family, connected to `local`.
+async fn local_udp(local: SocketAddr) -> std::io::Result<UdpSocket> {
+    let any = if local.is_ipv4() {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    } else {
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))
+    };
+    let socket = UdpSocket::bind(any).await?;
+    socket.connect(local).await?;
+    Ok(socket)
 }
 
 impl SshPool {
@@ -134,7 +219,21 @@ impl SshPool {
             .targets
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .extend(forwards.iter().map(|f| (f.bind_port, f.local)));
+            .extend(
+                forwards
+                    .iter()
+                    .filter(|f| !f.udp)
+                    .map(|f| (f.bind_port, f.local)),
+            );
+        self.reverse
+            .udp_targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(
+                forwards
+                    .iter()
+                    .filter_map(|f| Some((udp_path(f)?, f.local))),
+            );
         let mut guard = self.connections[0].lock().await;
         if guard.as_ref().is_none_or(Handle::is_closed) {
             *guard = Some(self.reconnect().await?);
@@ -148,11 +247,29 @@ impl SshPool {
         handle: &Handle<Client>,
         forwards: &[RemoteForward],
     ) -> Result<(), SshError> {
-        for RemoteForward {
-            bind_port: port,
-            local,
-        } in forwards
-        {
+        for forward in forwards {
+            let (port, local) = (&forward.bind_port, &forward.local);
+            if let Some(path) = udp_path(forward) {
+                let service_port = u16::try_from(*port).unwrap_or_default();
+                handle.streamlocal_forward(path).await.map_err(|source| {
+                    if matches!(source, russh::Error::RequestDenied) {
+                        SshError::UdpForwardRefused {
+                            target: self.name(),
+                            port: service_port,
+                        }
+                    } else {
+                        SshError::Ssh {
+                            target: self.name(),
+                            source: Box::new(source),
+                        }
+                    }
+                })?;
+                tracing::info!(
+                    "Service port {service_port}/UDP -> {local} held by {}",
+                    self.target
+                );
+                continue;
+            }
             handle
                 .tcpip_forward("0.0.0.0", *port)
                 .await
@@ -187,6 +304,11 @@ impl SshPool {
         };
         let mut confirmed = Vec::new();
         for forward in forwards {
+            if let Some(path) = udp_path(forward) {
+                // The listener goes with the connection; the agent confirms nothing here.
+                let _ = handle.cancel_streamlocal_forward(path).await;
+                continue;
+            }
             match handle
                 .cancel_tcpip_forward("0.0.0.0", forward.bind_port)
                 .await

@@ -8,8 +8,8 @@ extern crate std;
 use core::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use crate::{
-    AF_INET, AF_INET6, FLAG_RESTORE_PEER, Mode, OrigDst, PROTO_TCP, Redirect, SvcKey4, SvcKey6,
-    SvcStats,
+    AF_INET, AF_INET6, FLAG_RESTORE_PEER, Mode, OrigDst, PROTO_TCP, PROTO_UDP, Redirect, RevKey4,
+    RevKey6, RevVal, SvcKey4, SvcKey6, SvcStats,
 };
 
 // SAFETY: plain `#[repr(C)]` integers with explicit padding; any bit pattern is valid.
@@ -22,6 +22,48 @@ unsafe impl aya::Pod for Redirect {}
 unsafe impl aya::Pod for OrigDst {}
 // SAFETY: as above.
 unsafe impl aya::Pod for SvcStats {}
+// SAFETY: as above.
+unsafe impl aya::Pod for RevKey4 {}
+// SAFETY: as above.
+unsafe impl aya::Pod for RevKey6 {}
+// SAFETY: as above.
+unsafe impl aya::Pod for RevVal {}
+
+/// The transport a service-map entry redirects: each has its own entries, so exchanging a
+/// TCP port leaves UDP on the same number alone.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    /// The IP protocol number of the map keys.
+    pub const fn proto(self) -> u8 {
+        match self {
+            Transport::Tcp => PROTO_TCP,
+            Transport::Udp => PROTO_UDP,
+        }
+    }
+
+    /// The transport of a map key's protocol number; `None` for another.
+    pub const fn of(proto: u8) -> Option<Self> {
+        match proto {
+            PROTO_TCP => Some(Transport::Tcp),
+            PROTO_UDP => Some(Transport::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl core::fmt::Display for Transport {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Transport::Tcp => "TCP",
+            Transport::Udp => "UDP",
+        })
+    }
+}
 
 /// An IPv4 address as `bpf_sock_addr.user_ip4` holds it.
 pub fn ip4_to_net(ip: Ipv4Addr) -> u32 {
@@ -53,10 +95,15 @@ pub fn ip6_from_net(raw: [u32; 4]) -> Ipv6Addr {
 impl SvcKey4 {
     /// The key of TCP connects to `dst`.
     pub fn tcp(dst: SocketAddrV4) -> Self {
+        Self::new(dst, Transport::Tcp)
+    }
+
+    /// The key of `transport` traffic to `dst`.
+    pub fn new(dst: SocketAddrV4, transport: Transport) -> Self {
         Self {
             addr: ip4_to_net(*dst.ip()),
             port: dst.port().to_be(),
-            proto: PROTO_TCP,
+            proto: transport.proto(),
             _pad: 0,
         }
     }
@@ -69,10 +116,15 @@ impl SvcKey4 {
 impl SvcKey6 {
     /// The key of TCP connects to `dst`.
     pub fn tcp(dst: SocketAddrV6) -> Self {
+        Self::new(dst, Transport::Tcp)
+    }
+
+    /// The key of `transport` traffic to `dst`.
+    pub fn new(dst: SocketAddrV6, transport: Transport) -> Self {
         Self {
             addr: ip6_to_net(*dst.ip()),
             port: dst.port().to_be(),
-            proto: PROTO_TCP,
+            proto: transport.proto(),
             _pad: 0,
         }
     }
@@ -119,6 +171,8 @@ impl core::ops::AddAssign for SvcStats {
         self.peername_restored += other.peername_restored;
         self.skipped_self += other.skipped_self;
         self.errors += other.errors;
+        self.datagrams_redirected += other.datagrams_redirected;
+        self.replies_restored += other.replies_restored;
     }
 }
 
@@ -134,6 +188,16 @@ mod tests {
         assert_eq!(key.port.to_ne_bytes(), [0x1f, 0x90]);
         assert_eq!(key.proto, PROTO_TCP);
         assert_eq!(key.socket_addr(), "10.96.0.10:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn udp_keys_differ_from_tcp_keys_of_one_address() {
+        let dst = "10.96.0.10:53".parse().unwrap();
+        let (tcp, udp) = (SvcKey4::tcp(dst), SvcKey4::new(dst, Transport::Udp));
+        assert_ne!(tcp, udp);
+        assert_eq!((tcp.proto, udp.proto), (6, 17));
+        assert_eq!(Transport::of(udp.proto), Some(Transport::Udp));
+        assert_eq!(Transport::of(132), None, "SCTP is neither");
     }
 
     #[test]

@@ -89,6 +89,27 @@ pub fn udp_relay_destination(path: &str) -> Option<SocketAddr> {
 
 const UDP_RELAY_PREFIX: &str = "kt-udp:";
 
+/// The `streamlocal-forward@openssh.com` socket path with which ktctl asks the holding agent
+/// to carry the UDP Service port `service_port` of its exchange (SSH has no UDP forward).
+/// The agent opens one `forwarded-streamlocal@openssh.com` channel with this path per pod
+/// flow (a pod's source address and port), carrying datagrams framed as
+/// `kt_tunnel::datagram` says. An agent that predates UDP exchange refuses the request, so
+/// ktctl can say so instead of the port silently staying with the pods.
+pub fn udp_forward_path(service_port: u16) -> String {
+    format!("{UDP_FORWARD_PREFIX}{service_port}")
+}
+
+/// The Service port of a UDP forward path, if `path` is one; the inverse of
+/// [`udp_forward_path`].
+pub fn udp_forward_port(path: &str) -> Option<u16> {
+    path.strip_prefix(UDP_FORWARD_PREFIX)?
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+}
+
+const UDP_FORWARD_PREFIX: &str = "kt-udp-forward:";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +128,20 @@ mod tests {
         assert_eq!(login.to_string(), "dev/web-alice");
         for bad in ["root", "/x", "dev/", "a/b/c", ""] {
             assert_eq!(bad.parse::<Login>(), Err(LoginError(bad.into())), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_udp_forward_path_names_its_service_port() {
+        assert_eq!(udp_forward_path(53), "kt-udp-forward:53");
+        assert_eq!(udp_forward_port(&udp_forward_path(53)), Some(53));
+        for bad in [
+            "kt-udp-forward:0",
+            "kt-udp-forward:",
+            "kt-udp-forward:70000",
+            "kt-udp:53",
+        ] {
+            assert_eq!(udp_forward_port(bad), None, "{bad}");
         }
     }
 
@@ -135,6 +170,7 @@ mod tests {
                     local_port: 19090,
                 },
             ],
+            udp_ports: Vec::new(),
             public_key: "k".into(),
             header: None,
             lease_seconds: 10,

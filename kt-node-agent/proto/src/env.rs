@@ -19,6 +19,10 @@ pub const EGRESS_ALLOW: &str = "KT_AGENT_EGRESS_ALLOW";
 /// Role `agent`: seconds a session nobody holds stays before the agents delete it (default
 /// 300; preview sessions go after their lease).
 pub const SESSION_GRACE: &str = "KT_AGENT_SESSION_GRACE";
+/// Role `agent`: seconds a UDP flow of an exchange (one pod address and port) lives
+/// without a datagram either way before its channel to the workstation is closed
+/// (default 60).
+pub const UDP_FLOW_IDLE: &str = "KT_AGENT_UDP_FLOW_IDLE";
 /// Every role: a `tracing` filter directive (`info`, `kt_node_agent=debug`, …).
 pub const LOG: &str = "KT_AGENT_LOG";
 /// Every role: `text` (default) or `json` log lines.
@@ -45,7 +49,7 @@ pub const NAVIGATOR_LISTEN: &str = "KT_NAVIGATOR_LISTEN";
 pub const AUTHORIZED_KEYS: &str = "KT_AUTHORIZED_KEYS";
 
 /// Every name above.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     NODE_NAME,
     NODE_IP,
     AGENT_SSH,
@@ -53,6 +57,7 @@ pub const ALL: [&str; 17] = [
     AGENT_CGROUP,
     EGRESS_ALLOW,
     SESSION_GRACE,
+    UDP_FLOW_IDLE,
     LOG,
     LOG_FORMAT,
     SHADOW_LISTEN,

@@ -59,6 +59,16 @@ pub struct SessionSpec {
         extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["port"])
     )]
     pub ports: Vec<PortMapping>,
+    /// Which UDP Service ports go to which workstation UDP ports (`exchange` only; ktctl's
+    /// `--expose local:remote/udp`). A list of its own, not a protocol field of a port mapping:
+    /// an agent that predates it ignores it, where it would take a protocol-less port for
+    /// TCP and redirect the wrong traffic.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = crate::validate::MAX_PORTS),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["port"])
+    )]
+    pub udp_ports: Vec<PortMapping>,
     /// The session's SSH public key (an authorized_keys line): the holding agent lets in only
     /// this key for this session.
     #[schemars(length(max = crate::validate::MAX_PUBLIC_KEY))]
@@ -140,6 +150,13 @@ pub struct SessionStatus {
     /// One listener per Service port.
     #[serde(default, deserialize_with = "lenient")]
     pub listeners: Vec<Listener>,
+    /// One UDP listener per UDP Service port of `spec.udpPorts`.
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub udp_listeners: Vec<Listener>,
     /// The last renewal.
     #[serde(
         default,
@@ -168,8 +185,9 @@ pub struct SessionStatus {
 
 impl SessionStatus {
     /// Who holds the session, in a few bytes: its address and listener ports
-    /// (`172.30.0.11 80/40001 8080/40002`). A node's acknowledgement names it, so that one
-    /// for an earlier holder does not count for a new one.
+    /// (`172.30.0.11 80/40001 8080/40002`, then UDP ones as `53/40003/udp`). A node's
+    /// acknowledgement names it, so that one for an earlier holder does not count for a new
+    /// one.
     pub fn holder(&self) -> String {
         use std::fmt::Write as _;
         // Written straight into one string: every agent computes this for every session
@@ -179,7 +197,7 @@ impl SessionStatus {
             let _ = write!(out, "{address}");
         }
         out.push(' ');
-        if let [only] = self.listeners.as_slice() {
+        if let ([only], []) = (self.listeners.as_slice(), self.udp_listeners.as_slice()) {
             let _ = write!(out, "{}/{}", only.port, only.listener_port);
             return out;
         }
@@ -190,6 +208,13 @@ impl SessionStatus {
             .collect();
         // Sorted as text (what agents already wrote compares with this).
         listeners.sort();
+        let mut udp: Vec<String> = self
+            .udp_listeners
+            .iter()
+            .map(|l| format!("{}/{}/udp", l.port, l.listener_port))
+            .collect();
+        udp.sort();
+        listeners.extend(udp);
         out.push_str(&listeners.join(" "));
         out
     }
@@ -225,6 +250,9 @@ pub struct Programmed {
     /// goes to this session.
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// The same for the UDP Service ports of `spec.udpPorts`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub udp_ports: Vec<u16>,
 }
 
 /// A tunnel listener of the holding agent.
@@ -294,24 +322,34 @@ impl KtSession {
         Some(renewed + chrono::TimeDelta::seconds(i64::from(self.spec.lease_seconds)))
     }
 
-    /// Which of `ports` each of `nodes` has not programmed for the current holder (an
-    /// acknowledgement for an earlier holder does not count); empty when the redirect is in
-    /// force on every node. No node at all is not "everywhere": `nodes` must not be empty.
-    pub fn unprogrammed(&self, nodes: &[String], ports: &[u16]) -> Vec<(String, Vec<u16>)> {
+    /// Which of `ports` (TCP) and `udp_ports` each of `nodes` has not programmed for the
+    /// current holder (an acknowledgement for an earlier holder does not count), as `80`
+    /// and `53/udp`; empty when the redirect is in force on every node. No node at all is
+    /// not "everywhere": `nodes` must not be empty.
+    pub fn unprogrammed(
+        &self,
+        nodes: &[String],
+        ports: &[u16],
+        udp_ports: &[u16],
+    ) -> Vec<(String, Vec<String>)> {
         let holder = self.status.as_ref().map(SessionStatus::holder);
         nodes
             .iter()
             .filter_map(|node| {
                 let acknowledged = self.status.as_ref().and_then(|s| s.programmed.get(node));
-                let done: &[u16] = match (acknowledged, &holder) {
-                    (Some(p), Some(holder)) if p.holder == *holder => &p.ports,
-                    _ => &[],
+                let (done, udp_done): (&[u16], &[u16]) = match (acknowledged, &holder) {
+                    (Some(p), Some(holder)) if p.holder == *holder => (&p.ports, &p.udp_ports),
+                    _ => (&[], &[]),
                 };
-                let missing: Vec<u16> = ports
+                let tcp = ports
                     .iter()
-                    .copied()
                     .filter(|p| !done.contains(p))
-                    .collect();
+                    .map(u16::to_string);
+                let udp = udp_ports
+                    .iter()
+                    .filter(|p| !udp_done.contains(p))
+                    .map(|p| format!("{p}/udp"));
+                let missing: Vec<String> = tcp.chain(udp).collect();
                 (!missing.is_empty()).then(|| (node.clone(), missing))
             })
             .collect()
@@ -395,6 +433,13 @@ mod tests {
             "as text, so 443 before 80"
         );
         assert_eq!(holder(json!({"listeners": []})), " ");
+        assert_eq!(
+            holder(json!({"address": "172.30.0.11",
+                          "listeners": [{"port": 53, "listenerPort": 40001}],
+                          "udpListeners": [{"port": 53, "listenerPort": 40002}]})),
+            "172.30.0.11 53/40001 53/40002/udp",
+            "a UDP listener is told apart from a TCP one of the same port"
+        );
     }
 
     #[test]
@@ -419,21 +464,25 @@ mod tests {
             "node-2".to_owned(),
             "node-3".to_owned(),
         ];
+        let text = |ports: &[&str]| ports.iter().map(|p| (*p).to_owned()).collect::<Vec<_>>();
         assert_eq!(
-            s.unprogrammed(&nodes, &[80]),
+            s.unprogrammed(&nodes, &[80], &[]),
             [
-                ("node-2".to_owned(), vec![80]),
-                ("node-3".to_owned(), vec![80])
+                ("node-2".to_owned(), text(&["80"])),
+                ("node-3".to_owned(), text(&["80"]))
             ],
             "node-2 programmed an earlier holder, node-3 nothing yet"
         );
-        assert!(s.unprogrammed(&nodes[..1], &[80]).is_empty());
+        assert!(s.unprogrammed(&nodes[..1], &[80], &[]).is_empty());
         assert_eq!(
-            s.unprogrammed(&nodes[..1], &[80, 81]),
-            [("node-1".to_owned(), vec![81])]
+            s.unprogrammed(&nodes[..1], &[80, 81], &[80]),
+            [("node-1".to_owned(), text(&["81", "80/udp"]))],
+            "TCP 80 is programmed, UDP 80 is not"
         );
         assert_eq!(
-            session(json!(null)).unprogrammed(&nodes[..1], &[80]).len(),
+            session(json!(null))
+                .unprogrammed(&nodes[..1], &[80], &[])
+                .len(),
             1
         );
     }

@@ -43,12 +43,19 @@ pub enum SpecError {
     ServiceName(String),
     #[error("spec.service is empty: an exchange or mesh session names a Service")]
     NoService,
-    #[error("spec.ports names {0} ports, more than {MAX_PORTS}")]
+    #[error("spec.ports and spec.udpPorts name {0} ports, more than {MAX_PORTS}")]
     TooManyPorts(usize),
-    #[error("spec.ports has port 0 (port {port}, localPort {local_port})")]
-    PortZero { port: u16, local_port: u16 },
-    #[error("spec.ports names Service port {0} twice")]
-    DuplicatePort(u16),
+    #[error("spec.{field} has port 0 (port {port}, localPort {local_port})")]
+    PortZero {
+        /// `ports` or `udpPorts`.
+        field: &'static str,
+        port: u16,
+        local_port: u16,
+    },
+    #[error("spec.{field} names Service port {port} twice")]
+    DuplicatePort { field: &'static str, port: u16 },
+    #[error("spec.udpPorts is for exchange sessions: a {0:?} session carries no UDP")]
+    UdpNotExchange(SessionMode),
     #[error("spec.owner is {0} bytes, more than {MAX_OWNER}")]
     OwnerTooLong(usize),
     #[error("spec.publicKey is {0} bytes, more than {MAX_PUBLIC_KEY}")]
@@ -86,19 +93,30 @@ pub fn spec(spec: &SessionSpec) -> Result<(), SpecError> {
     } else if !is_dns1035_label(&spec.service) {
         return Err(SpecError::ServiceName(spec.service.clone()));
     }
-    if spec.ports.len() > MAX_PORTS {
-        return Err(SpecError::TooManyPorts(spec.ports.len()));
+    let ports = spec.ports.len() + spec.udp_ports.len();
+    if ports > MAX_PORTS {
+        return Err(SpecError::TooManyPorts(ports));
     }
-    let mut seen = BTreeSet::new();
-    for p in &spec.ports {
-        if p.port == 0 || p.local_port == 0 {
-            return Err(SpecError::PortZero {
-                port: p.port,
-                local_port: p.local_port,
-            });
-        }
-        if !seen.insert(p.port) {
-            return Err(SpecError::DuplicatePort(p.port));
+    if !spec.udp_ports.is_empty() && spec.mode != SessionMode::Exchange {
+        return Err(SpecError::UdpNotExchange(spec.mode));
+    }
+    // One number may be in both lists (DNS on 53/TCP and 53/UDP), not twice in one.
+    for (field, list) in [("ports", &spec.ports), ("udpPorts", &spec.udp_ports)] {
+        let mut seen = BTreeSet::new();
+        for p in list {
+            if p.port == 0 || p.local_port == 0 {
+                return Err(SpecError::PortZero {
+                    field,
+                    port: p.port,
+                    local_port: p.local_port,
+                });
+            }
+            if !seen.insert(p.port) {
+                return Err(SpecError::DuplicatePort {
+                    field,
+                    port: p.port,
+                });
+            }
         }
     }
     if spec.owner.len() > MAX_OWNER {
@@ -178,6 +196,7 @@ mod tests {
                     local_port: 8080,
                 },
             ],
+            udp_ports: Vec::new(),
             public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA dev@laptop".into(),
             header: Some(HeaderMatch {
                 name: "version".into(),
@@ -248,11 +267,15 @@ mod tests {
         );
         assert_eq!(
             with(|s| s.ports[1].port = 80),
-            Err(SpecError::DuplicatePort(80))
+            Err(SpecError::DuplicatePort {
+                field: "ports",
+                port: 80
+            })
         );
         assert_eq!(
             with(|s| s.ports[0].port = 0),
             Err(SpecError::PortZero {
+                field: "ports",
                 port: 0,
                 local_port: 8080
             })
@@ -260,9 +283,63 @@ mod tests {
         assert_eq!(
             with(|s| s.ports[0].local_port = 0),
             Err(SpecError::PortZero {
+                field: "ports",
                 port: 80,
                 local_port: 0
             })
+        );
+        assert_eq!(
+            with(|s| {
+                s.ports = many(60);
+                s.udp_ports = many(60);
+            }),
+            Err(SpecError::TooManyPorts(120)),
+            "both lists count"
+        );
+    }
+
+    #[test]
+    fn udp_ports_are_an_exchange_s_and_may_share_a_number_with_a_tcp_port() {
+        let dns = |port| PortMapping {
+            port,
+            local_port: 15353,
+        };
+        let exchange = |s: &mut SessionSpec| {
+            s.mode = SessionMode::Exchange;
+            s.header = None;
+        };
+        assert_eq!(
+            with(|s| {
+                exchange(s);
+                s.udp_ports = vec![dns(80)];
+            }),
+            Ok(()),
+            "80/TCP and 80/UDP are two Service ports"
+        );
+        assert_eq!(
+            with(|s| {
+                exchange(s);
+                s.udp_ports = vec![dns(53), dns(53)];
+            }),
+            Err(SpecError::DuplicatePort {
+                field: "udpPorts",
+                port: 53
+            })
+        );
+        assert_eq!(
+            with(|s| {
+                exchange(s);
+                s.udp_ports = vec![dns(0)];
+            }),
+            Err(SpecError::PortZero {
+                field: "udpPorts",
+                port: 0,
+                local_port: 15353
+            })
+        );
+        assert_eq!(
+            with(|s| s.udp_ports = vec![dns(53)]),
+            Err(SpecError::UdpNotExchange(SessionMode::Mesh))
         );
     }
 

@@ -5,7 +5,9 @@
 //! `KtSession` names); each `tcpip-forward` names one of the session's Service ports. The
 //! agent listens on a free port of its node for it, sends the connections it accepts back as
 //! `forwarded-tcpip` for that Service port, and writes the session's `status` (this node,
-//! its address, the listeners, the renewal time): renewed while the SSH connection lives,
+//! its address, the listeners, the renewal time); each `streamlocal-forward` with a
+//! [`kt_proto::agent::udp_forward_path`] names one of its UDP ports, for which the agent
+//! opens a UDP listener ([`super::udp_exchange`]): renewed while the SSH connection lives,
 //! cleared when it ends. So every agent redirects the Service only while ktctl is connected,
 //! and at most a lease longer if this agent dies.
 
@@ -42,7 +44,10 @@ use super::{
     takeover::{Connection, Taken},
     trust::HeldSession,
 };
-use crate::ssh_server::{AcceptError, dial_and_pump, forward_back, spawn_udp_relay};
+use crate::{
+    ebpf::{ServiceKey, Transport},
+    ssh_server::{AcceptError, dial_and_pump, forward_back, spawn_udp_relay},
+};
 
 /// How long one status write (renewal or release) may take: a renewal that hangs must not
 /// hold up the next one, and a release must not hold up shutdown.
@@ -72,6 +77,10 @@ pub struct HoldContext {
     pub(crate) events: tokio::sync::mpsc::UnboundedSender<super::events::SessionEvent>,
     /// The connection holding each session's listeners: a newer one ends an older one.
     pub(crate) holders: Arc<super::takeover::Holders>,
+    /// How long a UDP flow lives without a datagram either way.
+    pub(crate) udp_flow_idle: Duration,
+    /// The UDP listeners' metrics.
+    pub(crate) udp: super::metrics::UdpExchange,
 }
 
 impl HoldContext {
@@ -105,12 +114,12 @@ impl HoldContext {
     /// would reach the pods of a Service that is exchanged — their own exchange included —
     /// where a pod reaches the workstation (with v0.3.7's shadow pod, connect's traffic is a
     /// pod's and is redirected).
-    fn as_a_pod_would(&self, destination: SocketAddr) -> SocketAddr {
+    fn as_a_pod_would(&self, destination: SocketAddr, transport: Transport) -> SocketAddr {
         self.redirects
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .desired
-            .get(&destination)
+            .get(&ServiceKey::new(destination, transport))
             .map_or(destination, |target| target.to)
     }
 }
@@ -182,6 +191,7 @@ struct Held {
     uid: String,
     spec: SessionSpec,
     listeners: Arc<Mutex<Vec<Listener>>>,
+    udp_listeners: Arc<Mutex<Vec<Listener>>>,
     renewing: bool,
     /// This connection is the session's holder in [`super::takeover::Holders`] (and forgets
     /// it when it ends).
@@ -246,6 +256,7 @@ impl Holder {
             login: held.login.clone(),
             uid: held.uid.clone(),
             listeners: held.listeners.clone(),
+            udp_listeners: held.udp_listeners.clone(),
             network,
         };
         let record = HeldSession {
@@ -253,6 +264,7 @@ impl Holder {
             name: held.login.session.clone(),
             uid: held.uid.clone(),
             listeners: status.listeners(),
+            udp_listeners: status.udp_listeners(),
         };
         // In a task of this connection's own: the handler's future is dropped when the
         // connection ends (a newer one took over), and a write it already sent must keep
@@ -392,6 +404,7 @@ impl Handler for Holder {
             uid,
             spec,
             listeners: Arc::default(),
+            udp_listeners: Arc::default(),
             renewing: false,
             taken: false,
         };
@@ -437,7 +450,7 @@ impl Handler for Holder {
             async move {
                 match context.allowed(&host, port).await {
                     Ok(destination) => {
-                        let destination = context.as_a_pod_would(destination);
+                        let destination = context.as_a_pod_would(destination, Transport::Tcp);
                         dial_and_pump(channel, reply, destination, cancel).await;
                     }
                     Err(refusal) => {
@@ -484,6 +497,7 @@ impl Handler for Holder {
                 .await;
             return Ok(());
         }
+        let destination = self.context.as_a_pod_would(destination, Transport::Udp);
         reply.accept().await;
         spawn_udp_relay(&self.tasks, channel, destination, self.cancel.clone());
         Ok(())
@@ -537,6 +551,61 @@ impl Handler for Holder {
         self.held = Some(held);
         Ok(written)
     }
+
+    /// ktctl's request to carry one UDP port of its exchange (`spec.udpPorts`): a UDP
+    /// listener on this node's address, whose flows come back as `forwarded-streamlocal`
+    /// channels with the same path ([`super::udp_exchange`]).
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(held) = &mut self.held else {
+            return Ok(false);
+        };
+        let service_port = kt_proto::agent::udp_forward_port(socket_path)
+            .filter(|port| held.spec.udp_ports.iter().any(|p| p.port == *port));
+        let Some(service_port) = service_port else {
+            tracing::warn!(socket_path, "not a UDP port of the session");
+            return Ok(false);
+        };
+        // The node's address, not the wildcard: replies must leave from the address the
+        // pods sent to (see the module doc of udp_exchange).
+        let socket = match tokio::net::UdpSocket::bind((self.context.node_ip, 0)).await {
+            Ok(socket) => socket,
+            Err(error) => {
+                tracing::warn!(%error, "no UDP tunnel listener");
+                return Ok(false);
+            }
+        };
+        let Ok(listener_port) = socket.local_addr().map(|a| a.port()) else {
+            return Ok(false);
+        };
+        held.udp_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Listener {
+                port: service_port,
+                listener_port,
+            });
+        tracing::info!(service_port, listener_port, peer = %self.peer, "UDP tunnel listener");
+        self.tasks.spawn(
+            super::udp_exchange::serve(
+                socket,
+                session.handle(),
+                socket_path.to_owned(),
+                self.context.udp_flow_idle,
+                self.context.udp.clone(),
+                self.cancel.child_token(),
+                self.tasks.clone(),
+            )
+            .in_current_span(),
+        );
+        let mut held = self.held.take().expect("held above");
+        let written = self.hold(&mut held).await;
+        self.held = Some(held);
+        Ok(written)
+    }
 }
 
 /// A status write that failed or took too long.
@@ -559,6 +628,7 @@ struct Status {
     /// The session object's uid, for the Events.
     uid: String,
     listeners: Arc<Mutex<Vec<Listener>>>,
+    udp_listeners: Arc<Mutex<Vec<Listener>>>,
     /// The cluster's network, for a `connect` session.
     network: Option<ClusterNetwork>,
 }
@@ -570,6 +640,13 @@ impl Status {
 
     fn listeners(&self) -> Vec<Listener> {
         self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn udp_listeners(&self) -> Vec<Listener> {
+        self.udp_listeners
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -600,6 +677,7 @@ impl Status {
             node: self.context.node_name.clone(),
             address: Some(self.context.node_ip),
             listeners: self.listeners(),
+            udp_listeners: self.udp_listeners(),
             renew_time: Some(chrono::Utc::now()),
             network: self.network.clone(),
             // Left to every node's agent: a merge patch keeps what they wrote.
@@ -658,7 +736,9 @@ impl Status {
             let version = match current {
                 Ok(Ok(Some(s)))
                     if s.status.as_ref().is_some_and(|st| {
-                        st.node == self.context.node_name && st.listeners == self.listeners()
+                        st.node == self.context.node_name
+                            && st.listeners == self.listeners()
+                            && st.udp_listeners == self.udp_listeners()
                     }) =>
                 {
                     s.metadata.resource_version

@@ -17,15 +17,22 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kt_proto::net::Cidr;
 
+use crate::ebpf::Transport;
+
 /// The label an EndpointSlice carries naming its Service.
 pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// `(namespace, name)` of a Service or of an EndpointSlice.
 pub type Key = (String, String);
 
-/// Kubernetes' default protocol: a port without one is TCP.
-fn is_tcp(protocol: Option<&String>) -> bool {
-    protocol.is_none_or(|p| p == "TCP")
+/// The transport of a port's `protocol`, TCP when it has none (Kubernetes' default);
+/// `None` for SCTP, which kt does not redirect.
+fn transport_of(protocol: Option<&String>) -> Option<Transport> {
+    match protocol.map(String::as_str) {
+        None | Some("TCP") => Some(Transport::Tcp),
+        Some("UDP") => Some(Transport::Udp),
+        Some(_) => None,
+    }
 }
 
 /// One port of a Service or an EndpointSlice.
@@ -34,8 +41,8 @@ pub struct PortView {
     /// The port's name, `""` when it has none.
     pub name: String,
     pub port: u16,
-    /// Whether its protocol is TCP (Kubernetes' default).
-    pub tcp: bool,
+    /// Its protocol: TCP (Kubernetes' default) or UDP; `None` for SCTP.
+    pub transport: Option<Transport>,
 }
 
 /// What the agent needs of a Service: its ClusterIPs (parsed; `None` and unparsable ones
@@ -140,7 +147,7 @@ impl From<&Service> for ServiceView {
                 Some(PortView {
                     name: p.name.clone().unwrap_or_default(),
                     port: u16::try_from(p.port).ok()?,
-                    tcp: is_tcp(p.protocol.as_ref()),
+                    transport: transport_of(p.protocol.as_ref()),
                 })
             })
             .collect();
@@ -148,7 +155,7 @@ impl From<&Service> for ServiceView {
             .and_then(|s| s.ports.as_ref())
             .into_iter()
             .flatten()
-            .filter(|p| is_tcp(p.protocol.as_ref()))
+            .filter(|p| transport_of(p.protocol.as_ref()) == Some(Transport::Tcp))
             .filter_map(|p| {
                 Some((
                     u16::try_from(p.port).ok()?,
@@ -210,7 +217,7 @@ impl From<&EndpointSlice> for SliceView {
                 Some(PortView {
                     name: p.name.clone().unwrap_or_default(),
                     port: u16::try_from(p.port?).ok()?,
-                    tcp: is_tcp(p.protocol.as_ref()),
+                    transport: transport_of(p.protocol.as_ref()),
                 })
             })
             .collect();
@@ -538,7 +545,7 @@ mod tests {
             ports: vec![PortView {
                 name: String::new(),
                 port: 80,
-                tcp: true,
+                transport: Some(Transport::Tcp),
             }],
             ..ServiceView::default()
         }
@@ -573,12 +580,12 @@ mod tests {
                     PortView {
                         name: "http".into(),
                         port: 80,
-                        tcp: true
+                        transport: Some(Transport::Tcp)
                     },
                     PortView {
                         name: String::new(),
                         port: 53,
-                        tcp: false
+                        transport: Some(Transport::Udp)
                     },
                 ],
                 // The UDP port's nodePort is not one kt redirects; a hostname is no IP; a
@@ -658,7 +665,7 @@ mod tests {
                 ports: vec![PortView {
                     name: "http".into(),
                     port: 8080,
-                    tcp: true
+                    transport: Some(Transport::Tcp)
                 }],
                 ready: vec!["10.244.1.5".parse().unwrap(), "10.244.2.8".parse().unwrap()],
             }

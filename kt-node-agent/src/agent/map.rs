@@ -1,24 +1,21 @@
 //! The eBPF service map as the agent keeps it: what it last wrote, and the difference to
 //! write when the desired redirects change.
 
-use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    net::SocketAddr,
-};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use kt_ebpf_common::{Mode, Redirect};
 
 use super::redirects::Target;
-use crate::ebpf;
+use crate::ebpf::{self, ServiceKey};
 
 /// The eBPF side and what was last written to it.
 pub(crate) struct RedirectMap {
     pub(crate) redirector: ebpf::Redirector,
     /// The redirects in force, as last applied.
-    pub(crate) desired: BTreeMap<SocketAddr, Target>,
+    pub(crate) desired: BTreeMap<ServiceKey, Target>,
     /// What the service map holds, as last written; `None` after a failed write, when only
     /// reading the map tells.
-    written: Option<HashMap<SocketAddr, Redirect>>,
+    written: Option<HashMap<ServiceKey, Redirect>>,
     pub(crate) ids: SvcIds,
 }
 
@@ -37,7 +34,7 @@ impl RedirectMap {
     /// removes what is not wanted. Connections already redirected stay where they are.
     pub(crate) fn apply(
         &mut self,
-        desired: BTreeMap<SocketAddr, Target>,
+        desired: BTreeMap<ServiceKey, Target>,
     ) -> Result<(), ebpf::EbpfError> {
         // Most passes change nothing here (an acknowledgement, another Service's slice): an
         // ordered comparison is far cheaper than hashing every entry to diff it (with 1 000

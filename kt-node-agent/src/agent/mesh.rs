@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use kt_proto::session::{HeaderMatch, SessionMode};
 
 use super::redirects::{ClusterState, addresses_of};
+use crate::ebpf::Transport;
 
 /// One meshed Service port.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -83,7 +84,8 @@ pub fn routes(state: &ClusterState<'_>, now: DateTime<Utc>) -> BTreeMap<RouteKey
         };
         let slices = state.slices_of(namespace, &session.spec.service);
         for listener in &status.listeners {
-            let Some(addresses) = addresses_of(service, &slices, listener.port) else {
+            let Some(addresses) = addresses_of(service, &slices, listener.port, Transport::Tcp)
+            else {
                 continue;
             };
             let key = RouteKey {
@@ -195,11 +197,19 @@ mod tests {
         assert!(wanted.map.values().all(|t| t.to == router));
         let programmed = wanted.programmed_ports();
         assert_eq!(
-            programmed["dev/alice"].iter().copied().collect::<Vec<_>>(),
+            programmed["dev/alice"]
+                .tcp
+                .iter()
+                .copied()
+                .collect::<Vec<_>>(),
             [80]
         );
         assert_eq!(
-            programmed["dev/bob"].iter().copied().collect::<Vec<_>>(),
+            programmed["dev/bob"]
+                .tcp
+                .iter()
+                .copied()
+                .collect::<Vec<_>>(),
             [80]
         );
     }
@@ -247,7 +257,7 @@ mod tests {
             .collect();
         let wanted = desired(&both, now, &routes(&both, now), &routers);
         assert!(wanted.map.values().all(|t| t.session == "dev/carol"));
-        assert!(wanted.programmed_ports()["dev/alice"].is_empty());
+        assert!(wanted.programmed_ports()["dev/alice"].tcp.is_empty());
     }
 
     #[test]

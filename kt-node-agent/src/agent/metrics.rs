@@ -16,7 +16,14 @@
 //!   far below `kt_agent_reconcile_seconds` when the pass waited for a core or a lock (the
 //!   index while a watch writes, the map while `/metrics` is scraped);
 //! - `kt_agent_watch_events_total{watch}` (counter): events each of the agent's watches
-//!   received (every object of a list, every change, and a list's start and end).
+//!   received (every object of a list, every change, and a list's start and end);
+//! - `kt_agent_udp_flows` (gauge): UDP flows (a pod's address and port) of exchanged UDP
+//!   ports this agent carries to workstations now;
+//! - `kt_agent_udp_datagrams_total{direction}` (counter): their datagrams
+//!   (`to_workstation`, `from_workstation`);
+//! - `kt_agent_udp_dropped_total{reason}` (counter): datagrams from pods dropped
+//!   (`queue_full`: the workstation was slower; `flow_limit`: a flow evicted for a new one;
+//!   `no_channel`: ktctl refused or did not answer the flow's channel).
 //!
 //! The first four are read from the redirect map and the eBPF per-CPU maps at scrape time.
 
@@ -34,7 +41,7 @@ use prometheus_client::{
         MetricType,
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::ConstGauge,
+        gauge::{ConstGauge, Gauge},
         histogram::Histogram,
     },
     registry::Registry,
@@ -124,37 +131,60 @@ impl TunnelBytes {
     }
 }
 
+/// The UDP exchange's metrics, as its listeners count ([`super::udp_exchange`]).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct UdpExchange {
+    flows: Gauge,
+    datagrams: Family<[(&'static str, &'static str); 1], Counter>,
+    dropped: Family<[(&'static str, &'static str); 1], Counter>,
+}
+
+impl UdpExchange {
+    /// A flow began (`+1`) or ended (`-1`).
+    pub(crate) fn flows(&self, change: i64) {
+        self.flows.inc_by(change);
+    }
+
+    /// One datagram carried: `to_workstation` (from a pod) or `from_workstation`.
+    pub(crate) fn datagram(&self, direction: &'static str) {
+        self.datagrams
+            .get_or_create(&[("direction", direction)])
+            .inc();
+    }
+
+    /// One datagram from a pod dropped, for `reason`.
+    pub(crate) fn dropped(&self, reason: &'static str) {
+        self.dropped.get_or_create(&[("reason", reason)]).inc();
+    }
+}
+
+/// Every metric the registry holds besides the map-derived ones.
+pub(crate) struct Sources<'a> {
+    pub(crate) tunnel_bytes: &'a TunnelBytes,
+    pub(crate) connect_refused: &'a Counter,
+    pub(crate) sessions_collected: &'a Counter,
+    pub(crate) reconcile: &'a Reconcile,
+    pub(crate) watch_events: &'a WatchEvents,
+    pub(crate) udp: &'a UdpExchange,
+}
+
 impl Metrics {
-    /// The agent's metrics over `map` (read at scrape time), `tunnel_bytes`,
-    /// `connect_refused`, `sessions_collected`, `reconcile` and `watch_events`.
-    pub(crate) fn new(
-        map: Arc<Mutex<RedirectMap>>,
-        tunnel_bytes: &TunnelBytes,
-        connect_refused: &Counter,
-        sessions_collected: &Counter,
-        reconcile: &Reconcile,
-        watch_events: &WatchEvents,
-    ) -> Self {
-        Self::with_map_collector(
-            Box::new(MapCollector(map)),
+    /// The agent's metrics over `map` (read at scrape time) and `sources`.
+    pub(crate) fn new(map: Arc<Mutex<RedirectMap>>, sources: &Sources<'_>) -> Self {
+        Self::with_map_collector(Box::new(MapCollector(map)), sources)
+    }
+
+    /// The registry with `map` as the source of the map-derived metrics (a fixed reading in
+    /// tests: the eBPF maps need root).
+    fn with_map_collector(map: Box<dyn Collector>, sources: &Sources<'_>) -> Self {
+        let Sources {
             tunnel_bytes,
             connect_refused,
             sessions_collected,
             reconcile,
             watch_events,
-        )
-    }
-
-    /// The registry with `map` as the source of the map-derived metrics (a fixed reading in
-    /// tests: the eBPF maps need root).
-    fn with_map_collector(
-        map: Box<dyn Collector>,
-        tunnel_bytes: &TunnelBytes,
-        connect_refused: &Counter,
-        sessions_collected: &Counter,
-        reconcile: &Reconcile,
-        watch_events: &WatchEvents,
-    ) -> Self {
+            udp,
+        } = *sources;
         let mut registry = Registry::default();
         registry.register_collector(map);
         registry.register(
@@ -186,6 +216,21 @@ impl Metrics {
             "kt_agent_watch_events",
             "Events each watch of the agent received (objects listed, changes, list markers)",
             watch_events.0.clone(),
+        );
+        registry.register(
+            "kt_agent_udp_flows",
+            "UDP flows of exchanged UDP ports this agent carries to workstations",
+            udp.flows.clone(),
+        );
+        registry.register(
+            "kt_agent_udp_datagrams",
+            "Datagrams of exchanged UDP ports this agent carried",
+            udp.datagrams.clone(),
+        );
+        registry.register(
+            "kt_agent_udp_dropped",
+            "Datagrams from pods to an exchanged UDP port this agent dropped",
+            udp.dropped.clone(),
         );
         Self { registry }
     }
@@ -330,16 +375,21 @@ mod tests {
         );
         let watches = WatchEvents::default();
         watches.of("watch-sessions").inc();
-        let text = Metrics::with_map_collector(
-            Box::new(Fixed),
-            &bytes,
-            &refused,
-            &collected,
-            &reconcile,
-            &watches,
-        )
-        .encode()
-        .expect("metrics encode");
+        let udp = UdpExchange::default();
+        udp.flows(1);
+        udp.datagram("to_workstation");
+        udp.dropped("queue_full");
+        let sources = Sources {
+            tunnel_bytes: &bytes,
+            connect_refused: &refused,
+            sessions_collected: &collected,
+            reconcile: &reconcile,
+            watch_events: &watches,
+            udp: &udp,
+        };
+        let text = Metrics::with_map_collector(Box::new(Fixed), &sources)
+            .encode()
+            .expect("metrics encode");
         let mut names: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let end = line.find(['{', ' ']).unwrap_or(line.len());

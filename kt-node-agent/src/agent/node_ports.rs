@@ -213,9 +213,14 @@ pub fn desired(
 /// Where outside clients reach TCP Service port `port` of `service`: its nodePort; per IPv4
 /// LoadBalancer ingress IP, that IP and the port, from each IPv4 source range when the
 /// Service has some (as kube-proxy: no IPv4 range, or a /0 among them, is no filter); per
-/// IPv4 external IP, that IP and the port. None for a UDP port (UDP is not exchanged).
+/// IPv4 external IP, that IP and the port. None for a UDP port: an exchanged UDP port is
+/// redirected for pods' sockets only (the eBPF programs), not for datagrams from outside.
 fn frontends(service: &ServiceView, port: u16) -> Vec<Frontend> {
-    if !service.ports.iter().any(|p| p.port == port && p.tcp) {
+    if !service
+        .ports
+        .iter()
+        .any(|p| p.port == port && p.transport == Some(crate::ebpf::Transport::Tcp))
+    {
         return Vec::new();
     }
     let v4 = |ip: &IpAddr| match ip {

@@ -5,7 +5,9 @@
 //! through the ClusterIP.
 //!
 //! - An `exchange` session's addresses go to the holding agent's listener (`status.address`:
-//!   `listenerPort`).
+//!   `listenerPort`): its TCP ports' to `status.listeners`, its UDP ports' (`spec.udpPorts`)
+//!   to `status.udpListeners`, each under its own transport, so that exchanging one leaves
+//!   the other on the same number with the pods.
 //! - A `mesh` session's addresses go to **this node's** router for that Service port
 //!   ([`super::mesh`]), which sends each request on by its header: no cross-node hop for the
 //!   requests that stay with the pods.
@@ -24,6 +26,7 @@ use super::{
     index::{Index, ServiceView, SliceView},
     mesh::{Route, RouteKey},
 };
+use crate::ebpf::{ServiceKey, Transport};
 
 /// Where connects to one address go, and which session (or mesh route) and Service port that
 /// is for.
@@ -113,7 +116,7 @@ impl<'a> ClusterState<'a> {
 /// results, so a pass whose fingerprint is the last pass's keeps what that pass programmed.
 /// Per session: uid, namespace, name, creation time (the order claims are settled by),
 /// whether it is being deleted, its whole spec, `status.node`, `status.address`,
-/// `status.listeners`, whether its lease is live at `now`, and its Service's
+/// `status.listeners` and `status.udpListeners`, whether its lease is live at `now`, and its Service's
 /// [`Index::revision_of`]. Not `renewTime` itself nor `status.programmed`: renewals and
 /// acknowledgements, most of the writes while sessions are held, change nothing here; nor
 /// a change to any other Service. Costs a hash per session, where computing the results
@@ -133,7 +136,7 @@ pub fn fingerprint(state: &ClusterState<'_>, now: DateTime<Utc>) -> u64 {
         session
             .status
             .as_ref()
-            .map(|s| (&s.node, s.address, &s.listeners))
+            .map(|s| (&s.node, s.address, &s.listeners, &s.udp_listeners))
             .hash(&mut h);
         session.lease_live(now).hash(&mut h);
         state
@@ -153,37 +156,54 @@ pub fn fingerprint(state: &ClusterState<'_>, now: DateTime<Utc>) -> u64 {
 struct Claim {
     /// The [`Target::session`] of its entries.
     target: String,
-    ports: BTreeMap<u16, Vec<SocketAddr>>,
+    /// Per Service port and transport, the map keys it wanted.
+    ports: BTreeMap<(Transport, u16), Vec<ServiceKey>>,
 }
 
 /// The redirects in force, and what each session asked for.
 #[derive(Debug, Default)]
 pub struct Desired {
     /// What the service map should hold.
-    pub map: BTreeMap<SocketAddr, Target>,
+    pub map: BTreeMap<ServiceKey, Target>,
     /// Per session (`namespace/name`).
     claims: BTreeMap<String, Claim>,
+}
+
+/// The Service ports programmed for one session, by transport.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortsDone {
+    pub tcp: BTreeSet<u16>,
+    pub udp: BTreeSet<u16>,
+}
+
+impl PortsDone {
+    /// Whether no port of either transport is programmed.
+    pub fn is_empty(&self) -> bool {
+        self.tcp.is_empty() && self.udp.is_empty()
+    }
 }
 
 impl Desired {
     /// Per session, the Service ports programmed for it: every address the port wanted goes
     /// to this session (or its mesh route) — an address an older session holds, a second
     /// Service over the same pods, does not count — and there is at least one.
-    pub fn programmed_ports(&self) -> BTreeMap<&str, BTreeSet<u16>> {
+    pub fn programmed_ports(&self) -> BTreeMap<&str, PortsDone> {
         self.claims
             .iter()
             .map(|(session, claim)| {
-                let done = claim
-                    .ports
-                    .iter()
-                    .filter(|(_, addrs)| {
-                        !addrs.is_empty()
-                            && addrs
-                                .iter()
-                                .all(|a| self.map.get(a).is_some_and(|t| t.session == claim.target))
-                    })
-                    .map(|(port, _)| *port)
-                    .collect();
+                let mut done = PortsDone::default();
+                for ((transport, port), keys) in &claim.ports {
+                    let all_here = !keys.is_empty()
+                        && keys
+                            .iter()
+                            .all(|k| self.map.get(k).is_some_and(|t| t.session == claim.target));
+                    if all_here {
+                        match transport {
+                            Transport::Tcp => done.tcp.insert(*port),
+                            Transport::Udp => done.udp.insert(*port),
+                        };
+                    }
+                }
                 (session.as_str(), done)
             })
             .collect()
@@ -214,11 +234,19 @@ pub fn desired(
                     target: target.clone(),
                     ports: BTreeMap::new(),
                 });
-            claim.ports.insert(key.port, route.addresses.clone());
+            claim.ports.insert(
+                (Transport::Tcp, key.port),
+                route
+                    .addresses
+                    .iter()
+                    .copied()
+                    .map(ServiceKey::tcp)
+                    .collect(),
+            );
         }
         for address in &route.addresses {
             out.map.insert(
-                *address,
+                ServiceKey::tcp(*address),
                 Target {
                     to: *router,
                     session: target.clone(),
@@ -249,21 +277,19 @@ pub fn desired(
             target: key.clone(),
             ports: BTreeMap::new(),
         });
-        for listener in &status.listeners {
+        let listeners = (status.listeners.iter().map(|l| (Transport::Tcp, l)))
+            .chain(status.udp_listeners.iter().map(|l| (Transport::Udp, l)));
+        for (transport, listener) in listeners {
             let to = SocketAddr::new(holder, listener.listener_port);
-            let Some(addresses) = addresses_of(service, &slices, listener.port) else {
-                claim.ports.entry(listener.port).or_default();
+            let wanted = claim.ports.entry((transport, listener.port)).or_default();
+            let Some(addresses) = addresses_of(service, &slices, listener.port, transport) else {
                 continue;
             };
             let all = addresses.all();
-            claim
-                .ports
-                .entry(listener.port)
-                .or_default()
-                .extend(all.iter().copied());
+            wanted.extend(all.iter().map(|a| ServiceKey::new(*a, transport)));
             for address in all {
                 out.map.insert(
-                    address,
+                    ServiceKey::new(address, transport),
                     Target {
                         to,
                         session: key.clone(),
@@ -287,7 +313,7 @@ pub fn next_expiry(sessions: &[&KtSession], now: DateTime<Utc>) -> Option<DateTi
         .min()
 }
 
-/// The addresses clients dial for one TCP Service port.
+/// The addresses clients dial for one Service port.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct PortAddresses {
     /// Every ClusterIP with the Service port.
@@ -306,16 +332,21 @@ impl PortAddresses {
     }
 }
 
-/// The addresses of `service`'s TCP port `port` (kt-proto's contract: a session port is a
-/// TCP Service port), `None` when the Service has no such port. Its endpoints are the
-/// EndpointSlice ports of the same name and protocol, an unnamed Service port matching the
-/// slice port named `""` (what the EndpointSlice controller writes for it).
+/// The addresses of `service`'s `transport` port `port` (kt-proto's contract: a session's
+/// `ports` are TCP Service ports, its `udpPorts` UDP ones), `None` when the Service has no
+/// such port. Its endpoints are the EndpointSlice ports of the same name and protocol, an
+/// unnamed Service port matching the slice port named `""` (what the EndpointSlice
+/// controller writes for it).
 pub(super) fn addresses_of(
     service: &ServiceView,
     slices: &[&SliceView],
     port: u16,
+    transport: Transport,
 ) -> Option<PortAddresses> {
-    let service_port = service.ports.iter().find(|p| p.port == port && p.tcp)?;
+    let service_port = service
+        .ports
+        .iter()
+        .find(|p| p.port == port && p.transport == Some(transport))?;
     let mut out = PortAddresses {
         cluster: service
             .cluster_ips
@@ -328,7 +359,7 @@ pub(super) fn addresses_of(
         let Some(endpoint_port) = slice
             .ports
             .iter()
-            .find(|p| p.name == service_port.name && p.tcp)
+            .find(|p| p.name == service_port.name && p.transport == Some(transport))
             .map(|p| p.port)
         else {
             continue;
@@ -412,6 +443,7 @@ mod tests {
             kt_proto::session::Programmed {
                 holder: "x".into(),
                 ports: vec![80],
+                udp_ports: Vec::new(),
             },
         );
         renewed.metadata.resource_version = Some("99".into());
@@ -480,7 +512,7 @@ mod tests {
         let state = ClusterState::new(state_of.0, state_of.1, state_of.2);
         let map = desired(&state, now, &BTreeMap::new(), &BTreeMap::new()).map;
         let listener = addr("172.30.0.11:40001");
-        let keys: Vec<SocketAddr> = map.keys().copied().collect();
+        let keys: Vec<SocketAddr> = map.keys().map(|k| k.addr).collect();
         assert_eq!(
             keys,
             [
@@ -545,11 +577,20 @@ mod tests {
         );
         assert_eq!(
             wanted.map.keys().copied().collect::<Vec<_>>(),
-            [addr("10.96.0.20:80"), addr("10.244.1.5:8080")]
+            [
+                ServiceKey::tcp(addr("10.96.0.20:80")),
+                ServiceKey::tcp(addr("10.244.1.5:8080"))
+            ]
         );
         assert_eq!(
             wanted.programmed_ports(),
-            BTreeMap::from([("dev/s", BTreeSet::from([80]))])
+            BTreeMap::from([(
+                "dev/s",
+                PortsDone {
+                    tcp: BTreeSet::from([80]),
+                    udp: BTreeSet::new()
+                }
+            )])
         );
     }
 
@@ -590,12 +631,13 @@ mod tests {
             &BTreeMap::new(),
             &BTreeMap::new(),
         );
-        assert_eq!(wanted.map[&addr("10.244.1.5:8080")].session, "dev/alice");
-        assert_eq!(wanted.map[&addr("10.96.0.21:80")].session, "dev/bob");
+        let session_of = |a: &str| wanted.map[&ServiceKey::tcp(addr(a))].session.as_str();
+        assert_eq!(session_of("10.244.1.5:8080"), "dev/alice");
+        assert_eq!(session_of("10.96.0.21:80"), "dev/bob");
         let ports = wanted.programmed_ports();
-        assert_eq!(ports["dev/alice"], BTreeSet::from([80]));
+        assert_eq!(ports["dev/alice"].tcp, BTreeSet::from([80]));
         assert!(
-            ports["dev/bob"].is_empty(),
+            ports["dev/bob"].tcp.is_empty(),
             "bob's pod address goes to alice"
         );
     }
@@ -627,8 +669,36 @@ mod tests {
         .map;
         assert_eq!(
             map.keys().copied().collect::<Vec<_>>(),
-            [addr("10.96.0.30:53"), addr("10.244.1.9:5353")],
+            [
+                ServiceKey::tcp(addr("10.96.0.30:53")),
+                ServiceKey::tcp(addr("10.244.1.9:5353"))
+            ],
             "the TCP port is redirected although the UDP one is listed first"
+        );
+
+        // The UDP port too (`spec.udpPorts`, `status.udpListeners`): each transport's
+        // addresses to its own listener, each programmed on its own.
+        let mut both = s.clone();
+        both.spec.udp_ports = both.spec.ports.clone();
+        both.status.as_mut().unwrap().udp_listeners = vec![kt_proto::session::Listener {
+            port: 53,
+            listener_port: 40002,
+        }];
+        let wanted = desired(
+            &ClusterState::new(&[&both], &[&svc], &[&slice]),
+            now,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        );
+        let to = |key: ServiceKey| wanted.map[&key].to.port();
+        assert_eq!(to(ServiceKey::tcp(addr("10.96.0.30:53"))), 40001);
+        assert_eq!(to(ServiceKey::udp(addr("10.96.0.30:53"))), 40002);
+        assert_eq!(to(ServiceKey::udp(addr("10.244.1.9:5353"))), 40002);
+        assert_eq!(wanted.map.len(), 4);
+        let done = &wanted.programmed_ports()["dev/s"];
+        assert_eq!(
+            (&done.tcp, &done.udp),
+            (&BTreeSet::from([53]), &BTreeSet::from([53]))
         );
     }
 
@@ -659,7 +729,7 @@ mod tests {
         )
         .map;
         assert_eq!(
-            map.keys().copied().collect::<Vec<_>>(),
+            map.keys().map(|k| k.addr).collect::<Vec<_>>(),
             [
                 addr("10.96.0.40:80"),
                 addr("10.96.0.40:8080"),
@@ -667,7 +737,10 @@ mod tests {
             ],
             "admin (9090) is not exchanged"
         );
-        assert_eq!(map[&addr("10.96.0.40:8080")].to, addr("172.30.0.11:40002"));
+        assert_eq!(
+            map[&ServiceKey::tcp(addr("10.96.0.40:8080"))].to,
+            addr("172.30.0.11:40002")
+        );
     }
 
     #[test]
@@ -834,7 +907,7 @@ mod tests {
             desired(&before, now, &BTreeMap::new(), &BTreeMap::new())
                 .map
                 .keys()
-                .copied()
+                .map(|k| k.addr)
                 .collect::<Vec<_>>(),
             [addr("10.96.0.21:80")],
             "api has no endpoints yet"
@@ -855,7 +928,7 @@ mod tests {
         assert_eq!(after.slice_names("dev", "api"), ["m"]);
         let map = desired(&after, now, &BTreeMap::new(), &BTreeMap::new()).map;
         assert_eq!(
-            map.keys().copied().collect::<Vec<_>>(),
+            map.keys().map(|k| k.addr).collect::<Vec<_>>(),
             [addr("10.96.0.21:80"), addr("10.244.1.1:8080")]
         );
         assert!(map.values().all(|t| t.session == "dev/bob"));

@@ -61,6 +61,10 @@ pub struct HeldSession {
     pub name: String,
     pub uid: String,
     pub listeners: Vec<Listener>,
+    /// The UDP listeners (`status.udpListeners`); absent in records of agents that predate
+    /// UDP exchange.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub udp_listeners: Vec<Listener>,
 }
 
 /// One node's agent record.
@@ -167,9 +171,11 @@ pub enum Rejected {
     /// not reported as forged.
     #[error("renewed by an earlier agent on node {0}, which is gone")]
     EarlierHolder(String),
-    #[error("the agent on node {node} has no listener {listener_port} for port {port}")]
+    #[error("the agent on node {node} has no {transport} listener {listener_port} for port {port}")]
     NotItsListener {
         node: String,
+        /// `TCP` or `UDP`.
+        transport: &'static str,
         port: u16,
         listener_port: u16,
     },
@@ -249,16 +255,19 @@ pub fn check(
                 _ => Rejected::NotHeld(status.node.clone()),
             }
         })?;
-    if let Some(l) = status
-        .listeners
-        .iter()
-        .find(|l| !held.listeners.contains(l))
-    {
-        return Err(Rejected::NotItsListener {
-            node: status.node.clone(),
-            port: l.port,
-            listener_port: l.listener_port,
-        });
+    let claimed = [
+        ("TCP", &status.listeners, &held.listeners),
+        ("UDP", &status.udp_listeners, &held.udp_listeners),
+    ];
+    for (transport, listeners, vouched) in claimed {
+        if let Some(l) = listeners.iter().find(|l| !vouched.contains(l)) {
+            return Err(Rejected::NotItsListener {
+                node: status.node.clone(),
+                transport,
+                port: l.port,
+                listener_port: l.listener_port,
+            });
+        }
     }
     Ok(())
 }
@@ -298,6 +307,7 @@ mod tests {
             Record::new(
                 None,
                 vec![HeldSession {
+                    udp_listeners: Vec::new(),
                     namespace: "dev".into(),
                     name: "web-alice".into(),
                     uid: uid.into(),
@@ -381,8 +391,21 @@ mod tests {
                        "listeners": [{"port": 80, "listenerPort": 22}]}),
                 Rejected::NotItsListener {
                     node: "node-1".into(),
+                    transport: "TCP",
                     port: 80,
                     listener_port: 22,
+                },
+            ),
+            (
+                // The TCP listener is the agent's; a UDP one it never opened is not.
+                json!({"node": "node-1", "address": "172.30.0.11", "renewTime": now,
+                       "listeners": [{"port": 80, "listenerPort": 40001}],
+                       "udpListeners": [{"port": 80, "listenerPort": 40001}]}),
+                Rejected::NotItsListener {
+                    node: "node-1".into(),
+                    transport: "UDP",
+                    port: 80,
+                    listener_port: 40001,
                 },
             ),
         ];
@@ -444,6 +467,7 @@ mod tests {
     #[test]
     fn a_record_finds_each_session_it_lists_by_name_and_uid() {
         let held = |ns: &str, name: &str, uid: &str| HeldSession {
+            udp_listeners: Vec::new(),
             namespace: ns.into(),
             name: name.into(),
             uid: uid.into(),

@@ -143,14 +143,20 @@ pub async fn tcp_echo() -> std::io::Result<()> {
     tokio::select! { () = serve => Ok(()), () = until_sigterm() => Ok(()) }
 }
 
-/// `kt-testbed image udp-echo`: sends every datagram back. Port `$PORT` (9000).
+/// `kt-testbed image udp-echo`: sends every datagram back, after `$REPLY_PREFIX` when it is
+/// set (to tell two echoes apart). Port `$PORT` (9000).
 pub async fn udp_echo() -> std::io::Result<()> {
     let socket = tokio::net::UdpSocket::bind(("0.0.0.0", port(9000))).await?;
+    let prefix = std::env::var("REPLY_PREFIX").unwrap_or_default();
     let serve = async {
         let mut buf = vec![0u8; 65_536];
+        let mut reply = Vec::with_capacity(buf.len());
         loop {
             if let Ok((n, peer)) = socket.recv_from(&mut buf).await {
-                let _ = socket.send_to(&buf[..n], peer).await;
+                reply.clear();
+                reply.extend_from_slice(prefix.as_bytes());
+                reply.extend_from_slice(&buf[..n]);
+                let _ = socket.send_to(&reply, peer).await;
             }
         }
     };

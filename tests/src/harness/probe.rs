@@ -19,10 +19,40 @@ pub struct Seen {
 
 /// Connects to `addr` from a new process in `netns` (and `cgroup`, if given).
 pub fn connect(netns: &NetNs, cgroup: Option<&Path>, addr: SocketAddr) -> io::Result<Seen> {
+    run(netns, cgroup, None, addr)
+}
+
+/// Sends one UDP datagram to `addr` and reads the reply, from a connected socket or (not
+/// `connected`) with `sendto`/`recvfrom`; [`Seen::peer`] is the socket's peer name or the
+/// reply's source.
+pub fn udp(
+    netns: &NetNs,
+    cgroup: Option<&Path>,
+    addr: SocketAddr,
+    connected: bool,
+) -> io::Result<Seen> {
+    run(netns, cgroup, Some(connected), addr)
+}
+
+fn run(
+    netns: &NetNs,
+    cgroup: Option<&Path>,
+    udp: Option<bool>,
+    addr: SocketAddr,
+) -> io::Result<Seen> {
     let mut cmd = Command::new(super::bins::kt_probe());
     cmd.arg("--netns").arg(netns.path());
     if let Some(cgroup) = cgroup {
         cmd.arg("--cgroup").arg(cgroup);
+    }
+    match udp {
+        Some(true) => {
+            cmd.arg("--udp-connected");
+        }
+        Some(false) => {
+            cmd.arg("--udp");
+        }
+        None => {}
     }
     cmd.arg(addr.to_string());
     let out = cmd.output()?;

@@ -80,8 +80,28 @@ enum Tool {
         size: usize,
     },
     /// Sends MESSAGE as one UDP datagram to ADDR (`ip:port` or `name:port`) and prints the
-    /// datagram that comes back; up to five attempts, one second each.
-    Udp { addr: String, message: String },
+    /// datagram that comes back; up to five attempts, one second each. A connected socket
+    /// (`connect`, `send`, `recv`), or with `--unconnected` `sendto` and `recvfrom`, failing
+    /// when the reply's source is not ADDR.
+    Udp {
+        addr: String,
+        message: String,
+        #[arg(long)]
+        unconnected: bool,
+    },
+    /// A DNS server on 127.0.0.1:PORT (UDP) answering every A query with ADDRESS, TTL 0:
+    /// a stand-in for a developer's DNS service.
+    DnsAnswer {
+        port: u16,
+        address: std::net::Ipv4Addr,
+    },
+    /// Sends COUNT datagrams `seq=<n>` to ADDR from one unconnected socket, one every
+    /// millisecond, and reads nothing (a one-way stream).
+    UdpStream { addr: String, count: u32 },
+    /// Receives on 127.0.0.1:PORT until SECONDS pass without a datagram (after the first);
+    /// prints `received=<datagrams> distinct=<seq numbers> in_order=<bool>` of the `seq=<n>`
+    /// datagrams of udp-stream.
+    UdpSink { port: u16, seconds: u64 },
     /// One HTTP/2 connection (prior knowledge) to ADDR with one request per HEADER
     /// (`name:value`, or `-` for none), all streams in flight at once; prints each answer's
     /// `pod=` line in order. `--grpc` makes each a gRPC unary call.
@@ -171,7 +191,14 @@ fn main() -> ExitCode {
                 bytes,
             } => bulk(&addr, streams, bytes).await,
             Tool::Rr { addr, count, size } => request_response(&addr, count, size).await,
-            Tool::Udp { addr, message } => udp(&addr, &message).await,
+            Tool::Udp {
+                addr,
+                message,
+                unconnected,
+            } => udp(&addr, &message, unconnected).await,
+            Tool::UdpStream { addr, count } => udp_stream(&addr, count).await,
+            Tool::DnsAnswer { port, address } => dns_answer(port, address).await,
+            Tool::UdpSink { port, seconds } => udp_sink(port, seconds).await,
             Tool::H2 {
                 addr,
                 headers,
@@ -219,24 +246,119 @@ fn main() -> ExitCode {
     }
 }
 
-async fn udp(addr: &str, message: &str) -> Result {
+async fn udp(addr: &str, message: &str, unconnected: bool) -> Result {
     let peer = tokio::net::lookup_host(addr)
         .await?
         .next()
         .ok_or_else(|| format!("{addr} has no address"))?;
     let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
-    socket.connect(peer).await?;
+    if !unconnected {
+        socket.connect(peer).await?;
+    }
     let mut buf = vec![0u8; 65_536];
     for _ in 0..5 {
-        socket.send(message.as_bytes()).await?;
-        if let Ok(received) =
-            tokio::time::timeout(Duration::from_secs(1), socket.recv(&mut buf)).await
-        {
-            println!("{}", String::from_utf8_lossy(&buf[..received?]));
-            return Ok(());
-        }
+        let wait = Duration::from_secs(1);
+        let len = if unconnected {
+            socket.send_to(message.as_bytes(), peer).await?;
+            match tokio::time::timeout(wait, socket.recv_from(&mut buf)).await {
+                Ok(received) => {
+                    let (len, from) = received?;
+                    if from != peer {
+                        return Err(format!("the reply came from {from}, not {peer}").into());
+                    }
+                    len
+                }
+                Err(_) => continue,
+            }
+        } else {
+            socket.send(message.as_bytes()).await?;
+            match tokio::time::timeout(wait, socket.recv(&mut buf)).await {
+                Ok(received) => received?,
+                Err(_) => continue,
+            }
+        };
+        println!("{}", String::from_utf8_lossy(&buf[..len]));
+        return Ok(());
     }
     Err(format!("no answer from {peer}").into())
+}
+
+async fn dns_answer(port: u16, address: std::net::Ipv4Addr) -> Result {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode},
+        rr::{RData, Record, RecordType, rdata::A},
+    };
+    let socket = tokio::net::UdpSocket::bind(("127.0.0.1", port)).await?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (len, peer) = socket.recv_from(&mut buf).await?;
+        let Ok(query) = Message::from_vec(&buf[..len]) else {
+            continue;
+        };
+        let mut reply = Message::response(query.metadata.id, OpCode::Query);
+        reply.metadata.message_type = MessageType::Response;
+        reply.metadata.recursion_desired = query.metadata.recursion_desired;
+        for question in &query.queries {
+            reply.add_query(question.clone());
+            if question.query_type == RecordType::A {
+                reply.add_answer(Record::from_rdata(
+                    question.name.clone(),
+                    0,
+                    RData::A(A(address)),
+                ));
+            }
+        }
+        socket.send_to(&reply.to_vec()?, peer).await?;
+    }
+}
+
+async fn udp_stream(addr: &str, count: u32) -> Result {
+    let peer = tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| format!("{addr} has no address"))?;
+    let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+    let mut every = tokio::time::interval(Duration::from_millis(1));
+    for seq in 0..count {
+        every.tick().await;
+        socket
+            .send_to(format!("seq={seq}").as_bytes(), peer)
+            .await?;
+    }
+    println!("sent={count}");
+    Ok(())
+}
+
+async fn udp_sink(port: u16, seconds: u64) -> Result {
+    let socket = tokio::net::UdpSocket::bind(("127.0.0.1", port)).await?;
+    let mut buf = vec![0u8; 65_536];
+    let (mut received, mut seen, mut in_order, mut last) =
+        (0u64, std::collections::BTreeSet::new(), true, None::<u64>);
+    // The first datagram may take long (the sender starts later); then a quiet spell ends it.
+    let (len, _) = socket.recv_from(&mut buf).await?;
+    let mut datagram = buf[..len].to_vec();
+    loop {
+        received += 1;
+        if let Some(seq) = std::str::from_utf8(&datagram)
+            .ok()
+            .and_then(|d| d.strip_prefix("seq="))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            in_order &= last.is_none_or(|l| seq > l);
+            last = Some(seq);
+            seen.insert(seq);
+        }
+        let quiet = Duration::from_secs(seconds);
+        match tokio::time::timeout(quiet, socket.recv_from(&mut buf)).await {
+            Ok(next) => datagram = buf[..next?.0].to_vec(),
+            Err(_) => break,
+        }
+    }
+    println!(
+        "received={received} distinct={} in_order={in_order}",
+        seen.len()
+    );
+    Ok(())
 }
 
 /// `count` lookups in a row; prints the p50 and p99 in microseconds. Each must succeed.

@@ -96,6 +96,7 @@ pub(super) async fn via_agent(ctx: &Context<'_>, agent: &str) -> Result<Option<W
             mode: SessionMode::Connect,
             service: String::new(),
             ports: Vec::new(),
+            udp_ports: Vec::new(),
             public_key: key.public_line.clone(),
             header: None,
             lease_seconds: DEFAULT_LEASE_SECONDS,

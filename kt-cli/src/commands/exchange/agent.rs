@@ -1,5 +1,5 @@
 //! Agent mode (of `exchange`, and of `mesh` with the session's header): a `KtSession` names
-//! the Service, its exposed TCP ports and the session key;
+//! the Service, its exposed TCP ports (and an exchange's UDP ports) and the session key;
 //! an agent holds it (its listeners become the redirect target on every node) while this SSH
 //! connection lives. The Service and its workload are never touched. The banner comes once
 //! every ready agent reports the session's ports programmed in its node's map; when the
@@ -20,7 +20,10 @@ use kt_proto::{
 };
 use kube::Api;
 
-use super::{Context, ExchangeError, local, plan::PortPlan};
+use super::{
+    Context, ExchangeError, local,
+    plan::{PortPlan, Transport},
+};
 use crate::{
     cluster::{self, ClusterError},
     progress::Progress,
@@ -74,13 +77,8 @@ pub(crate) async fn hold(
             owner: ctx.settings.identity.owner(),
             mode: redirect.mode,
             service: service.to_owned(),
-            ports: plan
-                .service_ports()
-                .map(|(p, local)| PortMapping {
-                    port: p.port,
-                    local_port: local,
-                })
-                .collect(),
+            ports: port_mappings(plan, Transport::Tcp),
+            udp_ports: port_mappings(plan, Transport::Udp),
             public_key: key.public_line.clone(),
             header: redirect.header.clone(),
             lease_seconds: DEFAULT_LEASE_SECONDS,
@@ -90,10 +88,23 @@ pub(crate) async fn hold(
         cluster::agents::create_session(&ctx.cluster.client, ctx.lifecycle, &namespace, &object)
             .await?;
     let forwards: Vec<RemoteForward> = plan
-        .service_ports()
+        .service_ports_of(Transport::Tcp)
         .map(|(p, l)| RemoteForward::for_service_port(p.port, local(l)))
+        .chain(
+            plan.service_ports_of(Transport::Udp)
+                .map(|(p, l)| RemoteForward::for_udp_service_port(p.port, local(l))),
+        )
         .collect();
-    let ports: Vec<u16> = plan.service_ports().map(|(p, _)| p.port).collect();
+    let ports = SessionPorts {
+        tcp: plan
+            .service_ports_of(Transport::Tcp)
+            .map(|(p, _)| p.port)
+            .collect(),
+        udp: plan
+            .service_ports_of(Transport::Udp)
+            .map(|(p, _)| p.port)
+            .collect(),
+    };
     let login = Login {
         namespace,
         session: name.clone(),
@@ -167,6 +178,31 @@ pub(crate) async fn hold(
     }
 }
 
+/// The session's port mappings of `transport`.
+fn port_mappings(plan: &PortPlan, transport: Transport) -> Vec<PortMapping> {
+    plan.service_ports_of(transport)
+        .map(|(p, local)| PortMapping {
+            port: p.port,
+            local_port: local,
+        })
+        .collect()
+}
+
+/// The Service ports of a session, by transport.
+struct SessionPorts {
+    tcp: Vec<u16>,
+    udp: Vec<u16>,
+}
+
+impl SessionPorts {
+    /// Every port as [`KtSession::unprogrammed`] names it: `80`, `53/udp`.
+    fn all(&self) -> Vec<String> {
+        let tcp = self.tcp.iter().map(u16::to_string);
+        tcp.chain(self.udp.iter().map(|p| format!("{p}/udp")))
+            .collect()
+    }
+}
+
 /// Where each exposed Service port arrives: the holding agent's node and listener.
 async fn log_listeners(sessions: &Api<KtSession>, name: &str, agent: &str, plan: &PortPlan) {
     let Ok(Some(session)) = sessions.get_opt(name).await else {
@@ -177,7 +213,11 @@ async fn log_listeners(sessions: &Api<KtSession>, name: &str, agent: &str, plan:
     };
     let address = status.address.map(|a| a.to_string()).unwrap_or_default();
     for (port, local) in plan.service_ports() {
-        if let Some(listener) = status.listeners.iter().find(|l| l.port == port.port) {
+        let listeners = match port.protocol.as_str() {
+            "UDP" => &status.udp_listeners,
+            _ => &status.listeners,
+        };
+        if let Some(listener) = listeners.iter().find(|l| l.port == port.port) {
             tracing::info!(
                 "Port {port} -> 127.0.0.1:{local}, held by agent {agent} on {} (listener {address}:{})",
                 status.node,
@@ -206,7 +246,7 @@ async fn wait_programmed(
     pool: &SshPool,
     sessions: &Api<KtSession>,
     name: &str,
-    ports: &[u16],
+    ports: &SessionPorts,
 ) -> Result<Wait, ExchangeError> {
     let started = tokio::time::Instant::now();
     let mut said = false;
@@ -225,8 +265,10 @@ async fn wait_programmed(
             .await
             .map_err(ClusterError::api(format!("get session {name}")))?;
         let missing = match &session {
-            Some(session) if !nodes.is_empty() => session.unprogrammed(&nodes, ports),
-            _ => vec![("any node (no agent is ready)".to_owned(), ports.to_vec())],
+            Some(session) if !nodes.is_empty() => {
+                session.unprogrammed(&nodes, &ports.tcp, &ports.udp)
+            }
+            _ => vec![("any node (no agent is ready)".to_owned(), ports.all())],
         };
         if missing.is_empty() {
             drop(progress);
@@ -238,7 +280,6 @@ async fn wait_programmed(
         if !said && started.elapsed() >= PROGRAMMED_WITHIN {
             said = true;
             for (node, ports) in missing {
-                let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
                 tracing::warn!(
                     "Not redirected on node {node} yet: port {} (its agent has not programmed them within {} s; the Service may have no ClusterIP and no ready endpoint for them, or another session holds its pods)",
                     ports.join(", "),

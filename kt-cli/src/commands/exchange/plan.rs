@@ -12,14 +12,19 @@ use serde_json::json;
 
 pub use self::{
     conflict::{Conflict, conflict},
-    ports::{ExposeItem, Exposed, NamedPorts, PortPlan, ServicePort, parse_expose, plan},
+    ports::{
+        ExposeItem, Exposed, NamedPorts, PortPlan, ServicePort, Transport, parse_expose, plan,
+        tcp_only,
+    },
 };
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     #[error("invalid --expose '{0}': no port")]
     NoPort(String),
-    #[error("invalid --expose '{0}', should be 'port' or 'local:remote'")]
+    #[error(
+        "invalid --expose '{0}', should be 'port' or 'local:remote', optionally ending in '/tcp' (the default) or '/udp'"
+    )]
     Malformed(String),
     /// v0.3.7's text.
     #[error("target port {port} not exists in service '{service}'")]
@@ -36,10 +41,18 @@ pub enum PlanError {
     SameTarget {
         first: String,
         second: String,
-        target: u16,
+        target: String,
     },
-    #[error("port {port} of service '{service}' is not TCP; exchange carries TCP only")]
+    #[error("port {port} of service '{service}' is UDP: expose it as '{port}/udp'")]
     NotTcp { port: u16, service: String },
+    #[error("port {port} of service '{service}' is not UDP: expose it without '/udp'")]
+    NotUdp { port: u16, service: String },
+    #[error("port {port} of service '{service}' is SCTP, which exchange does not carry")]
+    Sctp { port: u16, service: String },
+    #[error(
+        "--expose {item}: {command} carries TCP only (UDP is carried by `exchange --mode agent`)"
+    )]
+    UdpNotCarried { item: String, command: String },
 }
 
 /// The merge patch that points `old`'s Service at the shadow `target`, keeping the old

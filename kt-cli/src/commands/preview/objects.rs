@@ -29,17 +29,14 @@ pub struct Published {
 /// given twice is refused.
 pub fn published(items: &[ExposeItem]) -> Result<Vec<Published>, PlanError> {
     let mut out: Vec<Published> = Vec::new();
-    for (local, remote) in items {
-        let port = remote.unwrap_or(*local);
+    for item in items {
+        let (local, port) = (item.local, item.wanted());
         if out.iter().any(|p| p.port == port) {
             return Err(PlanError::Malformed(format!(
                 "{local}:{port} (port {port} given twice)"
             )));
         }
-        out.push(Published {
-            port,
-            local: *local,
-        });
+        out.push(Published { port, local });
     }
     Ok(out)
 }
@@ -225,8 +222,9 @@ mod tests {
 
     #[test]
     fn expose_publishes_local_ports_as_service_ports() {
+        let items = |text| crate::commands::exchange::plan::parse_expose(text).unwrap();
         assert_eq!(
-            published(&[(80, None), (8080, Some(90))]).unwrap(),
+            published(&items("80,8080:90")).unwrap(),
             [
                 Published {
                     port: 80,
@@ -238,7 +236,7 @@ mod tests {
                 }
             ]
         );
-        assert!(published(&[(80, None), (8080, Some(80))]).is_err());
+        assert!(published(&items("80,8080:80")).is_err());
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //! pod templates), as Kubernetes resolves it. When no target port has the number, it may
 //! name a Service port instead (kt's addition), which stands for that port's target.
 //!
-//! Only TCP is carried; a UDP port sharing the target is reported, not exchanged.
+//! An item is TCP unless it ends in `/udp` (kt's addition; `/tcp` may be written too), and
+//! stands for the Service ports of its protocol only: `53/udp` exchanges the UDP Service
+//! ports targeting 53, and leaves TCP on 53 with the pods, as a plain `53` leaves UDP. UDP is
+//! carried in agent mode only; SCTP never.
 
 use std::{collections::BTreeMap, fmt};
 
@@ -19,8 +22,63 @@ use k8s_openapi::{
 
 use super::PlanError;
 
-/// One `--expose` item: the local port, and the remote port if given.
-pub type ExposeItem = (u16, Option<u16>);
+/// The transport of an `--expose` item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    /// The Kubernetes `protocol` of its Service ports.
+    pub fn protocol(self) -> &'static str {
+        match self {
+            Transport::Tcp => "TCP",
+            Transport::Udp => "UDP",
+        }
+    }
+}
+
+/// One `--expose` item: the local port, the remote port if given, and the transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExposeItem {
+    pub local: u16,
+    pub remote: Option<u16>,
+    pub transport: Transport,
+}
+
+impl ExposeItem {
+    /// The port it names on the Service's side: the remote port, else the local one.
+    pub fn wanted(&self) -> u16 {
+        self.remote.unwrap_or(self.local)
+    }
+}
+
+/// As written: `8080`, `9000:80`, `15353:53/udp` (TCP without a suffix).
+impl fmt::Display for ExposeItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.local)?;
+        if let Some(remote) = self.remote {
+            write!(f, ":{remote}")?;
+        }
+        if self.transport == Transport::Udp {
+            f.write_str("/udp")?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses UDP items where `command` carries TCP only (selector, scale and ephemeral modes,
+/// `mesh`, `preview`): the item named, nothing changed.
+pub fn tcp_only(items: &[ExposeItem], command: &str) -> Result<(), PlanError> {
+    match items.iter().find(|i| i.transport == Transport::Udp) {
+        Some(item) => Err(PlanError::UdpNotCarried {
+            item: item.to_string(),
+            command: command.to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
 
 /// A Service port as exchange sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,11 +182,12 @@ impl NamedPorts {
 /// One exposed target port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exposed {
-    /// The workstation port connections go to.
+    /// The workstation port connections (or datagrams) go to.
     pub local: u16,
     /// The port the pods listen on; a shadow listens there too.
     pub target: u16,
-    /// The TCP Service ports whose target it is.
+    pub transport: Transport,
+    /// The Service ports of `transport` whose target it is.
     pub service_ports: Vec<ServicePort>,
 }
 
@@ -160,42 +219,69 @@ pub struct PortPlan {
     /// The Service ports no exposed item covers: the pods keep them in agent mode; in
     /// selector and scale modes, where a shadow takes the pods' place, they stop answering.
     pub unexposed: Vec<ServicePort>,
-    /// UDP and SCTP ports that share an exposed target port: not carried (yet).
+    /// UDP and SCTP ports that share an exposed TCP target port and are not exposed
+    /// themselves (a UDP one could be, with `/udp`).
     pub not_carried: Vec<ServicePort>,
     /// Facts the user should hear (a port name with different numbers on different pods).
     pub warnings: Vec<String>,
 }
 
 impl PortPlan {
-    /// The Service ports that go local.
+    /// The Service ports that go local, TCP and UDP.
     pub fn service_ports(&self) -> impl Iterator<Item = (&ServicePort, u16)> {
         self.exposed
             .iter()
             .flat_map(|e| e.service_ports.iter().map(|p| (p, e.local)))
     }
+
+    /// The Service ports of `transport` that go local.
+    pub fn service_ports_of(
+        &self,
+        transport: Transport,
+    ) -> impl Iterator<Item = (&ServicePort, u16)> {
+        self.exposed
+            .iter()
+            .filter(move |e| e.transport == transport)
+            .flat_map(|e| e.service_ports.iter().map(|p| (p, e.local)))
+    }
 }
 
-/// `--expose`: `port` or `local:remote`, comma separated.
+/// `--expose`: `port` or `local:remote`, each optionally ending in `/tcp` or `/udp` (either
+/// case), comma separated.
 pub fn parse_expose(text: &str) -> Result<Vec<ExposeItem>, PlanError> {
     let port = |p: &str| p.trim().parse::<u16>().ok().filter(|p| *p > 0);
-    let pairs: Vec<&str> = text.split(',').filter(|p| !p.trim().is_empty()).collect();
-    if pairs.is_empty() {
+    let items: Vec<&str> = text.split(',').filter(|p| !p.trim().is_empty()).collect();
+    if items.is_empty() {
         return Err(PlanError::NoPort(text.to_owned()));
     }
-    pairs
+    items
         .into_iter()
-        .map(|pair| {
-            let parsed = match pair.split_once(':') {
-                Some((l, r)) => port(l).zip(port(r)).map(|(l, r)| (l, Some(r))),
-                None => port(pair).map(|p| (p, None)),
+        .map(|item| {
+            let malformed = || PlanError::Malformed(item.to_owned());
+            let (ports, transport) = match item.trim().rsplit_once('/') {
+                None => (item, Transport::Tcp),
+                Some((ports, suffix)) if suffix.eq_ignore_ascii_case("tcp") => {
+                    (ports, Transport::Tcp)
+                }
+                Some((ports, suffix)) if suffix.eq_ignore_ascii_case("udp") => {
+                    (ports, Transport::Udp)
+                }
+                Some(_) => return Err(malformed()),
             };
-            parsed.ok_or_else(|| PlanError::Malformed(pair.to_owned()))
+            let (local, remote) = match ports.split_once(':') {
+                Some((l, r)) => port(l)
+                    .zip(port(r))
+                    .map(|(l, r)| (l, Some(r)))
+                    .ok_or_else(malformed)?,
+                None => (port(ports).ok_or_else(malformed)?, None),
+            };
+            Ok(ExposeItem {
+                local,
+                remote,
+                transport,
+            })
         })
         .collect()
-}
-
-fn item_text((local, remote): ExposeItem) -> String {
-    remote.map_or_else(|| local.to_string(), |r| format!("{local}:{r}"))
 }
 
 /// The Service's ports with the numbers their target resolves to: one for a number or the
@@ -234,8 +320,8 @@ fn resolve(
         .collect()
 }
 
-/// Decides, for each `--expose` item, the target port and the Service ports it stands for
-/// (see the module doc); `named` resolves named target ports.
+/// Decides, for each `--expose` item, the target port and the Service ports of its
+/// protocol it stands for (see the module doc); `named` resolves named target ports.
 pub fn plan(
     service: &str,
     ports: &[ServicePort],
@@ -244,80 +330,87 @@ pub fn plan(
 ) -> Result<PortPlan, PlanError> {
     let mut plan = PortPlan::default();
     let resolved = resolve(service, ports, named, &mut plan.warnings);
-    let targets_of = |p: &(ServicePort, Vec<u16>)| p.1.clone();
-    let mut claimed: BTreeMap<u16, ExposeItem> = BTreeMap::new();
+    let mut claimed: BTreeMap<(u16, Transport), ExposeItem> = BTreeMap::new();
     for item in expose {
-        let (local, remote) = *item;
-        let wanted = remote.unwrap_or(local);
-        let tcp_target = resolved
-            .iter()
-            .any(|(p, targets)| p.is_tcp() && targets.contains(&wanted));
-        let target = if tcp_target {
-            wanted
-        } else {
-            // A Service port instead: the TCP one when TCP and UDP share the number.
-            let by_port = resolved
-                .iter()
-                .filter(|(p, _)| p.port == wanted)
-                .min_by_key(|(p, _)| !p.is_tcp());
-            match by_port {
-                Some(port) if !targets_of(port).is_empty() => targets_of(port)[0],
-                Some((p, _)) => {
-                    return Err(PlanError::Unresolved {
-                        service: service.to_owned(),
-                        port: p.port,
-                        name: match &p.target {
-                            Some(IntOrString::String(name)) => name.clone(),
-                            _ => String::new(),
-                        },
-                    });
-                }
-                // Only a UDP or SCTP port has that target.
-                None if resolved.iter().any(|(_, t)| t.contains(&wanted)) => {
-                    return Err(PlanError::NotTcp {
-                        port: wanted,
-                        service: service.to_owned(),
-                    });
-                }
-                None => {
-                    return Err(PlanError::NoSuchPort {
-                        port: wanted,
-                        service: service.to_owned(),
-                    });
-                }
-            }
-        };
-        if let Some(earlier) = claimed.insert(target, *item) {
+        let protocol = item.transport.protocol();
+        let wanted = item.wanted();
+        let target = target_of(service, &resolved, protocol, wanted)?;
+        if let Some(earlier) = claimed.insert((target, item.transport), *item) {
+            let target = match item.transport {
+                Transport::Tcp => target.to_string(),
+                Transport::Udp => format!("{target}/udp"),
+            };
             return Err(PlanError::SameTarget {
-                first: item_text(earlier),
-                second: item_text(*item),
+                first: earlier.to_string(),
+                second: item.to_string(),
                 target,
             });
         }
-        let (tcp, other): (Vec<ServicePort>, Vec<ServicePort>) = resolved
+        let (same, other): (Vec<ServicePort>, Vec<ServicePort>) = resolved
             .iter()
             .filter(|(_, targets)| targets.contains(&target))
             .map(|(p, _)| p.clone())
-            .partition(ServicePort::is_tcp);
-        if tcp.is_empty() {
-            return Err(PlanError::NotTcp {
-                port: wanted,
-                service: service.to_owned(),
-            });
+            .partition(|p| p.protocol == protocol);
+        if item.transport == Transport::Tcp {
+            plan.not_carried
+                .extend(other.into_iter().filter(|p| !p.is_tcp()));
         }
-        plan.not_carried.extend(other);
         plan.exposed.push(Exposed {
-            local,
+            local: item.local,
             target,
-            service_ports: tcp,
+            transport: item.transport,
+            service_ports: same,
         });
     }
+    // A UDP port sharing a TCP item's target is carried when a `/udp` item exposes it too.
+    let exposed: Vec<ServicePort> = plan.service_ports().map(|(p, _)| p.clone()).collect();
+    plan.not_carried.retain(|p| !exposed.contains(p));
+    plan.not_carried.dedup();
     plan.unexposed = ports
         .iter()
-        .filter(|p| !plan.service_ports().any(|(e, _)| e == *p))
+        .filter(|p| !exposed.contains(p))
         .cloned()
         .collect();
     Ok(plan)
+}
+
+/// The target port an item of `protocol` naming `wanted` stands for: `wanted` when a Service
+/// port of the protocol targets it, else the target of the Service port of the protocol
+/// numbered `wanted`. A port only of another protocol is an error that says so.
+fn target_of(
+    service: &str,
+    resolved: &[(ServicePort, Vec<u16>)],
+    protocol: &str,
+    wanted: u16,
+) -> Result<u16, PlanError> {
+    let of_protocol = || resolved.iter().filter(|(p, _)| p.protocol == protocol);
+    if of_protocol().any(|(_, targets)| targets.contains(&wanted)) {
+        return Ok(wanted);
+    }
+    if let Some((p, targets)) = of_protocol().find(|(p, _)| p.port == wanted) {
+        return targets
+            .first()
+            .copied()
+            .ok_or_else(|| PlanError::Unresolved {
+                service: service.to_owned(),
+                port: p.port,
+                name: match &p.target {
+                    Some(IntOrString::String(name)) => name.clone(),
+                    _ => String::new(),
+                },
+            });
+    }
+    // Only a port of another protocol has that number or target.
+    let other = resolved
+        .iter()
+        .find(|(p, targets)| p.port == wanted || targets.contains(&wanted));
+    let (port, service) = (wanted, service.to_owned());
+    Err(match other.map(|(p, _)| p.protocol.as_str()) {
+        None => PlanError::NoSuchPort { port, service },
+        Some("UDP") => PlanError::NotTcp { port, service },
+        Some("TCP") => PlanError::NotUdp { port, service },
+        Some(_) => PlanError::Sctp { port, service },
+    })
 }
 
 #[cfg(test)]
@@ -356,16 +449,64 @@ mod tests {
         .unwrap()
     }
 
+    fn tcp(local: u16, remote: Option<u16>) -> ExposeItem {
+        ExposeItem {
+            local,
+            remote,
+            transport: Transport::Tcp,
+        }
+    }
+
+    fn udp(local: u16, remote: Option<u16>) -> ExposeItem {
+        ExposeItem {
+            transport: Transport::Udp,
+            ..tcp(local, remote)
+        }
+    }
+
     #[test]
     fn expose_forms_and_errors() {
         assert_eq!(
             parse_expose("8080,9000:81").unwrap(),
-            [(8080, None), (9000, Some(81))]
+            [tcp(8080, None), tcp(9000, Some(81))]
         );
-        for bad in ["", "x", "8080:", "0", "1:2:3", "70000"] {
+        assert_eq!(
+            parse_expose("15353:53/udp,53/UDP,80/tcp, 81:82/Tcp").unwrap(),
+            [
+                udp(15353, Some(53)),
+                udp(53, None),
+                tcp(80, None),
+                tcp(81, Some(82))
+            ]
+        );
+        assert_eq!(udp(15353, Some(53)).to_string(), "15353:53/udp");
+        assert_eq!(tcp(80, None).to_string(), "80", "TCP is written bare");
+        for bad in [
+            "",
+            "x",
+            "8080:",
+            "0",
+            "1:2:3",
+            "70000",
+            "53/sctp",
+            "53/",
+            "/udp",
+            "53/udp/udp",
+            "0/udp",
+        ] {
             let err = parse_expose(bad).unwrap_err().to_string();
             assert!(err.contains("--expose"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn udp_items_are_refused_where_only_tcp_is_carried() {
+        let items = parse_expose("8080,15353:53/udp").unwrap();
+        assert_eq!(
+            tcp_only(&items, "--mode selector").unwrap_err().to_string(),
+            "--expose 15353:53/udp: --mode selector carries TCP only (UDP is carried by `exchange --mode agent`)"
+        );
+        assert!(tcp_only(&items[..1], "mesh").is_ok());
     }
 
     #[test]
@@ -376,7 +517,7 @@ mod tests {
                 "web",
                 &ports,
                 &NamedPorts::default(),
-                &[(18080, Some(remote))],
+                &[tcp(18080, Some(remote))],
             )
             .unwrap();
             assert_eq!(plan.exposed[0].target, 8080, "{remote}");
@@ -384,9 +525,14 @@ mod tests {
             assert!(plan.unexposed.is_empty());
         }
         assert_eq!(
-            plan("web", &ports, &NamedPorts::default(), &[(18080, Some(5))])
-                .unwrap_err()
-                .to_string(),
+            plan(
+                "web",
+                &ports,
+                &NamedPorts::default(),
+                &[tcp(18080, Some(5))]
+            )
+            .unwrap_err()
+            .to_string(),
             "target port 5 not exists in service 'web'"
         );
     }
@@ -402,15 +548,20 @@ mod tests {
             "api",
             &ports,
             &NamedPorts::default(),
-            &[(18080, Some(8080)), (19090, Some(9090))],
+            &[tcp(18080, Some(8080)), tcp(19090, Some(9090))],
         )
         .unwrap();
         let local: Vec<(u16, u16)> = plan.service_ports().map(|(p, l)| (p.port, l)).collect();
         assert_eq!(local, [(80, 18080), (8080, 18080), (9090, 19090)]);
         assert!(plan.unexposed.is_empty());
         // A Service port stands for its target: 80 means target 8080, so 8080 goes too.
-        let by_port =
-            super::plan("api", &ports, &NamedPorts::default(), &[(18080, Some(80))]).unwrap();
+        let by_port = super::plan(
+            "api",
+            &ports,
+            &NamedPorts::default(),
+            &[tcp(18080, Some(80))],
+        )
+        .unwrap();
         assert_eq!(by_port.exposed[0].service_ports.len(), 2);
         assert_eq!(by_port.unexposed, [ports[2].clone()]);
     }
@@ -426,7 +577,7 @@ mod tests {
             "mixed",
             &ports,
             &NamedPorts::default(),
-            &[(15353, Some(5353))],
+            &[tcp(15353, Some(5353))],
         )
         .unwrap();
         assert_eq!(dns.exposed[0].service_ports, [ports[1].clone()]);
@@ -436,7 +587,7 @@ mod tests {
             "mixed",
             &ports,
             &NamedPorts::default(),
-            &[(15353, Some(53))],
+            &[tcp(15353, Some(53))],
         )
         .unwrap();
         assert_eq!(by_port.exposed[0].target, 5353, "the TCP port 53 is meant");
@@ -444,7 +595,7 @@ mod tests {
             "mixed",
             &ports,
             &NamedPorts::default(),
-            &[(18080, Some(8080))],
+            &[tcp(18080, Some(8080))],
         )
         .unwrap();
         assert_eq!(
@@ -463,7 +614,7 @@ mod tests {
             "crossed",
             &crossed,
             &NamedPorts::default(),
-            &[(1, Some(80))],
+            &[tcp(1, Some(80))],
         )
         .unwrap();
         assert_eq!(by_port.exposed[0].target, 8080);
@@ -473,12 +624,67 @@ mod tests {
                 "logs",
                 &udp_only,
                 &NamedPorts::default(),
-                &[(1514, Some(514))]
+                &[tcp(1514, Some(514))]
             )
             .unwrap_err()
             .to_string(),
-            "port 514 of service 'logs' is not TCP; exchange carries TCP only"
+            "port 514 of service 'logs' is UDP: expose it as '514/udp'"
         );
+    }
+
+    #[test]
+    fn a_udp_item_stands_for_the_udp_ports_of_its_target_and_leaves_tcp_alone() {
+        let ports = [
+            port(Some("dns-udp"), 53, "UDP", int(5353)),
+            port(Some("dns-tcp"), 53, "TCP", int(5353)),
+            port(Some("http"), 80, "TCP", int(8080)),
+        ];
+        let none = NamedPorts::default();
+        // By target and by Service port alike.
+        for remote in [5353, 53] {
+            let udp_only = plan("mixed", &ports, &none, &[udp(15353, Some(remote))]).unwrap();
+            assert_eq!(udp_only.exposed[0].transport, Transport::Udp);
+            assert_eq!(udp_only.exposed[0].service_ports, [ports[0].clone()]);
+            assert!(udp_only.not_carried.is_empty());
+            assert_eq!(udp_only.unexposed, [ports[1].clone(), ports[2].clone()]);
+        }
+        // TCP and UDP of one target, each to its own local port: nothing left uncarried.
+        let both = plan(
+            "mixed",
+            &ports,
+            &none,
+            &[tcp(15353, Some(5353)), udp(15353, Some(5353))],
+        )
+        .unwrap();
+        assert!(both.not_carried.is_empty(), "{both:?}");
+        assert_eq!(both.unexposed, [ports[2].clone()]);
+        let udp_ports: Vec<u16> = both
+            .service_ports_of(Transport::Udp)
+            .map(|(p, _)| p.port)
+            .collect();
+        assert_eq!(udp_ports, [53]);
+        assert_eq!(
+            plan("mixed", &ports, &none, &[udp(1, Some(8080))])
+                .unwrap_err()
+                .to_string(),
+            "port 8080 of service 'mixed' is not UDP: expose it without '/udp'"
+        );
+        assert_eq!(
+            plan(
+                "mixed",
+                &ports,
+                &none,
+                &[udp(1, Some(53)), udp(2, Some(5353))]
+            )
+            .unwrap_err()
+            .to_string(),
+            "--expose items 1:53/udp and 2:5353/udp both stand for target port 5353/udp"
+        );
+        let sctp = [port(None, 9899, "SCTP", None)];
+        assert!(matches!(
+            plan("sctp", &sctp, &none, &[tcp(9899, None)]),
+            Err(PlanError::Sctp { port: 9899, .. })
+        ));
     }
 
     #[test]
@@ -492,7 +698,7 @@ mod tests {
             "web",
             &ports,
             &NamedPorts::from_pods(&pods),
-            &[(9090, Some(8080))],
+            &[tcp(9090, Some(8080))],
         )
         .unwrap();
         assert_eq!(plan.exposed[0].target, 8080);
@@ -502,11 +708,11 @@ mod tests {
         // port it cannot be resolved.
         let none = NamedPorts::default();
         assert!(matches!(
-            super::plan("web", &ports, &none, &[(9090, Some(8080))]),
+            super::plan("web", &ports, &none, &[tcp(9090, Some(8080))]),
             Err(PlanError::NoSuchPort { port: 8080, .. })
         ));
         assert_eq!(
-            super::plan("web", &ports, &none, &[(9090, Some(80))])
+            super::plan("web", &ports, &none, &[tcp(9090, Some(80))])
                 .unwrap_err()
                 .to_string(),
             "service port 80 of 'web' targets the port named 'http', which no pod or workload of the service declares"
@@ -524,7 +730,7 @@ mod tests {
             "web",
             &ports,
             &NamedPorts::from_pods(&pods),
-            &[(18080, Some(80))],
+            &[tcp(18080, Some(80))],
         )
         .unwrap();
         assert_eq!(
@@ -543,7 +749,7 @@ mod tests {
                 "web",
                 &ports,
                 &NamedPorts::default(),
-                &[(1, Some(80)), (2, Some(8080))]
+                &[tcp(1, Some(80)), tcp(2, Some(8080))]
             )
             .unwrap_err()
             .to_string(),
@@ -574,6 +780,7 @@ mod tests {
         let e = Exposed {
             local: 1,
             target: 9001,
+            transport: Transport::Tcp,
             service_ports: vec![port(Some("admin"), 81, "TCP", int(9001))],
         };
         assert_eq!(e.shadow_ports(), [("kt-9001".to_owned(), 9001)]);
