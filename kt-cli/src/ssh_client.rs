@@ -168,7 +168,7 @@ pub enum SshError {
         source: Box<russh::Error>,
     },
     #[error(
-        "{target} refused to carry UDP port {port}: its agent predates UDP exchange (apply deploy/ from this kt's release to update the DaemonSet)"
+        "{target} refused to carry UDP port {port} (an agent older than this kt refuses it: apply deploy/ from this kt's release; otherwise the agent's log says why)"
     )]
     UdpForwardRefused { target: String, port: u16 },
     #[error("failed to open a channel to {destination} through {target}")]

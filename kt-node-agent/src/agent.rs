@@ -856,9 +856,10 @@ impl Reconciler {
                     ports: done
                         .map(|p| p.tcp.iter().copied().collect())
                         .unwrap_or_default(),
-                    udp_ports: done
-                        .map(|p| p.udp.iter().copied().collect())
-                        .unwrap_or_default(),
+                    udp_ports: Some(
+                        done.map(|p| p.udp.iter().copied().collect())
+                            .unwrap_or_default(),
+                    ),
                 };
                 let shown = status.programmed.get(&self.node) == Some(&ack);
                 let id = (s.metadata.namespace.clone()?, s.metadata.name.clone()?);

@@ -37,7 +37,10 @@ pub fn decode(buffer: &[u8]) -> Option<(&[u8], usize)> {
 }
 
 /// A connected UDP socket seen as a datagram stream: each read is one datagram received,
-/// each write one datagram sent (what [`relay`] expects of its datagram side).
+/// each write one datagram sent (what [`relay`] expects of its datagram side). An empty
+/// datagram is skipped (zero bytes read is the end of a stream), and so is the
+/// "connection refused" an ICMP port unreachable leaves for a datagram sent earlier (the
+/// program on the other side is not up yet, or restarts): neither ends the flow.
 pub struct ConnectedUdp(pub UdpSocket);
 
 impl AsyncRead for ConnectedUdp {
@@ -46,7 +49,14 @@ impl AsyncRead for ConnectedUdp {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.0.poll_recv(cx, buf)
+        loop {
+            let before = buf.filled().len();
+            match self.0.poll_recv(cx, buf) {
+                Poll::Ready(Ok(())) if buf.filled().len() == before => {}
+                Poll::Ready(Err(error)) if error.kind() == io::ErrorKind::ConnectionRefused => {}
+                other => return other,
+            }
+        }
     }
 }
 

@@ -1362,7 +1362,7 @@ async fn hostile_session_specs_are_refused_with_an_event_and_a_valid_one_keeps_w
         (
             "many-ports",
             base("exchange", "web", json!(many)),
-            "names 500 ports",
+            "name 500 ports, more than 100",
         ),
         (
             "twice",

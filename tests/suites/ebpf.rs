@@ -210,6 +210,52 @@ fn a_udp_entry_redirects_unconnected_and_connected_sockets_and_replies_show_the_
     not(feature = "privileged"),
     ignore = "needs root, cgroup2 and eBPF: tests/run test"
 )]
+fn udp_from_ipv6_sockets_native_and_v4_mapped_is_redirected_and_replies_show_the_service() {
+    let mut f = Fixture::new();
+    let target4 = UdpTagServer::start(&f.netns, addr("127.0.0.1:0"), "udp-target").unwrap();
+    let target6 = UdpTagServer::start(&f.netns, addr("[::1]:0"), "udp-target6").unwrap();
+    let service6 = "[fd00:96::10]:8080";
+    let mapped = "[::ffff:10.96.0.10]:80";
+    f.redirector
+        .insert(
+            ServiceKey::udp(addr(SERVICE)),
+            Redirect::to(target4.addr(), 2, Mode::Exchange),
+        )
+        .unwrap();
+    f.redirector
+        .insert(
+            ServiceKey::udp(addr(service6)),
+            Redirect::to(target6.addr(), 3, Mode::Exchange),
+        )
+        .unwrap();
+    for connected in [false, true] {
+        let udp =
+            |to: &str| probe::udp(&f.netns, Some(f.cgroup.path()), addr(to), connected).unwrap();
+        // A dual-stack socket to a v4-mapped Service: the IPv4 path (sendmsg4, or connect6
+        // to the v4-mapped target), the reply shown v4-mapped (recvmsg6) or the peer name
+        // kept (getpeername6).
+        let seen = udp(mapped);
+        assert_eq!(seen.server, "udp-target", "{connected}: {seen:?}");
+        assert_eq!(seen.peer, addr(mapped), "{connected}");
+        // A native IPv6 Service (sendmsg6 and recvmsg6, or connect6).
+        let seen = udp(service6);
+        assert_eq!(seen.server, "udp-target6", "{connected}: {seen:?}");
+        assert_eq!(seen.peer, addr(service6), "{connected}");
+    }
+    assert_eq!(
+        f.counter(Counter::UdpSendRedirected),
+        2,
+        "the unconnected sends"
+    );
+    assert_eq!(f.counter(Counter::UdpReplyRestored), 2, "their replies");
+    assert_eq!(f.counter(Counter::UdpV6ToV4Skipped), 0);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root, cgroup2 and eBPF: tests/run test"
+)]
 fn ipv6_socket_to_a_v4_mapped_address_is_redirected() {
     let f = Fixture::new();
     let mapped = "[::ffff:10.96.0.10]:80";

@@ -5,7 +5,7 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use kt_testbed::cluster::Testbed;
+use kt_testbed::{cluster::Testbed, topology::node_ip};
 use kt_tests::harness::{
     apps::{
         apply, deploy_client_2, deploy_web, in_pod, install_agent, service_state, start_testbed,
@@ -289,6 +289,13 @@ fn udp_echoes(tb: &Testbed, ip: &str) -> bool {
     in_pod(tb, "client", &["bash", "-c", &script]).1 == "ping"
 }
 
+/// The value of the sample `line` (`name{labels}`) in a `/metrics` page, 0 when absent.
+fn sample(text: &str, line: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// `kt-tools ARGS` in `pod`: stdout, or `Err` with it when the tool failed.
 fn tools_in(tb: &Testbed, pod: &str, args: &[&str]) -> Result<String, String> {
     let tools = bins::kt_tools();
@@ -369,6 +376,39 @@ async fn a_udp_port_exchanged_in_agent_mode_reaches_the_workstation_from_every_k
             }
         }
     }
+    // Each node's programs redirected an unconnected socket's datagram and restored its
+    // reply's source; the holder carried every datagram.
+    let metrics: Vec<String> = [1, 2]
+        .iter()
+        .map(|node| {
+            let url = format!("http://{}:9966/metrics", node_ip(*node));
+            in_pod(&tb, "client", &["curl", "-s", &url]).1
+        })
+        .collect();
+    for (node, text) in metrics.iter().enumerate() {
+        for event in ["udp_send_redirected", "udp_reply_restored"] {
+            let line = format!("kt_agent_ebpf_events_total{{event=\"{event}\"}}");
+            assert!(
+                sample(text, &line) >= 1.0,
+                "node-{}: {line}\n{text}",
+                node + 1
+            );
+        }
+    }
+    let carried: f64 = metrics
+        .iter()
+        .map(|t| {
+            sample(
+                t,
+                "kt_agent_udp_datagrams_total{direction=\"to_workstation\"}",
+            )
+        })
+        .sum();
+    let asked = (CLIENTS.len() * addresses.len() * 2) as f64;
+    assert!(
+        carried >= asked,
+        "{carried} datagrams carried, {asked} sent"
+    );
     answered_by_all(
         &tb,
         &["http://mixed:53/".to_owned()],
@@ -425,6 +465,26 @@ async fn a_udp_port_exchanged_in_agent_mode_reaches_the_workstation_from_every_k
         seen(udp_echoes(&tb, &ip), |back| *back)
     })
     .await;
+    // A mode that carries TCP only refuses `/udp` and changes nothing.
+    let before = service_state(&tb, "mixed");
+    let (code, err) = ktctl_once(
+        &tb,
+        &[],
+        &[
+            "exchange",
+            "mixed",
+            "--expose",
+            "15354:5353/udp",
+            "--mode",
+            "selector",
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--expose 15354:5353/udp: --mode selector carries TCP only"),
+        "{err}"
+    );
+    assert_eq!(service_state(&tb, "mixed"), before);
 
     // TCP and UDP of one number each to its own local port: both go local; a one-way
     // stream of 1 000 datagrams arrives, in order.

@@ -303,7 +303,12 @@ async fn prepare(
         ExchangeMode::Ephemeral => Method::Ephemeral,
     };
     if !matches!(method, Method::Agent(_)) {
-        plan::tcp_only(expose, &format!("--mode {}", method.name()))?;
+        let mode = match args.mode {
+            // What the user asked for: auto fell back to selector for want of an agent.
+            ExchangeMode::Auto => "--mode auto without a ready kt agent (selector mode)".into(),
+            _ => format!("--mode {}", method.name()),
+        };
+        plan::tcp_only(expose, &mode)?;
     }
     check_ports_served(&method, name, &port_plan, args.allow_unserved_ports)?;
     if !args.skip_port_checking {

@@ -150,12 +150,10 @@ pub struct SessionStatus {
     /// One listener per Service port.
     #[serde(default, deserialize_with = "lenient")]
     pub listeners: Vec<Listener>,
-    /// One UDP listener per UDP Service port of `spec.udpPorts`.
-    #[serde(
-        default,
-        deserialize_with = "lenient",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    /// One UDP listener per UDP Service port of `spec.udpPorts`. Always written, `[]` too:
+    /// the holder writes its status as a merge patch, which would keep an earlier
+    /// connection's listeners under a field left out.
+    #[serde(default, deserialize_with = "lenient")]
     pub udp_listeners: Vec<Listener>,
     /// The last renewal.
     #[serde(
@@ -250,9 +248,11 @@ pub struct Programmed {
     /// goes to this session.
     #[serde(default)]
     pub ports: Vec<u16>,
-    /// The same for the UDP Service ports of `spec.udpPorts`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub udp_ports: Vec<u16>,
+    /// The same for the UDP Service ports of `spec.udpPorts`: always written by an agent
+    /// that carries UDP (`[]` too, so that a merge patch replaces an earlier list); absent
+    /// from the acknowledgement of an agent that predates UDP exchange.
+    #[serde(default)]
+    pub udp_ports: Option<Vec<u16>>,
 }
 
 /// A tunnel listener of the holding agent.
@@ -338,7 +338,9 @@ impl KtSession {
             .filter_map(|node| {
                 let acknowledged = self.status.as_ref().and_then(|s| s.programmed.get(node));
                 let (done, udp_done): (&[u16], &[u16]) = match (acknowledged, &holder) {
-                    (Some(p), Some(holder)) if p.holder == *holder => (&p.ports, &p.udp_ports),
+                    (Some(p), Some(holder)) if p.holder == *holder => {
+                        (&p.ports, p.udp_ports.as_deref().unwrap_or_default())
+                    }
                     _ => (&[], &[]),
                 };
                 let tcp = ports

@@ -81,13 +81,17 @@ fn mode_name(mode: kt_proto::session::SessionMode) -> String {
         .unwrap_or_else(|| format!("{mode:?}").to_lowercase())
 }
 
-fn listeners_text(listeners: &[Listener]) -> String {
-    let mut sorted: Vec<&Listener> = listeners.iter().collect();
-    sorted.sort_by_key(|l| (l.port, l.listener_port));
-    let all: Vec<String> = sorted
-        .iter()
-        .map(|l| format!("{}→{}", l.port, l.listener_port))
-        .collect();
+fn listeners_text(listeners: &[Listener], udp_listeners: &[Listener]) -> String {
+    let sorted = |list: &[Listener], suffix: &str| {
+        let mut sorted: Vec<&Listener> = list.iter().collect();
+        sorted.sort_by_key(|l| (l.port, l.listener_port));
+        sorted
+            .iter()
+            .map(|l| format!("{}{suffix}→{}", l.port, l.listener_port))
+            .collect::<Vec<String>>()
+    };
+    let mut all = sorted(listeners, "");
+    all.extend(sorted(udp_listeners, "/udp"));
     if all.is_empty() {
         "no listeners".into()
     } else {
@@ -128,7 +132,8 @@ impl SessionEvent {
         event
     }
 
-    /// `Held` by the agent on `node` at `address` with `listeners`.
+    /// `Held` by the agent on `node` at `address` with `listeners` (TCP) and
+    /// `udp_listeners`.
     pub fn held(
         namespace: &str,
         name: &str,
@@ -136,6 +141,7 @@ impl SessionEvent {
         node: &str,
         address: std::net::IpAddr,
         listeners: &[Listener],
+        udp_listeners: &[Listener],
     ) -> Self {
         Self {
             namespace: namespace.to_owned(),
@@ -146,7 +152,7 @@ impl SessionEvent {
             reason: HELD,
             message: format!(
                 "held by the agent on {node} ({address}, {})",
-                listeners_text(listeners)
+                listeners_text(listeners, udp_listeners)
             ),
             dedupe: None,
         }
@@ -419,11 +425,15 @@ mod tests {
                     listener_port: 40001,
                 },
             ],
+            &[Listener {
+                port: 53,
+                listener_port: 40003,
+            }],
         );
         assert_eq!(event.reason, "Held");
         assert_eq!(
             event.message,
-            "held by the agent on node-1 (10.0.0.1, listeners 80→40001, 8080→40002)"
+            "held by the agent on node-1 (10.0.0.1, listeners 80→40001, 8080→40002, 53/udp→40003)"
         );
     }
 }

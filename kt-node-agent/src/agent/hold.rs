@@ -306,6 +306,7 @@ impl Holder {
                 &self.context.node_name,
                 self.context.node_ip,
                 &status.listeners(),
+                &status.udp_listeners(),
             ));
             let every = Duration::from_secs(u64::from(held.spec.lease_seconds.max(3)) / 3);
             self.tasks
@@ -711,11 +712,13 @@ impl Status {
             self.release().await;
         }
         // After the status: a status this agent no longer vouches for would be reported.
-        let listeners = self.listeners();
-        let released =
-            self.context
-                .publisher
-                .release(&self.login.namespace, &self.login.session, &listeners);
+        let (listeners, udp_listeners) = (self.listeners(), self.udp_listeners());
+        let released = self.context.publisher.release(
+            &self.login.namespace,
+            &self.login.session,
+            &listeners,
+            &udp_listeners,
+        );
         if let Err(error) = released.await {
             tracing::warn!(error = %kt_proto::error_chain(&error), "failed to update the agent record; the session's lease ends it");
         }

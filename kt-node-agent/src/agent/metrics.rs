@@ -22,8 +22,10 @@
 //! - `kt_agent_udp_datagrams_total{direction}` (counter): their datagrams
 //!   (`to_workstation`, `from_workstation`);
 //! - `kt_agent_udp_dropped_total{reason}` (counter): datagrams from pods dropped
-//!   (`queue_full`: the workstation was slower; `flow_limit`: a flow evicted for a new one;
-//!   `no_channel`: ktctl refused or did not answer the flow's channel).
+//!   (`queue_full`: the workstation was slower; `flow_limit`: queued in a flow evicted for a
+//!   new one; `no_channel`: ktctl refused the flow's channel or did not open it in time;
+//!   `flow_closed`: queued when the flow or the session ended; `empty`: zero bytes, which
+//!   the channel framing cannot carry).
 //!
 //! The first four are read from the redirect map and the eBPF per-CPU maps at scrape time.
 

@@ -98,21 +98,23 @@ impl Publisher {
         }
     }
 
-    /// Records that this agent no longer holds `namespace/name` with `listeners` (a newer
-    /// connection of the same session, with other listeners, keeps its entry), and writes
-    /// the record when that changed.
+    /// Records that this agent no longer holds `namespace/name` with `listeners` and
+    /// `udp_listeners` (a newer connection of the same session, with other listeners,
+    /// keeps its entry: both lists are compared, as a UDP-only session has no TCP
+    /// listener to tell two connections apart), and writes the record when that changed.
     pub async fn release(
         &self,
         namespace: &str,
         name: &str,
         listeners: &[kt_proto::session::Listener],
+        udp_listeners: &[kt_proto::session::Listener],
     ) -> Result<(), PublishError> {
         let mut held = self.held.lock().await;
         let key = (namespace.to_owned(), name.to_owned());
         let ours = held
             .sessions
             .get(&key)
-            .is_some_and(|s| s.listeners == listeners);
+            .is_some_and(|s| s.listeners == listeners && s.udp_listeners == udp_listeners);
         if ours {
             held.sessions.remove(&key);
         }

@@ -443,7 +443,7 @@ mod tests {
             kt_proto::session::Programmed {
                 holder: "x".into(),
                 ports: vec![80],
-                udp_ports: Vec::new(),
+                udp_ports: Some(Vec::new()),
             },
         );
         renewed.metadata.resource_version = Some("99".into());

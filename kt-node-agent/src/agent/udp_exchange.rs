@@ -14,7 +14,8 @@
 //! ([`crate::agent::AgentConfig::udp_flow_idle`]); at most [`MAX_FLOWS`] flows per listener
 //! (the least recently active one makes way); at most [`QUEUE`] datagrams wait per flow and
 //! [`MAX_QUEUED_BYTES`] in all the listener's queues (more are dropped, as a full socket
-//! buffer drops them). Every drop is counted.
+//! buffer drops them); a flow whose channel ktctl does not open within [`OPEN_TIMEOUT`]
+//! ends. Every datagram dropped is counted, by why.
 
 use std::{
     collections::HashMap,
@@ -51,6 +52,27 @@ const QUEUE: usize = 64;
 const MAX_QUEUED_BYTES: usize = 8 << 20;
 /// The largest datagram (the 16-bit length of the framing).
 const MAX_DATAGRAM: usize = 65_535;
+/// How long ktctl may take to open a flow's channel.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the datagrams a flow still had queued when it ended were dropped (the `reason` of
+/// `kt_agent_udp_dropped_total`): set by whoever ends it.
+#[derive(Clone)]
+struct EndReason(Arc<Mutex<&'static str>>);
+
+impl EndReason {
+    fn new() -> Self {
+        Self(Arc::new(Mutex::new("flow_closed")))
+    }
+
+    fn set(&self, reason: &'static str) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+
+    fn get(&self) -> &'static str {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// Serves one UDP listener until `stop`: its datagrams go to ktctl over `handle`, one
 /// channel with `path` per flow.
@@ -92,13 +114,19 @@ pub(crate) async fn serve(
         };
         let datagram = buffer[..len].to_vec();
         let now = Instant::now();
+        // A flow that ended (idle, refused) but whose end the listener has not read yet
+        // makes way for a new one.
+        if flows.get(&peer).is_some_and(|f| f.to_flow.is_closed()) {
+            flows.remove(&peer);
+        }
         if !flows.contains_key(&peer) {
             if flows.len() >= MAX_FLOWS {
-                evict_least_recent(&mut flows, &metrics);
+                evict_least_recent(&mut flows);
             }
             next_id += 1;
             let (to_flow, from_pod) = mpsc::channel(QUEUE);
-            let activity = Activity::new(now);
+            let (activity, reason, flow_stop) =
+                (Activity::new(now), EndReason::new(), stop.child_token());
             let flow = FlowTask {
                 handle: handle.clone(),
                 path: path.clone(),
@@ -109,9 +137,10 @@ pub(crate) async fn serve(
                     activity: activity.clone(),
                     metrics: metrics.clone(),
                     queued: queued.clone(),
+                    reason: reason.clone(),
                 },
                 idle,
-                stop: stop.child_token(),
+                stop: flow_stop.clone(),
             };
             let (ended_tx, id) = (ended_tx.clone(), next_id);
             tasks.spawn(
@@ -127,6 +156,8 @@ pub(crate) async fn serve(
                     id,
                     to_flow,
                     activity,
+                    reason,
+                    stop: flow_stop,
                 },
             );
         }
@@ -146,10 +177,10 @@ pub(crate) async fn serve(
                 queued.fetch_sub(len, Ordering::Relaxed);
                 metrics.dropped("queue_full");
             }
-            // The flow ended (its channel was refused, or it idled out just now).
+            // The flow ended just now.
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 queued.fetch_sub(len, Ordering::Relaxed);
-                metrics.dropped("no_channel");
+                metrics.dropped("flow_closed");
                 flows.remove(&peer);
             }
         }
@@ -165,17 +196,17 @@ fn is_transient(error: &io::Error) -> bool {
         || error.raw_os_error() == Some(libc::ENETUNREACH)
 }
 
-/// Ends the flow that was active least recently (O(flows), only when the table is full).
-fn evict_least_recent(flows: &mut HashMap<SocketAddr, Flow>, metrics: &UdpExchange) {
+/// Ends the flow that was active least recently (O(flows), only when the table is full);
+/// what it still had queued is dropped as `flow_limit`.
+fn evict_least_recent(flows: &mut HashMap<SocketAddr, Flow>) {
     let oldest = flows
         .iter()
         .min_by_key(|(_, f)| f.activity.last())
         .map(|(peer, _)| *peer);
-    if let Some(peer) = oldest {
-        // Dropping its sender ends the flow once it has sent what is queued.
-        flows.remove(&peer);
-        metrics.dropped("flow_limit");
-        tracing::debug!(pod = %peer, "UDP flow evicted: the listener carries {MAX_FLOWS} flows");
+    if let Some(flow) = oldest.and_then(|peer| flows.remove(&peer)) {
+        flow.reason.set("flow_limit");
+        flow.stop.cancel();
+        tracing::debug!(pod = ?oldest, "UDP flow evicted: the listener carries {MAX_FLOWS} flows");
     }
 }
 
@@ -184,6 +215,9 @@ struct Flow {
     id: u64,
     to_flow: mpsc::Sender<Vec<u8>>,
     activity: Activity,
+    reason: EndReason,
+    /// Ends the flow's task (eviction).
+    stop: CancellationToken,
 }
 
 /// When a flow last carried a datagram either way.
@@ -233,16 +267,27 @@ impl FlowTask {
             idle,
             stop,
         } = self;
-        let (metrics, activity) = (side.metrics.clone(), side.activity.clone());
+        let (metrics, activity, reason) = (
+            side.metrics.clone(),
+            side.activity.clone(),
+            side.reason.clone(),
+        );
         let opened = tokio::select! {
             () = stop.cancelled() => return,
-            opened = handle.channel_open_forwarded_streamlocal(path) => opened,
+            opened = tokio::time::timeout(OPEN_TIMEOUT, handle.channel_open_forwarded_streamlocal(path)) => opened,
         };
         let channel = match opened {
-            Ok(channel) => channel,
-            Err(error) => {
-                metrics.dropped("no_channel");
+            Ok(Ok(channel)) => channel,
+            Ok(Err(error)) => {
+                reason.set("no_channel");
                 tracing::debug!(%error, "ktctl refused the UDP flow's channel");
+                return;
+            }
+            Err(_) => {
+                reason.set("no_channel");
+                tracing::debug!(
+                    "ktctl did not open the UDP flow's channel within {OPEN_TIMEOUT:?}"
+                );
                 return;
             }
         };
@@ -272,6 +317,8 @@ struct FlowSide {
     metrics: UdpExchange,
     /// Bytes waiting in the listener's queues ([`MAX_QUEUED_BYTES`]).
     queued: Arc<AtomicUsize>,
+    /// Why what is still queued when the flow ends is dropped.
+    reason: EndReason,
 }
 
 impl AsyncRead for FlowSide {
@@ -280,28 +327,38 @@ impl AsyncRead for FlowSide {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.from_pod.poll_recv(cx) {
-            Poll::Ready(Some(datagram)) => {
-                self.queued.fetch_sub(datagram.len(), Ordering::Relaxed);
-                // The relay reads into a buffer of the largest datagram.
-                let len = datagram.len().min(buf.remaining());
-                buf.put_slice(&datagram[..len]);
-                self.metrics.datagram("to_workstation");
-                Poll::Ready(Ok(()))
+        loop {
+            match self.from_pod.poll_recv(cx) {
+                Poll::Ready(Some(datagram)) => {
+                    self.queued.fetch_sub(datagram.len(), Ordering::Relaxed);
+                    // Zero bytes would read as the end of the stream: an empty datagram
+                    // is not carried (counted).
+                    if datagram.is_empty() {
+                        self.metrics.dropped("empty");
+                        continue;
+                    }
+                    // The relay reads into a buffer of the largest datagram.
+                    let len = datagram.len().min(buf.remaining());
+                    buf.put_slice(&datagram[..len]);
+                    self.metrics.datagram("to_workstation");
+                    return Poll::Ready(Ok(()));
+                }
+                // The listener let the flow go (the listener stopped): end of stream.
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
             }
-            // The listener let the flow go (evicted, or the listener stopped): end of stream.
-            Poll::Ready(None) => Poll::Ready(Ok(())),
-            Poll::Pending => Poll::Pending,
         }
     }
 }
 
-/// What a flow had queued when it ended is no longer waiting.
+/// What a flow had queued when it ended is no longer waiting: dropped, and counted.
 impl Drop for FlowSide {
     fn drop(&mut self) {
         self.from_pod.close();
+        let reason = self.reason.get();
         while let Ok(datagram) = self.from_pod.try_recv() {
             self.queued.fetch_sub(datagram.len(), Ordering::Relaxed);
+            self.metrics.dropped(reason);
         }
     }
 }

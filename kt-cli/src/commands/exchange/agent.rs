@@ -188,6 +188,15 @@ fn port_mappings(plan: &PortPlan, transport: Transport) -> Vec<PortMapping> {
         .collect()
 }
 
+/// Whether `node`'s agent acknowledged the session without `udpPorts`, as an agent that
+/// predates UDP exchange does.
+fn predates_udp(session: Option<&KtSession>, node: &str) -> bool {
+    session
+        .and_then(|s| s.status.as_ref())
+        .and_then(|s| s.programmed.get(node))
+        .is_some_and(|ack| ack.udp_ports.is_none())
+}
+
 /// The Service ports of a session, by transport.
 struct SessionPorts {
     tcp: Vec<u16>,
@@ -246,8 +255,9 @@ async fn wait_programmed(
     pool: &SshPool,
     sessions: &Api<KtSession>,
     name: &str,
-    ports: &SessionPorts,
+    ports_of_session: &SessionPorts,
 ) -> Result<Wait, ExchangeError> {
+    let ports = ports_of_session;
     let started = tokio::time::Instant::now();
     let mut said = false;
     let mut progress = Progress::start("every node's agent to redirect the Service");
@@ -280,6 +290,12 @@ async fn wait_programmed(
         if !said && started.elapsed() >= PROGRAMMED_WITHIN {
             said = true;
             for (node, ports) in missing {
+                if !ports_of_session.udp.is_empty() && predates_udp(session.as_ref(), &node) {
+                    tracing::warn!(
+                        "Not redirected on node {node}: its kt agent predates UDP exchange (update the DaemonSet from this kt's deploy/; until then clients on {node} reach the pods)"
+                    );
+                    continue;
+                }
                 tracing::warn!(
                     "Not redirected on node {node} yet: port {} (its agent has not programmed them within {} s; the Service may have no ClusterIP and no ready endpoint for them, or another session holds its pods)",
                     ports.join(", "),
