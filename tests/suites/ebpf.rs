@@ -15,7 +15,7 @@ use kt_tests::harness::{
     netns::NetNs,
     own_programs::{UnloadedOnDrop, redirector_attached_to},
     probe,
-    server::{TagServer, UdpTagServer},
+    server::TagServer,
     unique_name,
 };
 
@@ -154,8 +154,8 @@ fn removing_the_entry_restores_the_original_destination() {
 )]
 fn a_udp_entry_redirects_unconnected_and_connected_sockets_and_replies_show_the_service() {
     let mut f = Fixture::new();
-    let _original = UdpTagServer::start(&f.netns, addr(SERVICE), "udp-original").unwrap();
-    let target = UdpTagServer::start(&f.netns, addr("127.0.0.1:0"), "udp-target").unwrap();
+    let _original = TagServer::start_udp(&f.netns, addr(SERVICE), "udp-original").unwrap();
+    let target = TagServer::start_udp(&f.netns, addr("127.0.0.1:0"), "udp-target").unwrap();
     let udp =
         |connected| probe::udp(&f.netns, Some(f.cgroup.path()), addr(SERVICE), connected).unwrap();
     // The fixture's TCP entry of the same address leaves UDP alone.
@@ -212,8 +212,8 @@ fn a_udp_entry_redirects_unconnected_and_connected_sockets_and_replies_show_the_
 )]
 fn udp_from_ipv6_sockets_native_and_v4_mapped_is_redirected_and_replies_show_the_service() {
     let mut f = Fixture::new();
-    let target4 = UdpTagServer::start(&f.netns, addr("127.0.0.1:0"), "udp-target").unwrap();
-    let target6 = UdpTagServer::start(&f.netns, addr("[::1]:0"), "udp-target6").unwrap();
+    let target4 = TagServer::start_udp(&f.netns, addr("127.0.0.1:0"), "udp-target").unwrap();
+    let target6 = TagServer::start_udp(&f.netns, addr("[::1]:0"), "udp-target6").unwrap();
     let service6 = "[fd00:96::10]:8080";
     let mapped = "[::ffff:10.96.0.10]:80";
     f.redirector

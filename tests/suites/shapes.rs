@@ -531,6 +531,44 @@ async fn a_udp_port_exchanged_in_agent_mode_reaches_the_workstation_from_every_k
     );
     let (status, log) = running.interrupt();
     assert!(status.success(), "{log}");
+
+    // A KtSession CRD that predates `udpPorts`: the API server prunes the field, and ktctl
+    // refuses instead of leaving UDP with the pods silently, deleting its session again.
+    let crd = kubectl_ok(
+        &tb.kubeconfig,
+        &["get", "crd", "ktsessions.kt.dev", "-o", "json"],
+    );
+    let mut crd: serde_json::Value = serde_json::from_str(&crd).expect("the CRD as JSON");
+    let spec = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    assert!(
+        spec.as_object_mut()
+            .and_then(|s| s.remove("udpPorts"))
+            .is_some()
+    );
+    let old = tb.dir.join("old-ktsession-crd.json");
+    std::fs::write(&old, crd.to_string()).expect("written");
+    kubectl_ok(&tb.kubeconfig, &["replace", "-f", bins::utf8(&old)]);
+    let (code, err) = ktctl_once(
+        &tb,
+        &[],
+        &[
+            "exchange",
+            "mixed",
+            "--expose",
+            "15353:5353/udp",
+            "--mode",
+            "agent",
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(
+            "the cluster's KtSession CRD predates UDP exchange (it dropped spec.udpPorts): apply deploy/"
+        ),
+        "{err}"
+    );
+    let left = kubectl_ok(&tb.kubeconfig, &["get", "ktsessions", "-o", "name"]);
+    assert!(left.trim().is_empty(), "no session is left: {left}");
     tb.stop().await;
 }
 

@@ -27,6 +27,9 @@ pub struct ResourceType {
     pub review: bool,
     /// Discovery categories (`all`: what `kubectl get all` lists).
     pub categories: Vec<String>,
+    /// A custom resource's structural schema (its version's `openAPIV3Schema`): fields it
+    /// does not name are pruned from every write ([`prune`]).
+    pub schema: Option<std::sync::Arc<Value>>,
 }
 
 impl ResourceType {
@@ -342,6 +345,7 @@ impl Default for Registry {
                 status: b.status,
                 scale: b.scale,
                 extra_subresources: b.extra.to_vec(),
+                schema: None,
                 builtin: true,
                 review: b.review,
                 categories: b.categories.iter().map(|c| c.to_string()).collect(),
@@ -428,6 +432,54 @@ impl Registry {
     }
 }
 
+/// Drops from `object`, a custom resource being written, every field its structural schema
+/// does not name, as the API server prunes (Kubernetes docs, Custom Resources → "Field
+/// pruning"): below an object schema only its `properties` stay (each pruned by its own
+/// schema), under `additionalProperties` every value is pruned by that schema, array items
+/// by `items`; `x-kubernetes-preserve-unknown-fields: true` keeps what is unknown there.
+/// `apiVersion`, `kind` and `metadata` at the root always stay. Built-in types have no
+/// schema here and are left as they are.
+pub fn prune(rt: &ResourceType, object: &mut Value) {
+    if let Some(schema) = &rt.schema {
+        prune_value(object, schema, true);
+    }
+}
+
+fn prune_value(value: &mut Value, schema: &Value, root: bool) {
+    let preserve = schema["x-kubernetes-preserve-unknown-fields"] == true;
+    match value {
+        Value::Object(map) => {
+            let properties = schema["properties"].as_object();
+            let additional = schema.get("additionalProperties").filter(|a| a.is_object());
+            if let Some(additional) = additional {
+                for v in map.values_mut() {
+                    prune_value(v, additional, false);
+                }
+                return;
+            }
+            if !preserve {
+                map.retain(|key, _| {
+                    properties.is_some_and(|p| p.contains_key(key))
+                        || (root && matches!(key.as_str(), "apiVersion" | "kind" | "metadata"))
+                });
+            }
+            for (key, v) in map.iter_mut() {
+                if let Some(property) = properties.and_then(|p| p.get(key)) {
+                    prune_value(v, property, false);
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(item) = schema.get("items").filter(|i| i.is_object()) {
+                for v in items {
+                    prune_value(v, item, false);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// The served versions of a CustomResourceDefinition.
 pub fn crd_types(crd: &Value) -> Result<Vec<ResourceType>, String> {
     let spec = &crd["spec"];
@@ -481,6 +533,9 @@ pub fn crd_types(crd: &Value) -> Result<Vec<ResourceType>, String> {
                 .unwrap_or_default(),
             status: version["subresources"]["status"].is_object(),
             scale: version["subresources"]["scale"].is_object(),
+            schema: version["schema"]["openAPIV3Schema"]
+                .is_object()
+                .then(|| std::sync::Arc::new(version["schema"]["openAPIV3Schema"].clone())),
             extra_subresources: vec![],
             builtin: false,
             review: false,
@@ -503,6 +558,51 @@ pub fn crd_types(crd: &Value) -> Result<Vec<ResourceType>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_custom_resource_is_pruned_to_its_schema() {
+        let crd = json!({
+            "metadata": {"name": "ktsessions.kt.dev"},
+            "spec": {"group": "kt.dev", "scope": "Namespaced",
+                     "names": {"plural": "ktsessions", "kind": "KtSession"},
+                     "versions": [{"name": "v1alpha1", "served": true, "subresources": {"status": {}},
+                       "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                         "spec": {"type": "object", "properties": {
+                            "ports": {"type": "array", "items": {"type": "object",
+                                      "properties": {"port": {"type": "integer"}}}}}},
+                         "status": {"type": "object", "properties": {
+                            "programmed": {"type": "object", "additionalProperties": {
+                                "type": "object", "properties": {"holder": {"type": "string"}}}},
+                            "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}}}}}]}
+        });
+        let rt = crd_types(&crd).unwrap().remove(0);
+        let mut object = json!({
+            "apiVersion": "kt.dev/v1alpha1", "kind": "KtSession",
+            "metadata": {"name": "s", "labels": {"a": "b"}},
+            "spec": {"ports": [{"port": 80, "protocol": "UDP"}], "udpPorts": [{"port": 53}]},
+            "status": {"programmed": {"node-1": {"holder": "h", "udpPorts": [53]}},
+                       "free": {"anything": 1}},
+            "extra": true
+        });
+        prune(&rt, &mut object);
+        assert_eq!(
+            object,
+            json!({
+                "apiVersion": "kt.dev/v1alpha1", "kind": "KtSession",
+                "metadata": {"name": "s", "labels": {"a": "b"}},
+                "spec": {"ports": [{"port": 80}]},
+                "status": {"programmed": {"node-1": {"holder": "h"}}, "free": {"anything": 1}}
+            })
+        );
+        let pods = Registry::default().find("", "v1", "pods").unwrap();
+        let mut pod = json!({"spec": {"whatever": 1}});
+        prune(&pods, &mut pod);
+        assert_eq!(
+            pod,
+            json!({"spec": {"whatever": 1}}),
+            "built-ins are not pruned here"
+        );
+    }
 
     #[test]
     fn builtins_are_found_by_group_version_plural() {

@@ -252,6 +252,17 @@ impl Store {
         let rev = inner.rev;
         let mut object = object;
         object["metadata"]["resourceVersion"] = json!(rev.to_string());
+        // A changed definition serves its versions and schema as changed (a created one is
+        // registered by `create`, which refuses an invalid one).
+        if key.0 == "apiextensions.k8s.io"
+            && key.1 == "customresourcedefinitions"
+            && kind == EventKind::Modified
+            && let Err(error) = self.registry.add_crd(&object)
+        {
+            eprintln!(
+                "kt-testbed api: a changed CustomResourceDefinition is not served as changed: {error}"
+            );
+        }
         if key.0.is_empty() && key.1 == "services" {
             if let Some(stored) = inner.objects.get(key) {
                 inner.allocated.remove(stored);

@@ -62,6 +62,7 @@ pub(super) async fn create(
 ) -> Result<Response, ApiError> {
     let mut body = read_json(api, req).await?;
     drop_status_on_create(&t.rt, &mut body);
+    super::resources::prune(&t.rt, &mut body);
     let created = api
         .store
         .create(&t.rt, t.namespace(), body, t.q.dry_run())?;
@@ -134,7 +135,8 @@ pub(super) async fn update(
     if part == Part::Status && !t.rt.status {
         return Err(ApiError::no_route());
     }
-    let body = read_json(api, req).await?;
+    let mut body = read_json(api, req).await?;
+    super::resources::prune(&t.rt, &mut body);
     Ok(json_response(
         200,
         &api.store
@@ -161,6 +163,7 @@ pub(super) async fn patch(
     }
     match store.modify(rt, ns, name, part, q.dry_run(), |mut current| {
         apply_patch(rt, &content_type, &mut current, &body)?;
+        super::resources::prune(rt, &mut current);
         Ok(current)
     }) {
         Ok(obj) => Ok(json_response(200, &obj)),
@@ -170,6 +173,7 @@ pub(super) async fn patch(
             let mut obj = body.clone();
             obj["metadata"]["name"] = json!(name);
             drop_status_on_create(rt, &mut obj);
+            super::resources::prune(rt, &mut obj);
             Ok(json_response(201, &store.create(rt, ns, obj, q.dry_run())?))
         }
         Err(e) => Err(e),

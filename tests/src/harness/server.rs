@@ -26,79 +26,65 @@ pub struct TagServer {
 impl TagServer {
     /// Listens on `addr` (port 0 picks one) inside `netns`.
     pub fn start(netns: &NetNs, addr: SocketAddr, tag: &str) -> io::Result<Self> {
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (stop, tag, ns_path) = (stop.clone(), tag.to_owned(), netns.path());
-            thread::Builder::new()
-                .name(format!("server-{tag}"))
-                .spawn(move || {
-                    let listener = enter_and_bind(&ns_path, addr);
-                    let listener = match listener {
-                        Ok(l) => {
-                            let _ = ready_tx.send(l.local_addr());
-                            l
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    serve(&listener, &tag, &stop);
-                })?
-        };
-        let addr = ready_rx.recv().map_err(io::Error::other)??;
-        Ok(Self {
-            addr,
-            stop,
-            thread: Some(thread),
-        })
+        Self::spawn(
+            netns,
+            format!("server-{tag}"),
+            tag,
+            move || {
+                let listener = TcpListener::bind(addr)?;
+                listener.set_nonblocking(true)?;
+                Ok((listener.local_addr()?, listener))
+            },
+            |listener, tag, stop| serve(&listener, tag, stop),
+        )
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-/// The UDP twin of [`TagServer`]: answers every datagram with `<tag> <client addr>`.
-pub struct UdpTagServer {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl UdpTagServer {
-    /// Binds `addr` (port 0 picks one) inside `netns`.
-    pub fn start(netns: &NetNs, addr: SocketAddr, tag: &str) -> io::Result<Self> {
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (stop, tag, ns_path) = (stop.clone(), tag.to_owned(), netns.path());
-            thread::Builder::new()
-                .name(format!("udp-server-{tag}"))
-                .spawn(move || {
-                    let bound = enter_netns(&ns_path).and_then(|()| {
-                        let socket = UdpSocket::bind(addr)?;
-                        socket.set_read_timeout(Some(Duration::from_millis(20)))?;
-                        Ok(socket)
-                    });
-                    let socket = match bound {
-                        Ok(socket) => {
-                            let _ = ready_tx.send(socket.local_addr());
-                            socket
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let mut buf = [0u8; 2048];
-                    while !stop.load(Ordering::Relaxed) {
-                        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-                            let _ = socket.send_to(format!("{tag} {peer}").as_bytes(), peer);
-                        }
+    /// The UDP twin: on `addr` (port 0 picks one) inside `netns`, answers every datagram
+    /// with `<tag> <client addr>`.
+    pub fn start_udp(netns: &NetNs, addr: SocketAddr, tag: &str) -> io::Result<Self> {
+        Self::spawn(
+            netns,
+            format!("udp-server-{tag}"),
+            tag,
+            move || {
+                let socket = UdpSocket::bind(addr)?;
+                socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+                Ok((socket.local_addr()?, socket))
+            },
+            |socket, tag, stop| {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                        let _ = socket.send_to(format!("{tag} {peer}").as_bytes(), peer);
                     }
-                })?
+                }
+            },
+        )
+    }
+
+    /// A thread named `name` that enters `netns`, `bind`s, and `serve`s until dropped.
+    fn spawn<S: Send + 'static>(
+        netns: &NetNs,
+        name: String,
+        tag: &str,
+        bind: impl FnOnce() -> io::Result<(SocketAddr, S)> + Send + 'static,
+        serve: impl FnOnce(S, &str, &AtomicBool) + Send + 'static,
+    ) -> io::Result<Self> {
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (stop, tag, ns_path) = (stop.clone(), tag.to_owned(), netns.path());
+            thread::Builder::new().name(name).spawn(move || {
+                match enter_netns(&ns_path).and_then(|()| bind()) {
+                    Ok((addr, bound)) => {
+                        let _ = ready_tx.send(Ok(addr));
+                        serve(bound, &tag, &stop);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })?
         };
         let addr = ready_rx.recv().map_err(io::Error::other)??;
         Ok(Self {
@@ -110,15 +96,6 @@ impl UdpTagServer {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-}
-
-impl Drop for UdpTagServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
@@ -130,13 +107,6 @@ fn enter_netns(ns_path: &std::path::Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-fn enter_and_bind(ns_path: &std::path::Path, addr: SocketAddr) -> io::Result<TcpListener> {
-    enter_netns(ns_path)?;
-    let listener = TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
 }
 
 fn serve(listener: &TcpListener, tag: &str, stop: &AtomicBool) {
