@@ -315,6 +315,16 @@ impl Holder {
         true
     }
 
+    /// [`Holder::hold`] of the session this connection holds, after a listener was added.
+    async fn hold_again(&mut self) -> bool {
+        let Some(mut held) = self.held.take() else {
+            return false;
+        };
+        let written = self.hold(&mut held).await;
+        self.held = Some(held);
+        written
+    }
+
     /// Makes this connection the holder of `held`'s session, ending the older connection
     /// that held it before ([`super::takeover`]), and forgets it when this connection ends;
     /// `false` when a newer connection holds it (this one is then ended).
@@ -527,13 +537,7 @@ impl Handler for Holder {
         let Ok(listener_port) = listener.local_addr().map(|a| a.port()) else {
             return Ok(false);
         };
-        held.listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Listener {
-                port: service_port,
-                listener_port,
-            });
+        add_listener(&held.listeners, service_port, listener_port);
         tracing::info!(service_port, listener_port, peer = %self.peer, "tunnel listener");
         let bytes = self.context.tunnel_bytes.clone();
         self.tasks.spawn(
@@ -547,10 +551,7 @@ impl Handler for Holder {
             )
             .in_current_span(),
         );
-        let mut held = self.held.take().expect("held above");
-        let written = self.hold(&mut held).await;
-        self.held = Some(held);
-        Ok(written)
+        Ok(self.hold_again().await)
     }
 
     /// ktctl's request to carry one UDP port of its exchange (`spec.udpPorts`): a UDP
@@ -582,13 +583,7 @@ impl Handler for Holder {
         let Ok(listener_port) = socket.local_addr().map(|a| a.port()) else {
             return Ok(false);
         };
-        held.udp_listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Listener {
-                port: service_port,
-                listener_port,
-            });
+        add_listener(&held.udp_listeners, service_port, listener_port);
         tracing::info!(service_port, listener_port, peer = %self.peer, "UDP tunnel listener");
         self.tasks.spawn(
             super::udp_exchange::serve(
@@ -602,11 +597,19 @@ impl Handler for Holder {
             )
             .in_current_span(),
         );
-        let mut held = self.held.take().expect("held above");
-        let written = self.hold(&mut held).await;
-        self.held = Some(held);
-        Ok(written)
+        Ok(self.hold_again().await)
     }
+}
+
+/// Records a listener of Service port `port` on `listener_port`.
+fn add_listener(listeners: &Mutex<Vec<Listener>>, port: u16, listener_port: u16) {
+    listeners
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Listener {
+            port,
+            listener_port,
+        });
 }
 
 /// A status write that failed or took too long.

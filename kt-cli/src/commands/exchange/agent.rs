@@ -255,9 +255,8 @@ async fn wait_programmed(
     pool: &SshPool,
     sessions: &Api<KtSession>,
     name: &str,
-    ports_of_session: &SessionPorts,
+    ports: &SessionPorts,
 ) -> Result<Wait, ExchangeError> {
-    let ports = ports_of_session;
     let started = tokio::time::Instant::now();
     let mut said = false;
     let mut progress = Progress::start("every node's agent to redirect the Service");
@@ -289,8 +288,8 @@ async fn wait_programmed(
         progress.show_if_due(&waiting_for.join(", "));
         if !said && started.elapsed() >= PROGRAMMED_WITHIN {
             said = true;
-            for (node, ports) in missing {
-                if !ports_of_session.udp.is_empty() && predates_udp(session.as_ref(), &node) {
+            for (node, unprogrammed) in missing {
+                if !ports.udp.is_empty() && predates_udp(session.as_ref(), &node) {
                     tracing::warn!(
                         "Not redirected on node {node}: its kt agent predates UDP exchange (update the DaemonSet from this kt's deploy/; until then clients on {node} reach the pods)"
                     );
@@ -298,7 +297,7 @@ async fn wait_programmed(
                 }
                 tracing::warn!(
                     "Not redirected on node {node} yet: port {} (its agent has not programmed them within {} s; the Service may have no ClusterIP and no ready endpoint for them, or another session holds its pods)",
-                    ports.join(", "),
+                    unprogrammed.join(", "),
                     PROGRAMMED_WITHIN.as_secs()
                 );
             }
