@@ -259,6 +259,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             Ok::<(), std::convert::Infallible>(())
         });
     }
+    let node_port_relays =
+        node_ports::relay::Relays::new(config.node_ip, tasks.shutdown().child_token());
+    {
+        let (relays, stop) = (node_port_relays.clone(), tasks.shutdown().clone());
+        tasks.spawn("node-port-relays", async move {
+            stop.cancelled().await;
+            relays.closed().await;
+            Ok::<(), std::convert::Infallible>(())
+        });
+    }
     let (acks, pending_acks) = tokio::sync::watch::channel(Acks::new());
     let (collect, to_collect) = tokio::sync::watch::channel(Vec::new());
     tasks.spawn(
@@ -286,6 +296,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         router,
         node_ip: config.node_ip,
         node_ports,
+        node_port_relays,
         unheld: Mutex::default(),
         collect,
         session_grace: chrono::TimeDelta::from_std(config.session_grace)
@@ -525,10 +536,13 @@ const ACK_RETRY: Duration = Duration::from_secs(2);
 /// the difference to the eBPF map, and tells [`acknowledge`] what this node now redirects.
 struct Reconciler {
     node: String,
-    /// This node's address: node-port redirects to it need no masquerade.
+    /// This node's address: node-port redirects to holders at another address go through
+    /// `node_port_relays`.
     node_ip: IpAddr,
     /// This node's node-port redirects, to [`node_ports::run`].
     node_ports: tokio::sync::watch::Sender<node_ports::Ruleset>,
+    /// Where this node sends outside connections for holders on other nodes.
+    node_port_relays: Arc<node_ports::relay::Relays>,
     /// This node's mesh router: the routes are made current before the map points at them.
     router: Arc<router::Router>,
     /// Sessions nobody holds, and the ones to delete now.
@@ -669,17 +683,22 @@ impl Reconciler {
                 let routes = mesh::routes(&state, now);
                 let routers = self.router.update(&routes);
                 let desired = redirects::desired(&state, now, &routes, &routers);
-                let node_port_rules = node_ports::ruleset(
-                    &node_ports::desired(&state, now, &routes, &routers),
-                    self.node_ip,
-                );
+                let node_port_entries = node_ports::desired(&state, now, &routes, &routers);
+                let remote_holders = node_ports::remote_holders(&node_port_entries, self.node_ip);
+                let relays = self.node_port_relays.update(&remote_holders);
+                let node_port_rules =
+                    node_ports::ruleset(&node_port_entries, self.node_ip, &relays);
                 self.node_ports.send_if_modified(|current| {
                     let changed = *current != node_port_rules;
                     *current = node_port_rules;
                     changed
                 });
-                // A route without a listener is retried by the next pass's `update`.
-                let reusable = routes.keys().all(|key| routers.contains_key(key));
+                // A route or holder without a listener is retried by the next pass's
+                // `update`.
+                let reusable = routes.keys().all(|key| routers.contains_key(key))
+                    && remote_holders
+                        .iter()
+                        .all(|holder| relays.contains_key(holder));
                 Pass::Computed(desired, reusable)
             }
         };

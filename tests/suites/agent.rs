@@ -1591,6 +1591,33 @@ async fn until_no_node_port_table(tb: &Testbed) {
     }
 }
 
+/// Makes each node drop connections it DNATed to the other node's address instead of
+/// forwarding them, as a node whose FORWARD policy is DROP (Docker sets it) does with
+/// traffic kube-proxy did not admit. kube-proxy's own DNAT to pods and pods' traffic go on.
+/// The table lives in the node's network namespace, which goes with the testbed.
+fn drop_forwarding_to_other_nodes(tb: &Testbed) {
+    for (node, other) in [(1, 2), (2, 1)] {
+        let netns = tb
+            .node_netns(&format!("node-{node}"))
+            .expect("the node exists");
+        let script = format!(
+            "add table inet kt_test_forward\n\
+             add chain inet kt_test_forward forward {{ type filter hook forward priority 0; policy accept; }}\n\
+             add rule inet kt_test_forward forward ct status dnat ip daddr {} counter drop\n",
+            node_ip(other)
+        );
+        let mut nft = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args(["nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("nsenter runs");
+        std::io::Write::write_all(&mut nft.stdin.take().unwrap(), script.as_bytes())
+            .expect("the script");
+        assert!(nft.wait().unwrap().success(), "nft took {script}");
+    }
+}
+
 /// The median time of `n` HTTP GETs of `url` from the workstation, each a new connection.
 fn median_get(tb: &Testbed, url: &str, n: usize) -> Duration {
     let mut times: Vec<f64> = (0..n)
@@ -1611,7 +1638,9 @@ fn median_get(tb: &Testbed, url: &str, n: usize) -> Duration {
 /// `ktctl exchange two-np --expose 18090:80`, a connection from outside the cluster (the
 /// workstation) to the exchanged port's nodePort on either node — the holder's and the
 /// other — reaches the workstation's app, while the Service's other port (81, not exposed)
-/// still reaches the pods. `kill -9` of an agent takes its nftables table with it at once
+/// still reaches the pods. The nodes drop what they would forward to each other's address
+/// ([`drop_forwarding_to_other_nodes`]), so the node that does not hold the session must
+/// relay, not forward. `kill -9` of an agent takes its nftables table with it at once
 /// (fail-open; its replacement programs it again), and after Ctrl-C of ktctl both nodePorts
 /// reach the pods again and no node has the table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1628,6 +1657,7 @@ async fn a_node_port_from_outside_reaches_the_workstation_during_an_agent_exchan
             pods: web,
         },
     ) = two_ports_with_agent().await;
+    drop_forwarding_to_other_nodes(&tb);
     let all: Vec<String> = exchanged.iter().chain(&other).cloned().collect();
     until_answered_from_outside(&tb, &all, |who| web.contains(who), Duration::from_secs(10))
         .await

@@ -15,9 +15,9 @@ fn to(s: &str) -> SocketAddrV4 {
     s.parse().unwrap()
 }
 
-/// Every kind of rule: a nodePort and an ingress IP to a holder on this node, a nodePort to
-/// one on another node (masquerade), an ingress IP from source ranges (not byte-aligned,
-/// byte-aligned, a single address).
+/// Every kind of rule: a nodePort and an ingress IP to a holder's listener, a second nodePort
+/// to another address (a relay to a holder on another node), an ingress IP from source
+/// ranges (not byte-aligned, byte-aligned, a single address).
 fn full() -> Ruleset {
     let from = |range: &str| SourceRange::of(range.parse().unwrap()).unwrap();
     Ruleset {
@@ -38,7 +38,6 @@ fn full() -> Ruleset {
                 to("10.0.0.7:40001"),
             ),
         ],
-        masquerade: vec![to("10.0.0.8:40002")],
     }
 }
 
@@ -124,7 +123,6 @@ fn the_agents_transaction_makes_the_table_nft_makes_of_the_same_script() {
     // A second transaction replaces every rule; the same one again changes nothing.
     let smaller = Ruleset {
         redirects: vec![(Frontend::NodePort(31000), to("10.0.0.7:40005"))],
-        masquerade: Vec::new(),
     };
     table.apply(&smaller).unwrap();
     table.apply(&smaller).unwrap();

@@ -17,8 +17,11 @@
 //!   leaves it. The first NAT binding of a connection wins, so kube-proxy's
 //!   rules never see a connection these rules take.
 //! - `output` (priority -110): the same rules, for host-network processes of the node.
-//! - `postrouting` (priority `srcnat - 10`): `masquerade` of those connections when the
-//!   holder is another node, so replies come back through this node's conntrack.
+//!
+//! When the holder is another node, the DNAT goes to a relay of this agent instead
+//! ([`relay`]), which dials the holder: straight to the holder, the packets would be
+//! forwarded, and many nodes drop forwarded traffic kube-proxy did not mark (Docker's
+//! FORWARD policy DROP).
 //!
 //! The table is derived from the same believed sessions, Services and lease clock as the
 //! service map ([`desired`], pure), and each change is one nftables transaction holding
@@ -34,7 +37,7 @@
 //! DaemonSet's replacement runs. No session: no table and no socket ([`converge`]).
 //!
 //! A meshed Service port's frontends go to this node's mesh router for the port (a local
-//! listener, no masquerade), which sends each request by its header, as it does for pods.
+//! listener), which sends each request by its header, as it does for pods.
 //!
 //! Not covered: IPv6 node ports, ingress and external IPs (the table is `ip`; an IPv6
 //! holder address is skipped); LoadBalancer ingress IPs a cloud load balancer owns (such
@@ -46,6 +49,7 @@
 //! so once.
 
 pub mod netlink;
+pub mod relay;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -267,11 +271,10 @@ fn frontends(service: &ServiceView, port: u16) -> Vec<Frontend> {
 /// What [`TABLE`] must hold (pure, compared to skip passes that change nothing).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ruleset {
-    /// Each frontend → the holder's listener: a DNAT rule in `prerouting` and one in
-    /// `output` each, in this order.
+    /// Each frontend → a local address (the holder's listener on this node, or the relay
+    /// to a holder on another node): a DNAT rule in `prerouting` and one in `output` each,
+    /// in this order.
     pub redirects: Vec<(Frontend, SocketAddrV4)>,
-    /// Holders on other nodes: a `masquerade` rule in `postrouting` each.
-    pub masquerade: Vec<SocketAddrV4>,
 }
 
 impl Ruleset {
@@ -285,7 +288,6 @@ impl Ruleset {
             "add table {t}\n\
              add chain {t} prerouting {{ type nat hook prerouting priority dstnat - 10; policy accept; }}\n\
              add chain {t} output {{ type nat hook output priority -110; policy accept; }}\n\
-             add chain {t} postrouting {{ type nat hook postrouting priority srcnat - 10; policy accept; }}\n\
              flush table {t}\n"
         );
         for (frontend, to) in &self.redirects {
@@ -294,32 +296,44 @@ impl Ruleset {
                 let _ = writeln!(s, "add rule {t} {chain} {matched} dnat to {to}");
             }
         }
-        for to in &self.masquerade {
-            let _ = writeln!(
-                s,
-                "add rule {t} postrouting ct status dnat ip daddr {} tcp dport {} masquerade",
-                to.ip(),
-                to.port()
-            );
-        }
         s
     }
 }
 
-/// The [`Ruleset`] that sends `entries` to their holders from the node whose address is
-/// `node_ip`: masquerade for holders other than `node_ip`.
-pub fn ruleset(entries: &BTreeMap<Frontend, Entry>, node_ip: IpAddr) -> Ruleset {
-    let remote: BTreeSet<SocketAddrV4> = entries
+/// The holders' listeners among `entries` that are not on the node whose address is
+/// `node_ip`: each needs a relay ([`relay::Relays::update`]).
+pub fn remote_holders(
+    entries: &BTreeMap<Frontend, Entry>,
+    node_ip: IpAddr,
+) -> BTreeSet<SocketAddrV4> {
+    entries
         .values()
         .map(|entry| entry.to)
         .filter(|to| IpAddr::V4(*to.ip()) != node_ip)
-        .collect();
+        .collect()
+}
+
+/// The [`Ruleset`] that sends `entries` to their holders from the node whose address is
+/// `node_ip`: straight to a holder's listener on this node, else to its relay in `relays`
+/// (holder → relay); a remote holder without a relay (it could not be opened) is left out,
+/// so its frontends stay with kube-proxy.
+pub fn ruleset(
+    entries: &BTreeMap<Frontend, Entry>,
+    node_ip: IpAddr,
+    relays: &BTreeMap<SocketAddrV4, SocketAddrV4>,
+) -> Ruleset {
     Ruleset {
         redirects: entries
             .iter()
-            .map(|(frontend, entry)| (*frontend, entry.to))
+            .filter_map(|(frontend, entry)| {
+                let to = if IpAddr::V4(*entry.to.ip()) == node_ip {
+                    entry.to
+                } else {
+                    *relays.get(&entry.to)?
+                };
+                Some((*frontend, to))
+            })
             .collect(),
-        masquerade: remote.into_iter().collect(),
     }
 }
 
@@ -397,12 +411,7 @@ pub async fn run(
                 Ok(converged) => {
                     match converged {
                         Converged::Applied(redirects) => {
-                            tracing::info!(
-                                table = TABLE,
-                                redirects,
-                                masquerade = ruleset.masquerade.len(),
-                                "node-port redirects applied"
-                            );
+                            tracing::info!(table = TABLE, redirects, "node-port redirects applied");
                             tracing::debug!(script = ruleset.script(), "node-port ruleset");
                         }
                         Converged::Removed => {
@@ -622,7 +631,8 @@ mod tests {
                 &BTreeMap::new(),
                 &BTreeMap::new(),
             ),
-            "172.30.0.11".parse().unwrap(),
+            "172.30.0.12".parse().unwrap(),
+            &BTreeMap::new(),
         );
         assert!(rules.script().contains(
             "add rule ip kt_nodeport prerouting ip saddr 10.0.0.0/8 ip daddr 192.0.2.7 tcp dport 80 dnat to 172.30.0.12:40001\n"
@@ -743,7 +753,7 @@ mod tests {
     }
 
     #[test]
-    fn the_ruleset_masquerades_only_for_a_holder_on_another_node() {
+    fn a_holder_on_another_node_is_reached_through_its_relay() {
         let node: IpAddr = "172.30.0.11".parse().unwrap();
         let entry = |at: &str, session: &str| Entry {
             to: to(at),
@@ -762,36 +772,50 @@ mod tests {
                 Frontend::Address(to("192.0.2.7:90")),
                 entry("172.30.0.12:40002", "dev/b"),
             ),
+            (
+                Frontend::NodePort(30100),
+                entry("172.30.0.13:40003", "dev/c"),
+            ),
         ]);
-        let got = ruleset(&entries, node);
+        assert_eq!(
+            remote_holders(&entries, node),
+            BTreeSet::from([to("172.30.0.12:40002"), to("172.30.0.13:40003")]),
+            "each remote holder once; the local one needs no relay"
+        );
+        // 172.30.0.13's relay could not be opened.
+        let relays = BTreeMap::from([(to("172.30.0.12:40002"), to("172.30.0.11:45000"))]);
+        let got = ruleset(&entries, node, &relays);
         assert_eq!(
             got,
             Ruleset {
                 redirects: vec![
                     (Frontend::NodePort(30080), to("172.30.0.11:40001")),
-                    (Frontend::NodePort(30090), to("172.30.0.12:40002")),
+                    (Frontend::NodePort(30090), to("172.30.0.11:45000")),
                     (
                         Frontend::Address(to("192.0.2.7:90")),
-                        to("172.30.0.12:40002")
+                        to("172.30.0.11:45000")
                     ),
                 ],
-                masquerade: vec![to("172.30.0.12:40002")],
             },
-            "one masquerade per remote holder"
+            "local holder direct, remote holder through its relay, no relay no rule"
         );
         let s = got.script();
         assert!(s.starts_with("add table ip kt_nodeport\n"), "{s}");
         assert!(s.contains("priority dstnat - 10"), "before kube-proxy: {s}");
         assert!(s.contains("\nflush table ip kt_nodeport\n"), "{s}");
+        assert!(
+            !s.contains("postrouting"),
+            "nothing is forwarded, nothing masqueraded: {s}"
+        );
         for chain in ["prerouting", "output"] {
             assert!(s.contains(&format!(
                 "add rule ip kt_nodeport {chain} fib daddr type local tcp dport 30080 dnat to 172.30.0.11:40001\n"
             )), "{s}");
         }
-        assert!(s.contains("add rule ip kt_nodeport output ip daddr 192.0.2.7 tcp dport 90 dnat to 172.30.0.12:40002\n"), "{s}");
-        assert!(s.ends_with(
-            "add rule ip kt_nodeport postrouting ct status dnat ip daddr 172.30.0.12 tcp dport 40002 masquerade\n"
-        ), "{s}");
-        assert_eq!(ruleset(&BTreeMap::new(), node), Ruleset::default());
+        assert!(s.ends_with("add rule ip kt_nodeport output ip daddr 192.0.2.7 tcp dport 90 dnat to 172.30.0.11:45000\n"), "{s}");
+        assert_eq!(
+            ruleset(&BTreeMap::new(), node, &BTreeMap::new()),
+            Ruleset::default()
+        );
     }
 }

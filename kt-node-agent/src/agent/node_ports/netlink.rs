@@ -73,14 +73,9 @@ const NFTA_DATA_VALUE: u16 = 1;
 const REG_1: u32 = 1;
 const REG_2: u32 = 2;
 
-/// The three base chains: name, hook (`NF_INET_PRE_ROUTING` 0, `LOCAL_OUT` 3,
-/// `POST_ROUTING` 4) and priority — `dstnat - 10` (`NF_IP_PRI_NAT_DST` is -100) before
-/// kube-proxy's DNAT, and `srcnat - 10` (`NF_IP_PRI_NAT_SRC` is 100).
-const CHAINS: [(&str, u32, i32); 3] = [
-    ("prerouting", 0, -110),
-    ("output", 3, -110),
-    ("postrouting", 4, 90),
-];
+/// The two base chains: name, hook (`NF_INET_PRE_ROUTING` 0, `LOCAL_OUT` 3) and priority,
+/// `dstnat - 10` (`NF_IP_PRI_NAT_DST` is -100): before kube-proxy's DNAT.
+const CHAINS: [(&str, u32, i32); 2] = [("prerouting", 0, -110), ("output", 3, -110)];
 
 /// How long the kernel may take to answer a transaction (it answers inside `send()`; this
 /// only guards against one that does not).
@@ -541,20 +536,6 @@ pub fn encode(ruleset: &Ruleset, first_seq: u32) -> Batch {
             );
         }
     }
-    for to in &ruleset.masquerade {
-        out.rule("postrouting", append, format!("masquerade for {to}"), |b| {
-            // ct status dnat
-            expression(b, "ct", |b| {
-                put_u32(b, 1, REG_1); // NFTA_CT_DREG
-                put_u32(b, 2, 2); // NFTA_CT_KEY: NFT_CT_STATUS
-            });
-            mask(b, &0x20u32.to_ne_bytes()); // IPS_DST_NAT
-            compare(b, 1, &0u32.to_ne_bytes()); // NFT_CMP_NEQ
-            ip_destination(b, *to.ip());
-            tcp_destination_port(b, to.port());
-            expression(b, "masq", |_| {});
-        });
-    }
     let flags = with_ack(&out.bytes, out.last_request);
     out.bytes[out.last_request + 6..out.last_request + 8].copy_from_slice(&flags.to_ne_bytes());
     let ack_seq = out.next_seq.wrapping_sub(1);
@@ -817,7 +798,6 @@ mod tests {
                     "10.0.0.7:40001".parse().unwrap(),
                 ),
             ],
-            masquerade: vec!["10.0.0.7:40001".parse().unwrap()],
         }
     }
 
@@ -867,25 +847,25 @@ mod tests {
             kinds,
             [
                 vec![NFNL_MSG_BATCH_BEGIN, table(NFT_MSG_NEWTABLE)],
-                vec![table(NFT_MSG_NEWCHAIN); 3],
+                vec![table(NFT_MSG_NEWCHAIN); 2],
                 vec![table(NFT_MSG_DELRULE)],
-                vec![table(NFT_MSG_NEWRULE); 5], // 2 frontends × 2 chains + 1 masquerade
+                vec![table(NFT_MSG_NEWRULE); 4], // 2 frontends × 2 chains
                 vec![NFNL_MSG_BATCH_END],
             ]
             .concat()
         );
         let seqs: Vec<u32> = messages.iter().map(|m| m.2).collect();
-        assert_eq!(seqs, (7..19).collect::<Vec<_>>());
-        assert_eq!((batch.begin_seq, batch.ack_seq, batch.end_seq), (7, 17, 18));
+        assert_eq!(seqs, (7..17).collect::<Vec<_>>());
+        assert_eq!((batch.begin_seq, batch.ack_seq, batch.end_seq), (7, 15, 16));
         let acked: Vec<u32> = messages
             .iter()
             .filter(|m| m.1 & NLM_F_ACK != 0)
             .map(|m| m.2)
             .collect();
-        assert_eq!(acked, [17], "one acknowledgement, not BATCH_END's");
+        assert_eq!(acked, [15], "one acknowledgement, not BATCH_END's");
         // The batch messages address the nftables subsystem; the rest are family ip.
         assert_eq!(&batch.bytes[18..20], &NFNL_SUBSYS_NFTABLES.to_be_bytes());
-        assert!(messages[1..11].iter().all(|m| m.3 == NFPROTO_IPV4));
+        assert!(messages[1..9].iter().all(|m| m.3 == NFPROTO_IPV4));
         assert_eq!(
             messages[1].4,
             [
@@ -909,9 +889,9 @@ mod tests {
                 string(NFTA_CHAIN_TYPE, "nat"),
             ]
         );
-        assert_eq!(messages[5].4, [string(NFTA_RULE_TABLE, TABLE)], "flush");
-        assert_eq!(batch.describe(11), "add chain postrouting");
-        assert_eq!(batch.describe(12), "flush table");
+        assert_eq!(messages[4].4, [string(NFTA_RULE_TABLE, TABLE)], "flush");
+        assert_eq!(batch.describe(10), "add chain output");
+        assert_eq!(batch.describe(11), "flush table");
         assert_eq!(batch.describe(99), "message 99");
     }
 
@@ -919,7 +899,7 @@ mod tests {
     fn a_node_port_rule_is_nfts_bytecode_for_fib_local_tcp_dport_dnat() {
         let batch = encode(&ruleset(), 1);
         let messages = messages(&batch);
-        let rule = &messages[6].4;
+        let rule = &messages[5].4;
         assert_eq!(
             rule[..2],
             [
@@ -958,8 +938,8 @@ mod tests {
             [be32(1, 1), be32(2, 2), be32(3, 1), be32(5, 2), be32(7, 2)]
         );
         // The same rule in `output`, then the ingress rule: ip daddr first.
-        assert_eq!(expressions(&messages[7].4), exprs);
-        let ingress = expressions(&messages[8].4);
+        assert_eq!(expressions(&messages[6].4), exprs);
+        let ingress = expressions(&messages[7].4);
         assert_eq!(
             ingress[0].1,
             [be32(1, 1), be32(2, 1), be32(3, 16), be32(4, 4)]
@@ -982,10 +962,9 @@ mod tests {
                     ),
                     "10.0.0.7:40001".parse().unwrap(),
                 )],
-                masquerade: Vec::new(),
             };
             let messages = messages(&encode(&rules, 1));
-            expressions(&messages[6].4)
+            expressions(&messages[5].4)
                 .into_iter()
                 .map(|(name, attrs)| (name, attrs.to_vec()))
                 .collect::<Vec<_>>()
@@ -1016,44 +995,12 @@ mod tests {
     }
 
     #[test]
-    fn a_masquerade_rule_matches_connections_dnated_to_the_holder() {
-        let batch = encode(&ruleset(), 1);
-        let messages = messages(&batch);
-        let rule = &messages[10].4;
-        assert_eq!(rule[1], string(NFTA_RULE_CHAIN, "postrouting"));
-        let exprs = expressions(rule);
-        let names: Vec<&str> = exprs.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "ct", "bitwise", "cmp", "payload", "cmp", "meta", "cmp", "payload", "cmp", "masq"
-            ]
-        );
-        assert_eq!(exprs[0].1, [be32(1, 1), be32(2, 2)]);
-        assert_eq!(
-            exprs[1].1,
-            [
-                be32(1, 1),
-                be32(2, 1),
-                be32(3, 4),
-                value(4, &0x20u32.to_ne_bytes()),
-                value(5, &0u32.to_ne_bytes())
-            ]
-        );
-        assert_eq!(
-            exprs[2].1,
-            [be32(1, 1), be32(2, 1), value(3, &0u32.to_ne_bytes())]
-        );
-        assert_eq!(exprs[9].1, []);
-    }
-
-    #[test]
     fn an_empty_ruleset_still_makes_the_table_and_asks_for_the_flush_to_be_acknowledged() {
         let batch = encode(&Ruleset::default(), 1);
         let messages = messages(&batch);
-        assert_eq!(messages.len(), 7);
-        assert_eq!(batch.ack_seq, 6);
-        assert_ne!(messages[5].1 & NLM_F_ACK, 0, "the flush asks");
+        assert_eq!(messages.len(), 6);
+        assert_eq!(batch.ack_seq, 5);
+        assert_ne!(messages[4].1 & NLM_F_ACK, 0, "the flush asks");
     }
 
     /// An answer datagram as the kernel builds it: an acknowledgement (capped, no text) and
