@@ -105,9 +105,26 @@ pub fn client() -> Arc<russh::client::Config> {
     })
 }
 
+/// What the servers accept: [`CIPHERS`] (russh's server default has AES-GCM only with
+/// 256-bit keys, four more AES rounds per block than ktctl's first choice), then the CTR
+/// modes russh's default also offers, for clients that have nothing else. The client's
+/// order decides (RFC 4253 §7.1).
+const SERVER_CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::AES_128_GCM,
+    russh::cipher::AES_256_GCM,
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_192_CTR,
+    russh::cipher::AES_128_CTR,
+];
+
 /// Public-key authentication only; a refused key is answered at once the first time.
 pub fn server(host_key: PrivateKey) -> Arc<russh::server::Config> {
     Arc::new(russh::server::Config {
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(SERVER_CIPHERS),
+            ..russh::Preferred::DEFAULT
+        },
         keys: vec![host_key],
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
         auth_rejection_time: Duration::from_millis(200),
