@@ -26,6 +26,7 @@ pub mod events;
 pub mod freshness;
 pub mod hold;
 pub mod index;
+pub mod listening;
 mod map;
 pub mod mesh;
 mod metrics;

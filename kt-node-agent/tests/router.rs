@@ -10,8 +10,9 @@ use std::{
 };
 
 use kt_node_agent::agent::{
+    listening::CLOSE_GRACE,
     mesh::{MeshTarget, Route, RouteKey},
-    router::{CLOSE_GRACE, Router, SNIFF_WINDOW},
+    router::{Router, SNIFF_WINDOW},
 };
 use kt_proto::session::HeaderMatch;
 use tokio::{

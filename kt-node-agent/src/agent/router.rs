@@ -41,14 +41,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
-use super::mesh::{MeshTarget, Route, RouteKey};
+use super::{
+    listening,
+    mesh::{MeshTarget, Route, RouteKey},
+};
 
 /// How long the router waits for a client's first bytes before it treats the connection as
 /// not HTTP (a server-first protocol) and passes it to an endpoint.
 pub const SNIFF_WINDOW: Duration = Duration::from_millis(500);
-/// How long a closed route's listener still accepts connections (and sends them to the
-/// endpoints): longer than the node-port table takes to stop sending them there.
-pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How long an idle upstream connection is kept for reuse.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
@@ -181,17 +181,12 @@ impl Router {
                     sessions: Vec::new(),
                     ..Route::clone(&table)
                 });
-                // The listener keeps accepting (for the endpoints) a little longer: the
-                // node-port table that sends outside connections here is rewritten after
-                // this pass, on another thread, and a closed port would reset them.
-                let (stop, shutdown) = (listening.stop.clone(), self.shutdown.clone());
-                self.tasks.spawn(async move {
-                    tokio::select! {
-                        () = shutdown.cancelled() => {}
-                        () = tokio::time::sleep(CLOSE_GRACE) => {}
-                    }
-                    stop.cancel();
-                });
+                // The listener keeps accepting (for the endpoints) a little longer.
+                listening::stop_after_grace(
+                    &self.tasks,
+                    listening.stop.clone(),
+                    self.shutdown.clone(),
+                );
             }
             keep
         });
@@ -252,19 +247,7 @@ impl Router {
     }
 
     async fn accept(self: Arc<Self>, listener: TcpListener, table: Table, stop: CancellationToken) {
-        loop {
-            let (stream, peer) = tokio::select! {
-                () = stop.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of descriptors and the like: wait a little, do not spin.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((stream, peer)) = listening::next_connection(&listener, &stop).await {
             let _ = stream.set_nodelay(true);
             let router = self.clone();
             let table = table.clone();

@@ -18,13 +18,10 @@ use std::{
 };
 
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::agent::listening;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
-
-/// How long a relay that is no longer wanted keeps accepting: the node-port table that
-/// sends connections to it is rewritten after the reconcile pass, on another thread, and a
-/// closed port would reset the connections that arrive meanwhile.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// How long a relayed connection waits for the holder to accept.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,7 +54,7 @@ impl Relays {
 
     /// Makes `holders` (remote holders' listeners) the relayed ones: a listener on a port of
     /// the node chosen by the kernel for each new one, closed listeners (after
-    /// [`CLOSE_GRACE`]; open connections go on) for those no longer wanted. Returns each
+    /// [`listening::CLOSE_GRACE`]; open connections go on) for those no longer wanted. Returns each
     /// holder's relay address; a relay that cannot be opened is logged and left out, so its
     /// frontends stay with kube-proxy.
     pub fn update(
@@ -69,14 +66,14 @@ impl Relays {
             let keep = holders.contains(holder);
             if !keep {
                 tracing::info!(%holder, relay = %listening.address, "node-port relay closing");
-                let (stop, shutdown) = (listening.stop.clone(), self.shutdown.clone());
-                self.tasks.spawn(async move {
-                    tokio::select! {
-                        () = shutdown.cancelled() => {}
-                        () = tokio::time::sleep(CLOSE_GRACE) => {}
-                    }
-                    stop.cancel();
-                });
+                // It keeps accepting a little longer: the node-port table that sends
+                // connections here changes after this pass, and a closed port would reset
+                // the ones that arrive meanwhile.
+                listening::stop_after_grace(
+                    &self.tasks,
+                    listening.stop.clone(),
+                    self.shutdown.clone(),
+                );
             }
             keep
         });
@@ -138,19 +135,7 @@ impl Relays {
         holder: SocketAddrV4,
         stop: CancellationToken,
     ) {
-        loop {
-            let (inbound, peer) = tokio::select! {
-                () = stop.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of descriptors and the like: wait a little, do not spin.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((inbound, peer)) = listening::next_connection(&listener, &stop).await {
             let shutdown = self.shutdown.clone();
             self.tasks.spawn(
                 async move {
@@ -252,7 +237,7 @@ mod tests {
             echoes(relay).await,
             "the old relay still accepts within the grace"
         );
-        tokio::time::sleep(CLOSE_GRACE + Duration::from_millis(500)).await;
+        tokio::time::sleep(listening::CLOSE_GRACE + Duration::from_millis(500)).await;
         assert!(
             !echoes(relay).await,
             "the old relay is closed after the grace"
