@@ -260,8 +260,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             Ok::<(), std::convert::Infallible>(())
         });
     }
-    let node_port_relays =
-        node_ports::relay::Relays::new(config.node_ip, tasks.shutdown().child_token());
+    // The node-port table as the kernel holds it: relays close only once it no longer
+    // sends to them. Starts as "no table".
+    let (applied_node_ports, node_ports_in_force) =
+        tokio::sync::watch::channel(node_ports::Ruleset::default());
+    let node_port_relays = node_ports::relay::Relays::new(
+        config.node_ip,
+        node_ports_in_force,
+        tasks.shutdown().child_token(),
+    );
     {
         let (relays, stop) = (node_port_relays.clone(), tasks.shutdown().clone());
         tasks.spawn("node-port-relays", async move {
@@ -291,7 +298,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         tokio::sync::watch::channel(node_ports::Ruleset::default());
     tasks.spawn(
         "node-ports",
-        node_ports::run(wanted_node_ports, tasks.shutdown().clone()),
+        node_ports::run(
+            wanted_node_ports,
+            applied_node_ports,
+            tasks.shutdown().clone(),
+        ),
     );
     let reconciler = Reconciler {
         router,

@@ -185,23 +185,13 @@ async fn run() {
     tasks.spawn(relay(first_relay, port_addr(9004)));
 
     let tools = bins::kt_tools();
-    let client = move |args: &[&str]| {
-        let out = Command::new(&tools)
-            .args(args)
-            .output()
-            .expect("kt-tools runs");
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    };
+    let client = echo_bench::command_client(move || Command::new(&tools));
     let paths: Vec<(&str, String)> = PATHS
         .iter()
         .map(|&(name, port)| (name, port_addr(port).to_string()))
         .collect();
-    for (name, addr) in &paths {
-        wait_until_echoes(&client, name, addr).await;
+    for (_, addr) in &paths {
+        echo_bench::wait_until_echoes(&client, addr, &[]).await;
     }
 
     let samples = echo_bench::measure(&paths, rounds, &client);
@@ -245,18 +235,6 @@ async fn wait_for_listener(addr: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("nothing listens on {addr} after 5 s");
-}
-
-async fn wait_until_echoes(client: &impl echo_bench::EchoClient, name: &str, addr: &str) {
-    let mut last_error = String::new();
-    for _ in 0..100 {
-        match client(&["rr", addr, "1", "8"]) {
-            Ok(_) => return,
-            Err(error) => last_error = error,
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{name} ({addr}) does not echo: {last_error}");
 }
 
 /// ktctl's forwarding, in process: one SSH connection to kt's server with kt's settings and

@@ -3,7 +3,7 @@
 //! (p50 and p99 in µs), taken by kt-tools' `bulk` and `rr` clients wherever the caller
 //! runs them. Rounds interleave the paths; a path's result is the median over the rounds.
 
-use std::time::Duration;
+use std::{process::Command, time::Duration};
 
 use super::{
     results::{self, Results},
@@ -30,6 +30,22 @@ const COLUMNS: [(&str, &str); 4] = [
 /// failed.
 pub trait EchoClient: Fn(&[&str]) -> Result<String, String> {}
 impl<F: Fn(&[&str]) -> Result<String, String>> EchoClient for F {}
+
+/// The [`EchoClient`] that runs `kt_tools()` (a command that runs kt-tools, where the
+/// benchmark measures from) with the arguments and waits for it.
+pub fn command_client(kt_tools: impl Fn() -> Command) -> impl EchoClient {
+    move |args: &[&str]| {
+        let out = kt_tools()
+            .args(args)
+            .output()
+            .map_err(|error| format!("kt-tools does not run: {error}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
 
 /// The median of `v` ([`results::median`]); panics without samples.
 pub fn median(v: &[f64]) -> f64 {

@@ -345,18 +345,11 @@ impl OpensshPath {
 
 /// Runs `kt-tools ARGS` on the workstation: stdout, or stderr if it failed (an
 /// [`super::echo_bench::EchoClient`]).
-pub fn tools_command(tb: &Testbed) -> impl Fn(&[&str]) -> Result<String, String> {
+pub fn tools_command(tb: &Testbed) -> impl super::echo_bench::EchoClient {
     let tools = bins::kt_tools();
-    move |args: &[&str]| {
-        let out = exec(tb)
-            .arg(&tools)
-            .args(args)
-            .output()
-            .expect("kt-testbed exec runs");
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
+    super::echo_bench::command_client(move || {
+        let mut command = exec(tb);
+        command.arg(&tools);
+        command
+    })
 }

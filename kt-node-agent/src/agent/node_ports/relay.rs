@@ -9,6 +9,15 @@
 //! agent instead (local delivery: `input`, never `forward`), which dials the holder's
 //! listener from the node (`output`) and copies bytes both ways. What the holder sees as
 //! the client is this node's address, as it was with the masquerade this replaces.
+//!
+//! A relay accepts the client's connection before it dials the holder, so a holder that
+//! refuses is seen by the client as a connection that closes at once, not as a reset. A
+//! relay is closed only once the applied node-port table no longer sends to it (and not
+//! before [`listening::CLOSE_GRACE`]), and its open connections end with the agent: a
+//! restarted agent's relays are new listeners, and the client reconnects through them.
+//! Both relayed sockets carry TCP keepalive ([`KEEPALIVE`]), so a client or holder gone
+//! without a FIN does not hold a relayed connection open for ever, and at most
+//! [`MAX_CONNECTIONS`] are relayed at once per agent.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -17,19 +26,42 @@ use std::{
     time::Duration,
 };
 
-use tokio::net::{TcpListener, TcpStream};
-
-use crate::agent::listening;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, watch},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
+use super::Ruleset;
+use crate::agent::listening;
+
 /// How long a relayed connection waits for the holder to accept.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Relayed connections open at once, per agent; a connection beyond them is closed as soon
+/// as it is accepted (the client sees it end), so a flood of connections to a node port
+/// cannot take every file descriptor of the agent. Each takes two descriptors.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// TCP keepalive on both relayed sockets: the first probe after 30 s of silence, then
+/// every 10 s, the connection dropped after 3 unanswered (about a minute in all, as the
+/// agent's SSH server notices a silent client).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// How long a relay no longer wanted waits at most for the applied node-port table to stop
+/// sending to it; past this it closes anyway (the table is stuck, and is retried).
+const CLOSE_WAIT_MAX: Duration = Duration::from_secs(60);
 
 /// The relays of one node, one per remote holder listener.
 pub struct Relays {
     node_ip: IpAddr,
     listeners: Mutex<BTreeMap<SocketAddrV4, Listening>>,
+    /// The node-port table as the kernel holds it ([`super::run`] publishes it).
+    applied: watch::Receiver<Ruleset>,
+    connections: Arc<Semaphore>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -41,20 +73,37 @@ struct Listening {
 
 impl Relays {
     /// No relays yet; they listen on `node_ip` (the address the node-port table DNATs to;
-    /// the table is IPv4, so on a node with an IPv6 address none opens) and everything they
-    /// run stops with `shutdown`.
-    pub fn new(node_ip: IpAddr, shutdown: CancellationToken) -> Arc<Self> {
+    /// the table is IPv4, so on a node with an IPv6 address none opens), a relay no longer
+    /// wanted closes once `applied` (the table in force) stops sending to it, and
+    /// everything they run stops with `shutdown`.
+    pub fn new(
+        node_ip: IpAddr,
+        applied: watch::Receiver<Ruleset>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Self::with_connection_limit(node_ip, applied, MAX_CONNECTIONS, shutdown)
+    }
+
+    fn with_connection_limit(
+        node_ip: IpAddr,
+        applied: watch::Receiver<Ruleset>,
+        limit: usize,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         Arc::new(Self {
             node_ip,
             listeners: Mutex::default(),
+            applied,
+            connections: Arc::new(Semaphore::new(limit)),
             tasks: TaskTracker::new(),
             shutdown,
         })
     }
 
     /// Makes `holders` (remote holders' listeners) the relayed ones: a listener on a port of
-    /// the node chosen by the kernel for each new one, closed listeners (after
-    /// [`listening::CLOSE_GRACE`]; open connections go on) for those no longer wanted. Returns each
+    /// the node chosen by the kernel for each new one, closed listeners for those no longer
+    /// wanted (once the applied table stops sending to them, and not before
+    /// [`listening::CLOSE_GRACE`]; open connections go on). Returns each
     /// holder's relay address; a relay that cannot be opened is logged and left out, so its
     /// frontends stay with kube-proxy.
     pub fn update(
@@ -66,14 +115,33 @@ impl Relays {
             let keep = holders.contains(holder);
             if !keep {
                 tracing::info!(%holder, relay = %listening.address, "node-port relay closing");
-                // It keeps accepting a little longer: the node-port table that sends
-                // connections here changes after this pass, and a closed port would reset
-                // the ones that arrive meanwhile.
-                listening::stop_after_grace(
-                    &self.tasks,
+                // It keeps accepting while the table in force sends here: the table changes
+                // after this pass, on another thread, and may wait there for the nftables
+                // lock; a closed port would reset the connections that arrive meanwhile.
+                let (address, stop, shutdown) = (
+                    listening.address,
                     listening.stop.clone(),
                     self.shutdown.clone(),
                 );
+                let mut applied = self.applied.clone();
+                self.tasks.spawn(async move {
+                    let unused = async {
+                        tokio::time::sleep(listening::CLOSE_GRACE).await;
+                        let waited = tokio::time::timeout(
+                            CLOSE_WAIT_MAX,
+                            applied.wait_for(|table| !table.sends_to(address)),
+                        )
+                        .await;
+                        if waited.is_err() {
+                            tracing::warn!(relay = %address, ?CLOSE_WAIT_MAX, "the node-port table still sends to a relay no longer wanted; closing it anyway");
+                        }
+                    };
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        () = unused => {}
+                    }
+                    stop.cancel();
+                });
             }
             keep
         });
@@ -136,6 +204,10 @@ impl Relays {
         stop: CancellationToken,
     ) {
         while let Some((inbound, peer)) = listening::next_connection(&listener, &stop).await {
+            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, limit = MAX_CONNECTIONS, "too many relayed connections: closing a new one");
+                continue;
+            };
             let shutdown = self.shutdown.clone();
             self.tasks.spawn(
                 async move {
@@ -143,6 +215,7 @@ impl Relays {
                         () = shutdown.cancelled() => {}
                         () = relay(inbound, holder) => {}
                     }
+                    drop(permit);
                 }
                 .instrument(tracing::debug_span!("connection", %peer)),
             );
@@ -153,7 +226,7 @@ impl Relays {
 /// Copies `inbound` to and from a new connection to `holder` until both ends are done; a
 /// holder that cannot be reached closes `inbound` (the client sees the connection end).
 async fn relay(mut inbound: TcpStream, holder: SocketAddrV4) {
-    let _ = inbound.set_nodelay(true);
+    tune(&inbound);
     let mut outbound = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(holder)).await {
         Ok(Ok(outbound)) => outbound,
         Ok(Err(error)) => {
@@ -165,12 +238,26 @@ async fn relay(mut inbound: TcpStream, holder: SocketAddrV4) {
             return;
         }
     };
-    let _ = outbound.set_nodelay(true);
+    tune(&outbound);
     match tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await {
         Ok((to_holder, from_holder)) => {
             tracing::debug!(to_holder, from_holder, "relayed connection ended");
         }
         Err(error) => tracing::debug!(%error, "relayed connection ended with an error"),
+    }
+}
+
+/// No Nagle delay (the relay only copies) and TCP keepalive ([`KEEPALIVE_IDLE`], then every
+/// [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_RETRIES`] probes). Best effort: a socket that
+/// refuses an option is relayed without it.
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    if let Err(error) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(%error, "cannot set TCP keepalive on a relayed socket");
     }
 }
 
@@ -181,6 +268,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::agent::node_ports::Frontend;
 
     async fn echo_server() -> SocketAddrV4 {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -212,13 +300,36 @@ mod tests {
         ) && &reply == b"ping"
     }
 
+    /// Polls `check` every 50 ms until it holds or 5 s pass.
+    async fn eventually(mut check: impl AsyncFnMut() -> bool) -> bool {
+        for _ in 0..100 {
+            if check().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    fn table_to(relay: SocketAddrV4) -> Ruleset {
+        Ruleset {
+            redirects: vec![(Frontend::NodePort(30080), relay)],
+        }
+    }
+
     /// A wanted holder gets a relay that carries bytes both ways; the same holder keeps its
-    /// relay; a holder no longer wanted loses it after the grace, and a new holder gets one.
+    /// relay; a holder no longer wanted keeps its relay while the applied table sends to
+    /// it, even past the grace, and loses it once the table stops; a new holder gets one.
     #[tokio::test]
-    async fn relays_follow_the_wanted_holders() {
+    async fn relays_follow_the_wanted_holders_and_the_applied_table() {
         let (first, second) = (echo_server().await, echo_server().await);
         let shutdown = CancellationToken::new();
-        let relays = Relays::new(IpAddr::V4(Ipv4Addr::LOCALHOST), shutdown.clone());
+        let (applied, applied_rx) = watch::channel(Ruleset::default());
+        let relays = Relays::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            applied_rx,
+            shutdown.clone(),
+        );
 
         let opened = relays.update(&BTreeSet::from([first]));
         let relay = opened[&first];
@@ -226,6 +337,7 @@ mod tests {
         assert_ne!(relay.port(), first.port());
         assert!(echoes(relay).await, "the relay reaches the holder");
         assert_eq!(relays.update(&BTreeSet::from([first])), opened, "kept");
+        applied.send_replace(table_to(relay));
 
         let moved = relays.update(&BTreeSet::from([second]));
         assert_eq!(moved.keys().copied().collect::<Vec<_>>(), vec![second]);
@@ -233,15 +345,17 @@ mod tests {
             echoes(moved[&second]).await,
             "the new relay reaches its holder"
         );
-        assert!(
-            echoes(relay).await,
-            "the old relay still accepts within the grace"
-        );
         tokio::time::sleep(listening::CLOSE_GRACE + Duration::from_millis(500)).await;
         assert!(
-            !echoes(relay).await,
-            "the old relay is closed after the grace"
+            echoes(relay).await,
+            "past the grace, the old relay still accepts: the applied table sends to it"
         );
+        applied.send_replace(table_to(moved[&second]));
+        assert!(
+            eventually(async || !echoes(relay).await).await,
+            "the old relay closes once the applied table no longer sends to it"
+        );
+        assert!(echoes(moved[&second]).await, "the new relay stays");
 
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(5), relays.closed())
@@ -249,17 +363,39 @@ mod tests {
             .expect("everything stops with shutdown");
     }
 
+    /// A relay never in the applied table closes after the grace.
+    #[tokio::test]
+    async fn a_relay_the_table_never_sent_to_closes_after_the_grace() {
+        let holder = echo_server().await;
+        let (_applied, applied_rx) = watch::channel(Ruleset::default());
+        let relays = Relays::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            applied_rx,
+            CancellationToken::new(),
+        );
+        let relay = relays.update(&BTreeSet::from([holder]))[&holder];
+        assert!(relays.update(&BTreeSet::new()).is_empty());
+        assert!(echoes(relay).await, "within the grace");
+        tokio::time::sleep(listening::CLOSE_GRACE + Duration::from_millis(500)).await;
+        assert!(!echoes(relay).await, "closed after the grace");
+    }
+
     /// A holder that refuses: the client's connection is closed, not left hanging.
     #[tokio::test]
     async fn an_unreachable_holder_closes_the_client() {
-        let refused = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let std::net::SocketAddr::V4(address) = listener.local_addr().unwrap() else {
-                unreachable!()
-            };
-            address
+        // Bound and not listening: the port is this test's, and refuses.
+        let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+        reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let std::net::SocketAddr::V4(refused) = reserved.local_addr().unwrap() else {
+            unreachable!()
         };
-        let relays = Relays::new(IpAddr::V4(Ipv4Addr::LOCALHOST), CancellationToken::new());
+        let shutdown = CancellationToken::new();
+        let (_applied, applied_rx) = watch::channel(Ruleset::default());
+        let relays = Relays::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            applied_rx,
+            shutdown.clone(),
+        );
         let relay = relays.update(&BTreeSet::from([refused]))[&refused];
         let mut stream = TcpStream::connect(relay).await.unwrap();
         let mut buf = [0u8; 1];
@@ -267,5 +403,35 @@ mod tests {
             .await
             .expect("closed, not hanging");
         assert!(matches!(read, Ok(0) | Err(_)));
+        shutdown.cancel();
+    }
+
+    /// Beyond the limit a new connection is closed at once; once one ends, a new one is
+    /// relayed again.
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed() {
+        let holder = echo_server().await;
+        let shutdown = CancellationToken::new();
+        let (_applied, applied_rx) = watch::channel(Ruleset::default());
+        let relays = Relays::with_connection_limit(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            applied_rx,
+            1,
+            shutdown.clone(),
+        );
+        let relay = relays.update(&BTreeSet::from([holder]))[&holder];
+
+        let mut held = TcpStream::connect(relay).await.unwrap();
+        held.write_all(b"ping").await.unwrap();
+        let mut reply = [0u8; 4];
+        held.read_exact(&mut reply).await.unwrap();
+        assert!(!echoes(relay).await, "the second connection is closed");
+
+        drop(held);
+        assert!(
+            eventually(async || echoes(relay).await).await,
+            "relayed again once the first ended"
+        );
+        shutdown.cancel();
     }
 }
