@@ -251,7 +251,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     );
     tracing::info!(node = %config.node_name, pods_cgroup = %pods.display(), http = %config.http_listen, ssh = %config.ssh_listen, "agent running");
 
-    let router = router::Router::new(config.node_ip, tasks.shutdown().child_token());
+    // The node-port table as the kernel may hold it: the mesh router's listeners and the
+    // relays close only once it no longer sends to them. Starts as "no table".
+    let (applied_node_ports, node_ports_in_force) =
+        tokio::sync::watch::channel(node_ports::Ruleset::default());
+    let router = router::Router::for_node(
+        config.node_ip,
+        node_ports_in_force.clone(),
+        tasks.shutdown().child_token(),
+    );
     {
         let (router, stop) = (router.clone(), tasks.shutdown().clone());
         tasks.spawn("mesh-router", async move {
@@ -260,10 +268,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             Ok::<(), std::convert::Infallible>(())
         });
     }
-    // The node-port table as the kernel holds it: relays close only once it no longer
-    // sends to them. Starts as "no table".
-    let (applied_node_ports, node_ports_in_force) =
-        tokio::sync::watch::channel(node_ports::Ruleset::default());
     let node_port_relays = node_ports::relay::Relays::new(
         config.node_ip,
         node_ports_in_force,

@@ -278,9 +278,12 @@ pub struct Ruleset {
 }
 
 impl Ruleset {
-    /// Whether a rule DNATs to `address` (a holder's listener or a relay).
-    pub fn sends_to(&self, address: SocketAddrV4) -> bool {
-        self.redirects.iter().any(|(_, to)| *to == address)
+    /// Whether a rule DNATs to `address` (a holder's listener, a relay, a mesh router's
+    /// listener); never to an IPv6 one.
+    pub fn sends_to(&self, address: SocketAddr) -> bool {
+        self.redirects
+            .iter()
+            .any(|(_, to)| SocketAddr::V4(*to) == address)
     }
 
     /// The same ruleset in `nft` syntax, as `nft -f` loads it, one statement per line:
@@ -383,8 +386,9 @@ fn converge(table: &mut Option<OwnedTable>, ruleset: &Ruleset) -> Result<Converg
 }
 
 /// Keeps [`TABLE`] equal to the latest ruleset in `wanted` ([`ruleset`], [`converge`])
-/// until `shutdown`, then removes it, publishing in `applied` what the kernel holds (an
-/// empty ruleset while there is no table). A failure closes the socket (the kernel deletes the
+/// until `shutdown`, then removes it, publishing in `applied_to` what the kernel may hold
+/// (while a transaction is in flight, the old and the new rules together; an empty
+/// ruleset while there is no table). A failure closes the socket (the kernel deletes the
 /// table with it, so nothing half-known stays) and is logged and retried with a fresh
 /// socket after [`RETRY`], twice as long after each failure in a row up to [`RETRY_MAX`];
 /// a new ruleset ends the wait (and, if it differs from the one that failed, the back-off
@@ -402,6 +406,11 @@ pub async fn run(
     loop {
         let ruleset = wanted.borrow_and_update().clone();
         if applied.as_ref() != Some(&ruleset) {
+            // While the transaction is in flight either table may be in force: a relay the
+            // new one sends to must not close meanwhile.
+            applied_to.send_modify(|in_force| {
+                in_force.redirects.extend(ruleset.redirects.iter().copied());
+            });
             // Off the async workers: the table goes to a blocking thread and back.
             let mut owned = table.take();
             let for_thread = ruleset.clone();

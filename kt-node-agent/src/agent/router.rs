@@ -37,13 +37,17 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo},
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
 use super::{
     listening,
     mesh::{MeshTarget, Route, RouteKey},
+    node_ports::Ruleset,
 };
 
 /// How long the router waits for a client's first bytes before it treats the connection as
@@ -113,6 +117,9 @@ pub struct Router {
     http2: Client<HttpConnector, Incoming>,
     /// Spreads requests over a route's endpoints.
     next_endpoint: AtomicUsize,
+    /// The node-port table the kernel may hold, where the listeners are its DNAT targets
+    /// (the agent's router; not the router pod's).
+    node_port_table: Option<watch::Receiver<Ruleset>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -121,6 +128,25 @@ impl Router {
     /// A router with no routes, listening on `node_ip`; everything it runs stops with
     /// `shutdown`.
     pub fn new(node_ip: IpAddr, shutdown: CancellationToken) -> Arc<Self> {
+        Self::build(node_ip, None, shutdown)
+    }
+
+    /// [`Router::new`] for a node agent, whose listeners are also DNAT targets of the
+    /// node-port table: a listener no longer wanted closes only once no table the kernel
+    /// may hold (`node_port_table`, [`super::node_ports::run`]) sends to it.
+    pub fn for_node(
+        node_ip: IpAddr,
+        node_port_table: watch::Receiver<Ruleset>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Self::build(node_ip, Some(node_port_table), shutdown)
+    }
+
+    fn build(
+        node_ip: IpAddr,
+        node_port_table: Option<watch::Receiver<Ruleset>>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let http1 = Client::builder(TokioExecutor::new())
@@ -136,6 +162,7 @@ impl Router {
             http1,
             http2,
             next_endpoint: AtomicUsize::new(0),
+            node_port_table,
             tasks: TaskTracker::new(),
             shutdown,
         })
@@ -181,11 +208,14 @@ impl Router {
                     sessions: Vec::new(),
                     ..Route::clone(&table)
                 });
-                // The listener keeps accepting (for the endpoints) a little longer.
-                listening::stop_after_grace(
+                // The listener keeps accepting (for the endpoints) while it may be sent
+                // connections.
+                listening::stop_when_unused(
                     &self.tasks,
                     listening.stop.clone(),
                     self.shutdown.clone(),
+                    listening.address,
+                    self.node_port_table.clone(),
                 );
             }
             keep

@@ -11,18 +11,22 @@
 //! the client is this node's address, as it was with the masquerade this replaces.
 //!
 //! A relay accepts the client's connection before it dials the holder, so a holder that
-//! refuses is seen by the client as a connection that closes at once, not as a reset. A
-//! relay is closed only once the applied node-port table no longer sends to it (and not
-//! before [`listening::CLOSE_GRACE`]), and its open connections end with the agent: a
-//! restarted agent's relays are new listeners, and the client reconnects through them.
-//! Both relayed sockets carry TCP keepalive ([`KEEPALIVE`]), so a client or holder gone
+//! refuses is seen by the client as a connection that ends at once (a FIN, or a reset if
+//! it had sent data), not as a refused one. A relay is closed once the node-port table the
+//! kernel may hold no longer sends to it (not before [`listening::CLOSE_GRACE`], and after
+//! [`listening::CLOSE_WAIT_MAX`] at most), and its open connections end with the agent: a restarted
+//! agent's relays are new listeners, and the client reconnects through them. Both relayed
+//! sockets carry TCP keepalive ([`KEEPALIVE_IDLE`]), so a client or holder gone
 //! without a FIN does not hold a relayed connection open for ever, and at most
 //! [`MAX_CONNECTIONS`] are relayed at once per agent.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, SocketAddrV4},
-    sync::{Arc, Mutex},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -51,10 +55,6 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_RETRIES: u32 = 3;
 
-/// How long a relay no longer wanted waits at most for the applied node-port table to stop
-/// sending to it; past this it closes anyway (the table is stuck, and is retried).
-const CLOSE_WAIT_MAX: Duration = Duration::from_secs(60);
-
 /// The relays of one node, one per remote holder listener.
 pub struct Relays {
     node_ip: IpAddr,
@@ -62,6 +62,9 @@ pub struct Relays {
     /// The node-port table as the kernel holds it ([`super::run`] publishes it).
     applied: watch::Receiver<Ruleset>,
     connections: Arc<Semaphore>,
+    connection_limit: usize,
+    /// Whether the last connection found the limit reached (said once per episode).
+    saturated: AtomicBool,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -95,6 +98,8 @@ impl Relays {
             listeners: Mutex::default(),
             applied,
             connections: Arc::new(Semaphore::new(limit)),
+            connection_limit: limit,
+            saturated: AtomicBool::new(false),
             tasks: TaskTracker::new(),
             shutdown,
         })
@@ -115,33 +120,13 @@ impl Relays {
             let keep = holders.contains(holder);
             if !keep {
                 tracing::info!(%holder, relay = %listening.address, "node-port relay closing");
-                // It keeps accepting while the table in force sends here: the table changes
-                // after this pass, on another thread, and may wait there for the nftables
-                // lock; a closed port would reset the connections that arrive meanwhile.
-                let (address, stop, shutdown) = (
-                    listening.address,
+                listening::stop_when_unused(
+                    &self.tasks,
                     listening.stop.clone(),
                     self.shutdown.clone(),
+                    SocketAddr::V4(listening.address),
+                    Some(self.applied.clone()),
                 );
-                let mut applied = self.applied.clone();
-                self.tasks.spawn(async move {
-                    let unused = async {
-                        tokio::time::sleep(listening::CLOSE_GRACE).await;
-                        let waited = tokio::time::timeout(
-                            CLOSE_WAIT_MAX,
-                            applied.wait_for(|table| !table.sends_to(address)),
-                        )
-                        .await;
-                        if waited.is_err() {
-                            tracing::warn!(relay = %address, ?CLOSE_WAIT_MAX, "the node-port table still sends to a relay no longer wanted; closing it anyway");
-                        }
-                    };
-                    tokio::select! {
-                        () = shutdown.cancelled() => {}
-                        () = unused => {}
-                    }
-                    stop.cancel();
-                });
             }
             keep
         });
@@ -185,7 +170,7 @@ impl Relays {
         let socket = std::net::TcpListener::bind(SocketAddrV4::new(node_ip, 0))?;
         socket.set_nonblocking(true)?;
         let listener = TcpListener::from_std(socket)?;
-        let std::net::SocketAddr::V4(address) = listener.local_addr()? else {
+        let SocketAddr::V4(address) = listener.local_addr()? else {
             unreachable!("bound to an IPv4 address");
         };
         let stop = self.shutdown.child_token();
@@ -205,9 +190,12 @@ impl Relays {
     ) {
         while let Some((inbound, peer)) = listening::next_connection(&listener, &stop).await {
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, limit = MAX_CONNECTIONS, "too many relayed connections: closing a new one");
+                if !self.saturated.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(%peer, limit = self.connection_limit, "too many relayed connections: new ones are closed until some end");
+                }
                 continue;
             };
+            self.saturated.store(false, Ordering::Relaxed);
             let shutdown = self.shutdown.clone();
             self.tasks.spawn(
                 async move {
@@ -272,7 +260,7 @@ mod tests {
 
     async fn echo_server() -> SocketAddrV4 {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let std::net::SocketAddr::V4(address) = listener.local_addr().unwrap() else {
+        let SocketAddr::V4(address) = listener.local_addr().unwrap() else {
             unreachable!()
         };
         tokio::spawn(async move {
@@ -386,7 +374,7 @@ mod tests {
         // Bound and not listening: the port is this test's, and refuses.
         let reserved = tokio::net::TcpSocket::new_v4().unwrap();
         reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let std::net::SocketAddr::V4(refused) = reserved.local_addr().unwrap() else {
+        let SocketAddr::V4(refused) = reserved.local_addr().unwrap() else {
             unreachable!()
         };
         let shutdown = CancellationToken::new();
