@@ -299,6 +299,20 @@ mod tests {
         false
     }
 
+    /// Relays on loopback relaying at most `limit` connections; the sender is the applied
+    /// table they follow, the token their shutdown.
+    fn loopback_relays(limit: usize) -> (Arc<Relays>, watch::Sender<Ruleset>, CancellationToken) {
+        let shutdown = CancellationToken::new();
+        let (applied, applied_rx) = watch::channel(Ruleset::default());
+        let relays = Relays::with_connection_limit(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            applied_rx,
+            limit,
+            shutdown.clone(),
+        );
+        (relays, applied, shutdown)
+    }
+
     fn table_to(relay: SocketAddrV4) -> Ruleset {
         Ruleset {
             redirects: vec![(Frontend::NodePort(30080), relay)],
@@ -311,13 +325,7 @@ mod tests {
     #[tokio::test]
     async fn relays_follow_the_wanted_holders_and_the_applied_table() {
         let (first, second) = (echo_server().await, echo_server().await);
-        let shutdown = CancellationToken::new();
-        let (applied, applied_rx) = watch::channel(Ruleset::default());
-        let relays = Relays::new(
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            applied_rx,
-            shutdown.clone(),
-        );
+        let (relays, applied, shutdown) = loopback_relays(MAX_CONNECTIONS);
 
         let opened = relays.update(&BTreeSet::from([first]));
         let relay = opened[&first];
@@ -355,12 +363,7 @@ mod tests {
     #[tokio::test]
     async fn a_relay_the_table_never_sent_to_closes_after_the_grace() {
         let holder = echo_server().await;
-        let (_applied, applied_rx) = watch::channel(Ruleset::default());
-        let relays = Relays::new(
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            applied_rx,
-            CancellationToken::new(),
-        );
+        let (relays, _applied, _shutdown) = loopback_relays(MAX_CONNECTIONS);
         let relay = relays.update(&BTreeSet::from([holder]))[&holder];
         assert!(relays.update(&BTreeSet::new()).is_empty());
         assert!(echoes(relay).await, "within the grace");
@@ -377,13 +380,7 @@ mod tests {
         let SocketAddr::V4(refused) = reserved.local_addr().unwrap() else {
             unreachable!()
         };
-        let shutdown = CancellationToken::new();
-        let (_applied, applied_rx) = watch::channel(Ruleset::default());
-        let relays = Relays::new(
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            applied_rx,
-            shutdown.clone(),
-        );
+        let (relays, _applied, shutdown) = loopback_relays(MAX_CONNECTIONS);
         let relay = relays.update(&BTreeSet::from([refused]))[&refused];
         let mut stream = TcpStream::connect(relay).await.unwrap();
         let mut buf = [0u8; 1];
@@ -399,14 +396,7 @@ mod tests {
     #[tokio::test]
     async fn connections_beyond_the_limit_are_closed() {
         let holder = echo_server().await;
-        let shutdown = CancellationToken::new();
-        let (_applied, applied_rx) = watch::channel(Ruleset::default());
-        let relays = Relays::with_connection_limit(
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            applied_rx,
-            1,
-            shutdown.clone(),
-        );
+        let (relays, _applied, shutdown) = loopback_relays(1);
         let relay = relays.update(&BTreeSet::from([holder]))[&holder];
 
         let mut held = TcpStream::connect(relay).await.unwrap();
