@@ -1,8 +1,9 @@
 //! Role `agent` (DaemonSet, host network): attaches kt's eBPF programs to the pods' cgroup
 //! of its node and keeps the service map equal to what the session objects say
-//! ([`redirects::desired`]): every agent programs every live session, so a client on any
-//! node is redirected to the holding agent's listener; entries go when a lease expires
-//! (fail-open), and all of them go with the agent (links are not pinned).
+//! ([`redirects::desired`], kept up to date from pass to pass by [`ledger`], which writes
+//! only what changed): every agent programs every live session, so a client on any node is
+//! redirected to the holding agent's listener; entries go when a lease expires (fail-open),
+//! and all of them go with the agent (links are not pinned).
 //!
 //! It also holds sessions ([`hold`]): ktctl's SSH connections arrive on the node's
 //! [`kt_proto::agent::SSH_PORT`], and their tunnel listeners are what the redirects point
@@ -26,6 +27,7 @@ pub mod events;
 pub mod freshness;
 pub mod hold;
 pub mod index;
+pub mod ledger;
 pub mod listening;
 mod map;
 pub mod mesh;
@@ -40,7 +42,7 @@ pub mod trust;
 mod udp_exchange;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
@@ -325,7 +327,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         network_of: Mutex::default(),
         nodes,
         records,
-        records_read: Mutex::default(),
+        judge: Mutex::default(),
         rejected: Mutex::default(),
         transitions: Mutex::default(),
         events: session_events,
@@ -339,6 +341,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         lease_check: config.lease_check,
         reconcile_metrics,
         last_pass: Mutex::default(),
+        ledger: Mutex::default(),
+        kept_acks: Mutex::default(),
+        hashes: Mutex::default(),
     };
     tasks.spawn("reconcile", reconciler.run(tasks.shutdown().clone()));
     tasks.spawn(
@@ -580,8 +585,8 @@ struct Reconciler {
     nodes: reflector::Store<k8s_openapi::api::core::v1::Node>,
     /// The agents' records of what they hold ([`trust`]).
     records: reflector::Store<k8s_openapi::api::core::v1::ConfigMap>,
-    /// `records`, parsed.
-    records_read: Mutex<trust::RecordCache>,
+    /// The sessions' statuses judged against `records` and `nodes`, kept from pass to pass.
+    judge: Mutex<trust::Judge>,
     /// Session versions whose status is not believed: when first seen, and whether reported.
     rejected: Mutex<BTreeMap<Version, (tokio::time::Instant, bool)>>,
     /// The session transitions this agent reported ([`events::Transitions`]).
@@ -602,25 +607,29 @@ struct Reconciler {
     reconcile_metrics: metrics::Reconcile,
     /// What the last pass programmed, if it succeeded.
     last_pass: Mutex<Option<LastPass>>,
+    /// The map the passes keep, and the ports programmed per session ([`ledger`]).
+    ledger: Mutex<ledger::Ledger>,
+    /// This node's acknowledgements, kept from pass to pass.
+    kept_acks: Mutex<KeptAcks>,
+    /// What each session's part of the map is made of, kept from pass to pass.
+    hashes: Mutex<redirects::KeptHashes>,
 }
 
-/// What a pass found: the last pass's result still stands, or a new desired map (and
-/// whether a pass with the same fingerprint may keep it).
+/// What a pass found: the last pass's result still stands, or the changes to write (and
+/// whether a pass with the same fingerprint may keep the result).
 enum Pass {
     Kept(LastPass),
-    Computed(redirects::Desired, bool),
+    Computed(Vec<ledger::Change>, bool),
 }
 
 /// What a pass programmed, kept for the next: a pass with the same
-/// [`redirects::fingerprint`] programs the same, so it writes nothing and acknowledges the
-/// same ports (with 1 000 sessions most passes are such: issue 17).
+/// [`redirects::fingerprint`] programs the same, so it computes and writes nothing (with
+/// 1 000 sessions most passes are such: issue 17).
 struct LastPass {
     fingerprint: u64,
     /// Whether a pass with this fingerprint may keep it: not when a mesh route had no
     /// listener (the next pass's router update tries again).
     reusable: bool,
-    /// Per session (`namespace/name`), the Service ports programmed for it.
-    programmed: BTreeMap<String, redirects::PortsDone>,
 }
 
 impl Reconciler {
@@ -666,7 +675,9 @@ impl Reconciler {
         let (believed, report_in) = self.believed(&sessions, &nodes, now);
         // What is programmed and acknowledged: only statuses some agent vouches for.
         let cluster = self.cluster.read().unwrap_or_else(|e| e.into_inner());
-        let state = redirects::ClusterState::indexed(&believed, &cluster);
+        let mut hashes = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
+        let state = redirects::ClusterState::indexed_kept(&believed, &cluster, &mut hashes);
+        drop(hashes);
         self.network(&nodes, &cluster);
         for event in self
             .transitions
@@ -698,7 +709,11 @@ impl Reconciler {
             None => {
                 let routes = mesh::routes(&state, now);
                 let routers = self.router.update(&routes);
-                let desired = redirects::desired(&state, now, &routes, &routers);
+                let changes = self
+                    .ledger
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .update(&state, now, &routes, &routers);
                 let node_port_entries = node_ports::desired(&state, now, &routes, &routers);
                 let remote_holders = node_ports::remote_holders(&node_port_entries, self.node_ip);
                 let relays = self.node_port_relays.update(&remote_holders);
@@ -715,7 +730,7 @@ impl Reconciler {
                     && remote_holders
                         .iter()
                         .all(|holder| relays.contains_key(holder));
-                Pass::Computed(desired, reusable)
+                Pass::Computed(changes, reusable)
             }
         };
         // The watches may write again: nothing below reads the index.
@@ -732,33 +747,41 @@ impl Reconciler {
             .min(report_in.unwrap_or(Duration::MAX));
         let (pass, applied) = match outcome {
             Pass::Kept(kept) => (kept, Ok(())),
-            Pass::Computed(desired, reusable) => {
-                let programmed = desired
-                    .programmed_ports()
-                    .into_iter()
-                    .map(|(session, ports)| (session.to_owned(), ports))
-                    .collect();
+            Pass::Computed(changes, reusable) => {
                 let applied = self
                     .map
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .apply(desired.map);
+                    .apply(&changes);
                 let pass = LastPass {
                     fingerprint,
                     reusable,
-                    programmed,
                 };
                 (pass, applied)
             }
         };
-        let acks = self.acks_for(&believed, &pass.programmed, now);
+        let mut kept_acks = self.kept_acks.lock().unwrap_or_else(|e| e.into_inner());
+        kept_acks.update(
+            &believed,
+            self.ledger
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .programmed(),
+            now,
+            |session, done| self.ack_of(session, done, now),
+        );
         match &applied {
             Ok(()) => {
-                self.acks.send_if_modified(|current| {
-                    let changed = *current != acks;
-                    *current = acks;
-                    changed
-                });
+                if !kept_acks.sent {
+                    self.acks.send_if_modified(|current| {
+                        let changed = *current != kept_acks.acks;
+                        if changed {
+                            current.clone_from(&kept_acks.acks);
+                        }
+                        changed
+                    });
+                    kept_acks.sent = true;
+                }
                 *last = Some(pass);
             }
             Err(error) => {
@@ -798,15 +821,23 @@ impl Reconciler {
         now: chrono::DateTime<chrono::Utc>,
     ) -> (Vec<&'a KtSession>, Option<Duration>) {
         let all_records = self.records.state();
-        let mut cache = self.records_read.lock().unwrap_or_else(|e| e.into_inner());
-        let records = cache.current(&all_records.iter().map(AsRef::as_ref).collect::<Vec<_>>());
+        let verdicts = self
+            .judge
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .verdicts(
+                sessions,
+                nodes,
+                &all_records.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
+                now,
+            );
         let mut rejected = self.rejected.lock().unwrap_or_else(|e| e.into_inner());
         let mut seen = std::collections::BTreeSet::new();
         let mut believed = Vec::with_capacity(sessions.len());
         let mut next: Option<Duration> = None;
         let at = tokio::time::Instant::now();
-        for session in sessions {
-            let Err(reason) = trust::check(session, nodes, records, now) else {
+        for (session, verdict) in sessions.iter().zip(verdicts) {
+            let Err(reason) = verdict else {
                 believed.push(*session);
                 continue;
             };
@@ -851,56 +882,156 @@ impl Reconciler {
         (believed, next)
     }
 
-    /// This node's acknowledgement of every live exchange or mesh session whose holder listens for
-    /// all its ports (a holder still opening its listeners is not acknowledged: ktctl waits
-    /// for the complete one, and every write wakes every agent): the holder and the Service
-    /// ports programmed for it.
-    fn acks_for(
+    /// This node's acknowledgement of `session` if it is a live exchange or mesh session
+    /// whose holder listens for all its ports (a holder still opening its listeners is not
+    /// acknowledged: ktctl waits for the complete one, and every write wakes every agent):
+    /// the holder and the Service ports programmed for it (`done`), and whether its status
+    /// already shows that.
+    fn ack_of(
         &self,
-        sessions: &[&KtSession],
-        ports: &BTreeMap<String, redirects::PortsDone>,
+        s: &KtSession,
+        done: Option<&redirects::PortsDone>,
         now: chrono::DateTime<chrono::Utc>,
-    ) -> Acks {
-        sessions
-            .iter()
-            .filter(|s| {
-                matches!(
-                    s.spec.mode,
-                    kt_proto::session::SessionMode::Exchange | kt_proto::session::SessionMode::Mesh
-                ) && s.lease_live(now)
-            })
-            .filter_map(|s| {
-                let status = s.status.as_ref()?;
-                status.address?;
-                let complete =
-                    |wanted: &[kt_proto::session::PortMapping],
-                     listeners: &[kt_proto::session::Listener]| {
-                        wanted
-                            .iter()
-                            .all(|p| listeners.iter().any(|l| l.port == p.port))
-                    };
-                if !complete(&s.spec.ports, &status.listeners)
-                    || !complete(&s.spec.udp_ports, &status.udp_listeners)
-                {
-                    return None;
+    ) -> Option<(AckId, (Programmed, bool))> {
+        if !matches!(
+            s.spec.mode,
+            kt_proto::session::SessionMode::Exchange | kt_proto::session::SessionMode::Mesh
+        ) || !s.lease_live(now)
+        {
+            return None;
+        }
+        let status = s.status.as_ref()?;
+        status.address?;
+        let complete = |wanted: &[kt_proto::session::PortMapping],
+                        listeners: &[kt_proto::session::Listener]| {
+            wanted
+                .iter()
+                .all(|p| listeners.iter().any(|l| l.port == p.port))
+        };
+        if !complete(&s.spec.ports, &status.listeners)
+            || !complete(&s.spec.udp_ports, &status.udp_listeners)
+        {
+            return None;
+        }
+        let ack = Programmed {
+            holder: status.holder(),
+            ports: done
+                .map(|p| p.tcp.iter().copied().collect())
+                .unwrap_or_default(),
+            udp_ports: Some(
+                done.map(|p| p.udp.iter().copied().collect())
+                    .unwrap_or_default(),
+            ),
+        };
+        let shown = status.programmed.get(&self.node) == Some(&ack);
+        let id = (s.metadata.namespace.clone()?, s.metadata.name.clone()?);
+        Some((id, (ack, shown)))
+    }
+}
+
+/// A session's `(namespace, name)` in [`Acks`].
+type AckId = (String, String);
+
+/// This node's acknowledgements ([`Reconciler::ack_of`] of every session) kept from pass to
+/// pass: a session's is computed again only when the session changed (its
+/// `resourceVersion`), its programmed ports did, or its lease ran out. Computing every
+/// session's on every pass was most of a pass with 1 000 sessions (issue 17: 2–6 ms of a
+/// 5–9 ms pass in the `agent_scale` benchmark).
+#[derive(Default)]
+struct KeptAcks {
+    acks: Acks,
+    /// Whether `acks` was sent since it last changed.
+    sent: bool,
+    /// By uid (or `namespace/name` for a session without one): what the session's entry
+    /// was computed from.
+    from: HashMap<String, AckInputs>,
+    /// Counts the updates, to forget the sessions that are gone.
+    updates: u64,
+}
+
+/// What one session's acknowledgement was computed from, and where it is.
+struct AckInputs {
+    /// The session's `resourceVersion`; `None` (never equal) when it had none.
+    version: Option<String>,
+    done: Option<redirects::PortsDone>,
+    live: bool,
+    /// Its entry in [`KeptAcks::acks`], if it has one.
+    id: Option<AckId>,
+    /// The last update that saw the session.
+    seen: u64,
+}
+
+impl KeptAcks {
+    /// Brings `acks` up to `sessions` at `now` with the ports programmed per session
+    /// (`programmed`, by `namespace/name`), computing with `ack_of` only the entries whose
+    /// inputs changed.
+    fn update(
+        &mut self,
+        sessions: &[&KtSession],
+        programmed: &BTreeMap<String, redirects::PortsDone>,
+        now: chrono::DateTime<chrono::Utc>,
+        ack_of: impl Fn(
+            &KtSession,
+            Option<&redirects::PortsDone>,
+        ) -> Option<(AckId, (Programmed, bool))>,
+    ) {
+        use std::fmt::Write as _;
+        self.updates += 1;
+        let update = self.updates;
+        let mut key = String::new();
+        for session in sessions {
+            let meta = &session.metadata;
+            key.clear();
+            let _ = write!(
+                key,
+                "{}/{}",
+                meta.namespace.as_deref().unwrap_or_default(),
+                meta.name.as_deref().unwrap_or_default()
+            );
+            let done = programmed.get(key.as_str());
+            let live = session.lease_live(now);
+            let by = meta.uid.as_deref().unwrap_or(key.as_str());
+            if let Some(inputs) = self.from.get_mut(by)
+                && inputs.version.is_some()
+                && inputs.version == meta.resource_version
+                && inputs.done.as_ref() == done
+                && inputs.live == live
+            {
+                inputs.seen = update;
+                continue;
+            }
+            let entry = ack_of(session, done);
+            let old = self.from.remove(by).and_then(|inputs| inputs.id);
+            if let Some(old) = old {
+                self.acks.remove(&old);
+            }
+            let id = entry.map(|(id, ack)| {
+                self.acks.insert(id.clone(), ack);
+                id
+            });
+            self.sent = false;
+            self.from.insert(
+                by.to_owned(),
+                AckInputs {
+                    version: meta.resource_version.clone(),
+                    done: done.cloned(),
+                    live,
+                    id,
+                    seen: update,
+                },
+            );
+        }
+        if self.from.len() > sessions.len() {
+            let acks = &mut self.acks;
+            self.from.retain(|_, inputs| {
+                let keep = inputs.seen == update;
+                if !keep && let Some(id) = &inputs.id {
+                    acks.remove(id);
+                    self.sent = false;
                 }
-                let key = s.key();
-                let done = ports.get(key.as_str());
-                let ack = Programmed {
-                    holder: status.holder(),
-                    ports: done
-                        .map(|p| p.tcp.iter().copied().collect())
-                        .unwrap_or_default(),
-                    udp_ports: Some(
-                        done.map(|p| p.udp.iter().copied().collect())
-                            .unwrap_or_default(),
-                    ),
-                };
-                let shown = status.programmed.get(&self.node) == Some(&ack);
-                let id = (s.metadata.namespace.clone()?, s.metadata.name.clone()?);
-                Some((id, (ack, shown)))
-            })
-            .collect()
+                keep
+            });
+        }
     }
 }
 
@@ -1097,5 +1228,91 @@ async fn write_ack(
             tracing::warn!(%namespace, session = %name, "acknowledging the session timed out");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn session(name: &str, version: &str, listener_port: u16) -> KtSession {
+        serde_json::from_value(json!({
+            "apiVersion": "kt.dev/v1alpha1", "kind": "KtSession",
+            "metadata": {"name": name, "namespace": "dev", "uid": format!("u-{name}"),
+                         "resourceVersion": version},
+            "spec": {"owner": "a@b", "mode": "exchange", "service": "web",
+                     "ports": [{"port": 80, "localPort": 8080}], "publicKey": "k",
+                     "leaseSeconds": 60},
+            "status": {"node": "node-1", "address": "172.30.0.11",
+                       "listeners": [{"port": 80, "listenerPort": listener_port}],
+                       "renewTime": chrono::Utc::now()}
+        }))
+        .unwrap()
+    }
+
+    /// A stand-in for [`Reconciler::ack_of`]: the holder and the ports, for live sessions.
+    fn ack_of(
+        s: &KtSession,
+        done: Option<&redirects::PortsDone>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Option<(AckId, (Programmed, bool))> {
+        s.lease_live(now).then(|| {
+            let ack = Programmed {
+                holder: s.status.as_ref().unwrap().holder(),
+                ports: done
+                    .map(|p| p.tcp.iter().copied().collect())
+                    .unwrap_or_default(),
+                udp_ports: Some(Vec::new()),
+            };
+            let id = (
+                s.metadata.namespace.clone().unwrap(),
+                s.metadata.name.clone().unwrap(),
+            );
+            (id, (ack, false))
+        })
+    }
+
+    /// What the kept acknowledgements must equal: every session's, computed afresh.
+    fn afresh(
+        sessions: &[&KtSession],
+        programmed: &BTreeMap<String, redirects::PortsDone>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Acks {
+        sessions
+            .iter()
+            .filter_map(|s| ack_of(s, programmed.get(&s.key()), now))
+            .collect()
+    }
+
+    #[test]
+    fn kept_acknowledgements_follow_sessions_ports_and_leases() {
+        let now = chrono::Utc::now();
+        let (a, b) = (session("a", "1", 40001), session("b", "1", 40002));
+        let mut programmed = BTreeMap::new();
+        let mut kept = KeptAcks::default();
+        let mut check = |sessions: &[&KtSession], programmed: &BTreeMap<_, _>, at, what| {
+            kept.update(sessions, programmed, at, |s, done| ack_of(s, done, at));
+            assert_eq!(kept.acks, afresh(sessions, programmed, at), "{what}");
+            // Only a change is sent again.
+            assert_eq!(kept.sent, what == "nothing changed", "{what}: sent");
+            kept.sent = true;
+        };
+        check(&[&a, &b], &programmed, now, "first");
+        check(&[&a, &b], &programmed, now, "nothing changed");
+        programmed.insert(
+            "dev/a".to_owned(),
+            redirects::PortsDone {
+                tcp: [80].into(),
+                udp: Default::default(),
+            },
+        );
+        check(&[&a, &b], &programmed, now, "a's port programmed");
+        let moved = session("b", "2", 40009);
+        check(&[&a, &moved], &programmed, now, "b's listener changed");
+        check(&[&a], &programmed, now, "b gone");
+        let later = now + chrono::TimeDelta::seconds(120);
+        check(&[&a], &programmed, later, "a's lease ran out");
     }
 }

@@ -1,19 +1,21 @@
 //! The agent's reconcile at scale, without a cluster (issue 17, item 1): the pure part of one
 //! pass as the agent runs it — one EndpointSlice changed (applied to the agent's index, as
-//! its watch does), then the trust check of every session against the holder's record
-//! (`kt_node_agent::agent::trust`, the record's parse kept from the last pass as the
-//! agent keeps it), the mesh routes, the desired service map and which session ports it
-//! programs — over 10 000 Services (one TCP port each, ClusterIP plus one EndpointSlice
-//! of 3 ready endpoints: 30 000 endpoints) with 0, 10, 100 and 1 000 live sessions (nine in
-//! ten exchange, one in ten mesh, each on its own Service). Also timed, once: building the
-//! index from the 10 000 Services and slices, what a watch's (re)list costs. Not timed:
+//! its watch does), then the trust verdicts of every session against the holder's record
+//! (`kt_node_agent::agent::trust::Judge`, which keeps them from the last pass as the agent
+//! does), the fingerprint, the mesh routes, the service map brought up to date
+//! (`kt_node_agent::agent::ledger`, kept from the last pass) with the ports it programs,
+//! and the node-port entries — over 10 000 Services (one TCP port each, ClusterIP plus one
+//! EndpointSlice of 3 ready endpoints: 30 000 endpoints) with 0, 10, 100 and 1 000 live
+//! sessions (nine in ten exchange, one in ten mesh, each on its own Service). Also timed,
+//! once: building the index from the 10 000 Services and slices, what a watch's (re)list
+//! costs, and per case the first pass, with nothing kept (an agent's start). Not timed:
 //! writing the eBPF map.
 //!
 //! Also timed per case: the part of a pass after a write that changes nothing the map is
-//! made of (a renewal or an acknowledgement) that grows with sessions here: the trust check
-//! and `redirects::fingerprint`, which the agent compares with its last pass's before
-//! computing anything else (such a pass also builds its acknowledgements and Events, not
-//! timed here).
+//! made of (a renewal or an acknowledgement) that grows with sessions here: the trust
+//! verdicts and `redirects::fingerprint`, which the agent compares with its last pass's
+//! before computing anything else (such a pass also builds its acknowledgements and
+//! Events, not timed here).
 //!
 //! Medians over `KT_BENCH_ROUNDS` passes (default 20) per case; ratios to the 10-session
 //! case show how a pass grows with sessions. Results: a table and
@@ -33,8 +35,10 @@ use k8s_openapi::api::{
 };
 use kt_node_agent::agent::{
     index::{Change, Index, SliceView},
-    mesh, redirects,
-    trust::{self, HeldSession, RecordCache},
+    ledger::Ledger,
+    mesh, node_ports,
+    redirects::{self, KeptHashes},
+    trust::{self, HeldSession, Judge},
 };
 use kt_proto::session::KtSession;
 use kt_tests::harness::{bench_rounds, results::Results};
@@ -121,7 +125,7 @@ fn session(i: u32) -> KtSession {
     serde_json::from_value(json!({
         "apiVersion": "kt.dev/v1alpha1", "kind": "KtSession",
         "metadata": {"name": format!("x{i}"), "namespace": "default", "uid": format!("u{i}"),
-                     "creationTimestamp": "2026-01-01T00:00:00Z"},
+                     "resourceVersion": "1", "creationTimestamp": "2026-01-01T00:00:00Z"},
         "spec": spec,
         "status": {"node": "node-1", "address": HOLDER_IP,
                    "listeners": [{"port": 80, "listenerPort": 40_000 + i}],
@@ -138,26 +142,37 @@ struct Cluster<'a> {
 }
 
 /// The sessions whose status the holder's record vouches for, as the agent's pass finds
-/// them (`trust::check`).
+/// them (`trust::Judge`, its verdicts kept from the last pass as the agent keeps them).
 fn believed<'a>(
     cluster: &Cluster<'a>,
-    read: &mut RecordCache,
+    judge: &mut Judge,
     now: chrono::DateTime<Utc>,
 ) -> Vec<&'a KtSession> {
-    let records = read.current(cluster.records);
+    let verdicts = judge.verdicts(cluster.sessions, cluster.nodes, cluster.records, now);
     cluster
         .sessions
         .iter()
-        .copied()
-        .filter(|s| trust::check(s, cluster.nodes, records, now).is_ok())
+        .zip(verdicts)
+        .filter(|(_, verdict)| verdict.is_ok())
+        .map(|(session, _)| *session)
         .collect()
 }
 
-/// One pass after the slice `changed` changed; how many map entries it wants and how many
-/// sessions have a programmed port (kept so the work cannot be optimised away, and checked).
+/// What the agent keeps from pass to pass.
+#[derive(Default)]
+struct Kept {
+    judge: Judge,
+    hashes: KeptHashes,
+    ledger: Ledger,
+}
+
+/// One pass after the slice `changed` changed, as the agent's (computed when the
+/// fingerprint changed, as a slice of a session's Service changes it): how many map
+/// entries it wants and how many sessions have a programmed port (kept so the work cannot
+/// be optimised away, and checked).
 fn pass(
     cluster: &Cluster,
-    read: &mut RecordCache,
+    kept: &mut Kept,
     index: &mut Index,
     changed: &EndpointSlice,
 ) -> (usize, usize) {
@@ -167,8 +182,9 @@ fn pass(
         changed.metadata.name.clone().expect("named"),
     );
     index.apply_slice(Change::Applied(key, SliceView::from(changed)));
-    let believed = believed(cluster, read, now);
-    let state = redirects::ClusterState::indexed(&believed, index);
+    let believed = believed(cluster, &mut kept.judge, now);
+    let state = redirects::ClusterState::indexed_kept(&believed, index, &mut kept.hashes);
+    std::hint::black_box(redirects::fingerprint(&state, now));
     let routes = mesh::routes(&state, now);
     // A router per route, as this node's router would give.
     let routers: BTreeMap<_, _> = routes
@@ -181,23 +197,26 @@ fn pass(
             )
         })
         .collect();
-    let desired = redirects::desired(&state, now, &routes, &routers);
-    let programmed = desired
-        .programmed_ports()
+    std::hint::black_box(kept.ledger.update(&state, now, &routes, &routers));
+    std::hint::black_box(node_ports::desired(&state, now, &routes, &routers));
+    let programmed = kept
+        .ledger
+        .programmed()
         .values()
         .filter(|ports| !ports.is_empty())
         .count();
-    (desired.map.len(), programmed)
+    (kept.ledger.map().len(), programmed)
 }
 
 /// A pass after a write that changes nothing the map is made of (a renewal, an
-/// acknowledgement: most writes while sessions are held): the trust check and the
+/// acknowledgement: most writes while sessions are held): the trust verdicts and the
 /// fingerprint, which the agent compares with its last pass's before computing anything
 /// else. Returns the fingerprint.
-fn unchanged_pass(cluster: &Cluster, read: &mut RecordCache, index: &Index) -> u64 {
+fn unchanged_pass(cluster: &Cluster, kept: &mut Kept, index: &Index) -> u64 {
     let now = Utc::now();
-    let believed = believed(cluster, read, now);
-    redirects::fingerprint(&redirects::ClusterState::indexed(&believed, index), now)
+    let believed = believed(cluster, &mut kept.judge, now);
+    let state = redirects::ClusterState::indexed_kept(&believed, index, &mut kept.hashes);
+    redirects::fingerprint(&state, now)
 }
 
 fn main() {
@@ -224,8 +243,8 @@ fn main() {
         SERVICES * ENDPOINTS_PER_SERVICE
     );
     println!(
-        "{:<12} {:>10} {:>10} {:>10} {:>12} {:>14}",
-        "sessions", "p50 ms", "min ms", "max ms", "map entries", "unchanged ms"
+        "{:<12} {:>10} {:>10} {:>10} {:>12} {:>14} {:>10}",
+        "sessions", "p50 ms", "min ms", "max ms", "map entries", "unchanged ms", "first ms"
     );
     let name = |n: u32| format!("reconcile, {n} sessions");
     let unchanged = |n: u32| {
@@ -233,6 +252,7 @@ fn main() {
             "reconcile, {n} sessions, nothing the map reads changed: trust check and fingerprint"
         )
     };
+    let first = |n: u32| format!("reconcile, {n} sessions, first pass (nothing kept)");
     for count in SESSION_COUNTS {
         let all: Vec<KtSession> = (0..count).map(session).collect();
         let sessions: Vec<&KtSession> = all.iter().collect();
@@ -242,9 +262,21 @@ fn main() {
             nodes: &[&node],
             records: &[&record],
         };
-        // The record parsed once, as the agent's first pass after the record's write.
-        let mut read = RecordCache::default();
-        read.current(cluster.records);
+        // The first pass, from nothing: what an agent's start costs.
+        let mut kept = Kept::default();
+        let started = Instant::now();
+        let (wanted, _) = pass(&cluster, &mut kept, &mut index, slices[0]);
+        results
+            .figure(
+                &first(count),
+                "ms",
+                &[started.elapsed().as_secs_f64() * 1000.0],
+            )
+            .expect("a pass");
+        assert_eq!(
+            wanted,
+            count as usize * (1 + ENDPOINTS_PER_SERVICE as usize)
+        );
         let mut times = Vec::new();
         let mut entries = 0;
         for round in 0..rounds {
@@ -252,7 +284,7 @@ fn main() {
             // session) changes, as the same slice again: the map stays the same.
             let changed = slices[(round * 7919) % slices.len()];
             let started = Instant::now();
-            let (wanted, programmed) = pass(&cluster, &mut read, &mut index, changed);
+            let (wanted, programmed) = pass(&cluster, &mut kept, &mut index, changed);
             times.push(started.elapsed().as_secs_f64() * 1000.0);
             // ClusterIP + 3 endpoints per session, every one of them believed and programmed.
             assert_eq!(
@@ -264,19 +296,23 @@ fn main() {
         }
         results.figure(&name(count), "ms", &times).expect("passes");
         let mut quiet = Vec::new();
-        let first = unchanged_pass(&cluster, &mut read, &index);
+        let first_print = unchanged_pass(&cluster, &mut kept, &index);
         for _ in 0..rounds {
             let started = Instant::now();
-            let fingerprint = unchanged_pass(&cluster, &mut read, &index);
+            let fingerprint = unchanged_pass(&cluster, &mut kept, &index);
             quiet.push(started.elapsed().as_secs_f64() * 1000.0);
-            assert_eq!(fingerprint, first, "the same inputs, the same fingerprint");
+            assert_eq!(
+                fingerprint, first_print,
+                "the same inputs, the same fingerprint"
+            );
         }
         let quiet = results
             .figure(&unchanged(count), "ms", &quiet)
             .expect("passes");
         let figure = results.get(&name(count)).expect("recorded");
+        let cold = results.get(&first(count)).expect("recorded").median;
         println!(
-            "{count:<12} {:>10.3} {:>10.3} {:>10.3} {entries:>12} {quiet:>14.3}",
+            "{count:<12} {:>10.3} {:>10.3} {:>10.3} {entries:>12} {quiet:>14.3} {cold:>10.3}",
             figure.median, figure.min, figure.max
         );
     }

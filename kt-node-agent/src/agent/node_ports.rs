@@ -59,7 +59,10 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use kt_proto::{net::Cidr, session::SessionMode};
+use kt_proto::{
+    net::Cidr,
+    session::{KtSession, SessionMode},
+};
 use tokio_util::sync::CancellationToken;
 
 use self::netlink::{NftError, OwnedTable};
@@ -175,7 +178,21 @@ pub fn desired(
     routers: &BTreeMap<RouteKey, SocketAddr>,
 ) -> BTreeMap<Frontend, Entry> {
     let mut out = BTreeMap::new();
-    for session in state.live(SessionMode::Exchange, now) {
+    // Most Services are reached only inside the cluster: their sessions are left out
+    // before the rest are ordered.
+    let reached_from_outside = |session: &KtSession| {
+        session
+            .metadata
+            .namespace
+            .as_deref()
+            .and_then(|ns| state.service(ns, &session.spec.service))
+            .is_some_and(|service| {
+                !(service.node_ports.is_empty()
+                    && service.ingress_ips.is_empty()
+                    && service.external_ips.is_empty())
+            })
+    };
+    for session in state.live_where(SessionMode::Exchange, now, reached_from_outside) {
         let (Some(ns), Some(status)) = (session.metadata.namespace.as_deref(), &session.status)
         else {
             continue;

@@ -14,7 +14,8 @@
 
 use std::{
     borrow::Cow,
-    collections::{BTreeMap, BTreeSet},
+    cell::OnceCell,
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
 };
 
@@ -47,6 +48,9 @@ pub struct Target {
 pub struct ClusterState<'a> {
     pub sessions: &'a [&'a KtSession],
     index: Cow<'a, Index>,
+    /// Per session (in the order of `sessions`), what its part of the map is made of
+    /// ([`ClusterState::inputs`]): computed once, when first needed, or given.
+    inputs: OnceCell<Vec<u64>>,
 }
 
 impl<'a> ClusterState<'a> {
@@ -60,6 +64,7 @@ impl<'a> ClusterState<'a> {
         Self {
             sessions,
             index: Cow::Owned(Index::of(services, slices)),
+            inputs: OnceCell::new(),
         }
     }
 
@@ -68,7 +73,41 @@ impl<'a> ClusterState<'a> {
         Self {
             sessions,
             index: Cow::Borrowed(index),
+            inputs: OnceCell::new(),
         }
+    }
+
+    /// [`ClusterState::indexed`], with what each session's part is made of taken from
+    /// `kept` for the sessions that did not change since it last saw them: what the agent's
+    /// passes use (O(sessions), a lookup each).
+    pub fn indexed_kept(
+        sessions: &'a [&'a KtSession],
+        index: &'a Index,
+        kept: &mut KeptHashes,
+    ) -> Self {
+        let inputs: Vec<u64> = kept
+            .hashes(sessions)
+            .into_iter()
+            .zip(sessions)
+            .map(|(object, session)| with_revision(index, object, session))
+            .collect();
+        Self {
+            sessions,
+            index: Cow::Borrowed(index),
+            inputs: OnceCell::from(inputs),
+        }
+    }
+
+    /// Per session, in the order of `sessions`, a hash of what its part of the map is made
+    /// of (see [`fingerprint`]), its lease aside: the session's own fields and its
+    /// Service's [`Index::revision_of`].
+    pub(super) fn inputs(&self) -> &[u64] {
+        self.inputs.get_or_init(|| {
+            self.sessions
+                .iter()
+                .map(|session| with_revision(&self.index, object_hash(session), session))
+                .collect()
+        })
     }
 
     /// The Service `namespace/name`.
@@ -89,6 +128,17 @@ impl<'a> ClusterState<'a> {
     /// The live sessions of `mode`, oldest first (by creation, then name): not being
     /// deleted, lease in force at `now`.
     pub(super) fn live(&self, mode: SessionMode, now: DateTime<Utc>) -> Vec<&'a KtSession> {
+        self.live_where(mode, now, |_| true)
+    }
+
+    /// [`ClusterState::live`], of the sessions `keep` picks (picked before they are
+    /// ordered: a pass that needs a few of 1 000 sessions sorts those few).
+    pub(super) fn live_where(
+        &self,
+        mode: SessionMode,
+        now: DateTime<Utc>,
+        keep: impl Fn(&KtSession) -> bool,
+    ) -> Vec<&'a KtSession> {
         let mut live: Vec<&KtSession> = self
             .sessions
             .iter()
@@ -96,6 +146,7 @@ impl<'a> ClusterState<'a> {
             .filter(|s| s.spec.mode == mode)
             .filter(|s| s.metadata.deletion_timestamp.is_none())
             .filter(|s| s.lease_live(now))
+            .filter(|s| keep(s))
             .collect();
         live.sort_by(|a, b| {
             (
@@ -125,24 +176,9 @@ pub fn fingerprint(state: &ClusterState<'_>, now: DateTime<Utc>) -> u64 {
     use std::hash::{DefaultHasher, Hash as _, Hasher as _};
     // The sessions come in no set order: their hashes are summed.
     let mut sum: u64 = 0;
-    for session in state.sessions {
+    for (session, inputs) in state.sessions.iter().zip(state.inputs()) {
         let mut h = DefaultHasher::new();
-        let meta = &session.metadata;
-        let namespace = meta.namespace.as_deref().unwrap_or_default();
-        (meta.uid.as_deref(), namespace, meta.name.as_deref()).hash(&mut h);
-        meta.creation_timestamp.as_ref().map(|t| t.0).hash(&mut h);
-        meta.deletion_timestamp.is_some().hash(&mut h);
-        session.spec.hash(&mut h);
-        session
-            .status
-            .as_ref()
-            .map(|s| (&s.node, s.address, &s.listeners, &s.udp_listeners))
-            .hash(&mut h);
-        session.lease_live(now).hash(&mut h);
-        state
-            .index
-            .revision_of(namespace, &session.spec.service)
-            .hash(&mut h);
+        (inputs, session.lease_live(now)).hash(&mut h);
         sum = sum.wrapping_add(h.finish());
     }
     let mut h = DefaultHasher::new();
@@ -150,14 +186,110 @@ pub fn fingerprint(state: &ClusterState<'_>, now: DateTime<Utc>) -> u64 {
     h.finish()
 }
 
+/// A hash of the fields of `session` its part of the map is made of (see [`fingerprint`]).
+fn object_hash(session: &KtSession) -> u64 {
+    use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+    let mut h = DefaultHasher::new();
+    let meta = &session.metadata;
+    (
+        meta.uid.as_deref(),
+        meta.namespace.as_deref(),
+        meta.name.as_deref(),
+    )
+        .hash(&mut h);
+    meta.creation_timestamp.as_ref().map(|t| t.0).hash(&mut h);
+    meta.deletion_timestamp.is_some().hash(&mut h);
+    session.spec.hash(&mut h);
+    session
+        .status
+        .as_ref()
+        .map(|s| (&s.node, s.address, &s.listeners, &s.udp_listeners))
+        .hash(&mut h);
+    h.finish()
+}
+
+/// `object`, the [`object_hash`] of `session`, with its Service's revision in `index`.
+fn with_revision(index: &Index, object: u64, session: &KtSession) -> u64 {
+    use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+    let namespace = session.metadata.namespace.as_deref().unwrap_or_default();
+    let mut h = DefaultHasher::new();
+    (object, index.revision_of(namespace, &session.spec.service)).hash(&mut h);
+    h.finish()
+}
+
+/// Each session's own part of [`fingerprint`]'s hash kept from pass to pass by uid and
+/// `resourceVersion` (the API server gives every change a new one): hashing every
+/// session's spec and status on every pass was most of a pass with 1 000 sessions (the
+/// `reconcile` benchmark, issue 17).
+#[derive(Debug, Default)]
+pub struct KeptHashes {
+    /// By uid: the resourceVersion hashed, the hash, the last call that asked for it.
+    by_uid: HashMap<String, (String, u64, u64)>,
+    calls: u64,
+}
+
+impl KeptHashes {
+    /// The [`object_hash`] of each of `sessions`, in their order: kept where the session has
+    /// the uid and resourceVersion it had, computed (and kept, when it has both) otherwise.
+    fn hashes(&mut self, sessions: &[&KtSession]) -> Vec<u64> {
+        self.calls += 1;
+        let call = self.calls;
+        let out = sessions
+            .iter()
+            .map(|session| {
+                let meta = &session.metadata;
+                let id = meta.uid.as_deref().zip(meta.resource_version.as_deref());
+                if let Some((uid, version)) = id
+                    && let Some((kept_version, hash, seen)) = self.by_uid.get_mut(uid)
+                    && kept_version == version
+                {
+                    *seen = call;
+                    return *hash;
+                }
+                let hash = object_hash(session);
+                if let Some((uid, version)) = id {
+                    self.by_uid
+                        .insert(uid.to_owned(), (version.to_owned(), hash, call));
+                }
+                hash
+            })
+            .collect();
+        if self.by_uid.len() > sessions.len() {
+            self.by_uid.retain(|_, (_, _, seen)| *seen == call);
+        }
+        out
+    }
+}
+
 /// What a session's entries must point at for its ports to count as programmed, and the
 /// addresses each of its Service ports wanted.
-#[derive(Debug, Default)]
-struct Claim {
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Claim {
     /// The [`Target::session`] of its entries.
-    target: String,
+    pub(super) target: String,
     /// Per Service port and transport, the map keys it wanted.
-    ports: BTreeMap<(Transport, u16), Vec<ServiceKey>>,
+    pub(super) ports: BTreeMap<(Transport, u16), Vec<ServiceKey>>,
+}
+
+impl Claim {
+    /// The ports of this claim programmed in `map`: every address the port wanted goes to
+    /// the claim's target, and there is at least one.
+    pub(super) fn programmed_in(&self, map: &BTreeMap<ServiceKey, Target>) -> PortsDone {
+        let mut done = PortsDone::default();
+        for ((transport, port), keys) in &self.ports {
+            let all_here = !keys.is_empty()
+                && keys
+                    .iter()
+                    .all(|k| map.get(k).is_some_and(|t| t.session == self.target));
+            if all_here {
+                match transport {
+                    Transport::Tcp => done.tcp.insert(*port),
+                    Transport::Udp => done.udp.insert(*port),
+                };
+            }
+        }
+        done
+    }
 }
 
 /// The redirects in force, and what each session asked for.
@@ -190,22 +322,7 @@ impl Desired {
     pub fn programmed_ports(&self) -> BTreeMap<&str, PortsDone> {
         self.claims
             .iter()
-            .map(|(session, claim)| {
-                let mut done = PortsDone::default();
-                for ((transport, port), keys) in &claim.ports {
-                    let all_here = !keys.is_empty()
-                        && keys
-                            .iter()
-                            .all(|k| self.map.get(k).is_some_and(|t| t.session == claim.target));
-                    if all_here {
-                        match transport {
-                            Transport::Tcp => done.tcp.insert(*port),
-                            Transport::Udp => done.udp.insert(*port),
-                        };
-                    }
-                }
-                (session.as_str(), done)
-            })
+            .map(|(session, claim)| (session.as_str(), claim.programmed_in(&self.map)))
             .collect()
     }
 }
@@ -259,48 +376,63 @@ pub fn desired(
     let live = state.live(SessionMode::Exchange, now);
     for session in live.iter().rev() {
         // Reverse order with overwrite: the oldest session's entries are written last.
-        let Some(ns) = session.metadata.namespace.as_deref() else {
+        let Some(part) = exchange_part(state, session) else {
             continue;
         };
-        let Some(service) = state.service(ns, &session.spec.service) else {
-            continue;
-        };
-        let Some(status) = &session.status else {
-            continue;
-        };
-        let Some(holder) = status.address else {
-            continue;
-        };
-        let key = session.key();
-        let slices = state.slices_of(ns, &session.spec.service);
-        let claim = out.claims.entry(key.clone()).or_insert_with(|| Claim {
-            target: key.clone(),
-            ports: BTreeMap::new(),
-        });
-        let listeners = (status.listeners.iter().map(|l| (Transport::Tcp, l)))
-            .chain(status.udp_listeners.iter().map(|l| (Transport::Udp, l)));
-        for (transport, listener) in listeners {
-            let to = SocketAddr::new(holder, listener.listener_port);
-            let wanted = claim.ports.entry((transport, listener.port)).or_default();
-            let Some(addresses) = addresses_of(service, &slices, listener.port, transport) else {
-                continue;
-            };
-            let all = addresses.all();
-            wanted.extend(all.iter().map(|a| ServiceKey::new(*a, transport)));
-            for address in all {
-                out.map.insert(
-                    ServiceKey::new(address, transport),
-                    Target {
-                        to,
-                        session: key.clone(),
-                        port: listener.port,
-                        mode: SessionMode::Exchange,
-                    },
-                );
-            }
-        }
+        out.map.extend(part.entries);
+        out.claims.insert(part.claim.target.clone(), part.claim);
     }
     out
+}
+
+/// One exchange session's part of the map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ExchangePart {
+    /// Its claim; the target is the session's `namespace/name`.
+    pub(super) claim: Claim,
+    /// The entries it wants, in the order it writes them: of two for one address (two
+    /// Service ports on one targetPort), the later stands.
+    pub(super) entries: Vec<(ServiceKey, Target)>,
+}
+
+/// What the exchange session `session` wants of the map, whether or not it is live: `None`
+/// when it wants nothing (no namespace, no such Service, no holder's address yet). A port
+/// the Service does not have is claimed with no address (never programmed).
+pub(super) fn exchange_part(state: &ClusterState<'_>, session: &KtSession) -> Option<ExchangePart> {
+    let ns = session.metadata.namespace.as_deref()?;
+    let service = state.service(ns, &session.spec.service)?;
+    let status = session.status.as_ref()?;
+    let holder = status.address?;
+    let key = session.key();
+    let slices = state.slices_of(ns, &session.spec.service);
+    let mut claim = Claim {
+        target: key.clone(),
+        ports: BTreeMap::new(),
+    };
+    let mut entries = Vec::new();
+    let listeners = (status.listeners.iter().map(|l| (Transport::Tcp, l)))
+        .chain(status.udp_listeners.iter().map(|l| (Transport::Udp, l)));
+    for (transport, listener) in listeners {
+        let to = SocketAddr::new(holder, listener.listener_port);
+        let wanted = claim.ports.entry((transport, listener.port)).or_default();
+        let Some(addresses) = addresses_of(service, &slices, listener.port, transport) else {
+            continue;
+        };
+        let all = addresses.all();
+        wanted.extend(all.iter().map(|a| ServiceKey::new(*a, transport)));
+        for address in all {
+            entries.push((
+                ServiceKey::new(address, transport),
+                Target {
+                    to,
+                    session: key.clone(),
+                    port: listener.port,
+                    mode: SessionMode::Exchange,
+                },
+            ));
+        }
+    }
+    Some(ExchangePart { claim, entries })
 }
 
 /// The first moment after `now` at which a live session's lease runs out: the map must be

@@ -20,7 +20,7 @@
 //! (another namespace's Service, hundreds of ports, a 1 MiB header), held or not.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
 };
 
@@ -129,6 +129,8 @@ pub struct RecordCache {
     /// The (name, resourceVersion) of each ConfigMap the records were read from.
     read_from: Vec<(Option<String>, Option<String>)>,
     records: BTreeMap<String, Record>,
+    /// Bumped whenever the records are parsed again.
+    generation: u64,
 }
 
 impl RecordCache {
@@ -149,8 +151,105 @@ impl RecordCache {
         if !known || versions != self.read_from {
             self.records = records(config_maps);
             self.read_from = versions;
+            self.generation += 1;
         }
         &self.records
+    }
+}
+
+/// [`check`] from pass to pass: the records kept as [`RecordCache`] keeps them, and each
+/// session's verdict kept until the session changes (its `resourceVersion`), or the Nodes'
+/// addresses or the records do. With 1 000 sessions, checking each on every pass was most
+/// of a pass that programs nothing new (the `reconcile` benchmark, issue 17).
+#[derive(Debug, Default)]
+pub struct Judge {
+    records: RecordCache,
+    /// What the kept verdicts were reached on: the records' generation and the Nodes'
+    /// names and addresses, hashed.
+    on: u64,
+    /// By session uid.
+    verdicts: HashMap<String, Verdict>,
+    /// Counts the calls of [`Judge::verdicts`], to forget the sessions that are gone.
+    pass: u64,
+}
+
+/// A session's verdict, and what it was reached on.
+#[derive(Debug)]
+struct Verdict {
+    /// The `resourceVersion` of the session judged.
+    version: String,
+    result: Result<(), Rejected>,
+    /// The last pass that asked for it.
+    seen: u64,
+}
+
+impl Judge {
+    /// [`check`] of each of `sessions`, in their order, against `nodes` and the agent
+    /// records in `config_maps`, at `now`. A verdict is reached again only for a session
+    /// without a uid or `resourceVersion` (not from an API server), one renewed in the
+    /// future (time may make it right), or after something it was reached on changed.
+    pub fn verdicts(
+        &mut self,
+        sessions: &[&KtSession],
+        nodes: &[&Node],
+        config_maps: &[&ConfigMap],
+        now: DateTime<Utc>,
+    ) -> Vec<Result<(), Rejected>> {
+        use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+        self.records.current(config_maps);
+        let records = &self.records.records;
+        // The Nodes come in no set order: their hashes are summed.
+        let nodes_hash = nodes.iter().fold(0u64, |sum, node| {
+            let mut h = DefaultHasher::new();
+            node.metadata.name.hash(&mut h);
+            for address in node
+                .status
+                .iter()
+                .flat_map(|s| s.addresses.iter().flatten())
+            {
+                (&address.type_, &address.address).hash(&mut h);
+            }
+            sum.wrapping_add(h.finish())
+        });
+        let mut h = DefaultHasher::new();
+        (self.records.generation, nodes.len(), nodes_hash).hash(&mut h);
+        let on = h.finish();
+        if on != self.on {
+            self.verdicts.clear();
+            self.on = on;
+        }
+        self.pass += 1;
+        let pass = self.pass;
+        let out = sessions
+            .iter()
+            .map(|session| {
+                let meta = &session.metadata;
+                let id = meta.uid.as_deref().zip(meta.resource_version.as_deref());
+                if let Some((uid, version)) = id
+                    && let Some(kept) = self.verdicts.get_mut(uid)
+                    && kept.version == version
+                {
+                    kept.seen = pass;
+                    return kept.result.clone();
+                }
+                let result = check(session, nodes, records, now);
+                if let Some((uid, version)) = id
+                    && !matches!(result, Err(Rejected::RenewedInTheFuture(_)))
+                {
+                    let verdict = Verdict {
+                        version: version.to_owned(),
+                        result: result.clone(),
+                        seen: pass,
+                    };
+                    self.verdicts.insert(uid.to_owned(), verdict);
+                }
+                result
+            })
+            .collect();
+        if self.verdicts.len() > sessions.len() {
+            self.verdicts.retain(|_, verdict| verdict.seen == pass);
+        }
+        out
     }
 }
 
@@ -444,6 +543,69 @@ mod tests {
         assert_eq!(check(&connect, &[], &BTreeMap::new(), now), Ok(()));
         let unheld = session(serde_json::Value::Null);
         assert_eq!(check(&unheld, &[], &BTreeMap::new(), now), Ok(()));
+    }
+
+    /// node-1's record ConfigMap at `version`, listing `web-alice` (uid `u1`) with listener
+    /// `listener_port`.
+    fn record_config_map(version: &str, listener_port: u16) -> ConfigMap {
+        let sessions = held("u1", listener_port)["node-1"].sessions().to_vec();
+        serde_json::from_value(json!({
+            "metadata": {"name": "kt-node-agent-node-1", "namespace": "kt-system",
+                         "resourceVersion": version},
+            "data": {"node": "node-1", "sessions": serde_json::to_string(&sessions).unwrap()}}))
+        .unwrap()
+    }
+
+    /// A kept verdict is reached again when the session, the records or the Nodes'
+    /// addresses change, and a status renewed in the future is judged again each time.
+    #[test]
+    fn the_judge_keeps_a_verdict_until_what_it_was_reached_on_changes() {
+        let now = Utc::now();
+        let mut judge = Judge::default();
+        let mut n1 = node("node-1", "172.30.0.11");
+        let mut s = session(status("node-1", "172.30.0.11", now));
+        s.metadata.resource_version = Some("1".into());
+        let elsewhere = record_config_map("1", 40999);
+        let verdict = |judge: &mut Judge, s: &KtSession, n1: &Node, cm: &ConfigMap, at| {
+            judge.verdicts(&[s], &[n1], &[cm], at).remove(0)
+        };
+        let not_its = verdict(&mut judge, &s, &n1, &elsewhere, now);
+        assert!(
+            matches!(not_its, Err(Rejected::NotItsListener { .. })),
+            "{not_its:?}"
+        );
+        let listed = record_config_map("2", 40001);
+        assert_eq!(
+            verdict(&mut judge, &s, &n1, &listed, now),
+            Ok(()),
+            "the record changed"
+        );
+
+        n1.status.as_mut().unwrap().addresses.as_mut().unwrap()[0].address = "172.30.0.99".into();
+        assert!(matches!(
+            verdict(&mut judge, &s, &n1, &listed, now),
+            Err(Rejected::NotTheNodesAddress { .. })
+        ));
+        s.status.as_mut().unwrap().address = Some("172.30.0.99".parse().unwrap());
+        s.metadata.resource_version = Some("2".into());
+        assert_eq!(
+            verdict(&mut judge, &s, &n1, &listed, now),
+            Ok(()),
+            "the session changed"
+        );
+
+        let ahead = now + TimeDelta::hours(1);
+        s.status.as_mut().unwrap().renew_time = Some(ahead);
+        s.metadata.resource_version = Some("3".into());
+        assert!(matches!(
+            verdict(&mut judge, &s, &n1, &listed, now),
+            Err(Rejected::RenewedInTheFuture(_))
+        ));
+        assert_eq!(
+            verdict(&mut judge, &s, &n1, &listed, ahead),
+            Ok(()),
+            "the same version, judged again once its renewal is no longer ahead"
+        );
     }
 
     #[test]
