@@ -942,8 +942,9 @@ struct KeptAcks {
     acks: Acks,
     /// Whether `acks` was sent since it last changed.
     sent: bool,
-    /// By uid (or `namespace/name` for a session without one): what the session's entry
-    /// was computed from.
+    /// By `namespace/name`, as the entries in `acks` are: what the session's entry was
+    /// computed from. Not by uid: a session deleted and created again under its name
+    /// within one pass would have the old uid's removal take the new session's entry.
     from: HashMap<String, AckInputs>,
     /// Counts the updates, to forget the sessions that are gone.
     updates: u64,
@@ -951,6 +952,8 @@ struct KeptAcks {
 
 /// What one session's acknowledgement was computed from, and where it is.
 struct AckInputs {
+    /// The session's uid: a session created again under its name is another session.
+    uid: Option<String>,
     /// The session's `resourceVersion`; `None` (never equal) when it had none.
     version: Option<String>,
     done: Option<redirects::PortsDone>,
@@ -990,8 +993,8 @@ impl KeptAcks {
             );
             let done = programmed.get(key.as_str());
             let live = session.lease_live(now);
-            let by = meta.uid.as_deref().unwrap_or(key.as_str());
-            if let Some(inputs) = self.from.get_mut(by)
+            if let Some(inputs) = self.from.get_mut(key.as_str())
+                && inputs.uid == meta.uid
                 && inputs.version.is_some()
                 && inputs.version == meta.resource_version
                 && inputs.done.as_ref() == done
@@ -1001,7 +1004,7 @@ impl KeptAcks {
                 continue;
             }
             let entry = ack_of(session, done);
-            let old = self.from.remove(by).and_then(|inputs| inputs.id);
+            let old = self.from.remove(key.as_str()).and_then(|inputs| inputs.id);
             if let Some(old) = old {
                 self.acks.remove(&old);
             }
@@ -1011,8 +1014,9 @@ impl KeptAcks {
             });
             self.sent = false;
             self.from.insert(
-                by.to_owned(),
+                key.clone(),
                 AckInputs {
+                    uid: meta.uid.clone(),
                     version: meta.resource_version.clone(),
                     done: done.cloned(),
                     live,
@@ -1312,6 +1316,13 @@ mod tests {
         let moved = session("b", "2", 40009);
         check(&[&a, &moved], &programmed, now, "b's listener changed");
         check(&[&a], &programmed, now, "b gone");
+        // Deleted and created again under its name between two passes: another uid, and
+        // the same resourceVersion the old one had (a real API server never repeats one,
+        // so a new uid must be enough to compute again).
+        let mut again = session("a", "1", 40001);
+        again.metadata.uid = Some("u-a-again".to_owned());
+        check(&[&again], &programmed, now, "a created again");
+        let a = again;
         let later = now + chrono::TimeDelta::seconds(120);
         check(&[&a], &programmed, later, "a's lease ran out");
     }

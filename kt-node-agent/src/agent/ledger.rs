@@ -23,7 +23,7 @@ use super::{
     mesh::{Route, RouteKey},
     redirects::{self, Claim, ClusterState, ExchangePart, PortsDone, Target},
 };
-use crate::ebpf::{ServiceKey, Transport};
+use crate::ebpf::ServiceKey;
 
 /// One change of the map: the address and what it now goes to (`None`: removed).
 pub type Change = (ServiceKey, Option<Target>);
@@ -59,11 +59,13 @@ struct Held {
 }
 
 /// How an exchange session ranks against another for one address: the older first (as
-/// [`ClusterState::live`] orders them), the key settling ties.
+/// [`ClusterState::live`] orders them: creation, name, namespace), the key settling the
+/// ties left.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct SessionRank {
     created: Option<k8s_openapi::jiff::Timestamp>,
     name: Option<String>,
+    namespace: Option<String>,
     key: String,
 }
 
@@ -191,6 +193,7 @@ impl Ledger {
         let rank = SessionRank {
             created: session.metadata.creation_timestamp.as_ref().map(|t| t.0),
             name: session.metadata.name.clone(),
+            namespace: session.metadata.namespace.clone(),
             key: key.to_owned(),
         };
         for (at, (address, target)) in part.entries.iter().enumerate() {
@@ -263,25 +266,10 @@ impl Ledger {
                     .insert(Rank::Mesh(Reverse(key.clone())), target.clone());
                 touched.addresses.insert(address);
             }
-            for session in &route.sessions {
-                let claim = self
-                    .mesh_claims
-                    .entry(session.session.clone())
-                    .or_insert_with(|| Claim {
-                        target: target.session.clone(),
-                        ports: BTreeMap::new(),
-                    });
-                claim.ports.insert(
-                    (Transport::Tcp, key.port),
-                    route
-                        .addresses
-                        .iter()
-                        .copied()
-                        .map(ServiceKey::tcp)
-                        .collect(),
-                );
-                touched.sessions.insert(session.session.clone());
-            }
+            redirects::claim_route(&mut self.mesh_claims, key, route);
+            touched
+                .sessions
+                .extend(route.sessions.iter().map(|s| s.session.clone()));
             self.routes.insert(key.clone(), (route.clone(), router));
         }
     }
@@ -349,14 +337,16 @@ mod tests {
     };
 
     const SERVICES: [&str; 4] = ["web", "web-internal", "dns", "gone"];
+    /// Sessions and Services live in both: one name in two namespaces is two objects.
+    const NAMESPACES: [&str; 2] = ["dev", "other"];
 
-    /// Service `name` (`gone` has none): two TCP ports on one targetPort, and 53 over UDP
-    /// and TCP.
-    fn service(name: &str, at: usize) -> Option<Service> {
+    /// Service `name` in `namespace` (`gone` has none): two TCP ports on one targetPort,
+    /// and 53 over UDP and TCP.
+    fn service(namespace: &str, name: &str, at: usize) -> Option<Service> {
         (name != "gone").then(|| {
             serde_json::from_value(json!({
-                "metadata": {"name": name, "namespace": "dev"},
-                "spec": {"clusterIP": format!("10.96.0.{at}"),
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {"clusterIP": format!("10.96.{}.{at}", usize::from(namespace != "dev")),
                          "ports": [{"name": "http", "port": 80, "targetPort": 8080},
                                    {"name": "alt", "port": 81, "targetPort": 8080},
                                    {"name": "dns-udp", "port": 53, "protocol": "UDP"},
@@ -366,9 +356,22 @@ mod tests {
         })
     }
 
-    /// A slice of `service` with the pods `pods` (of one pool: Services share pods), each
-    /// ready or not.
-    fn slice(service: &str, pods: &[(u8, bool)]) -> EndpointSlice {
+    /// Every Service of [`SERVICES`] in every namespace.
+    fn services() -> Vec<Service> {
+        NAMESPACES
+            .iter()
+            .flat_map(|ns| {
+                SERVICES
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(at, name)| service(ns, name, at + 1))
+            })
+            .collect()
+    }
+
+    /// A slice of `service` in `namespace` with the pods `pods` (of one pool: Services
+    /// share pods), each ready or not.
+    fn slice(namespace: &str, service: &str, pods: &[(u8, bool)]) -> EndpointSlice {
         let endpoints: Vec<_> = pods
             .iter()
             .map(|(pod, ready)| {
@@ -376,7 +379,7 @@ mod tests {
             })
             .collect();
         serde_json::from_value(json!({
-            "metadata": {"name": format!("{service}-x"), "namespace": "dev",
+            "metadata": {"name": format!("{service}-x"), "namespace": namespace,
                          "labels": {"kubernetes.io/service-name": service}},
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
@@ -388,9 +391,10 @@ mod tests {
         .unwrap()
     }
 
-    /// A random session `n`: exchange or mesh, of a random Service, created at one of
-    /// three times, held or not, with a live lease or not, being deleted or not.
-    fn session(rng: &mut StdRng, n: usize, now: DateTime<Utc>) -> KtSession {
+    /// A random session in slot `n` (`s{n / 2}` in one of the namespaces: names repeat
+    /// across them), at its `version`: exchange or mesh, of a random Service, created at
+    /// one of three times, held or not, renewed now or long ago, being deleted or not.
+    fn session(rng: &mut StdRng, n: usize, version: u64, now: DateTime<Utc>) -> KtSession {
         let mesh = rng.random_bool(0.3);
         let ports: Vec<u16> = [80, 81, 53, 99]
             .into_iter()
@@ -410,7 +414,9 @@ mod tests {
         };
         let mut value = json!({
             "apiVersion": "kt.dev/v1alpha1", "kind": "KtSession",
-            "metadata": {"name": format!("s{n}"), "namespace": "dev", "uid": format!("u{n}"),
+            "metadata": {"name": format!("s{}", n / 2), "namespace": NAMESPACES[n % 2],
+                         "uid": format!("u{n}-{}", rng.random_range(0..2)),
+                         "resourceVersion": version.to_string(),
                          "creationTimestamp": format!("2026-01-0{}T00:00:00Z", rng.random_range(1..4))},
             "spec": {"owner": "a@b", "mode": if mesh { "mesh" } else { "exchange" },
                      "service": SERVICES[rng.random_range(0..SERVICES.len())],
@@ -431,58 +437,65 @@ mod tests {
         serde_json::from_value(value).unwrap()
     }
 
-    fn random_slice(rng: &mut StdRng, service: &str) -> EndpointSlice {
+    fn random_slice(rng: &mut StdRng, namespace: &str, service: &str) -> EndpointSlice {
         let mut pods = Vec::new();
         for pod in 1..6 {
             if rng.random_bool(0.5) {
                 pods.push((pod, rng.random_bool(0.8)));
             }
         }
-        slice(service, &pods)
+        slice(namespace, service, &pods)
     }
 
-    /// Over random sessions, slices and routers, changed a few at a time, the ledger holds
-    /// what `desired` computes from scratch, and its changes lead from one to the next.
+    /// Over random sessions, slices and routers, changed a few at a time while the clock
+    /// runs (leases end), the ledger holds what `desired` computes from scratch, and its
+    /// changes lead from one to the next. Session hashes come from [`KeptHashes`], as in
+    /// the agent; a session may be created again under its name (another uid) and the same
+    /// name is used in two namespaces.
     #[test]
     fn the_ledger_keeps_what_desired_computes_from_scratch() {
         let mut rng = StdRng::seed_from_u64(17);
-        let now = Utc::now();
-        let services: Vec<Service> = SERVICES
+        let mut now = Utc::now();
+        let services = services();
+        let slices: Vec<EndpointSlice> = NAMESPACES
             .iter()
-            .enumerate()
-            .filter_map(|(at, name)| service(name, at + 1))
-            .collect();
-        let slices: Vec<EndpointSlice> = SERVICES
-            .iter()
-            .map(|name| random_slice(&mut rng, name))
+            .flat_map(|ns| SERVICES.iter().map(move |name| (ns, name)))
+            .map(|(ns, name)| random_slice(&mut rng, ns, name))
             .collect();
         // One index changed in place, as the agent's watches keep it.
         let mut index = Index::of(
             &services.iter().collect::<Vec<_>>(),
             &slices.iter().collect::<Vec<_>>(),
         );
-        let mut sessions: Vec<Option<KtSession>> = (0..8).map(|_| None).collect();
+        let mut sessions: Vec<Option<KtSession>> = (0..12).map(|_| None).collect();
+        let mut version = 0;
         let mut ledger = Ledger::default();
+        let mut hashes = redirects::KeptHashes::default();
         let mut map = BTreeMap::new();
         let mut routers_up = true;
-        for step in 0..400 {
-            match rng.random_range(0..10) {
+        for step in 0..600 {
+            match rng.random_range(0..12) {
                 0..6 => {
                     let n = rng.random_range(0..sessions.len());
-                    sessions[n] = rng.random_bool(0.8).then(|| session(&mut rng, n, now));
+                    version += 1;
+                    sessions[n] = rng
+                        .random_bool(0.8)
+                        .then(|| session(&mut rng, n, version, now));
                 }
                 6..9 => {
+                    let namespace = NAMESPACES[rng.random_range(0..NAMESPACES.len())];
                     let service = SERVICES[rng.random_range(0..SERVICES.len())];
-                    let slice = random_slice(&mut rng, service);
+                    let slice = random_slice(&mut rng, namespace, service);
                     index.apply_slice(Event::Applied(
-                        ("dev".into(), format!("{service}-x")),
+                        (namespace.into(), format!("{service}-x")),
                         SliceView::from(&slice),
                     ));
                 }
+                9..11 => now += chrono::TimeDelta::seconds(rng.random_range(0..40)),
                 _ => routers_up = !routers_up,
             }
             let live: Vec<&KtSession> = sessions.iter().flatten().collect();
-            let state = ClusterState::indexed(&live, &index);
+            let state = ClusterState::indexed_kept(&live, &index, &mut hashes);
             let routes = mesh::routes(&state, now);
             // Every other route has a router while they are up.
             let routers: BTreeMap<RouteKey, SocketAddr> = routes
@@ -496,7 +509,8 @@ mod tests {
                     )
                 })
                 .collect();
-            let wanted = redirects::desired(&state, now, &routes, &routers);
+            let fresh = ClusterState::indexed(&live, &index);
+            let wanted = redirects::desired(&fresh, now, &routes, &routers);
             let changes = ledger.update(&state, now, &routes, &routers);
             assert_eq!(ledger.map(), &wanted.map, "step {step}: the map");
             let programmed: BTreeMap<String, PortsDone> = wanted
@@ -525,20 +539,17 @@ mod tests {
     fn a_pass_over_what_did_not_change_changes_nothing() {
         let mut rng = StdRng::seed_from_u64(5);
         let now = Utc::now();
-        let services: Vec<Service> = SERVICES
+        let services = services();
+        let slices: Vec<EndpointSlice> = NAMESPACES
             .iter()
-            .enumerate()
-            .filter_map(|(at, name)| service(name, at + 1))
-            .collect();
-        let slices: Vec<EndpointSlice> = SERVICES
-            .iter()
-            .map(|name| slice(name, &[(1, true), (2, true)]))
+            .flat_map(|ns| SERVICES.iter().map(move |name| (ns, name)))
+            .map(|(ns, name)| slice(ns, name, &[(1, true), (2, true)]))
             .collect();
         let index = Index::of(
             &services.iter().collect::<Vec<_>>(),
             &slices.iter().collect::<Vec<_>>(),
         );
-        let mut all: Vec<KtSession> = (0..8).map(|n| session(&mut rng, n, now)).collect();
+        let mut all: Vec<KtSession> = (0..8).map(|n| session(&mut rng, n, 1, now)).collect();
         let mut ledger = Ledger::default();
         let update = |ledger: &mut Ledger, all: &[KtSession]| {
             let live: Vec<&KtSession> = all.iter().collect();

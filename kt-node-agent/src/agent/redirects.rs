@@ -125,7 +125,7 @@ impl<'a> ClusterState<'a> {
         self.index.slice_names(namespace, name)
     }
 
-    /// The live sessions of `mode`, oldest first (by creation, then name): not being
+    /// The live sessions of `mode`, oldest first (by creation, then name, then namespace): not being
     /// deleted, lease in force at `now`.
     pub(super) fn live(&self, mode: SessionMode, now: DateTime<Utc>) -> Vec<&'a KtSession> {
         self.live_where(mode, now, |_| true)
@@ -148,16 +148,23 @@ impl<'a> ClusterState<'a> {
             .filter(|s| s.lease_live(now))
             .filter(|s| keep(s))
             .collect();
-        live.sort_by(|a, b| {
+        // The namespace settles a tie of two sessions created in the same second under one
+        // name: the sessions come in no set order, and the order decides claims.
+        fn rank(
+            s: &KtSession,
+        ) -> (
+            Option<k8s_openapi::jiff::Timestamp>,
+            Option<&str>,
+            Option<&str>,
+        ) {
+            let meta = &s.metadata;
             (
-                &a.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                &a.metadata.name,
+                meta.creation_timestamp.as_ref().map(|t| t.0),
+                meta.name.as_deref(),
+                meta.namespace.as_deref(),
             )
-                .cmp(&(
-                    &b.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                    &b.metadata.name,
-                ))
-        });
+        }
+        live.sort_by(|a, b| rank(a).cmp(&rank(b)));
         live
     }
 }
@@ -327,6 +334,29 @@ impl Desired {
     }
 }
 
+/// Adds to `claims` (by session, `namespace/name`) what each session of the mesh route
+/// `key` wants: its port's addresses, each to the route's [`RouteKey::target_name`] (a
+/// session's routes are all of its one Service, so they share that name).
+pub(super) fn claim_route(claims: &mut BTreeMap<String, Claim>, key: &RouteKey, route: &Route) {
+    for session in &route.sessions {
+        let claim = claims
+            .entry(session.session.clone())
+            .or_insert_with(|| Claim {
+                target: key.target_name(),
+                ports: BTreeMap::new(),
+            });
+        claim.ports.insert(
+            (Transport::Tcp, key.port),
+            route
+                .addresses
+                .iter()
+                .copied()
+                .map(ServiceKey::tcp)
+                .collect(),
+        );
+    }
+}
+
 /// The redirects in force at `now`: the mesh `routes`, each to this node's router for it
 /// (`routers`; a route without a router is left out), then the exchange sessions. When two
 /// live sessions claim one address, the older exchange wins, and an exchange wins over a
@@ -343,24 +373,7 @@ pub fn desired(
             continue;
         };
         let target = key.target_name();
-        for session in &route.sessions {
-            let claim = out
-                .claims
-                .entry(session.session.clone())
-                .or_insert_with(|| Claim {
-                    target: target.clone(),
-                    ports: BTreeMap::new(),
-                });
-            claim.ports.insert(
-                (Transport::Tcp, key.port),
-                route
-                    .addresses
-                    .iter()
-                    .copied()
-                    .map(ServiceKey::tcp)
-                    .collect(),
-            );
-        }
+        claim_route(&mut out.claims, key, route);
         for address in &route.addresses {
             out.map.insert(
                 ServiceKey::tcp(*address),

@@ -171,6 +171,9 @@ pub struct Judge {
     verdicts: HashMap<String, Verdict>,
     /// Counts the calls of [`Judge::verdicts`], to forget the sessions that are gone.
     pass: u64,
+    /// The `now` of the last call: a clock that went back may make a kept verdict wrong
+    /// (a renewal now in the future), so the verdicts are reached again.
+    last_now: Option<DateTime<Utc>>,
 }
 
 /// A session's verdict, and what it was reached on.
@@ -187,7 +190,8 @@ impl Judge {
     /// [`check`] of each of `sessions`, in their order, against `nodes` and the agent
     /// records in `config_maps`, at `now`. A verdict is reached again only for a session
     /// without a uid or `resourceVersion` (not from an API server), one renewed in the
-    /// future (time may make it right), or after something it was reached on changed.
+    /// future (time may make it right), or after something it was reached on changed or
+    /// the clock went back.
     pub fn verdicts(
         &mut self,
         sessions: &[&KtSession],
@@ -214,10 +218,12 @@ impl Judge {
         let mut h = DefaultHasher::new();
         (self.records.generation, nodes.len(), nodes_hash).hash(&mut h);
         let on = h.finish();
-        if on != self.on {
+        let clock_back = self.last_now.is_some_and(|last| now < last);
+        if on != self.on || clock_back {
             self.verdicts.clear();
             self.on = on;
         }
+        self.last_now = Some(now);
         self.pass += 1;
         let pass = self.pass;
         let out = sessions
@@ -593,6 +599,15 @@ mod tests {
             Ok(()),
             "the session changed"
         );
+        // Kept by resourceVersion: a change an API server would have given a new version
+        // to is not looked at (it shows the verdict is kept, not reached again).
+        let mut unversioned = s.clone();
+        unversioned.status.as_mut().unwrap().address = Some("172.30.0.50".parse().unwrap());
+        assert_eq!(
+            verdict(&mut judge, &unversioned, &n1, &listed, now),
+            Ok(()),
+            "kept"
+        );
 
         let ahead = now + TimeDelta::hours(1);
         s.status.as_mut().unwrap().renew_time = Some(ahead);
@@ -605,6 +620,13 @@ mod tests {
             verdict(&mut judge, &s, &n1, &listed, ahead),
             Ok(()),
             "the same version, judged again once its renewal is no longer ahead"
+        );
+        assert!(
+            matches!(
+                verdict(&mut judge, &s, &n1, &listed, now),
+                Err(Rejected::RenewedInTheFuture(_))
+            ),
+            "the clock went back: the renewal is ahead again"
         );
     }
 
