@@ -27,6 +27,7 @@ pub mod events;
 pub mod freshness;
 pub mod hold;
 pub mod index;
+pub mod kept;
 pub mod ledger;
 pub mod listening;
 mod map;
@@ -42,7 +43,7 @@ pub mod trust;
 mod udp_exchange;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
@@ -933,35 +934,20 @@ impl Reconciler {
 type AckId = (String, String);
 
 /// This node's acknowledgements ([`Reconciler::ack_of`] of every session) kept from pass to
-/// pass: a session's is computed again only when the session changed (its
-/// `resourceVersion`), its programmed ports did, or its lease ran out. Computing every
-/// session's on every pass was most of a pass with 1 000 sessions (issue 17: 2–6 ms of a
-/// 5–9 ms pass in the `agent_scale` benchmark).
+/// pass: a session's is computed again only when the session changed ([`kept::PerSession`]),
+/// its programmed ports did, or its lease ran out. Computing every session's on every pass
+/// was most of a pass with 1 000 sessions (issue 17: 2–6 ms of a 5–9 ms pass in the
+/// `agent_scale` benchmark).
 #[derive(Default)]
 struct KeptAcks {
     acks: Acks,
     /// Whether `acks` was sent since it last changed.
     sent: bool,
-    /// By `namespace/name`, as the entries in `acks` are: what the session's entry was
-    /// computed from. Not by uid: a session deleted and created again under its name
-    /// within one pass would have the old uid's removal take the new session's entry.
-    from: HashMap<String, AckInputs>,
-    /// Counts the updates, to forget the sessions that are gone.
-    updates: u64,
-}
-
-/// What one session's acknowledgement was computed from, and where it is.
-struct AckInputs {
-    /// The session's uid: a session created again under its name is another session.
-    uid: Option<String>,
-    /// The session's `resourceVersion`; `None` (never equal) when it had none.
-    version: Option<String>,
-    done: Option<redirects::PortsDone>,
-    live: bool,
-    /// Its entry in [`KeptAcks::acks`], if it has one.
-    id: Option<AckId>,
-    /// The last update that saw the session.
-    seen: u64,
+    /// Per session, its entry in `acks` (if it has one), computed from its programmed ports
+    /// and whether its lease was live. Kept by `namespace/name`, as `acks` is: by uid, a
+    /// session deleted and created again under its name within one pass would have the old
+    /// uid's removal take the new session's entry.
+    ids: kept::PerSession<(Option<redirects::PortsDone>, bool), Option<AckId>>,
 }
 
 impl KeptAcks {
@@ -979,8 +965,7 @@ impl KeptAcks {
         ) -> Option<(AckId, (Programmed, bool))>,
     ) {
         use std::fmt::Write as _;
-        self.updates += 1;
-        let update = self.updates;
+        self.ids.start_pass();
         let mut key = String::new();
         for session in sessions {
             let meta = &session.metadata;
@@ -993,48 +978,29 @@ impl KeptAcks {
             );
             let done = programmed.get(key.as_str());
             let live = session.lease_live(now);
-            if let Some(inputs) = self.from.get_mut(key.as_str())
-                && inputs.uid == meta.uid
-                && inputs.version.is_some()
-                && inputs.version == meta.resource_version
-                && inputs.done.as_ref() == done
-                && inputs.live == live
-            {
-                inputs.seen = update;
+            let same = |(kept_done, kept_live): &(Option<redirects::PortsDone>, bool)| {
+                kept_done.as_ref() == done && *kept_live == live
+            };
+            if self.ids.kept(session, same).is_some() {
                 continue;
             }
-            let entry = ack_of(session, done);
-            let old = self.from.remove(key.as_str()).and_then(|inputs| inputs.id);
-            if let Some(old) = old {
-                self.acks.remove(&old);
-            }
-            let id = entry.map(|(id, ack)| {
+            let id = ack_of(session, done).map(|(id, ack)| {
                 self.acks.insert(id.clone(), ack);
                 id
             });
+            let old = self
+                .ids
+                .keep(session, (done.cloned(), live), id.clone(), true);
+            if let Some(old) = old.flatten()
+                && Some(&old) != id.as_ref()
+            {
+                self.acks.remove(&old);
+            }
             self.sent = false;
-            self.from.insert(
-                key.clone(),
-                AckInputs {
-                    uid: meta.uid.clone(),
-                    version: meta.resource_version.clone(),
-                    done: done.cloned(),
-                    live,
-                    id,
-                    seen: update,
-                },
-            );
         }
-        if self.from.len() > sessions.len() {
-            let acks = &mut self.acks;
-            self.from.retain(|_, inputs| {
-                let keep = inputs.seen == update;
-                if !keep && let Some(id) = &inputs.id {
-                    acks.remove(id);
-                    self.sent = false;
-                }
-                keep
-            });
+        for id in self.ids.forget_unseen(sessions.len()).into_iter().flatten() {
+            self.acks.remove(&id);
+            self.sent = false;
         }
     }
 }

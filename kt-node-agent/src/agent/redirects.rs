@@ -15,7 +15,7 @@
 use std::{
     borrow::Cow,
     cell::OnceCell,
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
 };
 
@@ -25,6 +25,7 @@ use kt_proto::session::{KtSession, SessionMode};
 
 use super::{
     index::{Index, ServiceView, SliceView},
+    kept::PerSession,
     mesh::{Route, RouteKey},
 };
 use crate::ebpf::{ServiceKey, Transport};
@@ -224,46 +225,30 @@ fn with_revision(index: &Index, object: u64, session: &KtSession) -> u64 {
     h.finish()
 }
 
-/// Each session's own part of [`fingerprint`]'s hash kept from pass to pass by uid and
-/// `resourceVersion` (the API server gives every change a new one): hashing every
-/// session's spec and status on every pass was most of a pass with 1 000 sessions (the
-/// `reconcile` benchmark, issue 17).
+/// Each session's own part of [`fingerprint`]'s hash kept from pass to pass
+/// ([`PerSession`]: same object, same `resourceVersion`): hashing every session's spec and
+/// status on every pass was most of a pass with 1 000 sessions (the `reconcile` benchmark,
+/// issue 17).
 #[derive(Debug, Default)]
-pub struct KeptHashes {
-    /// By uid: the resourceVersion hashed, the hash, the last call that asked for it.
-    by_uid: HashMap<String, (String, u64, u64)>,
-    calls: u64,
-}
+pub struct KeptHashes(PerSession<(), u64>);
 
 impl KeptHashes {
-    /// The [`object_hash`] of each of `sessions`, in their order: kept where the session has
-    /// the uid and resourceVersion it had, computed (and kept, when it has both) otherwise.
+    /// The [`object_hash`] of each of `sessions`, in their order: kept where the session is
+    /// as it was, computed (and kept) otherwise.
     fn hashes(&mut self, sessions: &[&KtSession]) -> Vec<u64> {
-        self.calls += 1;
-        let call = self.calls;
+        self.0.start_pass();
         let out = sessions
             .iter()
             .map(|session| {
-                let meta = &session.metadata;
-                let id = meta.uid.as_deref().zip(meta.resource_version.as_deref());
-                if let Some((uid, version)) = id
-                    && let Some((kept_version, hash, seen)) = self.by_uid.get_mut(uid)
-                    && kept_version == version
-                {
-                    *seen = call;
-                    return *hash;
+                if let Some(&hash) = self.0.kept(session, |()| true) {
+                    return hash;
                 }
                 let hash = object_hash(session);
-                if let Some((uid, version)) = id {
-                    self.by_uid
-                        .insert(uid.to_owned(), (version.to_owned(), hash, call));
-                }
+                self.0.keep(session, (), hash, true);
                 hash
             })
             .collect();
-        if self.by_uid.len() > sessions.len() {
-            self.by_uid.retain(|_, (_, _, seen)| *seen == call);
-        }
+        self.0.forget_unseen(sessions.len());
         out
     }
 }

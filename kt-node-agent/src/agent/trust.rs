@@ -20,7 +20,7 @@
 //! (another namespace's Service, hundreds of ports, a 1 MiB header), held or not.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
 
@@ -31,6 +31,8 @@ use kt_proto::{
     validate::SpecError,
 };
 use serde::{Deserialize, Serialize};
+
+use super::kept::PerSession;
 
 /// How far a `renewTime` may be ahead of this agent's clock. The holder writes it from its
 /// own node's clock; nodes of one cluster are NTP-synchronised far closer than this (the
@@ -167,23 +169,11 @@ pub struct Judge {
     /// What the kept verdicts were reached on: the records' generation and the Nodes'
     /// names and addresses, hashed.
     on: u64,
-    /// By session uid.
-    verdicts: HashMap<String, Verdict>,
-    /// Counts the calls of [`Judge::verdicts`], to forget the sessions that are gone.
-    pass: u64,
+    /// Per session, its verdict.
+    verdicts: PerSession<(), Result<(), Rejected>>,
     /// The `now` of the last call: a clock that went back may make a kept verdict wrong
     /// (a renewal now in the future), so the verdicts are reached again.
     last_now: Option<DateTime<Utc>>,
-}
-
-/// A session's verdict, and what it was reached on.
-#[derive(Debug)]
-struct Verdict {
-    /// The `resourceVersion` of the session judged.
-    version: String,
-    result: Result<(), Rejected>,
-    /// The last pass that asked for it.
-    seen: u64,
 }
 
 impl Judge {
@@ -224,37 +214,21 @@ impl Judge {
             self.on = on;
         }
         self.last_now = Some(now);
-        self.pass += 1;
-        let pass = self.pass;
+        self.verdicts.start_pass();
         let out = sessions
             .iter()
             .map(|session| {
-                let meta = &session.metadata;
-                let id = meta.uid.as_deref().zip(meta.resource_version.as_deref());
-                if let Some((uid, version)) = id
-                    && let Some(kept) = self.verdicts.get_mut(uid)
-                    && kept.version == version
-                {
-                    kept.seen = pass;
-                    return kept.result.clone();
+                if let Some(kept) = self.verdicts.kept(session, |()| true) {
+                    return kept.clone();
                 }
                 let result = check(session, nodes, records, now);
-                if let Some((uid, version)) = id
-                    && !matches!(result, Err(Rejected::RenewedInTheFuture(_)))
-                {
-                    let verdict = Verdict {
-                        version: version.to_owned(),
-                        result: result.clone(),
-                        seen: pass,
-                    };
-                    self.verdicts.insert(uid.to_owned(), verdict);
-                }
+                // Time may make it right: not kept.
+                let reusable = !matches!(result, Err(Rejected::RenewedInTheFuture(_)));
+                self.verdicts.keep(session, (), result.clone(), reusable);
                 result
             })
             .collect();
-        if self.verdicts.len() > sessions.len() {
-            self.verdicts.retain(|_, verdict| verdict.seen == pass);
-        }
+        self.verdicts.forget_unseen(sessions.len());
         out
     }
 }

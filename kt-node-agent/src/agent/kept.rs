@@ -1,0 +1,190 @@
+//! Values computed from one session each, kept from pass to pass (issue 17): with 1 000
+//! sessions, computing every session's hash, trust verdict and acknowledgement afresh on
+//! every pass was most of a pass, and between two passes few sessions change. The API
+//! server gives every change of an object a new `resourceVersion`, so a session at the
+//! version a value was computed from still gives that value.
+
+use std::collections::HashMap;
+
+use kt_proto::session::KtSession;
+
+/// Per session (by `namespace/name`), a value `V` and the other inputs `I` it was computed
+/// from besides the session itself. A kept value stands while the session has the uid and
+/// `resourceVersion` it had (a session deleted and created again under its name is another
+/// object) and its inputs match. Keyed by name, not uid, so a caller that files values by
+/// name elsewhere (acknowledgements) meets one entry per name.
+#[derive(Debug)]
+pub struct PerSession<I, V> {
+    entries: HashMap<String, Entry<I, V>>,
+    /// Counts [`PerSession::start_pass`], to find the sessions a pass did not see.
+    pass: u64,
+    /// Where a session's key is written, so a lookup allocates nothing.
+    key: String,
+}
+
+#[derive(Debug)]
+struct Entry<I, V> {
+    uid: Option<String>,
+    /// `None` when the value may not be reused: the session had no `resourceVersion` (not
+    /// from an API server), or the caller said so.
+    version: Option<String>,
+    inputs: I,
+    value: V,
+    /// The last pass that saw the session.
+    seen: u64,
+}
+
+impl<I, V> Default for PerSession<I, V> {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::new(),
+            pass: 0,
+            key: String::new(),
+        }
+    }
+}
+
+impl<I, V> PerSession<I, V> {
+    /// Starts a pass: the sessions it does not look up or keep are forgotten by
+    /// [`PerSession::forget_unseen`].
+    pub fn start_pass(&mut self) {
+        self.pass += 1;
+    }
+
+    /// The value kept for `session` when it is the same object at the same version and
+    /// `same_inputs` holds for the inputs it was computed from; marks the session seen.
+    pub fn kept(
+        &mut self,
+        session: &KtSession,
+        same_inputs: impl FnOnce(&I) -> bool,
+    ) -> Option<&V> {
+        write_key(&mut self.key, session);
+        let meta = &session.metadata;
+        let entry = self.entries.get_mut(self.key.as_str())?;
+        let same = entry.version.is_some()
+            && entry.version == meta.resource_version
+            && entry.uid == meta.uid
+            && same_inputs(&entry.inputs);
+        same.then(|| {
+            entry.seen = self.pass;
+            &entry.value
+        })
+    }
+
+    /// Keeps `value`, computed from `session` and `inputs`, in place of what the session's
+    /// name had (returned), and marks the session seen. With `reusable` false the value is
+    /// only held (for [`PerSession::forget_unseen`] to return): no lookup reuses it.
+    pub fn keep(&mut self, session: &KtSession, inputs: I, value: V, reusable: bool) -> Option<V> {
+        write_key(&mut self.key, session);
+        let meta = &session.metadata;
+        let entry = Entry {
+            uid: meta.uid.clone(),
+            version: meta.resource_version.clone().filter(|_| reusable),
+            inputs,
+            value,
+            seen: self.pass,
+        };
+        self.entries
+            .insert(self.key.clone(), entry)
+            .map(|old| old.value)
+    }
+
+    /// Forgets the sessions this pass did not see, given that it saw `seen` sessions (when
+    /// the entries are no more, nothing is gone and nothing is walked); returns their
+    /// values.
+    pub fn forget_unseen(&mut self, seen: usize) -> Vec<V> {
+        if self.entries.len() <= seen {
+            return Vec::new();
+        }
+        let pass = self.pass;
+        let gone: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| entry.seen != pass)
+            .map(|(key, _)| key.clone())
+            .collect();
+        gone.iter()
+            .filter_map(|key| self.entries.remove(key))
+            .map(|entry| entry.value)
+            .collect()
+    }
+
+    /// Forgets every value: what they were computed from besides the sessions changed.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
+/// Writes `namespace/name` of `session` to `key`.
+fn write_key(key: &mut String, session: &KtSession) {
+    use std::fmt::Write as _;
+    key.clear();
+    let meta = &session.metadata;
+    let _ = write!(
+        key,
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn session(namespace: &str, name: &str, uid: &str, version: Option<&str>) -> KtSession {
+        serde_json::from_value(json!({
+            "apiVersion": "kt.dev/v1alpha1", "kind": "KtSession",
+            "metadata": {"name": name, "namespace": namespace, "uid": uid,
+                         "resourceVersion": version},
+            "spec": {"owner": "a@b", "mode": "exchange", "service": "web",
+                     "ports": [{"port": 80, "localPort": 8080}], "publicKey": "k"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_value_stands_while_the_session_its_version_and_inputs_do() {
+        let mut kept: PerSession<u8, &str> = PerSession::default();
+        let a = session("dev", "a", "u1", Some("1"));
+        kept.start_pass();
+        assert_eq!(kept.kept(&a, |_| true), None, "nothing kept yet");
+        assert_eq!(kept.keep(&a, 7, "a@1", true), None);
+        assert_eq!(kept.kept(&a, |i| *i == 7), Some(&"a@1"));
+        assert_eq!(kept.kept(&a, |i| *i == 8), None, "other inputs");
+        let newer = session("dev", "a", "u1", Some("2"));
+        assert_eq!(kept.kept(&newer, |_| true), None, "a new version");
+        let again = session("dev", "a", "u2", Some("1"));
+        assert_eq!(kept.kept(&again, |_| true), None, "created again");
+        let other = session("other", "a", "u1", Some("1"));
+        assert_eq!(kept.kept(&other, |_| true), None, "another namespace");
+        let unversioned = session("dev", "b", "u3", None);
+        kept.keep(&unversioned, 0, "b", true);
+        assert_eq!(kept.kept(&unversioned, |_| true), None, "no version");
+        assert_eq!(kept.keep(&a, 7, "a@1 held", false), Some("a@1"));
+        assert_eq!(kept.kept(&a, |_| true), None, "not reusable");
+        kept.clear();
+        assert!(kept.forget_unseen(0).is_empty());
+    }
+
+    #[test]
+    fn the_sessions_a_pass_did_not_see_are_forgotten() {
+        let mut kept: PerSession<(), &str> = PerSession::default();
+        let (a, b) = (
+            session("dev", "a", "u1", Some("1")),
+            session("dev", "b", "u2", Some("1")),
+        );
+        kept.start_pass();
+        kept.keep(&a, (), "a", true);
+        kept.keep(&b, (), "b", true);
+        assert!(kept.forget_unseen(2).is_empty());
+        kept.start_pass();
+        assert_eq!(kept.kept(&a, |()| true), Some(&"a"));
+        assert_eq!(kept.forget_unseen(1), vec!["b"]);
+        kept.start_pass();
+        assert_eq!(kept.kept(&a, |()| true), Some(&"a"), "a stays");
+        assert_eq!(kept.kept(&b, |()| true), None, "b is gone");
+    }
+}
