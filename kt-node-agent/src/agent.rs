@@ -964,18 +964,10 @@ impl KeptAcks {
             Option<&redirects::PortsDone>,
         ) -> Option<(AckId, (Programmed, bool))>,
     ) {
-        use std::fmt::Write as _;
         self.ids.start_pass();
         let mut key = String::new();
         for session in sessions {
-            let meta = &session.metadata;
-            key.clear();
-            let _ = write!(
-                key,
-                "{}/{}",
-                meta.namespace.as_deref().unwrap_or_default(),
-                meta.name.as_deref().unwrap_or_default()
-            );
+            kept::write_key(&mut key, session);
             let done = programmed.get(key.as_str());
             let live = session.lease_live(now);
             let same = |(kept_done, kept_live): &(Option<redirects::PortsDone>, bool)| {
@@ -998,7 +990,7 @@ impl KeptAcks {
             }
             self.sent = false;
         }
-        for id in self.ids.forget_unseen(sessions.len()).into_iter().flatten() {
+        for id in self.ids.forget_unseen().into_iter().flatten() {
             self.acks.remove(&id);
             self.sent = false;
         }

@@ -519,6 +519,12 @@ impl Index {
         self.entry(namespace, name).map_or(0, |e| e.revision)
     }
 
+    /// The index-wide revision: it grows with every change to any Service or slice, so
+    /// while it stands every [`Index::revision_of`] does.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
     /// How many Services are indexed.
     pub fn services(&self) -> usize {
         self.entries

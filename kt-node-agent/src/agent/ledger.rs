@@ -12,7 +12,6 @@
 use std::{
     cmp::Reverse,
     collections::{BTreeMap, BTreeSet, HashMap},
-    fmt::Write as _,
     net::SocketAddr,
 };
 
@@ -20,6 +19,7 @@ use chrono::{DateTime, Utc};
 use kt_proto::session::{KtSession, SessionMode};
 
 use super::{
+    kept,
     mesh::{Route, RouteKey},
     redirects::{self, Claim, ClusterState, ExchangePart, PortsDone, Target},
 };
@@ -119,13 +119,7 @@ impl Ledger {
             if !is_live_exchange(session, now) {
                 continue;
             }
-            key.clear();
-            let _ = write!(
-                key,
-                "{}/{}",
-                session.metadata.namespace.as_deref().unwrap_or_default(),
-                session.metadata.name.as_deref().unwrap_or_default()
-            );
+            kept::write_key(&mut key, session);
             if let Some(held) = self.exchanges.get_mut(key.as_str())
                 && held.inputs == inputs
             {
@@ -449,9 +443,9 @@ mod tests {
 
     /// Over random sessions, slices and routers, changed a few at a time while the clock
     /// runs (leases end), the ledger holds what `desired` computes from scratch, and its
-    /// changes lead from one to the next. Session hashes come from [`KeptHashes`], as in
-    /// the agent; a session may be created again under its name (another uid) and the same
-    /// name is used in two namespaces.
+    /// changes lead from one to the next. Session hashes come from
+    /// [`redirects::KeptHashes`], as in the agent; a session may be created again under its
+    /// name (another uid) and the same name is used in two namespaces.
     #[test]
     fn the_ledger_keeps_what_desired_computes_from_scratch() {
         let mut rng = StdRng::seed_from_u64(17);

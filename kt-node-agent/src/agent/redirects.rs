@@ -86,16 +86,10 @@ impl<'a> ClusterState<'a> {
         index: &'a Index,
         kept: &mut KeptHashes,
     ) -> Self {
-        let inputs: Vec<u64> = kept
-            .hashes(sessions)
-            .into_iter()
-            .zip(sessions)
-            .map(|(object, session)| with_revision(index, object, session))
-            .collect();
         Self {
             sessions,
             index: Cow::Borrowed(index),
-            inputs: OnceCell::from(inputs),
+            inputs: OnceCell::from(kept.inputs(sessions, index)),
         }
     }
 
@@ -126,8 +120,8 @@ impl<'a> ClusterState<'a> {
         self.index.slice_names(namespace, name)
     }
 
-    /// The live sessions of `mode`, oldest first (by creation, then name, then namespace): not being
-    /// deleted, lease in force at `now`.
+    /// The live sessions of `mode`, oldest first (by creation, then name, then namespace):
+    /// not being deleted, lease in force at `now`.
     pub(super) fn live(&self, mode: SessionMode, now: DateTime<Utc>) -> Vec<&'a KtSession> {
         self.live_where(mode, now, |_| true)
     }
@@ -225,30 +219,51 @@ fn with_revision(index: &Index, object: u64, session: &KtSession) -> u64 {
     h.finish()
 }
 
-/// Each session's own part of [`fingerprint`]'s hash kept from pass to pass
-/// ([`PerSession`]: same object, same `resourceVersion`): hashing every session's spec and
-/// status on every pass was most of a pass with 1 000 sessions (the `reconcile` benchmark,
-/// issue 17).
+/// Each session's [`ClusterState::inputs`] kept from pass to pass ([`PerSession`]: same
+/// object, same `resourceVersion`): hashing every session's spec and status, and looking
+/// its Service up in the index, on every pass was most of a pass with 1 000 sessions (the
+/// `reconcile` and `agent_scale` benchmarks, issue 17). Use it with one index, changed in
+/// place (the agent's): a Service's revision is looked up again only when the index's
+/// [`Index::revision`] moved.
 #[derive(Debug, Default)]
-pub struct KeptHashes(PerSession<(), u64>);
+pub struct KeptHashes(PerSession<(), KeptHash>);
+
+/// One session's hashes.
+#[derive(Debug)]
+struct KeptHash {
+    /// [`object_hash`] of the session.
+    object: u64,
+    /// The [`Index::revision`] `input` was computed at.
+    at: u64,
+    /// [`with_revision`] of `object`.
+    input: u64,
+}
 
 impl KeptHashes {
-    /// The [`object_hash`] of each of `sessions`, in their order: kept where the session is
-    /// as it was, computed (and kept) otherwise.
-    fn hashes(&mut self, sessions: &[&KtSession]) -> Vec<u64> {
+    /// [`ClusterState::inputs`] of `sessions` with `index`, in their order: kept where the
+    /// session is as it was, the Service's revision looked up again where the index
+    /// changed, computed (and kept) otherwise.
+    fn inputs(&mut self, sessions: &[&KtSession], index: &Index) -> Vec<u64> {
         self.0.start_pass();
+        let at = index.revision();
         let out = sessions
             .iter()
             .map(|session| {
-                if let Some(&hash) = self.0.kept(session, |()| true) {
-                    return hash;
+                if let Some(kept) = self.0.kept_mut(session, |()| true) {
+                    if kept.at != at {
+                        kept.input = with_revision(index, kept.object, session);
+                        kept.at = at;
+                    }
+                    return kept.input;
                 }
-                let hash = object_hash(session);
-                self.0.keep(session, (), hash, true);
-                hash
+                let object = object_hash(session);
+                let input = with_revision(index, object, session);
+                self.0
+                    .keep(session, (), KeptHash { object, at, input }, true);
+                input
             })
             .collect();
-        self.0.forget_unseen(sessions.len());
+        self.0.forget_unseen();
         out
     }
 }

@@ -160,9 +160,10 @@ impl RecordCache {
 }
 
 /// [`check`] from pass to pass: the records kept as [`RecordCache`] keeps them, and each
-/// session's verdict kept until the session changes (its `resourceVersion`), or the Nodes'
-/// addresses or the records do. With 1 000 sessions, checking each on every pass was most
-/// of a pass that programs nothing new (the `reconcile` benchmark, issue 17).
+/// session's verdict kept until the session changes (its `resourceVersion`), the Nodes'
+/// addresses or the records do, or the clock goes back. With 1 000 sessions, checking each
+/// on every pass was most of a pass that programs nothing new (the `reconcile` benchmark,
+/// issue 17).
 #[derive(Debug, Default)]
 pub struct Judge {
     records: RecordCache,
@@ -172,16 +173,18 @@ pub struct Judge {
     /// Per session, its verdict.
     verdicts: PerSession<(), Result<(), Rejected>>,
     /// The `now` of the last call: a clock that went back may make a kept verdict wrong
-    /// (a renewal now in the future), so the verdicts are reached again.
+    /// (a renewal now in the future), so the verdicts are reached again. The lease clock
+    /// goes back once each time the sessions watch goes down (it stands at when the watch
+    /// went down: [`super::freshness`]), which costs one pass of judging afresh.
     last_now: Option<DateTime<Utc>>,
 }
 
 impl Judge {
     /// [`check`] of each of `sessions`, in their order, against `nodes` and the agent
     /// records in `config_maps`, at `now`. A verdict is reached again only for a session
-    /// without a uid or `resourceVersion` (not from an API server), one renewed in the
-    /// future (time may make it right), or after something it was reached on changed or
-    /// the clock went back.
+    /// without a `resourceVersion` (not from an API server), one that changed (another
+    /// version or uid: [`PerSession`]), one renewed in the future (time may make it
+    /// right), or after something it was reached on changed or the clock went back.
     pub fn verdicts(
         &mut self,
         sessions: &[&KtSession],
@@ -228,7 +231,7 @@ impl Judge {
                 result
             })
             .collect();
-        self.verdicts.forget_unseen(sessions.len());
+        self.verdicts.forget_unseen();
         out
     }
 }
@@ -575,10 +578,10 @@ mod tests {
         );
         // Kept by resourceVersion: a change an API server would have given a new version
         // to is not looked at (it shows the verdict is kept, not reached again).
-        let mut unversioned = s.clone();
-        unversioned.status.as_mut().unwrap().address = Some("172.30.0.50".parse().unwrap());
+        let mut same_version = s.clone();
+        same_version.status.as_mut().unwrap().address = Some("172.30.0.50".parse().unwrap());
         assert_eq!(
-            verdict(&mut judge, &unversioned, &n1, &listed, now),
+            verdict(&mut judge, &same_version, &n1, &listed, now),
             Ok(()),
             "kept"
         );
