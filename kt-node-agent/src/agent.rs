@@ -957,7 +957,7 @@ impl KeptAcks {
     fn update(
         &mut self,
         sessions: &[&KtSession],
-        programmed: &BTreeMap<String, redirects::PortsDone>,
+        programmed: &foldhash::HashMap<String, redirects::PortsDone>,
         now: chrono::DateTime<chrono::Utc>,
         ack_of: impl Fn(
             &KtSession,
@@ -973,7 +973,7 @@ impl KeptAcks {
             let same = |(kept_done, kept_live): &(Option<redirects::PortsDone>, bool)| {
                 kept_done.as_ref() == done && *kept_live == live
             };
-            if self.ids.kept(session, same).is_some() {
+            if self.ids.kept_at(&key, session, same).is_some() {
                 continue;
             }
             let id = ack_of(session, done).map(|(id, ack)| {
@@ -1239,7 +1239,7 @@ mod tests {
     /// What the kept acknowledgements must equal: every session's, computed afresh.
     fn afresh(
         sessions: &[&KtSession],
-        programmed: &BTreeMap<String, redirects::PortsDone>,
+        programmed: &foldhash::HashMap<String, redirects::PortsDone>,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Acks {
         sessions
@@ -1252,15 +1252,16 @@ mod tests {
     fn kept_acknowledgements_follow_sessions_ports_and_leases() {
         let now = chrono::Utc::now();
         let (a, b) = (session("a", "1", 40001), session("b", "1", 40002));
-        let mut programmed = BTreeMap::new();
+        let mut programmed = foldhash::HashMap::default();
         let mut kept = KeptAcks::default();
-        let mut check = |sessions: &[&KtSession], programmed: &BTreeMap<_, _>, at, what| {
-            kept.update(sessions, programmed, at, |s, done| ack_of(s, done, at));
-            assert_eq!(kept.acks, afresh(sessions, programmed, at), "{what}");
-            // Only a change is sent again.
-            assert_eq!(kept.sent, what == "nothing changed", "{what}: sent");
-            kept.sent = true;
-        };
+        let mut check =
+            |sessions: &[&KtSession], programmed: &foldhash::HashMap<_, _>, at, what| {
+                kept.update(sessions, programmed, at, |s, done| ack_of(s, done, at));
+                assert_eq!(kept.acks, afresh(sessions, programmed, at), "{what}");
+                // Only a change is sent again.
+                assert_eq!(kept.sent, what == "nothing changed", "{what}: sent");
+                kept.sent = true;
+            };
         check(&[&a, &b], &programmed, now, "first");
         check(&[&a, &b], &programmed, now, "nothing changed");
         programmed.insert(

@@ -17,9 +17,11 @@
 //! alive to see it. Each Event names the reporting agent's node (message, `source.host`,
 //! `reportingInstance`).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
+// foldhash, not SipHash: looked up per session or Service each pass (see `kept`).
+use foldhash::HashSet;
 use kt_proto::session::{KtSession, Listener};
 
 use super::trust::Rejected;

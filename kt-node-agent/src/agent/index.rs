@@ -9,11 +9,10 @@
 //! namespace; a slice without the label or a namespace belongs to none. A slice may exist
 //! before or after its Service (the index keeps it under the name either way).
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
+// foldhash, not SipHash: looked up per session or Service each pass (see `kept`).
+use foldhash::{HashMap, HashMapExt as _};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kt_proto::net::Cidr;
 

@@ -3,8 +3,16 @@
 //! every pass was most of a pass, and between two passes few sessions change. The API
 //! server gives every change of an object a new `resourceVersion`, so a session at the
 //! version a value was computed from still gives that value.
+//!
+//! The maps a pass looks up once per session or Service (here, in [`super::index`],
+//! [`super::ledger`] and [`super::events`]) hash with foldhash (hashbrown's own default),
+//! not std's SipHash: `perf` of the `agent_scale` benchmark put hashing and comparing short
+//! `namespace/name` keys at a fifth of a pass with 1 000 sessions. Its seed is random per
+//! process and per map, which makes colliding names hard to choose ahead of time (foldhash
+//! claims only minimal HashDoS resistance: enough for the thousands of names a developer
+//! can create in a namespace).
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use kt_proto::session::KtSession;
 
@@ -39,7 +47,7 @@ struct Entry<I, V> {
 impl<I, V> Default for PerSession<I, V> {
     fn default() -> Self {
         Self {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             pass: 0,
             seen: 0,
             key: String::new(),
@@ -65,15 +73,46 @@ impl<I, V> PerSession<I, V> {
         self.kept_mut(session, same_inputs).map(|value| &*value)
     }
 
+    /// [`PerSession::kept`] for a caller that wrote the session's `key` ([`write_key`])
+    /// already.
+    pub fn kept_at(
+        &mut self,
+        key: &str,
+        session: &KtSession,
+        same_inputs: impl FnOnce(&I) -> bool,
+    ) -> Option<&V> {
+        self.kept_in(Some(key), session, same_inputs)
+            .map(|value| &*value)
+    }
+
     /// [`PerSession::kept`], for a value that holds parts of its own to bring up to date.
     pub fn kept_mut(
         &mut self,
         session: &KtSession,
         same_inputs: impl FnOnce(&I) -> bool,
     ) -> Option<&mut V> {
-        write_key(&mut self.key, session);
+        self.kept_in(None, session, same_inputs)
+    }
+
+    /// The entry of `session` (at `key`, else at the key written here) if it still holds.
+    fn kept_in(
+        &mut self,
+        key: Option<&str>,
+        session: &KtSession,
+        same_inputs: impl FnOnce(&I) -> bool,
+    ) -> Option<&mut V> {
+        let key = match key {
+            Some(key) => {
+                debug_assert_eq!(key, session.key(), "the session's own key");
+                key
+            }
+            None => {
+                write_key(&mut self.key, session);
+                self.key.as_str()
+            }
+        };
         let meta = &session.metadata;
-        let entry = self.entries.get_mut(self.key.as_str())?;
+        let entry = self.entries.get_mut(key)?;
         let same = entry.version.is_some()
             && entry.version == meta.resource_version
             && entry.uid == meta.uid
@@ -128,6 +167,16 @@ impl<I, V> PerSession<I, V> {
             .collect()
     }
 
+    /// Forgets the value of the session `key` (`namespace/name`, as [`write_key`] writes
+    /// it): something it was computed from besides the session changed.
+    pub fn forget(&mut self, key: &str) {
+        if let Some(entry) = self.entries.remove(key)
+            && entry.seen == self.pass
+        {
+            self.seen -= 1;
+        }
+    }
+
     /// Forgets every value: what they were computed from besides the sessions changed.
     pub fn clear(&mut self) {
         self.entries.clear();
@@ -139,11 +188,21 @@ impl<I, V> PerSession<I, V> {
 /// [`KtSession::key`] gives, without allocating once `key` is large enough (and without
 /// the formatting machinery, a tenth of a pass with 1 000 sessions: issue 17).
 pub fn write_key(key: &mut String, session: &KtSession) {
-    key.clear();
     let meta = &session.metadata;
-    key.push_str(meta.namespace.as_deref().unwrap_or_default());
+    write_name_key(
+        key,
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default(),
+    );
+}
+
+/// Writes `namespace/name` to `key`, which it clears first ([`write_key`] of a session
+/// known by name).
+pub fn write_name_key(key: &mut String, namespace: &str, name: &str) {
+    key.clear();
+    key.push_str(namespace);
     key.push('/');
-    key.push_str(meta.name.as_deref().unwrap_or_default());
+    key.push_str(name);
 }
 
 #[cfg(test)]

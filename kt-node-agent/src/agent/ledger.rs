@@ -11,11 +11,13 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
 };
 
 use chrono::{DateTime, Utc};
+// foldhash, not SipHash: looked up per session or Service each pass (see `kept`).
+use foldhash::HashMap;
 use kt_proto::session::{KtSession, SessionMode};
 
 use super::{
@@ -41,8 +43,9 @@ pub struct Ledger {
     wanting: HashMap<ServiceKey, BTreeMap<Rank, Target>>,
     /// What the service map should hold: the first of each address's `wanting`.
     map: BTreeMap<ServiceKey, Target>,
-    /// Per session with a claim, its programmed ports.
-    programmed: BTreeMap<String, PortsDone>,
+    /// Per session with a claim, its programmed ports (looked up per session each pass by
+    /// the acknowledgements).
+    programmed: HashMap<String, PortsDone>,
     /// Counts passes, to find the sessions a pass did not see.
     pass: u64,
 }
@@ -96,7 +99,7 @@ impl Ledger {
 
     /// Per session with a claim (`namespace/name`), the Service ports programmed for it, as
     /// [`redirects::Desired::programmed_ports`] gives them.
-    pub fn programmed(&self) -> &BTreeMap<String, PortsDone> {
+    pub fn programmed(&self) -> &HashMap<String, PortsDone> {
         &self.programmed
     }
 
@@ -513,8 +516,12 @@ mod tests {
                 .map(|(session, ports)| (session.to_owned(), ports))
                 .collect();
             assert_eq!(
-                ledger.programmed(),
-                &programmed,
+                ledger
+                    .programmed()
+                    .iter()
+                    .map(|(session, ports)| (session.clone(), ports.clone()))
+                    .collect::<BTreeMap<_, _>>(),
+                programmed,
                 "step {step}: programmed ports"
             );
             for (address, target) in changes {

@@ -106,69 +106,169 @@ impl Record {
 /// Each node's agent record (node → the record), from the watched ConfigMaps; a record that
 /// does not parse, or names another node than its name says, reads as absent.
 pub fn records(config_maps: &[&ConfigMap]) -> BTreeMap<String, Record> {
-    config_maps
-        .iter()
-        .filter_map(|cm| {
-            let data = cm.data.as_ref()?;
-            let node = data.get(RECORD_NODE_KEY)?;
-            if cm.metadata.name.as_deref() != Some(record_name(node).as_str()) {
-                return None;
-            }
-            let sessions = serde_json::from_str(data.get(RECORD_SESSIONS_KEY)?).ok()?;
-            let started = data
-                .get(RECORD_STARTED_KEY)
-                .and_then(|t| t.parse::<DateTime<Utc>>().ok());
-            Some((node.clone(), Record::new(started, sessions)))
-        })
-        .collect()
+    config_maps.iter().filter_map(|cm| record_of(cm)).collect()
 }
 
-/// [`records`] kept from pass to pass: the records are parsed again only when one of the
-/// ConfigMaps changed (by name and `resourceVersion`). A record of 1 000 sessions is about
-/// 100 KiB of JSON, and every session write wakes a pass.
+/// The record `cm` holds, and its node; a record that does not parse, or names another
+/// node than its name says, reads as absent.
+fn record_of(cm: &ConfigMap) -> Option<(String, Record)> {
+    let data = cm.data.as_ref()?;
+    let node = data.get(RECORD_NODE_KEY)?;
+    if cm.metadata.name.as_deref() != Some(record_name(node).as_str()) {
+        return None;
+    }
+    let sessions = serde_json::from_str(data.get(RECORD_SESSIONS_KEY)?).ok()?;
+    let started = data
+        .get(RECORD_STARTED_KEY)
+        .and_then(|t| t.parse::<DateTime<Utc>>().ok());
+    Some((node.clone(), Record::new(started, sessions)))
+}
+
+/// [`records`] kept from pass to pass: a ConfigMap is parsed again only when it changed (by
+/// name and `resourceVersion`). A record of 1 000 sessions is about 100 KiB of JSON, every
+/// hold rewrites its holder's record, and the other nodes' records stay as they were.
 #[derive(Debug, Default)]
 pub struct RecordCache {
-    /// The (name, resourceVersion) of each ConfigMap the records were read from.
-    read_from: Vec<(Option<String>, Option<String>)>,
+    /// Per ConfigMap name: its resourceVersion when read, and the node of the record it held.
+    read_from: BTreeMap<String, (Option<String>, Option<String>)>,
     records: BTreeMap<String, Record>,
-    /// Bumped whenever the records are parsed again.
-    generation: u64,
+}
+
+/// What [`RecordCache::refresh`] found changed in the records.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RecordsChanged {
+    /// No record changed.
+    Nothing,
+    /// Only the entries of these sessions (`namespace/name`, as [`super::kept::write_key`]
+    /// writes it): every record's node and start time stayed.
+    Sessions(BTreeSet<String>),
+    /// A record came or went, or its agent started again: any verdict may change.
+    All,
 }
 
 impl RecordCache {
-    /// The records of `config_maps`, parsed again only if they changed since the last call.
-    pub fn current(&mut self, config_maps: &[&ConfigMap]) -> &BTreeMap<String, Record> {
-        let mut versions: Vec<_> = config_maps
-            .iter()
-            .map(|cm| {
-                (
-                    cm.metadata.name.clone(),
-                    cm.metadata.resource_version.clone(),
-                )
-            })
-            .collect();
-        versions.sort();
-        // Without a resourceVersion (not from an API server) nothing tells a change apart.
-        let known = versions.iter().all(|(_, version)| version.is_some());
-        if !known || versions != self.read_from {
-            self.records = records(config_maps);
-            self.read_from = versions;
-            self.generation += 1;
-        }
+    /// The records as last read.
+    pub fn records(&self) -> &BTreeMap<String, Record> {
         &self.records
+    }
+
+    /// Reads again the records of `config_maps` that changed since the last call, and says
+    /// what changed. A holder rewrites its record each time it takes or lets go a session,
+    /// so with 1 000 sessions most changes touch one entry of a thousand.
+    pub fn refresh(&mut self, config_maps: &[&ConfigMap]) -> RecordsChanged {
+        let name_of = |cm: &ConfigMap| cm.metadata.name.clone().unwrap_or_default();
+        let (mut any, mut all) = (false, false);
+        let mut changed = BTreeSet::new();
+        let present: BTreeSet<String> = config_maps.iter().map(|cm| name_of(cm)).collect();
+        let gone: Vec<String> = self
+            .read_from
+            .keys()
+            .filter(|name| !present.contains(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            any = true;
+            if let Some((_, Some(node))) = self.read_from.remove(&name) {
+                self.records.remove(&node);
+                all = true;
+            }
+        }
+        for cm in config_maps {
+            let name = name_of(cm);
+            let version = &cm.metadata.resource_version;
+            // Without a resourceVersion (not from an API server) nothing tells a change
+            // apart: always read.
+            if version.is_some()
+                && self
+                    .read_from
+                    .get(&name)
+                    .is_some_and(|(read, _)| read == version)
+            {
+                continue;
+            }
+            any = true;
+            let new = record_of(cm);
+            let old = self
+                .read_from
+                .insert(
+                    name,
+                    (version.clone(), new.as_ref().map(|(node, _)| node.clone())),
+                )
+                .and_then(|(_, node)| node)
+                .and_then(|node| self.records.remove(&node).map(|old| (node, old)));
+            match (old, new) {
+                (None, None) => {}
+                (Some((old_node, old)), Some((node, new)))
+                    if old_node == node && old.started == new.started =>
+                {
+                    changed_entries(&old.sessions, &new.sessions, &mut changed);
+                    self.records.insert(node, new);
+                }
+                (_, new) => {
+                    all = true;
+                    if let Some((node, new)) = new {
+                        self.records.insert(node, new);
+                    }
+                }
+            }
+        }
+        match (any, all) {
+            (false, _) => RecordsChanged::Nothing,
+            (true, true) => RecordsChanged::All,
+            (true, false) => RecordsChanged::Sessions(changed),
+        }
+    }
+}
+
+/// Adds to `changed` `namespace/name` of each session whose entries differ between `old`
+/// and `new` (both sorted by namespace and name, as [`Record::new`] keeps them): a merge of
+/// the two lists, comparing the entries of one name (a name may be listed under two uids)
+/// as a whole.
+fn changed_entries(old: &[HeldSession], new: &[HeldSession], changed: &mut BTreeSet<String>) {
+    use std::cmp::Ordering;
+    fn name(h: &HeldSession) -> (&str, &str) {
+        (&h.namespace, &h.name)
+    }
+    // The end of the entries named as the one at `at`.
+    let run_end = |list: &[HeldSession], at: usize| {
+        at + list[at..]
+            .iter()
+            .take_while(|h| name(h) == name(&list[at]))
+            .count()
+    };
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        let order = match (old.get(i), new.get(j)) {
+            (Some(a), Some(b)) => name(a).cmp(&name(b)),
+            (Some(_), None) => Ordering::Less,
+            (None, _) => Ordering::Greater,
+        };
+        let (old_end, new_end) = match order {
+            Ordering::Less => (run_end(old, i), j),
+            Ordering::Greater => (i, run_end(new, j)),
+            Ordering::Equal => (run_end(old, i), run_end(new, j)),
+        };
+        if old[i..old_end] != new[j..new_end] {
+            let h = if old_end > i { &old[i] } else { &new[j] };
+            let mut key = String::new();
+            super::kept::write_name_key(&mut key, &h.namespace, &h.name);
+            changed.insert(key);
+        }
+        (i, j) = (old_end, new_end);
     }
 }
 
 /// [`check`] from pass to pass: the records kept as [`RecordCache`] keeps them, and each
-/// session's verdict kept until the session changes (its `resourceVersion`), the Nodes'
-/// addresses or the records do, or the clock goes back. With 1 000 sessions, checking each
+/// session's verdict kept until the session changes (its `resourceVersion`), its entry in
+/// the records does, a record comes, goes or its agent starts again, the Nodes' addresses
+/// change, or the clock goes back. With 1 000 sessions, checking each
 /// on every pass was most of a pass that programs nothing new (the `reconcile` benchmark,
 /// issue 17).
 #[derive(Debug, Default)]
 pub struct Judge {
     records: RecordCache,
-    /// What the kept verdicts were reached on: the records' generation and the Nodes'
-    /// names and addresses, hashed.
+    /// What the kept verdicts were reached on besides the records: the Nodes' names and
+    /// addresses, hashed.
     on: u64,
     /// Per session, its verdict.
     verdicts: PerSession<(), Result<(), Rejected>>,
@@ -193,8 +293,8 @@ impl Judge {
         now: DateTime<Utc>,
     ) -> Vec<Result<(), Rejected>> {
         use std::hash::{DefaultHasher, Hash as _, Hasher as _};
-        self.records.current(config_maps);
-        let records = &self.records.records;
+        let records_changed = self.records.refresh(config_maps);
+        let records = self.records.records();
         // The Nodes come in no set order: their hashes are summed.
         let nodes_hash = nodes.iter().fold(0u64, |sum, node| {
             let mut h = DefaultHasher::new();
@@ -209,13 +309,22 @@ impl Judge {
             sum.wrapping_add(h.finish())
         });
         let mut h = DefaultHasher::new();
-        (self.records.generation, nodes.len(), nodes_hash).hash(&mut h);
+        (nodes.len(), nodes_hash).hash(&mut h);
         let on = h.finish();
         let clock_back = self.last_now.is_some_and(|last| now < last);
-        if on != self.on || clock_back {
-            self.verdicts.clear();
-            self.on = on;
+        let same_nodes_and_clock = on == self.on && !clock_back;
+        match records_changed {
+            RecordsChanged::Nothing if same_nodes_and_clock => {}
+            // A holder taking one more session rewrites its record of a thousand: only the
+            // verdicts of the sessions whose entries changed are reached again.
+            RecordsChanged::Sessions(keys) if same_nodes_and_clock => {
+                for key in keys {
+                    self.verdicts.forget(&key);
+                }
+            }
+            _ => self.verdicts.clear(),
         }
+        self.on = on;
         self.last_now = Some(now);
         self.verdicts.start_pass();
         let out = sessions
@@ -673,7 +782,7 @@ mod tests {
     }
 
     #[test]
-    fn cached_records_are_parsed_again_only_when_a_config_map_changes() {
+    fn cached_records_are_parsed_again_only_when_a_config_map_changes_and_say_what_did() {
         let cm = |version: &str, uid: &str| -> ConfigMap {
             serde_json::from_value(json!({"metadata": {"name": "kt-node-agent-node-1",
                     "namespace": "kt-system", "resourceVersion": version},
@@ -681,23 +790,264 @@ mod tests {
                          "sessions": serde_json::to_string(held(uid, 1)["node-1"].sessions()).unwrap()}}))
             .unwrap()
         };
+        let alice = || RecordsChanged::Sessions(BTreeSet::from(["dev/web-alice".to_owned()]));
         let mut cache = RecordCache::default();
-        let uid = |records: &BTreeMap<String, Record>| records["node-1"].sessions()[0].uid.clone();
-        assert_eq!(uid(cache.current(&[&cm("1", "u1")])), "u1");
+        let uid = |cache: &RecordCache| cache.records()["node-1"].sessions()[0].uid.clone();
+        assert_eq!(
+            cache.refresh(&[&cm("1", "u1")]),
+            RecordsChanged::All,
+            "a record came"
+        );
+        assert_eq!(uid(&cache), "u1");
         // Same version, other content: only an API server's write changes the version, so
         // this is what shows the parse was skipped.
-        assert_eq!(uid(cache.current(&[&cm("1", "u2")])), "u1");
-        assert_eq!(uid(cache.current(&[&cm("2", "u2")])), "u2");
-        assert!(cache.current(&[]).is_empty(), "record gone");
+        assert_eq!(cache.refresh(&[&cm("1", "u2")]), RecordsChanged::Nothing);
+        assert_eq!(uid(&cache), "u1");
+        assert_eq!(cache.refresh(&[&cm("2", "u2")]), alice());
+        assert_eq!(uid(&cache), "u2");
+        // Another node's record comes; then node-1's changes and node-2's is given other
+        // content at its version: only node-1's is read again.
+        let other = |version: &str, uid: &str| {
+            let mut cm = cm(version, uid);
+            cm.metadata.name = Some(record_name("node-2"));
+            cm.data
+                .as_mut()
+                .unwrap()
+                .insert(RECORD_NODE_KEY.into(), "node-2".into());
+            cm
+        };
+        assert_eq!(
+            cache.refresh(&[&cm("2", "u2"), &other("1", "u7")]),
+            RecordsChanged::All
+        );
+        assert_eq!(
+            cache.refresh(&[&other("1", "u8"), &cm("3", "u3")]),
+            alice(),
+            "in any order"
+        );
+        assert_eq!(uid(&cache), "u3");
+        assert_eq!(cache.records()["node-2"].sessions()[0].uid, "u7");
+        assert_eq!(
+            cache.refresh(&[&cm("3", "u3")]),
+            RecordsChanged::All,
+            "node-2's went"
+        );
+        assert_eq!(cache.records().len(), 1);
+        assert_eq!(cache.refresh(&[&cm("2", "u2")]), alice());
+        assert_eq!(
+            cache.refresh(&[&cm("4", "u2")]),
+            RecordsChanged::Sessions(BTreeSet::new()),
+            "written again, the same"
+        );
+        assert_eq!(cache.refresh(&[]), RecordsChanged::All, "record gone");
+        assert!(cache.records().is_empty());
         let mut unversioned = cm("1", "u3");
         unversioned.metadata.resource_version = None;
-        assert_eq!(uid(cache.current(&[&unversioned])), "u3");
+        assert_eq!(cache.refresh(&[&unversioned]), RecordsChanged::All);
         unversioned = cm("1", "u4");
         unversioned.metadata.resource_version = None;
         assert_eq!(
-            uid(cache.current(&[&unversioned])),
-            "u4",
+            cache.refresh(&[&unversioned]),
+            alice(),
             "no version: always parsed"
         );
+        assert_eq!(uid(&cache), "u4");
+        let mut restarted = cm("5", "u4");
+        restarted
+            .data
+            .as_mut()
+            .unwrap()
+            .insert(RECORD_STARTED_KEY.into(), "2026-01-01T00:00:00Z".into());
+        assert_eq!(
+            cache.refresh(&[&restarted]),
+            RecordsChanged::All,
+            "its agent started again"
+        );
+    }
+
+    #[test]
+    fn the_entries_that_changed_between_two_records_are_found_by_name() {
+        let entry = |name: &str, uid: &str, listener_port: u16| HeldSession {
+            namespace: "dev".into(),
+            name: name.into(),
+            uid: uid.into(),
+            listeners: vec![Listener {
+                port: 80,
+                listener_port,
+            }],
+            udp_listeners: Vec::new(),
+        };
+        let old = Record::new(
+            None,
+            vec![
+                entry("a", "u1", 1),
+                entry("b", "u2", 2),
+                entry("b", "u3", 3),
+                entry("d", "u5", 5),
+                entry("e", "u6", 6),
+            ],
+        );
+        let new = Record::new(
+            None,
+            vec![
+                entry("a", "u1", 1),
+                entry("b", "u3", 3),
+                entry("c", "u4", 4),
+                entry("d", "u5", 9),
+                entry("e", "u6", 6),
+                entry("f", "u7", 7),
+            ],
+        );
+        let mut changed = BTreeSet::new();
+        changed_entries(old.sessions(), new.sessions(), &mut changed);
+        assert_eq!(
+            changed,
+            BTreeSet::from(["dev/b", "dev/c", "dev/d", "dev/f"].map(String::from)),
+            "one of b's two uids went, c and f came, d's listener changed"
+        );
+        // Two uids under one name: the second's listener changes, or it goes.
+        let two = Record::new(None, vec![entry("b", "u2", 2), entry("b", "u3", 3)]);
+        for second in [
+            vec![entry("b", "u2", 2), entry("b", "u3", 4)],
+            vec![entry("b", "u2", 2)],
+        ] {
+            changed.clear();
+            changed_entries(
+                two.sessions(),
+                Record::new(None, second).sessions(),
+                &mut changed,
+            );
+            assert_eq!(changed, BTreeSet::from(["dev/b".to_owned()]));
+        }
+        changed.clear();
+        changed_entries(new.sessions(), &[], &mut changed);
+        assert_eq!(changed.len(), 6, "all gone");
+    }
+
+    /// Over random edits of two nodes' records and of the sessions, the judge's kept
+    /// verdicts are always what [`check`] gives afresh.
+    #[test]
+    fn kept_verdicts_match_fresh_checks_over_random_record_and_session_edits() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        const SESSIONS: usize = 12;
+        let mut rng = StdRng::seed_from_u64(17);
+        let now = Utc::now();
+        let nodes = [node("node-1", "172.30.0.11"), node("node-2", "172.30.0.12")];
+        let node_refs: Vec<&Node> = nodes.iter().collect();
+        let session_at = |n: usize, node: usize, uid: u8, port: u16, version: u64| -> KtSession {
+            let mut s = session(status(
+                &format!("node-{}", node + 1),
+                &format!("172.30.0.1{}", node + 1),
+                now,
+            ));
+            s.metadata.name = Some(format!("s{}", n / 2));
+            s.metadata.namespace = Some(["dev", "other"][n % 2].into());
+            s.metadata.uid = Some(format!("u{n}-{uid}"));
+            s.metadata.resource_version = Some(version.to_string());
+            s.status.as_mut().unwrap().listeners[0].listener_port = port;
+            s
+        };
+        // Per session slot: node, uid, listener port, version.
+        let mut slots: Vec<(usize, u8, u16, u64)> =
+            (0..SESSIONS).map(|n| (n % 2, 0, 40_000, 1)).collect();
+        // Per node: its entries (slot, uid, listener port), its start, its version.
+        let mut listed: [Vec<(usize, u8, u16)>; 2] = [Vec::new(), Vec::new()];
+        let mut started = [0u8; 2];
+        let mut present = [true; 2];
+        let mut versions = [1u64; 2];
+        let mut judge = Judge::default();
+        for step in 0..600 {
+            // Up to three edits between two passes: several records may change in one.
+            for _ in 0..rng.random_range(1..=3) {
+                match rng.random_range(0..10) {
+                    0..=3 => {
+                        let node = rng.random_range(0..2);
+                        let slot = rng.random_range(0..SESSIONS);
+                        let entries = &mut listed[node];
+                        match entries.iter().position(|e| e.0 == slot) {
+                            Some(at) if rng.random_bool(0.5) => {
+                                entries.remove(at);
+                            }
+                            Some(at) => entries[at].2 = 40_000 + rng.random_range(0..2),
+                            None => entries.push((
+                                slot,
+                                rng.random_range(0..2),
+                                40_000 + rng.random_range(0..2),
+                            )),
+                        }
+                        versions[node] += 1;
+                    }
+                    4..=6 => {
+                        let slot = &mut slots[rng.random_range(0..SESSIONS)];
+                        *slot = (
+                            rng.random_range(0..2),
+                            rng.random_range(0..2),
+                            40_000 + rng.random_range(0..2),
+                            slot.3 + 1,
+                        );
+                    }
+                    7 => {
+                        let node = rng.random_range(0..2);
+                        started[node] = rng.random_range(0..2);
+                        versions[node] += 1;
+                    }
+                    8 => {
+                        let node = rng.random_range(0..2);
+                        present[node] = !present[node];
+                        versions[node] += 1;
+                    }
+                    _ => {}
+                }
+            }
+            let sessions: Vec<KtSession> = slots
+                .iter()
+                .enumerate()
+                .map(|(n, &(node, uid, port, version))| session_at(n, node, uid, port, version))
+                .collect();
+            let config_maps: Vec<ConfigMap> = (0..2)
+                .filter(|&node| present[node])
+                .map(|node| {
+                    let held: Vec<HeldSession> = listed[node]
+                        .iter()
+                        .map(|&(slot, uid, port)| {
+                            let s = session_at(slot, node, uid, port, 0);
+                            HeldSession {
+                                namespace: s.metadata.namespace.unwrap(),
+                                name: s.metadata.name.unwrap(),
+                                uid: s.metadata.uid.unwrap(),
+                                listeners: s.status.unwrap().listeners,
+                                udp_listeners: Vec::new(),
+                            }
+                        })
+                        .collect();
+                    let name = format!("node-{}", node + 1);
+                    // Before the renewals, or after them (what an agent started again
+                    // finds: an earlier holder's statuses).
+                    let started = match started[node] {
+                        0 => now - TimeDelta::days(1),
+                        _ => now + TimeDelta::days(1),
+                    };
+                    serde_json::from_value(json!({
+                        "metadata": {"name": record_name(&name), "namespace": "kt-system",
+                                     "resourceVersion": versions[node].to_string()},
+                        "data": {"node": name,
+                                 "started": started.to_rfc3339(),
+                                 "sessions": serde_json::to_string(&held).unwrap()}}))
+                    .unwrap()
+                })
+                .collect();
+            let (session_refs, cm_refs): (Vec<&KtSession>, Vec<&ConfigMap>) =
+                (sessions.iter().collect(), config_maps.iter().collect());
+            let fresh_records = records(&cm_refs);
+            let fresh: Vec<_> = sessions
+                .iter()
+                .map(|s| check(s, &node_refs, &fresh_records, now))
+                .collect();
+            assert_eq!(
+                judge.verdicts(&session_refs, &node_refs, &cm_refs, now),
+                fresh,
+                "step {step}"
+            );
+        }
     }
 }
