@@ -156,14 +156,17 @@ impl RecordCache {
     /// what changed. A holder rewrites its record each time it takes or lets go a session,
     /// so with 1 000 sessions most changes touch one entry of a thousand.
     pub fn refresh(&mut self, config_maps: &[&ConfigMap]) -> RecordsChanged {
-        let name_of = |cm: &ConfigMap| cm.metadata.name.clone().unwrap_or_default();
+        fn name_of(cm: &ConfigMap) -> &str {
+            cm.metadata.name.as_deref().unwrap_or_default()
+        }
         let (mut any, mut all) = (false, false);
         let mut changed = BTreeSet::new();
-        let present: BTreeSet<String> = config_maps.iter().map(|cm| name_of(cm)).collect();
+        // Called on every pass: nothing is copied for a ConfigMap that did not change.
+        let present: BTreeSet<&str> = config_maps.iter().map(|cm| name_of(cm)).collect();
         let gone: Vec<String> = self
             .read_from
             .keys()
-            .filter(|name| !present.contains(*name))
+            .filter(|name| !present.contains(name.as_str()))
             .cloned()
             .collect();
         for name in gone {
@@ -181,7 +184,7 @@ impl RecordCache {
             if version.is_some()
                 && self
                     .read_from
-                    .get(&name)
+                    .get(name)
                     .is_some_and(|(read, _)| read == version)
             {
                 continue;
@@ -191,7 +194,7 @@ impl RecordCache {
             let old = self
                 .read_from
                 .insert(
-                    name,
+                    name.to_owned(),
                     (version.clone(), new.as_ref().map(|(node, _)| node.clone())),
                 )
                 .and_then(|(_, node)| node)
