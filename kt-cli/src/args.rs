@@ -215,6 +215,11 @@ pub struct ConnectArgs {
     pub mode: String,
     /// Specify how to resolve service domains, can be 'localDNS', 'podDNS', 'hosts' or
     /// 'hosts:<namespaces>', for multiple namespaces use ',' separation
+    ///
+    /// localDNS: where /etc/resolv.conf is systemd-resolved's stub file and resolvectl
+    /// answers, kt's resolver is set for the TUN device kt0 only (resolvectl), so that
+    /// resolved sends it only the cluster's names; otherwise (also with --disableTunDevice)
+    /// /etc/resolv.conf is pointed at it, as ktctl v0.3.7 does.
     #[arg(long = "dnsMode", default_value = "localDNS")]
     pub dns_mode: String,
     /// Use shared shadow pod

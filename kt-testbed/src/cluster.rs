@@ -73,6 +73,10 @@ pub const ENV_WORKSTATION_KUBECONFIG: &str = "KT_TESTBED_WORKSTATION_KUBECONFIG"
 /// The cgroup `kt-testbed exec` puts its command in: inside the testbed's tree, which
 /// stopping the testbed kills.
 pub const ENV_WORKSTATION_CGROUP: &str = "KT_TESTBED_WORKSTATION_CGROUP";
+/// The D-Bus system bus of the workstation's programs (`DBUS_SYSTEM_BUS_ADDRESS`, set by
+/// `kt-testbed exec`): an abstract socket, which exists in the workstation's network
+/// namespace only. Nothing listens there unless a test starts a bus (systemd-resolved's).
+pub const WORKSTATION_SYSTEM_BUS: &str = "unix:abstract=kt-testbed-system-bus";
 
 impl Testbed {
     /// Builds and starts the cluster on a runtime of its own (see [`OwnRuntime`]); returns

@@ -21,7 +21,7 @@ use kt_testbed::{
     cluster::{self, Options, Testbed},
     node::{
         dns, image_programs,
-        runner::{BindMount, RunSpec},
+        runner::{BindMount, RunSpec, Symlink},
     },
 };
 
@@ -252,9 +252,12 @@ fn down(dir: &Path) -> Result {
 }
 
 /// Runs a command in the workstation namespace with a private mount namespace: its own
-/// /etc/resolv.conf and /etc/hosts (copies ktctl may edit), $HOME and $KUBECONFIG. The
-/// command joins the workstation's cgroup in the testbed's tree, so that stopping the
-/// testbed ends it too.
+/// /etc/resolv.conf and /etc/hosts (copies ktctl may edit), $HOME and $KUBECONFIG, a system
+/// bus of the workstation's own ([`cluster::WORKSTATION_SYSTEM_BUS`]; the host's is
+/// hidden), and what `workstation/mounts` lists (`bind SOURCE TARGET` or
+/// `symlink PATH POINTS_TO` per line: what a test gives the workstation, systemd-resolved's
+/// directories and an `/etc/resolv.conf` linked to its stub file, say). The command joins
+/// the workstation's cgroup in the testbed's tree, so that stopping the testbed ends it too.
 fn exec(dir: &Path, argv: Vec<String>) -> ExitCode {
     let env = std::fs::read_to_string(dir.join("env")).unwrap_or_default();
     let get = |key: &str| {
@@ -287,28 +290,69 @@ fn exec(dir: &Path, argv: Vec<String>) -> ExitCode {
         }
     }
     let mut env: Vec<(String, String)> = std::env::vars()
-        .filter(|(k, _)| k != "KUBECONFIG" && k != "HOME")
+        .filter(|(k, _)| !["KUBECONFIG", "HOME", "DBUS_SYSTEM_BUS_ADDRESS"].contains(&k.as_str()))
         .collect();
     env.push(("KUBECONFIG".into(), kubeconfig));
     env.push(("HOME".into(), home.display().to_string()));
+    // The workstation's own system bus, never the host's (whose systemd-resolved a test's
+    // `resolvectl` must not reach): an abstract socket lives in the network namespace.
+    env.push((
+        "DBUS_SYSTEM_BUS_ADDRESS".into(),
+        cluster::WORKSTATION_SYSTEM_BUS.into(),
+    ));
+    let (mut binds, mut symlinks) = (Vec::new(), Vec::new());
+    let listed = std::fs::read_to_string(ws.join("mounts")).unwrap_or_default();
+    for line in listed.lines().filter(|l| !l.trim().is_empty()) {
+        match line.split_whitespace().collect::<Vec<_>>()[..] {
+            ["bind", source, target] => binds.push(BindMount {
+                source: source.into(),
+                target: target.into(),
+                read_only: false,
+            }),
+            ["symlink", path, points_to] => symlinks.push(Symlink {
+                path: path.into(),
+                points_to: points_to.into(),
+            }),
+            _ => {
+                eprintln!(
+                    "kt-testbed: {}: neither `bind SOURCE TARGET` nor `symlink PATH POINTS_TO`: {line}",
+                    ws.join("mounts").display()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let mut mounts = Vec::new();
+    for (file, target) in [("resolv.conf", "/etc/resolv.conf"), ("hosts", "/etc/hosts")] {
+        if !symlinks.iter().any(|l| l.path == Path::new(target)) {
+            mounts.push(BindMount {
+                source: ws.join(file),
+                target: target.into(),
+                read_only: false,
+            });
+        }
+    }
+    // The host's system bus socket hidden, too.
+    if Path::new("/run/dbus").is_dir() {
+        let empty = ws.join("no-dbus");
+        let _ = std::fs::create_dir_all(&empty);
+        mounts.push(BindMount {
+            source: empty,
+            target: "/run/dbus".into(),
+            read_only: true,
+        });
+    }
+    mounts.extend(binds);
     let spec = RunSpec {
         cgroup: Some(cgroup.into()),
         netns: Some(netns.into()),
         join_pid: None,
         hostname: "workstation".into(),
-        mounts: vec![
-            BindMount {
-                source: ws.join("resolv.conf"),
-                target: "/etc/resolv.conf".into(),
-                read_only: false,
-            },
-            BindMount {
-                source: ws.join("hosts"),
-                target: "/etc/hosts".into(),
-                read_only: false,
-            },
-        ],
-        scratch: ws.join("scratch"),
+        symlinks,
+        mounts,
+        // One per command: a mount target that does not exist is made in an overlay whose
+        // upper and work directories no other mount may share.
+        scratch: ws.join("scratch").join(std::process::id().to_string()),
         env,
         argv,
         cwd: std::env::current_dir().ok(),

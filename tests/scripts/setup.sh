@@ -45,6 +45,12 @@ apt_packages=(
     jq              # tests/run targets: reads the image archives' index, manifests and configs
     qemu-user       # tests/run targets: runs the aarch64 binaries (qemu-aarch64, called by name;
                     # no binfmt registration: its recommended qemu-user-binfmt is not installed)
+    dbus-daemon     # the workstation's own system bus, for systemd-resolved (below)
+    dbus-bin        # dbus-send: waits for that bus
+    # What the unpacked systemd-resolved (below) links besides libc, where a minimal Debian
+    # lacks it (no systemd installed).
+    libip4tc2 libkmod2 libseccomp2 libpam0g libgcrypt20 liblz4-1 libcap2 libacl1 libssl3
+    libcrypt1 libaudit1 libcap-ng0 libzstd1 liblzma5 libselinux1 libmount1 libblkid1
 )
 
 # What `tests/run targets` builds and checks kt-cli for besides this machine's target.
@@ -147,7 +153,38 @@ install_mdbook() {
 }
 
 need_root
+# systemd-resolved, for connect's test on a workstation whose DNS it runs: unpacked (with the
+# libsystemd-shared of its version) under /opt/kt-testbed, never installed — the package
+# would make the host's /etc/resolv.conf a link to its stub. The tests run it only inside
+# the testbed's workstation namespace (tests/src/harness/resolved.rs).
+resolved_root=/opt/kt-testbed/systemd-resolved
+install_systemd_resolved() {
+    if [ -x "$resolved_root/lib/systemd/systemd-resolved" ]; then
+        log "systemd-resolved unpacked"
+        return
+    fi
+    log "unpacking systemd-resolved into $resolved_root"
+    local version scratch
+    version=$(apt-cache show --no-all-versions systemd-resolved 2>/dev/null | sed -n 's/^Version: //p')
+    if [ -z "$version" ]; then
+        apt-get update -qq
+        version=$(apt-cache show --no-all-versions systemd-resolved | sed -n 's/^Version: //p')
+    fi
+    scratch=$(mktemp -d)
+    # apt-get download writes as _apt when it can.
+    chown _apt "$scratch" 2>/dev/null || true
+    (cd "$scratch" && apt-get download -qq "systemd-resolved=$version" "libsystemd-shared=$version")
+    mkdir -p "$(dirname "$resolved_root")"
+    rm -rf "$resolved_root.partial"
+    for deb in "$scratch"/*.deb; do
+        dpkg-deb -x "$deb" "$resolved_root.partial"
+    done
+    rm -rf "$scratch" "$resolved_root"
+    mv "$resolved_root.partial" "$resolved_root"
+}
+
 install_apt
+install_systemd_resolved
 install_rust_targets
 install_rust_src
 install_bpf_linker

@@ -10,6 +10,7 @@ pub mod kubectl;
 pub mod metrics;
 pub mod own_programs;
 pub mod probe;
+pub mod resolved;
 pub mod results;
 pub mod server;
 pub mod workstation;

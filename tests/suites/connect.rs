@@ -10,6 +10,7 @@ use kt_tests::harness::{
     apps::{apply, deploy_web, install_agent, start_testbed},
     eventually::{eventually, seen},
     kubectl::kubectl_ok,
+    resolved::{self, Resolved},
     workstation::{self, Background, exec, ktctl_once, run},
 };
 
@@ -411,6 +412,174 @@ async fn after_kill_9_the_next_connect_restores_first_and_stacks_nothing() {
     );
     reaches_the_cluster(&tb).await;
     interrupt_and_compare(&tb, connect, &before);
+}
+
+/// What `resolvectl ARGS…` says on the workstation, on one line (it wraps long lists),
+/// single spaces between words.
+fn resolvectl(resolved: &Resolved, tb: &Testbed, args: &[&str]) -> String {
+    let (_, out) = resolved.ctl(tb, args);
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The workstation is as `before` once resolved has rewritten its stub file.
+async fn eventually_as_before(tb: &Testbed, before: &str) {
+    eventually("the workstation as before connect", async || {
+        seen(workstation_state(tb), |now| now == before)
+    })
+    .await;
+}
+
+/// Where systemd-resolved runs the workstation's DNS (resolv.conf a link to its stub file),
+/// connect gives it kt's resolver for `kt0` only: every kind of cluster name resolves
+/// (`web` completed with the search domains resolved adds to its stub file, `svc.ns`
+/// routed by namespace), other names still go to the machine's upstream, ktctl never writes
+/// resolv.conf, and nothing is left after Ctrl-C or `kill -9` — after which the machine's
+/// DNS works at once. A copy of the stub file, or resolved not answering, gets v0.3.7's
+/// rewrite of resolv.conf instead (the latter said).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "e2e"),
+    ignore = "needs root and a simulated cluster: tests/run test"
+)]
+async fn with_systemd_resolved_cluster_names_go_to_kt_through_kt0_and_resolv_conf_is_never_written()
+{
+    let tb = cluster(true).await;
+    // A resolv.conf naming the stub, but not resolved's file (a container given a copy).
+    std::fs::create_dir_all(tb.dir.join("workstation")).expect("workstation directory");
+    std::fs::write(
+        tb.dir.join("workstation/resolv.conf"),
+        "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch corp.example\n",
+    )
+    .expect("resolv.conf");
+    let before = workstation_state(&tb);
+    let connect = connected(&tb, &[]).await;
+    assert!(
+        !connect.log().contains("systemd-resolved"),
+        "{}",
+        connect.log()
+    );
+    let (_, resolv) = run(&tb, &["cat", "/etc/resolv.conf"]);
+    assert!(
+        resolv.contains("nameserver 127.0.0.153 # Added by KtConnect"),
+        "{resolv}"
+    );
+    curl(&tb, "http://web.default.svc.cluster.local/").expect("a cluster name answers");
+    interrupt_and_compare(&tb, connect, &before);
+
+    let resolved = Resolved::start(&tb).await;
+    let before = workstation_state(&tb);
+    let connect = connected(&tb, &[]).await;
+    let log = connect.log();
+    assert!(
+        log.contains("systemd-resolved sends these names to kt through kt0"),
+        "{log}"
+    );
+    let (_, link) = run(&tb, &["readlink", "/etc/resolv.conf"]);
+    assert_eq!(link.trim(), resolved::STUB_FILE, "still resolved's");
+    let (_, resolv) = run(&tb, &["cat", "/etc/resolv.conf"]);
+    assert!(
+        !resolv.contains("KtConnect")
+            && resolv.contains(" default.svc.cluster.local svc.cluster.local cluster.local\n"),
+        "only resolved writes its stub file, with kt0's search domains: {resolv}"
+    );
+    // kt0's server is kt's, for these domains only: it is no default route.
+    assert_eq!(
+        resolvectl(&resolved, &tb, &["dns", "kt0"]),
+        format!("Link {} (kt0): 198.18.0.1", kt0_index(&tb))
+    );
+    assert_eq!(
+        resolvectl(&resolved, &tb, &["default-route", "kt0"]),
+        format!("Link {} (kt0): no", kt0_index(&tb))
+    );
+    let domains = resolvectl(&resolved, &tb, &["domain", "kt0"]);
+    for want in [
+        " default.svc.cluster.local svc.cluster.local cluster.local ~svc ~default",
+        " ~other",
+        " ~kube-system",
+    ] {
+        assert!(
+            domains.contains(want),
+            "kt0's domains have{want}: {domains}"
+        );
+    }
+    reaches_the_cluster(&tb).await;
+    let (ok, answer) = resolved.ctl(&tb, &["query", "web"]);
+    assert!(
+        ok && answer.contains("(web.default.svc.cluster.local)"),
+        "resolved completes 'web' with kt0's search domain: {answer}"
+    );
+    // A namespace created during the session is routed too, and kt0's DNS is set again
+    // when another program (a network manager) changes it.
+    kubectl_ok(&tb.kubeconfig, &["create", "namespace", "late"]);
+    resolved.ctl(&tb, &["dns", "kt0", "192.0.2.53"]);
+    eventually("the new namespace routed to kt", async || {
+        seen(resolvectl(&resolved, &tb, &["domain", "kt0"]), |d| {
+            d.contains(" ~late")
+        })
+    })
+    .await;
+    eventually("kt's DNS server on kt0 again", async || {
+        seen(resolvectl(&resolved, &tb, &["dns", "kt0"]), |d| {
+            d.ends_with("(kt0): 198.18.0.1")
+        })
+    })
+    .await;
+    assert!(
+        connect
+            .log()
+            .contains("another program set the DNS of kt0; kt's is set again"),
+        "{}",
+        connect.log()
+    );
+    curl(&tb, "http://web/").expect("a short name answers again");
+    let (status, log) = connect.interrupt();
+    assert!(status.success(), "{log}");
+    eventually_as_before(&tb, &before).await;
+    let links = resolvectl(&resolved, &tb, &["status", "--no-pager"]);
+    assert!(
+        !links.contains("kt0"),
+        "resolved has no kt0 any more: {links}"
+    );
+
+    // kill -9: the kernel takes kt0, and resolved forgets its DNS with it.
+    let killed = connected(&tb, &[]).await;
+    assert!(!killed.kill().success());
+    eventually_as_before(&tb, &before).await;
+    let links = resolvectl(&resolved, &tb, &["status", "--no-pager"]);
+    assert!(
+        !links.contains("kt0"),
+        "resolved has no kt0 any more: {links}"
+    );
+    let (_, upstream) = run(&tb, &["dig", "+short", "www.example.test"]);
+    assert_eq!(
+        upstream.trim(),
+        "192.0.2.10",
+        "the machine's DNS works at once"
+    );
+    let connect = connected(&tb, &[]).await;
+    assert!(!connect.log().contains("Restored"), "{}", connect.log());
+    reaches_the_cluster(&tb).await;
+    let (status, log) = connect.interrupt();
+    assert!(status.success(), "{log}");
+    eventually_as_before(&tb, &before).await;
+
+    // resolved stopped, its stub file left: said, and the file rewritten and put back.
+    drop(resolved);
+    let before = workstation_state(&tb);
+    let connect = connected(&tb, &[]).await;
+    let log = connect.log();
+    assert!(
+        log.contains("is systemd-resolved's stub file, but resolved does not answer"),
+        "{log}"
+    );
+    curl(&tb, "http://web.default.svc.cluster.local/").expect("a cluster name answers");
+    interrupt_and_compare(&tb, connect, &before);
+}
+
+/// `kt0`'s interface index on the workstation.
+fn kt0_index(tb: &Testbed) -> String {
+    let (_, link) = run(tb, &["ip", "-o", "link", "show", "kt0"]);
+    link.split(':').next().unwrap_or_default().trim().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

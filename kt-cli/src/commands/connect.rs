@@ -9,8 +9,9 @@
 //!   channel and each UDP flow a datagram channel; or a SOCKS5 proxy
 //!   (`--disableTunDevice`, [`socks`]); or the system's sshuttle (`--mode sshuttle`).
 //! - Names ([`dns`], [`names`]): a local resolver that asks the cluster DNS through the
-//!   tunnel for cluster names and the machine's own resolver for the rest, installed in
-//!   `/etc/resolv.conf`; or the hosts file (`--dnsMode hosts`).
+//!   tunnel for cluster names and the machine's own resolver for the rest, given to
+//!   systemd-resolved for `kt0` only where resolved runs the machine's DNS ([`resolved`]),
+//!   else installed in `/etc/resolv.conf`; or the hosts file (`--dnsMode hosts`).
 //! - Leaving ([`system`]): Ctrl-C and SIGTERM undo every change; after `kill -9` the kernel
 //!   removes the TUN device and its routes, the agent's lease ends the session, and the next
 //!   connect restores the files from the backup the killed one left.
@@ -21,6 +22,7 @@
 pub mod dns;
 mod names;
 pub mod plan;
+mod resolved;
 pub mod socks;
 pub mod sshuttle;
 pub mod system;
@@ -28,8 +30,9 @@ pub mod tun;
 mod way;
 
 use std::{
+    collections::{BTreeSet, HashSet},
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -177,6 +180,9 @@ async fn connect(
 struct LocalResolver {
     nameserver: Option<SocketAddr>,
     search: Vec<String>,
+    /// `/etc/resolv.conf` is systemd-resolved's own stub file
+    /// ([`resolved::is_resolveds_stub_file`]).
+    resolved_stub: bool,
 }
 
 impl LocalResolver {
@@ -207,6 +213,9 @@ impl LocalResolver {
         Self {
             nameserver: nameserver.map(|ip| SocketAddr::new(ip, 53)),
             search,
+            resolved_stub: resolved::is_resolveds_stub_file(std::path::Path::new(
+                system::RESOLV_CONF,
+            )),
         }
     }
 }
@@ -274,7 +283,20 @@ async fn set_up(
         .chain(way.peers())
         .collect();
     let routes = routes_of(&ctx, &way.ranges, &keep_out);
-    let resolver = Arc::new(dns::Resolver::new(dns::ResolverConfig {
+    let ingress_hosts = plan.ingress_ip.map(|_| {
+        names::ingress_hosts(
+            &cluster.client,
+            &cluster.namespace,
+            &lifecycle.tasks,
+            lifecycle.done.clone(),
+        )
+    });
+    let with_device = plan.mode == Mode::Tun2socks && !args.disable_tun_device;
+    let on_resolved = matches!(plan.dns, DnsMode::Local { .. })
+        && with_device
+        && local.resolved_stub
+        && resolved_answers().await;
+    let dns_config = dns::ResolverConfig {
         namespace: cluster.namespace.clone(),
         cluster_domain: args.cluster_domain.clone(),
         local_domains: local.search.clone(),
@@ -285,18 +307,9 @@ async fn set_up(
         cluster: way.dns.clone(),
         upstream: local.nameserver,
         cache_ttl: Duration::from_secs(u64::from(args.dns_cache_ttl)),
-        ingress: plan.ingress_ip.map(|ip| {
-            (
-                ip,
-                names::ingress_hosts(
-                    &cluster.client,
-                    &cluster.namespace,
-                    &lifecycle.tasks,
-                    lifecycle.done.clone(),
-                ),
-            )
-        }),
-    }));
+        ingress: plan.ingress_ip.zip(ingress_hosts.clone()),
+    };
+    let resolver = Arc::new(dns::Resolver::new(dns_config.clone()));
     let (tasks, done) = (&lifecycle.tasks, lifecycle.done.clone());
     match plan.mode {
         Mode::Tun2socks if args.disable_tun_device => {
@@ -344,26 +357,12 @@ async fn set_up(
             .await?;
         }
     }
-    match &plan.dns {
+    // Where programs' questions go in localDNS mode.
+    let names_at = match &plan.dns {
         DnsMode::Local { .. } => {
             tracing::info!("Setting up dns in local mode");
-            let server = dns::serve(resolver.clone(), dns::LISTEN, done.clone()).await?;
-            tasks.spawn(server);
-            tracing::info!(
-                "Setup local DNS with upstream [{}]",
-                local.nameserver.map(|s| s.to_string()).unwrap_or_default()
-            );
-            let edit = Edit::apply(&lifecycle.home, Kind::ResolvConf, |original| {
-                plan::resolv_conf_with(original, dns::LISTEN.ip())
-            })?;
-            lifecycle.defer(
-                format!("the changes to {}", system::RESOLV_CONF),
-                async move {
-                    edit.restore()?;
-                    tracing::info!("Restored {}", system::RESOLV_CONF);
-                    Ok::<(), SystemError>(())
-                },
-            );
+            let resolvers = (resolver.clone(), dns_config);
+            Some(local_dns(&ctx, resolvers, ingress_hosts, on_resolved).await?)
         }
         DnsMode::Hosts { namespaces } => {
             tracing::info!("Setting up dns in hosts mode");
@@ -398,16 +397,276 @@ async fn set_up(
                 done.clone(),
             )
             .await;
+            None
         }
-        DnsMode::Pod => tracing::info!("Setting up dns in pod mode"),
-    }
+        DnsMode::Pod => {
+            tracing::info!("Setting up dns in pod mode");
+            None
+        }
+    };
     // Where the workstation's own sockets reach the cluster (kt0's routes, sshuttle's):
     // the check goes that way, not only through ktctl's channels.
     let kernel_routes: &[Cidr] = match plan.mode {
         Mode::Tun2socks if args.disable_tun_device || args.disable_tun_route => &[],
         Mode::Tun2socks | Mode::Sshuttle => &routes,
     };
-    verify(&ctx, &way, &resolver, kernel_routes).await
+    verify(&ctx, &way, &resolver, names_at, kernel_routes).await
+}
+
+/// Whether systemd-resolved answers `resolvectl`; says why not when it does not.
+async fn resolved_answers() -> bool {
+    match resolved::reachable().await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(
+                "{} is systemd-resolved's stub file, but resolved does not answer ({}); rewriting it instead",
+                system::RESOLV_CONF,
+                kt_proto::error_chain(&error)
+            );
+            false
+        }
+    }
+}
+
+/// `localDNS`: ktctl's resolver, given to systemd-resolved for `kt0` when `on_resolved`
+/// (`/etc/resolv.conf` is resolved's stub file, resolved answers, and the TUN device
+/// exists), else written into `/etc/resolv.conf` as v0.3.7 does. `resolvers` is the
+/// resolver and its configuration. Returns where programs' questions go now, which
+/// [`verify`] asks.
+async fn local_dns(
+    ctx: &Context<'_>,
+    (resolver, config): (Arc<dns::Resolver>, dns::ResolverConfig),
+    ingress_hosts: Option<IngressHosts>,
+    on_resolved: bool,
+) -> Result<SocketAddr, ConnectError> {
+    if on_resolved {
+        match on_resolved_link(ctx, config, ingress_hosts).await {
+            Ok(()) => return Ok(resolved::STUB),
+            Err(error) => {
+                let _ = resolved::revert(tun::DEVICE).await;
+                tracing::warn!(
+                    "systemd-resolved did not take kt's DNS for {}: {}; rewriting {} instead",
+                    tun::DEVICE,
+                    kt_proto::error_chain(&error),
+                    system::RESOLV_CONF
+                );
+            }
+        }
+    }
+    let upstream = resolver.upstream();
+    let (_, server) = dns::serve(resolver, dns::LISTEN, ctx.lifecycle.done.clone()).await?;
+    ctx.lifecycle.tasks.spawn(server);
+    tracing::info!("Setup local DNS with upstream [{upstream}]");
+    let edit = Edit::apply(&ctx.lifecycle.home, Kind::ResolvConf, |original| {
+        plan::resolv_conf_with(original, dns::LISTEN.ip())
+    })?;
+    ctx.lifecycle.defer(
+        format!("the changes to {}", system::RESOLV_CONF),
+        async move {
+            edit.restore()?;
+            tracing::info!("Restored {}", system::RESOLV_CONF);
+            Ok::<(), SystemError>(())
+        },
+    );
+    Ok(dns::LISTEN)
+}
+
+/// The resolver for systemd-resolved, on `kt0`'s address, port 53, with `config` less the
+/// sources that are resolved's stub (it would send the names it routes to kt back to kt),
+/// made `kt0`'s DNS server for the cluster's names; kept so until the run ends
+/// ([`keep_link_current`]). On an error, the server stays idle until the end.
+async fn on_resolved_link(
+    ctx: &Context<'_>,
+    mut config: dns::ResolverConfig,
+    ingress_hosts: Option<IngressHosts>,
+) -> Result<(), ConnectError> {
+    config.upstream = config.upstream.filter(|at| *at != resolved::STUB);
+    config.order.retain(|source| {
+        let looping = matches!(source, plan::DnsSource::Server { address, .. } if *address == resolved::STUB);
+        if looping {
+            tracing::warn!(
+                "DNS source {} left out: it is systemd-resolved's stub, which sends cluster names back to kt",
+                resolved::STUB
+            );
+        }
+        !looping
+    });
+    let upstream = config.upstream;
+    let server = IpAddr::V4(tun::DEVICE_ADDRESS);
+    let resolver = Arc::new(dns::Resolver::new(config));
+    let (_, serve) = dns::serve(
+        resolver,
+        SocketAddr::new(server, 53),
+        ctx.lifecycle.done.clone(),
+    )
+    .await?;
+    ctx.lifecycle.tasks.spawn(serve);
+    resolved::unmanage(tun::DEVICE).await;
+    let namespaces = namespaces(&ctx.cluster.client).await;
+    let link = Link {
+        server,
+        namespace: ctx.cluster.namespace.clone(),
+        cluster_domain: ctx.args.cluster_domain.clone(),
+        ingress_hosts,
+    };
+    let known = namespaces.clone().unwrap_or_default();
+    let domains = link.domains(&known);
+    resolved::install(tun::DEVICE, server, &domains).await?;
+    ctx.lifecycle.defer(
+        format!("the DNS settings of {} in systemd-resolved", tun::DEVICE),
+        async {
+            // Already gone when the device is.
+            if let Err(error) = resolved::revert(tun::DEVICE).await {
+                tracing::debug!(%error, "resolved kept nothing of the device");
+            }
+            Ok::<(), SystemError>(())
+        },
+    );
+    tracing::info!(
+        "Setup local DNS with upstream [{}]",
+        upstream.map(|s| s.to_string()).unwrap_or_default()
+    );
+    tracing::info!(
+        "systemd-resolved sends these names to kt through {} ({} untouched): {}",
+        tun::DEVICE,
+        system::RESOLV_CONF,
+        domains.join(" ")
+    );
+    keep_link_current(ctx, link, domains, namespaces.map(|_| known));
+    Ok(())
+}
+
+/// The hosts of the namespace's Ingresses (`--ingressIp`), kept current by a watch.
+type IngressHosts = Arc<RwLock<HashSet<String>>>;
+
+/// What `kt0`'s DNS in systemd-resolved is made of.
+struct Link {
+    /// ktctl's resolver for resolved (port 53).
+    server: IpAddr,
+    namespace: String,
+    cluster_domain: String,
+    ingress_hosts: Option<IngressHosts>,
+}
+
+impl Link {
+    /// The link's domains with `namespaces` routed ([`resolved::link_domains`]); says once
+    /// when some namespaces do not fit.
+    fn domains(&self, namespaces: &BTreeSet<String>) -> Vec<String> {
+        let hosts: BTreeSet<String> =
+            self.ingress_hosts
+                .as_ref()
+                .map_or_else(BTreeSet::new, |hosts| {
+                    hosts
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                        .cloned()
+                        .collect()
+                });
+        let (domains, left_out) =
+            resolved::link_domains(&self.namespace, &self.cluster_domain, namespaces, &hosts);
+        if left_out > 0 {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(
+                    "systemd-resolved takes {} domains per link: {left_out} namespaces left out, whose 'svc.ns' names will not resolve (full names do)",
+                    resolved::MAX_DOMAINS
+                );
+            });
+        }
+        domains
+    }
+}
+
+/// The cluster's namespaces; `None` when they cannot be listed (the `kt-developer` role
+/// does not grant it), so that only the current one is routed.
+async fn namespaces(client: &kube::Client) -> Option<BTreeSet<String>> {
+    let api = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone());
+    match api.list_metadata(&Default::default()).await {
+        Ok(list) => Some(
+            list.items
+                .into_iter()
+                .filter_map(|n| n.metadata.name)
+                .collect(),
+        ),
+        Err(error) => {
+            tracing::debug!(%error, "namespaces cannot be listed: only the current one is routed");
+            None
+        }
+    }
+}
+
+/// How often `kt0`'s domains follow the Ingress hosts (`--ingressIp`), and how many of
+/// those ticks pass between listing namespaces and checking that resolved still has
+/// ktctl's server for `kt0`.
+const LINK_TICK: Duration = Duration::from_secs(1);
+const LINK_CHECK_TICKS: u32 = 15;
+
+/// Keeps `kt0`'s DNS in resolved as set until the run ends: its domains follow the Ingress
+/// hosts and (when `namespaces` could be listed: `Some`) the namespaces, and when another
+/// program (NetworkManager) set the link's DNS since, ktctl's is set again, said.
+fn keep_link_current(
+    ctx: &Context<'_>,
+    link: Link,
+    mut domains: Vec<String>,
+    mut namespaces: Option<BTreeSet<String>>,
+) {
+    let client = ctx.cluster.client.clone();
+    // Ends at the stop signal: teardown reverts the link, which must not be set again.
+    let stop = ctx.lifecycle.stop.clone();
+    ctx.lifecycle.tasks.spawn(async move {
+        let mut every = tokio::time::interval(LINK_TICK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        let mut ticks = 0u32;
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            ticks = ticks.wrapping_add(1);
+            let check = ticks.is_multiple_of(LINK_CHECK_TICKS);
+            if check
+                && namespaces.is_some()
+                && let Some(now) = self::namespaces(&client).await
+            {
+                namespaces = Some(now);
+            }
+            let wanted = link.domains(namespaces.as_ref().unwrap_or(&BTreeSet::new()));
+            let taken = check
+                && matches!(
+                    resolved::still_set(tun::DEVICE, link.server).await,
+                    Ok(false)
+                );
+            let result = if taken {
+                tracing::warn!(
+                    "another program set the DNS of {}; kt's is set again",
+                    tun::DEVICE
+                );
+                resolved::install(tun::DEVICE, link.server, &wanted).await
+            } else if wanted != domains {
+                resolved::set_domains(tun::DEVICE, &wanted).await
+            } else {
+                continue;
+            };
+            match result {
+                Ok(()) => {
+                    domains = wanted;
+                    failing = false;
+                }
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(
+                        "the DNS of {} in systemd-resolved could not be updated: {}",
+                        tun::DEVICE,
+                        kt_proto::error_chain(&error)
+                    );
+                }
+                Err(error) => tracing::debug!(%error, "the link's DNS still not updated"),
+            }
+        }
+    });
 }
 
 /// The routes: the cluster's ranges (pods left out with `--disablePodIp`) with
@@ -470,27 +729,28 @@ fn keep_routes_current(
 }
 
 /// Proves the path before the banner claims it: the cluster's `kubernetes` Service resolves
-/// through the cluster DNS (and through the local resolver, in localDNS mode) and its port
-/// answers through the tunnel.
-/// Resolves the API server's Service name the way programs will and reaches it: through
-/// the kernel when `kernel_routes` cover its address (a connection the far side resets or
-/// ends at once is no answer; one waiting for a TLS hello is), else through a channel.
+/// the way programs will ask — at `names_at` in localDNS mode (systemd-resolved's stub,
+/// which must route it to kt, or ktctl's resolver in resolv.conf), else from the cluster
+/// DNS — and its port answers: through the kernel when `kernel_routes` cover its address (a
+/// connection the far side resets or ends at once is no answer; one waiting for a TLS hello
+/// is), else through a channel.
 async fn verify(
     ctx: &Context<'_>,
     way: &Way,
     resolver: &dns::Resolver,
+    names_at: Option<SocketAddr>,
     kernel_routes: &[Cidr],
 ) -> Result<(), ConnectError> {
     let name = format!("kubernetes.default.svc.{}", ctx.args.cluster_domain);
     let once = || async {
-        let ip = match &ctx.plan.dns {
-            DnsMode::Local { .. } => dns::lookup_a(dns::LISTEN, &name)
+        let ip = match names_at {
+            Some(server) => dns::lookup_a(server, &name)
                 .await
-                .map_err(|e| format!("the local resolver did not answer for {name}: {e}"))?
+                .map_err(|e| format!("the resolver at {server} did not answer for {name}: {e}"))?
                 .first()
                 .copied()
                 .ok_or_else(|| format!("{name} has no address"))?,
-            _ => resolver
+            None => resolver
                 .cluster_address(&name)
                 .await
                 .ok_or_else(|| format!("the cluster DNS did not answer for {name}"))?,

@@ -27,6 +27,15 @@ pub struct BindMount {
     pub read_only: bool,
 }
 
+/// A symbolic link `path` → `points_to` in place of whatever `path` is, made in the new
+/// mount namespace only (an overlay on `path`'s directory): a workstation whose
+/// `/etc/resolv.conf` links to systemd-resolved's stub file, as on Ubuntu.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Symlink {
+    pub path: PathBuf,
+    pub points_to: PathBuf,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RunSpec {
     /// cgroup2 directory to join, if any.
@@ -38,6 +47,9 @@ pub struct RunSpec {
     /// instead of making new ones.
     pub join_pid: Option<u32>,
     pub hostname: String,
+    /// Made before `mounts` (whose binds an overlay made later would hide).
+    #[serde(default)]
+    pub symlinks: Vec<Symlink>,
     pub mounts: Vec<BindMount>,
     /// Where overlay upper/work directories go (the pod's state directory).
     pub scratch: PathBuf,
@@ -216,6 +228,22 @@ fn prepare(spec: &RunSpec) -> io::Result<()> {
         )?;
     }
     let mut made = Made::default();
+    for link in &spec.symlinks {
+        let dir = link
+            .path
+            .parent()
+            .ok_or_else(|| io::Error::other("a symlink at / has no directory"))?
+            .canonicalize()?;
+        if dir == Path::new("/") {
+            return Err(io::Error::other("symlinks in / are not supported"));
+        }
+        overlay(&dir, &spec.scratch, &mut made)?;
+        match std::fs::remove_file(&link.path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::os::unix::fs::symlink(&link.points_to, &link.path)?;
+    }
     for m in &spec.mounts {
         ensure_target(&m.target, m.source.is_dir(), &spec.scratch, &mut made)?;
         mount(
@@ -265,21 +293,7 @@ fn ensure_target(target: &Path, dir: bool, scratch: &Path, made: &mut Made) -> i
             made.own_root = true;
         }
     } else {
-        made.overlays += 1;
-        let n = made.overlays;
-        let (upper, work) = (
-            scratch.join(format!("ovl{n}/upper")),
-            scratch.join(format!("ovl{n}/work")),
-        );
-        std::fs::create_dir_all(&upper)?;
-        std::fs::create_dir_all(&work)?;
-        let data = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            ancestor.display(),
-            upper.display(),
-            work.display()
-        );
-        mount("overlay", &ancestor, "overlay", 0, &data)?;
+        overlay(&ancestor, scratch, made)?;
     }
     // Resolve the target through the (possibly symlinked) ancestor we overlaid.
     if dir {
@@ -290,6 +304,26 @@ fn ensure_target(target: &Path, dir: bool, scratch: &Path, made: &mut Made) -> i
         }
         std::fs::write(target, b"")
     }
+}
+
+/// Mounts a writable overlay on `dir` (its upper and work directories under `scratch`):
+/// what is changed in it stays in this mount namespace.
+fn overlay(dir: &Path, scratch: &Path, made: &mut Made) -> io::Result<()> {
+    made.overlays += 1;
+    let n = made.overlays;
+    let (upper, work) = (
+        scratch.join(format!("ovl{n}/upper")),
+        scratch.join(format!("ovl{n}/work")),
+    );
+    std::fs::create_dir_all(&upper)?;
+    std::fs::create_dir_all(&work)?;
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        dir.display(),
+        upper.display(),
+        work.display()
+    );
+    mount("overlay", dir, "overlay", 0, &data)
 }
 
 /// Makes this mount namespace's root a tmpfs holding a bind of each of the host's

@@ -9,6 +9,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::Mutex,
+    time::Duration,
 };
 
 use super::plan;
@@ -42,6 +43,8 @@ pub enum SystemError {
     },
     #[error("{command} failed: {stderr}")]
     Command { command: String, stderr: String },
+    #[error("{command} did not finish within {within:?}")]
+    Timeout { command: String, within: Duration },
 }
 
 /// The hosts file: `$HOSTS_PATH` (v0.3.7 honours it), else `/etc/hosts`.
@@ -317,17 +320,56 @@ pub(crate) fn is_root() -> bool {
 
 /// Runs `ip ARGS…` (iproute2, as v0.3.7 does on Linux).
 pub(super) async fn ip(args: &[&str]) -> Result<(), SystemError> {
-    let command = format!("ip {}", args.join(" "));
-    let out = tokio::process::Command::new("ip")
+    output("ip", args, None).await.map(drop)
+}
+
+/// Runs `program ARGS…` for at most `within` (then kills it).
+pub(super) async fn run_within(
+    program: &str,
+    args: &[&str],
+    within: Duration,
+) -> Result<(), SystemError> {
+    output(program, args, Some(within)).await.map(drop)
+}
+
+/// Runs `program ARGS…` for at most `within` (then kills it); its standard output.
+pub(super) async fn output_within(
+    program: &str,
+    args: &[&str],
+    within: Duration,
+) -> Result<String, SystemError> {
+    output(program, args, Some(within)).await
+}
+
+/// Runs `program ARGS…`, for at most `within` when given; its standard output, or its
+/// standard error as the error when it fails.
+async fn output(
+    program: &str,
+    args: &[&str],
+    within: Option<Duration>,
+) -> Result<String, SystemError> {
+    let command = format!("{program} {}", args.join(" "));
+    let run = tokio::process::Command::new(program)
         .args(args)
-        .output()
-        .await
-        .map_err(|source| SystemError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+        .kill_on_drop(true)
+        .output();
+    let out = match within {
+        Some(within) => {
+            tokio::time::timeout(within, run)
+                .await
+                .map_err(|_| SystemError::Timeout {
+                    command: command.clone(),
+                    within,
+                })?
+        }
+        None => run.await,
+    }
+    .map_err(|source| SystemError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(SystemError::Command {
             command,

@@ -458,6 +458,7 @@ impl PodRun<'_> {
             netns: Some(self.running.netns.clone()),
             join_pid: None,
             hostname: self.hostname.clone(),
+            symlinks: Vec::new(),
             mounts,
             scratch: self.dir.join(format!("scratch-{key}")),
             env: env.clone(),
