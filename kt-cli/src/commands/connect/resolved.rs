@@ -48,6 +48,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// mount: the same file): only then do programs ask resolved's stub with the search domains
 /// resolved keeps. A copy naming 127.0.0.53 is the machine's own file, rewritten as v0.3.7
 /// does.
+#[cfg(unix)]
 pub(super) fn is_resolveds_stub_file(resolv_conf: &Path) -> bool {
     use std::os::unix::fs::MetadataExt as _;
     match (
@@ -57,6 +58,12 @@ pub(super) fn is_resolveds_stub_file(resolv_conf: &Path) -> bool {
         (Ok(ours), Ok(stub)) => ours.dev() == stub.dev() && ours.ino() == stub.ino(),
         _ => false,
     }
+}
+
+/// systemd-resolved runs on Linux only (connect too, for now).
+#[cfg(not(unix))]
+pub(super) fn is_resolveds_stub_file(_resolv_conf: &Path) -> bool {
+    false
 }
 
 /// The domains set on `kt0`, in `resolvectl domain` syntax (`~` marks a routing-only
