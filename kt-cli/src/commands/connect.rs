@@ -37,7 +37,7 @@ use std::{
 };
 
 use kt_proto::net::Cidr;
-use tokio::io::AsyncReadExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use self::{
     plan::{ConnectPlan, DnsMode, Mode, PlanError},
@@ -230,13 +230,6 @@ async fn set_up(
 ) -> Result<(), ConnectError> {
     let local = LocalResolver::read();
     let cluster = cluster::connect(&settings.cluster).await?;
-    if !args.skip_cleanup {
-        lifecycle.tasks.spawn(cluster::stale::delete_expired(
-            cluster.client.clone(),
-            cluster.namespace.clone(),
-            cluster.clock,
-        ));
-    }
     let ctx = Context {
         settings,
         args,
@@ -410,7 +403,18 @@ async fn set_up(
         Mode::Tun2socks if args.disable_tun_device || args.disable_tun_route => &[],
         Mode::Tun2socks | Mode::Sshuttle => &routes,
     };
-    verify(&ctx, &way, &resolver, names_at, kernel_routes).await
+    verify(&ctx, &way, &resolver, names_at, kernel_routes).await?;
+    // Once the path is proven: the cleanup lists every Service and Deployment of the
+    // namespace (v0.3.7's stale locks and selectors), which with 10 000 Services took
+    // longer than the rest of a start.
+    if !args.skip_cleanup {
+        lifecycle.tasks.spawn(cluster::stale::delete_expired(
+            cluster.client.clone(),
+            cluster.namespace.clone(),
+            cluster.clock,
+        ));
+    }
+    Ok(())
 }
 
 /// Whether systemd-resolved answers `resolvectl`; says why not when it does not.
@@ -732,8 +736,26 @@ fn keep_routes_current(
 /// the way programs will ask — at `names_at` in localDNS mode (systemd-resolved's stub,
 /// which must route it to kt, or ktctl's resolver in resolv.conf), else from the cluster
 /// DNS — and its port answers: through the kernel when `kernel_routes` cover its address (a
-/// connection the far side resets or ends at once is no answer; one waiting for a TLS hello
-/// is), else through a channel.
+/// TLS ClientHello is sent: any byte back is an answer, as is silence for 500 ms; a
+/// connection the far side resets or ends is not), else through a channel.
+/// A TLS ClientHello for `ip` (rustls's; the handshake is never completed, so no
+/// certificate is checked): what makes the API server's Service answer at once, with its
+/// ServerHello or an alert. `None` if rustls cannot make one.
+fn client_hello(ip: IpAddr) -> Option<Vec<u8>> {
+    use tokio_rustls::rustls;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::IpAddress(ip.into());
+    let mut connection = rustls::ClientConnection::new(Arc::new(config), name).ok()?;
+    let mut hello = Vec::new();
+    connection.write_tls(&mut hello).ok()?;
+    Some(hello)
+}
+
 async fn verify(
     ctx: &Context<'_>,
     way: &Way,
@@ -763,6 +785,11 @@ async fn verify(
             .await
             .map_err(|_| format!("{ip}:443 did not answer within 3 s"))?
             .map_err(|e| format!("{ip}:443 did not answer: {e}"))?;
+            // A TLS server answers a ClientHello at once; without one it waits in silence,
+            // and only the timeout below could tell it from a path still opening.
+            if let Some(hello) = client_hello(ip) {
+                let _ = stream.write_all(&hello).await;
+            }
             let mut byte = [0u8; 1];
             return match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut byte))
                 .await
