@@ -458,7 +458,7 @@ async fn local_dns(
         }
     }
     let upstream = resolver.upstream();
-    let (_, server) = dns::serve(resolver, dns::LISTEN, ctx.lifecycle.done.clone()).await?;
+    let server = dns::serve(resolver, dns::LISTEN, ctx.lifecycle.done.clone()).await?;
     ctx.lifecycle.tasks.spawn(server);
     tracing::info!("Setup local DNS with upstream [{upstream}]");
     let edit = Edit::apply(&ctx.lifecycle.home, Kind::ResolvConf, |original| {
@@ -498,7 +498,7 @@ async fn on_resolved_link(
     let upstream = config.upstream;
     let server = IpAddr::V4(tun::DEVICE_ADDRESS);
     let resolver = Arc::new(dns::Resolver::new(config));
-    let (_, serve) = dns::serve(
+    let serve = dns::serve(
         resolver,
         SocketAddr::new(server, 53),
         ctx.lifecycle.done.clone(),

@@ -417,61 +417,31 @@ impl RequestHandler for Handler {
     }
 }
 
-/// Serves `resolver` on UDP and TCP at `addr` (port 0: one the system picks) until `stop`;
-/// returns the address it listens on and the server to run.
+/// Serves `resolver` on UDP and TCP at `addr` until `stop`: binds both now (so an address
+/// in use is an error here, naming it) and returns the server to run.
 pub(super) async fn serve(
     resolver: Arc<Resolver>,
     addr: SocketAddr,
     stop: CancellationToken,
-) -> Result<(SocketAddr, impl Future<Output = ()>), DnsError> {
-    let (udp, tcp) = bind_pair(addr).await?;
-    let bound = udp.local_addr().map_err(|source| DnsError::Listen {
-        protocol: "udp",
-        addr,
-        source,
-    })?;
+) -> Result<impl Future<Output = ()>, DnsError> {
+    let listen = |protocol: &'static str| {
+        move |source: std::io::Error| DnsError::Listen {
+            protocol,
+            addr,
+            source,
+        }
+    };
+    let udp = UdpSocket::bind(addr).await.map_err(listen("udp"))?;
+    let tcp = TcpListener::bind(addr).await.map_err(listen("tcp"))?;
     let mut server = hickory_server::Server::new(Handler(resolver));
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(10), 64 * 1024);
-    Ok((bound, async move {
+    Ok(async move {
         stop.cancelled().await;
         if let Err(error) = server.shutdown_gracefully().await {
             tracing::debug!(%error, "local DNS server ended with an error");
         }
-    }))
-}
-
-/// A UDP socket and a TCP listener on one address; with port 0, one port the system picks
-/// that is free for both (tried a few times: another program may hold the TCP side of the
-/// UDP port it gave).
-async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
-    let mut attempts = if addr.port() == 0 { 8 } else { 1 };
-    loop {
-        attempts -= 1;
-        let udp = UdpSocket::bind(addr)
-            .await
-            .map_err(|source| DnsError::Listen {
-                protocol: "udp",
-                addr,
-                source,
-            })?;
-        let at = udp.local_addr().map_err(|source| DnsError::Listen {
-            protocol: "udp",
-            addr,
-            source,
-        })?;
-        match TcpListener::bind(at).await {
-            Ok(tcp) => return Ok((udp, tcp)),
-            Err(error) if attempts > 0 && error.kind() == std::io::ErrorKind::AddrInUse => {}
-            Err(source) => {
-                return Err(DnsError::Listen {
-                    protocol: "tcp",
-                    addr: at,
-                    source,
-                });
-            }
-        }
-    }
+    })
 }
 
 /// One A question for `name` to the DNS server at `server` over UDP: the addresses it
