@@ -45,8 +45,11 @@ use crate::ssh_client::SshPool;
 pub(super) const DEVICE: &str = "kt0";
 /// The device's own address (where ktctl's listeners are).
 pub(super) const DEVICE_ADDRESS: Ipv4Addr = nat::LOCAL;
-/// Large packets: fewer of them through the device per byte carried.
-const MTU: u16 = 9000;
+/// The largest a TUN device takes (Linux's `MAX_MTU`): every packet crosses the device
+/// twice and ktctl's translation once, so the cost is per packet, and TCP's segments on
+/// `kt0` are then as large as on loopback. Against 9 000 in one `connect` benchmark run:
+/// 8 streams straight to the agent 114 → 184 MiB/s.
+const MTU: u16 = 65_535;
 /// An idle TCP flow keeps its translation this long (as a NAT would; idle database
 /// connections must not be cut).
 const TCP_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
